@@ -1,0 +1,90 @@
+"""Model configuration: the one place that says what a model is.
+
+A :class:`ModelConfig` is stored as ``config.json`` in every model directory and inside every export;
+the model fingerprint hashes it together with the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from vaestream.errors import ConfigError
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_sigmoid")
+"""Observation models p(x|z) (the paper's Appendix C):
+
+* ``bernoulli`` — Bernoulli MLP decoder, for binary (or binarised) data in {0, 1}.
+* ``gaussian_sigmoid`` — Gaussian MLP decoder whose mean goes through a sigmoid, for data in [0, 1]
+  (as the paper's Frey Face model).
+* ``gaussian`` — Gaussian MLP decoder with an unconstrained (linear) mean, for real-valued data.
+"""
+
+ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a VAE.
+
+    Attributes:
+      input_dim: D, the number of dimensions of a record (784 for MNIST).
+      input_shape: the shape of one record, for pictures (e.g. ``(28, 28)``); its product is ``input_dim``.
+      latent_dim: Nz, the number of latent dimensions.
+      hidden: hidden-layer widths of the encoder MLP; the decoder mirrors them (the paper: one layer of 500).
+      activation: hidden activation (the paper: ``tanh``).
+      likelihood: one of :data:`LIKELIHOODS`.
+      min_log_scale: floor of the Gaussian decoder's per-pixel log standard deviation (keeps the density
+        bounded on data with constant pixels).
+    """
+
+    input_dim: int = 784
+    input_shape: tuple[int, ...] = (28, 28)
+    latent_dim: int = 20
+    hidden: tuple[int, ...] = (500,)
+    activation: str = "tanh"
+    likelihood: str = "bernoulli"
+    min_log_scale: float = -4.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.input_dim < 1 or self.latent_dim < 1:
+            raise ConfigError(f"input_dim and latent_dim must be positive, got {self.input_dim}, {self.latent_dim}")
+        prod = 1
+        for s in self.input_shape:
+            prod *= s
+        if prod != self.input_dim:
+            raise ConfigError(f"input_shape {self.input_shape} has {prod} elements, input_dim is {self.input_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood {self.likelihood!r} is not one of {LIKELIHOODS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys), also what the fingerprint hashes."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model config is not valid JSON: {e}") from e

@@ -1,0 +1,327 @@
+"""Data readers, scaling, binarisation and validation.
+
+Every reader returns a NumPy array of records ``[N, ...]`` in its stored dtype (uint8 stays uint8, so a
+data set costs its raw size in memory, never a float copy of it); :class:`Dataset` turns records into
+float32 vectors in [0, 1] (or raw reals for the unconstrained Gaussian model) one minibatch at a time.
+
+Formats:
+
+* MNIST-format IDX (``*-idx3-ubyte`` / ``*-idx1-ubyte``, raw or ``.gz``): MNIST and Fashion-MNIST.
+* The Frey Face ``.mat`` (variable ``ff``, uint8, 560 x 1965, each column one 28 x 20 image, row-major).
+* ``.npy`` and ``.npz`` (the array named by ``key``, or the only / first array).
+* CSV: one record per line, comma-separated numbers, an optional header line.
+
+Bad input raises :class:`vaestream.errors.DataError` naming the file (and record) and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from vaestream.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's package ``dataset-fashion-mnist`` installs Fashion-MNIST (the default data set)."""
+
+BINARIZE = ("none", "static", "dynamic")
+
+_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _open_bytes(path: str | os.PathLike) -> bytes:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    return raw
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (raw or gzip): ``[N, ...]`` in its stored dtype (native byte order).
+
+    The header is a magic number ``0x0000TTNN`` (TT the type code, NN the number of dimensions) then NN
+    big-endian uint32 sizes; the payload must be exactly the product of the sizes.
+    """
+    data = _open_bytes(path)
+    if len(data) < 4:
+        raise DataError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: not an IDX file (magic 0x{data[:4].hex()})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = _IDX_DTYPES[type_code]
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX payload is {len(data) - header} bytes, the header {shape} says {expected}"
+                        " (truncated or corrupt file)")
+    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="))
+
+
+def read_frey_mat(path: str | os.PathLike, variable: str = "ff", image_shape: tuple[int, int] = (28, 20)
+                  ) -> np.ndarray:
+    """Read the Frey Face ``.mat`` file: ``[1965, 28, 20]`` uint8.
+
+    The file holds ``ff``, uint8 of shape ``[560, 1965]``: each column is one 28 x 20 image stored row-major.
+    """
+    import scipy.io
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except Exception as e:  # scipy raises many kinds on a corrupt file
+        raise DataError(f"{path}: not a readable .mat file ({e})") from e
+    if variable not in mat:
+        names = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path}: no variable {variable!r} (variables: {names})")
+    ff = np.asarray(mat[variable])
+    d = image_shape[0] * image_shape[1]
+    if ff.ndim != 2 or ff.shape[0] != d:
+        raise DataError(f"{path}: variable {variable!r} has shape {ff.shape}, expected [{d}, N] "
+                        f"(one {image_shape[0]}x{image_shape[1]} image per column)")
+    return np.ascontiguousarray(ff.T).reshape((-1,) + tuple(image_shape))
+
+
+def read_npy(path: str | os.PathLike, key: str | None = None, mmap: bool = True) -> np.ndarray:
+    """Read ``.npy`` (memory-mapped by default, so a large file is not loaded whole) or ``.npz``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.files)
+                if not names:
+                    raise DataError(f"{path}: .npz file holds no arrays")
+                name = key or next((n for n in ("x", "images", "data") if n in names), names[0])
+                if name not in names:
+                    raise DataError(f"{path}: no array {name!r} (arrays: {names})")
+                return z[name]
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: not a readable NumPy file ({e})") from e
+
+
+def read_csv(path: str | os.PathLike, delimiter: str = ",") -> np.ndarray:
+    """Read a CSV of numbers, one record per line; a first line that is not numeric is a header."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    rows: list[list[float]] = []
+    width = None
+    with open(path, "r", encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a text CSV file ({e})") from e
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split(delimiter)
+        try:
+            row = [float(v) for v in fields]
+        except ValueError:
+            if lineno == 1:
+                continue  # header
+            raise DataError(f"{path}: line {lineno}: not a row of numbers: {line[:80]!r}") from None
+        if width is None:
+            width = len(row)
+        elif len(row) != width:
+            raise DataError(f"{path}: line {lineno}: {len(row)} values, expected {width} like the first row")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """Read records from any supported file, chosen by its name (see the module docstring)."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if "idx" in name and "ubyte" in name or name.endswith(".idx"):
+        return read_idx(p)
+    if name.endswith(".mat"):
+        return read_frey_mat(p, variable=key or "ff")
+    if name.endswith((".npy", ".npz")):
+        return read_npy(p, key=key)
+    if name.endswith((".csv", ".txt")):
+        return read_csv(p)
+    raise DataError(f"{p}: unknown data format (expected IDX, .mat, .npy, .npz or .csv)")
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / cand).exists():
+            return directory / cand
+    raise DataError(f"{directory}: no {stem}[.gz] (an MNIST-format directory needs train/t10k image files)")
+
+
+def mnist_layout_images(directory: str | os.PathLike, split: str) -> Path:
+    """The image file of ``split`` ('train' or 'test') in an MNIST-format directory."""
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    return _find(Path(directory), ("train" if split == "train" else "t10k") + "-images-idx3-ubyte")
+
+
+def resolve(spec: str, split: str = "train") -> Path:
+    """Where the records of a data-set spec live.
+
+    ``spec`` is ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``), a directory in MNIST layout
+    (``train-images-idx3-ubyte.gz`` and ``t10k-images-idx3-ubyte.gz``), or a file (``split`` is then ignored).
+    """
+    if spec == "fashion-mnist":
+        if not Path(FASHION_MNIST_DIR).is_dir():
+            raise DataError(f"{FASHION_MNIST_DIR}: Fashion-MNIST is not installed "
+                            "(as root: apt-get install -y dataset-fashion-mnist)")
+        return mnist_layout_images(FASHION_MNIST_DIR, split)
+    p = Path(spec)
+    if p.is_dir():
+        return mnist_layout_images(p, split)
+    return p
+
+
+def load_records(spec: str, split: str = "train", key: str | None = None) -> np.ndarray:
+    """Read the records of a data-set spec (see :func:`resolve`) as ``[N, ...]``."""
+    return read_array(resolve(spec, split), key=key)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Records plus how to turn them into model inputs.
+
+    ``records`` keeps its stored dtype (uint8 images are scaled by 1/255 per minibatch). ``scale`` maps
+    stored values to model inputs: x = records * scale. ``binarize``: ``none``; ``static`` (every pixel
+    replaced once by a Bernoulli sample with a fixed seed, the same every run); ``dynamic`` (a fresh
+    Bernoulli sample every minibatch, done by the trainer).
+    """
+
+    records: np.ndarray
+    scale: float
+    binarize: str = "none"
+    name: str = "data"
+
+    def __len__(self) -> int:
+        return int(self.records.shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        return int(np.prod(self.records.shape[1:]))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.records.shape[1:])
+
+    def batch(self, index) -> np.ndarray:
+        """The float32 model inputs ``[len(index), D]`` of the records at ``index`` (no binarisation)."""
+        x = np.asarray(self.records[index], dtype=np.float32).reshape(-1, self.input_dim)
+        if self.scale != 1.0:
+            x *= np.float32(self.scale)
+        return x
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Float32 inputs in order, ``batch_size`` records at a time (the last batch may be shorter)."""
+        for s in range(0, len(self), batch_size):
+            yield self.batch(slice(s, s + batch_size))
+
+    def to_float(self) -> np.ndarray:
+        """All records as one float32 ``[N, D]`` array (for evaluation of small sets)."""
+        return self.batch(slice(None))
+
+    def take(self, index, name: str | None = None) -> "Dataset":
+        return Dataset(self.records[index], self.scale, self.binarize, name or self.name)
+
+
+def validate(records: np.ndarray, likelihood: str, name: str, scale: float | None = None,
+             chunk: int = 65536) -> float:
+    """Check records for a model and return the scale that maps them to model inputs.
+
+    Integer records (uint8 images) scale by 1/255; float records are taken as they are. Raises
+    :class:`DataError` naming the first bad record on NaN/inf, or on values outside the support of the
+    decoder ([0, 1] for ``bernoulli`` and ``gaussian_sigmoid``).
+    """
+    if records.ndim < 2:
+        raise DataError(f"{name}: expected records of shape [N, ...], got shape {records.shape}")
+    if len(records) == 0:
+        raise DataError(f"{name}: no records")
+    if scale is None:
+        if np.issubdtype(records.dtype, np.integer):
+            scale = 1.0 / 255.0 if records.dtype == np.uint8 or records.max() > 1 else 1.0
+        elif np.issubdtype(records.dtype, np.floating):
+            scale = 1.0
+        else:
+            raise DataError(f"{name}: records of dtype {records.dtype} are not numeric")
+    bounded = likelihood in ("bernoulli", "gaussian_sigmoid")
+    flat = records.reshape(len(records), -1)
+    for s in range(0, len(flat), chunk):
+        block = np.asarray(flat[s:s + chunk], dtype=np.float64) * scale
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            i = s + int(np.argmin(finite))
+            raise DataError(f"{name}: record {i} has NaN or infinite values")
+        if bounded:
+            ok = ((block >= 0.0) & (block <= 1.0)).all(axis=1)
+            if not ok.all():
+                i = s + int(np.argmin(ok))
+                raise DataError(f"{name}: record {i} has values outside [0, 1] (min {block[i - s].min():g}, "
+                                f"max {block[i - s].max():g}), outside the support of the {likelihood} decoder"
+                                " (scale your data to [0, 1] or use likelihood 'gaussian')")
+    return float(scale)
+
+
+def make_dataset(records: np.ndarray, likelihood: str, name: str, binarize: str = "none",
+                 expected_shape: tuple[int, ...] | None = None, seed: int = 0) -> Dataset:
+    """Validate ``records`` (see :func:`validate`) and wrap them as a :class:`Dataset`."""
+    if binarize not in BINARIZE:
+        raise DataError(f"binarize {binarize!r} is not one of {BINARIZE}")
+    if expected_shape is not None and int(np.prod(records.shape[1:])) != int(np.prod(expected_shape)):
+        raise DataError(f"{name}: records have shape {tuple(records.shape[1:])}, the model expects "
+                        f"{tuple(expected_shape)}")
+    if binarize != "none" and likelihood != "bernoulli":
+        raise DataError(f"binarize={binarize!r} needs the bernoulli likelihood, not {likelihood!r}")
+    scale = validate(records, likelihood, name)
+    ds = Dataset(records, scale, binarize, name)
+    if binarize == "static":
+        rng = np.random.default_rng(seed)
+        bits = np.empty(records.shape, np.uint8)
+        for s in range(0, len(records), 65536):
+            p = np.asarray(records[s:s + 65536], np.float32) * np.float32(scale)
+            bits[s:s + 65536] = rng.random(p.shape, dtype=np.float32) < p
+        ds = Dataset(bits, 1.0, "static", name)
+    return ds
+
+
+def split_validation(n: int, n_valid: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic split of ``range(n)`` into (train, validation) index arrays, both sorted.
+
+    The validation set is the first ``n_valid`` of a permutation drawn with NumPy's PCG64 from ``seed``:
+    the same on every machine and every run.
+    """
+    if not 0 <= n_valid < n:
+        raise DataError(f"validation size {n_valid} must be in [0, {n})")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])

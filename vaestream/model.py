@@ -1,0 +1,171 @@
+"""The VAE of Kingma & Welling (2014): MLP recognition model q(z|x), prior N(0, I), MLP decoder p(x|z).
+
+Encoder and decoder return ``tfp.distributions`` objects, so the objective reads like the math
+(see :mod:`vaestream.objective`). Records are flat float32 vectors of ``config.input_dim`` values.
+
+Shapes: ``x`` is ``[B, D]``; ``z`` is ``[..., B, Nz]`` (leading sample dimensions are broadcast through
+the decoder, so ``decode(q.sample(L))`` has batch shape ``[L, B]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from vaestream.config import ModelConfig
+from vaestream.errors import ConfigError
+
+tfd = tfp.distributions
+
+_ACTIVATIONS = {
+    "tanh": tf.tanh,
+    "relu": tf.nn.relu,
+    "softplus": tf.nn.softplus,
+    "elu": tf.nn.elu,
+    "sigmoid": tf.sigmoid,
+}
+
+
+class Dense(tf.Module):
+    """y = x W + b, with W of shape ``[n_in, n_out]``."""
+
+    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, init: str, name: str):
+        super().__init__(name=name)
+        if init == "paper":  # "initialized by random sampling from N(0, 0.01)" (Kingma's code: std 0.01)
+            w = rng.normal(0.0, 0.01, size=(n_in, n_out))
+            b = rng.normal(0.0, 0.01, size=(n_out,))
+        elif init == "glorot":
+            limit = math.sqrt(6.0 / (n_in + n_out))
+            w = rng.uniform(-limit, limit, size=(n_in, n_out))
+            b = np.zeros((n_out,))
+        else:
+            raise ConfigError(f"init {init!r} is not one of ('glorot', 'paper')")
+        self.w = tf.Variable(w.astype(np.float32), name="w")
+        self.b = tf.Variable(b.astype(np.float32), name="b")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        if x.shape.rank == 2:
+            return tf.matmul(x, self.w) + self.b
+        return tf.tensordot(x, self.w, axes=[[x.shape.rank - 1], [0]]) + self.b
+
+
+class MLP(tf.Module):
+    """Hidden layers with a shared activation, then one linear output layer of ``n_out`` units."""
+
+    def __init__(self, sizes: Sequence[int], n_out: int, activation: str, rng: np.random.Generator,
+                 init: str, name: str):
+        super().__init__(name=name)
+        self.activation = activation
+        self.hidden = [Dense(a, b, rng, init, name=f"h{i}") for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+        self.out = Dense(sizes[-1], n_out, rng, init, name="out")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        act = _ACTIVATIONS[self.activation]
+        for layer in self.hidden:
+            x = act(layer(x))
+        return self.out(x)
+
+
+class VAE(tf.Module):
+    """A variational auto-encoder with diagonal-Gaussian posterior and an Appendix-C MLP decoder.
+
+    * ``encode(x)`` -> q(z|x) = N(mu(x), diag sigma(x)^2), a ``MultivariateNormalDiag`` of batch shape [B].
+    * ``prior`` -> p(z) = N(0, I).
+    * ``decode(z)`` -> p(x|z): ``Independent(Bernoulli(logits))`` or ``Independent(Normal(mean, sigma))``.
+
+    Args:
+      config: the architecture.
+      seed: seeds the initial weights (NumPy PCG64, so the same seed gives the same model on any machine).
+      init: ``"glorot"`` (default) or ``"paper"`` (every weight and bias from N(0, 0.01^2)).
+    """
+
+    def __init__(self, config: ModelConfig, seed: int = 0, init: str = "glorot"):
+        super().__init__(name="vae")
+        self.config = config
+        rng = np.random.default_rng(seed)
+        d, nz, hidden = config.input_dim, config.latent_dim, list(config.hidden)
+        self.encoder = MLP([d] + hidden, 2 * nz, config.activation, rng, init, name="encoder")
+        n_dec_out = d if config.likelihood == "bernoulli" else 2 * d
+        self.decoder = MLP([nz] + hidden[::-1], n_dec_out, config.activation, rng, init, name="decoder")
+
+    # -- the recognition model ------------------------------------------------------------------------------
+    def encoder_params(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """x [B, D] -> (mean [B, Nz], log_scale [B, Nz]) of q(z|x); log_scale = log sigma."""
+        h = self.encoder(x)
+        mean, log_scale = tf.split(h, 2, axis=-1)
+        return mean, log_scale
+
+    def encode(self, x: tf.Tensor) -> tfd.Distribution:
+        """q(z|x) = N(mu(x), diag sigma(x)^2), event shape [Nz], batch shape [B]."""
+        mean, log_scale = self.encoder_params(x)
+        return tfd.MultivariateNormalDiag(loc=mean, scale_diag=tf.exp(log_scale))
+
+    @property
+    def prior(self) -> tfd.Distribution:
+        """p(z) = N(0, I) over Nz dimensions."""
+        nz = self.config.latent_dim
+        return tfd.MultivariateNormalDiag(loc=tf.zeros([nz]), scale_diag=tf.ones([nz]))
+
+    # -- the generative model -------------------------------------------------------------------------------
+    def decoder_params(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
+        """z [..., Nz] -> the decoder's parameters, each [..., D].
+
+        Bernoulli: ``{"logits", "x_mean"}``; Gaussian: ``{"x_mean", "log_scale"}``.
+        """
+        h = self.decoder(z)
+        cfg = self.config
+        if cfg.likelihood == "bernoulli":
+            return {"logits": h, "x_mean": tf.sigmoid(h)}
+        raw_mean, raw_log_scale = tf.split(h, 2, axis=-1)
+        mean = tf.sigmoid(raw_mean) if cfg.likelihood == "gaussian_sigmoid" else raw_mean
+        # A smooth floor on log sigma keeps the density finite on constant pixels.
+        log_scale = cfg.min_log_scale + tf.nn.softplus(raw_log_scale - cfg.min_log_scale)
+        return {"x_mean": mean, "log_scale": log_scale}
+
+    def decode(self, z: tf.Tensor) -> tfd.Distribution:
+        """p(x|z), event shape [D], batch shape z.shape[:-1]."""
+        p = self.decoder_params(z)
+        if self.config.likelihood == "bernoulli":
+            return tfd.Independent(tfd.Bernoulli(logits=p["logits"], dtype=tf.float32), 1)
+        return tfd.Independent(tfd.Normal(loc=p["x_mean"], scale=tf.exp(p["log_scale"])), 1)
+
+    # -- conveniences over vaestream.objective -------------------------------------------------------------
+    def elbo(self, x, estimator: str = "B", num_samples: int = 1, seed=None) -> dict[str, tf.Tensor]:
+        """Per-record ELBO and its terms, in nats: see :func:`vaestream.objective.elbo`."""
+        from vaestream.objective import elbo
+
+        return elbo(self, tf.convert_to_tensor(x, tf.float32), estimator=estimator,
+                    num_samples=num_samples, seed=seed)
+
+    def log_likelihood(self, x, k: int = 5000, batch_size: int = 100, seed: int = 0) -> np.ndarray:
+        """Importance-sampled log p(x) per record, in nats: see :func:`vaestream.objective.log_likelihood`."""
+        from vaestream.objective import log_likelihood
+
+        return log_likelihood(self, x, k=k, batch_size=batch_size, seed=seed)
+
+    # -- identity -------------------------------------------------------------------------------------------
+    def weights(self) -> list[tf.Variable]:
+        """Every weight, in a fixed order (encoder then decoder, layer by layer, W then b)."""
+        out = []
+        for mlp in (self.encoder, self.decoder):
+            for layer in list(mlp.hidden) + [mlp.out]:
+                out += [layer.w, layer.b]
+        return out
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the canonical config JSON and every weight's little-endian float32 bytes.
+
+        Two models share a fingerprint only if they have the same architecture and bit-identical weights.
+        """
+        h = hashlib.sha256()
+        h.update(self.config.to_json().encode())
+        for v in self.weights():
+            a = np.ascontiguousarray(v.numpy(), dtype="<f4")
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        return h.hexdigest()

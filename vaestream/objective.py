@@ -1,0 +1,111 @@
+"""The AEVB objective: the SGVB estimators of the evidence lower bound, and importance-sampled log p(x).
+
+For one record x, with z^(l) = mu + sigma * eps^(l), eps^(l) ~ N(0, I), l = 1..L (the reparameterisation
+trick, so gradients flow to the encoder):
+
+* estimator A (the paper's eq. 6):  L_A = 1/L sum_l [ log p(x, z^(l)) - log q(z^(l)|x) ]
+* estimator B (eq. 7):              L_B = -KL(q(z|x) || p(z)) + 1/L sum_l log p(x|z^(l))
+
+Both are returned as named terms, in nats per record:
+``rate = KL(q || p)`` (analytic for B, the Monte-Carlo average of log q - log p for A),
+``distortion = -E_q log p(x|z)`` and ``elbo = -(rate + distortion)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from vaestream.errors import ConfigError
+
+tfd = tfp.distributions
+
+ESTIMATORS = ("A", "B")
+
+
+def _seed(seed) -> tf.Tensor | None:
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return tf.constant([seed, 0], tf.int32)
+    return tf.cast(seed, tf.int32)
+
+
+def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=None) -> dict[str, tf.Tensor]:
+    """The SGVB estimate of the ELBO for each record.
+
+    Args:
+      model: a :class:`vaestream.model.VAE`.
+      x: ``[B, D]`` float32 records.
+      estimator: ``"A"`` or ``"B"`` (see the module docstring).
+      num_samples: L, the number of z samples per record.
+      seed: an int or a ``[2]`` int tensor (a stateless seed: the same seed gives the same samples), or None.
+
+    Returns:
+      ``{"elbo", "rate", "distortion"}``, each ``[B]``, in nats per record.
+    """
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
+    q = model.encode(x)
+    prior = model.prior
+    z = q.sample(num_samples, seed=_seed(seed))  # [L, B, Nz], reparameterised
+    p_x_given_z = model.decode(z)  # batch shape [L, B]
+    distortion = -tf.reduce_mean(p_x_given_z.log_prob(x), axis=0)
+    if estimator == "B":
+        rate = tfd.kl_divergence(q, prior)
+    else:
+        rate = tf.reduce_mean(q.log_prob(z) - prior.log_prob(z), axis=0)
+    return {"elbo": -(rate + distortion), "rate": rate, "distortion": distortion}
+
+
+def log_weights(model, x: tf.Tensor, k: int, seed=None) -> tf.Tensor:
+    """Importance weights log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k; shape ``[k, B]``."""
+    q = model.encode(x)
+    z = q.sample(k, seed=_seed(seed))
+    return model.decode(z).log_prob(x) + model.prior.log_prob(z) - q.log_prob(z)
+
+
+@tf.function(reduce_retracing=True)
+def _log_weights_fn(model, x, k, seed):
+    return log_weights(model, x, k, seed)
+
+
+def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0,
+                   max_floats: int = 2**25) -> np.ndarray:
+    """Importance-sampled estimate of log p(x) per record, in nats (Burda et al.'s bound, IWAE-k):
+
+        log p(x) >= log 1/k sum_i p(x, z_i) / q(z_i|x),  z_i ~ q(z|x)
+
+    For k = 1 it is the ELBO estimator A in expectation; it grows towards log p(x) as k grows. Records go
+    through in batches of ``batch_size`` and samples in chunks so that no tensor holds more than about
+    ``max_floats`` floats (memory stays bounded whatever k is).
+
+    Args:
+      x: ``[N, D]`` float32 records.
+    Returns:
+      ``[N]`` float64 estimates of log p(x), nats.
+    """
+    x = np.asarray(x, np.float32)
+    d = x.shape[1]
+    out = np.empty(len(x), np.float64)
+    for start in range(0, len(x), batch_size):
+        xb = tf.constant(x[start:start + batch_size])
+        b = int(xb.shape[0])
+        chunk = max(1, min(k, max_floats // max(1, b * d)))
+        parts = []
+        for j, s in enumerate(range(0, k, chunk)):
+            kc = min(chunk, k - s)
+            seed_t = tf.constant([seed, start * 1_000_003 + j], tf.int32)
+            parts.append(_log_weights_fn(model, xb, kc, seed_t).numpy().astype(np.float64))
+        lw = np.concatenate(parts, axis=0)  # [k, b]
+        m = lw.max(axis=0)
+        out[start:start + b] = m + np.log(np.exp(lw - m).mean(axis=0))
+    return out
+
+
+def bits_per_dim(nats, input_dim: int):
+    """Convert nats per record to bits per dimension: nats / (D ln 2)."""
+    return nats / (input_dim * math.log(2.0))

@@ -1,0 +1,375 @@
+"""AEVB training: minibatches of M records, L samples each, the SGVB estimator, Adam or Adagrad.
+
+The training loop is a compiled (XLA) ``tf.while_loop`` over a chunk of minibatches, so Python runs once
+per chunk, not once per step. Everything random is a function of ``(seed, step)`` (the data order of
+epoch e is a PCG64 permutation seeded by ``(seed, e)``; the z samples and dynamic binarisation of step s use
+stateless seeds ``(seed, s)``), so a run resumed from a checkpoint takes exactly the steps the uninterrupted
+run would have taken.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vaestream import store
+from vaestream.config import ModelConfig
+from vaestream.data import Dataset
+from vaestream.errors import ConfigError, ModelError
+from vaestream.model import VAE
+from vaestream.objective import ESTIMATORS, bits_per_dim, elbo
+
+OPTIMIZERS = ("adam", "adagrad")
+DEFAULT_LR = {"adam": 1e-3, "adagrad": 0.02}  # the paper chose Adagrad step sizes from {0.01, 0.02, 0.1}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+      batch_size: M, records per minibatch (the paper: 100).
+      num_samples: L, z samples per record (the paper: 1).
+      estimator: SGVB estimator ``"A"`` or ``"B"`` (analytic KL).
+      optimizer: ``"adam"`` or ``"adagrad"``; ``learning_rate`` None takes :data:`DEFAULT_LR`.
+      map_prior: add log p(theta) with p(theta) = N(0, I) to the objective (weight decay; the paper's
+        approximate MAP), scaled by 1/N per record.
+      init: ``"glorot"`` or ``"paper"`` (N(0, 0.01^2)).
+      steps / epochs: how long; ``steps`` wins when both are given.
+      binarize: ``none``, ``static`` or ``dynamic`` (Bernoulli decoder only).
+      validation: records held out of the training data for the validation bound (deterministic split).
+      eval_every: steps between evaluations (logged to ``log.jsonl``); 0 evaluates only at the end.
+      eval_records: at most this many training records enter the logged train bound.
+      checkpoint_every: steps between checkpoints (one is also written at the end and on Ctrl-C/SIGTERM).
+      steps_per_call: minibatches per compiled call.
+      jit: compile the training step with XLA.
+    """
+
+    batch_size: int = 100
+    num_samples: int = 1
+    estimator: str = "B"
+    optimizer: str = "adam"
+    learning_rate: float | None = None
+    map_prior: bool = False
+    init: str = "glorot"
+    seed: int = 0
+    steps: int | None = None
+    epochs: float | None = None
+    binarize: str = "none"
+    validation: int = 0
+    eval_every: int = 0
+    eval_records: int = 10000
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    steps_per_call: int = 50
+    jit: bool = True
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator {self.estimator!r} is not one of {ESTIMATORS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.batch_size < 1 or self.num_samples < 1 or self.steps_per_call < 1:
+            raise ConfigError("batch_size, num_samples and steps_per_call must be positive")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.optimizer]
+
+    def total_steps(self, n_train: int) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        epochs = 1.0 if self.epochs is None else self.epochs
+        return int(math.ceil(epochs * (n_train // self.batch_size)))
+
+
+def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(cfg.lr)
+    return keras.optimizers.Adagrad(cfg.lr)
+
+
+class Trainer(tf.Module):
+    """The optimisation state of one model: optimizer slots and the step counter, checkpointed together.
+
+    ``run_steps(chunk, scale)`` takes K minibatches at once (``[K, M, D]``, any numeric dtype; inputs are
+    ``chunk * scale``) and returns the mean minibatch ELBO (nats/record) over them. ``update(x)`` is one step
+    on a float batch ``[M, D]``, for callers that push data themselves.
+    """
+
+    def __init__(self, model: VAE, cfg: TrainConfig, n_train: int):
+        super().__init__(name="trainer")
+        self.model = model
+        self.cfg = cfg
+        self.n_train = float(max(1, n_train))
+        self.optimizer = make_optimizer(cfg)
+        self.optimizer.build(model.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, name="step")
+        self._run = tf.function(self._run_steps, jit_compile=cfg.jit, reduce_retracing=True)
+
+    def objective(self, x: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, dict]:
+        """The per-record objective to maximise: mean SGVB ELBO (+ log p(theta)/N with ``map_prior``)."""
+        terms = elbo(self.model, x, estimator=self.cfg.estimator, num_samples=self.cfg.num_samples, seed=seed)
+        obj = tf.reduce_mean(terms["elbo"])
+        if self.cfg.map_prior:
+            obj -= 0.5 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.model.trainable_variables]) \
+                / self.n_train
+        return obj, terms
+
+    def _run_steps(self, chunk: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+        k_total = tf.shape(chunk)[0]
+        base = tf.constant(self.cfg.seed % (2**31 - 1), tf.int32)
+        variables = self.model.trainable_variables
+        dynamic = self.cfg.binarize == "dynamic"
+
+        def body(k, acc):
+            s = tf.cast(self.step % (2**30), tf.int32)
+            x = tf.cast(chunk[k], tf.float32) * scale
+            x = tf.reshape(x, [tf.shape(x)[0], -1])
+            if dynamic:
+                u = tf.random.stateless_uniform(tf.shape(x), seed=tf.stack([base, 2 * s + 1]))
+                x = tf.cast(u < x, tf.float32)
+            with tf.GradientTape() as tape:
+                obj, _ = self.objective(x, tf.stack([base, 2 * s]))
+                loss = -obj
+            grads = tape.gradient(loss, variables)
+            self.optimizer.apply_gradients(zip(grads, variables))
+            self.step.assign_add(1)
+            return k + 1, acc + obj
+
+        _, total = tf.while_loop(lambda k, acc: k < k_total, body, (tf.constant(0), tf.constant(0.0)))
+        return total / tf.cast(k_total, tf.float32)
+
+    def run_steps(self, chunk, scale: float = 1.0) -> float:
+        return float(self._run(tf.convert_to_tensor(chunk), tf.constant(scale, tf.float32)))
+
+    def update(self, x) -> float:
+        """One AEVB step on ``x`` ``[M, D]`` (float32 model inputs); returns that minibatch's ELBO."""
+        x = np.asarray(x, np.float32)
+        return self.run_steps(x.reshape((1,) + x.shape), 1.0)
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _elbo_batch(model, x, seed):
+    t = elbo(model, x, estimator="B", num_samples=1, seed=seed)
+    return tf.reduce_sum(t["elbo"]), tf.reduce_sum(t["rate"]), tf.reduce_sum(t["distortion"])
+
+
+def dataset_elbo(model: VAE, data: Dataset | np.ndarray, batch_size: int = 1000, seed: int = 0) -> dict:
+    """Mean ELBO (estimator B, L = 1), rate and distortion over a whole data set, nats/record and bits/dim."""
+    batches = data.iter_batches(batch_size) if isinstance(data, Dataset) else (
+        np.asarray(data[s:s + batch_size], np.float32) for s in range(0, len(data), batch_size))
+    tot = np.zeros(3)
+    n = 0
+    for i, xb in enumerate(batches):
+        out = _elbo_batch(model, tf.constant(xb), tf.constant([seed, i], tf.int32))
+        tot += [float(v) for v in out]
+        n += len(xb)
+    e, r, d = tot / max(n, 1)
+    return {"elbo": e, "rate": r, "distortion": d, "bits_per_dim": float(bits_per_dim(-e, model.config.input_dim)),
+            "records": n}
+
+
+def evaluation_set(data: Dataset, n: int | None = None, seed: int = 12345) -> Dataset:
+    """A fixed evaluation view of ``data``: its first ``n`` records; dynamic binarisation becomes one fixed
+    Bernoulli sample (as the IWAE protocol's test set)."""
+    view = data if n is None or n >= len(data) else data.take(slice(0, n))
+    if view.binarize == "dynamic":
+        rng = np.random.default_rng(seed)
+        p = view.to_float()
+        bits = (rng.random(p.shape, dtype=np.float32) < p).astype(np.uint8).reshape(view.records.shape)
+        return Dataset(bits, 1.0, "static", view.name)
+    return view
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: VAE
+    model_dir: Path
+    steps: int
+    history: list[dict]
+    interrupted: bool
+    examples_per_second: float
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between chunks (so the state saved is consistent)."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None = None,
+          train_config: TrainConfig | None = None, valid_data: Dataset | None = None,
+          test_data: Dataset | None = None, progress: bool = True,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a VAE with AEVB, checkpointing to ``model_dir``; resumes exactly if ``model_dir`` has a checkpoint.
+
+    Args:
+      train_data: the training records (``Dataset``; with ``train_config.validation > 0`` a deterministic
+        part of it is held out as ``valid_data``).
+      model_dir: where ``config.json``, ``ckpt/`` and ``log.jsonl`` go.
+      config: the architecture; ``input_dim``/``input_shape`` are taken from the data. When resuming, it must
+        match the stored one (or be None).
+      train_config: how to train (:class:`TrainConfig`).
+      valid_data, test_data: optional sets whose bound is logged at each evaluation.
+      progress: show a progress bar (examples, current ELBO, ETA).
+      on_eval: called with each log record.
+
+    Returns:
+      a :class:`TrainResult` with the trained model and the evaluation history.
+    """
+    from vaestream.data import split_validation
+
+    cfg = train_config or TrainConfig()
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.validation and valid_data is None:
+        tr, va = split_validation(len(train_data), cfg.validation, seed=cfg.seed)
+        valid_data = train_data.take(va, name=train_data.name + "[valid]")
+        train_data = train_data.take(tr)
+    shape = train_data.input_shape
+    if (model_dir / store.CONFIG).exists():
+        stored = store.read_config(model_dir)
+        if config is not None and config != stored:
+            raise ModelError(f"{model_dir}: holds a model with config {stored.to_dict()}, asked for "
+                             f"{config.to_dict()}; use a new directory")
+        config = stored
+    else:
+        config = dataclasses.replace(config or ModelConfig(), input_dim=int(np.prod(shape)), input_shape=shape)
+        store.save_config(model_dir, config)
+    if config.input_dim != train_data.input_dim:
+        raise ModelError(f"{model_dir}: model takes {config.input_dim} values per record, "
+                         f"{train_data.name} has {train_data.input_dim}")
+    (model_dir / store.TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    model = VAE(config, seed=cfg.seed, init=cfg.init)
+    trainer = Trainer(model, cfg, len(train_data))
+    ckpt = trainer.checkpoint()
+    manager = tf.train.CheckpointManager(ckpt, str(model_dir / store.CKPT), max_to_keep=cfg.keep_checkpoints)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+
+    m = cfg.batch_size
+    n = len(train_data)
+    steps_per_epoch = n // m
+    if steps_per_epoch < 1:
+        raise ConfigError(f"{train_data.name}: {n} records is fewer than one minibatch of {m}")
+    total = cfg.total_steps(n)
+    k_max = cfg.steps_per_call
+    evals = {name: evaluation_set(d, cfg.eval_records if name == "train" else None)
+             for name, d in (("train", train_data), ("valid", valid_data), ("test", test_data)) if d is not None}
+    history = store.read_log(model_dir)
+    log_file = open(model_dir / store.LOG, "a")
+
+    def evaluate_now(step: int, elapsed: float) -> dict:
+        rec = {"step": step, "samples": step * m, "epoch": step / steps_per_epoch, "seconds": round(elapsed, 3)}
+        for name, d in evals.items():
+            r = dataset_elbo(model, d)
+            rec[f"{name}_elbo"] = r["elbo"]
+            rec[f"{name}_bits_per_dim"] = r["bits_per_dim"]
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        history.append(rec)
+        if on_eval:
+            on_eval(rec)
+        return rec
+
+    def chunks(start: int):
+        """(first step, raw records [K, M, ...]) from global step ``start`` on; chunks end at multiples of K
+        and at epoch ends, so the chunking (and thus every step) is the same after a resume."""
+        s = start
+        order_epoch, order = -1, None
+        while s < total:
+            epoch, pos = divmod(s, steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, _epoch_order(cfg.seed, epoch, n)
+            end = min((s // k_max + 1) * k_max, (epoch + 1) * steps_per_epoch, total)
+            idx = order[pos * m:(pos + end - s) * m]
+            yield s, np.asarray(train_data.records[idx]).reshape((end - s, m, -1))
+            s = end
+
+    step0 = int(trainer.step.numpy())
+    bar = None
+    if progress and step0 < total:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total * m, initial=step0 * m, unit="ex", unit_scale=True, dynamic_ncols=True,
+                   desc="train")
+    t0 = time.perf_counter()
+    trained = 0
+    interrupted = False
+    last_ckpt = step0
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with _StopFlag() as stop:
+            gen = chunks(step0)
+            nxt = pool.submit(next, gen, None)
+            ema = None
+            while True:
+                item = nxt.result()
+                if item is None:
+                    break
+                s, chunk = item
+                nxt = pool.submit(next, gen, None)  # prepare the next chunk while this one trains
+                obj = trainer.run_steps(chunk, train_data.scale)
+                step = s + len(chunk)
+                trained += len(chunk)
+                ema = obj if ema is None else 0.9 * ema + 0.1 * obj
+                if bar is not None:
+                    bar.update(len(chunk) * m)
+                    bar.set_postfix(elbo=f"{ema:.2f}", step=step)
+                if cfg.eval_every and step // cfg.eval_every != s // cfg.eval_every:
+                    evaluate_now(step, time.perf_counter() - t0)
+                if step - last_ckpt >= cfg.checkpoint_every:
+                    manager.save(checkpoint_number=step)
+                    last_ckpt = step
+                if stop.set:
+                    interrupted = True
+                    break
+        nxt.cancel()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        step = int(trainer.step.numpy())
+        if step != last_ckpt or manager.latest_checkpoint is None:
+            manager.save(checkpoint_number=step)
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    if not interrupted and (not history or history[-1]["step"] != step) and evals:
+        evaluate_now(step, elapsed)
+    log_file.close()
+    return TrainResult(model, model_dir, step, history, interrupted, trained * m / max(elapsed, 1e-9))
