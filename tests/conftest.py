@@ -1,0 +1,57 @@
+"""Shared fixtures: the real data sets and one small model trained once per session on real MNIST."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found at {MNIST_DIR} (the repository's ../shared/data/mnist)")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    return FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist_train(mnist_dir) -> np.ndarray:
+    from vaestream.data import read_idx
+
+    return read_idx(mnist_dir / "train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="session")
+def mnist_test(mnist_dir) -> np.ndarray:
+    from vaestream.data import read_idx
+
+    return read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory, mnist_train, mnist_test):
+    """A 784-200-10 Bernoulli VAE trained for 3 epochs on real MNIST (a few seconds)."""
+    from vaestream import ModelConfig, TrainConfig, train
+    from vaestream.data import make_dataset
+
+    out = tmp_path_factory.mktemp("small_model")
+    ds = make_dataset(mnist_train, "bernoulli", "mnist-train")
+    test = make_dataset(mnist_test[:2000], "bernoulli", "mnist-test")
+    res = train(ds, out, ModelConfig(latent_dim=10, hidden=(200,)), TrainConfig(epochs=3, seed=1),
+                test_data=test, progress=False)
+    return res
