@@ -66,6 +66,7 @@ class MLP(tf.Module):
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         act = _ACTIVATIONS[self.activation]
+        x = tf.convert_to_tensor(x, tf.float32)
         for layer in self.hidden:
             x = act(layer(x))
         return self.out(x)

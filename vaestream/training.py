@@ -50,6 +50,8 @@ class TrainConfig:
       binarize: ``none``, ``static`` or ``dynamic`` (Bernoulli decoder only).
       validation: records held out of the training data for the validation bound (deterministic split).
       eval_every: steps between evaluations (logged to ``log.jsonl``); 0 evaluates only at the end.
+      eval_steps: further steps to evaluate after (e.g. log-spaced, for curves against training samples);
+        an evaluation falls at the end of the compiled chunk that passes the step.
       eval_records: at most this many training records enter the logged train bound.
       checkpoint_every: steps between checkpoints (one is also written at the end and on Ctrl-C/SIGTERM).
       steps_per_call: minibatches per compiled call.
@@ -69,6 +71,7 @@ class TrainConfig:
     binarize: str = "none"
     validation: int = 0
     eval_every: int = 0
+    eval_steps: tuple[int, ...] = ()
     eval_records: int = 10000
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -352,7 +355,8 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
                 if bar is not None:
                     bar.update(len(chunk) * m)
                     bar.set_postfix(elbo=f"{ema:.2f}", step=step)
-                if cfg.eval_every and step // cfg.eval_every != s // cfg.eval_every:
+                if (cfg.eval_every and step // cfg.eval_every != s // cfg.eval_every) or \
+                        any(s < e <= step for e in cfg.eval_steps):
                     evaluate_now(step, time.perf_counter() - t0)
                 if step - last_ckpt >= cfg.checkpoint_every:
                     manager.save(checkpoint_number=step)
