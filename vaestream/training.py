@@ -43,6 +43,9 @@ class TrainConfig:
       num_samples: L, z samples per record (the paper: 1).
       estimator: SGVB estimator ``"A"`` or ``"B"`` (analytic KL).
       optimizer: ``"adam"`` or ``"adagrad"``; ``learning_rate`` None takes :data:`DEFAULT_LR`.
+      lr_decay_rate, lr_decay_steps: exponential step-size decay, lr * rate^(step / decay_steps)
+        (1.0: constant).
+      max_seconds: a time budget: stop (with a checkpoint) after the chunk that passes it.
       map_prior: add log p(theta) with p(theta) = N(0, I) to the objective (weight decay; the paper's
         approximate MAP), scaled by 1/N per record.
       init: ``"glorot"`` or ``"paper"`` (N(0, 0.01^2)).
@@ -63,6 +66,9 @@ class TrainConfig:
     estimator: str = "B"
     optimizer: str = "adam"
     learning_rate: float | None = None
+    lr_decay_rate: float = 1.0
+    lr_decay_steps: int = 100_000
+    max_seconds: float | None = None
     map_prior: bool = False
     init: str = "glorot"
     seed: int = 0
@@ -98,9 +104,12 @@ class TrainConfig:
 
 
 def make_optimizer(cfg: TrainConfig) -> keras.optimizers.Optimizer:
+    lr = cfg.lr
+    if cfg.lr_decay_rate != 1.0:
+        lr = keras.optimizers.schedules.ExponentialDecay(cfg.lr, cfg.lr_decay_steps, cfg.lr_decay_rate)
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(cfg.lr)
-    return keras.optimizers.Adagrad(cfg.lr)
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.Adagrad(lr)
 
 
 class Trainer(tf.Module):
@@ -363,6 +372,8 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
                     last_ckpt = step
                 if stop.set:
                     interrupted = True
+                    break
+                if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
                     break
         nxt.cancel()
     finally:
