@@ -168,3 +168,10 @@ def test_fashion_mnist_sha_is_stable(fashion_dir):
     # The Debian package is the upstream release: 60k training images.
     assert data.load_records("fashion-mnist", "train").shape == (60000, 28, 28)
     assert len(hashlib.sha256((fashion_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()).hexdigest()) == 64
+
+
+def test_integer_records_out_of_range_name_the_record():
+    x = np.zeros((5, 3), np.int32)
+    x[3, 1] = -1
+    with pytest.raises(DataError, match=r"i.npy: record 3 has values outside \[0, 1\]"):
+        data.make_dataset(x, "bernoulli", "i.npy")

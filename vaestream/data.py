@@ -257,7 +257,7 @@ class Dataset:
 
 
 def validate(records: np.ndarray, likelihood: str, name: str, scale: float | None = None,
-             chunk: int = 65536) -> float:
+             chunk: int = 8192) -> float:
     """Check records for a model and return the scale that maps them to model inputs.
 
     Integer records (uint8 images) scale by 1/255; float records are taken as they are. Raises
@@ -277,8 +277,20 @@ def validate(records: np.ndarray, likelihood: str, name: str, scale: float | Non
             raise DataError(f"{name}: records of dtype {records.dtype} are not numeric")
     bounded = likelihood in ("bernoulli", "gaussian_sigmoid")
     flat = records.reshape(len(records), -1)
+    if np.issubdtype(records.dtype, np.integer):
+        # integers are finite; only the range can be wrong (uint8 / 255 never is)
+        if bounded and not (records.dtype == np.uint8 and scale == 1.0 / 255.0):
+            for s in range(0, len(flat), chunk):
+                block = np.asarray(flat[s:s + chunk])
+                ok = ((block.min(axis=1) * scale >= 0) & (block.max(axis=1) * scale <= 1))
+                if not ok.all():
+                    i = s + int(np.argmin(ok))
+                    raise DataError(f"{name}: record {i} has values outside [0, 1] (min {flat[i].min() * scale:g}, "
+                                    f"max {flat[i].max() * scale:g}), outside the support of the {likelihood} "
+                                    "decoder (scale your data to [0, 1] or use likelihood 'gaussian')")
+        return float(scale)
     for s in range(0, len(flat), chunk):
-        block = np.asarray(flat[s:s + chunk], dtype=np.float64) * scale
+        block = np.asarray(flat[s:s + chunk], dtype=np.float32) * np.float32(scale)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             i = s + int(np.argmin(finite))
@@ -308,9 +320,9 @@ def make_dataset(records: np.ndarray, likelihood: str, name: str, binarize: str 
     if binarize == "static":
         rng = np.random.default_rng(seed)
         bits = np.empty(records.shape, np.uint8)
-        for s in range(0, len(records), 65536):
-            p = np.asarray(records[s:s + 65536], np.float32) * np.float32(scale)
-            bits[s:s + 65536] = rng.random(p.shape, dtype=np.float32) < p
+        for s in range(0, len(records), 8192):
+            p = np.asarray(records[s:s + 8192], np.float32) * np.float32(scale)
+            bits[s:s + 8192] = rng.random(p.shape, dtype=np.float32) < p
         ds = Dataset(bits, 1.0, "static", name)
     return ds
 
