@@ -29,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=20, help="Nz (default 20)")
     g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
     g.add_argument("--activation", default="tanh")
-    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian_sigmoid"])
+    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"])
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

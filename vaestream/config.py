@@ -12,14 +12,19 @@ from typing import Any
 
 from vaestream.errors import ConfigError
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_sigmoid")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial")
 """Observation models p(x|z) (the paper's Appendix C):
 
 * ``bernoulli`` — Bernoulli MLP decoder, for binary (or binarised) data in {0, 1}.
 * ``gaussian_sigmoid`` — Gaussian MLP decoder whose mean goes through a sigmoid, for data in [0, 1]
   (as the paper's Frey Face model).
 * ``gaussian`` — Gaussian MLP decoder with an unconstrained (linear) mean, for real-valued data.
+* ``beta_binomial`` — a discrete model of 8-bit data: each pixel count n = round(255 x) in {0..255} is
+  BetaBinomial(255, alpha(z), beta(z)); the likelihood the lossless (bits-back) coder needs.
 """
+
+DISCRETE_LEVELS = 255
+"""The ``beta_binomial`` decoder models counts 0..255 (8-bit data scaled to [0, 1] as x = n / 255)."""
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid")
 

@@ -275,7 +275,7 @@ def validate(records: np.ndarray, likelihood: str, name: str, scale: float | Non
             scale = 1.0
         else:
             raise DataError(f"{name}: records of dtype {records.dtype} are not numeric")
-    bounded = likelihood in ("bernoulli", "gaussian_sigmoid")
+    bounded = likelihood in ("bernoulli", "gaussian_sigmoid", "beta_binomial")
     flat = records.reshape(len(records), -1)
     if np.issubdtype(records.dtype, np.integer):
         # integers are finite; only the range can be wrong (uint8 / 255 never is)

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from vaestream.config import ModelConfig
+from vaestream.config import DISCRETE_LEVELS, ModelConfig
 from vaestream.errors import ConfigError
 
 tfd = tfp.distributions
@@ -116,12 +116,16 @@ class VAE(tf.Module):
     def decoder_params(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
         """z [..., Nz] -> the decoder's parameters, each [..., D].
 
-        Bernoulli: ``{"logits", "x_mean"}``; Gaussian: ``{"x_mean", "log_scale"}``.
+        Bernoulli: ``{"logits", "x_mean"}``; Gaussian: ``{"x_mean", "log_scale"}``; beta-binomial:
+        ``{"x_mean", "log_alpha", "log_beta"}`` (x_mean = alpha / (alpha + beta), the mean of n / 255).
         """
         h = self.decoder(z)
         cfg = self.config
         if cfg.likelihood == "bernoulli":
             return {"logits": h, "x_mean": tf.sigmoid(h)}
+        if cfg.likelihood == "beta_binomial":
+            log_alpha, log_beta = tf.split(h, 2, axis=-1)
+            return {"x_mean": tf.sigmoid(log_alpha - log_beta), "log_alpha": log_alpha, "log_beta": log_beta}
         raw_mean, raw_log_scale = tf.split(h, 2, axis=-1)
         mean = tf.sigmoid(raw_mean) if cfg.likelihood == "gaussian_sigmoid" else raw_mean
         # A smooth floor on log sigma keeps the density finite on constant pixels.
@@ -133,7 +137,17 @@ class VAE(tf.Module):
         p = self.decoder_params(z)
         if self.config.likelihood == "bernoulli":
             return tfd.Independent(tfd.Bernoulli(logits=p["logits"], dtype=tf.float32), 1)
+        if self.config.likelihood == "beta_binomial":
+            return tfd.Independent(tfd.BetaBinomial(float(DISCRETE_LEVELS), tf.exp(p["log_alpha"]),
+                                                    tf.exp(p["log_beta"])), 1)
         return tfd.Independent(tfd.Normal(loc=p["x_mean"], scale=tf.exp(p["log_scale"])), 1)
+
+    def observe(self, x: tf.Tensor) -> tf.Tensor:
+        """Model inputs x in [0, 1] -> values in the support of p(x|z): x itself, or the counts
+        round(255 x) for the beta-binomial decoder."""
+        if self.config.likelihood == "beta_binomial":
+            return tf.round(x * DISCRETE_LEVELS)
+        return x
 
     # -- conveniences over vaestream.objective -------------------------------------------------------------
     def elbo(self, x, estimator: str = "B", num_samples: int = 1, seed=None) -> dict[str, tf.Tensor]:

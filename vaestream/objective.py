@@ -53,7 +53,7 @@ def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=N
     prior = model.prior
     z = q.sample(num_samples, seed=_seed(seed))  # [L, B, Nz], reparameterised
     p_x_given_z = model.decode(z)  # batch shape [L, B]
-    distortion = -tf.reduce_mean(p_x_given_z.log_prob(x), axis=0)
+    distortion = -tf.reduce_mean(p_x_given_z.log_prob(model.observe(x)), axis=0)
     if estimator == "B":
         rate = tfd.kl_divergence(q, prior)
     else:
@@ -65,7 +65,7 @@ def log_weights(model, x: tf.Tensor, k: int, seed=None) -> tf.Tensor:
     """Importance weights log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k; shape ``[k, B]``."""
     q = model.encode(x)
     z = q.sample(k, seed=_seed(seed))
-    return model.decode(z).log_prob(x) + model.prior.log_prob(z) - q.log_prob(z)
+    return model.decode(z).log_prob(model.observe(x)) + model.prior.log_prob(z) - q.log_prob(z)
 
 
 @tf.function(reduce_retracing=True)
