@@ -1,0 +1,255 @@
+"""SavedModel export: layout and assets, versions, every signature in a fresh process against the in-process
+model (float32 round-off; bit-identical symbols), saved_model_cli, and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vaestream import coder, store
+from vaestream.errors import DataError, ModelError
+from vaestream.export import ExportedModel, describe, export, list_versions, resolve_export
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+QUALITY = 0.5
+
+
+def build_tables(model, x: np.ndarray, path: Path) -> coder.CoderTables:
+    """Coder tables from the posteriors of real records, saved where export() looks for them."""
+    mean, log_scale = (t.numpy() for t in model.encoder_params(tf.constant(x)))
+    tables = coder.build_tables_from_stats(model.fingerprint(), mean, log_scale)
+    tables.save(path)
+    return tables
+
+
+@pytest.fixture(scope="module")
+def records(mnist_test) -> np.ndarray:
+    """300 real MNIST test images as model inputs [300, 784] in [0, 1]."""
+    return (mnist_test[:300].reshape(300, -1).astype(np.float32) / np.float32(255))
+
+
+@pytest.fixture(scope="module")
+def exported(small_model, mnist_test, records, tmp_path_factory):
+    """(model_dir with coder tables, export base, version dir, in-process VAE, tables)."""
+    model_dir = tmp_path_factory.mktemp("model_with_tables")
+    shutil.copytree(small_model.model_dir, model_dir, dirs_exist_ok=True)
+    from vaestream.codec import write_tables
+
+    write_tables(model_dir, mnist_test[2000:4000])  # the coder's own calibration path
+    model = store.load_model(model_dir)
+    tables = coder.CoderTables.load(model_dir / "coder_tables.npz")
+    base = tmp_path_factory.mktemp("exports")
+    path = export(model_dir, base, quality=QUALITY)
+    return model_dir, base, path, model, tables
+
+
+def test_layout_assets_and_signatures(exported):
+    model_dir, base, path, model, tables = exported
+    assert path == base / "1" and list_versions(base) == [1]
+    assert (path / "saved_model.pb").is_file() and (path / "variables" / "variables.index").is_file()
+    assets = path / "assets"
+    assert json.loads((assets / "config.json").read_text()) == json.loads(model.config.to_json())
+    fp = (assets / "fingerprint.txt").read_text().strip()
+    assert fp == model.fingerprint() and len(fp) == 64 and int(fp, 16) >= 0
+    shipped = coder.CoderTables.load(assets / "coder_tables.npz")
+    assert shipped.digest() == tables.digest() and shipped.fingerprint == fp
+    info = json.loads((assets / "export.json").read_text())
+    assert info["quality"] == QUALITY and info["fingerprint"] == fp
+    d = describe(base)
+    assert set(d["signatures"]) == {"encode", "decode", "quantize", "reconstruct", "elbo", "serving_default"}
+    nz, dim = model.config.latent_dim, model.config.input_dim
+    sig = d["signatures"]
+    assert sig["encode"] == sig["serving_default"] == {
+        "inputs": {"x": ["float32", [None, dim]]},
+        "outputs": {"mean": ["float32", [None, nz]], "log_scale": ["float32", [None, nz]]}}
+    assert sig["decode"]["inputs"] == {"z": ["float32", [None, nz]]}
+    assert sig["decode"]["outputs"] == {"x_mean": ["float32", [None, dim]], "logits": ["float32", [None, dim]]}
+    assert sig["quantize"]["outputs"] == {"symbols": ["int32", [None, nz]]}
+    assert sig["reconstruct"]["outputs"] == {"x_hat": ["float32", [None, dim]]}
+    assert set(sig["elbo"]["outputs"]) == {"elbo", "rate", "distortion"}
+
+
+FRESH = textwrap.dedent("""
+    import sys, numpy as np, tensorflow as tf
+    path, inp, out = sys.argv[1:4]
+    loaded = tf.saved_model.load(path)          # plain TensorFlow: no vaestream code, no checkpoint
+    d = np.load(inp)
+    res = {}
+    for name, fn in loaded.signatures.items():
+        arg = "z" if name == "decode" else "x"
+        for k, v in fn(**{arg: tf.constant(d[arg])}).items():
+            res[name + "/" + k] = v.numpy()
+    np.savez(out, **res)
+    print("vaestream" in sys.modules)
+""")
+
+
+def test_fresh_process_matches_in_process_model(exported, records, tmp_path):
+    """Every signature, loaded by plain tf.saved_model.load in a new process, against the in-process model."""
+    _, _, path, model, tables = exported
+    x = records
+    z = np.random.default_rng(1).standard_normal((50, model.config.latent_dim)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x, z=z)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    r = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "False"  # vaestream was never imported
+    got = dict(np.load(tmp_path / "out.npz"))
+
+    mean, log_scale = (t.numpy() for t in model.encoder_params(tf.constant(x)))
+    dec = {k: v.numpy() for k, v in model.decoder_params(tf.constant(z)).items()}
+    elbo = {k: v.numpy() for k, v in model.elbo(x, estimator="B", seed=tf.constant([0, 0])).items()}
+    symbols = coder.quantize(mean, tables, QUALITY)
+    z_hat = coder.dequantize(symbols, tables, QUALITY)
+    x_hat = model.decoder_params(tf.constant(z_hat))["x_mean"].numpy()
+
+    close = dict(rtol=1e-5, atol=1e-5)
+    for sig in ("encode", "serving_default"):
+        np.testing.assert_allclose(got[f"{sig}/mean"], mean, **close)
+        np.testing.assert_allclose(got[f"{sig}/log_scale"], log_scale, **close)
+    for k in ("x_mean", "logits"):
+        np.testing.assert_allclose(got[f"decode/{k}"], dec[k], **close)
+    for k in ("elbo", "rate", "distortion"):
+        np.testing.assert_allclose(got[f"elbo/{k}"], elbo[k], rtol=1e-5, atol=1e-3)
+    assert got["quantize/symbols"].dtype == np.int32
+    np.testing.assert_array_equal(got["quantize/symbols"], symbols)  # bit-identical codes
+    # and bit-identical to the NumPy coder on the SavedModel's own means, whatever the round-off
+    np.testing.assert_array_equal(got["quantize/symbols"], coder.quantize(got["encode/mean"], tables, QUALITY))
+    np.testing.assert_allclose(got["reconstruct/x_hat"], x_hat, **close)
+    assert np.abs(symbols).max() > 0 and len(np.unique(symbols)) > 3  # real, non-trivial codes
+
+
+CODEC = textwrap.dedent("""
+    import sys, numpy as np
+    from vaestream import codec
+    path, inp, out = sys.argv[1:4]
+    c = codec.load(path)                         # the SavedModel alone: no checkpoint, no model directory
+    d = np.load(inp)
+    blob = d["blob"].tobytes()
+    codes, _ = c.decompress_codes(blob)
+    back = c.compress(d["x"], quality=float(d["quality"]))
+    np.savez(out, codes=codes, x_hat=c.decompress(blob), blob=np.frombuffer(back, np.uint8))
+""")
+
+
+def test_codec_compress_in_process_decompress_from_savedmodel_alone(exported, records, tmp_path):
+    """Compress with the in-process codec, decompress in a fresh process from a copy of the export alone; and
+    the reverse (the SavedModel's streams decode in-process to the same codes)."""
+    from vaestream import codec
+
+    model_dir, _, path, _, _ = exported
+    alone = tmp_path / "shipped" / "1"
+    shutil.copytree(path, alone)  # nothing but the export
+    local = codec.load(model_dir)
+    x = records[:200]
+    blob = local.compress(x, quality=QUALITY)
+    codes, _ = local.decompress_codes(blob)
+    np.savez(tmp_path / "in.npz", blob=np.frombuffer(blob, np.uint8), x=x, quality=QUALITY)
+    script = tmp_path / "codec_fresh.py"
+    script.write_text(CODEC)
+    r = subprocess.run([sys.executable, str(script), str(alone), str(tmp_path / "in.npz"), str(tmp_path / "o.npz")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(tmp_path / "o.npz")
+    np.testing.assert_array_equal(got["codes"], codes)
+    np.testing.assert_allclose(got["x_hat"], local.decompress(blob), rtol=1e-5, atol=1e-6)
+    back, _ = local.decompress_codes(got["blob"].tobytes())
+    np.testing.assert_array_equal(back, codes)
+    # and the served quantize signature gives the very codes the codec entropy-codes
+    np.testing.assert_array_equal(ExportedModel(alone).quantize(x), codes)
+
+
+def test_elbo_signature_is_a_real_bound(exported, records):
+    _, _, path, model, _ = exported
+    m = ExportedModel(path)
+    out = m.elbo(records[:100])
+    assert np.allclose(out["elbo"], -(out["rate"] + out["distortion"]), rtol=1e-5)
+    assert np.all(out["rate"] > 0) and -150 < out["elbo"].mean() < -60  # nats per MNIST digit, 3 epochs
+
+
+def test_versions(exported, tmp_path):
+    model_dir, _, _, _, _ = exported
+    base = tmp_path / "base"
+    assert export(model_dir, base, verify=False).name == "1"
+    assert export(model_dir, base, version=7, verify=False).name == "7"
+    assert export(model_dir, base, verify=False).name == "8"
+    assert list_versions(base) == [1, 7, 8]
+    assert resolve_export(base) == base / "8" and resolve_export(base, 7) == base / "7"
+    with pytest.raises(ModelError, match="already exists"):
+        export(model_dir, base, version=7)
+    with pytest.raises(ModelError, match="no version 3"):
+        resolve_export(base, 3)
+    assert not [p for p in base.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_without_tables_reconstructs_from_the_mean(exported, records, tmp_path):
+    model_dir, _, _, model, _ = exported
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    (plain / "coder_tables.npz").unlink()
+    m = ExportedModel(export(plain, tmp_path / "exp"))
+    assert "quantize" not in m.signatures and m.tables_path is None and m.info["quality"] is None
+    mean, _ = model.encoder_params(tf.constant(records[:20]))
+    want = model.decoder_params(mean)["x_mean"].numpy()
+    np.testing.assert_allclose(m.reconstruct(records[:20]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tables_of_another_model_are_refused(exported, small_model, tmp_path, records):
+    model_dir, _, _, _, _ = exported
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    from vaestream import VAE
+
+    build_tables(VAE(store.read_config(other), seed=5), records, other / "coder_tables.npz")
+    with pytest.raises(ModelError, match="rebuild the coder tables"):
+        export(other, tmp_path / "exp")
+    assert not (tmp_path / "exp" / "1").exists()
+
+
+def test_bad_inputs_and_paths(exported, tmp_path):
+    _, base, path, _, _ = exported
+    m = ExportedModel(base)
+    with pytest.raises(DataError, match="shape"):
+        m.encode(np.zeros((2, 783), np.float32))
+    with pytest.raises(ModelError, match="no signature"):
+        m.run("classify", x=np.zeros((1, 784)))
+    with pytest.raises(ModelError, match="no SavedModel"):
+        ExportedModel(tmp_path)
+    with pytest.raises(ModelError, match="not a vaestream model directory"):
+        export(tmp_path, tmp_path / "exp")
+
+
+def test_saved_model_cli_lists_every_signature(exported):
+    cli = shutil.which("saved_model_cli")
+    if cli is None:
+        pytest.skip("saved_model_cli (ships with tensorflow) is not on PATH")
+    _, _, path, _, _ = exported
+    r = subprocess.run([cli, "show", "--dir", str(path), "--all"], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for sig in ("encode", "decode", "quantize", "reconstruct", "elbo", "serving_default"):
+        assert f"signature_def['{sig}']" in r.stdout
+    assert "outputs['symbols'] tensor_info:\n        dtype: DT_INT32" in r.stdout
+
+
+def test_cli_export(exported, tmp_path, capsys):
+    from vaestream.cli import main
+
+    model_dir, _, _, _, _ = exported
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--version", "3",
+                 "--quality", "1", "--no-verify"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == 3 and out["has_coder_tables"] and "quantize" in out["signatures"]
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--version", "3"]) == 1
+    assert "already exists" in capsys.readouterr().err
