@@ -275,14 +275,14 @@ def quantize_tf(mean, tables: Mapping[str, Any]):
       tables: ``{"inv_delta": float32 [Nz], "active": bool [Nz]}`` (see :meth:`CoderTables.as_tensors`).
 
     Returns:
-      int32 ``[..., Nz]``: ``clip(round_half_even(mean * inv_delta), +-2^30)``, 0 where inactive. Non-finite
-      means give 0 (the NumPy version raises on them instead).
+      int32 ``[..., Nz]``: ``clip(round_half_even(mean * inv_delta), +-2^30)``, 0 where inactive. A NaN
+      mean gives 0 (the NumPy version raises on it instead); an infinite one is clipped like in NumPy.
     """
     import tensorflow as tf
 
     m = tf.convert_to_tensor(mean, tf.float32)
     v = tf.round(m * tf.cast(tables["inv_delta"], tf.float32))  # tf.round: half to even, like np.rint
-    v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
+    v = tf.where(tf.math.is_nan(v), tf.zeros_like(v), v)  # +-inf (overflow) is clipped like in NumPy
     v = tf.clip_by_value(v, -float(SYMBOL_LIMIT), float(SYMBOL_LIMIT))
     v = tf.cast(v, tf.int32)
     return tf.where(tf.cast(tables["active"], tf.bool), v, tf.zeros_like(v))
