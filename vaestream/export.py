@@ -15,11 +15,11 @@ Signatures (every input float32 with a free leading batch dimension B; D = input
 
 * ``encode(x[B, D]) -> {mean[B, Nz], log_scale[B, Nz]}`` — q(z|x) = N(mean, diag exp(log_scale)^2).
   ``serving_default`` is the same function.
-* ``decode(z[B, Nz]) -> {x_mean[B, D], logits[B, D]}`` (Bernoulli) or ``{x_mean, log_scale}`` (Gaussian):
-  the parameters of p(x|z).
+* ``decode(z[B, Nz]) -> {x_mean[B, D], logits[B, D]}`` (Bernoulli), ``{x_mean, log_scale}`` (Gaussian) or
+  ``{x_mean, log_alpha, log_beta}`` (beta-binomial): the parameters of p(x|z).
 * ``elbo(x[B, D]) -> {elbo[B], rate[B], distortion[B]}`` in nats: the SGVB estimator B
-  (``-KL(q||p) + 1/L sum_l log p(x|z_l)``) with a fixed stateless seed, so it is deterministic for a given
-  batch (the same numbers in every process).
+  (``-KL(q||p) + 1/L sum_l log p(x|z_l)``) with fixed noise (:func:`elbo_fixed_noise`), so a record's value
+  is the same in every batch and every process.
 * ``quantize(x[B, D]) -> {symbols[B, Nz] int32}`` — the coder's quantisation of the posterior
   (:func:`vaestream.coder.quantize_tf` over one ladder level of the tables, embedded as constants:
   ``q = clip(rint(mean * inv_delta), +-2^30)``, 0 on inactive dimensions), bit-identical to
@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from vaestream import store
 from vaestream.config import ModelConfig
@@ -112,6 +113,26 @@ def _load_tables(model_dir: Path):
     return CoderTables.load(path)
 
 
+def elbo_fixed_noise(model: VAE, x: tf.Tensor, num_samples: int = 1, seed: int = 0) -> dict[str, tf.Tensor]:
+    """The SGVB estimator B of the ELBO with fixed noise, what the ``elbo`` signature computes:
+
+        elbo(x) = -KL(q(z|x) || p(z)) + 1/L sum_l log p(x | mu(x) + sigma(x) * eps_l)
+
+    with ``eps_l = stateless_normal([L, Nz], seed)`` shared by every record, so a record's value does not
+    depend on the batch it comes in, the batch size or the process (each record's estimate is still
+    unbiased; the noise is only shared between records). ``x`` is ``[B, D]``; returns ``{"elbo", "rate",
+    "distortion"}``, each ``[B]``, in nats.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    mean, log_scale = model.encoder_params(x)
+    nz = model.config.latent_dim
+    eps = tf.random.stateless_normal([num_samples, 1, nz], seed=tf.constant([seed, 0], tf.int32))
+    z = mean + tf.exp(log_scale) * eps  # [L, B, Nz]
+    distortion = -tf.reduce_mean(model.decode(z).log_prob(model.observe(x)), axis=0)
+    rate = tfp.distributions.kl_divergence(model.encode(x), model.prior)
+    return {"elbo": -(rate + distortion), "rate": rate, "distortion": distortion}
+
+
 class ServingModule(tf.Module):
     """The tf.Module that is saved: the VAE plus one ``tf.function`` per signature (see the module docstring).
 
@@ -152,8 +173,7 @@ class ServingModule(tf.Module):
         return dict(self.model.decoder_params(z))
 
     def _elbo(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        return self.model.elbo(x, estimator="B", num_samples=self._elbo_samples,
-                               seed=tf.constant([self._elbo_seed, 0], tf.int32))
+        return elbo_fixed_noise(self.model, x, self._elbo_samples, self._elbo_seed)
 
     def _symbols(self, x: tf.Tensor) -> tf.Tensor:
         from vaestream.coder import quantize_tf

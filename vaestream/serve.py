@@ -636,9 +636,11 @@ class Client:
         if len(n) != 1:
             raise DataError(f"inputs have different batch sizes: { {k: len(a) for k, a in arrays.items()} }")
         n = n.pop()
+        if n == 0:
+            raise DataError(f"{signature}: no records to send")
         dtypes = self.output_dtypes(signature)
         parts: dict[str, list[np.ndarray]] = {}
-        for s in range(0, max(n, 1), self.max_batch):
+        for s in range(0, n, self.max_batch):
             payload = {"signature_name": signature,
                        "inputs": {k: _jsonable(a[s:s + self.max_batch]) for k, a in arrays.items()}}
             out = self.predict_raw(payload)["outputs"]

@@ -1,0 +1,300 @@
+"""``vaestream serve`` over loopback: TF Serving's REST surface (status, metadata, predict in row and columnar
+format), the client (Python class, ``vaestream client`` and ``deploy/client.py``), bad requests answered with
+TF Serving-style JSON errors, concurrent load, and hot-loading a new version."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaestream.export import ExportedModel, export
+from vaestream.serve import Client, ServingError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+MAX_BATCH = 64
+MAX_BYTES = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def records(mnist_test) -> np.ndarray:
+    return mnist_test[:40].reshape(40, -1).astype(np.float32) / np.float32(255)
+
+
+@pytest.fixture(scope="module")
+def export_base(small_model, mnist_test, tmp_path_factory) -> Path:
+    from vaestream.codec import write_tables
+
+    model_dir = tmp_path_factory.mktemp("serve_model")
+    shutil.copytree(small_model.model_dir, model_dir, dirs_exist_ok=True)
+    write_tables(model_dir, mnist_test[2000:3000])
+    base = tmp_path_factory.mktemp("serve_exports")
+    export(model_dir, base)
+    (base / "model_dir.txt").write_text(str(model_dir))  # not a version: ignored by servers
+    return base
+
+
+@pytest.fixture(scope="module")
+def local(export_base) -> ExportedModel:
+    return ExportedModel(export_base)
+
+
+@pytest.fixture(scope="module")
+def server(export_base):
+    """``vaestream serve`` in a subprocess on an ephemeral loopback port; yields its base URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(export_base), "--model_name",
+         "vae", "--port", "0", "--host", "127.0.0.1", "--max_batch_size", str(MAX_BATCH),
+         "--max_request_bytes", str(MAX_BYTES), "--file_system_poll_wait_seconds", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    line = proc.stdout.readline()  # blocks until the server is up (or died)
+    if not line:
+        proc.kill()
+        pytest.fail(f"vaestream serve did not start: {proc.stderr.read()[-3000:]}")
+    info = json.loads(line)
+    assert info["versions"] == [1]
+    yield f"http://127.0.0.1:{info['port']}"
+    proc.terminate()
+    try:
+        assert proc.wait(timeout=20) == 0  # SIGTERM: a clean shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def raw(url: str, method: str, path: str, body: bytes | str | None = None,
+        headers: dict | None = None) -> tuple[int, dict]:
+    """One request on a fresh connection, bounded by a timeout; (status, JSON body)."""
+    u = url.split("://", 1)[1]
+    host, port = u.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path, body=body.encode() if isinstance(body, str) else body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        assert r.getheader("Content-Type") == "application/json"
+        return r.status, json.loads(data)
+    finally:
+        conn.close()
+
+
+def post(url: str, payload, path: str = "/v1/models/vae:predict") -> tuple[int, dict]:
+    return raw(url, "POST", path, payload if isinstance(payload, str) else json.dumps(payload))
+
+
+# -- the REST surface ------------------------------------------------------------------------------------------
+def test_status_and_metadata(server):
+    status, body = raw(server, "GET", "/v1/models/vae")
+    assert status == 200
+    assert body == {"model_version_status": [{"version": "1", "state": "AVAILABLE",
+                                              "status": {"error_code": "OK", "error_message": ""}}]}
+    assert raw(server, "GET", "/v1/models/vae/versions/1")[1] == body
+    status, meta = raw(server, "GET", "/v1/models/vae/metadata")
+    assert status == 200
+    assert meta["model_spec"] == {"name": "vae", "signature_name": "", "version": "1"}
+    sdefs = meta["metadata"]["signature_def"]["signature_def"]
+    assert {"encode", "decode", "quantize", "reconstruct", "elbo", "serving_default"} <= set(sdefs)
+    enc = sdefs["serving_default"]
+    assert enc["method_name"] == "tensorflow/serving/predict"
+    assert enc["inputs"]["x"]["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in enc["inputs"]["x"]["tensor_shape"]["dim"]] == ["-1", "784"]
+    assert sdefs["quantize"]["outputs"]["symbols"]["dtype"] == "DT_INT32"
+
+
+def test_predict_row_and_columnar_formats_match_the_savedmodel(server, local, records):
+    x = records[:5]
+    mean, log_scale = local.encode(x)
+    # row format, default signature, several outputs: a list of objects
+    status, body = post(server, {"instances": x.tolist()})
+    assert status == 200 and len(body["predictions"]) == 5
+    got = np.array([r["mean"] for r in body["predictions"]], np.float32)
+    np.testing.assert_array_equal(got, mean)  # float32 values survive the JSON round trip exactly
+    # named instances
+    status, body2 = post(server, {"signature_name": "encode", "instances": [{"x": r} for r in x.tolist()]})
+    assert status == 200 and body2 == body
+    # columnar format: an object of tensors
+    status, body = post(server, {"signature_name": "encode", "inputs": {"x": x.tolist()}})
+    assert status == 200
+    np.testing.assert_array_equal(np.array(body["outputs"]["log_scale"], np.float32), log_scale)
+    # a single output is unnamed: predictions is the list of rows, outputs the tensor
+    symbols = local.quantize(x)
+    status, body = post(server, {"signature_name": "quantize", "instances": x.tolist()})
+    assert status == 200 and body["predictions"] == symbols.tolist()
+    status, body = post(server, {"signature_name": "quantize", "inputs": x.tolist()})
+    assert status == 200 and body["outputs"] == symbols.tolist()
+    # an explicit version
+    status, body = post(server, {"signature_name": "reconstruct", "inputs": x.tolist()},
+                        "/v1/models/vae/versions/1:predict")
+    assert status == 200
+    np.testing.assert_array_equal(np.array(body["outputs"], np.float32), local.reconstruct(x))
+
+
+def test_client_codes_and_reconstructions(server, local, records):
+    c = Client(server, "vae", max_batch=7)  # 40 records: 6 requests per call
+    try:
+        assert c.wait_until_available(timeout=10)["model_version_status"][0]["version"] == "1"
+        mean, log_scale = c.encode(records)  # batches of 7 against one of 40: round-off at most
+        want_mean, want_ls = local.encode(records)
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(log_scale, want_ls, rtol=1e-6, atol=1e-6)
+        codes = c.quantize(records)
+        assert codes.dtype == np.int32 and codes.shape == (40, local.config.latent_dim)
+        np.testing.assert_array_equal(codes, local.quantize(records))
+        np.testing.assert_allclose(c.reconstruct(records), local.reconstruct(records), rtol=1e-6, atol=1e-6)
+        dec = c.decode(want_mean)
+        assert set(dec) == {"x_mean", "logits"}
+        np.testing.assert_allclose(dec["x_mean"], local.decode(want_mean)["x_mean"], rtol=1e-6, atol=1e-6)
+        e = c.elbo(records)  # fixed noise: a record's ELBO does not depend on its batch
+        np.testing.assert_allclose(e["elbo"], local.elbo(records)["elbo"], rtol=1e-5)
+        # the codes are what the codec entropy-codes: decode them from the SavedModel alone
+        from vaestream import codec
+
+        cc = codec.load(local.path)
+        np.testing.assert_allclose(cc.decode(codes), c.reconstruct(records), rtol=1e-6, atol=1e-6)
+    finally:
+        c.close()
+
+
+# -- bad requests ----------------------------------------------------------------------------------------------
+BAD = [
+    # (name, payload or raw string, path, HTTP status, fragment of the error)
+    ("wrong shape", {"instances": [[0.5] * 783]}, None, 400, "shape [1, 783]"),
+    ("wrong rank", {"inputs": [0.5] * 784}, None, 400, "shape [784]"),
+    ("string values", {"instances": [["a"] * 784]}, None, 400, "string"),
+    ("bool values", {"instances": [[True] * 784]}, None, 400, "bool"),
+    ("nulls", {"instances": [[None] * 784]}, None, 400, "null"),
+    ("ragged", {"instances": [[0.5] * 784, [0.5] * 3]}, None, 400, "ragged"),
+    ("float codes", {"signature_name": "decode", "instances": [[0.5] * 10]}, None, 200, None),
+    ("unknown signature", {"signature_name": "nope", "instances": [[0.5] * 784]}, None, 400,
+     'Serving signature name: "nope" not found'),
+    ("unknown version", {"instances": [[0.5] * 784]}, "/v1/models/vae/versions/9:predict", 404,
+     "Servable not found for request: Specific(vae, 9)"),
+    ("unknown model", {"instances": [[0.5] * 784]}, "/v1/models/other:predict", 404,
+     "Servable not found for request: Latest(other)"),
+    ("oversized batch", {"inputs": [[0.5] * 784] * (MAX_BATCH + 1)}, None, 400,
+     f"larger than maximum input batch size {MAX_BATCH}"),
+    ("oversized instances", {"instances": [[0.5] * 784] * (MAX_BATCH + 1)}, None, 400, "Task size"),
+    ("malformed JSON", '{"instances": [[0.5', None, 400, "JSON Parse error"),
+    ("not an object", "[1, 2]", None, 400, "not an object"),
+    ("both formats", {"instances": [[0.5] * 784], "inputs": [[0.5] * 784]}, None, 400, "Both"),
+    ("neither format", {"signature_name": "encode"}, None, 400, "Missing 'inputs' or 'instances'"),
+    ("empty instances", {"instances": []}, None, 400, "non-empty"),
+    ("wrong input name", {"inputs": {"z": [[0.5] * 784]}}, None, 400, "do not match"),
+    ("classify", {"examples": []}, "/v1/models/vae:classify", 400, ":predict only"),
+    ("malformed URL", {"instances": [[0.5] * 784]}, "/v1/models/vae/predict", 400, "Malformed request"),
+]
+
+
+@pytest.mark.parametrize("name,payload,path,code,fragment", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_tf_serving_style_errors(server, name, payload, path, code, fragment):
+    status, body = post(server, payload, path or "/v1/models/vae:predict")
+    assert status == code, body
+    if fragment is None:
+        assert "outputs" not in body and "predictions" in body
+    else:
+        assert set(body) == {"error"} and fragment in body["error"], body
+
+
+def test_bad_gets_oversized_bodies_and_the_server_survives(server):
+    assert raw(server, "GET", "/v1/models/other")[0] == 404
+    assert raw(server, "GET", "/v1/models/vae/versions/4")[0] == 404
+    assert raw(server, "GET", "/v1/nothing")[0] == 400
+    status, body = raw(server, "POST", "/v1/models/vae:predict", b"x" * 16,
+                       headers={"Content-Length": str(MAX_BYTES + 1)})
+    assert status == 400 and "larger than the maximum" in body["error"]
+    status, body = raw(server, "POST", "/v1/models/vae:predict", b"\xff\xfe{", headers={})
+    assert status == 400 and "JSON" in body["error"]
+    assert raw(server, "GET", "/v1/models/vae")[0] == 200  # still serving
+
+
+def test_client_raises_serving_errors(server):
+    c = Client(server, "vae")
+    with pytest.raises(ServingError) as e:
+        c.encode(np.zeros((2, 100), np.float32))
+    assert e.value.status == 400 and "shape [2, 100]" in e.value.message
+    with pytest.raises(ServingError) as e:
+        Client(server, "vae", version=5).status()
+    assert e.value.status == 404
+    with pytest.raises(ServingError) as e:
+        Client("http://127.0.0.1:9", "vae", timeout=2).status()  # nothing listens on the discard port
+    assert e.value.status == 0
+    c.close()
+
+
+def test_concurrent_clients(server, local, records):
+    """4 threads x 15 requests: every answer right, no errors."""
+    want = local.quantize(records[:8])
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        c = Client(server, "vae")
+        try:
+            for _ in range(15):
+                if not np.array_equal(c.quantize(records[:8]), want):
+                    errors.append(f"thread {i}: wrong codes")
+        except Exception as e:  # collected and asserted below
+            errors.append(f"thread {i}: {e!r}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+# -- the command-line clients ----------------------------------------------------------------------------------
+def test_cli_client_and_deploy_client(server, local, records, tmp_path, capsys):
+    from vaestream.cli import main
+
+    np.save(tmp_path / "x.npy", (records * 255).round().astype(np.uint8))  # uint8 records, scaled by 1/255
+    x = (np.load(tmp_path / "x.npy").astype(np.float32) * np.float32(1 / 255))
+    assert main(["client", "quantize", "--url", server, "--input", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "codes.npz")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 40 and summary["outputs"]["symbols"] == ["int32", [40, local.config.latent_dim]]
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npz")["symbols"], local.quantize(x))
+    # deploy/client.py, as an operator would run it
+    r = subprocess.run([sys.executable, str(ROOT / "deploy" / "client.py"), "reconstruct", "--url", server,
+                        "--model_name", "vae", "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "r.npz")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["action"] == "reconstruct" and 0 < out["mse"] < 0.1
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["x_hat"], local.reconstruct(x))
+    r = subprocess.run([sys.executable, str(ROOT / "deploy" / "client.py"), "status", "--url", server,
+                        "--model_name", "nope"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 1 and "HTTP 404" in r.stderr
+
+
+# -- versions --------------------------------------------------------------------------------------------------
+def test_new_version_is_hot_loaded(server, export_base, records):
+    """A new version exported under the base path is picked up by polling and becomes the default; under the
+    default policy (latest) the old one is unloaded, as TF Serving does. Runs last in this module."""
+    model_dir = Path((export_base / "model_dir.txt").read_text())
+    export(model_dir, export_base, verify=False)
+    c = Client(server, "vae")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = c.status()["model_version_status"]
+        if st[0]["version"] == "2" and st[0]["state"] == "AVAILABLE":
+            break
+        time.sleep(0.2)
+    assert [(v["version"], v["state"]) for v in st] == [("2", "AVAILABLE"), ("1", "END")]
+    assert c.metadata()["model_spec"]["version"] == "2"
+    assert c.quantize(records[:3]).shape == (3, 10)
+    status, body = post(server, {"instances": records[:1].tolist()}, "/v1/models/vae/versions/1:predict")
+    assert status == 404 and "Specific(vae, 1)" in body["error"]
+    c.close()
