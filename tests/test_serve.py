@@ -279,6 +279,62 @@ def test_cli_client_and_deploy_client(server, local, records, tmp_path, capsys):
     assert r.returncode == 1 and "HTTP 404" in r.stderr
 
 
+# -- wire compatibility with TF Serving ------------------------------------------------------------------------
+def test_responses_parse_as_tf_serving_protos(server, export_base):
+    """The status and metadata JSON parse (strictly) into TF Serving's own response protos, and the signature
+    defs are those of the SavedModel."""
+    pytest.importorskip("tensorflow_serving.apis", reason="tensorflow-serving-api (TF Serving's protos) not installed")
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
+
+    status = json_format.Parse(json.dumps(raw(server, "GET", "/v1/models/vae")[1]),
+                               get_model_status_pb2.GetModelStatusResponse())
+    v = status.model_version_status[0]
+    assert v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE and v.status.error_code == 0
+    meta = raw(server, "GET", "/v1/models/vae/metadata")[1]
+    spec = json_format.Parse(json.dumps(meta["model_spec"]), model_pb2.ModelSpec())
+    assert spec.name == "vae" and spec.version.value >= 1
+    sdm = json_format.Parse(json.dumps(meta["metadata"]["signature_def"]), get_model_metadata_pb2.SignatureDefMap())
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((export_base / str(spec.version.value) / "saved_model.pb").read_bytes())
+    assert dict(sdm.signature_def) == dict(sm.meta_graphs[0].signature_def)
+
+
+def test_deploy_files_are_consistent():
+    """deploy/models.config is a valid ModelServerConfig, and the compose file, Dockerfile and Kubernetes
+    manifest serve that model on TF Serving's REST port with the readiness probe on its status URL."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    deploy = ROOT / "deploy"
+    text = (deploy / "models.config").read_text()
+    try:
+        from google.protobuf import text_format
+        from tensorflow_serving.config import model_server_config_pb2
+
+        cfg = text_format.Parse(text, model_server_config_pb2.ModelServerConfig()).model_config_list.config[0]
+        name, base, platform = cfg.name, cfg.base_path, cfg.model_platform
+    except ImportError:  # without TF Serving's protos, read the two fields
+        import re
+
+        name = re.search(r'name:\s*"([^"]+)"', text).group(1)
+        base = re.search(r'base_path:\s*"([^"]+)"', text).group(1)
+        platform = "tensorflow"
+    assert (name, base, platform) == ("vae", "/models/vae", "tensorflow")
+    docker = (deploy / "Dockerfile").read_text()
+    assert "FROM tensorflow/serving:" in docker and f"COPY ${{EXPORT_BASE}} {base}" in docker
+    assert "--model_config_file=/models/models.config" in docker
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())
+    svc = compose["services"]["vae"]
+    assert svc["image"].startswith("tensorflow/serving:") and "8501:8501" in svc["ports"]
+    assert any(v.endswith(f":{base}:ro") for v in svc["volumes"])
+    dep, service = list(yaml.safe_load_all((deploy / "k8s.yaml").read_text()))
+    assert dep["kind"] == "Deployment" and service["kind"] == "Service"
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": f"/v1/models/{name}", "port": "rest"}
+    assert {"name": "rest", "containerPort": 8501} in c["ports"]
+    assert service["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
 # -- versions --------------------------------------------------------------------------------------------------
 def test_new_version_is_hot_loaded(server, export_base, records):
     """A new version exported under the base path is picked up by polling and becomes the default; under the
