@@ -1,0 +1,98 @@
+"""Beam job: records -> latent codes (posterior mean and log-scale, the model fingerprint), batched.
+
+    python -m pipelines.encode --input ../shared/data/mnist --split test --model runs/model --output codes/
+    python -m pipelines.encode --input shards/mnist-train --model runs/model --output codes/ --output_format parquet
+
+Inputs: any format :class:`vaestream.beam.ReadRecords` reads, or a shard set. Output:
+``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (tf.train.Example: key, mean, log_scale, fingerprint[, code]) or
+``.parquet`` (same columns), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. The model is loaded
+once per worker (``RunInference`` with :class:`vaestream.beam.VAEModelHandler`) from ``--model`` (a model
+directory) or ``--saved_model`` (an export). Unknown flags are Beam pipeline options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from vaestream import beam as vb
+from vaestream import shards
+
+CODES = "codes"
+SUMMARY = "summary.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", "--inputs", dest="input", required=True, nargs="+",
+                        help="record files, globs, directories, a shard set or 'fashion-mnist'")
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", "--model_dir", dest="model", help="model directory (config.json + ckpt/)")
+    g.add_argument("--saved_model", "--saved-model", dest="saved_model", help="SavedModel export directory")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--output_format", "--output-format", default="tfrecord", choices=["tfrecord", "parquet"])
+    parser.add_argument("--split", default="test", choices=["train", "test"],
+                        help="split of an MNIST-layout directory (default test)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
+    parser.add_argument("--coder", action="store_true",
+                        help="also store each record's coder bytes (vaestream.codec; model directories only)")
+    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK, help="records per element")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
+    parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
+    parser.add_argument("--num_shards", "--num-shards", type=int, default=0, help="output files (0: the runner's choice)")
+    parser.add_argument("--feature", default="x", help="record feature of generic TFRecord Examples / .npz array")
+
+
+def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
+    """Add the encode steps to ``p``."""
+    config = vb.read_model_config(args.model, args.saved_model)
+    out = args.output.rstrip("/")
+    read = p | "ReadRecords" >> vb.ReadRecords(args.input, args.split, args.chunk_size, args.split_records,
+                                               args.feature)
+    good = read[vb.RECORDS] | "Validate" >> vb.Validate(config.input_shape, config.likelihood, None, args.scale)
+    codes = good[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder)
+    schema = vb.code_schema(config.latent_dim, args.coder) if args.output_format == "parquet" else None
+    codes | "WriteCodes" >> vb.WriteBatches(f"{out}/{CODES}", args.output_format, schema, args.num_shards)
+    ((read[vb.DEAD_LETTER], good[vb.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
+     | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}"))
+    return {"output": out, "config": config}
+
+
+def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """Run the encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
+    p = vb.make_pipeline(PipelineOptions(pipeline_args))
+    info = build(p, args)
+    t0 = time.perf_counter()
+    result = vb.run_pipeline(p)
+    seconds = time.perf_counter() - t0
+    out = info["output"]
+    ext = "parquet" if args.output_format == "parquet" else "tfrecord"
+    summary = vb.job_summary("encode", result, seconds, f"{out}/{CODES}-*.{ext}", f"{out}/{shards.DEAD_LETTER}",
+                             {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
+                              "output_format": args.output_format})
+    _write_json(f"{out}/{SUMMARY}", summary)
+    return summary
+
+
+def _write_json(path: str, obj: dict) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args, pipeline_args = parser.parse_known_args(argv)
+    return run_job(args, pipeline_args)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1:]), indent=2))

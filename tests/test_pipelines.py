@@ -1,0 +1,289 @@
+"""The Beam jobs on the in-process FnApiRunner, on real MNIST: prepare -> train -> encode -> decode, dead
+letters for poisoned inputs, fingerprint checks, multi-processing, and the reusable transforms with
+TestPipeline + assert_that."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines import decode, encode, prepare
+from vaestream import beam as vb
+from vaestream import shards
+from vaestream.errors import ModelMismatchError
+
+TRAIN_KEY = "train-images-idx3-ubyte.gz:{:09d}"
+TEST_KEY = "t10k-images-idx3-ubyte.gz:{:09d}"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, mnist_dir):
+    """The MNIST training images through the prepare job (4 shuffled shards)."""
+    out = tmp_path_factory.mktemp("prepare") / "mnist-train"
+    summary = prepare.run(["--input", str(mnist_dir), "--split", "train", "--output", str(out), "--num_shards", "4"])
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """A 784-200-10 Bernoulli VAE trained for 2 epochs on minibatches streamed from the shards."""
+    from vaestream import ModelConfig, TrainConfig
+    from vaestream.shards import train_from_shards
+
+    model_dir = tmp_path_factory.mktemp("model")
+    res = train_from_shards(prepared[0], model_dir, ModelConfig(latent_dim=10, hidden=(200,)),
+                            TrainConfig(epochs=2, seed=1, eval_records=2000), progress=False)
+    return res
+
+
+def _untrained_model_dir(path: Path, config) -> Path:
+    from vaestream import store
+    from vaestream.model import VAE
+
+    store.save_config(path, config)
+    tf.train.Checkpoint(model=VAE(config, seed=7)).save(str(path / "ckpt" / "ckpt"))
+    return path
+
+
+def test_prepare_writes_every_record_once_with_a_manifest(prepared, mnist_train):
+    out, summary = prepared
+    m = shards.read_manifest(out)
+    assert summary["records_in"] == summary["records"] == m.records == 60000
+    assert summary["dead_lettered"] == m.dead_lettered == 0
+    assert (m.shape, m.dtype, m.value_min, m.value_max) == ((28, 28), "uint8", 0.0, 255.0)
+    assert len(m.shards) == 4 and sum(s["records"] for s in m.shards) == 60000
+    assert all(len(s["sha256"]) == 64 for s in m.shards)
+    keys = [TRAIN_KEY.format(i) for i in range(60000)]
+    assert m.content_hash == f"{shards.record_hash_sum(keys, mnist_train):064x}"
+    # the shards are shuffled: the first shard is not a run of consecutive records
+    first = [k.decode() for k, _ in shards.read_shards(m.shard_paths()[0], batch_size=50, shuffle_buffer=0,
+                                                       with_keys=True).take(1).unbatch().as_numpy_iterator()]
+    idx = [int(k.rsplit(":", 1)[1]) for k in first]
+    assert idx != sorted(idx)
+    assert (out / "dead_letter.jsonl").read_text() == ""
+
+
+def test_round_trip_prepare_train_encode_decode(trained, tmp_path, mnist_dir, mnist_test):
+    from vaestream.model import VAE
+
+    model_dir = str(trained.model_dir)
+    assert trained.history[-1]["train_elbo"] > -200  # a trained model (an untrained one is below -500)
+    codes_dir = tmp_path / "codes"
+    s = encode.run(["--input", str(mnist_dir), "--split", "test", "--model", model_dir, "--output", str(codes_dir),
+                    "--output_format", "parquet"])
+    assert s["records_in"] == s["records"] == 10000 and s["dead_lettered"] == 0
+    assert s["compression_ratio"] > 1.5
+    assert json.loads((codes_dir / "summary.json").read_text())["records"] == 10000
+
+    recon_dir = tmp_path / "recon"
+    d = decode.run(["--input", str(codes_dir), "--model", model_dir, "--output", str(recon_dir)])
+    assert d["records_in"] == d["records"] == 10000 and d["dead_lettered"] == 0
+
+    got = {}
+    for keys, x in shards.read_shards(str(recon_dir / "recon-*.tfrecord"), batch_size=2000, shuffle_buffer=0,
+                                      with_keys=True):
+        for k, row in zip(keys.numpy(), x.numpy()):
+            got[k.decode()] = row
+    assert sorted(got) == [TEST_KEY.format(i) for i in range(10000)]  # unique and complete
+    x = mnist_test.reshape(10000, -1).astype(np.float32) / 255.0
+    recon = np.stack([got[TEST_KEY.format(i)] for i in range(10000)]).reshape(10000, -1)
+    mse = float(np.mean((recon - x) ** 2))
+    untrained = VAE(trained.model.config, seed=7)
+    mean0, _ = untrained.encoder_params(x)
+    mse0 = float(np.mean((untrained.decoder_params(mean0)["x_mean"].numpy() - x) ** 2))
+    assert mse < 0.35 * mse0, (mse, mse0)
+    # the codes are the model's posterior parameters of exactly these records
+    mean, log_scale = trained.model.encoder_params(x[:100])
+    files = sorted(codes_dir.glob("codes-*.parquet"))
+    codes = {}
+    for f in files:
+        for item in vb.read_codes(str(f)):
+            assert item.fingerprint == trained.model.fingerprint()
+            codes.update({k: (m_, ls) for k, m_, ls in zip(item.keys, item.mean, item.log_scale)})
+    np.testing.assert_allclose(np.stack([codes[TEST_KEY.format(i)][0] for i in range(100)]), mean.numpy(),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack([codes[TEST_KEY.format(i)][1] for i in range(100)]), log_scale.numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+    # decoding with another model is refused before the job starts ...
+    other = _untrained_model_dir(tmp_path / "other", trained.model.config)
+    with pytest.raises(ModelMismatchError, match="written by model"):
+        decode.run(["--input", str(codes_dir), "--model", str(other), "--output", str(tmp_path / "x")])
+    # ... and in the workers, for codes that slip past the check (the Decode transform itself)
+    batch = next(b for b in vb.read_codes(str(files[0]), chunk_size=8) if isinstance(b, vb.CodeBatch))
+    p = BeamTestPipeline(runner=FnApiRunner())
+    _ = p | beam.Create([batch]) | vb.Decode(model_dir=str(other))
+    with pytest.raises(ModelMismatchError, match="written by model"):
+        vb.run_pipeline(p)
+
+
+def _poisoned_inputs(d: Path, mnist_test: np.ndarray) -> tuple[list[str], set[str], dict[str, str]]:
+    """Inputs of every format with bad records planted; returns (inputs, good keys, bad key -> reason)."""
+    good: set[str] = set()
+    bad: dict[str, str] = {}
+    np.save(d / "good.npy", mnist_test[:300])
+    good |= {f"good.npy:{i:09d}" for i in range(300)}
+    # raw IDX of 100 records, cut inside record 57
+    recs = mnist_test[300:400]
+    raw = struct.pack(">HBB3I", 0, 8, 3, 100, 28, 28) + recs.tobytes()
+    (d / "cut-images-idx3-ubyte").write_bytes(raw[:16 + 57 * 784 + 100])
+    good |= {f"cut-images-idx3-ubyte:{i:09d}" for i in range(57)}
+    bad["cut-images-idx3-ubyte:000000057..cut-images-idx3-ubyte:000000099"] = "truncated"
+    # a gzip IDX cut in the middle of the stream
+    gz = gzip.compress(struct.pack(">HBB3I", 0, 8, 3, 100, 28, 28) + recs.tobytes())
+    (d / "cutgz-images-idx3-ubyte.gz").write_bytes(gz[: len(gz) // 2])
+    # CSV of model inputs in [0, 1] with a header, NaN, a short line, an unparsable line, a value out of range
+    lines = [",".join(f"p{i}" for i in range(784))]
+    for j, r in enumerate(mnist_test[400:450]):
+        vals = [f"{v / 255:.6f}" for v in r.reshape(-1)]
+        lineno = j + 2
+        key = f"poisoned.csv:{lineno:09d}"
+        if j == 10:
+            vals[5] = "nan"
+            bad[key] = "NaN"
+        elif j == 20:
+            vals = vals[:-1]
+            bad[key] = "783 values, expected 784"
+        elif j == 30:
+            vals = ["abc"] + vals[1:]
+            bad[key] = "not a row of numbers"
+        elif j == 40:
+            vals[100] = "2.5"
+            bad[key] = "outside the support"
+        else:
+            good.add(key)
+        lines.append(",".join(vals))
+    (d / "poisoned.csv").write_text("\n".join(lines) + "\n")
+    # a folder of PNG images, one of them corrupt
+    from PIL import Image
+
+    (d / "pngs").mkdir()
+    for j, r in enumerate(mnist_test[450:470]):
+        Image.fromarray(r).save(d / "pngs" / f"img{j:03d}.png")
+        good.add(f"img{j:03d}.png")
+    (d / "pngs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
+    bad["broken.png"] = "not a readable PNG"
+    # TFRecord of shard Examples, the last record cut short
+    with tf.io.TFRecordWriter(str(d / "cut.tfrecord")) as w:
+        for raw_ex in shards.record_examples([f"tf:{i:03d}" for i in range(30)], mnist_test[470:500]):
+            w.write(raw_ex)
+    data = (d / "cut.tfrecord").read_bytes()
+    (d / "cut.tfrecord").write_bytes(data[:-50])
+    good |= {f"tf:{i:03d}" for i in range(29)}
+    bad["cut.tfrecord:000000029.."] = "truncated or corrupt TFRecord"
+    inputs = [str(d / n) for n in ("good.npy", "cut-images-idx3-ubyte", "cutgz-images-idx3-ubyte.gz",
+                                   "poisoned.csv", "pngs", "cut.tfrecord")]
+    return inputs, good, bad
+
+
+def test_poisoned_inputs_go_to_dead_letter_and_every_good_record_is_encoded(trained, tmp_path, mnist_test,
+                                                                            capsys):
+    from vaestream.cli import main
+
+    inputs, good, bad = _poisoned_inputs(tmp_path, mnist_test)
+    out = tmp_path / "out"
+    rc = main(["encode", "--input", *inputs, "--model", str(trained.model_dir), "--output", str(out),
+               "--chunk_size", "64", "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    dead = [json.loads(line) for line in (out / "dead_letter.jsonl").read_text().splitlines()]
+    by_key = {d["key"]: d for d in dead}
+    for key, reason in bad.items():
+        assert key in by_key, (key, sorted(by_key))
+        assert reason in by_key[key]["reason"]
+    gz_dead = [d for d in dead if d["source"].endswith("cutgz-images-idx3-ubyte.gz")]
+    assert len(gz_dead) == 1 and "truncated" in gz_dead[0]["reason"]
+    got = set()
+    for f in out.glob("codes-*.tfrecord"):
+        for item in vb.read_codes(str(f)):
+            got |= set(item.keys)
+    gz_good = {k for k in got if k.startswith("cutgz-images")}  # complete records before the cut
+    assert got - gz_good == good  # every good record encoded, nothing else
+    assert len(dead) == len(bad) + 1
+    assert s["records"] == len(got) and s["dead_lettered"] == len(dead)
+    assert s["records_in"] == s["records"] + s["dead_lettered"] == len(good) + len(gz_good) + len(dead)
+
+
+def test_transforms_with_test_pipeline(trained, tmp_path, mnist_test):
+    """ReadRecords -> Validate -> Encode as a user would drop them into a pipeline."""
+    recs = mnist_test[:200].copy()
+    recs_f = recs.astype(np.float32) / 255.0
+    recs_f[7, 3] = np.nan
+    np.save(tmp_path / "a.npy", recs)
+    np.save(tmp_path / "b.npy", recs_f)
+    x = recs.reshape(200, -1).astype(np.float32) / 255.0
+    mean, _ = trained.model.encoder_params(x)
+    want = {f"{n}:{i:09d}": mean.numpy()[i] for n in ("a.npy", "b.npy") for i in range(200) if (n, i) != ("b.npy", 7)}
+
+    def close_to_reference(actual):
+        got = {k: m for b in actual for k, m in zip(b.keys, b.mean)}
+        assert sorted(got) == sorted(want)
+        for k, v in got.items():
+            np.testing.assert_allclose(v, want[k], rtol=1e-4, atol=1e-4)
+
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
+        read = p | vb.ReadRecords([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], chunk_size=64,
+                                  split_records=150)
+        valid = read[vb.RECORDS] | vb.Validate(shape=(28, 28), likelihood="bernoulli")
+        codes = valid[vb.RECORDS] | vb.Encode(model_dir=str(trained.model_dir), max_records=128)
+        assert_that(codes, close_to_reference, label="codes")
+        dead = valid[vb.DEAD_LETTER] | beam.Map(lambda d: (d.key, "NaN" in d.reason))
+        assert_that(dead, equal_to([("b.npy:000000007", True)]), label="dead")
+
+
+def test_saved_model_handler_matches_model_dir(trained, tmp_path, mnist_test):
+    """A SavedModel export (tf.saved_model.load) and the model directory give the same codes."""
+    model = trained.model
+    d = model.config.input_dim
+
+    class Export(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = model
+            self.fingerprint = tf.Variable(model.fingerprint(), trainable=False)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
+        def encode(self, x):
+            mean, log_scale = self.vae.encoder_params(x)
+            return {"mean": mean, "log_scale": log_scale}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, model.config.latent_dim], tf.float32)])
+        def decode(self, z):
+            return {"x_mean": self.vae.decoder_params(z)["x_mean"]}
+
+    path = tmp_path / "export"
+    tf.saved_model.save(Export(), str(path))
+    (path / "assets").mkdir(exist_ok=True)
+    (path / "assets" / "config.json").write_text(model.config.to_json())
+    a = vb.LoadedVAE.load(saved_model=str(path))
+    b = vb.LoadedVAE.load(model_dir=str(trained.model_dir))
+    assert a.fingerprint == b.fingerprint and a.config == b.config
+    handler = vb.VAEModelHandler(saved_model=str(path))
+    batch = vb.RecordBatch("t", [f"k{i}" for i in range(50)], mnist_test[:50], 1 / 255)
+    (ca,) = handler.run_inference([batch], handler.load_model())
+    mb, lb = b.encode(mnist_test[:50], 1 / 255)
+    np.testing.assert_allclose(ca.mean, mb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ca.log_scale, lb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.decode(mb), b.decode(mb), rtol=1e-4, atol=1e-5)
+
+
+def test_prepare_multi_processing(tmp_path, mnist_test):
+    np.save(tmp_path / "small.npy", mnist_test[:240])
+    out = tmp_path / "shards"
+    s = prepare.run(["--input", str(tmp_path / "small.npy"), "--output", str(out), "--num_shards", "2",
+                     "--split_records", "100", "--chunk_size", "50",
+                     "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert s["records_in"] == s["records"] == 240 and s["dead_lettered"] == 0
+    keys = [k.decode() for k, _ in shards.read_shards(out, batch_size=64, shuffle_buffer=0,
+                                                       with_keys=True).unbatch().as_numpy_iterator()]
+    assert sorted(keys) == [f"small.npy:{i:09d}" for i in range(240)]

@@ -1,0 +1,131 @@
+"""The shard format: Example serialization, manifest, tf.data reading (no Beam here; see test_pipelines)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vaestream import shards
+from vaestream.errors import DataError
+
+
+def _parse(raw: bytes) -> dict:
+    f = tf.train.Example.FromString(raw).features.feature
+    out = {}
+    for k, v in f.items():
+        kind = v.WhichOneof("kind")
+        out[k] = list(getattr(v, kind).value)
+    return out
+
+
+@pytest.mark.parametrize("keys", [["a0", "a1", "a2"], ["x", "longer-key-" * 20, ""]])
+def test_serialize_examples_matches_protobuf(keys):
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, (3, 4, 5), dtype=np.uint8)
+    floats = rng.normal(size=(3, 7)).astype(np.float32)
+    got = shards.serialize_examples(keys, rows={"data": rows}, floats={"mean": floats},
+                                    constants={"fingerprint": shards.bytes_feature([b"f" * 64]),
+                                               "shape": shards.int64_feature([4, 5, 300])})
+    for i, raw in enumerate(got):
+        want = tf.train.Example(features=tf.train.Features(feature={
+            "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[keys[i].encode()])),
+            "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[rows[i].tobytes()])),
+            "mean": tf.train.Feature(float_list=tf.train.FloatList(value=floats[i])),
+            "fingerprint": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"f" * 64])),
+            "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=[4, 5, 300]))}))
+        assert _parse(raw) == _parse(want.SerializeToString())
+    # tf.io.parse_example reads the batch too
+    ex = tf.io.parse_example(tf.constant(got), {"mean": tf.io.FixedLenFeature([7], tf.float32),
+                                                "key": tf.io.FixedLenFeature([], tf.string)})
+    np.testing.assert_array_equal(ex["mean"].numpy(), floats)
+    assert [k.decode() for k in ex["key"].numpy()] == keys
+
+
+def test_serialize_variable_bytes_feature():
+    got = shards.serialize_examples(["k1", "k2"], variable={"code": [b"\x00\x01" * 100, b""]})
+    assert _parse(got[0])["code"] == [b"\x00\x01" * 100]
+    assert _parse(got[1])["code"] == [b""]
+    with pytest.raises(ValueError):
+        shards.int64_feature([-1])
+
+
+def test_content_hash_is_order_independent():
+    rng = np.random.default_rng(1)
+    recs = rng.integers(0, 256, (50, 9), dtype=np.uint8)
+    keys = [f"r{i}" for i in range(50)]
+    perm = rng.permutation(50)
+    whole = shards.record_hash_sum(keys, recs)
+    parts = (shards.record_hash_sum([keys[i] for i in perm[:20]], recs[perm[:20]])
+             + shards.record_hash_sum([keys[i] for i in perm[20:]], recs[perm[20:]])) % (1 << 256)
+    assert whole == parts
+    recs2 = recs.copy()
+    recs2[3, 0] ^= 1
+    assert shards.record_hash_sum(keys, recs2) != whole
+
+
+def _write_set(tmp_path, records: np.ndarray, n_files: int = 3) -> str:
+    """A shard set written by hand in the documented layout (what pipelines/prepare.py writes)."""
+    keys = [f"rec:{i:06d}" for i in range(len(records))]
+    entries = []
+    for s, idx in enumerate(np.array_split(np.arange(len(records)), n_files)):
+        name = f"shard-{s:05d}-of-{n_files:05d}.tfrecord"
+        with tf.io.TFRecordWriter(str(tmp_path / name)) as w:
+            for raw in shards.record_examples([keys[i] for i in idx], records[idx]):
+                w.write(raw)
+        entries.append({"path": name, "records": len(idx), "bytes": (tmp_path / name).stat().st_size, "sha256": ""})
+    m = shards.Manifest(records=len(records), shape=records.shape[1:], dtype=records.dtype.name,
+                        scale=1 / 255 if records.dtype == np.uint8 else 1.0, value_min=float(records.min()),
+                        value_max=float(records.max()), shards=entries,
+                        content_hash=f"{shards.record_hash_sum(keys, records):064x}")
+    (tmp_path / shards.MANIFEST).write_text(m.to_json())
+    return str(tmp_path)
+
+
+def test_read_shards_streams_every_record_once(tmp_path):
+    rng = np.random.default_rng(2)
+    recs = rng.integers(0, 256, (1000, 6, 5), dtype=np.uint8)
+    d = _write_set(tmp_path, recs)
+    assert shards.is_shard_spec(d) and shards.is_shard_spec(d + "/manifest.json")
+    got_keys, got = [], []
+    for keys, x in shards.read_shards(d, batch_size=64, shuffle_buffer=200, seed=3, with_keys=True):
+        assert x.dtype == tf.uint8 and tuple(x.shape[1:]) == (6, 5) and x.shape[0] <= 64
+        got_keys += [k.decode() for k in keys.numpy()]
+        got.append(x.numpy())
+    got = np.concatenate(got)
+    assert len(got_keys) == 1000 and len(set(got_keys)) == 1000
+    assert got_keys != sorted(got_keys)  # shuffled
+    order = np.array([int(k.split(":")[1]) for k in got_keys])
+    np.testing.assert_array_equal(got, recs[order])
+    # the same seed gives the same order; scaled inputs are float32 [B, D] in [0, 1]
+    again = [k.decode() for k, _ in shards.read_shards(d, batch_size=64, shuffle_buffer=200, seed=3,
+                                                        with_keys=True).unbatch().as_numpy_iterator()]
+    assert again == got_keys
+    x = next(iter(shards.read_shards(d, batch_size=10, shuffle_buffer=0, scaled=True)))
+    assert x.dtype == tf.float32 and x.shape == (10, 30)
+    np.testing.assert_allclose(x.numpy(), recs[:10].reshape(10, -1) / 255.0, rtol=1e-6)
+    # a glob of shard files works without the manifest
+    n = sum(int(b.shape[0]) for b in shards.read_shards(str(tmp_path / "shard-*.tfrecord"), batch_size=128,
+                                                         shuffle_buffer=0))
+    assert n == 1000
+    assert sum(shards.count_records(shards.read_manifest(d).shard_paths()).values()) == 1000
+
+
+def test_bad_manifest_and_missing_shards_raise(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DataError, match="not a vaestream-shards/1 manifest"):
+        shards.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest"):
+        shards.read_manifest(tmp_path / "manifest.json")
+    with pytest.raises(DataError, match="no shard files match"):
+        shards.read_shards(str(tmp_path / "nothing-*.tfrecord"))
+    bad = tmp_path / "trunc.tfrecord"
+    with tf.io.TFRecordWriter(str(bad)) as w:
+        for raw in shards.record_examples(["a", "b"], np.zeros((2, 30), np.uint8)):
+            w.write(raw)
+    bad.write_bytes(bad.read_bytes()[:-9])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        shards.count_records([str(bad)])
