@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -105,6 +106,20 @@ def test_wrong_version_and_foreign_files_are_named():
         list(iter_stream(io.BytesIO(pack(HEADER, FRAMES) + b"x")))
     with pytest.raises(BitstreamError, match="no such file"):
         ContainerReader("/nonexistent/file.vz")
+
+
+def test_a_forged_record_count_with_a_valid_crc_is_refused():
+    n = container.MAX_FRAME_RECORDS + 1
+    payload = b"\0\0\0\0"
+    crc = zlib.crc32(payload, zlib.crc32(struct.pack("<II", n, len(payload))))
+    frame = container.FRAME_HEADER.pack(container.FRAME_TAG, n, len(payload), crc) + payload
+    blob = HEADER.to_bytes() + frame + container._index_bytes([(67, n)], 67 + len(frame))
+    with pytest.raises(BitstreamError, match="records"):
+        _read_all(blob)
+    with pytest.raises(BitstreamError, match="records"):
+        list(iter_stream(io.BytesIO(blob)))
+    with pytest.raises(ValueError):
+        container.frame_bytes(n, payload)
 
 
 @given(st.binary(max_size=400))

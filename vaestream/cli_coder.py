@@ -47,7 +47,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
             raise ConfigError("--append takes --quality, not --target-bits")
         n = c.write(a.output, records, quality=a.quality, append=True)
         size = Path(a.output).stat().st_size
-        quality = c.tables.qualities[c.tables.level(a.quality if a.quality is not None else c.quality)]
+        quality = c.ladder_quality(a.quality)
     else:
         blob = c.compress(records, quality=a.quality, target_bits=a.target_bits)
         tmp = Path(str(a.output) + ".tmp")

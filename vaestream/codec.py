@@ -116,8 +116,8 @@ class Codec:
         if tables.latent_dim != backend.config.latent_dim:
             raise ModelError(f"{name}: coder tables have {tables.latent_dim} latent dims, the model "
                              f"{backend.config.latent_dim}")
-        if frame_records < 1:
-            raise ConfigError(f"frame_records must be positive, got {frame_records}")
+        if not 1 <= frame_records <= container.MAX_FRAME_RECORDS:
+            raise ConfigError(f"frame_records must be in [1, {container.MAX_FRAME_RECORDS}], got {frame_records}")
         self._backend = backend
         self.tables = tables
         self.name = name
@@ -149,6 +149,10 @@ class Codec:
     def qualities(self) -> list[float]:
         """The qualities available (the tables' ladder)."""
         return [float(q) for q in self.tables.qualities]
+
+    def ladder_quality(self, quality: float | None = None) -> float:
+        """The ladder step that ``quality`` (default: the codec's quality) is coded at."""
+        return self._coder(quality).quality
 
     def _coder(self, quality: float | None) -> EntropyCoder:
         lv = self.tables.level(self._quality if quality is None else quality)

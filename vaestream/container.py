@@ -43,6 +43,8 @@ FOOTER = struct.Struct("<Q4s")              # index offset, tag
 INDEX_ENTRY = struct.Struct("<QI")          # frame offset, records
 _FIXED = struct.Struct("<4sHH16s16sdHHHB")  # header up to the shape
 MAX_FRAME_BYTES = 1 << 30
+MAX_FRAME_RECORDS = 1 << 22
+"""At most 4M records per frame, so a forged record count cannot make a decoder allocate without bound."""
 MAX_NDIM = 8
 _CHUNK = 1 << 24
 
@@ -137,7 +139,7 @@ def read_header(f: BinaryIO, name: str = "stream") -> Header:
 
 def frame_bytes(n_records: int, payload: bytes) -> bytes:
     """One frame: tag, record count, payload length, CRC32, payload."""
-    if not 0 <= n_records < 1 << 32 or len(payload) > MAX_FRAME_BYTES:
+    if not 0 <= n_records <= MAX_FRAME_RECORDS or len(payload) > MAX_FRAME_BYTES:
         raise ValueError(f"frame of {n_records} records and {len(payload)} bytes is too large")
     crc = zlib.crc32(payload, zlib.crc32(struct.pack("<II", n_records, len(payload))))
     return FRAME_HEADER.pack(FRAME_TAG, n_records, len(payload), crc) + payload
@@ -164,8 +166,8 @@ def _read_frame_at(f: BinaryIO, name: str, expect_records: int | None = None) ->
     tag, n, length, crc = FRAME_HEADER.unpack(head)
     if tag != FRAME_TAG:
         raise BitstreamError(f"{name}: corrupt stream (expected a frame, found {tag!r})")
-    if length > MAX_FRAME_BYTES:
-        raise BitstreamError(f"{name}: corrupt frame header (payload length {length})")
+    if length > MAX_FRAME_BYTES or n > MAX_FRAME_RECORDS:
+        raise BitstreamError(f"{name}: corrupt frame header ({n} records, payload length {length})")
     if expect_records is not None and n != expect_records:
         raise BitstreamError(f"{name}: frame holds {n} records, the index says {expect_records}")
     payload = _read_exact(f, length, name, "frame payload")
@@ -304,8 +306,8 @@ def iter_stream(f: BinaryIO, name: str | None = None) -> Iterator[Header | tuple
         if tag == FRAME_TAG:
             rest = _read_exact(f, FRAME_HEADER.size - 4, name, "frame header")
             n, length, crc = struct.unpack("<III", rest)
-            if length > MAX_FRAME_BYTES:
-                raise BitstreamError(f"{name}: corrupt frame header (payload length {length})")
+            if length > MAX_FRAME_BYTES or n > MAX_FRAME_RECORDS:
+                raise BitstreamError(f"{name}: corrupt frame header ({n} records, payload length {length})")
             payload = _read_exact(f, length, name, "frame payload")
             if zlib.crc32(payload, zlib.crc32(struct.pack("<II", n, length))) != crc:
                 raise BitstreamError(f"{name}: corrupt frame (CRC mismatch)")
