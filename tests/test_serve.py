@@ -165,6 +165,21 @@ def test_client_codes_and_reconstructions(server, local, records):
         c.close()
 
 
+def test_json_writer_is_exact_and_tf_serving_compatible():
+    """float32 values written with 9 significant digits parse back bit-identical; NaN / Infinity are written
+    as TF Serving's tokens; ints stay ints."""
+    from vaestream.serve import dumps
+
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.standard_normal(5000), rng.uniform(0, 1, 5000) * 10.0 ** rng.integers(-30, 30, 5000)])
+    a = a.astype(np.float32).reshape(100, 100)
+    back = np.array(json.loads(dumps({"outputs": a}))["outputs"], np.float32)
+    assert back.tobytes() == a.tobytes()
+    special = np.array([np.nan, np.inf, -np.inf, -0.0], np.float32)
+    assert dumps(special) == "[NaN, Infinity, -Infinity, -0.0]"
+    assert dumps({"s": np.array([[1, -2]], np.int32), "k": "v"}) == '{"s":[[1, -2]],"k":"v"}'
+
+
 # -- bad requests ----------------------------------------------------------------------------------------------
 BAD = [
     # (name, payload or raw string, path, HTTP status, fragment of the error)
