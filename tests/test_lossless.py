@@ -1,0 +1,240 @@
+"""Lossless bits-back ANS coding (vaestream.lossless) on real MNIST: exact round trips, the rate against the
+model's negative ELBO, damaged streams, another process decoding, and the integer tables."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaestream import container
+from vaestream.errors import BitstreamError, ConfigError, DataError, ModelMismatchError
+from vaestream.lossless import (LOSSLESS_TAG, LosslessCoder, beta_binomial_probs, bernoulli_probs, bucket_centres,
+                                bucket_edges, compress_lossless, decompress_lossless, group_sizes, ideal_bits,
+                                posterior_probs)
+
+N_RECORDS = 200
+RATE_OVERHEAD = 0.03
+"""Bits of a 200-record stream are within 3% of the records' summed negative ELBO (measured: < 1%)."""
+
+
+def _train(tmp_path_factory, records, likelihood: str, binarize: str = "none", steps: int = 400):
+    from vaestream import ModelConfig, TrainConfig, train
+    from vaestream.data import make_dataset
+
+    out = tmp_path_factory.mktemp(f"lossless_{likelihood}")
+    ds = make_dataset(records, likelihood, "mnist-train", binarize=binarize)
+    res = train(ds, out, ModelConfig(latent_dim=10, hidden=(200,), likelihood=likelihood),
+                TrainConfig(steps=steps, seed=3), progress=False)
+    return res.model, out
+
+
+@pytest.fixture(scope="session")
+def bb_model(tmp_path_factory, mnist_train):
+    """A 784-200-10 beta-binomial VAE trained for 400 steps on the real MNIST training images."""
+    return _train(tmp_path_factory, mnist_train, "beta_binomial")
+
+
+@pytest.fixture(scope="session")
+def bern_model(tmp_path_factory, mnist_train):
+    """A 784-200-10 Bernoulli VAE trained for 400 steps on statically binarised MNIST."""
+    return _train(tmp_path_factory, mnist_train[:30000], "bernoulli", binarize="static")
+
+
+@pytest.fixture(scope="session")
+def bb_stream(bb_model, mnist_test):
+    x = mnist_test[:N_RECORDS]
+    return x, compress_lossless(bb_model[0], x)
+
+
+def _binarised(mnist_test) -> np.ndarray:
+    from vaestream.data import make_dataset
+
+    return make_dataset(mnist_test[:N_RECORDS], "bernoulli", "mnist-test", binarize="static").records
+
+
+# -- exactness ----------------------------------------------------------------------------------------------
+def test_beta_binomial_round_trip_is_exact(bb_model, bb_stream):
+    x, blob = bb_stream
+    y = decompress_lossless(bb_model[0], blob)
+    assert y.dtype == np.uint8 and y.shape == x.shape == (N_RECORDS, 28, 28)
+    assert np.array_equal(y, x)
+    h = container.read_header(io.BytesIO(blob))
+    assert h.table_hash == LOSSLESS_TAG and h.fingerprint == bytes.fromhex(bb_model[0].fingerprint())[:16]
+
+
+def test_bernoulli_round_trip_is_exact(bern_model, mnist_test):
+    x = _binarised(mnist_test)
+    assert set(np.unique(x)) == {0, 1}
+    blob = compress_lossless(bern_model[0], x)
+    assert np.array_equal(decompress_lossless(bern_model[0], blob), x)
+    # a binary model codes binary images in well under 1 bit per pixel
+    assert 8 * len(blob) / x.size < 0.5
+
+
+def test_layouts_frames_and_small_groups(bb_model, mnist_test):
+    m = bb_model[0]
+    x = mnist_test[300:307]
+    flat = x.reshape(7, -1)
+    for records in (flat, x, x[0], flat[0], flat.astype(np.int64)):
+        y = decompress_lossless(m, compress_lossless(m, records))
+        assert y.shape == records.shape and np.array_equal(y, records)
+    # several frames, each its own chain; other group and bucket settings are read from the stream
+    blob = compress_lossless(m, flat, latent_bits=8, group=2, frame_records=3)
+    with container.ContainerReader(blob) as r:
+        assert [fr[2] for fr in r.frames] == [3, 3, 1]
+    assert np.array_equal(decompress_lossless(m, blob), flat)
+    assert np.array_equal(decompress_lossless(m, compress_lossless(m, flat[:0])), flat[:0])
+
+
+def test_other_process_decodes_the_stream(bb_model, mnist_test, tmp_path):
+    model, model_dir = bb_model
+    x = mnist_test[400:420]
+    (tmp_path / "s.vz").write_bytes(compress_lossless(model, x))
+    code = ("import sys, numpy as np; from vaestream import load_model; "
+            "from vaestream.lossless import decompress_lossless; m = load_model(sys.argv[1]); "
+            "np.save(sys.argv[3], decompress_lossless(m, open(sys.argv[2], 'rb').read()))")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / "s.vz"), str(tmp_path / "y.npy")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), x)
+
+
+# -- the rate -----------------------------------------------------------------------------------------------
+def test_bits_are_close_to_the_negative_elbo(bb_model, bb_stream):
+    x, blob = bb_stream
+    neg_elbo = ideal_bits(bb_model[0], x, num_samples=16).sum()
+    bits = 8 * len(blob)
+    assert bits < (1 + RATE_OVERHEAD) * neg_elbo, (bits, neg_elbo)
+    assert bits > 0.97 * neg_elbo, (bits, neg_elbo)  # a code cannot beat the model's bound by much
+
+
+def test_initial_bits_amortise(bb_model, bb_stream):
+    """A lone record pays for the latent it borrowed from the seed (at most Nz * latent_bits bits) and a
+    frame's fixed costs; in a chain of 200 only the first record does, so the overhead per record over the
+    negative ELBO falls to a few bits."""
+    m = bb_model[0]
+    x, blob = bb_stream
+    neg = ideal_bits(m, x, num_samples=16)
+    one = np.array([8 * len(compress_lossless(m, x[i:i + 1])) for i in range(3)])
+    over_one = float(np.mean(one - neg[:3]))
+    over_chain = (8 * len(blob) - neg.sum()) / len(x)
+    assert over_one < m.config.latent_dim * 10 + 8 * 300, over_one  # the container's header, index, framing
+    assert over_chain < 0.01 * neg.mean() + 8 * 300 / len(x), over_chain
+    assert over_chain < over_one - 150, (over_chain, over_one)
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+def test_truncated_and_corrupted_streams_raise(bb_model, bb_stream):
+    m = bb_model[0]
+    _, blob = bb_stream
+    for cut in (0, 3, 20, len(blob) // 2, len(blob) - 13, len(blob) - 1):
+        with pytest.raises(BitstreamError):
+            decompress_lossless(m, blob[:cut])
+    for pos in (10, 60, len(blob) // 3, len(blob) - 30):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x10
+        with pytest.raises(BitstreamError):
+            decompress_lossless(m, bytes(bad))
+    with pytest.raises(BitstreamError):
+        decompress_lossless(m, "not bytes")
+
+
+def _frames(blob: bytes) -> tuple[container.Header, list[tuple[int, bytes]]]:
+    with container.ContainerReader(blob) as r:
+        return r.header, list(r)
+
+
+def test_damage_behind_a_valid_crc_is_caught_by_the_chain(bb_model, mnist_test):
+    """A payload altered and re-framed with a correct CRC (or a wrong record count) never decodes to wrong
+    records: the chain does not return to its seed."""
+    m = bb_model[0]
+    x = mnist_test[500:530]
+    header, [(n, payload)] = _frames(compress_lossless(m, x))
+    for pos in (40, len(payload) // 2, len(payload) - 5):
+        bad = bytearray(payload)
+        bad[pos] ^= 0x01
+        with pytest.raises(BitstreamError, match="initial state|corrupt"):
+            decompress_lossless(m, container.pack(header, [(n, bytes(bad))]))
+    with pytest.raises(BitstreamError):
+        decompress_lossless(m, container.pack(header, [(n - 1, payload)]))
+    with pytest.raises(BitstreamError, match="format"):
+        decompress_lossless(m, container.pack(header, [(n, payload[:4] + b"\x09" + payload[5:])]))
+
+
+def test_stream_of_another_model_is_refused(bb_model, bern_model, bb_stream, mnist_test):
+    _, blob = bb_stream
+    with pytest.raises(ModelMismatchError):
+        decompress_lossless(bern_model[0], blob)
+    # a lossy container of this model (other table hash) is not a lossless stream
+    header, frames = _frames(blob)
+    import dataclasses
+
+    lossy = dataclasses.replace(header, table_hash=b"\x01" * 16, quality=1.0)
+    with pytest.raises(BitstreamError, match="not a lossless stream"):
+        decompress_lossless(bb_model[0], container.pack(lossy, frames))
+
+
+def test_bad_records_and_models_raise(bb_model, bern_model, mnist_test):
+    from vaestream import VAE, ModelConfig
+
+    m = bb_model[0]
+    with pytest.raises(ConfigError, match="discrete likelihood"):
+        LosslessCoder(VAE(ModelConfig(latent_dim=4, hidden=(8,), likelihood="gaussian_sigmoid")))
+    with pytest.raises(DataError, match="record 1 has non-integer"):
+        compress_lossless(m, np.stack([np.zeros(784), np.full(784, 0.5)]))
+    with pytest.raises(DataError, match="record 0 has values outside"):
+        compress_lossless(m, np.full((1, 784), 256, np.int16))
+    with pytest.raises(DataError, match="shape"):
+        compress_lossless(m, np.zeros((2, 783), np.uint8))
+    with pytest.raises(DataError, match="record 0 has values outside binary"):
+        compress_lossless(bern_model[0], mnist_test[:1])
+    with pytest.raises(ConfigError):
+        LosslessCoder(m, latent_bits=20)
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+def test_buckets_have_equal_prior_mass():
+    from scipy.special import ndtr
+
+    e = bucket_edges(10)
+    assert e[0] == -np.inf and e[-1] == np.inf and np.all(np.diff(e) > 0)
+    np.testing.assert_allclose(np.diff(ndtr(e)), 2.0 ** -10, rtol=1e-9)
+    c = bucket_centres(10)
+    assert c.dtype == np.float32 and np.all((c > e[:-1]) & (c < e[1:]))
+
+
+def test_posterior_and_likelihood_tables_match_scipy():
+    from scipy.stats import betabinom, norm
+
+    e = bucket_edges(8)
+    mean, log_scale = np.array([0.0, 2.5, -3.0, 0.3]), np.log([1.0, 0.05, 0.2, 1e-3])
+    q = posterior_probs(mean, log_scale, e)
+    ref = np.diff(norm.cdf(e[None, :], mean[:, None], np.exp(log_scale)[:, None]), axis=1)
+    np.testing.assert_allclose(q, ref, atol=1e-12)
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-12)
+
+    la, lb = np.log([0.3, 5.0, 40.0, 1e-6]), np.log([0.7, 2.0, 1e4, 3.0])
+    p = beta_binomial_probs(la, lb)
+    assert p.shape == (4, 256) and np.all(p >= 0) and np.allclose(p.max(1), 1.0)
+    p /= p.sum(1, keepdims=True)
+    k = np.arange(256)
+    ref = np.stack([betabinom.pmf(k, 255, np.exp(a), np.exp(b)) for a, b in zip(la, lb)])
+    np.testing.assert_allclose(p, ref, rtol=1e-8, atol=1e-300)
+    assert np.all(np.isfinite(beta_binomial_probs(np.array([1e9, -1e9]), np.array([-1e9, 1e9]))))
+    np.testing.assert_allclose(bernoulli_probs(np.array([0.0, 40.0]))[:, 1], [0.5, 1.0])
+
+
+def test_group_sizes_ramp_up_and_cover():
+    assert group_sizes(0, 32) == []
+    assert group_sizes(1, 32) == [1]
+    assert group_sizes(100, 32) == [1, 2, 4, 8, 16, 32, 32, 5]
+    assert sum(group_sizes(12345, 7)) == 12345 and max(group_sizes(12345, 7)) == 7
