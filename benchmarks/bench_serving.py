@@ -9,7 +9,7 @@ Prints one JSON object:
 * ``serve``: a bounded loopback load on ``vaestream serve`` (``--clients`` threads for ``--seconds``, each with
   a kept-alive connection: ``encode`` and ``quantize`` requests of ``--serve-batch`` records, then ``quantize``
   of 100 records): requests/s,
-  latency p50/p99, error count, and the server's RSS before / after; the peer is the same signature called
+  latency p50/p99, error count, and the server's RSS before / during (10 samples) / after; the peer is the same signature called
   directly in this process (the cost of HTTP + JSON).
 
     python benchmarks/bench_serving.py [--model DIR] [--data MNIST_DIR] [--seconds 20] [--clients 4]
@@ -150,8 +150,12 @@ def serve_load(base: Path, x: np.ndarray, seconds: float, clients: int, batch: i
         t0 = time.perf_counter()
         for t in threads:
             t.start()
+        samples = []
+        while any(t.is_alive() for t in threads) and time.perf_counter() < stop + 60:
+            time.sleep(seconds / 10)
+            samples.append(round(rss_kib(proc.pid) / 1024, 1))
         for t in threads:
-            t.join(timeout=seconds + 60)
+            t.join(timeout=60)
         wall = time.perf_counter() - t0
         rss1 = rss_kib(proc.pid)
         all_lat = [v for xs in lat for v in xs]
@@ -160,7 +164,8 @@ def serve_load(base: Path, x: np.ndarray, seconds: float, clients: int, batch: i
                 "requests_per_s": round(len(all_lat) / wall, 1),
                 "records_per_s": round(len(all_lat) * batch / wall, 1),
                 "p50_ms": round(pct(all_lat, 50) * 1e3, 2), "p99_ms": round(pct(all_lat, 99) * 1e3, 2),
-                "rss_before_mib": round(rss0 / 1024, 1), "rss_after_mib": round(rss1 / 1024, 1)}
+                "rss_before_mib": round(rss0 / 1024, 1), "rss_after_mib": round(rss1 / 1024, 1),
+                "rss_during_mib": samples}
     finally:
         proc.terminate()
         try:

@@ -234,7 +234,7 @@ def export(model_dir: str | Path, export_base: str | Path, version: int | None =
         raise ModelError(f"{final}: version {version} already exists (versions are immutable; pick another)")
 
     fingerprint = model.fingerprint()
-    info: dict[str, Any] = {"format": 1, "fingerprint": fingerprint, "elbo_estimator": "B",
+    info: dict[str, Any] = {"format": 1, "fingerprint": fingerprint, "elbo_estimator": "B, fixed noise",
                             "elbo_samples": int(elbo_samples), "elbo_seed": int(elbo_seed), "quality": None}
     if tables is not None:
         if tables.fingerprint != fingerprint:
