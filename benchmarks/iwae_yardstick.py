@@ -28,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=5000)
     ap.add_argument("--test-records", type=int, default=10000)
     ap.add_argument("--out", default="/tmp/vaestream-iwae")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the model already trained in --out")
     a = ap.parse_args(argv)
     tr = make_dataset(load_records(a.mnist, "train"), "bernoulli", "mnist-train", binarize="none")
     tr.binarize = "dynamic"
@@ -36,18 +37,24 @@ def main(argv=None):
     cfg = ModelConfig(latent_dim=50, hidden=(200, 200), activation="tanh")
     # Adam with a slow exponential decay of the step size (IWAE: 1e-3 decayed over the run).
     t0 = time.time()
-    res = train(tr, a.out, cfg, TrainConfig(epochs=a.epochs, optimizer="adam", learning_rate=1e-3,
+    if a.eval_only:
+        from vaestream.store import load_model, read_log
+
+        last = read_log(a.out)[-1]
+        model, steps, train_s = load_model(a.out), last["step"], last["seconds"]
+    else:
+        res = train(tr, a.out, cfg, TrainConfig(epochs=a.epochs, optimizer="adam", learning_rate=1e-3,
                                             lr_decay_rate=0.5, lr_decay_steps=150_000, binarize="dynamic",
                                             max_seconds=a.minutes * 60, eval_every=30000, eval_records=10000,
                                             checkpoint_every=20000, steps_per_call=100),
-                test_data=te, progress=False)
-    train_s = time.time() - t0
+                    test_data=te, progress=False)
+        model, steps, train_s = res.model, res.steps, time.time() - t0
     t1 = time.time()
-    ev = evaluate(res.model, te, k=a.k, batch_size=100)
+    ev = evaluate(model, te, k=a.k, batch_size=100)
     out = {"benchmark": "iwae_yardstick",
            "command": "python benchmarks/iwae_yardstick.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "date": time.strftime("%Y-%m-%d"), "model": "784-200-200-50-200-200-784 tanh, Bernoulli",
-           "steps": res.steps, "epochs": round(res.steps / 600, 1), "train_minutes": round(train_s / 60, 1),
+           "steps": steps, "epochs": round(steps / 600, 1), "train_minutes": round(train_s / 60, 1),
            "test_records": len(te), "k": a.k, "test_log_px": round(ev["log_px"], 2), "test_elbo": round(ev["elbo"], 2),
            "reference_log_px": -86.76, "gap_nats": round(-86.76 - ev["log_px"], 2),
            "eval_minutes": round((time.time() - t1) / 60, 1)}
