@@ -1,0 +1,731 @@
+"""Streaming encode with Apache Beam: new files -> windowed codes, dead letters and a drift signal.
+
+    paths = p | WatchFiles(FileWatcher("incoming/*.npy", poll_interval=1.0))     # or ReadFromPubSub / TestStream
+    result = paths | StreamEncode("out/", model_dir="runs/model", window=10.0)
+
+**Sources.** The stream is a PCollection of file paths, each with an event time (the poll at which the file
+was found) and a watermark that says no older path will follow:
+
+* :class:`WatchFiles` over a :class:`FileWatcher`: polls a glob every ``poll_interval`` seconds and emits
+  each new file once (a set of the paths seen; writers should create files under a temporary name and rename
+  them into place). It feeds Beam's in-process streaming runner (``BundleBasedDirectRunner`` with
+  ``streaming=True``) through the runner's ``TestStream`` service protocol: the watcher is a
+  ``TestStreamService`` whose event stream is the file system's (elements at poll time, then the watermark
+  advanced to the poll time). Beam 2.77's in-process streaming runner cannot run splittable DoFns, so
+  ``PeriodicImpulse`` / ``MatchContinuously`` do not run there.
+* :class:`PollFiles`: the same for runners with splittable DoFns (Dataflow, Flink, Prism): ``PeriodicImpulse``
+  then a match of the pattern and a stateful (per-path) de-duplication, so each file is emitted once.
+* :func:`pubsub_paths`: Pub/Sub messages naming files (a path, or a Cloud Storage notification's
+  ``bucket``/``name``), on runners that have Pub/Sub.
+* ``TestStream`` in tests (watermarks, late data).
+
+**Windows and lateness.** Paths are assigned to fixed event-time windows of ``window`` seconds; a window's
+codes are written when the watermark passes its end (one ON_TIME pane) and records that arrive late but
+within ``allowed_lateness`` seconds are written as further LATE panes (files named by pane). Input that is
+later than that goes to the dead-letter output with the reason: a late gate (a stateful DoFn in the global
+window whose event-time timer tracks a lower bound on the watermark) refuses a path whose window closed
+(watermark > window end + allowed lateness) before it is read. The windows themselves keep the late data for
+a further ``gate_slack`` seconds, more than the gate's lag behind the watermark, so nothing is dropped
+silently while the stream is active.
+
+**Per window** (directory ``OUTPUT/codes/``), named ``codes-START-END-pPANE`` (UTC ``%Y%m%dT%H%M%S.%f``):
+
+* ``.tfrecord``: one ``tf.train.Example`` per record: key, mean, log_scale, fingerprint (as the batch
+  encode job, :func:`vaestream.beam.code_examples`);
+* ``.vaez``: when the model has coder tables, the window's quantised codes as one container
+  (:mod:`vaestream.container`), whose header names the model fingerprint: decode it with
+  :meth:`vaestream.registry.Registry.decode` or :func:`vaestream.codec.load`;
+* ``.json``: the window's summary (records, sources, pane timing, mean ELBO, bits, fingerprint, time written).
+
+Each file is written under a temporary name and renamed, so a reader never sees half a file and a retried
+bundle rewrites the same name. Dead letters (unreadable or malformed files and records, late paths) go to
+``OUTPUT/dead_letter/dead_letter-START-END-pPANE.jsonl`` as ``{"source", "key", "reason"}``. The drift
+monitor (:mod:`vaestream.drift`) judges each window's mean ELBO and bits/record and appends one line per
+window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
+
+The model is loaded once per worker by :class:`ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`
+that also computes each record's ELBO with fixed noise, :func:`vaestream.export.elbo_fixed_noise`, and the
+coder's symbols), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob as globmod
+import json
+import os
+import threading
+import time
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import coders
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import trigger, userstate, window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
+
+from vaestream import beam as vb
+from vaestream.drift import DriftConfig, DriftMonitor
+from vaestream.errors import ConfigError, DataError
+
+CODES_DIR = "codes"
+DEAD_DIR = "dead_letter"
+DRIFT_LOG = "drift.jsonl"
+WINDOWS = "windows"
+_NS = vb.NAMESPACE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------------------
+class FileWatcher:
+    """Polls glob ``patterns`` and streams each new file's path once, as ``TestStreamService`` events.
+
+    Args:
+      patterns: a glob or several.
+      poll_interval: seconds between polls.
+      stop_after: stop this many seconds after the stream starts (None: never).
+      idle_timeout: stop when no new file appeared for this many seconds (None: never).
+      max_files: stop after this many files.
+      stop: an event that stops the stream when set.
+      seen: paths to treat as already processed.
+
+    Attributes:
+      arrivals: path -> wall-clock time (``time.time()``) the file was found, for latency accounting.
+      endpoint: the ``host:port`` of the service once :meth:`start` ran.
+    """
+
+    def __init__(self, patterns: str | Sequence[str], poll_interval: float = 1.0, stop_after: float | None = None,
+                 idle_timeout: float | None = None, max_files: int | None = None,
+                 stop: threading.Event | None = None, seen: Iterable[str] = ()):
+        if not poll_interval > 0:
+            raise ConfigError(f"poll_interval must be positive, got {poll_interval}")
+        self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        self.poll_interval = float(poll_interval)
+        self.stop_after, self.idle_timeout, self.max_files = stop_after, idle_timeout, max_files
+        self.stop_event = stop or threading.Event()
+        self.seen: set[str] = {os.path.abspath(s) for s in seen}
+        self.arrivals: dict[str, float] = {}
+        self._controller = None
+        self.endpoint: str | None = None
+
+    def poll(self) -> list[str]:
+        """The new files (absolute paths, oldest mtime first), now marked seen."""
+        found = set()
+        for pat in self.patterns:
+            for f in globmod.glob(pat):
+                base = os.path.basename(f)
+                if os.path.isfile(f) and not (base.startswith(".") or ".tmp" in base or base.endswith(".part")):
+                    found.add(os.path.abspath(f))
+        new = sorted(found - self.seen, key=lambda f: (os.stat(f).st_mtime, f))
+        self.seen.update(new)
+        return new
+
+    def events(self):
+        """The event stream: per poll, the new paths at the poll time, then the watermark at the poll time."""
+        from apache_beam.portability.api import beam_runner_api_pb2
+
+        ev = beam_runner_api_pb2.TestStreamPayload.Event
+        te = beam_runner_api_pb2.TestStreamPayload.TimestampedElement
+        coder = coders.StrUtf8Coder()
+        t0 = last_new = time.monotonic()
+        count = 0
+        while not self.stop_event.is_set():
+            now = Timestamp.now()
+            new = self.poll()
+            if self.max_files is not None:
+                new = new[:max(0, self.max_files - count)]
+            if new:
+                wall = time.time()
+                for f in new:
+                    self.arrivals[f] = wall
+                count += len(new)
+                last_new = time.monotonic()
+                yield ev(element_event=ev.AddElements(
+                    elements=[te(encoded_element=coder.encode(f), timestamp=now.micros) for f in new]))
+            yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=now.micros))
+            t = time.monotonic()
+            if (self.max_files is not None and count >= self.max_files) or \
+                    (self.stop_after is not None and t - t0 >= self.stop_after) or \
+                    (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
+                break
+            self.stop_event.wait(self.poll_interval)
+
+    # the TestStreamServiceController reader protocol
+    def read_multiple(self, unused_tags):
+        return self.events()
+
+    def start(self) -> str:
+        """Start the service (a local gRPC server); returns its endpoint."""
+        from apache_beam.testing.test_stream_service import TestStreamServiceController
+
+        if self._controller is None:
+            self._controller = TestStreamServiceController(self)
+            self._controller.start()
+            self.endpoint = self._controller.endpoint
+        return self.endpoint
+
+    def close(self) -> None:
+        """Stop the stream and the service."""
+        self.stop_event.set()
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+
+class WatchFiles(beam.PTransform):
+    """PBegin -> file paths from a :class:`FileWatcher` (in-process streaming runner)."""
+
+    def __init__(self, watcher: FileWatcher):
+        super().__init__()
+        self.watcher = watcher
+
+    def expand(self, pbegin):
+        from apache_beam.testing.test_stream import TestStream
+
+        return pbegin | "FileEvents" >> TestStream(coder=coders.StrUtf8Coder(), endpoint=self.watcher.start())
+
+
+class _FirstSeen(beam.DoFn):
+    """(path, metadata) -> path, once per path (per-key state)."""
+
+    SEEN = userstate.ReadModifyWriteStateSpec("seen", coders.BooleanCoder())
+
+    def process(self, kv, seen=beam.DoFn.StateParam(SEEN)):
+        if not seen.read():
+            seen.write(True)
+            yield kv[0]
+
+
+class PollFiles(beam.PTransform):
+    """PBegin -> each new file matching ``pattern`` once, polled every ``interval`` seconds (runners with
+    splittable DoFns): ``PeriodicImpulse`` -> match -> per-path de-duplication. Paths carry the poll time."""
+
+    def __init__(self, pattern: str, interval: float = 10.0, start: float | None = None, stop: float | None = None):
+        super().__init__()
+        self.pattern, self.interval = pattern, float(interval)
+        self.start = time.time() if start is None else start
+        self.stop = stop
+
+    def expand(self, pbegin):
+        from apache_beam.io.filesystems import FileSystems
+        from apache_beam.transforms.periodicsequence import PeriodicImpulse
+
+        pattern = self.pattern
+
+        def match(_):
+            for m in FileSystems.match([pattern])[0].metadata_list:
+                yield m.path, m.size_in_bytes
+
+        stop = MAX_TIMESTAMP if self.stop is None else Timestamp.of(self.stop)
+        return (pbegin
+                | "Poll" >> PeriodicImpulse(Timestamp.of(self.start), stop, self.interval)
+                | "Match" >> beam.FlatMap(match).with_output_types(tuple[str, int])
+                | "FirstSeen" >> beam.ParDo(_FirstSeen()).with_input_types(tuple[str, int]))
+
+
+def pubsub_paths(topic: str | None = None, subscription: str | None = None) -> beam.PTransform:
+    """PBegin -> file paths from Pub/Sub messages (a path per message, or a Cloud Storage notification whose
+    JSON names ``bucket`` and ``name``); needs a runner with Pub/Sub (Dataflow, Flink with the connector)."""
+
+    def to_path(msg: bytes) -> str:
+        text = msg.decode("utf-8").strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+                return f"gs://{obj['bucket']}/{obj['name']}"
+            except (json.JSONDecodeError, KeyError) as e:
+                raise DataError(f"Pub/Sub message is neither a path nor a storage notification: {text[:80]}") from e
+        return text
+
+    class _Paths(beam.PTransform):
+        def expand(self, pbegin):
+            return (pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(topic=topic, subscription=subscription)
+                    | "MessageToPath" >> beam.Map(to_path))
+
+    return _Paths()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the late gate
+# ---------------------------------------------------------------------------------------------------------
+class _LateGate(beam.DoFn):
+    """(key, path) in the global window -> path, or a :class:`vaestream.beam.DeadLetter` when its window has
+    closed. An event-time timer stepping every ``step`` seconds records a lower bound on the watermark."""
+
+    KNOWN = userstate.ReadModifyWriteStateSpec("known_watermark", coders.VarIntCoder())
+    LAST = userstate.ReadModifyWriteStateSpec("last_element", coders.VarIntCoder())
+    ARMED = userstate.ReadModifyWriteStateSpec("armed", coders.BooleanCoder())
+    TICK = userstate.TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, window_seconds: float, allowed_lateness: float, step: float, horizon: float):
+        self.w = Duration.of(window_seconds).micros
+        self.lateness = Duration.of(allowed_lateness).micros
+        self.step = max(1, Duration.of(step).micros)
+        self.horizon = Duration.of(horizon).micros
+        self.late = Metrics.counter(_NS, "late_dead_lettered")
+
+    def process(self, kv, ts=beam.DoFn.TimestampParam, known=beam.DoFn.StateParam(KNOWN),
+                last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
+                tick=beam.DoFn.TimerParam(TICK)):
+        path = kv[1]
+        t = ts.micros
+        wm = known.read()
+        last.write(max(last.read() or t, t))
+        if not armed.read():
+            armed.write(True)
+            tick.set(Timestamp(micros=max(wm if wm is not None else t, t - self.w) + self.step))
+        start = t - t % self.w
+        deadline = start + self.w + self.lateness
+        if wm is not None and wm > deadline:
+            self.late.inc()
+            reason = (f"{path}: late: event time {_iso(t)} belongs to window [{_iso(start)}, {_iso(start + self.w)}), "
+                      f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the file arrived; the "
+                      f"watermark was at least {_iso(wm)}")
+            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, window.TimestampedValue(
+                vb.DeadLetter(path, path, reason), Timestamp(micros=wm)))
+            return
+        yield path
+
+    @userstate.on_timer(TICK)
+    def on_tick(self, fired=beam.DoFn.TimestampParam, known=beam.DoFn.StateParam(KNOWN),
+                last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
+                tick=beam.DoFn.TimerParam(TICK)):
+        f = fired.micros
+        known.write(max(known.read() or f, f))
+        if f < (last.read() or f) + self.horizon and f + self.step < MAX_TIMESTAMP.micros:
+            tick.set(Timestamp(micros=f + self.step))
+        else:
+            armed.write(False)
+
+
+def _iso(micros: int) -> str:
+    if micros >= MAX_TIMESTAMP.micros:
+        return "+inf"
+    if micros <= MIN_TIMESTAMP.micros:
+        return "-inf"
+    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stamp(micros: int) -> str:
+    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading, scoring
+# ---------------------------------------------------------------------------------------------------------
+class _ReadFileFn(beam.DoFn):
+    """path -> RecordBatch chunks of the file (its event time), or DeadLetter items (unreadable, truncated)."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.records_in = Metrics.counter(_NS, "records_in")
+        self.files = Metrics.counter(_NS, "files_in")
+
+    def process(self, path: str):
+        self.files.inc()
+        try:
+            tasks = vb.plan_reads(path)
+        except DataError as e:
+            self.records_in.inc()
+            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, vb.DeadLetter(path, path, str(e)))
+            return
+        for task in tasks:
+            for item in vb.read_range(task, self.chunk_size):
+                if isinstance(item, vb.RecordBatch):
+                    self.records_in.inc(len(item))
+                    yield item
+                else:
+                    self.records_in.inc()
+                    yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, item)
+
+
+class Scored(NamedTuple):
+    """The codes of one RecordBatch, each record's ELBO (nats, ``[n]``) and the coder's container (or None)."""
+
+    codes: vb.CodeBatch
+    elbo: np.ndarray
+    container: bytes | None
+
+
+class ScoringModelHandler(vb.VAEModelHandler):
+    """:class:`vaestream.beam.VAEModelHandler` (encode mode) that also returns each record's ELBO (estimator
+    B with fixed noise, as the export's ``elbo`` signature) and, when the model has coder tables, the batch's
+    quantised codes as a container: predictions are :class:`Scored`."""
+
+    def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = vb.CHUNK,
+                 coder: bool | None = None, quality: float | None = None):
+        super().__init__(model_dir, saved_model, "encode", max_records, coder=False)
+        self.use_coder, self.quality = coder, quality
+
+    def load_model(self):
+        import tensorflow as tf
+
+        from vaestream import codec as codec_mod
+        from vaestream.errors import ModelError
+        from vaestream.export import elbo_fixed_noise
+
+        model = super().load_model()
+        d = model.config.input_dim
+        if getattr(model, "_model", None) is not None:
+            vae = model._model
+
+            # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
+            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
+            def score(x):
+                mean, log_scale = vae.encoder_params(x)
+                return mean, log_scale, elbo_fixed_noise(vae, x)["elbo"]
+
+            def score_fn(x):
+                m, ls, e = score(tf.constant(x))
+                return m.numpy(), ls.numpy(), e.numpy()
+        else:
+            saved = model._saved
+
+            def score_fn(x):
+                if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.export.ExportedModel
+                    m, ls = saved.encode(x)
+                    return m, ls, saved.elbo(x)["elbo"]
+                m, ls = model.encode(x, 1.0)
+                e = saved.signatures["elbo"](x=tf.constant(x))["elbo"].numpy()
+                return m, ls, e
+        model.score_fn = score_fn
+        # build the trace now, before the first window's records wait on it
+        score_fn(np.zeros((1, d), np.float32))
+        model.codec = None
+        if self.use_coder is not False:
+            try:
+                model.codec = codec_mod.load(self.model_dir or self.saved_model, quality=self.quality)
+            except ModelError:
+                if self.use_coder:
+                    raise
+            if model.codec is not None and model.codec.fingerprint != model.fingerprint:
+                raise ModelError(f"{self.model_dir or self.saved_model}: coder tables of another model")
+        return model
+
+    def run_inference(self, batch, model, inference_args=None) -> list:
+        from vaestream.coder import quantize
+
+        if not batch:
+            return []
+        x = np.concatenate([b.inputs() for b in batch])
+        mean, log_scale, elbo = (np.asarray(a, np.float32) for a in model.score_fn(x))
+        out, s = [], 0
+        for b in batch:
+            n = len(b)
+            cb = vb.CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, None,
+                              int(b.records.nbytes))
+            blob = None
+            if model.codec is not None:
+                sym = quantize(cb.mean, model.codec.tables, model.codec.quality)
+                blob = model.codec.compress_codes(sym)
+            out.append(Scored(cb, elbo[s:s + n], blob))
+            s += n
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------
+def _write_atomic(path: str, data: bytes) -> None:
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _write_tfrecord_atomic(path: str, records: list[bytes]) -> int:
+    """Write serialized records as a TFRecord file (TF's writer: length + masked CRC32C framing) under a
+    temporary name, then rename it into place; returns the file's size."""
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with tf.io.TFRecordWriter(tmp) as w:
+        for r in records:
+            w.write(r)
+    size = tf.io.gfile.stat(tmp).length
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return int(size)
+
+
+def _pane_name(win, pane) -> tuple[str, str]:
+    timing = {0: "early", 1: "on_time", 2: "late"}.get(getattr(pane, "timing", 3), "unknown")
+    idx = getattr(pane, "index", 0)
+    return f"{_stamp(win.start.micros)}-{_stamp(win.end.micros)}-p{idx}", timing
+
+
+class _WriteWindowFn(beam.DoFn):
+    """(key, [Scored]) of one window pane -> codes files + summary; yields the summary dict."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.records = Metrics.counter(_NS, "records")
+        self.bytes_out = Metrics.counter(_NS, "bytes_out")
+        self.panes = Metrics.counter(_NS, "panes_written")
+        self.late_records = Metrics.counter(_NS, "late_records_written")
+
+    def setup(self):
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(f"{self.out_dir}/{CODES_DIR}")
+
+    def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        from vaestream import container
+
+        items: list[Scored] = sorted(kv[1], key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
+        if not items:
+            return
+        name, timing = _pane_name(win, pane)
+        base = f"{self.out_dir}/{CODES_DIR}/codes-{name}"
+        examples = [e for s in items for e in vb.code_examples(s.codes)]
+        written = _write_tfrecord_atomic(base + ".tfrecord", examples)
+        n = sum(len(s.codes) for s in items)
+        coded_bits = None
+        fps = sorted({s.codes.fingerprint for s in items})
+        blobs = [s.container for s in items if s.container is not None]
+        if blobs and len(blobs) == len(items):
+            header, frames = None, []
+            for b in blobs:
+                with container.ContainerReader(b) as r:
+                    if header is None:
+                        header = r.header
+                    else:
+                        header.check_compatible(r.header, base)
+                    frames.extend(list(r))
+            packed = container.pack(header, frames)
+            _write_atomic(base + ".vaez", packed)
+            written += len(packed)
+            coded_bits = 8.0 * len(packed)
+        elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)
+        summary = {"window_start": _iso(win.start.micros), "window_end": _iso(win.end.micros),
+                   "window_start_s": win.start.micros / 1e6, "window_end_s": win.end.micros / 1e6,
+                   "pane": getattr(pane, "index", 0), "timing": timing, "records": n,
+                   "elbo_sum": float(elbo.sum()), "mean_elbo": float(elbo.mean()),
+                   "coded_bits": coded_bits, "fingerprints": fps,
+                   "sources": sorted({s.codes.source for s in items}), "files": [os.path.basename(base) + ext for ext in
+                                                                             ([".tfrecord", ".vaez"] if coded_bits
+                                                                              else [".tfrecord"])],
+                   "written_at": time.time()}
+        _write_atomic(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
+        self.records.inc(n)
+        self.bytes_out.inc(written)
+        self.panes.inc()
+        if timing == "late":
+            self.late_records.inc(n)
+        yield summary
+
+
+class _WriteDeadFn(beam.DoFn):
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.dead = Metrics.counter(_NS, "dead_lettered")
+
+    def setup(self):
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(f"{self.out_dir}/{DEAD_DIR}")
+
+    def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        items = sorted(kv[1], key=lambda d: (d.source, d.key))
+        name, _ = _pane_name(win, pane) if isinstance(win, window.IntervalWindow) else (f"global-{time.time_ns()}", "")
+        lines = "".join(json.dumps({"source": d.source, "key": d.key, "reason": d.reason}) + "\n" for d in items)
+        _write_atomic(f"{self.out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
+        self.dead.inc(len(items))
+        yield len(items)
+
+
+class _DriftFn(beam.DoFn):
+    """Window summaries (one key, global window) -> drift records, appended to ``drift.jsonl``."""
+
+    STATE = userstate.ReadModifyWriteStateSpec("drift", coders.PickleCoder())
+
+    def __init__(self, out_dir: str, config: DriftConfig):
+        self.out_dir, self.config = out_dir, config
+        self.flagged = Metrics.counter(_NS, "drift_flagged_windows")
+        self.bits = Metrics.gauge(_NS, "window_millibits_per_record")
+        self.elbo = Metrics.distribution(_NS, "window_mean_elbo_millinats")
+
+    def process(self, kv, state=beam.DoFn.StateParam(STATE)):
+        s = kv[1]
+        mon = DriftMonitor(self.config, f"{self.out_dir}/{DRIFT_LOG}", state.read())
+        rec = mon.observe(f"[{s['window_start']}, {s['window_end']}) p{s['pane']}", elbo_sum=s["elbo_sum"],
+                          records=s["records"], coded_bits=s["coded_bits"], window_start=s["window_start"],
+                          window_end=s["window_end"], pane=s["pane"], timing=s["timing"],
+                          fingerprints=s["fingerprints"])
+        state.write(mon.state())
+        if rec["flagged"]:
+            self.flagged.inc()
+        if np.isfinite(rec["bits_per_record"]):
+            self.bits.set(int(round(1000 * rec["bits_per_record"])))
+            self.elbo.update(int(round(1000 * rec["mean_elbo"])))
+        yield rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StreamConfig:
+    """Windowing of the streaming encoder (seconds)."""
+
+    window: float = 10.0
+    allowed_lateness: float = 0.0
+    gate_step: float | None = None      # default: window / 4
+    gate_slack: float | None = None     # default: window
+    gate_horizon: float | None = None   # default: max(10 windows, 60 s)
+    chunk_size: int = vb.CHUNK
+    batch_size: int = vb.CHUNK
+
+    def __post_init__(self):
+        if not self.window > 0 or self.allowed_lateness < 0:
+            raise ConfigError(f"window must be positive and allowed_lateness non-negative, got {self.window}, "
+                              f"{self.allowed_lateness}")
+
+
+class StreamEncode(beam.PTransform):
+    """File paths (timestamped, global window) -> windowed code files, dead letters and drift records.
+
+    Returns a dict of PCollections: ``windows`` (the summary of each pane written), ``drift`` (drift
+    records) and ``dead_letter`` (counts written).
+
+    Args:
+      output: the output directory.
+      model_dir / saved_model: the model (a model directory, or a SavedModel export / registry version).
+      config: :class:`StreamConfig`.
+      drift: :class:`vaestream.drift.DriftConfig`.
+      coder: write ``.vaez`` containers (None: when the model has coder tables; True: require them).
+      quality: the coder quality.
+    """
+
+    def __init__(self, output: str, model_dir: str | None = None, saved_model: str | None = None,
+                 config: StreamConfig | None = None, drift: DriftConfig | None = None, coder: bool | None = None,
+                 quality: float | None = None):
+        super().__init__()
+        self.output = output.rstrip("/")
+        self.cfg = config or StreamConfig()
+        self.drift = drift or DriftConfig()
+        self.model_config = vb.read_model_config(model_dir, saved_model)
+        self.handler = ScoringModelHandler(model_dir, saved_model, self.cfg.batch_size, coder, quality)
+
+    def expand(self, paths):
+        from apache_beam.ml.inference.base import RunInference
+
+        c = self.cfg
+        step = c.gate_step if c.gate_step is not None else c.window / 4
+        slack = c.gate_slack if c.gate_slack is not None else c.window
+        horizon = c.gate_horizon if c.gate_horizon is not None else max(10 * c.window, 60.0)
+        gated = (paths
+                 | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
+                 | "LateGate" >> beam.ParDo(_LateGate(c.window, c.allowed_lateness, step, horizon)).with_outputs(
+                     vb.DEAD_LETTER, main="paths"))
+        windowed = gated["paths"] | "Window" >> beam.WindowInto(
+            window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+            allowed_lateness=Duration.of(c.allowed_lateness + slack),
+            accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        read = windowed | "ReadFiles" >> beam.ParDo(_ReadFileFn(c.chunk_size)).with_outputs(
+            vb.DEAD_LETTER, main=vb.RECORDS)
+        cfg = self.model_config
+        good = read[vb.RECORDS] | "Validate" >> vb.Validate(cfg.input_shape, cfg.likelihood)
+        scored = good[vb.RECORDS] | "Encode" >> RunInference(self.handler)
+        windows = (scored
+                   | "KeyScored" >> beam.Map(lambda s: (0, s))
+                   | "GroupWindow" >> beam.GroupByKey()
+                   | "WriteWindow" >> beam.ParDo(_WriteWindowFn(self.output)))
+        drift = (windows
+                 | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
+                 | "KeySummaries" >> beam.Map(lambda s: ("drift", s))
+                 | "Drift" >> beam.ParDo(_DriftFn(self.output, self.drift)))
+        dead = ((gated[vb.DEAD_LETTER], read[vb.DEAD_LETTER], good[vb.DEAD_LETTER])
+                | "FlattenDeadLetters" >> beam.Flatten()
+                | "WindowDeadLetters" >> beam.WindowInto(
+                    window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                    allowed_lateness=Duration.of(max(86400.0, c.allowed_lateness + slack)),
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
+                | "KeyDeadLetters" >> beam.Map(lambda d: (0, d))
+                | "GroupDeadLetters" >> beam.GroupByKey()
+                | "WriteDeadLetters" >> beam.ParDo(_WriteDeadFn(self.output)))
+        return {WINDOWS: windows, "drift": drift, vb.DEAD_LETTER: dead}
+
+
+def streaming_pipeline(options=None) -> beam.Pipeline:
+    """A streaming Pipeline: on the runner the options name, else Beam's in-process streaming runner
+    (``BundleBasedDirectRunner``; the FnApiRunner is batch-only)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = options or PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    if options.view_as(StandardOptions).runner is None:
+        from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+
+        return beam.Pipeline(runner=BundleBasedDirectRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def read_windows(output: str) -> list[dict]:
+    """The summaries of the panes written under ``output`` (``codes/*.json``), by window then pane."""
+    out = []
+    for f in globmod.glob(os.path.join(output, CODES_DIR, "codes-*.json")):
+        with open(f) as fh:
+            out.append(json.load(fh))
+    return sorted(out, key=lambda s: (s["window_start_s"], s["pane"]))
+
+
+def read_dead_letters(output: str) -> list[dict]:
+    """Every dead letter written under ``output``."""
+    out = []
+    for f in sorted(globmod.glob(os.path.join(output, DEAD_DIR, "dead_letter-*.jsonl"))):
+        with open(f) as fh:
+            out += [json.loads(line) for line in fh if line.strip()]
+    return out
+
+
+def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_dir: str | None = None,
+               saved_model: str | None = None, config: StreamConfig | None = None,
+               drift: DriftConfig | None = None, poll_interval: float = 1.0, stop_after: float | None = None,
+               idle_timeout: float | None = None, max_files: int | None = None,
+               stop: threading.Event | None = None, pubsub_topic: str | None = None,
+               pubsub_subscription: str | None = None, coder: bool | None = None, quality: float | None = None,
+               pipeline_args: Sequence[str] = (), watcher: FileWatcher | None = None) -> dict:
+    """Run the streaming encoder until the source ends (``stop_after``, ``idle_timeout``, ``max_files``,
+    ``stop``; Pub/Sub: until cancelled) and return a summary: counters, windows written, dead letters, drift
+    flags, seconds."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    p = streaming_pipeline(PipelineOptions(list(pipeline_args)))
+    if pubsub_topic or pubsub_subscription:
+        paths = p | "PubSub" >> pubsub_paths(pubsub_topic, pubsub_subscription)
+        watcher = None
+    else:
+        if watcher is None:
+            if not patterns:
+                raise ConfigError("give file patterns to watch, or a Pub/Sub topic/subscription")
+            watcher = FileWatcher(patterns, poll_interval, stop_after, idle_timeout, max_files, stop)
+        paths = p | "WatchFiles" >> WatchFiles(watcher)
+    paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality)
+    t0 = time.perf_counter()
+    try:
+        result = vb.run_pipeline(p)
+    finally:
+        if watcher is not None:
+            watcher.close()
+    seconds = time.perf_counter() - t0
+    del result  # the in-process streaming runner's counters are incomplete: count what was written
+    wins = read_windows(output)
+    dead = read_dead_letters(output)
+    from vaestream.drift import read_log
+
+    drift_recs = read_log(os.path.join(output, DRIFT_LOG))
+    records = sum(w["records"] for w in wins)
+    sources = {s for w in wins for s in w["sources"]}
+    return {"job": "stream_encode", "seconds": round(seconds, 3),
+            "files_found": len(watcher.arrivals) if watcher is not None else None,
+            "files_encoded": len(sources), "records": records, "dead_lettered": len(dead),
+            "late_dead_lettered": sum(1 for d in dead if ": late: " in d["reason"]),
+            "late_records_written": sum(w["records"] for w in wins if w["timing"] == "late"),
+            "panes": len(wins), "drift_flagged_windows": sum(1 for r in drift_recs if r.get("flagged")),
+            "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output}
