@@ -14,7 +14,7 @@ tables from 20k training records, and on the first ``--n`` test records measure,
 
 Prints one JSON document. Usage:
 
-    python benchmarks/bench_codec.py --out runs/bench_codec [--epochs 10] [--n 10000]
+    python benchmarks/bench_codec.py --out runs/bench_codec [--epochs 10] [--n 10000] [--peer-n 5000]
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def bench_dataset(name: str, root: Path, args, out: Path) -> dict:
 
     # -- lossy and lossless peers -------------------------------------------------------------------------
     imgs = test.reshape(n, 28, 28)
-    nt = (n // TILE) * TILE
+    nt = (min(n, args.peer_n) // TILE) * TILE
     jq = [1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 95]
     wq = [0, 1, 2, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     sub = imgs[: args.per_image_n]
@@ -312,7 +312,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(f"rate-distortion on {result['records']} {result['data']} test images")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -328,7 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--latent-dim", type=int, default=20)
     p.add_argument("--hidden", type=int, default=500)
     p.add_argument("--n", type=int, default=10000, help="test records (default: the whole test set)")
-    p.add_argument("--per-image-n", type=int, default=2000, help="records for the per-image peer codecs")
+    p.add_argument("--per-image-n", type=int, default=1000, help="records for the per-image peer codecs")
+    p.add_argument("--peer-n", type=int, default=5000, help="records for the tiled peer codecs (x1000 tiles)")
     p.add_argument("--qualities", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
     args = p.parse_args(argv)
     out = Path(args.out)
