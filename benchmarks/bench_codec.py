@@ -213,7 +213,8 @@ def bench_dataset(name: str, root: Path, args, out: Path) -> dict:
                    "coder_overhead_pct": 100 * (8 * payload / n / ideal - 1),
                    "mse": mse, "psnr_db": psnr(mse)})
     finest = c.tables.qualities[0]  # the model's own ceiling: near-lossless latents
-    result["model_ceiling_psnr_db"] = psnr(float(np.mean((c.decode(quantize(mean, c.tables, finest), finest) - x) ** 2)))
+    x_fine = c.decode(quantize(mean, c.tables, finest), finest)
+    result["model_ceiling_psnr_db"] = psnr(float(np.mean((x_fine - x) ** 2)))
     result["vaestream"] = rd
 
     # -- lossy and lossless peers -------------------------------------------------------------------------

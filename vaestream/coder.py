@@ -50,7 +50,6 @@ import hashlib
 import io
 import math
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
