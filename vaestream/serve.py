@@ -496,7 +496,7 @@ def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 
     return _Server((host, port), handler)
 
 
-def serve(base_path: str | Path, model_name: str, port: int = 8501, host: str = "0.0.0.0",
+def serve(base_path: str | Path, model_name: str, port: int = 8501, host: str = "127.0.0.1",
           version_policy: str = "latest", max_batch_size: int = 10_000, poll_seconds: float = 1.0,
           max_request_bytes: int = 64 << 20, max_concurrent: int = 4, verbose: bool = False,
           ready: threading.Event | None = None) -> None:
