@@ -7,10 +7,10 @@ Prints one JSON object:
 * ``encode``: latency p50/p99 at batch 1 and records/s at batch 1000 through the SavedModel's ``encode``
   signature vs. the in-process model (``tf.function`` over ``VAE.encoder_params``), same run, as ratios;
 * ``serve``: a bounded loopback load on ``vaestream serve`` (``--clients`` threads for ``--seconds``, each with
-  a kept-alive connection: ``encode`` and ``quantize`` requests of ``--serve-batch`` records, then ``quantize``
-  of 100 records): requests/s,
-  latency p50/p99, error count, and the server's RSS before / during (10 samples) / after; the peer is the same signature called
-  directly in this process (the cost of HTTP + JSON).
+  a kept-alive connection: ``encode`` and ``quantize`` requests of ``--serve-batch`` records, then
+  ``quantize`` of 100 records): requests/s, latency p50/p99, error count, and the server's RSS before /
+  during (10 samples) / after; the peer is the same signature called directly in this process (the cost of
+  HTTP + JSON).
 
     python benchmarks/bench_serving.py [--model DIR] [--data MNIST_DIR] [--seconds 20] [--clients 4]
 
@@ -205,7 +205,8 @@ def main() -> None:
     model = store.load_model(model_dir)
     dim = model.config.input_dim
 
-    res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)", "python": platform.python_version(),
+    res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+                 "python": platform.python_version(),
                  "tensorflow": tf.__version__, "model": {"dir": str(model_dir), **model.config.to_dict()},
                  "export_s": round(export_s, 2)}
 
