@@ -167,6 +167,14 @@ def test_a_stream_of_another_model_or_other_tables_is_refused(cdc, other_codec, 
     c2 = codec.Codec(cdc._backend, t2)
     with pytest.raises(ModelMismatchError, match="other coder tables"):
         cdc.decompress(c2.compress(x[:20]))
+    # a lossless (bits-back) stream of the same model is named as such
+    from vaestream.lossless import LOSSLESS_TAG
+
+    h = cdc._header(cdc._coder(None), False)
+    lossless = container.pack(container.Header(**{**h.__dict__, "table_hash": LOSSLESS_TAG, "quality": 0.0,
+                                                  "level": 0}), [(1, b"\0" * 8)])
+    with pytest.raises(BitstreamError, match="lossless"):
+        cdc.decompress(lossless)
     # tables of another model are refused when the codec is made
     with pytest.raises(ModelMismatchError, match="built for model"):
         codec.Codec(cdc._backend, other_codec.tables)

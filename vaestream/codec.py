@@ -302,6 +302,13 @@ class Codec:
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
                                      f"({fp.hex()}...)")
         if h.table_hash != self._digest[:container.FINGERPRINT_BYTES]:
+            try:
+                from vaestream.lossless import LOSSLESS_TAG
+            except ImportError:
+                LOSSLESS_TAG = None
+            if h.table_hash == LOSSLESS_TAG:
+                raise BitstreamError(f"{name}: a lossless (bits-back) stream, not a lossy one: decode it with "
+                                     "vaestream.lossless")
             raise ModelMismatchError(f"{name}: coded with other coder tables ({h.table_hash.hex()[:12]}..., these "
                                      f"are {self._digest[:6].hex()}...); decode it with the tables that wrote it")
         if not 0 <= h.level < self.tables.num_levels or self.tables.qualities[h.level] != h.quality:
