@@ -224,6 +224,8 @@ def test_bad_gets_oversized_bodies_and_the_server_survives(server):
     assert raw(server, "GET", "/v1/models/other")[0] == 404
     assert raw(server, "GET", "/v1/models/vae/versions/4")[0] == 404
     assert raw(server, "GET", "/v1/nothing")[0] == 400
+    status, body = raw(server, "DELETE", "/v1/models/vae")
+    assert status == 400 and body == {"error": "Malformed request: DELETE /v1/models/vae"}
     status, body = raw(server, "POST", "/v1/models/vae:predict", b"x" * 16,
                        headers={"Content-Length": str(MAX_BYTES + 1)})
     assert status == 400 and "larger than the maximum" in body["error"]

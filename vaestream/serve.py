@@ -476,6 +476,13 @@ class _Handler(BaseHTTPRequestHandler):
         if body is not None:
             self._reply(*self.model_server.handle("POST", self.path, body))
 
+    def _other(self) -> None:  # PUT, DELETE, PATCH, ...: TF Serving answers "Malformed request" (400)
+        body = self._body()
+        if body is not None:
+            self._reply(*self.model_server.handle(self.command, self.path, body))
+
+    do_PUT = do_DELETE = do_PATCH = _other  # noqa: N815
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if self.verbose:
             super().log_message(format, *args)
