@@ -577,7 +577,7 @@ class StreamConfig:
     allowed_lateness: float = 0.0
     gate_step: float | None = None      # default: window / 4
     gate_slack: float | None = None     # default: window
-    gate_horizon: float | None = None   # default: max(10 windows, 60 s)
+    gate_horizon: float | None = None   # default: 3 windows + allowed lateness + slack
     chunk_size: int = vb.CHUNK
     batch_size: int = vb.CHUNK
 
@@ -618,7 +618,7 @@ class StreamEncode(beam.PTransform):
         c = self.cfg
         step = c.gate_step if c.gate_step is not None else c.window / 4
         slack = c.gate_slack if c.gate_slack is not None else c.window
-        horizon = c.gate_horizon if c.gate_horizon is not None else max(10 * c.window, 60.0)
+        horizon = c.gate_horizon if c.gate_horizon is not None else 3 * c.window + c.allowed_lateness + slack
         gated = (paths
                  | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
                  | "LateGate" >> beam.ParDo(_LateGate(c.window, c.allowed_lateness, step, horizon)).with_outputs(

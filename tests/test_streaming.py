@@ -1,0 +1,144 @@
+"""Streaming encode (TestStream with watermarks and late data; a live file watcher) and the drift signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def coded_model(small_model, mnist_test, tmp_path_factory):
+    """A copy of the session's small MNIST model with coder tables (so windows are also written as containers)."""
+    from vaestream import codec
+
+    d = tmp_path_factory.mktemp("stream_model") / "model"
+    shutil.copytree(small_model.model_dir, d)
+    codec.write_tables(d, mnist_test[:1000])
+    return d
+
+
+# -- drift ---------------------------------------------------------------------------------------------------
+def test_drift_monitor_flags_a_drop_of_the_bound_and_rebaselines(tmp_path):
+    from vaestream.drift import DriftConfig, DriftMonitor, read_log
+
+    mon = DriftMonitor(DriftConfig(threshold=0.1, warmup=2, rebaseline_after=3), tmp_path / "d.jsonl")
+    ln2 = np.log(2)
+    recs = [mon.observe(f"w{i}", elbo=np.full(50, -100.0 * ln2) + np.linspace(-1, 1, 50)) for i in range(4)]
+    assert not any(r["flagged"] for r in recs)
+    assert recs[0]["bits_per_record"] == pytest.approx(100.0, rel=1e-3)
+    # the data change: 30 % more bits per record (the bound drops by 30 %)
+    jump = [mon.observe(f"v{i}", elbo_sum=-130.0 * ln2 * 40, records=40) for i in range(4)]
+    assert [r["flagged"] for r in jump] == [True, True, True, False]
+    assert jump[0]["change"] == pytest.approx(0.3, rel=1e-2)
+    assert jump[2]["rebaselined"] and jump[3]["reference_bits"] == pytest.approx(130.0)
+    # a smaller change stays below the threshold; an empty window is reported, not judged
+    assert not mon.observe("u", elbo_sum=-135.0 * ln2, records=1)["flagged"]
+    assert not mon.observe("empty", elbo_sum=0.0, records=0)["flagged"]
+    log = read_log(tmp_path / "d.jsonl")
+    assert len(log) == 10 and [r["window"] for r in log][:2] == ["w0", "w1"]
+    # the state carries over a restart
+    again = DriftMonitor(mon.config, None, mon.state())
+    assert again.observe("x", elbo_sum=-200.0 * ln2 * 10, records=10)["flagged"]
+
+
+# -- TestStream: watermarks, late data, malformed input ------------------------------------------------------
+def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    from vaestream import beam as vb
+    from vaestream import beam_streaming as bs
+    from vaestream import codec, container
+    from vaestream.registry import Registry
+
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = {1: 101, 2: 102, 3: 103, 4: 104}
+    for i, n in sizes.items():
+        np.save(src / f"f{i}.npy", mnist_test[i * 200:i * 200 + n])
+    (src / "bad.npy").write_bytes(b"junk")
+    np.save(src / "nan.npy", np.full((3, 28, 28), np.nan, np.float32))
+    t0 = 1_000_000  # event time, seconds; windows of 10 s: [t0, t0 + 10), [t0 + 10, t0 + 20)
+    stream = (TestStream(coder=beam.coders.StrUtf8Coder())
+              .add_elements([TimestampedValue(str(src / "f1.npy"), t0 + 1), TimestampedValue(str(src / "bad.npy"), t0 + 2),
+                             TimestampedValue(str(src / "nan.npy"), t0 + 2)])
+              .advance_watermark_to(t0 + 12)        # window 1 closes: its ON_TIME pane
+              .add_elements([TimestampedValue(str(src / "f2.npy"), t0 + 3),      # late, within the allowed 5 s
+                             TimestampedValue(str(src / "f3.npy"), t0 + 11)])    # on time in window 2
+              .advance_watermark_to(t0 + 40)        # window 1 is past its allowed lateness
+              .add_elements([TimestampedValue(str(src / "f4.npy"), t0 + 4)])     # too late: dead letter
+              .advance_watermark_to_infinity())
+    out = tmp_path / "out"
+    p = bs.streaming_pipeline()
+    (p | stream | bs.StreamEncode(str(out), model_dir=str(coded_model),
+                                  config=bs.StreamConfig(window=10, allowed_lateness=5, gate_step=5)))
+    vb.run_pipeline(p)
+
+    wins = bs.read_windows(str(out))
+    got = [(w["window_start_s"] - t0, w["timing"], w["records"], [os.path.basename(s) for s in w["sources"]])
+           for w in wins]
+    assert got == [(0, "on_time", 101, ["f1.npy"]), (0, "late", 102, ["f2.npy"]), (10, "on_time", 103, ["f3.npy"])]
+    dead = bs.read_dead_letters(str(out))
+    reasons = {os.path.basename(d["source"]): d["reason"] for d in dead}
+    assert set(reasons) == {"bad.npy", "nan.npy", "f4.npy"}
+    assert ": late: " in reasons["f4.npy"] and "allowed lateness 5 s" in reasons["f4.npy"]
+    assert "bad.npy" in reasons["bad.npy"] and "NaN" in reasons["nan.npy"]
+    assert sum(1 for d in dead if d["source"].endswith("nan.npy")) == 3  # one per malformed record
+    # each pane: code Examples (TFRecord) and a container naming the model; both hold the pane's records
+    c = codec.load(coded_model)
+    for w in wins:
+        base = out / "codes" / w["files"][0][:-len(".tfrecord")]
+        assert vb.count_written([str(base) + ".tfrecord"]) == w["records"]
+        blob = (base.parent / (base.name + ".vaez")).read_bytes()
+        assert container.read_header(__import__("io").BytesIO(blob)).fingerprint.hex() == c.fingerprint[:32]
+        assert c.decompress(blob).shape == (w["records"], 784)
+        assert w["fingerprints"] == [c.fingerprint] and w["coded_bits"] == 8 * len(blob)
+    # the containers decode through a registry holding the model, by fingerprint
+    reg = Registry(tmp_path / "reg")
+    reg.publish(coded_model)
+    x_hat = reg.decode_file(out / "codes" / wins[0]["files"][1])
+    np.testing.assert_allclose(x_hat, c.decompress((out / "codes" / wins[0]["files"][1]).read_bytes()), atol=1e-5)
+    # per-window drift records: mean bound and bits/record, one per pane
+    drift = [json.loads(s) for s in (out / "drift.jsonl").read_text().splitlines()]
+    assert len(drift) == 3 and all(d["records"] > 100 and d["bits_per_record"] > 0 for d in drift)
+    assert drift[0]["mean_elbo"] == pytest.approx(wins[0]["mean_elbo"])
+
+
+# -- a live stream: the file watcher on the in-process streaming runner, through the job shell ---------------
+def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_path):
+    from pipelines import stream_encode
+
+    from vaestream import beam_streaming as bs
+
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "early.npy", mnist_test[:64])                 # present before the job starts
+
+    def producer():
+        time.sleep(2.0)
+        for i in range(3):
+            np.save(src / f".incoming-{i}.npy", mnist_test[100 * i:100 * i + 50])
+            os.replace(src / f".incoming-{i}.npy", src / f"late-arrival-{i}.npy")   # atomic: the watcher sees it whole
+            time.sleep(0.3)
+        (src / "broken.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+        np.save(src / "note.tmp.npy", mnist_test[:5])            # temporary names are ignored
+
+    th = threading.Thread(target=producer)
+    th.start()
+    out = tmp_path / "out"
+    summary = stream_encode.run(["--watch", str(src / "*.npy"), "--model", str(coded_model), "--output", str(out),
+                                 "--window", "1", "--poll_interval", "0.2", "--idle_timeout", "4"])
+    th.join()
+    wins = bs.read_windows(str(out))
+    sources = [os.path.basename(s) for w in wins for s in w["sources"]]
+    assert sorted(sources) == ["early.npy", "late-arrival-0.npy", "late-arrival-1.npy", "late-arrival-2.npy"]
+    assert summary["records"] == 64 + 150 and summary["files_found"] == 5
+    assert [os.path.basename(d["source"]) for d in bs.read_dead_letters(str(out))] == ["broken.npy"]
+    assert json.loads((out / "summary.json").read_text())["records"] == 214
