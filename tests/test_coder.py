@@ -170,6 +170,35 @@ def test_inactive_dimensions_cost_zero_bits_and_decode_as_the_prior_mean():
     assert all(len(t.table(lv, d)) == 0 for lv in range(t.num_levels) for d in (1, 3))
 
 
+def test_inactive_dimensions_of_the_real_model_cost_zero_bits(posterior):
+    """With the threshold raised above some dims' KL, those dims are dropped: their symbols are 0, their
+    bits 0, their z_hat exactly the prior mean, and the rate falls by what their tables used to cost."""
+    mu, ls = posterior["train"]
+    full = build_tables_from_stats(posterior["fingerprint"], mu, ls)
+    kl_sorted = np.sort(full.kl_bits)
+    threshold = float(kl_sorted[2] + kl_sorted[3]) / 2  # the 3 least informative dims go
+    part = build_tables_from_stats(posterior["fingerprint"], mu, ls, inactive_kl_bits=threshold)
+    off = np.flatnonzero(~part.active)
+    assert len(off) == 3 and set(off) == set(np.argsort(full.kl_bits)[:3])
+    test_mu = posterior["test"][0]
+    sym = quantize(test_mu, part)
+    assert np.all(sym[:, off] == 0) and np.all(dequantize(sym, part)[:, off] == 0)
+    c_part, c_full = EntropyCoder(part), EntropyCoder(full)
+    sym_full = quantize(test_mu, full)
+    lv = full.level(1.0)
+
+    def cost(d):  # bits of dim d under the full tables: -log2(f / 2^24) of its symbols
+        k = int(full.half_range[lv, d])
+        assert np.all(np.abs(sym_full[:, d]) <= k)
+        return PRECISION - np.log2(full.table(lv, d)[sym_full[:, d] + k].astype(np.float64))
+
+    assert all(cost(d).mean() > 1 for d in off)  # they did cost bits before
+    # the active dims keep the same tables, so the saving is exactly what the dropped dims cost
+    expect = c_full.ideal_bits(sym_full) - sum(cost(d) for d in off)
+    np.testing.assert_allclose(c_part.ideal_bits(sym), expect, rtol=0, atol=1e-6)
+    assert 8 * len(c_part.encode(sym)) < 8 * len(c_full.encode(sym_full))
+
+
 def test_aggregate_model_codes_held_out_data_in_fewer_bits_than_the_prior(posterior):
     mu, ls = posterior["train"]
     agg = build_tables_from_stats(posterior["fingerprint"], mu, ls, model="aggregate")

@@ -6,6 +6,10 @@
     blob = codec.compress(x)         # bytes: a self-describing container (vaestream.container)
     x_hat = codec.decompress(blob)   # == codec.decode(codec.encode(x)), bit for bit
 
+Determinism: the codes (and so the bytes) decode to the same integers on any machine, since the entropy
+model is the stored integer tables; the pixels are then the decoder network's float32 output at
+z_hat = codes * delta, bit-identical in any process on the same TensorFlow build and CPU kind.
+
 ``x`` is one record (``[D]`` or ``input_shape``) or a batch (``[B, D]`` or ``[B, *input_shape]``); uint8
 records are scaled by 1/255 like the training data. Single records give single results.
 
