@@ -59,6 +59,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
     """Add the decode steps to ``p``."""
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
+    # a rerun replaces the earlier run's files
+    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     codes = p | "ReadCodes" >> vb.ReadCodes(paths, args.chunk_size)
     recon = codes[vb.RECORDS] | "Decode" >> vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype)
     schema = vb.record_schema(config.input_shape, args.output_dtype) if args.output_format == "parquet" else None

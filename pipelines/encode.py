@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK, help="records per element")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
-    parser.add_argument("--num_shards", "--num-shards", type=int, default=0, help="output files (0: the runner's choice)")
+    parser.add_argument("--num_shards", "--num-shards", type=int, default=0,
+                        help="output files (0: the runner's choice)")
     parser.add_argument("--feature", default="x", help="record feature of generic TFRecord Examples / .npz array")
 
 
@@ -52,7 +53,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     """Add the encode steps to ``p``."""
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
-    read = p | "ReadRecords" >> vb.ReadRecords(args.input, args.split, args.chunk_size, args.split_records,
+    read_paths = vb.expand_inputs(args.input, args.split)
+    # a rerun replaces the earlier run's files
+    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=read_paths)
+    read = p | "ReadRecords" >> vb.ReadRecords(read_paths, args.split, args.chunk_size, args.split_records,
                                                args.feature)
     good = read[vb.RECORDS] | "Validate" >> vb.Validate(config.input_shape, config.likelihood, None, args.scale)
     codes = good[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder)

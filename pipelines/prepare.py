@@ -56,6 +56,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
     likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
     out = args.output.rstrip("/")
+    # a rerun replaces the earlier run's files
+    vb.clear_outputs(f"{out}/{shards.SHARD_PREFIX}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{shards.MANIFEST}",
+                     inputs=paths)
     read = p | "ReadRecords" >> vb.ReadRecords(paths, args.split, args.chunk_size, args.split_records, args.feature)
     good = read[vb.RECORDS] | "Validate" >> vb.Validate(shape, likelihood, dtype, args.scale)
     dead = (read[vb.DEAD_LETTER], good[vb.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()

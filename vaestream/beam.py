@@ -161,7 +161,8 @@ def expand_inputs(specs: str | Sequence[str], split: str = "train") -> list[str]
     from vaestream import data
 
     if isinstance(specs, str):
-        specs = [s for s in specs.split(",") if s.strip()]
+        specs = [specs]
+    specs = [part for s in specs for part in str(s).split(",") if part.strip()]
     out: list[str] = []
     for spec in specs:
         spec = spec.strip()
@@ -815,6 +816,8 @@ def code_examples(batch: CodeBatch) -> list[bytes]:
 
 
 def code_schema(latent_dim: int, coded: bool = False):
+    """Parquet/Arrow schema of codes: key (string), mean and log_scale (fixed-size lists of Nz float32),
+    fingerprint (string)[, code (binary)]."""
     import pyarrow as pa
 
     fields = [("key", pa.string()), ("mean", pa.list_(pa.float32(), latent_dim)),
@@ -825,6 +828,8 @@ def code_schema(latent_dim: int, coded: bool = False):
 
 
 def record_schema(shape: Sequence[int], dtype: str):
+    """Parquet/Arrow schema of records: key (string), data (fixed-size list of prod(shape) values of dtype);
+    the shape and dtype are in the schema metadata."""
     import pyarrow as pa
 
     d = int(np.prod(shape))
@@ -1060,7 +1065,10 @@ class LoadedVAE:
     * ``fingerprint``: the model's 64-hex SHA-256 (:meth:`vaestream.model.VAE.fingerprint`).
     * ``config``: its :class:`vaestream.config.ModelConfig`.
 
-    A SavedModel export must provide ``encode`` and ``decode`` (as attributes or signatures; outputs a dict
+    A SavedModel written by :func:`vaestream.export.export` (a version directory, or an export base whose
+    latest version is taken) is read through :class:`vaestream.export.ExportedModel`: its ``encode`` and
+    ``decode`` signatures, ``assets/config.json`` and ``assets/fingerprint.txt``. Any other SavedModel must
+    provide ``encode`` and ``decode`` (as attributes or signatures; outputs a dict
     with ``mean``/``log_scale`` and ``x_mean``, or tensors in that order) and its fingerprint as an attribute
     ``fingerprint`` (a string tensor/variable or a function returning one) or as ``"fingerprint"`` in a
     ``vaestream.json``/``metadata.json`` next to ``saved_model.pb`` or under ``assets/``; the model config as
@@ -1103,11 +1111,11 @@ class LoadedVAE:
         model = load_model(model_dir)
         d = model.config.input_dim
 
-        @tf.function(jit_compile=True, reduce_retracing=True)
+        @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
         def enc(x, scale):
             return model.encoder_params(tf.cast(x, tf.float32) * scale)
 
-        @tf.function(jit_compile=True, reduce_retracing=True)
+        @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
         def dec(z):
             return model.decoder_params(z)["x_mean"]
 
@@ -1129,6 +1137,23 @@ class LoadedVAE:
 
         from vaestream.config import ModelConfig
 
+        exported = _vaestream_export(path)
+        if exported is not None:
+            em = exported
+            enc_sig, dec_sig = em.signatures["encode"], em.signatures["decode"]
+            enc_arg = list(enc_sig.structured_input_signature[1])[0]
+            dec_arg = list(dec_sig.structured_input_signature[1])[0]
+
+            def encode_fn(x, scale):
+                out = enc_sig(**{enc_arg: tf.cast(x, tf.float32) * scale})
+                return out["mean"].numpy(), out["log_scale"].numpy()
+
+            def decode_fn(z):
+                return dec_sig(**{dec_arg: z})["x_mean"].numpy()
+
+            out = cls(em.config, em.fingerprint, encode_fn, decode_fn, str(em.path))
+            out._saved = em
+            return out
         try:
             obj = tf.saved_model.load(path)
         except (OSError, tf.errors.OpError, ValueError) as e:
@@ -1181,6 +1206,23 @@ class LoadedVAE:
         return out
 
 
+def _vaestream_export(path: str):
+    """``vaestream.export.ExportedModel`` of ``path`` (a version directory or an export base whose latest
+    version is taken) when it is in that layout (``assets/config.json`` + ``assets/fingerprint.txt``), else
+    None."""
+    try:
+        from vaestream.export import ExportedModel, resolve_export
+    except ModuleNotFoundError:
+        return None
+    try:
+        version_dir = resolve_export(path)
+    except ModelError:
+        return None
+    if not (version_dir / "assets" / "fingerprint.txt").is_file():
+        return None
+    return ExportedModel(version_dir)
+
+
 def _pad_rows(x):
     """Pad ``x`` [n, ...] with zero rows to the next power of two (at least 64), so the XLA-compiled model
     sees a handful of batch shapes instead of one per distinct batch length."""
@@ -1211,6 +1253,12 @@ def read_model_config(model_dir: str | None = None, saved_model: str | None = No
 
     if model_dir is not None:
         return read_config(model_dir)
+    try:
+        from vaestream.export import resolve_export
+
+        saved_model = str(resolve_export(saved_model))
+    except (ModuleNotFoundError, ModelError):
+        pass
     for name in ("config.json", "assets/config.json"):
         p = f"{str(saved_model).rstrip('/')}/{name}"
         if FileSystems.exists(p):
@@ -1237,8 +1285,10 @@ class VAEModelHandler(ModelHandler):
     model's, else :class:`vaestream.errors.ModelMismatchError`.
 
     Args:
-      coder: also store each record's bytes from ``vaestream.codec.load(model_dir).compress`` (model
-        directories only; needs the coder module).
+      coder: also store each record's coder bytes: ``vaestream.codec.load(model)`` quantises the batch's
+        posterior means in one call (``codec.encode``) and each record becomes a single-record container
+        (``codec.compress_codes(..., single=True)``; ``codec.decompress`` reads it back). Needs the model's
+        coder tables (``coder_tables.npz``, see :func:`vaestream.codec.write_tables`).
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
@@ -1249,8 +1299,6 @@ class VAEModelHandler(ModelHandler):
             raise ModelError(f"mode {mode!r} is not one of encode, decode")
         if (model_dir is None) == (saved_model is None):
             raise ModelError("give exactly one of model_dir, saved_model")
-        if coder and model_dir is None:
-            raise ModelError("the coder's bytes need a model directory (vaestream.codec.load(model_dir))")
         self.model_dir, self.saved_model, self.mode, self.coder = model_dir, saved_model, mode, coder
 
     def load_model(self) -> LoadedVAE:
@@ -1258,7 +1306,9 @@ class VAEModelHandler(ModelHandler):
         if self.coder:
             from vaestream import codec
 
-            model.codec = codec.load(self.model_dir)
+            model.codec = codec.load(self.model_dir if self.model_dir is not None else model.source)
+            if getattr(model.codec, "fingerprint", model.fingerprint) != model.fingerprint:
+                raise ModelMismatchError(f"{model.source}: the coder tables belong to another model")
         return model
 
     def run_inference(self, batch: Sequence[Any], model: LoadedVAE, inference_args=None) -> list:
@@ -1282,8 +1332,9 @@ class VAEModelHandler(ModelHandler):
                 b = batch[i]
                 n = len(b)
                 coded = None
-                if self.coder:
-                    coded = [bytes(model.codec.compress(b.inputs()[j:j + 1])) for j in range(n)]
+                if self.coder:  # one batched model call, then one single-record container per record
+                    symbols = np.asarray(model.codec.encode(b.inputs())).reshape(n, -1)
+                    coded = [bytes(model.codec.compress_codes(symbols[j:j + 1], single=True)) for j in range(n)]
                 results[i] = CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, coded,
                                        int(b.records.nbytes))
                 s += n
@@ -1360,7 +1411,8 @@ class Decode(beam.PTransform):
 def code_files(specs: str | Sequence[str]) -> list[str]:
     """The code files (``.tfrecord`` / ``.parquet``) that ``specs`` name (files, globs or directories)."""
     if isinstance(specs, str):
-        specs = [s for s in specs.split(",") if s.strip()]
+        specs = [specs]
+    specs = [part for s in specs for part in str(s).split(",") if part.strip()]
     out: list[str] = []
     for spec in specs:
         spec = spec.strip()
@@ -1569,6 +1621,7 @@ def file_sizes(pattern: str) -> tuple[list[str], int]:
 
 
 def count_lines(path: str) -> int:
+    """Non-empty lines of a text file (0 if it does not exist)."""
     if not FileSystems.exists(path):
         return 0
     with _open(path) as f:
@@ -1625,3 +1678,21 @@ def job_summary(job: str, result, seconds: float, output_pattern: str, dead_lett
                "outputs": files, "dead_letter": dead_letter_path}
     summary.update(extra or {})
     return summary
+
+
+def clear_outputs(*patterns: str, inputs: Sequence[str] = ()) -> int:
+    """Delete the files matching ``patterns`` (the outputs of an earlier run of a job into the same place, so a
+    rerun with another shard count leaves no stale shards behind); returns how many were deleted.
+
+    Raises :class:`DataError` (deleting nothing) if one of them is among ``inputs``."""
+    paths = [m.path for pat in patterns for m in FileSystems.match([pat])[0].metadata_list]
+    def norm(p: str) -> str:
+        return p if "://" in p else os.path.abspath(p)
+
+    clash = sorted({norm(p) for p in paths} & {norm(str(i)) for i in inputs})
+    if clash:
+        raise DataError(f"{clash[0]}: is an input of this job and would be overwritten by its output; "
+                        "write to another directory")
+    if paths:
+        FileSystems.delete(paths)
+    return len(paths)

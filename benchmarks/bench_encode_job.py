@@ -1,0 +1,240 @@
+"""Throughput of the Beam jobs (prepare, encode, decode) against the bare model and stock RunInference.
+
+For each size N (MNIST training images tiled to N records, 784 uint8 values each, in one ``.npy``), in one
+run and on the same 784-500-20 model (the paper's MNIST architecture):
+
+* ``bare``     — the compiled encoder on in-memory arrays, 4096 records a call (the limit);
+* ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> RunInference -> TFRecord;
+* ``stock``    — Beam's stock ``RunInference`` with one record per element (a per-record ModelHandler over the
+  same compiled function, Beam's own ``BatchElements`` batching, one ``tf.train.Example`` per record);
+* ``unbatched``— the same with ``max_batch_size=1`` (one model call per record), on the first 2000 records at
+  the smallest N only (it is slow; its per-record rate does not depend on N);
+* ``prepare``  — ``pipelines/prepare.py`` (read, validate, shuffle, 8 shards, manifest);
+* ``decode``   — ``pipelines/decode.py`` on the encode job's codes.
+
+Every measurement runs in a fresh subprocess (so its peak RSS is its own) on the in-process FnApiRunner;
+the job figures are the pipeline's run time (model loading and XLA compilation included), the bare figure
+excludes compilation. Prints one JSON document.
+
+    python benchmarks/bench_encode_job.py --sizes 10000 100000 1000000 --out /tmp/bench_beam
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_inputs(work: Path, n: int) -> Path:
+    """MNIST training images tiled to ``n`` records, as ``work/mnist-N.npy`` (written once)."""
+    import numpy as np
+
+    from vaestream.data import read_idx
+
+    path = work / f"mnist-{n}.npy"
+    if not path.exists():
+        base = read_idx(MNIST / "train-images-idx3-ubyte.gz")
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 28, 28))
+        for s in range(0, n, len(base)):
+            out[s:s + len(base)] = base[: min(len(base), n - s)]
+        out.flush()
+        del out
+    return path
+
+
+def make_model(work: Path) -> Path:
+    """A 784-500-20 Bernoulli VAE (weights from its seed: throughput does not depend on training)."""
+    import tensorflow as tf
+
+    from vaestream import store
+    from vaestream.config import ModelConfig
+    from vaestream.model import VAE
+
+    model_dir = work / "model"
+    if not (model_dir / "config.json").exists():
+        config = ModelConfig(latent_dim=20, hidden=(500,))
+        store.save_config(model_dir, config)
+        tf.train.Checkpoint(model=VAE(config, seed=0)).save(str(model_dir / "ckpt" / "ckpt"))
+    return model_dir
+
+
+# ---- one measurement (run in a subprocess) ------------------------------------------------------------
+def one_bare(work: Path, n: int) -> dict:
+    import numpy as np
+
+    from vaestream.beam import CHUNK, LoadedVAE
+
+    records = np.load(make_inputs(work, n))  # in memory
+    model = LoadedVAE.from_model_dir(str(make_model(work)))
+    model.encode(records[:CHUNK], 1 / 255)  # compile
+    t0 = time.perf_counter()
+    total = 0
+    for s in range(0, n, CHUNK):
+        mean, log_scale = model.encode(records[s:s + CHUNK], 1 / 255)
+        total += len(mean)
+    secs = time.perf_counter() - t0
+    return {"records": total, "seconds": secs}
+
+
+def one_job(work: Path, n: int, job: str) -> dict:
+    from pipelines import decode, encode, prepare
+
+    src, model = make_inputs(work, n), make_model(work)
+    out = work / f"{job}-{n}"
+    if job == "encode":
+        s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out)])
+    elif job == "encode_parquet":
+        s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--output_format",
+                        "parquet"])
+    elif job == "prepare":
+        s = prepare.run(["--input", str(src), "--output", str(out), "--num_shards", "8"])
+    elif job == "decode":
+        codes = work / f"encode-{n}"
+        if not codes.exists():
+            encode.run(["--input", str(src), "--model", str(model), "--output", str(codes)])
+        s = decode.run(["--input", str(codes), "--model", str(model), "--output", str(out), "--output_dtype", "uint8"])
+    else:
+        raise SystemExit(f"unknown job {job}")
+    return {"records": s["records"], "seconds": s["seconds"], "bytes_in": s["bytes_in"], "bytes_out": s["bytes_out"],
+            "dead_lettered": s["dead_lettered"]}
+
+
+def one_stock(work: Path, n: int, max_batch_size: int | None) -> dict:
+    """Beam's stock RunInference, one record per element."""
+    import apache_beam as beam
+    import numpy as np
+    import tensorflow as tf
+    from apache_beam.ml.inference.base import ModelHandler, RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from vaestream import beam as vb
+
+    model_dir = str(make_model(work))
+
+    class PerRecordHandler(ModelHandler):
+        """Elements are (key, record [28, 28] uint8); predictions (key, mean, log_scale)."""
+
+        def __init__(self):
+            kw = {} if max_batch_size is None else {"min_batch_size": 1, "max_batch_size": max_batch_size}
+            super().__init__(**kw)
+
+        def load_model(self):
+            return vb.LoadedVAE.from_model_dir(model_dir)
+
+        def run_inference(self, batch, model, inference_args=None):
+            keys = [k for k, _ in batch]
+            mean, log_scale = model.encode(np.stack([r for _, r in batch]), 1 / 255)
+            return list(zip(keys, mean, log_scale))
+
+    def to_example(pred):
+        key, mean, log_scale = pred
+        return [tf.train.Example(features=tf.train.Features(feature={
+            "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode()])),
+            "mean": tf.train.Feature(float_list=tf.train.FloatList(value=mean)),
+            "log_scale": tf.train.Feature(float_list=tf.train.FloatList(value=log_scale))})).SerializeToString()]
+
+    out = work / f"stock-{max_batch_size}-{n}"
+    p = vb.make_pipeline(PipelineOptions([]))
+    read = p | "Read" >> vb.ReadRecords([str(make_inputs(work, n))])
+    _ = (read[vb.RECORDS]
+         | "OnePerElement" >> beam.FlatMap(lambda b: zip(b.keys, b.records))
+         | "RunInference" >> RunInference(PerRecordHandler())
+         | "ToExample" >> beam.Map(to_example)
+         | "Write" >> beam.io.Write(vb.BatchedTFRecordSink(str(out / "codes"))))
+    t0 = time.perf_counter()
+    vb.run_pipeline(p)
+    secs = time.perf_counter() - t0
+    written = vb.count_written(vb.file_sizes(str(out / "codes-*"))[0])
+    return {"records": written, "seconds": secs}
+
+
+def run_one(args) -> None:
+    work = Path(args.work)
+    if args.one == "bare":
+        r = one_bare(work, args.n)
+    elif args.one == "stock":
+        r = one_stock(work, args.n, None)
+    elif args.one == "unbatched":
+        r = one_stock(work, args.n, 1)
+    else:
+        r = one_job(work, args.n, args.one)
+    r["records_per_second"] = r["records"] / r["seconds"]
+    r["us_per_record"] = 1e6 * r["seconds"] / r["records"]
+    r["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    print("RESULT " + json.dumps(r))
+
+
+def measure(work: Path, what: str, n: int) -> dict:
+    cmd = [sys.executable, __file__, "--one", what, "--n", str(n), "--work", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
+    ap.add_argument("--out", "--work", dest="work", default="/tmp/bench_beam")
+    ap.add_argument("--jobs", nargs="+", default=["bare", "encode", "stock", "unbatched", "prepare", "decode"])
+    ap.add_argument("--stock-max", type=int, default=100000, help="largest N for the stock baseline")
+    ap.add_argument("--unbatched-max", type=int, default=10000, help="largest N for the unbatched baseline")
+    ap.add_argument("--unbatched-n", type=int, default=2000,
+                    help="records the unbatched baseline runs on (its per-record rate is flat; it is slow)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return run_one(args)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    make_model(work)
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date":
+                     time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": "784-500-20 bernoulli",
+                     "sizes": {}}
+    for n in args.sizes:
+        make_inputs(work, n)
+        row = {}
+        for what in args.jobs:
+            if what == "stock" and n > args.stock_max or what == "unbatched" and n > args.unbatched_max:
+                continue
+            m = min(n, args.unbatched_n) if what == "unbatched" else n
+            if m != n:
+                make_inputs(work, m)
+            row[what] = measure(work, what, m)
+            print(f"N={n} {what}: {json.dumps(row[what])}", file=sys.stderr, flush=True)
+        enc, bare = row.get("encode", {}), row.get("bare", {})
+        ratios = {}
+        if "records_per_second" in enc:
+            if "records_per_second" in bare:
+                ratios["encode_over_bare"] = enc["records_per_second"] / bare["records_per_second"]
+            for base in ("stock", "unbatched"):
+                if "records_per_second" in row.get(base, {}):
+                    ratios[f"encode_over_{base}"] = enc["records_per_second"] / row[base]["records_per_second"]
+        row["ratios"] = ratios
+        results["sizes"][str(n)] = row
+    sizes = [str(n) for n in args.sizes]
+    if len(sizes) > 1 and all("us_per_record" in results["sizes"][s].get("encode", {}) for s in sizes):
+        per = [results["sizes"][s]["encode"]["us_per_record"] for s in sizes]
+        results["encode_us_per_record_largest_over_smallest"] = per[-1] / per[0]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
