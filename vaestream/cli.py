@@ -1,8 +1,9 @@
 """The ``vaestream`` command line: thin shells over the Python API.
 
-Subcommands are registered by modules listed in :data:`SUBCOMMAND_MODULES`; each has a function
-``add_subcommands(subparsers)`` that adds its parsers and sets ``func`` (called with the parsed args, returning
-an exit code).
+Each subcommand lives in a module with a function ``add_subcommands(subparsers)`` that adds its parsers and
+sets ``func`` (called with the parsed args, returning an exit code). :data:`COMMANDS` maps every command to
+its module, so a run imports only the module of the command it runs (Beam, the server or the coder are not
+imported to train); ``vaestream --help`` imports them all.
 """
 
 from __future__ import annotations
@@ -11,36 +12,35 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = (
-    "vaestream.cli_core",      # train, evaluate
-    "vaestream.cli_coder",     # compress, decompress, rd
-    "vaestream.cli_beam",      # prepare, encode, decode
-    "vaestream.cli_deploy",    # export, serve
-    "vaestream.cli_stream",    # follow-training helpers
-)
+COMMANDS = {
+    "train": "vaestream.cli_core", "evaluate": "vaestream.cli_core", "demo": "vaestream.cli_core",
+    "build-tables": "vaestream.cli_coder", "compress": "vaestream.cli_coder", "decompress": "vaestream.cli_coder",
+    "rd": "vaestream.cli_coder",
+    "prepare": "vaestream.cli_beam", "encode": "vaestream.cli_beam", "decode": "vaestream.cli_beam",
+    "export": "vaestream.cli_deploy", "serve": "vaestream.cli_deploy", "client": "vaestream.cli_deploy",
+    "follow": "vaestream.cli_stream", "stream-encode": "vaestream.cli_stream", "registry": "vaestream.cli_stream",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` only that command's module is imported and registered."""
     from vaestream import __version__
 
     parser = argparse.ArgumentParser(prog="vaestream", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vaestream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        module.add_subcommands(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from vaestream.errors import VaestreamError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
