@@ -69,3 +69,16 @@ def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path):
     assert not (tmp_path / "m" / "ckpt").exists()  # rejected before any training step
     proc = vaestream("evaluate", "--model", tmp_path / "nowhere", "--data", bad, check=False)
     assert proc.returncode == 1 and "not a vaestream model directory" in proc.stderr
+
+
+def test_demo_trains_evaluates_plots_compresses_and_exports(tmp_path, mnist_dir):
+    out = vaestream("demo", "--data", mnist_dir, "--out", tmp_path / "demo", "--epochs", 0.5, "--n", 300, "--k", 10,
+                    "--no-progress")
+    text = out.stdout
+    summary = json.loads(text[text.rindex('{\n  "compress"'):])["compress"]
+    assert summary["records"] == 300 and summary["ratio"] > 20  # 784 bytes -> a few dozen
+    assert summary["bits_per_record"] >= summary["kl_bits_per_record"] * 0.5
+    assert summary["psnr_db"] > 12
+    assert summary["export_max_abs_diff"] < 1e-5  # the SavedModel alone decodes the same stream
+    for name in ("reconstructions.png", "learning_curves.png"):
+        assert (tmp_path / "demo" / "plots" / name).stat().st_size > 1000
