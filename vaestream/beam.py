@@ -1103,32 +1103,37 @@ class LoadedVAE:
         return cls.from_model_dir(model_dir) if model_dir is not None else cls.from_saved_model(saved_model)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str) -> "LoadedVAE":
+    def from_model_dir(cls, model_dir: str, jit: bool = False) -> "LoadedVAE":
+        """Load a model directory; the encoder and decoder run as compiled ``tf.function`` graphs (with
+        ``jit``, XLA-compiled, batches padded to powers of two to bound recompilation; on CPU the plain graph
+        is as fast and needs no compilation time)."""
         import tensorflow as tf
 
         from vaestream.store import load_model
 
         model = load_model(model_dir)
-        d = model.config.input_dim
 
-        @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+        @tf.function(jit_compile=jit, reduce_retracing=True, autograph=False)
         def enc(x, scale):
             return model.encoder_params(tf.cast(x, tf.float32) * scale)
 
-        @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+        @tf.function(jit_compile=jit, reduce_retracing=True, autograph=False)
         def dec(z):
             return model.decoder_params(z)["x_mean"]
 
+        pad = _pad_rows if jit else (lambda t: t)
+
         def encode_fn(x, s):
             n = int(x.shape[0])
-            mean, log_scale = enc(_pad_rows(x), s)
+            mean, log_scale = enc(pad(x), s)
             return mean.numpy()[:n], log_scale.numpy()[:n]
 
         def decode_fn(z):
             n = int(z.shape[0])
-            return dec(_pad_rows(z)).numpy()[:n]
+            return dec(pad(z)).numpy()[:n]
+
         out = cls(model.config, model.fingerprint(), encode_fn, decode_fn, str(model_dir))
-        out._model, out._dim = model, d
+        out._model = model
         return out
 
     @classmethod
