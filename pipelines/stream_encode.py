@@ -18,9 +18,6 @@ import json
 import os
 import sys
 
-from vaestream import beam_streaming as bs
-from vaestream.drift import DriftConfig
-
 SUMMARY = "summary.json"
 
 
@@ -52,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the streaming encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
+    from vaestream import beam_streaming as bs
+    from vaestream.drift import DriftConfig
+
     cfg = bs.StreamConfig(window=args.window, allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size,
                           batch_size=args.chunk_size)
     coder = {"auto": None, "yes": True, "no": False}[args.coder]

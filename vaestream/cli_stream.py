@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _follow(a: argparse.Namespace) -> int:
@@ -50,9 +49,12 @@ def _follow(a: argparse.Namespace) -> int:
 
 
 def _stream_encode(a: argparse.Namespace) -> int:
+    import shlex
+
     from pipelines import stream_encode
 
-    summary = stream_encode.run(a.job_args)
+    pipeline_args = ([f"--runner={a.runner}"] if a.runner else []) + shlex.split(a.beam_args or "")
+    summary = stream_encode.run_job(a, pipeline_args)
     print(json.dumps(summary, indent=None if a.json else 2))
     return 0
 
@@ -111,9 +113,14 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=_follow)
 
     s = sub.add_parser("stream-encode", help="streaming Beam encode of new files in windows",
-                       description="The streaming encode job; flags as python -m pipelines.stream_encode --help.")
+                       description="The streaming encode job (python -m pipelines.stream_encode): new files -> codes "
+                                   "in fixed windows, dead letters, drift log.")
+    from pipelines import stream_encode
+
+    stream_encode.add_arguments(s)
+    s.add_argument("--runner", default=None, help="a Beam runner with streaming (default: in-process)")
+    s.add_argument("--beam-args", "--beam_args", default="", help="further pipeline options, one string")
     s.add_argument("--json", action="store_true")
-    s.add_argument("job_args", nargs=argparse.REMAINDER, help="the job's flags")
     s.set_defaults(func=_stream_encode)
 
     r = sub.add_parser("registry", help="list model versions, or decode a container with the version that wrote it")

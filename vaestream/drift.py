@@ -4,13 +4,17 @@ For a window w of n_w records with per-record lower bounds L_i (the ELBO, nats) 
 
     mean_elbo_w       = (1/n_w) sum_i L_i                      nats/record
     bits_per_record_w = -mean_elbo_w / ln 2                    (the bits-back code length the model implies)
-                        or the coded size in bits when the caller passes it (``coded_bits``)
+
+(and, when the caller passes the window's coded size, ``coded_bits_per_record``: reported, not judged — the
+latent codes' size hardly moves when the data changes, the bound does)
 
 and compares ``bits_per_record_w`` with a reference r, an exponential moving average of the bits/record of
 earlier unflagged windows (r_w = (1 - a) r_{w-1} + a b_w, a = ``smoothing``). A window is flagged when
 
     b_w - r > threshold * r        (relative; e.g. 0.1: 10 % more bits than usual, i.e. a 10 % lower bound)
     or b_w - r > absolute_bits     (when given)
+
+(with ``two_sided``, |b_w - r| in both tests: a large fall of bits/record is flagged too)
 
 after ``warmup`` windows have set the reference. A flagged window leaves the reference alone, so a lasting
 change keeps being flagged — until ``rebaseline_after`` consecutive flagged windows, when the new level is
@@ -50,6 +54,8 @@ class DriftConfig:
       rebaseline_after: consecutive flagged windows after which the new level becomes the reference
         (0: never).
       min_records: windows with fewer records are reported but not judged.
+      two_sided: also flag a window whose bits/record fall by more than the threshold (the data changed,
+        though the model now finds it easier).
     """
 
     threshold: float = 0.1
@@ -58,6 +64,7 @@ class DriftConfig:
     warmup: int = 2
     rebaseline_after: int = 5
     min_records: int = 1
+    two_sided: bool = False
 
     def __post_init__(self):
         if not self.threshold > 0 or not 0 < self.smoothing <= 1 or self.warmup < 1 or self.rebaseline_after < 0:
@@ -97,13 +104,12 @@ class DriftMonitor:
         Args:
           window: the window's name (e.g. ``"[start, end)"`` or a file name).
           elbo: the per-record lower bounds ``[n]`` in nats; or give ``elbo_sum`` and ``records``.
-          coded_bits: the window's total coded size in bits (then bits/record is the coded size, not the
-            bound's).
+          coded_bits: the window's total coded size in bits (reported as ``coded_bits_per_record``).
           extra: more fields for the record (start, end, model version, ...).
 
         Returns:
-          ``{"window", "records", "mean_elbo", "bits_per_record", "reference_bits", "change", "flagged",
-          "rebaselined", "time", **extra}``; ``change`` is (b - r) / r.
+          ``{"window", "records", "mean_elbo", "bits_per_record", "coded_bits_per_record", "reference_bits",
+          "change", "flagged", "rebaselined", "time", **extra}``; ``change`` is (b - r) / r.
         """
         if elbo is not None:
             e = np.asarray(elbo, np.float64).reshape(-1)
@@ -114,8 +120,10 @@ class DriftMonitor:
             n, total = int(records), float(elbo_sum)
         cfg = self.config
         mean = total / n if n else float("nan")
-        bits = (coded_bits / n) if (coded_bits is not None and n) else (-mean / LN2 if n else float("nan"))
+        bits = -mean / LN2 if n else float("nan")
+        coded = (coded_bits / n) if (coded_bits is not None and n) else None
         rec: dict[str, Any] = {"window": window, "records": n, "mean_elbo": mean, "bits_per_record": bits,
+                               "coded_bits_per_record": coded,
                                "reference_bits": self.reference, "change": None, "flagged": False,
                                "rebaselined": False, "time": time.time()}
         self.windows += 1
@@ -126,8 +134,9 @@ class DriftMonitor:
             else:
                 r = self.reference
                 rec["change"] = (bits - r) / abs(r) if r else None
-                flagged = bits - r > cfg.threshold * abs(r) or (
-                    cfg.absolute_bits is not None and bits - r > cfg.absolute_bits)
+                delta = abs(bits - r) if cfg.two_sided else bits - r
+                flagged = delta > cfg.threshold * abs(r) or (
+                    cfg.absolute_bits is not None and delta > cfg.absolute_bits)
                 rec["flagged"] = bool(flagged)
                 if flagged:
                     self.flagged_total += 1

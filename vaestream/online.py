@@ -46,7 +46,6 @@ Layout of the work directory::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob as globmod
 import hashlib
@@ -65,7 +64,7 @@ from vaestream import store
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
 from vaestream.drift import DriftConfig, DriftMonitor
-from vaestream.errors import ConfigError, DataError, ModelError, VaestreamError
+from vaestream.errors import ConfigError, DataError, ModelError
 
 LEDGER = "ledger.json"
 LOG = "log.jsonl"
@@ -251,8 +250,6 @@ class OnlineLearner:
             return
         config = store.read_config(self.model_dir)
         self._build(config)
-        import tensorflow as tf
-
         ck = self.ledger.get("checkpoint")
         if ck:
             self.trainer.checkpoint().restore(str(self.model_dir / store.CKPT / ck)).assert_existing_objects_matched()
@@ -270,7 +267,6 @@ class OnlineLearner:
         pub = self.ledger.get("published")
         if pub and self.registry is not None:
             self._published_model = self._load_published(pub["version"])
-        del tf
 
     def _build(self, config: ModelConfig, restore_from: Path | None = None) -> None:
         import tensorflow as tf
