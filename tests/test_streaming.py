@@ -142,3 +142,29 @@ def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_pat
     assert summary["records"] == 64 + 150 and summary["files_found"] == 5
     assert [os.path.basename(d["source"]) for d in bs.read_dead_letters(str(out))] == ["broken.npy"]
     assert json.loads((out / "summary.json").read_text())["records"] == 214
+
+
+# -- the portable source: PeriodicImpulse + match + per-path de-duplication ---------------------------------------
+def test_poll_files_emits_each_file_once(tmp_path):
+    """``PollFiles`` over a bounded poll span (the FnApiRunner runs it as a bounded job): a file present at
+    every poll and one that appears between polls are each emitted exactly once."""
+    import apache_beam as beam
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from vaestream import beam_streaming as bs
+
+    (tmp_path / "a.npy").write_bytes(b"a")
+
+    def later():
+        time.sleep(0.8)
+        (tmp_path / "b.npy").write_bytes(b"b")
+
+    th = threading.Thread(target=later)
+    th.start()
+    now = time.time()
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        got = (p | bs.PollFiles(str(tmp_path / "*.npy"), interval=0.2, start=now, stop=now + 2.0)
+               | beam.Map(os.path.basename))
+        assert_that(got, equal_to(["a.npy", "b.npy"]))
+    th.join()
