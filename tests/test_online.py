@@ -36,7 +36,7 @@ def _config():
     from vaestream.training import TrainConfig
 
     return (ModelConfig(latent_dim=8, hidden=(64,)), TrainConfig(seed=3, jit=True),
-            OnlineConfig(batch_size=50, buffer_size=1000, holdout_fraction=0.0, checkpoint_every_files=2,
+            OnlineConfig(batch_size=50, buffer_size=300, holdout_fraction=0.0, checkpoint_every_files=2,
                          steps_per_call=8, seed=5))
 
 
@@ -131,7 +131,7 @@ def test_kill_resumes_without_losing_or_double_counting_files(mnist_train, tmp_p
     # resume: the ledger's checkpoint is restored and the files after it are processed exactly once
     resumed = OnlineLearner(work, model_config=mc, train_config=tc, online_config=oc)
     assert int(resumed.trainer.step.numpy()) == led["step"]
-    assert len(resumed.buffer) == 2 * 200
+    assert len(resumed.buffer) == 300 and resumed.buffer.next == (2 * 200) % 300  # a wrapped ring, restored as it lay
     resumed.follow(pattern, poll_interval=0.05, idle_timeout=0.2)
     led = json.loads((work / "ledger.json").read_text())
     names = [Path(f["path"]).name for f in led["files"]]

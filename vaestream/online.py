@@ -155,6 +155,14 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
+    @classmethod
+    def restore(cls, slots: np.ndarray, capacity: int, next_slot: int) -> "ReplayBuffer":
+        """A ring from its filled slots ``[size, D]`` (as ``data[:size]``) and write position."""
+        buf = cls(capacity, slots.shape[1], slots.dtype)
+        buf.data[:len(slots)] = slots
+        buf.size, buf.next = len(slots), int(next_slot)
+        return buf
+
 
 def _file_id(path: str) -> dict:
     st = os.stat(path)
@@ -258,10 +266,9 @@ class OnlineLearner:
         st = self.ledger.get("state")
         if st:
             with np.load(self.work / st) as z:
-                self.buffer = ReplayBuffer(int(z["buffer_capacity"]), config.input_dim, z["buffer"].dtype)
-                self.buffer.add(z["buffer"])
-                self.holdout = ReplayBuffer(int(z["holdout_capacity"]), config.input_dim, z["holdout"].dtype)
-                self.holdout.add(z["holdout"])
+                self.buffer = ReplayBuffer.restore(z["buffer"], int(z["buffer_capacity"]), int(z["buffer_next"]))
+                self.holdout = ReplayBuffer.restore(z["holdout"], int(z["holdout_capacity"]),
+                                                    int(z["holdout_next"]))
                 self._scale = float(z["scale"])
         self.drift = DriftMonitor(self.drift.config, self.work / DRIFT_LOG, self.ledger.get("drift"))
         pub = self.ledger.get("published")
@@ -444,8 +451,10 @@ class OnlineLearner:
         ck = self._manager.save(checkpoint_number=step)
         state = f"state-{step}.npz"
         tmp = self.work / (state + ".tmp.npz")
-        np.savez(tmp, buffer=self.buffer.contents(), buffer_capacity=self.buffer.capacity,
-                 holdout=self.holdout.contents(), holdout_capacity=self.holdout.capacity, scale=self._scale)
+        # the rings as they lie (slots and write position), so sampling after a resume is the same
+        np.savez(tmp, buffer=self.buffer.data[:self.buffer.size], buffer_next=self.buffer.next,
+                 buffer_capacity=self.buffer.capacity, holdout=self.holdout.data[:self.holdout.size],
+                 holdout_next=self.holdout.next, holdout_capacity=self.holdout.capacity, scale=self._scale)
         os.replace(tmp, self.work / state)
         led = dict(self.ledger)
         led["files"] = self.ledger["files"] + self.pending
