@@ -48,6 +48,28 @@ def _follow(a: argparse.Namespace) -> int:
     return 0
 
 
+def follow_from_train(a: argparse.Namespace, train_config) -> int:
+    """``vaestream train --data SPEC --out DIR --follow PATTERN [--registry REG]``: online AEVB with the train
+    command's model and training flags: learn from ``--data`` once (recorded in the ledger as ``data:SPEC``),
+    then from every new file matching PATTERN; ``--out`` is the work directory (the model is ``DIR/model``)."""
+    from vaestream.config import ModelConfig
+    from vaestream.data import load_records
+    from vaestream.online import OnlineConfig, OnlineLearner
+
+    mc = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
+                     likelihood=a.likelihood)
+    registry = getattr(a, "registry", None)
+    oc = OnlineConfig(batch_size=train_config.batch_size, steps_per_call=min(train_config.steps_per_call, 50),
+                      publish=registry is not None, seed=train_config.seed)
+    learner = OnlineLearner(a.out, registry=registry, model_config=mc, train_config=train_config, online_config=oc)
+    if a.data:
+        learner.process_records(load_records(a.data, "train", getattr(a, "key", None)), f"data:{a.data}")
+    summary = learner.follow(a.follow, poll_interval=getattr(a, "poll_interval", 1.0),
+                             idle_timeout=getattr(a, "idle_timeout", None))
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def _stream_encode(a: argparse.Namespace) -> int:
     import shlex
 

@@ -422,24 +422,46 @@ class OnlineLearner:
             return None
         try:
             records = read_array(path)
+        except DataError as e:
+            return self._reject(fid, e)
+        return self._learn_entry(records, fid)
+
+    def process_records(self, records: np.ndarray, source: str) -> dict | None:
+        """Learn from records that are not a file (e.g. an initial data set), once: ``source`` names them in the
+        ledger, and a source already there is skipped (returns None). Bad records raise :class:`DataError`."""
+        fid = {"path": str(source), "size": int(np.asarray(records).nbytes), "mtime": None}
+        if fid["path"] in self.processed:
+            return None
+        rec = self.push(records, source=fid["path"])
+        self._commit_entry(fid, rec)
+        return rec
+
+    def _learn_entry(self, records: np.ndarray, fid: dict) -> dict:
+        try:
             rec = self.push(records, source=fid["path"])
         except DataError as e:
-            rej = dict(fid, reason=str(e), time=time.time())
-            self.ledger["rejected"].append(rej)
-            with open(self.work / DEAD_LETTER, "a") as f:
-                f.write(json.dumps({"source": fid["path"], "key": fid["path"], "reason": str(e)}) + "\n")
-            self._write_log({"event": "rejected", **rej})
-            # a rejection changes no model state: record it in the committed ledger at once
-            committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
-                else dict(self.ledger, rejected=[])
-            committed["rejected"] = committed.get("rejected", []) + [rej]
-            _atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
-            return {"source": fid["path"], "rejected": str(e)}
+            return self._reject(fid, e)
+        self._commit_entry(fid, rec)
+        return rec
+
+    def _commit_entry(self, fid: dict, rec: dict) -> None:
         self.pending.append(dict(fid, records=rec["records"], trained=rec["trained"], held_out=rec["held_out"]))
         if len(self.pending) >= self.cfg.checkpoint_every_files or \
                 time.monotonic() - self._last_ckpt_time >= self.cfg.checkpoint_seconds:
             self.checkpoint()
-        return rec
+
+    def _reject(self, fid: dict, e: Exception) -> dict:
+        rej = dict(fid, reason=str(e), time=time.time())
+        self.ledger["rejected"].append(rej)
+        with open(self.work / DEAD_LETTER, "a") as f:
+            f.write(json.dumps({"source": fid["path"], "key": fid["path"], "reason": str(e)}) + "\n")
+        self._write_log({"event": "rejected", **rej})
+        # a rejection changes no model state: record it in the committed ledger at once
+        committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
+            else dict(self.ledger, rejected=[])
+        committed["rejected"] = committed.get("rejected", []) + [rej]
+        _atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
+        return {"source": fid["path"], "rejected": str(e)}
 
     # -- checkpoints, evaluation, publishing ------------------------------------------------------------------
     def checkpoint(self) -> dict:
