@@ -9,6 +9,8 @@ For each data set: train a 784-300-20 beta-binomial VAE on the training images w
   on the whole test set) and per image (one stream per image, first ``--per-image`` records); PNG and
   WebP lossless (Pillow) tiled (1,000 images per picture, 25 x 40) and per image: bits/dim and each
   one's ratio to vaestream;
+* vaestream per image: the first 100 records each compressed alone, as a whole container and as a bare
+  frame payload (what a record costs inside a larger container of many frames);
 * compress / decompress throughput (images/s) of vaestream and, as a yardstick, of lzma and gzip on the
   same records; and that every record decodes exactly.
 
@@ -119,7 +121,7 @@ def _log(msg: str) -> None:
 
 
 def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float, workdir: Path,
-                per_image: int) -> dict:
+                per_image: int, per_image_vae: int = 100) -> dict:
     from vaestream import ModelConfig, TrainConfig, train
     from vaestream.data import load_records, make_dataset
     from vaestream.lossless import LosslessCoder, ideal_bits
@@ -150,6 +152,9 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     exact = bool(np.array_equal(back, test))
     bpd = 8 * len(blob) / dims
     elbo_bpd = float(neg_elbo.sum() / dims)
+    k = min(per_image_vae, len(test))
+    singles = [len(coder.compress(test[i:i + 1])) for i in range(k)]
+    single_frames = [len(coder.encode_frame(test[i:i + 1].reshape(1, -1).astype(np.int32))) for i in range(k)]
     _log(f"{name}: baselines")
     base = baselines(test, per_image)
     full_tiled = {k: 8 * len(fn(full_test.tobytes())) / full_test.size for k, fn in STREAM_CODECS.items()}
@@ -162,6 +167,9 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
                                "latent_bits": coder.latent_bits, "group": coder.group,
                                "compress_images_per_s": len(test) / t_comp,
                                "decompress_images_per_s": len(test) / t_dec},
+        "vaestream_per_image": {"records": k, "container_bits_per_dim": 8 * sum(singles) / (k * test[0].size),
+                                "frame_payload_bits_per_dim": 8 * sum(single_frames) / (k * test[0].size),
+                                "neg_elbo_bits_per_dim": float(neg_elbo[:k].sum() / (k * test[0].size))},
         "neg_elbo_bits_per_dim": elbo_bpd,
         "overhead_vs_neg_elbo": bpd / elbo_bpd - 1.0,
         "baselines": base,
