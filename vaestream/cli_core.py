@@ -70,6 +70,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from vaestream.training import train
 
     tc = _train_config(a)
+    if a.follow:
+        from vaestream.cli_stream import follow_from_train
+
+        return follow_from_train(a, tc)
     train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key)
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
@@ -172,6 +176,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
     p.add_argument("--out", required=True, help="model directory (resumes if it holds a checkpoint)")
     p.add_argument("--json", action="store_true", help="one-line JSON summary")
+    p.add_argument("--follow", nargs="+", default=None, metavar="PATTERN",
+                   help="online AEVB: learn from --data once, then from each new file matching PATTERN "
+                        "(vaestream.online); --out is then the work directory, the model DIR/model")
+    p.add_argument("--registry", default=None, help="with --follow: publish numbered model versions here")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="with --follow: seconds between polls")
+    p.add_argument("--idle-timeout", type=float, default=None, help="with --follow: stop after S idle seconds")
     _add_model_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
