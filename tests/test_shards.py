@@ -131,7 +131,7 @@ def test_bad_manifest_and_missing_shards_raise(tmp_path):
         shards.count_records([str(bad)])
 
 
-def test_train_from_shards_learns_and_resumes_exactly(tmp_path):
+def test_train_from_shards_resumes_exactly(tmp_path):
     """A run stopped and resumed takes the very steps of an uninterrupted run (bit-identical weights); that the
     model learns from shards is tested by the round trip in test_pipelines."""
     from vaestream import ModelConfig, TrainConfig
