@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=None,
                         help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
     parser.add_argument("--coder", action="store_true",
-                        help="also store each record's coder bytes (vaestream.codec; model directories only)")
+                        help="also store each record's coder bytes (vaestream.codec; needs the model's coder tables)")
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK, help="records per element")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
