@@ -91,7 +91,17 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
+    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job.
+
+    With ``--streaming`` the input is unbounded (new files matching a pattern, or Pub/Sub): the job is
+    ``pipelines/stream_encode.py``, which encodes in windows and writes windowed output files.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--streaming" in argv:
+        from pipelines import stream_encode
+
+        argv.remove("--streaming")
+        return stream_encode.run(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     args, pipeline_args = parser.parse_known_args(argv)

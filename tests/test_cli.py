@@ -82,3 +82,17 @@ def test_demo_trains_evaluates_plots_compresses_and_exports(tmp_path, mnist_dir)
     assert summary["export_max_abs_diff"] < 1e-5  # the SavedModel alone decodes the same stream
     for name in ("reconstructions.png", "learning_curves.png"):
         assert (tmp_path / "demo" / "plots" / name).stat().st_size > 1000
+
+
+def test_train_pulls_minibatches_from_prepared_shards(tmp_path, mnist_train):
+    from vaestream.shards import prepare
+
+    np.save(tmp_path / "raw.npy", mnist_train[:3000])
+    man = prepare(str(tmp_path / "raw.npy"), tmp_path / "shards", num_shards=3)
+    assert man.records == 3000
+    out = vaestream("train", "--data", tmp_path / "shards", "--out", tmp_path / "m", "--latent-dim", 4, "--hidden", 32,
+                    "--steps", 60, "--steps-per-call", 20, "--eval-every", 20, "--no-progress", "--json")
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 60
+    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and log[-1]["step"] == 60 and log[-1]["train_elbo"] > log[0]["train_elbo"]

@@ -113,7 +113,7 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
 
 # -- a live stream: the file watcher on the in-process streaming runner, through the job shell ---------------
 def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_path):
-    from pipelines import stream_encode
+    from pipelines import encode
 
     from vaestream import beam_streaming as bs
 
@@ -133,8 +133,9 @@ def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_pat
     th = threading.Thread(target=producer)
     th.start()
     out = tmp_path / "out"
-    summary = stream_encode.run(["--watch", str(src / "*.npy"), "--model", str(coded_model), "--output", str(out),
-                                 "--window", "1", "--poll_interval", "0.2", "--idle_timeout", "4"])
+    # the batch job's entry point with --streaming: an unbounded source of new files
+    summary = encode.run(["--streaming", "--input", str(src / "*.npy"), "--model", str(coded_model), "--output",
+                          str(out), "--window", "1", "--poll_interval", "0.2", "--idle_timeout", "4"])
     th.join()
     wins = bs.read_windows(str(out))
     sources = [os.path.basename(s) for w in wins for s in w["sources"]]

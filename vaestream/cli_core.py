@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from vaestream.data import FASHION_MNIST_DIR
 
 
 def _has_test_split(spec: str) -> bool:
-    return spec == "fashion-mnist" or Path(spec).is_dir()
+    """Whether ``spec`` is a data set with a test split (Fashion-MNIST or an MNIST-layout directory)."""
+    d = Path(spec)
+    return spec == "fashion-mnist" or (d.is_dir() and any(d.glob("t10k-images*")))
 
 
 def load_dataset(spec: str, split: str, likelihood: str, binarize: str, key: str | None = None):
@@ -74,12 +74,17 @@ def cmd_train(a: argparse.Namespace) -> int:
         from vaestream.cli_stream import follow_from_train
 
         return follow_from_train(a, tc)
-    train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key)
+    from vaestream.shards import is_shard_spec, train_from_shards
+
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
     cfg = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
-                      likelihood=a.likelihood, input_dim=train_ds.input_dim, input_shape=train_ds.input_shape)
-    res = train(train_ds, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
+                      likelihood=a.likelihood)
+    if is_shard_spec(a.data):  # minibatches streamed from the prepare job's shards through tf.data
+        res = train_from_shards(a.data, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
+    else:
+        train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key)
+        res = train(train_ds, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
     last = res.history[-1] if res.history else {}
     summary = {"model_dir": str(res.model_dir), "steps": res.steps, "interrupted": res.interrupted,
                "examples_per_second": round(res.examples_per_second, 1), **last}
@@ -171,7 +176,8 @@ def _demo_compress(a: argparse.Namespace, out: Path) -> int:
 def add_subcommands(sub) -> None:
     p = sub.add_parser("train", help="train a VAE with AEVB", description=cmd_train.__doc__)
     p.add_argument("--data", required=True,
-                   help="'fashion-mnist', an MNIST-layout directory, or a file (IDX, .mat, .npy, .npz, .csv)")
+                   help="'fashion-mnist', an MNIST-layout directory, a file (IDX, .mat, .npy, .npz, .csv), or a "
+                        "shard set of `vaestream prepare` (its directory or manifest.json)")
     p.add_argument("--test-data", default=None, help="test set (default: the test split of an MNIST-layout --data)")
     p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
     p.add_argument("--out", required=True, help="model directory (resumes if it holds a checkpoint)")

@@ -30,13 +30,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vaestream.errors import ConfigError, DataError, ModelError
+from vaestream.errors import ConfigError, DataError
 
 FORMAT = "vaestream-shards/1"
 MANIFEST = "manifest.json"
@@ -285,9 +284,12 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def is_shard_spec(spec: str) -> bool:
     """Whether ``spec`` names a shard set (a ``manifest.json`` or a directory holding one)."""
+    s = str(spec)
+    if "://" not in s:  # a local path: no need to import Beam
+        p = Path(s)
+        return p.is_file() if p.name == MANIFEST else (p / MANIFEST).is_file()
     from apache_beam.io.filesystems import FileSystems
 
-    s = str(spec)
     if s.endswith(MANIFEST):
         return FileSystems.exists(s)
     return FileSystems.exists(s.rstrip("/") + "/" + MANIFEST)
@@ -466,10 +468,8 @@ def train_from_shards(manifest: str | Path, model_dir: str | Path, config=None, 
     """
     import tensorflow as tf
 
-    from vaestream import store
-    from vaestream.config import ModelConfig
-    from vaestream.model import VAE
-    from vaestream.training import TrainConfig, Trainer, TrainResult, _StopFlag, dataset_elbo, evaluation_set
+    from vaestream.data import Dataset
+    from vaestream.training import TrainConfig, evaluation_set, fit, prepare_model_dir
 
     cfg = train_config or TrainConfig()
     if cfg.validation:
@@ -479,35 +479,13 @@ def train_from_shards(manifest: str | Path, model_dir: str | Path, config=None, 
         raise ConfigError("train_from_shards: static binarisation needs the whole data set; use 'dynamic' or "
                           "binarise in the prepare job")
     man = read_manifest(manifest)
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if (model_dir / store.CONFIG).exists():
-        stored = store.read_config(model_dir)
-        if config is not None and config != stored:
-            raise ModelError(f"{model_dir}: holds a model with config {stored.to_dict()}, asked for "
-                             f"{config.to_dict()}; use a new directory")
-        config = stored
-    else:
-        config = dataclasses.replace(config or ModelConfig(), input_dim=man.dim, input_shape=man.shape)
-        store.save_config(model_dir, config)
-    if config.input_dim != man.dim:
-        raise ModelError(f"{model_dir}: model takes {config.input_dim} values per record, {man.path} has {man.dim}")
-    bounded = config.likelihood in ("bernoulli", "gaussian_sigmoid")
+    config = prepare_model_dir(model_dir, config, man.shape, cfg, str(man.path))
+    bounded = config.likelihood in ("bernoulli", "gaussian_sigmoid", "beta_binomial")
     if bounded and (man.value_min * man.scale < 0 or man.value_max * man.scale > 1 + 1e-6):
         raise DataError(f"{man.path}: values span [{man.value_min * man.scale:g}, {man.value_max * man.scale:g}] "
                         f"after scaling, outside the support [0, 1] of the {config.likelihood} decoder")
-    (model_dir / store.TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-    model = VAE(config, seed=cfg.seed, init=cfg.init)
-    trainer = Trainer(model, cfg, man.records)
-    ckpt = trainer.checkpoint()
-    manager = tf.train.CheckpointManager(ckpt, str(model_dir / store.CKPT), max_to_keep=cfg.keep_checkpoints)
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-
     m, n, k_max = cfg.batch_size, man.records, cfg.steps_per_call
-    steps_per_epoch = n // m
-    if steps_per_epoch < 1:
+    if n // m < 1:
         raise ConfigError(f"{man.path}: {n} records is fewer than one minibatch of {m}")
     total = cfg.total_steps(n)
     evals = {}
@@ -516,29 +494,12 @@ def train_from_shards(manifest: str | Path, model_dir: str | Path, config=None, 
         first = np.concatenate([b.numpy() for b in read_shards(man.path, batch_size=min(n_eval, 10000),
                                                                shuffle_buffer=0).take(
             math.ceil(n_eval / min(n_eval, 10000)))])[:n_eval]
-        from vaestream.data import Dataset
-
         evals["train"] = evaluation_set(Dataset(first, man.scale, cfg.binarize, "shards[train-eval]"))
     for name, d in (("valid", valid_data), ("test", test_data)):
         if d is not None:
             evals[name] = evaluation_set(d)
-    history = store.read_log(model_dir)
-    log_file = open(model_dir / store.LOG, "a")
 
-    def evaluate_now(step: int, elapsed: float) -> dict:
-        rec = {"step": step, "samples": step * m, "epoch": step / steps_per_epoch, "seconds": round(elapsed, 3)}
-        for name, d in evals.items():
-            r = dataset_elbo(model, d)
-            rec[f"{name}_elbo"] = r["elbo"]
-            rec[f"{name}_bits_per_dim"] = r["bits_per_dim"]
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-        history.append(rec)
-        if on_eval:
-            on_eval(rec)
-        return rec
-
-    def chunks(start: int):
+    def chunks(start: int, steps_per_epoch: int):
         s = start
         while s < total:
             epoch, pos = divmod(s, steps_per_epoch)
@@ -550,42 +511,4 @@ def train_from_shards(manifest: str | Path, model_dir: str | Path, config=None, 
                 yield s, chunk
                 s += int(chunk.shape[0])
 
-    step0 = int(trainer.step.numpy())
-    bar = None
-    if progress and step0 < total:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total * m, initial=step0 * m, unit="ex", unit_scale=True, dynamic_ncols=True,
-                   desc="train (shards)")
-    t0 = time.perf_counter()
-    trained, interrupted, last_ckpt = 0, False, step0
-    try:
-        with _StopFlag() as stop:
-            ema = None
-            for s, chunk in chunks(step0):
-                obj = trainer.run_steps(chunk, man.scale)
-                step = s + int(chunk.shape[0])
-                trained += int(chunk.shape[0])
-                ema = obj if ema is None else 0.9 * ema + 0.1 * obj
-                if bar is not None:
-                    bar.update(int(chunk.shape[0]) * m)
-                    bar.set_postfix(elbo=f"{ema:.2f}", step=step)
-                if (cfg.eval_every and step // cfg.eval_every != s // cfg.eval_every) or \
-                        any(s < e <= step for e in cfg.eval_steps):
-                    evaluate_now(step, time.perf_counter() - t0)
-                if step - last_ckpt >= cfg.checkpoint_every:
-                    manager.save(checkpoint_number=step)
-                    last_ckpt = step
-                if stop.set:
-                    interrupted = True
-                    break
-    finally:
-        step = int(trainer.step.numpy())
-        if step != last_ckpt or manager.latest_checkpoint is None:
-            manager.save(checkpoint_number=step)
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - t0
-    if not interrupted and (not history or history[-1]["step"] != step) and evals:
-        evaluate_now(step, elapsed)
-    log_file.close()
-    return TrainResult(model, model_dir, step, history, interrupted, trained * m / max(elapsed, 1e-9))
+    return fit(model_dir, config, cfg, n, man.scale, chunks, evals, progress, desc="train (shards)", on_eval=on_eval)

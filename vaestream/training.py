@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import keras
 import numpy as np
@@ -245,36 +245,16 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None = None,
-          train_config: TrainConfig | None = None, valid_data: Dataset | None = None,
-          test_data: Dataset | None = None, progress: bool = True,
-          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train a VAE with AEVB, checkpointing to ``model_dir``; resumes exactly if ``model_dir`` has a checkpoint.
+def prepare_model_dir(model_dir: str | Path, config: ModelConfig | None, input_shape: tuple[int, ...],
+                      train_config: "TrainConfig", data_name: str) -> ModelConfig:
+    """Create or check ``model_dir`` for training on records of ``input_shape``; returns the model config.
 
-    Args:
-      train_data: the training records (``Dataset``; with ``train_config.validation > 0`` a deterministic
-        part of it is held out as ``valid_data``).
-      model_dir: where ``config.json``, ``ckpt/`` and ``log.jsonl`` go.
-      config: the architecture; ``input_dim``/``input_shape`` are taken from the data. When resuming, it must
-        match the stored one (or be None).
-      train_config: how to train (:class:`TrainConfig`).
-      valid_data, test_data: optional sets whose bound is logged at each evaluation.
-      progress: show a progress bar (examples, current ELBO, ETA).
-      on_eval: called with each log record.
-
-    Returns:
-      a :class:`TrainResult` with the trained model and the evaluation history.
+    A new directory gets ``config.json`` (``config`` with the data's shape); an existing one must hold the same
+    architecture (or ``config`` None). ``train_config.json`` records how this run trains.
     """
-    from vaestream.data import split_validation
-
-    cfg = train_config or TrainConfig()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.validation and valid_data is None:
-        tr, va = split_validation(len(train_data), cfg.validation, seed=cfg.seed)
-        valid_data = train_data.take(va, name=train_data.name + "[valid]")
-        train_data = train_data.take(tr)
-    shape = train_data.input_shape
+    dim = int(np.prod(input_shape))
     if (model_dir / store.CONFIG).exists():
         stored = store.read_config(model_dir)
         if config is not None and config != stored:
@@ -282,29 +262,40 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
                              f"{config.to_dict()}; use a new directory")
         config = stored
     else:
-        config = dataclasses.replace(config or ModelConfig(), input_dim=int(np.prod(shape)), input_shape=shape)
+        config = dataclasses.replace(config or ModelConfig(), input_dim=dim, input_shape=tuple(input_shape))
         store.save_config(model_dir, config)
-    if config.input_dim != train_data.input_dim:
-        raise ModelError(f"{model_dir}: model takes {config.input_dim} values per record, "
-                         f"{train_data.name} has {train_data.input_dim}")
-    (model_dir / store.TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if config.input_dim != dim:
+        raise ModelError(f"{model_dir}: model takes {config.input_dim} values per record, {data_name} has {dim}")
+    (model_dir / store.TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(train_config), indent=2) + "\n")
+    return config
 
+
+ChunkSource = Callable[[int, int], "Iterator[tuple[int, object]]"]
+"""``chunks(start_step, steps_per_epoch)`` -> iterator of ``(first step, chunk [K, M, ...])`` from global step
+``start_step`` on, up to the run's total; a chunk may be a NumPy array or a tensor of raw records."""
+
+
+def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train: int, scale: float,
+        chunks: ChunkSource, evals: dict, progress: bool = True, desc: str = "train",
+        on_eval: Callable[[dict], None] | None = None) -> "TrainResult":
+    """The AEVB loop shared by every data source: restore, train chunk by chunk, evaluate, checkpoint.
+
+    ``evals`` maps a name (``train``, ``valid``, ``test``) to a fixed :class:`Dataset` whose bound is logged.
+    Chunks are prepared on a background thread while the previous one trains. SIGINT/SIGTERM stop after the
+    current chunk with a checkpoint; ``cfg.max_seconds`` likewise.
+    """
+    model_dir = Path(model_dir)
     model = VAE(config, seed=cfg.seed, init=cfg.init)
-    trainer = Trainer(model, cfg, len(train_data))
+    trainer = Trainer(model, cfg, n_train)
     ckpt = trainer.checkpoint()
     manager = tf.train.CheckpointManager(ckpt, str(model_dir / store.CKPT), max_to_keep=cfg.keep_checkpoints)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-
     m = cfg.batch_size
-    n = len(train_data)
-    steps_per_epoch = n // m
+    steps_per_epoch = n_train // m
     if steps_per_epoch < 1:
-        raise ConfigError(f"{train_data.name}: {n} records is fewer than one minibatch of {m}")
-    total = cfg.total_steps(n)
-    k_max = cfg.steps_per_call
-    evals = {name: evaluation_set(d, cfg.eval_records if name == "train" else None)
-             for name, d in (("train", train_data), ("valid", valid_data), ("test", test_data)) if d is not None}
+        raise ConfigError(f"{n_train} training records is fewer than one minibatch of {m}")
+    total = cfg.total_steps(n_train)
     history = store.read_log(model_dir)
     log_file = open(model_dir / store.LOG, "a")
 
@@ -321,26 +312,11 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
             on_eval(rec)
         return rec
 
-    def chunks(start: int):
-        """(first step, raw records [K, M, ...]) from global step ``start`` on; chunks end at multiples of K
-        and at epoch ends, so the chunking (and thus every step) is the same after a resume."""
-        s = start
-        order_epoch, order = -1, None
-        while s < total:
-            epoch, pos = divmod(s, steps_per_epoch)
-            if epoch != order_epoch:
-                order_epoch, order = epoch, _epoch_order(cfg.seed, epoch, n)
-            end = min((s // k_max + 1) * k_max, (epoch + 1) * steps_per_epoch, total)
-            idx = order[pos * m:(pos + end - s) * m]
-            yield s, np.asarray(train_data.records[idx]).reshape((end - s, m, -1))
-            s = end
-
     step0 = int(trainer.step.numpy())
     bar = None
     if progress and step0 < total:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total * m, initial=step0 * m, unit="ex", unit_scale=True, dynamic_ncols=True,
-                   desc="train")
+        bar = tqdm(total=total * m, initial=step0 * m, unit="ex", unit_scale=True, dynamic_ncols=True, desc=desc)
     t0 = time.perf_counter()
     trained = 0
     interrupted = False
@@ -348,7 +324,7 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         with _StopFlag() as stop:
-            gen = chunks(step0)
+            gen = iter(chunks(step0, steps_per_epoch))
             nxt = pool.submit(next, gen, None)
             ema = None
             while True:
@@ -357,12 +333,13 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
                     break
                 s, chunk = item
                 nxt = pool.submit(next, gen, None)  # prepare the next chunk while this one trains
-                obj = trainer.run_steps(chunk, train_data.scale)
-                step = s + len(chunk)
-                trained += len(chunk)
+                k = int(chunk.shape[0])
+                obj = trainer.run_steps(chunk, scale)
+                step = s + k
+                trained += k
                 ema = obj if ema is None else 0.9 * ema + 0.1 * obj
                 if bar is not None:
-                    bar.update(len(chunk) * m)
+                    bar.update(k * m)
                     bar.set_postfix(elbo=f"{ema:.2f}", step=step)
                 if (cfg.eval_every and step // cfg.eval_every != s // cfg.eval_every) or \
                         any(s < e <= step for e in cfg.eval_steps):
@@ -388,3 +365,57 @@ def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None
         evaluate_now(step, elapsed)
     log_file.close()
     return TrainResult(model, model_dir, step, history, interrupted, trained * m / max(elapsed, 1e-9))
+
+
+def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None = None,
+          train_config: TrainConfig | None = None, valid_data: Dataset | None = None,
+          test_data: Dataset | None = None, progress: bool = True,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a VAE with AEVB, checkpointing to ``model_dir``; resumes exactly if ``model_dir`` has a checkpoint.
+
+    Args:
+      train_data: the training records (``Dataset``; with ``train_config.validation > 0`` a deterministic
+        part of it is held out as ``valid_data``).
+      model_dir: where ``config.json``, ``ckpt/`` and ``log.jsonl`` go.
+      config: the architecture; ``input_dim``/``input_shape`` are taken from the data. When resuming, it must
+        match the stored one (or be None).
+      train_config: how to train (:class:`TrainConfig`).
+      valid_data, test_data: optional sets whose bound is logged at each evaluation.
+      progress: show a progress bar (examples, current ELBO, ETA).
+      on_eval: called with each log record.
+
+    Returns:
+      a :class:`TrainResult` with the trained model and the evaluation history.
+    """
+    from vaestream.data import split_validation
+
+    cfg = train_config or TrainConfig()
+    if cfg.validation and valid_data is None:
+        tr, va = split_validation(len(train_data), cfg.validation, seed=cfg.seed)
+        valid_data = train_data.take(va, name=train_data.name + "[valid]")
+        train_data = train_data.take(tr)
+    config = prepare_model_dir(model_dir, config, train_data.input_shape, cfg, train_data.name)
+    m = cfg.batch_size
+    n = len(train_data)
+    if n // m < 1:
+        raise ConfigError(f"{train_data.name}: {n} records is fewer than one minibatch of {m}")
+    total = cfg.total_steps(n)
+    k_max = cfg.steps_per_call
+    evals = {name: evaluation_set(d, cfg.eval_records if name == "train" else None)
+             for name, d in (("train", train_data), ("valid", valid_data), ("test", test_data)) if d is not None}
+
+    def chunks(start: int, steps_per_epoch: int):
+        """Raw records [K, M, ...] in the epoch's permuted order; chunks end at multiples of K and at epoch
+        ends, so the chunking (and thus every step) is the same after a resume."""
+        s = start
+        order_epoch, order = -1, None
+        while s < total:
+            epoch, pos = divmod(s, steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, _epoch_order(cfg.seed, epoch, n)
+            end = min((s // k_max + 1) * k_max, (epoch + 1) * steps_per_epoch, total)
+            idx = order[pos * m:(pos + end - s) * m]
+            yield s, np.asarray(train_data.records[idx]).reshape((end - s, m, -1))
+            s = end
+
+    return fit(model_dir, config, cfg, n, train_data.scale, chunks, evals, progress, on_eval=on_eval)
