@@ -52,7 +52,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import threading
 import time
 from pathlib import Path
