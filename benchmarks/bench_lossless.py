@@ -19,7 +19,7 @@ WebP 2.10 bits/dim; BB-ANS 1.41 (its model's -ELBO 1.39).
 
 Prints one JSON document (and writes it to ``--out`` if given). Usage:
 
-    python benchmarks/bench_lossless.py [--n 10000] [--steps 3000] [--train-seconds 150] [--out runs/lossless.json]
+    python benchmarks/bench_lossless.py [--n 10000] [--steps 12000] [--train-seconds 300] [--out runs/lossless.json]
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10000, help="test records per data set")
-    ap.add_argument("--steps", type=int, default=3000, help="training steps (minibatches of 100)")
-    ap.add_argument("--train-seconds", type=float, default=150.0, help="training time budget per data set")
+    ap.add_argument("--steps", type=int, default=12000, help="training steps (minibatches of 100)")
+    ap.add_argument("--train-seconds", type=float, default=300.0, help="training time budget per data set")
     ap.add_argument("--datasets", default="mnist,fashion-mnist")
     ap.add_argument("--per-image", type=int, default=1000, help="records the per-image baselines run on")
     ap.add_argument("--out", type=Path, default=None)
