@@ -45,7 +45,7 @@ with a latent of g x Nz buckets and g x D pixels (the model factorises over reco
 same as coding them one by one), which takes one encoder and one decoder call per group. All groups of
 a frame form one chain on one ANS stack, so only the first group has nothing to borrow bits from; the
 group sizes ramp up 1, 2, 4, ..., ``group`` so that it is a single record. The stack starts from
-``seed_words`` deterministic pseudo-random 32-bit words (PCG64 with a fixed seed, known to both sides);
+``Nz + 8`` deterministic pseudo-random 32-bit words (:func:`seed_words`, known to both sides);
 the words of it that the first record did not consume are left at the bottom of the stack and are not
 stored (the frame stores how many were cut), so the initial bits cost only what the first record's
 posterior took, -log2 Q(z|x) = Nz * latent_bits - log2(Q(z|x) / P(z)): about Nz * latent_bits minus the
@@ -98,7 +98,6 @@ _FRAME_HEAD = struct.Struct("<4sBBHB3xIII")
 DEFAULT_LATENT_BITS = 10
 DEFAULT_GROUP = 32
 DEFAULT_FRAME_RECORDS = 4096
-SEED = 0x5EED_BBA5
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 _LOG_CLIP = 30.0  # log alpha and log beta are clipped to [-30, 30] (finite tables for any network output)
 _ROWS = 4096      # likelihood rows per block (bounds the float64 temporaries; blocks run on a thread pool)
@@ -225,8 +224,12 @@ def group_sizes(n: int, group: int) -> list[int]:
 
 
 def seed_words(count: int) -> np.ndarray:
-    """The deterministic initial ANS stack: ``count`` uint32 words from PCG64(SEED), none zero."""
-    return np.random.default_rng(SEED).integers(1, 1 << 32, size=count, dtype=np.uint64).astype(np.uint32)
+    """The deterministic initial ANS stack: ``count`` uint32 words, SHA-256 in counter mode over a fixed label
+    (the same on every machine and NumPy version), each with its lowest bit set so none is zero."""
+    blocks = (hashlib.sha256(b"vaestream lossless seed" + struct.pack("<I", i)).digest()
+              for i in range((count + 7) // 8))
+    words = np.frombuffer(b"".join(blocks), "<u4")[:count].astype(np.uint32)
+    return words | np.uint32(1)
 
 
 # ------------------------------------------------------------------------------------------------------------
