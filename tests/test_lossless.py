@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import sys
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
