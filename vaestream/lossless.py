@@ -98,6 +98,7 @@ _FRAME_HEAD = struct.Struct("<4sBBHB3xIII")
 DEFAULT_LATENT_BITS = 10
 DEFAULT_GROUP = 32
 DEFAULT_FRAME_RECORDS = 4096
+MAX_FRAME_RECORDS = 1 << 24
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 _LOG_CLIP = 30.0  # log alpha and log beta are clipped to [-30, 30] (finite tables for any network output)
 _ROWS = 4096      # likelihood rows per block (bounds the float64 temporaries; blocks run on a thread pool)
@@ -258,8 +259,8 @@ class LosslessCoder:
             raise ConfigError(f"latent_bits must be in [6, 16], got {latent_bits}")
         if not 1 <= int(group) <= 4096:
             raise ConfigError(f"group must be in [1, 4096], got {group}")
-        if frame_records < 1:
-            raise ConfigError(f"frame_records must be positive, got {frame_records}")
+        if not 1 <= frame_records <= MAX_FRAME_RECORDS:
+            raise ConfigError(f"frame_records must be in [1, {MAX_FRAME_RECORDS}], got {frame_records}")
         self.model = model
         self.config = cfg
         self.latent_bits = int(latent_bits)
@@ -392,6 +393,8 @@ class LosslessCoder:
             raise BitstreamError(f"{name}: lossless frame format {fmt}; this vaestream reads format {FORMAT}")
         if not 6 <= latent_bits <= 16 or group < 1 or layout > 3 or n_seed != self._seed_count() or cut > n_seed:
             raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut})")
+        if n > MAX_FRAME_RECORDS:
+            raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
