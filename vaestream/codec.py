@@ -128,6 +128,7 @@ class Codec:
         self.frame_records = int(frame_records)
         self._digest = tables.digest()
         self._coders: dict[int, EntropyCoder] = {}
+        self._lossless = None
         self.quality = quality  # validated by the setter
 
     # -- properties -----------------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ class Codec:
             raise DataError(f"codes of shape {c.shape} and dtype {c.dtype}, expected int [B, {self.config.latent_dim}]")
         return container.pack(self._header(coder, single), self._frames(c.astype(np.int32), coder))
 
-    def compress(self, x, quality: float | None = None, target_bits: float | None = None) -> bytes:
+    def compress(self, x, quality: float | None = None, target_bits: float | None = None,
+                 lossless: bool = False) -> bytes:
         """Records -> a self-describing container (bytes).
 
         Args:
@@ -261,7 +263,14 @@ class Codec:
           quality: the quality (default: the codec's); or
           target_bits: the budget in bits per record (container included): the finest quality of the ladder
             whose stream fits it is used (:class:`ConfigError` if even the coarsest does not).
+          lossless: code the records exactly by bits-back coding (:mod:`vaestream.lossless`; a model with a
+            discrete decoder: ``beta_binomial`` for 8-bit counts, ``bernoulli`` for 0/1 data). ``x`` are then
+            the raw records (uint8 counts or 0/1), and :meth:`decompress` returns them bit for bit.
         """
+        if lossless:
+            if quality is not None or target_bits is not None:
+                raise ConfigError("lossless compression takes no quality or target_bits")
+            return self.lossless_coder().compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
         xs, single = self._inputs(x)
@@ -342,8 +351,31 @@ class Codec:
                 raise BitstreamError(f"{name}: flagged as a single record but holds {len(codes)}")
             return codes, r.header
 
+    def lossless_coder(self):
+        """The bits-back coder of this model (:class:`vaestream.lossless.LosslessCoder`); it needs the model
+        itself (a model directory): a SavedModel export carries only the decoder mean."""
+        from vaestream.lossless import LosslessCoder
+
+        if self._lossless is None:
+            model = getattr(self._backend, "model", None)
+            if model is None:
+                raise ModelError(f"{self.name}: lossless coding needs the model directory, not a SavedModel export")
+            self._lossless = LosslessCoder(model, frame_records=self.frame_records)
+        return self._lossless
+
+    def is_lossless(self, blob: bytes) -> bool:
+        """Whether ``blob`` is a lossless (bits-back) stream (its header's table hash is the lossless tag)."""
+        from vaestream.lossless import LOSSLESS_TAG
+
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            return False
+        return container.read_header(io.BytesIO(bytes(blob))).table_hash == LOSSLESS_TAG
+
     def decompress(self, blob: bytes) -> np.ndarray:
-        """A container -> reconstructions float32 ``[B, D]`` (``[D]`` if one record was compressed)."""
+        """A container -> reconstructions float32 ``[B, D]`` (``[D]`` if one record was compressed); a lossless
+        stream -> the exact records (uint8, shaped as they were compressed)."""
+        if self.is_lossless(blob):
+            return self.lossless_coder().decompress(bytes(blob))
         codes, h = self.decompress_codes(blob)
         x_hat = self.decode(codes, h.quality)
         return x_hat[0] if h.single else x_hat
