@@ -1,6 +1,6 @@
 """Beam job: records -> latent codes (posterior mean and log-scale, the model fingerprint), batched.
 
-    python -m pipelines.encode --input ../shared/data/mnist --split test --model runs/model --output codes/
+    python -m pipelines.encode --input data/mnist --split test --model runs/model --output codes/
     python -m pipelines.encode --input shards/mnist-train --model runs/model --output codes/ --output_format parquet
 
 Inputs: any format :class:`vaestream.beam.ReadRecords` reads, or a shard set. Output:

@@ -1,6 +1,6 @@
 """Beam job: raw records -> validated, shuffled, sharded TFRecord files plus ``manifest.json``.
 
-    python -m pipelines.prepare --input ../shared/data/mnist --output shards/mnist-train
+    python -m pipelines.prepare --input data/mnist --output shards/mnist-train
     python -m pipelines.prepare --input 'data/*.csv,extra.npy' --output shards/x --num_shards 16 \\
         --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
 
