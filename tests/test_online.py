@@ -163,11 +163,7 @@ def test_push_api_and_bad_records(tmp_path, mnist_train):
 
 
 def test_follow_cli_and_train_follow_hook(tmp_path, mnist_train, capsys):
-    import argparse
-
     from vaestream.cli import main
-    from vaestream.cli_stream import follow_from_train
-    from vaestream.training import TrainConfig
 
     _drop_files(tmp_path / "in", mnist_train, 3, 100, bad={"zz-bad.npy": b"nope"})
     rc = main(["follow", str(tmp_path / "in" / "*.npy"), "--work", str(tmp_path / "w"), "--hidden", "32",
@@ -178,13 +174,13 @@ def test_follow_cli_and_train_follow_hook(tmp_path, mnist_train, capsys):
     assert [os.path.basename(r["source"]) for r in lines[:4]] == ["part-0000.npy", "part-0001.npy", "part-0002.npy",
                                                                     "zz-bad.npy"]
     assert "rejected" in lines[3] and lines[-1]["files"] == 4
-    # the hook for `vaestream train --follow`: the --data set once, then the files
+    # `vaestream train --follow`: the --data set once, then the files
     np.save(tmp_path / "initial.npy", mnist_train[1000:1300])
-    a = argparse.Namespace(out=str(tmp_path / "t"), data=str(tmp_path / "initial.npy"), key=None, latent_dim=4,
-                           hidden=[32], activation="tanh", likelihood="bernoulli", follow=[str(tmp_path / "in" / "part-*.npy")],
-                           registry=None, poll_interval=0.05, idle_timeout=0.2)
+    train_follow = ["train", "--data", str(tmp_path / "initial.npy"), "--out", str(tmp_path / "t"), "--latent-dim", "4",
+                    "--hidden", "32", "--batch-size", "50", "--follow", str(tmp_path / "in" / "part-*.npy"),
+                    "--poll-interval", "0.05", "--idle-timeout", "0.2"]
     for _ in range(2):  # a second run finds everything in the ledger
-        assert follow_from_train(a, TrainConfig(batch_size=50, seed=0)) == 0
+        assert main(train_follow) == 0
     led = json.loads((tmp_path / "t" / "ledger.json").read_text())
     assert [f["path"] for f in led["files"]][0] == f"data:{tmp_path / 'initial.npy'}"
     assert [os.path.basename(f["path"]) for f in led["files"]][1:] == ["part-0000.npy", "part-0001.npy",
