@@ -56,11 +56,12 @@ decode back to it raises :class:`BitstreamError`.
 **Determinism requirement.** Bits-back decoding recomputes the encoder's posterior Q(z|x) and the
 decoder's likelihood P(x|z) from floats, and they must be bit-identical to the floats the compressor
 used, or the tables differ and the stream cannot be decoded. Both sides therefore evaluate the networks
-on exactly the same batches (the same groups, same shapes, same order) and build the tables with the
-same NumPy/SciPy code. This holds when compressor and decompressor run the *same build* of TensorFlow
-(and NumPy, SciPy, constriction) on the *same kind of CPU* (same instruction-set extensions, same
-number of intra-op threads): a different build or machine may change the last bits of a matmul or an
-exp and make the stream undecodable (detected: the chain does not return to its seed, so
+on exactly the same batches (the same groups, same shapes, same order), in float64 NumPy on a snapshot of
+the weights (not through TensorFlow, whose CPU kernels promise no bit-exactness across processes, thread
+pools and load), and build the tables with the same NumPy/SciPy code. This holds when compressor and
+decompressor run the *same build* of NumPy (and its BLAS), SciPy and constriction on the *same kind of
+CPU*: a different build or machine may change the last bits of a matmul or an exp and make the stream
+undecodable (detected: the chain does not return to its seed, so
 :class:`BitstreamError`, never wrong data). The stream carries the model's fingerprint, so a stream
 written with another model (other weights or architecture) is refused with
 :class:`ModelMismatchError` before anything is decoded.
@@ -188,6 +189,30 @@ def _bb_block(la: np.ndarray, lb: np.ndarray, blk: np.ndarray) -> None:
 
 _POOL = None
 
+_NP_ACTIVATIONS = {
+    "tanh": np.tanh,
+    "relu": lambda v: np.maximum(v, 0.0),
+    "softplus": lambda v: np.logaddexp(0.0, v),
+    "elu": lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0.0))),
+    "sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)),
+}
+
+
+def _snapshot(mlp) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (W, b) of every layer of a :class:`vaestream.model.MLP`, as float64 arrays."""
+    return [(layer.w.numpy().astype(np.float64), layer.b.numpy().astype(np.float64))
+            for layer in list(mlp.hidden) + [mlp.out]]
+
+
+def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], activation: str, x: np.ndarray) -> np.ndarray:
+    """The MLP in float64: hidden layers with ``activation``, then the linear output layer."""
+    act = _NP_ACTIVATIONS[activation]
+    h = np.asarray(x, np.float64)
+    for w, b in layers[:-1]:
+        h = act(h @ w + b)
+    w, b = layers[-1]
+    return h @ w + b
+
 
 def _threads() -> int:
     import os
@@ -248,8 +273,6 @@ class LosslessCoder:
 
     def __init__(self, model, latent_bits: int = DEFAULT_LATENT_BITS, group: int = DEFAULT_GROUP,
                  frame_records: int = DEFAULT_FRAME_RECORDS):
-        import tensorflow as tf
-
         cfg = model.config
         if cfg.likelihood not in LIKELIHOODS:
             raise ConfigError(f"lossless coding needs a discrete likelihood {LIKELIHOODS}; this model's is "
@@ -268,13 +291,11 @@ class LosslessCoder:
         self.frame_records = int(frame_records)
         self.fingerprint = model.fingerprint()
         self._buckets: dict[int, tuple[np.ndarray, np.ndarray, Any]] = {}
-        d, nz = cfg.input_dim, cfg.latent_dim
-        self._enc = tf.function(model.encoder_params, input_signature=[tf.TensorSpec([None, d], tf.float32)])
-        if cfg.likelihood == "beta_binomial":
-            fn = lambda z: tuple(model.decoder_params(z)[k] for k in ("log_alpha", "log_beta"))  # noqa: E731
-        else:
-            fn = lambda z: (model.decoder_params(z)["logits"],)  # noqa: E731
-        self._dec = tf.function(fn, input_signature=[tf.TensorSpec([None, nz], tf.float32)])
+        # The networks run here in float64 NumPy on a snapshot of the weights, not through TensorFlow: the
+        # bits-back decoder must recompute the encoder's and decoder's outputs bit for bit, and TensorFlow's
+        # CPU kernels (oneDNN / Eigen thread pools) give no such promise across processes and loads.
+        self._enc_layers = _snapshot(model.encoder)
+        self._dec_layers = _snapshot(model.decoder)
         import constriction
 
         self._constriction = constriction
@@ -338,8 +359,9 @@ class LosslessCoder:
     # -- tables ----------------------------------------------------------------------------------------------
     def _posterior(self, x: np.ndarray, edges: np.ndarray) -> np.ndarray:
         """Q(bucket | x) rows ``[g * Nz, K]`` for int records ``[g, D]`` (one encoder call)."""
-        mean, log_scale = self._enc(self._inputs(x))
-        q = posterior_probs(mean.numpy(), log_scale.numpy(), edges)
+        h = _mlp(self._enc_layers, self.config.activation, self._inputs(x))
+        mean, log_scale = np.split(h, 2, axis=-1)
+        q = posterior_probs(mean, log_scale, edges)
         if not np.isfinite(q).all():
             raise ModelError("the encoder produced non-finite posterior parameters; cannot code losslessly")
         return q
@@ -347,7 +369,8 @@ class LosslessCoder:
     def _likelihood(self, zi: np.ndarray, g: int, centres: np.ndarray) -> np.ndarray:
         """P(x | z) rows ``[g * D, levels]`` for bucket indices ``[g * Nz]`` (one decoder call)."""
         z = centres[zi].reshape(g, self.config.latent_dim)
-        out = [t.numpy() for t in self._dec(z)]
+        h = _mlp(self._dec_layers, self.config.activation, z)
+        out = np.split(h, 2, axis=-1) if self.config.likelihood == "beta_binomial" else [h]
         if self.config.likelihood == "beta_binomial":
             p = beta_binomial_probs(out[0], out[1])
         else:
