@@ -151,6 +151,13 @@ def _kind(path: str) -> str:
                     "of PNG images)")
 
 
+def _split_specs(specs: str | Sequence[str]) -> list[str]:
+    """Input specs as a list: one string or several, each possibly holding comma-separated specs."""
+    if isinstance(specs, str):
+        specs = [specs]
+    return [part.strip() for s in specs for part in str(s).split(",") if part.strip()]
+
+
 def expand_inputs(specs: str | Sequence[str], split: str = "train") -> list[str]:
     """The files (and PNG folders) that ``specs`` name, in a stable order.
 
@@ -160,12 +167,8 @@ def expand_inputs(specs: str | Sequence[str], split: str = "train") -> list[str]
     """
     from vaestream import data
 
-    if isinstance(specs, str):
-        specs = [specs]
-    specs = [part for s in specs for part in str(s).split(",") if part.strip()]
     out: list[str] = []
-    for spec in specs:
-        spec = spec.strip()
+    for spec in _split_specs(specs):
         if spec == "fashion-mnist":
             out.append(str(data.resolve(spec, split)))
             continue
@@ -1415,12 +1418,8 @@ class Decode(beam.PTransform):
 # ---------------------------------------------------------------------------------------------------------
 def code_files(specs: str | Sequence[str]) -> list[str]:
     """The code files (``.tfrecord`` / ``.parquet``) that ``specs`` name (files, globs or directories)."""
-    if isinstance(specs, str):
-        specs = [specs]
-    specs = [part for s in specs for part in str(s).split(",") if part.strip()]
     out: list[str] = []
-    for spec in specs:
-        spec = spec.strip()
+    for spec in _split_specs(specs):
         if os.path.isdir(spec):
             pats = [spec.rstrip("/") + "/*.tfrecord", spec.rstrip("/") + "/*.parquet"]
         else:

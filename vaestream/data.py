@@ -256,6 +256,11 @@ class Dataset:
         return Dataset(self.records[index], self.scale, self.binarize, name or self.name)
 
 
+def _outside_unit(name: str, i: int, lo: float, hi: float, likelihood: str) -> DataError:
+    return DataError(f"{name}: record {i} has values outside [0, 1] (min {lo:g}, max {hi:g}), outside the support "
+                     f"of the {likelihood} decoder (scale your data to [0, 1] or use likelihood 'gaussian')")
+
+
 def validate(records: np.ndarray, likelihood: str, name: str, scale: float | None = None,
              chunk: int = 8192) -> float:
     """Check records for a model and return the scale that maps them to model inputs.
@@ -285,9 +290,7 @@ def validate(records: np.ndarray, likelihood: str, name: str, scale: float | Non
                 ok = ((block.min(axis=1) * scale >= 0) & (block.max(axis=1) * scale <= 1))
                 if not ok.all():
                     i = s + int(np.argmin(ok))
-                    raise DataError(f"{name}: record {i} has values outside [0, 1] (min {flat[i].min() * scale:g}, "
-                                    f"max {flat[i].max() * scale:g}), outside the support of the {likelihood} "
-                                    "decoder (scale your data to [0, 1] or use likelihood 'gaussian')")
+                    raise _outside_unit(name, i, flat[i].min() * scale, flat[i].max() * scale, likelihood)
         return float(scale)
     for s in range(0, len(flat), chunk):
         block = np.asarray(flat[s:s + chunk], dtype=np.float32) * np.float32(scale)
@@ -299,9 +302,7 @@ def validate(records: np.ndarray, likelihood: str, name: str, scale: float | Non
             ok = ((block >= 0.0) & (block <= 1.0)).all(axis=1)
             if not ok.all():
                 i = s + int(np.argmin(ok))
-                raise DataError(f"{name}: record {i} has values outside [0, 1] (min {block[i - s].min():g}, "
-                                f"max {block[i - s].max():g}), outside the support of the {likelihood} decoder"
-                                " (scale your data to [0, 1] or use likelihood 'gaussian')")
+                raise _outside_unit(name, i, block[i - s].min(), block[i - s].max(), likelihood)
     return float(scale)
 
 
