@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from vaestream import ModelConfig, TrainConfig, train
 from vaestream.data import load_records, make_dataset
@@ -23,7 +24,9 @@ from vaestream.evaluate import evaluate
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--mnist", required=True)
-    ap.add_argument("--minutes", type=float, default=30.0, help="training budget (the issue allows up to 120)")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="total training budget over all runs in --out (the issue allows up to 120); a run in an "
+                         "existing --out resumes from its checkpoint and trains for what is left of the budget")
     ap.add_argument("--epochs", type=float, default=3280)
     ap.add_argument("--k", type=int, default=5000)
     ap.add_argument("--test-records", type=int, default=10000)
@@ -36,19 +39,25 @@ def main(argv=None):
     te.binarize = "dynamic"  # evaluated on one fixed Bernoulli sample (seeded), as the protocol
     cfg = ModelConfig(latent_dim=50, hidden=(200, 200), activation="tanh")
     # Adam with a slow exponential decay of the step size (IWAE: 1e-3 decayed over the run).
+    budget_file = Path(a.out) / "budget.json"
+    spent = json.loads(budget_file.read_text())["train_seconds"] if budget_file.exists() else 0.0
     t0 = time.time()
     if a.eval_only:
         from vaestream.store import load_model, read_log
 
         last = read_log(a.out)[-1]
-        model, steps, train_s = load_model(a.out), last["step"], last["seconds"]
+        model, steps, train_s = load_model(a.out), last["step"], spent
     else:
+        if a.minutes * 60 - spent <= 0:
+            raise SystemExit(f"{a.out}: the {a.minutes}-minute budget is spent ({spent / 60:.1f} min); use --eval-only")
         res = train(tr, a.out, cfg, TrainConfig(epochs=a.epochs, optimizer="adam", learning_rate=1e-3,
                                             lr_decay_rate=0.5, lr_decay_steps=150_000, binarize="dynamic",
-                                            max_seconds=a.minutes * 60, eval_every=30000, eval_records=10000,
+                                            max_seconds=a.minutes * 60 - spent, eval_every=30000, eval_records=10000,
                                             checkpoint_every=20000, steps_per_call=100),
                     test_data=te, progress=False)
-        model, steps, train_s = res.model, res.steps, time.time() - t0
+        model, steps, train_s = res.model, res.steps, spent + time.time() - t0
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        budget_file.write_text(json.dumps({"train_seconds": round(train_s, 1)}) + "\n")
     t1 = time.time()
     ev = evaluate(model, te, k=a.k, batch_size=100)
     out = {"benchmark": "iwae_yardstick",
