@@ -4,8 +4,10 @@
     python -m pipelines.encode --input shards/mnist-train --model runs/model --output codes/ --output_format parquet
 
 Inputs: any format :class:`vaestream.beam.ReadRecords` reads, or a shard set. Output:
-``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (tf.train.Example: key, mean, log_scale, fingerprint[, code]) or
-``.parquet`` (same columns), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. The model is loaded
+``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (one tf.train.Example per record: key, mean, log_scale, fingerprint)
+or ``.parquet`` (same columns), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. With ``--coder`` the
+codes are entropy-coded: one row per batch of up to ``--chunk_size`` records (keys, records, fingerprint, code
+= one vaestream container of the batch's codes in key order); ``pipelines/decode.py`` reads both forms. The model is loaded
 once per worker (``RunInference`` with :class:`vaestream.beam.VAEModelHandler`) from ``--model`` (a model
 directory) or ``--saved_model`` (an export). Unknown flags are Beam pipeline options.
 """
@@ -40,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=None,
                         help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
     parser.add_argument("--coder", action="store_true",
-                        help="also store each record's coder bytes (vaestream.codec; needs the model's coder tables)")
+                        help="entropy-code the latents (vaestream.codec; needs the model's coder tables): one row per "
+                             "batch of records, its keys and one container of their codes, instead of float codes")
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK, help="records per element")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
@@ -78,7 +81,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
     summary = vb.job_summary("encode", result, seconds, f"{out}/{CODES}-*.{ext}", f"{out}/{shards.DEAD_LETTER}",
                              {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
-                              "output_format": args.output_format})
+                              "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
     _write_json(f"{out}/{SUMMARY}", summary)
     return summary
 

@@ -300,26 +300,55 @@ def test_saved_model_handler_matches_model_dir(trained, tmp_path, mnist_test):
     np.testing.assert_allclose(a.decode(mb), b.decode(mb), rtol=1e-4, atol=1e-5)
 
 
-def test_encode_job_stores_coder_bytes(trained, tmp_path, mnist_train, mnist_test):
-    """--coder: every record's bytes decompress to the codec's reconstruction of that record."""
+def test_encode_job_with_the_coder_writes_one_container_per_batch_and_decode_reads_it(trained, tmp_path, mnist_train,
+                                                                                     mnist_test):
+    """--coder: each row holds a batch's keys and one container; together they hold every record once, each
+    decompressing to the codec's reconstruction of that record, and the decode job reproduces them."""
     codec_mod = pytest.importorskip("vaestream.codec", reason="the coder module is not in this tree")
     model_dir = tmp_path / "model"
     import shutil
 
     shutil.copytree(trained.model_dir, model_dir)
     codec_mod.write_tables(model_dir, mnist_train[:2000])
-    np.save(tmp_path / "few.npy", mnist_test[:64])
-    s = encode.run(["--input", str(tmp_path / "few.npy"), "--model", str(model_dir), "--output",
-                    str(tmp_path / "codes"), "--coder", "--output_format", "parquet"])
-    assert s["records"] == 64
+    np.save(tmp_path / "few.npy", mnist_test[:300])
     codec = codec_mod.load(model_dir)
-    got = {}
-    for f in (tmp_path / "codes").glob("codes-*.parquet"):
-        for item in vb.read_codes(str(f)):
-            got.update(zip(item.keys, item.coded))
-    x = mnist_test[:64].reshape(64, -1).astype(np.float32) / 255.0
-    want = np.asarray(codec.decode(codec.encode(x))).reshape(64, -1)
-    for i in range(64):
-        blob = got[f"few.npy:{i:09d}"]
-        assert 0 < len(blob) < 200
-        np.testing.assert_array_equal(np.asarray(codec.decompress(blob)).reshape(-1), want[i])
+    x = mnist_test[:300].reshape(300, -1).astype(np.float32) / 255.0
+    want = np.asarray(codec.decode(codec.encode(x))).reshape(300, -1)
+    for fmt in ("parquet", "tfrecord"):
+        out = tmp_path / f"codes-{fmt}"
+        s = encode.run(["--input", str(tmp_path / "few.npy"), "--model", str(model_dir), "--output", str(out),
+                        "--coder", "--output_format", fmt, "--chunk_size", "128"])
+        assert s["records"] == 300 and s["dead_lettered"] == 0 and s["coder"] is True
+        got = {}
+        rows = 0
+        blob_bytes = []
+        for f in out.glob(f"codes-*.{fmt}"):
+            for item in vb.read_codes(str(f)):
+                rows += 1
+                assert item.coded and item.mean is None
+                blob_bytes.append(len(item.container))
+                rec = np.asarray(codec.decompress(item.container)).reshape(len(item), -1)
+                for k, r in zip(item.keys, rec):
+                    assert k not in got
+                    got[k] = r
+        assert rows == 3  # 300 records in chunks of 128: 128 + 128 + 44
+        assert sorted(got) == [f"few.npy:{i:09d}" for i in range(300)]
+        for i in range(300):
+            np.testing.assert_array_equal(got[f"few.npy:{i:09d}"], want[i])
+        # far smaller than float codes (2 x Nz float32 a record): the containers, and the whole files
+        assert sum(blob_bytes) < 300 * 8 * trained.model.config.latent_dim / 4
+        floats = encode.run(["--input", str(tmp_path / "few.npy"), "--model", str(model_dir), "--output",
+                             str(tmp_path / f"floats-{fmt}"), "--output_format", fmt])
+        assert s["bytes_out"] < floats["bytes_out"] / 2
+        d = decode.run(["--input", str(out), "--model", str(model_dir), "--output", str(tmp_path / f"rec-{fmt}"),
+                        "--output_format", "parquet"])
+        assert d["records"] == 300 and d["dead_lettered"] == 0
+        import pyarrow.parquet as pq
+
+        back = {}
+        for f in (tmp_path / f"rec-{fmt}").glob(f"{decode.RECON}-*.parquet"):
+            t = pq.read_table(f).to_pydict()
+            back.update(zip(t["key"], t["data"]))
+        assert len(back) == 300
+        for i in range(0, 300, 7):
+            np.testing.assert_allclose(back[f"few.npy:{i:09d}"], want[i], rtol=0, atol=1e-6)

@@ -92,22 +92,36 @@ class RecordBatch:
 
 @dataclasses.dataclass
 class CodeBatch:
-    """Latent codes of ``n`` records: q(z|x) = N(mean, diag exp(log_scale)^2), each ``[n, Nz]`` float32.
+    """Latent codes of ``n`` records, in one of two forms:
 
-    ``fingerprint`` names the model that wrote them (:meth:`vaestream.model.VAE.fingerprint`); ``coded``
-    holds each record's coder bytes when the encode job ran with the coder.
+    * floats: q(z|x) = N(mean, diag exp(log_scale)^2), ``mean`` and ``log_scale`` each ``[n, Nz]`` float32;
+    * coded (the encode job's ``--coder``): ``container``, one vaestream container (:mod:`vaestream.container`)
+      holding the ``n`` records' entropy-coded latents in the order of ``keys`` (``mean``/``log_scale`` None).
+      One container per batch, not per record: its ~30 bytes of header, frame length and CRC would cost more
+      than a coarse record's ~10-byte code (:func:`vaestream.codec.Codec.decompress` reads it back).
+
+    ``fingerprint`` names the model that wrote them (:meth:`vaestream.model.VAE.fingerprint`).
     """
 
     source: str
     keys: list[str]
-    mean: np.ndarray
-    log_scale: np.ndarray
+    mean: np.ndarray | None
+    log_scale: np.ndarray | None
     fingerprint: str
-    coded: list[bytes] | None = None
+    container: bytes | None = None
     bytes_in: int = 0
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def coded(self) -> bool:
+        return self.container is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codes themselves (floats, or the container)."""
+        return len(self.container) if self.container is not None else int(self.mean.nbytes + self.log_scale.nbytes)
 
 
 class DeadLetter(NamedTuple):
@@ -805,29 +819,39 @@ class _ToExamples(beam.DoFn):
             out = code_examples(batch)
         else:
             out = shards.record_examples(batch.keys, batch.records)
-        self.records.inc(len(out))
+        self.records.inc(len(batch))
         self.bytes_out.inc(sum(len(r) + 16 for r in out))  # 16: TFRecord framing (length, 2 CRCs)
         yield out
 
 
 def code_examples(batch: CodeBatch) -> list[bytes]:
-    """Serialized code Examples: key, mean and log_scale (float lists of Nz), fingerprint[, code]."""
+    """Serialized code Examples: one per record (key, mean and log_scale as float lists of Nz, fingerprint),
+    or for a coded batch one Example for the whole batch (keys, records, fingerprint, code)."""
+    if batch.coded:
+        import tensorflow as tf
+
+        f = tf.train.Feature
+        return [tf.train.Example(features=tf.train.Features(feature={
+            "keys": f(bytes_list=tf.train.BytesList(value=[k.encode() for k in batch.keys])),
+            "records": f(int64_list=tf.train.Int64List(value=[len(batch)])),
+            "fingerprint": f(bytes_list=tf.train.BytesList(value=[batch.fingerprint.encode()])),
+            "code": f(bytes_list=tf.train.BytesList(value=[batch.container]))})).SerializeToString()]
     return shards.serialize_examples(
         batch.keys, floats={"mean": batch.mean, "log_scale": batch.log_scale},
-        constants={"fingerprint": shards.bytes_feature([batch.fingerprint.encode()])},
-        variable={"code": batch.coded} if batch.coded is not None else None)
+        constants={"fingerprint": shards.bytes_feature([batch.fingerprint.encode()])})
 
 
 def code_schema(latent_dim: int, coded: bool = False):
-    """Parquet/Arrow schema of codes: key (string), mean and log_scale (fixed-size lists of Nz float32),
-    fingerprint (string)[, code (binary)]."""
+    """Parquet/Arrow schema of codes: per record key (string), mean and log_scale (fixed-size lists of Nz
+    float32), fingerprint (string); coded (``--coder``): per batch keys (list of string), records (int32),
+    fingerprint (string), code (binary: one vaestream container of the batch's records, in key order)."""
     import pyarrow as pa
 
-    fields = [("key", pa.string()), ("mean", pa.list_(pa.float32(), latent_dim)),
-              ("log_scale", pa.list_(pa.float32(), latent_dim)), ("fingerprint", pa.string())]
     if coded:
-        fields.append(("code", pa.binary()))
-    return pa.schema(fields)
+        return pa.schema([("keys", pa.list_(pa.string())), ("records", pa.int32()), ("fingerprint", pa.string()),
+                          ("code", pa.binary())], metadata={b"vaestream": b"coded"})
+    return pa.schema([("key", pa.string()), ("mean", pa.list_(pa.float32(), latent_dim)),
+                      ("log_scale", pa.list_(pa.float32(), latent_dim)), ("fingerprint", pa.string())])
 
 
 def record_schema(shape: Sequence[int], dtype: str):
@@ -858,13 +882,16 @@ class _ToTable(beam.DoFn):
     def process(self, batch):
         import pyarrow as pa
 
-        if isinstance(batch, CodeBatch):
+        if isinstance(batch, CodeBatch) and batch.coded:
+            if "code" not in self.schema.names:
+                raise DataError(f"{batch.source}: coded batches need the coded schema (code_schema(coded=True))")
+            cols = [pa.array([batch.keys], pa.list_(pa.string())), pa.array([len(batch)], pa.int32()),
+                    pa.array([batch.fingerprint], pa.string()), pa.array([batch.container], pa.binary())]
+        elif isinstance(batch, CodeBatch):
             cols = [pa.array(batch.keys, pa.string()), _fixed_list(batch.mean.astype(np.float32)),
                     _fixed_list(batch.log_scale.astype(np.float32)),
                     pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(batch), np.int32)),
                                                    pa.array([batch.fingerprint])).cast(pa.string())]
-            if "code" in self.schema.names:
-                cols.append(pa.array(batch.coded or [b""] * len(batch), pa.binary()))
         else:
             cols = [pa.array(batch.keys, pa.string()), _fixed_list(batch.records.reshape(len(batch), -1))]
         table = pa.Table.from_arrays(cols, schema=self.schema)
@@ -1293,10 +1320,11 @@ class VAEModelHandler(ModelHandler):
     model's, else :class:`vaestream.errors.ModelMismatchError`.
 
     Args:
-      coder: also store each record's coder bytes: ``vaestream.codec.load(model)`` quantises the batch's
-        posterior means in one call (``codec.encode``) and each record becomes a single-record container
-        (``codec.compress_codes(..., single=True)``; ``codec.decompress`` reads it back). Needs the model's
-        coder tables (``coder_tables.npz``, see :func:`vaestream.codec.write_tables`).
+      coder: encode mode: entropy-code the latents instead of returning floats: ``vaestream.codec.load(model)``
+        quantises each element's posterior means (one model call, ``codec.encode``) and codes them into one
+        container per element (``codec.compress_codes``): a coded :class:`CodeBatch`. Decode mode reads coded
+        batches whatever this flag says (``codec.decompress``). Needs the model's coder tables
+        (``coder_tables.npz``, see :func:`vaestream.codec.write_tables`).
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
@@ -1311,12 +1339,9 @@ class VAEModelHandler(ModelHandler):
 
     def load_model(self) -> LoadedVAE:
         model = LoadedVAE.load(self.model_dir, self.saved_model)
+        model.codec = None
         if self.coder:
-            from vaestream import codec
-
-            model.codec = codec.load(self.model_dir if self.model_dir is not None else model.source)
-            if getattr(model.codec, "fingerprint", model.fingerprint) != model.fingerprint:
-                raise ModelMismatchError(f"{model.source}: the coder tables belong to another model")
+            _attach_codec(model, self.model_dir)
         return model
 
     def run_inference(self, batch: Sequence[Any], model: LoadedVAE, inference_args=None) -> list:
@@ -1333,17 +1358,20 @@ class VAEModelHandler(ModelHandler):
             groups.setdefault((b.records.dtype.str, b.scale), []).append(i)
         results: dict[int, CodeBatch] = {}
         for (_, scale), idx in groups.items():
+            if self.coder:  # one model call per element (the codec's), one container per element
+                for i in idx:
+                    b = batch[i]
+                    symbols = np.asarray(model.codec.encode(b.inputs())).reshape(len(b), -1)
+                    results[i] = CodeBatch(b.source, b.keys, None, None, model.fingerprint,
+                                           bytes(model.codec.compress_codes(symbols)), int(b.records.nbytes))
+                continue
             recs = np.concatenate([batch[i].records.reshape(len(batch[i]), -1) for i in idx])
             mean, log_scale = model.encode(recs, 1.0 if scale is None else scale)
             s = 0
             for i in idx:
                 b = batch[i]
                 n = len(b)
-                coded = None
-                if self.coder:  # one batched model call, then one single-record container per record
-                    symbols = np.asarray(model.codec.encode(b.inputs())).reshape(n, -1)
-                    coded = [bytes(model.codec.compress_codes(symbols[j:j + 1], single=True)) for j in range(n)]
-                results[i] = CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, coded,
+                results[i] = CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, None,
                                        int(b.records.nbytes))
                 s += n
         out = [results[i] for i in range(len(batch))]
@@ -1355,21 +1383,39 @@ class VAEModelHandler(ModelHandler):
                 raise ModelMismatchError(
                     f"{b.source}: codes were written by model {b.fingerprint[:16]}..., the model given "
                     f"({model.source}) is {model.fingerprint[:16]}...; decode them with the model that encoded them")
-        z = np.concatenate([b.mean for b in batch])
-        x = model.decode(z)
         shape = tuple(model.config.input_shape)
+        floats = [b for b in batch if not b.coded]
+        x = model.decode(np.concatenate([b.mean for b in floats])) if floats else None
         out, s = [], 0
         for b in batch:
             n = len(b)
+            if b.coded:
+                if getattr(model, "codec", None) is None:
+                    _attach_codec(model, self.model_dir)
+                rec = np.asarray(model.codec.decompress(b.container))
+                if len(rec) != n:
+                    raise DataError(f"{b.source}: a coded batch lists {n} keys but its container holds "
+                                    f"{len(rec)} records")
+                out.append(RecordBatch(b.source, b.keys, rec.reshape((n,) + shape).astype(np.float32), 1.0))
+                continue
             out.append(RecordBatch(b.source, b.keys, x[s:s + n].reshape((n,) + shape), 1.0))
             s += n
         return out
 
     def get_num_bytes(self, batch: Sequence[Any]) -> int:
-        return int(sum(b.records.nbytes if isinstance(b, RecordBatch) else b.mean.nbytes * 2 for b in batch))
+        return int(sum(b.records.nbytes if isinstance(b, RecordBatch) else b.nbytes for b in batch))
 
     def get_metrics_namespace(self) -> str:
         return "vaestream.RunInference"
+
+
+def _attach_codec(model: LoadedVAE, model_dir: str | None) -> None:
+    """Give ``model`` its coder (``model.codec``), checked to belong to the same model."""
+    from vaestream import codec
+
+    model.codec = codec.load(model_dir if model_dir is not None else model.source)
+    if getattr(model.codec, "fingerprint", model.fingerprint) != model.fingerprint:
+        raise ModelMismatchError(f"{model.source}: the coder tables belong to another model")
 
 
 class Encode(beam.PTransform):
@@ -1445,18 +1491,24 @@ def _read_codes_parquet(path: str, chunk_size: int):
     try:
         with _open(path) as f:
             pf = pq.ParquetFile(io.BytesIO(f.read()))
+        names = pf.schema_arrow.names
+        if "keys" in names and "code" in names:  # coded: one row per batch
+            for rb in pf.iter_batches(batch_size=max(1, chunk_size // CHUNK)):
+                for keys, n, fp, blob in zip(*(rb.column(c).to_pylist() for c in ("keys", "records", "fingerprint",
+                                                                                     "code"))):
+                    if n != len(keys):
+                        raise ValueError(f"a coded row lists {len(keys)} keys for {n} records")
+                    yield CodeBatch(path, keys, None, None, fp, blob)
+            return
         for rb in pf.iter_batches(batch_size=chunk_size):
-            cols = rb.schema.names
             n = rb.num_rows
             mean = np.asarray(rb.column("mean").flatten().to_numpy(zero_copy_only=False), np.float32).reshape(n, -1)
             ls = np.asarray(rb.column("log_scale").flatten().to_numpy(zero_copy_only=False), np.float32).reshape(n, -1)
             keys = rb.column("key").to_pylist()
             fps = rb.column("fingerprint").to_pylist()
-            coded = rb.column("code").to_pylist() if "code" in cols else None
             for fp in sorted(set(fps)):
                 sel = [i for i, v in enumerate(fps) if v == fp] if len(set(fps)) > 1 else list(range(n))
-                yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp,
-                                [coded[i] for i in sel] if coded else None)
+                yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp)
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{path}: not a readable code Parquet file ({type(e).__name__}: {e})") from None
 
@@ -1485,14 +1537,15 @@ def _code_spec(path: str, first: bytes) -> dict:
     import tensorflow as tf
 
     f = tf.train.Example.FromString(first).features.feature
+    if "keys" in f and "code" in f and "fingerprint" in f:  # coded: one Example per batch
+        return {"keys": tf.io.VarLenFeature(tf.string), "records": tf.io.FixedLenFeature([], tf.int64),
+                "fingerprint": tf.io.FixedLenFeature([], tf.string), "code": tf.io.FixedLenFeature([], tf.string)}
     if "mean" not in f or "log_scale" not in f or "fingerprint" not in f:
-        raise DataError(f"{path}: records are not vaestream codes (need mean, log_scale, fingerprint)")
+        raise DataError(f"{path}: records are not vaestream codes (need mean, log_scale, fingerprint; or keys, "
+                        "code, fingerprint)")
     nz = len(f["mean"].float_list.value)
-    spec = {"key": tf.io.FixedLenFeature([], tf.string), "mean": tf.io.FixedLenFeature([nz], tf.float32),
+    return {"key": tf.io.FixedLenFeature([], tf.string), "mean": tf.io.FixedLenFeature([nz], tf.float32),
             "log_scale": tf.io.FixedLenFeature([nz], tf.float32), "fingerprint": tf.io.FixedLenFeature([], tf.string)}
-    if "code" in f:
-        spec["code"] = tf.io.FixedLenFeature([], tf.string)
-    return spec
 
 
 def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator[CodeBatch]:
@@ -1504,14 +1557,19 @@ def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator
     except tf.errors.InvalidArgumentError as e:
         raise DataError(f"{path}: records {index}..{index + len(raw) - 1}: malformed code Examples "
                         f"({e.message.splitlines()[0]})") from None
-    keys = [k.decode() for k in ex["key"].numpy()]
     fps = [v.decode() for v in ex["fingerprint"].numpy()]
+    if "code" in ex:
+        keys = tf.RaggedTensor.from_sparse(ex["keys"]).to_list()
+        for i, (ks, n, fp, blob) in enumerate(zip(keys, ex["records"].numpy(), fps, ex["code"].numpy())):
+            if n != len(ks):
+                raise DataError(f"{path}: record {index + i}: a coded batch lists {len(ks)} keys for {n} records")
+            yield CodeBatch(path, [k.decode() for k in ks], None, None, fp, bytes(blob))
+        return
+    keys = [k.decode() for k in ex["key"].numpy()]
     mean, ls = ex["mean"].numpy(), ex["log_scale"].numpy()
-    coded = list(ex["code"].numpy()) if "code" in ex else None
     for fp in sorted(set(fps)):
         sel = [i for i, v in enumerate(fps) if v == fp] if len(set(fps)) > 1 else list(range(len(fps)))
-        yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp, [coded[i] for i in sel] if coded
-                        else None)
+        yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp)
 
 
 class _ReadCodesFn(beam.DoFn):
@@ -1525,7 +1583,7 @@ class _ReadCodesFn(beam.DoFn):
             for item in read_codes(path, self.chunk_size):
                 if isinstance(item, CodeBatch):
                     self.records_in.inc(len(item))
-                    self.bytes_in.inc(int(item.mean.nbytes + item.log_scale.nbytes))
+                    self.bytes_in.inc(item.nbytes)
                     yield item
                 else:
                     self.records_in.inc(1)
@@ -1603,10 +1661,14 @@ def check_counts(c: dict[str, int], what: str) -> None:
         raise DataError(f"{what}: {rin} records in, but {rout} written + {dead} dead-lettered = {rout + dead}")
 
 
-def count_written(paths: Iterable[str]) -> int:
-    """Records in written TFRecord / Parquet files (Parquet from its footer, TFRecord by reading through)."""
+def count_written(paths: Iterable[str], coded: bool = False) -> int:
+    """Records in written TFRecord / Parquet files (Parquet from its footer, TFRecord by reading through);
+    ``coded``: code files of the encode job's ``--coder``, one row per batch (the rows' record counts summed,
+    every row parsed)."""
     import pyarrow.parquet as pq
 
+    if coded:
+        return sum(len(b) for p in paths for b in read_codes(p) if isinstance(b, CodeBatch))
     total = 0
     tf_paths = []
     for p in paths:
@@ -1659,7 +1721,7 @@ def run_pipeline(p: beam.Pipeline):
 
 
 def job_summary(job: str, result, seconds: float, output_pattern: str, dead_letter_path: str,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, coded: bool = False) -> dict:
     """Counters, throughput, bytes and the conservation check of a finished job.
 
     Checks ``records_in == records + dead_lettered`` from the counters, and that the output files hold
@@ -1668,7 +1730,7 @@ def job_summary(job: str, result, seconds: float, output_pattern: str, dead_lett
     c = counters(result)
     check_counts(c, job)
     files, out_bytes = file_sizes(output_pattern)
-    written = count_written(files)
+    written = count_written(files, coded)
     dead = count_lines(dead_letter_path)
     if written != c.get("records", 0):
         raise DataError(f"{job}: output files hold {written} records, the pipeline wrote {c.get('records', 0)}")
