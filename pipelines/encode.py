@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coder", action="store_true",
                         help="entropy-code the latents (vaestream.codec; needs the model's coder tables): one row per "
                              "batch of records, its keys and one container of their codes, instead of float codes")
+    parser.add_argument("--inference", default="overlap", choices=["overlap", "runinference"],
+                        help="overlap: the next batch is encoded on a background thread while the last one is "
+                             "written; runinference: Beam's RunInference, one call at a time")
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK, help="records per element")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
@@ -62,7 +65,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     read = p | "ReadRecords" >> vb.ReadRecords(read_paths, args.split, args.chunk_size, args.split_records,
                                                args.feature)
     good = read[vb.RECORDS] | "Validate" >> vb.Validate(config.input_shape, config.likelihood, None, args.scale)
-    codes = good[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder)
+    codes = good[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
+                                                      overlap=args.inference == "overlap")
     schema = vb.code_schema(config.latent_dim, args.coder) if args.output_format == "parquet" else None
     codes | "WriteCodes" >> vb.WriteBatches(f"{out}/{CODES}", args.output_format, schema, args.num_shards)
     ((read[vb.DEAD_LETTER], good[vb.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()

@@ -216,8 +216,10 @@ def test_poisoned_inputs_go_to_dead_letter_and_every_good_record_is_encoded(trai
     assert s["records_in"] == s["records"] + s["dead_lettered"] == len(good) + len(gz_good) + len(dead)
 
 
-def test_transforms_with_test_pipeline(trained, tmp_path, mnist_test):
-    """ReadRecords -> Validate -> Encode as a user would drop them into a pipeline."""
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "runinference"])
+def test_transforms_with_test_pipeline(trained, tmp_path, mnist_test, overlap):
+    """ReadRecords -> Validate -> Encode as a user would drop them into a pipeline; the overlapped encoder
+    (one batch ahead on a thread) and stock RunInference give every record's code once."""
     recs = mnist_test[:200].copy()
     recs_f = recs.astype(np.float32) / 255.0
     recs_f[7, 3] = np.nan
@@ -237,7 +239,8 @@ def test_transforms_with_test_pipeline(trained, tmp_path, mnist_test):
         read = p | vb.ReadRecords([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], chunk_size=64,
                                   split_records=150)
         valid = read[vb.RECORDS] | vb.Validate(shape=(28, 28), likelihood="bernoulli")
-        codes = valid[vb.RECORDS] | vb.Encode(model_dir=str(trained.model_dir), max_records=128)
+        codes = valid[vb.RECORDS] | vb.Encode(model_dir=str(trained.model_dir), max_records=128,
+                                                      overlap=overlap)
         assert_that(codes, close_to_reference, label="codes")
         dead = valid[vb.DEAD_LETTER] | beam.Map(lambda d: (d.key, "NaN" in d.reason))
         assert_that(dead, equal_to([("b.npy:000000007", True)]), label="dead")
