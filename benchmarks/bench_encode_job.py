@@ -4,7 +4,9 @@ For each size N (MNIST training images tiled to N records, 784 uint8 values each
 run and on the same 784-500-20 model (the paper's MNIST architecture):
 
 * ``bare``     — the compiled encoder on in-memory arrays, 4096 records a call (the limit);
-* ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> RunInference -> TFRecord;
+* ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> encode (the model call for
+  the next batch overlapped with the writing of the last) -> TFRecord;
+* ``encode_ri``— the same job with ``--inference runinference`` (Beam's RunInference, one call at a time);
 * ``stock``    — Beam's stock ``RunInference`` with one record per element (a per-record ModelHandler over the
   same compiled function, Beam's own ``BatchElements`` batching, one ``tf.train.Example`` per record);
 * ``unbatched``— the same with ``max_batch_size=1`` (one model call per record), on the first 2000 records at
@@ -98,6 +100,9 @@ def one_job(work: Path, n: int, job: str) -> dict:
     out = work / f"{job}-{n}"
     if job == "encode":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out)])
+    elif job == "encode_ri":
+        s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--inference",
+                        "runinference"])
     elif job == "encode_parquet":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--output_format",
                         "parquet"])
@@ -192,7 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--out", "--work", dest="work", default="/tmp/bench_beam")
-    ap.add_argument("--jobs", nargs="+", default=["bare", "encode", "stock", "unbatched", "prepare", "decode"])
+    ap.add_argument("--jobs", nargs="+", default=["bare", "encode", "encode_ri", "stock", "unbatched", "prepare",
+                                                     "decode"])
     ap.add_argument("--stock-max", type=int, default=100000, help="largest N for the stock baseline")
     ap.add_argument("--unbatched-max", type=int, default=10000, help="largest N for the unbatched baseline")
     ap.add_argument("--unbatched-n", type=int, default=2000,
@@ -224,7 +230,7 @@ def main() -> None:
         if "records_per_second" in enc:
             if "records_per_second" in bare:
                 ratios["encode_over_bare"] = enc["records_per_second"] / bare["records_per_second"]
-            for base in ("stock", "unbatched"):
+            for base in ("encode_ri", "stock", "unbatched"):
                 if "records_per_second" in row.get(base, {}):
                     ratios[f"encode_over_{base}"] = enc["records_per_second"] / row[base]["records_per_second"]
         row["ratios"] = ratios
@@ -233,6 +239,15 @@ def main() -> None:
     if len(sizes) > 1 and all("us_per_record" in results["sizes"][s].get("encode", {}) for s in sizes):
         per = [results["sizes"][s]["encode"]["us_per_record"] for s in sizes]
         results["encode_us_per_record_largest_over_smallest"] = per[-1] / per[0]
+        # seconds = fixed + N x marginal: the job's start-up and its steady per-record cost, separately
+        import numpy as np
+
+        ns = np.array([float(s) for s in sizes])
+        secs = np.array([results["sizes"][s]["encode"]["seconds"] for s in sizes])
+        marginal, fixed = np.polyfit(ns, secs, 1)
+        results["encode_fit"] = {"fixed_seconds": round(float(fixed), 3),
+                                 "marginal_us_per_record": round(float(marginal) * 1e6, 3),
+                                 "marginal_records_per_second": round(1.0 / float(marginal), 1)}
     print(json.dumps(results, indent=2))
 
 
