@@ -1502,18 +1502,25 @@ class Decode(beam.PTransform):
 
     Raises :class:`vaestream.errors.ModelMismatchError` (in the worker, so the pipeline fails) when a code's
     fingerprint differs from the model's. ``output_dtype="uint8"`` stores round(255 x) (for image data).
+    ``overlap``: as :class:`Encode` (``False``: Beam's ``RunInference``).
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = CHUNK,
-                 output_dtype: str = "float32"):
+                 output_dtype: str = "float32", overlap: bool = True):
         super().__init__()
         if output_dtype not in ("float32", "uint8"):
             raise DataError(f"output dtype {output_dtype!r} is not one of float32, uint8")
         self.handler = VAEModelHandler(model_dir, saved_model, "decode", max_records)
         self.output_dtype = output_dtype
+        self.overlap = overlap
 
     def expand(self, pcoll):
-        out = pcoll | "RunInference" >> RunInference(self.handler)
+        if self.overlap:  # as Encode: the next batch decodes on a thread while the last one is written
+            out = (pcoll
+                   | "BatchElements" >> beam.BatchElements(**self.handler.batch_elements_kwargs())
+                   | "InferAhead" >> beam.ParDo(_InferAheadFn(self.handler)))
+        else:
+            out = pcoll | "RunInference" >> RunInference(self.handler)
         if self.output_dtype != "float32":
             out = out | "Quantize" >> beam.Map(_quantize, self.output_dtype)
         return out
