@@ -89,17 +89,25 @@ def test_a_stream_written_in_another_process_decodes_bit_identically(cdc, model_
 
 def test_bits_are_at_least_the_ideal_code_length_and_within_the_stated_overhead(cdc, x):
     """Per frame, the range coder spends between the ideal length and 64 bits more (+ word padding); the
-    container adds its header, 16 bytes per frame and the index."""
+    container adds its header (16 bytes here) and per frame two varints and a CRC32: 24 bytes in all on a
+    batch of 1,000 records (one frame, payload < 16 KiB), 3 frames of 400 / 400 / 200 records 1 + 3 x 7 more."""
     for q in (0.125, 1.0, 8.0):
         codes = cdc.encode(x, quality=q)
         ideal = cdc.ideal_bits(codes, quality=q).sum()
         blob = cdc.compress(x, quality=q)
         with container.ContainerReader(blob) as r:
-            payload_bits = 8 * sum(len(p) for _, p in r)
-            frames = len(r.frames)
-        assert ideal <= payload_bits <= ideal + frames * (64 + 32)
-        fixed = len(cdc._header(cdc._coder(q), False).to_bytes()) + 8 + 4 + 12
-        assert 8 * len(blob) == payload_bits + 8 * (fixed + frames * (16 + 12))
+            frames = list(r)
+        payload = sum(len(p) for _, p in frames)
+        assert ideal <= 8 * payload <= ideal + len(frames) * (64 + 32)
+        header = cdc._header(cdc._coder(q), False).to_bytes(frames=len(frames))
+        assert len(header) == 16 and len(frames) == 1
+        assert len(blob) - payload == 16 + len(container.varint(1000)) + len(container.varint(payload)) + 4 == 24
+    small = codec.load(cdc.name, frame_records=400)
+    blob = small.compress(x, quality=8.0)
+    with container.ContainerReader(blob) as r:
+        frames = list(r)
+    assert [n for n, _ in frames] == [400, 400, 200] and all(len(p) < 16384 for _, p in frames)
+    assert len(blob) - sum(len(p) for _, p in frames) == 16 + 1 + 3 * (2 + 2 + 4)
 
 
 def test_rate_control_quality_and_target_bits(cdc, x):
@@ -147,6 +155,12 @@ def test_file_container_append_random_access_and_stream(cdc, x, tmp_path):
         small.read(path, [500])
     with pytest.raises(ModelMismatchError):
         small.write(path, x[:10], quality=2.0, append=True)
+    # a saved compress() output (packed, no index) is appendable too: it becomes an indexed file
+    packed = tmp_path / "p.vz"
+    packed.write_bytes(small.compress(x[:100]))
+    assert small.write(packed, x[100:150], append=True) == 150
+    np.testing.assert_array_equal(small.read(packed), full[:150])
+    np.testing.assert_array_equal(small.read(packed, [99, 100]), full[[99, 100]])
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +189,13 @@ def test_a_stream_of_another_model_or_other_tables_is_refused(cdc, other_codec, 
                                                   "level": 0}), [(1, b"\0" * 8)])
     with pytest.raises(BitstreamError, match="lossless"):
         cdc.decompress(lossless)
+    # a quality that is not on this model's ladder (a forged or foreign header)
+    with pytest.raises(BitstreamError, match="not on the tables' ladder"):
+        cdc.decompress(container.pack(container.Header(**{**h.__dict__, "quality": 3.0}), [(1, b"\0" * 8)]))
+    # a container of the format before the compact one is refused by name
+    old = bytes.fromhex("5641455a0100") + bytes(80)
+    with pytest.raises(BitstreamError, match="format version 1"):
+        cdc.decompress(old)
     # tables of another model are refused when the codec is made
     with pytest.raises(ModelMismatchError, match="built for model"):
         codec.Codec(cdc._backend, other_codec.tables)
@@ -197,7 +218,7 @@ def test_damaged_streams_raise_only_bitstream_errors(cdc, x, data):
     elif kind == "random":
         bad = data.draw(st.binary(max_size=300))
     else:  # a valid header on someone else's bytes
-        bad = blob[:67] + data.draw(st.binary(max_size=200))
+        bad = blob[:16] + data.draw(st.binary(max_size=200))
     if bad == blob:
         return
     with pytest.raises(BitstreamError):

@@ -238,7 +238,7 @@ class Codec:
     # -- bytes ----------------------------------------------------------------------------------------------
     def _header(self, coder: EntropyCoder, single: bool) -> container.Header:
         return container.Header(fingerprint=bytes.fromhex(self.fingerprint)[:container.FINGERPRINT_BYTES],
-                                table_hash=self._digest[:container.FINGERPRINT_BYTES], quality=coder.quality,
+                                table_hash=self._digest[:container.TABLE_ID_BYTES], quality=coder.quality,
                                 level=coder.level, latent_dim=self.config.latent_dim,
                                 input_shape=tuple(self.config.input_shape), single=single)
 
@@ -314,18 +314,19 @@ class Codec:
         if h.fingerprint != fp:
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
                                      f"({fp.hex()}...)")
-        if h.table_hash != self._digest[:container.FINGERPRINT_BYTES]:
-            try:
-                from vaestream.lossless import LOSSLESS_TAG
-            except ImportError:
-                LOSSLESS_TAG = None
-            if h.table_hash == LOSSLESS_TAG:
+        if h.table_hash != self._digest[:container.TABLE_ID_BYTES]:
+            if h.lossless:
                 raise BitstreamError(f"{name}: a lossless (bits-back) stream, not a lossy one: decode it with "
                                      "vaestream.lossless")
-            raise ModelMismatchError(f"{name}: coded with other coder tables ({h.table_hash.hex()[:12]}..., these "
-                                     f"are {self._digest[:6].hex()}...); decode it with the tables that wrote it")
-        if not 0 <= h.level < self.tables.num_levels or self.tables.qualities[h.level] != h.quality:
-            raise BitstreamError(f"{name}: quality level {h.level} ({h.quality:g}) is not on the tables' ladder")
+            raise ModelMismatchError(f"{name}: coded with other coder tables ({h.table_hash.hex()}..., these "
+                                     f"are {self._digest[:container.TABLE_ID_BYTES].hex()}...); decode it with the "
+                                     "tables that wrote it")
+        try:  # the header stores the quality, not the level: find it on the ladder, exactly
+            level = self.tables.level(h.quality)
+        except ConfigError:
+            level = None
+        if level is None or self.tables.qualities[level] != h.quality:
+            raise BitstreamError(f"{name}: quality {h.quality!r} is not on the tables' ladder")
         if h.latent_dim != self.config.latent_dim or tuple(h.input_shape) != tuple(self.config.input_shape):
             raise BitstreamError(f"{name}: shapes (latent {h.latent_dim}, input {h.input_shape}) do not match the "
                                  "model")
@@ -365,11 +366,9 @@ class Codec:
 
     def is_lossless(self, blob: bytes) -> bool:
         """Whether ``blob`` is a lossless (bits-back) stream (its header's table hash is the lossless tag)."""
-        from vaestream.lossless import LOSSLESS_TAG
-
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             return False
-        return container.read_header(io.BytesIO(bytes(blob))).table_hash == LOSSLESS_TAG
+        return container.read_header(io.BytesIO(bytes(blob))).lossless
 
     def decompress(self, blob: bytes) -> np.ndarray:
         """A container -> reconstructions float32 ``[B, D]`` (``[D]`` if one record was compressed); a lossless
