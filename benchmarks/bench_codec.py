@@ -4,7 +4,8 @@ For each data set: train a VAE briefly (or take ``--model-mnist`` / ``--model-fa
 tables from 20k training records, and on the first ``--n`` test records measure, in the same run:
 
 * rate vs the bound: container bits/record, ideal bits (from the integer tables) and KL(q||p) bits per
-  quality; container overhead on batches of 1,000 records;
+  quality; container overhead on batches of 1,000 records, beside what container format 1 spent
+  (``--only-rate``: this part alone);
 * vaestream's rate-distortion points (MSE, PSNR on [0, 1] pixels) vs JPEG and WebP (Pillow, lossy) swept
   over their quality settings, per image (one file per image) and tiled (1,000 images in one picture), with
   the codecs' bits interpolated at vaestream's PSNR;
@@ -198,10 +199,14 @@ def bench_dataset(name: str, root: Path, args, out: Path) -> dict:
         ideal = float(np.mean(c.ideal_bits(codes, q)))
         blobs = [c.compress(x[s:s + 1000], quality=q) for s in range(0, n, 1000)]
         container_bits = 8 * sum(len(b) for b in blobs) / n
-        payload = 0
+        payload, frames = 0, 0
         for b in blobs:
             with container.ContainerReader(b) as r:
                 payload += sum(len(p) for _, p in r)
+                frames += len(r.frames)
+        # format version 1 (before the compact one) spent a 67-byte header (2-d input shape), 16 bytes per
+        # frame, an index of 8 + 12 per frame + 4 bytes and a 12-byte footer on every blob
+        v1_bytes = len(blobs) * (67 + 8 + 4 + 12) + frames * (16 + 12)
         x_hat = c.decode(codes, q)
         mse = float(np.mean((x_hat - x) ** 2))
         pc = EntropyCoder(prior_tables, q)
@@ -210,12 +215,16 @@ def bench_dataset(name: str, root: Path, args, out: Path) -> dict:
                    "ideal_bits_prior_model": float(np.mean(pc.ideal_bits(quantize(mean, prior_tables, q)))),
                    "kl_bits_per_record": kl, "bits_over_kl": container_bits / kl,
                    "container_overhead_pct": 100 * (container_bits / (8 * payload / n) - 1),
+                   "container_overhead_bytes_per_blob": (sum(len(b) for b in blobs) - payload) / len(blobs),
+                   "v1_container_overhead_pct": 100 * v1_bytes / payload,
                    "coder_overhead_pct": 100 * (8 * payload / n / ideal - 1),
                    "mse": mse, "psnr_db": psnr(mse)})
     finest = c.tables.qualities[0]  # the model's own ceiling: near-lossless latents
     x_fine = c.decode(quantize(mean, c.tables, finest), finest)
     result["model_ceiling_psnr_db"] = psnr(float(np.mean((x_fine - x) ** 2)))
     result["vaestream"] = rd
+    if args.only_rate:  # the rate and container-overhead part only: no peers, throughput or plot
+        return result
 
     # -- lossy and lossless peers -------------------------------------------------------------------------
     imgs = test.reshape(n, 28, 28)
@@ -332,6 +341,9 @@ def main(argv=None) -> int:
     p.add_argument("--per-image-n", type=int, default=1000, help="records for the per-image peer codecs")
     p.add_argument("--peer-n", type=int, default=5000, help="records for the tiled peer codecs (x1000 tiles)")
     p.add_argument("--qualities", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
+    p.add_argument("--only-rate", action="store_true",
+                   help="measure only rate vs the bound and the container overhead (skip the peer codecs, the "
+                        "throughput and the plot)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
