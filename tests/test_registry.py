@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+from vaestream import container
+
 
 def _train_more(model_dir, records: np.ndarray, steps: int, seed: int) -> None:
     """A few more AEVB steps on the model of ``model_dir``, saved as its latest checkpoint (a new model state)."""
@@ -65,7 +67,7 @@ def test_version1_codes_decode_after_version3(registry_with_versions):
     r = registry_with_versions
     reg, blob1 = r["reg"], r["blob1"]
     header = container.read_header(__import__("io").BytesIO(blob1))
-    assert header.fingerprint.hex() == reg.index()[1][:32]  # the code names the model that wrote it
+    assert header.fingerprint.hex() == reg.index()[1][:2 * container.FINGERPRINT_BYTES]  # the code names the model that wrote it
     assert reg.version_of(blob1).version == 1
     x_hat = reg.decode(blob1)
     # the same integer codes as the writer's, decoded by version 1's own decoder (its SavedModel)
@@ -92,7 +94,7 @@ def test_missing_version_is_a_clear_error(registry_with_versions, tmp_path):
     blob = c.compress(r["x"][:3])
     with pytest.raises(ModelMismatchError, match="no model version with fingerprint") as e:
         reg.decode(blob, name="orphan.vaez")
-    assert c.fingerprint[:32] in str(e.value) and "orphan.vaez" in str(e.value)
+    assert c.fingerprint[:2 * container.FINGERPRINT_BYTES] in str(e.value) and "orphan.vaez" in str(e.value)
     with pytest.raises(BitstreamError):
         reg.decode(r["blob1"][:20])
     with pytest.raises(ModelMismatchError):

@@ -97,7 +97,7 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
         base = out / "codes" / w["files"][0][:-len(".tfrecord")]
         assert vb.count_written([str(base) + ".tfrecord"]) == w["records"]
         blob = (base.parent / (base.name + ".vaez")).read_bytes()
-        assert container.read_header(__import__("io").BytesIO(blob)).fingerprint.hex() == c.fingerprint[:32]
+        assert container.read_header(__import__("io").BytesIO(blob)).fingerprint.hex() == c.fingerprint[:2 * container.FINGERPRINT_BYTES]
         assert c.decompress(blob).shape == (w["records"], 784)
         assert w["fingerprints"] == [c.fingerprint] and w["coded_bits"] == 8 * len(blob)
     # the containers decode through a registry holding the model, by fingerprint

@@ -97,7 +97,7 @@ class CodeBatch:
     * floats: q(z|x) = N(mean, diag exp(log_scale)^2), ``mean`` and ``log_scale`` each ``[n, Nz]`` float32;
     * coded (the encode job's ``--coder``): ``container``, one vaestream container (:mod:`vaestream.container`)
       holding the ``n`` records' entropy-coded latents in the order of ``keys`` (``mean``/``log_scale`` None).
-      One container per batch, not per record: its ~30 bytes of header, frame length and CRC would cost more
+      One container per batch, not per record: its 24 bytes of header, frame length and CRC would cost more
       than a coarse record's ~10-byte code (:func:`vaestream.codec.Codec.decompress` reads it back).
 
     ``fingerprint`` names the model that wrote them (:meth:`vaestream.model.VAE.fingerprint`).

@@ -92,7 +92,7 @@ from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
 FORMAT = 1
-LOSSLESS_TAG = hashlib.sha256(b"vaestream lossless: bits-back ANS (BB-ANS), format 1").digest()[:16]
+LOSSLESS_TAG = container.LOSSLESS_TAG
 """The container header's ``table_hash`` of a lossless stream."""
 FRAME_TAG = b"BBAN"
 _FRAME_HEAD = struct.Struct("<4sBBHB3xIII")

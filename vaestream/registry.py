@@ -101,8 +101,8 @@ class Registry:
         return {v: self.get(v).fingerprint for v in self.versions()}
 
     def find(self, fingerprint: str | bytes) -> Version:
-        """The version whose fingerprint is (or starts with) ``fingerprint`` (64 hex digits, or the 16-byte /
-        32-hex prefix a container header holds).
+        """The version whose fingerprint is (or starts with) ``fingerprint`` (64 hex digits, or the 4-byte /
+        8-hex prefix a container header holds).
 
         Raises:
           ModelMismatchError: no version of the registry has that fingerprint.
