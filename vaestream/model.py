@@ -103,7 +103,12 @@ class VAE(tf.Module):
 
     def encode(self, x: tf.Tensor) -> tfd.Distribution:
         """q(z|x) = N(mu(x), diag sigma(x)^2), event shape [Nz], batch shape [B]."""
-        mean, log_scale = self.encoder_params(x)
+        return self.posterior(*self.encoder_params(x))
+
+    @staticmethod
+    def posterior(mean: tf.Tensor, log_scale: tf.Tensor) -> tfd.Distribution:
+        """N(mean, diag exp(log_scale)^2) from :meth:`encoder_params`' output (``[B, Nz]`` each): ``encode(x)``
+        is ``posterior(*encoder_params(x))``."""
         return tfd.MultivariateNormalDiag(loc=mean, scale_diag=tf.exp(log_scale))
 
     @property
