@@ -4,7 +4,8 @@ shapes: a bare XLA loop of the same forward + backward matmuls (no activations, 
 step on its own minibatch so that XLA cannot hoist the first layer's matmul out of the loop.
 
 Rounds alternate between the runners (A B C A B C ...) so that load from other processes hits them alike; the
-figure for each is its median round. ``--ablation`` adds two runners: vaestream's step with the ELBO terms
+figure for each is its median round. On a loaded machine, ``--threads 1 --clock cpu`` gives steadier ratios
+(CPU seconds per example, single-threaded). ``--ablation`` adds two runners: vaestream's step with the ELBO terms
 through the TFP distribution objects (``Trainer.closed_form = False``, the step before the closed forms) and the
 earlier limit loop, whose minibatch was loop-invariant (XLA hoisted x @ W1 out of it, so it ran 4 of the 5 big
 matmuls per step). Prints JSON. The default (5 rounds of 1000 steps) takes about 2-4 minutes.
@@ -150,7 +151,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ablation", action="store_true",
                     help="also time the TFP-objects step and the earlier (hoisted) limit loop")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra- and inter-op threads (0: TensorFlow's default, one per core)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: divide by the process's CPU time instead of wall time; with --threads 1 this "
+                         "measures work per example and is robust to other processes' load")
     a = ap.parse_args(argv)
+    if a.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(a.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(a.threads)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     load_before = os.getloadavg()
     x_u8 = load_records(a.mnist, "train").reshape(-1, D)
     x_f32 = x_u8.astype(np.float32) / 255
@@ -162,9 +172,9 @@ def main(argv=None):
     rates = {k: [] for k in runners}
     for _ in range(a.rounds):
         for name, run in runners.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             n = run()
-            rates[name].append(n / (time.perf_counter() - t0))
+            rates[name].append(n / (clock() - t0))
     med = {k: statistics.median(v) for k, v in rates.items()}
     out = {
         "benchmark": "train_throughput", "shapes": f"{D}-{H}-{NZ}, M={M}, L=1, Bernoulli, Adam",
@@ -172,6 +182,7 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                    f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'} intra-op threads",
+        "clock": a.clock,
         "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "examples_per_second": {k: round(v) for k, v in med.items()},
         "rounds": {k: [round(r) for r in v] for k, v in rates.items()},
