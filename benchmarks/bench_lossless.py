@@ -1,7 +1,9 @@
 """Benchmark of vaestream's lossless mode (bits-back ANS, vaestream.lossless) on MNIST and Fashion-MNIST.
 
-For each data set: train a 784-300-20 beta-binomial VAE on the training images with a bounded budget
-(``--steps`` / ``--train-seconds``), then on the first ``--n`` test images measure, in the same run:
+For each data set: train a beta-binomial VAE on the training images with a bounded budget (architecture
+``--hidden`` / ``--latent-dim`` / ``--activation``; ``--steps`` with Adam at ``--lr`` decayed by ``--lr-decay``
+over the run; ``--train-seconds`` per invocation), then on the first ``--n`` test images measure, in the
+same run:
 
 * vaestream lossless bits/dim (the whole container) and the model's own negative ELBO in bits/dim (the
   limit bits-back coding approaches; estimator B, 8 z samples per record): the overhead as a ratio;
@@ -17,9 +19,20 @@ For each data set: train a 784-300-20 beta-binomial VAE on the training images w
 Published anchors on MNIST (Townsend et al. 2019, table 2): gzip 1.63, bz2 1.41, lzma 1.39, PNG 2.80,
 WebP 2.10 bits/dim; BB-ANS 1.41 (its model's -ELBO 1.39).
 
+**Model directories.** With ``--model-dir DIR`` each data set's model lives in ``DIR/<data set>`` (a
+vaestream model directory) and is kept: an empty directory is trained, one with a checkpoint short of
+``--steps`` resumes from it (exactly: the data order and z samples are functions of the step), and one that
+has reached ``--steps`` is only loaded. So a long training can be spread over several invocations
+(each bounded by ``--train-seconds``) and the figures re-measured without training again; the script
+refuses (``ModelError``) a directory whose model has another architecture. ``DIR/<data set>/bench_train.json``
+adds up the training time and steps of all invocations. Without ``--model-dir`` the model goes to a
+temporary directory. Keep model directories out of git (``runs/`` is ignored).
+
 Prints one JSON document (and writes it to ``--out`` if given). Usage:
 
-    python benchmarks/bench_lossless.py [--n 10000] [--steps 12000] [--train-seconds 300] [--out runs/lossless.json]
+    python benchmarks/bench_lossless.py [--n 10000] [--steps 12000] [--train-seconds 300] [--hidden 300]
+        [--latent-dim 20] [--activation tanh] [--lr 1e-3] [--lr-decay 1.0] [--model-dir runs/lossless]
+        [--datasets mnist,fashion-mnist] [--out runs/lossless.json]
 """
 
 from __future__ import annotations
@@ -120,27 +133,55 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float, workdir: Path,
-                per_image: int, per_image_vae: int = 100) -> dict:
+def _train_model(name: str, root: Path, model_dir: Path, arch: dict, steps: int, train_seconds: float,
+                 lr: float, lr_decay: float) -> tuple:
+    """Train (or resume, or only load) the model of ``model_dir``; returns (VAE, training record)."""
     from vaestream import ModelConfig, TrainConfig, train
     from vaestream.data import load_records, make_dataset
+
+    config = ModelConfig(latent_dim=arch["latent_dim"], hidden=arch["hidden"], activation=arch["activation"],
+                         likelihood="beta_binomial")
+    # lr * lr_decay^(step / steps): the step size falls by lr_decay over the planned run, whatever the
+    # number of invocations it takes.
+    tcfg = TrainConfig(steps=steps, max_seconds=train_seconds, seed=0, eval_every=10 ** 9, learning_rate=lr,
+                       lr_decay_rate=lr_decay, lr_decay_steps=max(1, steps))
+    ledger_path = model_dir / "bench_train.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"seconds": 0.0, "invocations": []}
+    _log(f"{name}: training in {model_dir}")
+    t0 = time.time()
+    res = train(make_dataset(load_records(str(root), "train"), "beta_binomial", f"{name}-train"), model_dir, config,
+                tcfg, progress=False)
+    took = time.time() - t0
+    before = ledger["invocations"][-1]["step"] if ledger["invocations"] else 0
+    if res.steps != before:
+        ledger["seconds"] = round(ledger["seconds"] + took, 1)
+        ledger["invocations"].append({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                      "step": int(res.steps), "seconds": round(took, 1)})
+        ledger_path.write_text(json.dumps(ledger, indent=2) + "\n")
+    _log(f"{name}: model at step {res.steps} of {steps} ({took:.0f} s now, {ledger['seconds']:.0f} s in all)")
+    hid = "-".join(str(h) for h in config.hidden)
+    record = {"config": f"784-{hid}-{config.latent_dim} {config.activation} beta-binomial",
+              "train_steps": int(res.steps), "planned_steps": int(steps), "epochs": round(res.steps / 600, 2),
+              "train_seconds_this_run": round(took, 1), "train_seconds_total": ledger["seconds"],
+              "lr": lr, "lr_decay_over_run": lr_decay, "model_dir": str(model_dir)}
+    return res.model, record
+
+
+def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float, model_dir: Path,
+                per_image: int, per_image_vae: int = 100, arch: dict | None = None, lr: float = 1e-3,
+                lr_decay: float = 1.0) -> dict:
+    from vaestream.data import load_records
     from vaestream.lossless import LosslessCoder, ideal_bits
 
-    train_records = load_records(str(root), "train")
+    arch = arch or {"hidden": (300,), "latent_dim": 20, "activation": "tanh"}
     full_test = load_records(str(root), "test")
     test = full_test[:n]
-    _log(f"{name}: training")
-    t0 = time.time()
-    res = train(make_dataset(train_records, "beta_binomial", f"{name}-train"), workdir / name,
-                ModelConfig(latent_dim=20, hidden=(300,), likelihood="beta_binomial"),
-                TrainConfig(steps=steps, max_seconds=train_seconds, seed=0, eval_every=10 ** 9), progress=False)
-    train_s = time.time() - t0
-    _log(f"{name}: trained {res.steps} steps in {train_s:.0f} s; -ELBO")
-    model = res.model
+    model, train_record = _train_model(name, root, model_dir, arch, steps, train_seconds, lr, lr_decay)
+    _log(f"{name}: -ELBO")
     dims = test.size
     neg_elbo = ideal_bits(model, test, num_samples=8)
     coder = LosslessCoder(model)
-    coder.compress(test[:8])  # trace the networks once, outside the timing
+    coder.compress(test[:8])  # warm up (tables, thread pool) outside the timing
     _log(f"{name}: compress {len(test)}")
     t0 = time.perf_counter()
     blob = coder.compress(test)
@@ -161,8 +202,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     _log(f"{name}: done")
     out = {
         "records": int(len(test)),
-        "model": {"config": "784-300-20 beta-binomial", "train_steps": int(res.steps),
-                  "train_seconds": round(train_s, 1)},
+        "model": train_record,
         "vaestream_lossless": {"bits_per_dim": bpd, "bytes": len(blob), "exact": exact,
                                "latent_bits": coder.latent_bits, "group": coder.group,
                                "compress_images_per_s": len(test) / t_comp,
@@ -187,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=10000, help="test records per data set")
     ap.add_argument("--steps", type=int, default=12000, help="training steps (minibatches of 100)")
     ap.add_argument("--train-seconds", type=float, default=300.0, help="training time budget per data set")
+    ap.add_argument("--hidden", default="300", help="hidden widths, comma-separated (decoder mirrors them)")
+    ap.add_argument("--latent-dim", type=int, default=20)
+    ap.add_argument("--activation", default="tanh")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam step size at the start")
+    ap.add_argument("--lr-decay", type=float, default=1.0,
+                    help="factor the step size falls by over --steps (exponential; 1: constant)")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="keep each data set's model in DIR/<data set>: train if new, resume if short of --steps, "
+                         "else only load")
     ap.add_argument("--datasets", default="mnist,fashion-mnist")
     ap.add_argument("--per-image", type=int, default=1000, help="records the per-image baselines run on")
     ap.add_argument("--out", type=Path, default=None)
@@ -194,14 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "lossless", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
               "args": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
+    arch = {"hidden": tuple(int(h) for h in args.hidden.split(",")), "latent_dim": args.latent_dim,
+            "activation": args.activation}
     with tempfile.TemporaryDirectory() as tmp:
+        base = args.model_dir if args.model_dir is not None else Path(tmp)
         for name in args.datasets.split(","):
             root = DATASETS[name]
             if not (root / "t10k-images-idx3-ubyte.gz").exists():
                 report["datasets"][name] = {"skipped": f"not found at {root}"}
                 continue
-            report["datasets"][name] = run_dataset(name, root, args.n, args.steps, args.train_seconds, Path(tmp),
-                                                  args.per_image)
+            report["datasets"][name] = run_dataset(name, root, args.n, args.steps, args.train_seconds, base / name,
+                                                  args.per_image, arch=arch, lr=args.lr, lr_decay=args.lr_decay)
             print(json.dumps({name: report["datasets"][name]["vaestream_lossless"]}), file=sys.stderr, flush=True)
     text = json.dumps(report, indent=2)
     print(text)
