@@ -4,9 +4,9 @@ For each size N (MNIST training images tiled to N records, 784 uint8 values each
 run and on the same 784-500-20 model (the paper's MNIST architecture):
 
 * ``bare``     — the compiled encoder on in-memory arrays, 4096 records a call (the limit);
-* ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> encode (the model call for
-  the next batch overlapped with the writing of the last) -> TFRecord;
-* ``encode_ri``— the same job with ``--inference runinference`` (Beam's RunInference, one call at a time);
+* ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> RunInference -> TFRecord;
+* ``encode_overlap`` — the same job with ``--inference overlap`` (the model call for the next batch on a
+  thread while the last one is written);
 * ``stock``    — Beam's stock ``RunInference`` with one record per element (a per-record ModelHandler over the
   same compiled function, Beam's own ``BatchElements`` batching, one ``tf.train.Example`` per record);
 * ``unbatched``— the same with ``max_batch_size=1`` (one model call per record), on the first 2000 records at
@@ -100,9 +100,9 @@ def one_job(work: Path, n: int, job: str) -> dict:
     out = work / f"{job}-{n}"
     if job == "encode":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out)])
-    elif job == "encode_ri":
+    elif job == "encode_overlap":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--inference",
-                        "runinference"])
+                        "overlap"])
     elif job == "encode_parquet":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--output_format",
                         "parquet"])
@@ -197,7 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--out", "--work", dest="work", default="/tmp/bench_beam")
-    ap.add_argument("--jobs", nargs="+", default=["bare", "encode", "encode_ri", "stock", "unbatched", "prepare",
+    ap.add_argument("--jobs", nargs="+", default=["bare", "encode", "encode_overlap", "stock", "unbatched", "prepare",
                                                      "decode"])
     ap.add_argument("--stock-max", type=int, default=100000, help="largest N for the stock baseline")
     ap.add_argument("--unbatched-max", type=int, default=10000, help="largest N for the unbatched baseline")
@@ -230,7 +230,7 @@ def main() -> None:
         if "records_per_second" in enc:
             if "records_per_second" in bare:
                 ratios["encode_over_bare"] = enc["records_per_second"] / bare["records_per_second"]
-            for base in ("encode_ri", "stock", "unbatched"):
+            for base in ("encode_overlap", "stock", "unbatched"):
                 if "records_per_second" in row.get(base, {}):
                     ratios[f"encode_over_{base}"] = enc["records_per_second"] / row[base]["records_per_second"]
         row["ratios"] = ratios

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_format", "--output-format", default="tfrecord", choices=["tfrecord", "parquet"])
     parser.add_argument("--output_dtype", "--output-dtype", default="float32", choices=["float32", "uint8"],
                         help="reconstructions as float32 means, or round(255 x) as uint8")
+    parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
+                        help="as pipelines/encode.py: RunInference, or the next batch decoded on a thread")
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK)
     parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--num_shards", "--num-shards", type=int, default=0)
@@ -62,7 +64,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
     # a rerun replaces the earlier run's files
     vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     codes = p | "ReadCodes" >> vb.ReadCodes(paths, args.chunk_size)
-    recon = codes[vb.RECORDS] | "Decode" >> vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype)
+    recon = codes[vb.RECORDS] | "Decode" >> vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype,
+                                                        overlap=args.inference == "overlap")
     schema = vb.record_schema(config.input_shape, args.output_dtype) if args.output_format == "parquet" else None
     recon | "WriteReconstructions" >> vb.WriteBatches(f"{out}/{RECON}", args.output_format, schema, args.num_shards)
     codes[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")

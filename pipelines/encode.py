@@ -44,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coder", action="store_true",
                         help="entropy-code the latents (vaestream.codec; needs the model's coder tables): one row per "
                              "batch of records, its keys and one container of their codes, instead of float codes")
-    parser.add_argument("--inference", default="overlap", choices=["overlap", "runinference"],
-                        help="overlap: the next batch is encoded on a background thread while the last one is "
-                             "written; runinference: Beam's RunInference, one call at a time")
+    parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
+                        help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
+                             "is encoded on a background thread while the last one is written (helps when the "
+                             "cores are shared with other work)")
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK, help="records per element")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)

@@ -319,8 +319,9 @@ def test_encode_job_with_the_coder_writes_one_container_per_batch_and_decode_rea
     want = np.asarray(codec.decode(codec.encode(x))).reshape(300, -1)
     for fmt in ("parquet", "tfrecord"):
         out = tmp_path / f"codes-{fmt}"
+        mode = "overlap" if fmt == "tfrecord" else "runinference"  # both ways of running the model
         s = encode.run(["--input", str(tmp_path / "few.npy"), "--model", str(model_dir), "--output", str(out),
-                        "--coder", "--output_format", fmt, "--chunk_size", "128"])
+                        "--coder", "--output_format", fmt, "--chunk_size", "128", "--inference", mode])
         assert s["records"] == 300 and s["dead_lettered"] == 0 and s["coder"] is True
         got = {}
         rows = 0
@@ -344,7 +345,7 @@ def test_encode_job_with_the_coder_writes_one_container_per_batch_and_decode_rea
                              str(tmp_path / f"floats-{fmt}"), "--output_format", fmt])
         assert s["bytes_out"] < floats["bytes_out"] / 2
         d = decode.run(["--input", str(out), "--model", str(model_dir), "--output", str(tmp_path / f"rec-{fmt}"),
-                        "--output_format", "parquet"])
+                        "--output_format", "parquet", "--inference", mode])
         assert d["records"] == 300 and d["dead_lettered"] == 0
         import pyarrow.parquet as pq
 

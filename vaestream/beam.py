@@ -1470,14 +1470,16 @@ class _InferAheadFn(beam.DoFn):
 class Encode(beam.PTransform):
     """RecordBatch -> CodeBatch with a VAE (see :class:`VAEModelHandler`).
 
-    ``overlap=True`` (the default): elements are batched by ``BatchElements`` (up to ``max_records`` records a
-    model call) and encoded one batch ahead on a background thread (:class:`_InferAheadFn`), so encoding
-    overlaps the downstream per-record work; ``overlap=False``: Beam's stock ``RunInference`` over the same
-    handler (one call at a time).
+    By default Beam's ``RunInference`` over the handler (one model call at a time). ``overlap=True``: elements
+    are batched by ``BatchElements`` (up to ``max_records`` records a model call) and encoded one batch ahead
+    on a background thread (:class:`_InferAheadFn`), so encoding overlaps the downstream per-record work.
+    Measured on 2 cores (``benchmarks/RESULTS_beam.md``): 1.02-1.3x faster when the cores are shared with
+    other work, no faster (0.95-1.0x at 1M records) on an idle machine, where TensorFlow's matmuls already
+    use both cores.
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = CHUNK,
-                 coder: bool = False, overlap: bool = True):
+                 coder: bool = False, overlap: bool = False):
         super().__init__()
         self.handler = VAEModelHandler(model_dir, saved_model, "encode", max_records, coder)
         self.overlap = overlap
@@ -1506,7 +1508,7 @@ class Decode(beam.PTransform):
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = CHUNK,
-                 output_dtype: str = "float32", overlap: bool = True):
+                 output_dtype: str = "float32", overlap: bool = False):
         super().__init__()
         if output_dtype not in ("float32", "uint8"):
             raise DataError(f"output dtype {output_dtype!r} is not one of float32, uint8")
