@@ -65,7 +65,9 @@ def test_dequantised_codes_are_within_half_a_bin_of_the_posterior_mean(tables, p
     for q in tables.qualities:
         z = dequantize(quantize(mu, tables, q), tables, q)
         lv = tables.level(q)
-        assert np.all(np.abs(z - mu) <= tables.delta[lv] / 2 * (1 + 1e-6))
+        # half a bin, up to float32 rounding of mu and z (a mean near a bin edge can sit one ulp past it)
+        ulp = np.spacing(np.maximum(np.abs(mu), np.abs(z)).astype(np.float32))
+        assert np.all(np.abs(z - mu) <= tables.delta[lv] / 2 * (1 + 1e-6) + 2 * ulp)
 
 
 def test_tables_are_integers_summing_to_two_to_the_precision_and_round_trip_through_npz(tables, tmp_path):
