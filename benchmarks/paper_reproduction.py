@@ -59,14 +59,26 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=1000, help="importance samples for the Figure 3 estimate")
     ap.add_argument("--ll-records", type=int, default=1000)
     ap.add_argument("--out", default="benchmarks/paper", help="JSON and PNGs")
-    ap.add_argument("--work", default="/tmp/vaestream-paper", help="model directories")
+    ap.add_argument("--work", default="/tmp/vaestream-paper", help="model directories (a run resumes from its "
+                                                                  "checkpoint: a larger --samples extends the curves)")
+    ap.add_argument("--sets", nargs="+", default=["mnist", "fashion-mnist"], choices=["mnist", "fashion-mnist"],
+                    help="data sets to run; results.json keeps the other sets' earlier results")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": "python benchmarks/paper_reproduction.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                "samples_per_run": a.samples, "optimizer": a.optimizer, "lr": a.lr, "runs": []}
-    sets = {"mnist": a.mnist, "fashion-mnist": a.fashion}
+    sets = {name: spec for name, spec in (("mnist", a.mnist), ("fashion-mnist", a.fashion)) if name in a.sets}
+    earlier = out / "results.json"
+    if earlier.exists():  # keep the other data sets' results (and say which command made them)
+        old = json.loads(earlier.read_text())
+        kept = [r for r in old.get("runs", []) if r["data"] not in sets]
+        if kept:
+            results["runs"] = kept
+            results["figure3"] = [f for f in old.get("figure3", []) if f["data"] not in sets]
+            results["earlier"] = {"command": old.get("command"), "samples_per_run": old.get("samples_per_run"),
+                                  "sets": sorted({r["data"] for r in kept})}
     for name, spec in sets.items():
         tr, te = load_records(spec, "train"), load_records(spec, "test")
         for nz in a.nz:
