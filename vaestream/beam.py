@@ -1356,19 +1356,18 @@ class VAEModelHandler(ModelHandler):
         return self._decode(batch, model)
 
     def _encode(self, batch: Sequence[RecordBatch], model: LoadedVAE) -> list[CodeBatch]:
-        out: list[CodeBatch] = []
+        if self.coder:  # one model call per element (the codec's), one container per element
+            coded = []
+            for b in batch:
+                symbols = np.asarray(model.codec.encode(b.inputs())).reshape(len(b), -1)
+                coded.append(CodeBatch(b.source, b.keys, None, None, model.fingerprint,
+                                       bytes(model.codec.compress_codes(symbols)), int(b.records.nbytes)))
+            return coded
         groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(batch):
             groups.setdefault((b.records.dtype.str, b.scale), []).append(i)
         results: dict[int, CodeBatch] = {}
         for (_, scale), idx in groups.items():
-            if self.coder:  # one model call per element (the codec's), one container per element
-                for i in idx:
-                    b = batch[i]
-                    symbols = np.asarray(model.codec.encode(b.inputs())).reshape(len(b), -1)
-                    results[i] = CodeBatch(b.source, b.keys, None, None, model.fingerprint,
-                                           bytes(model.codec.compress_codes(symbols)), int(b.records.nbytes))
-                continue
             recs = np.concatenate([batch[i].records.reshape(len(batch[i]), -1) for i in idx])
             mean, log_scale = model.encode(recs, 1.0 if scale is None else scale)
             s = 0

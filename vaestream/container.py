@@ -115,10 +115,9 @@ _CHUNK = 1 << 24
 
 
 # -- small encodings -----------------------------------------------------------------------------------------
-def varint(value: int) -> bytes:
-    """Unsigned LEB128 of ``value`` (0 <= value < 2^32): 7 bits per byte, low group first, high bit = more."""
-    if not 0 <= value <= MAX_VARINT:
-        raise ValueError(f"varint out of range: {value}")
+def leb128(value: int) -> bytes:
+    """Unsigned LEB128 of a non-negative ``value`` of any size: 7 bits per byte, low group first, high bit =
+    more (also the protocol-buffer varint, see :mod:`vaestream.shards`)."""
     out = bytearray()
     while True:
         b = value & 0x7F
@@ -128,6 +127,13 @@ def varint(value: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+def varint(value: int) -> bytes:
+    """A container varint: :func:`leb128` of ``value``, which must be in [0, 2^32)."""
+    if not 0 <= value <= MAX_VARINT:
+        raise ValueError(f"varint out of range: {value}")
+    return leb128(value)
 
 
 def _read_varint(f: BinaryIO, raw: bytearray, name: str, what: str) -> int:

@@ -35,6 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from vaestream.container import leb128
 from vaestream.errors import ConfigError, DataError
 
 FORMAT = "vaestream-shards/1"
@@ -47,17 +48,8 @@ SHARD_SUFFIX = ".tfrecord"
 # ---------------------------------------------------------------------------------------------------------
 # tf.train.Example wire format, many records at a time
 # ---------------------------------------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    """Protocol-buffer base-128 varint of a non-negative integer."""
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+_varint = leb128
+"""Protocol-buffer base-128 varint of a non-negative integer."""
 
 
 def _ld(tag: int, payload: bytes) -> bytes:
