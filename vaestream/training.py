@@ -3,8 +3,8 @@
 The training loop is a compiled (XLA) ``tf.while_loop`` over a chunk of minibatches, so Python runs once
 per chunk, not once per step. Everything random is a function of ``(seed, step)`` (the data order of
 epoch e is a PCG64 permutation seeded by ``(seed, e)``; the z samples and dynamic binarisation of step s use
-stateless seeds ``(seed, s)``), so a run resumed from a checkpoint takes exactly the steps the uninterrupted
-run would have taken.
+stateless seeds ``(seed, s)``, drawn with Threefry under XLA and Philox without), so a run resumed from a
+checkpoint takes exactly the steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -132,6 +132,9 @@ class Trainer(tf.Module):
         self.optimizer = make_optimizer(cfg)
         self.optimizer.build(model.trainable_variables)
         self.step = tf.Variable(0, dtype=tf.int64, name="step")
+        # XLA:CPU's Philox costs ~60 ns per number (binarising a [100, 784] minibatch cost more than the step's
+        # matmuls), its Threefry ~1 ns; TF's CPU kernel has no Threefry, so the eager path keeps Philox.
+        self.rng_alg = "threefry" if cfg.jit else "philox"
         self._run = tf.function(self._run_steps, jit_compile=cfg.jit, reduce_retracing=True)
 
     def objective(self, x: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, dict]:
@@ -140,7 +143,7 @@ class Trainer(tf.Module):
         The ELBO's terms use their closed forms (``elbo(..., closed_form=True)``: the same values and gradients
         as the TFP distributions', in fewer compiled passes)."""
         terms = elbo(self.model, x, estimator=self.cfg.estimator, num_samples=self.cfg.num_samples, seed=seed,
-                     closed_form=self.closed_form)
+                     closed_form=self.closed_form, rng_alg=self.rng_alg)
         obj = tf.reduce_mean(terms["elbo"])
         if self.cfg.map_prior:
             obj -= 0.5 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.model.trainable_variables]) \
@@ -158,7 +161,7 @@ class Trainer(tf.Module):
             x = tf.cast(chunk[k], tf.float32) * scale
             x = tf.reshape(x, [tf.shape(x)[0], -1])
             if dynamic:
-                u = tf.random.stateless_uniform(tf.shape(x), seed=tf.stack([base, 2 * s + 1]))
+                u = tf.random.stateless_uniform(tf.shape(x), seed=tf.stack([base, 2 * s + 1]), alg=self.rng_alg)
                 x = tf.cast(u < x, tf.float32)
             with tf.GradientTape() as tape:
                 obj, _ = self.objective(x, tf.stack([base, 2 * s]))
