@@ -126,6 +126,11 @@ def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=N
     return {"elbo": -(rate + distortion), "rate": rate, "distortion": distortion}
 
 
+SAMPLE_BLOCK = 16
+"""Importance samples are drawn in blocks of this many, block j of a record batch from its own stateless seed,
+so :func:`log_likelihood`'s answer does not depend on how its memory bound chunks the k samples."""
+
+
 def log_weights(model, x: tf.Tensor, k: int, seed=None) -> tf.Tensor:
     """Importance weights log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k; shape ``[k, B]``."""
     q = model.encode(x)
@@ -134,8 +139,17 @@ def log_weights(model, x: tf.Tensor, k: int, seed=None) -> tf.Tensor:
 
 
 @tf.function(reduce_retracing=True)
-def _log_weights_fn(model, x, k, seed):
-    return log_weights(model, x, k, seed)
+def _block_log_weights(model, x, first_block, num_blocks, k, seed):
+    """Weights of samples ``[first_block * G, first_block * G + k)`` (G = :data:`SAMPLE_BLOCK`): block j's
+    noise eps ``[G, B, Nz]`` is ``stateless_normal(seed=(seed, j))``, z = mu + sigma * eps. Returns ``[k, B]``."""
+    mean, log_scale = model.encoder_params(x)
+    q = model.posterior(mean, log_scale)
+    shape = tf.concat([[SAMPLE_BLOCK], tf.shape(mean)], axis=0)
+    eps = tf.map_fn(lambda j: tf.random.stateless_normal(shape, seed=tf.stack([seed, j])),
+                    first_block + tf.range(num_blocks), fn_output_signature=tf.float32)  # [nb, G, B, Nz]
+    eps = tf.reshape(eps, tf.concat([[-1], tf.shape(mean)], axis=0))[:k]
+    z = mean + tf.exp(log_scale) * eps
+    return model.decode(z).log_prob(model.observe(x)) + model.prior.log_prob(z) - q.log_prob(z)
 
 
 def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0,
@@ -146,7 +160,8 @@ def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0
 
     For k = 1 it is the ELBO estimator A in expectation; it grows towards log p(x) as k grows. Records go
     through in batches of ``batch_size`` and samples in chunks so that no tensor holds more than about
-    ``max_floats`` floats (memory stays bounded whatever k is).
+    ``max_floats`` floats (at least ``SAMPLE_BLOCK * batch_size * D``): memory stays bounded whatever k is.
+    The samples are a function of ``(seed, batch_size)`` only, so the chunking never changes the answer.
 
     Args:
       x: ``[N, D]`` float32 records.
@@ -155,16 +170,19 @@ def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0
     """
     x = np.asarray(x, np.float32)
     d = x.shape[1]
+    g = SAMPLE_BLOCK
     out = np.empty(len(x), np.float64)
     for start in range(0, len(x), batch_size):
         xb = tf.constant(x[start:start + batch_size])
         b = int(xb.shape[0])
-        chunk = max(1, min(k, max_floats // max(1, b * d)))
+        blocks_per_chunk = max(1, min(-(-k // g), max_floats // max(1, b * d * g)))
         parts = []
-        for j, s in enumerate(range(0, k, chunk)):
-            kc = min(chunk, k - s)
-            seed_t = tf.constant([seed, start * 1_000_003 + j], tf.int32)
-            parts.append(_log_weights_fn(model, xb, kc, seed_t).numpy().astype(np.float64))
+        for first in range(0, -(-k // g), blocks_per_chunk):
+            kc = min(blocks_per_chunk * g, k - first * g)
+            nb = -(-kc // g)
+            parts.append(_block_log_weights(model, xb, tf.constant(first), tf.constant(nb), tf.constant(kc),
+                                            tf.constant(seed * 1_000_003 + start, tf.int32)).numpy()
+                         .astype(np.float64))
         lw = np.concatenate(parts, axis=0)  # [k, b]
         m = lw.max(axis=0)
         out[start:start + b] = m + np.log(np.exp(lw - m).mean(axis=0))
