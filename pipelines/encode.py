@@ -63,15 +63,15 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     read_paths = vb.expand_inputs(args.input, args.split)
     # a rerun replaces the earlier run's files
     vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=read_paths)
-    read = p | "ReadRecords" >> vb.ReadRecords(read_paths, args.split, args.chunk_size, args.split_records,
-                                               args.feature)
-    good = read[vb.RECORDS] | "Validate" >> vb.Validate(config.input_shape, config.likelihood, None, args.scale)
-    codes = good[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
+    # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
+    read = p | "ReadRecords" >> vb.ReadRecords(
+        read_paths, args.split, args.chunk_size, args.split_records, args.feature,
+        validate=vb.Validate(config.input_shape, config.likelihood, None, args.scale))
+    codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
                                                       overlap=args.inference == "overlap")
     schema = vb.code_schema(config.latent_dim, args.coder) if args.output_format == "parquet" else None
     codes | "WriteCodes" >> vb.WriteBatches(f"{out}/{CODES}", args.output_format, schema, args.num_shards)
-    ((read[vb.DEAD_LETTER], good[vb.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
-     | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}"))
+    read[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
     return {"output": out, "config": config}
 
 

@@ -59,11 +59,12 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     # a rerun replaces the earlier run's files
     vb.clear_outputs(f"{out}/{shards.SHARD_PREFIX}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{shards.MANIFEST}",
                      inputs=paths)
-    read = p | "ReadRecords" >> vb.ReadRecords(paths, args.split, args.chunk_size, args.split_records, args.feature)
-    good = read[vb.RECORDS] | "Validate" >> vb.Validate(shape, likelihood, dtype, args.scale)
-    dead = (read[vb.DEAD_LETTER], good[vb.DEAD_LETTER]) | "FlattenDeadLetters" >> beam.Flatten()
+    # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
+    read = p | "ReadRecords" >> vb.ReadRecords(paths, args.split, args.chunk_size, args.split_records, args.feature,
+                                               validate=vb.Validate(shape, likelihood, dtype, args.scale))
+    dead = read[vb.DEAD_LETTER]
     dead | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
-    good[vb.RECORDS] | "WriteShards" >> vb.WriteShards(out, shape, dtype, scale, args.num_shards, args.seed, paths,
+    read[vb.RECORDS] | "WriteShards" >> vb.WriteShards(out, shape, dtype, scale, args.num_shards, args.seed, paths,
                                                        dead_letters=dead)
     return {"output": out, "shape": list(shape), "dtype": dtype}
 

@@ -629,10 +629,11 @@ def _read_png_files(task, chunk, feature, limit):
 
 
 class _ReadFn(beam.DoFn):
-    def __init__(self, chunk_size: int, feature: str, csv_width: int | None):
+    def __init__(self, chunk_size: int, feature: str, csv_width: int | None, check: tuple | None = None):
         self.chunk_size = chunk_size
         self.feature = feature
         self.csv_width = csv_width
+        self.check = check  # validate_batch's arguments (shape, likelihood, dtype, scale), or None
         self.records_in = _counter("records_in")
         self.bytes_in = _counter("bytes_in")
 
@@ -643,7 +644,14 @@ class _ReadFn(beam.DoFn):
             if isinstance(item, RecordBatch):
                 self.records_in.inc(len(item))
                 self.bytes_in.inc(int(item.records.nbytes))
-                yield item
+                if self.check is None:
+                    yield item
+                    continue
+                good, dead = validate_batch(item, *self.check)
+                if good is not None:
+                    yield good
+                for d in dead:
+                    yield beam.pvalue.TaggedOutput(DEAD_LETTER, d)
             else:
                 self.records_in.inc(1)
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, item)
@@ -659,25 +667,37 @@ class ReadRecords(beam.PTransform):
       split_records: records per read task of a splittable file (:func:`plan_reads`).
       feature: the record feature of generic TFRecord Examples / the array of an ``.npz``.
       csv_width: values per CSV line (default: the first data line's).
+      validate: a :class:`Validate` to apply to each batch as it is read, in the same step: ``records`` are
+        then the validated records and ``dead_letter`` holds the refused ones as well as the unreadable ones
+        (the same output as ``Validate`` after the read and a ``Flatten`` of the two dead-letter outputs,
+        with one step and one dead-letter stream fewer: on the local runner a ``Flatten`` of two
+        PCollections is a stage of its own).
 
     Returns (``expand``): a ``DoOutputsTuple``; ``result[RECORDS]`` and ``result[DEAD_LETTER]``.
+
+    The read tasks are spread over workers by ``beam.Create``'s own reshuffle (applied when there is more
+    than one task), so that several workers read the parts of a split file.
     """
 
     def __init__(self, inputs: str | Sequence[str], split: str = "train", chunk_size: int = CHUNK,
-                 split_records: int = SPLIT, feature: str = "x", csv_width: int | None = None):
+                 split_records: int = SPLIT, feature: str = "x", csv_width: int | None = None,
+                 validate: "Validate | None" = None):
         super().__init__()
         self.paths = expand_inputs(inputs, split)
         self.chunk_size = int(chunk_size)
         self.split_records = int(split_records)
         self.feature = feature
         self.csv_width = csv_width
+        if validate is not None and not isinstance(validate, Validate):
+            raise DataError(f"validate must be a vaestream.beam.Validate, not {type(validate).__name__}")
+        self.validate = validate
 
     def expand(self, pbegin):
         tasks = [t for p in self.paths for t in plan_reads(p, self.split_records)]
+        check = self.validate.fn.args if self.validate is not None else None
         return (pbegin
-                | "ReadTasks" >> beam.Create(tasks)
-                | "SpreadTasks" >> beam.Reshuffle()
-                | "Read" >> beam.ParDo(_ReadFn(self.chunk_size, self.feature, self.csv_width)).with_outputs(
+                | "ReadTasks" >> beam.Create(tasks)  # reshuffles the tasks when there are several
+                | "Read" >> beam.ParDo(_ReadFn(self.chunk_size, self.feature, self.csv_width, check)).with_outputs(
                     DEAD_LETTER, main=RECORDS))
 
 
@@ -1151,7 +1171,28 @@ class LoadedVAE:
         def dec(z):
             return model.decoder_params(z)["x_mean"]
 
-        pad = _pad_rows if jit else (lambda t: t)
+        if jit:
+            pad = _pad_rows
+        else:
+            # one trace per input dtype, for any batch length ([None, D]): a job's short last batch neither
+            # retraces nor reuses a shape-specialised graph
+            pad = (lambda t: t)
+            traced: dict = {}
+            scalar = tf.TensorSpec([], tf.float32)
+
+            def enc(x, s, _fn=enc):
+                f = traced.get(("enc", x.dtype))
+                if f is None:
+                    f = traced[("enc", x.dtype)] = _fn.get_concrete_function(
+                        tf.TensorSpec([None] + list(x.shape[1:]), x.dtype), scalar)
+                return f(x, s)
+
+            def dec(z, _fn=dec):
+                f = traced.get(("dec", z.dtype))
+                if f is None:
+                    f = traced[("dec", z.dtype)] = _fn.get_concrete_function(
+                        tf.TensorSpec([None] + list(z.shape[1:]), z.dtype))
+                return f(z)
 
         def encode_fn(x, s):
             n = int(x.shape[0])
@@ -1671,8 +1712,7 @@ class ReadCodes(beam.PTransform):
 
     def expand(self, pbegin):
         return (pbegin
-                | "CodeFiles" >> beam.Create(self.paths)
-                | "SpreadFiles" >> beam.Reshuffle()
+                | "CodeFiles" >> beam.Create(self.paths)  # reshuffles the files when there are several
                 | "ReadCodes" >> beam.ParDo(_ReadCodesFn(self.chunk_size)).with_outputs(DEAD_LETTER, main=RECORDS))
 
 
@@ -1696,14 +1736,36 @@ def make_pipeline(options) -> beam.Pipeline:
     """A Pipeline on the runner the options name, or on the in-process ``FnApiRunner`` (no download) if none.
 
     ``--direct_num_workers`` and ``--direct_running_mode`` (``in_memory``, ``multi_threading``,
-    ``multi_processing``) are read by the FnApiRunner from the options.
+    ``multi_processing``) are read by the FnApiRunner from the options. The first call in a process freezes
+    the heap built so far out of the garbage collector's reach (:func:`_freeze_startup_heap`).
     """
     from apache_beam.options.pipeline_options import StandardOptions
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+    _freeze_startup_heap()
     if options.view_as(StandardOptions).runner is None:
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
+
+
+_HEAP_FROZEN = False
+
+
+def _freeze_startup_heap() -> None:
+    """Move the objects alive before the first job of this process (TensorFlow's and Beam's modules, ~0.5M
+    objects) out of reach of the cyclic garbage collector (``gc.freeze``), once per process.
+
+    Without it, the allocations of a job's first pipeline (translation, bundle processors) trigger one full
+    collection over that whole heap, ~0.3 s of a 10k-record job's ~1 s (measured, ``benchmarks/RESULTS_beam.md``).
+    Frozen objects are still freed when their reference count drops; only cyclic garbage that already exists
+    at the first call is never collected, which bounds what this can keep alive to that one snapshot.
+    """
+    import gc
+
+    global _HEAP_FROZEN
+    if not _HEAP_FROZEN:
+        _HEAP_FROZEN = True
+        gc.freeze()
 
 
 def counters(result) -> dict[str, int]:
