@@ -45,10 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_shards", "--num-shards", type=int, default=0)
 
 
-def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str | None) -> str:
+def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str | None,
+                      model: vb.LoadedVAE | None = None) -> str:
     """Raise ModelMismatchError if the first code in ``paths`` was written by another model; return the
-    model's fingerprint."""
-    model = vb.LoadedVAE.load(model_dir, saved_model)
+    model's fingerprint. ``model``: the loaded model (default: load it)."""
+    model = model if model is not None else vb.LoadedVAE.load(model_dir, saved_model)
     fp = vb.first_fingerprint(paths)
     if fp is not None and fp != model.fingerprint:
         raise ModelMismatchError(f"{paths[0]}: codes were written by model {fp[:16]}..., the model given "
@@ -75,7 +76,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
     paths = vb.code_files(args.input)
-    fingerprint = check_fingerprint(paths, args.model, args.saved_model)
+    # loaded once: held here for the whole job, the workers of an in-process runner reuse it
+    # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time
+    model = vb.LoadedVAE.load(args.model, args.saved_model, reuse=True)
+    fingerprint = check_fingerprint(paths, args.model, args.saved_model, model)
     p = vb.make_pipeline(PipelineOptions(pipeline_args))
     info = build(p, args, paths)
     t0 = time.perf_counter()
@@ -89,6 +93,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     from pipelines.encode import _write_json
 
     _write_json(f"{out}/{SUMMARY}", summary)
+    del model
     return summary
 
 

@@ -356,3 +356,72 @@ def test_encode_job_with_the_coder_writes_one_container_per_batch_and_decode_rea
         assert len(back) == 300
         for i in range(0, 300, 7):
             np.testing.assert_allclose(back[f"few.npy:{i:09d}"], want[i], rtol=0, atol=1e-6)
+
+
+def test_read_records_with_validate_equals_read_then_validate(tmp_path, mnist_test):
+    """ReadRecords(validate=Validate(...)) (one step, one dead-letter stream) gives the same records and the
+    same dead letters, with the same reasons, as ReadRecords -> Validate -> Flatten of the two dead-letter
+    outputs: bad values, records outside the decoder's support, a wrong record size and a truncated file."""
+    recs = mnist_test[:300].astype(np.float32) / 255.0
+    recs[5, 0, 0] = np.nan
+    recs[17, 3, 3] = 1.5  # outside [0, 1]
+    np.save(tmp_path / "a.npy", recs)
+    np.save(tmp_path / "wide.npy", np.zeros((3, 30, 30), np.float32))  # 900 values a record
+    raw = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[:len(raw) - 784 * 4 * 10 - 100])  # ends inside a record
+    paths = [str(tmp_path / n) for n in ("a.npy", "wide.npy", "cut.npy")]
+
+    def run(fused: bool):
+        check = vb.Validate(shape=(28, 28), likelihood="bernoulli")
+        p = vb.make_pipeline(beam.options.pipeline_options.PipelineOptions([]))
+        if fused:
+            read = p | vb.ReadRecords(paths, chunk_size=64, split_records=100, validate=check)
+            good, dead = read[vb.RECORDS], read[vb.DEAD_LETTER]
+        else:
+            read = p | vb.ReadRecords(paths, chunk_size=64, split_records=100)
+            valid = read[vb.RECORDS] | check
+            good = valid[vb.RECORDS]
+            dead = (read[vb.DEAD_LETTER], valid[vb.DEAD_LETTER]) | beam.Flatten()
+        out = tmp_path / ("fused" if fused else "separate")
+        _ = (good | beam.FlatMap(lambda b: [json.dumps([k, float(r.sum()), b.scale])
+                                            for k, r in zip(b.keys, b.records)])
+             | "WriteGood" >> beam.io.WriteToText(str(out / "good"), shard_name_template=""))
+        _ = (dead | beam.Map(lambda d: json.dumps(list(d)))
+             | "WriteDead" >> beam.io.WriteToText(str(out / "dead"), shard_name_template=""))
+        result = vb.run_pipeline(p)
+        return (sorted((out / "good").read_text().splitlines()), sorted((out / "dead").read_text().splitlines()),
+                vb.counters(result))
+
+    good_f, dead_f, counts_f = run(True)
+    good_s, dead_s, counts_s = run(False)
+    assert good_f == good_s
+    assert dead_f == dead_s
+    assert counts_f == counts_s
+    keys = {json.loads(d)[1] for d in dead_f}
+    assert {"a.npy:000000005", "a.npy:000000017", "wide.npy:000000000", "cut.npy:000000005",
+            "cut.npy:000000017"} <= keys
+    assert any("truncated" in json.loads(d)[2] for d in dead_f)
+    # a.npy: 298 good records; cut.npy: its complete records less the 2 bad ones
+    assert len(good_f) == 298 + (300 - 11) - 2
+    with pytest.raises(vb.DataError, match="Validate"):
+        vb.ReadRecords(paths, validate=(28, 28))
+
+
+def test_loaded_model_is_reused_only_while_alive_and_unchanged(trained, tmp_path):
+    """LoadedVAE.load(reuse=True) hands out the live model of an unchanged directory (the decode job's check
+    and its workers share one load), and loads afresh once the directory's files change."""
+    import os
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained.model_dir, model_dir)
+    a = vb.LoadedVAE.load(str(model_dir), reuse=True)
+    assert vb.LoadedVAE.load(str(model_dir), reuse=True) is a
+    assert vb.LoadedVAE.load(str(model_dir)) is not a  # reuse is asked for, never implied
+    handler_model = vb.VAEModelHandler(str(model_dir), mode="decode").load_model()
+    assert handler_model is not a and handler_model._decode is a._decode  # a copy sharing the loaded functions
+    index = next((model_dir / "ckpt").glob("*.index"))
+    st = index.stat()
+    os.utime(index, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    b = vb.LoadedVAE.load(str(model_dir), reuse=True)
+    assert b is not a and b.fingerprint == a.fingerprint

@@ -36,6 +36,7 @@ import io
 import json
 import os
 import struct
+import weakref
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import apache_beam as beam
@@ -1147,10 +1148,27 @@ class LoadedVAE:
         return np.asarray(self._decode(tf.constant(np.asarray(z, np.float32))), np.float32)
 
     @classmethod
-    def load(cls, model_dir: str | None = None, saved_model: str | None = None) -> "LoadedVAE":
+    def load(cls, model_dir: str | None = None, saved_model: str | None = None, reuse: bool = False
+             ) -> "LoadedVAE":
+        """Load a model directory or a SavedModel export (exactly one).
+
+        ``reuse``: return the LoadedVAE of the same local directory that is still alive in this process (held
+        by someone else, e.g. a job's fingerprint check while the job's workers load the model), if the
+        directory's files (names, sizes, modification times) are unchanged since it was loaded; otherwise load
+        it (and remember it, weakly: it goes when its last holder drops it).
+        """
         if (model_dir is None) == (saved_model is None):
             raise ModelError("give exactly one of model_dir, saved_model")
-        return cls.from_model_dir(model_dir) if model_dir is not None else cls.from_saved_model(saved_model)
+        key = _dir_stamp(model_dir if model_dir is not None else saved_model) if reuse else None
+        if key is not None:
+            key = (model_dir, saved_model) + key
+            live = _LIVE_MODELS.get(key)
+            if live is not None:
+                return live
+        model = cls.from_model_dir(model_dir) if model_dir is not None else cls.from_saved_model(saved_model)
+        if key is not None:
+            _LIVE_MODELS[key] = model
+        return model
 
     @classmethod
     def from_model_dir(cls, model_dir: str, jit: bool = False) -> "LoadedVAE":
@@ -1282,6 +1300,26 @@ class LoadedVAE:
         return out
 
 
+_LIVE_MODELS: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()
+
+
+def _dir_stamp(path: str) -> tuple | None:
+    """(relative name, size, mtime in ns) of every file under a local directory, sorted; None for a remote or
+    missing path (never reused)."""
+    if "://" in str(path) or not os.path.isdir(path):
+        return None
+    out = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                return None
+            out.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return (os.path.abspath(path),) + tuple(sorted(out))
+
+
 def _vaestream_export(path: str):
     """``vaestream.export.ExportedModel`` of ``path`` (a version directory or an export base whose latest
     version is taken) when it is in that layout (``assets/config.json`` + ``assets/fingerprint.txt``), else
@@ -1383,7 +1421,12 @@ class VAEModelHandler(ModelHandler):
         return (self.model_dir, self.saved_model, self.mode, self.coder)
 
     def load_model(self) -> LoadedVAE:
-        model = LoadedVAE.load(self.model_dir, self.saved_model)
+        """The model (with its coder when ``coder``); reuses one that is alive in this process for the same,
+        unchanged directory (``LoadedVAE.load(reuse=True)``), e.g. the decode job's fingerprint check's."""
+        import copy
+
+        # a shallow copy: the weights and compiled functions are shared, the coder is this handler's own
+        model = copy.copy(LoadedVAE.load(self.model_dir, self.saved_model, reuse=True))
         model.codec = None
         if self.coder:
             _attach_codec(model, self.model_dir)
