@@ -13,8 +13,13 @@ Transforms (each labelled, each usable in any pipeline)::
     read = p | ReadRecords(["data/train-images-idx3-ubyte.gz", "more/*.csv"])      # IDX, npy/npz, CSV, TFRecord, PNG
     good = read[RECORDS] | Validate(shape=(28, 28), likelihood="bernoulli")
     codes = good[RECORDS] | Encode(model_dir="runs/model")                        # RunInference, batched
-    codes | WriteCodes("out/codes", output_format="parquet")
+    codes | WriteBatches("out/codes", "parquet", code_schema(latent_dim=20))
     (read[DEAD_LETTER], good[DEAD_LETTER]) | beam.Flatten() | WriteDeadLetters("out/dead_letter.jsonl")
+
+    # the same, validated in the read step (one step and no Flatten: what the jobs do)
+    read = p | ReadRecords(["data/train-images-idx3-ubyte.gz"], validate=Validate((28, 28), "bernoulli"))
+    read[RECORDS] | Encode(model_dir="runs/model") | WriteBatches("out/codes")  # TFRecord
+    read[DEAD_LETTER] | WriteDeadLetters("out/dead_letter.jsonl")
 
 The model is loaded once per worker process by a Beam ``ModelHandler`` (:class:`VAEModelHandler`) through
 ``RunInference``; it wraps either a model directory (:func:`vaestream.store.load_model`) or a SavedModel
