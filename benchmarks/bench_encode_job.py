@@ -218,6 +218,9 @@ def one_stock(work: Path, n: int, max_batch_size: int | None) -> dict:
 
 
 def run_one(args) -> None:
+    from vaestream.beam import freeze_startup_heap
+
+    freeze_startup_heap()  # as the job entry points (`vaestream encode`, `python pipelines/encode.py`) do
     work = Path(args.work)
     if args.one == "bare":
         r = one_bare(work, args.n)

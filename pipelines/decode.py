@@ -106,4 +106,5 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    vb.freeze_startup_heap()
     print(json.dumps(run(sys.argv[1:]), indent=2))

@@ -1784,13 +1784,11 @@ def make_pipeline(options) -> beam.Pipeline:
     """A Pipeline on the runner the options name, or on the in-process ``FnApiRunner`` (no download) if none.
 
     ``--direct_num_workers`` and ``--direct_running_mode`` (``in_memory``, ``multi_threading``,
-    ``multi_processing``) are read by the FnApiRunner from the options. The first call in a process freezes
-    the heap built so far out of the garbage collector's reach (:func:`_freeze_startup_heap`).
+    ``multi_processing``) are read by the FnApiRunner from the options.
     """
     from apache_beam.options.pipeline_options import StandardOptions
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    _freeze_startup_heap()
     if options.view_as(StandardOptions).runner is None:
         return beam.Pipeline(runner=FnApiRunner(), options=options)
     return beam.Pipeline(options=options)
@@ -1799,9 +1797,11 @@ def make_pipeline(options) -> beam.Pipeline:
 _HEAP_FROZEN = False
 
 
-def _freeze_startup_heap() -> None:
+def freeze_startup_heap() -> None:
     """Move the objects alive before the first job of this process (TensorFlow's and Beam's modules, ~0.5M
-    objects) out of reach of the cyclic garbage collector (``gc.freeze``), once per process.
+    objects) out of reach of the cyclic garbage collector (``gc.freeze``), once per process. The job entry
+    points call it (``vaestream encode|decode|prepare``, ``python pipelines/*.py``); the library never does,
+    since it changes the whole process: call it yourself in a process of your own that runs jobs.
 
     Without it, the allocations of a job's first pipeline (translation, bundle processors) trigger one full
     collection over that whole heap, ~0.3 s of a 10k-record job's ~1 s (measured, ``benchmarks/RESULTS_beam.md``).

@@ -65,6 +65,9 @@ def format_summary(s: dict) -> str:
 
 
 def _run(module, a: argparse.Namespace) -> int:
+    from vaestream.beam import freeze_startup_heap
+
+    freeze_startup_heap()  # this process exists to run the job (see its docstring)
     stop = threading.Event()
     if not a.no_progress and sys.stderr.isatty():
         t0 = time.perf_counter()
