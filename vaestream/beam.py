@@ -635,11 +635,11 @@ def _read_png_files(task, chunk, feature, limit):
 
 
 class _ReadFn(beam.DoFn):
-    def __init__(self, chunk_size: int, feature: str, csv_width: int | None, check: tuple | None = None):
+    def __init__(self, chunk_size: int, feature: str, csv_width: int | None, check: "_ValidateFn | None" = None):
         self.chunk_size = chunk_size
         self.feature = feature
         self.csv_width = csv_width
-        self.check = check  # validate_batch's arguments (shape, likelihood, dtype, scale), or None
+        self.check = check  # a Validate's DoFn, applied to each batch as it is read, or None
         self.records_in = _counter("records_in")
         self.bytes_in = _counter("bytes_in")
 
@@ -652,12 +652,8 @@ class _ReadFn(beam.DoFn):
                 self.bytes_in.inc(int(item.records.nbytes))
                 if self.check is None:
                     yield item
-                    continue
-                good, dead = validate_batch(item, *self.check)
-                if good is not None:
-                    yield good
-                for d in dead:
-                    yield beam.pvalue.TaggedOutput(DEAD_LETTER, d)
+                else:
+                    yield from self.check.process(item)
             else:
                 self.records_in.inc(1)
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, item)
@@ -700,7 +696,7 @@ class ReadRecords(beam.PTransform):
 
     def expand(self, pbegin):
         tasks = [t for p in self.paths for t in plan_reads(p, self.split_records)]
-        check = self.validate.fn.args if self.validate is not None else None
+        check = self.validate.fn if self.validate is not None else None
         return (pbegin
                 | "ReadTasks" >> beam.Create(tasks)  # reshuffles the tasks when there are several
                 | "Read" >> beam.ParDo(_ReadFn(self.chunk_size, self.feature, self.csv_width, check)).with_outputs(
@@ -1200,22 +1196,8 @@ class LoadedVAE:
             # one trace per input dtype, for any batch length ([None, D]): a job's short last batch neither
             # retraces nor reuses a shape-specialised graph
             pad = (lambda t: t)
-            traced: dict = {}
-            scalar = tf.TensorSpec([], tf.float32)
-
-            def enc(x, s, _fn=enc):
-                f = traced.get(("enc", x.dtype))
-                if f is None:
-                    f = traced[("enc", x.dtype)] = _fn.get_concrete_function(
-                        tf.TensorSpec([None] + list(x.shape[1:]), x.dtype), scalar)
-                return f(x, s)
-
-            def dec(z, _fn=dec):
-                f = traced.get(("dec", z.dtype))
-                if f is None:
-                    f = traced[("dec", z.dtype)] = _fn.get_concrete_function(
-                        tf.TensorSpec([None] + list(z.shape[1:]), z.dtype))
-                return f(z)
+            enc = _batch_polymorphic(enc, tf.TensorSpec([], tf.float32))
+            dec = _batch_polymorphic(dec)
 
         def encode_fn(x, s):
             n = int(x.shape[0])
@@ -1303,6 +1285,23 @@ class LoadedVAE:
         out = cls(config, fp, encode_fn, decode_fn, str(path))
         out._saved = obj  # the restored functions hold their variables weakly: keep the object alive
         return out
+
+
+def _batch_polymorphic(fn, *rest_specs):
+    """``fn(t, *rest)`` (a ``tf.function``) traced once per dtype and record shape of ``t``, for batches of any
+    length (``TensorSpec([None, ...])``); ``rest_specs`` are the specs of the other arguments."""
+    import tensorflow as tf
+
+    traced: dict = {}
+
+    def call(t, *rest):
+        key = (t.dtype, tuple(t.shape[1:]))
+        f = traced.get(key)
+        if f is None:
+            f = traced[key] = fn.get_concrete_function(tf.TensorSpec([None, *key[1]], t.dtype), *rest_specs)
+        return f(t, *rest)
+
+    return call
 
 
 _LIVE_MODELS: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()

@@ -131,11 +131,15 @@ SAMPLE_BLOCK = 16
 so :func:`log_likelihood`'s answer does not depend on how its memory bound chunks the k samples."""
 
 
+def _log_weights_at(model, x: tf.Tensor, q, z: tf.Tensor) -> tf.Tensor:
+    """log p(x|z) + log p(z) - log q(z|x) for samples ``z`` ``[k, B, Nz]`` of ``q``; ``[k, B]``."""
+    return model.decode(z).log_prob(model.observe(x)) + model.prior.log_prob(z) - q.log_prob(z)
+
+
 def log_weights(model, x: tf.Tensor, k: int, seed=None) -> tf.Tensor:
     """Importance weights log p(x, z_i) - log q(z_i|x), z_i ~ q(z|x), i = 1..k; shape ``[k, B]``."""
     q = model.encode(x)
-    z = q.sample(k, seed=_seed(seed))
-    return model.decode(z).log_prob(model.observe(x)) + model.prior.log_prob(z) - q.log_prob(z)
+    return _log_weights_at(model, x, q, q.sample(k, seed=_seed(seed)))
 
 
 @tf.function(reduce_retracing=True)
@@ -148,8 +152,7 @@ def _block_log_weights(model, x, first_block, num_blocks, k, seed):
     eps = tf.map_fn(lambda j: tf.random.stateless_normal(shape, seed=tf.stack([seed, j])),
                     first_block + tf.range(num_blocks), fn_output_signature=tf.float32)  # [nb, G, B, Nz]
     eps = tf.reshape(eps, tf.concat([[-1], tf.shape(mean)], axis=0))[:k]
-    z = mean + tf.exp(log_scale) * eps
-    return model.decode(z).log_prob(model.observe(x)) + model.prior.log_prob(z) - q.log_prob(z)
+    return _log_weights_at(model, x, q, mean + tf.exp(log_scale) * eps)
 
 
 def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0,
