@@ -1182,13 +1182,17 @@ class LoadedVAE:
 
         model = load_model(model_dir)
 
+        # Without jit the networks run in fixed row blocks (vaestream.model.blocked): codes and reconstructions
+        # are bit-identical to the codec's and the SavedModel's for any batching. XLA (jit) compiles other
+        # kernels: its outputs are deterministic per shape but not those bits.
         @tf.function(jit_compile=jit, reduce_retracing=True, autograph=False)
         def enc(x, scale):
-            return model.encoder_params(tf.cast(x, tf.float32) * scale)
+            x = tf.cast(x, tf.float32) * scale
+            return model.encoder_params(x) if jit else model.encoder_params_exact(x)
 
         @tf.function(jit_compile=jit, reduce_retracing=True, autograph=False)
         def dec(z):
-            return model.decoder_params(z)["x_mean"]
+            return (model.decoder_params(z) if jit else model.decoder_params_exact(z))["x_mean"]
 
         if jit:
             pad = _pad_rows

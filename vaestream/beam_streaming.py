@@ -376,7 +376,7 @@ class ScoringModelHandler(vb.VAEModelHandler):
             # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
             @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
             def score(x):
-                mean, log_scale = vae.encoder_params(x)
+                mean, log_scale = vae.encoder_params_exact(x)
                 return mean, log_scale, elbo_fixed_noise(vae, x)["elbo"]
 
             def score_fn(x):

@@ -6,9 +6,13 @@
     blob = codec.compress(x)         # bytes: a self-describing container (vaestream.container)
     x_hat = codec.decompress(blob)   # == codec.decode(codec.encode(x)), bit for bit
 
-Determinism: the codes (and so the bytes) decode to the same integers on any machine, since the entropy
-model is the stored integer tables; the pixels are then the decoder network's float32 output at
-z_hat = codes * delta, bit-identical in any process on the same TensorFlow build and CPU kind.
+Determinism: decoding is a pure function of the bitstream. The codes decode to the same integers on any
+machine, since the entropy model is the stored integer tables; the pixels are then the decoder network's
+float32 output at z_hat = codes * delta, evaluated in fixed blocks of ``vaestream.model.BLOCK_ROWS`` rows
+(:func:`vaestream.model.blocked`), so a record's reconstruction is bit-identical whether it is decoded
+alone, in any batch, by random access, by the Beam decode job, through the SavedModel's ``decode`` /
+``reconstruct`` signatures or in another process with another thread count (same TensorFlow build and CPU
+kind). Encoding runs the same way, so a record's codes do not depend on its batch either.
 
 ``x`` is one record (``[D]`` or ``input_shape``) or a batch (``[B, D]`` or ``[B, *input_shape]``); uint8
 records are scaled by 1/255 like the training data. Single records give single results.
@@ -51,8 +55,9 @@ class _ModelBackend:
         self.config: ModelConfig = model.config
         self.fingerprint: str = model.fingerprint()
         d, nz = self.config.input_dim, self.config.latent_dim
-        self._enc = tf.function(model.encoder_params, input_signature=[tf.TensorSpec([None, d], tf.float32)])
-        self._dec = tf.function(lambda z: model.decoder_params(z)["x_mean"],
+        # blocked (vaestream.model.blocked): a record's codes and reconstruction never depend on its batch
+        self._enc = tf.function(model.encoder_params_exact, input_signature=[tf.TensorSpec([None, d], tf.float32)])
+        self._dec = tf.function(lambda z: model.decoder_params_exact(z)["x_mean"],
                                 input_signature=[tf.TensorSpec([None, nz], tf.float32)])
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

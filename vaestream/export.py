@@ -123,7 +123,12 @@ def elbo_fixed_noise(model: VAE, x: tf.Tensor, num_samples: int = 1, seed: int =
     unbiased; the noise is only shared between records). ``x`` is ``[B, D]``; returns ``{"elbo", "rate",
     "distortion"}``, each ``[B]``, in nats.
     """
-    x = tf.convert_to_tensor(x, tf.float32)
+    from vaestream.model import blocked
+
+    return blocked(lambda xb: _elbo_fixed_noise_block(model, xb, num_samples, seed), tf.convert_to_tensor(x, tf.float32))
+
+
+def _elbo_fixed_noise_block(model: VAE, x: tf.Tensor, num_samples: int, seed: int) -> dict[str, tf.Tensor]:
     mean, log_scale = model.encoder_params(x)
     nz = model.config.latent_dim
     eps = tf.random.stateless_normal([num_samples, 1, nz], seed=tf.constant([seed, 0], tf.int32))
@@ -165,12 +170,14 @@ class ServingModule(tf.Module):
         self.reconstruct = tf.function(self._reconstruct, input_signature=[x_spec])
         self.quantize = tf.function(self._quantize, input_signature=[x_spec]) if tables is not None else None
 
+    # Every signature runs the networks in fixed row blocks (vaestream.model.blocked): a record's outputs are
+    # bit-identical to the Python API's and independent of the request's batch.
     def _encode(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        mean, log_scale = self.model.encoder_params(x)
+        mean, log_scale = self.model.encoder_params_exact(x)
         return {"mean": mean, "log_scale": log_scale}
 
     def _decode(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
-        return dict(self.model.decoder_params(z))
+        return dict(self.model.decoder_params_exact(z))
 
     def _elbo(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         return elbo_fixed_noise(self.model, x, self._elbo_samples, self._elbo_seed)
@@ -178,7 +185,7 @@ class ServingModule(tf.Module):
     def _symbols(self, x: tf.Tensor) -> tf.Tensor:
         from vaestream.coder import quantize_tf
 
-        mean, _ = self.model.encoder_params(x)
+        mean, _ = self.model.encoder_params_exact(x)
         return quantize_tf(mean, self._quant)
 
     def _quantize(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -186,11 +193,11 @@ class ServingModule(tf.Module):
 
     def _reconstruct(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         if self._tables is None:
-            z, _ = self.model.encoder_params(x)
+            z, _ = self.model.encoder_params_exact(x)
         else:  # z_hat = float32(q) * delta, exactly 0 (the prior mean) where inactive: vaestream.coder.dequantize
             z_hat = tf.cast(self._symbols(x), tf.float32) * self._delta
             z = tf.where(self._quant["active"], z_hat, tf.zeros_like(z_hat))
-        return {"x_hat": self.model.decoder_params(z)["x_mean"]}
+        return {"x_hat": self.model.decoder_params_exact(z)["x_mean"]}
 
     def signatures(self) -> dict[str, Any]:
         """Signature name -> concrete function, ``serving_default`` = ``encode``."""
