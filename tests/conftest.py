@@ -55,3 +55,16 @@ def small_model(tmp_path_factory, mnist_train, mnist_test):
     res = train(ds, out, ModelConfig(latent_dim=10, hidden=(200,)), TrainConfig(epochs=3, seed=1),
                 test_data=test, progress=False)
     return res
+
+
+@pytest.fixture(scope="session")
+def coded_model_dir(small_model, mnist_train, tmp_path_factory) -> Path:
+    """A copy of the session's small model with coder tables built from 10k training records."""
+    import shutil
+
+    from vaestream import codec
+
+    d = tmp_path_factory.mktemp("coded") / "model"
+    shutil.copytree(small_model.model_dir, d)
+    codec.write_tables(d, mnist_train[:10000])
+    return d

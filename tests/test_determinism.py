@@ -1,0 +1,129 @@
+"""Decoding is a pure function of the bitstream: the same bytes give the same float32 pixels, bit for bit,
+however the records are batched, framed, read or served, and in another process with another thread count.
+
+The mechanism (vaestream.model.blocked): the networks run on blocks of a fixed number of rows, so a record
+always goes through a GEMM of the same shape, whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vaestream import codec, export
+from vaestream.coder import dequantize
+from vaestream.model import BLOCK_ROWS, blocked
+
+
+@pytest.fixture(scope="module")
+def stream(coded_model_dir, mnist_test):
+    """A 1,000-record stream of real MNIST test images and its reference reconstruction (one batch)."""
+    cdc = codec.load(coded_model_dir)
+    blob = cdc.compress(mnist_test[:1000])
+    return cdc, blob, cdc.decompress(blob)
+
+
+def _batched(fn, a: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([fn(a[s:s + size]) for s in range(0, len(a), size)])
+
+
+def test_the_plain_network_does_depend_on_the_batch_and_the_blocked_one_does_not(stream):
+    """The failure this guards against, shown on the real decoder: a plain GEMM's float32 output for a record
+    changes with the batch length; run in fixed blocks it does not."""
+    cdc, blob, _ = stream
+    model = cdc._backend.model
+    z = tf.constant(np.random.default_rng(0).normal(size=(64, model.config.latent_dim)).astype(np.float32))
+    plain = tf.function(lambda t: model.decoder_params(t)["x_mean"])
+    exact = tf.function(lambda t: model.decoder_params_exact(t)["x_mean"])
+    full = plain(z).numpy()
+    changed = sum(int(np.any(plain(z[:b]).numpy() != full[:b])) for b in (1, 2, 7, 8, 32, 63))
+    assert changed > 0, "the plain decoder no longer depends on the batch length: this test shows nothing"
+    ref = exact(z).numpy()
+    for b in (1, 2, 7, 8, 32, 63, BLOCK_ROWS + 1):
+        assert exact(z[:b]).numpy().tobytes() == ref[:b].tobytes()
+
+
+def test_decoded_bytes_are_identical_for_batch_sizes_1_7_64_and_1000(stream):
+    cdc, blob, ref = stream
+    codes, _ = cdc.decompress_codes(blob)
+    for size in (1, 7, 64, 1000):
+        assert _batched(cdc.decode, codes, size).tobytes() == ref.tobytes(), f"batch size {size}"
+    one = cdc.decompress(cdc.compress_codes(codes[417], single=True))
+    assert one.tobytes() == ref[417].tobytes()
+
+
+def test_codes_are_identical_for_any_batching_of_the_records(stream, mnist_test):
+    cdc, blob, _ = stream
+    codes, _ = cdc.decompress_codes(blob)
+    x = mnist_test[:1000]
+    for size in (1, 7, 64, 333):
+        np.testing.assert_array_equal(_batched(cdc.encode, x, size), codes)
+
+
+def test_random_access_and_frame_by_frame_reads_decode_the_same_bytes(stream, coded_model_dir, mnist_test,
+                                                                      tmp_path):
+    cdc, _, ref = stream
+    framed = codec.load(coded_model_dir, frame_records=100)
+    path = tmp_path / "c.vz"
+    framed.write(path, mnist_test[:600])
+    framed.write(path, mnist_test[600:1000], append=True)
+    idx = [0, 1, 99, 100, 101, 517, 998, 999]
+    assert framed.read(path, idx).tobytes() == ref[idx].tobytes()
+    for i in (5, 640):
+        assert framed.read(path, i).tobytes() == ref[i].tobytes()
+    with open(path, "rb") as f:
+        assert np.concatenate(list(framed.iter_decompress(f))).tobytes() == ref.tobytes()
+
+
+def test_the_savedmodel_decode_and_reconstruct_signatures_give_the_same_bytes(stream, coded_model_dir,
+                                                                              mnist_test, tmp_path):
+    cdc, blob, ref = stream
+    path = export.export(coded_model_dir, tmp_path / "exports", quality=1.0)
+    em = export.load_export(path)
+    codes, _ = cdc.decompress_codes(blob)
+    z_hat = dequantize(codes, cdc.tables)
+    for size in (1, 7, 1000):  # the request's batch: the signature blocks inside
+        assert _batched(lambda z: em.decode(z)["x_mean"], z_hat, size).tobytes() == ref.tobytes()
+    x = mnist_test[:1000].reshape(1000, -1).astype(np.float32) * np.float32(1 / 255)
+    assert _batched(em.reconstruct, x, 64).tobytes() == ref.tobytes()
+    served = codec.load(path)  # the codec backed by the export alone
+    assert served.decompress(blob).tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(stream, coded_model_dir, tmp_path,
+                                                                          threads):
+    cdc, blob, ref = stream
+    (tmp_path / "blob").write_bytes(blob)
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads({threads})
+        tf.config.threading.set_inter_op_parallelism_threads({threads})
+        from vaestream import codec
+        c = codec.load({str(coded_model_dir)!r})
+        blob = open({str(tmp_path / 'blob')!r}, 'rb').read()
+        codes, _ = c.decompress_codes(blob)
+        parts = [c.decode(codes[s:s + 13]) for s in range(0, len(codes), 13)]
+        np.save({str(tmp_path / 'a.npy')!r}, c.decompress(blob))
+        np.save({str(tmp_path / 'b.npy')!r}, np.concatenate(parts))
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=180)
+    for name in ("a.npy", "b.npy"):
+        assert np.load(tmp_path / name).tobytes() == ref.tobytes(), name
+
+
+def test_blocked_keeps_structure_rows_and_dtype():
+    f = lambda t: {"twice": 2.0 * t, "sum": tf.reduce_sum(t, axis=1)}
+    for n in (0, 1, BLOCK_ROWS, BLOCK_ROWS + 3):
+        t = tf.reshape(tf.range(n * 3, dtype=tf.float32), [n, 3])
+        out = blocked(f, t)
+        np.testing.assert_array_equal(out["twice"].numpy(), 2.0 * t.numpy())
+        np.testing.assert_array_equal(out["sum"].numpy(), t.numpy().sum(axis=1))
+        assert out["sum"].shape == (n,)
