@@ -113,9 +113,7 @@ def _weights(model_dir):
 
 
 def test_kill_and_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, mnist_dir):
-    straight = _start(mnist_dir, tmp_path / "straight")
-    assert straight.wait(300) == 0, straight.stderr.read()[-2000:]
-
+    straight = _start(mnist_dir, tmp_path / "straight")  # runs beside the killed and resumed runs
     killed = _start(mnist_dir, tmp_path / "killed")
     _wait_for_checkpoint(tmp_path / "killed", killed)
     killed.send_signal(signal.SIGKILL)
@@ -127,6 +125,7 @@ def test_kill_and_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert f"DONE {TOTAL}" in out
+    assert straight.wait(300) == 0, straight.stderr.read()[-2000:]
     for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "killed")):
         np.testing.assert_array_equal(a, b)
 
