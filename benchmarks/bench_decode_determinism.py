@@ -1,4 +1,4 @@
-"""What batch-invariant decoding costs: codec.decompress with the networks in fixed 64-row blocks
+"""What batch-invariant decoding costs: codec.decompress with the networks in fixed row blocks
 (vaestream.model.blocked, the codec's behaviour) vs the same codec with one plain GEMM per batch (the peer:
 faster in principle, but its float32 output depends on the batch), side by side in one run, alternating.
 
@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
 
     from vaestream import ModelConfig, VAE, codec
     from vaestream.data import read_idx
+    from vaestream.model import BLOCK_ROWS
 
     train = read_idx(MNIST / "train-images-idx3-ubyte.gz")
     test = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     plain._backend._dec = tf.function(lambda z: model.decoder_params(z)["x_mean"],
                                       input_signature=[tf.TensorSpec([None, nz], tf.float32)])
     out: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                 time.gmtime()), "model": "784-500-20 bernoulli", "block_rows": 64, "sizes": {}}
+                 time.gmtime()), "model": "784-500-20 bernoulli", "block_rows": BLOCK_ROWS, "sizes": {}}
     for size in (1000, 64, 1):
         blob = blocked.compress(test[:size])
         runs = {"blocked": [], "plain": []}

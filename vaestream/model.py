@@ -37,16 +37,24 @@ _ACTIVATIONS = {
 
 def blocked(fn, t: tf.Tensor, block: int = BLOCK_ROWS):
     """``fn`` applied to ``t [B, n]`` in fixed blocks of ``block`` rows, so every row's result is a pure function
-    of that row: ``blocked(fn, t)[i]`` is bit-identical for any B, any position of the row in the batch, any
-    intra-op thread count, and in any process (same TensorFlow build and CPU kind).
+    of that row: ``blocked(fn, t)[i]`` is bit-identical for any B and any position of the row in the batch.
 
-    Why: a float32 GEMM's summation order depends on its shape. oneDNN/Eigen pick other kernels (GEMV, small-M
+    Why: a float32 GEMM's summation order depends on its shape. oneDNN picks other kernels (GEMV, small-M
     paths, other blockings) for other batch lengths, so ``decoder(z)[i]`` for B = 7 differs from B = 64 in the
-    last bits (measured: 480-1,351 of 64 x 784 values differ for B in {1, 2, 7, 8, 32, 63}). Run on a block of
-    fixed shape, a row goes through the same kernel, the same K-blocking and the same vector lanes whatever
-    else is in the block; thread partitioning splits rows and columns, never the K sum. Rows are padded with
-    zeros to a multiple of ``block``; the padding is sliced off. Measured on 2 cores: 64-row blocks cost the
-    decoder ~1-10% against one GEMM at B = 1,000 (benchmarks/RESULTS_coder.md).
+    last bits (measured on the 784-500-20 decoder: 480-1,351 of 64 x 784 values differ for B in {1, 2, 7, 8,
+    32, 63}, and up to 1.5M values at B = 8,192). Run on a block of fixed shape, a row always goes through the
+    same kernel and the same K-blocking; rows are padded with zeros to a multiple of ``block`` and the padding
+    is sliced off. Row position and batch length then never matter, in any process. Why 64: at 64 rows oneDNN
+    treats the block as one M-block, and a row's result was measured identical at every one of the 64
+    positions (six decoder architectures, 1, 2 and 8 threads); at 128 rows, with 2+ threads, the block is split
+    and rows near the split differ by position (30k-170k of 128 x 784 values), so 128 is not safe.
+
+    Threads: oneDNN splits a GEMM's rows and columns over threads, and for narrow layers (few output columns,
+    e.g. an encoder's 2 Nz outputs) also the K sum, so *encoder* outputs can differ with the intra-op thread
+    count; the decoders' layers are wide (hidden sizes, D outputs) and their blocked outputs were measured
+    identical at 1, 2, 8 and 16 threads (784-500-20 and 784-500-500-50; tests/test_determinism.py checks 1
+    and 8 threads against the default). Same TensorFlow build and CPU kind assumed: another ISA runs other
+    kernels. Cost: see benchmarks/RESULTS_coder.md (bench_decode_determinism.py).
 
     ``fn`` maps a ``[block, n]`` tensor to a tensor or a dict / tuple of tensors with ``block`` leading rows.
     Returns the same structure with ``B`` rows. Works eagerly and inside ``tf.function`` (SavedModel exports).
