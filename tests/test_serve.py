@@ -358,6 +358,21 @@ def test_deploy_files_are_consistent():
     assert c["readinessProbe"]["httpGet"] == {"path": f"/v1/models/{name}", "port": "rest"}
     assert {"name": "rest", "containerPort": 8501} in c["ports"]
     assert service["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # both ports, batching with the parameters file, and vaestream serve interchangeable with the same flags
+    assert {"name": "grpc", "containerPort": 8500} in c["ports"]
+    assert c["livenessProbe"]["httpGet"] == {"path": f"/v1/models/{name}", "port": "rest"}
+    assert "--enable_batching" in c["args"] and "--batching_parameters_file=/models/batching_parameters.txt" in c["args"]
+    assert "COPY deploy/batching_parameters.txt /models/batching_parameters.txt" in docker
+    alt = compose["services"]["vae-vaestream"]
+    assert alt["command"][:2] == ["vaestream", "serve"] and set(alt["ports"]) == set(svc["ports"])
+    assert {"8500:8500", "8501:8501"} <= set(svc["ports"])
+    from vaestream.cli import build_parser
+
+    args = build_parser().parse_args(alt["command"][1:])
+    assert (args.port, args.rest_api_port, args.enable_batching) == (8500, 8501, True)
+    for s in (svc, alt):
+        assert "/models/batching_parameters.txt" in s["command"][-1]
+        assert any(v.endswith(":/models/batching_parameters.txt:ro") for v in s["volumes"])
 
 
 # -- gRPC: TF Serving's PredictionService / ModelService with TF Serving's own stubs ---------------------------
