@@ -242,6 +242,26 @@ def test_bad_gets_oversized_bodies_and_the_server_survives(server):
     assert raw(server, "GET", "/v1/models/vae")[0] == 200  # still serving
 
 
+def test_keep_alive_without_delayed_ack_stalls(server):
+    """One kept-alive connection carries many requests, each answered in milliseconds: the REST sockets have
+    TCP_NODELAY (without it, each response waited ~40 ms for the client's delayed ACK)."""
+    host, port = server.split("://", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        times, socks = [], set()
+        for _ in range(15):
+            t = time.perf_counter()
+            conn.request("GET", "/v1/models/vae")
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["model_version_status"][0]["state"] == "AVAILABLE"
+            times.append(time.perf_counter() - t)
+            socks.add(id(conn.sock))
+        assert len(socks) == 1  # the same connection throughout
+        assert sorted(times)[len(times) // 2] < 0.025, times
+    finally:
+        conn.close()
+
+
 def test_client_raises_serving_errors(server):
     c = Client(server, "vae")
     with pytest.raises(ServingError) as e:
@@ -497,8 +517,17 @@ def test_grpc_unsupported_calls(serving, records):
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_grpc_client(serving, local, records):
+def test_grpc_client(serving, local, records, tmp_path, capsys):
+    from vaestream.cli import main
     from vaestream.serve import GrpcClient
+
+    np.save(tmp_path / "x.npy", records[:6])
+    assert main(["client", "quantize", "--url", "grpc://" + serving["grpc"], "--input", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "codes.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 6
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npz")["symbols"], local.quantize(records[:6]))
+    assert main(["client", "status", "--url", "grpc://" + serving["grpc"]]) == 0
+    assert json.loads(capsys.readouterr().out)["model_version_status"][0]["state"] == "AVAILABLE"
 
     c = GrpcClient(serving["grpc"], "vae", max_batch=16)  # 40 records: 3 calls
     try:

@@ -19,6 +19,7 @@ import socket
 import threading
 from typing import Any
 
+from vaestream.errors import ModelError
 from vaestream.serve import ModelServer, dumps
 
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
@@ -125,9 +126,15 @@ class RestServer:
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (uvicorn writes
+        # headers and body separately; without NODELAY each response waits ~40 ms for the client's delayed ACK)
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        try:
+            self.sock.bind((host, port))
+        except OSError as e:
+            self.sock.close()
+            raise ModelError(f"REST: cannot bind {host}:{port}: {e}") from None
         self.sock.listen(1024)  # connections queue from now on, before run() accepts them
         self.port: int = self.sock.getsockname()[1]
         app = make_app(ms, max_request_bytes, timeout_s, num_threads)
