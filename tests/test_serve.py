@@ -262,6 +262,28 @@ def test_keep_alive_without_delayed_ack_stalls(server):
         conn.close()
 
 
+def test_chunked_bodies_are_read_and_bounded(server, local, records):
+    """Transfer-Encoding: chunked bodies (no Content-Length) are served, and refused (400) once they pass
+    --max_request_bytes."""
+    host, port = server.split("://", 1)[1].split(":")
+    body = json.dumps({"signature_name": "quantize", "inputs": records[:2].tolist()}).encode()
+    for payload, want in ((body, 200), (b" " * (MAX_BYTES + 1), 400)):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", "/v1/models/vae:predict", body=iter([payload[i:i + 65536] for i in
+                                                                     range(0, len(payload), 65536)]),
+                         headers={"Content-Type": "application/json"}, encode_chunked=True)
+            r = conn.getresponse()
+            out = json.loads(r.read())
+        finally:
+            conn.close()
+        assert r.status == want, out
+        if want == 200:
+            assert out["outputs"] == local.quantize(records[:2]).tolist()
+        else:
+            assert "larger than the maximum" in out["error"]
+
+
 def test_client_raises_serving_errors(server):
     c = Client(server, "vae")
     with pytest.raises(ServingError) as e:
