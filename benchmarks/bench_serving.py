@@ -12,7 +12,13 @@ Prints one JSON object:
   during (10 samples) / after; the peer is the same signature called directly in this process (the cost of
   HTTP + JSON).
 
+* ``load_matrix`` (``--matrix-only``): closed-loop load of batch-1 ``encode`` requests from 1, 8, 32, 128
+  concurrent clients (threads, one connection / channel each), REST and gRPC, ``vaestream serve`` with and
+  without ``--enable_batching`` (``deploy/batching_parameters.txt``): requests/s, p50/p99/p99.9, errors, the
+  server's peak RSS; the peer is the SavedModel signature called in-process at batch 1 / 32 / 128.
+
     python benchmarks/bench_serving.py [--model DIR] [--data MNIST_DIR] [--seconds 20] [--clients 4]
+    python benchmarks/bench_serving.py --matrix-only --seconds 3
 
 Without ``--model`` it trains the paper's 784-500-20 Bernoulli VAE for one epoch on MNIST (a few seconds).
 """
@@ -119,11 +125,12 @@ def serve_load(base: Path, x: np.ndarray, seconds: float, clients: int, batch: i
     from vaestream.serve import Client
 
     proc = subprocess.Popen([sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(base),
-                             "--model_name", "vae", "--port", "0", "--file_system_poll_wait_seconds", "0"],
+                             "--model_name", "vae", "--port", "0", "--rest_api_port", "0",
+                             "--file_system_poll_wait_seconds", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         info = json.loads(proc.stdout.readline())
-        url = f"http://127.0.0.1:{info['port']}"
+        url = f"http://127.0.0.1:{info['rest_api_port']}"
         c = Client(url, "vae")
         c.wait_until_available(30)
         for _ in range(20):  # warm up every path once
@@ -174,6 +181,128 @@ def serve_load(base: Path, x: np.ndarray, seconds: float, clients: int, batch: i
             proc.kill()
 
 
+def start_server(base: Path, batching: bool) -> tuple[subprocess.Popen, dict]:
+    """``vaestream serve`` (gRPC + REST on free ports), with or without ``--enable_batching``."""
+    cmd = [sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(base), "--model_name", "vae",
+           "--port", "0", "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
+           "--rest_api_num_threads", "160", "--grpc_max_threads", "160"]
+    if batching:
+        cmd += ["--enable_batching", "--batching_parameters_file", str(ROOT / "deploy" / "batching_parameters.txt")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    return proc, json.loads(proc.stdout.readline())
+
+
+def closed_loop(transport: str, info: dict, pid: int, x: np.ndarray, clients: int, seconds: float) -> dict:
+    """``clients`` threads, each with its own connection / channel, sending batch-1 ``encode`` requests back to
+    back for ``seconds``: requests/s, latency p50/p99/p99.9, errors, the server's peak RSS."""
+    import http.client
+
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from vaestream.serve import dumps
+
+    n_rec = 256
+    if transport == "grpc":
+        reqs = []
+        for i in range(n_rec):
+            r = predict_pb2.PredictRequest()
+            r.model_spec.name, r.model_spec.signature_name = "vae", "encode"
+            r.inputs["x"].CopyFrom(tf.make_tensor_proto(x[i:i + 1]))
+            reqs.append(r)
+    else:
+        bodies = [dumps({"signature_name": "encode", "inputs": {"x": x[i:i + 1]}}).encode() for i in range(n_rec)]
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start, stop = threading.Barrier(clients + 1), [0.0]
+
+    def worker(i: int) -> None:
+        if transport == "grpc":
+            ch = grpc.insecure_channel(f"127.0.0.1:{info['port']}")
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            stub.Predict(reqs[0], timeout=30)
+
+            def call(j: int) -> None:
+                stub.Predict(reqs[j], timeout=30)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", info["rest_api_port"], timeout=30)
+
+            def call(j: int) -> None:
+                conn.request("POST", "/v1/models/vae:predict", body=bodies[j],
+                             headers={"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    raise RuntimeError(r.status)
+        start.wait()
+        j = i
+        while time.perf_counter() < stop[0]:
+            t = time.perf_counter()
+            try:
+                call(j % n_rec)
+                lat[i].append(time.perf_counter() - t)
+            except Exception:
+                errors[i] += 1
+                if transport == "rest":
+                    conn.close()
+            j += clients
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop[0] = time.perf_counter() + seconds + 60
+    start.wait()
+    t0 = time.perf_counter()
+    stop[0] = t0 + seconds
+    peak = 0
+    while any(t.is_alive() for t in threads) and time.perf_counter() < stop[0] + 30:
+        time.sleep(0.2)
+        peak = max(peak, rss_kib(pid))
+    for t in threads:
+        t.join(30)
+    wall = time.perf_counter() - t0
+    all_lat = np.asarray([v for xs in lat for v in xs])
+    return {"transport": transport, "clients": clients, "requests": int(len(all_lat)), "errors": int(sum(errors)),
+            "requests_per_s": round(len(all_lat) / wall, 1),
+            "p50_ms": round(pct(all_lat, 50) * 1e3, 2), "p99_ms": round(pct(all_lat, 99) * 1e3, 2),
+            "p999_ms": round(pct(all_lat, 99.9) * 1e3, 2), "server_rss_peak_mib": round(peak / 1024, 1)}
+
+
+def load_matrix(base: Path, x: np.ndarray, seconds: float, client_counts: list[int]) -> list[dict]:
+    """Closed-loop batch-1 encode load: {REST, gRPC} x {batching off, on} x ``client_counts``."""
+    out = []
+    for batching in (False, True):
+        proc, info = start_server(base, batching)
+        try:
+            for transport in ("rest", "grpc"):
+                for c in client_counts:
+                    r = closed_loop(transport, info, proc.pid, x, c, seconds)
+                    r["batching"] = batching
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+                    out.append(r)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return out
+
+
+def in_process(sig, x: np.ndarray, seconds: float) -> dict:
+    """The peer: the SavedModel's ``encode`` signature called in this process, batch 1 / 32 / 128."""
+    import tensorflow as tf
+
+    res = {}
+    for b in (1, 32, 128):
+        v = tf.constant(x[:b])
+        lats = latency(lambda t: sig(x=t)["mean"].numpy(), v, 300)
+        res[f"b{b}"] = {"records_per_s": round(throughput(lambda t: sig(x=t)["mean"].numpy(), v, seconds), 0),
+                        "p50_ms": round(pct(lats, 50) * 1e3, 3), "p99_ms": round(pct(lats, 99) * 1e3, 3)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="model directory (default: train 784-500-20 for one epoch)")
@@ -182,6 +311,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--serve-batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process loads (median)")
+    ap.add_argument("--matrix-only", action="store_true",
+                    help="only the closed-loop load matrix (REST/gRPC x batching x clients) and its in-process peer")
+    ap.add_argument("--matrix-clients", default="1,8,32,128", help="client counts of the load matrix")
     a = ap.parse_args()
 
     import tensorflow as tf
@@ -210,6 +342,12 @@ def main() -> None:
                  "tensorflow": tf.__version__, "model": {"dir": str(model_dir), **model.config.to_dict()},
                  "export_s": round(export_s, 2)}
 
+    if a.matrix_only:
+        loaded = ExportedModel(path)
+        res["in_process_savedmodel_encode"] = in_process(loaded.signatures["encode"], x_all, min(a.seconds, 2.0))
+        res["load_matrix"] = load_matrix(path.parent, x_all, a.seconds, [int(c) for c in a.matrix_clients.split(",")])
+        print(json.dumps(res, indent=1))
+        return
     sm = fresh_load(LOAD_SAVEDMODEL, path, dim, a.repeats)
     ck = fresh_load(LOAD_CHECKPOINT, Path(model_dir), dim, a.repeats)
     res["load"] = {"savedmodel": sm, "checkpoint_peer": ck,

@@ -50,11 +50,12 @@ def local(export_base) -> ExportedModel:
 
 
 @pytest.fixture(scope="module")
-def server(export_base):
-    """``vaestream serve`` in a subprocess on an ephemeral loopback port; yields its base URL."""
+def serving(export_base):
+    """``vaestream serve`` in a subprocess, gRPC and REST on ephemeral loopback ports; yields
+    {"proc", "rest": URL, "grpc": HOST:PORT}."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(export_base), "--model_name",
-         "vae", "--port", "0", "--host", "127.0.0.1", "--max_batch_size", str(MAX_BATCH),
+         "vae", "--port", "0", "--rest_api_port", "0", "--host", "127.0.0.1", "--max_batch_size", str(MAX_BATCH),
          "--max_request_bytes", str(MAX_BYTES), "--file_system_poll_wait_seconds", "0.3"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     line = proc.stdout.readline()  # blocks until the server is up (or died)
@@ -63,13 +64,20 @@ def server(export_base):
         pytest.fail(f"vaestream serve did not start: {proc.stderr.read()[-3000:]}")
     info = json.loads(line)
     assert info["versions"] == [1]
-    yield f"http://127.0.0.1:{info['port']}"
-    proc.terminate()
+    yield {"proc": proc, "rest": f"http://127.0.0.1:{info['rest_api_port']}", "grpc": f"127.0.0.1:{info['port']}"}
+    if proc.poll() is None:
+        proc.terminate()
     try:
         assert proc.wait(timeout=20) == 0  # SIGTERM: a clean shutdown
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(serving) -> str:
+    """The REST base URL of the module's server."""
+    return serving["rest"]
 
 
 def raw(url: str, method: str, path: str, body: bytes | str | None = None,
@@ -234,6 +242,48 @@ def test_bad_gets_oversized_bodies_and_the_server_survives(server):
     assert raw(server, "GET", "/v1/models/vae")[0] == 200  # still serving
 
 
+def test_keep_alive_without_delayed_ack_stalls(server):
+    """One kept-alive connection carries many requests, each answered in milliseconds: the REST sockets have
+    TCP_NODELAY (without it, each response waited ~40 ms for the client's delayed ACK)."""
+    host, port = server.split("://", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        times, socks = [], set()
+        for _ in range(15):
+            t = time.perf_counter()
+            conn.request("GET", "/v1/models/vae")
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["model_version_status"][0]["state"] == "AVAILABLE"
+            times.append(time.perf_counter() - t)
+            socks.add(id(conn.sock))
+        assert len(socks) == 1  # the same connection throughout
+        assert sorted(times)[len(times) // 2] < 0.025, times
+    finally:
+        conn.close()
+
+
+def test_chunked_bodies_are_read_and_bounded(server, local, records):
+    """Transfer-Encoding: chunked bodies (no Content-Length) are served, and refused (400) once they pass
+    --max_request_bytes."""
+    host, port = server.split("://", 1)[1].split(":")
+    body = json.dumps({"signature_name": "quantize", "inputs": records[:2].tolist()}).encode()
+    for payload, want in ((body, 200), (b" " * (MAX_BYTES + 1), 400)):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", "/v1/models/vae:predict", body=iter([payload[i:i + 65536] for i in
+                                                                     range(0, len(payload), 65536)]),
+                         headers={"Content-Type": "application/json"}, encode_chunked=True)
+            r = conn.getresponse()
+            out = json.loads(r.read())
+        finally:
+            conn.close()
+        assert r.status == want, out
+        if want == 200:
+            assert out["outputs"] == local.quantize(records[:2]).tolist()
+        else:
+            assert "larger than the maximum" in out["error"]
+
+
 def test_client_raises_serving_errors(server):
     c = Client(server, "vae")
     with pytest.raises(ServingError) as e:
@@ -350,6 +400,300 @@ def test_deploy_files_are_consistent():
     assert c["readinessProbe"]["httpGet"] == {"path": f"/v1/models/{name}", "port": "rest"}
     assert {"name": "rest", "containerPort": 8501} in c["ports"]
     assert service["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    # both ports, batching with the parameters file, and vaestream serve interchangeable with the same flags
+    assert {"name": "grpc", "containerPort": 8500} in c["ports"]
+    assert c["livenessProbe"]["httpGet"] == {"path": f"/v1/models/{name}", "port": "rest"}
+    assert "--enable_batching" in c["args"] and "--batching_parameters_file=/models/batching_parameters.txt" in c["args"]
+    assert "COPY deploy/batching_parameters.txt /models/batching_parameters.txt" in docker
+    alt = compose["services"]["vae-vaestream"]
+    assert alt["command"][:2] == ["vaestream", "serve"] and set(alt["ports"]) == set(svc["ports"])
+    assert {"8500:8500", "8501:8501"} <= set(svc["ports"])
+    from vaestream.cli import build_parser
+
+    args = build_parser().parse_args(alt["command"][1:])
+    assert (args.port, args.rest_api_port, args.enable_batching) == (8500, 8501, True)
+    for s in (svc, alt):
+        assert "/models/batching_parameters.txt" in s["command"][-1]
+        assert any(v.endswith(":/models/batching_parameters.txt:ro") for v in s["volumes"])
+
+
+# -- gRPC: TF Serving's PredictionService / ModelService with TF Serving's own stubs ---------------------------
+def _stub(target: str):
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    return prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(target))
+
+
+def _predict_request(signature: str | None, name: str = "vae", version: int | None = None, **inputs):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = name
+    if signature is not None:
+        req.model_spec.signature_name = signature
+    if version is not None:
+        req.model_spec.version.value = version
+    for k, v in inputs.items():
+        req.inputs[k].CopyFrom(tf.make_tensor_proto(v))
+    return req
+
+
+def test_grpc_predict_matches_the_savedmodel(serving, local, records):
+    import tensorflow as tf
+
+    stub = _stub(serving["grpc"])
+    x = records[:5]
+    mean, log_scale = local.encode(x)
+    resp = stub.Predict(_predict_request("encode", x=x), timeout=30)
+    assert (resp.model_spec.name, resp.model_spec.version.value, resp.model_spec.signature_name) == \
+        ("vae", 1, "encode")
+    assert set(resp.outputs) == {"mean", "log_scale"}
+    np.testing.assert_array_equal(tf.make_ndarray(resp.outputs["mean"]), mean)  # bit-identical
+    np.testing.assert_array_equal(tf.make_ndarray(resp.outputs["log_scale"]), log_scale)
+    # the default signature, an explicit version, an int32 output, an output filter
+    resp = stub.Predict(_predict_request(None, version=1, x=x), timeout=30)
+    assert resp.model_spec.signature_name == "serving_default"
+    np.testing.assert_array_equal(tf.make_ndarray(resp.outputs["mean"]), mean)
+    resp = stub.Predict(_predict_request("quantize", x=records), timeout=30)
+    codes = tf.make_ndarray(resp.outputs["symbols"])
+    assert codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, local.quantize(records))
+    req = _predict_request("decode", z=mean)
+    req.output_filter.append("x_mean")
+    resp = stub.Predict(req, timeout=30)
+    assert set(resp.outputs) == {"x_mean"}
+    np.testing.assert_array_equal(tf.make_ndarray(resp.outputs["x_mean"]), local.decode(mean)["x_mean"])
+
+
+def test_grpc_metadata_and_status(serving, export_base):
+    import grpc
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc)
+
+    req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    req.model_spec.name = "vae"
+    resp = _stub(serving["grpc"]).GetModelMetadata(req, timeout=30)
+    assert resp.model_spec.name == "vae" and resp.model_spec.version.value == 1
+    sdm = get_model_metadata_pb2.SignatureDefMap()
+    assert resp.metadata["signature_def"].Unpack(sdm)
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((export_base / "1" / "saved_model.pb").read_bytes())
+    assert dict(sdm.signature_def) == dict(sm.meta_graphs[0].signature_def)
+    models = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(serving["grpc"]))
+    sreq = get_model_status_pb2.GetModelStatusRequest()
+    sreq.model_spec.name = "vae"
+    st = models.GetModelStatus(sreq, timeout=30).model_version_status
+    assert [(v.version, v.state, v.status.error_code) for v in st] == \
+        [(1, get_model_status_pb2.ModelVersionStatus.AVAILABLE, 0)]
+    sreq.model_spec.name = "other"
+    with pytest.raises(grpc.RpcError) as e:
+        models.GetModelStatus(sreq, timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+GRPC_BAD = [
+    # (name, request builder (records -> PredictRequest), status code name, fragment of the details)
+    ("unknown model", lambda x: _predict_request("encode", name="other", x=x), "NOT_FOUND", "Latest(other)"),
+    ("unknown version", lambda x: _predict_request("encode", version=9, x=x), "NOT_FOUND", "Specific(vae, 9)"),
+    ("unknown signature", lambda x: _predict_request("nope", x=x), "FAILED_PRECONDITION",
+     'Serving signature key "nope" not found.'),
+    ("wrong dtype", lambda x: _predict_request("encode", x=x.astype(np.float64)), "INVALID_ARGUMENT",
+     "Expects arg[x] to be float but double is provided"),
+    ("wrong shape", lambda x: _predict_request("encode", x=x[:, :100]), "INVALID_ARGUMENT", "shape [2, 100]"),
+    ("wrong input name", lambda x: _predict_request("encode", z=x), "INVALID_ARGUMENT", "Missing but required"),
+    ("no inputs", lambda x: _predict_request("encode"), "INVALID_ARGUMENT", "input size does not match"),
+    ("oversized batch", lambda x: _predict_request("encode", x=np.zeros((MAX_BATCH + 1, 784), np.float32)),
+     "INVALID_ARGUMENT", f"larger than maximum input batch size {MAX_BATCH}"),
+    ("no model name", lambda x: _predict_request("encode", name="", x=x), "INVALID_ARGUMENT", "Missing ModelSpec"),
+]
+
+
+@pytest.mark.parametrize("name,build,code,fragment", GRPC_BAD, ids=[b[0] for b in GRPC_BAD])
+def test_grpc_bad_requests_get_tf_serving_status_codes(serving, records, name, build, code, fragment):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as e:
+        _stub(serving["grpc"]).Predict(build(records[:2]), timeout=30)
+    assert e.value.code().name == code and fragment in e.value.details(), (e.value.code(), e.value.details())
+
+
+def test_grpc_unsupported_calls(serving, records):
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2
+
+    stub = _stub(serving["grpc"])
+    req = _predict_request("encode", x=records[:1])
+    req.output_filter.append("nope")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in e.value.details()
+    meta = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["graph"])
+    meta.model_spec.name = "vae"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetModelMetadata(meta, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "graph" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Classify(classification_pb2.ClassificationRequest(), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_grpc_client(serving, local, records, tmp_path, capsys):
+    from vaestream.cli import main
+    from vaestream.serve import GrpcClient
+
+    np.save(tmp_path / "x.npy", records[:6])
+    assert main(["client", "quantize", "--url", "grpc://" + serving["grpc"], "--input", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "codes.npz")]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 6
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npz")["symbols"], local.quantize(records[:6]))
+    assert main(["client", "status", "--url", "grpc://" + serving["grpc"]]) == 0
+    assert json.loads(capsys.readouterr().out)["model_version_status"][0]["state"] == "AVAILABLE"
+
+    c = GrpcClient(serving["grpc"], "vae", max_batch=16)  # 40 records: 3 calls
+    try:
+        assert c.wait_until_available(10).model_version_status[0].version == 1
+        assert "encode" in c.metadata()
+        mean, log_scale = c.encode(records)
+        want_mean, want_ls = local.encode(records)
+        np.testing.assert_array_equal(mean, want_mean)  # blocked signatures: any batching, same bits
+        np.testing.assert_array_equal(log_scale, want_ls)
+        np.testing.assert_array_equal(c.quantize(records), local.quantize(records))
+        np.testing.assert_array_equal(c.reconstruct(records), local.reconstruct(records))
+        with pytest.raises(ServingError) as e:
+            c.encode(np.zeros((2, 100), np.float32))
+        assert e.value.code == "INVALID_ARGUMENT" and e.value.status == 400
+    finally:
+        c.close()
+    with pytest.raises(ServingError) as e:
+        GrpcClient(serving["grpc"], "vae", version=5).status()
+    assert e.value.code == "NOT_FOUND" and e.value.status == 404
+
+
+# -- server-side batching ----------------------------------------------------------------------------------
+class _InProcess:
+    """A ModelServer with gRPC and REST on ephemeral loopback ports, in this process (threads)."""
+
+    def __init__(self, base: Path, batching):
+        from vaestream.serve import ModelServer
+        from vaestream.serve_grpc import make_grpc_server
+        from vaestream.serve_rest import RestServer
+
+        self.ms = ModelServer(base, "vae", batching=batching)
+        assert self.ms.reload() == [1]
+        self.grpc, port = make_grpc_server(self.ms, "127.0.0.1", 0)
+        self.grpc.start()
+        self.target = f"127.0.0.1:{port}"
+        self.rest = RestServer(self.ms, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.rest.port}"
+        self.thread = threading.Thread(target=self.rest.run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.rest.stop()
+        self.thread.join(20)
+        self.grpc.stop(5).wait()
+        self.ms.close()
+
+
+def test_batching_merges_concurrent_requests_bit_identical(export_base, local, records):
+    """24 concurrent gRPC and REST requests of 1-3 records: merged into fewer model calls, and every answer is
+    bit-identical to the SavedModel run on that request alone."""
+    import tensorflow as tf
+
+    from vaestream.batching import BatchingParameters
+
+    srv = _InProcess(export_base, BatchingParameters(max_batch_size=32, batch_timeout_micros=50_000,
+                                                     num_batch_threads=1, max_enqueued_batches=100))
+    try:
+        jobs = [(i, records[i:i + 1 + i % 3]) for i in range(24)]
+        want = {i: local.run("encode", x=x) for i, x in jobs}
+        got: dict[int, dict] = {}
+        errors: list[str] = []
+        barrier = threading.Barrier(len(jobs))
+
+        def worker(i: int, x: np.ndarray) -> None:
+            try:
+                barrier.wait(30)
+                if i % 2:
+                    r = _stub(srv.target).Predict(_predict_request("encode", x=x), timeout=30)
+                    got[i] = {k: tf.make_ndarray(v) for k, v in r.outputs.items()}
+                else:
+                    c = Client(srv.url, "vae")
+                    got[i] = c.predict("encode", x=x)
+                    c.close()
+            except Exception as e:  # collected and asserted below
+                errors.append(f"{i}: {e!r}")
+
+        threads = [threading.Thread(target=worker, args=j) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        for i, _ in jobs:
+            for k in ("mean", "log_scale"):
+                np.testing.assert_array_equal(got[i][k], want[i][k])
+        b = srv.ms.batcher
+        assert b.tasks_run >= len(jobs) and b.batches_run < b.tasks_run  # requests were merged
+    finally:
+        srv.close()
+
+
+def test_batching_full_queue_answers_unavailable_at_once(export_base, local, records):
+    """max_enqueued_batches 1: while one batch waits for its timeout, a request that needs a second batch is
+    refused at once (503 / UNAVAILABLE), and the waiting one still gets its right answer."""
+    import grpc
+    import tensorflow as tf
+
+    from vaestream.batching import BatchingParameters
+
+    srv = _InProcess(export_base, BatchingParameters(max_batch_size=4, batch_timeout_micros=20_000_000,
+                                                     num_batch_threads=1, max_enqueued_batches=1))
+    stub = _stub(srv.target)
+    try:
+        for transport in ("rest", "grpc"):
+            first = stub.Predict.future(_predict_request("quantize", x=records[:1]), timeout=30)
+            deadline = time.monotonic() + 10
+            while not any(srv.ms.batcher._queues.values()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            t = time.monotonic()
+            if transport == "rest":
+                status, body = post(srv.url, {"signature_name": "quantize", "inputs": records[1:5].tolist()})
+                assert status == 503 and "queue" in body["error"] and "full" in body["error"], body
+            else:
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Predict(_predict_request("quantize", x=records[1:5]), timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "full" in e.value.details()
+            assert time.monotonic() - t < 2.0  # at once, not after the 20 s timeout
+            np.testing.assert_array_equal(tf.make_ndarray(first.result(timeout=30).outputs["symbols"]),
+                                          local.quantize(records[:1]))
+        with pytest.raises(grpc.RpcError) as e:  # larger than a batch
+            stub.Predict(_predict_request("quantize", x=records[:5]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Task size 5 is larger than maximum input batch size 4" in e.value.details()
+    finally:
+        srv.close()
+
+
+def test_batching_parameters_file_is_tf_servings_text_format(tmp_path):
+    from vaestream.batching import BatchingParameters
+    from vaestream.errors import ModelError
+
+    f = tmp_path / "batching.config"
+    f.write_text("# TF Serving batching parameters\nmax_batch_size { value: 128 }\nbatch_timeout_micros { value: 2000 }"
+                 "\nmax_enqueued_batches { value: 16 }\nnum_batch_threads { value: 2 }\n"
+                 'thread_pool_name { value: "batch_threads" }\nallowed_batch_sizes: 64\nallowed_batch_sizes: 128\n')
+    p = BatchingParameters.from_file(f)
+    assert (p.max_batch_size, p.batch_timeout_micros, p.max_enqueued_batches, p.num_batch_threads,
+            p.allowed_batch_sizes) == (128, 2000, 16, 2, (64, 128))
+    assert BatchingParameters.from_file(ROOT / "deploy" / "batching_parameters.txt").max_batch_size >= 1
+    for bad, fragment in [("max_batch_sise { value: 1 }", "unknown field"), ("max_batch_size: 3", "cannot parse"),
+                          ("max_batch_size { value: 0 }", ">= 1"), ("num_batch_threads { value: x }", "integer"),
+                          ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "end with")]:
+        with pytest.raises(ModelError, match=fragment):
+            BatchingParameters.parse(bad)
 
 
 # -- versions --------------------------------------------------------------------------------------------------
@@ -371,3 +715,35 @@ def test_new_version_is_hot_loaded(server, export_base, records):
     status, body = post(server, {"instances": records[:1].tolist()}, "/v1/models/vae/versions/1:predict")
     assert status == 404 and "Specific(vae, 1)" in body["error"]
     c.close()
+
+
+# -- graceful shutdown -----------------------------------------------------------------------------------------
+def test_sigterm_drains_in_flight_requests(serving, local, records):
+    """SIGTERM while a REST request is in flight (headers sent, half the body still to come): the server stops
+    accepting, answers that request in full, and exits 0. Runs last: it ends the module's server."""
+    import socket as so
+    import signal
+
+    proc = serving["proc"]
+    host, port = serving["rest"].split("://", 1)[1].split(":")
+    body = json.dumps({"signature_name": "quantize", "inputs": records[:3].tolist()}).encode()
+    s = so.create_connection((host, int(port)), timeout=30)
+    try:
+        s.sendall(b"POST /v1/models/vae:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        time.sleep(0.5)  # the server has the request's head
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still draining
+        with pytest.raises(OSError):  # no new connections
+            so.create_connection((host, int(port)), timeout=5).close()
+        s.sendall(body[len(body) // 2:])
+        data = b""
+        while chunk := s.recv(65536):  # shutting down: the server closes the connection after the answer
+            data += chunk
+    finally:
+        s.close()
+    head, payload = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(payload)["outputs"] == local.quantize(records[:3]).tolist()
+    assert proc.wait(timeout=30) == 0

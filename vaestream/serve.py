@@ -1,41 +1,45 @@
-"""``vaestream serve``: a small TF Serving-compatible REST server over ``tf.saved_model.load``, and its client.
+"""``vaestream serve``: a TF Serving-compatible model server over ``tf.saved_model.load`` — the core.
 
-TF Serving's binary cannot be installed everywhere (and not in our CI), so this module implements the same
-REST surface for local use and tests; ``deploy/`` runs the real ``tensorflow/serving`` image on the same
-export. Endpoints (``NAME`` is ``--model_name``; every response is JSON):
+TF Serving's binary cannot be installed everywhere (and not in our CI), so vaestream implements the same two
+surfaces for local use, tests and small deployments; ``deploy/`` runs either this or the real
+``tensorflow/serving`` image on the same export, on the same ports:
 
-* ``GET  /v1/models/NAME[/versions/N]`` — model status:
-  ``{"model_version_status": [{"version": "N", "state": "AVAILABLE", "status": {"error_code": "OK",
-  "error_message": ""}}]}``.
-* ``GET  /v1/models/NAME[/versions/N]/metadata`` — ``{"model_spec": {...}, "metadata": {"signature_def":
-  {"signature_def": {SIGNATURE: SignatureDef as JSON}}}}``, the protos' JSON as TF Serving prints them.
-* ``POST /v1/models/NAME[/versions/N]:predict`` with ``{"signature_name": S, "instances": [...]}`` (row
-  format) -> ``{"predictions": [...]}``, or ``{"inputs": ...}`` (columnar) -> ``{"outputs": ...}``. With one
-  named output the name is left out (a list per row / the tensor); with several, each row is an object
-  (row format) or the outputs are an object of tensors (columnar), exactly as TF Serving formats them.
+* **gRPC** (``--port``, 8500): ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
+  ``ModelService`` (``GetModelStatus``) with TF Serving's own protos — :mod:`vaestream.serve_grpc`.
+* **REST** (``--rest_api_port``, 8501) on Starlette / uvicorn — :mod:`vaestream.serve_rest`:
 
-Errors are ``{"error": "..."}`` with TF Serving's status mapping: 400 (INVALID_ARGUMENT: malformed JSON or
-URL, wrong shape or dtype, unknown signature, batch over ``max_batch_size``), 404 (NOT_FOUND: unknown model or
-version). The latest loaded version serves requests without ``/versions/N``. The base path is polled for new
-versions (``file_system_poll_wait_seconds``), which are loaded and then made the default.
+  - ``GET  /v1/models/NAME[/versions/N]`` — model status:
+    ``{"model_version_status": [{"version": "N", "state": "AVAILABLE", "status": {"error_code": "OK",
+    "error_message": ""}}]}``.
+  - ``GET  /v1/models/NAME[/versions/N]/metadata`` — ``{"model_spec": {...}, "metadata": {"signature_def":
+    {"signature_def": {SIGNATURE: SignatureDef as JSON}}}}``, the protos' JSON as TF Serving prints them.
+  - ``POST /v1/models/NAME[/versions/N]:predict`` with ``{"signature_name": S, "instances": [...]}`` (row
+    format) -> ``{"predictions": [...]}``, or ``{"inputs": ...}`` (columnar) -> ``{"outputs": ...}``. With one
+    named output the name is left out (a list per row / the tensor); with several, each row is an object
+    (row format) or the outputs are an object of tensors (columnar), exactly as TF Serving formats them.
 
-:class:`Client` speaks this API (to ``vaestream serve`` or to TF Serving itself) and turns responses into
-NumPy codes and reconstructions. It uses only the standard library and NumPy.
+  Errors are ``{"error": "..."}`` with TF Serving's status mapping: 400 (INVALID_ARGUMENT: malformed JSON or
+  URL, wrong shape or dtype, unknown signature, batch over ``max_batch_size``), 404 (NOT_FOUND: unknown model
+  or version), 503 (UNAVAILABLE: the batching queue is full).
+
+This module holds what both transports share: :class:`ModelServer` (the loaded versions, status, metadata, the
+checks of a predict request and the signature call, optionally through server-side batching,
+:mod:`vaestream.batching`), the JSON tensor reader / writer, and :func:`serve`, which runs both servers. The
+latest loaded version serves requests without a version. The base path is polled for new versions
+(``file_system_poll_wait_seconds``), which are loaded and then made the default.
+
+:class:`Client` (REST) and :class:`GrpcClient` (gRPC) speak these APIs (to ``vaestream serve`` or to TF Serving
+itself) and turn responses into NumPy codes and reconstructions (:mod:`vaestream.serve_client`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
-import math
 import re
-import socket
 import sys
 import threading
-import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +57,22 @@ _DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32
            "DT_BOOL": np.bool_}
 
 
-class ServingError(VaestreamError):
-    """A REST request failed: ``status`` is the HTTP status, ``message`` the server's error text."""
+# TF Serving's mapping of canonical status codes to HTTP (tensorflow_serving/util/net_http ...: ToHTTPStatusCode).
+GRPC_TO_HTTP = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+                "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+                "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
+                "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
+_HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 500: "INTERNAL",
+                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
+
+class ServingError(VaestreamError):
+    """A request failed: ``status`` is the HTTP status (0: no answer), ``message`` the server's error text,
+    ``code`` the canonical (gRPC) status name, e.g. ``"NOT_FOUND"``."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        self.code = code or _HTTP_TO_GRPC.get(status, "UNKNOWN" if status else "UNAVAILABLE")
+        super().__init__(f"HTTP {status}: {message}" if code is None else f"{self.code}: {message}")
         self.status = status
         self.message = message
 
@@ -66,12 +81,16 @@ class ServingError(VaestreamError):
 # The server
 # ============================================================================================================
 class _RequestError(Exception):
-    """An error answered to the client: HTTP status + TF Serving-style message."""
+    """An error answered to the client: HTTP status, canonical code (gRPC) + TF Serving-style message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code or _HTTP_TO_GRPC.get(status, "UNKNOWN")
+
+
+RequestError = _RequestError  # the name the transports and the batcher use
 
 
 def _invalid(msg: str) -> _RequestError:
@@ -84,27 +103,30 @@ def _not_found(msg: str) -> _RequestError:
 
 @dataclasses.dataclass
 class _Servable:
-    """One loaded version: the SavedModel, its signature inputs (name -> (numpy dtype, shape)) and the
-    SignatureDefs as TF Serving prints them."""
+    """One loaded version: the SavedModel, its signature inputs (name -> (numpy dtype, shape)), the
+    SignatureDefs as TF Serving prints them (JSON) and as protos (gRPC metadata)."""
 
     version: int
     path: Path
     model: Any  # vaestream.export.ExportedModel
     inputs: dict[str, dict[str, tuple[Any, tuple[int | None, ...]]]]
     signature_defs: dict[str, Any]
+    signature_protos: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> SignatureDef
 
 
-def _signature_defs_json(path: Path) -> dict[str, Any]:
-    """The SignatureDef map of ``path/saved_model.pb`` as JSON (proto field names, defaults printed)."""
+def _signature_defs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SignatureDef map of ``path/saved_model.pb``: (name -> SignatureDef proto, name -> the same as JSON
+    with proto field names and defaults printed)."""
     from google.protobuf import json_format
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
     sm.ParseFromString((path / "saved_model.pb").read_bytes())
     meta = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
-    return {name: json_format.MessageToDict(sig, preserving_proto_field_name=True,
-                                            always_print_fields_with_no_presence=True)
-            for name, sig in meta.signature_def.items()}
+    protos = dict(meta.signature_def.items())
+    return protos, {name: json_format.MessageToDict(sig, preserving_proto_field_name=True,
+                                                    always_print_fields_with_no_presence=True)
+                    for name, sig in protos.items()}
 
 
 def parse_version_policy(policy: str) -> tuple[str, Any]:
@@ -145,10 +167,12 @@ class ModelServer:
       version_policy: see :func:`parse_version_policy` (default: the latest version only, as TF Serving).
       max_batch_size: the largest batch (0-th dimension) one request may carry.
       max_concurrent: at most this many signature calls run at once (bounds memory under load).
+      batching: a :class:`vaestream.batching.BatchingParameters` to merge concurrent requests to one
+        (version, signature) into one call (TF Serving's ``--enable_batching``); None: one call per request.
     """
 
     def __init__(self, base_path: str | Path, model_name: str, version_policy: str = "latest",
-                 max_batch_size: int = 10_000, max_concurrent: int = 4):
+                 max_batch_size: int = 10_000, max_concurrent: int = 4, batching: Any = None):
         self.base_path = Path(base_path)
         self.model_name = model_name
         self.policy = parse_version_policy(version_policy)
@@ -159,6 +183,16 @@ class ModelServer:
         self._gate = threading.BoundedSemaphore(max(1, int(max_concurrent)))
         if not self.base_path.is_dir():
             raise ModelError(f"{self.base_path}: model base path does not exist")
+        self.batcher = None
+        if batching is not None:
+            from vaestream.batching import Batcher
+
+            self.batcher = Batcher(batching, self._call)
+
+    def close(self) -> None:
+        """Stop the batching threads (after the queued batches have run)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     # -- versions ------------------------------------------------------------------------------------------
     def _wanted(self, available: list[int]) -> list[int]:
@@ -183,12 +217,12 @@ class ModelServer:
                 inputs = {name: {k: (s.dtype.as_numpy_dtype, tuple(s.shape.as_list()))
                                  for k, s in model.signature_inputs(name).items()}
                           for name in model.signatures}
-                sdefs = _signature_defs_json(model.path)
+                sprotos, sdefs = _signature_defs(model.path)
             except VaestreamError as e:
                 print(f"vaestream serve: cannot load version {v}: {e}", file=sys.stderr)
                 continue
             with self._lock:
-                self._servables[v] = _Servable(v, model.path, model, inputs, sdefs)
+                self._servables[v] = _Servable(v, model.path, model, inputs, sdefs, sprotos)
                 self._ended.discard(v)
         with self._lock:
             for v in [v for v in self._servables if v not in wanted]:
@@ -200,6 +234,10 @@ class ModelServer:
     def versions(self) -> list[int]:
         with self._lock:
             return sorted(self._servables)
+
+    def get(self, name: str, version: int | None, label: str | None = None) -> _Servable:
+        """The servable of ``name`` at ``version`` (None: the latest). Raises NOT_FOUND (404)."""
+        return self._get(name, version, label)
 
     def _get(self, name: str, version: int | None, label: str | None) -> _Servable:
         if label is not None:
@@ -243,8 +281,9 @@ class ModelServer:
                 return self.metadata(name, v, label) if sub else self.status(name, v, label)
         raise _invalid(f"Malformed request: {method} {path}")
 
-    def status(self, name: str, version: int | None = None, label: str | None = None) -> dict:
-        """``GetModelStatusResponse`` as JSON."""
+    def status_rows(self, name: str, version: int | None = None, label: str | None = None) -> list[tuple[int, str]]:
+        """(version, state) of ``name``'s versions, newest first: AVAILABLE (loaded) or END (unloaded).
+        Raises NOT_FOUND (404) for an unknown model / version."""
         if label is not None:
             raise _not_found(f"Unrecognized servable version label: {label}")
         with self._lock:
@@ -257,6 +296,11 @@ class ModelServer:
             if not rows:
                 raise _not_found(f"Could not find version {version} of model {name}")
         rows.sort(key=lambda r: -r[0])
+        return rows
+
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> dict:
+        """``GetModelStatusResponse`` as JSON."""
+        rows = self.status_rows(name, version, label)
         return {"model_version_status": [
             {"version": str(v), "state": s, "status": {"error_code": "OK", "error_message": ""}} for v, s in rows]}
 
@@ -290,7 +334,23 @@ class ModelServer:
         if unknown:
             raise _invalid(f"Unexpected keys in request: {sorted(unknown)}")
         arrays = self._rows(req["instances"], specs) if has_rows else self._columns(req["inputs"], specs)
+        outputs = self.run(s, sig, arrays)
+        return _format_rows(outputs) if has_rows else _format_columns(outputs)
+
+    def run(self, s: _Servable, sig: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check ``arrays`` (input name -> ``[B, ...]`` of the signature's dtype) against signature ``sig`` of
+        ``s`` and run it: directly, or through the batcher (merged with concurrent requests; each record's
+        outputs are the same either way, the signatures compute in fixed 64-row blocks). Returns output name
+        -> ``[B, ...]``. Raises :class:`RequestError` (INVALID_ARGUMENT, UNAVAILABLE when the queue is full)."""
+        specs = s.inputs[sig]
         feeds = {k: self._check(k, a, specs[k], sig) for k, a in arrays.items()}
+        n = {len(a) for a in feeds.values()}
+        if self.batcher is not None and len(n) == 1:
+            return self.batcher.submit((s.version, sig), s, sig, feeds, n.pop())
+        return self._call(s, sig, feeds)
+
+    def _call(self, s: _Servable, sig: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of signature ``sig`` of ``s`` on checked ``feeds``; output name -> NumPy array."""
         import tensorflow as tf
 
         try:
@@ -298,8 +358,7 @@ class ModelServer:
                 out = s.model.signatures[sig](**feeds)
         except tf.errors.InvalidArgumentError as e:  # TF's own input checks: a bad request, not a crash
             raise _invalid(e.message) from None
-        outputs = {k: v.numpy() for k, v in out.items()}
-        return _format_rows(outputs) if has_rows else _format_columns(outputs)
+        return {k: v.numpy() for k, v in out.items()}
 
     # -- request parsing -----------------------------------------------------------------------------------
     def _rows(self, instances: Any, specs: dict) -> dict[str, np.ndarray]:
@@ -422,105 +481,37 @@ def _format_columns(outputs: dict[str, np.ndarray]) -> dict:
     return {"outputs": outputs}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving
-    server_version = "vaestream-serve"
-    model_server: ModelServer
-    max_request_bytes: int
-    verbose: bool
+# ============================================================================================================
+# Both servers
+# ============================================================================================================
+def serve(base_path: str | Path, model_name: str, port: int = 8500, rest_api_port: int = 8501,
+          host: str = "127.0.0.1", version_policy: str = "latest", max_batch_size: int = 10_000,
+          poll_seconds: float = 1.0, max_request_bytes: int = 64 << 20, max_concurrent: int = 4,
+          batching: Any = None, rest_api_timeout_ms: int = 30_000, rest_api_num_threads: int = 64,
+          grpc_max_threads: int = 64, keep_alive_s: float = 30.0, grace_s: float = 30.0,
+          verbose: bool = False) -> None:
+    """Load the model and serve it over gRPC (``port``) and REST (``rest_api_port``) until SIGTERM / SIGINT.
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body leave in separate writes: without TCP_NODELAY, Nagle's algorithm holds the body
-        # until the client's delayed ACK (~40 ms per request on Linux).
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _reply(self, status: int, payload: Any) -> None:
-        data = dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self) -> bytes | None:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                self.close_connection = True
-                self._reply(400, {"error": "chunked request bodies are not supported; send Content-Length"})
-                return None
-            return b""
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._reply(400, {"error": f"bad Content-Length {length!r}"})
-            return None
-        if n > self.max_request_bytes:
-            self.close_connection = True  # do not read the body
-            self._reply(400, {"error": f"request body of {n} bytes is larger than the maximum "
-                                       f"{self.max_request_bytes}"})
-            return None
-        return self.rfile.read(n)
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self._body()
-        if body is not None:
-            self._reply(*self.model_server.handle("GET", self.path, body))
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self._body()
-        if body is not None:
-            self._reply(*self.model_server.handle("POST", self.path, body))
-
-    def _other(self) -> None:  # PUT, DELETE, PATCH, ...: TF Serving answers "Malformed request" (400)
-        body = self._body()
-        if body is not None:
-            self._reply(*self.model_server.handle(self.command, self.path, body))
-
-    do_PUT = do_DELETE = do_PATCH = _other  # noqa: N815
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        if self.verbose:
-            super().log_message(format, *args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-
-def make_server(model_server: ModelServer, host: str = "127.0.0.1", port: int = 8501,
-                max_request_bytes: int = 64 << 20, verbose: bool = False) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) answering with ``model_server``; ``port=0`` picks a free port
-    (``server.server_address[1]``)."""
-    handler = type("Handler", (_Handler,), {"model_server": model_server, "max_request_bytes": max_request_bytes,
-                                            "verbose": verbose})
-    return _Server((host, port), handler)
-
-
-def serve(base_path: str | Path, model_name: str, port: int = 8501, host: str = "127.0.0.1",
-          version_policy: str = "latest", max_batch_size: int = 10_000, poll_seconds: float = 1.0,
-          max_request_bytes: int = 64 << 20, max_concurrent: int = 4, verbose: bool = False,
-          ready: threading.Event | None = None) -> None:
-    """Load the model and serve its REST API until interrupted (SIGINT / SIGTERM).
-
-    Prints one JSON line ``{"serving": NAME, "host", "port", "versions"}`` to stdout once it accepts
-    requests (with ``port=0``, the port picked). ``poll_seconds`` > 0 polls ``base_path`` for new versions.
+    ``port=0`` / ``rest_api_port=0`` pick a free port; ``rest_api_port=-1`` turns REST off (TF Serving turns it
+    off with 0). Prints one JSON line ``{"serving": NAME, "host", "port", "rest_api_port", "versions"}`` to
+    stdout once both accept connections. On SIGTERM both stop accepting, finish the requests in flight
+    (up to ``grace_s``) and the process exits 0. ``poll_seconds`` > 0 polls ``base_path`` for new versions.
 
     Raises:
       ModelError: no loadable version under ``base_path``.
     """
-    import signal
+    from vaestream.serve_grpc import make_grpc_server
+    from vaestream.serve_rest import RestServer
 
-    ms = ModelServer(base_path, model_name, version_policy, max_batch_size, max_concurrent)
+    ms = ModelServer(base_path, model_name, version_policy, max_batch_size, max_concurrent, batching)
     if not ms.reload():
         raise ModelError(f"{base_path}: no loadable version for policy {version_policy!r}")
-    httpd = make_server(ms, host, port, max_request_bytes, verbose)
+    grpc_server, grpc_port = make_grpc_server(ms, host, port, max_request_bytes, grpc_max_threads)
+    rest = None
+    if rest_api_port >= 0:
+        rest = RestServer(ms, host, rest_api_port, max_request_bytes=max_request_bytes,
+                          timeout_s=rest_api_timeout_ms / 1000.0, num_threads=rest_api_num_threads,
+                          keep_alive_s=keep_alive_s, grace_s=grace_s, verbose=verbose)
     stop = threading.Event()
 
     def poll() -> None:
@@ -532,247 +523,29 @@ def serve(base_path: str | Path, model_name: str, port: int = 8501, host: str = 
 
     if poll_seconds > 0:
         threading.Thread(target=poll, name="version-poll", daemon=True).start()
-
-    def on_term(signum, frame):  # shut down cleanly: finish in-flight requests
-        threading.Thread(target=httpd.shutdown, daemon=True).start()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
-    print(json.dumps({"serving": model_name, "host": host, "port": httpd.server_address[1],
-                      "versions": ms.versions}), flush=True)
-    if ready is not None:
-        ready.set()
+    grpc_server.start()
+    print(json.dumps({"serving": model_name, "host": host, "port": grpc_port,
+                      "rest_api_port": rest.port if rest else None, "versions": ms.versions}), flush=True)
     try:
-        httpd.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
+        if rest is not None:
+            rest.run()  # until SIGTERM / SIGINT; drains in-flight REST requests
+        else:
+            _wait_for_signal()
     finally:
         stop.set()
-        httpd.server_close()
+        grpc_server.stop(grace_s).wait()  # in-flight RPCs finish, new ones are refused
+        ms.close()
 
 
-# ============================================================================================================
-# The client
-# ============================================================================================================
-class Client:
-    """A client of TF Serving's REST API (``vaestream serve`` or ``tensorflow/serving``) for a vaestream export.
+def _wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT (the gRPC-only server's main loop)."""
+    import signal
 
-    Batches larger than ``max_batch`` are sent as several requests. Requests use the columnar format (the
-    compact one); connections are kept alive (one per thread).
-
-    Args:
-      url: the server, e.g. ``http://localhost:8501``.
-      model: the model name.
-      version: a fixed version (``/versions/N``), or None for the server's latest.
-      timeout: seconds per request.
-      max_batch: records per request.
-    """
-
-    def __init__(self, url: str = "http://localhost:8501", model: str = "vae", version: int | None = None,
-                 timeout: float = 60.0, max_batch: int = 1000):
-        u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise DataError(f"{url}: not an http(s) URL")
-        self.url, self.model, self.version = url, model, version
-        self._scheme, self._host, self._port = u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
-        self._prefix = u.path.rstrip("/")
-        self.timeout, self.max_batch = float(timeout), int(max_batch)
-        self._local = threading.local()
-        self._dtypes: dict[str, dict[str, Any]] | None = None
-
-    # -- transport -----------------------------------------------------------------------------------------
-    def _conn(self) -> http.client.HTTPConnection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            c = self._local.conn = cls(self._host, self._port, timeout=self.timeout)
-        return c
-
-    def close(self) -> None:
-        """Close this thread's connection."""
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
-
-    def request(self, method: str, path: str, payload: Any = None) -> Any:
-        """One request; returns the parsed JSON body. Raises :class:`ServingError` on an HTTP error."""
-        body = None if payload is None else dumps(payload).encode()
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        for attempt in (0, 1):  # one retry on a connection the server closed while idle
-            conn = self._conn()
-            try:
-                conn.request(method, self._prefix + path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                self.close()
-                if attempt:
-                    raise ServingError(0, f"{self.url}: connection lost ({e})") from e
-            except OSError as e:
-                self.close()
-                raise ServingError(0, f"cannot reach {self.url}: {e}") from e
-        if resp.getheader("Connection", "").lower() == "close":
-            self.close()
-        try:
-            parsed = json.loads(data) if data else None
-        except json.JSONDecodeError:
-            parsed = None
-        if resp.status != 200:
-            msg = parsed.get("error") if isinstance(parsed, dict) else data[:500].decode(errors="replace")
-            raise ServingError(resp.status, str(msg))
-        if parsed is None:
-            raise ServingError(resp.status, f"the response is not JSON: {data[:200]!r}")
-        return parsed
-
-    def _model_path(self) -> str:
-        p = f"/v1/models/{urllib.parse.quote(self.model, safe='')}"
-        return p + (f"/versions/{self.version}" if self.version is not None else "")
-
-    # -- the API -------------------------------------------------------------------------------------------
-    def status(self) -> dict:
-        """The model status (``model_version_status``)."""
-        return self.request("GET", self._model_path())
-
-    def metadata(self) -> dict:
-        """The model metadata (signature definitions)."""
-        return self.request("GET", self._model_path() + "/metadata")
-
-    def wait_until_available(self, timeout: float = 60.0, interval: float = 0.2) -> dict:
-        """Poll the status until a version is AVAILABLE; returns the status. Raises ServingError on timeout."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                st = self.status()
-                if any(v.get("state") == "AVAILABLE" for v in st.get("model_version_status", [])):
-                    return st
-            except ServingError as e:
-                last = e
-            time.sleep(interval)
-        raise ServingError(0, f"{self.url}: model {self.model!r} not available after {timeout} s ({last})")
-
-    def output_dtypes(self, signature: str) -> dict[str, Any]:
-        """Output name -> NumPy dtype of a signature, from the metadata (cached)."""
-        if self._dtypes is None:
-            sdefs = self.metadata()["metadata"]["signature_def"]["signature_def"]
-            self._dtypes = {name: {k: _DTYPES.get(v.get("dtype"), np.float32)
-                                   for k, v in sd.get("outputs", {}).items()} for name, sd in sdefs.items()}
-        if signature not in self._dtypes:
-            raise ServingError(400, f"Serving signature name: \"{signature}\" not found in signature def")
-        return self._dtypes[signature]
-
-    def predict_raw(self, payload: dict) -> dict:
-        """POST a ``:predict`` request body as is; returns the response JSON."""
-        return self.request("POST", self._model_path() + ":predict", payload)
-
-    def predict(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``signature`` on ``inputs`` (name -> ``[B, ...]`` array), in batches of ``max_batch``.
-
-        Returns output name -> NumPy array (dtypes from the model metadata), concatenated over batches.
-        """
-        arrays = {k: np.asarray(v) for k, v in inputs.items()}
-        n = {len(a) for a in arrays.values()}
-        if len(n) != 1:
-            raise DataError(f"inputs have different batch sizes: { {k: len(a) for k, a in arrays.items()} }")
-        n = n.pop()
-        if n == 0:
-            raise DataError(f"{signature}: no records to send")
-        dtypes = self.output_dtypes(signature)
-        parts: dict[str, list[np.ndarray]] = {}
-        for s in range(0, n, self.max_batch):
-            payload = {"signature_name": signature,
-                       "inputs": {k: a[s:s + self.max_batch] for k, a in arrays.items()}}
-            out = self.predict_raw(payload)["outputs"]
-            if not isinstance(out, dict):  # a single output comes back unnamed
-                out = {next(iter(dtypes)): out}
-            for k, v in out.items():
-                parts.setdefault(k, []).append(np.asarray(v, dtype=dtypes.get(k, np.float32)))
-        return {k: np.concatenate(v) for k, v in parts.items()}
-
-    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x [B, D] -> (mean, log_scale) [B, Nz] of q(z|x)."""
-        out = self.predict("encode", x=np.asarray(x, np.float32))
-        return out["mean"], out["log_scale"]
-
-    def decode(self, z: np.ndarray) -> dict[str, np.ndarray]:
-        """z [B, Nz] -> p(x|z)'s parameters ``x_mean`` and ``logits`` / ``log_scale``, each [B, D]."""
-        return self.predict("decode", z=np.asarray(z, np.float32))
-
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """x [B, D] -> the int32 codes (quantised latents) [B, Nz]."""
-        return self.predict("quantize", x=np.asarray(x, np.float32))["symbols"]
-
-    def reconstruct(self, x: np.ndarray) -> np.ndarray:
-        """x [B, D] -> x_hat [B, D], the decoder mean at the (dequantised) code."""
-        return self.predict("reconstruct", x=np.asarray(x, np.float32))["x_hat"]
-
-    def elbo(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """x [B, D] -> {elbo, rate, distortion} [B], nats."""
-        return self.predict("elbo", x=np.asarray(x, np.float32))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.5):
+        pass
 
 
-def load_inputs(path: str | Path, key: str | None = None) -> np.ndarray:
-    """Records from a data file (IDX, .npy/.npz, CSV, ... see :func:`vaestream.data.read_array`) as float32
-    model inputs ``[N, D]``: uint8 records are scaled by 1/255, others taken as they are."""
-    from vaestream.data import read_array
-
-    a = read_array(path, key=key)
-    if a.ndim < 1 or len(a) == 0:
-        raise DataError(f"{path}: no records")
-    a = a.reshape(len(a), -1)
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) * np.float32(1.0 / 255.0)
-    if a.dtype.kind not in "biuf":
-        raise DataError(f"{path}: records of dtype {a.dtype} are not numbers")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise DataError(f"{path}: records hold NaN or infinite values")
-    return a.astype(np.float32)
-
-
-def run_client(url: str, model: str, action: str, input_path: str | None = None, output: str | None = None,
-               version: int | None = None, key: str | None = None, max_batch: int = 1000) -> dict:
-    """The ``vaestream client`` command: ``status`` / ``metadata`` print JSON; ``encode`` / ``quantize`` /
-    ``reconstruct`` / ``elbo`` read records from ``input_path`` and write the outputs to ``output`` (.npz,
-    one array per output name); ``decode`` reads latents ``z [B, Nz]``. Returns a JSON-able summary."""
-    c = Client(url, model, version, max_batch=max_batch)
-    if action == "status":
-        return c.status()
-    if action == "metadata":
-        return c.metadata()
-    if input_path is None or output is None:
-        raise DataError(f"client {action}: needs --input and --out")
-    t = time.perf_counter()
-    if action == "decode":
-        from vaestream.data import read_array
-
-        z = np.asarray(read_array(input_path, key=key), np.float32)
-        out = c.decode(z.reshape(len(z), -1))
-        n = len(z)
-    else:
-        x = load_inputs(input_path, key)
-        n = len(x)
-        if action == "encode":
-            mean, log_scale = c.encode(x)
-            out = {"mean": mean, "log_scale": log_scale}
-        elif action == "quantize":
-            out = {"symbols": c.quantize(x)}
-        elif action == "reconstruct":
-            out = {"x_hat": c.reconstruct(x)}
-        elif action == "elbo":
-            out = c.elbo(x)
-        else:
-            raise DataError(f"unknown client action {action!r}")
-    np.savez(output, **out)
-    secs = time.perf_counter() - t
-    summary: dict[str, Any] = {"action": action, "records": n, "out": str(output), "seconds": round(secs, 3),
-                               "outputs": {k: [str(v.dtype), list(v.shape)] for k, v in out.items()}}
-    if action == "elbo":
-        summary["mean_elbo_nats"] = float(np.mean(out["elbo"]))
-        summary["mean_rate_nats"] = float(np.mean(out["rate"]))
-    if action == "reconstruct":
-        x = load_inputs(input_path, key)
-        summary["mse"] = float(np.mean((out["x_hat"] - x) ** 2))
-        summary["psnr_db"] = float(10 * math.log10(1.0 / max(summary["mse"], 1e-12)))
-    return summary
+from vaestream.serve_client import Client, GrpcClient, load_inputs, run_client  # noqa: E402,F401 (re-exported)
