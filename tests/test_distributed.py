@@ -62,3 +62,17 @@ def test_two_workers_train_and_resume(small_shards, tmp_path, mnist_test):
           f"untrained {untrained:.2f}; examples/s: 2 workers {rec['examples_per_second']}, "
           f"1 process (XLA while_loop) {single.examples_per_second:.1f}")
     assert abs(trained - one) < 10.0, (trained, one)
+
+
+def test_cli_train_distributed(small_shards, tmp_path, capsys):
+    import json
+
+    from vaestream.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["train", "--data", str(small_shards), "--out", str(out), "--latent-dim", "5", "--hidden", "50",
+               "--steps", "40", "--distributed", "2", "--json", "--no-progress"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert s["step"] == 40 and s["workers"] == 2
+    assert store.load_model(out).config.latent_dim == 5
