@@ -123,7 +123,6 @@ def test_stock_graphs_are_refused_with_the_missing_feature(tmp_path, mnist_dir):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    args = argparse_ns = None  # noqa: F841
     p = beam.Pipeline(options=PipelineOptions([]))
     parser = __import__("argparse").ArgumentParser()
     prepare.add_arguments(parser)
@@ -145,9 +144,9 @@ def test_stock_graphs_are_refused_with_the_missing_feature(tmp_path, mnist_dir):
         beam_dask.check_dask_support(p3)
 
 
-def test_failed_dask_job_leaves_no_output(cluster, tmp_path, small_model, mnist_test):
-    """A model whose input shape does not fit: the worker raises, nothing is committed, the staging folder
-    is gone, and the error is the vaestream type."""
+def test_parquet_on_dask_is_refused_before_writing(cluster, tmp_path, small_model, mnist_test):
+    """--output_format parquet on the DaskRunner: a clear vaestream error naming the limit, no output written
+    (the SIGKILL case is benchmarks/dask_kill_worker.py)."""
     np.save(tmp_path / "x.npy", mnist_test[:50])
     out = tmp_path / "enc"
     with pytest.raises(Exception) as e:
