@@ -75,6 +75,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
+    from vaestream import beam_dask
+
+    if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
+        return beam_dask.run_decode(args, pipeline_args)
     paths = vb.code_files(args.input)
     # loaded once: held here for the whole job, the workers of an in-process runner reuse it
     # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time

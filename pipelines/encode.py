@@ -77,6 +77,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
+    from vaestream import beam_dask
+
+    if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
+        return beam_dask.run_encode(args, pipeline_args)
     p = vb.make_pipeline(PipelineOptions(pipeline_args))
     info = build(p, args)
     t0 = time.perf_counter()

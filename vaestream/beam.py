@@ -1902,13 +1902,16 @@ def run_pipeline(p: beam.Pipeline):
 
 
 def job_summary(job: str, result, seconds: float, output_pattern: str, dead_letter_path: str,
-                extra: dict | None = None, coded: bool = False) -> dict:
+                extra: dict | None = None, coded: bool = False, counts: dict[str, int] | None = None) -> dict:
     """Counters, throughput, bytes and the conservation check of a finished job.
+
+    ``counts``: the counters, where the runner has no metrics (the Dask runner: :mod:`vaestream.beam_dask`
+    counts in the tasks' results); default ``counters(result)``.
 
     Checks ``records_in == records + dead_lettered`` from the counters, and that the output files hold
     ``records`` records and the dead-letter file ``dead_lettered`` lines; raises :class:`DataError` if not.
     """
-    c = counters(result)
+    c = counts if counts is not None else counters(result)
     check_counts(c, job)
     files, out_bytes = file_sizes(output_pattern)
     written = count_written(files, coded)

@@ -80,6 +80,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
     cfg = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
                       likelihood=a.likelihood)
+    if a.distributed:
+        if not is_shard_spec(a.data):
+            from vaestream.errors import ConfigError
+
+            raise ConfigError(f"--distributed trains from a shard set (vaestream prepare), not {a.data}")
+        from vaestream.distributed import train_distributed
+
+        rec = train_distributed(a.data, a.out, cfg, tc, num_workers=a.distributed)
+        print(json.dumps({"model_dir": str(a.out), **rec}, indent=None if a.json else 2))
+        return 0
     if is_shard_spec(a.data):  # minibatches streamed from the prepare job's shards through tf.data
         res = train_from_shards(a.data, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
     else:
@@ -185,6 +195,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--follow", nargs="+", default=None, metavar="PATTERN",
                    help="online AEVB: learn from --data once, then from each new file matching PATTERN "
                         "(vaestream.online); --out is then the work directory, the model DIR/model")
+    p.add_argument("--distributed", type=int, default=0, metavar="N",
+                   help="train on N local worker processes with MultiWorkerMirroredStrategy (vaestream.distributed; "
+                        "--data must be a shard set; worker i reads shards i, i+N, ...; chief-only checkpoints)")
     p.add_argument("--registry", default=None, help="with --follow: publish numbered model versions here")
     p.add_argument("--poll-interval", type=float, default=1.0, help="with --follow: seconds between polls")
     p.add_argument("--idle-timeout", type=float, default=None, help="with --follow: stop after S idle seconds")
