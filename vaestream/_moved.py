@@ -1,7 +1,8 @@
 """Old flat module paths, kept for one release (issue 13: package by concept).
 
-``import vaestream.codec`` (and every other path in :data:`MOVED`) still works: a finder at the end of
-``sys.meta_path`` answers only for these names, after the normal path finder found no file, and hands back
+``import vaestream.codec`` (and every other path in :data:`MOVED`) still works: a finder at the front of
+``sys.meta_path`` answers only for these names (so no stale copy elsewhere on the path, such as an editable
+install of another checkout, can answer instead) and hands back
 the module at its new path -- the very same module object, so every class has one qualified name (Beam
 pickles DoFns by it) -- with a :class:`DeprecationWarning` naming the new path. No file is left at the old
 path, so git follows each moved file's history (and merges edits made to it elsewhere) as a rename.
@@ -70,7 +71,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
-        sys.meta_path.append(_AliasFinder())
+        sys.meta_path.insert(0, _AliasFinder())
 
 
 def module_getattr(package: str, name: str):
