@@ -75,7 +75,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    from vaestream import beam_dask
+    from vaestream.beam import dask as beam_dask
 
     if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
         return beam_dask.run_decode(args, pipeline_args)

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=None,
                         help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
     parser.add_argument("--coder", action="store_true",
-                        help="entropy-code the latents (vaestream.codec; needs the model's coder tables): one row per "
+                        help="entropy-code the latents (vaestream.coding.codec; needs the model's coder tables): one row per "
                              "batch of records, its keys and one container of their codes, instead of float codes")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
@@ -77,7 +77,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    from vaestream import beam_dask
+    from vaestream.beam import dask as beam_dask
 
     if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
         return beam_dask.run_encode(args, pipeline_args)

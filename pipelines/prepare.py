@@ -71,7 +71,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the prepare job; returns its summary (see :func:`vaestream.beam.job_summary`)."""
-    from vaestream import beam_dask
+    from vaestream.beam import dask as beam_dask
 
     if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
         return beam_dask.run_prepare(args, pipeline_args)

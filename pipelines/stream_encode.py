@@ -1,4 +1,4 @@
-"""Beam streaming job: new record files -> latent codes in fixed event-time windows (vaestream.beam_streaming).
+"""Beam streaming job: new record files -> latent codes in fixed event-time windows (vaestream.beam.streaming).
 
     python -m pipelines.stream_encode --watch 'incoming/*.npy' --model runs/model --output out/ --window 10
     python -m pipelines.stream_encode --pubsub_subscription projects/P/subscriptions/S --saved_model REG/3 \
@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the streaming encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    from vaestream import beam_streaming as bs
-    from vaestream.drift import DriftConfig
+    from vaestream.beam import streaming as bs
+    from vaestream.online.drift import DriftConfig
 
     cfg = bs.StreamConfig(window=args.window, allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size,
                           batch_size=args.chunk_size)

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``vaestream.codec`` and the other moved module paths (see :mod:`vaestream._moved`), with a warning."""
+    """``vaestream.coding.codec`` and the other moved module paths (see :mod:`vaestream._moved`), with a warning."""
     return _moved.module_getattr(__name__, name)
 
 

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vaestream.container import leb128
+from vaestream.coding.container import leb128
 from vaestream.errors import ConfigError, DataError
 
 FORMAT = "vaestream-shards/1"

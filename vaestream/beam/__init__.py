@@ -101,10 +101,10 @@ class CodeBatch:
     """Latent codes of ``n`` records, in one of two forms:
 
     * floats: q(z|x) = N(mean, diag exp(log_scale)^2), ``mean`` and ``log_scale`` each ``[n, Nz]`` float32;
-    * coded (the encode job's ``--coder``): ``container``, one vaestream container (:mod:`vaestream.container`)
+    * coded (the encode job's ``--coder``): ``container``, one vaestream container (:mod:`vaestream.coding.container`)
       holding the ``n`` records' entropy-coded latents in the order of ``keys`` (``mean``/``log_scale`` None).
       One container per batch, not per record: its 24 bytes of header, frame length and CRC would cost more
-      than a coarse record's ~10-byte code (:func:`vaestream.codec.Codec.decompress` reads it back).
+      than a coarse record's ~10-byte code (:func:`vaestream.coding.codec.Codec.decompress` reads it back).
 
     ``fingerprint`` names the model that wrote them (:meth:`vaestream.model.VAE.fingerprint`).
     """
@@ -1117,8 +1117,8 @@ class LoadedVAE:
     * ``fingerprint``: the model's 64-hex SHA-256 (:meth:`vaestream.model.VAE.fingerprint`).
     * ``config``: its :class:`vaestream.config.ModelConfig`.
 
-    A SavedModel written by :func:`vaestream.export.export` (a version directory, or an export base whose
-    latest version is taken) is read through :class:`vaestream.export.ExportedModel`: its ``encode`` and
+    A SavedModel written by :func:`vaestream.serving.export.export` (a version directory, or an export base whose
+    latest version is taken) is read through :class:`vaestream.serving.export.ExportedModel`: its ``encode`` and
     ``decode`` signatures, ``assets/config.json`` and ``assets/fingerprint.txt``. Any other SavedModel must
     provide ``encode`` and ``decode`` (as attributes or signatures; outputs a dict
     with ``mean``/``log_scale`` and ``x_mean``, or tensors in that order) and its fingerprint as an attribute
@@ -1329,11 +1329,11 @@ def _dir_stamp(path: str) -> tuple | None:
 
 
 def _vaestream_export(path: str):
-    """``vaestream.export.ExportedModel`` of ``path`` (a version directory or an export base whose latest
+    """``vaestream.serving.export.ExportedModel`` of ``path`` (a version directory or an export base whose latest
     version is taken) when it is in that layout (``assets/config.json`` + ``assets/fingerprint.txt``), else
     None."""
     try:
-        from vaestream.export import ExportedModel, resolve_export
+        from vaestream.serving.export import ExportedModel, resolve_export
     except ModuleNotFoundError:
         return None
     try:
@@ -1376,7 +1376,7 @@ def read_model_config(model_dir: str | None = None, saved_model: str | None = No
     if model_dir is not None:
         return read_config(model_dir)
     try:
-        from vaestream.export import resolve_export
+        from vaestream.serving.export import resolve_export
 
         saved_model = str(resolve_export(saved_model))
     except (ModuleNotFoundError, ModelError):
@@ -1407,11 +1407,11 @@ class VAEModelHandler(ModelHandler):
     model's, else :class:`vaestream.errors.ModelMismatchError`.
 
     Args:
-      coder: encode mode: entropy-code the latents instead of returning floats: ``vaestream.codec.load(model)``
+      coder: encode mode: entropy-code the latents instead of returning floats: ``vaestream.coding.codec.load(model)``
         quantises each element's posterior means (one model call, ``codec.encode``) and codes them into one
         container per element (``codec.compress_codes``): a coded :class:`CodeBatch`. Decode mode reads coded
         batches whatever this flag says (``codec.decompress``). Needs the model's coder tables
-        (``coder_tables.npz``, see :func:`vaestream.codec.write_tables`).
+        (``coder_tables.npz``, see :func:`vaestream.coding.codec.write_tables`).
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
@@ -1506,7 +1506,7 @@ class VAEModelHandler(ModelHandler):
 
 def _attach_codec(model: LoadedVAE, model_dir: str | None) -> None:
     """Give ``model`` its coder (``model.codec``), checked to belong to the same model."""
-    from vaestream import codec
+    from vaestream.coding import codec
 
     model.codec = codec.load(model_dir if model_dir is not None else model.source)
     if getattr(model.codec, "fingerprint", model.fingerprint) != model.fingerprint:
@@ -1905,7 +1905,7 @@ def job_summary(job: str, result, seconds: float, output_pattern: str, dead_lett
                 extra: dict | None = None, coded: bool = False, counts: dict[str, int] | None = None) -> dict:
     """Counters, throughput, bytes and the conservation check of a finished job.
 
-    ``counts``: the counters, where the runner has no metrics (the Dask runner: :mod:`vaestream.beam_dask`
+    ``counts``: the counters, where the runner has no metrics (the Dask runner: :mod:`vaestream.beam.dask`
     counts in the tasks' results); default ``counters(result)``.
 
     Checks ``records_in == records + dead_lettered`` from the counters, and that the output files hold

@@ -33,18 +33,18 @@ silently while the stream is active.
 * ``.tfrecord``: one ``tf.train.Example`` per record: key, mean, log_scale, fingerprint (as the batch
   encode job, :func:`vaestream.beam.code_examples`);
 * ``.vaez``: when the model has coder tables, the window's quantised codes as one container
-  (:mod:`vaestream.container`), whose header names the model fingerprint: decode it with
-  :meth:`vaestream.registry.Registry.decode` or :func:`vaestream.codec.load`;
+  (:mod:`vaestream.coding.container`), whose header names the model fingerprint: decode it with
+  :meth:`vaestream.online.registry.Registry.decode` or :func:`vaestream.coding.codec.load`;
 * ``.json``: the window's summary (records, sources, pane timing, mean ELBO, bits, fingerprint, time written).
 
 Each file is written under a temporary name and renamed, so a reader never sees half a file and a retried
 bundle rewrites the same name. Dead letters (unreadable or malformed files and records, late paths) go to
 ``OUTPUT/dead_letter/dead_letter-START-END-pPANE.jsonl`` as ``{"source", "key", "reason"}``. The drift
-monitor (:mod:`vaestream.drift`) judges each window's mean ELBO and bits/record and appends one line per
+monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/record and appends one line per
 window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
 
 The model is loaded once per worker by :class:`ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`
-that also computes each record's ELBO with fixed noise, :func:`vaestream.export.elbo_fixed_noise`, and the
+that also computes each record's ELBO with fixed noise, :func:`vaestream.serving.export.elbo_fixed_noise`, and the
 coder's symbols), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
 """
 
@@ -68,7 +68,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
-from vaestream.drift import DriftConfig, DriftMonitor
+from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError
 
 CODES_DIR = "codes"
@@ -364,9 +364,9 @@ class ScoringModelHandler(vb.VAEModelHandler):
     def load_model(self):
         import tensorflow as tf
 
-        from vaestream import codec as codec_mod
+        from vaestream.coding import codec as codec_mod
         from vaestream.errors import ModelError
-        from vaestream.export import elbo_fixed_noise
+        from vaestream.serving.export import elbo_fixed_noise
 
         model = super().load_model()
         d = model.config.input_dim
@@ -386,7 +386,7 @@ class ScoringModelHandler(vb.VAEModelHandler):
             saved = model._saved
 
             def score_fn(x):
-                if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.export.ExportedModel
+                if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.serving.export.ExportedModel
                     m, ls = saved.encode(x)
                     return m, ls, saved.elbo(x)["elbo"]
                 m, ls = model.encode(x, 1.0)
@@ -407,7 +407,7 @@ class ScoringModelHandler(vb.VAEModelHandler):
         return model
 
     def run_inference(self, batch, model, inference_args=None) -> list:
-        from vaestream.coder import quantize
+        from vaestream.coding.coder import quantize
 
         if not batch:
             return []
@@ -475,7 +475,7 @@ class _WriteWindowFn(beam.DoFn):
         tf.io.gfile.makedirs(f"{self.out_dir}/{CODES_DIR}")
 
     def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
-        from vaestream import container
+        from vaestream.coding import container
 
         items: list[Scored] = sorted(kv[1], key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
         if not items:
@@ -604,7 +604,7 @@ class StreamEncode(beam.PTransform):
       output: the output directory.
       model_dir / saved_model: the model (a model directory, or a SavedModel export / registry version).
       config: :class:`StreamConfig`.
-      drift: :class:`vaestream.drift.DriftConfig`.
+      drift: :class:`vaestream.online.drift.DriftConfig`.
       coder: write ``.vaez`` containers (None: when the model has coder tables; True: require them).
       quality: the coder quality.
     """
@@ -724,7 +724,7 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
     del result  # the in-process streaming runner's counters are incomplete: count what was written
     wins = read_windows(output)
     dead = read_dead_letters(output)
-    from vaestream.drift import read_log
+    from vaestream.online.drift import read_log
 
     drift_recs = read_log(os.path.join(output, DRIFT_LOG))
     records = sum(w["records"] for w in wins)

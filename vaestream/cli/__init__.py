@@ -13,12 +13,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": "vaestream.cli_core", "evaluate": "vaestream.cli_core", "demo": "vaestream.cli_core",
-    "build-tables": "vaestream.cli_coder", "compress": "vaestream.cli_coder", "decompress": "vaestream.cli_coder",
-    "rd": "vaestream.cli_coder",
-    "prepare": "vaestream.cli_beam", "encode": "vaestream.cli_beam", "decode": "vaestream.cli_beam",
-    "export": "vaestream.cli_deploy", "serve": "vaestream.cli_deploy", "client": "vaestream.cli_deploy",
-    "follow": "vaestream.cli_stream", "stream-encode": "vaestream.cli_stream", "registry": "vaestream.cli_stream",
+    "train": "vaestream.cli.core", "evaluate": "vaestream.cli.core", "demo": "vaestream.cli.core",
+    "build-tables": "vaestream.cli.coder", "compress": "vaestream.cli.coder", "decompress": "vaestream.cli.coder",
+    "rd": "vaestream.cli.coder",
+    "prepare": "vaestream.cli.beam", "encode": "vaestream.cli.beam", "decode": "vaestream.cli.beam",
+    "export": "vaestream.cli.deploy", "serve": "vaestream.cli.deploy", "client": "vaestream.cli.deploy",
+    "follow": "vaestream.cli.stream", "stream-encode": "vaestream.cli.stream", "registry": "vaestream.cli.stream",
 }
 
 

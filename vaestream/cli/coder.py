@@ -1,4 +1,4 @@
-"""``vaestream build-tables``, ``compress``, ``decompress`` and ``rd``: thin shells over :mod:`vaestream.codec`."""
+"""``vaestream build-tables``, ``compress``, ``decompress`` and ``rd``: thin shells over :mod:`vaestream.coding.codec`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 
 def _codec(a: argparse.Namespace, quality: float | None = None):
-    from vaestream import codec, data
+    from vaestream import data
+    from vaestream.coding import codec
 
     calibration = None
     if getattr(a, "calibration", None):
@@ -20,11 +21,12 @@ def _codec(a: argparse.Namespace, quality: float | None = None):
 
 def cmd_build_tables(a: argparse.Namespace) -> int:
     """Derive the coder tables of a model from calibration records (MODEL_DIR/coder_tables.npz)."""
-    from vaestream import codec, data
+    from vaestream import data
+    from vaestream.coding import codec
 
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     path = codec.write_tables(a.model, records, model_kind=a.table_model, inactive_kl_bits=a.inactive_kl_bits)
-    from vaestream.coder import CoderTables
+    from vaestream.coding.coder import CoderTables
 
     t = CoderTables.load(path)
     print(json.dumps({"tables": str(path), "active_dims": int(t.active.sum()), "latent_dim": t.latent_dim,
@@ -67,7 +69,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         tmp.write_bytes(blob)
         tmp.replace(a.output)
         n, size = len(records), len(blob)
-        from vaestream.container import read_header
+        from vaestream.coding.container import read_header
         import io
 
         quality = read_header(io.BytesIO(blob)).quality
@@ -135,7 +137,7 @@ def rate_distortion(codec, x: np.ndarray, qualities=None) -> list[dict]:
     kl = float(np.mean(codec.kl_bits(x)))
     mean, _ = codec.posterior(x)
     rows = []
-    from vaestream.coder import quantize
+    from vaestream.coding.coder import quantize
 
     for q in (qualities or codec.qualities):
         blob = codec.compress(x, quality=q)

@@ -71,7 +71,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     tc = _train_config(a)
     if a.follow:
-        from vaestream.cli_stream import follow_from_train
+        from vaestream.cli.stream import follow_from_train
 
         return follow_from_train(a, tc)
     from vaestream.shards import is_shard_spec, train_from_shards
@@ -159,7 +159,8 @@ def _demo_compress(a: argparse.Namespace, out: Path) -> int:
     """Compress the test images with the trained model, decompress them, and report bits and distortion."""
     import numpy as np
 
-    from vaestream import codec, data
+    from vaestream import data
+    from vaestream.coding import codec
 
     records = data.load_records(a.data, "test")[: a.n]
     c = codec.load(out / "model", calibration=data.load_records(a.data, "train")[:20000])
@@ -173,7 +174,7 @@ def _demo_compress(a: argparse.Namespace, out: Path) -> int:
                "kl_bits_per_record": float(np.mean(c.kl_bits(records))), "mse": mse,
                "psnr_db": float(10 * np.log10(1.0 / mse)), "file": str(out / "test_images.vae")}
     # Deployment: a versioned SavedModel that decodes the same stream with no model code or checkpoint.
-    from vaestream.export import export
+    from vaestream.serving.export import export
 
     path = export(out / "model", out / "export")
     x_export = np.asarray(codec.load(path).decompress(blob)).reshape(len(x), -1)

@@ -1,5 +1,5 @@
-"""``vaestream export``, ``vaestream serve`` and ``vaestream client``: thin shells over :mod:`vaestream.export`
-and :mod:`vaestream.serve`."""
+"""``vaestream export``, ``vaestream serve`` and ``vaestream client``: thin shells over :mod:`vaestream.serving.export`
+and :mod:`vaestream.serving.server`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from vaestream.export import describe, export
+    from vaestream.serving.export import describe, export
 
     path = export(a.model, a.out, a.version, quality=a.quality, elbo_samples=a.elbo_samples,
                   verify=not a.no_verify)
@@ -20,11 +20,11 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from vaestream.errors import ModelError
-    from vaestream.serve import serve
+    from vaestream.serving.server import serve
 
     batching = None
     if a.enable_batching:
-        from vaestream.batching import BatchingParameters
+        from vaestream.serving.batching import BatchingParameters
 
         batching = (BatchingParameters.from_file(a.batching_parameters_file) if a.batching_parameters_file
                     else BatchingParameters())
@@ -40,7 +40,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_client(a: argparse.Namespace) -> int:
-    from vaestream.serve import run_client
+    from vaestream.serving.client import run_client
 
     print(json.dumps(run_client(a.url, a.model_name, a.action, a.input, a.out, a.version, a.key, a.max_batch),
                      indent=1 if a.action in ("status", "metadata") else None))

@@ -17,7 +17,7 @@ import json
 def _follow(a: argparse.Namespace) -> int:
     from vaestream.config import ModelConfig
     from vaestream.data import load_records
-    from vaestream.drift import DriftConfig
+    from vaestream.online.drift import DriftConfig
     from vaestream.online import OnlineConfig, OnlineLearner
     from vaestream.training import TrainConfig
 
@@ -82,7 +82,7 @@ def _stream_encode(a: argparse.Namespace) -> int:
 
 
 def _registry(a: argparse.Namespace) -> int:
-    from vaestream.registry import open_registry
+    from vaestream.online.registry import open_registry
 
     reg = open_registry(a.registry, must_exist=True)
     if a.action == "list":

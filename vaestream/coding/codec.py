@@ -1,9 +1,9 @@
 """The codec: records -> quantised latent codes -> entropy-coded bytes, and back.
 
-    codec = vaestream.codec.load(model_dir_or_export)
-    codes = codec.encode(x)          # int32 [B, Nz]: round(mu(x) / delta), see vaestream.coder
+    codec = vaestream.coding.codec.load(model_dir_or_export)
+    codes = codec.encode(x)          # int32 [B, Nz]: round(mu(x) / delta), see vaestream.coding.coder
     x_hat = codec.decode(codes)      # float32 [B, D]: the decoder mean at z_hat = codes * delta
-    blob = codec.compress(x)         # bytes: a self-describing container (vaestream.container)
+    blob = codec.compress(x)         # bytes: a self-describing container (vaestream.coding.container)
     x_hat = codec.decompress(blob)   # == codec.decode(codec.encode(x)), bit for bit
 
 Determinism: decoding is a pure function of the bitstream. The codes decode to the same integers on any
@@ -34,8 +34,8 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from vaestream import container
-from vaestream.coder import DEFAULT_QUALITIES, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
+from vaestream.coding import container
+from vaestream.coding.coder import DEFAULT_QUALITIES, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
     quantize
 from vaestream.config import ModelConfig
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
@@ -111,7 +111,7 @@ class Codec:
 
     Args:
       backend: the model (internal; use :func:`load`).
-      tables: the :class:`vaestream.coder.CoderTables` of this model.
+      tables: the :class:`vaestream.coding.coder.CoderTables` of this model.
       quality: the default quality (a step of the tables' ladder; 1.0 if None).
       frame_records: records per container frame (the unit of random access).
     """
@@ -121,7 +121,7 @@ class Codec:
         if tables.fingerprint != backend.fingerprint:
             raise ModelMismatchError(f"{name}: coder tables were built for model {tables.fingerprint[:16]}..., not "
                                      f"this model ({backend.fingerprint[:16]}...); rebuild them "
-                                     "(vaestream.codec.write_tables)")
+                                     "(vaestream.coding.codec.write_tables)")
         if tables.latent_dim != backend.config.latent_dim:
             raise ModelError(f"{name}: coder tables have {tables.latent_dim} latent dims, the model "
                              f"{backend.config.latent_dim}")
@@ -268,7 +268,7 @@ class Codec:
           quality: the quality (default: the codec's); or
           target_bits: the budget in bits per record (container included): the finest quality of the ladder
             whose stream fits it is used (:class:`ConfigError` if even the coarsest does not).
-          lossless: code the records exactly by bits-back coding (:mod:`vaestream.lossless`; a model with a
+          lossless: code the records exactly by bits-back coding (:mod:`vaestream.coding.lossless`; a model with a
             discrete decoder: ``beta_binomial`` for 8-bit counts, ``bernoulli`` for 0/1 data). ``x`` are then
             the raw records (uint8 counts or 0/1), and :meth:`decompress` returns them bit for bit.
         """
@@ -322,7 +322,7 @@ class Codec:
         if h.table_hash != self._digest[:container.TABLE_ID_BYTES]:
             if h.lossless:
                 raise BitstreamError(f"{name}: a lossless (bits-back) stream, not a lossy one: decode it with "
-                                     "vaestream.lossless")
+                                     "vaestream.coding.lossless")
             raise ModelMismatchError(f"{name}: coded with other coder tables ({h.table_hash.hex()}..., these "
                                      f"are {self._digest[:container.TABLE_ID_BYTES].hex()}...); decode it with the "
                                      "tables that wrote it")
@@ -358,9 +358,9 @@ class Codec:
             return codes, r.header
 
     def lossless_coder(self):
-        """The bits-back coder of this model (:class:`vaestream.lossless.LosslessCoder`); it needs the model
+        """The bits-back coder of this model (:class:`vaestream.coding.lossless.LosslessCoder`); it needs the model
         itself (a model directory): a SavedModel export carries only the decoder mean."""
-        from vaestream.lossless import LosslessCoder
+        from vaestream.coding.lossless import LosslessCoder
 
         if self._lossless is None:
             model = getattr(self._backend, "model", None)
@@ -458,7 +458,7 @@ def build_tables(model, records, qualities: Sequence[float] = DEFAULT_QUALITIES,
       records: calibration records ``[N, D]`` / ``[N, *input_shape]`` (uint8 scaled by 1/255) or a
         ``vaestream.data.Dataset`` — typically (part of) the training set. At most ``max_records`` are used
         (an evenly spaced subset).
-      qualities: the quality ladder (see :mod:`vaestream.coder`).
+      qualities: the quality ladder (see :mod:`vaestream.coding.coder`).
       model_kind: ``"aggregate"`` (KDE of the calibration posterior means) or ``"prior"`` (N(0, 1)).
       inactive_kl_bits: dimensions whose mean KL is below this are not coded.
     """
@@ -521,7 +521,7 @@ def load(path: str | os.PathLike, calibration=None, quality: float | None = None
             why = "has no coder tables" if tables is None else "has coder tables of another state of the model"
             raise ModelError(f"{p}: {why}; build them from calibration records (e.g. the training set): "
                              f"vaestream build-tables --model {p} --data DATA, or "
-                             "vaestream.codec.load(path, calibration=records)")
+                             "vaestream.coding.codec.load(path, calibration=records)")
         tables = build_tables(backend.model, calibration)
         tables.save(tpath)
     return Codec(backend, tables, quality, frame_records, name=str(p))

@@ -184,7 +184,7 @@ class CoderTables:
         """Read tables written by :meth:`save`; a missing, corrupt or inconsistent file raises ModelError."""
         path = Path(path)
         if not path.is_file():
-            raise ModelError(f"{path}: no coder tables (build them with vaestream.codec.write_tables)")
+            raise ModelError(f"{path}: no coder tables (build them with vaestream.coding.codec.write_tables)")
         try:
             with np.load(path, allow_pickle=False) as z:
                 a = {k: z[k] for k in z.files}

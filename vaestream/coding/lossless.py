@@ -87,7 +87,7 @@ from typing import Any
 
 import numpy as np
 
-from vaestream import container
+from vaestream.coding import container
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 

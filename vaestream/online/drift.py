@@ -22,7 +22,7 @@ accepted as the reference (and the record says ``"rebaselined": true``). Windows
 ``min_records`` records are reported but neither flagged nor used for the reference.
 
 Every window becomes one JSON line in ``log_path`` (when given) and one dict returned to the caller; the Beam
-streaming encoder also reports them as metrics (:mod:`vaestream.beam_streaming`).
+streaming encoder also reports them as metrics (:mod:`vaestream.beam.streaming`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ hash of the file and record index) is never trained on; the most recent ``holdou
 held-out set (or the caller gives a fixed one). At each checkpoint the learner computes the held-out mean
 ELBO of the current model and of the last published one *on the same set*; when the current one is higher
 by more than ``publish_min_improvement`` nats/record, it builds coder tables from the replay buffer and
-publishes the model as the next version of the registry (:class:`vaestream.registry.Registry`, an export
-base of :mod:`vaestream.export`).
+publishes the model as the next version of the registry (:class:`vaestream.online.registry.Registry`, an export
+base of :mod:`vaestream.serving.export`).
 
 **Exactly-once input.** ``WORK/ledger.json`` lists the files whose effect is in the checkpoint it names,
 and the replay buffer and hold-out set of that moment (``WORK/state-STEP.npz``). It is replaced atomically
@@ -31,7 +31,7 @@ uninterrupted one. A malformed file is recorded in the ledger as rejected (with 
 ``WORK/dead_letter.jsonl``) and never retried.
 
 **Drift.** Before training on a file the learner scores it with the current model (test-then-train: the
-prequential mean ELBO and bits/record) and feeds that to a :class:`vaestream.drift.DriftMonitor`
+prequential mean ELBO and bits/record) and feeds that to a :class:`vaestream.online.drift.DriftMonitor`
 (``WORK/drift.jsonl``), one window per file.
 
 Layout of the work directory::
@@ -62,7 +62,7 @@ import numpy as np
 from vaestream import store
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
-from vaestream.drift import DriftConfig, DriftMonitor
+from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError, ModelError
 
 LEDGER = "ledger.json"
@@ -202,7 +202,7 @@ class OnlineLearner:
         per-file hold-out.
       initial_model: a model directory to start from (its latest checkpoint is copied in), e.g. a model
         trained offline.
-      drift: the :class:`vaestream.drift.DriftConfig` of the per-file drift signal.
+      drift: the :class:`vaestream.online.drift.DriftConfig` of the per-file drift signal.
     """
 
     def __init__(self, work_dir: str | os.PathLike, registry: str | os.PathLike | None = None,
@@ -222,7 +222,7 @@ class OnlineLearner:
         self._initial_model = Path(initial_model) if initial_model is not None else None
         self.registry = None
         if registry is not None:
-            from vaestream.registry import Registry
+            from vaestream.online.registry import Registry
 
             self.registry = Registry(registry)
         self._fixed_holdout = None if holdout is None else np.asarray(holdout)
@@ -517,7 +517,7 @@ class OnlineLearner:
         self._write_log({"event": "evaluate", **ev})
         if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.cfg.publish_min_improvement:
             return None
-        from vaestream.codec import build_tables
+        from vaestream.coding.codec import build_tables
 
         cal = self.buffer.contents()
         if len(cal) > self.cfg.calibration_records:

@@ -1,12 +1,12 @@
 """A model registry: numbered, immutable model versions, and decoding any code by the model that wrote it.
 
-A registry is an export base (:mod:`vaestream.export`, TF Serving's layout) plus a publication log::
+A registry is an export base (:mod:`vaestream.serving.export`, TF Serving's layout) plus a publication log::
 
     REGISTRY/1/                 version 1: a SavedModel with assets/fingerprint.txt, config.json, coder_tables.npz
     REGISTRY/2/                 ...
     REGISTRY/registry.jsonl     one JSON line per publication: version, fingerprint, time, caller's metrics
 
-Every code names the model that wrote it: a container (:mod:`vaestream.container`) carries the first 16
+Every code names the model that wrote it: a container (:mod:`vaestream.coding.container`) carries the first 16
 bytes of the model fingerprint (SHA-256 of config and weights) in its header, and the Beam code records
 (:class:`vaestream.beam.CodeBatch`) carry the full 64-hex fingerprint. :meth:`Registry.decode` reads the
 header, finds the version whose fingerprint starts with those bytes and decodes with that version's codec, so
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from vaestream import container, export
+from vaestream.coding import container
+from vaestream.serving import export
 from vaestream.errors import BitstreamError, ModelError, ModelMismatchError
 
 LOG = "registry.jsonl"
@@ -131,7 +132,7 @@ class Registry:
 
         The model needs coder tables (``MODEL_DIR/coder_tables.npz``) for its codes to be decodable from the
         registry; they are (re)built from ``calibration`` records when missing or stale (see
-        :func:`vaestream.codec.load`). If the newest version already has this model's fingerprint it is
+        :func:`vaestream.coding.codec.load`). If the newest version already has this model's fingerprint it is
         returned and nothing is written.
 
         Args:
@@ -143,7 +144,7 @@ class Registry:
         Returns:
           the :class:`Version` (new or existing).
         """
-        from vaestream import codec
+        from vaestream.coding import codec
 
         c = codec.load(model_dir, calibration=calibration)  # builds / checks the tables, raises ModelError if none
         fp = c.fingerprint
@@ -160,8 +161,8 @@ class Registry:
 
     # -- decoding -------------------------------------------------------------------------------------------
     def codec(self, version: int | Version):
-        """The :class:`vaestream.codec.Codec` of a version (loaded from its SavedModel; cached)."""
-        from vaestream import codec
+        """The :class:`vaestream.coding.codec.Codec` of a version (loaded from its SavedModel; cached)."""
+        from vaestream.coding import codec
 
         v = version.version if isinstance(version, Version) else int(version)
         with self._lock:

@@ -161,7 +161,7 @@ class Batcher:
           RequestError: INVALID_ARGUMENT (``n`` over ``max_batch_size``), UNAVAILABLE (the queue is full or the
             server is stopping), or the signature call's error.
         """
-        from vaestream.serve import RequestError
+        from vaestream.serving.server import RequestError
 
         p = self.params
         if n > p.max_batch_size:
@@ -226,7 +226,7 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: _Batch) -> None:
-        from vaestream.serve import RequestError
+        from vaestream.serving.server import RequestError
 
         servable, signature = batch.args
         tasks = batch.tasks

@@ -1,7 +1,7 @@
 """Clients of a TF Serving model server (``vaestream serve`` or ``tensorflow/serving``) for a vaestream export:
 :class:`Client` over REST (standard library + NumPy only) and :class:`GrpcClient` over gRPC (TF Serving's own
 ``PredictionServiceStub`` / ``ModelServiceStub`` with ``tf.make_tensor_proto``). Both give NumPy codes,
-posteriors and reconstructions with the same methods; both are importable from :mod:`vaestream.serve`.
+posteriors and reconstructions with the same methods; (``vaestream.serve.Client`` still finds them, for one release).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vaestream.errors import DataError
-from vaestream.serve import _DTYPES, GRPC_TO_HTTP, ServingError, dumps
+from vaestream.serving.protocol import DTYPES, GRPC_TO_HTTP, ServingError, dumps
 
 
 class _ModelApi:
@@ -152,7 +152,7 @@ class Client(_ModelApi):
         """Output name -> NumPy dtype of a signature, from the metadata (cached)."""
         if self._dtypes is None:
             sdefs = self.metadata()["metadata"]["signature_def"]["signature_def"]
-            self._dtypes = {name: {k: _DTYPES.get(v.get("dtype"), np.float32)
+            self._dtypes = {name: {k: DTYPES.get(v.get("dtype"), np.float32)
                                    for k, v in sd.get("outputs", {}).items()} for name, sd in sdefs.items()}
         if signature not in self._dtypes:
             raise ServingError(400, f"Serving signature name: \"{signature}\" not found in signature def")

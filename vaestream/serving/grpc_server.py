@@ -3,7 +3,7 @@
 The messages and service stubs are TF Serving's own, from the ``tensorflow-serving-api`` package
 (``tensorflow_serving.apis``), so TF Serving's clients (``prediction_service_pb2_grpc.PredictionServiceStub``
 with ``tf.make_tensor_proto``) work unchanged against ``vaestream serve``, and vaestream's
-:class:`vaestream.serve.GrpcClient` against ``tensorflow/serving``. Implemented:
+:class:`vaestream.serving.client.GrpcClient` against ``tensorflow/serving``. Implemented:
 
 * ``PredictionService.Predict`` — ``PredictRequest`` (``model_spec`` name / version / signature_name,
   ``inputs`` name -> TensorProto ``[B, ...]``, optional ``output_filter``) -> ``PredictResponse``
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from vaestream.serve import DEFAULT_SIGNATURE, ModelServer, RequestError
+from vaestream.serving.server import DEFAULT_SIGNATURE, ModelServer, RequestError
 
 
 def _invalid(msg: str) -> RequestError:

@@ -7,7 +7,7 @@ graceful shutdown (SIGTERM: stop accepting, let the requests in flight finish wi
 toolkit for the request / response objects and routing. The event loop only moves bytes: parsing JSON,
 the model call and writing JSON run in a bounded thread pool (``rest_api_num_threads``), each bounded by
 ``rest_api_timeout_in_ms`` (504 after it), and a body larger than ``max_request_bytes`` is refused (400)
-before it is read. The request logic and the error JSON are :meth:`vaestream.serve.ModelServer.handle`'s,
+before it is read. The request logic and the error JSON are :meth:`vaestream.serving.server.ModelServer.handle`'s,
 shared with nothing else, so the surface is exactly the one of ``vaestream serve`` before (the same tests).
 """
 
@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from vaestream.errors import ModelError
-from vaestream.serve import ModelServer, dumps
+from vaestream.serving.server import ModelServer, dumps
 
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 

@@ -5,8 +5,8 @@ surfaces for local use, tests and small deployments; ``deploy/`` runs either thi
 ``tensorflow/serving`` image on the same export, on the same ports:
 
 * **gRPC** (``--port``, 8500): ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
-  ``ModelService`` (``GetModelStatus``) with TF Serving's own protos — :mod:`vaestream.serve_grpc`.
-* **REST** (``--rest_api_port``, 8501) on Starlette / uvicorn — :mod:`vaestream.serve_rest`:
+  ``ModelService`` (``GetModelStatus``) with TF Serving's own protos — :mod:`vaestream.serving.grpc_server`.
+* **REST** (``--rest_api_port``, 8501) on Starlette / uvicorn — :mod:`vaestream.serving.rest_server`:
 
   - ``GET  /v1/models/NAME[/versions/N]`` — model status:
     ``{"model_version_status": [{"version": "N", "state": "AVAILABLE", "status": {"error_code": "OK",
@@ -24,12 +24,12 @@ surfaces for local use, tests and small deployments; ``deploy/`` runs either thi
 
 This module holds what both transports share: :class:`ModelServer` (the loaded versions, status, metadata, the
 checks of a predict request and the signature call, optionally through server-side batching,
-:mod:`vaestream.batching`), the JSON tensor reader / writer, and :func:`serve`, which runs both servers. The
+:mod:`vaestream.serving.batching`), the JSON tensor reader / writer, and :func:`serve`, which runs both servers. The
 latest loaded version serves requests without a version. The base path is polled for new versions
 (``file_system_poll_wait_seconds``), which are loaded and then made the default.
 
 :class:`Client` (REST) and :class:`GrpcClient` (gRPC) speak these APIs (to ``vaestream serve`` or to TF Serving
-itself) and turn responses into NumPy codes and reconstructions (:mod:`vaestream.serve_client`).
+itself) and turn responses into NumPy codes and reconstructions (:mod:`vaestream.serving.client`).
 """
 
 from __future__ import annotations
@@ -45,38 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from vaestream.errors import DataError, ModelError, VaestreamError
+from vaestream.errors import DataError, ModelError
+from vaestream.serving.protocol import DTYPES, GRPC_TO_HTTP, ServingError, dumps  # noqa: F401 (re-exported)
 
 DEFAULT_SIGNATURE = "serving_default"
 _PREDICT_RE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)$",
                          re.IGNORECASE)
 _STATUS_RE = re.compile(r"^/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?$",
                         re.IGNORECASE)
-_DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32, "DT_INT64": np.int64,
-           "DT_HALF": np.float16, "DT_INT8": np.int8, "DT_UINT8": np.uint8, "DT_INT16": np.int16,
-           "DT_BOOL": np.bool_}
-
-
-# TF Serving's mapping of canonical status codes to HTTP (tensorflow_serving/util/net_http ...: ToHTTPStatusCode).
-GRPC_TO_HTTP = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-                "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-                "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
-                "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
-_HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 500: "INTERNAL",
-                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-
-
-class ServingError(VaestreamError):
-    """A request failed: ``status`` is the HTTP status (0: no answer), ``message`` the server's error text,
-    ``code`` the canonical (gRPC) status name, e.g. ``"NOT_FOUND"``."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        self.code = code or _HTTP_TO_GRPC.get(status, "UNKNOWN" if status else "UNAVAILABLE")
-        super().__init__(f"HTTP {status}: {message}" if code is None else f"{self.code}: {message}")
-        self.status = status
-        self.message = message
-
-
 # ============================================================================================================
 # The server
 # ============================================================================================================
@@ -108,7 +84,7 @@ class _Servable:
 
     version: int
     path: Path
-    model: Any  # vaestream.export.ExportedModel
+    model: Any  # vaestream.serving.export.ExportedModel
     inputs: dict[str, dict[str, tuple[Any, tuple[int | None, ...]]]]
     signature_defs: dict[str, Any]
     signature_protos: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> SignatureDef
@@ -167,7 +143,7 @@ class ModelServer:
       version_policy: see :func:`parse_version_policy` (default: the latest version only, as TF Serving).
       max_batch_size: the largest batch (0-th dimension) one request may carry.
       max_concurrent: at most this many signature calls run at once (bounds memory under load).
-      batching: a :class:`vaestream.batching.BatchingParameters` to merge concurrent requests to one
+      batching: a :class:`vaestream.serving.batching.BatchingParameters` to merge concurrent requests to one
         (version, signature) into one call (TF Serving's ``--enable_batching``); None: one call per request.
     """
 
@@ -185,7 +161,7 @@ class ModelServer:
             raise ModelError(f"{self.base_path}: model base path does not exist")
         self.batcher = None
         if batching is not None:
-            from vaestream.batching import Batcher
+            from vaestream.serving.batching import Batcher
 
             self.batcher = Batcher(batching, self._call)
 
@@ -206,7 +182,7 @@ class ModelServer:
     def reload(self) -> list[int]:
         """Poll the base path: load wanted versions not yet loaded, unload unwanted ones (new versions are
         loaded before old ones go, so there is always one to serve). Returns the loaded versions."""
-        from vaestream.export import ExportedModel, list_versions
+        from vaestream.serving.export import ExportedModel, list_versions
 
         wanted = self._wanted(list_versions(self.base_path))
         for v in wanted:
@@ -435,35 +411,6 @@ def _to_array(value: Any, dtype: Any, name: str, key: str) -> np.ndarray:
         raise _invalid(f"input '{name}' in '{key}': {e}") from None
 
 
-_F32 = "{:.9g}".format  # 9 significant digits give back every float32 exactly, in ~40% fewer bytes than repr
-
-
-def _array_json(a: np.ndarray) -> str:
-    """A NumPy array as a JSON (nested) list. float32 / float16 values are written with 9 significant digits
-    (they parse back bit-identical); float64 with Python's repr; NaN and infinities as TF Serving writes them
-    (``NaN``, ``Infinity``)."""
-    if a.dtype.kind == "f" and a.dtype.itemsize <= 4 and np.isfinite(a).all():
-        if a.ndim == 0:
-            return _F32(a.item())
-        if a.ndim == 1:
-            return "[" + ",".join(map(_F32, a.tolist())) + "]"
-        return "[" + ",".join(_array_json(r) for r in a) + "]"
-    if a.dtype.kind == "f":
-        return json.dumps(a.astype(np.float64).tolist())
-    return json.dumps(a.tolist())
-
-
-def dumps(obj: Any) -> str:
-    """``json.dumps`` that writes NumPy arrays (anywhere in dicts / lists) with :func:`_array_json`."""
-    if isinstance(obj, np.ndarray):
-        return _array_json(obj)
-    if isinstance(obj, dict):
-        return "{" + ",".join(json.dumps(str(k)) + ":" + dumps(v) for k, v in obj.items()) + "}"
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(dumps(v) for v in obj) + "]"
-    return json.dumps(obj)
-
-
 def _format_rows(outputs: dict[str, np.ndarray]) -> dict:
     if len(outputs) == 1:
         return {"predictions": next(iter(outputs.values()))}
@@ -500,8 +447,8 @@ def serve(base_path: str | Path, model_name: str, port: int = 8500, rest_api_por
     Raises:
       ModelError: no loadable version under ``base_path``.
     """
-    from vaestream.serve_grpc import make_grpc_server
-    from vaestream.serve_rest import RestServer
+    from vaestream.serving.grpc_server import make_grpc_server
+    from vaestream.serving.rest_server import RestServer
 
     ms = ModelServer(base_path, model_name, version_policy, max_batch_size, max_concurrent, batching)
     if not ms.reload():
@@ -548,4 +495,16 @@ def _wait_for_signal() -> None:
         pass
 
 
-from vaestream.serve_client import Client, GrpcClient, load_inputs, run_client  # noqa: E402,F401 (re-exported)
+_CLIENT_NAMES = ("Client", "GrpcClient", "load_inputs", "run_client")
+
+
+def __getattr__(name: str):
+    """``vaestream.serve.Client`` and the other client names, kept for one release: they live in
+    :mod:`vaestream.serving.client` (imported here lazily, so the server never imports its client)."""
+    if name in _CLIENT_NAMES:
+        from vaestream import _moved
+        from vaestream.serving import client
+
+        _moved.moved_warning(f"{__name__}.{name}", f"vaestream.serving.client.{name}")
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
