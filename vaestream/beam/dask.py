@@ -265,7 +265,7 @@ class _CodecTaskFn(beam.DoFn):
                     rows.extend(vb.code_examples(out))
                 else:
                     (out,) = self.handler._decode([item], model)
-                    out = vb._quantize(out, self.output_dtype)
+                    out = vb.quantize_batch(out, self.output_dtype)
                     rows.extend(shards.record_examples(out.keys, out.records))
                 written += len(out)
         name = _digest(self.job, task)
@@ -282,7 +282,7 @@ class _ScatterTaskFn(beam.DoFn):
     (-1, dead letters) and (-2, counts)."""
 
     def __init__(self, buckets: int, seed: int, chunk: int, feature: str, check):
-        self.scatter = vb._Scatter(buckets, seed)
+        self.scatter = vb.Scatter(buckets, seed)
         self.chunk, self.feature, self.check = chunk, feature, check
 
     def process(self, task):
@@ -315,8 +315,8 @@ class _WriteBucketFn(beam.DoFn):
             yield {"name": "dead", "records_in": sum(i["records_in"] for i in infos),
                    "bytes_in": sum(i["bytes_in"] for i in infos), "dead_lettered": len(dead), "records": 0}
             return
-        batch = vb._gather((bucket, parts), self.seed)
-        fn = vb._StatsFn()
+        batch = vb.gather_bucket((bucket, parts), self.seed)
+        fn = vb.ShardStatsFn()
         stats = fn.extract_output(fn.add_input(fn.create_accumulator(), batch))
         name = f"{shards.SHARD_PREFIX}-{bucket:05d}-of-{self.num_shards:05d}{shards.SHARD_SUFFIX}"
         _write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(shards.record_examples(batch.keys, batch.records)))
@@ -495,14 +495,14 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
             files.append(f"{out}/{name}")
         if FileSystems.exists(f"{staging}/prepare.dead"):
             FileSystems.rename([f"{staging}/prepare.dead"], [f"{out}/{shards.DEAD_LETTER}"])
-        fn = vb._StatsFn()
+        fn = vb.ShardStatsFn()
         acc = fn.create_accumulator()
         for p in parts:
             if "stats" in p:
                 s = p["stats"]
                 acc = fn.merge_accumulators([acc, [s["records"], s["min"], s["max"], s["bytes"], int(s["hash"], 16)]])
         counts = _counts(parts)
-        vb._write_manifest(None, out, files, [fn.extract_output(acc)], [counts["dead_lettered"]], shape, dtype, scale,
+        vb.write_manifest(None, out, files, [fn.extract_output(acc)], [counts["dead_lettered"]], shape, dtype, scale,
                            paths)
     finally:
         _remove(staging)
