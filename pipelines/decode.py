@@ -21,7 +21,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
-from vaestream import shards
+from vaestream import shardset
 from vaestream.errors import ModelMismatchError
 
 RECON = "recon"
@@ -63,13 +63,13 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
     # a rerun replaces the earlier run's files
-    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
+    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     codes = p | "ReadCodes" >> vb.ReadCodes(paths, args.chunk_size)
     recon = codes[vb.RECORDS] | "Decode" >> vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype,
                                                         overlap=args.inference == "overlap")
     schema = vb.record_schema(config.input_shape, args.output_dtype) if args.output_format == "parquet" else None
     recon | "WriteReconstructions" >> vb.WriteBatches(f"{out}/{RECON}", args.output_format, schema, args.num_shards)
-    codes[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
+    codes[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")
     return {"output": out, "config": config}
 
 
@@ -91,7 +91,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     seconds = time.perf_counter() - t0
     out = info["output"]
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
-    summary = vb.job_summary("decode", result, seconds, f"{out}/{RECON}-*.{ext}", f"{out}/{shards.DEAD_LETTER}",
+    summary = vb.job_summary("decode", result, seconds, f"{out}/{RECON}-*.{ext}", f"{out}/{shardset.DEAD_LETTER}",
                              {"model": args.model or args.saved_model, "fingerprint": fingerprint,
                               "output_format": args.output_format, "output_dtype": args.output_dtype})
     from pipelines.encode import _write_json

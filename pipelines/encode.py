@@ -23,7 +23,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
-from vaestream import shards
+from vaestream import shardset
 
 CODES = "codes"
 SUMMARY = "summary.json"
@@ -62,7 +62,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     out = args.output.rstrip("/")
     read_paths = vb.expand_inputs(args.input, args.split)
     # a rerun replaces the earlier run's files
-    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=read_paths)
+    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=read_paths)
     # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
     read = p | "ReadRecords" >> vb.ReadRecords(
         read_paths, args.split, args.chunk_size, args.split_records, args.feature,
@@ -71,7 +71,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
                                                       overlap=args.inference == "overlap")
     schema = vb.code_schema(config.latent_dim, args.coder) if args.output_format == "parquet" else None
     codes | "WriteCodes" >> vb.WriteBatches(f"{out}/{CODES}", args.output_format, schema, args.num_shards)
-    read[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
+    read[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")
     return {"output": out, "config": config}
 
 
@@ -88,7 +88,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     seconds = time.perf_counter() - t0
     out = info["output"]
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
-    summary = vb.job_summary("encode", result, seconds, f"{out}/{CODES}-*.{ext}", f"{out}/{shards.DEAD_LETTER}",
+    summary = vb.job_summary("encode", result, seconds, f"{out}/{CODES}-*.{ext}", f"{out}/{shardset.DEAD_LETTER}",
                              {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
                               "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
     _write_json(f"{out}/{SUMMARY}", summary)

@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
-from vaestream import shards
+from vaestream import shardset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,13 +57,13 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
     out = args.output.rstrip("/")
     # a rerun replaces the earlier run's files
-    vb.clear_outputs(f"{out}/{shards.SHARD_PREFIX}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{shards.MANIFEST}",
+    vb.clear_outputs(f"{out}/{shardset.SHARD_PREFIX}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{shardset.MANIFEST}",
                      inputs=paths)
     # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
     read = p | "ReadRecords" >> vb.ReadRecords(paths, args.split, args.chunk_size, args.split_records, args.feature,
                                                validate=vb.Validate(shape, likelihood, dtype, args.scale))
     dead = read[vb.DEAD_LETTER]
-    dead | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
+    dead | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")
     read[vb.RECORDS] | "WriteShards" >> vb.WriteShards(out, shape, dtype, scale, args.num_shards, args.seed, paths,
                                                        dead_letters=dead)
     return {"output": out, "shape": list(shape), "dtype": dtype}
@@ -82,9 +82,9 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     result = vb.run_pipeline(p)
     seconds = time.perf_counter() - t0
     out = info["output"]
-    manifest = shards.read_manifest(out)
-    summary = vb.job_summary("prepare", result, seconds, f"{out}/{shards.SHARD_PREFIX}-*{shards.SHARD_SUFFIX}",
-                             f"{out}/{shards.DEAD_LETTER}",
+    manifest = shardset.read_manifest(out)
+    summary = vb.job_summary("prepare", result, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
+                             f"{out}/{shardset.DEAD_LETTER}",
                              {"manifest": manifest.path, "content_hash": manifest.content_hash,
                               "shape": list(manifest.shape), "dtype": manifest.dtype})
     if manifest.records != summary["records"] or manifest.dead_lettered != summary["dead_lettered"]:

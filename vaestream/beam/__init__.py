@@ -59,5 +59,6 @@ from vaestream.beam.model_handler import (LoadedVAE, read_model_config, VAEModel
 from vaestream.beam.transforms import (code_files, Decode, Encode, first_fingerprint, read_codes, ReadCodes)
 from vaestream.beam.running import (check_counts, clear_outputs, count_lines, count_written, counters, file_sizes,
     freeze_startup_heap, job_summary, make_pipeline, run_pipeline)
+from vaestream.errors import DataError, ModelError, ModelMismatchError  # noqa: F401 (the old module had them)
 
 __all__ = ['NAMESPACE', 'RECORDS', 'DEAD_LETTER', 'CHUNK', 'SPLIT', 'KEY_DIGITS', 'RecordBatch', 'CodeBatch', 'DeadLetter', 'expand_inputs', 'probe', 'plan_reads', 'read_range', 'ReadRecords', 'default_scale', 'validate_batch', 'Validate', 'BatchedTFRecordSink', 'code_examples', 'code_schema', 'record_schema', 'WriteBatches', 'WriteDeadLetters', 'WriteShards', 'LoadedVAE', 'read_model_config', 'VAEModelHandler', 'Encode', 'Decode', 'code_files', 'read_codes', 'ReadCodes', 'first_fingerprint', 'make_pipeline', 'freeze_startup_heap', 'counters', 'check_counts', 'count_written', 'file_sizes', 'count_lines', 'run_pipeline', 'job_summary', 'clear_outputs']

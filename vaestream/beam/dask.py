@@ -44,7 +44,9 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream import beam as vb
-from vaestream import shards
+from vaestream.beam import shards as beam_shards
+from vaestream.beam import transforms
+from vaestream import shardset
 from vaestream.errors import DataError, VaestreamError
 
 DASK_RUNNERS = ("DaskRunner", "dask", "apache_beam.runners.dask.dask_runner.DaskRunner")
@@ -265,8 +267,8 @@ class _CodecTaskFn(beam.DoFn):
                     rows.extend(vb.code_examples(out))
                 else:
                     (out,) = self.handler._decode([item], model)
-                    out = vb.quantize_batch(out, self.output_dtype)
-                    rows.extend(shards.record_examples(out.keys, out.records))
+                    out = transforms.quantize_batch(out, self.output_dtype)
+                    rows.extend(shardset.record_examples(out.keys, out.records))
                 written += len(out)
         name = _digest(self.job, task)
         if rows:
@@ -282,7 +284,7 @@ class _ScatterTaskFn(beam.DoFn):
     (-1, dead letters) and (-2, counts)."""
 
     def __init__(self, buckets: int, seed: int, chunk: int, feature: str, check):
-        self.scatter = vb.Scatter(buckets, seed)
+        self.scatter = beam_shards.Scatter(buckets, seed)
         self.chunk, self.feature, self.check = chunk, feature, check
 
     def process(self, task):
@@ -315,11 +317,11 @@ class _WriteBucketFn(beam.DoFn):
             yield {"name": "dead", "records_in": sum(i["records_in"] for i in infos),
                    "bytes_in": sum(i["bytes_in"] for i in infos), "dead_lettered": len(dead), "records": 0}
             return
-        batch = vb.gather_bucket((bucket, parts), self.seed)
-        fn = vb.ShardStatsFn()
+        batch = beam_shards.gather_bucket((bucket, parts), self.seed)
+        fn = beam_shards.ShardStatsFn()
         stats = fn.extract_output(fn.add_input(fn.create_accumulator(), batch))
-        name = f"{shards.SHARD_PREFIX}-{bucket:05d}-of-{self.num_shards:05d}{shards.SHARD_SUFFIX}"
-        _write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(shards.record_examples(batch.keys, batch.records)))
+        name = f"{shardset.SHARD_PREFIX}-{bucket:05d}-of-{self.num_shards:05d}{shardset.SHARD_SUFFIX}"
+        _write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(shardset.record_examples(batch.keys, batch.records)))
         yield {"name": name, "records": len(batch), "stats": stats, "records_in": 0, "bytes_in": 0,
                "dead_lettered": 0}
 
@@ -407,7 +409,7 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
     paths = vb.expand_inputs(args.input, args.split)
-    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
+    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
     handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size, args.coder)
     check = vb.Validate(config.input_shape, config.likelihood, None, args.scale).fn
@@ -420,10 +422,10 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     parts, staging, seconds = _run("encode", out, pipeline_args, build)
     try:
         _commit_parts(staging, [p["name"] for p in parts if p["rows"]], f"{out}/{CODES}")
-        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shards.DEAD_LETTER}")
+        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shardset.DEAD_LETTER}")
     finally:
         _remove(staging)
-    summary = _summary("encode", _counts(parts), seconds, f"{out}/{CODES}-*.tfrecord", f"{out}/{shards.DEAD_LETTER}",
+    summary = _summary("encode", _counts(parts), seconds, f"{out}/{CODES}-*.tfrecord", f"{out}/{shardset.DEAD_LETTER}",
                        {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
                         "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
     _write_json(f"{out}/{SUMMARY}", summary)
@@ -440,7 +442,7 @@ def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     paths = vb.code_files(args.input)
     fingerprint = check_fingerprint(paths, args.model, args.saved_model)
     out = args.output.rstrip("/")
-    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
+    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     handler = vb.VAEModelHandler(args.model, args.saved_model, "decode", args.batch_size)
 
     def build(p, staging):
@@ -451,10 +453,10 @@ def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     parts, staging, seconds = _run("decode", out, pipeline_args, build)
     try:
         _commit_parts(staging, [p["name"] for p in parts if p["rows"]], f"{out}/{RECON}")
-        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shards.DEAD_LETTER}")
+        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shardset.DEAD_LETTER}")
     finally:
         _remove(staging)
-    summary = _summary("decode", _counts(parts), seconds, f"{out}/{RECON}-*.tfrecord", f"{out}/{shards.DEAD_LETTER}",
+    summary = _summary("decode", _counts(parts), seconds, f"{out}/{RECON}-*.tfrecord", f"{out}/{shardset.DEAD_LETTER}",
                        {"model": args.model or args.saved_model, "fingerprint": fingerprint,
                         "output_format": args.output_format, "output_dtype": args.output_dtype})
     _write_json(f"{out}/{SUMMARY}", summary)
@@ -471,7 +473,7 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
     likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
     out = args.output.rstrip("/")
-    vb.clear_outputs(f"{out}/{shards.SHARD_PREFIX}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{shards.MANIFEST}",
+    vb.clear_outputs(f"{out}/{shardset.SHARD_PREFIX}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{shardset.MANIFEST}",
                      inputs=paths)
     tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
     check = vb.Validate(shape, likelihood, dtype, args.scale).fn
@@ -487,27 +489,27 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     try:
         files = []
         for b in range(n):
-            name = f"{shards.SHARD_PREFIX}-{b:05d}-of-{n:05d}{shards.SHARD_SUFFIX}"
+            name = f"{shardset.SHARD_PREFIX}-{b:05d}-of-{n:05d}{shardset.SHARD_SUFFIX}"
             if FileSystems.exists(f"{staging}/{name}"):
                 FileSystems.rename([f"{staging}/{name}"], [f"{out}/{name}"])
             else:  # an empty bucket: an empty shard, as Beam's sink writes one
                 _write_atomic(f"{out}/{name}", b"")
             files.append(f"{out}/{name}")
         if FileSystems.exists(f"{staging}/prepare.dead"):
-            FileSystems.rename([f"{staging}/prepare.dead"], [f"{out}/{shards.DEAD_LETTER}"])
-        fn = vb.ShardStatsFn()
+            FileSystems.rename([f"{staging}/prepare.dead"], [f"{out}/{shardset.DEAD_LETTER}"])
+        fn = beam_shards.ShardStatsFn()
         acc = fn.create_accumulator()
         for p in parts:
             if "stats" in p:
                 s = p["stats"]
                 acc = fn.merge_accumulators([acc, [s["records"], s["min"], s["max"], s["bytes"], int(s["hash"], 16)]])
         counts = _counts(parts)
-        vb.write_manifest(None, out, files, [fn.extract_output(acc)], [counts["dead_lettered"]], shape, dtype, scale,
+        beam_shards.write_manifest(None, out, files, [fn.extract_output(acc)], [counts["dead_lettered"]], shape, dtype, scale,
                            paths)
     finally:
         _remove(staging)
-    manifest = shards.read_manifest(out)
-    return _summary("prepare", counts, seconds, f"{out}/{shards.SHARD_PREFIX}-*{shards.SHARD_SUFFIX}",
-                    f"{out}/{shards.DEAD_LETTER}",
+    manifest = shardset.read_manifest(out)
+    return _summary("prepare", counts, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
+                    f"{out}/{shardset.DEAD_LETTER}",
                     {"manifest": manifest.path, "content_hash": manifest.content_hash, "shape": list(manifest.shape),
                      "dtype": manifest.dtype})

@@ -11,7 +11,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from vaestream import shards
+from vaestream import shardset
 from vaestream.beam.elements import SPLIT
 from vaestream.errors import DataError
 
@@ -62,8 +62,8 @@ def expand_inputs(specs: str | Sequence[str], split: str = "train") -> list[str]
         if spec == "fashion-mnist":
             out.append(str(data.resolve(spec, split)))
             continue
-        if shards.is_shard_spec(spec):
-            out += shards.read_manifest(spec).shard_paths()
+        if shardset.is_shard_spec(spec):
+            out += shardset.read_manifest(spec).shard_paths()
             continue
         if os.path.isdir(spec):
             try:

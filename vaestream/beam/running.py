@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from vaestream import shards
+from vaestream import shardset
 from vaestream.beam.elements import CodeBatch, NAMESPACE
 from vaestream.beam.formats import open_raw
 from vaestream.beam.transforms import read_codes
@@ -91,7 +91,7 @@ def count_written(paths: Iterable[str], coded: bool = False) -> int:
                 total += pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
         else:
             tf_paths.append(p)
-    return total + sum(shards.count_records(tf_paths).values())
+    return total + sum(shardset.count_records(tf_paths).values())
 
 
 def file_sizes(pattern: str) -> tuple[list[str], int]:

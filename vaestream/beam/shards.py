@@ -9,7 +9,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from vaestream import shards
+from vaestream import shardset
 from vaestream.beam.elements import RecordBatch
 from vaestream.beam.sinks import WriteBatches
 from vaestream.errors import DataError
@@ -53,7 +53,7 @@ class ShardStatsFn(beam.CombineFn):
         acc[1] = min(acc[1], float(flat.min()))
         acc[2] = max(acc[2], float(flat.max()))
         acc[3] += int(batch.records.nbytes)
-        acc[4] = (acc[4] + shards.record_hash_sum(batch.keys, batch.records)) % (1 << 256)
+        acc[4] = (acc[4] + shardset.record_hash_sum(batch.keys, batch.records)) % (1 << 256)
         return acc
 
     def merge_accumulators(self, accs):
@@ -72,7 +72,7 @@ def write_manifest(_, output_dir: str, files: list[str], stats: list[dict], dead
     import hashlib
 
     st = stats[0] if stats else {"records": 0, "min": 0.0, "max": 0.0, "hash": "0" * 64}
-    counts = shards.count_records(sorted(files))
+    counts = shardset.count_records(sorted(files))
     entries = []
     for p in sorted(files):
         h = hashlib.sha256()
@@ -90,11 +90,11 @@ def write_manifest(_, output_dir: str, files: list[str], stats: list[dict], dead
     if written != st["records"]:
         raise DataError(f"{output_dir}: the shards hold {written} records, the pipeline handed {st['records']} to "
                         "the writer")
-    m = shards.Manifest(records=written, shape=tuple(int(s) for s in shape), dtype=dtype, scale=float(scale),
+    m = shardset.Manifest(records=written, shape=tuple(int(s) for s in shape), dtype=dtype, scale=float(scale),
                         value_min=float(st["min"]) if written else 0.0, value_max=float(st["max"]) if written else 0.0,
                         shards=entries, content_hash=st["hash"], dead_lettered=int(sum(dead)), sources=list(sources),
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    final = output_dir.rstrip("/") + "/" + shards.MANIFEST
+    final = output_dir.rstrip("/") + "/" + shardset.MANIFEST
     tmp = final + ".tmp"
     with FileSystems.create(tmp) as f:
         f.write(m.to_json().encode())
@@ -109,7 +109,7 @@ class WriteShards(beam.PTransform):
 
     Records are scattered to random buckets (seeded by ``seed`` and the batch, so reruns are identical),
     grouped, permuted within their bucket, and written through :class:`BatchedTFRecordSink`. The manifest
-    (:class:`vaestream.shards.Manifest`) is written last, after the shard files are final; its record count is
+    (:class:`vaestream.shardset.Manifest`) is written last, after the shard files are final; its record count is
     verified against the files. Returns a PCollection holding the manifest path.
 
     Args:
@@ -134,7 +134,7 @@ class WriteShards(beam.PTransform):
                     | "ScatterToBuckets" >> beam.ParDo(Scatter(self.num_shards, self.seed))
                     | "GroupBuckets" >> beam.GroupByKey()
                     | "PermuteBuckets" >> beam.Map(gather_bucket, self.seed))
-        files = shuffled | "WriteShardFiles" >> WriteBatches(f"{self.output_dir}/{shards.SHARD_PREFIX}", "tfrecord",
+        files = shuffled | "WriteShardFiles" >> WriteBatches(f"{self.output_dir}/{shardset.SHARD_PREFIX}", "tfrecord",
                                                              num_shards=self.num_shards)
         stats = shuffled | "ShardStats" >> beam.CombineGlobally(ShardStatsFn())
         if self.dead_letters is not None:

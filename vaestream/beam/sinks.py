@@ -10,7 +10,7 @@ import numpy as np
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 
-from vaestream import shards
+from vaestream import shardset
 from vaestream.beam.elements import CodeBatch, DeadLetter, job_counter
 from vaestream.errors import DataError
 
@@ -49,7 +49,7 @@ class _ToExamples(beam.DoFn):
         if isinstance(batch, CodeBatch):
             out = code_examples(batch)
         else:
-            out = shards.record_examples(batch.keys, batch.records)
+            out = shardset.record_examples(batch.keys, batch.records)
         self.records.inc(len(batch))
         self.bytes_out.inc(sum(len(r) + 16 for r in out))  # 16: TFRecord framing (length, 2 CRCs)
         yield out
@@ -67,9 +67,9 @@ def code_examples(batch: CodeBatch) -> list[bytes]:
             "records": f(int64_list=tf.train.Int64List(value=[len(batch)])),
             "fingerprint": f(bytes_list=tf.train.BytesList(value=[batch.fingerprint.encode()])),
             "code": f(bytes_list=tf.train.BytesList(value=[batch.container]))})).SerializeToString()]
-    return shards.serialize_examples(
+    return shardset.serialize_examples(
         batch.keys, floats={"mean": batch.mean, "log_scale": batch.log_scale},
-        constants={"fingerprint": shards.bytes_feature([batch.fingerprint.encode()])})
+        constants={"fingerprint": shardset.bytes_feature([batch.fingerprint.encode()])})
 
 
 def code_schema(latent_dim: int, coded: bool = False):
