@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("dask.distributed")
 
-from pipelines import decode, encode, prepare  # noqa: E402
+from vaestream.beam.jobs import decode, encode, prepare  # noqa: E402
 from vaestream import beam as vb  # noqa: E402
 from vaestream import shards
 from vaestream.beam import dask as beam_dask  # noqa: E402

@@ -17,7 +17,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import decode, encode, prepare
+from vaestream.beam.jobs import decode, encode, prepare
 from vaestream import beam as vb
 from vaestream import shards
 from vaestream.errors import ModelMismatchError

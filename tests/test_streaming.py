@@ -114,7 +114,7 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
 
 # -- a live stream: the file watcher on the in-process streaming runner, through the job shell ---------------
 def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_path):
-    from pipelines import encode
+    from vaestream.beam.jobs import encode
 
     from vaestream.beam import streaming as bs
 

@@ -7,7 +7,7 @@ batching, parallel parsing, prefetch): memory is bounded by the shuffle buffer, 
 
 The wire-format names this module had (``Manifest``, ``read_manifest``, ``serialize_examples``,
 ``count_records``, ...) live in :mod:`vaestream.shardset`; ``prepare`` (run the prepare job) lives in
-:mod:`vaestream.beam.prepare`. Both stay reachable from here for one release, with a DeprecationWarning.
+:mod:`vaestream.beam.jobs.prepare`. Both stay reachable from here for one release, with a DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def __getattr__(name: str):
         _moved.moved_warning(f"{__name__}.{name}", f"vaestream.shardset.{name}")
         return getattr(shardset, name)
     if name == "prepare":
-        from vaestream.beam import prepare
+        from vaestream.beam.jobs import prepare
 
-        _moved.moved_warning(f"{__name__}.prepare", "vaestream.beam.prepare.prepare")
+        _moved.moved_warning(f"{__name__}.prepare", "vaestream.beam.jobs.prepare.prepare")
         return prepare.prepare
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

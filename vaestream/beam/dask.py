@@ -401,7 +401,7 @@ def _summary(job: str, counts: dict, seconds: float, pattern: str, dead_path: st
 
 def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/encode.py on the Dask runner (TFRecord output)."""
-    from pipelines.encode import CODES, SUMMARY, _write_json
+    from vaestream.beam.jobs.encode import CODES, SUMMARY, write_json
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format tfrecord); "
@@ -428,14 +428,14 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     summary = _summary("encode", _counts(parts), seconds, f"{out}/{CODES}-*.tfrecord", f"{out}/{shardset.DEAD_LETTER}",
                        {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
                         "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
-    _write_json(f"{out}/{SUMMARY}", summary)
+    write_json(f"{out}/{SUMMARY}", summary)
     return summary
 
 
 def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/decode.py on the Dask runner (TFRecord output)."""
-    from pipelines.decode import RECON, SUMMARY, check_fingerprint
-    from pipelines.encode import _write_json
+    from vaestream.beam.jobs.decode import RECON, SUMMARY, check_fingerprint
+    from vaestream.beam.jobs.encode import write_json
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("decode on the DaskRunner writes TFRecord only (--output_format tfrecord)")
@@ -459,7 +459,7 @@ def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     summary = _summary("decode", _counts(parts), seconds, f"{out}/{RECON}-*.tfrecord", f"{out}/{shardset.DEAD_LETTER}",
                        {"model": args.model or args.saved_model, "fingerprint": fingerprint,
                         "output_format": args.output_format, "output_dtype": args.output_dtype})
-    _write_json(f"{out}/{SUMMARY}", summary)
+    write_json(f"{out}/{SUMMARY}", summary)
     return summary
 
 

@@ -88,27 +88,27 @@ def _run(module, a: argparse.Namespace) -> int:
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     """Raw records -> validated, shuffled TFRecord shards + manifest.json (pipelines/prepare.py)."""
-    from pipelines import prepare
+    from vaestream.beam.jobs import prepare
 
     return _run(prepare, a)
 
 
 def cmd_encode(a: argparse.Namespace) -> int:
     """Records -> latent codes (pipelines/encode.py)."""
-    from pipelines import encode
+    from vaestream.beam.jobs import encode
 
     return _run(encode, a)
 
 
 def cmd_decode(a: argparse.Namespace) -> int:
     """Latent codes -> reconstructions (pipelines/decode.py)."""
-    from pipelines import decode
+    from vaestream.beam.jobs import decode
 
     return _run(decode, a)
 
 
 def add_subcommands(sub) -> None:
-    from pipelines import decode, encode, prepare
+    from vaestream.beam.jobs import decode, encode, prepare
 
     for name, module, func, help_ in (
             ("prepare", prepare, cmd_prepare, "Beam job: raw records -> shuffled TFRecord shards + manifest"),

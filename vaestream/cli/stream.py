@@ -73,7 +73,7 @@ def follow_from_train(a: argparse.Namespace, train_config) -> int:
 def _stream_encode(a: argparse.Namespace) -> int:
     import shlex
 
-    from pipelines import stream_encode
+    from vaestream.beam.jobs import stream_encode
 
     pipeline_args = ([f"--runner={a.runner}"] if a.runner else []) + shlex.split(a.beam_args or "")
     summary = stream_encode.run_job(a, pipeline_args)
@@ -137,7 +137,7 @@ def add_subcommands(sub) -> None:
     s = sub.add_parser("stream-encode", help="streaming Beam encode of new files in windows",
                        description="The streaming encode job (python -m pipelines.stream_encode): new files -> codes "
                                    "in fixed windows, dead letters, drift log.")
-    from pipelines import stream_encode
+    from vaestream.beam.jobs import stream_encode
 
     stream_encode.add_arguments(s)
     s.add_argument("--runner", default=None, help="a Beam runner with streaming (default: in-process)")

@@ -94,9 +94,9 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     summary = vb.job_summary("decode", result, seconds, f"{out}/{RECON}-*.{ext}", f"{out}/{shardset.DEAD_LETTER}",
                              {"model": args.model or args.saved_model, "fingerprint": fingerprint,
                               "output_format": args.output_format, "output_dtype": args.output_dtype})
-    from pipelines.encode import _write_json
+    from vaestream.beam.jobs.encode import write_json
 
-    _write_json(f"{out}/{SUMMARY}", summary)
+    write_json(f"{out}/{SUMMARY}", summary)
     del model
     return summary
 
@@ -109,6 +109,11 @@ def run(argv: list[str] | None = None) -> dict:
     return run_job(args, pipeline_args)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.decode``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
     vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
+
+
+if __name__ == "__main__":
+    main()

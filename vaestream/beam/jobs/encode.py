@@ -91,11 +91,11 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     summary = vb.job_summary("encode", result, seconds, f"{out}/{CODES}-*.{ext}", f"{out}/{shardset.DEAD_LETTER}",
                              {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
                               "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
-    _write_json(f"{out}/{SUMMARY}", summary)
+    write_json(f"{out}/{SUMMARY}", summary)
     return summary
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.create(path) as f:
@@ -110,7 +110,7 @@ def run(argv: list[str] | None = None) -> dict:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--streaming" in argv:
-        from pipelines import stream_encode
+        from vaestream.beam.jobs import stream_encode
 
         argv.remove("--streaming")
         return stream_encode.run(argv)
@@ -120,6 +120,11 @@ def run(argv: list[str] | None = None) -> dict:
     return run_job(args, pipeline_args)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.encode``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
     vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,12 +17,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
 from vaestream import shardset
+from vaestream.shardset import Manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +104,24 @@ def run(argv: list[str] | None = None) -> dict:
     return run_job(args, pipeline_args)
 
 
-if __name__ == "__main__":
+def prepare(inputs: str | Sequence[str], output_dir: str | Path, split: str = "train", num_shards: int = 8,
+            seed: int = 0, pipeline_args: Sequence[str] = ()) -> Manifest:
+    """Run the prepare job in-process on raw ``inputs`` and return the manifest.
+
+    For a training run that points at raw data: ``train_from_shards(prepare(raw, dir), model_dir, ...)``.
+    ``pipeline_args`` are Beam pipeline options (default: the in-process FnApiRunner).
+    """
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    run(["--input", *[str(i) for i in inputs], "--output", str(output_dir), "--split", split, "--num_shards",
+         str(num_shards), "--seed", str(seed), *pipeline_args])
+    return shardset.read_manifest(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.prepare``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
     vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -73,5 +73,10 @@ def run(argv: list[str] | None = None) -> dict:
     return run_job(args, pipeline_args)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.stream_encode``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
+    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    main()

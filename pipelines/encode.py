@@ -1,0 +1,22 @@
+"""Beam job: records -> latent codes (posterior mean and log-scale, the model fingerprint), batched.
+
+The job lives in :mod:`vaestream.beam.jobs.encode` (the library never imports ``pipelines``); this module is its
+command-line shell: ``python -m pipelines.encode --help``.
+"""
+
+from __future__ import annotations
+
+from vaestream.beam.jobs import encode as _job
+from vaestream.beam.jobs.encode import (
+    CODES, SUMMARY, add_arguments, build, run_job, write_json, run, main)
+
+__all__ = ['CODES', 'SUMMARY', 'add_arguments', 'build', 'run_job', 'write_json', 'run', 'main']
+
+
+def __getattr__(name: str):
+    """Any other name of the job module (one object, whichever path it is reached by)."""
+    return getattr(_job, name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Beam job: raw records -> validated, shuffled, sharded TFRecord files plus ``manifest.json``.
+
+The job lives in :mod:`vaestream.beam.jobs.prepare` (the library never imports ``pipelines``); this module is its
+command-line shell: ``python -m pipelines.prepare --help``.
+"""
+
+from __future__ import annotations
+
+from vaestream.beam.jobs import prepare as _job
+from vaestream.beam.jobs.prepare import (
+    add_arguments, build, run_job, run, prepare, main)
+
+__all__ = ['add_arguments', 'build', 'run_job', 'run', 'prepare', 'main']
+
+
+def __getattr__(name: str):
+    """Any other name of the job module (one object, whichever path it is reached by)."""
+    return getattr(_job, name)
+
+
+if __name__ == "__main__":
+    main()
