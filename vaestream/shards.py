@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from vaestream.errors import ConfigError, DataError
-from vaestream.shardset import Manifest, is_shard_spec, read_manifest
+from vaestream import shardset
 
 _MOVED_TO_SHARDSET = ("FORMAT", "MANIFEST", "DEAD_LETTER", "SHARD_PREFIX", "SHARD_SUFFIX", "bytes_feature",
                       "int64_feature", "serialize_examples", "record_examples", "record_hash_sum", "Manifest",
@@ -47,14 +47,14 @@ def __getattr__(name: str):
 # ---------------------------------------------------------------------------------------------------------
 # reading with tf.data
 # ---------------------------------------------------------------------------------------------------------
-def _resolve_files(source: str | Path | Sequence[str]) -> tuple[list[str], Manifest | None]:
+def _resolve_files(source: str | Path | Sequence[str]) -> tuple[list[str], shardset.Manifest | None]:
     import tensorflow as tf
 
     if isinstance(source, (list, tuple)):
         return [str(s) for s in source], None
     s = str(source)
-    if is_shard_spec(s):
-        m = read_manifest(s)
+    if shardset.is_shard_spec(s):
+        m = shardset.read_manifest(s)
         return m.shard_paths(), m
     files = sorted(tf.io.gfile.glob(s))
     if not files:
@@ -178,7 +178,7 @@ def train_from_shards(manifest: str | Path, model_dir: str | Path, config=None, 
     if cfg.binarize == "static":
         raise ConfigError("train_from_shards: static binarisation needs the whole data set; use 'dynamic' or "
                           "binarise in the prepare job")
-    man = read_manifest(manifest)
+    man = shardset.read_manifest(manifest)
     config = prepare_model_dir(model_dir, config, man.shape, cfg, str(man.path))
     bounded = config.likelihood in ("bernoulli", "gaussian_sigmoid", "beta_binomial")
     if bounded and (man.value_min * man.scale < 0 or man.value_max * man.scale > 1 + 1e-6):

@@ -31,7 +31,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vaestream.coding.container import leb128
+from vaestream.binio import leb128
 from vaestream.errors import DataError
 
 FORMAT = "vaestream-shards/1"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import time
 import uuid
@@ -45,7 +44,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from vaestream import beam as vb
 from vaestream.beam import shards as beam_shards
-from vaestream.beam import transforms
+from vaestream.beam import sinks, transforms
 from vaestream import shardset
 from vaestream.errors import DataError, VaestreamError
 
@@ -166,17 +165,6 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (a rerun of the
-    same task replaces the file with the same bytes)."""
-    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(tmp) as f:
-        f.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-
-
 def _tfrecord_bytes(records: Sequence[bytes]) -> bytes:
     """TFRecord framing (length, masked CRC32C of it, data, masked CRC32C of the data), as TF writes it."""
     import tensorflow as tf
@@ -194,7 +182,7 @@ def _tfrecord_bytes(records: Sequence[bytes]) -> bytes:
 
 
 def _dead_lines(dead: Sequence[vb.DeadLetter]) -> list[str]:
-    return [json.dumps({"source": d.source, "key": d.key, "reason": d.reason}) for d in dead]
+    return [d.to_json() for d in dead]
 
 
 _MODELS: dict = {}
@@ -272,9 +260,9 @@ class _CodecTaskFn(beam.DoFn):
                 written += len(out)
         name = _digest(self.job, task)
         if rows:
-            _write_atomic(f"{self.staging}/{name}.part", _tfrecord_bytes(rows))
+            sinks.write_atomic(f"{self.staging}/{name}.part", _tfrecord_bytes(rows))
         if dead:
-            _write_atomic(f"{self.staging}/{name}.dead", ("\n".join(_dead_lines(dead)) + "\n").encode())
+            sinks.write_atomic(f"{self.staging}/{name}.dead", ("\n".join(_dead_lines(dead)) + "\n").encode())
         yield {"name": name, "rows": bool(rows), "dead_file": bool(dead), "records_in": records_in,
                "bytes_in": bytes_in, "records": written, "dead_lettered": len(dead)}
 
@@ -313,7 +301,7 @@ class _WriteBucketFn(beam.DoFn):
             infos = sorted(parts, key=lambda d: d["task"])
             dead = [d for i in infos for d in i["dead"]]
             if dead:
-                _write_atomic(f"{self.staging}/prepare.dead", ("\n".join(_dead_lines(dead)) + "\n").encode())
+                sinks.write_atomic(f"{self.staging}/prepare.dead", ("\n".join(_dead_lines(dead)) + "\n").encode())
             yield {"name": "dead", "records_in": sum(i["records_in"] for i in infos),
                    "bytes_in": sum(i["bytes_in"] for i in infos), "dead_lettered": len(dead), "records": 0}
             return
@@ -321,7 +309,7 @@ class _WriteBucketFn(beam.DoFn):
         fn = beam_shards.ShardStatsFn()
         stats = fn.extract_output(fn.add_input(fn.create_accumulator(), batch))
         name = f"{shardset.SHARD_PREFIX}-{bucket:05d}-of-{self.num_shards:05d}{shardset.SHARD_SUFFIX}"
-        _write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(shardset.record_examples(batch.keys, batch.records)))
+        sinks.write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(shardset.record_examples(batch.keys, batch.records)))
         yield {"name": name, "records": len(batch), "stats": stats, "records_in": 0, "bytes_in": 0,
                "dead_lettered": 0}
 
@@ -349,7 +337,7 @@ def _commit_dead(staging: str, names: list[str], path: str) -> None:
         with FileSystems.open(f"{staging}/{n}") as f:
             lines.extend(l for l in f.read().decode().splitlines() if l.strip())
     if lines:
-        _write_atomic(path, ("\n".join(lines) + "\n").encode())
+        sinks.write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
 def _run(job: str, out: str, pipeline_args: Sequence[str], build) -> tuple[list[dict], str, float]:
@@ -401,7 +389,8 @@ def _summary(job: str, counts: dict, seconds: float, pattern: str, dead_path: st
 
 def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/encode.py on the Dask runner (TFRecord output)."""
-    from vaestream.beam.jobs.encode import CODES, SUMMARY, write_json
+    from vaestream.beam.jobs.encode import CODES, SUMMARY
+    from vaestream.beam.running import write_json
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format tfrecord); "
@@ -435,7 +424,7 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
 def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/decode.py on the Dask runner (TFRecord output)."""
     from vaestream.beam.jobs.decode import RECON, SUMMARY, check_fingerprint
-    from vaestream.beam.jobs.encode import write_json
+    from vaestream.beam.running import write_json
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("decode on the DaskRunner writes TFRecord only (--output_format tfrecord)")
@@ -493,7 +482,7 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
             if FileSystems.exists(f"{staging}/{name}"):
                 FileSystems.rename([f"{staging}/{name}"], [f"{out}/{name}"])
             else:  # an empty bucket: an empty shard, as Beam's sink writes one
-                _write_atomic(f"{out}/{name}", b"")
+                sinks.write_atomic(f"{out}/{name}", b"")
             files.append(f"{out}/{name}")
         if FileSystems.exists(f"{staging}/prepare.dead"):
             FileSystems.rename([f"{staging}/prepare.dead"], [f"{out}/{shardset.DEAD_LETTER}"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import dataclasses
 from typing import NamedTuple
 
@@ -84,6 +85,10 @@ class DeadLetter(NamedTuple):
     source: str
     key: str
     reason: str
+
+    def to_json(self) -> str:
+        """The dead-letter file's line (without its newline): ``{"source", "key", "reason"}``."""
+        return json.dumps({"source": self.source, "key": self.key, "reason": self.reason})
 
 
 def record_key(name: str, i: int) -> str:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
-import struct
 from typing import Sequence
 
-import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream import shardset
 from vaestream.beam.elements import SPLIT
+from vaestream.data import idx_header, npy_header
 from vaestream.errors import DataError
-
-_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
 
 def input_kind(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1].lower()
@@ -92,55 +87,6 @@ def maybe_gunzip(f, path: str):
     head = f.read(2)
     f.seek(0)
     return (gzip.GzipFile(fileobj=f, mode="rb"), True) if head == b"\x1f\x8b" else (f, False)
-
-
-def read_exact(f, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        try:
-            b = f.read(n - len(out))
-        except (EOFError, OSError) as e:  # a truncated gzip stream
-            raise Truncated(bytes(out), str(e)) from e
-        if not b:
-            break
-        out += b
-    return bytes(out)
-
-
-class Truncated(Exception):
-    def __init__(self, data: bytes, why: str):
-        super().__init__(why)
-        self.data = data
-
-
-def idx_header(f, path: str) -> tuple[np.dtype, tuple[int, ...], int]:
-    head = read_exact(f, 4)
-    if len(head) < 4:
-        raise DataError(f"{path}: too short to be an IDX file")
-    zero, type_code, ndim = struct.unpack(">HBB", head)
-    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path}: not an IDX file (magic 0x{head.hex()})")
-    dims = read_exact(f, 4 * ndim)
-    if len(dims) < 4 * ndim:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", dims)
-    return _IDX_DTYPES[type_code], tuple(shape), 4 + 4 * ndim
-
-
-def npy_header(f, path: str) -> tuple[np.dtype, tuple[int, ...], bool]:
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable .npy file ({e})") from e
-    if dtype.hasobject:
-        raise DataError(f"{path}: .npy of dtype {dtype} holds Python objects, not numbers")
-    if len(shape) < 1:
-        raise DataError(f"{path}: .npy holds a scalar, expected records [N, ...]")
-    return dtype, tuple(shape), fortran
 
 
 

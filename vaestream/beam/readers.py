@@ -11,8 +11,10 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream.beam.elements import CHUNK, DEAD_LETTER, DeadLetter, RECORDS, RecordBatch, SPLIT, job_counter, record_key
-from vaestream.beam.formats import (Truncated, expand_inputs, idx_header, input_kind, maybe_gunzip, npy_header, open_raw, plan_reads, read_exact)
+from vaestream.beam.formats import expand_inputs, input_kind, maybe_gunzip, open_raw, plan_reads
 from vaestream.beam.validate import Validate, ValidateFn
+from vaestream.binio import Truncated, read_exact
+from vaestream.data import csv_row, idx_header, npy_header
 from vaestream.errors import DataError
 
 
@@ -152,7 +154,7 @@ def _read_csv(task, chunk, feature, limit):
                 if not line:
                     continue
                 try:
-                    row = np.array(line.split(","), dtype=np.float32)
+                    row = csv_row(line)
                 except ValueError:
                     if not seen_data and lineno == 1:
                         continue  # a header line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -179,3 +180,11 @@ def clear_outputs(*patterns: str, inputs: Sequence[str] = ()) -> int:
     if paths:
         FileSystems.delete(paths)
     return len(paths)
+
+
+def write_json(path: str, obj: dict) -> None:
+    """A job's ``summary.json``: ``obj`` as indented JSON (any Beam file system)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode())

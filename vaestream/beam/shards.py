@@ -11,7 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from vaestream import shardset
 from vaestream.beam.elements import RecordBatch
-from vaestream.beam.sinks import WriteBatches
+from vaestream.beam.sinks import WriteBatches, write_atomic
 from vaestream.errors import DataError
 
 
@@ -95,12 +95,7 @@ def write_manifest(_, output_dir: str, files: list[str], stats: list[dict], dead
                         shards=entries, content_hash=st["hash"], dead_lettered=int(sum(dead)), sources=list(sources),
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     final = output_dir.rstrip("/") + "/" + shardset.MANIFEST
-    tmp = final + ".tmp"
-    with FileSystems.create(tmp) as f:
-        f.write(m.to_json().encode())
-    if FileSystems.exists(final):
-        FileSystems.delete([final])
-    FileSystems.rename([tmp], [final])
+    write_atomic(final, m.to_json().encode())
     return final
 
 

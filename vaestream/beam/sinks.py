@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 from vaestream import shardset
 from vaestream.beam.elements import CodeBatch, DeadLetter, job_counter
@@ -172,8 +175,20 @@ class WriteDeadLetters(beam.PTransform):
 
         def to_json(d: DeadLetter) -> str:
             counter.inc(1)
-            return json.dumps({"source": d.source, "key": d.key, "reason": d.reason})
+            return d.to_json()
 
         return (pcoll
                 | "DeadLetterToJson" >> beam.Map(to_json)
                 | "WriteDeadLetterFile" >> beam.io.WriteToText(self.path, shard_name_template=""))
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` (any Beam file system) through a temporary dotfile in the same folder and a
+    rename: a reader never sees a torn file, and a rerun of the same task replaces the file with the same
+    bytes. (Object stores have no fsync; :func:`vaestream.binio.atomic_write` is the local-disk one.)"""
+    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])

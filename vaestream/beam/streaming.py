@@ -68,6 +68,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
+from vaestream.binio import is_settled, new_files
+from vaestream.beam.sinks import write_atomic
 from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError
 
@@ -114,13 +116,7 @@ class FileWatcher:
 
     def poll(self) -> list[str]:
         """The new files (absolute paths, oldest mtime first), now marked seen."""
-        found = set()
-        for pat in self.patterns:
-            for f in globmod.glob(pat):
-                base = os.path.basename(f)
-                if os.path.isfile(f) and not (base.startswith(".") or ".tmp" in base or base.endswith(".part")):
-                    found.add(os.path.abspath(f))
-        new = sorted(found - self.seen, key=lambda f: (os.stat(f).st_mtime, f))
+        new = new_files(self.patterns, self.seen)
         self.seen.update(new)
         return new
 
@@ -218,7 +214,8 @@ class PollFiles(beam.PTransform):
 
         def match(_):
             for m in FileSystems.match([pattern])[0].metadata_list:
-                yield m.path, m.size_in_bytes
+                if is_settled(m.path):  # not a file still being written
+                    yield m.path, m.size_in_bytes
 
         stop = MAX_TIMESTAMP if self.stop is None else Timestamp.of(self.stop)
         return (pbegin
@@ -430,15 +427,6 @@ class ScoringModelHandler(vb.VAEModelHandler):
 # ---------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------
-def _write_atomic(path: str, data: bytes) -> None:
-    import tensorflow as tf
-
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _write_tfrecord_atomic(path: str, records: list[bytes]) -> int:
     """Write serialized records as a TFRecord file (TF's writer: length + masked CRC32C framing) under a
     temporary name, then rename it into place; returns the file's size."""
@@ -498,7 +486,7 @@ class _WriteWindowFn(beam.DoFn):
                         header.check_compatible(r.header, base)
                     frames.extend(list(r))
             packed = container.pack(header, frames)
-            _write_atomic(base + ".vaez", packed)
+            write_atomic(base + ".vaez", packed)
             written += len(packed)
             coded_bits = 8.0 * len(packed)
         elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)
@@ -511,7 +499,7 @@ class _WriteWindowFn(beam.DoFn):
                                                                              ([".tfrecord", ".vaez"] if coded_bits
                                                                               else [".tfrecord"])],
                    "written_at": time.time()}
-        _write_atomic(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
+        write_atomic(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
         self.records.inc(n)
         self.bytes_out.inc(written)
         self.panes.inc()
@@ -533,8 +521,8 @@ class _WriteDeadFn(beam.DoFn):
     def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         items = sorted(kv[1], key=lambda d: (d.source, d.key))
         name, _ = _pane_name(win, pane) if isinstance(win, window.IntervalWindow) else (f"global-{time.time_ns()}", "")
-        lines = "".join(json.dumps({"source": d.source, "key": d.key, "reason": d.reason}) + "\n" for d in items)
-        _write_atomic(f"{self.out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
+        lines = "".join(d.to_json() + "\n" for d in items)
+        write_atomic(f"{self.out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
         self.dead.inc(len(items))
         yield len(items)
 

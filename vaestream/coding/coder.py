@@ -55,6 +55,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vaestream.binio import atomic_write
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError
 
 TABLES_FORMAT = 1
@@ -175,9 +176,7 @@ class CoderTables:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez_compressed(buf, **self._arrays())
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CoderTables":

@@ -83,6 +83,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from vaestream.binio import commit, leb128, read_exact
 from vaestream.errors import BitstreamError, ModelMismatchError
 
 MAGIC = b"VZ"
@@ -111,24 +112,9 @@ MAX_FRAME_RECORDS = 1 << 22
 MAX_NDIM = 8
 MAX_VARINT = (1 << 32) - 1
 """Varints hold at most 32 bits (5 bytes)."""
-_CHUNK = 1 << 24
 
 
 # -- small encodings -----------------------------------------------------------------------------------------
-def leb128(value: int) -> bytes:
-    """Unsigned LEB128 of a non-negative ``value`` of any size: 7 bits per byte, low group first, high bit =
-    more (also the protocol-buffer varint, see :mod:`vaestream.shards`)."""
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def varint(value: int) -> bytes:
     """A container varint: :func:`leb128` of ``value``, which must be in [0, 2^32)."""
     if not 0 <= value <= MAX_VARINT:
@@ -168,14 +154,7 @@ def _quality_bytes(q: float) -> bytes:
 
 
 def _read_exact(f: BinaryIO, n: int, name: str, what: str) -> bytes:
-    parts, left = [], n
-    while left > 0:
-        b = f.read(min(left, _CHUNK))
-        if not b:
-            break
-        parts.append(b)
-        left -= len(b)
-    data = b"".join(parts)
+    data = read_exact(f, n, broken=())
     if len(data) != n:
         raise BitstreamError(f"{name}: truncated stream ({what}: {len(data)} of {n} bytes)")
     return data
@@ -679,9 +658,10 @@ class ContainerWriter:
             return
         self._f.write(_index_bytes([(n, length) for (_, n), length in zip(self.entries, self._lengths)],
                                    self._seed))
-        self._f.close()
         if self._tmp is not None:
-            os.replace(self._tmp, self.path)
+            commit(self._f, self._tmp, self.path)  # fsync, then rename into place
+        else:
+            self._f.close()
         self._closed = True
 
     def __enter__(self) -> "ContainerWriter":

@@ -9,6 +9,7 @@
 from here.
 """
 
-from vaestream.online.learner import DEAD_LETTER, DRIFT_LOG, LEDGER, LOG, MODEL, OnlineConfig, OnlineLearner, ReplayBuffer
+from vaestream.online.learner import DEAD_LETTER, DRIFT_LOG, LEDGER, LOG, MODEL, OnlineConfig, OnlineLearner
+from vaestream.online.replay import ReplayBuffer
 
 __all__ = ["OnlineConfig", "OnlineLearner", "ReplayBuffer", "LEDGER", "LOG", "DRIFT_LOG", "DEAD_LETTER", "MODEL"]

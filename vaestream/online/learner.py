@@ -47,8 +47,8 @@ Layout of the work directory::
 from __future__ import annotations
 
 import dataclasses
-import glob as globmod
 import hashlib
+import io
 import json
 import math
 import os
@@ -60,8 +60,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from vaestream import store
+from vaestream.binio import atomic_write, new_files
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
+from vaestream.online.replay import ReplayBuffer
 from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError, ModelError
 
@@ -115,54 +117,6 @@ class OnlineConfig:
             raise ConfigError("checkpoint_every_files must be positive")
 
 
-class ReplayBuffer:
-    """A ring of the ``capacity`` most recent records ``[capacity, D]`` (uint8 or float32 model inputs)."""
-
-    def __init__(self, capacity: int, dim: int, dtype: np.dtype):
-        self.capacity, self.dim = int(capacity), int(dim)
-        self.data = np.zeros((self.capacity, self.dim), dtype)
-        self.size = 0    # filled slots
-        self.next = 0    # where the next record goes
-
-    def add(self, x: np.ndarray) -> None:
-        """Append records ``[n, D]`` (the oldest are overwritten when full)."""
-        x = np.asarray(x).reshape(len(x), self.dim)
-        if len(x) >= self.capacity:
-            self.data[:] = x[-self.capacity:]
-            self.size, self.next = self.capacity, 0
-            return
-        end = self.next + len(x)
-        if end <= self.capacity:
-            self.data[self.next:end] = x
-        else:
-            k = self.capacity - self.next
-            self.data[self.next:] = x[:k]
-            self.data[:end - self.capacity] = x[k:]
-        self.next = end % self.capacity
-        self.size = min(self.capacity, self.size + len(x))
-
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """``n`` records drawn uniformly with replacement, ``[n, D]``."""
-        return self.data[rng.integers(0, self.size, size=n)]
-
-    def contents(self) -> np.ndarray:
-        """The records held, oldest first, ``[size, D]``."""
-        if self.size < self.capacity:
-            return self.data[:self.size]
-        return np.concatenate([self.data[self.next:], self.data[:self.next]])
-
-    def __len__(self) -> int:
-        return self.size
-
-    @classmethod
-    def restore(cls, slots: np.ndarray, capacity: int, next_slot: int) -> "ReplayBuffer":
-        """A ring from its filled slots ``[size, D]`` (as ``data[:size]``) and write position."""
-        buf = cls(capacity, slots.shape[1], slots.dtype)
-        buf.data[:len(slots)] = slots
-        buf.size, buf.next = len(slots), int(next_slot)
-        return buf
-
-
 def _file_id(path: str) -> dict:
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
@@ -176,15 +130,6 @@ def _holdout_mask(name: str, n: int, fraction: float, seed: int) -> np.ndarray:
         h = int.from_bytes(hashlib.sha256(f"{seed}:{os.path.basename(name)}".encode()).digest()[:8], "little")
         mask[np.random.default_rng(h).choice(n, size=k, replace=False)] = True
     return mask
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class OnlineLearner:
@@ -459,7 +404,7 @@ class OnlineLearner:
         committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
             else dict(self.ledger, rejected=[])
         committed["rejected"] = committed.get("rejected", []) + [rej]
-        _atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
         return {"source": fid["path"], "rejected": str(e)}
 
     # -- checkpoints, evaluation, publishing ------------------------------------------------------------------
@@ -471,12 +416,12 @@ class OnlineLearner:
         step = int(self.trainer.step.numpy())
         ck = self._manager.save(checkpoint_number=step)
         state = f"state-{step}.npz"
-        tmp = self.work / (state + ".tmp.npz")
+        buf = io.BytesIO()
         # the rings as they lie (slots and write position), so sampling after a resume is the same
-        np.savez(tmp, buffer=self.buffer.data[:self.buffer.size], buffer_next=self.buffer.next,
+        np.savez(buf, buffer=self.buffer.data[:self.buffer.size], buffer_next=self.buffer.next,
                  buffer_capacity=self.buffer.capacity, holdout=self.holdout.data[:self.holdout.size],
                  holdout_next=self.holdout.next, holdout_capacity=self.holdout.capacity, scale=self._scale)
-        os.replace(tmp, self.work / state)
+        atomic_write(self.work / state, buf.getvalue())
         led = dict(self.ledger)
         led["files"] = self.ledger["files"] + self.pending
         led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
@@ -484,7 +429,7 @@ class OnlineLearner:
         led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
         led["drift"] = self.drift.state()
         old_state = self.ledger.get("state")
-        _atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
         self.ledger, self.pending = led, []
         if old_state and old_state != state and (self.work / old_state).exists():
             (self.work / old_state).unlink()
@@ -530,7 +475,7 @@ class OnlineLearner:
         rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
                "holdout_elbo": ev["holdout_elbo"]}
         self.ledger["published"] = rec
-        _atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
         self._published_model = self._snapshot()
         self._write_log({"event": "publish", **rec})
         return rec
@@ -562,14 +507,9 @@ class OnlineLearner:
 
     # -- following a pattern ----------------------------------------------------------------------------------
     def new_files(self, pattern: str | Iterable[str]) -> list[str]:
-        """Files matching ``pattern`` (a glob, or several) not yet processed, oldest (mtime) first."""
-        pats = [pattern] if isinstance(pattern, str) else list(pattern)
-        seen = self.processed
-        found = set()
-        for p in pats:
-            found.update(os.path.abspath(f) for f in globmod.glob(p) if os.path.isfile(f))
-        new = [f for f in found if f not in seen and not f.endswith((".tmp", ".part"))]
-        return sorted(new, key=lambda f: (os.stat(f).st_mtime, f))
+        """Files matching ``pattern`` (a glob, or several) not yet processed, oldest (mtime) first; files
+        still being written are skipped (:func:`vaestream.binio.is_settled`)."""
+        return new_files([pattern] if isinstance(pattern, str) else list(pattern), self.processed)
 
     def follow(self, pattern: str | Iterable[str], poll_interval: float = 1.0, max_files: int | None = None,
                idle_timeout: float | None = None, stop: threading.Event | None = None,

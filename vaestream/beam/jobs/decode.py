@@ -94,7 +94,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     summary = vb.job_summary("decode", result, seconds, f"{out}/{RECON}-*.{ext}", f"{out}/{shardset.DEAD_LETTER}",
                              {"model": args.model or args.saved_model, "fingerprint": fingerprint,
                               "output_format": args.output_format, "output_dtype": args.output_dtype})
-    from vaestream.beam.jobs.encode import write_json
+    from vaestream.beam.running import write_json
 
     write_json(f"{out}/{SUMMARY}", summary)
     del model

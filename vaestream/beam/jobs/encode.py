@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
 from vaestream import shardset
+from vaestream.beam.running import write_json
 
 CODES = "codes"
 SUMMARY = "summary.json"
@@ -93,13 +94,6 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
                               "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
     write_json(f"{out}/{SUMMARY}", summary)
     return summary
-
-
-def write_json(path: str, obj: dict) -> None:
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.create(path) as f:
-        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 def run(argv: list[str] | None = None) -> dict:
