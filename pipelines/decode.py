@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from vaestream.beam.jobs import decode as _job
 from vaestream.beam.jobs.decode import (
-    RECON, SUMMARY, add_arguments, check_fingerprint, build, run_job, run, main)
+    RECON, SUMMARY, add_arguments, check_fingerprint, build, run_job, run)
 
-__all__ = ['RECON', 'SUMMARY', 'add_arguments', 'check_fingerprint', 'build', 'run_job', 'run', 'main']
+__all__ = ['RECON', 'SUMMARY', 'add_arguments', 'check_fingerprint', 'build', 'run_job', 'run']
 
 
 def __getattr__(name: str):
@@ -19,4 +19,6 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-    main()
+    from vaestream.beam.running import job_main
+
+    job_main(run)

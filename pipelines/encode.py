@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from vaestream.beam.jobs import encode as _job
 from vaestream.beam.jobs.encode import (
-    CODES, SUMMARY, add_arguments, build, run_job, write_json, run, main)
+    CODES, SUMMARY, add_arguments, build, run_job, write_json, run)
 
-__all__ = ['CODES', 'SUMMARY', 'add_arguments', 'build', 'run_job', 'write_json', 'run', 'main']
+__all__ = ['CODES', 'SUMMARY', 'add_arguments', 'build', 'run_job', 'write_json', 'run']
 
 
 def __getattr__(name: str):
@@ -19,4 +19,6 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-    main()
+    from vaestream.beam.running import job_main
+
+    job_main(run)

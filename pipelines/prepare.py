@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from vaestream.beam.jobs import prepare as _job
 from vaestream.beam.jobs.prepare import (
-    add_arguments, build, run_job, run, prepare, main)
+    add_arguments, build, run_job, run, prepare)
 
-__all__ = ['add_arguments', 'build', 'run_job', 'run', 'prepare', 'main']
+__all__ = ['add_arguments', 'build', 'run_job', 'run', 'prepare']
 
 
 def __getattr__(name: str):
@@ -19,4 +19,6 @@ def __getattr__(name: str):
 
 
 if __name__ == "__main__":
-    main()
+    from vaestream.beam.running import job_main
+
+    job_main(run)

@@ -61,6 +61,7 @@ class TrainConfig:
       jit: compile the training step with XLA.
     """
 
+    # the objective and its optimiser
     batch_size: int = 100
     num_samples: int = 1
     estimator: str = "B"
@@ -72,10 +73,12 @@ class TrainConfig:
     map_prior: bool = False
     init: str = "glorot"
     seed: int = 0
+    # how long, on which records
     steps: int | None = None
     epochs: float | None = None
     binarize: str = "none"
     validation: int = 0
+    # evaluation, checkpoints, compilation
     eval_every: int = 0
     eval_steps: tuple[int, ...] = ()
     eval_records: int = 10000

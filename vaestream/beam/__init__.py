@@ -45,20 +45,51 @@ The package, one concept a module (``vaestream.beam.<name>`` is the same object 
     running        make_pipeline, run_pipeline, counters, check_counts, job_summary, clear_outputs
     streaming      the streaming encoder (watch files, event-time windows, drift)
     dask           the Dask runner
+    jobs/          the jobs prepare, encode, decode, stream_encode (pipelines/*.py are their shells)
+
+Names are resolved lazily (importing a job module or ``vaestream.beam.streaming`` does not import the
+rest; ``vaestream.beam.X`` imports X's module on first use).
 """
 
-from vaestream.beam.elements import (CHUNK, CodeBatch, DEAD_LETTER, DeadLetter, KEY_DIGITS, NAMESPACE, RecordBatch,
-    RECORDS, SPLIT)
-from vaestream.beam.formats import (expand_inputs, plan_reads)
-from vaestream.beam.readers import (probe, read_range, ReadRecords)
-from vaestream.beam.validate import (default_scale, Validate, validate_batch)
-from vaestream.beam.sinks import (BatchedTFRecordSink, code_examples, code_schema, record_schema, WriteBatches,
-    WriteDeadLetters)
-from vaestream.beam.shards import (WriteShards)
-from vaestream.beam.model_handler import (LoadedVAE, read_model_config, VAEModelHandler)
-from vaestream.beam.transforms import (code_files, Decode, Encode, first_fingerprint, read_codes, ReadCodes)
-from vaestream.beam.running import (check_counts, clear_outputs, count_lines, count_written, counters, file_sizes,
-    freeze_startup_heap, job_summary, make_pipeline, run_pipeline)
-from vaestream.errors import DataError, ModelError, ModelMismatchError  # noqa: F401 (the old module had them)
+from __future__ import annotations
 
-__all__ = ['NAMESPACE', 'RECORDS', 'DEAD_LETTER', 'CHUNK', 'SPLIT', 'KEY_DIGITS', 'RecordBatch', 'CodeBatch', 'DeadLetter', 'expand_inputs', 'probe', 'plan_reads', 'read_range', 'ReadRecords', 'default_scale', 'validate_batch', 'Validate', 'BatchedTFRecordSink', 'code_examples', 'code_schema', 'record_schema', 'WriteBatches', 'WriteDeadLetters', 'WriteShards', 'LoadedVAE', 'read_model_config', 'VAEModelHandler', 'Encode', 'Decode', 'code_files', 'read_codes', 'ReadCodes', 'first_fingerprint', 'make_pipeline', 'freeze_startup_heap', 'counters', 'check_counts', 'count_written', 'file_sizes', 'count_lines', 'run_pipeline', 'job_summary', 'clear_outputs']
+import importlib
+
+_MODULES = {
+    "elements": "CHUNK CodeBatch DEAD_LETTER DeadLetter KEY_DIGITS NAMESPACE RecordBatch RECORDS SPLIT",
+    "formats": "expand_inputs plan_reads",
+    "readers": "probe read_range ReadRecords",
+    "validate": "default_scale Validate validate_batch",
+    "sinks": ("BatchedTFRecordSink code_examples code_schema record_schema WriteBatches WriteDeadLetters write_outputs "
+              "write_atomic"),
+    "shards": "WriteShards",
+    "model_handler": "LoadedVAE read_model_config VAEModelHandler",
+    "transforms": "code_files Decode Encode first_fingerprint read_codes ReadCodes",
+    "running": ("check_counts clear_outputs count_lines count_written counters file_sizes freeze_startup_heap "
+                "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json finish_job dask_alternative"),
+    "vaestream.errors": "DataError ModelError ModelMismatchError",
+}
+_HOMES = {name: module if "." in module else f"vaestream.beam.{module}"
+          for module, names in _MODULES.items() for name in names.split()}
+"""Where each name of the package lives (the old flat module's public names, and the job helpers)."""
+
+__all__ = ["NAMESPACE", "RECORDS", "DEAD_LETTER", "CHUNK", "SPLIT", "KEY_DIGITS", "RecordBatch", "CodeBatch",
+           "DeadLetter", "expand_inputs", "probe", "plan_reads", "read_range", "ReadRecords", "default_scale",
+           "validate_batch", "Validate", "BatchedTFRecordSink", "code_examples", "code_schema", "record_schema",
+           "WriteBatches", "WriteDeadLetters", "WriteShards", "LoadedVAE", "read_model_config", "VAEModelHandler",
+           "Encode", "Decode", "code_files", "read_codes", "ReadCodes", "first_fingerprint", "make_pipeline",
+           "freeze_startup_heap", "counters", "check_counts", "count_written", "file_sizes", "count_lines",
+           "run_pipeline", "job_summary", "clear_outputs"]
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

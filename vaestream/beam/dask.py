@@ -39,7 +39,6 @@ import uuid
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream import beam as vb
@@ -198,7 +197,7 @@ def _model(handler: vb.VAEModelHandler):
 
 def _read_task(task: dict, chunk: int, feature: str, check) -> Iterator[tuple[str, Any]]:
     """(kind, item) for one read task: ("in", n, nbytes) counts and ("rec", RecordBatch) / ("dead", DeadLetter),
-    exactly as :class:`vaestream.beam._ReadFn` reads and validates."""
+    exactly as :class:`vaestream.beam.readers._ReadFn` reads and validates."""
     for item in vb.read_range(task, chunk, feature):
         if isinstance(item, vb.RecordBatch):
             yield "in", (len(item), int(item.records.nbytes))
@@ -210,6 +209,25 @@ def _read_task(task: dict, chunk: int, feature: str, check) -> Iterator[tuple[st
         else:
             yield "in", (1, 0)
             yield "dead", item
+
+
+class _Tally:
+    """Counts what a read task's ``(kind, item)`` stream says ("in": (records, bytes) read, "dead": a dead
+    letter) and passes its record batches on."""
+
+    def __init__(self):
+        self.dead: list = []
+        self.records_in = self.bytes_in = 0
+
+    def batches(self, items):
+        for kind, item in items:
+            if kind == "in":
+                self.records_in += item[0]
+                self.bytes_in += item[1]
+            elif kind == "dead":
+                self.dead.append(item)
+            else:
+                yield item
 
 
 class _CodecTaskFn(beam.DoFn):
@@ -240,24 +258,19 @@ class _CodecTaskFn(beam.DoFn):
     def process(self, task):
         model = None
         rows: list[bytes] = []
-        dead: list[vb.DeadLetter] = []
-        records_in = bytes_in = written = 0
-        for kind, item in self._items(task):
-            if kind == "in":
-                records_in += item[0]
-                bytes_in += item[1]
-            elif kind == "dead":
-                dead.append(item)
+        tally = _Tally()
+        written = 0
+        for item in tally.batches(self._items(task)):
+            model = model or _model(self.handler)
+            if self.job == "encode":
+                (out,) = self.handler.encode_batches([item], model)
+                rows.extend(vb.code_examples(out))
             else:
-                model = model or _model(self.handler)
-                if self.job == "encode":
-                    (out,) = self.handler._encode([item], model)
-                    rows.extend(vb.code_examples(out))
-                else:
-                    (out,) = self.handler._decode([item], model)
-                    out = transforms.quantize_batch(out, self.output_dtype)
-                    rows.extend(shardset.record_examples(out.keys, out.records))
-                written += len(out)
+                (out,) = self.handler.decode_batches([item], model)
+                out = transforms.quantize_batch(out, self.output_dtype)
+                rows.extend(shardset.record_examples(out.keys, out.records))
+            written += len(out)
+        dead, records_in, bytes_in = tally.dead, tally.records_in, tally.bytes_in
         name = _digest(self.job, task)
         if rows:
             sinks.write_atomic(f"{self.staging}/{name}.part", _tfrecord_bytes(rows))
@@ -268,7 +281,7 @@ class _CodecTaskFn(beam.DoFn):
 
 
 class _ScatterTaskFn(beam.DoFn):
-    """prepare: one read task -> (bucket, part) pairs as :class:`vaestream.beam._Scatter`, plus
+    """prepare: one read task -> (bucket, part) pairs as :class:`vaestream.beam.shards.Scatter`, plus
     (-1, dead letters) and (-2, counts)."""
 
     def __init__(self, buckets: int, seed: int, chunk: int, feature: str, check):
@@ -276,16 +289,11 @@ class _ScatterTaskFn(beam.DoFn):
         self.chunk, self.feature, self.check = chunk, feature, check
 
     def process(self, task):
-        dead, records_in, bytes_in = [], 0, 0
-        for kind, item in _read_task(task, self.chunk, self.feature, self.check):
-            if kind == "in":
-                records_in += item[0]
-                bytes_in += item[1]
-            elif kind == "dead":
-                dead.append(item)
-            else:
-                yield from self.scatter.process(item)
-        yield -1, {"dead": dead, "records_in": records_in, "bytes_in": bytes_in, "task": repr(sorted(task.items()))}
+        tally = _Tally()
+        for item in tally.batches(_read_task(task, self.chunk, self.feature, self.check)):
+            yield from self.scatter.process(item)
+        yield -1, {"dead": tally.dead, "records_in": tally.records_in, "bytes_in": tally.bytes_in,
+                   "task": repr(sorted(task.items()))}
 
 
 class _WriteBucketFn(beam.DoFn):
@@ -382,15 +390,22 @@ def _commit_parts(staging: str, names: list[str], prefix: str) -> None:
         FileSystems.rename([f"{staging}/{name}.part"], [f"{prefix}-{i:05d}-of-{n:05d}.tfrecord"])
 
 
-def _summary(job: str, counts: dict, seconds: float, pattern: str, dead_path: str, extra: dict,
-             coded: bool = False) -> dict:
-    return vb.job_summary(job, None, seconds, pattern, dead_path, extra, coded=coded, counts=counts)
+def _finish(job: str, parts: list[dict], staging: str, seconds: float, out: str, prefix: str, extra: dict,
+            coded: bool = False, summary_file: str = "summary.json") -> dict:
+    """Commit the parts as ``OUT/PREFIX-i-of-n.tfrecord`` and their dead letters, drop the staging folder,
+    and write the summary (as the other runners do)."""
+    try:
+        _commit_parts(staging, [p["name"] for p in parts if p["rows"]], f"{out}/{prefix}")
+        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shardset.DEAD_LETTER}")
+    finally:
+        _remove(staging)
+    return vb.finish_job(job, None, seconds, out, f"{out}/{prefix}-*.tfrecord", extra, coded, summary_file,
+                         counts=_counts(parts))
 
 
 def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/encode.py on the Dask runner (TFRecord output)."""
     from vaestream.beam.jobs.encode import CODES, SUMMARY
-    from vaestream.beam.running import write_json
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format tfrecord); "
@@ -409,22 +424,14 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
                                                             args.feature, check)))
 
     parts, staging, seconds = _run("encode", out, pipeline_args, build)
-    try:
-        _commit_parts(staging, [p["name"] for p in parts if p["rows"]], f"{out}/{CODES}")
-        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shardset.DEAD_LETTER}")
-    finally:
-        _remove(staging)
-    summary = _summary("encode", _counts(parts), seconds, f"{out}/{CODES}-*.tfrecord", f"{out}/{shardset.DEAD_LETTER}",
-                       {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
-                        "output_format": args.output_format, "coder": bool(args.coder)}, coded=bool(args.coder))
-    write_json(f"{out}/{SUMMARY}", summary)
-    return summary
+    return _finish("encode", parts, staging, seconds, out, CODES,
+                   {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
+                    "output_format": args.output_format, "coder": bool(args.coder)}, bool(args.coder), SUMMARY)
 
 
 def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/decode.py on the Dask runner (TFRecord output)."""
     from vaestream.beam.jobs.decode import RECON, SUMMARY, check_fingerprint
-    from vaestream.beam.running import write_json
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("decode on the DaskRunner writes TFRecord only (--output_format tfrecord)")
@@ -440,30 +447,17 @@ def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
                                                             output_dtype=args.output_dtype)))
 
     parts, staging, seconds = _run("decode", out, pipeline_args, build)
-    try:
-        _commit_parts(staging, [p["name"] for p in parts if p["rows"]], f"{out}/{RECON}")
-        _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shardset.DEAD_LETTER}")
-    finally:
-        _remove(staging)
-    summary = _summary("decode", _counts(parts), seconds, f"{out}/{RECON}-*.tfrecord", f"{out}/{shardset.DEAD_LETTER}",
-                       {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                        "output_format": args.output_format, "output_dtype": args.output_dtype})
-    write_json(f"{out}/{SUMMARY}", summary)
-    return summary
+    return _finish("decode", parts, staging, seconds, out, RECON,
+                   {"model": args.model or args.saved_model, "fingerprint": fingerprint,
+                    "output_format": args.output_format, "output_dtype": args.output_dtype}, summary_file=SUMMARY)
 
 
 def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/prepare.py on the Dask runner: the same shuffle (buckets seeded as on every runner), one
     shard file per bucket, the manifest written by the client after the shards are final."""
-    paths = vb.expand_inputs(args.input, args.split)
-    shape, dtype0 = vb.probe(paths[0], args.feature)
-    shape = tuple(args.shape) if args.shape else shape
-    dtype = args.dtype if args.dtype != "auto" else ("uint8" if dtype0.kind in "iub" else "float32")
-    scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
-    likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
-    out = args.output.rstrip("/")
-    vb.clear_outputs(f"{out}/{shardset.SHARD_PREFIX}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{shardset.MANIFEST}",
-                     inputs=paths)
+    from vaestream.beam.jobs.prepare import settle
+
+    paths, shape, dtype, scale, likelihood, out = settle(args)
     tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
     check = vb.Validate(shape, likelihood, dtype, args.scale).fn
     n = int(args.num_shards)
@@ -493,12 +487,12 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
                 s = p["stats"]
                 acc = fn.merge_accumulators([acc, [s["records"], s["min"], s["max"], s["bytes"], int(s["hash"], 16)]])
         counts = _counts(parts)
-        beam_shards.write_manifest(None, out, files, [fn.extract_output(acc)], [counts["dead_lettered"]], shape, dtype, scale,
-                           paths)
+        beam_shards.write_manifest(None, out, files, [fn.extract_output(acc)], [counts["dead_lettered"]], shape,
+                                   dtype, scale, paths)
     finally:
         _remove(staging)
     manifest = shardset.read_manifest(out)
-    return _summary("prepare", counts, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
-                    f"{out}/{shardset.DEAD_LETTER}",
-                    {"manifest": manifest.path, "content_hash": manifest.content_hash, "shape": list(manifest.shape),
-                     "dtype": manifest.dtype})
+    return vb.job_summary("prepare", None, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
+                          f"{out}/{shardset.DEAD_LETTER}",
+                          {"manifest": manifest.path, "content_hash": manifest.content_hash, "shape": list(manifest.shape),
+                           "dtype": manifest.dtype}, counts=counts)

@@ -352,10 +352,11 @@ class VAEModelHandler(ModelHandler):
         if not batch:
             return []
         if self.mode == "encode":
-            return self._encode(batch, model)
-        return self._decode(batch, model)
+            return self.encode_batches(batch, model)
+        return self.decode_batches(batch, model)
 
-    def _encode(self, batch: Sequence[RecordBatch], model: LoadedVAE) -> list[CodeBatch]:
+    def encode_batches(self, batch: Sequence[RecordBatch], model: LoadedVAE) -> list[CodeBatch]:
+        """Record batches -> code batches (one model call per distinct dtype and scale, or per batch with a coder)."""
         if self.coder:  # one model call per element (the codec's), one container per element
             coded = []
             for b in batch:
@@ -380,7 +381,8 @@ class VAEModelHandler(ModelHandler):
         out = [results[i] for i in range(len(batch))]
         return out
 
-    def _decode(self, batch: Sequence[CodeBatch], model: LoadedVAE) -> list[RecordBatch]:
+    def decode_batches(self, batch: Sequence[CodeBatch], model: LoadedVAE) -> list[RecordBatch]:
+        """Code batches -> reconstructions, refusing codes of another model."""
         for b in batch:
             if b.fingerprint != model.fingerprint:
                 raise ModelMismatchError(

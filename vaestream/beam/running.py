@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -188,3 +188,70 @@ def write_json(path: str, obj: dict) -> None:
 
     with FileSystems.create(path) as f:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
+
+
+def timed_run(p: beam.Pipeline):
+    """:func:`run_pipeline` and the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
+    result = run_pipeline(p)
+    return result, time.perf_counter() - t0
+
+
+def build_and_run(pipeline_args: Sequence[str], build, *build_args) -> tuple[Any, float, dict]:
+    """A pipeline on the runner ``pipeline_args`` name (:func:`make_pipeline`), built by
+    ``build(p, *build_args)`` (which returns what the summary needs), then run: (result, seconds, info)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    p = make_pipeline(PipelineOptions(list(pipeline_args)))
+    info = build(p, *build_args)
+    result, seconds = timed_run(p)
+    return result, seconds, info
+
+
+def run_job_argv(description: str, add_arguments, run_job, argv: Sequence[str] | None) -> dict:
+    """A job's ``run(argv)``: parse the job's flags (``add_arguments``), pass the rest to ``run_job`` as
+    Beam pipeline options, and return its summary."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    args, pipeline_args = parser.parse_known_args(argv)
+    return run_job(args, pipeline_args)
+
+
+def job_main(run, argv: Sequence[str] | None = None, freeze: bool = True) -> None:
+    """A job's ``python -m pipelines.JOB``: run it on ``argv`` (default ``sys.argv[1:]``), print its summary."""
+    import sys
+
+    if freeze:
+        freeze_startup_heap()
+    print(json.dumps(run(sys.argv[1:] if argv is None else list(argv)), indent=2))
+
+
+def finish_job(job: str, result, seconds: float, out: str, output_pattern: str, extra: dict,
+               coded: bool = False, summary_file: str = "summary.json", counts: dict | None = None) -> dict:
+    """The end of a batch job: its :func:`job_summary` (dead letters in ``OUT/dead_letter.jsonl``), also
+    written to ``OUT/summary.json``."""
+    summary = job_summary(job, result, seconds, output_pattern, f"{out}/{shardset.DEAD_LETTER}", extra, coded=coded,
+                          counts=counts)
+    write_json(f"{out}/{summary_file}", summary)
+    return summary
+
+
+def dask_alternative(dask_function: str):
+    """Decorate a job's ``run_job(args, pipeline_args)``: with Beam's DaskRunner in ``pipeline_args`` the job
+    runs as :mod:`vaestream.beam.dask`'s ``dask_function`` instead (a linear graph, our own commit)."""
+    import functools
+
+    def wrap(run_job):
+        @functools.wraps(run_job)
+        def run(args, pipeline_args):
+            from vaestream.beam import dask as beam_dask
+
+            if beam_dask.wants_dask(pipeline_args):
+                return getattr(beam_dask, dask_function)(args, pipeline_args)
+            return run_job(args, pipeline_args)
+        return run
+    return wrap

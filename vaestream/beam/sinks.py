@@ -192,3 +192,11 @@ def write_atomic(path: str, data: bytes) -> None:
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
+
+
+def write_outputs(batches, dead, out: str, name: str, output_format: str, schema, num_shards: int, label: str) -> None:
+    """A batch job's two outputs: ``batches`` as ``OUT/NAME-*`` files (step ``label``; ``schema`` is used for
+    Parquet only), the dead letters as ``OUT/dead_letter.jsonl`` (step ``WriteDeadLetters``)."""
+    schema = schema if output_format == "parquet" else None
+    batches | label >> WriteBatches(f"{out}/{name}", output_format, schema, num_shards)
+    dead | "WriteDeadLetters" >> WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")

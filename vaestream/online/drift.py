@@ -44,27 +44,23 @@ LN2 = math.log(2.0)
 
 @dataclasses.dataclass
 class DriftConfig:
-    """When a window counts as drifted (see the module docstring).
-
-    Attributes:
-      threshold: relative increase of bits/record over the reference that flags a window (0.1 = 10 %).
-      absolute_bits: also flag an increase of more than this many bits/record (None: relative only).
-      smoothing: a, the weight of a new window in the reference's moving average.
-      warmup: windows that only set the reference.
-      rebaseline_after: consecutive flagged windows after which the new level becomes the reference
-        (0: never).
-      min_records: windows with fewer records are reported but not judged.
-      two_sided: also flag a window whose bits/record fall by more than the threshold (the data changed,
-        though the model now finds it easier).
-    """
+    """When a window counts as drifted (see the module docstring); each field's meaning is beside it."""
 
     threshold: float = 0.1
+    """Relative increase of bits/record over the reference that flags a window (0.1 = 10 %)."""
     absolute_bits: float | None = None
+    """Also flag an increase of more than this many bits/record (None: relative only)."""
     smoothing: float = 0.3
+    """a, the weight of a new window in the reference's moving average."""
     warmup: int = 2
+    """Windows that only set the reference."""
     rebaseline_after: int = 5
+    """Consecutive flagged windows after which the new level becomes the reference (0: never)."""
     min_records: int = 1
+    """Windows with fewer records are reported but not judged."""
     two_sided: bool = False
+    """Also flag a window whose bits/record fall by more than the threshold (the data changed, though the
+    model now finds it easier)."""
 
     def __post_init__(self):
         if not self.threshold > 0 or not 0 < self.smoothing <= 1 or self.warmup < 1 or self.rebaseline_after < 0:

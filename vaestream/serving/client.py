@@ -12,6 +12,7 @@ import math
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,46 @@ from vaestream.errors import DataError
 from vaestream.serving.protocol import DTYPES, GRPC_TO_HTTP, ServingError, dumps
 
 
+def _batch_inputs(signature: str, inputs: dict) -> tuple[dict[str, np.ndarray], int]:
+    """The inputs of a predict call as arrays, and their common batch size (at least one record)."""
+    arrays = {k: np.asarray(v) for k, v in inputs.items()}
+    n = {len(a) for a in arrays.values()}
+    if len(n) != 1:
+        raise DataError(f"inputs have different batch sizes: { {k: len(a) for k, a in arrays.items()} }")
+    n = n.pop()
+    if n == 0:
+        raise DataError(f"{signature}: no records to send")
+    return arrays, n
+
+
 class _ModelApi:
     """The vaestream signatures as methods over :meth:`predict` (signature, inputs -> outputs)."""
+
+    model: str
+
+    def status(self) -> Any:
+        raise NotImplementedError
+
+    def _available(self, status: Any) -> bool:
+        raise NotImplementedError
+
+    def _address(self) -> str:
+        raise NotImplementedError
+
+    def wait_until_available(self, timeout: float = 60.0, interval: float = 0.2) -> Any:
+        """Poll the model status until a version is AVAILABLE; returns the status (the REST JSON, or gRPC's
+        ``GetModelStatusResponse``). Raises ServingError on timeout."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                st = self.status()
+                if self._available(st):
+                    return st
+            except ServingError as e:
+                last = e
+            time.sleep(interval)
+        raise ServingError(0, f"{self._address()}: model {self.model!r} not available after {timeout} s ({last})")
 
     def predict(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -134,19 +173,11 @@ class Client(_ModelApi):
         """The model metadata (signature definitions)."""
         return self.request("GET", self._model_path() + "/metadata")
 
-    def wait_until_available(self, timeout: float = 60.0, interval: float = 0.2) -> dict:
-        """Poll the status until a version is AVAILABLE; returns the status. Raises ServingError on timeout."""
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                st = self.status()
-                if any(v.get("state") == "AVAILABLE" for v in st.get("model_version_status", [])):
-                    return st
-            except ServingError as e:
-                last = e
-            time.sleep(interval)
-        raise ServingError(0, f"{self.url}: model {self.model!r} not available after {timeout} s ({last})")
+    def _available(self, status: dict) -> bool:
+        return any(v.get("state") == "AVAILABLE" for v in status.get("model_version_status", []))
+
+    def _address(self) -> str:
+        return self.url
 
     def output_dtypes(self, signature: str) -> dict[str, Any]:
         """Output name -> NumPy dtype of a signature, from the metadata (cached)."""
@@ -167,13 +198,7 @@ class Client(_ModelApi):
 
         Returns output name -> NumPy array (dtypes from the model metadata), concatenated over batches.
         """
-        arrays = {k: np.asarray(v) for k, v in inputs.items()}
-        n = {len(a) for a in arrays.values()}
-        if len(n) != 1:
-            raise DataError(f"inputs have different batch sizes: { {k: len(a) for k, a in arrays.items()} }")
-        n = n.pop()
-        if n == 0:
-            raise DataError(f"{signature}: no records to send")
+        arrays, n = _batch_inputs(signature, inputs)
         dtypes = self.output_dtypes(signature)
         parts: dict[str, list[np.ndarray]] = {}
         for s in range(0, n, self.max_batch):
@@ -255,21 +280,13 @@ class GrpcClient(_ModelApi):
         resp.metadata["signature_def"].Unpack(sdm)
         return dict(sdm.signature_def)
 
-    def wait_until_available(self, timeout: float = 60.0, interval: float = 0.2) -> Any:
-        """Poll ``GetModelStatus`` until a version is AVAILABLE; returns the status. Raises ServingError."""
+    def _available(self, status: Any) -> bool:
         from tensorflow_serving.apis import get_model_status_pb2
 
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                st = self.status()
-                if any(v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for v in st.model_version_status):
-                    return st
-            except ServingError as e:
-                last = e
-            time.sleep(interval)
-        raise ServingError(0, f"{self.target}: model {self.model!r} not available after {timeout} s ({last})")
+        return any(v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for v in status.model_version_status)
+
+    def _address(self) -> str:
+        return self.target
 
     def predict_proto(self, signature: str, inputs: dict[str, np.ndarray]) -> Any:
         """One ``Predict`` call (no splitting); returns the ``PredictResponse``."""
@@ -287,13 +304,7 @@ class GrpcClient(_ModelApi):
         Returns output name -> NumPy array ``[B, ...]``, concatenated over calls."""
         import tensorflow as tf
 
-        arrays = {k: np.asarray(v) for k, v in inputs.items()}
-        n = {len(a) for a in arrays.values()}
-        if len(n) != 1:
-            raise DataError(f"inputs have different batch sizes: { {k: len(a) for k, a in arrays.items()} }")
-        n = n.pop()
-        if n == 0:
-            raise DataError(f"{signature}: no records to send")
+        arrays, n = _batch_inputs(signature, inputs)
         parts: dict[str, list[np.ndarray]] = {}
         for s in range(0, n, self.max_batch):
             resp = self.predict_proto(signature, {k: a[s:s + self.max_batch] for k, a in arrays.items()})

@@ -13,14 +13,11 @@ again in the workers. A mismatch raises :class:`vaestream.errors.ModelMismatchEr
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
+from vaestream.beam.jobs import add_model_and_output_arguments
 from vaestream import shardset
 from vaestream.errors import ModelMismatchError
 
@@ -29,19 +26,11 @@ SUMMARY = "summary.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", "--inputs", dest="input", required=True, nargs="+",
-                        help="code files (.tfrecord/.parquet), globs or directories")
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", "--model_dir", dest="model", help="model directory (config.json + ckpt/)")
-    g.add_argument("--saved_model", "--saved-model", dest="saved_model", help="SavedModel export directory")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--output_format", "--output-format", default="tfrecord", choices=["tfrecord", "parquet"])
+    add_model_and_output_arguments(parser, "code files (.tfrecord/.parquet), globs or directories", vb.CHUNK)
     parser.add_argument("--output_dtype", "--output-dtype", default="float32", choices=["float32", "uint8"],
                         help="reconstructions as float32 means, or round(255 x) as uint8")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="as pipelines/encode.py: RunInference, or the next batch decoded on a thread")
-    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK)
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
     parser.add_argument("--num_shards", "--num-shards", type=int, default=0)
 
 
@@ -65,55 +54,33 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
     # a rerun replaces the earlier run's files
     vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     codes = p | "ReadCodes" >> vb.ReadCodes(paths, args.chunk_size)
-    recon = codes[vb.RECORDS] | "Decode" >> vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype,
-                                                        overlap=args.inference == "overlap")
-    schema = vb.record_schema(config.input_shape, args.output_dtype) if args.output_format == "parquet" else None
-    recon | "WriteReconstructions" >> vb.WriteBatches(f"{out}/{RECON}", args.output_format, schema, args.num_shards)
-    codes[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")
+    decode = vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype,
+                       overlap=args.inference == "overlap")
+    schema = vb.record_schema(config.input_shape, args.output_dtype)
+    vb.write_outputs(codes[vb.RECORDS] | "Decode" >> decode, codes[vb.DEAD_LETTER], out, RECON, args.output_format,
+                     schema, args.num_shards, "WriteReconstructions")
     return {"output": out, "config": config}
 
 
+@vb.dask_alternative("run_decode")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    from vaestream.beam import dask as beam_dask
-
-    if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
-        return beam_dask.run_decode(args, pipeline_args)
     paths = vb.code_files(args.input)
     # loaded once: held here for the whole job, the workers of an in-process runner reuse it
     # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time
     model = vb.LoadedVAE.load(args.model, args.saved_model, reuse=True)
     fingerprint = check_fingerprint(paths, args.model, args.saved_model, model)
-    p = vb.make_pipeline(PipelineOptions(pipeline_args))
-    info = build(p, args, paths)
-    t0 = time.perf_counter()
-    result = vb.run_pipeline(p)
-    seconds = time.perf_counter() - t0
+    result, seconds, info = vb.build_and_run(pipeline_args, build, args, paths)
     out = info["output"]
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
-    summary = vb.job_summary("decode", result, seconds, f"{out}/{RECON}-*.{ext}", f"{out}/{shardset.DEAD_LETTER}",
-                             {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                              "output_format": args.output_format, "output_dtype": args.output_dtype})
-    from vaestream.beam.running import write_json
-
-    write_json(f"{out}/{SUMMARY}", summary)
+    summary = vb.finish_job("decode", result, seconds, out, f"{out}/{RECON}-*.{ext}",
+                            {"model": args.model or args.saved_model, "fingerprint": fingerprint,
+                             "output_format": args.output_format, "output_dtype": args.output_dtype},
+                            summary_file=SUMMARY)
     del model
     return summary
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args, pipeline_args = parser.parse_known_args(argv)
-    return run_job(args, pipeline_args)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.decode``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
-    vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return vb.run_job_argv(__doc__.splitlines()[0], add_arguments, run_job, argv)

@@ -14,14 +14,10 @@ job runs on the in-process FnApiRunner.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from vaestream import beam as vb
 from vaestream import shardset
@@ -50,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", default="x", help="record feature of generic TFRecord Examples / .npz array")
 
 
-def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
-    """Add the prepare steps to ``p``; returns what the summary needs."""
+def settle(args: argparse.Namespace) -> tuple[list[str], tuple[int, ...], str, float, str | None, str]:
+    """What the flags come to on every runner: (input paths, record shape, stored dtype, scale, likelihood
+    checked, output directory); an earlier run's files in the output directory are removed (a rerun
+    replaces them)."""
     paths = vb.expand_inputs(args.input, args.split)
     shape, dtype0 = vb.probe(paths[0], args.feature)
     shape = tuple(args.shape) if args.shape else shape
@@ -59,9 +57,14 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
     likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
     out = args.output.rstrip("/")
-    # a rerun replaces the earlier run's files
     vb.clear_outputs(f"{out}/{shardset.SHARD_PREFIX}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{shardset.MANIFEST}",
                      inputs=paths)
+    return paths, shape, dtype, scale, likelihood, out
+
+
+def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
+    """Add the prepare steps to ``p``; returns what the summary needs."""
+    paths, shape, dtype, scale, likelihood, out = settle(args)
     # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
     read = p | "ReadRecords" >> vb.ReadRecords(paths, args.split, args.chunk_size, args.split_records, args.feature,
                                                validate=vb.Validate(shape, likelihood, dtype, args.scale))
@@ -72,18 +75,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     return {"output": out, "shape": list(shape), "dtype": dtype}
 
 
+@vb.dask_alternative("run_prepare")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     """Run the prepare job; returns its summary (see :func:`vaestream.beam.job_summary`)."""
-    from vaestream.beam import dask as beam_dask
-
-    if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
-        return beam_dask.run_prepare(args, pipeline_args)
-    options = PipelineOptions(pipeline_args)
-    p = vb.make_pipeline(options)
-    info = build(p, args)
-    t0 = time.perf_counter()
-    result = vb.run_pipeline(p)
-    seconds = time.perf_counter() - t0
+    result, seconds, info = vb.build_and_run(pipeline_args, build, args)
     out = info["output"]
     manifest = shardset.read_manifest(out)
     summary = vb.job_summary("prepare", result, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
@@ -98,10 +93,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args, pipeline_args = parser.parse_known_args(argv)
-    return run_job(args, pipeline_args)
+    return vb.run_job_argv(__doc__.splitlines()[0], add_arguments, run_job, argv)
 
 
 def prepare(inputs: str | Sequence[str], output_dir: str | Path, split: str = "train", num_shards: int = 8,
@@ -115,13 +107,3 @@ def prepare(inputs: str | Sequence[str], output_dir: str | Path, split: str = "t
     run(["--input", *[str(i) for i in inputs], "--output", str(output_dir), "--split", split, "--num_shards",
          str(num_shards), "--seed", str(seed), *pipeline_args])
     return shardset.read_manifest(output_dir)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.prepare``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
-    vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
-
-
-if __name__ == "__main__":
-    main()

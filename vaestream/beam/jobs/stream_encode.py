@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 SUMMARY = "summary.json"
 
@@ -67,16 +66,6 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args, pipeline_args = parser.parse_known_args(argv)
-    return run_job(args, pipeline_args)
+    from vaestream.beam.running import run_job_argv
 
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.stream_encode``: run the job on ``argv`` (default ``sys.argv[1:]``) and print its summary."""
-    print(json.dumps(run(sys.argv[1:] if argv is None else argv), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return run_job_argv(__doc__.splitlines()[0], add_arguments, run_job, argv)
