@@ -10,7 +10,7 @@ from vaestream.beam.jobs import decode as _job
 from vaestream.beam.jobs.decode import (
     RECON, SUMMARY, add_arguments, check_fingerprint, build, run_job, run)
 
-__all__ = ['RECON', 'SUMMARY', 'add_arguments', 'check_fingerprint', 'build', 'run_job', 'run']
+__all__ = ["RECON", "SUMMARY", "add_arguments", "check_fingerprint", "build", "run_job", "run"]
 
 
 def __getattr__(name: str):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from vaestream.beam.jobs import encode as _job
 from vaestream.beam.jobs.encode import (
-    CODES, SUMMARY, add_arguments, build, run_job, write_json, run)
+    CODES, SUMMARY, add_arguments, build, run_job, run)
 
-__all__ = ['CODES', 'SUMMARY', 'add_arguments', 'build', 'run_job', 'write_json', 'run']
+__all__ = ["CODES", "SUMMARY", "add_arguments", "build", "run_job", "run"]
 
 
 def __getattr__(name: str):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from vaestream.beam.jobs import prepare as _job
 from vaestream.beam.jobs.prepare import (
-    add_arguments, build, run_job, run, prepare)
+    add_arguments, settle, build, run_job, run, prepare)
 
-__all__ = ['add_arguments', 'build', 'run_job', 'run', 'prepare']
+__all__ = ["add_arguments", "settle", "build", "run_job", "run", "prepare"]
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ from vaestream.beam.jobs import stream_encode as _job
 from vaestream.beam.jobs.stream_encode import (
     SUMMARY, add_arguments, run_job, run)
 
-__all__ = ['SUMMARY', 'add_arguments', 'run_job', 'run']
+__all__ = ["SUMMARY", "add_arguments", "run_job", "run"]
 
 
 def __getattr__(name: str):

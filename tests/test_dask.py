@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("dask.distributed")
+import dask.distributed  # noqa: E402,F401 (dask[distributed] is a dependency)
 
 from vaestream.beam.jobs import decode, encode, prepare  # noqa: E402
 from vaestream import beam as vb  # noqa: E402

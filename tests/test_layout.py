@@ -256,3 +256,29 @@ def test_layers_import_only_downwards():
             if _layer(d) != _layer(n) and _layer(d) not in LAYERS[_layer(n)]:
                 bad.append(f"{n} -> {d}")
     assert bad == []
+
+
+def test_no_private_name_is_reached_across_modules():
+    """``from vaestream.x import _y`` and ``x._y`` (x a vaestream module bound by an import) only inside x."""
+    bad = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        bound: dict[str, str] = {}  # local name -> vaestream module it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vaestream"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    if full in MODULES:
+                        bound[a.asname or a.name] = full
+                    elif a.name.startswith("_") and not a.name.startswith("__") and node.module != name:
+                        bad.append(f"{name}: from {node.module} import {a.name}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("vaestream") and a.asname:
+                        bound[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and bound[node.value.id] != name):
+                bad.append(f"{name}: {node.value.id}.{node.attr}")
+    assert sorted(set(bad)) == []

@@ -351,7 +351,7 @@ def test_cli_client_and_deploy_client(server, local, records, tmp_path, capsys):
 def test_responses_parse_as_tf_serving_protos(server, export_base):
     """The status and metadata JSON parse (strictly) into TF Serving's own response protos, and the signature
     defs are those of the SavedModel."""
-    pytest.importorskip("tensorflow_serving.apis", reason="tensorflow-serving-api (TF Serving's protos) not installed")
+    import tensorflow_serving.apis  # noqa: F401 (tensorflow-serving-api is a dependency)
     from google.protobuf import json_format
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
@@ -372,7 +372,7 @@ def test_responses_parse_as_tf_serving_protos(server, export_base):
 def test_deploy_files_are_consistent():
     """deploy/models.config is a valid ModelServerConfig, and the compose file, Dockerfile and Kubernetes
     manifest serve that model on TF Serving's REST port with the readiness probe on its status URL."""
-    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    import yaml  # the test extras install PyYAML
     deploy = ROOT / "deploy"
     text = (deploy / "models.config").read_text()
     try:

@@ -232,7 +232,7 @@ class TrainResult:
     examples_per_second: float
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks between chunks (so the state saved is consistent)."""
 
     def __init__(self):
@@ -337,7 +337,7 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     last_ckpt = step0
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             gen = iter(chunks(step0, steps_per_epoch))
             nxt = pool.submit(next, gen, None)
             ema = None

@@ -79,6 +79,16 @@ class LoadedVAE:
             _LIVE_MODELS[key] = model
         return model
 
+    @property
+    def vae(self):
+        """The :class:`vaestream.model.VAE` when loaded from a model directory, else None."""
+        return getattr(self, "_model", None)
+
+    @property
+    def saved(self):
+        """The loaded SavedModel (an ``ExportedModel`` for a vaestream export) when loaded from one, else None."""
+        return getattr(self, "_saved", None)
+
     @classmethod
     def from_model_dir(cls, model_dir: str, jit: bool = False) -> "LoadedVAE":
         """Load a model directory; the encoder and decoder run as compiled ``tf.function`` graphs (with

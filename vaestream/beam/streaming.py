@@ -367,8 +367,8 @@ class ScoringModelHandler(vb.VAEModelHandler):
 
         model = super().load_model()
         d = model.config.input_dim
-        if getattr(model, "_model", None) is not None:
-            vae = model._model
+        if model.vae is not None:
+            vae = model.vae
 
             # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
             @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
@@ -380,7 +380,7 @@ class ScoringModelHandler(vb.VAEModelHandler):
                 m, ls, e = score(tf.constant(x))
                 return m.numpy(), ls.numpy(), e.numpy()
         else:
-            saved = model._saved
+            saved = model.saved
 
             def score_fn(x):
                 if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.serving.export.ExportedModel

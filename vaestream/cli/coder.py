@@ -157,7 +157,7 @@ def cmd_rd(a: argparse.Namespace) -> int:
 
     c = _codec(a)
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
-    x, _ = c._inputs(records, str(a.data))
+    x, _ = c.model_inputs(records, str(a.data))
     rows = rate_distortion(c, x, a.qualities)
     if a.plot:
         import matplotlib

@@ -171,7 +171,7 @@ class Codec:
         return self._coders[lv]
 
     # -- inputs ---------------------------------------------------------------------------------------------
-    def _inputs(self, x, name: str = "input") -> tuple[np.ndarray, bool]:
+    def model_inputs(self, x, name: str = "input") -> tuple[np.ndarray, bool]:
         """x -> (float32 [B, D] model inputs, whether it was a single record)."""
         from vaestream.data import validate
 
@@ -200,7 +200,7 @@ class Codec:
 
     def posterior(self, x) -> tuple[np.ndarray, np.ndarray]:
         """(mean, log_scale) of q(z|x), float32 ``[B, Nz]`` each (``[Nz]`` for a single record)."""
-        xs, single = self._inputs(x)
+        xs, single = self.model_inputs(x)
         means, logs = [], []
         for s in range(0, len(xs), _BATCH):
             m, ls = self._backend.encode(xs[s:s + _BATCH])
@@ -278,7 +278,7 @@ class Codec:
             return self.lossless_coder().compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
-        xs, single = self._inputs(x)
+        xs, single = self.model_inputs(x)
         mean, _ = self.posterior(xs)
         if target_bits is not None:
             return self._compress_to_target(mean, single, target_bits)
@@ -288,7 +288,7 @@ class Codec:
 
     def choose_quality(self, x, target_bits: float) -> float:
         """The finest quality of the ladder at which ``x`` compresses to at most ``target_bits`` per record."""
-        xs, single = self._inputs(x)
+        xs, single = self.model_inputs(x)
         mean, _ = self.posterior(xs)
         blob = self._compress_to_target(mean, single, target_bits)
         return container.read_header(io.BytesIO(blob)).quality
@@ -389,7 +389,7 @@ class Codec:
         """Compress records into the container file ``path`` (``append``: after its records). Returns the number
         of records now in the file."""
         coder = self._coder(quality)
-        xs, _ = self._inputs(x)
+        xs, _ = self.model_inputs(x)
         codes = quantize(self.posterior(xs)[0], self.tables, coder.quality)
         with container.ContainerWriter(path, self._header(coder, False), append=append) as w:
             for n, payload in self._frames(codes, coder):

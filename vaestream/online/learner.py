@@ -517,10 +517,10 @@ class OnlineLearner:
         """Poll ``pattern`` and learn from each new file once, until ``max_files`` files were processed in
         this call, nothing new arrived for ``idle_timeout`` seconds, ``stop`` is set, or SIGINT/SIGTERM.
         Checkpoints on the schedule and once at the end. Returns a summary."""
-        from vaestream.training import _StopFlag
+        from vaestream.training import StopFlag
 
         done, t0, last_new = 0, time.monotonic(), time.monotonic()
-        with _StopFlag() as sig:
+        with StopFlag() as sig:
             while not (sig.set or (stop is not None and stop.is_set())):
                 files = self.new_files(pattern)
                 if files:
