@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -35,20 +36,25 @@ def _batched(fn, a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([fn(a[s:s + size]) for s in range(0, len(a), size)])
 
 
-def test_the_plain_network_does_depend_on_the_batch_and_the_blocked_one_does_not(stream):
-    """The failure this guards against, shown on the real decoder: a plain GEMM's float32 output for a record
-    changes with the batch length; run in fixed blocks it does not."""
+def test_the_blocked_decoder_does_not_depend_on_the_batch_where_a_plain_gemm_may(stream):
+    """The failure this guards against, on the real decoder: a plain GEMM's float32 output for a record may
+    change with the batch length (it did on the AVX-512 machine this was found on: 480-1,351 of 64 x 784
+    values; on an AMX machine fewer shapes differ), so that is reported, not asserted: it is a fact about the
+    BLAS kernels, not about vaestream. Run in fixed blocks the output never depends on it, on any machine."""
     cdc, blob, _ = stream
     model = cdc._backend.model
-    z = tf.constant(np.random.default_rng(0).normal(size=(64, model.config.latent_dim)).astype(np.float32))
+    z = tf.constant(np.random.default_rng(0).normal(size=(4096, model.config.latent_dim)).astype(np.float32))
     plain = tf.function(lambda t: model.decoder_params(t)["x_mean"])
     exact = tf.function(lambda t: model.decoder_params_exact(t)["x_mean"])
-    full = plain(z).numpy()
-    changed = sum(int(np.any(plain(z[:b]).numpy() != full[:b])) for b in (1, 2, 7, 8, 32, 63))
-    assert changed > 0, "the plain decoder no longer depends on the batch length: this test shows nothing"
+    full = plain(z[:64]).numpy()
+    changed = [b for b in (1, 2, 7, 8, 32, 63) if np.any(plain(z[:b]).numpy() != full[:b])]
+    changed += [4096] * bool(np.any(plain(z).numpy()[:64] != full))
+    if not changed:
+        warnings.warn("the plain decoder gave the same bits at every batch length tried on this machine")
     ref = exact(z).numpy()
-    for b in (1, 2, 7, 8, 32, 63, BLOCK_ROWS + 1):
-        assert exact(z[:b]).numpy().tobytes() == ref[:b].tobytes()
+    for b in (1, 2, 7, 8, 32, 63, 64, BLOCK_ROWS + 1, 1000):
+        assert exact(z[:b]).numpy().tobytes() == ref[:b].tobytes(), f"batch length {b}"
+    assert exact(z[1000:2000]).numpy().tobytes() == ref[1000:2000].tobytes()
 
 
 def test_decoded_bytes_are_identical_for_batch_sizes_1_7_64_and_1000(stream):
@@ -134,6 +140,16 @@ def test_blocked_keeps_structure_rows_and_dtype():
     for n in (0, 1, BLOCK_ROWS, BLOCK_ROWS + 3):
         t = tf.reshape(tf.range(n * 3, dtype=tf.float32), [n, 3])
         out = blocked(f, t)
+        np.testing.assert_array_equal(out["twice"].numpy(), 2.0 * t.numpy())
+        np.testing.assert_array_equal(out["sum"].numpy(), t.numpy().sum(axis=1))
+        assert out["sum"].shape == (n,)
+
+
+def test_stacked_blocks_give_each_block_its_own_rows_and_keep_the_structure():
+    f = lambda t: {"twice": 2.0 * t, "sum": tf.reduce_sum(t, axis=-1)}  # t: [nblocks, BLOCK_ROWS, 3]
+    for n in (0, 1, BLOCK_ROWS, 3 * BLOCK_ROWS + 5):
+        t = tf.reshape(tf.range(n * 3, dtype=tf.float32), [n, 3])
+        out = blocked(f, t, stacked=True)
         np.testing.assert_array_equal(out["twice"].numpy(), 2.0 * t.numpy())
         np.testing.assert_array_equal(out["sum"].numpy(), t.numpy().sum(axis=1))
         assert out["sum"].shape == (n,)

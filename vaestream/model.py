@@ -35,7 +35,7 @@ _ACTIVATIONS = {
 }
 
 
-def blocked(fn, t: tf.Tensor, block: int = BLOCK_ROWS):
+def blocked(fn, t: tf.Tensor, block: int = BLOCK_ROWS, *, stacked: bool = False):
     """``fn`` applied to ``t [B, n]`` in fixed blocks of ``block`` rows, so every row's result is a pure function
     of that row: ``blocked(fn, t)[i]`` is bit-identical for any B and any position of the row in the batch.
 
@@ -49,24 +49,39 @@ def blocked(fn, t: tf.Tensor, block: int = BLOCK_ROWS):
     positions (six decoder architectures, 1, 2 and 8 threads); at 128 rows, with 2+ threads, the block is split
     and rows near the split differ by position (30k-170k of 128 x 784 values), so 128 is not safe.
 
+    Two ways to run the blocks, with the same guarantee:
+
+    * ``stacked=True`` (what the networks use, :meth:`VAE.encoder_params_exact` / ``decoder_params_exact``):
+      ``fn`` gets all blocks at once as ``[nblocks, block, n]`` and must treat each block as its own GEMM
+      (``tf.matmul`` of a 3-D tensor by a 2-D weight is one BatchMatMul whose every batch member is a
+      ``[block, n_in] x [n_in, n_out]`` GEMM: measured bit-identical for any number of blocks, at every
+      position, and at 1, 2 and 8 threads). One kernel launch per layer instead of one per block: 0.88 of the
+      plain GEMM's decode throughput at B = 1,000 on the 784-500-20 decoder, vs 0.69 for the loop.
+    * ``stacked=False``: ``fn`` maps one ``[block, n]`` block, run by ``tf.map_fn`` (any ``fn``; slower).
+
     Threads: oneDNN splits a GEMM's rows and columns over threads, and for narrow layers (few output columns,
-    e.g. an encoder's 2 Nz outputs) also the K sum, so *encoder* outputs can differ with the intra-op thread
-    count; the decoders' layers are wide (hidden sizes, D outputs) and their blocked outputs were measured
-    identical at 1, 2, 8 and 16 threads (784-500-20 and 784-500-500-50; tests/test_determinism.py checks 1
-    and 8 threads against the default). Same TensorFlow build and CPU kind assumed: another ISA runs other
+    e.g. an encoder's 2 Nz outputs) also the K sum, so with the map_fn loop *encoder* outputs were seen to
+    differ with the intra-op thread count (AVX-512 machine); the decoders' layers are wide (hidden sizes, D
+    outputs) and their blocked outputs were measured identical at 1, 2, 8 and 16 threads (784-500-20 and
+    784-500-500-50; tests/test_determinism.py checks 1 and 8 threads against the default). With the stacked
+    BatchMatMul both encoder and decoder outputs were identical at 1, 2 and 8 threads (AMX machine, 1 and 32
+    blocks); only the decoder's is part of the contract. Same TensorFlow build and CPU kind assumed: another ISA runs other
     kernels. Cost: see benchmarks/RESULTS_coder.md (bench_decode_determinism.py).
 
-    ``fn`` maps a ``[block, n]`` tensor to a tensor or a dict / tuple of tensors with ``block`` leading rows.
-    Returns the same structure with ``B`` rows. Works eagerly and inside ``tf.function`` (SavedModel exports).
+    ``fn`` returns a tensor or a dict / tuple of tensors with the block's leading row dimension(s). Returns
+    the same structure with ``B`` rows. Works eagerly and inside ``tf.function`` (SavedModel exports).
     """
     t = tf.convert_to_tensor(t)
     b = tf.shape(t)[0]
     nblocks = (b + block - 1) // block
     padded = tf.pad(t, [[0, nblocks * block - b]] + [[0, 0]] * (t.shape.rank - 1))
     blocks = tf.reshape(padded, tf.concat([[nblocks, block], tf.shape(t)[1:]], 0))
-    spec = tf.nest.map_structure(lambda o: tf.TensorSpec(o.shape, o.dtype),
-                                 fn(tf.zeros([block] + t.shape[1:].as_list(), t.dtype)))
-    out = tf.map_fn(fn, blocks, fn_output_signature=spec)
+    if stacked:
+        out = fn(blocks)
+    else:
+        spec = tf.nest.map_structure(lambda o: tf.TensorSpec(o.shape, o.dtype),
+                                     fn(tf.zeros([block] + t.shape[1:].as_list(), t.dtype)))
+        out = tf.map_fn(fn, blocks, fn_output_signature=spec)
 
     def unblock(o):
         return tf.reshape(o, tf.concat([[nblocks * block], tf.shape(o)[2:]], 0))[:b]
@@ -91,8 +106,11 @@ class Dense(tf.Module):
         self.w = tf.Variable(w.astype(np.float32), name="w")
         self.b = tf.Variable(b.astype(np.float32), name="b")
 
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        if x.shape.rank == 2:
+    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
+        """``x [..., n_in]`` -> ``[..., n_out]``. ``blockwise``: ``x`` is ``[nblocks, block, n_in]`` and each block
+        is its own GEMM (one BatchMatMul; see :func:`blocked`), else the leading dimensions are flattened into
+        one GEMM."""
+        if x.shape.rank == 2 or blockwise:
             return tf.matmul(x, self.w) + self.b
         return tf.tensordot(x, self.w, axes=[[x.shape.rank - 1], [0]]) + self.b
 
@@ -107,12 +125,12 @@ class MLP(tf.Module):
         self.hidden = [Dense(a, b, rng, init, name=f"h{i}") for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
         self.out = Dense(sizes[-1], n_out, rng, init, name="out")
 
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
         act = _ACTIVATIONS[self.activation]
         x = tf.convert_to_tensor(x, tf.float32)
         for layer in self.hidden:
-            x = act(layer(x))
-        return self.out(x)
+            x = act(layer(x, blockwise))
+        return self.out(x, blockwise)
 
 
 class VAE(tf.Module):
@@ -138,16 +156,19 @@ class VAE(tf.Module):
         self.decoder = MLP([nz] + hidden[::-1], n_dec_out, config.activation, rng, init, name="decoder")
 
     # -- the recognition model ------------------------------------------------------------------------------
-    def encoder_params(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """x [B, D] -> (mean [B, Nz], log_scale [B, Nz]) of q(z|x); log_scale = log sigma."""
-        h = self.encoder(x)
+    def encoder_params(self, x: tf.Tensor, blockwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """x [B, D] -> (mean [B, Nz], log_scale [B, Nz]) of q(z|x); log_scale = log sigma.
+
+        ``blockwise``: ``x`` is ``[nblocks, block, D]``, one GEMM per block (:func:`blocked`)."""
+        h = self.encoder(x, blockwise)
         mean, log_scale = tf.split(h, 2, axis=-1)
         return mean, log_scale
 
     def encoder_params_exact(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """:meth:`encoder_params` run in fixed row blocks (:func:`blocked`): each record's (mean, log_scale) is
         bit-identical however the records are batched. The codec, exports and Beam jobs encode with this."""
-        return blocked(self.encoder_params, tf.convert_to_tensor(x, tf.float32))
+        return blocked(lambda xb: self.encoder_params(xb, blockwise=True), tf.convert_to_tensor(x, tf.float32),
+                       stacked=True)
 
     def encode(self, x: tf.Tensor) -> tfd.Distribution:
         """q(z|x) = N(mu(x), diag sigma(x)^2), event shape [Nz], batch shape [B]."""
@@ -166,13 +187,15 @@ class VAE(tf.Module):
         return tfd.MultivariateNormalDiag(loc=tf.zeros([nz]), scale_diag=tf.ones([nz]))
 
     # -- the generative model -------------------------------------------------------------------------------
-    def decoder_params(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
+    def decoder_params(self, z: tf.Tensor, blockwise: bool = False) -> dict[str, tf.Tensor]:
         """z [..., Nz] -> the decoder's parameters, each [..., D].
+
+        ``blockwise``: ``z`` is ``[nblocks, block, Nz]``, one GEMM per block (:func:`blocked`).
 
         Bernoulli: ``{"logits", "x_mean"}``; Gaussian: ``{"x_mean", "log_scale"}``; beta-binomial:
         ``{"x_mean", "log_alpha", "log_beta"}`` (x_mean = alpha / (alpha + beta), the mean of n / 255).
         """
-        h = self.decoder(z)
+        h = self.decoder(z, blockwise)
         cfg = self.config
         if cfg.likelihood == "bernoulli":
             return {"logits": h, "x_mean": tf.sigmoid(h)}
@@ -189,7 +212,8 @@ class VAE(tf.Module):
         """:meth:`decoder_params` of ``z [B, Nz]`` run in fixed row blocks (:func:`blocked`): a record's decoded
         parameters are a pure function of its latent, bit-identical whether it is decoded alone, in any batch,
         by random access, in another process or through the SavedModel. Every reconstruction path uses this."""
-        return blocked(self.decoder_params, tf.convert_to_tensor(z, tf.float32))
+        return blocked(lambda zb: self.decoder_params(zb, blockwise=True), tf.convert_to_tensor(z, tf.float32),
+                       stacked=True)
 
     def decode(self, z: tf.Tensor) -> tfd.Distribution:
         """p(x|z), event shape [D], batch shape z.shape[:-1]."""
