@@ -297,6 +297,10 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     ``evals`` maps a name (``train``, ``valid``, ``test``) to a fixed :class:`Dataset` whose bound is logged.
     Chunks are prepared on a background thread while the previous one trains. SIGINT/SIGTERM stop after the
     current chunk with a checkpoint; ``cfg.max_seconds`` likewise.
+
+    It is one function of about 90 lines on purpose: restoring, the chunk prefetch, the compiled steps,
+    evaluation, checkpointing and the stop flag share the loop's state (step, manager, log, deadline), and
+    split into pieces each would take and return most of it.
     """
     model_dir = Path(model_dir)
     model = VAE(config, seed=cfg.seed, init=cfg.init)
