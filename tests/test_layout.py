@@ -192,7 +192,8 @@ def _imports(name: str, module_level_only: bool) -> set[str]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
                 for a in node.names:
                     sub = f"{base}.{a.name}"
                     found.add(sub if sub in MODULES else base)

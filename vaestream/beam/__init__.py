@@ -43,7 +43,8 @@ The package, one concept a module (``vaestream.beam.<name>`` is the same object 
     model_handler  LoadedVAE, VAEModelHandler, read_model_config (model directory or SavedModel)
     transforms     Encode, Decode, read_codes, ReadCodes
     running        make_pipeline, run_pipeline, counters, check_counts, job_summary, clear_outputs
-    streaming      the streaming encoder (watch files, event-time windows, drift)
+    stream_sources the streaming encoder's sources (FileWatcher/WatchFiles, PollFiles, Pub/Sub)
+    streaming      the streaming encoder (event-time windows, late gate, writers, drift)
     dask           the Dask runner
     jobs/          the jobs prepare, encode, decode, stream_encode (pipelines/*.py are their shells)
 
@@ -66,7 +67,8 @@ _MODULES = {
     "model_handler": "LoadedVAE read_model_config VAEModelHandler",
     "transforms": "code_files Decode Encode first_fingerprint read_codes ReadCodes",
     "running": ("check_counts clear_outputs count_lines count_written counters file_sizes freeze_startup_heap "
-                "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json finish_job dask_alternative"),
+                "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json "
+                "finish_job dask_alternative"),
     "vaestream.errors": "DataError ModelError ModelMismatchError",
 }
 _HOMES = {name: module if "." in module else f"vaestream.beam.{module}"

@@ -317,7 +317,8 @@ class _WriteBucketFn(beam.DoFn):
         fn = beam_shards.ShardStatsFn()
         stats = fn.extract_output(fn.add_input(fn.create_accumulator(), batch))
         name = f"{shardset.SHARD_PREFIX}-{bucket:05d}-of-{self.num_shards:05d}{shardset.SHARD_SUFFIX}"
-        sinks.write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(shardset.record_examples(batch.keys, batch.records)))
+        examples = shardset.record_examples(batch.keys, batch.records)
+        sinks.write_atomic(f"{self.staging}/{name}", _tfrecord_bytes(examples))
         yield {"name": name, "records": len(batch), "stats": stats, "records_in": 0, "bytes_in": 0,
                "dead_lettered": 0}
 
@@ -494,5 +495,5 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     manifest = shardset.read_manifest(out)
     return vb.job_summary("prepare", None, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
                           f"{out}/{shardset.DEAD_LETTER}",
-                          {"manifest": manifest.path, "content_hash": manifest.content_hash, "shape": list(manifest.shape),
-                           "dtype": manifest.dtype}, counts=counts)
+                          {"manifest": manifest.path, "content_hash": manifest.content_hash,
+                           "shape": list(manifest.shape), "dtype": manifest.dtype}, counts=counts)

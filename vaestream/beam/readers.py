@@ -158,15 +158,15 @@ def _read_csv(task, chunk, feature, limit):
                 except ValueError:
                     if not seen_data and lineno == 1:
                         continue  # a header line
-                    yield DeadLetter(path, record_key(name, lineno), f"{path}: line {lineno}: not a row of numbers: "
-                                                               f"{line[:60]!r}")
+                    yield DeadLetter(path, record_key(name, lineno),
+                                     f"{path}: line {lineno}: not a row of numbers: {line[:60]!r}")
                     continue
                 seen_data = True
                 if width is None:
                     width = row.size
                 if row.size != width:
-                    yield DeadLetter(path, record_key(name, lineno), f"{path}: line {lineno}: {row.size} values, expected "
-                                                               f"{width}")
+                    yield DeadLetter(path, record_key(name, lineno),
+                                     f"{path}: line {lineno}: {row.size} values, expected {width}")
                     continue
                 rows.append(row)
                 keys.append(record_key(name, lineno))
@@ -179,7 +179,8 @@ def _read_csv(task, chunk, feature, limit):
             if rows:
                 yield RecordBatch(path, keys, np.stack(rows))
                 rows, keys = [], []
-            yield DeadLetter(path, f"{record_key(name, lineno + 1)}..", f"{path}: not UTF-8 text after line {lineno} ({e})")
+            yield DeadLetter(path, f"{record_key(name, lineno + 1)}..",
+                             f"{path}: not UTF-8 text after line {lineno} ({e})")
     if rows:
         yield RecordBatch(path, keys, np.stack(rows))
 
@@ -285,8 +286,10 @@ def _parse_examples_ok(path, name, raw, index, schema, ex):
     import tensorflow as tf
 
     n = len(raw)
-    keys = [k.decode() if k else record_key(name, index + j)
-            for j, k in enumerate(ex["key"].numpy())] if "key" in ex else [record_key(name, index + j) for j in range(n)]
+    if "key" in ex:
+        keys = [k.decode() if k else record_key(name, index + j) for j, k in enumerate(ex["key"].numpy())]
+    else:
+        keys = [record_key(name, index + j) for j in range(n)]
     if schema["kind"] == "shard":
         dtype, shape = schema["dtype"], schema["shape"]
         want = int(np.prod(shape)) * dtype.itemsize

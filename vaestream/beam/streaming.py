@@ -68,7 +68,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
-from vaestream.beam.stream_sources import FileWatcher, PollFiles, WatchFiles, pubsub_paths  # noqa: F401 (the streaming API)
+from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
+                                           pubsub_paths)
 from vaestream.beam.sinks import write_atomic
 from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError

@@ -11,7 +11,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 
-from vaestream.beam.elements import (CHUNK, CodeBatch, DEAD_LETTER, DeadLetter, RECORDS, RecordBatch, job_counter, record_key)
+from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, RecordBatch, job_counter,
+                                     record_key)
 from vaestream.beam.formats import open_raw, split_specs
 from vaestream.beam.model_handler import VAEModelHandler
 from vaestream.beam.readers import tfrecord_chunks

@@ -1,4 +1,5 @@
-"""``vaestream build-tables``, ``compress``, ``decompress`` and ``rd``: thin shells over :mod:`vaestream.coding.codec`."""
+"""``vaestream build-tables``, ``compress``, ``decompress`` and ``rd``: thin shells over
+:mod:`vaestream.coding.codec`."""
 
 from __future__ import annotations
 

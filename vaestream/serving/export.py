@@ -109,7 +109,8 @@ def _load_tables(model_dir: Path):
     try:
         from vaestream.coding.coder import CoderTables
     except ImportError as e:  # the coder is a separate part of the package
-        raise ModelError(f"{path}: the model has coder tables but vaestream.coding.coder cannot be imported ({e})") from e
+        raise ModelError(f"{path}: the model has coder tables but vaestream.coding.coder cannot be imported ({e})"
+                         ) from e
     return CoderTables.load(path)
 
 
@@ -194,7 +195,7 @@ class ServingModule(tf.Module):
     def _reconstruct(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         if self._tables is None:
             z, _ = self.model.encoder_params_exact(x)
-        else:  # z_hat = float32(q) * delta, exactly 0 (the prior mean) where inactive: vaestream.coding.coder.dequantize
+        else:  # z_hat = float32(q) * delta, exactly 0 (the prior mean) where inactive (coding.coder.dequantize)
             z_hat = tf.cast(self._symbols(x), tf.float32) * self._delta
             z = tf.where(self._quant["active"], z_hat, tf.zeros_like(z_hat))
         return {"x_hat": self.model.decoder_params_exact(z)["x_mean"]}

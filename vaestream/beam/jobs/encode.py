@@ -27,13 +27,15 @@ SUMMARY = "summary.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_output_arguments(parser, "record files, globs, directories, a shard set or 'fashion-mnist'", vb.CHUNK)
+    add_model_and_output_arguments(parser, "record files, globs, directories, a shard set or 'fashion-mnist'",
+                                   vb.CHUNK)
     parser.add_argument("--split", default="test", choices=["train", "test"],
                         help="split of an MNIST-layout directory (default test)")
     parser.add_argument("--scale", type=float, default=None,
                         help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
     parser.add_argument("--coder", action="store_true",
-                        help="entropy-code the latents (vaestream.coding.codec; needs the model's coder tables): one row per "
+                        help="entropy-code the latents (vaestream.coding.codec; needs the model's coder tables): one row "
+                             "per "
                              "batch of records, its keys and one container of their codes, instead of float codes")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
