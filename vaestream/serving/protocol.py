@@ -22,8 +22,8 @@ GRPC_TO_HTTP = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT":
                 "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
                 "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
                 "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
-_HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 500: "INTERNAL",
-                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 500: "INTERNAL",
+                503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 class ServingError(VaestreamError):
@@ -31,7 +31,7 @@ class ServingError(VaestreamError):
     ``code`` the canonical (gRPC) status name, e.g. ``"NOT_FOUND"``."""
 
     def __init__(self, status: int, message: str, code: str | None = None):
-        self.code = code or _HTTP_TO_GRPC.get(status, "UNKNOWN" if status else "UNAVAILABLE")
+        self.code = code or HTTP_TO_GRPC.get(status, "UNKNOWN" if status else "UNAVAILABLE")
         super().__init__(f"HTTP {status}: {message}" if code is None else f"{self.code}: {message}")
         self.status = status
         self.message = message

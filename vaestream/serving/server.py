@@ -45,8 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from vaestream.errors import DataError, ModelError
-from vaestream.serving.protocol import DTYPES, GRPC_TO_HTTP, ServingError, dumps  # noqa: F401 (re-exported)
+from vaestream.errors import DataError, ModelError, VaestreamError
+from vaestream.serving.protocol import (DTYPES, GRPC_TO_HTTP, HTTP_TO_GRPC, ServingError,  # noqa: F401 (re-exported)
+                                        dumps)
 
 DEFAULT_SIGNATURE = "serving_default"
 _PREDICT_RE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)$",
@@ -63,7 +64,7 @@ class _RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.code = code or _HTTP_TO_GRPC.get(status, "UNKNOWN")
+        self.code = code or HTTP_TO_GRPC.get(status, "UNKNOWN")
 
 
 RequestError = _RequestError  # the name the transports and the batcher use

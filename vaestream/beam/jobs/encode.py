@@ -15,6 +15,7 @@ directory) or ``--saved_model`` (an export). Unknown flags are Beam pipeline opt
 from __future__ import annotations
 
 import argparse
+import sys
 
 import apache_beam as beam
 
@@ -77,5 +78,16 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
+    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job.
+
+    With ``--streaming`` the input is unbounded (new files matching a pattern, or Pub/Sub): the job is
+    :mod:`vaestream.beam.jobs.stream_encode` (``pipelines/stream_encode.py``), which encodes in windows and
+    writes windowed output files.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--streaming" in argv:
+        from vaestream.beam.jobs import stream_encode
+
+        argv.remove("--streaming")
+        return stream_encode.run(argv)
     return vb.run_job_argv(__doc__.splitlines()[0], add_arguments, run_job, argv)
