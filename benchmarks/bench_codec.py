@@ -165,9 +165,10 @@ def lossless(images: np.ndarray, tiled: bool) -> dict:
 
 
 def bench_dataset(name: str, root: Path, args, out: Path) -> dict:
-    from vaestream import codec, container
-    from vaestream.coder import EntropyCoder, quantize
-    from vaestream.codec import build_tables
+    from vaestream.coding import codec
+    from vaestream.coding import container
+    from vaestream.coding.coder import EntropyCoder, quantize
+    from vaestream.coding.codec import build_tables
     from vaestream.data import load_records
 
     model_dir = Path(getattr(args, f"model_{name.split('-')[0]}") or out / f"model-{name}")

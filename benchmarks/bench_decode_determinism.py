@@ -44,7 +44,8 @@ def main(argv=None) -> dict:
 
     import tensorflow as tf
 
-    from vaestream import ModelConfig, VAE, codec
+    from vaestream import ModelConfig, VAE
+    from vaestream.coding import codec
     from vaestream.data import read_idx
     from vaestream.model import BLOCK_ROWS
     from vaestream.model import blocked as blocked_fn

@@ -122,7 +122,7 @@ def train_model(data: Path, out: Path) -> Path:
 
 
 def serve_load(base: Path, x: np.ndarray, seconds: float, clients: int, batch: int, signature: str) -> dict:
-    from vaestream.serve import Client
+    from vaestream.serving.client import Client
 
     proc = subprocess.Popen([sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(base),
                              "--model_name", "vae", "--port", "0", "--rest_api_port", "0",
@@ -201,7 +201,7 @@ def closed_loop(transport: str, info: dict, pid: int, x: np.ndarray, clients: in
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from vaestream.serve import dumps
+    from vaestream.serving.server import dumps
 
     n_rec = 256
     if transport == "grpc":
@@ -319,9 +319,9 @@ def main() -> None:
     import tensorflow as tf
 
     from vaestream import store
-    from vaestream.codec import write_tables
+    from vaestream.coding.codec import write_tables
     from vaestream.data import read_idx
-    from vaestream.export import ExportedModel, export
+    from vaestream.serving.export import ExportedModel, export
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     test = read_idx(a.data / "t10k-images-idx3-ubyte.gz")

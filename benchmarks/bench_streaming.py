@@ -2,7 +2,7 @@
 
 Prints one JSON object with three parts (one run, one process):
 
-* ``encode``: the streaming Beam encoder (``vaestream.beam_streaming`` on the in-process streaming runner,
+* ``encode``: the streaming Beam encoder (``vaestream.beam.streaming`` on the in-process streaming runner,
   file watcher, ``--window`` s windows) while a producer drops ``--records`` records per file every
   ``--interval`` s (Fashion-MNIST test records, then MNIST test records): sustained records/s (records coded
   between the first arrival and the last window written), the offered rate, and the latency from a file's
@@ -57,7 +57,7 @@ def pct(values, q):
 
 
 def pretrain(fashion: np.ndarray, out: Path, steps: int) -> Path:
-    from vaestream import codec
+    from vaestream.coding import codec
     from vaestream.config import ModelConfig
     from vaestream.data import make_dataset
     from vaestream.training import TrainConfig, train
@@ -72,8 +72,8 @@ def bench_encode(model: Path, fashion_test, mnist_test, work: Path, args, n_file
                  tag: str, peer: bool = True) -> dict:
     from pipelines import encode as batch_encode
 
-    from vaestream import beam_streaming as bs
-    from vaestream.drift import DriftConfig
+    from vaestream.beam import streaming as bs
+    from vaestream.online.drift import DriftConfig
 
     src = work / f"stream_in_{tag}"
     src.mkdir()
@@ -188,7 +188,7 @@ def bench_online(model: Path, fashion, mnist, work: Path, args) -> dict:
     if learner.pending:
         learner.checkpoint()
     seconds = time.perf_counter() - t0
-    from vaestream.drift import DriftConfig, DriftMonitor
+    from vaestream.online.drift import DriftConfig, DriftMonitor
 
     two = DriftMonitor(DriftConfig(threshold=0.1, two_sided=True))  # the same per-file bounds, judged both ways
     two_flags = [a["file"] for a in rows

@@ -14,9 +14,9 @@ vaestream's readers (IDX, .npy/.npz, CSV, ...; uint8 records are scaled by 1/255
 batches of ``--max-batch`` records per request (columnar ``inputs`` format). Errors from the server
 (HTTP 4xx with TF Serving's ``{"error": ...}``) exit with status 1 and the message on stderr.
 
-This is the ``vaestream client`` command; in Python use ``vaestream.serve.Client``::
+This is the ``vaestream client`` command; in Python use ``vaestream.serving.client.Client``::
 
-    from vaestream.serve import Client
+    from vaestream.serving.client import Client
     c = Client("http://localhost:8501", "vae")
     codes = c.quantize(x)          # x: float32 [N, 784] in [0, 1]
     x_hat = c.reconstruct(x)

@@ -1,114 +1,24 @@
 """Beam job: latent codes -> reconstructions, refusing codes written by another model.
 
-    python -m pipelines.decode --input codes/ --model runs/model --output recon/ --output_dtype uint8
-
-Inputs: code files written by ``pipelines/encode.py`` (TFRecord or Parquet; files, globs or a directory).
-Before the job starts, the first code's fingerprint is checked against the model's; every batch is checked
-again in the workers. A mismatch raises :class:`vaestream.errors.ModelMismatchError`. Output:
-``OUTPUT/recon-SSSSS-of-NNNNN.tfrecord`` in the shard Example layout (key, data, shape, dtype; readable by
-:func:`vaestream.shards.read_shards`) or ``.parquet`` (key, data), plus ``dead_letter.jsonl`` and
-``summary.json``. Unknown flags are Beam pipeline options.
+The job lives in :mod:`vaestream.beam.jobs.decode` (the library never imports ``pipelines``); this module is its
+command-line shell: ``python -m pipelines.decode --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
+from vaestream.beam.jobs import decode as _job
+from vaestream.beam.jobs.decode import (
+    RECON, SUMMARY, add_arguments, check_fingerprint, build, run_job, run)
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from vaestream import beam as vb
-from vaestream import shards
-from vaestream.errors import ModelMismatchError
-
-RECON = "recon"
-SUMMARY = "summary.json"
+__all__ = ["RECON", "SUMMARY", "add_arguments", "check_fingerprint", "build", "run_job", "run"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", "--inputs", dest="input", required=True, nargs="+",
-                        help="code files (.tfrecord/.parquet), globs or directories")
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", "--model_dir", dest="model", help="model directory (config.json + ckpt/)")
-    g.add_argument("--saved_model", "--saved-model", dest="saved_model", help="SavedModel export directory")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--output_format", "--output-format", default="tfrecord", choices=["tfrecord", "parquet"])
-    parser.add_argument("--output_dtype", "--output-dtype", default="float32", choices=["float32", "uint8"],
-                        help="reconstructions as float32 means, or round(255 x) as uint8")
-    parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
-                        help="as pipelines/encode.py: RunInference, or the next batch decoded on a thread")
-    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK)
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=vb.CHUNK, help="records per model call")
-    parser.add_argument("--num_shards", "--num-shards", type=int, default=0)
-
-
-def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str | None,
-                      model: vb.LoadedVAE | None = None) -> str:
-    """Raise ModelMismatchError if the first code in ``paths`` was written by another model; return the
-    model's fingerprint. ``model``: the loaded model (default: load it)."""
-    model = model if model is not None else vb.LoadedVAE.load(model_dir, saved_model)
-    fp = vb.first_fingerprint(paths)
-    if fp is not None and fp != model.fingerprint:
-        raise ModelMismatchError(f"{paths[0]}: codes were written by model {fp[:16]}..., the model given "
-                                 f"({model_dir or saved_model}) is {model.fingerprint[:16]}...; decode them with the "
-                                 "model that encoded them")
-    return model.fingerprint
-
-
-def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
-    """Add the decode steps to ``p``."""
-    config = vb.read_model_config(args.model, args.saved_model)
-    out = args.output.rstrip("/")
-    # a rerun replaces the earlier run's files
-    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
-    codes = p | "ReadCodes" >> vb.ReadCodes(paths, args.chunk_size)
-    recon = codes[vb.RECORDS] | "Decode" >> vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype,
-                                                        overlap=args.inference == "overlap")
-    schema = vb.record_schema(config.input_shape, args.output_dtype) if args.output_format == "parquet" else None
-    recon | "WriteReconstructions" >> vb.WriteBatches(f"{out}/{RECON}", args.output_format, schema, args.num_shards)
-    codes[vb.DEAD_LETTER] | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
-    return {"output": out, "config": config}
-
-
-def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    from vaestream import beam_dask
-
-    if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
-        return beam_dask.run_decode(args, pipeline_args)
-    paths = vb.code_files(args.input)
-    # loaded once: held here for the whole job, the workers of an in-process runner reuse it
-    # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time
-    model = vb.LoadedVAE.load(args.model, args.saved_model, reuse=True)
-    fingerprint = check_fingerprint(paths, args.model, args.saved_model, model)
-    p = vb.make_pipeline(PipelineOptions(pipeline_args))
-    info = build(p, args, paths)
-    t0 = time.perf_counter()
-    result = vb.run_pipeline(p)
-    seconds = time.perf_counter() - t0
-    out = info["output"]
-    ext = "parquet" if args.output_format == "parquet" else "tfrecord"
-    summary = vb.job_summary("decode", result, seconds, f"{out}/{RECON}-*.{ext}", f"{out}/{shards.DEAD_LETTER}",
-                             {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                              "output_format": args.output_format, "output_dtype": args.output_dtype})
-    from pipelines.encode import _write_json
-
-    _write_json(f"{out}/{SUMMARY}", summary)
-    del model
-    return summary
-
-
-def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args, pipeline_args = parser.parse_known_args(argv)
-    return run_job(args, pipeline_args)
+def __getattr__(name: str):
+    """Any other name of the job module (one object, whichever path it is reached by)."""
+    return getattr(_job, name)
 
 
 if __name__ == "__main__":
-    vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    from vaestream.beam.running import job_main
+
+    job_main(run)

@@ -1,106 +1,24 @@
 """Beam job: raw records -> validated, shuffled, sharded TFRecord files plus ``manifest.json``.
 
-    python -m pipelines.prepare --input data/mnist --output shards/mnist-train
-    python -m pipelines.prepare --input 'data/*.csv,extra.npy' --output shards/x --num_shards 16 \\
-        --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
-
-Inputs: MNIST-format IDX, .npy/.npz, CSV, TFRecord of tf.train.Example, a folder of PNG images, an
-MNIST-layout directory or ``fashion-mnist`` (``--split``). Bad records go to ``OUTPUT/dead_letter.jsonl``
-with a reason; the job checks records in = written + dead-lettered. Unknown flags are Beam pipeline
-options (``--runner``, ``--direct_num_workers``, ``--direct_running_mode``, ...); with no ``--runner`` the
-job runs on the in-process FnApiRunner.
+The job lives in :mod:`vaestream.beam.jobs.prepare` (the library never imports ``pipelines``); this module is its
+command-line shell: ``python -m pipelines.prepare --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
+from vaestream.beam.jobs import prepare as _job
+from vaestream.beam.jobs.prepare import (
+    add_arguments, settle, build, run_job, run, prepare)
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from vaestream import beam as vb
-from vaestream import shards
+__all__ = ["add_arguments", "settle", "build", "run_job", "run", "prepare"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", "--inputs", dest="input", required=True, nargs="+",
-                        help="files, globs, directories (MNIST layout, PNG folder) or 'fashion-mnist'")
-    parser.add_argument("--output", required=True, help="output directory (shards, manifest.json, dead_letter.jsonl)")
-    parser.add_argument("--split", default="train", choices=["train", "test"],
-                        help="split of an MNIST-layout directory (default train)")
-    parser.add_argument("--num_shards", "--num-shards", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the shuffle")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "uint8", "float32"],
-                        help="stored dtype (auto: uint8 if the first input holds integers, else float32)")
-    parser.add_argument("--shape", type=int, nargs="+", default=None,
-                        help="record shape (default: the first input's)")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
-    parser.add_argument("--likelihood", default="bernoulli",
-                        choices=["bernoulli", "gaussian_sigmoid", "gaussian", "none"],
-                        help="refuse records outside this decoder's support (bernoulli: inputs in [0, 1])")
-    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK)
-    parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
-    parser.add_argument("--feature", default="x", help="record feature of generic TFRecord Examples / .npz array")
-
-
-def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
-    """Add the prepare steps to ``p``; returns what the summary needs."""
-    paths = vb.expand_inputs(args.input, args.split)
-    shape, dtype0 = vb.probe(paths[0], args.feature)
-    shape = tuple(args.shape) if args.shape else shape
-    dtype = args.dtype if args.dtype != "auto" else ("uint8" if dtype0.kind in "iub" else "float32")
-    scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
-    likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
-    out = args.output.rstrip("/")
-    # a rerun replaces the earlier run's files
-    vb.clear_outputs(f"{out}/{shards.SHARD_PREFIX}-*", f"{out}/{shards.DEAD_LETTER}", f"{out}/{shards.MANIFEST}",
-                     inputs=paths)
-    # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
-    read = p | "ReadRecords" >> vb.ReadRecords(paths, args.split, args.chunk_size, args.split_records, args.feature,
-                                               validate=vb.Validate(shape, likelihood, dtype, args.scale))
-    dead = read[vb.DEAD_LETTER]
-    dead | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shards.DEAD_LETTER}")
-    read[vb.RECORDS] | "WriteShards" >> vb.WriteShards(out, shape, dtype, scale, args.num_shards, args.seed, paths,
-                                                       dead_letters=dead)
-    return {"output": out, "shape": list(shape), "dtype": dtype}
-
-
-def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the prepare job; returns its summary (see :func:`vaestream.beam.job_summary`)."""
-    from vaestream import beam_dask
-
-    if beam_dask.wants_dask(pipeline_args):  # Beam's DaskRunner: a linear graph, our own commit (beam_dask)
-        return beam_dask.run_prepare(args, pipeline_args)
-    options = PipelineOptions(pipeline_args)
-    p = vb.make_pipeline(options)
-    info = build(p, args)
-    t0 = time.perf_counter()
-    result = vb.run_pipeline(p)
-    seconds = time.perf_counter() - t0
-    out = info["output"]
-    manifest = shards.read_manifest(out)
-    summary = vb.job_summary("prepare", result, seconds, f"{out}/{shards.SHARD_PREFIX}-*{shards.SHARD_SUFFIX}",
-                             f"{out}/{shards.DEAD_LETTER}",
-                             {"manifest": manifest.path, "content_hash": manifest.content_hash,
-                              "shape": list(manifest.shape), "dtype": manifest.dtype})
-    if manifest.records != summary["records"] or manifest.dead_lettered != summary["dead_lettered"]:
-        raise vb.DataError(f"{manifest.path}: says {manifest.records} records / {manifest.dead_lettered} "
-                           f"dead-lettered, the job counted {summary['records']} / {summary['dead_lettered']}")
-    return summary
-
-
-def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args, pipeline_args = parser.parse_known_args(argv)
-    return run_job(args, pipeline_args)
+def __getattr__(name: str):
+    """Any other name of the job module (one object, whichever path it is reached by)."""
+    return getattr(_job, name)
 
 
 if __name__ == "__main__":
-    vb.freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    from vaestream.beam.running import job_main
+
+    job_main(run)

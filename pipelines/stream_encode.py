@@ -1,77 +1,24 @@
-"""Beam streaming job: new record files -> latent codes in fixed event-time windows (vaestream.beam_streaming).
+"""Beam streaming job: new record files -> latent codes in fixed event-time windows (vaestream.beam.streaming).
 
-    python -m pipelines.stream_encode --watch 'incoming/*.npy' --model runs/model --output out/ --window 10
-    python -m pipelines.stream_encode --pubsub_subscription projects/P/subscriptions/S --saved_model REG/3 \
-        --output gs://bucket/codes --runner DataflowRunner ...
-
-Output: ``OUTPUT/codes/codes-START-END-pPANE.{tfrecord,vaez,json}`` per window pane,
-``OUTPUT/dead_letter/*.jsonl`` (unreadable, malformed or late input, with the reason), ``OUTPUT/drift.jsonl``
-(per-window mean ELBO, bits/record and the drift flag) and ``OUTPUT/summary.json``. With no ``--runner`` the
-job runs on Beam's in-process streaming runner until ``--stop_after`` / ``--idle_timeout`` / ``--max_files``
-(or Ctrl-C). Unknown flags are Beam pipeline options.
+The job lives in :mod:`vaestream.beam.jobs.stream_encode` (the library never imports ``pipelines``); this module is its
+command-line shell: ``python -m pipelines.stream_encode --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
+from vaestream.beam.jobs import stream_encode as _job
+from vaestream.beam.jobs.stream_encode import (
+    SUMMARY, add_arguments, run_job, run)
 
-SUMMARY = "summary.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--watch", "--input", dest="watch", nargs="+", help="glob(s) of record files to watch")
-    src.add_argument("--pubsub_topic", "--pubsub-topic", default=None, help="Pub/Sub topic of file paths")
-    src.add_argument("--pubsub_subscription", "--pubsub-subscription", default=None)
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", "--model_dir", dest="model", help="model directory (config.json + ckpt/)")
-    g.add_argument("--saved_model", "--saved-model", dest="saved_model",
-                   help="SavedModel export (a version directory, or an export base / registry: its latest)")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--window", type=float, default=10.0, help="window length, seconds of event time")
-    parser.add_argument("--allowed_lateness", "--allowed-lateness", type=float, default=0.0,
-                        help="seconds after a window's end that late input is still encoded (later: dead letter)")
-    parser.add_argument("--poll_interval", "--poll-interval", type=float, default=1.0)
-    parser.add_argument("--stop_after", "--stop-after", type=float, default=None, help="stop after S seconds")
-    parser.add_argument("--idle_timeout", "--idle-timeout", type=float, default=None,
-                        help="stop when no new file appeared for S seconds")
-    parser.add_argument("--max_files", "--max-files", type=int, default=None)
-    parser.add_argument("--coder", choices=["auto", "yes", "no"], default="auto",
-                        help="write .vaez containers (auto: when the model has coder tables)")
-    parser.add_argument("--quality", type=float, default=None, help="coder quality")
-    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=4096, help="records per element")
-    parser.add_argument("--drift_threshold", "--drift-threshold", type=float, default=0.1,
-                        help="flag a window whose bits/record exceed the reference by this fraction")
+__all__ = ["SUMMARY", "add_arguments", "run_job", "run"]
 
 
-def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the streaming encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    from vaestream import beam_streaming as bs
-    from vaestream.drift import DriftConfig
-
-    cfg = bs.StreamConfig(window=args.window, allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size,
-                          batch_size=args.chunk_size)
-    coder = {"auto": None, "yes": True, "no": False}[args.coder]
-    summary = bs.run_stream(args.output, args.watch, args.model, args.saved_model, cfg,
-                            DriftConfig(threshold=args.drift_threshold), args.poll_interval, args.stop_after,
-                            args.idle_timeout, args.max_files, None, args.pubsub_topic, args.pubsub_subscription,
-                            coder, args.quality, pipeline_args)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, SUMMARY), "w") as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def run(argv: list[str] | None = None) -> dict:
-    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args, pipeline_args = parser.parse_known_args(argv)
-    return run_job(args, pipeline_args)
+def __getattr__(name: str):
+    """Any other name of the job module (one object, whichever path it is reached by)."""
+    return getattr(_job, name)
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1:]), indent=2))
+    from vaestream.beam.running import job_main
+
+    job_main(run, freeze=False)

@@ -62,7 +62,7 @@ def coded_model_dir(small_model, mnist_train, tmp_path_factory) -> Path:
     """A copy of the session's small model with coder tables built from 10k training records."""
     import shutil
 
-    from vaestream import codec
+    from vaestream.coding import codec
 
     d = tmp_path_factory.mktemp("coded") / "model"
     shutil.copytree(small_model.model_dir, d)

@@ -85,7 +85,7 @@ def test_demo_trains_evaluates_plots_compresses_and_exports(tmp_path, mnist_dir)
 
 
 def test_train_pulls_minibatches_from_prepared_shards(tmp_path, mnist_train):
-    from vaestream.shards import prepare
+    from vaestream.beam.jobs.prepare import prepare
 
     np.save(tmp_path / "raw.npy", mnist_train[:3000])
     man = prepare(str(tmp_path / "raw.npy"), tmp_path / "shards", num_shards=3)

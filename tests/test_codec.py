@@ -16,8 +16,10 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vaestream import VAE, codec, container
-from vaestream.coder import dequantize, quantize
+from vaestream import VAE
+from vaestream.coding import codec
+from vaestream.coding import container
+from vaestream.coding.coder import dequantize, quantize
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
 HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -76,7 +78,7 @@ def test_a_stream_written_in_another_process_decodes_bit_identically(cdc, model_
     np.save(tmp_path / "x.npy", x[:300])
     script = textwrap.dedent(f"""
         import numpy as np, sys
-        from vaestream import codec
+        from vaestream.coding import codec
         c = codec.load({str(model_dir)!r})
         x = np.load({str(tmp_path / 'x.npy')!r})
         open({str(tmp_path / 'blob')!r}, 'wb').write(c.compress(x, quality=0.5))
@@ -184,7 +186,7 @@ def test_a_stream_of_another_model_or_other_tables_is_refused(cdc, other_codec, 
     with pytest.raises(ModelMismatchError, match="other coder tables"):
         cdc.decompress(c2.compress(x[:20]))
     # a lossless (bits-back) stream of the same model is named as such
-    from vaestream.lossless import LOSSLESS_TAG
+    from vaestream.coding.lossless import LOSSLESS_TAG
 
     h = cdc._header(cdc._coder(None), False)
     lossless = container.pack(container.Header(**{**h.__dict__, "table_hash": LOSSLESS_TAG, "quality": 0.0,

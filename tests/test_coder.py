@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vaestream import coder
-from vaestream.coder import PRECISION, TOTAL, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
+from vaestream.coding import coder
+from vaestream.coding.coder import PRECISION, TOTAL, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
     quantize, quantize_tf
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError
 

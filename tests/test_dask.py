@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("dask.distributed")
+import dask.distributed  # noqa: E402,F401 (dask[distributed] is a dependency)
 
-from pipelines import decode, encode, prepare  # noqa: E402
+from vaestream.beam.jobs import decode, encode, prepare  # noqa: E402
 from vaestream import beam as vb  # noqa: E402
-from vaestream import beam_dask, shards  # noqa: E402
+from vaestream import shards
+from vaestream.beam import dask as beam_dask  # noqa: E402
 from vaestream.errors import DataError  # noqa: E402
 
 from tests.test_pipelines import _poisoned_inputs  # noqa: E402

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vaestream import codec, export
-from vaestream.coder import dequantize
+from vaestream.coding import codec
+from vaestream.serving import export
+from vaestream.coding.coder import dequantize
 from vaestream.model import BLOCK_ROWS, blocked
 
 
@@ -120,7 +121,7 @@ def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(stream
         import numpy as np, tensorflow as tf
         tf.config.threading.set_intra_op_parallelism_threads({threads})
         tf.config.threading.set_inter_op_parallelism_threads({threads})
-        from vaestream import codec
+        from vaestream.coding import codec
         c = codec.load({str(coded_model_dir)!r})
         blob = open({str(tmp_path / 'blob')!r}, 'rb').read()
         codes, _ = c.decompress_codes(blob)

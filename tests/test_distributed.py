@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import prepare
+from vaestream.beam.jobs import prepare
 from vaestream import ModelConfig, TrainConfig, store
 from vaestream.distributed import free_ports, train_distributed
 from vaestream.training import dataset_elbo

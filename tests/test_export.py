@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vaestream import coder, store
+from vaestream import store
+from vaestream.coding import coder
 from vaestream.errors import DataError, ModelError
-from vaestream.export import ExportedModel, describe, elbo_fixed_noise, export, list_versions, resolve_export
+from vaestream.serving.export import ExportedModel, describe, elbo_fixed_noise, export, list_versions, resolve_export
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 QUALITY = 0.5
@@ -42,7 +43,7 @@ def exported(small_model, mnist_test, records, tmp_path_factory):
     """(model_dir with coder tables, export base, version dir, in-process VAE, tables)."""
     model_dir = tmp_path_factory.mktemp("model_with_tables")
     shutil.copytree(small_model.model_dir, model_dir, dirs_exist_ok=True)
-    from vaestream.codec import write_tables
+    from vaestream.coding.codec import write_tables
 
     write_tables(model_dir, mnist_test[2000:4000])  # the coder's own calibration path
     model = store.load_model(model_dir)
@@ -133,7 +134,7 @@ def test_fresh_process_matches_in_process_model(exported, records, tmp_path):
 
 CODEC = textwrap.dedent("""
     import sys, numpy as np
-    from vaestream import codec
+    from vaestream.coding import codec
     path, inp, out = sys.argv[1:4]
     c = codec.load(path)                         # the SavedModel alone: no checkpoint, no model directory
     d = np.load(inp)
@@ -147,7 +148,7 @@ CODEC = textwrap.dedent("""
 def test_codec_compress_in_process_decompress_from_savedmodel_alone(exported, records, tmp_path):
     """Compress with the in-process codec, decompress in a fresh process from a copy of the export alone; and
     the reverse (the SavedModel's streams decode in-process to the same codes)."""
-    from vaestream import codec
+    from vaestream.coding import codec
 
     model_dir, _, path, _, _ = exported
     alone = tmp_path / "shipped" / "1"

@@ -58,7 +58,7 @@ def test_replay_buffer_is_a_bounded_ring():
 def test_online_training_lowers_heldout_negative_elbo_and_publishes(mnist_train, mnist_test, tmp_path):
     from vaestream.model import VAE
     from vaestream.online import OnlineConfig, OnlineLearner
-    from vaestream.registry import Registry
+    from vaestream.online.registry import Registry
     from vaestream.training import dataset_elbo
 
     mc, tc, _ = _config()

@@ -17,7 +17,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import decode, encode, prepare
+from vaestream.beam.jobs import decode, encode, prepare
 from vaestream import beam as vb
 from vaestream import shards
 from vaestream.errors import ModelMismatchError
@@ -247,9 +247,8 @@ def test_transforms_with_test_pipeline(trained, tmp_path, mnist_test, overlap):
 
 
 def test_encode_job_from_export(trained, tmp_path, mnist_test):
-    """The encode job with --saved_model on vaestream.export's layout gives the model directory's codes."""
-    pytest.importorskip("vaestream.export", reason="the export module (deployment issue) is not in this tree")
-    from vaestream.export import export
+    """The encode job with --saved_model on vaestream.serving.export's layout gives the model directory's codes."""
+    from vaestream.serving.export import export
 
     base = tmp_path / "exports"
     export(trained.model_dir, base)
@@ -307,7 +306,7 @@ def test_encode_job_with_the_coder_writes_one_container_per_batch_and_decode_rea
                                                                                      mnist_test):
     """--coder: each row holds a batch's keys and one container; together they hold every record once, each
     decompressing to the codec's reconstruction of that record, and the decode job reproduces them."""
-    codec_mod = pytest.importorskip("vaestream.codec", reason="the coder module is not in this tree")
+    from vaestream.coding import codec as codec_mod
     model_dir = tmp_path / "model"
     import shutil
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from vaestream import container
+from vaestream.coding import container
 
 
 def _train_more(model_dir, records: np.ndarray, steps: int, seed: int) -> None:
@@ -30,8 +30,8 @@ def _train_more(model_dir, records: np.ndarray, steps: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def registry_with_versions(small_model, mnist_test, tmp_path_factory):
     """A registry with versions 1..3 of one model as it trains on, plus version 1's codes of 50 records."""
-    from vaestream import codec
-    from vaestream.registry import Registry
+    from vaestream.coding import codec
+    from vaestream.online.registry import Registry
 
     root = tmp_path_factory.mktemp("registry")
     work = root / "model"
@@ -62,7 +62,7 @@ def test_versions_are_numbered_and_logged(registry_with_versions):
 
 
 def test_version1_codes_decode_after_version3(registry_with_versions):
-    from vaestream import container
+    from vaestream.coding import container
 
     r = registry_with_versions
     reg, blob1 = r["reg"], r["blob1"]
@@ -82,7 +82,7 @@ def test_version1_codes_decode_after_version3(registry_with_versions):
 
 
 def test_missing_version_is_a_clear_error(registry_with_versions, tmp_path):
-    from vaestream import codec
+    from vaestream.coding import codec
     from vaestream.errors import BitstreamError, ModelMismatchError
 
     r = registry_with_versions
@@ -108,7 +108,7 @@ def test_publishing_the_same_model_twice_returns_its_version(registry_with_versi
 
 
 def test_decode_means_of_beam_code_records(registry_with_versions):
-    from vaestream import export
+    from vaestream.serving import export
 
     r = registry_with_versions
     reg = r["reg"]

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vaestream.export import ExportedModel, export
-from vaestream.serve import Client, ServingError
+from vaestream.serving.export import ExportedModel, export
+from vaestream.serving.client import Client
+from vaestream.serving.protocol import ServingError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -33,7 +34,7 @@ def records(mnist_test) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def export_base(small_model, mnist_test, tmp_path_factory) -> Path:
-    from vaestream.codec import write_tables
+    from vaestream.coding.codec import write_tables
 
     model_dir = tmp_path_factory.mktemp("serve_model")
     shutil.copytree(small_model.model_dir, model_dir, dirs_exist_ok=True)
@@ -165,7 +166,7 @@ def test_client_codes_and_reconstructions(server, local, records):
         e = c.elbo(records)  # fixed noise: a record's ELBO does not depend on its batch
         np.testing.assert_allclose(e["elbo"], local.elbo(records)["elbo"], rtol=1e-5)
         # the codes are what the codec entropy-codes: decode them from the SavedModel alone
-        from vaestream import codec
+        from vaestream.coding import codec
 
         cc = codec.load(local.path)
         np.testing.assert_allclose(cc.decode(codes), c.reconstruct(records), rtol=1e-6, atol=1e-6)
@@ -176,7 +177,7 @@ def test_client_codes_and_reconstructions(server, local, records):
 def test_json_writer_is_exact_and_tf_serving_compatible():
     """float32 values written with 9 significant digits parse back bit-identical; NaN / Infinity are written
     as TF Serving's tokens; ints stay ints."""
-    from vaestream.serve import dumps
+    from vaestream.serving.server import dumps
 
     rng = np.random.default_rng(0)
     a = np.concatenate([rng.standard_normal(5000), rng.uniform(0, 1, 5000) * 10.0 ** rng.integers(-30, 30, 5000)])
@@ -350,7 +351,7 @@ def test_cli_client_and_deploy_client(server, local, records, tmp_path, capsys):
 def test_responses_parse_as_tf_serving_protos(server, export_base):
     """The status and metadata JSON parse (strictly) into TF Serving's own response protos, and the signature
     defs are those of the SavedModel."""
-    pytest.importorskip("tensorflow_serving.apis", reason="tensorflow-serving-api (TF Serving's protos) not installed")
+    import tensorflow_serving.apis  # noqa: F401 (tensorflow-serving-api is a dependency)
     from google.protobuf import json_format
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
@@ -371,7 +372,7 @@ def test_responses_parse_as_tf_serving_protos(server, export_base):
 def test_deploy_files_are_consistent():
     """deploy/models.config is a valid ModelServerConfig, and the compose file, Dockerfile and Kubernetes
     manifest serve that model on TF Serving's REST port with the readiness probe on its status URL."""
-    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    import yaml  # the test extras install PyYAML
     deploy = ROOT / "deploy"
     text = (deploy / "models.config").read_text()
     try:
@@ -541,7 +542,7 @@ def test_grpc_unsupported_calls(serving, records):
 
 def test_grpc_client(serving, local, records, tmp_path, capsys):
     from vaestream.cli import main
-    from vaestream.serve import GrpcClient
+    from vaestream.serving.client import GrpcClient
 
     np.save(tmp_path / "x.npy", records[:6])
     assert main(["client", "quantize", "--url", "grpc://" + serving["grpc"], "--input", str(tmp_path / "x.npy"),
@@ -576,9 +577,9 @@ class _InProcess:
     """A ModelServer with gRPC and REST on ephemeral loopback ports, in this process (threads)."""
 
     def __init__(self, base: Path, batching):
-        from vaestream.serve import ModelServer
-        from vaestream.serve_grpc import make_grpc_server
-        from vaestream.serve_rest import RestServer
+        from vaestream.serving.server import ModelServer
+        from vaestream.serving.grpc_server import make_grpc_server
+        from vaestream.serving.rest_server import RestServer
 
         self.ms = ModelServer(base, "vae", batching=batching)
         assert self.ms.reload() == [1]
@@ -602,7 +603,7 @@ def test_batching_merges_concurrent_requests_bit_identical(export_base, local, r
     bit-identical to the SavedModel run on that request alone."""
     import tensorflow as tf
 
-    from vaestream.batching import BatchingParameters
+    from vaestream.serving.batching import BatchingParameters
 
     srv = _InProcess(export_base, BatchingParameters(max_batch_size=32, batch_timeout_micros=50_000,
                                                      num_batch_threads=1, max_enqueued_batches=100))
@@ -647,7 +648,7 @@ def test_batching_full_queue_answers_unavailable_at_once(export_base, local, rec
     import grpc
     import tensorflow as tf
 
-    from vaestream.batching import BatchingParameters
+    from vaestream.serving.batching import BatchingParameters
 
     srv = _InProcess(export_base, BatchingParameters(max_batch_size=4, batch_timeout_micros=20_000_000,
                                                      num_batch_threads=1, max_enqueued_batches=1))
@@ -678,7 +679,7 @@ def test_batching_full_queue_answers_unavailable_at_once(export_base, local, rec
 
 
 def test_batching_parameters_file_is_tf_servings_text_format(tmp_path):
-    from vaestream.batching import BatchingParameters
+    from vaestream.serving.batching import BatchingParameters
     from vaestream.errors import ModelError
 
     f = tmp_path / "batching.config"

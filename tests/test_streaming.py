@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="module")
 def coded_model(small_model, mnist_test, tmp_path_factory):
     """A copy of the session's small MNIST model with coder tables (so windows are also written as containers)."""
-    from vaestream import codec
+    from vaestream.coding import codec
 
     d = tmp_path_factory.mktemp("stream_model") / "model"
     shutil.copytree(small_model.model_dir, d)
@@ -25,7 +25,7 @@ def coded_model(small_model, mnist_test, tmp_path_factory):
 
 # -- drift ---------------------------------------------------------------------------------------------------
 def test_drift_monitor_flags_a_drop_of_the_bound_and_rebaselines(tmp_path):
-    from vaestream.drift import DriftConfig, DriftMonitor, read_log
+    from vaestream.online.drift import DriftConfig, DriftMonitor, read_log
 
     mon = DriftMonitor(DriftConfig(threshold=0.1, warmup=2, rebaseline_after=3), tmp_path / "d.jsonl")
     ln2 = np.log(2)
@@ -54,9 +54,10 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
     from apache_beam.transforms.window import TimestampedValue
 
     from vaestream import beam as vb
-    from vaestream import beam_streaming as bs
-    from vaestream import codec, container
-    from vaestream.registry import Registry
+    from vaestream.beam import streaming as bs
+    from vaestream.coding import codec
+    from vaestream.coding import container
+    from vaestream.online.registry import Registry
 
     src = tmp_path / "in"
     src.mkdir()
@@ -113,9 +114,9 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
 
 # -- a live stream: the file watcher on the in-process streaming runner, through the job shell ---------------
 def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_path):
-    from pipelines import encode
+    from vaestream.beam.jobs import encode
 
-    from vaestream import beam_streaming as bs
+    from vaestream.beam import streaming as bs
 
     src = tmp_path / "in"
     src.mkdir()
@@ -153,7 +154,7 @@ def test_poll_files_emits_each_file_once(tmp_path):
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
     from apache_beam.testing.util import assert_that, equal_to
 
-    from vaestream import beam_streaming as bs
+    from vaestream.beam import streaming as bs
 
     (tmp_path / "a.npy").write_bytes(b"a")
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from vaestream.binio import read_exact
 from vaestream.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -33,7 +35,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 BINARIZE = ("none", "static", "dynamic")
 
-_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
@@ -52,6 +54,40 @@ def _open_bytes(path: str | os.PathLike) -> bytes:
     return raw
 
 
+def idx_header(f: BinaryIO, path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The IDX header at the start of ``f``: (stored dtype, shape, header bytes). A magic number
+    ``0x0000TTNN`` (TT the type code, NN the number of dimensions) then NN big-endian uint32 sizes."""
+    head = read_exact(f, 4)
+    if len(head) < 4:
+        raise DataError(f"{path}: too short to be an IDX file")
+    zero, type_code, ndim = struct.unpack(">HBB", head)
+    if zero != 0 or type_code not in IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: not an IDX file (magic 0x{head.hex()})")
+    dims = read_exact(f, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", dims)
+    return IDX_DTYPES[type_code], tuple(shape), 4 + 4 * ndim
+
+
+def npy_header(f: BinaryIO, path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """The ``.npy`` header at the start of ``f``: (dtype, shape, Fortran order); records only (no objects,
+    no scalar)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy file ({e})") from e
+    if dtype.hasobject:
+        raise DataError(f"{path}: .npy of dtype {dtype} holds Python objects, not numbers")
+    if len(shape) < 1:
+        raise DataError(f"{path}: .npy holds a scalar, expected records [N, ...]")
+    return dtype, tuple(shape), fortran
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (raw or gzip): ``[N, ...]`` in its stored dtype (native byte order).
 
@@ -61,14 +97,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     data = _open_bytes(path)
     if len(data) < 4:
         raise DataError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
-    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path}: not an IDX file (magic 0x{data[:4].hex()})")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = _IDX_DTYPES[type_code]
+    dtype, shape, header = idx_header(io.BytesIO(data), path)
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
         raise DataError(f"{path}: IDX payload is {len(data) - header} bytes, the header {shape} says {expected}"
@@ -125,12 +154,18 @@ def read_npy(path: str | os.PathLike, key: str | None = None, mmap: bool = True)
         raise DataError(f"{path}: not a readable NumPy file ({e})") from e
 
 
+def csv_row(line: str, delimiter: str = ",") -> np.ndarray:
+    """One CSV record: the numbers of ``line`` as float32 (ValueError if one is not a number). A first line
+    that is not a row of numbers is a header, for every CSV reader (:func:`read_csv`, the Beam reader)."""
+    return np.array(line.strip().split(delimiter), dtype=np.float32)
+
+
 def read_csv(path: str | os.PathLike, delimiter: str = ",") -> np.ndarray:
     """Read a CSV of numbers, one record per line; a first line that is not numeric is a header."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    rows: list[list[float]] = []
+    rows: list[np.ndarray] = []
     width = None
     with open(path, "r", encoding="utf-8", errors="strict") as f:
         try:
@@ -140,9 +175,8 @@ def read_csv(path: str | os.PathLike, delimiter: str = ",") -> np.ndarray:
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        fields = line.split(delimiter)
         try:
-            row = [float(v) for v in fields]
+            row = csv_row(line, delimiter)
         except ValueError:
             if lineno == 1:
                 continue  # header

@@ -57,9 +57,9 @@ def free_ports(n: int) -> list[int]:
 
 def _shard_share(shard_dir: str, index: int, workers: int) -> tuple[list[str], list[int], float, tuple]:
     """(this worker's shard paths, every worker's record count, scale, shape) from the manifest."""
-    from vaestream import shards
+    from vaestream import shardset
 
-    m = shards.read_manifest(shard_dir)
+    m = shardset.read_manifest(shard_dir)
     base = os.path.dirname(m.path)
     entries = sorted(m.shards, key=lambda e: e["path"])
     if len(entries) < workers:
@@ -169,7 +169,7 @@ def train_distributed(shard_dir: str | Path, model_dir: str | Path, config: Mode
 
     Raises :class:`ModelError` with the failing worker's log tail if a worker fails (the others are
     stopped)."""
-    from vaestream import shards
+    from vaestream import shardset
     from vaestream.training import TrainConfig, prepare_model_dir
 
     cfg = train_config or TrainConfig()
@@ -177,7 +177,7 @@ def train_distributed(shard_dir: str | Path, model_dir: str | Path, config: Mode
         raise ConfigError("num_workers must be at least 1")
     if cfg.batch_size % num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} does not split over {num_workers} workers")
-    m = shards.read_manifest(shard_dir)
+    m = shardset.read_manifest(shard_dir)
     model_dir = Path(model_dir)
     config = prepare_model_dir(model_dir, config, tuple(m.shape), cfg, str(shard_dir))
     ports = free_ports(num_workers)

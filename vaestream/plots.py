@@ -59,6 +59,19 @@ def image_grid(images: np.ndarray, rows: int, cols: int, shape: Sequence[int]) -
     return out
 
 
+def _save_grid(plt, grid: np.ndarray, figsize: tuple[float, float], title: str, fontsize: int, path: str | Path,
+               **imshow) -> Path:
+    """Draw an image grid in gray without axes, titled, and save it at 120 dpi."""
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.imshow(grid, cmap="gray", **imshow)
+    ax.axis("off")
+    ax.set_title(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def reconstructions(model: VAE, x: np.ndarray, path: str | Path, n: int = 16) -> Path:
     """Originals (top row) above their reconstructions E[x | z = mu(x)] (bottom row)."""
     plt = _plt()
@@ -67,14 +80,7 @@ def reconstructions(model: VAE, x: np.ndarray, path: str | Path, n: int = 16) ->
     xr = model.decoder_params(mean)["x_mean"].numpy()
     shape = model.config.input_shape if len(model.config.input_shape) == 2 else (1, model.config.input_dim)
     grid = image_grid(np.concatenate([x, xr]), 2, len(x), shape)
-    fig, ax = plt.subplots(figsize=(len(x) * 0.6, 1.6))
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    ax.axis("off")
-    ax.set_title("top: data, bottom: reconstruction", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_grid(plt, grid, (len(x) * 0.6, 1.6), "top: data, bottom: reconstruction", 8, path, vmin=0, vmax=1)
 
 
 def manifold(model: VAE, path: str | Path, n: int = 20) -> Path:
@@ -89,11 +95,5 @@ def manifold(model: VAE, path: str | Path, n: int = 20) -> Path:
     xm = model.decoder_params(z)["x_mean"].numpy()
     shape = model.config.input_shape if len(model.config.input_shape) == 2 else (1, model.config.input_dim)
     grid = image_grid(xm, n, n, shape)
-    fig, ax = plt.subplots(figsize=(7, 7 * grid.shape[0] / grid.shape[1]))
-    ax.imshow(grid, cmap="gray")
-    ax.axis("off")
-    ax.set_title("learned data manifold (2-D latent space)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_grid(plt, grid, (7, 7 * grid.shape[0] / grid.shape[1]), "learned data manifold (2-D latent space)",
+                      9, path)

@@ -61,6 +61,7 @@ class TrainConfig:
       jit: compile the training step with XLA.
     """
 
+    # the objective and its optimiser
     batch_size: int = 100
     num_samples: int = 1
     estimator: str = "B"
@@ -72,10 +73,12 @@ class TrainConfig:
     map_prior: bool = False
     init: str = "glorot"
     seed: int = 0
+    # how long, on which records
     steps: int | None = None
     epochs: float | None = None
     binarize: str = "none"
     validation: int = 0
+    # evaluation, checkpoints, compilation
     eval_every: int = 0
     eval_steps: tuple[int, ...] = ()
     eval_records: int = 10000
@@ -229,7 +232,7 @@ class TrainResult:
     examples_per_second: float
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks between chunks (so the state saved is consistent)."""
 
     def __init__(self):
@@ -294,6 +297,10 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     ``evals`` maps a name (``train``, ``valid``, ``test``) to a fixed :class:`Dataset` whose bound is logged.
     Chunks are prepared on a background thread while the previous one trains. SIGINT/SIGTERM stop after the
     current chunk with a checkpoint; ``cfg.max_seconds`` likewise.
+
+    It is one function of about 90 lines on purpose: restoring, the chunk prefetch, the compiled steps,
+    evaluation, checkpointing and the stop flag share the loop's state (step, manager, log, deadline), and
+    split into pieces each would take and return most of it.
     """
     model_dir = Path(model_dir)
     model = VAE(config, seed=cfg.seed, init=cfg.init)
@@ -334,7 +341,7 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     last_ckpt = step0
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             gen = iter(chunks(step0, steps_per_epoch))
             nxt = pool.submit(next, gen, None)
             ema = None

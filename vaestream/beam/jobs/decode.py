@@ -1,0 +1,86 @@
+"""Beam job: latent codes -> reconstructions, refusing codes written by another model.
+
+    python -m pipelines.decode --input codes/ --model runs/model --output recon/ --output_dtype uint8
+
+Inputs: code files written by ``pipelines/encode.py`` (TFRecord or Parquet; files, globs or a directory).
+Before the job starts, the first code's fingerprint is checked against the model's; every batch is checked
+again in the workers. A mismatch raises :class:`vaestream.errors.ModelMismatchError`. Output:
+``OUTPUT/recon-SSSSS-of-NNNNN.tfrecord`` in the shard Example layout (key, data, shape, dtype; readable by
+:func:`vaestream.shards.read_shards`) or ``.parquet`` (key, data), plus ``dead_letter.jsonl`` and
+``summary.json``. Unknown flags are Beam pipeline options.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import apache_beam as beam
+
+from vaestream import beam as vb
+from vaestream.beam.jobs import add_model_and_output_arguments
+from vaestream import shardset
+from vaestream.errors import ModelMismatchError
+
+RECON = "recon"
+SUMMARY = "summary.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_and_output_arguments(parser, "code files (.tfrecord/.parquet), globs or directories", vb.CHUNK)
+    parser.add_argument("--output_dtype", "--output-dtype", default="float32", choices=["float32", "uint8"],
+                        help="reconstructions as float32 means, or round(255 x) as uint8")
+    parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
+                        help="as pipelines/encode.py: RunInference, or the next batch decoded on a thread")
+    parser.add_argument("--num_shards", "--num-shards", type=int, default=0)
+
+
+def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str | None,
+                      model: vb.LoadedVAE | None = None) -> str:
+    """Raise ModelMismatchError if the first code in ``paths`` was written by another model; return the
+    model's fingerprint. ``model``: the loaded model (default: load it)."""
+    model = model if model is not None else vb.LoadedVAE.load(model_dir, saved_model)
+    fp = vb.first_fingerprint(paths)
+    if fp is not None and fp != model.fingerprint:
+        raise ModelMismatchError(f"{paths[0]}: codes were written by model {fp[:16]}..., the model given "
+                                 f"({model_dir or saved_model}) is {model.fingerprint[:16]}...; decode them with the "
+                                 "model that encoded them")
+    return model.fingerprint
+
+
+def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
+    """Add the decode steps to ``p``."""
+    config = vb.read_model_config(args.model, args.saved_model)
+    out = args.output.rstrip("/")
+    # a rerun replaces the earlier run's files
+    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
+    codes = p | "ReadCodes" >> vb.ReadCodes(paths, args.chunk_size)
+    decode = vb.Decode(args.model, args.saved_model, args.batch_size, args.output_dtype,
+                       overlap=args.inference == "overlap")
+    schema = vb.record_schema(config.input_shape, args.output_dtype)
+    vb.write_outputs(codes[vb.RECORDS] | "Decode" >> decode, codes[vb.DEAD_LETTER], out, RECON, args.output_format,
+                     schema, args.num_shards, "WriteReconstructions")
+    return {"output": out, "config": config}
+
+
+@vb.dask_alternative("run_decode")
+def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
+    paths = vb.code_files(args.input)
+    # loaded once: held here for the whole job, the workers of an in-process runner reuse it
+    # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time
+    model = vb.LoadedVAE.load(args.model, args.saved_model, reuse=True)
+    fingerprint = check_fingerprint(paths, args.model, args.saved_model, model)
+    result, seconds, info = vb.build_and_run(pipeline_args, build, args, paths)
+    out = info["output"]
+    ext = "parquet" if args.output_format == "parquet" else "tfrecord"
+    summary = vb.finish_job("decode", result, seconds, out, f"{out}/{RECON}-*.{ext}",
+                            {"model": args.model or args.saved_model, "fingerprint": fingerprint,
+                             "output_format": args.output_format, "output_dtype": args.output_dtype},
+                            summary_file=SUMMARY)
+    del model
+    return summary
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (job flags, then Beam pipeline options) and run the job."""
+    return vb.run_job_argv(__doc__.splitlines()[0], add_arguments, run_job, argv)

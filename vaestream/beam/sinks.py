@@ -1,0 +1,202 @@
+"""Sinks and schemas: batched TFRecord / Parquet writers (temp file + rename), code and record schemas, dead letters."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from vaestream import shardset
+from vaestream.beam.elements import CodeBatch, DeadLetter, job_counter
+from vaestream.errors import DataError
+
+
+class BatchedTFRecordSink(filebasedsink.FileBasedSink):
+    """A Beam file sink whose elements are *lists* of serialized records, written with TensorFlow's TFRecord
+    writer (CRC32C framing in C++) to the sink's temporary file, which Beam renames at finalisation."""
+
+    def __init__(self, file_path_prefix: str, file_name_suffix: str = ".tfrecord", num_shards: int = 0,
+                 shard_name_template: str | None = None):
+        super().__init__(file_path_prefix, coder=None, file_name_suffix=file_name_suffix, num_shards=num_shards,
+                         shard_name_template=shard_name_template, mime_type="application/octet-stream",
+                         compression_type=CompressionTypes.UNCOMPRESSED)
+
+    def open(self, temp_path):
+        import tensorflow as tf
+
+        return tf.io.TFRecordWriter(temp_path)
+
+    def write_record(self, file_handle, value):
+        for rec in value:
+            file_handle.write(rec)
+
+    def close(self, file_handle):
+        file_handle.close()
+
+
+class _ToExamples(beam.DoFn):
+    """RecordBatch / CodeBatch -> a list of serialized Examples (counts records and bytes)."""
+
+    def __init__(self):
+        self.records = job_counter("records")
+        self.bytes_out = job_counter("bytes_out")
+
+    def process(self, batch):
+        if isinstance(batch, CodeBatch):
+            out = code_examples(batch)
+        else:
+            out = shardset.record_examples(batch.keys, batch.records)
+        self.records.inc(len(batch))
+        self.bytes_out.inc(sum(len(r) + 16 for r in out))  # 16: TFRecord framing (length, 2 CRCs)
+        yield out
+
+
+def code_examples(batch: CodeBatch) -> list[bytes]:
+    """Serialized code Examples: one per record (key, mean and log_scale as float lists of Nz, fingerprint),
+    or for a coded batch one Example for the whole batch (keys, records, fingerprint, code)."""
+    if batch.coded:
+        import tensorflow as tf
+
+        f = tf.train.Feature
+        return [tf.train.Example(features=tf.train.Features(feature={
+            "keys": f(bytes_list=tf.train.BytesList(value=[k.encode() for k in batch.keys])),
+            "records": f(int64_list=tf.train.Int64List(value=[len(batch)])),
+            "fingerprint": f(bytes_list=tf.train.BytesList(value=[batch.fingerprint.encode()])),
+            "code": f(bytes_list=tf.train.BytesList(value=[batch.container]))})).SerializeToString()]
+    return shardset.serialize_examples(
+        batch.keys, floats={"mean": batch.mean, "log_scale": batch.log_scale},
+        constants={"fingerprint": shardset.bytes_feature([batch.fingerprint.encode()])})
+
+
+def code_schema(latent_dim: int, coded: bool = False):
+    """Parquet/Arrow schema of codes: per record key (string), mean and log_scale (fixed-size lists of Nz
+    float32), fingerprint (string); coded (``--coder``): per batch keys (list of string), records (int32),
+    fingerprint (string), code (binary: one vaestream container of the batch's records, in key order)."""
+    import pyarrow as pa
+
+    if coded:
+        return pa.schema([("keys", pa.list_(pa.string())), ("records", pa.int32()), ("fingerprint", pa.string()),
+                          ("code", pa.binary())], metadata={b"vaestream": b"coded"})
+    return pa.schema([("key", pa.string()), ("mean", pa.list_(pa.float32(), latent_dim)),
+                      ("log_scale", pa.list_(pa.float32(), latent_dim)), ("fingerprint", pa.string())])
+
+
+def record_schema(shape: Sequence[int], dtype: str):
+    """Parquet/Arrow schema of records: key (string), data (fixed-size list of prod(shape) values of dtype);
+    the shape and dtype are in the schema metadata."""
+    import pyarrow as pa
+
+    d = int(np.prod(shape))
+    return pa.schema([("key", pa.string()), ("data", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), d))],
+                     metadata={b"shape": json.dumps(list(shape)).encode(), b"dtype": dtype.encode()})
+
+
+def _fixed_list(arr: np.ndarray):
+    import pyarrow as pa
+
+    arr = np.ascontiguousarray(arr)
+    n = len(arr)
+    flat = arr.reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), int(flat.size // max(n, 1)) if n else arr.shape[-1])
+
+
+class _ToTable(beam.DoFn):
+    def __init__(self, schema):
+        self.schema = schema
+        self.records = job_counter("records")
+        self.bytes_out = job_counter("bytes_out")
+
+    def process(self, batch):
+        import pyarrow as pa
+
+        if isinstance(batch, CodeBatch) and batch.coded:
+            if "code" not in self.schema.names:
+                raise DataError(f"{batch.source}: coded batches need the coded schema (code_schema(coded=True))")
+            cols = [pa.array([batch.keys], pa.list_(pa.string())), pa.array([len(batch)], pa.int32()),
+                    pa.array([batch.fingerprint], pa.string()), pa.array([batch.container], pa.binary())]
+        elif isinstance(batch, CodeBatch):
+            cols = [pa.array(batch.keys, pa.string()), _fixed_list(batch.mean.astype(np.float32)),
+                    _fixed_list(batch.log_scale.astype(np.float32)),
+                    pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(batch), np.int32)),
+                                                   pa.array([batch.fingerprint])).cast(pa.string())]
+        else:
+            cols = [pa.array(batch.keys, pa.string()), _fixed_list(batch.records.reshape(len(batch), -1))]
+        table = pa.Table.from_arrays(cols, schema=self.schema)
+        self.records.inc(len(batch))
+        self.bytes_out.inc(int(table.nbytes))
+        yield table
+
+
+class WriteBatches(beam.PTransform):
+    """Write RecordBatch or CodeBatch elements as TFRecord (Examples) or Parquet files.
+
+    Files are ``{prefix}-SSSSS-of-NNNNN.tfrecord`` / ``.parquet``. Returns the PCollection of final file
+    names. ``schema`` (a ``pyarrow.Schema``, see :func:`code_schema` / :func:`record_schema`) is needed for
+    Parquet.
+    """
+
+    def __init__(self, prefix: str, output_format: str = "tfrecord", schema=None, num_shards: int = 0):
+        super().__init__()
+        if output_format not in ("tfrecord", "parquet"):
+            raise DataError(f"output format {output_format!r} is not one of tfrecord, parquet")
+        if output_format == "parquet" and schema is None:
+            raise DataError("Parquet output needs a schema")
+        self.prefix, self.output_format, self.schema, self.num_shards = prefix, output_format, schema, num_shards
+
+    def expand(self, pcoll):
+        if self.output_format == "tfrecord":
+            return (pcoll
+                    | "SerializeExamples" >> beam.ParDo(_ToExamples())
+                    | "WriteTFRecord" >> beam.io.Write(BatchedTFRecordSink(self.prefix, ".tfrecord", self.num_shards)))
+        from apache_beam.io.parquetio import WriteToParquetBatched
+
+        return (pcoll
+                | "ToArrowTables" >> beam.ParDo(_ToTable(self.schema))
+                | "WriteParquet" >> WriteToParquetBatched(self.prefix, self.schema, file_name_suffix=".parquet",
+                                                          num_shards=self.num_shards))
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Write :class:`DeadLetter` items as JSON lines ``{"source", "key", "reason"}`` to one file ``path``."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def expand(self, pcoll):
+        counter = job_counter("dead_lettered")
+
+        def to_json(d: DeadLetter) -> str:
+            counter.inc(1)
+            return d.to_json()
+
+        return (pcoll
+                | "DeadLetterToJson" >> beam.Map(to_json)
+                | "WriteDeadLetterFile" >> beam.io.WriteToText(self.path, shard_name_template=""))
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` (any Beam file system) through a temporary dotfile in the same folder and a
+    rename: a reader never sees a torn file, and a rerun of the same task replaces the file with the same
+    bytes. (Object stores have no fsync; :func:`vaestream.binio.atomic_write` is the local-disk one.)"""
+    tmp = f"{os.path.dirname(path)}/.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as f:
+        f.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def write_outputs(batches, dead, out: str, name: str, output_format: str, schema, num_shards: int, label: str) -> None:
+    """A batch job's two outputs: ``batches`` as ``OUT/NAME-*`` files (step ``label``; ``schema`` is used for
+    Parquet only), the dead letters as ``OUT/dead_letter.jsonl`` (step ``WriteDeadLetters``)."""
+    schema = schema if output_format == "parquet" else None
+    batches | label >> WriteBatches(f"{out}/{name}", output_format, schema, num_shards)
+    dead | "WriteDeadLetters" >> WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")

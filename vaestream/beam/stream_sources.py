@@ -1,0 +1,190 @@
+"""The sources of the streaming encoder (:mod:`vaestream.beam.streaming`): file paths with event times.
+
+* :class:`WatchFiles` over a :class:`FileWatcher`: polls a glob and emits each new, settled file once,
+  through the in-process streaming runner's ``TestStream`` service protocol;
+* :class:`PollFiles`: the same for runners with splittable DoFns (``PeriodicImpulse`` + match + per-path
+  de-duplication);
+* :func:`pubsub_paths`: Pub/Sub messages naming files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Iterable, Sequence
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.transforms import userstate
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
+
+from vaestream import beam as vb
+from vaestream.binio import is_settled, new_files
+from vaestream.errors import ConfigError, DataError
+
+_NS = vb.NAMESPACE
+
+
+class FileWatcher:
+    """Polls glob ``patterns`` and streams each new file's path once, as ``TestStreamService`` events.
+
+    Args:
+      patterns: a glob or several.
+      poll_interval: seconds between polls.
+      stop_after: stop this many seconds after the stream starts (None: never).
+      idle_timeout: stop when no new file appeared for this many seconds (None: never).
+      max_files: stop after this many files.
+      stop: an event that stops the stream when set.
+      seen: paths to treat as already processed.
+
+    Attributes:
+      arrivals: path -> wall-clock time (``time.time()``) the file was found, for latency accounting.
+      endpoint: the ``host:port`` of the service once :meth:`start` ran.
+    """
+
+    def __init__(self, patterns: str | Sequence[str], poll_interval: float = 1.0, stop_after: float | None = None,
+                 idle_timeout: float | None = None, max_files: int | None = None,
+                 stop: threading.Event | None = None, seen: Iterable[str] = ()):
+        if not poll_interval > 0:
+            raise ConfigError(f"poll_interval must be positive, got {poll_interval}")
+        self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        self.poll_interval = float(poll_interval)
+        self.stop_after, self.idle_timeout, self.max_files = stop_after, idle_timeout, max_files
+        self.stop_event = stop or threading.Event()
+        self.seen: set[str] = {os.path.abspath(s) for s in seen}
+        self.arrivals: dict[str, float] = {}
+        self._controller = None
+        self.endpoint: str | None = None
+
+    def poll(self) -> list[str]:
+        """The new files (absolute paths, oldest mtime first), now marked seen."""
+        new = new_files(self.patterns, self.seen)
+        self.seen.update(new)
+        return new
+
+    def events(self):
+        """The event stream: per poll, the new paths at the poll time, then the watermark at the poll time."""
+        from apache_beam.portability.api import beam_runner_api_pb2
+
+        ev = beam_runner_api_pb2.TestStreamPayload.Event
+        te = beam_runner_api_pb2.TestStreamPayload.TimestampedElement
+        coder = coders.StrUtf8Coder()
+        t0 = last_new = time.monotonic()
+        count = 0
+        while not self.stop_event.is_set():
+            now = Timestamp.now()
+            new = self.poll()
+            if self.max_files is not None:
+                new = new[:max(0, self.max_files - count)]
+            if new:
+                wall = time.time()
+                for f in new:
+                    self.arrivals[f] = wall
+                count += len(new)
+                last_new = time.monotonic()
+                yield ev(element_event=ev.AddElements(
+                    elements=[te(encoded_element=coder.encode(f), timestamp=now.micros) for f in new]))
+            yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=now.micros))
+            t = time.monotonic()
+            if (self.max_files is not None and count >= self.max_files) or \
+                    (self.stop_after is not None and t - t0 >= self.stop_after) or \
+                    (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
+                break
+            self.stop_event.wait(self.poll_interval)
+
+    # the TestStreamServiceController reader protocol
+    def read_multiple(self, unused_tags):
+        return self.events()
+
+    def start(self) -> str:
+        """Start the service (a local gRPC server); returns its endpoint."""
+        from apache_beam.testing.test_stream_service import TestStreamServiceController
+
+        if self._controller is None:
+            self._controller = TestStreamServiceController(self)
+            self._controller.start()
+            self.endpoint = self._controller.endpoint
+        return self.endpoint
+
+    def close(self) -> None:
+        """Stop the stream and the service."""
+        self.stop_event.set()
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+
+class WatchFiles(beam.PTransform):
+    """PBegin -> file paths from a :class:`FileWatcher` (in-process streaming runner)."""
+
+    def __init__(self, watcher: FileWatcher):
+        super().__init__()
+        self.watcher = watcher
+
+    def expand(self, pbegin):
+        from apache_beam.testing.test_stream import TestStream
+
+        return pbegin | "FileEvents" >> TestStream(coder=coders.StrUtf8Coder(), endpoint=self.watcher.start())
+
+
+class _FirstSeen(beam.DoFn):
+    """(path, metadata) -> path, once per path (per-key state)."""
+
+    SEEN = userstate.ReadModifyWriteStateSpec("seen", coders.BooleanCoder())
+
+    def process(self, kv, seen=beam.DoFn.StateParam(SEEN)):
+        if not seen.read():
+            seen.write(True)
+            yield kv[0]
+
+
+class PollFiles(beam.PTransform):
+    """PBegin -> each new file matching ``pattern`` once, polled every ``interval`` seconds (runners with
+    splittable DoFns): ``PeriodicImpulse`` -> match -> per-path de-duplication. Paths carry the poll time."""
+
+    def __init__(self, pattern: str, interval: float = 10.0, start: float | None = None, stop: float | None = None):
+        super().__init__()
+        self.pattern, self.interval = pattern, float(interval)
+        self.start = time.time() if start is None else start
+        self.stop = stop
+
+    def expand(self, pbegin):
+        from apache_beam.io.filesystems import FileSystems
+        from apache_beam.transforms.periodicsequence import PeriodicImpulse
+
+        pattern = self.pattern
+
+        def match(_):
+            for m in FileSystems.match([pattern])[0].metadata_list:
+                if is_settled(m.path):  # not a file still being written
+                    yield m.path, m.size_in_bytes
+
+        stop = MAX_TIMESTAMP if self.stop is None else Timestamp.of(self.stop)
+        return (pbegin
+                | "Poll" >> PeriodicImpulse(Timestamp.of(self.start), stop, self.interval)
+                | "Match" >> beam.FlatMap(match).with_output_types(tuple[str, int])
+                | "FirstSeen" >> beam.ParDo(_FirstSeen()).with_input_types(tuple[str, int]))
+
+
+def pubsub_paths(topic: str | None = None, subscription: str | None = None) -> beam.PTransform:
+    """PBegin -> file paths from Pub/Sub messages (a path per message, or a Cloud Storage notification whose
+    JSON names ``bucket`` and ``name``); needs a runner with Pub/Sub (Dataflow, Flink with the connector)."""
+
+    def to_path(msg: bytes) -> str:
+        text = msg.decode("utf-8").strip()
+        if text.startswith("{"):
+            try:
+                obj = json.loads(text)
+                return f"gs://{obj['bucket']}/{obj['name']}"
+            except (json.JSONDecodeError, KeyError) as e:
+                raise DataError(f"Pub/Sub message is neither a path nor a storage notification: {text[:80]}") from e
+        return text
+
+    class _Paths(beam.PTransform):
+        def expand(self, pbegin):
+            return (pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(topic=topic, subscription=subscription)
+                    | "MessageToPath" >> beam.Map(to_path))
+
+    return _Paths()

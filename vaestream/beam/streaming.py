@@ -1,0 +1,561 @@
+"""Streaming encode with Apache Beam: new files -> windowed codes, dead letters and a drift signal.
+
+    paths = p | WatchFiles(FileWatcher("incoming/*.npy", poll_interval=1.0))     # or ReadFromPubSub / TestStream
+    result = paths | StreamEncode("out/", model_dir="runs/model", window=10.0)
+
+**Sources.** The stream is a PCollection of file paths, each with an event time (the poll at which the file
+was found) and a watermark that says no older path will follow:
+
+* :class:`WatchFiles` over a :class:`FileWatcher`: polls a glob every ``poll_interval`` seconds and emits
+  each new file once (a set of the paths seen; writers should create files under a temporary name and rename
+  them into place). It feeds Beam's in-process streaming runner (``BundleBasedDirectRunner`` with
+  ``streaming=True``) through the runner's ``TestStream`` service protocol: the watcher is a
+  ``TestStreamService`` whose event stream is the file system's (elements at poll time, then the watermark
+  advanced to the poll time). Beam 2.77's in-process streaming runner cannot run splittable DoFns, so
+  ``PeriodicImpulse`` / ``MatchContinuously`` do not run there.
+* :class:`PollFiles`: the same for runners with splittable DoFns (Dataflow, Flink, Prism): ``PeriodicImpulse``
+  then a match of the pattern and a stateful (per-path) de-duplication, so each file is emitted once.
+* :func:`pubsub_paths`: Pub/Sub messages naming files (a path, or a Cloud Storage notification's
+  ``bucket``/``name``), on runners that have Pub/Sub.
+* ``TestStream`` in tests (watermarks, late data).
+
+**Windows and lateness.** Paths are assigned to fixed event-time windows of ``window`` seconds; a window's
+codes are written when the watermark passes its end (one ON_TIME pane) and records that arrive late but
+within ``allowed_lateness`` seconds are written as further LATE panes (files named by pane). Input that is
+later than that goes to the dead-letter output with the reason: a late gate (a stateful DoFn in the global
+window whose event-time timer tracks a lower bound on the watermark) refuses a path whose window closed
+(watermark > window end + allowed lateness) before it is read. The windows themselves keep the late data for
+a further ``gate_slack`` seconds, more than the gate's lag behind the watermark, so nothing is dropped
+silently while the stream is active.
+
+**Per window** (directory ``OUTPUT/codes/``), named ``codes-START-END-pPANE`` (UTC ``%Y%m%dT%H%M%S.%f``):
+
+* ``.tfrecord``: one ``tf.train.Example`` per record: key, mean, log_scale, fingerprint (as the batch
+  encode job, :func:`vaestream.beam.code_examples`);
+* ``.vaez``: when the model has coder tables, the window's quantised codes as one container
+  (:mod:`vaestream.coding.container`), whose header names the model fingerprint: decode it with
+  :meth:`vaestream.online.registry.Registry.decode` or :func:`vaestream.coding.codec.load`;
+* ``.json``: the window's summary (records, sources, pane timing, mean ELBO, bits, fingerprint, time written).
+
+Each file is written under a temporary name and renamed, so a reader never sees half a file and a retried
+bundle rewrites the same name. Dead letters (unreadable or malformed files and records, late paths) go to
+``OUTPUT/dead_letter/dead_letter-START-END-pPANE.jsonl`` as ``{"source", "key", "reason"}``. The drift
+monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/record and appends one line per
+window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
+
+The model is loaded once per worker by :class:`ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`
+that also computes each record's ELBO with fixed noise, :func:`vaestream.serving.export.elbo_fixed_noise`, and the
+coder's symbols), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob as globmod
+import json
+import os
+import threading
+import time
+from typing import NamedTuple, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import coders
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import trigger, userstate, window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
+
+from vaestream import beam as vb
+from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
+                                           pubsub_paths)
+from vaestream.beam.sinks import write_atomic
+from vaestream.online.drift import DriftConfig, DriftMonitor
+from vaestream.errors import ConfigError, DataError
+
+CODES_DIR = "codes"
+DEAD_DIR = "dead_letter"
+DRIFT_LOG = "drift.jsonl"
+WINDOWS = "windows"
+_NS = vb.NAMESPACE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the late gate
+# ---------------------------------------------------------------------------------------------------------
+class _LateGate(beam.DoFn):
+    """(key, path) in the global window -> path, or a :class:`vaestream.beam.DeadLetter` when its window has
+    closed. An event-time timer stepping every ``step`` seconds records a lower bound on the watermark."""
+
+    KNOWN = userstate.ReadModifyWriteStateSpec("known_watermark", coders.VarIntCoder())
+    LAST = userstate.ReadModifyWriteStateSpec("last_element", coders.VarIntCoder())
+    ARMED = userstate.ReadModifyWriteStateSpec("armed", coders.BooleanCoder())
+    TICK = userstate.TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, window_seconds: float, allowed_lateness: float, step: float, horizon: float):
+        self.w = Duration.of(window_seconds).micros
+        self.lateness = Duration.of(allowed_lateness).micros
+        self.step = max(1, Duration.of(step).micros)
+        self.horizon = Duration.of(horizon).micros
+        self.late = Metrics.counter(_NS, "late_dead_lettered")
+
+    def process(self, kv, ts=beam.DoFn.TimestampParam, known=beam.DoFn.StateParam(KNOWN),
+                last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
+                tick=beam.DoFn.TimerParam(TICK)):
+        path = kv[1]
+        t = ts.micros
+        wm = known.read()
+        last.write(max(last.read() or t, t))
+        if not armed.read():
+            armed.write(True)
+            tick.set(Timestamp(micros=max(wm if wm is not None else t, t - self.w) + self.step))
+        start = t - t % self.w
+        deadline = start + self.w + self.lateness
+        if wm is not None and wm > deadline:
+            self.late.inc()
+            reason = (f"{path}: late: event time {_iso(t)} belongs to window [{_iso(start)}, {_iso(start + self.w)}), "
+                      f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the file arrived; the "
+                      f"watermark was at least {_iso(wm)}")
+            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, window.TimestampedValue(
+                vb.DeadLetter(path, path, reason), Timestamp(micros=wm)))
+            return
+        yield path
+
+    @userstate.on_timer(TICK)
+    def on_tick(self, fired=beam.DoFn.TimestampParam, known=beam.DoFn.StateParam(KNOWN),
+                last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
+                tick=beam.DoFn.TimerParam(TICK)):
+        f = fired.micros
+        known.write(max(known.read() or f, f))
+        if f < (last.read() or f) + self.horizon and f + self.step < MAX_TIMESTAMP.micros:
+            tick.set(Timestamp(micros=f + self.step))
+        else:
+            armed.write(False)
+
+
+def _iso(micros: int) -> str:
+    if micros >= MAX_TIMESTAMP.micros:
+        return "+inf"
+    if micros <= MIN_TIMESTAMP.micros:
+        return "-inf"
+    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stamp(micros: int) -> str:
+    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading, scoring
+# ---------------------------------------------------------------------------------------------------------
+class _ReadFileFn(beam.DoFn):
+    """path -> RecordBatch chunks of the file (its event time), or DeadLetter items (unreadable, truncated)."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.records_in = Metrics.counter(_NS, "records_in")
+        self.files = Metrics.counter(_NS, "files_in")
+
+    def process(self, path: str):
+        self.files.inc()
+        try:
+            tasks = vb.plan_reads(path)
+        except DataError as e:
+            self.records_in.inc()
+            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, vb.DeadLetter(path, path, str(e)))
+            return
+        for task in tasks:
+            for item in vb.read_range(task, self.chunk_size):
+                if isinstance(item, vb.RecordBatch):
+                    self.records_in.inc(len(item))
+                    yield item
+                else:
+                    self.records_in.inc()
+                    yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, item)
+
+
+class Scored(NamedTuple):
+    """The codes of one RecordBatch, each record's ELBO (nats, ``[n]``) and the coder's container (or None)."""
+
+    codes: vb.CodeBatch
+    elbo: np.ndarray
+    container: bytes | None
+
+
+class ScoringModelHandler(vb.VAEModelHandler):
+    """:class:`vaestream.beam.VAEModelHandler` (encode mode) that also returns each record's ELBO (estimator
+    B with fixed noise, as the export's ``elbo`` signature) and, when the model has coder tables, the batch's
+    quantised codes as a container: predictions are :class:`Scored`."""
+
+    def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = vb.CHUNK,
+                 coder: bool | None = None, quality: float | None = None):
+        super().__init__(model_dir, saved_model, "encode", max_records, coder=False)
+        self.use_coder, self.quality = coder, quality
+
+    def load_model(self):
+        import tensorflow as tf
+
+        from vaestream.coding import codec as codec_mod
+        from vaestream.errors import ModelError
+        from vaestream.serving.export import elbo_fixed_noise
+
+        model = super().load_model()
+        d = model.config.input_dim
+        if model.vae is not None:
+            vae = model.vae
+
+            # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
+            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
+            def score(x):
+                mean, log_scale = vae.encoder_params_exact(x)
+                return mean, log_scale, elbo_fixed_noise(vae, x)["elbo"]
+
+            def score_fn(x):
+                m, ls, e = score(tf.constant(x))
+                return m.numpy(), ls.numpy(), e.numpy()
+        else:
+            saved = model.saved
+
+            def score_fn(x):
+                if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.serving.export.ExportedModel
+                    m, ls = saved.encode(x)
+                    return m, ls, saved.elbo(x)["elbo"]
+                m, ls = model.encode(x, 1.0)
+                e = saved.signatures["elbo"](x=tf.constant(x))["elbo"].numpy()
+                return m, ls, e
+        model.score_fn = score_fn
+        # build the trace now, before the first window's records wait on it
+        score_fn(np.zeros((1, d), np.float32))
+        model.codec = None
+        if self.use_coder is not False:
+            try:
+                model.codec = codec_mod.load(self.model_dir or self.saved_model, quality=self.quality)
+            except ModelError:
+                if self.use_coder:
+                    raise
+            if model.codec is not None and model.codec.fingerprint != model.fingerprint:
+                raise ModelError(f"{self.model_dir or self.saved_model}: coder tables of another model")
+        return model
+
+    def run_inference(self, batch, model, inference_args=None) -> list:
+        from vaestream.coding.coder import quantize
+
+        if not batch:
+            return []
+        x = np.concatenate([b.inputs() for b in batch])
+        mean, log_scale, elbo = (np.asarray(a, np.float32) for a in model.score_fn(x))
+        out, s = [], 0
+        for b in batch:
+            n = len(b)
+            cb = vb.CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, None,
+                              int(b.records.nbytes))
+            blob = None
+            if model.codec is not None:
+                sym = quantize(cb.mean, model.codec.tables, model.codec.quality)
+                blob = model.codec.compress_codes(sym)
+            out.append(Scored(cb, elbo[s:s + n], blob))
+            s += n
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------------------
+def _write_tfrecord_atomic(path: str, records: list[bytes]) -> int:
+    """Write serialized records as a TFRecord file (TF's writer: length + masked CRC32C framing) under a
+    temporary name, then rename it into place; returns the file's size."""
+    import tensorflow as tf
+
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with tf.io.TFRecordWriter(tmp) as w:
+        for r in records:
+            w.write(r)
+    size = tf.io.gfile.stat(tmp).length
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return int(size)
+
+
+def _pane_name(win, pane) -> tuple[str, str]:
+    timing = {0: "early", 1: "on_time", 2: "late"}.get(getattr(pane, "timing", 3), "unknown")
+    idx = getattr(pane, "index", 0)
+    return f"{_stamp(win.start.micros)}-{_stamp(win.end.micros)}-p{idx}", timing
+
+
+class _WriteWindowFn(beam.DoFn):
+    """(key, [Scored]) of one window pane -> codes files + summary; yields the summary dict."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.records = Metrics.counter(_NS, "records")
+        self.bytes_out = Metrics.counter(_NS, "bytes_out")
+        self.panes = Metrics.counter(_NS, "panes_written")
+        self.late_records = Metrics.counter(_NS, "late_records_written")
+
+    def setup(self):
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(f"{self.out_dir}/{CODES_DIR}")
+
+    def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        from vaestream.coding import container
+
+        items: list[Scored] = sorted(kv[1], key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
+        if not items:
+            return
+        name, timing = _pane_name(win, pane)
+        base = f"{self.out_dir}/{CODES_DIR}/codes-{name}"
+        examples = [e for s in items for e in vb.code_examples(s.codes)]
+        written = _write_tfrecord_atomic(base + ".tfrecord", examples)
+        n = sum(len(s.codes) for s in items)
+        coded_bits = None
+        fps = sorted({s.codes.fingerprint for s in items})
+        blobs = [s.container for s in items if s.container is not None]
+        if blobs and len(blobs) == len(items):
+            header, frames = None, []
+            for b in blobs:
+                with container.ContainerReader(b) as r:
+                    if header is None:
+                        header = r.header
+                    else:
+                        header.check_compatible(r.header, base)
+                    frames.extend(list(r))
+            packed = container.pack(header, frames)
+            write_atomic(base + ".vaez", packed)
+            written += len(packed)
+            coded_bits = 8.0 * len(packed)
+        elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)
+        summary = {"window_start": _iso(win.start.micros), "window_end": _iso(win.end.micros),
+                   "window_start_s": win.start.micros / 1e6, "window_end_s": win.end.micros / 1e6,
+                   "pane": getattr(pane, "index", 0), "timing": timing, "records": n,
+                   "elbo_sum": float(elbo.sum()), "mean_elbo": float(elbo.mean()),
+                   "coded_bits": coded_bits, "fingerprints": fps,
+                   "sources": sorted({s.codes.source for s in items}), "files": [os.path.basename(base) + ext for ext in
+                                                                             ([".tfrecord", ".vaez"] if coded_bits
+                                                                              else [".tfrecord"])],
+                   "written_at": time.time()}
+        write_atomic(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
+        self.records.inc(n)
+        self.bytes_out.inc(written)
+        self.panes.inc()
+        if timing == "late":
+            self.late_records.inc(n)
+        yield summary
+
+
+class _WriteDeadFn(beam.DoFn):
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.dead = Metrics.counter(_NS, "dead_lettered")
+
+    def setup(self):
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(f"{self.out_dir}/{DEAD_DIR}")
+
+    def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        items = sorted(kv[1], key=lambda d: (d.source, d.key))
+        name, _ = _pane_name(win, pane) if isinstance(win, window.IntervalWindow) else (f"global-{time.time_ns()}", "")
+        lines = "".join(d.to_json() + "\n" for d in items)
+        write_atomic(f"{self.out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
+        self.dead.inc(len(items))
+        yield len(items)
+
+
+class _DriftFn(beam.DoFn):
+    """Window summaries (one key, global window) -> drift records, appended to ``drift.jsonl``."""
+
+    STATE = userstate.ReadModifyWriteStateSpec("drift", coders.PickleCoder())
+
+    def __init__(self, out_dir: str, config: DriftConfig):
+        self.out_dir, self.config = out_dir, config
+        self.flagged = Metrics.counter(_NS, "drift_flagged_windows")
+        self.bits = Metrics.gauge(_NS, "window_millibits_per_record")
+        self.elbo = Metrics.distribution(_NS, "window_mean_elbo_millinats")
+
+    def process(self, kv, state=beam.DoFn.StateParam(STATE)):
+        s = kv[1]
+        mon = DriftMonitor(self.config, f"{self.out_dir}/{DRIFT_LOG}", state.read())
+        rec = mon.observe(f"[{s['window_start']}, {s['window_end']}) p{s['pane']}", elbo_sum=s["elbo_sum"],
+                          records=s["records"], coded_bits=s["coded_bits"], window_start=s["window_start"],
+                          window_end=s["window_end"], pane=s["pane"], timing=s["timing"],
+                          fingerprints=s["fingerprints"])
+        state.write(mon.state())
+        if rec["flagged"]:
+            self.flagged.inc()
+        if np.isfinite(rec["bits_per_record"]):
+            self.bits.set(int(round(1000 * rec["bits_per_record"])))
+            self.elbo.update(int(round(1000 * rec["mean_elbo"])))
+        yield rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StreamConfig:
+    """Windowing of the streaming encoder (seconds).
+
+    The late gate's timer fires every ``gate_step`` seconds of event time while input arrives (and for
+    ``gate_horizon`` seconds after the last input); each firing costs the in-process runner a scheduling round
+    (~0.1-0.5 s on a busy 2-core machine), so the step defaults to one window. Windows keep late data for
+    ``allowed_lateness + gate_slack`` seconds, with ``gate_slack`` at least the gate's lag behind the watermark
+    (< ``gate_step``), so input the gate lets through is never dropped by the windowing.
+    """
+
+    window: float = 10.0
+    allowed_lateness: float = 0.0
+    gate_step: float | None = None      # default: window
+    gate_slack: float | None = None     # default: gate_step (the gate's lag behind the watermark is < one step)
+    gate_horizon: float | None = None   # default: 2 windows + allowed lateness
+    chunk_size: int = vb.CHUNK
+    batch_size: int = vb.CHUNK
+
+    def __post_init__(self):
+        if not self.window > 0 or self.allowed_lateness < 0:
+            raise ConfigError(f"window must be positive and allowed_lateness non-negative, got {self.window}, "
+                              f"{self.allowed_lateness}")
+
+
+class StreamEncode(beam.PTransform):
+    """File paths (timestamped, global window) -> windowed code files, dead letters and drift records.
+
+    Returns a dict of PCollections: ``windows`` (the summary of each pane written), ``drift`` (drift
+    records) and ``dead_letter`` (counts written).
+
+    Args:
+      output: the output directory.
+      model_dir / saved_model: the model (a model directory, or a SavedModel export / registry version).
+      config: :class:`StreamConfig`.
+      drift: :class:`vaestream.online.drift.DriftConfig`.
+      coder: write ``.vaez`` containers (None: when the model has coder tables; True: require them).
+      quality: the coder quality.
+    """
+
+    def __init__(self, output: str, model_dir: str | None = None, saved_model: str | None = None,
+                 config: StreamConfig | None = None, drift: DriftConfig | None = None, coder: bool | None = None,
+                 quality: float | None = None):
+        super().__init__()
+        self.output = output.rstrip("/")
+        self.cfg = config or StreamConfig()
+        self.drift = drift or DriftConfig()
+        self.model_config = vb.read_model_config(model_dir, saved_model)
+        self.handler = ScoringModelHandler(model_dir, saved_model, self.cfg.batch_size, coder, quality)
+
+    def expand(self, paths):
+        from apache_beam.ml.inference.base import RunInference
+
+        c = self.cfg
+        step = c.gate_step if c.gate_step is not None else c.window
+        slack = c.gate_slack if c.gate_slack is not None else step
+        horizon = c.gate_horizon if c.gate_horizon is not None else 2 * c.window + c.allowed_lateness
+        gated = (paths
+                 | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
+                 | "LateGate" >> beam.ParDo(_LateGate(c.window, c.allowed_lateness, step, horizon)).with_outputs(
+                     vb.DEAD_LETTER, main="paths"))
+        windowed = gated["paths"] | "Window" >> beam.WindowInto(
+            window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+            allowed_lateness=Duration.of(c.allowed_lateness + slack),
+            accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        read = windowed | "ReadFiles" >> beam.ParDo(_ReadFileFn(c.chunk_size)).with_outputs(
+            vb.DEAD_LETTER, main=vb.RECORDS)
+        cfg = self.model_config
+        good = read[vb.RECORDS] | "Validate" >> vb.Validate(cfg.input_shape, cfg.likelihood)
+        scored = good[vb.RECORDS] | "Encode" >> RunInference(self.handler)
+        windows = (scored
+                   | "KeyScored" >> beam.Map(lambda s: (0, s))
+                   | "GroupWindow" >> beam.GroupByKey()
+                   | "WriteWindow" >> beam.ParDo(_WriteWindowFn(self.output)))
+        drift = (windows
+                 | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
+                 | "KeySummaries" >> beam.Map(lambda s: ("drift", s))
+                 | "Drift" >> beam.ParDo(_DriftFn(self.output, self.drift)))
+        dead = ((gated[vb.DEAD_LETTER], read[vb.DEAD_LETTER], good[vb.DEAD_LETTER])
+                | "FlattenDeadLetters" >> beam.Flatten()
+                | "WindowDeadLetters" >> beam.WindowInto(
+                    window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
+                    allowed_lateness=Duration.of(max(86400.0, c.allowed_lateness + slack)),
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
+                | "KeyDeadLetters" >> beam.Map(lambda d: (0, d))
+                | "GroupDeadLetters" >> beam.GroupByKey()
+                | "WriteDeadLetters" >> beam.ParDo(_WriteDeadFn(self.output)))
+        return {WINDOWS: windows, "drift": drift, vb.DEAD_LETTER: dead}
+
+
+def streaming_pipeline(options=None) -> beam.Pipeline:
+    """A streaming Pipeline: on the runner the options name, else Beam's in-process streaming runner
+    (``BundleBasedDirectRunner``; the FnApiRunner is batch-only)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = options or PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    if options.view_as(StandardOptions).runner is None:
+        from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+
+        return beam.Pipeline(runner=BundleBasedDirectRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def read_windows(output: str) -> list[dict]:
+    """The summaries of the panes written under ``output`` (``codes/*.json``), by window then pane."""
+    out = []
+    for f in globmod.glob(os.path.join(output, CODES_DIR, "codes-*.json")):
+        with open(f) as fh:
+            out.append(json.load(fh))
+    return sorted(out, key=lambda s: (s["window_start_s"], s["pane"]))
+
+
+def read_dead_letters(output: str) -> list[dict]:
+    """Every dead letter written under ``output``."""
+    out = []
+    for f in sorted(globmod.glob(os.path.join(output, DEAD_DIR, "dead_letter-*.jsonl"))):
+        with open(f) as fh:
+            out += [json.loads(line) for line in fh if line.strip()]
+    return out
+
+
+def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_dir: str | None = None,
+               saved_model: str | None = None, config: StreamConfig | None = None,
+               drift: DriftConfig | None = None, poll_interval: float = 1.0, stop_after: float | None = None,
+               idle_timeout: float | None = None, max_files: int | None = None,
+               stop: threading.Event | None = None, pubsub_topic: str | None = None,
+               pubsub_subscription: str | None = None, coder: bool | None = None, quality: float | None = None,
+               pipeline_args: Sequence[str] = (), watcher: FileWatcher | None = None) -> dict:
+    """Run the streaming encoder until the source ends (``stop_after``, ``idle_timeout``, ``max_files``,
+    ``stop``; Pub/Sub: until cancelled) and return a summary: counters, windows written, dead letters, drift
+    flags, seconds."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    p = streaming_pipeline(PipelineOptions(list(pipeline_args)))
+    if pubsub_topic or pubsub_subscription:
+        paths = p | "PubSub" >> pubsub_paths(pubsub_topic, pubsub_subscription)
+        watcher = None
+    else:
+        if watcher is None:
+            if not patterns:
+                raise ConfigError("give file patterns to watch, or a Pub/Sub topic/subscription")
+            watcher = FileWatcher(patterns, poll_interval, stop_after, idle_timeout, max_files, stop)
+        paths = p | "WatchFiles" >> WatchFiles(watcher)
+    paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality)
+    t0 = time.perf_counter()
+    try:
+        result = vb.run_pipeline(p)
+    finally:
+        if watcher is not None:
+            watcher.close()
+    seconds = time.perf_counter() - t0
+    del result  # the in-process streaming runner's counters are incomplete: count what was written
+    wins = read_windows(output)
+    dead = read_dead_letters(output)
+    from vaestream.online.drift import read_log
+
+    drift_recs = read_log(os.path.join(output, DRIFT_LOG))
+    records = sum(w["records"] for w in wins)
+    sources = {s for w in wins for s in w["sources"]}
+    return {"job": "stream_encode", "seconds": round(seconds, 3),
+            "files_found": len(watcher.arrivals) if watcher is not None else None,
+            "files_encoded": len(sources), "records": records, "dead_lettered": len(dead),
+            "late_dead_lettered": sum(1 for d in dead if ": late: " in d["reason"]),
+            "late_records_written": sum(w["records"] for w in wins if w["timing"] == "late"),
+            "panes": len(wins), "drift_flagged_windows": sum(1 for r in drift_recs if r.get("flagged")),
+            "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output}

@@ -1,0 +1,232 @@
+"""``vaestream build-tables``, ``compress``, ``decompress`` and ``rd``: thin shells over
+:mod:`vaestream.coding.codec`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _codec(a: argparse.Namespace, quality: float | None = None):
+    from vaestream import data
+    from vaestream.coding import codec
+
+    calibration = None
+    if getattr(a, "calibration", None):
+        calibration = data.load_records(a.calibration, "train")
+    return codec.load(a.model, calibration=calibration, quality=quality)
+
+
+def cmd_build_tables(a: argparse.Namespace) -> int:
+    """Derive the coder tables of a model from calibration records (MODEL_DIR/coder_tables.npz)."""
+    from vaestream import data
+    from vaestream.coding import codec
+
+    records = data.load_records(a.data, a.split, key=a.key)[: a.n]
+    path = codec.write_tables(a.model, records, model_kind=a.table_model, inactive_kl_bits=a.inactive_kl_bits)
+    from vaestream.coding.coder import CoderTables
+
+    t = CoderTables.load(path)
+    print(json.dumps({"tables": str(path), "active_dims": int(t.active.sum()), "latent_dim": t.latent_dim,
+                      "kl_bits_per_dim": [round(float(v), 3) for v in t.kl_bits],
+                      "qualities": [float(q) for q in t.qualities]}))
+    return 0
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    """Compress the records of a data file into a vaestream container."""
+    from vaestream import data
+
+    c = _codec(a)
+    records = data.read_array(a.input, key=a.key)
+    if a.lossless:
+        if a.append or a.quality is not None or a.target_bits is not None:
+            from vaestream.errors import ConfigError
+
+            raise ConfigError("--lossless takes no --append, --quality or --target-bits")
+        blob = c.compress(records, lossless=True)
+        tmp = Path(str(a.output) + ".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(a.output)
+        d = int(np.prod(records.shape[1:]))
+        print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob),
+                          "bits_per_record": 8 * len(blob) / max(len(records), 1),
+                          "bits_per_dim": 8 * len(blob) / max(len(records) * d, 1), "lossless": True}))
+        return 0
+    if a.append:
+        if a.target_bits is not None:
+            from vaestream.errors import ConfigError
+
+            raise ConfigError("--append takes --quality, not --target-bits")
+        n = c.write(a.output, records, quality=a.quality, append=True)
+        size = Path(a.output).stat().st_size
+        quality = c.ladder_quality(a.quality)
+    else:
+        blob = c.compress(records, quality=a.quality, target_bits=a.target_bits)
+        tmp = Path(str(a.output) + ".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(a.output)
+        n, size = len(records), len(blob)
+        from vaestream.coding.container import read_header
+        import io
+
+        quality = read_header(io.BytesIO(blob)).quality
+    print(json.dumps({"output": str(a.output), "records": int(n), "bytes": int(size),
+                      "bits_per_record": 8 * size / max(n, 1), "quality": float(quality)}))
+    return 0
+
+
+def cmd_decompress(a: argparse.Namespace) -> int:
+    """Decompress a vaestream container into a .npy of reconstructions (and optionally a PNG grid)."""
+    c = _codec(a)
+    records = None
+    if a.records:
+        from vaestream.errors import DataError
+
+        lo, sep, hi = a.records.partition(":")
+        try:
+            records = slice(int(lo) if lo else None, int(hi) if hi else None) if sep else int(lo)
+        except ValueError:
+            raise DataError(f"--records {a.records!r}: expected I or I:J") from None
+    blob = Path(a.input).read_bytes() if Path(a.input).is_file() else None
+    if blob is not None and c.is_lossless(blob):  # exact records back, in their own dtype and shape
+        if records is not None:
+            from vaestream.errors import ConfigError
+
+            raise ConfigError("--records: a lossless stream decodes whole")
+        x = c.decompress(blob)
+        np.save(a.output, x)
+        print(json.dumps({"output": str(a.output), "records": int(len(x)), "shape": list(x.shape),
+                          "dtype": str(x.dtype), "lossless": True}))
+        return 0
+    x_hat = c.read(a.input, records)
+    out = Path(a.output)
+    x_img = x_hat.reshape((-1,) + tuple(c.config.input_shape)) if x_hat.ndim == 2 else \
+        x_hat.reshape(c.config.input_shape)
+    np.save(out, x_img.astype(np.float32))
+    if a.png:
+        _grid_png(x_hat.reshape(-1, c.config.input_dim), c.config.input_shape, a.png)
+    print(json.dumps({"output": str(out), "records": int(len(np.atleast_2d(x_hat))),
+                      "shape": list(x_img.shape)}))
+    return 0
+
+
+def _grid_png(x: np.ndarray, shape, path: str, max_images: int = 400) -> None:
+    from PIL import Image
+
+    if len(shape) != 2:
+        return
+    h, w = shape
+    x = x[:max_images]
+    cols = int(np.ceil(np.sqrt(len(x))))
+    rows = int(np.ceil(len(x) / cols))
+    grid = np.zeros((rows * h, cols * w), np.float32)
+    for i, img in enumerate(x):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img.reshape(h, w)
+    Image.fromarray((np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def rate_distortion(codec, x: np.ndarray, qualities=None) -> list[dict]:
+    """For each quality: bits/record of the container, ideal bits, KL bits, MSE and PSNR (data in [0, 1]).
+
+    ``x`` is ``[N, D]`` float32 model inputs in [0, 1].
+    """
+    kl = float(np.mean(codec.kl_bits(x)))
+    mean, _ = codec.posterior(x)
+    rows = []
+    from vaestream.coding.coder import quantize
+
+    for q in (qualities or codec.qualities):
+        blob = codec.compress(x, quality=q)
+        codes = quantize(mean, codec.tables, q)
+        x_hat = codec.decode(codes, q)
+        mse = float(np.mean((x - x_hat) ** 2))
+        rows.append({"quality": float(q), "bits_per_record": 8 * len(blob) / len(x),
+                     "ideal_bits_per_record": float(np.mean(codec.ideal_bits(codes, q))),
+                     "kl_bits_per_record": kl, "mse": mse,
+                     "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")})
+    return rows
+
+
+def cmd_rd(a: argparse.Namespace) -> int:
+    """Rate-distortion sweep over the quality ladder on a data set; JSON to stdout, optional PNG plot."""
+    from vaestream import data
+
+    c = _codec(a)
+    records = data.load_records(a.data, a.split, key=a.key)[: a.n]
+    x, _ = c.model_inputs(records, str(a.data))
+    rows = rate_distortion(c, x, a.qualities)
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["bits_per_record"] for r in rows], [r["psnr_db"] for r in rows], "o-", label="vaestream")
+        ax.axvline(rows[0]["kl_bits_per_record"], ls=":", c="grey", label="mean KL(q||p)")
+        ax.set_xscale("log")
+        ax.set_xlabel("bits per record")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(f"rate-distortion, {len(x)} records of {a.data}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=120)
+        plt.close(fig)
+    print(json.dumps({"model": str(a.model), "data": str(a.data), "records": len(x), "rd": rows}, indent=1))
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("build-tables", help="derive a model's coder tables from calibration records",
+                       description=cmd_build_tables.__doc__)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", required=True, help="calibration records: 'fashion-mnist', an MNIST-layout dir, a file")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--key", default=None)
+    p.add_argument("--n", type=int, default=20000, help="use the first N records (default 20000)")
+    p.add_argument("--table-model", choices=["aggregate", "prior"], default="aggregate",
+                   help="probability model: KDE of the calibration posterior means (default) or N(0, 1)")
+    p.add_argument("--inactive-kl-bits", type=float, default=0.1,
+                   help="dimensions with mean KL below this many bits are not coded (default 0.1)")
+    p.set_defaults(func=cmd_build_tables)
+
+    p = sub.add_parser("compress", help="compress a data file into a vaestream container",
+                       description=cmd_compress.__doc__)
+    p.add_argument("input", help="records: IDX, .npy, .npz, .csv, .mat")
+    p.add_argument("output", help="the container file")
+    p.add_argument("--model", required=True, help="model directory or SavedModel export")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quality", type=float, default=None, help="bin width in posterior stds (default 1.0)")
+    g.add_argument("--target-bits", type=float, default=None, help="bits per record to fit in")
+    p.add_argument("--append", action="store_true", help="append to an existing container")
+    p.add_argument("--lossless", action="store_true",
+                   help="exact bits-back coding (a beta_binomial or bernoulli model; records as stored)")
+    p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
+    p.add_argument("--key", default=None)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",
+                       description=cmd_decompress.__doc__)
+    p.add_argument("input")
+    p.add_argument("output", help=".npy of reconstructions, shaped like the records")
+    p.add_argument("--model", required=True)
+    p.add_argument("--records", default=None, help="I or I:J: only these records (random access)")
+    p.add_argument("--png", default=None, help="also write a grid of (up to 400) reconstructions")
+    p.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("rd", help="rate-distortion sweep (JSON to stdout, PNG plot)", description=cmd_rd.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--key", default=None)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--qualities", type=float, nargs="+", default=None, help="default: the whole ladder")
+    p.add_argument("--calibration", default=None)
+    p.add_argument("--plot", default=None, help="PNG of PSNR vs bits per record")
+    p.set_defaults(func=cmd_rd)

@@ -1,0 +1,231 @@
+"""``vaestream train``, ``vaestream evaluate`` and ``vaestream demo``: thin shells over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vaestream.data import FASHION_MNIST_DIR
+
+
+def _has_test_split(spec: str) -> bool:
+    """Whether ``spec`` is a data set with a test split (Fashion-MNIST or an MNIST-layout directory)."""
+    d = Path(spec)
+    return spec == "fashion-mnist" or (d.is_dir() and any(d.glob("t10k-images*")))
+
+
+def load_dataset(spec: str, split: str, likelihood: str, binarize: str, key: str | None = None):
+    """Read and validate a data-set spec (see :func:`vaestream.data.resolve`) as a ``Dataset``."""
+    from vaestream import data
+
+    path = data.resolve(spec, split)
+    records = data.read_array(path, key=key)
+    return data.make_dataset(records, likelihood, str(path), binarize=binarize)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--latent-dim", type=int, default=20, help="Nz (default 20)")
+    g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
+    g.add_argument("--activation", default="tanh")
+    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"])
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from vaestream.training import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("training (AEVB)")
+    g.add_argument("--batch-size", "-M", type=int, default=d.batch_size, help="M (default 100)")
+    g.add_argument("--samples", "-L", type=int, default=d.num_samples, help="L (default 1)")
+    g.add_argument("--estimator", choices=["A", "B"], default=d.estimator)
+    g.add_argument("--optimizer", choices=["adam", "adagrad"], default=d.optimizer)
+    g.add_argument("--lr", type=float, default=None, help="step size (adam 1e-3, adagrad 0.02)")
+    g.add_argument("--map-prior", action="store_true", help="weight decay from the N(0, I) prior on the weights")
+    g.add_argument("--init", choices=["glorot", "paper"], default=d.init)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--binarize", choices=["none", "static", "dynamic"], default=d.binarize)
+    g.add_argument("--validation", type=int, default=d.validation, help="records held out for validation")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between logged evaluations")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--steps-per-call", type=int, default=d.steps_per_call)
+    g.add_argument("--no-jit", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(a: argparse.Namespace):
+    from vaestream.training import TrainConfig
+
+    return TrainConfig(batch_size=a.batch_size, num_samples=a.samples, estimator=a.estimator, optimizer=a.optimizer,
+                       learning_rate=a.lr, map_prior=a.map_prior, init=a.init, seed=a.seed, steps=a.steps,
+                       epochs=a.epochs, binarize=a.binarize, validation=a.validation, eval_every=a.eval_every,
+                       checkpoint_every=a.checkpoint_every, steps_per_call=a.steps_per_call, jit=not a.no_jit)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from vaestream.config import ModelConfig
+    from vaestream.training import train
+
+    tc = _train_config(a)
+    if a.follow:
+        from vaestream.cli.stream import follow_from_train
+
+        return follow_from_train(a, tc)
+    from vaestream.shards import is_shard_spec, train_from_shards
+
+    test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
+    test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
+    cfg = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
+                      likelihood=a.likelihood)
+    if a.distributed:
+        if not is_shard_spec(a.data):
+            from vaestream.errors import ConfigError
+
+            raise ConfigError(f"--distributed trains from a shard set (vaestream prepare), not {a.data}")
+        from vaestream.distributed import train_distributed
+
+        rec = train_distributed(a.data, a.out, cfg, tc, num_workers=a.distributed)
+        print(json.dumps({"model_dir": str(a.out), **rec}, indent=None if a.json else 2))
+        return 0
+    if is_shard_spec(a.data):  # minibatches streamed from the prepare job's shards through tf.data
+        res = train_from_shards(a.data, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
+    else:
+        train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key)
+        res = train(train_ds, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
+    last = res.history[-1] if res.history else {}
+    summary = {"model_dir": str(res.model_dir), "steps": res.steps, "interrupted": res.interrupted,
+               "examples_per_second": round(res.examples_per_second, 1), **last}
+    print(json.dumps(summary, indent=None if a.json else 2))
+    return 130 if res.interrupted else 0
+
+
+def _table(rows: dict) -> str:
+    width = max(len(k) for k in rows)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in rows.items())
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from vaestream import plots
+    from vaestream.evaluate import evaluate
+    from vaestream.store import load_model, read_log
+
+    model = load_model(a.model)
+    tc = json.loads((Path(a.model) / "train_config.json").read_text()) if (Path(a.model) / "train_config.json"
+                                                                            ).exists() else {}
+    binarize = a.binarize or tc.get("binarize", "none")
+    ds = load_dataset(a.data, a.split, model.config.likelihood, binarize, a.key)
+    result = evaluate(model, ds, k=a.k, max_records=a.n, batch_size=a.batch_size)
+    result["model"] = str(a.model)
+    result["fingerprint"] = model.fingerprint()[:16]
+    if a.plots:
+        out = Path(a.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [str(plots.reconstructions(model, ds.batch(slice(0, 16)), out / "reconstructions.png"))]
+        log = read_log(a.model)
+        if log:
+            written.append(str(plots.learning_curves({Path(a.model).name: log}, out / "learning_curves.png")))
+        if model.config.latent_dim == 2:
+            written.append(str(plots.manifold(model, out / "manifold.png")))
+        result["plots"] = written
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(_table(result))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Train on the default data set, evaluate, draw, and (where the coder is installed) compress."""
+    out = Path(a.out)
+    steps = ["train", "--data", a.data, "--out", str(out / "model"), "--epochs", str(a.epochs),
+             "--latent-dim", str(a.latent_dim), "--eval-every", "600", "--validation", "0"]
+    from vaestream.cli import main
+
+    rc = main(steps + (["--no-progress"] if a.no_progress else []))
+    if rc:
+        return rc
+    rc = main(["evaluate", "--model", str(out / "model"), "--data", a.data, "--split", "test", "--k", str(a.k),
+               "--n", str(a.n), "--plots", str(out / "plots")])
+    if rc:
+        return rc
+    return _demo_compress(a, out)
+
+
+def _demo_compress(a: argparse.Namespace, out: Path) -> int:
+    """Compress the test images with the trained model, decompress them, and report bits and distortion."""
+    import numpy as np
+
+    from vaestream import data
+    from vaestream.coding import codec
+
+    records = data.load_records(a.data, "test")[: a.n]
+    c = codec.load(out / "model", calibration=data.load_records(a.data, "train")[:20000])
+    blob = c.compress(records)
+    (out / "test_images.vae").write_bytes(blob)
+    x = records.reshape(len(records), -1).astype(np.float32) / 255.0
+    x_hat = np.asarray(c.decompress((out / "test_images.vae").read_bytes())).reshape(len(x), -1)
+    mse = float(np.mean((x - x_hat) ** 2))
+    summary = {"records": len(x), "bytes": len(blob), "bits_per_record": 8 * len(blob) / len(x),
+               "raw_bytes": int(records.nbytes), "ratio": round(records.nbytes / len(blob), 1),
+               "kl_bits_per_record": float(np.mean(c.kl_bits(records))), "mse": mse,
+               "psnr_db": float(10 * np.log10(1.0 / mse)), "file": str(out / "test_images.vae")}
+    # Deployment: a versioned SavedModel that decodes the same stream with no model code or checkpoint.
+    from vaestream.serving.export import export
+
+    path = export(out / "model", out / "export")
+    x_export = np.asarray(codec.load(path).decompress(blob)).reshape(len(x), -1)
+    summary["export"] = str(path)
+    summary["export_max_abs_diff"] = float(np.abs(x_export - x_hat).max())
+    print(json.dumps({"compress": summary}, indent=2))
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("train", help="train a VAE with AEVB", description=cmd_train.__doc__)
+    p.add_argument("--data", required=True,
+                   help="'fashion-mnist', an MNIST-layout directory, a file (IDX, .mat, .npy, .npz, .csv), or a "
+                        "shard set of `vaestream prepare` (its directory or manifest.json)")
+    p.add_argument("--test-data", default=None, help="test set (default: the test split of an MNIST-layout --data)")
+    p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
+    p.add_argument("--out", required=True, help="model directory (resumes if it holds a checkpoint)")
+    p.add_argument("--json", action="store_true", help="one-line JSON summary")
+    p.add_argument("--follow", nargs="+", default=None, metavar="PATTERN",
+                   help="online AEVB: learn from --data once, then from each new file matching PATTERN "
+                        "(vaestream.online); --out is then the work directory, the model DIR/model")
+    p.add_argument("--distributed", type=int, default=0, metavar="N",
+                   help="train on N local worker processes with MultiWorkerMirroredStrategy (vaestream.distributed; "
+                        "--data must be a shard set; worker i reads shards i, i+N, ...; chief-only checkpoints)")
+    p.add_argument("--registry", default=None, help="with --follow: publish numbered model versions here")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="with --follow: seconds between polls")
+    p.add_argument("--idle-timeout", type=float, default=None, help="with --follow: stop after S idle seconds")
+    _add_model_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test lower bound and importance-sampled log p(x)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--key", default=None)
+    p.add_argument("--k", type=int, default=0, help="importance samples for log p(x) (0: ELBO only)")
+    p.add_argument("--n", type=int, default=None, help="evaluate the first N records only")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--binarize", choices=["none", "static", "dynamic"], default=None,
+                   help="default: as the model was trained")
+    p.add_argument("--plots", default=None, help="write PNGs (learning curves, reconstructions, manifold) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: train, evaluate, plot and compress on the default data set")
+    p.add_argument("--data", default="fashion-mnist", help=f"default: Fashion-MNIST from {FASHION_MNIST_DIR}")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--latent-dim", type=int, default=20)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,7 @@
+"""Coding: records <-> bits.
+
+* :mod:`~vaestream.coding.coder` -- the entropy model (quantised latents, frequency tables, rANS payloads);
+* :mod:`~vaestream.coding.container` -- the self-describing container (header, index, blocks);
+* :mod:`~vaestream.coding.codec` -- the lossy codec: model + tables + container (``vaestream.load``);
+* :mod:`~vaestream.coding.lossless` -- bits-back (BB-ANS) lossless coding with a discrete decoder.
+"""

@@ -1,0 +1,558 @@
+"""Online AEVB: keep training a VAE as new data files appear, and publish numbered model versions.
+
+    learner = OnlineLearner("runs/online", registry="runs/registry", model_config=ModelConfig(hidden=(200,)))
+    learner.follow("incoming/*.npy", poll_interval=1.0)        # or: learner.push(records) from your own code
+
+**Minibatches from a replay buffer.** AEVB is a stochastic minibatch method, so it continues on a stream
+as it does on a fixed set. For each new file of n records (after holding some out, below) the learner takes
+
+    S = ceil(passes * n / m_new)        steps,     m_new = round(new_fraction * M)
+
+each on a minibatch of M records: m_new drawn (without replacement, cycling) from the new file and M - m_new
+drawn uniformly from a bounded replay buffer of the most recent ``buffer_size`` records (a ring: the oldest
+are overwritten), so the model follows the stream without forgetting the recent past. The file's records
+then enter the buffer. Memory is bounded by the buffer (uint8 for 8-bit data) and the hold-out set.
+
+**Held-out bound and versions.** A deterministic fraction of every file (``holdout_fraction``, chosen by a
+hash of the file and record index) is never trained on; the most recent ``holdout_size`` of those form the
+held-out set (or the caller gives a fixed one). At each checkpoint the learner computes the held-out mean
+ELBO of the current model and of the last published one *on the same set*; when the current one is higher
+by more than ``publish_min_improvement`` nats/record, it builds coder tables from the replay buffer and
+publishes the model as the next version of the registry (:class:`vaestream.online.registry.Registry`, an export
+base of :mod:`vaestream.serving.export`).
+
+**Exactly-once input.** ``WORK/ledger.json`` lists the files whose effect is in the checkpoint it names,
+and the replay buffer and hold-out set of that moment (``WORK/state-STEP.npz``). It is replaced atomically
+after the checkpoint and state are written, so after a kill the learner restores *the ledger's* checkpoint
+and state (not a newer, unledgered checkpoint) and processes every file not in the ledger: no file is lost
+and none is counted twice. Minibatch sampling is seeded by ``(seed, files processed)`` and the z noise by
+the step (:class:`vaestream.training.Trainer`), so the resumed run takes the same steps as an
+uninterrupted one. A malformed file is recorded in the ledger as rejected (with the reason, also in
+``WORK/dead_letter.jsonl``) and never retried.
+
+**Drift.** Before training on a file the learner scores it with the current model (test-then-train: the
+prequential mean ELBO and bits/record) and feeds that to a :class:`vaestream.online.drift.DriftMonitor`
+(``WORK/drift.jsonl``), one window per file.
+
+Layout of the work directory::
+
+    WORK/model/            a vaestream model directory (config.json, train_config.json, ckpt/, coder_tables.npz)
+    WORK/ledger.json       processed files, counters, the checkpoint and state file they belong to
+    WORK/state-STEP.npz    replay buffer and hold-out records at that checkpoint
+    WORK/log.jsonl         one line per file (records, steps, prequential bound, seconds) and per evaluation
+    WORK/drift.jsonl       the drift monitor's windows
+    WORK/dead_letter.jsonl rejected files and why
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from vaestream import store
+from vaestream.binio import atomic_write, new_files
+from vaestream.config import ModelConfig
+from vaestream.data import read_array, validate
+from vaestream.online.replay import ReplayBuffer
+from vaestream.online.drift import DriftConfig, DriftMonitor
+from vaestream.errors import ConfigError, DataError, ModelError
+
+LEDGER = "ledger.json"
+LOG = "log.jsonl"
+DRIFT_LOG = "drift.jsonl"
+DEAD_LETTER = "dead_letter.jsonl"
+MODEL = "model"
+
+
+@dataclasses.dataclass
+class OnlineConfig:
+    """How to learn from a stream (see the module docstring).
+
+    Attributes:
+      batch_size: M, records per minibatch.
+      new_fraction: the share of a minibatch drawn from the newest file (the rest from the replay buffer).
+      passes: how many times, in expectation, each new record is used (sets the steps per file).
+      buffer_size: records in the replay buffer.
+      holdout_fraction: the share of each file held out (0: none; then give a fixed hold-out set).
+      holdout_size: the most recent held-out records kept.
+      steps_per_call: minibatches per compiled training call.
+      checkpoint_every_files / checkpoint_seconds: checkpoint (and ledger) after this many files or seconds,
+        whichever comes first.
+      publish: publish versions when the held-out bound improves (needs a registry).
+      publish_min_improvement: nats/record the held-out bound must gain over the published version.
+      calibration_records: buffer records used to build the coder tables of a publication.
+      seed: seeds minibatch sampling and hold-out selection.
+    """
+
+    batch_size: int = 100
+    new_fraction: float = 0.5
+    passes: float = 1.0
+    buffer_size: int = 10000
+    holdout_fraction: float = 0.05
+    holdout_size: int = 2000
+    steps_per_call: int = 10
+    checkpoint_every_files: int = 1
+    checkpoint_seconds: float = 60.0
+    publish: bool = True
+    publish_min_improvement: float = 0.0
+    calibration_records: int = 5000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.buffer_size < self.batch_size or self.steps_per_call < 1:
+            raise ConfigError("need batch_size >= 1, buffer_size >= batch_size, steps_per_call >= 1")
+        if not 0 < self.new_fraction <= 1 or not self.passes > 0 or not 0 <= self.holdout_fraction < 1:
+            raise ConfigError("need 0 < new_fraction <= 1, passes > 0, 0 <= holdout_fraction < 1")
+        if self.checkpoint_every_files < 1:
+            raise ConfigError("checkpoint_every_files must be positive")
+
+
+def _file_id(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _holdout_mask(name: str, n: int, fraction: float, seed: int) -> np.ndarray:
+    """A deterministic choice of round(fraction * n) records of file ``name`` (same on every run)."""
+    k = int(round(fraction * n))
+    mask = np.zeros(n, bool)
+    if k:
+        h = int.from_bytes(hashlib.sha256(f"{seed}:{os.path.basename(name)}".encode()).digest()[:8], "little")
+        mask[np.random.default_rng(h).choice(n, size=k, replace=False)] = True
+    return mask
+
+
+class OnlineLearner:
+    """Trains one VAE on a stream of records (see the module docstring).
+
+    Args:
+      work_dir: the work directory; if it holds a ledger the learner resumes from it.
+      registry: the registry directory to publish versions to (None: never publish).
+      model_config: the architecture of a new model (``input_dim``/``input_shape`` are taken from the
+        first file); ignored when resuming or when ``initial_model`` is given.
+      train_config: a :class:`vaestream.training.TrainConfig` (optimizer, step size, estimator, L,
+        binarisation; ``batch_size`` is taken from ``online_config``).
+      online_config: an :class:`OnlineConfig`.
+      holdout: a fixed hold-out set ``[N, D]`` (model inputs in the model's range, or uint8); replaces the
+        per-file hold-out.
+      initial_model: a model directory to start from (its latest checkpoint is copied in), e.g. a model
+        trained offline.
+      drift: the :class:`vaestream.online.drift.DriftConfig` of the per-file drift signal.
+    """
+
+    def __init__(self, work_dir: str | os.PathLike, registry: str | os.PathLike | None = None,
+                 model_config: ModelConfig | None = None, train_config=None,
+                 online_config: OnlineConfig | None = None, holdout: np.ndarray | None = None,
+                 initial_model: str | os.PathLike | None = None, drift: DriftConfig | None = None):
+        from vaestream.training import TrainConfig
+
+        self.work = Path(work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.model_dir = self.work / MODEL
+        self.cfg = online_config or OnlineConfig()
+        tc = train_config or TrainConfig()
+        self.train_config = dataclasses.replace(tc, batch_size=self.cfg.batch_size,
+                                                steps_per_call=self.cfg.steps_per_call)
+        self._model_config = model_config
+        self._initial_model = Path(initial_model) if initial_model is not None else None
+        self.registry = None
+        if registry is not None:
+            from vaestream.online.registry import Registry
+
+            self.registry = Registry(registry)
+        self._fixed_holdout = None if holdout is None else np.asarray(holdout)
+        self.ledger: dict[str, Any] = {"files": [], "rejected": [], "records_trained": 0, "records_held_out": 0,
+                                       "step": 0, "checkpoint": None, "state": None, "published": None,
+                                       "drift": None}
+        self.pending: list[dict] = []        # files processed since the last checkpoint
+        self.model = None
+        self.trainer = None
+        self.buffer: ReplayBuffer | None = None
+        self.holdout: ReplayBuffer | None = None
+        self._published_model = None
+        self._last_ckpt_time = time.monotonic()
+        self._log = None
+        self.drift = DriftMonitor(drift, self.work / DRIFT_LOG)
+        self._resume()
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.work / LEDGER
+        if not path.is_file():
+            if self._initial_model is not None:
+                self._build(store.read_config(self._initial_model), restore_from=self._initial_model)
+            return
+        try:
+            self.ledger = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path}: corrupt ledger ({e})") from e
+        if not (self.model_dir / store.CONFIG).is_file():  # only rejections so far: no model yet
+            if self._initial_model is not None:
+                self._build(store.read_config(self._initial_model), restore_from=self._initial_model)
+            return
+        config = store.read_config(self.model_dir)
+        self._build(config)
+        ck = self.ledger.get("checkpoint")
+        if ck:
+            self.trainer.checkpoint().restore(str(self.model_dir / store.CKPT / ck)).assert_existing_objects_matched()
+            # make the ledger's checkpoint the latest again (a newer, unledgered one may exist after a kill)
+            self._manager.save(checkpoint_number=int(self.trainer.step.numpy()))
+        st = self.ledger.get("state")
+        if st:
+            with np.load(self.work / st) as z:
+                self.buffer = ReplayBuffer.restore(z["buffer"], int(z["buffer_capacity"]), int(z["buffer_next"]))
+                self.holdout = ReplayBuffer.restore(z["holdout"], int(z["holdout_capacity"]),
+                                                    int(z["holdout_next"]))
+                self._scale = float(z["scale"])
+        self.drift = DriftMonitor(self.drift.config, self.work / DRIFT_LOG, self.ledger.get("drift"))
+        pub = self.ledger.get("published")
+        if pub and self.registry is not None:
+            self._published_model = self._load_published(pub["version"])
+
+    def _build(self, config: ModelConfig, restore_from: Path | None = None) -> None:
+        import tensorflow as tf
+
+        from vaestream.model import VAE
+        from vaestream.training import Trainer
+
+        if (self.model_dir / store.CONFIG).is_file():
+            stored = store.read_config(self.model_dir)
+            if stored != config:
+                raise ModelError(f"{self.model_dir}: holds a model with config {stored.to_dict()}, not "
+                                 f"{config.to_dict()}")
+        else:
+            store.save_config(self.model_dir, config)
+            (self.model_dir / store.TRAIN_CONFIG).write_text(
+                json.dumps(dataclasses.asdict(self.train_config), indent=2) + "\n")
+        self.model = VAE(config, seed=self.train_config.seed, init=self.train_config.init)
+        if restore_from is not None:
+            src = store.load_model(restore_from)
+            for v, w in zip(self.model.weights(), src.weights()):
+                v.assign(w)
+        self.trainer = Trainer(self.model, self.train_config, self.cfg.buffer_size)
+        self._manager = tf.train.CheckpointManager(self.trainer.checkpoint(), str(self.model_dir / store.CKPT),
+                                                   max_to_keep=3)
+
+    def _ensure_model(self, records: np.ndarray, scale: float) -> None:
+        if self.model is None:
+            shape = tuple(records.shape[1:])
+            cfg = dataclasses.replace(self._model_config or ModelConfig(), input_dim=int(np.prod(shape)),
+                                      input_shape=shape)
+            self._build(cfg)
+        d = self.model.config.input_dim
+        if int(np.prod(records.shape[1:])) != d:
+            raise DataError(f"records of shape {tuple(records.shape[1:])}, the model takes {d} values "
+                            f"{self.model.config.input_shape}")
+        if self.buffer is None:
+            dtype = np.uint8 if (records.dtype == np.uint8 and scale == 1.0 / 255.0) else np.float32
+            self._scale = 1.0 / 255.0 if dtype == np.uint8 else 1.0
+            self.buffer = ReplayBuffer(self.cfg.buffer_size, d, dtype)
+            self.holdout = ReplayBuffer(self.cfg.holdout_size, d, dtype)
+            if self._fixed_holdout is not None:
+                h = self._fixed_holdout.reshape(len(self._fixed_holdout), -1)
+                hs = validate(h, self.model.config.likelihood, "holdout")
+                self.holdout = ReplayBuffer(len(h), d, dtype)
+                self.holdout.add(self._stored(h, hs))
+
+    def _stored(self, records: np.ndarray, scale: float) -> np.ndarray:
+        """Records in the buffer's dtype: uint8 kept as is, anything else as float32 model inputs."""
+        flat = records.reshape(len(records), -1)
+        if self.buffer.data.dtype == np.uint8:
+            if flat.dtype == np.uint8 and scale == 1.0 / 255.0:
+                return flat
+            x = flat.astype(np.float64) * scale * 255.0
+            if np.any(np.abs(x - np.round(x)) > 1e-6) or x.min() < 0 or x.max() > 255:
+                raise DataError("records are not 8-bit values like the stream's first file; start a new work "
+                                "directory for float data")
+            return np.round(x).astype(np.uint8)
+        return (flat.astype(np.float32) * np.float32(scale)).astype(np.float32)
+
+    def _inputs(self, stored: np.ndarray) -> np.ndarray:
+        return stored.astype(np.float32) * np.float32(self._scale)
+
+    @property
+    def processed(self) -> set[str]:
+        """Absolute paths of the files processed (checkpointed or pending) or rejected."""
+        return {f["path"] for f in self.ledger["files"]} | {f["path"] for f in self.ledger["rejected"]} | \
+            {f["path"] for f in self.pending}
+
+    def _write_log(self, rec: dict) -> None:
+        with open(self.work / LOG, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    # -- learning ---------------------------------------------------------------------------------------------
+    def push(self, records: np.ndarray, source: str = "push", scale: float | None = None) -> dict:
+        """Learn from records ``[n, *input_shape]`` or ``[n, D]`` (uint8 images or float model inputs).
+
+        Returns the file record logged: ``{"source", "records", "trained", "held_out", "steps",
+        "prequential_elbo", "bits_per_record", "train_elbo", "seconds", "drift_flagged"}``.
+        """
+        t0 = time.perf_counter()
+        records = np.asarray(records)
+        if records.ndim < 2:
+            raise DataError(f"{source}: expected records [n, ...], got shape {records.shape}")
+        likelihood = (self.model.config.likelihood if self.model is not None
+                      else (self._model_config or ModelConfig()).likelihood)
+        scale = validate(records, likelihood, source, scale)
+        self._ensure_model(records, scale)
+        stored = self._stored(records, scale)
+        n = len(stored)
+        files_done = len(self.ledger["files"]) + len(self.pending)
+        if self._fixed_holdout is None and self.cfg.holdout_fraction > 0 and n >= 2:
+            hmask = _holdout_mask(source, n, self.cfg.holdout_fraction, self.cfg.seed)
+        else:
+            hmask = np.zeros(n, bool)
+        train = stored[~hmask]
+        # test, then train: the current model's bound on the new data is the drift signal
+        from vaestream.training import dataset_elbo
+
+        pre = dataset_elbo(self.model, self._inputs(stored), batch_size=1024, seed=self.cfg.seed)
+        steps, train_elbo = self._train_on(train, files_done)
+        self.buffer.add(train)
+        if hmask.any():
+            self.holdout.add(stored[hmask])
+        d = self.drift.observe(os.path.basename(source), elbo_sum=pre["elbo"] * n, records=n,
+                               step=int(self.trainer.step.numpy()))
+        rec = {"source": source, "records": n, "trained": int(len(train)), "held_out": int(hmask.sum()),
+               "steps": steps, "prequential_elbo": pre["elbo"], "bits_per_record": -pre["elbo"] / math.log(2),
+               "train_elbo": train_elbo, "seconds": round(time.perf_counter() - t0, 4),
+               "drift_flagged": d["flagged"], "step": int(self.trainer.step.numpy())}
+        self._write_log({"event": "file", **rec})
+        return rec
+
+    def _train_on(self, train: np.ndarray, files_done: int) -> tuple[int, float | None]:
+        cfg = self.cfg
+        n = len(train)
+        if n == 0:
+            return 0, None
+        m = cfg.batch_size
+        m_new = m if len(self.buffer) == 0 else max(1, min(m, int(round(cfg.new_fraction * m))))
+        steps = max(1, int(math.ceil(cfg.passes * n / m_new)))
+        rng = np.random.default_rng([cfg.seed, files_done])
+        reps = int(math.ceil(steps * m_new / n))
+        order = np.concatenate([rng.permutation(n) for _ in range(reps)])[:steps * m_new]
+        new = train[order].reshape(steps, m_new, -1)
+        if m_new < m:
+            old = self.buffer.sample(rng, steps * (m - m_new)).reshape(steps, m - m_new, -1)
+            batch = np.concatenate([new, old], axis=1)
+        else:
+            batch = new
+        k = cfg.steps_per_call
+        total, done = 0.0, 0
+        for s in range(0, steps, k):
+            chunk = batch[s:s + k]
+            total += self.trainer.run_steps(chunk, self._scale) * len(chunk)
+            done += len(chunk)
+        return steps, total / max(done, 1)
+
+    def process_file(self, path: str | os.PathLike) -> dict | None:
+        """Learn from one file (any format :func:`vaestream.data.read_array` reads); it goes to the ledger.
+
+        A file already in the ledger is skipped (returns None). A malformed file is rejected: recorded in the
+        ledger and in ``dead_letter.jsonl`` with the reason (returns the rejection record).
+        """
+        fid = _file_id(str(path))
+        if fid["path"] in self.processed:
+            return None
+        try:
+            records = read_array(path)
+        except DataError as e:
+            return self._reject(fid, e)
+        return self._learn_entry(records, fid)
+
+    def process_records(self, records: np.ndarray, source: str) -> dict | None:
+        """Learn from records that are not a file (e.g. an initial data set), once: ``source`` names them in the
+        ledger, and a source already there is skipped (returns None). Bad records raise :class:`DataError`."""
+        fid = {"path": str(source), "size": int(np.asarray(records).nbytes), "mtime": None}
+        if fid["path"] in self.processed:
+            return None
+        rec = self.push(records, source=fid["path"])
+        self._commit_entry(fid, rec)
+        return rec
+
+    def _learn_entry(self, records: np.ndarray, fid: dict) -> dict:
+        try:
+            rec = self.push(records, source=fid["path"])
+        except DataError as e:
+            return self._reject(fid, e)
+        self._commit_entry(fid, rec)
+        return rec
+
+    def _commit_entry(self, fid: dict, rec: dict) -> None:
+        self.pending.append(dict(fid, records=rec["records"], trained=rec["trained"], held_out=rec["held_out"]))
+        if len(self.pending) >= self.cfg.checkpoint_every_files or \
+                time.monotonic() - self._last_ckpt_time >= self.cfg.checkpoint_seconds:
+            self.checkpoint()
+
+    def _reject(self, fid: dict, e: Exception) -> dict:
+        rej = dict(fid, reason=str(e), time=time.time())
+        self.ledger["rejected"].append(rej)
+        with open(self.work / DEAD_LETTER, "a") as f:
+            f.write(json.dumps({"source": fid["path"], "key": fid["path"], "reason": str(e)}) + "\n")
+        self._write_log({"event": "rejected", **rej})
+        # a rejection changes no model state: record it in the committed ledger at once
+        committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
+            else dict(self.ledger, rejected=[])
+        committed["rejected"] = committed.get("rejected", []) + [rej]
+        atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
+        return {"source": fid["path"], "rejected": str(e)}
+
+    # -- checkpoints, evaluation, publishing ------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """Save the model, optimizer, buffer and hold-out set, then commit the pending files to the ledger
+        (atomically), then evaluate and maybe publish. Returns the ledger."""
+        if self.model is None:
+            return self.ledger
+        step = int(self.trainer.step.numpy())
+        ck = self._manager.save(checkpoint_number=step)
+        state = f"state-{step}.npz"
+        buf = io.BytesIO()
+        # the rings as they lie (slots and write position), so sampling after a resume is the same
+        np.savez(buf, buffer=self.buffer.data[:self.buffer.size], buffer_next=self.buffer.next,
+                 buffer_capacity=self.buffer.capacity, holdout=self.holdout.data[:self.holdout.size],
+                 holdout_next=self.holdout.next, holdout_capacity=self.holdout.capacity, scale=self._scale)
+        atomic_write(self.work / state, buf.getvalue())
+        led = dict(self.ledger)
+        led["files"] = self.ledger["files"] + self.pending
+        led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
+        led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in self.pending)
+        led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
+        led["drift"] = self.drift.state()
+        old_state = self.ledger.get("state")
+        atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
+        self.ledger, self.pending = led, []
+        if old_state and old_state != state and (self.work / old_state).exists():
+            (self.work / old_state).unlink()
+        self._last_ckpt_time = time.monotonic()
+        self.maybe_publish()
+        return self.ledger
+
+    def evaluate(self) -> dict:
+        """Held-out mean ELBO (nats/record) of the current model and, if any, of the published version."""
+        from vaestream.training import dataset_elbo
+
+        if self.holdout is None or len(self.holdout) == 0:
+            return {"holdout_records": 0}
+        x = self._inputs(self.holdout.contents())
+        out = {"holdout_records": len(x), "step": int(self.trainer.step.numpy()),
+               "holdout_elbo": dataset_elbo(self.model, x, seed=self.cfg.seed)["elbo"]}
+        if self._published_model is not None:
+            out["published_elbo"] = dataset_elbo(self._published_model, x, seed=self.cfg.seed)["elbo"]
+            out["published_version"] = self.ledger["published"]["version"]
+        return out
+
+    def maybe_publish(self) -> dict | None:
+        """Publish the current model if its held-out bound beats the published version's (see the module
+        docstring). Returns the publication record, or None."""
+        if self.registry is None or not self.cfg.publish:
+            return None
+        ev = self.evaluate()
+        if not ev.get("holdout_records"):
+            return None
+        self._write_log({"event": "evaluate", **ev})
+        if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.cfg.publish_min_improvement:
+            return None
+        from vaestream.coding.codec import build_tables
+
+        cal = self.buffer.contents()
+        if len(cal) > self.cfg.calibration_records:
+            cal = cal[np.linspace(0, len(cal) - 1, self.cfg.calibration_records).astype(np.int64)]
+        tables = build_tables(self.model, self._inputs(cal))
+        tables.save(self.model_dir / "coder_tables.npz")
+        ver = self.registry.publish(self.model_dir, metadata={
+            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": len(self.ledger["files"]),
+            "records_trained": self.ledger["records_trained"], "previous_elbo": ev.get("published_elbo")})
+        rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
+               "holdout_elbo": ev["holdout_elbo"]}
+        self.ledger["published"] = rec
+        atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
+        self._published_model = self._snapshot()
+        self._write_log({"event": "publish", **rec})
+        return rec
+
+    def _snapshot(self):
+        from vaestream.model import VAE
+
+        m = VAE(self.model.config)
+        for v, w in zip(m.weights(), self.model.weights()):
+            v.assign(w)
+        return m
+
+    def _load_published(self, version: int):
+        """The published version's weights, for comparisons after a restart (read from its SavedModel)."""
+        import tensorflow as tf
+
+        from vaestream.model import VAE
+
+        path = self.registry.get(version).path
+        m = VAE(self.model.config)
+        loaded = tf.saved_model.load(str(path))
+        if not hasattr(loaded, "model"):
+            return None
+        for v, w in zip(m.weights(), _ordered_weights(loaded.model)):
+            v.assign(w)
+        if m.fingerprint() != self.registry.get(version).fingerprint:
+            return None
+        return m
+
+    # -- following a pattern ----------------------------------------------------------------------------------
+    def new_files(self, pattern: str | Iterable[str]) -> list[str]:
+        """Files matching ``pattern`` (a glob, or several) not yet processed, oldest (mtime) first; files
+        still being written are skipped (:func:`vaestream.binio.is_settled`)."""
+        return new_files([pattern] if isinstance(pattern, str) else list(pattern), self.processed)
+
+    def follow(self, pattern: str | Iterable[str], poll_interval: float = 1.0, max_files: int | None = None,
+               idle_timeout: float | None = None, stop: threading.Event | None = None,
+               on_file: Callable[[dict], None] | None = None) -> dict:
+        """Poll ``pattern`` and learn from each new file once, until ``max_files`` files were processed in
+        this call, nothing new arrived for ``idle_timeout`` seconds, ``stop`` is set, or SIGINT/SIGTERM.
+        Checkpoints on the schedule and once at the end. Returns a summary."""
+        from vaestream.training import StopFlag
+
+        done, t0, last_new = 0, time.monotonic(), time.monotonic()
+        with StopFlag() as sig:
+            while not (sig.set or (stop is not None and stop.is_set())):
+                files = self.new_files(pattern)
+                if files:
+                    last_new = time.monotonic()
+                for f in files:
+                    rec = self.process_file(f)
+                    if rec is not None:
+                        done += 1
+                        if on_file:
+                            on_file(rec)
+                    if (max_files is not None and done >= max_files) or sig.set or \
+                            (stop is not None and stop.is_set()):
+                        break
+                if max_files is not None and done >= max_files:
+                    break
+                if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
+                    break
+                if not files:
+                    if stop is not None:
+                        stop.wait(poll_interval)
+                    else:
+                        time.sleep(poll_interval)
+        if self.pending:
+            self.checkpoint()
+        return {"files": done, "seconds": round(time.monotonic() - t0, 3),
+                "step": int(self.trainer.step.numpy()) if self.trainer is not None else 0,
+                "records_trained": self.ledger["records_trained"], "published": self.ledger.get("published")}
+
+
+def _ordered_weights(model) -> list:
+    out = []
+    for mlp in (model.encoder, model.decoder):
+        for layer in list(mlp.hidden) + [mlp.out]:
+            out += [layer.w, layer.b]
+    return out

@@ -1,0 +1,8 @@
+"""Serving: the exported SavedModel and what serves it.
+
+* :mod:`~vaestream.serving.export` -- ``export`` / ``load_export``: the SavedModel and its signatures;
+* :mod:`~vaestream.serving.server` -- ``ModelServer`` and the TF-Serving-compatible REST handler;
+* :mod:`~vaestream.serving.rest_server`, :mod:`~vaestream.serving.grpc_server` -- the transports;
+* :mod:`~vaestream.serving.batching` -- server-side dynamic batching;
+* :mod:`~vaestream.serving.client` -- ``Client`` (REST) and ``GrpcClient``.
+"""

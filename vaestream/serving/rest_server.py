@@ -1,0 +1,153 @@
+"""``vaestream serve``'s REST port: TF Serving's REST API as a Starlette app on uvicorn.
+
+Why Starlette on uvicorn, not ``http.server``: uvicorn is a maintained ASGI server whose HTTP/1.1 parsing
+(h11), keep-alive (``timeout_keep_alive``), connection limit (``limit_concurrency``: 503 beyond it) and
+graceful shutdown (SIGTERM: stop accepting, let the requests in flight finish within
+``timeout_graceful_shutdown``, then exit) are tested by many users; Starlette is the thin, maintained ASGI
+toolkit for the request / response objects and routing. The event loop only moves bytes: parsing JSON,
+the model call and writing JSON run in a bounded thread pool (``rest_api_num_threads``), each bounded by
+``rest_api_timeout_in_ms`` (504 after it), and a body larger than ``max_request_bytes`` is refused (400)
+before it is read. The request logic and the error JSON are :meth:`vaestream.serving.server.ModelServer.handle`'s,
+shared with nothing else, so the surface is exactly the one of ``vaestream serve`` before (the same tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+from typing import Any
+
+from vaestream.errors import ModelError
+from vaestream.serving.server import ModelServer, dumps
+
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+
+
+def _json(status: int, payload: Any, close: bool = False) -> Any:
+    from starlette.responses import Response
+
+    return Response(dumps(payload), status_code=status, media_type="application/json",
+                    headers={"Connection": "close"} if close else None)
+
+
+def make_app(ms: ModelServer, max_request_bytes: int = 64 << 20, timeout_s: float = 30.0,
+             num_threads: int = 64) -> Any:
+    """The Starlette app of TF Serving's REST API over ``ms`` (every path goes to ``ms.handle``)."""
+    import anyio
+    import anyio.to_thread
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    state: dict[str, Any] = {}
+
+    def answer(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        status, payload = ms.handle(method, path, body)
+        return status, dumps(payload).encode()
+
+    async def endpoint(request: Any) -> Any:
+        from starlette.responses import Response
+
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+                if n < 0:
+                    raise ValueError
+            except ValueError:
+                return _json(400, {"error": f"bad Content-Length {length!r}"}, close=True)
+            if n > max_request_bytes:  # do not read the body
+                return _json(400, {"error": f"request body of {n} bytes is larger than the maximum "
+                                            f"{max_request_bytes}"}, close=True)
+        chunks, size = [], 0
+        async for chunk in request.stream():  # chunked bodies: bounded as they arrive
+            size += len(chunk)
+            if size > max_request_bytes:
+                return _json(400, {"error": f"request body is larger than the maximum {max_request_bytes}"},
+                             close=True)
+            chunks.append(chunk)
+        path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        if "limiter" not in state:
+            state["limiter"] = anyio.CapacityLimiter(num_threads)
+        try:
+            with anyio.fail_after(timeout_s):
+                status, data = await anyio.to_thread.run_sync(answer, request.method, path, b"".join(chunks),
+                                                              limiter=state["limiter"], abandon_on_cancel=True)
+        except TimeoutError:
+            return _json(504, {"error": f"Request timed out after {timeout_s:g} s (rest_api_timeout_in_ms)"})
+        return Response(data, status_code=status, media_type="application/json")
+
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=_METHODS)])
+
+
+class _Server:
+    """A uvicorn server that exits normally (status 0) after a graceful SIGTERM / SIGINT shutdown (uvicorn
+    re-raises the captured signal after shutdown, which would end the process by the signal)."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # noqa: ANN202 (uvicorn's hook)
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for s, h in old.items():
+                        signal.signal(s, h)
+
+        return Server(config)
+
+
+class RestServer:
+    """The REST port: a socket bound (and listening) at construction, served by :meth:`run`.
+
+    Args:
+      ms: the model server.
+      host, port: where to listen (``port=0``: a free port, then :attr:`port`).
+      max_request_bytes: the largest request body (larger: 400, not read).
+      timeout_s: per-request limit (504 after it).
+      num_threads: request handlers running at once (JSON + model call).
+      keep_alive_s: idle keep-alive connections are closed after this.
+      grace_s: on SIGTERM, how long requests in flight may take to finish.
+      max_connections: connections + requests at once (beyond: 503).
+      verbose: log every request.
+    """
+
+    def __init__(self, ms: ModelServer, host: str = "127.0.0.1", port: int = 8501, *,
+                 max_request_bytes: int = 64 << 20, timeout_s: float = 30.0, num_threads: int = 64,
+                 keep_alive_s: float = 30.0, grace_s: float = 30.0, max_connections: int = 2048,
+                 verbose: bool = False):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (uvicorn writes
+        # headers and body separately; without NODELAY each response waits ~40 ms for the client's delayed ACK)
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as e:
+            self.sock.close()
+            raise ModelError(f"REST: cannot bind {host}:{port}: {e}") from None
+        self.sock.listen(1024)  # connections queue from now on, before run() accepts them
+        self.port: int = self.sock.getsockname()[1]
+        app = make_app(ms, max_request_bytes, timeout_s, num_threads)
+        config = uvicorn.Config(app, http="h11", loop="asyncio", lifespan="off", log_level="info" if verbose
+                                else "warning", access_log=verbose, timeout_keep_alive=int(max(1, keep_alive_s)),
+                                timeout_graceful_shutdown=int(max(1, grace_s)), limit_concurrency=max_connections,
+                                backlog=1024, server_header=False)
+        self.server = _Server(config)
+
+    def run(self) -> None:
+        """Serve until SIGTERM / SIGINT (main thread) or :meth:`stop`; drains in-flight requests first."""
+        self.server.run(sockets=[self.sock])
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to shut down gracefully (from any thread)."""
+        self.server.should_exit = True
