@@ -179,6 +179,21 @@ def test_bits_are_close_to_the_negative_elbo(bb_model, bb_stream):
     assert bits > 0.97 * neg_elbo, (bits, neg_elbo)  # a code cannot beat the model's bound by much
 
 
+def test_the_chain_draws_its_latents_from_the_posterior(bb_model, mnist_test):
+    """The latents the chain pops (from bits the previous records wrote) follow Q(z|x): their standardised
+    offsets from the posterior mean have mean ~0 and std ~1 and none lies far out (the scrambled prior order and
+    the +-8 sigma posterior windows, see LosslessCoder._windows and latent_scramble)."""
+    m = bb_model[0]
+    x = mnist_test[4000:4400].reshape(400, -1).astype(np.int32)
+    coder = LosslessCoder(m)
+    seen, orig = [], coder._likelihood
+    coder._likelihood = lambda zi, g, lb: (seen.append(zi.copy()), orig(zi, g, lb))[1]
+    coder.encode_frame(x)
+    mean, std = coder._posterior(x, coder.latent_bits)
+    r = (np.concatenate(seen) - mean) / std
+    assert abs(r.mean()) < 0.05 and 0.9 < r.std() < 1.1 and np.abs(r).max() < 9, (r.mean(), r.std(), np.abs(r).max())
+
+
 def test_initial_bits_amortise(bb_model, bb_stream):
     """A lone record pays for the latent it borrowed from the seed (at most Nz * latent_bits bits) and a
     frame's fixed costs; in a chain of 200 only the first record does, so the overhead per record over the
@@ -306,17 +321,21 @@ def test_beta_binomial_grid_matches_scipy_and_the_latent_prior_is_scrambled():
     from vaestream import lossless as L
 
     bins, within = beta_binomial_grid()
-    n = L._grid_size()
-    assert n == 321 and bins.shape == (n * n, 16) and within.shape == (n * n * 16, 16)
+    nu, nv = L._grid_shape()
+    assert (nu, nv) == (513, 129) and bins.shape == (nu * nv, 16) and within.shape == (nu * nv * 16, 16)
+    u, v = L._axis(L.GRID_U), L._axis(L.GRID_V)
     k = np.arange(256)
-    for ia, ib in ((0, 0), (30, 200), (160, 160), (250, 12), (320, 320)):
-        c = ia * n + ib
+    for iu, iv in ((0, 0), (100, 20), (256, 64), (300, 128), (512, 128), (270, 40)):
+        c = iu * nv + iv
         w = within[c * 16:(c + 1) * 16].astype(np.float64)
         p = (bins[c].astype(np.float64)[:, None] * w / w.sum(1, keepdims=True)).reshape(-1)
-        la, lb = L.GRID_LO + ia / 16, L.GRID_LO + ib / 16
-        np.testing.assert_allclose(p, betabinom.pmf(k, 255, np.exp(la), np.exp(lb)), atol=5e-5)
-    assert np.array_equal(L._grid_cells(np.array([-99.0, L.GRID_LO + 3 / 16 + 1e-3, 99.0]), np.zeros(3)) // n,
-                          [0, 3, n - 1])
+        a, b = np.exp(v[iv]) / (1 + np.exp(-u[iu])), np.exp(v[iv]) / (1 + np.exp(u[iu]))
+        np.testing.assert_allclose(p, betabinom.pmf(k, 255, a, b), atol=5e-5)
+    # the nearest cell of (log alpha, log beta): u = la - lb, v = logaddexp(la, lb), clipped to the grid
+    la, lb = np.array([-99.0, 0.3, 50.0]), np.array([0.0, 0.3 - 3 / 16 - 1e-3, -50.0])
+    c = L._grid_cells(la, lb)
+    assert list(c // nv) == [0, 256 + 3, nu - 1]
+    assert list(c % nv)[1] == int(round((np.logaddexp(la[1], lb[1]) - L.GRID_V[0]) * 8))
     a, a_inv = latent_scramble(12)
     assert (a * a_inv) % 4096 == 1 and abs(a / 4096 - 0.618) < 0.001
     p = latent_prior(12)
