@@ -322,19 +322,19 @@ def test_beta_binomial_grid_matches_scipy_and_the_latent_prior_is_scrambled():
 
     bins, within = beta_binomial_grid()
     nu, nv = L._grid_shape()
-    assert (nu, nv) == (513, 129) and bins.shape == (nu * nv, 16) and within.shape == (nu * nv * 16, 16)
+    assert (nu, nv) == (1025, 129) and bins.shape == (nu * nv, 16) and within.shape == (nu * nv * 16, 16)
     u, v = L._axis(L.GRID_U), L._axis(L.GRID_V)
     k = np.arange(256)
-    for iu, iv in ((0, 0), (100, 20), (256, 64), (300, 128), (512, 128), (270, 40)):
+    for iu, iv in ((0, 0), (200, 20), (512, 64), (600, 128), (1024, 128), (540, 40)):
         c = iu * nv + iv
         w = within[c * 16:(c + 1) * 16].astype(np.float64)
         p = (bins[c].astype(np.float64)[:, None] * w / w.sum(1, keepdims=True)).reshape(-1)
         a, b = np.exp(v[iv]) / (1 + np.exp(-u[iu])), np.exp(v[iv]) / (1 + np.exp(u[iu]))
         np.testing.assert_allclose(p, betabinom.pmf(k, 255, a, b), atol=5e-5)
     # the nearest cell of (log alpha, log beta): u = la - lb, v = logaddexp(la, lb), clipped to the grid
-    la, lb = np.array([-99.0, 0.3, 50.0]), np.array([0.0, 0.3 - 3 / 16 - 1e-3, -50.0])
+    la, lb = np.array([-99.0, 0.3, 50.0]), np.array([0.0, 0.3 - 3 / 32 - 1e-3, -50.0])
     c = L._grid_cells(la, lb)
-    assert list(c // nv) == [0, 256 + 3, nu - 1]
+    assert list(c // nv) == [0, 512 + 3, nu - 1]
     assert list(c % nv)[1] == int(round((np.logaddexp(la[1], lb[1]) - L.GRID_V[0]) * 8))
     a, a_inv = latent_scramble(12)
     assert (a * a_inv) % 4096 == 1 and abs(a / 4096 - 0.618) < 0.001
