@@ -376,7 +376,8 @@ class ExactMLP:
 
     def __call__(self, xq: np.ndarray, x_exp: int, divisor: float = 1.0) -> np.ndarray:
         """The network on integer-valued inputs ``xq * 2^-x_exp / divisor`` (``xq`` float64 ``[g, K]`` of at
-        most 2^11 in magnitude) -> float64 outputs."""
+        most 2^16 in magnitude: pixel counts, or latent bucket indices) -> float64 outputs. The first layer's
+        products are exact too: 2^16 x 2^b x K stays below 2^53 (b, the weight bits, shrinks as K grows)."""
         h = None
         for i, (wq, s, b, bits) in enumerate(self.layers):
             if i == 0:
