@@ -14,7 +14,12 @@ same run:
 * vaestream per image: the first 100 records each compressed alone, as a whole container and as a bare
   frame payload (what a record costs inside a larger container of many frames);
 * compress / decompress throughput (images/s) of vaestream and, as a yardstick, of lzma and gzip on the
-  same records; and that every record decodes exactly.
+  same records (``speed_vs_lzma``: vaestream's images/s over lzma -9e's); and that every record decodes
+  exactly;
+* ``scaling``: compress and streaming-decode (``iter_frames``) time per image and tracemalloc peak memory at
+  1,000 records and at ``--n``; ``initial_bits_per_frame`` (a one-record frame's payload over its -ELBO: the
+  clean bits, frame header and final ANS state a frame pays once) and ``overhead_bits_per_frame`` (the whole
+  stream over the records' -ELBO, per frame).
 
 Published anchors on MNIST (Townsend et al. 2019, table 2): gzip 1.63, bz2 1.41, lzma 1.39, PNG 2.80,
 WebP 2.10 bits/dim; BB-ANS 1.41 (its model's -ELBO 1.39).
@@ -48,6 +53,7 @@ import platform
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -171,7 +177,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
                 per_image: int, per_image_vae: int = 100, arch: dict | None = None, lr: float = 1e-3,
                 lr_decay: float = 1.0) -> dict:
     from vaestream.data import load_records
-    from vaestream.lossless import LosslessCoder, ideal_bits
+    from vaestream.lossless import FORMAT, LosslessCoder, ideal_bits
 
     arch = arch or {"hidden": (300,), "latent_dim": 20, "activation": "tanh"}
     full_test = load_records(str(root), "test")
@@ -181,7 +187,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     dims = test.size
     neg_elbo = ideal_bits(model, test, num_samples=8)
     coder = LosslessCoder(model)
-    coder.compress(test[:8])  # warm up (tables, thread pool) outside the timing
+    coder.compress(test[:8])  # warm up (the likelihood grid, constriction models) outside the timing
     _log(f"{name}: compress {len(test)}")
     t0 = time.perf_counter()
     blob = coder.compress(test)
@@ -193,9 +199,32 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     exact = bool(np.array_equal(back, test))
     bpd = 8 * len(blob) / dims
     elbo_bpd = float(neg_elbo.sum() / dims)
+    # time per image and peak memory (tracemalloc: NumPy's allocations) at 1,000 records and at all of them;
+    # streaming decode (iter_frames: one frame at a time) keeps memory flat
+    _log(f"{name}: scaling")
+    scaling = {}
+    for m in sorted({min(1000, len(test)), len(test)}):
+        t0 = time.perf_counter()
+        b = coder.compress(test[:m])
+        tc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_back = sum(len(fr) for fr in coder.iter_frames(b))
+        td = time.perf_counter() - t0
+        tracemalloc.start()
+        coder.compress(test[:m])
+        peak_c = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        for _fr in coder.iter_frames(b):
+            pass
+        peak_d = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        scaling[str(m)] = {"compress_ms_per_image": 1e3 * tc / m, "stream_decode_ms_per_image": 1e3 * td / m,
+                           "records_back": int(n_back), "peak_mib_compress": peak_c / 2 ** 20,
+                           "peak_mib_stream_decode": peak_d / 2 ** 20}
     k = min(per_image_vae, len(test))
     singles = [len(coder.compress(test[i:i + 1])) for i in range(k)]
     single_frames = [len(coder.encode_frame(test[i:i + 1].reshape(1, -1).astype(np.int32))) for i in range(k)]
+    n_frames = -(-len(test) // coder.frame_records)
     _log(f"{name}: baselines")
     base = baselines(test, per_image)
     full_tiled = {k: 8 * len(fn(full_test.tobytes())) / full_test.size for k, fn in STREAM_CODECS.items()}
@@ -203,17 +232,26 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     out = {
         "records": int(len(test)),
         "model": train_record,
-        "vaestream_lossless": {"bits_per_dim": bpd, "bytes": len(blob), "exact": exact,
+        "vaestream_lossless": {"bits_per_dim": bpd, "bytes": len(blob), "exact": exact, "format": FORMAT,
                                "latent_bits": coder.latent_bits, "group": coder.group,
+                               "frame_records": coder.frame_records, "frames": n_frames,
+                               "blas_threads": coder.blas_threads,
                                "compress_images_per_s": len(test) / t_comp,
-                               "decompress_images_per_s": len(test) / t_dec},
+                               "decompress_images_per_s": len(test) / t_dec,
+                               "overhead_bits_per_frame": float((8 * len(blob) - neg_elbo.sum()) / n_frames),
+                               "scaling": scaling},
         "vaestream_per_image": {"records": k, "container_bits_per_dim": 8 * sum(singles) / (k * test[0].size),
                                 "frame_payload_bits_per_dim": 8 * sum(single_frames) / (k * test[0].size),
-                                "neg_elbo_bits_per_dim": float(neg_elbo[:k].sum() / (k * test[0].size))},
+                                "neg_elbo_bits_per_dim": float(neg_elbo[:k].sum() / (k * test[0].size)),
+                                # what a frame's first record costs over its -ELBO: the initial ("clean") bits
+                                # it borrowed from the seed, the 24-byte frame header and the final ANS state
+                                "initial_bits_per_frame": float(8 * np.mean(single_frames) - neg_elbo[:k].mean())},
         "neg_elbo_bits_per_dim": elbo_bpd,
         "overhead_vs_neg_elbo": bpd / elbo_bpd - 1.0,
         "baselines": base,
         "ratio_to_vaestream": {f"{k}_{mode}": base[k][mode] / bpd for k in base for mode in ("tiled", "per_image")},
+        "speed_vs_lzma": {"compress": (len(test) / t_comp) / base["lzma"]["tiled_compress_images_per_s"],
+                          "decompress": (len(test) / t_dec) / base["lzma"]["tiled_decompress_images_per_s"]},
         "per_image_records": int(min(per_image, len(test))),
         "tiled_whole_test_set_bits_per_dim": full_tiled,
     }

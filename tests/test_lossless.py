@@ -13,9 +13,9 @@ import pytest
 
 from vaestream import container
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelMismatchError
-from vaestream.lossless import (LOSSLESS_TAG, LosslessCoder, beta_binomial_probs, bernoulli_probs, bucket_centres,
-                                bucket_edges, compress_lossless, decompress_lossless, group_sizes, ideal_bits,
-                                posterior_probs)
+from vaestream.lossless import (FORMAT, LOSSLESS_TAG, ExactMLP, LosslessCoder, beta_binomial_grid, beta_binomial_probs,
+                                bernoulli_probs, bucket_centres, bucket_edges, compress_lossless, decompress_lossless,
+                                group_sizes, ideal_bits, latent_prior, latent_scramble, posterior_probs)
 
 N_RECORDS = 200
 RATE_OVERHEAD = 0.03
@@ -93,24 +93,80 @@ def test_layouts_frames_and_small_groups(bb_model, mnist_test):
         assert y.shape == empty.shape and y.dtype == np.uint8
 
 
-def test_other_process_decodes_the_stream(bb_model, mnist_test, tmp_path):
-    """A stream written by one fresh process decodes exactly in another (same build, same machine kind).
+_PROC = ("import sys, numpy as np; from vaestream import load_model; from vaestream.lossless import LosslessCoder; "
+         "c = LosslessCoder(load_model(sys.argv[1]), group=int(sys.argv[5]), blas_threads=None); "
+         "open(sys.argv[2], 'wb').write(c.compress(np.load(sys.argv[3]))) if sys.argv[4] == 'c' else "
+         "np.save(sys.argv[3], c.decompress(open(sys.argv[2], 'rb').read()))")
+"""Compress or decompress in a fresh process, leaving BLAS on the threads its environment gives it."""
 
-    Both ends run in fresh processes: in a long pytest process that has run many other TensorFlow workloads
-    we have seen the network's floats differ from a fresh process's (the decoder then refuses the stream
-    with a BitstreamError, as it must); see vaestream.lossless on determinism."""
+
+def _threads_env(n: int) -> dict:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n),
+                MKL_NUM_THREADS=str(n))
+
+
+@pytest.mark.parametrize("n", [1, 7, 512])
+def test_round_trip_of_mnist_and_fashion_batches_of_several_sizes(bb_model, mnist_test, fashion_dir, n):
+    """Exact round trips of 1, 7 and 512 real records (512: two full groups of 256 after the ramp) of MNIST and of
+    Fashion-MNIST (coded with the MNIST model: a poor fit, so a higher rate, but still exact)."""
+    from vaestream.data import read_idx
+
+    m = bb_model[0]
+    fashion = read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")
+    for x in (mnist_test[2000:2000 + n], fashion[:n]):
+        blob = compress_lossless(m, x)
+        assert np.array_equal(decompress_lossless(m, blob), x)
+
+
+def test_frames_decode_one_at_a_time_from_a_file(bb_model, mnist_test, tmp_path):
+    """iter_frames reads a stream of several frames from a file frame by frame (bounded memory: one frame of
+    records at a time) and gives the records back in order."""
+    m = bb_model[0]
+    x = mnist_test[3000:3050]
+    coder = LosslessCoder(m, frame_records=16)
+    path = tmp_path / "s.vz"
+    path.write_bytes(coder.compress(x))
+    parts = list(LosslessCoder(m).iter_frames(str(path)))
+    assert [len(p) for p in parts] == [16, 16, 16, 2]
+    assert np.array_equal(np.concatenate(parts).reshape(x.shape), x)
+    with open(path, "rb") as f:
+        assert sum(len(p) for p in LosslessCoder(m).iter_frames(f)) == 50
+
+
+def test_other_processes_with_other_thread_counts_agree_bit_for_bit(bb_model, mnist_test, tmp_path):
+    """A fresh process with one BLAS thread and this long-lived pytest process (the machine's default, with
+    the coder's own blas_threads=None: left as it is) write byte-identical streams of 300 real MNIST records
+    (groups of 64, so the compressor's whole-frame encoder call and the decompressor's per-group calls differ
+    in shape); a third process with three threads decodes them exactly. The networks' matrix products are
+    exact (ExactMLP), so no BLAS blocking or thread split can change a table."""
     _, model_dir = bb_model
-    np.save(tmp_path / "x.npy", mnist_test[400:420])
-    code = ("import sys, numpy as np; from vaestream import load_model; "
-            "from vaestream.lossless import compress_lossless, decompress_lossless; m = load_model(sys.argv[1]); "
-            "open(sys.argv[2], 'wb').write(compress_lossless(m, np.load(sys.argv[3]))) if sys.argv[4] == 'c' else "
-            "np.save(sys.argv[3], decompress_lossless(m, open(sys.argv[2], 'rb').read()))")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    for args in (("x.npy", "c"), ("y.npy", "d")):
-        r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / "s.vz"), str(tmp_path / args[0]),
-                            args[1]], capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert np.array_equal(np.load(tmp_path / "y.npy"), mnist_test[400:420])
+    x = mnist_test[1000:1300]
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run([sys.executable, "-c", _PROC, str(model_dir), str(tmp_path / "s1.vz"), str(tmp_path / "x.npy"),
+                        "c", "64"], capture_output=True, text=True, env=_threads_env(1), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s1 = (tmp_path / "s1.vz").read_bytes()
+    here = LosslessCoder(bb_model[0], group=64, blas_threads=None).compress(x)
+    assert here == s1
+    r = subprocess.run([sys.executable, "-c", _PROC, str(model_dir), str(tmp_path / "s1.vz"), str(tmp_path / "y.npy"),
+                        "d", "64"], capture_output=True, text=True, env=_threads_env(3), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), x)
+
+
+def test_exact_products_do_not_depend_on_how_the_batch_is_split(bb_model, mnist_test):
+    """ExactMLP gives bit-identical outputs for a record whatever batch it is computed in (1, 7, 64 or 500 rows,
+    odd offsets), and stays within ~1e-5 of the plain float64 network."""
+    m = bb_model[0]
+    x = mnist_test[:500].reshape(500, -1).astype(np.float64)
+    enc = ExactMLP(m.encoder, m.config.activation)
+    full = enc(x, 0, 255.0)
+    for step in (1, 7, 64, 333):
+        parts = np.concatenate([enc(x[s:s + step], 0, 255.0) for s in range(0, 500, step)])
+        assert np.array_equal(parts.view(np.uint64), full.view(np.uint64)), step
+    assert np.array_equal(enc(x[3:4].copy(), 0, 255.0), full[3:4])
+    ref = m.encoder(x.astype(np.float32) / np.float32(255.0)).numpy()
+    np.testing.assert_allclose(full, ref, atol=2e-4, rtol=1e-4)
 
 
 # -- the rate -----------------------------------------------------------------------------------------------
@@ -120,6 +176,22 @@ def test_bits_are_close_to_the_negative_elbo(bb_model, bb_stream):
     bits = 8 * len(blob)
     assert bits < (1 + RATE_OVERHEAD) * neg_elbo, (bits, neg_elbo)
     assert bits > 0.97 * neg_elbo, (bits, neg_elbo)  # a code cannot beat the model's bound by much
+
+
+def test_the_chain_draws_its_latents_from_the_posterior(bb_model, mnist_test):
+    """The latents the chain pops (from bits the previous records wrote) follow Q(z|x): their standardised
+    offsets from the posterior mean have mean ~0 and std ~1 and hardly any lies far out (the scrambled prior order and
+    the +-8 sigma posterior windows, see LosslessCoder._windows and latent_scramble)."""
+    m = bb_model[0]
+    x = mnist_test[4000:4400].reshape(400, -1).astype(np.int32)
+    coder = LosslessCoder(m)
+    seen, orig = [], coder._likelihood
+    coder._likelihood = lambda zi, g, lb: (seen.append(zi.copy()), orig(zi, g, lb))[1]
+    coder.encode_frame(x)
+    mean, std = coder._posterior(x, coder.latent_bits)
+    r = (np.concatenate(seen) - mean) / std
+    far = float((np.abs(r) > 5).mean())   # a Gaussian: 6e-7; the 2^-24 floor of a +-16 bucket window: ~2e-6 each
+    assert abs(r.mean()) < 0.05 and 0.9 < r.std() < 1.1 and far < 1e-3, (r.mean(), r.std(), far)
 
 
 def test_initial_bits_amortise(bb_model, bb_stream):
@@ -173,6 +245,9 @@ def test_damage_behind_a_valid_crc_is_caught_by_the_chain(bb_model, mnist_test):
         decompress_lossless(m, container.pack(header, [(n - 1, payload)]))
     with pytest.raises(BitstreamError, match="format"):
         decompress_lossless(m, container.pack(header, [(n, payload[:4] + b"\x09" + payload[5:])]))
+    assert payload[4] == FORMAT == 2
+    with pytest.raises(BitstreamError, match="format 1 .*older vaestream"):   # a stream of the old coder
+        decompress_lossless(m, container.pack(header, [(n, payload[:4] + b"\x01" + payload[5:])]))
 
 
 def test_stream_of_another_model_is_refused(bb_model, bern_model, bb_stream, mnist_test):
@@ -236,6 +311,36 @@ def test_posterior_and_likelihood_tables_match_scipy():
     np.testing.assert_allclose(p, ref, rtol=1e-8, atol=1e-300)
     assert np.all(np.isfinite(beta_binomial_probs(np.array([1e9, -1e9]), np.array([-1e9, 1e9]))))
     np.testing.assert_allclose(bernoulli_probs(np.array([0.0, 40.0]))[:, 1], [0.5, 1.0])
+
+
+def test_beta_binomial_grid_matches_scipy_and_the_latent_prior_is_scrambled():
+    """The grid's bin x within-bin tables reproduce scipy's BetaBinomial(255, a, b) at grid points; the latent
+    prior is N(0, 1) over the buckets, listed in a scrambled order that is a bijection."""
+    from scipy.stats import betabinom, norm
+
+    from vaestream import lossless as L
+
+    bins, within = beta_binomial_grid()
+    nu, nv = L._grid_shape()
+    assert (nu, nv) == (1025, 129) and bins.shape == (nu * nv, 16) and within.shape == (nu * nv * 16, 16)
+    u, v = L._axis(L.GRID_U), L._axis(L.GRID_V)
+    k = np.arange(256)
+    for iu, iv in ((0, 0), (200, 20), (512, 64), (600, 128), (1024, 128), (540, 40)):
+        c = iu * nv + iv
+        w = within[c * 16:(c + 1) * 16].astype(np.float64)
+        p = (bins[c].astype(np.float64)[:, None] * w / w.sum(1, keepdims=True)).reshape(-1)
+        a, b = np.exp(v[iv]) / (1 + np.exp(-u[iu])), np.exp(v[iv]) / (1 + np.exp(u[iu]))
+        np.testing.assert_allclose(p, betabinom.pmf(k, 255, a, b), atol=5e-5)
+    # the nearest cell of (log alpha, log beta): u = la - lb, v = logaddexp(la, lb), clipped to the grid
+    la, lb = np.array([-99.0, 0.3, 50.0]), np.array([0.0, 0.3 - 3 / 32 - 1e-3, -50.0])
+    c = L._grid_cells(la, lb)
+    assert list(c // nv) == [0, 512 + 3, nu - 1]
+    assert list(c % nv)[1] == int(round((np.logaddexp(la[1], lb[1]) - L.GRID_V[0]) * 8))
+    a, a_inv = latent_scramble(12)
+    assert (a * a_inv) % 4096 == 1 and abs(a / 4096 - 0.618) < 0.001
+    p = latent_prior(12)
+    j = ((np.arange(4096) * a_inv) % 4096) - 2048
+    np.testing.assert_allclose(p, norm.cdf((j + 0.5) / 256) - norm.cdf((j - 0.5) / 256), atol=1e-15)
 
 
 def test_group_sizes_ramp_up_and_cover():
