@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from vaestream import container
+from vaestream.coding import container
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelMismatchError
-from vaestream.lossless import (FORMAT, LOSSLESS_TAG, ExactMLP, LosslessCoder, beta_binomial_grid, beta_binomial_probs,
+from vaestream.coding.lossless import (FORMAT, LOSSLESS_TAG, ExactMLP, LosslessCoder, beta_binomial_grid, beta_binomial_probs,
                                 bernoulli_probs, bucket_centres, bucket_edges, compress_lossless, decompress_lossless,
                                 group_sizes, ideal_bits, latent_prior, latent_scramble, posterior_probs)
 
@@ -318,12 +318,12 @@ def test_beta_binomial_grid_matches_scipy_and_the_latent_prior_is_scrambled():
     prior is N(0, 1) over the buckets, listed in a scrambled order that is a bijection."""
     from scipy.stats import betabinom, norm
 
-    from vaestream import lossless as L
+    from vaestream.coding import bb_tables as L
 
     bins, within = beta_binomial_grid()
-    nu, nv = L._grid_shape()
+    nu, nv = L.grid_shape()
     assert (nu, nv) == (1025, 129) and bins.shape == (nu * nv, 16) and within.shape == (nu * nv * 16, 16)
-    u, v = L._axis(L.GRID_U), L._axis(L.GRID_V)
+    u, v = L.grid_axis(L.GRID_U), L.grid_axis(L.GRID_V)
     k = np.arange(256)
     for iu, iv in ((0, 0), (200, 20), (512, 64), (600, 128), (1024, 128), (540, 40)):
         c = iu * nv + iv
@@ -333,7 +333,7 @@ def test_beta_binomial_grid_matches_scipy_and_the_latent_prior_is_scrambled():
         np.testing.assert_allclose(p, betabinom.pmf(k, 255, a, b), atol=5e-5)
     # the nearest cell of (log alpha, log beta): u = la - lb, v = logaddexp(la, lb), clipped to the grid
     la, lb = np.array([-99.0, 0.3, 50.0]), np.array([0.0, 0.3 - 3 / 32 - 1e-3, -50.0])
-    c = L._grid_cells(la, lb)
+    c = L.grid_cells(la, lb)
     assert list(c // nv) == [0, 512 + 3, nu - 1]
     assert list(c % nv)[1] == int(round((np.logaddexp(la[1], lb[1]) - L.GRID_V[0]) * 8))
     a, a_inv = latent_scramble(12)

@@ -103,6 +103,12 @@ from typing import Any
 import numpy as np
 
 from vaestream.coding import container
+from vaestream.coding.bb_tables import (BIN, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
+                                        beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
+                                        bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
+                                        latent_prior, latent_scramble, latent_step_bits, posterior_probs,
+                                        within_rows)
+from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
@@ -117,335 +123,6 @@ DEFAULT_GROUP = 256
 DEFAULT_FRAME_RECORDS = 4096
 MAX_FRAME_RECORDS = 1 << 24
 LIKELIHOODS = ("beta_binomial", "bernoulli")
-_LOG_CLIP = 30.0  # log alpha and log beta are clipped to [-30, 30] in the reference pmfs
-
-
-# ------------------------------------------------------------------------------------------------------------
-# reference tables (format 1's equal-mass buckets; kept as public helpers and for the tests)
-# ------------------------------------------------------------------------------------------------------------
-def bucket_edges(latent_bits: int) -> np.ndarray:
-    """The ``2^latent_bits + 1`` equal-prior-mass edges ``Phi^-1(j / 2^latent_bits)`` (float64, -inf and +inf at
-    the ends): format 1's latent buckets (format 2 uses the uniform grid of :func:`latent_grid`)."""
-    from scipy.special import ndtri
-
-    k = 1 << latent_bits
-    return ndtri(np.arange(k + 1, dtype=np.float64) / k)
-
-
-def bucket_centres(latent_bits: int) -> np.ndarray:
-    """The ``2^latent_bits`` equal-prior-mass bucket centres ``Phi^-1((j + 1/2) / 2^latent_bits)``, float32."""
-    from scipy.special import ndtri
-
-    k = 1 << latent_bits
-    return ndtri((np.arange(k, dtype=np.float64) + 0.5) / k).astype(np.float32)
-
-
-def posterior_probs(mean: np.ndarray, log_scale: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Q(bucket j) of N(mean, exp(log_scale)^2) on the buckets ``edges``: ``[N, K]`` float64 for ``[N]`` inputs.
-
-    ``Q(j) = Phi(t_(j+1)) - Phi(t_j)`` with ``t = (edges - mean) / sigma``, evaluated as
-    ``Phi(-t_j) - Phi(-t_(j+1))`` where ``t_j >= 0`` (no cancellation in the upper tail).
-    """
-    from scipy.special import ndtr
-
-    mu = np.asarray(mean, np.float64).reshape(-1, 1)
-    sigma = np.exp(np.asarray(log_scale, np.float64).reshape(-1, 1))
-    t = (edges[None, :] - mu) / sigma
-    lower = ndtr(t)
-    upper = ndtr(-t)
-    p = np.where(t[:, :-1] >= 0.0, upper[:, :-1] - upper[:, 1:], lower[:, 1:] - lower[:, :-1])
-    return np.maximum(p, 0.0)
-
-
-_LOG_BINOM = None
-
-
-def _log_binom() -> np.ndarray:
-    global _LOG_BINOM
-    if _LOG_BINOM is None:
-        from scipy.special import gammaln
-
-        n = np.arange(DISCRETE_LEVELS + 1, dtype=np.float64)
-        _LOG_BINOM = gammaln(DISCRETE_LEVELS + 1.0) - gammaln(n + 1.0) - gammaln(DISCRETE_LEVELS + 1.0 - n)
-    return _LOG_BINOM
-
-
-def _bb_logpmf(log_alpha: np.ndarray, log_beta: np.ndarray) -> np.ndarray:
-    """Unnormalised log BetaBinomial(255, alpha, beta) pmfs ``[N, 256]`` (row maximum 0), log alpha and log beta
-    clipped to [-30, 30]: ``log C(255, n) + sum_(j<n) log(alpha + j) + sum_(j<255-n) log(beta + j)``."""
-    la = np.clip(np.asarray(log_alpha, np.float64).reshape(-1), -_LOG_CLIP, _LOG_CLIP)
-    lb = np.clip(np.asarray(log_beta, np.float64).reshape(-1), -_LOG_CLIP, _LOG_CLIP)
-    j = np.arange(DISCRETE_LEVELS, dtype=np.float64)
-    out = np.empty((la.shape[0], DISCRETE_LEVELS + 1), np.float64)
-    out[:, 0] = 0.0
-    np.cumsum(np.log(np.exp(la)[:, None] + j), axis=1, out=out[:, 1:])
-    cb = np.cumsum(np.log(np.exp(lb)[:, None] + j), axis=1)
-    out[:, :DISCRETE_LEVELS] += cb[:, ::-1]
-    out += _log_binom()
-    out -= out.max(axis=1, keepdims=True)
-    return out
-
-
-def beta_binomial_probs(log_alpha: np.ndarray, log_beta: np.ndarray) -> np.ndarray:
-    """Unnormalised BetaBinomial(255, alpha, beta) pmfs: ``[N, 256]`` float64 (row maximum 1) for ``[N]`` inputs.
-
-    ``log P(n) = log C(255, n) + sum_(j<n) log(alpha + j) + sum_(j<255-n) log(beta + j)`` (+ a constant per row,
-    removed by subtracting the row maximum), with log alpha and log beta clipped to [-30, 30]. (A reference: the
-    coder reads these pmfs from the precomputed grid of :func:`beta_binomial_grid`.)
-    """
-    return np.exp(_bb_logpmf(log_alpha, log_beta))
-
-
-def bernoulli_probs(logits: np.ndarray) -> np.ndarray:
-    """``[N, 2]`` float64 rows ``(sigmoid(-l), sigmoid(l))`` = (P(0), P(1)) for ``[N]`` logits."""
-    from scipy.special import expit
-
-    lg = np.asarray(logits, np.float64).reshape(-1, 1)
-    return np.concatenate([expit(-lg), expit(lg)], axis=1)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# format 2: the precomputed beta-binomial grid and the uniform latent grid
-# ------------------------------------------------------------------------------------------------------------
-GRID_U = (-16.0, 16.0, 5)
-"""The grid's first axis: u = log alpha - log beta (the log-odds of the pixel's mean), clipped to [-16, 16], in
-steps of 2^-5 (1/16 cost Fashion-MNIST 0.02 % more; MNIST cannot tell them apart)."""
-GRID_V = (-4.0, 12.0, 3)
-"""The grid's second axis: v = log(alpha + beta) (the log concentration), clipped to [-4, 12], in steps of
-2^-3 (above 12 the pmf is the binomial's to ~1e-3, below -4 all but ~2 % of the mass sits on 0 and 255)."""
-FIX_BITS = 12
-"""Network outputs are rounded to multiples of 2^-FIX_BITS (fixed point) before anything is built from them."""
-WITHIN_ONE = 65535.0
-BIN = 16
-"""Pixel counts are coded in two steps: the bin ``n // 16`` (16 bins), then ``n % 16`` given the bin."""
-_GRID_CACHE: dict = {}
-
-
-def _axis(spec: tuple) -> np.ndarray:
-    lo, hi, bits = spec
-    return lo + np.arange(int(round((hi - lo) * (1 << bits))) + 1, dtype=np.float64) / (1 << bits)
-
-
-def _grid_shape() -> tuple[int, int]:
-    return len(_axis(GRID_U)), len(_axis(GRID_V))
-
-
-def beta_binomial_grid() -> tuple[np.ndarray, np.ndarray]:
-    """The beta-binomial tables on the grid of (u, v) = (log alpha - log beta, log(alpha + beta)) of
-    :data:`GRID_U` x :data:`GRID_V` (1025 x 129 cells; alpha = e^v sigmoid(u), beta = e^v sigmoid(-u)):
-    ``(bins [cells, 16] float32, within [cells * 16, 16] uint16)``, where ``bins[c, b]`` is P(n // 16 = b) and
-    ``within[16 c + b, k] / 65535`` is P(n = 16 b + k | n // 16 = b) in cell ``c = i_u * 129 + i_v`` (a row's
-    largest entry is at least 65535 / 16, so no row is all zeros; constriction gives a zero entry its smallest
-    frequency). 8.5 + 67.7 MB, built once per process in float64 (~1 s), normalised in log space so that no
-    bin's conditional underflows."""
-    if "bb" not in _GRID_CACHE:
-        u, v = _axis(GRID_U), _axis(GRID_V)
-        nu, nv = len(u), len(v)
-        uu, vv = np.repeat(u, nv), np.tile(v, nu)
-        la = vv - np.logaddexp(0.0, -uu)
-        lb = vv - np.logaddexp(0.0, uu)
-        bins = np.empty((nu * nv, BIN), np.float32)
-        within = np.empty((nu * nv, BIN, BIN), np.uint16)
-        for s in range(0, nu * nv, 2048):
-            lp = _bb_logpmf(la[s:s + 2048], lb[s:s + 2048]).reshape(-1, BIN, BIN)
-            m = lp.max(axis=2, keepdims=True)
-            e = np.exp(lp - m)
-            tot = e.sum(axis=2, keepdims=True)
-            within[s:s + 2048] = np.rint(e * (WITHIN_ONE / tot))
-            lbin = (m + np.log(tot))[..., 0]
-            pb = np.exp(lbin - lbin.max(axis=1, keepdims=True))
-            bins[s:s + 2048] = pb / pb.sum(axis=1, keepdims=True)
-        _GRID_CACHE["bb"] = (bins, within.reshape(nu * nv * BIN, BIN))
-    return _GRID_CACHE["bb"]
-
-
-def _fixed(v: np.ndarray) -> np.ndarray:
-    """float64 -> int64 fixed point in units of 2^-FIX_BITS (round half to even)."""
-    return np.rint(np.ldexp(v, FIX_BITS)).astype(np.int64)
-
-
-def _grid_cells(log_alpha: np.ndarray, log_beta: np.ndarray) -> np.ndarray:
-    """Network outputs -> the nearest grid cell of each pixel, int64 ``[N]``. log alpha and log beta are rounded
-    to fixed point (2^-12) first; u = their difference is then exact integer arithmetic, v = logaddexp of the
-    rounded values is rounded to fixed point again, and the cells follow by integer shifts."""
-    la = _fixed(np.clip(log_alpha, -1e4, 1e4))
-    lb = _fixed(np.clip(log_beta, -1e4, 1e4))
-    vq = _fixed(np.logaddexp(np.ldexp(la.astype(np.float64), -FIX_BITS), np.ldexp(lb.astype(np.float64), -FIX_BITS)))
-    idx = []
-    for q, (lo, hi, bits) in ((la - lb, GRID_U), (vq, GRID_V)):
-        shift = FIX_BITS - bits
-        lo_q, hi_q = int(lo * (1 << FIX_BITS)), int(hi * (1 << FIX_BITS))
-        idx.append((np.clip(q, lo_q, hi_q) - lo_q + (1 << (shift - 1))) >> shift)
-    nu, nv = _grid_shape()
-    return np.minimum(idx[0], nu - 1) * nv + np.minimum(idx[1], nv - 1)
-
-
-def _bin_rows(cells: np.ndarray) -> np.ndarray:
-    """The bin probabilities of each pixel's cell: float32 ``[N, 16]``."""
-    return np.take(beta_binomial_grid()[0], cells, axis=0)
-
-
-def _within_rows(cells: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """P(n % 16 | bin b) of each pixel's cell: float32 ``[N, 16]``."""
-    return np.take(beta_binomial_grid()[1], cells * BIN + b, axis=0).astype(np.float32)
-
-
-def latent_step_bits(latent_bits: int) -> int:
-    """The latent grid's step is 2^-latent_step_bits: ``2^latent_bits`` buckets cover [-8, 8)."""
-    return int(latent_bits) - 4
-
-
-def latent_scramble(latent_bits: int) -> tuple[int, int]:
-    """(a, a^-1 mod 2^latent_bits): the prior codes bucket ``j`` as the symbol ``s = (j + 2^(latent_bits-1)) a
-    mod 2^latent_bits``, an odd multiplier near 0.618 x 2^latent_bits, so neighbouring buckets get far-apart
-    symbols. Why: in the chain the next group pops its posterior samples from the bits the previous group's
-    prior code just wrote, and the quantile a pop reads is the previous latent's prior CDF position; with the
-    buckets in their natural order that couples each sample to the previous record's latent, and a model whose
-    aggregate posterior is not exactly the prior then draws its samples off Q (measured: up to +5 % rate on an
-    under-trained model, erratic in latent_bits). In scrambled order the quantile read is ~uniform whatever
-    the previous latent was, so the samples follow Q. The prior's cost per symbol is unchanged."""
-    k = 1 << latent_bits
-    a = int(0.6180339887498949 * k) | 1
-    return a, pow(a, -1, k)
-
-
-def latent_prior(latent_bits: int) -> np.ndarray:
-    """The prior N(0, 1) integrated over each latent bucket ``[(j - 1/2) delta, (j + 1/2) delta)``, listed in
-    scrambled symbol order (:func:`latent_scramble`), float64, rounded to multiples of 2^-60 so that the fixed
-    Categorical constriction builds from it does not hang on the last bit of ``ndtr``."""
-    key = ("prior", latent_bits)
-    if key not in _GRID_CACHE:
-        from scipy.special import ndtr
-
-        k = 1 << latent_bits
-        half = k >> 1
-        j = np.arange(k, dtype=np.float64) - half
-        edges = np.ldexp(np.concatenate([j - 0.5, [half - 0.5]]), -latent_step_bits(latent_bits))
-        edges[0], edges[-1] = -np.inf, np.inf
-        c = ndtr(edges)
-        p = np.maximum(c[1:] - c[:-1], 0.0)
-        p = np.ldexp(np.rint(np.ldexp(p, 60)), -60)
-        a, a_inv = latent_scramble(latent_bits)
-        s = np.arange(k, dtype=np.int64)
-        _GRID_CACHE[key] = np.ascontiguousarray(p[(s * a_inv) & (k - 1)])
-    return _GRID_CACHE[key]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# networks whose matrix products are exact (hence independent of BLAS, threads and batch shape)
-# ------------------------------------------------------------------------------------------------------------
-_NP_ACTIVATIONS = {
-    "tanh": np.tanh,
-    "relu": lambda v: np.maximum(v, 0.0),
-    "softplus": lambda v: np.logaddexp(0.0, v),
-    "elu": lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0.0))),
-    "sigmoid": lambda v: 0.5 * (1.0 + np.tanh(0.5 * v)),
-}
-OPERAND_BITS = 21
-"""Matrix product operands are integers of at most 21 bits (weights per layer, activations per row), so every
-partial sum of a product over K <= 1024 inputs is an integer below 2^52: exact in float64 whatever the order."""
-
-
-def _operand_bits(k: int) -> int:
-    return min(OPERAND_BITS, (53 - max(1, (k - 1).bit_length())) // 2)
-
-
-class ExactMLP:
-    """A :class:`vaestream.model.MLP` evaluated in float64 NumPy with *exact* matrix products.
-
-    Each layer's weights are rounded once to integers ``W_q = rint(W * 2^s)`` of at most ``b`` bits (``s`` per
-    layer from max |W|), and each row of the layer's input to integers ``h_q = rint(h * 2^r)`` (``r`` per row from
-    the row's max |h|); ``b`` is chosen so that ``K * 2^(2b) < 2^53`` for the layer's K inputs. Then every product
-    and partial sum of ``h_q @ W_q`` is an integer float64 represents exactly, so the BLAS result does not depend
-    on its summation order, blocking, thread count or the number of rows, and ``ldexp(h_q @ W_q, -(r + s))``
-    (exact) + bias gives the same floats in any process. The activations are elementwise NumPy ufuncs (each
-    element on its own). The relative rounding (2^-21 of a row's or layer's largest value) is far below what the
-    rate can see.
-    """
-
-    def __init__(self, mlp, activation: str):
-        self.act = _NP_ACTIVATIONS[activation]
-        self.layers = []
-        for layer in list(mlp.hidden) + [mlp.out]:
-            w = layer.w.numpy().astype(np.float64)
-            b = layer.b.numpy().astype(np.float64)
-            bits = _operand_bits(w.shape[0])
-            _, e = np.frexp(np.max(np.abs(w)) if w.size else 0.0)
-            s = bits - int(e)
-            self.layers.append((np.ascontiguousarray(np.rint(np.ldexp(w, s))), s, b, bits))
-
-    def __call__(self, xq: np.ndarray, x_exp: int, divisor: float = 1.0) -> np.ndarray:
-        """The network on integer-valued inputs ``xq * 2^-x_exp / divisor`` (``xq`` float64 ``[g, K]`` of at
-        most 2^16 in magnitude: pixel counts, or latent bucket indices) -> float64 outputs. The first layer's
-        products are exact too: 2^16 x 2^b x K stays below 2^53 (b, the weight bits, shrinks as K grows)."""
-        h = None
-        for i, (wq, s, b, bits) in enumerate(self.layers):
-            if i == 0:
-                y = np.ldexp(xq @ wq, -(x_exp + s))
-                if divisor != 1.0:
-                    y /= divisor
-            else:
-                _, e = np.frexp(np.max(np.abs(h), axis=1, keepdims=True))
-                r = bits - e
-                y = np.ldexp(np.rint(np.ldexp(h, r)) @ wq, -(r + s))
-            y += b
-            h = self.act(y) if i < len(self.layers) - 1 else y
-        return h
-
-
-_BLAS = []
-
-
-def _openblas():
-    """NumPy's bundled OpenBLAS (its ``set/get_num_threads``), or None where it cannot be found."""
-    if not _BLAS:
-        lib = None
-        try:
-            import ctypes
-            import glob
-            import os
-
-            root = os.path.dirname(os.path.dirname(np.__file__))
-            for path in glob.glob(os.path.join(root, "numpy.libs", "*openblas*")):
-                cand = ctypes.CDLL(path)
-                for suffix in ("64_", ""):
-                    get = getattr(cand, f"scipy_openblas_get_num_threads{suffix}", None)
-                    put = getattr(cand, f"scipy_openblas_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        put.argtypes = [ctypes.c_int]
-                        lib = (get, put)
-                        break
-                if lib:
-                    break
-        except OSError:
-            lib = None
-        _BLAS.append(lib)
-    return _BLAS[0]
-
-
-class blas_threads:
-    """Context manager: NumPy's OpenBLAS runs on ``n`` threads inside (best effort; a no-op where the library is
-    not NumPy's bundled OpenBLAS, or for ``n`` None). Only speed depends on it: the coder's products are exact.
-    The coder's products are ~256 x 500 matrices, for which extra BLAS threads gain little on an idle machine
-    and lose badly on a busy one (measured on 2 shared cores: 5,000 images/s on one thread, 800-1,250 on two)."""
-
-    def __init__(self, n: int | None):
-        self.n, self.old = n, None
-
-    def __enter__(self):
-        lib = _openblas() if self.n else None
-        if lib is not None:
-            self.old = int(lib[0]())
-            if self.old != self.n:
-                lib[1](int(self.n))
-            else:
-                self.old = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            _openblas()[1](self.old)
-        return False
 
 
 def group_sizes(n: int, group: int) -> list[int]:
@@ -646,8 +323,8 @@ class LosslessCoder:
         if not np.isfinite(h).all():
             raise ModelError("the encoder produced non-finite posterior parameters; cannot code losslessly")
         k = latent_step_bits(latent_bits)
-        mean = np.ldexp(_fixed(np.clip(h[:, :nz], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
-        log_scale = np.ldexp(_fixed(np.clip(h[:, nz:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
+        mean = np.ldexp(fixed_point(np.clip(h[:, :nz], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
+        log_scale = np.ldexp(fixed_point(np.clip(h[:, nz:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
         std = np.ldexp(np.exp(log_scale), k)
         return mean.reshape(-1), std.reshape(-1)
 
@@ -660,10 +337,10 @@ class LosslessCoder:
             raise ModelError("the decoder produced non-finite likelihood parameters; cannot code losslessly")
         d = self.config.input_dim
         if self.config.likelihood == "beta_binomial":
-            return _grid_cells(h[:, :d].reshape(-1), h[:, d:].reshape(-1))
+            return grid_cells(h[:, :d].reshape(-1), h[:, d:].reshape(-1))
         from scipy.special import expit
 
-        lg = np.ldexp(_fixed(np.clip(h.reshape(-1), -30.0, 30.0)).astype(np.float64), -FIX_BITS)
+        lg = np.ldexp(fixed_point(np.clip(h.reshape(-1), -30.0, 30.0)).astype(np.float64), -FIX_BITS)
         return np.clip(expit(lg), 1e-9, 1.0 - 1e-9)
 
     def _push_x(self, ans, x: np.ndarray, lik) -> None:
@@ -672,15 +349,15 @@ class LosslessCoder:
             ans.encode_reverse(x, self._bern, lik)
             return
         b = x >> 4
-        ans.encode_reverse(x & (BIN - 1), self._cat, _within_rows(lik, b))  # the count within its bin
-        ans.encode_reverse(b, self._cat, _bin_rows(lik))                     # its bin (popped first)
+        ans.encode_reverse(x & (BIN - 1), self._cat, within_rows(lik, b))  # the count within its bin
+        ans.encode_reverse(b, self._cat, bin_rows(lik))                     # its bin (popped first)
 
     def _pop_x(self, ans, lik) -> np.ndarray:
         """Pop the pixels with P(x | z) -> int32 ``[g * D]``."""
         if self.config.likelihood == "bernoulli":
             return ans.decode(self._bern, lik)
-        b = ans.decode(self._cat, _bin_rows(lik))
-        return b * BIN + ans.decode(self._cat, _within_rows(lik, b))
+        b = ans.decode(self._cat, bin_rows(lik))
+        return b * BIN + ans.decode(self._cat, within_rows(lik, b))
 
     # -- one frame -------------------------------------------------------------------------------------------
     def _seed_count(self) -> int:
