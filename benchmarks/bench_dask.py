@@ -54,7 +54,7 @@ def _job(a) -> dict:
     """One encode job in this (fresh) process; prints its row as JSON."""
     from pipelines import encode
 
-    inputs = _inputs(Path(a.out), Path(a.mnist), a.records)
+    inputs = a.inputs
     extra, cl, c, startup = [], None, None, None
     if a.job != "FnApiRunner":
         from dask.distributed import Client, LocalCluster
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--mnist", default=str(ROOT.parent / "shared/data/mnist"))
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job, print its row
+    ap.add_argument("--inputs", nargs="+", default=None, help=argparse.SUPPRESS)  # internal: the job's files
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,9 +109,10 @@ def main() -> None:
     rows = []
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
     for n in a.records:
+        inputs = _inputs(out, Path(a.mnist), n)  # written once here: the jobs' processes only read them
         for job in ("FnApiRunner", "DaskRunner-1w", "DaskRunner-2w"):
             r = subprocess.run([sys.executable, __file__, "--job", job, "--records", str(n), "--out", str(out),
-                                "--model", a.model, "--mnist", a.mnist], env=env, capture_output=True, text=True)
+                                "--model", a.model, "--inputs", *inputs], env=env, capture_output=True, text=True)
             if r.returncode:
                 sys.stderr.write(r.stderr[-4000:])
                 raise SystemExit(f"{job} at {n} records failed ({r.returncode})")

@@ -30,13 +30,17 @@ def _ident(request: bytes, context) -> bytes:
     return request
 
 
+def _echo_handler(fn) -> grpc.GenericRpcHandler:
+    """The one-method echo service, ``fn`` its (sync or async) identity on bytes."""
+    return grpc.method_handlers_generic_handler("vaestream.bench.Echo",
+                                                {"Echo": grpc.unary_unary_rpc_method_handler(fn)})
+
+
 def _serve_threads(port_q, workers: int) -> None:
     from concurrent import futures
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
-    handler = grpc.method_handlers_generic_handler(
-        "vaestream.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_ident)})
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((_echo_handler(_ident),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     port_q.put(port)
@@ -44,6 +48,7 @@ def _serve_threads(port_q, workers: int) -> None:
 
 
 def _serve_aio(port_q, workers: int) -> None:
+    """``workers`` is unused: the asyncio server runs its handlers on one event loop."""
     import asyncio
 
     async def ident(request: bytes, context) -> bytes:
@@ -51,9 +56,7 @@ def _serve_aio(port_q, workers: int) -> None:
 
     async def main() -> None:
         server = grpc.aio.server()
-        handler = grpc.method_handlers_generic_handler(
-            "vaestream.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(ident)})
-        server.add_generic_rpc_handlers((handler,))
+        server.add_generic_rpc_handlers((_echo_handler(ident),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         port_q.put(port)
