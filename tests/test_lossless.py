@@ -376,3 +376,60 @@ def test_codec_and_cli_compress_lossless_round_trip_exactly(bb_model, mnist_trai
                                  str(model_dir)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "y.npy"), x)
+
+
+def test_the_beam_encode_job_codes_records_losslessly_and_the_decode_job_returns_them_exactly(
+        bb_model, mnist_test, tmp_path):
+    """``pipelines/encode.py --coder lossless``: one bits-back container per batch of records (the vectorised
+    coder); ``pipelines/decode.py --output_dtype uint8`` gives every record back bit for bit, and float32 gives
+    counts / 255 (the model's inputs). Records that are not whole counts go to the dead-letter output with
+    the reason, and the counts add up. A lossy model directory's streams and a SavedModel are refused."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from vaestream import beam as vb
+    from vaestream.beam.jobs import decode, encode
+
+    model, model_dir = bb_model
+    x = mnist_test[2000:2300]
+    np.save(tmp_path / "counts.npy", x)
+    # float model inputs counts / 255 are counts too (float32 rounding and all); 2 of these 7 are not
+    inputs = x[:7].astype(np.float32) * np.float32(1 / 255)
+    inputs[5:7] += np.float32(0.5 / 255)
+    np.save(tmp_path / "halves.npy", inputs)
+    out = tmp_path / "codes"
+    s = encode.run(["--input", f"{tmp_path}/counts.npy,{tmp_path}/halves.npy", "--model", str(model_dir),
+                    "--output", str(out), "--coder", "lossless", "--chunk_size", "128"])
+    assert s["coder"] == "lossless"
+    assert s["records"] == 300 + 5 and s["dead_lettered"] == 2 and s["records_in"] == 307
+    dead = [json.loads(line) for line in (out / "dead_letter.jsonl").read_text().splitlines()]
+    assert sorted(d["key"] for d in dead) == ["halves.npy:000000005", "halves.npy:000000006"]
+    assert all("whole numbers" in d["reason"] for d in dead)
+    coded = [item for f in sorted(out.glob("codes-*.tfrecord")) for item in vb.read_codes(str(f))]
+    assert all(item.coded and item.mean is None for item in coded)
+    assert sum(len(item) for item in coded) == 305
+    # the rate is that of the vectorised coder: well under lzma's ~1.38 bits/dim on these 300 MNIST digits
+    bits = 8 * sum(len(item.container) for item in coded if item.source.endswith("counts.npy"))
+    assert bits / (300 * 784) < 1.6
+    for dtype in ("uint8", "float32"):
+        rec = tmp_path / f"rec-{dtype}"
+        d = decode.run(["--input", str(out), "--model", str(model_dir), "--output", str(rec),
+                        "--output_dtype", dtype, "--output_format", "parquet"])
+        assert d["records"] == 305 and d["dead_lettered"] == 0
+        back = {}
+        for f in rec.glob("recon-*.parquet"):
+            t = pq.read_table(f).to_pydict()
+            back.update(zip(t["key"], t["data"]))
+        want = {f"counts.npy:{i:09d}": x[i] for i in range(300)}
+        want.update({f"halves.npy:{i:09d}": x[i] for i in range(5)})
+        assert sorted(back) == sorted(want)
+        for k, v in want.items():
+            got = np.asarray(back[k]).reshape(v.shape)
+            if dtype == "uint8":
+                assert np.array_equal(got, v), k
+            else:
+                np.testing.assert_array_equal(got, v.astype(np.float32) * np.float32(1 / 255))
+    with pytest.raises(ConfigError, match="model directory"):
+        encode.run(["--input", f"{tmp_path}/counts.npy", "--saved_model", str(tmp_path / "export"),
+                    "--output", str(tmp_path / "x"), "--coder", "lossless"])

@@ -321,7 +321,7 @@ def test_encode_job_with_the_coder_writes_one_container_per_batch_and_decode_rea
         mode = "overlap" if fmt == "tfrecord" else "runinference"  # both ways of running the model
         s = encode.run(["--input", str(tmp_path / "few.npy"), "--model", str(model_dir), "--output", str(out),
                         "--coder", "--output_format", fmt, "--chunk_size", "128", "--inference", mode])
-        assert s["records"] == 300 and s["dead_lettered"] == 0 and s["coder"] is True
+        assert s["records"] == 300 and s["dead_lettered"] == 0 and s["coder"] == "lossy"
         got = {}
         rows = 0
         blob_bytes = []

@@ -64,7 +64,7 @@ _MODULES = {
     "sinks": ("BatchedTFRecordSink code_examples code_schema record_schema WriteBatches WriteDeadLetters write_outputs "
               "write_atomic"),
     "shards": "WriteShards",
-    "model_handler": "LoadedVAE read_model_config VAEModelHandler",
+    "model_handler": "CODERS coder_kind LoadedVAE lossless_validate read_model_config VAEModelHandler",
     "transforms": "code_files Decode Encode first_fingerprint read_codes ReadCodes",
     "running": ("check_counts clear_outputs count_lines count_written counters file_sizes freeze_startup_heap "
                 "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json "
@@ -79,6 +79,7 @@ __all__ = ["NAMESPACE", "RECORDS", "DEAD_LETTER", "CHUNK", "SPLIT", "KEY_DIGITS"
            "DeadLetter", "expand_inputs", "probe", "plan_reads", "read_range", "ReadRecords", "default_scale",
            "validate_batch", "Validate", "BatchedTFRecordSink", "code_examples", "code_schema", "record_schema",
            "WriteBatches", "WriteDeadLetters", "WriteShards", "LoadedVAE", "read_model_config", "VAEModelHandler",
+           "CODERS", "coder_kind", "lossless_validate",
            "Encode", "Decode", "code_files", "read_codes", "ReadCodes", "first_fingerprint", "make_pipeline",
            "freeze_startup_heap", "counters", "check_counts", "count_written", "file_sizes", "count_lines",
            "run_pipeline", "job_summary", "clear_outputs"]

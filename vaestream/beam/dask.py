@@ -406,18 +406,20 @@ def _finish(job: str, parts: list[dict], staging: str, seconds: float, out: str,
 
 def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/encode.py on the Dask runner (TFRecord output)."""
+    from vaestream.beam.jobs import encode as encode_job
     from vaestream.beam.jobs.encode import CODES, SUMMARY
 
     if args.output_format != "tfrecord":
         raise DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format tfrecord); "
                                    "Beam's Parquet sink needs side inputs the Dask runner recomputes")
+    encode_job.check_coder(args)
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
     paths = vb.expand_inputs(args.input, args.split)
     vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
     handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size, args.coder)
-    check = vb.Validate(config.input_shape, config.likelihood, None, args.scale).fn
+    check = encode_job.validation(config, args).fn
 
     def build(p, staging):
         _ = (p | "ReadTasks" >> beam.Create(tasks)
@@ -427,7 +429,7 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     parts, staging, seconds = _run("encode", out, pipeline_args, build)
     return _finish("encode", parts, staging, seconds, out, CODES,
                    {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
-                    "output_format": args.output_format, "coder": bool(args.coder)}, bool(args.coder), SUMMARY)
+                    "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY)
 
 
 def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:

@@ -325,11 +325,16 @@ class VAEModelHandler(ModelHandler):
     model's, else :class:`vaestream.errors.ModelMismatchError`.
 
     Args:
-      coder: encode mode: entropy-code the latents instead of returning floats: ``vaestream.coding.codec.load(model)``
-        quantises each element's posterior means (one model call, ``codec.encode``) and codes them into one
-        container per element (``codec.compress_codes``): a coded :class:`CodeBatch`. Decode mode reads coded
-        batches whatever this flag says (``codec.decompress``). Needs the model's coder tables
-        (``coder_tables.npz``, see :func:`vaestream.coding.codec.write_tables`).
+      coder: encode mode: ``None``/``False`` returns float codes. ``"lossy"`` (or ``True``) entropy-codes the
+        latents: ``vaestream.coding.codec.load(model)`` quantises each element's posterior means (one model
+        call, ``codec.encode``) and codes them into one container per element (``codec.compress_codes``); needs
+        the model's coder tables (``coder_tables.npz``, see :func:`vaestream.coding.codec.write_tables`).
+        ``"lossless"`` codes each element's records exactly by bits-back ANS
+        (:class:`vaestream.coding.lossless.LosslessCoder`, the vectorised coder; one container per element);
+        needs a model directory with a discrete likelihood (``beta_binomial``: counts 0..255, ``bernoulli``:
+        0/1) and records validated as uint8 counts (:func:`lossless_validate`). Either way the element becomes
+        a coded :class:`CodeBatch`. Decode mode reads coded batches whatever this flag says: the container's
+        header says which coder wrote it (lossless streams decode to the exact uint8 counts).
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
@@ -340,6 +345,10 @@ class VAEModelHandler(ModelHandler):
             raise ModelError(f"mode {mode!r} is not one of encode, decode")
         if (model_dir is None) == (saved_model is None):
             raise ModelError("give exactly one of model_dir, saved_model")
+        coder = coder_kind(coder)
+        if coder == "lossless" and model_dir is None:
+            raise ModelError(f"{saved_model}: lossless coding needs the model directory (its exact float64 "
+                             "networks), not a SavedModel export")
         self.model_dir, self.saved_model, self.mode, self.coder = model_dir, saved_model, mode, coder
 
     def key(self) -> tuple:
@@ -354,8 +363,11 @@ class VAEModelHandler(ModelHandler):
         # a shallow copy: the weights and compiled functions are shared, the coder is this handler's own
         model = copy.copy(LoadedVAE.load(self.model_dir, self.saved_model, reuse=True))
         model.codec = None
-        if self.coder:
+        model.lossless = None
+        if self.coder == "lossy":
             _attach_codec(model, self.model_dir)
+        elif self.coder == "lossless":
+            _attach_lossless(model)
         return model
 
     def run_inference(self, batch: Sequence[Any], model: LoadedVAE, inference_args=None) -> list:
@@ -367,7 +379,11 @@ class VAEModelHandler(ModelHandler):
 
     def encode_batches(self, batch: Sequence[RecordBatch], model: LoadedVAE) -> list[CodeBatch]:
         """Record batches -> code batches (one model call per distinct dtype and scale, or per batch with a coder)."""
-        if self.coder:  # one model call per element (the codec's), one container per element
+        if self.coder == "lossless":  # the records themselves, exactly: one bits-back container per element
+            return [CodeBatch(b.source, b.keys, None, None, model.fingerprint,
+                              model.lossless.compress(b.records, name=f"{b.source} {b.keys[0]}.."),
+                              int(b.records.nbytes)) for b in batch]
+        if self.coder == "lossy":  # one model call per element (the codec's), one container per element
             coded = []
             for b in batch:
                 symbols = np.asarray(model.codec.encode(b.inputs())).reshape(len(b), -1)
@@ -405,13 +421,20 @@ class VAEModelHandler(ModelHandler):
         for b in batch:
             n = len(b)
             if b.coded:
-                if getattr(model, "codec", None) is None:
-                    _attach_codec(model, self.model_dir)
-                rec = np.asarray(model.codec.decompress(b.container))
+                if _is_lossless(b.container):  # the exact counts; scale: the model's input scaling
+                    if getattr(model, "lossless", None) is None:
+                        _attach_lossless(model)
+                    rec = model.lossless.decompress(b.container, name=f"{b.source} {b.keys[0] if n else ''}..")
+                    scale = 1.0 / 255.0 if model.config.likelihood == "beta_binomial" else 1.0
+                else:
+                    if getattr(model, "codec", None) is None:
+                        _attach_codec(model, self.model_dir)
+                    rec = np.asarray(model.codec.decompress(b.container)).astype(np.float32)
+                    scale = 1.0
                 if len(rec) != n:
                     raise DataError(f"{b.source}: a coded batch lists {n} keys but its container holds "
                                     f"{len(rec)} records")
-                out.append(RecordBatch(b.source, b.keys, rec.reshape((n,) + shape).astype(np.float32), 1.0))
+                out.append(RecordBatch(b.source, b.keys, rec.reshape((n,) + shape), scale))
                 continue
             out.append(RecordBatch(b.source, b.keys, x[s:s + n].reshape((n,) + shape), 1.0))
             s += n
@@ -431,3 +454,46 @@ def _attach_codec(model: LoadedVAE, model_dir: str | None) -> None:
     model.codec = codec.load(model_dir if model_dir is not None else model.source)
     if getattr(model.codec, "fingerprint", model.fingerprint) != model.fingerprint:
         raise ModelMismatchError(f"{model.source}: the coder tables belong to another model")
+
+
+CODERS = ("lossy", "lossless")
+
+
+def coder_kind(coder: bool | str | None) -> str | None:
+    """The encode job's ``--coder`` value -> ``None`` (float codes), ``"lossy"`` or ``"lossless"``
+    (``True``, the flag given alone, is ``"lossy"``: the flag's meaning before lossless coding)."""
+    if coder is None or coder is False:
+        return None
+    if coder is True:
+        return "lossy"
+    if coder not in CODERS:
+        raise ModelError(f"coder {coder!r} is not one of {', '.join(CODERS)}")
+    return coder
+
+
+def lossless_validate(likelihood: str) -> dict:
+    """The :func:`vaestream.beam.validate_batch` arguments that make records fit for lossless coding: stored
+    as uint8 counts (whole numbers 0..255), and at most 1 for a ``bernoulli`` model (binary records)."""
+    from vaestream.coding.lossless import LIKELIHOODS
+
+    if likelihood not in LIKELIHOODS:
+        raise ModelError(f"lossless coding needs a discrete likelihood ({', '.join(LIKELIHOODS)}); this model's "
+                         f"is {likelihood}")
+    return {"dtype": "uint8", "levels": 255 if likelihood == "beta_binomial" else 1}
+
+
+def _is_lossless(blob: bytes) -> bool:
+    import io
+
+    from vaestream.coding import container
+
+    return container.read_header(io.BytesIO(bytes(blob))).lossless
+
+
+def _attach_lossless(model: LoadedVAE) -> None:
+    """Give ``model`` its bits-back coder (``model.lossless``); it needs the model directory's VAE."""
+    from vaestream.coding.lossless import LosslessCoder
+
+    if model.vae is None:
+        raise ModelError(f"{model.source}: lossless coding needs the model directory, not a SavedModel export")
+    model.lossless = LosslessCoder(model.vae)

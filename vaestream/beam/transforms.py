@@ -90,6 +90,13 @@ class Encode(beam.PTransform):
 
 
 def quantize_batch(batch: RecordBatch, dtype: str) -> RecordBatch:
+    """Reconstructions -> the decode job's output dtype. Float batches (model outputs x in [0, 1]): uint8
+    stores round(255 x), float32 keeps x. Integer batches (a lossless stream's exact counts, model input =
+    counts * scale): uint8 keeps the counts, float32 stores the model inputs counts * scale."""
+    if np.issubdtype(batch.records.dtype, np.integer):
+        if dtype == "uint8":
+            return RecordBatch(batch.source, batch.keys, batch.records.astype(np.uint8), batch.scale)
+        return RecordBatch(batch.source, batch.keys, batch.inputs().reshape(batch.records.shape), 1.0)
     if dtype == "uint8":
         q = np.clip(np.round(batch.records * 255.0), 0, 255).astype(np.uint8)
         return RecordBatch(batch.source, batch.keys, q, 1.0 / 255.0)
@@ -120,9 +127,8 @@ class Decode(beam.PTransform):
                    | "InferAhead" >> beam.ParDo(_InferAheadFn(self.handler)))
         else:
             out = pcoll | "RunInference" >> RunInference(self.handler)
-        if self.output_dtype != "float32":
-            out = out | "Quantize" >> beam.Map(quantize_batch, self.output_dtype)
-        return out
+        # (float32 too: a lossless stream decodes to integer counts)
+        return out | "OutputDtype" >> beam.Map(quantize_batch, self.output_dtype)
 
 
 def code_files(specs: str | Sequence[str]) -> list[str]:

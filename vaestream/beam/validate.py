@@ -17,7 +17,7 @@ def default_scale(dtype: np.dtype) -> float:
 
 
 def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, likelihood: str | None = None,
-                   dtype: str | None = None, scale: float | None = None
+                   dtype: str | None = None, scale: float | None = None, levels: int | None = None
                    ) -> tuple[RecordBatch | None, list[DeadLetter]]:
     """Check one batch; return (the good records, reshaped/cast and with ``scale`` set, dead letters).
 
@@ -25,7 +25,8 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
     infinite values, or (``likelihood`` ``bernoulli``/``gaussian_sigmoid``) when a model input
     ``x = value * scale`` lies outside [0, 1]. With ``dtype="uint8"`` records are stored as uint8 (values
     must be whole numbers in [0, 255]; scale 1/255); with ``dtype="float32"`` as float32 model inputs
-    (scale 1).
+    (scale 1). ``levels`` (with ``dtype="uint8"``, for lossless coding): the stored counts must be at most
+    ``levels`` (1: binary records for a Bernoulli model).
     """
     recs = batch.records
     n = len(batch)
@@ -60,12 +61,24 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
                           f"the {likelihood} decoder")
         ok &= inside
     if dtype == "uint8" and recs.dtype != np.uint8:
+        # within 1e-3 of a count is that count: float32 inputs k/255 come back as k +- 2e-5
         with np.errstate(invalid="ignore"):
             v = flat.astype(np.float64) * (sc * 255.0)
-            whole = ((v >= 0) & (v <= 255) & (np.abs(v - np.round(v)) < 1e-6)).all(axis=1) | ~ok
+            whole = ((v >= -1e-3) & (v <= 255 + 1e-3) & (np.abs(v - np.round(v)) < 1e-3)).all(axis=1) | ~ok
         for j in np.flatnonzero(~whole):
             reasons[j] = f"{batch.keys[j]}: values are not whole numbers in [0, 255] and cannot be stored as uint8"
         ok &= whole
+    if levels is not None:
+        if dtype != "uint8":
+            raise DataError("levels needs dtype='uint8' (counts)")
+        with np.errstate(invalid="ignore"):
+            top = np.round(flat.max(axis=1).astype(np.float64) * (sc * 255.0)) if recs.dtype != np.uint8 \
+                else flat.max(axis=1).astype(np.float64)
+        within = (top <= levels) | ~ok
+        for j in np.flatnonzero(~within):
+            reasons[j] = (f"{batch.keys[j]}: counts reach {top[j]:g}; lossless coding with this model takes whole "
+                          f"numbers 0..{levels}" + (" (binary records)" if levels == 1 else ""))
+        ok &= within
     for j in sorted(reasons):
         dead.append(DeadLetter(batch.source, batch.keys[j], reasons[j]))
     if not ok.any():
@@ -83,8 +96,8 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
 
 
 class ValidateFn(beam.DoFn):
-    def __init__(self, shape, likelihood, dtype, scale):
-        self.args = (tuple(shape) if shape is not None else None, likelihood, dtype, scale)
+    def __init__(self, shape, likelihood, dtype, scale, levels=None):
+        self.args = (tuple(shape) if shape is not None else None, likelihood, dtype, scale, levels)
 
     def process(self, batch: RecordBatch):
         good, dead = validate_batch(batch, *self.args)
@@ -98,11 +111,13 @@ class Validate(beam.PTransform):
     """Refuse bad records (see :func:`validate_batch`): outputs ``records`` and ``dead_letter``."""
 
     def __init__(self, shape: Sequence[int] | None = None, likelihood: str | None = None, dtype: str | None = None,
-                 scale: float | None = None):
+                 scale: float | None = None, levels: int | None = None):
         super().__init__()
         if dtype not in (None, "uint8", "float32"):
             raise DataError(f"dtype {dtype!r} is not one of uint8, float32")
-        self.fn = ValidateFn(shape, likelihood, dtype, scale)
+        if levels is not None and dtype != "uint8":
+            raise DataError("levels needs dtype='uint8' (counts)")
+        self.fn = ValidateFn(shape, likelihood, dtype, scale, levels)
 
     def expand(self, pcoll):
         return pcoll | "CheckRecords" >> beam.ParDo(self.fn).with_outputs(DEAD_LETTER, main=RECORDS)

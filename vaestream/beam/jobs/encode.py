@@ -7,7 +7,9 @@ Inputs: any format :class:`vaestream.beam.ReadRecords` reads, or a shard set. Ou
 ``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (one tf.train.Example per record: key, mean, log_scale, fingerprint)
 or ``.parquet`` (same columns), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. With ``--coder`` the
 codes are entropy-coded: one row per batch of up to ``--chunk_size`` records (keys, records, fingerprint, code
-= one vaestream container of the batch's codes in key order); ``pipelines/decode.py`` reads both forms. The model is loaded
+= one vaestream container of the batch's codes in key order); with ``--coder lossless`` the container holds
+the records themselves, bits-back coded (decode with ``--output_dtype uint8`` for the exact counts);
+``pipelines/decode.py`` reads every form. The model is loaded
 once per worker (``RunInference`` with :class:`vaestream.beam.VAEModelHandler`) from ``--model`` (a model
 directory) or ``--saved_model`` (an export). Unknown flags are Beam pipeline options.
 """
@@ -22,6 +24,7 @@ import apache_beam as beam
 from vaestream import beam as vb
 from vaestream.beam.jobs import add_model_and_output_arguments
 from vaestream import shardset
+from vaestream.errors import ConfigError
 
 CODES = "codes"
 SUMMARY = "summary.json"
@@ -34,10 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split of an MNIST-layout directory (default test)")
     parser.add_argument("--scale", type=float, default=None,
                         help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
-    parser.add_argument("--coder", action="store_true",
-                        help="entropy-code the latents (vaestream.coding.codec; needs the model's coder tables): one row "
-                             "per "
-                             "batch of records, its keys and one container of their codes, instead of float codes")
+    parser.add_argument("--coder", nargs="?", const="lossy", default=None, choices=vb.CODERS,
+                        help="one row per batch of records (its keys and one container) instead of float codes. "
+                             "lossy (the default when the flag is given alone): the quantised latents, entropy-coded "
+                             "(vaestream.coding.codec; needs the model's coder tables); lossless: the records "
+                             "themselves, exactly, by bits-back coding (vaestream.coding.lossless; a model directory "
+                             "with a beta_binomial or bernoulli likelihood; records must be whole counts)")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
                              "is encoded on a background thread while the last one is written (helps when the "
@@ -50,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     """Add the encode steps to ``p``."""
+    check_coder(args)
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
     read_paths = vb.expand_inputs(args.input, args.split)
@@ -57,13 +63,26 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=read_paths)
     # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
     read = p | "ReadRecords" >> vb.ReadRecords(
-        read_paths, args.split, args.chunk_size, args.split_records, args.feature,
-        validate=vb.Validate(config.input_shape, config.likelihood, None, args.scale))
+        read_paths, args.split, args.chunk_size, args.split_records, args.feature, validate=validation(config, args))
     codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
                                                       overlap=args.inference == "overlap")
     vb.write_outputs(codes, read[vb.DEAD_LETTER], out, CODES, args.output_format,
                      vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes")
     return {"output": out, "config": config}
+
+
+def check_coder(args: argparse.Namespace) -> None:
+    """Refuse flag combinations the coder cannot serve, before anything is read."""
+    if args.coder == "lossless" and args.model is None:
+        raise ConfigError("--coder lossless needs --model (a model directory: the exact float64 networks), not "
+                          "--saved_model")
+
+
+def validation(config, args: argparse.Namespace) -> vb.Validate:
+    """The records' check: shape and range for the model; with ``--coder lossless`` also whole counts, stored
+    as uint8 (:func:`vaestream.beam.lossless_validate`)."""
+    extra = vb.lossless_validate(config.likelihood) if args.coder == "lossless" else {}
+    return vb.Validate(config.input_shape, config.likelihood, extra.pop("dtype", None), args.scale, **extra)
 
 
 @vb.dask_alternative("run_encode")
@@ -74,7 +93,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
     return vb.finish_job("encode", result, seconds, out, f"{out}/{CODES}-*.{ext}",
                          {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
-                          "output_format": args.output_format, "coder": bool(args.coder)}, bool(args.coder), SUMMARY)
+                          "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY)
 
 
 def run(argv: list[str] | None = None) -> dict:
