@@ -185,6 +185,9 @@ class LosslessCoder:
         # the bits-back decoder must recompute the encoder's and decoder's outputs bit for bit.
         self._enc = ExactMLP(model.encoder, cfg.activation)
         self._dec = ExactMLP(model.decoder, cfg.activation)
+        # two stochastic layers (Bit-Swap): q(z2 | z) and p(z | z2)
+        self._top_enc = ExactMLP(model.top_encoder, cfg.activation) if cfg.hierarchical else None
+        self._top_dec = ExactMLP(model.top_decoder, cfg.activation) if cfg.hierarchical else None
         import constriction
 
         self._models = constriction.stream.model
@@ -210,6 +213,13 @@ class LosslessCoder:
             self._latent[key] = self._models.QuantizedGaussian(-r, r) if r < half else \
                 self._models.QuantizedGaussian(-half, half - 1)
         return self._latent[key]
+
+    def _grid(self, latent_bits: int):
+        """A QuantizedGaussian over the whole bucket grid (per-symbol mean and std): the conditional prior
+        p(z | z2), which is only pushed and popped with known symbols, never sampled from, so its 2^-24
+        per-symbol floor costs nothing noticeable (see :meth:`_windows` for why sampling needs windows)."""
+        half = 1 << (latent_bits - 1)
+        return self._window(half, half)
 
     def _windows(self, mean: np.ndarray, std: np.ndarray, latent_bits: int):
         """Per latent symbol: its posterior window class, the window's centre (an integer bucket) and the
@@ -318,15 +328,31 @@ class LosslessCoder:
         """Q(z | x) of int records ``[g, D]`` on the latent grid: (mean, std) in units of buckets, float64
         ``[g * Nz]`` each, from fixed-point network outputs (one encoder call)."""
         div = float(DISCRETE_LEVELS) if self.config.likelihood == "beta_binomial" else 1.0
-        h = self._enc(x.astype(np.float64), 0, div)
-        nz = self.config.latent_dim
+        return self._gaussian(self._enc(x.astype(np.float64), 0, div), latent_bits, "encoder")
+
+    @staticmethod
+    def _gaussian(h: np.ndarray, latent_bits: int, net: str) -> tuple[np.ndarray, np.ndarray]:
+        """Network outputs ``[g, 2n]`` = (mean, log sigma) -> (mean, std) in units of buckets, float64 ``[g * n]``
+        each, through fixed point (mean clipped to [-64, 64], log sigma to [-14, 4])."""
         if not np.isfinite(h).all():
-            raise ModelError("the encoder produced non-finite posterior parameters; cannot code losslessly")
+            raise ModelError(f"the {net} produced non-finite Gaussian parameters; cannot code losslessly")
+        n = h.shape[1] // 2
         k = latent_step_bits(latent_bits)
-        mean = np.ldexp(fixed_point(np.clip(h[:, :nz], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
-        log_scale = np.ldexp(fixed_point(np.clip(h[:, nz:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
+        mean = np.ldexp(fixed_point(np.clip(h[:, :n], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
+        log_scale = np.ldexp(fixed_point(np.clip(h[:, n:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
         std = np.ldexp(np.exp(log_scale), k)
         return mean.reshape(-1), std.reshape(-1)
+
+    def _top_posterior(self, zi: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """q(z2 | z) of the buckets ``zi`` ``[g * Nz]`` (the value z = bucket x delta): (mean, std) in buckets,
+        ``[g * N2]`` each (one top-encoder call)."""
+        zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
+        return self._gaussian(self._top_enc(zq, latent_step_bits(latent_bits)), latent_bits, "top encoder")
+
+    def _top_prior(self, z2: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """p(z | z2) of the buckets ``z2`` ``[g * N2]``: (mean, std) in buckets, ``[g * Nz]`` each."""
+        zq = z2.reshape(g, self.config.top_latent_dim).astype(np.float64)
+        return self._gaussian(self._top_dec(zq, latent_step_bits(latent_bits)), latent_bits, "top decoder")
 
     def _likelihood(self, zi: np.ndarray, g: int, latent_bits: int):
         """P(x | z) of bucket indices ``[g * Nz]`` (one decoder call): beta-binomial -> grid cells ``[g * D]``,
@@ -379,7 +405,13 @@ class LosslessCoder:
             start += g
             zi = self._pop_z(ans, mean[sl], std[sl], lbits)                    # pop z ~ Q(z|x)
             self._push_x(ans, xg, self._likelihood(zi, g, lbits))               # push x with P(x|z)
-            ans.encode_reverse(self._scramble(zi, lbits), prior)                # push z with P(z)
+            if self._top_enc is None:
+                ans.encode_reverse(self._scramble(zi, lbits), prior)            # push z with P(z)
+                continue
+            # Bit-Swap: z2 is popped from the bits x just pushed, so only z borrows initial bits
+            z2 = self._pop_z(ans, *self._top_posterior(zi, g, lbits), lbits)   # pop z2 ~ Q(z2|z)
+            ans.encode_reverse(zi, self._grid(lbits), *self._top_prior(z2, g, lbits))  # push z with P(z|z2)
+            ans.encode_reverse(self._scramble(z2, lbits), prior)                # push z2 with P(z2)
         words = np.asarray(ans.get_compressed(), np.uint32)
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
@@ -418,7 +450,12 @@ class LosslessCoder:
         try:
             ans = self._ans(words)
             for g, end in zip(reversed(sizes), ends[::-1]):
-                zi = self._unscramble(ans.decode(prior, g * nz), lbits)          # pop z with P(z)
+                if self._top_enc is None:
+                    zi = self._unscramble(ans.decode(prior, g * nz), lbits)      # pop z with P(z)
+                else:
+                    z2 = self._unscramble(ans.decode(prior, g * self.config.top_latent_dim), lbits)  # z2, P(z2)
+                    zi = ans.decode(self._grid(lbits), *self._top_prior(z2, g, lbits))    # pop z with P(z|z2)
+                    self._push_z(ans, z2, *self._top_posterior(zi, g, lbits), lbits)      # push z2, Q(z2|z)
                 xg = self._pop_x(ans, self._likelihood(zi, g, lbits)).reshape(g, d)  # pop x with P(x|z)
                 out[end - g:end] = xg
                 mean, std = self._posterior(xg, lbits)
