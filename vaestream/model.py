@@ -158,6 +158,10 @@ class VAE(tf.Module):
             n2, top = config.top_latent_dim, list(config.top_hidden)
             self.top_encoder = MLP([nz] + top, 2 * n2, config.activation, rng, init, name="top_encoder")
             self.top_decoder = MLP([n2] + top[::-1], 2 * nz, config.activation, rng, init, name="top_decoder")
+            # p(z | z2) starts as N(0, I) (a zero output layer): the model starts as the one-layer model whose
+            # prior the top layer then learns to refine, instead of from a random prior
+            for v in (self.top_decoder.out.w, self.top_decoder.out.b):
+                v.assign(tf.zeros_like(v))
 
     # -- the recognition model ------------------------------------------------------------------------------
     def encoder_params(self, x: tf.Tensor, blockwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:

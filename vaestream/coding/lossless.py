@@ -85,7 +85,7 @@ fingerprint, ``table_hash = LOSSLESS_TAG`` (a fixed 16-byte marker that says "lo
 of a hash of coder tables), quality 0 and level 0. Each frame (``frame_records`` records by default; frames
 are independent chains, the unit of random access and of streaming decode) holds, little-endian::
 
-    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | reserved u8 x 3
+    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8 | reserved u8 x 2
     | seed words u32 | cut words u32 | stored words u32 | stored words x u32
 
 Format 1 frames (equal-prior-mass buckets, 256-entry tables; vaestream before issue 16) are refused with a
@@ -103,7 +103,7 @@ from typing import Any
 import numpy as np
 
 from vaestream.coding import container
-from vaestream.coding.bb_tables import (BIN, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
+from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
                                         beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
                                         bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
                                         latent_prior, latent_scramble, latent_step_bits, posterior_probs,
@@ -116,12 +116,18 @@ FORMAT = 2
 LOSSLESS_TAG = container.LOSSLESS_TAG
 """The container header's ``table_hash`` of a lossless stream."""
 FRAME_TAG = b"BBAN"
-_FRAME_HEAD = struct.Struct("<4sBBHB3xIII")
+_FRAME_HEAD = struct.Struct("<4sBBHBB2xIII")
+TWO_LAYER_RANGE_BITS = 5
+"""A two-layer model's latent grid covers [-32, 32): its z is not held near N(0, I) by a fixed prior (measured:
+16 % of posterior means beyond 6, the largest 17.7, on a 784-200-20-16 model), so [-8, 8) would clip it."""
+TWO_LAYER_LATENT_BITS = 12
+"""With it, 2^12 buckets keep the one-layer default's step of 1/64."""
 DEFAULT_LATENT_BITS = 10
 MIN_LATENT_BITS, MAX_LATENT_BITS = 8, 16
 DEFAULT_GROUP = 256
 DEFAULT_FRAME_RECORDS = 4096
 MAX_FRAME_RECORDS = 1 << 24
+MAX_RANGE_BITS = 7
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 
 
@@ -161,9 +167,19 @@ class LosslessCoder:
         The stream does not depend on it.
     """
 
-    def __init__(self, model, latent_bits: int = DEFAULT_LATENT_BITS, group: int = DEFAULT_GROUP,
-                 frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1):
+    def __init__(self, model, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
+                 frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1,
+                 range_bits: int | None = None):
         cfg = model.config
+        two = cfg.hierarchical
+        if latent_bits is None:
+            latent_bits = TWO_LAYER_LATENT_BITS if two else DEFAULT_LATENT_BITS
+        if range_bits is None:
+            range_bits = TWO_LAYER_RANGE_BITS if two else DEFAULT_RANGE_BITS
+        if not DEFAULT_RANGE_BITS <= int(range_bits) <= MAX_RANGE_BITS or int(latent_bits) - 1 - int(range_bits) < 2:
+            raise ConfigError(f"range_bits must be in [{DEFAULT_RANGE_BITS}, {MAX_RANGE_BITS}] and leave a latent step "
+                              f"of at most 1/4 (latent_bits - 1 - range_bits >= 2), got {range_bits} with "
+                              f"latent_bits {latent_bits}")
         if cfg.likelihood not in LIKELIHOODS:
             raise ConfigError(f"lossless coding needs a discrete likelihood {LIKELIHOODS}; this model's is "
                               f"{cfg.likelihood!r} (train with ModelConfig(likelihood='beta_binomial') for 8-bit "
@@ -177,6 +193,7 @@ class LosslessCoder:
         self.model = model
         self.config = cfg
         self.latent_bits = int(latent_bits)
+        self.range_bits = self._rb = int(range_bits)  # _rb: the grid of the frame being coded
         self.group = int(group)
         self.frame_records = int(frame_records)
         self.blas_threads = blas_threads
@@ -201,9 +218,10 @@ class LosslessCoder:
     def _latent_models(self, latent_bits: int):
         """The prior on the ``2^latent_bits`` latent buckets, cached: one fixed Categorical over the *scrambled*
         bucket order (:func:`latent_scramble`)."""
-        if latent_bits not in self._latent:
-            self._latent[latent_bits] = self._models.Categorical(latent_prior(latent_bits), perfect=False)
-        return self._latent[latent_bits]
+        key = (latent_bits, self._rb)
+        if key not in self._latent:
+            self._latent[key] = self._models.Categorical(latent_prior(latent_bits, self._rb), perfect=False)
+        return self._latent[key]
 
     def _window(self, r: int, half: int):
         """The posterior model on the offsets [-r, r] (the whole grid [-half, half) if r == half): a
@@ -330,14 +348,13 @@ class LosslessCoder:
         div = float(DISCRETE_LEVELS) if self.config.likelihood == "beta_binomial" else 1.0
         return self._gaussian(self._enc(x.astype(np.float64), 0, div), latent_bits, "encoder")
 
-    @staticmethod
-    def _gaussian(h: np.ndarray, latent_bits: int, net: str) -> tuple[np.ndarray, np.ndarray]:
+    def _gaussian(self, h: np.ndarray, latent_bits: int, net: str) -> tuple[np.ndarray, np.ndarray]:
         """Network outputs ``[g, 2n]`` = (mean, log sigma) -> (mean, std) in units of buckets, float64 ``[g * n]``
         each, through fixed point (mean clipped to [-64, 64], log sigma to [-14, 4])."""
         if not np.isfinite(h).all():
             raise ModelError(f"the {net} produced non-finite Gaussian parameters; cannot code losslessly")
         n = h.shape[1] // 2
-        k = latent_step_bits(latent_bits)
+        k = latent_step_bits(latent_bits, self._rb)
         mean = np.ldexp(fixed_point(np.clip(h[:, :n], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
         log_scale = np.ldexp(fixed_point(np.clip(h[:, n:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
         std = np.ldexp(np.exp(log_scale), k)
@@ -347,18 +364,18 @@ class LosslessCoder:
         """q(z2 | z) of the buckets ``zi`` ``[g * Nz]`` (the value z = bucket x delta): (mean, std) in buckets,
         ``[g * N2]`` each (one top-encoder call)."""
         zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
-        return self._gaussian(self._top_enc(zq, latent_step_bits(latent_bits)), latent_bits, "top encoder")
+        return self._gaussian(self._top_enc(zq, latent_step_bits(latent_bits, self._rb)), latent_bits, "top encoder")
 
     def _top_prior(self, z2: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
         """p(z | z2) of the buckets ``z2`` ``[g * N2]``: (mean, std) in buckets, ``[g * Nz]`` each."""
         zq = z2.reshape(g, self.config.top_latent_dim).astype(np.float64)
-        return self._gaussian(self._top_dec(zq, latent_step_bits(latent_bits)), latent_bits, "top decoder")
+        return self._gaussian(self._top_dec(zq, latent_step_bits(latent_bits, self._rb)), latent_bits, "top decoder")
 
     def _likelihood(self, zi: np.ndarray, g: int, latent_bits: int):
         """P(x | z) of bucket indices ``[g * Nz]`` (one decoder call): beta-binomial -> grid cells ``[g * D]``,
         bernoulli -> P(1) ``[g * D]`` float64."""
         zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
-        h = self._dec(zq, latent_step_bits(latent_bits))
+        h = self._dec(zq, latent_step_bits(latent_bits, self._rb))
         if not np.isfinite(h).all():
             raise ModelError("the decoder produced non-finite likelihood parameters; cannot code losslessly")
         d = self.config.input_dim
@@ -393,12 +410,14 @@ class LosslessCoder:
     def encode_frame(self, x: np.ndarray, layout: int = 0) -> bytes:
         """int32 records ``[n, D]`` -> one frame payload (one bits-back chain)."""
         lbits = self.latent_bits
+        self._rb = self.range_bits
         prior = self._latent_models(lbits)
         nz = self.config.latent_dim
         seed = seed_words(self._seed_count())
         ans = self._ans(seed.copy())
         mean, std = self._posterior(x, lbits) if len(x) else (None, None)   # all of the frame in one call
         start = 0
+        held = []
         for g in group_sizes(len(x), self.group):
             sl = slice(start * nz, (start + g) * nz)
             xg = x[start:start + g].reshape(-1)
@@ -408,36 +427,41 @@ class LosslessCoder:
             if self._top_enc is None:
                 ans.encode_reverse(self._scramble(zi, lbits), prior)            # push z with P(z)
                 continue
-            # Bit-Swap: z2 is popped from the bits x just pushed, so only z borrows initial bits
-            z2 = self._pop_z(ans, *self._top_posterior(zi, g, lbits), lbits)   # pop z2 ~ Q(z2|z)
-            ans.encode_reverse(zi, self._grid(lbits), *self._top_prior(z2, g, lbits))  # push z with P(z|z2)
-            ans.encode_reverse(self._scramble(z2, lbits), prior)                # push z2 with P(z2)
+            # two layers: z2 is popped from the bits x just pushed (Bit-Swap), and so is the next group's z
+            held.append((zi, self._pop_z(ans, *self._top_posterior(zi, g, lbits), lbits)))  # pop z2 ~ Q(z2|z)
+        if held:  # the frame's z with P(z|z2), then its z2 with P(z2), each in one call
+            zi, z2 = (np.concatenate(a) for a in zip(*held))
+            ans.encode_reverse(zi, self._grid(lbits), *self._top_prior(z2, len(x), lbits))
+            ans.encode_reverse(self._scramble(z2, lbits), prior)
         words = np.asarray(ans.get_compressed(), np.uint32)
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
         cut = int(diff[0]) if len(diff) else m
         stored = words[cut:]
-        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, len(seed), cut, len(stored))
+        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS, len(seed),
+                                cut, len(stored))
         return head + stored.astype("<u4").tobytes()
 
     def decode_frame(self, payload: bytes, n: int, name: str = "stream") -> tuple[np.ndarray, int]:
         """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout)."""
         if len(payload) < _FRAME_HEAD.size:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
-        tag, fmt, lbits, group, layout, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
+        tag, fmt, lbits, group, layout, rb, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
+        rb += DEFAULT_RANGE_BITS
         if tag != FRAME_TAG:
             raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
         if fmt != FORMAT:
             old = " (written by an older vaestream; decode it with that version)" if fmt < FORMAT else ""
             raise BitstreamError(f"{name}: lossless frame format {fmt}{old}; this vaestream reads format {FORMAT}")
-        if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3
-                or n_seed != self._seed_count() or cut > n_seed):
+        if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3 or rb > MAX_RANGE_BITS
+                or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed):
             raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut})")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
+        self._rb = rb
         prior = self._latent_models(lbits)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
@@ -449,12 +473,16 @@ class LosslessCoder:
         ends = np.cumsum(sizes)
         try:
             ans = self._ans(words)
+            if self._top_enc is not None and n:  # the frame's z2 with P(z2), then its z with P(z|z2)
+                n2 = self.config.top_latent_dim
+                z2_all = self._unscramble(ans.decode(prior, n * n2), lbits)
+                z_all = ans.decode(self._grid(lbits), *self._top_prior(z2_all, n, lbits)).astype(np.int32)
             for g, end in zip(reversed(sizes), ends[::-1]):
                 if self._top_enc is None:
                     zi = self._unscramble(ans.decode(prior, g * nz), lbits)      # pop z with P(z)
                 else:
-                    z2 = self._unscramble(ans.decode(prior, g * self.config.top_latent_dim), lbits)  # z2, P(z2)
-                    zi = ans.decode(self._grid(lbits), *self._top_prior(z2, g, lbits))    # pop z with P(z|z2)
+                    zi = z_all[(end - g) * nz:end * nz]
+                    z2 = z2_all[(end - g) * n2:end * n2]
                     self._push_z(ans, z2, *self._top_posterior(zi, g, lbits), lbits)      # push z2, Q(z2|z)
                 xg = self._pop_x(ans, self._likelihood(zi, g, lbits)).reshape(g, d)  # pop x with P(x|z)
                 out[end - g:end] = xg
@@ -543,7 +571,7 @@ class LosslessCoder:
         return x[0].reshape(cfg.input_shape)
 
 
-def compress_lossless(model, records: Any, latent_bits: int = DEFAULT_LATENT_BITS, group: int = DEFAULT_GROUP,
+def compress_lossless(model, records: Any, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
                       frame_records: int = DEFAULT_FRAME_RECORDS) -> bytes:
     """Compress discrete records losslessly by bits-back ANS with ``model`` (see the module docstring).
 
