@@ -43,7 +43,7 @@ that seed, which is checked: a stream that does not decode back to it raises :cl
 [-2^(latent_bits-1), 2^(latent_bits-1))) stands for z = j delta, which is what the decoder network sees.
 The posterior is a :class:`constriction.stream.model.QuantizedGaussian` in bucket units (mean mu/delta, std
 sigma/delta per symbol; no per-bucket table) on a window of at least +-8 sigma around its mean (one window
-size per power of two of sigma/delta, :meth:`LosslessCoder._windows`): constriction gives every symbol of a
+size per power of two of sigma/delta, :meth:`vaestream.coding.bb_latents.LatentModels.windows`): constriction gives every symbol of a
 model at least 2^-24 of probability, and over all 4,096 buckets that floor (2.4e-4 per latent) made about
 one record in 80 draw a latent far from Q and pay hundreds of bits for it. The prior N(0, 1) over the
 buckets is one fixed Categorical listed in a *scrambled* bucket order (:func:`latent_scramble`): the next
@@ -124,6 +124,7 @@ from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_
                                         bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
                                         latent_prior, latent_scramble, latent_step_bits, posterior_probs,
                                         within_rows)
+from vaestream.coding.bb_latents import LatentModels
 from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
@@ -226,92 +227,20 @@ class LosslessCoder:
         self._top_dec = ExactMLP(model.top_decoder, cfg.activation) if cfg.hierarchical else None
         import constriction
 
-        self._models = constriction.stream.model
+        self._lat = LatentModels()
         self._cat = constriction.stream.model.Categorical(perfect=False)
         self._bern = constriction.stream.model.Bernoulli(perfect=False)
         self._ans = constriction.stream.stack.AnsCoder
-        self._latent: dict[int, tuple] = {}
         if cfg.likelihood == "beta_binomial":
             beta_binomial_grid()
 
-    def _latent_models(self, latent_bits: int):
-        """The prior on the ``2^latent_bits`` latent buckets, cached: one fixed Categorical over the *scrambled*
-        bucket order (:func:`latent_scramble`)."""
-        key = (latent_bits, self._rb)
-        if key not in self._latent:
-            self._latent[key] = self._models.Categorical(latent_prior(latent_bits, self._rb), perfect=False)
-        return self._latent[key]
-
-    def _window(self, r: int, half: int):
-        """The posterior model on the offsets [-r, r] (the whole grid [-half, half) if r == half): a
-        QuantizedGaussian with per-symbol mean and std, cached."""
-        key = ("window", r, half)
-        if key not in self._latent:
-            self._latent[key] = self._models.QuantizedGaussian(-r, r) if r < half else \
-                self._models.QuantizedGaussian(-half, half - 1)
-        return self._latent[key]
-
-    def _grid(self, latent_bits: int):
-        """A QuantizedGaussian over the whole bucket grid (per-symbol mean and std): the conditional prior
-        p(z | z2), which is only pushed and popped with known symbols, never sampled from, so its 2^-24
-        per-symbol floor costs nothing noticeable (see :meth:`_windows` for why sampling needs windows)."""
-        half = 1 << (latent_bits - 1)
-        return self._window(half, half)
-
-    def _windows(self, mean: np.ndarray, std: np.ndarray, latent_bits: int):
-        """Per latent symbol: its posterior window class, the window's centre (an integer bucket) and the
-        classes present. Class k holds std in [2^k, 2^(k+1)) buckets (k = 0 also below) and codes the offset
-        from the centre on [-16 * 2^k, 16 * 2^k], i.e. at least +-8 standard deviations; the top class (std of
-        at least 2^(latent_bits - 5) buckets) covers the whole grid. Why: every symbol of a constriction model
-        keeps at least 2^-24 of probability, so a posterior over all 2^latent_bits buckets has ~2^(latent_bits -
-        24) of its mass spread uniformly over the grid, and a sample drawn there (2.4e-4 per latent at 12 bits:
-        one record in 80 with 50 latents) lands far from the posterior and costs hundreds of bits of
-        reconstruction (measured: +5 % rate). In a window of +-8 sigma that floor mass is ~100x smaller and its
-        draws stay near the posterior. All integer arithmetic on (fixed-point) parameters."""
-        half = 1 << (latent_bits - 1)
-        top = latent_bits - 5
-        _, e = np.frexp(std)
-        k = np.clip(e - 1, 0, top)
-        r = np.left_shift(16, k)
-        r = np.where(k == top, half, r)
-        c = np.clip(np.rint(mean).astype(np.int64), -half + r, half - 1 - r)
-        c = np.where(k == top, 0, c)
-        return k, c, r, np.unique(k)
-
     def _pop_z(self, ans, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> np.ndarray:
-        """Pop latent buckets ~ Q(z|x), class by class in ascending order (:meth:`_windows`)."""
-        k, c, r, classes = self._windows(mean, std, latent_bits)
-        half = 1 << (latent_bits - 1)
-        zi = np.empty(len(mean), np.int32)
-        for cl in classes:
-            idx = np.flatnonzero(k == cl)
-            rr = int(r[idx[0]])
-            model = self._window(rr, half)
-            zi[idx] = c[idx] + ans.decode(model, mean[idx] - c[idx], std[idx])
-        return zi
+        """Pop latent buckets ~ Q (:meth:`vaestream.coding.bb_latents.LatentModels.pop`)."""
+        return self._lat.pop(ans, mean, std, latent_bits)
 
     def _push_z(self, ans, zi: np.ndarray, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> None:
-        """Push latent buckets with Q(z|x): the exact inverse of :meth:`_pop_z` (classes in descending order)."""
-        k, c, r, classes = self._windows(mean, std, latent_bits)
-        half = 1 << (latent_bits - 1)
-        for cl in classes[::-1]:
-            idx = np.flatnonzero(k == cl)
-            rr = int(r[idx[0]])
-            model = self._window(rr, half)
-            d = (zi[idx] - c[idx]).astype(np.int32)
-            if rr != half and (np.abs(d) > rr).any():
-                raise BitstreamError("corrupt lossless frame (a latent outside its posterior window)")
-            ans.encode_reverse(d, model, mean[idx] - c[idx], std[idx])
-
-    def _scramble(self, zi: np.ndarray, latent_bits: int) -> np.ndarray:
-        a, _ = latent_scramble(latent_bits)
-        k = (1 << latent_bits) - 1
-        return (((zi.astype(np.int64) + (1 << (latent_bits - 1))) * a) & k).astype(np.int32)
-
-    def _unscramble(self, s: np.ndarray, latent_bits: int) -> np.ndarray:
-        _, a_inv = latent_scramble(latent_bits)
-        k = (1 << latent_bits) - 1
-        return (((s.astype(np.int64) * a_inv) & k) - (1 << (latent_bits - 1))).astype(np.int32)
+        """Push latent buckets with Q: the exact inverse of :meth:`_pop_z`."""
+        self._lat.push(ans, zi, mean, std, latent_bits)
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def _records(self, records: Any, name: str) -> tuple[np.ndarray, int]:
@@ -430,7 +359,7 @@ class LosslessCoder:
         """int32 records ``[n, D]`` -> one frame payload (one bits-back chain)."""
         lbits = self.latent_bits
         self._rb = self.range_bits
-        prior = self._latent_models(lbits)
+        prior = self._lat.prior(lbits, self._rb)
         nz = self.config.latent_dim
         seed = seed_words(self._seed_count())
         ans = self._ans(seed.copy())
@@ -444,14 +373,14 @@ class LosslessCoder:
             zi = self._pop_z(ans, mean[sl], std[sl], lbits)                    # pop z ~ Q(z|x)
             self._push_x(ans, xg, self._likelihood(zi, g, lbits))               # push x with P(x|z)
             if self._top_enc is None:
-                ans.encode_reverse(self._scramble(zi, lbits), prior)            # push z with P(z)
+                ans.encode_reverse(self._lat.scramble(zi, lbits), prior)            # push z with P(z)
                 continue
             # two layers: z2 is popped from the bits x just pushed (Bit-Swap), and so is the next group's z
             held.append((zi, self._pop_z(ans, *self._top_posterior(zi, g, lbits), lbits)))  # pop z2 ~ Q(z2|z)
         if held:  # the frame's z with P(z|z2), then its z2 with P(z2), each in one call
             zi, z2 = (np.concatenate(a) for a in zip(*held))
-            ans.encode_reverse(zi, self._grid(lbits), *self._top_prior(z2, len(x), lbits))
-            ans.encode_reverse(self._scramble(z2, lbits), prior)
+            ans.encode_reverse(zi, self._lat.grid(lbits), *self._top_prior(z2, len(x), lbits))
+            ans.encode_reverse(self._lat.scramble(z2, lbits), prior)
         words = np.asarray(ans.get_compressed(), np.uint32)
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
@@ -481,7 +410,7 @@ class LosslessCoder:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
         self._rb = rb
-        prior = self._latent_models(lbits)
+        prior = self._lat.prior(lbits, self._rb)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
         if len(words) == 0 or words[-1] == 0:
@@ -494,11 +423,11 @@ class LosslessCoder:
             ans = self._ans(words)
             if self._top_enc is not None and n:  # the frame's z2 with P(z2), then its z with P(z|z2)
                 n2 = self.config.top_latent_dim
-                z2_all = self._unscramble(ans.decode(prior, n * n2), lbits)
-                z_all = ans.decode(self._grid(lbits), *self._top_prior(z2_all, n, lbits)).astype(np.int32)
+                z2_all = self._lat.unscramble(ans.decode(prior, n * n2), lbits)
+                z_all = ans.decode(self._lat.grid(lbits), *self._top_prior(z2_all, n, lbits)).astype(np.int32)
             for g, end in zip(reversed(sizes), ends[::-1]):
                 if self._top_enc is None:
-                    zi = self._unscramble(ans.decode(prior, g * nz), lbits)      # pop z with P(z)
+                    zi = self._lat.unscramble(ans.decode(prior, g * nz), lbits)      # pop z with P(z)
                 else:
                     zi = z_all[(end - g) * nz:end * nz]
                     z2 = z2_all[(end - g) * n2:end * n2]
