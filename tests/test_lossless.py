@@ -181,7 +181,7 @@ def test_bits_are_close_to_the_negative_elbo(bb_model, bb_stream):
 def test_the_chain_draws_its_latents_from_the_posterior(bb_model, mnist_test):
     """The latents the chain pops (from bits the previous records wrote) follow Q(z|x): their standardised
     offsets from the posterior mean have mean ~0 and std ~1 and hardly any lies far out (the scrambled prior order and
-    the +-8 sigma posterior windows, see LosslessCoder._windows and latent_scramble)."""
+    the +-8 sigma posterior windows, see bb_latents.LatentModels.windows and latent_scramble)."""
     m = bb_model[0]
     x = mnist_test[4000:4400].reshape(400, -1).astype(np.int32)
     coder = LosslessCoder(m)

@@ -42,6 +42,14 @@ class ModelConfig:
       likelihood: one of :data:`LIKELIHOODS`.
       min_log_scale: floor of the Gaussian decoder's per-pixel log standard deviation (keeps the density
         bounded on data with constant pixels).
+      top_latent_dim: 0 (the paper's model: one stochastic layer z, prior N(0, I)) or N2 > 0: a second,
+        top stochastic layer z2 of N2 dimensions, x -> z -> z2 (a Markov chain, as Bit-Swap's): the prior of
+        z becomes p(z | z2) = N(m(z2), diag s(z2)^2) with p(z2) = N(0, I), and the posterior q(z | x) q(z2 | z).
+        ``latent_dim`` stays the size of z, the code the encoder returns.
+      top_hidden: hidden widths of the two small MLPs between z and z2 (q(z2|z) and p(z|z2)).
+
+    A config with ``top_latent_dim == 0`` stores no ``top_*`` keys, so one-layer models keep their
+    ``config.json`` and their fingerprints.
     """
 
     input_dim: int = 784
@@ -51,10 +59,16 @@ class ModelConfig:
     activation: str = "tanh"
     likelihood: str = "bernoulli"
     min_log_scale: float = -4.0
+    top_latent_dim: int = 0
+    top_hidden: tuple[int, ...] = (256,)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "top_hidden", tuple(int(h) for h in self.top_hidden))
+        if self.top_latent_dim < 0 or any(h < 1 for h in self.top_hidden):
+            raise ConfigError(f"top_latent_dim must be >= 0 and top_hidden widths positive, got "
+                              f"{self.top_latent_dim}, {self.top_hidden}")
         if self.input_dim < 1 or self.latent_dim < 1:
             raise ConfigError(f"input_dim and latent_dim must be positive, got {self.input_dim}, {self.latent_dim}")
         prod = 1
@@ -69,10 +83,19 @@ class ModelConfig:
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood {self.likelihood!r} is not one of {LIKELIHOODS}")
 
+    @property
+    def hierarchical(self) -> bool:
+        """Whether the model has a second, top stochastic layer (``top_latent_dim > 0``)."""
+        return self.top_latent_dim > 0
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["hidden"] = list(self.hidden)
+        if self.top_latent_dim:
+            d["top_hidden"] = list(self.top_hidden)
+        else:  # a one-layer model's config.json (and fingerprint) as before the option existed
+            del d["top_latent_dim"], d["top_hidden"]
         return d
 
     def to_json(self) -> str:

@@ -154,6 +154,14 @@ class VAE(tf.Module):
         self.encoder = MLP([d] + hidden, 2 * nz, config.activation, rng, init, name="encoder")
         n_dec_out = d if config.likelihood == "bernoulli" else 2 * d
         self.decoder = MLP([nz] + hidden[::-1], n_dec_out, config.activation, rng, init, name="decoder")
+        if config.hierarchical:  # drawn after the one-layer weights, so those do not depend on the option
+            n2, top = config.top_latent_dim, list(config.top_hidden)
+            self.top_encoder = MLP([nz] + top, 2 * n2, config.activation, rng, init, name="top_encoder")
+            self.top_decoder = MLP([n2] + top[::-1], 2 * nz, config.activation, rng, init, name="top_decoder")
+            # p(z | z2) starts as N(0, I) (a zero output layer): the model starts as the one-layer model whose
+            # prior the top layer then learns to refine, instead of from a random prior
+            for v in (self.top_decoder.out.w, self.top_decoder.out.b):
+                v.assign(tf.zeros_like(v))
 
     # -- the recognition model ------------------------------------------------------------------------------
     def encoder_params(self, x: tf.Tensor, blockwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
@@ -182,9 +190,33 @@ class VAE(tf.Module):
 
     @property
     def prior(self) -> tfd.Distribution:
-        """p(z) = N(0, I) over Nz dimensions."""
+        """p(z) = N(0, I) over Nz dimensions. A two-layer model (``config.top_latent_dim > 0``) has no
+        closed-form p(z): its prior is :meth:`top_prior` of z2 ~ :attr:`top_latent_prior`, and asking for
+        this raises :class:`vaestream.errors.ConfigError`."""
+        if self.config.hierarchical:
+            raise ConfigError("a two-layer model's p(z) is p(z | z2) p(z2) (VAE.top_prior, VAE.top_latent_prior), "
+                              "not N(0, I)")
         nz = self.config.latent_dim
         return tfd.MultivariateNormalDiag(loc=tf.zeros([nz]), scale_diag=tf.ones([nz]))
+
+    # -- the second stochastic layer (config.top_latent_dim > 0) ---------------------------------------------
+    def top_posterior_params(self, z: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """z [..., Nz] -> (mean, log_scale) ``[..., N2]`` of q(z2 | z)."""
+        return tuple(tf.split(self.top_encoder(z), 2, axis=-1))
+
+    def top_prior_params(self, z2: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """z2 [..., N2] -> (mean, log_scale) ``[..., Nz]`` of p(z | z2)."""
+        return tuple(tf.split(self.top_decoder(z2), 2, axis=-1))
+
+    def top_prior(self, z2: tf.Tensor) -> tfd.Distribution:
+        """p(z | z2) = N(m(z2), diag s(z2)^2), event shape [Nz]."""
+        return self.posterior(*self.top_prior_params(z2))
+
+    @property
+    def top_latent_prior(self) -> tfd.Distribution:
+        """p(z2) = N(0, I) over N2 dimensions."""
+        n2 = self.config.top_latent_dim
+        return tfd.MultivariateNormalDiag(loc=tf.zeros([n2]), scale_diag=tf.ones([n2]))
 
     # -- the generative model -------------------------------------------------------------------------------
     def decoder_params(self, z: tf.Tensor, blockwise: bool = False) -> dict[str, tf.Tensor]:
@@ -248,9 +280,11 @@ class VAE(tf.Module):
 
     # -- identity -------------------------------------------------------------------------------------------
     def weights(self) -> list[tf.Variable]:
-        """Every weight, in a fixed order (encoder then decoder, layer by layer, W then b)."""
+        """Every weight, in a fixed order (encoder, decoder, then a two-layer model's top encoder and top decoder;
+        layer by layer, W then b)."""
         out = []
-        for mlp in (self.encoder, self.decoder):
+        mlps = (self.encoder, self.decoder) + ((self.top_encoder, self.top_decoder) if self.config.hierarchical else ())
+        for mlp in mlps:
             for layer in list(mlp.hidden) + [mlp.out]:
                 out += [layer.w, layer.b]
         return out

@@ -102,6 +102,8 @@ def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=N
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
+    if model.config.hierarchical:
+        return elbo_two_layers(model, x, estimator, num_samples, seed, rng_alg)
     closed_form = closed_form and estimator == "B" and model.config.likelihood in CLOSED_FORM_LIKELIHOODS
     mean, log_scale = model.encoder_params(x)
     q = model.posterior(mean, log_scale)  # = model.encode(x)
@@ -126,12 +128,64 @@ def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=N
     return {"elbo": -(rate + distortion), "rate": rate, "distortion": distortion}
 
 
+def _normal_log_prob(z: tf.Tensor, mean: tf.Tensor, log_scale: tf.Tensor) -> tf.Tensor:
+    """log N(z; mean, diag exp(log_scale)^2), summed over the last axis."""
+    u = (z - mean) * tf.exp(-log_scale)
+    return -tf.reduce_sum(0.5 * tf.square(u) + log_scale + _HALF_LOG_2PI, axis=-1)
+
+
+def _draw(mean: tf.Tensor, log_scale: tf.Tensor, num_samples: int, seed, rng_alg: str | None) -> tf.Tensor:
+    """``[L, *mean.shape[-2:]]`` (or ``mean``'s shape when it already has the sample axis) reparameterised draws
+    mean + sigma * eps from a stateless seed (or TF's global generator when ``seed`` is None)."""
+    shape = tf.shape(mean) if num_samples is None else tf.concat([[num_samples], tf.shape(mean)], axis=0)
+    if seed is None:
+        eps = tf.random.normal(shape)
+    else:
+        eps = tf.random.stateless_normal(shape, seed=_seed(seed), alg=rng_alg or "auto_select")
+    return mean + tf.exp(log_scale) * eps
+
+
+def elbo_two_layers(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=None,
+                    rng_alg: str | None = None) -> dict[str, tf.Tensor]:
+    """The ELBO of a two-layer model x -> z -> z2 (``config.top_latent_dim > 0``), per record, in nats.
+
+    With p(x, z, z2) = p(x|z) p(z|z2) p(z2) and q(z, z2 | x) = q(z|x) q(z2|z), z^(l) ~ q(z|x) and
+    z2^(l) ~ q(z2|z^(l)) (both reparameterised)::
+
+        distortion = -1/L sum_l log p(x | z^(l))
+        rate (A)   =  1/L sum_l [log q(z^(l)|x) + log q(z2^(l)|z^(l)) - log p(z^(l)|z2^(l)) - log p(z2^(l))]
+        rate (B)   = -H[q(z|x)] + 1/L sum_l [KL(q(z2|z^(l)) || N(0, I)) - log p(z^(l)|z2^(l))]
+
+    (B uses the closed-form entropy and top KL, A only samples.) ``rate`` is the KL of the coded latents that
+    bits-back coding pays for (:mod:`vaestream.coding.lossless`, Bit-Swap order), ``elbo = -(rate + distortion)``.
+    The z2 draws use the seed ``seed + [0, 1]``. Shapes as :func:`elbo`.
+    """
+    mean, log_scale = model.encoder_params(x)
+    z = _draw(mean, log_scale, num_samples, seed, rng_alg)                     # [L, B, Nz]
+    m2, l2 = model.top_posterior_params(z)                                     # [L, B, N2]
+    z2 = _draw(m2, l2, None, None if seed is None else _seed(seed) + tf.constant([0, 1], tf.int32), rng_alg)
+    pm, pl = model.top_prior_params(z2)                                        # [L, B, Nz]
+    distortion = -tf.reduce_mean(model.decode(z).log_prob(model.observe(x)), axis=0)
+    log_p_z = _normal_log_prob(z, pm, pl)
+    if estimator == "B":
+        neg_entropy = -tf.reduce_sum(0.5 + _HALF_LOG_2PI + log_scale, axis=-1)
+        rate = neg_entropy + tf.reduce_mean(gaussian_kl_to_standard(m2, l2) - log_p_z, axis=0)
+    else:
+        zeros = tf.zeros_like(z2)
+        rate = tf.reduce_mean(_normal_log_prob(z, mean, log_scale) + _normal_log_prob(z2, m2, l2) - log_p_z
+                              - _normal_log_prob(z2, zeros, zeros), axis=0)
+    return {"elbo": -(rate + distortion), "rate": rate, "distortion": distortion}
+
+
 SAMPLE_BLOCK = 16
 """Importance samples are drawn in blocks of this many, block j of a record batch from its own stateless seed,
 so :func:`log_likelihood`'s answer does not depend on how its memory bound chunks the k samples."""
 
 
 def _log_weights_at(model, x: tf.Tensor, q, z: tf.Tensor) -> tf.Tensor:
+    if model.config.hierarchical:
+        raise ConfigError("importance-sampled log p(x) is implemented for one stochastic layer; a two-layer "
+                          "model's bound is its ELBO (vaestream.objective.elbo_two_layers)")
     """log p(x|z) + log p(z) - log q(z|x) for samples ``z`` ``[k, B, Nz]`` of ``q``; ``[k, B]``."""
     return model.decode(z).log_prob(model.observe(x)) + model.prior.log_prob(z) - q.log_prob(z)
 

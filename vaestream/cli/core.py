@@ -30,6 +30,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
     g.add_argument("--activation", default="tanh")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"])
+    g.add_argument("--top-latent-dim", type=int, default=0,
+                   help="N2 > 0: a second, top stochastic layer z2 (x -> z -> z2; lossless coding codes it in "
+                        "Bit-Swap order); default 0, the paper's one layer")
+    g.add_argument("--top-hidden", type=int, nargs="+", default=[256], help="hidden widths between z and z2")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +83,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
     cfg = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
-                      likelihood=a.likelihood)
+                      likelihood=a.likelihood, top_latent_dim=a.top_latent_dim, top_hidden=tuple(a.top_hidden))
     if a.distributed:
         if not is_shard_spec(a.data):
             from vaestream.errors import ConfigError

@@ -189,9 +189,14 @@ def within_rows(cells: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.take(beta_binomial_grid()[1], cells * BIN + b, axis=0).astype(np.float32)
 
 
-def latent_step_bits(latent_bits: int) -> int:
-    """The latent grid's step is 2^-latent_step_bits: ``2^latent_bits`` buckets cover [-8, 8)."""
-    return int(latent_bits) - 4
+DEFAULT_RANGE_BITS = 3
+"""The latent grid covers [-2^range_bits, 2^range_bits): [-8, 8) by default (one stochastic layer, prior N(0, I))."""
+
+
+def latent_step_bits(latent_bits: int, range_bits: int = DEFAULT_RANGE_BITS) -> int:
+    """The latent grid's step is 2^-latent_step_bits: ``2^latent_bits`` buckets cover
+    [-2^range_bits, 2^range_bits) (default [-8, 8))."""
+    return int(latent_bits) - 1 - int(range_bits)
 
 
 def latent_scramble(latent_bits: int) -> tuple[int, int]:
@@ -208,18 +213,18 @@ def latent_scramble(latent_bits: int) -> tuple[int, int]:
     return a, pow(a, -1, k)
 
 
-def latent_prior(latent_bits: int) -> np.ndarray:
+def latent_prior(latent_bits: int, range_bits: int = DEFAULT_RANGE_BITS) -> np.ndarray:
     """The prior N(0, 1) integrated over each latent bucket ``[(j - 1/2) delta, (j + 1/2) delta)``, listed in
     scrambled symbol order (:func:`latent_scramble`), float64, rounded to multiples of 2^-60 so that the fixed
     Categorical constriction builds from it does not hang on the last bit of ``ndtr``."""
-    key = ("prior", latent_bits)
+    key = ("prior", latent_bits, range_bits)
     if key not in _GRID_CACHE:
         from scipy.special import ndtr
 
         k = 1 << latent_bits
         half = k >> 1
         j = np.arange(k, dtype=np.float64) - half
-        edges = np.ldexp(np.concatenate([j - 0.5, [half - 0.5]]), -latent_step_bits(latent_bits))
+        edges = np.ldexp(np.concatenate([j - 0.5, [half - 0.5]]), -latent_step_bits(latent_bits, range_bits))
         edges[0], edges[-1] = -np.inf, np.inf
         c = ndtr(edges)
         p = np.maximum(c[1:] - c[:-1], 0.0)

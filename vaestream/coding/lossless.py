@@ -43,13 +43,29 @@ that seed, which is checked: a stream that does not decode back to it raises :cl
 [-2^(latent_bits-1), 2^(latent_bits-1))) stands for z = j delta, which is what the decoder network sees.
 The posterior is a :class:`constriction.stream.model.QuantizedGaussian` in bucket units (mean mu/delta, std
 sigma/delta per symbol; no per-bucket table) on a window of at least +-8 sigma around its mean (one window
-size per power of two of sigma/delta, :meth:`LosslessCoder._windows`): constriction gives every symbol of a
+size per power of two of sigma/delta, :meth:`vaestream.coding.bb_latents.LatentModels.windows`): constriction gives every symbol of a
 model at least 2^-24 of probability, and over all 4,096 buckets that floor (2.4e-4 per latent) made about
 one record in 80 draw a latent far from Q and pay hundreds of bits for it. The prior N(0, 1) over the
 buckets is one fixed Categorical listed in a *scrambled* bucket order (:func:`latent_scramble`): the next
 group pops its latents from the bits the previous group's prior code just wrote, and in natural order
 each draw would be tied to the previous record's latent instead of following Q. With both, the latents
 the chain draws follow Q (tested) and the rate sits at the model's -ELBO.
+
+**Two stochastic layers (Bit-Swap; Kingma, Abbeel & Ho, 2019).** A model with ``config.top_latent_dim > 0``
+(x -> z -> z2, prior p(z|z2) p(z2), posterior q(z|x) q(z2|z)) is coded per group as
+
+1. pop z ~ Q(z|x),  2. push x with P(x|z),  3. pop z2 ~ Q(z2|z)  -- from the bits x just wrote,
+
+and after the frame's last group, for the whole frame at once, 4. push every z with P(z|z2) (a
+QuantizedGaussian over the whole grid: it is only pushed and popped, never sampled), 5. push every z2 with the
+scrambled P(z2). The decoder pops all z2, then all z, then runs the groups backwards: push z2 back with
+Q(z2|z), pop x with P(x|z), push z back with Q(z|x). As in Bit-Swap only the first record's z borrows initial
+bits (z2 is drawn from pixel bits), so the clean-bits cost does not grow with the depth. Steps 4-5 are held to
+the end of the frame because a pop reads the quantile of the last symbol pushed: with z pushed under P(z|z2)
+(natural bucket order) on top of the stack after each group, the next group drew its z from those quantiles
+and not from Q (measured: standardised offsets of std 1.8, +1.8 % rate); at the end of the frame every z pop
+reads pixel bits instead. A two-layer model's z is not held near N(0, I) by a fixed prior, so its grid covers
+[-32, 32) (``range_bits`` 5, recorded in each frame) with 2^12 buckets (the same step, 1/64).
 
 **Likelihood tables (format 2).** A beta-binomial pixel is coded in two steps, its bin ``n // 16`` (16
 bins) and then ``n % 16`` given the bin, each a 16-entry :class:`constriction.stream.model.Categorical` row,
@@ -85,7 +101,7 @@ fingerprint, ``table_hash = LOSSLESS_TAG`` (a fixed 16-byte marker that says "lo
 of a hash of coder tables), quality 0 and level 0. Each frame (``frame_records`` records by default; frames
 are independent chains, the unit of random access and of streaming decode) holds, little-endian::
 
-    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | reserved u8 x 3
+    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8 | reserved u8 x 2
     | seed words u32 | cut words u32 | stored words u32 | stored words x u32
 
 Format 1 frames (equal-prior-mass buckets, 256-entry tables; vaestream before issue 16) are refused with a
@@ -103,11 +119,12 @@ from typing import Any
 import numpy as np
 
 from vaestream.coding import container
-from vaestream.coding.bb_tables import (BIN, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
+from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
                                         beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
                                         bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
                                         latent_prior, latent_scramble, latent_step_bits, posterior_probs,
                                         within_rows)
+from vaestream.coding.bb_latents import LatentModels
 from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
@@ -116,12 +133,18 @@ FORMAT = 2
 LOSSLESS_TAG = container.LOSSLESS_TAG
 """The container header's ``table_hash`` of a lossless stream."""
 FRAME_TAG = b"BBAN"
-_FRAME_HEAD = struct.Struct("<4sBBHB3xIII")
+_FRAME_HEAD = struct.Struct("<4sBBHBB2xIII")
+TWO_LAYER_RANGE_BITS = 5
+"""A two-layer model's latent grid covers [-32, 32): its z is not held near N(0, I) by a fixed prior (measured:
+16 % of posterior means beyond 6, the largest 17.7, on a 784-200-20-16 model), so [-8, 8) would clip it."""
+TWO_LAYER_LATENT_BITS = 12
+"""With it, 2^12 buckets keep the one-layer default's step of 1/64."""
 DEFAULT_LATENT_BITS = 10
 MIN_LATENT_BITS, MAX_LATENT_BITS = 8, 16
 DEFAULT_GROUP = 256
 DEFAULT_FRAME_RECORDS = 4096
 MAX_FRAME_RECORDS = 1 << 24
+MAX_RANGE_BITS = 7
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 
 
@@ -153,17 +176,30 @@ class LosslessCoder:
     """Bits-back ANS coding of discrete records with one VAE (see the module docstring).
 
     Args:
-      model: a :class:`vaestream.model.VAE` whose likelihood is ``beta_binomial`` or ``bernoulli``.
-      latent_bits: log2 of the number of latent buckets per dimension on [-8, 8) (8..16).
+      model: a :class:`vaestream.model.VAE` whose likelihood is ``beta_binomial`` or ``bernoulli``, with one
+        stochastic layer or two (``config.top_latent_dim > 0``: coded in Bit-Swap order, see the module docstring).
+      latent_bits: log2 of the number of latent buckets per dimension (8..16; default 10 for one layer, 12 for
+        two).
+      range_bits: the grid covers [-2^range_bits, 2^range_bits) (3..7; default 3 for one layer, 5 for two).
       group: the largest number of records per bits-back step (one encoder and one decoder call each).
       frame_records: records per container frame (each frame is an independent chain).
       blas_threads: OpenBLAS threads while coding (default 1, see :class:`blas_threads`; None: leave as is).
         The stream does not depend on it.
     """
 
-    def __init__(self, model, latent_bits: int = DEFAULT_LATENT_BITS, group: int = DEFAULT_GROUP,
-                 frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1):
+    def __init__(self, model, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
+                 frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1,
+                 range_bits: int | None = None):
         cfg = model.config
+        two = cfg.hierarchical
+        if latent_bits is None:
+            latent_bits = TWO_LAYER_LATENT_BITS if two else DEFAULT_LATENT_BITS
+        if range_bits is None:
+            range_bits = TWO_LAYER_RANGE_BITS if two else DEFAULT_RANGE_BITS
+        if not DEFAULT_RANGE_BITS <= int(range_bits) <= MAX_RANGE_BITS or int(latent_bits) - 1 - int(range_bits) < 2:
+            raise ConfigError(f"range_bits must be in [{DEFAULT_RANGE_BITS}, {MAX_RANGE_BITS}] and leave a latent step "
+                              f"of at most 1/4 (latent_bits - 1 - range_bits >= 2), got {range_bits} with "
+                              f"latent_bits {latent_bits}")
         if cfg.likelihood not in LIKELIHOODS:
             raise ConfigError(f"lossless coding needs a discrete likelihood {LIKELIHOODS}; this model's is "
                               f"{cfg.likelihood!r} (train with ModelConfig(likelihood='beta_binomial') for 8-bit "
@@ -177,6 +213,7 @@ class LosslessCoder:
         self.model = model
         self.config = cfg
         self.latent_bits = int(latent_bits)
+        self.range_bits = self._rb = int(range_bits)  # _rb: the grid of the frame being coded
         self.group = int(group)
         self.frame_records = int(frame_records)
         self.blas_threads = blas_threads
@@ -185,86 +222,25 @@ class LosslessCoder:
         # the bits-back decoder must recompute the encoder's and decoder's outputs bit for bit.
         self._enc = ExactMLP(model.encoder, cfg.activation)
         self._dec = ExactMLP(model.decoder, cfg.activation)
+        # two stochastic layers (Bit-Swap): q(z2 | z) and p(z | z2)
+        self._top_enc = ExactMLP(model.top_encoder, cfg.activation) if cfg.hierarchical else None
+        self._top_dec = ExactMLP(model.top_decoder, cfg.activation) if cfg.hierarchical else None
         import constriction
 
-        self._models = constriction.stream.model
+        self._lat = LatentModels()
         self._cat = constriction.stream.model.Categorical(perfect=False)
         self._bern = constriction.stream.model.Bernoulli(perfect=False)
         self._ans = constriction.stream.stack.AnsCoder
-        self._latent: dict[int, tuple] = {}
         if cfg.likelihood == "beta_binomial":
             beta_binomial_grid()
 
-    def _latent_models(self, latent_bits: int):
-        """The prior on the ``2^latent_bits`` latent buckets, cached: one fixed Categorical over the *scrambled*
-        bucket order (:func:`latent_scramble`)."""
-        if latent_bits not in self._latent:
-            self._latent[latent_bits] = self._models.Categorical(latent_prior(latent_bits), perfect=False)
-        return self._latent[latent_bits]
-
-    def _window(self, r: int, half: int):
-        """The posterior model on the offsets [-r, r] (the whole grid [-half, half) if r == half): a
-        QuantizedGaussian with per-symbol mean and std, cached."""
-        key = ("window", r, half)
-        if key not in self._latent:
-            self._latent[key] = self._models.QuantizedGaussian(-r, r) if r < half else \
-                self._models.QuantizedGaussian(-half, half - 1)
-        return self._latent[key]
-
-    def _windows(self, mean: np.ndarray, std: np.ndarray, latent_bits: int):
-        """Per latent symbol: its posterior window class, the window's centre (an integer bucket) and the
-        classes present. Class k holds std in [2^k, 2^(k+1)) buckets (k = 0 also below) and codes the offset
-        from the centre on [-16 * 2^k, 16 * 2^k], i.e. at least +-8 standard deviations; the top class (std of
-        at least 2^(latent_bits - 5) buckets) covers the whole grid. Why: every symbol of a constriction model
-        keeps at least 2^-24 of probability, so a posterior over all 2^latent_bits buckets has ~2^(latent_bits -
-        24) of its mass spread uniformly over the grid, and a sample drawn there (2.4e-4 per latent at 12 bits:
-        one record in 80 with 50 latents) lands far from the posterior and costs hundreds of bits of
-        reconstruction (measured: +5 % rate). In a window of +-8 sigma that floor mass is ~100x smaller and its
-        draws stay near the posterior. All integer arithmetic on (fixed-point) parameters."""
-        half = 1 << (latent_bits - 1)
-        top = latent_bits - 5
-        _, e = np.frexp(std)
-        k = np.clip(e - 1, 0, top)
-        r = np.left_shift(16, k)
-        r = np.where(k == top, half, r)
-        c = np.clip(np.rint(mean).astype(np.int64), -half + r, half - 1 - r)
-        c = np.where(k == top, 0, c)
-        return k, c, r, np.unique(k)
-
     def _pop_z(self, ans, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> np.ndarray:
-        """Pop latent buckets ~ Q(z|x), class by class in ascending order (:meth:`_windows`)."""
-        k, c, r, classes = self._windows(mean, std, latent_bits)
-        half = 1 << (latent_bits - 1)
-        zi = np.empty(len(mean), np.int32)
-        for cl in classes:
-            idx = np.flatnonzero(k == cl)
-            rr = int(r[idx[0]])
-            model = self._window(rr, half)
-            zi[idx] = c[idx] + ans.decode(model, mean[idx] - c[idx], std[idx])
-        return zi
+        """Pop latent buckets ~ Q (:meth:`vaestream.coding.bb_latents.LatentModels.pop`)."""
+        return self._lat.pop(ans, mean, std, latent_bits)
 
     def _push_z(self, ans, zi: np.ndarray, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> None:
-        """Push latent buckets with Q(z|x): the exact inverse of :meth:`_pop_z` (classes in descending order)."""
-        k, c, r, classes = self._windows(mean, std, latent_bits)
-        half = 1 << (latent_bits - 1)
-        for cl in classes[::-1]:
-            idx = np.flatnonzero(k == cl)
-            rr = int(r[idx[0]])
-            model = self._window(rr, half)
-            d = (zi[idx] - c[idx]).astype(np.int32)
-            if rr != half and (np.abs(d) > rr).any():
-                raise BitstreamError("corrupt lossless frame (a latent outside its posterior window)")
-            ans.encode_reverse(d, model, mean[idx] - c[idx], std[idx])
-
-    def _scramble(self, zi: np.ndarray, latent_bits: int) -> np.ndarray:
-        a, _ = latent_scramble(latent_bits)
-        k = (1 << latent_bits) - 1
-        return (((zi.astype(np.int64) + (1 << (latent_bits - 1))) * a) & k).astype(np.int32)
-
-    def _unscramble(self, s: np.ndarray, latent_bits: int) -> np.ndarray:
-        _, a_inv = latent_scramble(latent_bits)
-        k = (1 << latent_bits) - 1
-        return (((s.astype(np.int64) * a_inv) & k) - (1 << (latent_bits - 1))).astype(np.int32)
+        """Push latent buckets with Q: the exact inverse of :meth:`_pop_z`."""
+        self._lat.push(ans, zi, mean, std, latent_bits)
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def _records(self, records: Any, name: str) -> tuple[np.ndarray, int]:
@@ -318,21 +294,36 @@ class LosslessCoder:
         """Q(z | x) of int records ``[g, D]`` on the latent grid: (mean, std) in units of buckets, float64
         ``[g * Nz]`` each, from fixed-point network outputs (one encoder call)."""
         div = float(DISCRETE_LEVELS) if self.config.likelihood == "beta_binomial" else 1.0
-        h = self._enc(x.astype(np.float64), 0, div)
-        nz = self.config.latent_dim
+        return self._gaussian(self._enc(x.astype(np.float64), 0, div), latent_bits, "encoder")
+
+    def _gaussian(self, h: np.ndarray, latent_bits: int, net: str) -> tuple[np.ndarray, np.ndarray]:
+        """Network outputs ``[g, 2n]`` = (mean, log sigma) -> (mean, std) in units of buckets, float64 ``[g * n]``
+        each, through fixed point (mean clipped to [-64, 64], log sigma to [-14, 4])."""
         if not np.isfinite(h).all():
-            raise ModelError("the encoder produced non-finite posterior parameters; cannot code losslessly")
-        k = latent_step_bits(latent_bits)
-        mean = np.ldexp(fixed_point(np.clip(h[:, :nz], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
-        log_scale = np.ldexp(fixed_point(np.clip(h[:, nz:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
+            raise ModelError(f"the {net} produced non-finite Gaussian parameters; cannot code losslessly")
+        n = h.shape[1] // 2
+        k = latent_step_bits(latent_bits, self._rb)
+        mean = np.ldexp(fixed_point(np.clip(h[:, :n], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
+        log_scale = np.ldexp(fixed_point(np.clip(h[:, n:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
         std = np.ldexp(np.exp(log_scale), k)
         return mean.reshape(-1), std.reshape(-1)
+
+    def _top_posterior(self, zi: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """q(z2 | z) of the buckets ``zi`` ``[g * Nz]`` (the value z = bucket x delta): (mean, std) in buckets,
+        ``[g * N2]`` each (one top-encoder call)."""
+        zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
+        return self._gaussian(self._top_enc(zq, latent_step_bits(latent_bits, self._rb)), latent_bits, "top encoder")
+
+    def _top_prior(self, z2: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
+        """p(z | z2) of the buckets ``z2`` ``[g * N2]``: (mean, std) in buckets, ``[g * Nz]`` each."""
+        zq = z2.reshape(g, self.config.top_latent_dim).astype(np.float64)
+        return self._gaussian(self._top_dec(zq, latent_step_bits(latent_bits, self._rb)), latent_bits, "top decoder")
 
     def _likelihood(self, zi: np.ndarray, g: int, latent_bits: int):
         """P(x | z) of bucket indices ``[g * Nz]`` (one decoder call): beta-binomial -> grid cells ``[g * D]``,
         bernoulli -> P(1) ``[g * D]`` float64."""
         zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
-        h = self._dec(zq, latent_step_bits(latent_bits))
+        h = self._dec(zq, latent_step_bits(latent_bits, self._rb))
         if not np.isfinite(h).all():
             raise ModelError("the decoder produced non-finite likelihood parameters; cannot code losslessly")
         d = self.config.input_dim
@@ -367,46 +358,59 @@ class LosslessCoder:
     def encode_frame(self, x: np.ndarray, layout: int = 0) -> bytes:
         """int32 records ``[n, D]`` -> one frame payload (one bits-back chain)."""
         lbits = self.latent_bits
-        prior = self._latent_models(lbits)
+        self._rb = self.range_bits
+        prior = self._lat.prior(lbits, self._rb)
         nz = self.config.latent_dim
         seed = seed_words(self._seed_count())
         ans = self._ans(seed.copy())
         mean, std = self._posterior(x, lbits) if len(x) else (None, None)   # all of the frame in one call
         start = 0
+        held = []
         for g in group_sizes(len(x), self.group):
             sl = slice(start * nz, (start + g) * nz)
             xg = x[start:start + g].reshape(-1)
             start += g
             zi = self._pop_z(ans, mean[sl], std[sl], lbits)                    # pop z ~ Q(z|x)
             self._push_x(ans, xg, self._likelihood(zi, g, lbits))               # push x with P(x|z)
-            ans.encode_reverse(self._scramble(zi, lbits), prior)                # push z with P(z)
+            if self._top_enc is None:
+                ans.encode_reverse(self._lat.scramble(zi, lbits), prior)            # push z with P(z)
+                continue
+            # two layers: z2 is popped from the bits x just pushed (Bit-Swap), and so is the next group's z
+            held.append((zi, self._pop_z(ans, *self._top_posterior(zi, g, lbits), lbits)))  # pop z2 ~ Q(z2|z)
+        if held:  # the frame's z with P(z|z2), then its z2 with P(z2), each in one call
+            zi, z2 = (np.concatenate(a) for a in zip(*held))
+            ans.encode_reverse(zi, self._lat.grid(lbits), *self._top_prior(z2, len(x), lbits))
+            ans.encode_reverse(self._lat.scramble(z2, lbits), prior)
         words = np.asarray(ans.get_compressed(), np.uint32)
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
         cut = int(diff[0]) if len(diff) else m
         stored = words[cut:]
-        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, len(seed), cut, len(stored))
+        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS, len(seed),
+                                cut, len(stored))
         return head + stored.astype("<u4").tobytes()
 
     def decode_frame(self, payload: bytes, n: int, name: str = "stream") -> tuple[np.ndarray, int]:
         """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout)."""
         if len(payload) < _FRAME_HEAD.size:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
-        tag, fmt, lbits, group, layout, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
+        tag, fmt, lbits, group, layout, rb, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
+        rb += DEFAULT_RANGE_BITS
         if tag != FRAME_TAG:
             raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
         if fmt != FORMAT:
             old = " (written by an older vaestream; decode it with that version)" if fmt < FORMAT else ""
             raise BitstreamError(f"{name}: lossless frame format {fmt}{old}; this vaestream reads format {FORMAT}")
-        if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3
-                or n_seed != self._seed_count() or cut > n_seed):
+        if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3 or rb > MAX_RANGE_BITS
+                or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed):
             raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut})")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
-        prior = self._latent_models(lbits)
+        self._rb = rb
+        prior = self._lat.prior(lbits, self._rb)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
         if len(words) == 0 or words[-1] == 0:
@@ -417,8 +421,17 @@ class LosslessCoder:
         ends = np.cumsum(sizes)
         try:
             ans = self._ans(words)
+            if self._top_enc is not None and n:  # the frame's z2 with P(z2), then its z with P(z|z2)
+                n2 = self.config.top_latent_dim
+                z2_all = self._lat.unscramble(ans.decode(prior, n * n2), lbits)
+                z_all = ans.decode(self._lat.grid(lbits), *self._top_prior(z2_all, n, lbits)).astype(np.int32)
             for g, end in zip(reversed(sizes), ends[::-1]):
-                zi = self._unscramble(ans.decode(prior, g * nz), lbits)          # pop z with P(z)
+                if self._top_enc is None:
+                    zi = self._lat.unscramble(ans.decode(prior, g * nz), lbits)      # pop z with P(z)
+                else:
+                    zi = z_all[(end - g) * nz:end * nz]
+                    z2 = z2_all[(end - g) * n2:end * n2]
+                    self._push_z(ans, z2, *self._top_posterior(zi, g, lbits), lbits)      # push z2, Q(z2|z)
                 xg = self._pop_x(ans, self._likelihood(zi, g, lbits)).reshape(g, d)  # pop x with P(x|z)
                 out[end - g:end] = xg
                 mean, std = self._posterior(xg, lbits)
@@ -506,7 +519,7 @@ class LosslessCoder:
         return x[0].reshape(cfg.input_shape)
 
 
-def compress_lossless(model, records: Any, latent_bits: int = DEFAULT_LATENT_BITS, group: int = DEFAULT_GROUP,
+def compress_lossless(model, records: Any, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
                       frame_records: int = DEFAULT_FRAME_RECORDS) -> bytes:
     """Compress discrete records losslessly by bits-back ANS with ``model`` (see the module docstring).
 

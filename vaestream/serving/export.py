@@ -46,7 +46,7 @@ import tensorflow_probability as tfp
 
 from vaestream import store
 from vaestream.config import ModelConfig
-from vaestream.errors import DataError, ModelError
+from vaestream.errors import ConfigError, DataError, ModelError
 from vaestream.model import VAE
 
 CONFIG_ASSET = "config.json"
@@ -241,6 +241,10 @@ def export(model_dir: str | Path, export_base: str | Path, version: int | None =
     if final.exists():
         raise ModelError(f"{final}: version {version} already exists (versions are immutable; pick another)")
 
+    if model.config.hierarchical:
+        raise ConfigError(f"{model_dir}: a two-layer model (top_latent_dim {model.config.top_latent_dim}) is for "
+                          "lossless bits-back coding (vaestream compress --lossless, which needs the model "
+                          "directory); the SavedModel's elbo signature is written for one stochastic layer")
     fingerprint = model.fingerprint()
     info: dict[str, Any] = {"format": 1, "fingerprint": fingerprint, "elbo_estimator": "B, fixed noise",
                             "elbo_samples": int(elbo_samples), "elbo_seed": int(elbo_seed), "quality": None}
