@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vaestream import beam as vb
-from vaestream.beam.model_handler import _dir_stamp
+from vaestream.beam.model_handler import dir_stamp
 
 CACHE_SIZE = 2
 _CACHE: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
@@ -44,7 +44,7 @@ class ScoringModelHandler(vb.VAEModelHandler):
     def load_model(self):
         """The scoring model: from this process's cache when the same model (same directory files, same
         coder settings) was loaded before, else loaded (and cached, the ``CACHE_SIZE`` latest kept)."""
-        stamp = _dir_stamp(self.model_dir if self.model_dir is not None else self.saved_model)
+        stamp = dir_stamp(self.model_dir if self.model_dir is not None else self.saved_model)
         key = None if stamp is None else (self.model_dir, self.saved_model, self.use_coder, self.quality) + stamp
         with _CACHE_LOCK:
             if key is not None and key in _CACHE:
