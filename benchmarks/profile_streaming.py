@@ -111,8 +111,7 @@ def main(argv=None) -> dict:
         stream = stream.add_elements(paths).advance_watermark_to(t)
     stream = stream.advance_watermark_to_infinity()
     counters = install_counters()
-    cfg = bs.StreamConfig(window=args.window) if args.max_latency is None else \
-        bs.StreamConfig.for_max_latency(args.max_latency, poll_interval=args.step)
+    cfg = bs.StreamConfig(window=args.window, max_latency=args.max_latency)
     p = bs.streaming_pipeline()
     p | stream | bs.StreamEncode(str(work / "out"), model_dir=model, config=cfg)
     prof = None

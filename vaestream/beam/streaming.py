@@ -314,10 +314,14 @@ class StreamConfig:
     """Windowing of the streaming encoder (seconds).
 
     The late gate's timer fires every ``gate_step`` seconds of event time while input arrives (and for
-    ``gate_horizon`` seconds after the last input); each firing costs the in-process runner a scheduling round
-    (~0.1-0.5 s on a busy 2-core machine), so the step defaults to one window. Windows keep late data for
-    ``allowed_lateness + gate_slack`` seconds, with ``gate_slack`` at least the gate's lag behind the watermark
-    (< ``gate_step``), so input the gate lets through is never dropped by the windowing.
+    ``gate_horizon`` seconds after the last input), so the step defaults to one window: one timer firing per
+    window. Windows keep late data for ``allowed_lateness + gate_slack`` seconds, with ``gate_slack`` at least
+    the gate's lag behind the watermark (< ``gate_step``), so input the gate lets through is never dropped by
+    the windowing.
+
+    ``max_latency`` (see :meth:`for_max_latency`): the bound, in seconds, from a file's arrival to its codes
+    on disk that the window (at most ``max_latency / 2``) and, in :func:`run_stream`, the poll interval (at
+    most ``max_latency / 10``) are sized for.
     """
 
     window: float = 10.0
@@ -327,11 +331,35 @@ class StreamConfig:
     gate_horizon: float | None = None   # default: 2 windows + allowed lateness
     chunk_size: int = vb.CHUNK
     batch_size: int = vb.CHUNK
+    max_latency: float | None = None
 
     def __post_init__(self):
         if not self.window > 0 or self.allowed_lateness < 0:
             raise ConfigError(f"window must be positive and allowed_lateness non-negative, got {self.window}, "
                               f"{self.allowed_lateness}")
+        if self.max_latency is not None:
+            if not self.max_latency > 0:
+                raise ConfigError(f"max_latency must be positive, got {self.max_latency}")
+            self.window = min(self.window, self.max_latency / 2.0)   # the rule of for_max_latency
+
+    @classmethod
+    def for_max_latency(cls, max_latency: float, window: float | None = None, **kw) -> "StreamConfig":
+        """A config whose window meets ``max_latency`` seconds from arrival to codes on disk.
+
+        A record found by a poll waits for its window to close and for the next poll to see the watermark pass
+        the window's end, then for its round (read, encode, write) and the round queued ahead of it:
+
+            latency <= poll + W + poll + 2 R,   with  poll = max_latency / 10  (:meth:`poll_interval`),
+            W = max_latency / 2,
+
+        leaving 0.3 max_latency for the two rounds (R <= 0.15 max_latency: at a sustained rate r records/s
+        and a runner speed v records/s a round of the backpressured watcher takes about c / (1 - r/v), c its
+        fixed cost). A given ``window`` is kept when it is shorter. The gate steps once per window."""
+        return cls(window=max_latency / 2.0 if window is None else window, max_latency=max_latency, **kw)
+
+    def poll_interval(self, requested: float) -> float:
+        """The watcher's poll interval: ``requested``, at most ``max_latency / 10`` when that is set."""
+        return requested if self.max_latency is None else min(requested, self.max_latency / 10.0)
 
 
 class StreamEncode(beam.PTransform):
@@ -451,7 +479,8 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
         if watcher is None:
             if not patterns:
                 raise ConfigError("give file patterns to watch, or a Pub/Sub topic/subscription")
-            watcher = FileWatcher(patterns, poll_interval, stop_after, idle_timeout, max_files, stop)
+            watcher = FileWatcher(patterns, (config or StreamConfig()).poll_interval(poll_interval), stop_after,
+                                  idle_timeout, max_files, stop)
         paths = p | "WatchFiles" >> WatchFiles(watcher)
     paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality)
     t0 = time.perf_counter()
@@ -475,4 +504,6 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             "late_dead_lettered": sum(1 for d in dead if ": late: " in d["reason"]),
             "late_records_written": sum(w["records"] for w in wins if w["timing"] == "late"),
             "panes": len(wins), "drift_flagged_windows": sum(1 for r in drift_recs if r.get("flagged")),
-            "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output}
+            "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output,
+            "window_s": (config or StreamConfig()).window, "max_latency_s": (config or StreamConfig()).max_latency,
+            "polls_with_files": watcher.polls if watcher is not None else None}
