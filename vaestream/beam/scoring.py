@@ -23,6 +23,27 @@ _CACHE: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
+def elbo_from_posterior(vae, x, mean, log_scale, seed: int = 0):
+    """The export's ``elbo`` estimator (:func:`vaestream.serving.export.elbo_fixed_noise`, L = 1, the same
+    shared noise ``eps = stateless_normal([1, 1, Nz], seed)``) from an encoder pass already made:
+
+        elbo(x) = -KL(N(mean, diag exp(log_scale)^2) || p(z)) + log p(x | mean + exp(log_scale) * eps)
+
+    ``x`` ``[B, D]``, ``mean`` / ``log_scale`` ``[B, Nz]``; returns ``[B]`` nats. It reuses the codes' encoder
+    pass and decodes in one GEMM per layer, where ``elbo_fixed_noise`` encodes again (twice) and maps 64-row
+    blocks one at a time (bit-exact per row; here rows agree with it to float rounding): 5-6x faster on the
+    784-200-10 model, which made the ELBO 85 % of the streaming encoder's model time."""
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+
+    nz = vae.config.latent_dim
+    eps = tf.random.stateless_normal([1, 1, nz], seed=tf.constant([seed, 0], tf.int32))[0]
+    z = mean + tf.exp(log_scale) * eps
+    distortion = -vae.decode(z).log_prob(vae.observe(x))
+    rate = tfp.distributions.kl_divergence(vae.posterior(mean, log_scale), vae.prior)
+    return -(rate + distortion)
+
+
 class Scored(NamedTuple):
     """The codes of one RecordBatch, each record's ELBO (nats, ``[n]``) and the coder's container (or None)."""
 
@@ -63,7 +84,6 @@ class ScoringModelHandler(vb.VAEModelHandler):
 
         from vaestream.coding import codec as codec_mod
         from vaestream.errors import ModelError
-        from vaestream.serving.export import elbo_fixed_noise
 
         model = super().load_model()
         d = model.config.input_dim
@@ -71,10 +91,10 @@ class ScoringModelHandler(vb.VAEModelHandler):
             vae = model.vae
 
             # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
-            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
+            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)], autograph=False)
             def score(x):
                 mean, log_scale = vae.encoder_params_exact(x)
-                return mean, log_scale, elbo_fixed_noise(vae, x)["elbo"]
+                return mean, log_scale, elbo_from_posterior(vae, x, mean, log_scale)
 
             def score_fn(x):
                 m, ls, e = score(tf.constant(x))
