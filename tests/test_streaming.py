@@ -258,3 +258,17 @@ def test_max_latency_sizes_window_and_poll():
     stream_encode.add_arguments(ap)
     a = ap.parse_args(["--watch", "x/*.npy", "--model", "m", "--output", "o", "--max-latency", "4"])
     assert a.max_latency == 4.0
+
+
+def test_file_watcher_takes_at_most_max_batch_bytes_per_poll(tmp_path):
+    from vaestream.beam.stream_sources import FileWatcher
+
+    for i in range(5):
+        (tmp_path / f"f{i}.npy").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / f"f{i}.npy", (1000 + i, 1000 + i))      # oldest first: f0 .. f4
+    w = FileWatcher(str(tmp_path / "*.npy"), max_batch_bytes=2500)
+    try:
+        batches = [[os.path.basename(f) for f in w.poll()] for _ in range(4)]
+    finally:
+        w.close()
+    assert batches == [["f0.npy", "f1.npy"], ["f2.npy", "f3.npy"], ["f4.npy"], []]

@@ -43,9 +43,15 @@ bundle rewrites the same name. Dead letters (unreadable or malformed files and r
 monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/record and appends one line per
 window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
 
-The model is loaded once per worker by :class:`ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`
-that also computes each record's ELBO with fixed noise, :func:`vaestream.serving.export.elbo_fixed_noise`, and the
-coder's symbols), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+The model is loaded once per worker process by :class:`vaestream.beam.scoring.ScoringModelHandler` (a
+:class:`vaestream.beam.VAEModelHandler` that also computes each record's ELBO with fixed noise from the same
+encoder pass, :func:`vaestream.beam.scoring.elbo_from_posterior`, and the coder's container: one model call per
+batch), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+
+**Cost per batch.** On the in-process runner every poll that finds files is one bundle through the pipeline
+(the watcher waits for the pipeline to take a batch before it polls again, so a busy pipeline gets bigger
+batches, not more of them); the gate's timer fires once per window; each window pane is one write.
+``max_latency`` (:meth:`StreamConfig.for_max_latency`) sizes the window and the poll from a latency budget.
 """
 
 from __future__ import annotations
