@@ -61,6 +61,21 @@ def install_counters() -> dict:
     for cls in (direct_userstate.ReadModifyWriteRuntimeState, direct_userstate.BagRuntimeState,
                 direct_userstate.CombiningValueRuntimeState):
         _count(c["state_reads"], cls, "read", lambda s, *a: type(s).__name__)
+    from vaestream.beam.scoring import ScoringModelHandler
+
+    c["model"] = collections.Counter()
+    for name in ("_load", "run_inference"):  # model loads (past the per-process cache) and model calls, timed
+        orig_m = getattr(ScoringModelHandler, name)
+
+        def timed_m(self, *a, _orig=orig_m, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _orig(self, *a, **k)
+            finally:
+                c["model"][_name + "_calls"] += 1
+                c["model"][_name + "_seconds"] += time.perf_counter() - t
+
+        setattr(ScoringModelHandler, name, timed_m)
     return c
 
 
@@ -130,6 +145,7 @@ def main(argv=None) -> dict:
     n_win = len({w["window_start_s"] for w in wins})
     records = sum(w["records"] for w in wins)
     secs = counters.pop("seconds")
+    model_calls = {k: round(v, 3) for k, v in counters.pop("model").items()}
     tot = {name: sum(c.values()) for name, c in counters.items()}
     res = {"rounds": args.rounds, "files_per_round": args.files, "records_per_file": args.records,
            "window_s": cfg.window, "records": records, "expected_records": args.rounds * args.files * args.records,
@@ -140,7 +156,8 @@ def main(argv=None) -> dict:
            "bundles_by_transform": dict(counters["bundles"].most_common()),
            "timer_firings_by_transform": dict(counters["timer_firings"]),
            "state_reads_by_kind": dict(counters["state_reads"]),
-           "bundle_seconds_by_transform": {k: round(v, 3) for k, v in secs.most_common()}}
+           "bundle_seconds_by_transform": {k: round(v, 3) for k, v in secs.most_common()},
+           "model": model_calls}
     print(json.dumps(res, indent=1))
     return res
 
