@@ -136,12 +136,16 @@ def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_pat
     out = tmp_path / "out"
     # the batch job's entry point with --streaming: an unbounded source of new files
     summary = encode.run(["--streaming", "--input", str(src / "*.npy"), "--model", str(coded_model), "--output",
-                          str(out), "--window", "1", "--poll_interval", "0.2", "--idle_timeout", "4"])
+                          str(out), "--window", "1", "--poll_interval", "0.5", "--idle_timeout", "4",
+                          "--max-latency", "2"])
     th.join()
     wins = bs.read_windows(str(out))
     sources = [os.path.basename(s) for w in wins for s in w["sources"]]
     assert sorted(sources) == ["early.npy", "late-arrival-0.npy", "late-arrival-1.npy", "late-arrival-2.npy"]
     assert summary["records"] == 64 + 150 and summary["files_found"] == 5
+    # --max-latency 2: the window (1 s) is within 2/2, the poll capped at 2/10 s
+    assert summary["max_latency_s"] == 2.0 and summary["window_s"] == 1.0 and summary["poll_s"] == pytest.approx(0.2)
+    assert 1 <= summary["polls_with_files"] <= 5
     assert [os.path.basename(d["source"]) for d in bs.read_dead_letters(str(out))] == ["broken.npy"]
     assert json.loads((out / "summary.json").read_text())["records"] == 214
 

@@ -512,4 +512,5 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             "panes": len(wins), "drift_flagged_windows": sum(1 for r in drift_recs if r.get("flagged")),
             "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output,
             "window_s": (config or StreamConfig()).window, "max_latency_s": (config or StreamConfig()).max_latency,
-            "polls_with_files": watcher.polls if watcher is not None else None}
+            "polls_with_files": watcher.polls if watcher is not None else None,
+            "poll_s": watcher.poll_interval if watcher is not None else None}
