@@ -2,13 +2,14 @@
 
 Prints one JSON object with three parts (one run, one process):
 
-* ``encode``: the streaming Beam encoder (``vaestream.beam.streaming`` on the in-process streaming runner,
-  file watcher, ``--window`` s windows) while a producer drops ``--records`` records per file every
-  ``--interval`` s (Fashion-MNIST test records, then MNIST test records): sustained records/s (records coded
-  between the first arrival and the last window written), the offered rate, and the latency from a file's
-  arrival (rename into the watched folder) to its window's codes on disk, p50 / p99. Peer: the batch encode
-  job (``pipelines/encode.py`` on the FnApiRunner) over the same files, as a throughput ratio. The drift
-  monitor's flags are reported around the switch.
+* ``stream`` (``--part stream`` runs it alone): the streaming Beam encoder (``vaestream.beam.streaming`` on
+  the in-process streaming runner, file watcher, ``--max-latency`` sizing window and poll) while a producer
+  renames real MNIST records into the watched folder at each offered rate of ``--rates`` for ``--duration`` s
+  (files of ``--records`` records, bigger above ``--max-files-per-s`` files/s): records coded, sustained
+  records/s (records coded between the first arrival and the last pane written), latency from a file's
+  arrival (rename) to its window's codes on disk, p50 / p99, resident memory every second; then, in the same
+  run, the batch encode job (``pipelines/encode.py``, FnApiRunner) on the same files, as a ratio.
+  ``teststream``: the same transforms fed by a ``TestStream`` (the runner alone, no watcher).
 * ``online``: online AEVB (``vaestream.online.OnlineLearner``) started from a model pretrained on
   Fashion-MNIST, on a stream of ``--files`` files (half Fashion-MNIST training records, then MNIST training
   records), vs. the same pretrained model frozen: per-file prequential bits/record (-ELBO / ln 2 of each file
@@ -18,7 +19,7 @@ Prints one JSON object with three parts (one run, one process):
   at the first file, when the buffer is full, middle, last, and the least-squares slope (MiB per file) after
   the buffer is full.
 
-    python benchmarks/bench_streaming.py [--files 40] [--records 500] [--buffer 2000] [--interval 0.25]
+    python benchmarks/bench_streaming.py [--part stream|online|all] [--rates 2000 10000 40000] [--duration 60]
 """
 
 from __future__ import annotations
@@ -68,83 +69,142 @@ def pretrain(fashion: np.ndarray, out: Path, steps: int) -> Path:
     return out
 
 
-def bench_encode(model: Path, fashion_test, mnist_test, work: Path, args, n_files: int, interval: float,
-                 tag: str, peer: bool = True) -> dict:
+class Producer(threading.Thread):
+    """Renames ``records_per_file``-record ``.npy`` files into ``folder`` at ``rate`` records/s for ``duration``
+    seconds (real MNIST records, cycled); ``arrivals``: path -> wall time of the rename."""
+
+    def __init__(self, folder: Path, records: np.ndarray, rate: float, records_per_file: int, duration: float):
+        super().__init__(daemon=True)
+        self.folder, self.records, self.rate, self.rpf, self.duration = folder, records, rate, records_per_file, duration
+        self.arrivals: dict[str, float] = {}
+        self.produced = 0
+
+    def run(self):
+        n_files = int(round(self.rate * self.duration / self.rpf))
+        interval = self.rpf / self.rate
+        t0 = time.monotonic()
+        for i in range(n_files):
+            delay = t0 + i * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            s = (i * self.rpf) % (len(self.records) - self.rpf)
+            tmp = self.folder / f".part-{i:05d}.npy"
+            np.save(tmp, self.records[s:s + self.rpf])
+            final = self.folder / f"part-{i:05d}.npy"
+            os.replace(tmp, final)
+            self.arrivals[str(final)] = time.time()
+            self.produced += self.rpf
+
+
+def _written(out: Path) -> dict:
+    """source path -> (time its pane was written, records of that source in it) over the panes on disk."""
+    from vaestream.beam import streaming as bs
+
+    return {s: w["written_at"] for w in bs.read_windows(str(out)) for s in w["sources"]}
+
+
+def bench_stream_rate(model: Path, records: np.ndarray, work: Path, rate: float, args) -> dict:
+    """The streaming job on the watched folder at an offered ``rate``, then the batch job on the same files."""
     from pipelines import encode as batch_encode
 
     from vaestream.beam import streaming as bs
     from vaestream.online.drift import DriftConfig
 
-    src = work / f"stream_in_{tag}"
+    tag = f"{int(rate)}"
+    src, out = work / f"in_{tag}", work / f"out_{tag}"
     src.mkdir()
-    half = n_files // 2
-    chunks = [fashion_test[i * args.records:(i + 1) * args.records] for i in range(half)] + \
-             [mnist_test[i * args.records:(i + 1) * args.records] for i in range(n_files - half)]
-    arrivals: dict[str, float] = {}
+    rpf = max(args.records, int(rate / args.max_files_per_s))
+    prod = Producer(src, records, rate, rpf, args.duration)
+    cfg = bs.StreamConfig(window=args.window, max_latency=args.max_latency)
+    stop = threading.Event()
+    rss: list[tuple[float, float]] = []
+    res: dict = {}
 
-    def producer():
-        time.sleep(args.warmup)
-        for i, x in enumerate(chunks):
-            tmp = src / f".part-{i:04d}.npy"
-            np.save(tmp, x)
-            final = src / f"part-{i:04d}.npy"
-            os.replace(tmp, final)
-            arrivals[str(final)] = time.time()
-            time.sleep(interval)
+    def supervise():  # memory every second; stop once every produced file is coded (or the drain cap passed)
+        t0 = time.monotonic()
+        prod.start()
+        done_at = None
+        while True:
+            time.sleep(1.0)
+            rss.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1)))
+            if not prod.is_alive():
+                done_at = done_at or time.monotonic()
+                if len(_written(out)) >= len(prod.arrivals) or time.monotonic() - done_at > args.drain:
+                    break
+        stop.set()
 
-    th = threading.Thread(target=producer)
-    out = work / f"stream_out_{tag}"
-    th.start()
-    summary = bs.run_stream(str(out), str(src / "*.npy"), model_dir=str(model),
-                            config=bs.StreamConfig(window=args.window),
-                            drift=DriftConfig(threshold=0.1, two_sided=True),
-                            poll_interval=args.poll, idle_timeout=args.warmup + interval * n_files + 5)
-    th.join()
-    wins = bs.read_windows(str(out))
-    written = {}
-    for w in wins:
-        for s in w["sources"]:
-            written[s] = w["written_at"]
-    lat = [written[p] - t for p, t in arrivals.items() if p in written]
-    first_pane = min(w["written_at"] for w in wins)
-    steady = [written[p] - t for p, t in arrivals.items() if p in written and t > first_pane]
-    steady_arr = [t for p, t in arrivals.items() if p in written and t > first_pane]
-    steady_n = sum(args.records for p, t in arrivals.items() if p in written and t > first_pane)
-    first = min(arrivals.values())
-    last = max(w["written_at"] for w in wins)
-    n = sum(w["records"] for w in wins)
-    drift = [json.loads(s) for s in (out / "drift.jsonl").read_text().splitlines()]
-    switch_t = arrivals[str(src / f"part-{half:04d}.npy")]
-    flags = [{"window_start_s_after_switch": round(d_start - switch_t, 2), "bits_per_record": round(d["bits_per_record"], 2),
-              "flagged": d["flagged"]}
-             for d, d_start in ((d, _ts(d["window_start"])) for d in drift)]
-    # peer: the batch job over the same files
-    bsum, batch_seconds = None, None
-    if peer:
-        t0 = time.perf_counter()
-        bsum = batch_encode.run(["--input", str(src / "part-*.npy"), "--model", str(model), "--output",
-                                 str(work / f"batch_out_{tag}")])
-        batch_seconds = time.perf_counter() - t0
-    stream_rate = n / max(last - first, 1e-9)
-    out_d = {"files": n_files, "records_per_file": args.records, "interval_s": interval, "window_s": args.window,
-            "poll_s": args.poll, "offered_records_per_s": round(args.records / interval, 1),
-            "records_coded": n, "files_coded": len(written), "dead_lettered": summary["dead_lettered"],
-            "sustained_records_per_s": round(stream_rate, 1),
-            "latency_s_p50": round(pct(lat, 50), 3), "latency_s_p99": round(pct(lat, 99), 3),
-            "latency_s_max": round(max(lat), 3), "panes": len(wins),
-            "steady_state": {"files": len(steady), "note": "files arriving after the first pane was written "
-                                                          "(the model is loaded at the first element)",
-                             "latency_s_p50": round(pct(steady, 50), 3) if steady else None,
-                             "latency_s_p99": round(pct(steady, 99), 3) if steady else None,
-                             "records_per_s": round(steady_n / max(last - min(steady_arr), 1e-9), 1)
-                             if steady else None},
-            "drift_windows": flags,
-            }
-    if peer:
-        out_d["peer_batch_job"] = {"records": bsum["records"], "seconds": round(batch_seconds, 3),
-                                   "records_per_s_job": bsum["records_per_second"]}
-        out_d["ratio_stream_to_batch_records_per_s"] = round(stream_rate / max(bsum["records_per_second"], 1e-9), 3)
-    return out_d
+    sup = threading.Thread(target=supervise, daemon=True)
+    t_start = time.perf_counter()
+    sup.start()
+    summary = bs.run_stream(str(out), str(src / "part-*.npy"), model_dir=str(model), config=cfg,
+                            drift=DriftConfig(threshold=0.1, two_sided=True), poll_interval=args.poll, stop=stop)
+    stream_wall = time.perf_counter() - t_start
+    sup.join()
+    written = _written(out)
+    lat = [written[p] - t for p, t in prod.arrivals.items() if p in written]
+    n = summary["records"]
+    first = min(prod.arrivals.values())
+    last = max(written.values()) if written else first
+    sustained = n / max(last - first, 1e-9)
+    t0 = time.perf_counter()
+    bsum = batch_encode.run(["--input", str(src / "part-*.npy"), "--model", str(model), "--output",
+                             str(work / f"batch_{tag}")])
+    batch_wall = time.perf_counter() - t0
+    res = {"offered_records_per_s": rate, "records_per_file": rpf, "files_per_s": round(rate / rpf, 2),
+           "duration_s": args.duration, "window_s": cfg.window, "poll_s": cfg.poll_interval(args.poll),
+           "max_latency_s": args.max_latency, "records_produced": prod.produced, "records_coded": n,
+           "files_produced": len(prod.arrivals), "files_coded": len(written), "dead_lettered": summary["dead_lettered"],
+           "polls_with_files": summary["polls_with_files"], "panes": summary["panes"],
+           "sustained_records_per_s": round(sustained, 1),
+           "latency_s_p50": round(pct(lat, 50), 3) if lat else None,
+           "latency_s_p99": round(pct(lat, 99), 3) if lat else None,
+           "latency_s_max": round(max(lat), 3) if lat else None, "stream_wall_s": round(stream_wall, 1),
+           "rss_mib": {"max": max(v for _, v in rss), "first": rss[0][1], "last": rss[-1][1],
+                       "every_5s": rss[::5]},
+           "peer_batch_job": {"records": bsum["records"], "wall_s": round(batch_wall, 2),
+                              "records_per_s_job": bsum["records_per_second"],
+                              "records_per_s_wall": round(bsum["records"] / batch_wall, 1)}}
+    res["ratio_stream_to_batch"] = round(sustained / max(bsum["records_per_second"], 1e-9), 3)
+    res["keeps_up"] = bool(n == prod.produced and lat and pct(lat, 99) <= args.max_latency
+                           and sustained >= 0.9 * rate)
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / f"batch_{tag}", ignore_errors=True)
+    return res
+
+
+def bench_teststream(model: Path, records: np.ndarray, work: Path, args) -> dict:
+    """The runner alone: the same transforms fed by a ``TestStream`` (no file watcher, no producer) of
+    ``--ts-rounds`` rounds of 10 files, as fast as the runner goes."""
+    import apache_beam as beam
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    from vaestream import beam as vb
+    from vaestream.beam import streaming as bs
+
+    src = work / "ts_in"
+    src.mkdir()
+    rpf = 1000
+    stream, k, t = TestStream(coder=beam.coders.StrUtf8Coder()), 0, 1_000_000.0
+    for r in range(args.ts_rounds):
+        batch = []
+        for _ in range(10):
+            p = src / f"f{k:05d}.npy"
+            s = (k * rpf) % (len(records) - rpf)
+            np.save(p, records[s:s + rpf])
+            batch.append(TimestampedValue(str(p), t + r * 0.25))
+            k += 1
+        stream = stream.add_elements(batch).advance_watermark_to(t + r * 0.25)
+    stream = stream.advance_watermark_to_infinity()
+    p = bs.streaming_pipeline()
+    p | stream | bs.StreamEncode(str(work / "ts_out"), model_dir=str(model), config=bs.StreamConfig(window=1.0))
+    t0 = time.perf_counter()
+    vb.run_pipeline(p)
+    sec = time.perf_counter() - t0
+    n = sum(w["records"] for w in bs.read_windows(str(work / "ts_out")))
+    return {"rounds": args.ts_rounds, "files": k, "records": n, "seconds": round(sec, 2),
+            "records_per_s": round(n / sec, 1), "note": "model already loaded in this process"}
 
 
 def _ts(iso: str) -> float:
@@ -227,17 +287,20 @@ def bench_online(model: Path, fashion, mnist, work: Path, args) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["all", "stream", "online"], default="all",
+                    help="stream: the streaming encoder only; online: online learning and memory only")
     ap.add_argument("--files", type=int, default=40, help="online stream: files (half Fashion-MNIST, half MNIST)")
-    ap.add_argument("--records", type=int, default=500, help="records per file")
+    ap.add_argument("--records", type=int, default=500, help="records per file (stream: at least)")
     ap.add_argument("--buffer", type=int, default=2000, help="replay buffer (the stream is files*records)")
     ap.add_argument("--checkpoint-every", type=int, default=10)
-    ap.add_argument("--encode-files", type=int, default=40)
-    ap.add_argument("--interval", type=float, default=0.25, help="seconds between dropped files")
-    ap.add_argument("--slow-interval", type=float, default=1.0, help="a second, slower stream (latency when it keeps up)")
-    ap.add_argument("--slow-files", type=int, default=12)
-    ap.add_argument("--window", type=float, default=2.0)
-    ap.add_argument("--poll", type=float, default=0.1)
-    ap.add_argument("--warmup", type=float, default=8.0, help="seconds before the producer starts (model load)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[2000, 10000, 40000], help="stream: offered records/s")
+    ap.add_argument("--duration", type=float, default=60.0, help="stream: seconds of production per rate")
+    ap.add_argument("--drain", type=float, default=30.0, help="stream: seconds allowed after production ends")
+    ap.add_argument("--max-files-per-s", type=float, default=20.0, help="stream: files get bigger above this")
+    ap.add_argument("--max-latency", type=float, default=3.0, help="stream: the job's --max-latency")
+    ap.add_argument("--window", type=float, default=10.0, help="stream: window (capped at max-latency/2)")
+    ap.add_argument("--poll", type=float, default=1.0, help="stream: poll interval (capped at max-latency/10)")
+    ap.add_argument("--ts-rounds", type=int, default=40, help="stream: TestStream rounds of 10 x 1000 records")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--keep", default=None, help="keep the work directory here")
     args = ap.parse_args(argv)
@@ -245,9 +308,7 @@ def main(argv=None) -> dict:
     from vaestream.data import load_records
 
     fashion = load_records("fashion-mnist", "train")
-    fashion_test = load_records("fashion-mnist", "test")
     mnist = load_records(str(MNIST), "train")
-    mnist_test = load_records(str(MNIST), "test")
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench_streaming-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -255,11 +316,20 @@ def main(argv=None) -> dict:
     pre_s = time.perf_counter() - t0
     res = {"benchmark": "streaming", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": "2-core AVX-512, 24 GiB, shared", "python": platform.python_version(),
-           "model": "784-200-10 Bernoulli, pretrained on Fashion-MNIST", "pretrain_seconds": round(pre_s, 1)}
-    res["encode"] = bench_encode(model, fashion_test, mnist_test, work, args, args.encode_files, args.interval, "fast")
-    res["encode_slow"] = bench_encode(model, fashion_test, mnist_test, work, args, args.slow_files,
-                                      args.slow_interval, "slow", peer=False)
-    res.update(bench_online(model, fashion, mnist, work, args))
+           "load_average_start": os.getloadavg()[0],
+           "model": "784-200-10 Bernoulli, pretrained on Fashion-MNIST", "pretrain_seconds": round(pre_s, 1),
+           "argv": sys.argv[1:] if argv is None else argv}
+    if args.part in ("all", "stream"):
+        from vaestream.beam.scoring import ScoringModelHandler
+
+        ScoringModelHandler(str(model)).load_model()  # a warm worker: the model in this process's cache
+        res["stream"] = [bench_stream_rate(model, mnist, work, rate, args) for rate in args.rates]
+        res["teststream"] = bench_teststream(model, mnist, work, args)
+        kept = [r for r in res["stream"] if r["keeps_up"]]
+        res["highest_rate_kept_up"] = max((r["offered_records_per_s"] for r in kept), default=None)
+    if args.part in ("all", "online"):
+        res.update(bench_online(model, fashion, mnist, work, args))
+    res["load_average_end"] = os.getloadavg()[0]
     res["seconds_total"] = round(time.perf_counter() - t0, 1)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

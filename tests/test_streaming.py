@@ -136,12 +136,16 @@ def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_pat
     out = tmp_path / "out"
     # the batch job's entry point with --streaming: an unbounded source of new files
     summary = encode.run(["--streaming", "--input", str(src / "*.npy"), "--model", str(coded_model), "--output",
-                          str(out), "--window", "1", "--poll_interval", "0.2", "--idle_timeout", "4"])
+                          str(out), "--window", "1", "--poll_interval", "0.5", "--idle_timeout", "4",
+                          "--max-latency", "2"])
     th.join()
     wins = bs.read_windows(str(out))
     sources = [os.path.basename(s) for w in wins for s in w["sources"]]
     assert sorted(sources) == ["early.npy", "late-arrival-0.npy", "late-arrival-1.npy", "late-arrival-2.npy"]
     assert summary["records"] == 64 + 150 and summary["files_found"] == 5
+    # --max-latency 2: the window (1 s) is within 2/2, the poll capped at 2/10 s
+    assert summary["max_latency_s"] == 2.0 and summary["window_s"] == 1.0 and summary["poll_s"] == pytest.approx(0.2)
+    assert 1 <= summary["polls_with_files"] <= 5
     assert [os.path.basename(d["source"]) for d in bs.read_dead_letters(str(out))] == ["broken.npy"]
     assert json.loads((out / "summary.json").read_text())["records"] == 214
 
@@ -170,3 +174,105 @@ def test_poll_files_emits_each_file_once(tmp_path):
                | beam.Map(os.path.basename))
         assert_that(got, equal_to(["a.npy", "b.npy"]))
     th.join()
+
+
+# -- thousands of records: every good record coded once, late and malformed input routed, counts conserved ----
+def test_thousands_of_records_each_coded_once_with_late_and_malformed_input(coded_model, mnist_test, tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    from vaestream import beam as vb
+    from vaestream.beam import streaming as bs
+    from vaestream.beam.elements import record_key
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = {}
+    for i in range(12):                                        # 12 files x 500 real MNIST test records
+        p = src / f"g{i:02d}.npy"
+        np.save(p, mnist_test[i * 500:(i + 1) * 500])
+        good[f"g{i:02d}"] = str(p)
+    mixed = mnist_test[6000:6500].astype(np.float32) / 255.0  # 490 good records, 7 NaN, 3 outside [0, 1]
+    mixed[[3, 50, 77, 140, 222, 301, 499]] = np.nan
+    mixed[[10, 11, 400], 5, 5] = 2.0
+    np.save(src / "mixed.npy", mixed)
+    (src / "junk.npy").write_bytes(b"\x93NUMPY not really")
+    t0 = 2_000_000
+    ev = lambda name, t: TimestampedValue(good.get(name, str(src / f"{name}.npy")), t0 + t)  # noqa: E731
+    stream = (TestStream(coder=beam.coders.StrUtf8Coder())
+              .add_elements([ev("g00", .5), ev("g01", .5), ev("g02", .6), ev("g03", .7), ev("mixed", 1),
+                             ev("junk", 1)])
+              .advance_watermark_to(t0 + 2.5)                     # window [0, 2) closes: ON_TIME pane
+              .add_elements([ev("g04", 2.5), ev("g05", 2.6), ev("g06", 1.5)])   # g06: late, within the 2 s
+              .advance_watermark_to(t0 + 4.5)
+              .add_elements([ev("g07", 4.6), ev("g08", 4.7), ev("g09", 5.9)])
+              .advance_watermark_to(t0 + 9)                       # windows [0, 2) .. [4, 6) past their lateness
+              .add_elements([ev("g10", 3), ev("g11", 9.5)])       # g10: too late (dead letter); g11 on time
+              .advance_watermark_to_infinity())
+    out = tmp_path / "out"
+    p = bs.streaming_pipeline()
+    p | stream | bs.StreamEncode(str(out), model_dir=str(coded_model),
+                                 config=bs.StreamConfig(window=2, allowed_lateness=2))
+    vb.run_pipeline(p)
+
+    wins = bs.read_windows(str(out))
+    got = [(w["window_start_s"] - t0, w["timing"], w["records"]) for w in wins]
+    assert got == [(0, "on_time", 4 * 500 + 490), (0, "late", 500), (2, "on_time", 1000), (4, "on_time", 1500),
+                   (8, "on_time", 500)]
+    # every good record coded exactly once: the keys in the panes' code files
+    keys = [k for w in wins for b in vb.read_codes(str(out / "codes" / w["files"][0])) for k in b.keys]
+    bad_rows = {3, 50, 77, 140, 222, 301, 499, 10, 11, 400}
+    expected = {record_key(f"g{i:02d}.npy", j) for i in range(12) if i != 10 for j in range(500)} | \
+               {record_key("mixed.npy", j) for j in range(500) if j not in bad_rows}
+    assert len(keys) == len(set(keys)) == 5990 and set(keys) == expected
+    # dead letters, each with its reason: the unreadable file, the 10 malformed records, the too-late file
+    dead = bs.read_dead_letters(str(out))
+    by_source = {}
+    for d in dead:
+        by_source.setdefault(os.path.basename(d["source"]), []).append(d)
+    assert sorted((k, len(v)) for k, v in by_source.items()) == [("g10.npy", 1), ("junk.npy", 1), ("mixed.npy", 10)]
+    assert ": late: " in by_source["g10.npy"][0]["reason"] and "allowed lateness 2 s" in by_source["g10.npy"][0]["reason"]
+    assert "junk.npy" in by_source["junk.npy"][0]["reason"]
+    assert sum("NaN" in d["reason"] for d in by_source["mixed.npy"]) == 7
+    assert sum("outside the support" in d["reason"] for d in by_source["mixed.npy"]) == 3
+    assert {d["key"] for d in by_source["mixed.npy"]} == {record_key("mixed.npy", j) for j in bad_rows}
+    # counts conserved: records offered = coded + malformed + those of the late file
+    assert 12 * 500 + 500 == sum(w["records"] for w in wins) + 10 + 500
+    # one drift record per pane, and the containers hold every pane's records
+    drift = [json.loads(s) for s in (out / "drift.jsonl").read_text().splitlines()]
+    assert len(drift) == len(wins) and [d["records"] for d in drift] == [w["records"] for w in wins]
+    assert all(w["coded_bits"] and len(w["files"]) == 2 for w in wins)
+
+
+def test_max_latency_sizes_window_and_poll():
+    import argparse
+
+    from vaestream.beam import streaming as bs
+    from vaestream.beam.jobs import stream_encode
+    from vaestream.errors import ConfigError
+
+    cfg = bs.StreamConfig(max_latency=3.0)                 # window <= L/2, poll <= L/10
+    assert cfg.window == 1.5 and cfg.poll_interval(1.0) == pytest.approx(0.3) and cfg.poll_interval(0.1) == 0.1
+    assert bs.StreamConfig.for_max_latency(3.0, window=1.0).window == 1.0
+    assert bs.StreamConfig(window=10).poll_interval(1.0) == 1.0
+    with pytest.raises(ConfigError, match="max_latency"):
+        bs.StreamConfig(max_latency=0)
+    ap = argparse.ArgumentParser()
+    stream_encode.add_arguments(ap)
+    a = ap.parse_args(["--watch", "x/*.npy", "--model", "m", "--output", "o", "--max-latency", "4"])
+    assert a.max_latency == 4.0
+
+
+def test_file_watcher_takes_at_most_max_batch_bytes_per_poll(tmp_path):
+    from vaestream.beam.stream_sources import FileWatcher
+
+    for i in range(5):
+        (tmp_path / f"f{i}.npy").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / f"f{i}.npy", (1000 + i, 1000 + i))      # oldest first: f0 .. f4
+    w = FileWatcher(str(tmp_path / "*.npy"), max_batch_bytes=2500)
+    try:
+        batches = [[os.path.basename(f) for f in w.poll()] for _ in range(4)]
+    finally:
+        w.close()
+    assert batches == [["f0.npy", "f1.npy"], ["f2.npy", "f3.npy"], ["f4.npy"], []]

@@ -68,7 +68,7 @@ class LoadedVAE:
         """
         if (model_dir is None) == (saved_model is None):
             raise ModelError("give exactly one of model_dir, saved_model")
-        key = _dir_stamp(model_dir if model_dir is not None else saved_model) if reuse else None
+        key = dir_stamp(model_dir if model_dir is not None else saved_model) if reuse else None
         if key is not None:
             key = (model_dir, saved_model) + key
             live = _LIVE_MODELS.get(key)
@@ -229,7 +229,7 @@ def _batch_polymorphic(fn, *rest_specs):
 _LIVE_MODELS: "weakref.WeakValueDictionary[tuple, LoadedVAE]" = weakref.WeakValueDictionary()
 
 
-def _dir_stamp(path: str) -> tuple | None:
+def dir_stamp(path: str) -> tuple | None:
     """(relative name, size, mtime in ns) of every file under a local directory, sorted; None for a remote or
     missing path (never reused)."""
     if "://" in str(path) or not os.path.isdir(path):

@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -25,6 +26,7 @@ from vaestream.binio import is_settled, new_files
 from vaestream.errors import ConfigError, DataError
 
 _NS = vb.NAMESPACE
+_WATCHERS: "weakref.WeakValueDictionary[str, FileWatcher]" = weakref.WeakValueDictionary()
 
 
 class FileWatcher:
@@ -38,15 +40,30 @@ class FileWatcher:
       max_files: stop after this many files.
       stop: an event that stops the stream when set.
       seen: paths to treat as already processed.
+      ack_timeout: the longest wait for the pipeline to take a batch before polling anyway (seconds).
+      max_batch_bytes: the most bytes of files one poll takes (the rest wait for the next).
 
     Attributes:
       arrivals: path -> wall-clock time (``time.time()``) the file was found, for latency accounting.
       endpoint: the ``host:port`` of the service once :meth:`start` ran.
+      polls: the polls that found files (each is one element event: one bundle for the pipeline).
+
+    **Backpressure.** The runner reads the service's events eagerly into a queue but takes the next one only
+    when the pipeline is idle, so a watcher that polls on its own clock while the pipeline is busy queues
+    many small events, each a full pass of the pipeline, and the backlog grows. :class:`WatchFiles` puts
+    an acknowledgement step (:meth:`ack`) right after the source: the watcher polls again only once the
+    pipeline has taken the previous poll's files (and ``poll_interval`` has passed), so each poll carries
+    every file that arrived while the pipeline was busy: the batch grows with the load, and the pipeline pays
+    its per-bundle cost once per batch, not per file. (Bounded by ``ack_timeout`` seconds, after which it
+    polls anyway, e.g. on a runner that runs the ack step in another process.) A poll takes at most
+    ``max_batch_bytes`` of files (default 32 MiB, ~43k MNIST records, about a second of work on two cores), so
+    past saturation the backlog waits in the folder, not in memory, and each round stays bounded.
     """
 
     def __init__(self, patterns: str | Sequence[str], poll_interval: float = 1.0, stop_after: float | None = None,
                  idle_timeout: float | None = None, max_files: int | None = None,
-                 stop: threading.Event | None = None, seen: Iterable[str] = ()):
+                 stop: threading.Event | None = None, seen: Iterable[str] = (), ack_timeout: float = 10.0,
+                 max_batch_bytes: int = 32 << 20):
         if not poll_interval > 0:
             raise ConfigError(f"poll_interval must be positive, got {poll_interval}")
         self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -57,12 +74,42 @@ class FileWatcher:
         self.arrivals: dict[str, float] = {}
         self._controller = None
         self.endpoint: str | None = None
+        self.ack_timeout = float(ack_timeout)
+        self.max_batch_bytes = int(max_batch_bytes)
+        self.polls = 0
+        self._pending: dict[str, int] = {}   # path -> the poll that emitted it, until the pipeline takes it
+        self._taken = 0                      # the latest poll the pipeline has taken
+        self._cond = threading.Condition()
+        self.id = f"{id(self):x}-{time.monotonic_ns()}"
+        _WATCHERS[self.id] = self
+
+    def ack(self, path: str) -> None:
+        """The pipeline took ``path`` (called by :class:`WatchFiles`' acknowledgement step)."""
+        with self._cond:
+            n = self._pending.pop(path, None)
+            if n is not None and n > self._taken:
+                self._taken = n
+                self._cond.notify_all()
+
+    def _wait_taken(self, poll: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._taken >= poll or self.stop_event.is_set(), timeout=self.ack_timeout)
 
     def poll(self) -> list[str]:
-        """The new files (absolute paths, oldest mtime first), now marked seen."""
+        """The new files (absolute paths, oldest mtime first), now marked seen: at most ``max_batch_bytes`` of
+        them (at least one file); the rest wait in the folder for the next poll."""
         new = new_files(self.patterns, self.seen)
-        self.seen.update(new)
-        return new
+        taken, size = [], 0
+        for f in new:
+            try:
+                size += os.path.getsize(f)
+            except OSError:
+                pass                      # gone or unreadable: the reader reports it
+            if taken and size > self.max_batch_bytes:
+                break
+            taken.append(f)
+        self.seen.update(taken)
+        return taken
 
     def events(self):
         """The event stream: per poll, the new paths at the poll time, then the watermark at the poll time."""
@@ -74,25 +121,31 @@ class FileWatcher:
         t0 = last_new = time.monotonic()
         count = 0
         while not self.stop_event.is_set():
+            t_poll = time.monotonic()
             now = Timestamp.now()
             new = self.poll()
             if self.max_files is not None:
                 new = new[:max(0, self.max_files - count)]
             if new:
                 wall = time.time()
-                for f in new:
-                    self.arrivals[f] = wall
+                self.polls += 1
+                with self._cond:
+                    for f in new:
+                        self.arrivals[f] = wall
+                        self._pending[f] = self.polls
                 count += len(new)
                 last_new = time.monotonic()
                 yield ev(element_event=ev.AddElements(
                     elements=[te(encoded_element=coder.encode(f), timestamp=now.micros) for f in new]))
             yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=now.micros))
+            if self.polls:
+                self._wait_taken(self.polls)   # backpressure: poll again once the pipeline took this batch
             t = time.monotonic()
             if (self.max_files is not None and count >= self.max_files) or \
                     (self.stop_after is not None and t - t0 >= self.stop_after) or \
                     (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
                 break
-            self.stop_event.wait(self.poll_interval)
+            self.stop_event.wait(max(0.0, self.poll_interval - (time.monotonic() - t_poll)))
 
     # the TestStreamServiceController reader protocol
     def read_multiple(self, unused_tags):
@@ -111,6 +164,9 @@ class FileWatcher:
     def close(self) -> None:
         """Stop the stream and the service."""
         self.stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        _WATCHERS.pop(self.id, None)
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
@@ -126,7 +182,16 @@ class WatchFiles(beam.PTransform):
     def expand(self, pbegin):
         from apache_beam.testing.test_stream import TestStream
 
-        return pbegin | "FileEvents" >> TestStream(coder=coders.StrUtf8Coder(), endpoint=self.watcher.start())
+        return (pbegin | "FileEvents" >> TestStream(coder=coders.StrUtf8Coder(), endpoint=self.watcher.start())
+                | "Taken" >> beam.Map(_taken, self.watcher.id).with_output_types(str))
+
+
+def _taken(path: str, watcher_id: str) -> str:
+    """Acknowledge ``path`` to its watcher (in this process; a no-op elsewhere) and pass it on."""
+    w = _WATCHERS.get(watcher_id)
+    if w is not None:
+        w.ack(path)
+    return path
 
 
 class _FirstSeen(beam.DoFn):

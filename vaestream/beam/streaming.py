@@ -43,9 +43,15 @@ bundle rewrites the same name. Dead letters (unreadable or malformed files and r
 monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/record and appends one line per
 window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
 
-The model is loaded once per worker by :class:`ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`
-that also computes each record's ELBO with fixed noise, :func:`vaestream.serving.export.elbo_fixed_noise`, and the
-coder's symbols), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+The model is loaded once per worker process by :class:`vaestream.beam.scoring.ScoringModelHandler` (a
+:class:`vaestream.beam.VAEModelHandler` that also computes each record's ELBO with fixed noise from the same
+encoder pass, :func:`vaestream.beam.scoring.elbo_from_posterior`, and the coder's container: one model call per
+batch), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+
+**Cost per batch.** On the in-process runner every poll that finds files is one bundle through the pipeline
+(the watcher waits for the pipeline to take a batch before it polls again, so a busy pipeline gets bigger
+batches, not more of them); the gate's timer fires once per window; each window pane is one write.
+``max_latency`` (:meth:`StreamConfig.for_max_latency`) sizes the window and the poll from a latency budget.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, 
 from vaestream import beam as vb
 from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
                                            pubsub_paths)
+from vaestream.beam.scoring import Scored, ScoringModelHandler  # noqa: F401 (the streaming API)
 from vaestream.beam.sinks import write_atomic
 from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError
@@ -173,90 +180,6 @@ class _ReadFileFn(beam.DoFn):
                 else:
                     self.records_in.inc()
                     yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, item)
-
-
-class Scored(NamedTuple):
-    """The codes of one RecordBatch, each record's ELBO (nats, ``[n]``) and the coder's container (or None)."""
-
-    codes: vb.CodeBatch
-    elbo: np.ndarray
-    container: bytes | None
-
-
-class ScoringModelHandler(vb.VAEModelHandler):
-    """:class:`vaestream.beam.VAEModelHandler` (encode mode) that also returns each record's ELBO (estimator
-    B with fixed noise, as the export's ``elbo`` signature) and, when the model has coder tables, the batch's
-    quantised codes as a container: predictions are :class:`Scored`."""
-
-    def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = vb.CHUNK,
-                 coder: bool | None = None, quality: float | None = None):
-        super().__init__(model_dir, saved_model, "encode", max_records, coder=False)
-        self.use_coder, self.quality = coder, quality
-
-    def load_model(self):
-        import tensorflow as tf
-
-        from vaestream.coding import codec as codec_mod
-        from vaestream.errors import ModelError
-        from vaestream.serving.export import elbo_fixed_noise
-
-        model = super().load_model()
-        d = model.config.input_dim
-        if model.vae is not None:
-            vae = model.vae
-
-            # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
-            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32)])
-            def score(x):
-                mean, log_scale = vae.encoder_params_exact(x)
-                return mean, log_scale, elbo_fixed_noise(vae, x)["elbo"]
-
-            def score_fn(x):
-                m, ls, e = score(tf.constant(x))
-                return m.numpy(), ls.numpy(), e.numpy()
-        else:
-            saved = model.saved
-
-            def score_fn(x):
-                if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.serving.export.ExportedModel
-                    m, ls = saved.encode(x)
-                    return m, ls, saved.elbo(x)["elbo"]
-                m, ls = model.encode(x, 1.0)
-                e = saved.signatures["elbo"](x=tf.constant(x))["elbo"].numpy()
-                return m, ls, e
-        model.score_fn = score_fn
-        # build the trace now, before the first window's records wait on it
-        score_fn(np.zeros((1, d), np.float32))
-        model.codec = None
-        if self.use_coder is not False:
-            try:
-                model.codec = codec_mod.load(self.model_dir or self.saved_model, quality=self.quality)
-            except ModelError:
-                if self.use_coder:
-                    raise
-            if model.codec is not None and model.codec.fingerprint != model.fingerprint:
-                raise ModelError(f"{self.model_dir or self.saved_model}: coder tables of another model")
-        return model
-
-    def run_inference(self, batch, model, inference_args=None) -> list:
-        from vaestream.coding.coder import quantize
-
-        if not batch:
-            return []
-        x = np.concatenate([b.inputs() for b in batch])
-        mean, log_scale, elbo = (np.asarray(a, np.float32) for a in model.score_fn(x))
-        out, s = [], 0
-        for b in batch:
-            n = len(b)
-            cb = vb.CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, None,
-                              int(b.records.nbytes))
-            blob = None
-            if model.codec is not None:
-                sym = quantize(cb.mean, model.codec.tables, model.codec.quality)
-                blob = model.codec.compress_codes(sym)
-            out.append(Scored(cb, elbo[s:s + n], blob))
-            s += n
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,10 +320,14 @@ class StreamConfig:
     """Windowing of the streaming encoder (seconds).
 
     The late gate's timer fires every ``gate_step`` seconds of event time while input arrives (and for
-    ``gate_horizon`` seconds after the last input); each firing costs the in-process runner a scheduling round
-    (~0.1-0.5 s on a busy 2-core machine), so the step defaults to one window. Windows keep late data for
-    ``allowed_lateness + gate_slack`` seconds, with ``gate_slack`` at least the gate's lag behind the watermark
-    (< ``gate_step``), so input the gate lets through is never dropped by the windowing.
+    ``gate_horizon`` seconds after the last input), so the step defaults to one window: one timer firing per
+    window. Windows keep late data for ``allowed_lateness + gate_slack`` seconds, with ``gate_slack`` at least
+    the gate's lag behind the watermark (< ``gate_step``), so input the gate lets through is never dropped by
+    the windowing.
+
+    ``max_latency`` (see :meth:`for_max_latency`): the bound, in seconds, from a file's arrival to its codes
+    on disk that the window (at most ``max_latency / 2``) and, in :func:`run_stream`, the poll interval (at
+    most ``max_latency / 10``) are sized for.
     """
 
     window: float = 10.0
@@ -410,11 +337,35 @@ class StreamConfig:
     gate_horizon: float | None = None   # default: 2 windows + allowed lateness
     chunk_size: int = vb.CHUNK
     batch_size: int = vb.CHUNK
+    max_latency: float | None = None
 
     def __post_init__(self):
         if not self.window > 0 or self.allowed_lateness < 0:
             raise ConfigError(f"window must be positive and allowed_lateness non-negative, got {self.window}, "
                               f"{self.allowed_lateness}")
+        if self.max_latency is not None:
+            if not self.max_latency > 0:
+                raise ConfigError(f"max_latency must be positive, got {self.max_latency}")
+            self.window = min(self.window, self.max_latency / 2.0)   # the rule of for_max_latency
+
+    @classmethod
+    def for_max_latency(cls, max_latency: float, window: float | None = None, **kw) -> "StreamConfig":
+        """A config whose window meets ``max_latency`` seconds from arrival to codes on disk.
+
+        A record found by a poll waits for its window to close and for the next poll to see the watermark pass
+        the window's end, then for its round (read, encode, write) and the round queued ahead of it:
+
+            latency <= poll + W + poll + 2 R,   with  poll = max_latency / 10  (:meth:`poll_interval`),
+            W = max_latency / 2,
+
+        leaving 0.3 max_latency for the two rounds (R <= 0.15 max_latency: at a sustained rate r records/s
+        and a runner speed v records/s a round of the backpressured watcher takes about c / (1 - r/v), c its
+        fixed cost). A given ``window`` is kept when it is shorter. The gate steps once per window."""
+        return cls(window=max_latency / 2.0 if window is None else window, max_latency=max_latency, **kw)
+
+    def poll_interval(self, requested: float) -> float:
+        """The watcher's poll interval: ``requested``, at most ``max_latency / 10`` when that is set."""
+        return requested if self.max_latency is None else min(requested, self.max_latency / 10.0)
 
 
 class StreamEncode(beam.PTransform):
@@ -534,7 +485,8 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
         if watcher is None:
             if not patterns:
                 raise ConfigError("give file patterns to watch, or a Pub/Sub topic/subscription")
-            watcher = FileWatcher(patterns, poll_interval, stop_after, idle_timeout, max_files, stop)
+            watcher = FileWatcher(patterns, (config or StreamConfig()).poll_interval(poll_interval), stop_after,
+                                  idle_timeout, max_files, stop)
         paths = p | "WatchFiles" >> WatchFiles(watcher)
     paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality)
     t0 = time.perf_counter()
@@ -558,4 +510,7 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             "late_dead_lettered": sum(1 for d in dead if ": late: " in d["reason"]),
             "late_records_written": sum(w["records"] for w in wins if w["timing"] == "late"),
             "panes": len(wins), "drift_flagged_windows": sum(1 for r in drift_recs if r.get("flagged")),
-            "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output}
+            "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output,
+            "window_s": (config or StreamConfig()).window, "max_latency_s": (config or StreamConfig()).max_latency,
+            "polls_with_files": watcher.polls if watcher is not None else None,
+            "poll_s": watcher.poll_interval if watcher is not None else None}

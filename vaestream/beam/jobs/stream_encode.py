@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed_lateness", "--allowed-lateness", type=float, default=0.0,
                         help="seconds after a window's end that late input is still encoded (later: dead letter)")
     parser.add_argument("--poll_interval", "--poll-interval", type=float, default=1.0)
+    parser.add_argument("--max_latency", "--max-latency", type=float, default=None, metavar="SECONDS",
+                        help="size windows and polls so that a file's codes are on disk within SECONDS of its "
+                             "arrival: window = min(--window, SECONDS/2), poll = min(--poll_interval, SECONDS/10)")
     parser.add_argument("--stop_after", "--stop-after", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--idle_timeout", "--idle-timeout", type=float, default=None,
                         help="stop when no new file appeared for S seconds")
@@ -51,8 +54,10 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     from vaestream.beam import streaming as bs
     from vaestream.online.drift import DriftConfig
 
-    cfg = bs.StreamConfig(window=args.window, allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size,
-                          batch_size=args.chunk_size)
+    kw = dict(allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size, batch_size=args.chunk_size)
+    max_latency = getattr(args, "max_latency", None)
+    cfg = (bs.StreamConfig(window=args.window, **kw) if max_latency is None
+           else bs.StreamConfig.for_max_latency(max_latency, window=args.window, **kw))
     coder = {"auto": None, "yes": True, "no": False}[args.coder]
     summary = bs.run_stream(args.output, args.watch, args.model, args.saved_model, cfg,
                             DriftConfig(threshold=args.drift_threshold), args.poll_interval, args.stop_after,
