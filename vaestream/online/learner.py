@@ -46,6 +46,7 @@ Layout of the work directory::
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -91,6 +92,9 @@ class OnlineConfig:
       publish: publish versions when the held-out bound improves (needs a registry).
       publish_min_improvement: nats/record the held-out bound must gain over the published version.
       calibration_records: buffer records used to build the coder tables of a publication.
+      background_publish: evaluate and publish a snapshot of the checkpointed weights on a background thread
+        while learning goes on (the next checkpoint, :meth:`OnlineLearner.wait` and the end of
+        :meth:`OnlineLearner.follow` wait for it); False: inline, as part of the checkpoint.
       seed: seeds minibatch sampling and hold-out selection.
     """
 
@@ -106,6 +110,7 @@ class OnlineConfig:
     publish: bool = True
     publish_min_improvement: float = 0.0
     calibration_records: int = 5000
+    background_publish: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -180,6 +185,10 @@ class OnlineLearner:
         self.buffer: ReplayBuffer | None = None
         self.holdout: ReplayBuffer | None = None
         self._published_model = None
+        self._candidate = None               # the VAE a checkpoint's weights are copied into for evaluation
+        self._lock = threading.RLock()       # ledger and log writes (the publishing thread writes both)
+        self._pool = None                    # one background thread for evaluation and publishing
+        self._job = None                     # its pending future
         self._last_ckpt_time = time.monotonic()
         self._log = None
         self.drift = DriftMonitor(drift, self.work / DRIFT_LOG)
@@ -287,7 +296,7 @@ class OnlineLearner:
             {f["path"] for f in self.pending}
 
     def _write_log(self, rec: dict) -> None:
-        with open(self.work / LOG, "a") as f:
+        with self._lock, open(self.work / LOG, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
     # -- learning ---------------------------------------------------------------------------------------------
@@ -317,7 +326,9 @@ class OnlineLearner:
         from vaestream.training import dataset_elbo
 
         pre = dataset_elbo(self.model, self._inputs(stored), batch_size=1024, seed=self.cfg.seed)
+        t1 = time.perf_counter()
         steps, train_elbo = self._train_on(train, files_done)
+        t2 = time.perf_counter()
         self.buffer.add(train)
         if hmask.any():
             self.holdout.add(stored[hmask])
@@ -326,34 +337,46 @@ class OnlineLearner:
         rec = {"source": source, "records": n, "trained": int(len(train)), "held_out": int(hmask.sum()),
                "steps": steps, "prequential_elbo": pre["elbo"], "bits_per_record": -pre["elbo"] / math.log(2),
                "train_elbo": train_elbo, "seconds": round(time.perf_counter() - t0, 4),
+               "seconds_score": round(t1 - t0, 4), "seconds_train": round(t2 - t1, 4),
                "drift_flagged": d["flagged"], "step": int(self.trainer.step.numpy())}
         self._write_log({"event": "file", **rec})
         return rec
 
-    def _train_on(self, train: np.ndarray, files_done: int) -> tuple[int, float | None]:
+    def minibatches(self, train: np.ndarray, files_done: int) -> np.ndarray:
+        """The minibatches the learner takes on a file's training records ``train`` ``[n, D]`` (stored dtype),
+        given the replay buffer as it is now: ``[S, M, D]`` with ``S = ceil(passes * n / m_new)``; row s holds
+        ``m_new`` records of ``train`` (a seeded permutation, cycled) then ``M - m_new`` drawn uniformly from the
+        buffer (``m_new = M`` while the buffer is empty). One array for the whole file, drawn with one
+        permutation per pass and one vectorised buffer sample; seeded by ``(seed, files_done)``."""
         cfg = self.cfg
-        n = len(train)
-        if n == 0:
-            return 0, None
-        m = cfg.batch_size
+        n, m = len(train), cfg.batch_size
         m_new = m if len(self.buffer) == 0 else max(1, min(m, int(round(cfg.new_fraction * m))))
         steps = max(1, int(math.ceil(cfg.passes * n / m_new)))
         rng = np.random.default_rng([cfg.seed, files_done])
         reps = int(math.ceil(steps * m_new / n))
         order = np.concatenate([rng.permutation(n) for _ in range(reps)])[:steps * m_new]
-        new = train[order].reshape(steps, m_new, -1)
+        batch = np.empty((steps, m, train.shape[1]), train.dtype)
+        batch[:, :m_new] = train[order].reshape(steps, m_new, -1)
         if m_new < m:
-            old = self.buffer.sample(rng, steps * (m - m_new)).reshape(steps, m - m_new, -1)
-            batch = np.concatenate([new, old], axis=1)
-        else:
-            batch = new
-        k = cfg.steps_per_call
-        total, done = 0.0, 0
+            batch[:, m_new:] = self.buffer.sample(rng, steps * (m - m_new)).reshape(steps, m - m_new, -1)
+        return batch
+
+    def _train_on(self, train: np.ndarray, files_done: int) -> tuple[int, float | None]:
+        """Train on :meth:`minibatches` through the compiled :class:`~vaestream.training.Trainer` step, in chunks
+        of K = ``steps_per_call`` (the last one padded to K, so XLA compiles one chunk shape for the whole
+        stream, whatever the file sizes)."""
+        if len(train) == 0:
+            return 0, None
+        batch = self.minibatches(train, files_done)
+        steps, k = len(batch), self.cfg.steps_per_call
+        total = 0.0
         for s in range(0, steps, k):
             chunk = batch[s:s + k]
-            total += self.trainer.run_steps(chunk, self._scale) * len(chunk)
-            done += len(chunk)
-        return steps, total / max(done, 1)
+            if len(chunk) < k:
+                chunk = np.concatenate([chunk, np.zeros((k - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            done = min(k, steps - s)
+            total += self.trainer.run_steps(chunk, self._scale, steps=done) * done
+        return steps, total / steps
 
     def process_file(self, path: str | os.PathLike) -> dict | None:
         """Learn from one file (any format :func:`vaestream.data.read_array` reads); it goes to the ledger.
@@ -401,18 +424,23 @@ class OnlineLearner:
             f.write(json.dumps({"source": fid["path"], "key": fid["path"], "reason": str(e)}) + "\n")
         self._write_log({"event": "rejected", **rej})
         # a rejection changes no model state: record it in the committed ledger at once
-        committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
-            else dict(self.ledger, rejected=[])
-        committed["rejected"] = committed.get("rejected", []) + [rej]
-        atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
+        with self._lock:
+            committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
+                else dict(self.ledger, rejected=[])
+            committed["rejected"] = committed.get("rejected", []) + [rej]
+            atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
         return {"source": fid["path"], "rejected": str(e)}
 
     # -- checkpoints, evaluation, publishing ------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """Save the model, optimizer, buffer and hold-out set, then commit the pending files to the ledger
-        (atomically), then evaluate and maybe publish. Returns the ledger."""
+        (atomically), then evaluate and maybe publish (on a background thread with ``background_publish``:
+        the weights just saved are copied, and learning goes on while they are evaluated and exported; a
+        publication still running from the previous checkpoint is waited for first). Returns the ledger."""
         if self.model is None:
             return self.ledger
+        self.wait()
+        t0 = time.perf_counter()
         step = int(self.trainer.step.numpy())
         ck = self._manager.save(checkpoint_number=step)
         state = f"state-{step}.npz"
@@ -422,71 +450,114 @@ class OnlineLearner:
                  buffer_capacity=self.buffer.capacity, holdout=self.holdout.data[:self.holdout.size],
                  holdout_next=self.holdout.next, holdout_capacity=self.holdout.capacity, scale=self._scale)
         atomic_write(self.work / state, buf.getvalue())
-        led = dict(self.ledger)
-        led["files"] = self.ledger["files"] + self.pending
-        led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
-        led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in self.pending)
-        led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
-        led["drift"] = self.drift.state()
-        old_state = self.ledger.get("state")
-        atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
-        self.ledger, self.pending = led, []
+        with self._lock:
+            led = dict(self.ledger)
+            led["files"] = self.ledger["files"] + self.pending
+            led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
+            led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in self.pending)
+            led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
+            led["drift"] = self.drift.state()
+            old_state = self.ledger.get("state")
+            atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
+            self.ledger, self.pending = led, []
         if old_state and old_state != state and (self.work / old_state).exists():
             (self.work / old_state).unlink()
         self._last_ckpt_time = time.monotonic()
-        self.maybe_publish()
+        self._write_log({"event": "checkpoint", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
+        if self.registry is not None and self.cfg.publish:
+            snap = self._snapshot()
+            if self.cfg.background_publish:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-publish")
+                self._job = self._pool.submit(self._evaluate_and_publish, snap)
+            else:
+                self._evaluate_and_publish(snap)
         return self.ledger
+
+    def wait(self) -> dict | None:
+        """Wait for the background evaluation / publication of the last checkpoint (if any) and return its
+        publication record (None: nothing pending or nothing published); its exceptions are raised here."""
+        job, self._job = self._job, None
+        return None if job is None else job.result()
+
+    def close(self) -> None:
+        """Wait for background work and stop its thread (the learner stays usable; a new one starts on demand)."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _heldout_inputs(self) -> np.ndarray | None:
+        if self.holdout is None or len(self.holdout) == 0:
+            return None
+        return self._inputs(self.holdout.contents())
 
     def evaluate(self) -> dict:
         """Held-out mean ELBO (nats/record) of the current model and, if any, of the published version."""
+        x = self._heldout_inputs()
+        if x is None:
+            return {"holdout_records": 0}
+        return self._evaluate(self.model, x, int(self.trainer.step.numpy()))
+
+    def _evaluate(self, model, x: np.ndarray, step: int) -> dict:
         from vaestream.training import dataset_elbo
 
-        if self.holdout is None or len(self.holdout) == 0:
-            return {"holdout_records": 0}
-        x = self._inputs(self.holdout.contents())
-        out = {"holdout_records": len(x), "step": int(self.trainer.step.numpy()),
-               "holdout_elbo": dataset_elbo(self.model, x, seed=self.cfg.seed)["elbo"]}
+        out = {"holdout_records": len(x), "step": step, "holdout_elbo": dataset_elbo(model, x, seed=self.cfg.seed)["elbo"]}
         if self._published_model is not None:
             out["published_elbo"] = dataset_elbo(self._published_model, x, seed=self.cfg.seed)["elbo"]
             out["published_version"] = self.ledger["published"]["version"]
         return out
 
     def maybe_publish(self) -> dict | None:
-        """Publish the current model if its held-out bound beats the published version's (see the module
-        docstring). Returns the publication record, or None."""
-        if self.registry is None or not self.cfg.publish:
+        """Publish the current model (as of now, on this thread) if its held-out bound beats the published
+        version's (see the module docstring); the model directory's latest checkpoint must hold these weights
+        (as after :meth:`checkpoint`). Returns the publication record, or None."""
+        if self.registry is None or not self.cfg.publish or self.model is None:
             return None
-        ev = self.evaluate()
-        if not ev.get("holdout_records"):
+        self.wait()
+        return self._evaluate_and_publish(self._snapshot())
+
+    def _snapshot(self) -> dict:
+        """What a publication needs, fixed now: a copy of the weights (in a VAE kept for this, so its compiled
+        evaluation is reused), the held-out inputs, the calibration records and the ledger's counts."""
+        from vaestream.model import VAE
+
+        if self._candidate is None:
+            self._candidate = VAE(self.model.config)
+        for v, w in zip(self._candidate.weights(), self.model.weights()):
+            v.assign(w)
+        cal = self.buffer.contents()
+        if len(cal) > self.cfg.calibration_records:
+            cal = cal[np.linspace(0, len(cal) - 1, self.cfg.calibration_records).astype(np.int64)]
+        return {"model": self._candidate, "holdout": self._heldout_inputs(), "calibration": self._inputs(cal),
+                "step": int(self.trainer.step.numpy()), "files": len(self.ledger["files"]),
+                "records_trained": self.ledger["records_trained"]}
+
+    def _evaluate_and_publish(self, snap: dict) -> dict | None:
+        if snap["holdout"] is None:
             return None
+        model = snap["model"]
+        ev = self._evaluate(model, snap["holdout"], snap["step"])
         self._write_log({"event": "evaluate", **ev})
         if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.cfg.publish_min_improvement:
             return None
         from vaestream.coding.codec import build_tables
 
-        cal = self.buffer.contents()
-        if len(cal) > self.cfg.calibration_records:
-            cal = cal[np.linspace(0, len(cal) - 1, self.cfg.calibration_records).astype(np.int64)]
-        tables = build_tables(self.model, self._inputs(cal))
-        tables.save(self.model_dir / "coder_tables.npz")
+        build_tables(model, snap["calibration"]).save(self.model_dir / "coder_tables.npz")
         ver = self.registry.publish(self.model_dir, metadata={
-            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": len(self.ledger["files"]),
-            "records_trained": self.ledger["records_trained"], "previous_elbo": ev.get("published_elbo")})
+            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": snap["files"],
+            "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo")})
         rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
                "holdout_elbo": ev["holdout_elbo"]}
-        self.ledger["published"] = rec
-        atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
-        self._published_model = self._snapshot()
+        with self._lock:
+            self.ledger["published"] = rec
+            atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
+        # the snapshot becomes the published model; the old published VAE takes the next snapshot
+        self._published_model, self._candidate = model, self._published_model
         self._write_log({"event": "publish", **rec})
         return rec
-
-    def _snapshot(self):
-        from vaestream.model import VAE
-
-        m = VAE(self.model.config)
-        for v, w in zip(m.weights(), self.model.weights()):
-            v.assign(w)
-        return m
 
     def _load_published(self, version: int):
         """The published version's weights, for comparisons after a restart (read from its SavedModel)."""
@@ -545,6 +616,7 @@ class OnlineLearner:
                         time.sleep(poll_interval)
         if self.pending:
             self.checkpoint()
+        self.wait()
         return {"files": done, "seconds": round(time.monotonic() - t0, 3),
                 "step": int(self.trainer.step.numpy()) if self.trainer is not None else 0,
                 "records_trained": self.ledger["records_trained"], "published": self.ledger.get("published")}
