@@ -346,11 +346,13 @@ class OnlineLearner:
         """The minibatches the learner takes on a file's training records ``train`` ``[n, D]`` (stored dtype),
         given the replay buffer as it is now: ``[S, M, D]`` with ``S = ceil(passes * n / m_new)``; row s holds
         ``m_new`` records of ``train`` (a seeded permutation, cycled) then ``M - m_new`` drawn uniformly from the
-        buffer (``m_new = M`` while the buffer is empty). One array for the whole file, drawn with one
-        permutation per pass and one vectorised buffer sample; seeded by ``(seed, files_done)``."""
+        buffer (``m_new = M`` while the buffer is empty, or before the first file). One array for the whole
+        file, drawn with one permutation per pass and one vectorised buffer sample; seeded by
+        ``(seed, files_done)``."""
         cfg = self.cfg
         n, m = len(train), cfg.batch_size
-        m_new = m if len(self.buffer) == 0 else max(1, min(m, int(round(cfg.new_fraction * m))))
+        empty = self.buffer is None or len(self.buffer) == 0
+        m_new = m if empty else max(1, min(m, int(round(cfg.new_fraction * m))))
         steps = max(1, int(math.ceil(cfg.passes * n / m_new)))
         rng = np.random.default_rng([cfg.seed, files_done])
         reps = int(math.ceil(steps * m_new / n))
