@@ -53,6 +53,7 @@ import io
 import json
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ LOG = "log.jsonl"
 DRIFT_LOG = "drift.jsonl"
 DEAD_LETTER = "dead_letter.jsonl"
 MODEL = "model"
+PUBLISHING = "publishing"
 
 
 @dataclasses.dataclass
@@ -92,9 +94,9 @@ class OnlineConfig:
       publish: publish versions when the held-out bound improves (needs a registry).
       publish_min_improvement: nats/record the held-out bound must gain over the published version.
       calibration_records: buffer records used to build the coder tables of a publication.
-      background_publish: evaluate and publish a snapshot of the checkpointed weights on a background thread
-        while learning goes on (the next checkpoint, :meth:`OnlineLearner.wait` and the end of
-        :meth:`OnlineLearner.follow` wait for it); False: inline, as part of the checkpoint.
+      background_publish: evaluate and publish a copy of each checkpoint's weights on a background thread
+        while learning goes on (see :meth:`OnlineLearner.checkpoint`); False: inline, as part of the
+        checkpoint.
       seed: seeds minibatch sampling and hold-out selection.
     """
 
@@ -185,10 +187,11 @@ class OnlineLearner:
         self.buffer: ReplayBuffer | None = None
         self.holdout: ReplayBuffer | None = None
         self._published_model = None
-        self._candidate = None               # the VAE a checkpoint's weights are copied into for evaluation
-        self._lock = threading.RLock()       # ledger and log writes (the publishing thread writes both)
+        self._spare: list = []               # VAEs free to take a checkpoint's weights (reused: compiled once)
+        self._lock = threading.RLock()       # ledger, log and queue (the publishing thread uses all three)
         self._pool = None                    # one background thread for evaluation and publishing
-        self._job = None                     # its pending future
+        self._job = None                     # its future, while it runs
+        self._queued = None                  # the newest checkpoint's snapshot, waiting for the thread
         self._last_ckpt_time = time.monotonic()
         self._log = None
         self.drift = DriftMonitor(drift, self.work / DRIFT_LOG)
@@ -436,12 +439,15 @@ class OnlineLearner:
     # -- checkpoints, evaluation, publishing ------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """Save the model, optimizer, buffer and hold-out set, then commit the pending files to the ledger
-        (atomically), then evaluate and maybe publish (on a background thread with ``background_publish``:
-        the weights just saved are copied, and learning goes on while they are evaluated and exported; a
-        publication still running from the previous checkpoint is waited for first). Returns the ledger."""
+        (atomically), then evaluate and maybe publish. Returns the ledger.
+
+        With ``background_publish`` the weights just saved are copied and handed to a background thread that
+        evaluates and exports them while learning goes on; the checkpoint never waits for it. If the thread is
+        still busy with an earlier checkpoint, this one waits in its place (a newer checkpoint replaces a
+        waiting, not yet started one: under a backlog, the newest weights are the ones judged).
+        :meth:`wait`, :meth:`close` and the end of :meth:`follow` wait until the queue is empty."""
         if self.model is None:
             return self.ledger
-        self.wait()
         t0 = time.perf_counter()
         step = int(self.trainer.step.numpy())
         ck = self._manager.save(checkpoint_number=step)
@@ -467,20 +473,43 @@ class OnlineLearner:
         self._last_ckpt_time = time.monotonic()
         self._write_log({"event": "checkpoint", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
         if self.registry is not None and self.cfg.publish:
-            snap = self._snapshot()
-            if self.cfg.background_publish:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-publish")
-                self._job = self._pool.submit(self._evaluate_and_publish, snap)
-            else:
-                self._evaluate_and_publish(snap)
+            if not self.cfg.background_publish:
+                self._evaluate_and_publish(self._snapshot())
+                return self.ledger
+            with self._lock:
+                old, self._queued = self._queued, None
+                if old is not None:
+                    self._spare.append(old["model"])
+                self._queued = self._snapshot()
+                if self._job is None:
+                    if self._pool is None:
+                        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-publish")
+                    self._job = self._pool.submit(self._drain)
         return self.ledger
 
+    def _drain(self) -> None:
+        """The publishing thread: evaluate and maybe publish queued snapshots until none is left."""
+        while True:
+            with self._lock:
+                snap, self._queued = self._queued, None
+                if snap is None:
+                    self._job = None
+                    return
+            try:
+                self._evaluate_and_publish(snap)
+            except BaseException:
+                with self._lock:
+                    self._job = None
+                raise
+
     def wait(self) -> dict | None:
-        """Wait for the background evaluation / publication of the last checkpoint (if any) and return its
-        publication record (None: nothing pending or nothing published); its exceptions are raised here."""
-        job, self._job = self._job, None
-        return None if job is None else job.result()
+        """Wait until the background evaluations / publications queued by checkpoints are done (their
+        exceptions are raised here); returns the ledger's publication record (None: nothing published)."""
+        with self._lock:
+            job = self._job
+        if job is not None:
+            job.result()
+        return self.ledger.get("published")
 
     def close(self) -> None:
         """Wait for background work and stop its thread (the learner stays usable; a new one starts on demand)."""
@@ -522,42 +551,62 @@ class OnlineLearner:
         return self._evaluate_and_publish(self._snapshot())
 
     def _snapshot(self) -> dict:
-        """What a publication needs, fixed now: a copy of the weights (in a VAE kept for this, so its compiled
-        evaluation is reused), the held-out inputs, the calibration records and the ledger's counts."""
+        """What a publication needs, fixed now: a copy of the weights (in a spare VAE, reused so that its
+        compiled evaluation is too), the held-out inputs, the calibration records and the ledger's counts."""
         from vaestream.model import VAE
 
-        if self._candidate is None:
-            self._candidate = VAE(self.model.config)
-        for v, w in zip(self._candidate.weights(), self.model.weights()):
+        with self._lock:
+            model = self._spare.pop() if self._spare else VAE(self.model.config)
+        for v, w in zip(model.weights(), self.model.weights()):
             v.assign(w)
         cal = self.buffer.contents()
         if len(cal) > self.cfg.calibration_records:
             cal = cal[np.linspace(0, len(cal) - 1, self.cfg.calibration_records).astype(np.int64)]
-        return {"model": self._candidate, "holdout": self._heldout_inputs(), "calibration": self._inputs(cal),
+        return {"model": model, "holdout": self._heldout_inputs(), "calibration": self._inputs(cal),
                 "step": int(self.trainer.step.numpy()), "files": len(self.ledger["files"]),
                 "records_trained": self.ledger["records_trained"]}
 
     def _evaluate_and_publish(self, snap: dict) -> dict | None:
-        if snap["holdout"] is None:
-            return None
+        """Evaluate a snapshot on the hold-out set and publish it if it beats the published version; the
+        export is made from ``WORK/publishing/`` (the snapshot's weights, config and tables), so the model
+        directory's checkpoints may move on meanwhile."""
         model = snap["model"]
+        if snap["holdout"] is None:
+            with self._lock:
+                self._spare.append(model)
+            return None
         ev = self._evaluate(model, snap["holdout"], snap["step"])
         self._write_log({"event": "evaluate", **ev})
         if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.cfg.publish_min_improvement:
+            with self._lock:
+                self._spare.append(model)
             return None
+        import tensorflow as tf
+
         from vaestream.coding.codec import build_tables
 
-        build_tables(model, snap["calibration"]).save(self.model_dir / "coder_tables.npz")
-        ver = self.registry.publish(self.model_dir, metadata={
+        src = self.work / PUBLISHING
+        shutil.rmtree(src, ignore_errors=True)
+        store.save_config(src, model.config)
+        tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(src / store.CKPT), max_to_keep=1).save(
+            checkpoint_number=snap["step"])
+        tables = build_tables(model, snap["calibration"])
+        tables.save(src / "coder_tables.npz")
+        tables.save(self.model_dir / "coder_tables.npz")
+        ver = self.registry.publish(src, metadata={
             "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": snap["files"],
-            "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo")})
+            "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo"),
+            "model_dir": str(self.model_dir)})
         rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
                "holdout_elbo": ev["holdout_elbo"]}
         with self._lock:
             self.ledger["published"] = rec
             atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
-        # the snapshot becomes the published model; the old published VAE takes the next snapshot
-        self._published_model, self._candidate = model, self._published_model
+        # the snapshot becomes the published model; the old published VAE takes a later snapshot
+        with self._lock:
+            old, self._published_model = self._published_model, model
+            if old is not None:
+                self._spare.append(old)
         self._write_log({"event": "publish", **rec})
         return rec
 
