@@ -21,6 +21,14 @@ by more than ``publish_min_improvement`` nats/record, it builds coder tables fro
 publishes the model as the next version of the registry (:class:`vaestream.online.registry.Registry`, an export
 base of :mod:`vaestream.serving.export`).
 
+**At training speed.** A file's S minibatches are drawn as one array (:meth:`OnlineLearner.minibatches`) and go
+through the compiled chunk of batch training (:meth:`vaestream.training.Trainer.run_steps`), K =
+``steps_per_call`` steps per call, the last chunk padded to K, so XLA compiles one chunk shape for the whole
+stream. The evaluation and export of a checkpoint run on a copy of its weights on a background thread
+(:class:`vaestream.online.publisher.Publisher`); a checkpoint itself (model, optimizer, buffer, ledger) is a
+few tens of ms. The rate of new records is bounded by the mix: each new record costs ``passes / new_fraction``
+training examples (2 with the defaults) and one forward pass for its prequential score.
+
 **Exactly-once input.** ``WORK/ledger.json`` lists the files whose effect is in the checkpoint it names,
 and the replay buffer and hold-out set of that moment (``WORK/state-STEP.npz``). It is replaced atomically
 after the checkpoint and state are written, so after a kill the learner restores *the ledger's* checkpoint
@@ -46,14 +54,12 @@ Layout of the work directory::
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import io
 import json
 import math
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -65,6 +71,7 @@ from vaestream import store
 from vaestream.binio import atomic_write, new_files
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
+from vaestream.online.publisher import Publisher, load_published
 from vaestream.online.replay import ReplayBuffer
 from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError, ModelError
@@ -74,7 +81,6 @@ LOG = "log.jsonl"
 DRIFT_LOG = "drift.jsonl"
 DEAD_LETTER = "dead_letter.jsonl"
 MODEL = "model"
-PUBLISHING = "publishing"
 
 
 @dataclasses.dataclass
@@ -186,16 +192,15 @@ class OnlineLearner:
         self.trainer = None
         self.buffer: ReplayBuffer | None = None
         self.holdout: ReplayBuffer | None = None
-        self._published_model = None
-        self._spare: list = []               # VAEs free to take a checkpoint's weights (reused: compiled once)
-        self._lock = threading.RLock()       # ledger, log and queue (the publishing thread uses all three)
-        self._pool = None                    # one background thread for evaluation and publishing
-        self._job = None                     # its future, while it runs
-        self._queued = None                  # the newest checkpoint's snapshot, waiting for the thread
+        self._published = None               # (version, VAE) of the published version, when resuming
+        self._lock = threading.RLock()       # ledger and log writes (the publishing thread makes both)
         self._last_ckpt_time = time.monotonic()
         self._log = None
         self.drift = DriftMonitor(drift, self.work / DRIFT_LOG)
         self._resume()
+        self.publisher = None if self.registry is None else Publisher(
+            self.work, self.model_dir, self.registry, self.cfg.seed, self.cfg.publish_min_improvement,
+            self.cfg.background_publish, self._write_log, self._record_publication, self._published, self._lock)
 
     # -- state ------------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -229,7 +234,8 @@ class OnlineLearner:
         self.drift = DriftMonitor(self.drift.config, self.work / DRIFT_LOG, self.ledger.get("drift"))
         pub = self.ledger.get("published")
         if pub and self.registry is not None:
-            self._published_model = self._load_published(pub["version"])
+            m = load_published(self.registry, pub["version"], self.model.config)
+            self._published = None if m is None else (pub["version"], m)
 
     def _build(self, config: ModelConfig, restore_from: Path | None = None) -> None:
         import tensorflow as tf
@@ -472,53 +478,26 @@ class OnlineLearner:
             (self.work / old_state).unlink()
         self._last_ckpt_time = time.monotonic()
         self._write_log({"event": "checkpoint", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
-        if self.registry is not None and self.cfg.publish:
-            if not self.cfg.background_publish:
-                self._evaluate_and_publish(self._snapshot())
-                return self.ledger
-            with self._lock:
-                old, self._queued = self._queued, None
-                if old is not None:
-                    self._spare.append(old["model"])
-                self._queued = self._snapshot()
-                if self._job is None:
-                    if self._pool is None:
-                        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-publish")
-                    self._job = self._pool.submit(self._drain)
+        if self.publisher is not None and self.cfg.publish:
+            self.publisher.submit(self._snapshot())
         return self.ledger
 
-    def _drain(self) -> None:
-        """The publishing thread: evaluate and maybe publish queued snapshots until none is left."""
-        while True:
-            with self._lock:
-                snap, self._queued = self._queued, None
-                if snap is None:
-                    self._job = None
-                    return
-            try:
-                self._evaluate_and_publish(snap)
-            except BaseException:
-                with self._lock:
-                    self._job = None
-                raise
-
     def wait(self) -> dict | None:
-        """Wait until the background evaluations / publications queued by checkpoints are done (their
+        """Wait until the evaluations / publications queued by checkpoints are done (the publishing thread's
         exceptions are raised here); returns the ledger's publication record (None: nothing published)."""
-        with self._lock:
-            job = self._job
-        if job is not None:
-            job.result()
+        if self.publisher is not None:
+            self.publisher.wait()
         return self.ledger.get("published")
 
     def close(self) -> None:
-        """Wait for background work and stop its thread (the learner stays usable; a new one starts on demand)."""
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        """Wait for background work and stop its thread (the learner stays usable)."""
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def _record_publication(self, rec: dict) -> None:
+        with self._lock:
+            self.ledger["published"] = rec
+            atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
 
     def _heldout_inputs(self) -> np.ndarray | None:
         if self.holdout is None or len(self.holdout) == 0:
@@ -527,105 +506,31 @@ class OnlineLearner:
 
     def evaluate(self) -> dict:
         """Held-out mean ELBO (nats/record) of the current model and, if any, of the published version."""
+        from vaestream.training import dataset_elbo
+
         x = self._heldout_inputs()
         if x is None:
             return {"holdout_records": 0}
-        return self._evaluate(self.model, x, int(self.trainer.step.numpy()))
-
-    def _evaluate(self, model, x: np.ndarray, step: int) -> dict:
-        from vaestream.training import dataset_elbo
-
-        out = {"holdout_records": len(x), "step": step, "holdout_elbo": dataset_elbo(model, x, seed=self.cfg.seed)["elbo"]}
-        if self._published_model is not None:
-            out["published_elbo"] = dataset_elbo(self._published_model, x, seed=self.cfg.seed)["elbo"]
-            out["published_version"] = self.ledger["published"]["version"]
-        return out
+        if self.publisher is not None:
+            return self.publisher.evaluate(self.model, x, int(self.trainer.step.numpy()))
+        return {"holdout_records": len(x), "step": int(self.trainer.step.numpy()),
+                "holdout_elbo": dataset_elbo(self.model, x, seed=self.cfg.seed)["elbo"]}
 
     def maybe_publish(self) -> dict | None:
         """Publish the current model (as of now, on this thread) if its held-out bound beats the published
-        version's (see the module docstring); the model directory's latest checkpoint must hold these weights
-        (as after :meth:`checkpoint`). Returns the publication record, or None."""
-        if self.registry is None or not self.cfg.publish or self.model is None:
+        version's (see the module docstring). Returns the publication record, or None."""
+        if self.publisher is None or not self.cfg.publish or self.model is None:
             return None
-        self.wait()
-        return self._evaluate_and_publish(self._snapshot())
+        self.publisher.wait()
+        return self.publisher.evaluate_and_publish(self._snapshot())
 
     def _snapshot(self) -> dict:
-        """What a publication needs, fixed now: a copy of the weights (in a spare VAE, reused so that its
-        compiled evaluation is too), the held-out inputs, the calibration records and the ledger's counts."""
-        from vaestream.model import VAE
-
-        with self._lock:
-            model = self._spare.pop() if self._spare else VAE(self.model.config)
-        for v, w in zip(model.weights(), self.model.weights()):
-            v.assign(w)
         cal = self.buffer.contents()
         if len(cal) > self.cfg.calibration_records:
             cal = cal[np.linspace(0, len(cal) - 1, self.cfg.calibration_records).astype(np.int64)]
-        return {"model": model, "holdout": self._heldout_inputs(), "calibration": self._inputs(cal),
-                "step": int(self.trainer.step.numpy()), "files": len(self.ledger["files"]),
-                "records_trained": self.ledger["records_trained"]}
-
-    def _evaluate_and_publish(self, snap: dict) -> dict | None:
-        """Evaluate a snapshot on the hold-out set and publish it if it beats the published version; the
-        export is made from ``WORK/publishing/`` (the snapshot's weights, config and tables), so the model
-        directory's checkpoints may move on meanwhile."""
-        model = snap["model"]
-        if snap["holdout"] is None:
-            with self._lock:
-                self._spare.append(model)
-            return None
-        ev = self._evaluate(model, snap["holdout"], snap["step"])
-        self._write_log({"event": "evaluate", **ev})
-        if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.cfg.publish_min_improvement:
-            with self._lock:
-                self._spare.append(model)
-            return None
-        import tensorflow as tf
-
-        from vaestream.coding.codec import build_tables
-
-        src = self.work / PUBLISHING
-        shutil.rmtree(src, ignore_errors=True)
-        store.save_config(src, model.config)
-        tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(src / store.CKPT), max_to_keep=1).save(
-            checkpoint_number=snap["step"])
-        tables = build_tables(model, snap["calibration"])
-        tables.save(src / "coder_tables.npz")
-        tables.save(self.model_dir / "coder_tables.npz")
-        ver = self.registry.publish(src, metadata={
-            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": snap["files"],
-            "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo"),
-            "model_dir": str(self.model_dir)})
-        rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
-               "holdout_elbo": ev["holdout_elbo"]}
-        with self._lock:
-            self.ledger["published"] = rec
-            atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
-        # the snapshot becomes the published model; the old published VAE takes a later snapshot
-        with self._lock:
-            old, self._published_model = self._published_model, model
-            if old is not None:
-                self._spare.append(old)
-        self._write_log({"event": "publish", **rec})
-        return rec
-
-    def _load_published(self, version: int):
-        """The published version's weights, for comparisons after a restart (read from its SavedModel)."""
-        import tensorflow as tf
-
-        from vaestream.model import VAE
-
-        path = self.registry.get(version).path
-        m = VAE(self.model.config)
-        loaded = tf.saved_model.load(str(path))
-        if not hasattr(loaded, "model"):
-            return None
-        for v, w in zip(m.weights(), _ordered_weights(loaded.model)):
-            v.assign(w)
-        if m.fingerprint() != self.registry.get(version).fingerprint:
-            return None
-        return m
+        return self.publisher.snapshot(self.model, self._heldout_inputs(), self._inputs(cal),
+                                       int(self.trainer.step.numpy()), len(self.ledger["files"]),
+                                       self.ledger["records_trained"])
 
     # -- following a pattern ----------------------------------------------------------------------------------
     def new_files(self, pattern: str | Iterable[str]) -> list[str]:
@@ -672,10 +577,3 @@ class OnlineLearner:
                 "step": int(self.trainer.step.numpy()) if self.trainer is not None else 0,
                 "records_trained": self.ledger["records_trained"], "published": self.ledger.get("published")}
 
-
-def _ordered_weights(model) -> list:
-    out = []
-    for mlp in (model.encoder, model.decoder):
-        for layer in list(mlp.hidden) + [mlp.out]:
-            out += [layer.w, layer.b]
-    return out
