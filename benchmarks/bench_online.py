@@ -19,7 +19,7 @@ a registry when the held-out bound improves.
 * bits/record (prequential -ELBO / ln 2 of each file before it is trained on) online and for the frozen
   pretrained model, last 3 files after the switch (the frozen model is scored after the timed run).
 
-    python benchmarks/bench_online.py [--files 40] [--records 500] [--buffer 2000]
+    python benchmarks/bench_online.py [--files 40] [--records 500] [--buffer 2000] [--mnist ../shared/data/mnist]
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--mnist", default=str(MNIST), help="the MNIST IDX folder")
     ap.add_argument("--no-inline", action="store_true", help="skip the background_publish=False run")
     args = ap.parse_args(argv)
 
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
     from vaestream.training import dataset_elbo
 
     fashion = load_records("fashion-mnist", "train")
-    mnist = load_records(str(MNIST), "train")
+    mnist = load_records(args.mnist, "train")
     work = Path(tempfile.mkdtemp(prefix="bench_online-"))
     t00 = time.perf_counter()
     model = pretrain(fashion, work / "pretrained", args.pretrain_steps)
