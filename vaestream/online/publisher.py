@@ -1,10 +1,11 @@
 """Publishing an online learner's checkpoints: held-out evaluation, coder tables and export, off the training thread.
 
 At each checkpoint :class:`vaestream.online.learner.OnlineLearner` hands the :class:`Publisher` a *snapshot*: a
-copy of the weights just saved (in a spare VAE, reused so that its compiled evaluation is too), the held-out
-inputs, calibration records and the ledger's counts of that moment. The publisher computes the held-out mean
-ELBO of the snapshot and of the published version on the same set, and when the snapshot is better by more
-than ``min_improvement`` nats/record it builds coder tables from the calibration records and publishes it as
+copy of the weights just saved (NumPy arrays), the held-out inputs, calibration records and the ledger's counts
+of that moment. Snapshots and the published version are evaluated through one VAE of the publisher's (the
+weights assigned in turn), so its compiled evaluation is reused across checkpoints. The publisher computes
+the held-out mean ELBO of the snapshot and of the published version on the same set, and when the snapshot is
+better by more than ``min_improvement`` nats/record it builds coder tables from the calibration records and publishes it as
 the next version of the registry (exported from ``WORK/publishing/``, a model directory of the snapshot alone,
 so the learner's own checkpoints may move on meanwhile).
 
@@ -51,34 +52,47 @@ class Publisher:
         self.work, self.model_dir, self.registry = Path(work), Path(model_dir), registry
         self.seed, self.min_improvement, self.background = seed, min_improvement, background
         self._log, self._on_publish = log, on_publish
-        self.version, self.model = published if published is not None else (None, None)
+        self.version, self.weights = None, None     # the published version and its weights (NumPy arrays)
+        if published is not None:
+            self.version, self.weights = published[0], [w.numpy() for w in published[1].weights()]
         self._lock = lock or threading.RLock()
-        self._spare: list = []     # VAEs free to take a snapshot
+        self._eval = None          # the VAE every evaluation and export goes through
+        self._eval_lock = threading.RLock()  # held while it is in use (the learner's evaluate() may call in)
         self._pool = None          # one background thread
         self._job = None           # its future, while it runs
         self._queued = None        # the newest snapshot, waiting for the thread
 
+    def _with(self, config, weights):
+        """The evaluation VAE holding ``weights``."""
+        from vaestream.model import VAE
+
+        if self._eval is None:
+            self._eval = VAE(config)
+        for v, w in zip(self._eval.weights(), weights):
+            v.assign(w)
+        return self._eval
+
     def evaluate(self, model, x: np.ndarray, step: int) -> dict:
-        """Held-out mean ELBO (nats/record) of ``model`` and, if any, of the published version, on ``x`` [N, D]."""
+        """Held-out mean ELBO (nats/record) of ``model`` (a VAE, or a snapshot's weights) and, if any, of the
+        published version, on ``x`` [N, D]."""
         from vaestream.training import dataset_elbo
 
-        out = {"holdout_records": len(x), "step": step, "holdout_elbo": dataset_elbo(model, x, seed=self.seed)["elbo"]}
-        if self.model is not None:
-            out["published_elbo"] = dataset_elbo(self.model, x, seed=self.seed)["elbo"]
-            out["published_version"] = self.version
+        with self._eval_lock:
+            if isinstance(model, dict):
+                model = self._with(model["config"], model["weights"])
+            out = {"holdout_records": len(x), "step": step,
+                   "holdout_elbo": dataset_elbo(model, x, seed=self.seed)["elbo"]}
+            if self.weights is not None:
+                out["published_elbo"] = dataset_elbo(self._with(model.config, self.weights), x, seed=self.seed)["elbo"]
+                out["published_version"] = self.version
         return out
 
     def snapshot(self, model, holdout: np.ndarray | None, calibration: np.ndarray, step: int, files: int,
                  records_trained: int) -> dict:
         """Fix what a publication needs now: a copy of ``model``'s weights, the held-out inputs [N, D] (None:
         no hold-out set yet), the calibration inputs [C, D] and the ledger's counts."""
-        from vaestream.model import VAE
-
-        with self._lock:
-            copy = self._spare.pop() if self._spare else VAE(model.config)
-        for v, w in zip(copy.weights(), model.weights()):
-            v.assign(w)
-        return {"model": copy, "holdout": holdout, "calibration": calibration, "step": step, "files": files,
+        return {"model": {"config": model.config, "weights": [w.numpy() for w in model.weights()]},
+                "holdout": holdout, "calibration": calibration, "step": step, "files": files,
                 "records_trained": records_trained}
 
     def submit(self, snap: dict) -> dict | None:
@@ -87,9 +101,7 @@ class Publisher:
         if not self.background:
             return self.evaluate_and_publish(snap)
         with self._lock:
-            old, self._queued = self._queued, snap
-            if old is not None:
-                self._spare.append(old["model"])
+            self._queued = snap
             if self._job is None:
                 if self._pool is None:
                     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-publish")
@@ -129,16 +141,11 @@ class Publisher:
     def evaluate_and_publish(self, snap: dict) -> dict | None:
         """Evaluate a snapshot now, on this thread, and publish it if it beats the published version; returns
         the publication record or None."""
-        model = snap["model"]
         if snap["holdout"] is None or not len(snap["holdout"]):
-            with self._lock:
-                self._spare.append(model)
             return None
-        ev = self.evaluate(model, snap["holdout"], snap["step"])
+        ev = self.evaluate(snap["model"], snap["holdout"], snap["step"])
         self._log({"event": "evaluate", **ev})
         if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.min_improvement:
-            with self._lock:
-                self._spare.append(model)
             return None
         import tensorflow as tf
 
@@ -146,10 +153,12 @@ class Publisher:
 
         src = self.work / PUBLISHING
         shutil.rmtree(src, ignore_errors=True)
-        store.save_config(src, model.config)
-        tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(src / store.CKPT), max_to_keep=1).save(
-            checkpoint_number=snap["step"])
-        tables = build_tables(model, snap["calibration"])
+        with self._eval_lock:
+            model = self._with(snap["model"]["config"], snap["model"]["weights"])
+            store.save_config(src, model.config)
+            tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(src / store.CKPT), max_to_keep=1).save(
+                checkpoint_number=snap["step"])
+            tables = build_tables(model, snap["calibration"])
         tables.save(src / "coder_tables.npz")
         tables.save(self.model_dir / "coder_tables.npz")
         ver = self.registry.publish(src, metadata={
@@ -160,10 +169,7 @@ class Publisher:
                "holdout_elbo": ev["holdout_elbo"]}
         with self._lock:
             self._on_publish(rec)
-            # the snapshot becomes the published model; the old published VAE takes a later snapshot
-            old, self.model, self.version = self.model, model, ver.version
-            if old is not None:
-                self._spare.append(old)
+            self.weights, self.version = snap["model"]["weights"], ver.version
         self._log({"event": "publish", **rec})
         return rec
 
