@@ -186,3 +186,38 @@ def test_follow_cli_and_train_follow_hook(tmp_path, mnist_train, capsys):
     assert [os.path.basename(f["path"]) for f in led["files"]][1:] == ["part-0000.npy", "part-0001.npy",
                                                                         "part-0002.npy"]
     assert led["records_trained"] + led["records_held_out"] == 300 + 3 * 100 and led["records_held_out"] == 30
+
+
+
+def test_online_model_equals_batch_fit_over_the_same_minibatches(mnist_train, tmp_path):
+    """N records through the learner (test-then-train scoring, replay, padded chunks, checkpoints) leave the
+    model that a batch ``fit`` reaches over the same minibatch sequence from the same seed, chunked otherwise."""
+    import dataclasses
+
+    from vaestream.model import VAE
+    from vaestream.online import OnlineLearner
+    from vaestream.training import fit, prepare_model_dir, sequence_chunks
+
+    mc, tc, oc = _config()                  # M = 50, K = 8, buffer 300, a checkpoint every 2 files
+    learner = OnlineLearner(tmp_path / "online", model_config=mc, train_config=tc, online_config=oc)
+    sizes = [230, 170, 300, 120, 260]       # 5 steps (all new), then 7, 12, 5, 11 (25 new + 25 replayed)
+    seq, start = [], 0
+    for i, n in enumerate(sizes):
+        x = mnist_train[start:start + n]
+        start += n
+        seq.append(learner.minibatches(x.reshape(n, -1), i))  # the plan, from the buffer as it is now
+        rec = learner.process_records(x, source=f"part-{i}")
+        assert rec["steps"] == len(seq[-1])
+    seq = np.concatenate(seq)
+    assert seq.shape == (40, 50, 784) and int(learner.trainer.step.numpy()) == 40
+    assert len(learner.buffer) == 300 and len(learner.ledger["files"]) == 4  # the fifth is pending
+    cfg = dataclasses.replace(learner.train_config, steps=len(seq), steps_per_call=7)
+    config = prepare_model_dir(tmp_path / "batch", mc, (28, 28), cfg, "sequence")
+    res = fit(tmp_path / "batch", config, cfg, oc.buffer_size, 1.0 / 255.0, sequence_chunks(seq, 7), {},
+              progress=False)
+    assert res.steps == 40
+    init = VAE(config, seed=tc.seed, init=tc.init)
+    for a, b, w0 in zip(learner.model.weights(), res.model.weights(), init.weights()):
+        a, b, w0 = a.numpy(), b.numpy(), w0.numpy()
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert np.abs(a - w0).max() > 1e-3   # both moved far from the initial weights

@@ -119,8 +119,10 @@ class Trainer(tf.Module):
     """The optimisation state of one model: optimizer slots and the step counter, checkpointed together.
 
     ``run_steps(chunk, scale)`` takes K minibatches at once (``[K, M, D]``, any numeric dtype; inputs are
-    ``chunk * scale``) and returns the mean minibatch ELBO (nats/record) over them. ``update(x)`` is one step
-    on a float batch ``[M, D]``, for callers that push data themselves.
+    ``chunk * scale``) and returns the mean minibatch ELBO (nats/record) over them; ``run_steps(chunk, scale,
+    steps=k)`` runs only the first k <= K of them (a chunk padded to a fixed K: XLA compiles once per chunk
+    shape, so a caller whose step counts vary, like the online learner, pads instead of compiling each count).
+    ``update(x)`` is one step on a float batch ``[M, D]``, for callers that push data themselves.
     """
 
     closed_form: bool = True
@@ -153,8 +155,7 @@ class Trainer(tf.Module):
                 / self.n_train
         return obj, terms
 
-    def _run_steps(self, chunk: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-        k_total = tf.shape(chunk)[0]
+    def _run_steps(self, chunk: tf.Tensor, scale: tf.Tensor, k_total: tf.Tensor) -> tf.Tensor:
         base = tf.constant(self.cfg.seed % (2**31 - 1), tf.int32)
         variables = self.model.trainable_variables
         dynamic = self.cfg.binarize == "dynamic"
@@ -177,8 +178,11 @@ class Trainer(tf.Module):
         _, total = tf.while_loop(lambda k, acc: k < k_total, body, (tf.constant(0), tf.constant(0.0)))
         return total / tf.cast(k_total, tf.float32)
 
-    def run_steps(self, chunk, scale: float = 1.0) -> float:
-        return float(self._run(tf.convert_to_tensor(chunk), tf.constant(scale, tf.float32)))
+    def run_steps(self, chunk, scale: float = 1.0, steps: int | None = None) -> float:
+        k = int(chunk.shape[0]) if steps is None else int(steps)
+        if not 1 <= k <= int(chunk.shape[0]):
+            raise ConfigError(f"steps={steps} for a chunk of {chunk.shape[0]} minibatches")
+        return float(self._run(tf.convert_to_tensor(chunk), tf.constant(scale, tf.float32), tf.constant(k, tf.int32)))
 
     def update(self, x) -> float:
         """One AEVB step on ``x`` ``[M, D]`` (float32 model inputs); returns that minibatch's ELBO."""
@@ -287,6 +291,18 @@ def prepare_model_dir(model_dir: str | Path, config: ModelConfig | None, input_s
 ChunkSource = Callable[[int, int], "Iterator[tuple[int, object]]"]
 """``chunks(start_step, steps_per_epoch)`` -> iterator of ``(first step, chunk [K, M, ...])`` from global step
 ``start_step`` on, up to the run's total; a chunk may be a NumPy array or a tensor of raw records."""
+
+
+def sequence_chunks(batches, steps_per_call: int) -> ChunkSource:
+    """A :data:`ChunkSource` over an explicit minibatch sequence ``batches`` ``[S, M, ...]`` (step s trains on
+    ``batches[s]``), in chunks of ``steps_per_call``; e.g. to replay the minibatches another loop (the online
+    learner) trained on through :func:`fit` with ``TrainConfig(steps=S)``."""
+
+    def chunks(start: int, steps_per_epoch: int):
+        for s in range(start, len(batches), steps_per_call):
+            yield s, batches[s:s + steps_per_call]
+
+    return chunks
 
 
 def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train: int, scale: float,

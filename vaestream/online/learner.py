@@ -21,6 +21,14 @@ by more than ``publish_min_improvement`` nats/record, it builds coder tables fro
 publishes the model as the next version of the registry (:class:`vaestream.online.registry.Registry`, an export
 base of :mod:`vaestream.serving.export`).
 
+**At training speed.** A file's S minibatches are drawn as one array (:meth:`OnlineLearner.minibatches`) and go
+through the compiled chunk of batch training (:meth:`vaestream.training.Trainer.run_steps`), K =
+``steps_per_call`` steps per call, the last chunk padded to K, so XLA compiles one chunk shape for the whole
+stream. The evaluation and export of a checkpoint run on a copy of its weights on a background thread
+(:class:`vaestream.online.publisher.Publisher`); a checkpoint itself (model, optimizer, buffer, ledger) is a
+few tens of ms. The rate of new records is bounded by the mix: each new record costs ``passes / new_fraction``
+training examples (2 with the defaults) and one forward pass for its prequential score.
+
 **Exactly-once input.** ``WORK/ledger.json`` lists the files whose effect is in the checkpoint it names,
 and the replay buffer and hold-out set of that moment (``WORK/state-STEP.npz``). It is replaced atomically
 after the checkpoint and state are written, so after a kill the learner restores *the ledger's* checkpoint
@@ -63,6 +71,7 @@ from vaestream import store
 from vaestream.binio import atomic_write, new_files
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
+from vaestream.online.publisher import Publisher, load_published
 from vaestream.online.replay import ReplayBuffer
 from vaestream.online.drift import DriftConfig, DriftMonitor
 from vaestream.errors import ConfigError, DataError, ModelError
@@ -91,6 +100,9 @@ class OnlineConfig:
       publish: publish versions when the held-out bound improves (needs a registry).
       publish_min_improvement: nats/record the held-out bound must gain over the published version.
       calibration_records: buffer records used to build the coder tables of a publication.
+      background_publish: evaluate and publish a copy of each checkpoint's weights on a background thread
+        while learning goes on (see :meth:`OnlineLearner.checkpoint`); False: inline, as part of the
+        checkpoint.
       seed: seeds minibatch sampling and hold-out selection.
     """
 
@@ -106,6 +118,7 @@ class OnlineConfig:
     publish: bool = True
     publish_min_improvement: float = 0.0
     calibration_records: int = 5000
+    background_publish: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -179,11 +192,15 @@ class OnlineLearner:
         self.trainer = None
         self.buffer: ReplayBuffer | None = None
         self.holdout: ReplayBuffer | None = None
-        self._published_model = None
+        self._published = None               # (version, VAE) of the published version, when resuming
+        self._lock = threading.RLock()       # ledger and log writes (the publishing thread makes both)
         self._last_ckpt_time = time.monotonic()
         self._log = None
         self.drift = DriftMonitor(drift, self.work / DRIFT_LOG)
         self._resume()
+        self.publisher = None if self.registry is None else Publisher(
+            self.work, self.model_dir, self.registry, self.cfg.seed, self.cfg.publish_min_improvement,
+            self.cfg.background_publish, self._write_log, self._record_publication, self._published, self._lock)
 
     # -- state ------------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -217,7 +234,8 @@ class OnlineLearner:
         self.drift = DriftMonitor(self.drift.config, self.work / DRIFT_LOG, self.ledger.get("drift"))
         pub = self.ledger.get("published")
         if pub and self.registry is not None:
-            self._published_model = self._load_published(pub["version"])
+            m = load_published(self.registry, pub["version"], self.model.config)
+            self._published = None if m is None else (pub["version"], m)
 
     def _build(self, config: ModelConfig, restore_from: Path | None = None) -> None:
         import tensorflow as tf
@@ -287,7 +305,7 @@ class OnlineLearner:
             {f["path"] for f in self.pending}
 
     def _write_log(self, rec: dict) -> None:
-        with open(self.work / LOG, "a") as f:
+        with self._lock, open(self.work / LOG, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
     # -- learning ---------------------------------------------------------------------------------------------
@@ -317,7 +335,9 @@ class OnlineLearner:
         from vaestream.training import dataset_elbo
 
         pre = dataset_elbo(self.model, self._inputs(stored), batch_size=1024, seed=self.cfg.seed)
+        t1 = time.perf_counter()
         steps, train_elbo = self._train_on(train, files_done)
+        t2 = time.perf_counter()
         self.buffer.add(train)
         if hmask.any():
             self.holdout.add(stored[hmask])
@@ -326,34 +346,48 @@ class OnlineLearner:
         rec = {"source": source, "records": n, "trained": int(len(train)), "held_out": int(hmask.sum()),
                "steps": steps, "prequential_elbo": pre["elbo"], "bits_per_record": -pre["elbo"] / math.log(2),
                "train_elbo": train_elbo, "seconds": round(time.perf_counter() - t0, 4),
+               "seconds_score": round(t1 - t0, 4), "seconds_train": round(t2 - t1, 4),
                "drift_flagged": d["flagged"], "step": int(self.trainer.step.numpy())}
         self._write_log({"event": "file", **rec})
         return rec
 
-    def _train_on(self, train: np.ndarray, files_done: int) -> tuple[int, float | None]:
+    def minibatches(self, train: np.ndarray, files_done: int) -> np.ndarray:
+        """The minibatches the learner takes on a file's training records ``train`` ``[n, D]`` (stored dtype),
+        given the replay buffer as it is now: ``[S, M, D]`` with ``S = ceil(passes * n / m_new)``; row s holds
+        ``m_new`` records of ``train`` (a seeded permutation, cycled) then ``M - m_new`` drawn uniformly from the
+        buffer (``m_new = M`` while the buffer is empty, or before the first file). One array for the whole
+        file, drawn with one permutation per pass and one vectorised buffer sample; seeded by
+        ``(seed, files_done)``."""
         cfg = self.cfg
-        n = len(train)
-        if n == 0:
-            return 0, None
-        m = cfg.batch_size
-        m_new = m if len(self.buffer) == 0 else max(1, min(m, int(round(cfg.new_fraction * m))))
+        n, m = len(train), cfg.batch_size
+        empty = self.buffer is None or len(self.buffer) == 0
+        m_new = m if empty else max(1, min(m, int(round(cfg.new_fraction * m))))
         steps = max(1, int(math.ceil(cfg.passes * n / m_new)))
         rng = np.random.default_rng([cfg.seed, files_done])
         reps = int(math.ceil(steps * m_new / n))
         order = np.concatenate([rng.permutation(n) for _ in range(reps)])[:steps * m_new]
-        new = train[order].reshape(steps, m_new, -1)
+        batch = np.empty((steps, m, train.shape[1]), train.dtype)
+        batch[:, :m_new] = train[order].reshape(steps, m_new, -1)
         if m_new < m:
-            old = self.buffer.sample(rng, steps * (m - m_new)).reshape(steps, m - m_new, -1)
-            batch = np.concatenate([new, old], axis=1)
-        else:
-            batch = new
-        k = cfg.steps_per_call
-        total, done = 0.0, 0
+            batch[:, m_new:] = self.buffer.sample(rng, steps * (m - m_new)).reshape(steps, m - m_new, -1)
+        return batch
+
+    def _train_on(self, train: np.ndarray, files_done: int) -> tuple[int, float | None]:
+        """Train on :meth:`minibatches` through the compiled :class:`~vaestream.training.Trainer` step, in chunks
+        of K = ``steps_per_call`` (the last one padded to K, so XLA compiles one chunk shape for the whole
+        stream, whatever the file sizes)."""
+        if len(train) == 0:
+            return 0, None
+        batch = self.minibatches(train, files_done)
+        steps, k = len(batch), self.cfg.steps_per_call
+        total = 0.0
         for s in range(0, steps, k):
             chunk = batch[s:s + k]
-            total += self.trainer.run_steps(chunk, self._scale) * len(chunk)
-            done += len(chunk)
-        return steps, total / max(done, 1)
+            if len(chunk) < k:
+                chunk = np.concatenate([chunk, np.zeros((k - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+            done = min(k, steps - s)
+            total += self.trainer.run_steps(chunk, self._scale, steps=done) * done
+        return steps, total / steps
 
     def process_file(self, path: str | os.PathLike) -> dict | None:
         """Learn from one file (any format :func:`vaestream.data.read_array` reads); it goes to the ledger.
@@ -401,18 +435,26 @@ class OnlineLearner:
             f.write(json.dumps({"source": fid["path"], "key": fid["path"], "reason": str(e)}) + "\n")
         self._write_log({"event": "rejected", **rej})
         # a rejection changes no model state: record it in the committed ledger at once
-        committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
-            else dict(self.ledger, rejected=[])
-        committed["rejected"] = committed.get("rejected", []) + [rej]
-        atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
+        with self._lock:
+            committed = json.loads((self.work / LEDGER).read_text()) if (self.work / LEDGER).is_file() \
+                else dict(self.ledger, rejected=[])
+            committed["rejected"] = committed.get("rejected", []) + [rej]
+            atomic_write(self.work / LEDGER, json.dumps(committed, indent=1, sort_keys=True) + "\n")
         return {"source": fid["path"], "rejected": str(e)}
 
     # -- checkpoints, evaluation, publishing ------------------------------------------------------------------
     def checkpoint(self) -> dict:
         """Save the model, optimizer, buffer and hold-out set, then commit the pending files to the ledger
-        (atomically), then evaluate and maybe publish. Returns the ledger."""
+        (atomically), then evaluate and maybe publish. Returns the ledger.
+
+        With ``background_publish`` the weights just saved are copied and handed to a background thread that
+        evaluates and exports them while learning goes on; the checkpoint never waits for it. If the thread is
+        still busy with an earlier checkpoint, this one waits in its place (a newer checkpoint replaces a
+        waiting, not yet started one: under a backlog, the newest weights are the ones judged).
+        :meth:`wait`, :meth:`close` and the end of :meth:`follow` wait until the queue is empty."""
         if self.model is None:
             return self.ledger
+        t0 = time.perf_counter()
         step = int(self.trainer.step.numpy())
         ck = self._manager.save(checkpoint_number=step)
         state = f"state-{step}.npz"
@@ -422,88 +464,73 @@ class OnlineLearner:
                  buffer_capacity=self.buffer.capacity, holdout=self.holdout.data[:self.holdout.size],
                  holdout_next=self.holdout.next, holdout_capacity=self.holdout.capacity, scale=self._scale)
         atomic_write(self.work / state, buf.getvalue())
-        led = dict(self.ledger)
-        led["files"] = self.ledger["files"] + self.pending
-        led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
-        led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in self.pending)
-        led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
-        led["drift"] = self.drift.state()
-        old_state = self.ledger.get("state")
-        atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
-        self.ledger, self.pending = led, []
+        with self._lock:
+            led = dict(self.ledger)
+            led["files"] = self.ledger["files"] + self.pending
+            led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
+            led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in self.pending)
+            led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
+            led["drift"] = self.drift.state()
+            old_state = self.ledger.get("state")
+            atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
+            self.ledger, self.pending = led, []
         if old_state and old_state != state and (self.work / old_state).exists():
             (self.work / old_state).unlink()
         self._last_ckpt_time = time.monotonic()
-        self.maybe_publish()
+        self._write_log({"event": "checkpoint", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
+        if self.publisher is not None and self.cfg.publish:
+            self.publisher.submit(self._snapshot())
         return self.ledger
+
+    def wait(self) -> dict | None:
+        """Wait until the evaluations / publications queued by checkpoints are done (the publishing thread's
+        exceptions are raised here); returns the ledger's publication record (None: nothing published)."""
+        if self.publisher is not None:
+            self.publisher.wait()
+        return self.ledger.get("published")
+
+    def close(self) -> None:
+        """Wait for background work and stop its thread (the learner stays usable)."""
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def _record_publication(self, rec: dict) -> None:
+        with self._lock:
+            self.ledger["published"] = rec
+            atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
+
+    def _heldout_inputs(self) -> np.ndarray | None:
+        if self.holdout is None or len(self.holdout) == 0:
+            return None
+        return self._inputs(self.holdout.contents())
 
     def evaluate(self) -> dict:
         """Held-out mean ELBO (nats/record) of the current model and, if any, of the published version."""
         from vaestream.training import dataset_elbo
 
-        if self.holdout is None or len(self.holdout) == 0:
+        x = self._heldout_inputs()
+        if x is None:
             return {"holdout_records": 0}
-        x = self._inputs(self.holdout.contents())
-        out = {"holdout_records": len(x), "step": int(self.trainer.step.numpy()),
-               "holdout_elbo": dataset_elbo(self.model, x, seed=self.cfg.seed)["elbo"]}
-        if self._published_model is not None:
-            out["published_elbo"] = dataset_elbo(self._published_model, x, seed=self.cfg.seed)["elbo"]
-            out["published_version"] = self.ledger["published"]["version"]
-        return out
+        if self.publisher is not None:
+            return self.publisher.evaluate(self.model, x, int(self.trainer.step.numpy()))
+        return {"holdout_records": len(x), "step": int(self.trainer.step.numpy()),
+                "holdout_elbo": dataset_elbo(self.model, x, seed=self.cfg.seed)["elbo"]}
 
     def maybe_publish(self) -> dict | None:
-        """Publish the current model if its held-out bound beats the published version's (see the module
-        docstring). Returns the publication record, or None."""
-        if self.registry is None or not self.cfg.publish:
+        """Publish the current model (as of now, on this thread) if its held-out bound beats the published
+        version's (see the module docstring). Returns the publication record, or None."""
+        if self.publisher is None or not self.cfg.publish or self.model is None:
             return None
-        ev = self.evaluate()
-        if not ev.get("holdout_records"):
-            return None
-        self._write_log({"event": "evaluate", **ev})
-        if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.cfg.publish_min_improvement:
-            return None
-        from vaestream.coding.codec import build_tables
+        self.publisher.wait()
+        return self.publisher.evaluate_and_publish(self._snapshot())
 
+    def _snapshot(self) -> dict:
         cal = self.buffer.contents()
         if len(cal) > self.cfg.calibration_records:
             cal = cal[np.linspace(0, len(cal) - 1, self.cfg.calibration_records).astype(np.int64)]
-        tables = build_tables(self.model, self._inputs(cal))
-        tables.save(self.model_dir / "coder_tables.npz")
-        ver = self.registry.publish(self.model_dir, metadata={
-            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": len(self.ledger["files"]),
-            "records_trained": self.ledger["records_trained"], "previous_elbo": ev.get("published_elbo")})
-        rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
-               "holdout_elbo": ev["holdout_elbo"]}
-        self.ledger["published"] = rec
-        atomic_write(self.work / LEDGER, json.dumps(self.ledger, indent=1, sort_keys=True) + "\n")
-        self._published_model = self._snapshot()
-        self._write_log({"event": "publish", **rec})
-        return rec
-
-    def _snapshot(self):
-        from vaestream.model import VAE
-
-        m = VAE(self.model.config)
-        for v, w in zip(m.weights(), self.model.weights()):
-            v.assign(w)
-        return m
-
-    def _load_published(self, version: int):
-        """The published version's weights, for comparisons after a restart (read from its SavedModel)."""
-        import tensorflow as tf
-
-        from vaestream.model import VAE
-
-        path = self.registry.get(version).path
-        m = VAE(self.model.config)
-        loaded = tf.saved_model.load(str(path))
-        if not hasattr(loaded, "model"):
-            return None
-        for v, w in zip(m.weights(), _ordered_weights(loaded.model)):
-            v.assign(w)
-        if m.fingerprint() != self.registry.get(version).fingerprint:
-            return None
-        return m
+        return self.publisher.snapshot(self.model, self._heldout_inputs(), self._inputs(cal),
+                                       int(self.trainer.step.numpy()), len(self.ledger["files"]),
+                                       self.ledger["records_trained"])
 
     # -- following a pattern ----------------------------------------------------------------------------------
     def new_files(self, pattern: str | Iterable[str]) -> list[str]:
@@ -545,14 +572,8 @@ class OnlineLearner:
                         time.sleep(poll_interval)
         if self.pending:
             self.checkpoint()
+        self.wait()
         return {"files": done, "seconds": round(time.monotonic() - t0, 3),
                 "step": int(self.trainer.step.numpy()) if self.trainer is not None else 0,
                 "records_trained": self.ledger["records_trained"], "published": self.ledger.get("published")}
 
-
-def _ordered_weights(model) -> list:
-    out = []
-    for mlp in (model.encoder, model.decoder):
-        for layer in list(mlp.hidden) + [mlp.out]:
-            out += [layer.w, layer.b]
-    return out

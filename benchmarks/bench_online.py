@@ -1,0 +1,199 @@
+"""Online AEVB at training speed: ``OnlineLearner`` examples/s beside batch ``training.train`` on the same model
+and data, in the same run, and the bits/record after a distribution switch.
+
+The stream (as the online section of RESULTS_streaming.md): 40 files of 500 records, 20 of Fashion-MNIST then 20
+of MNIST (training sets), a 784-200-10 Bernoulli VAE pretrained for 600 steps on Fashion-MNIST, M = 100 (50 new
++ 50 replayed), replay buffer 2000, 5 % held out (500 kept), a checkpoint every 10 files, versions published to
+a registry when the held-out bound improves.
+
+* ``online``: the learner over the 40 files (``process_file`` each, then the final checkpoint and the wait for
+  its publication): wall seconds, training examples/s (steps x M) and new records/s, and where the time went
+  (prequential scoring, training, checkpoints, the wait for background publishing) from the learner's log.
+  ``online_inline`` is the same stream with ``background_publish=False`` (evaluation and export inside the
+  checkpoint, as before).
+* ``batch``: ``training.train`` from the same pretrained checkpoint on the same 20,000 records, M = 100, as
+  many steps as the online run took (end to end, one XLA compile, like the online run), and again for 3x the
+  steps: the difference of the two runs is the steady rate without compilation.
+* the ratios online / batch, end to end and steady (online steady: files 1-39, from the end of file 0, so
+  without the first compile, with checkpoints and publications).
+* bits/record (prequential -ELBO / ln 2 of each file before it is trained on) online and for the frozen
+  pretrained model, last 3 files after the switch (the frozen model is scored after the timed run).
+
+    python benchmarks/bench_online.py [--files 40] [--records 500] [--buffer 2000] [--mnist ../shared/data/mnist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def pretrain(fashion: np.ndarray, out: Path, steps: int) -> Path:
+    from vaestream.coding import codec
+    from vaestream.config import ModelConfig
+    from vaestream.data import make_dataset
+    from vaestream.training import TrainConfig, train
+
+    ds = make_dataset(fashion, "bernoulli", "fashion-train")
+    train(ds, out, ModelConfig(latent_dim=10, hidden=(200,)), TrainConfig(steps=steps, seed=1), progress=False)
+    codec.write_tables(out, fashion[:2000])
+    return out
+
+
+def run_online(model: Path, paths: list[Path], work: Path, args, background: bool) -> dict:
+    from vaestream.online import OnlineConfig, OnlineLearner
+    from vaestream.training import TrainConfig
+
+    learner = OnlineLearner(work / "work", registry=work / "registry", initial_model=model,
+                            train_config=TrainConfig(seed=1),
+                            online_config=OnlineConfig(batch_size=args.batch, buffer_size=args.buffer,
+                                                       holdout_fraction=0.05, holdout_size=500,
+                                                       checkpoint_every_files=args.checkpoint_every,
+                                                       background_publish=background, seed=1))
+    rows = []
+    t0 = time.perf_counter()
+    t_first = None
+    for p in paths:
+        rows.append(learner.process_file(p))
+        if t_first is None:
+            t_first = time.perf_counter()
+    if learner.pending:
+        learner.checkpoint()
+    t_wait = time.perf_counter()
+    learner.close()
+    t1 = time.perf_counter()
+    log = [json.loads(s) for s in (work / "work" / "log.jsonl").read_text().splitlines()]
+    steps = sum(r["steps"] for r in rows)
+    m = args.batch
+    seconds = t1 - t0
+    ckpt = sum(e["seconds"] for e in log if e["event"] == "checkpoint")
+    score = sum(r["seconds_score"] for r in rows)
+    trainsec = sum(r["seconds_train"] for r in rows)
+    records = sum(r["records"] for r in rows)
+    return {
+        "background_publish": background, "files": len(rows), "records": records, "steps": steps,
+        "examples": steps * m, "seconds": round(seconds, 3),
+        "examples_per_s": round(steps * m / seconds, 1), "new_records_per_s": round(records / seconds, 1),
+        "learning": {"note": "files 1-39 until the last is learned and checkpointed, without the wait for "
+                             "the last publication (what a long-running stream sees)",
+                     "seconds": round(t_wait - t_first, 3),
+                     "examples_per_s": round((steps - rows[0]["steps"]) * m / (t_wait - t_first), 1),
+                     "new_records_per_s": round((records - rows[0]["records"]) / (t_wait - t_first), 1)},
+        "steady": {"files": len(rows) - 1, "seconds": round(t1 - t_first, 3),
+                   "examples_per_s": round((steps - rows[0]["steps"]) * m / (t1 - t_first), 1),
+                   "new_records_per_s": round((records - rows[0]["records"]) / (t1 - t_first), 1)},
+        "breakdown_s": {"first_file (compiles the training chunk and the scoring)": round(t_first - t0, 3),
+                        "prequential_scoring": round(score, 3), "training_steps": round(trainsec, 3),
+                        "checkpoints (model, optimizer, buffer, ledger)": round(ckpt, 3),
+                        "wait_for_last_publication": round(t1 - t_wait, 3),
+                        "other (reading, validation, buffer, drift, logs)": round(
+                            seconds - score - trainsec - ckpt - (t1 - t_wait), 3)},
+        "versions_published": learner.registry.versions(),
+        "bits": [r["bits_per_record"] for r in rows]}
+
+
+def run_batch(model: Path, records: np.ndarray, out: Path, steps: int, args) -> dict:
+    from vaestream.data import make_dataset
+    from vaestream.training import TrainConfig, train
+
+    shutil.copytree(model, out)
+    ds = make_dataset(records, "bernoulli", "stream")
+    res = train(ds, out, train_config=TrainConfig(steps=args.pretrain_steps + steps, seed=1, batch_size=args.batch),
+                progress=False)
+    n = (res.steps - args.pretrain_steps) * args.batch
+    # fit's own clock: from its first chunk (the XLA compile included) to its last checkpoint; without the
+    # model building before and the final train-set evaluation after
+    return {"steps": res.steps - args.pretrain_steps, "examples": n, "seconds": round(n / res.examples_per_second, 3),
+            "examples_per_s": round(res.examples_per_second, 1)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=40, help="files (half Fashion-MNIST, half MNIST)")
+    ap.add_argument("--records", type=int, default=500, help="records per file")
+    ap.add_argument("--buffer", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--mnist", default=str(MNIST), help="the MNIST IDX folder")
+    ap.add_argument("--no-inline", action="store_true", help="skip the background_publish=False run")
+    args = ap.parse_args(argv)
+
+    from vaestream import store
+    from vaestream.data import load_records
+    from vaestream.training import dataset_elbo
+
+    fashion = load_records("fashion-mnist", "train")
+    mnist = load_records(args.mnist, "train")
+    work = Path(tempfile.mkdtemp(prefix="bench_online-"))
+    t00 = time.perf_counter()
+    model = pretrain(fashion, work / "pretrained", args.pretrain_steps)
+    half, r = args.files // 2, args.records
+    chunks = [fashion[i * r:(i + 1) * r] if i < half else mnist[(i - half) * r:(i - half + 1) * r]
+              for i in range(args.files)]
+    (work / "in").mkdir()
+    paths = []
+    for i, x in enumerate(chunks):
+        paths.append(work / "in" / f"part-{i:04d}.npy")
+        np.save(paths[-1], x)
+    res = {"benchmark": "online", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{os.cpu_count()}-core, shared", "python": platform.python_version(),
+           "load_average_start": os.getloadavg(),
+           "model": "784-200-10 Bernoulli, pretrained on Fashion-MNIST", "files": args.files, "records_per_file": r}
+    stream = np.concatenate(chunks)
+    online = run_online(model, paths, work / "online", args, background=True)
+    batch = run_batch(model, stream, work / "batch", online["steps"], args)
+    batch3 = run_batch(model, stream, work / "batch3", 3 * online["steps"], args)
+    inline = None if args.no_inline else run_online(model, paths, work / "online_inline", args, background=False)
+    batch["steady_examples_per_s"] = round((batch3["examples"] - batch["examples"]) /
+                                           max(batch3["seconds"] - batch["seconds"], 1e-9), 1)
+    frozen = store.load_model(model)
+    frozen_bits = [-dataset_elbo(frozen, x.reshape(len(x), -1).astype(np.float32) / 255.0)["elbo"] / np.log(2)
+                   for x in chunks]
+    bits = online.pop("bits")
+    last3_online = statistics.mean(bits[-3:])
+    last3_frozen = statistics.mean(frozen_bits[-3:])
+    res.update({
+        "online": online, "batch": batch, "batch_3x": batch3,
+        "ratio_online_to_batch_examples_per_s": round(online["examples_per_s"] / batch["examples_per_s"], 3),
+        "ratio_online_to_batch_steady": round(online["steady"]["examples_per_s"] / batch["steady_examples_per_s"], 3),
+        "ratio_online_learning_to_batch_steady": round(online["learning"]["examples_per_s"] /
+                                                       batch["steady_examples_per_s"], 3),
+        "bits_per_record": {
+            "last3_before_switch": {"online": round(statistics.mean(bits[half - 3:half]), 2),
+                                    "frozen": round(statistics.mean(frozen_bits[half - 3:half]), 2)},
+            "first_after_switch": {"online": round(bits[half], 2), "frozen": round(frozen_bits[half], 2)},
+            "last3_after_switch": {"online": round(last3_online, 2), "frozen": round(last3_frozen, 2)},
+            "ratio_frozen_to_online_last3": round(last3_frozen / last3_online, 3)},
+    })
+    if inline is not None:
+        bits_inline = inline.pop("bits")
+        res["online_inline"] = inline
+        res["ratio_inline_to_batch_examples_per_s"] = round(inline["examples_per_s"] / batch["examples_per_s"], 3)
+        res["inline_same_bits"] = bool(np.allclose(bits_inline, bits, rtol=0, atol=1e-3))
+    res["load_average_end"] = os.getloadavg()
+    res["seconds_total"] = round(time.perf_counter() - t00, 1)
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

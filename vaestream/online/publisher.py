@@ -1,0 +1,197 @@
+"""Publishing an online learner's checkpoints: held-out evaluation, coder tables and export, off the training thread.
+
+At each checkpoint :class:`vaestream.online.learner.OnlineLearner` hands the :class:`Publisher` a *snapshot*: a
+copy of the weights just saved (NumPy arrays), the held-out inputs, calibration records and the ledger's counts
+of that moment. Snapshots and the published version are evaluated through one VAE of the publisher's (the
+weights assigned in turn), so its compiled evaluation is reused across checkpoints. The publisher computes
+the held-out mean ELBO of the snapshot and of the published version on the same set, and when the snapshot is
+better by more than ``min_improvement`` nats/record it builds coder tables from the calibration records and publishes it as
+the next version of the registry (exported from ``WORK/publishing/``, a model directory of the snapshot alone,
+so the learner's own checkpoints may move on meanwhile).
+
+In the background (the default) one thread does this while learning goes on; a checkpoint never waits for it.
+One snapshot waits while the thread is busy; a newer checkpoint replaces a waiting, not yet started one (under
+a backlog, the newest weights are the ones judged). :meth:`Publisher.wait` returns when the queue is empty and
+raises the thread's exception, if any.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vaestream import store
+
+PUBLISHING = "publishing"
+
+
+class Publisher:
+    """Evaluates snapshots and publishes the better ones (see the module docstring).
+
+    Args:
+      work: the learner's work directory (``WORK/publishing/`` is written here).
+      model_dir: the learner's model directory (gets the published coder tables; named in the registry log).
+      registry: the :class:`vaestream.online.registry.Registry`.
+      seed: the evaluation seed (z noise of the held-out bound).
+      min_improvement: nats/record a snapshot must gain over the published version.
+      background: evaluate and publish on a background thread (False: in :meth:`submit`).
+      log: called with each ``evaluate`` / ``publish`` event (a JSON-able dict).
+      on_publish: called with each publication record ``{"version", "fingerprint", "step", "holdout_elbo"}``.
+      published: the published version's ``(version number, VAE)`` when resuming, or None.
+      lock: the lock ``log`` and ``on_publish`` take (shared with the learner's ledger writes).
+    """
+
+    def __init__(self, work: Path, model_dir: Path, registry, seed: int, min_improvement: float, background: bool,
+                 log: Callable[[dict], None], on_publish: Callable[[dict], None],
+                 published: tuple[int, object] | None = None, lock: threading.RLock | None = None):
+        self.work, self.model_dir, self.registry = Path(work), Path(model_dir), registry
+        self.seed, self.min_improvement, self.background = seed, min_improvement, background
+        self._log, self._on_publish = log, on_publish
+        self.version, self.weights = None, None     # the published version and its weights (NumPy arrays)
+        if published is not None:
+            self.version, self.weights = published[0], [w.numpy() for w in published[1].weights()]
+        self._lock = lock or threading.RLock()
+        self._eval = None          # the VAE every evaluation and export goes through
+        self._eval_lock = threading.RLock()  # held while it is in use (the learner's evaluate() may call in)
+        self._pool = None          # one background thread
+        self._job = None           # its future, while it runs
+        self._queued = None        # the newest snapshot, waiting for the thread
+
+    def _with(self, config, weights):
+        """The evaluation VAE holding ``weights``."""
+        from vaestream.model import VAE
+
+        if self._eval is None:
+            self._eval = VAE(config)
+        for v, w in zip(self._eval.weights(), weights):
+            v.assign(w)
+        return self._eval
+
+    def evaluate(self, model, x: np.ndarray, step: int) -> dict:
+        """Held-out mean ELBO (nats/record) of ``model`` (a VAE, or a snapshot's weights) and, if any, of the
+        published version, on ``x`` [N, D]."""
+        from vaestream.training import dataset_elbo
+
+        with self._eval_lock:
+            if isinstance(model, dict):
+                model = self._with(model["config"], model["weights"])
+            out = {"holdout_records": len(x), "step": step,
+                   "holdout_elbo": dataset_elbo(model, x, seed=self.seed)["elbo"]}
+            if self.weights is not None:
+                out["published_elbo"] = dataset_elbo(self._with(model.config, self.weights), x, seed=self.seed)["elbo"]
+                out["published_version"] = self.version
+        return out
+
+    def snapshot(self, model, holdout: np.ndarray | None, calibration: np.ndarray, step: int, files: int,
+                 records_trained: int) -> dict:
+        """Fix what a publication needs now: a copy of ``model``'s weights, the held-out inputs [N, D] (None:
+        no hold-out set yet), the calibration inputs [C, D] and the ledger's counts."""
+        return {"model": {"config": model.config, "weights": [w.numpy() for w in model.weights()]},
+                "holdout": holdout, "calibration": calibration, "step": step, "files": files,
+                "records_trained": records_trained}
+
+    def submit(self, snap: dict) -> dict | None:
+        """Evaluate (and maybe publish) a snapshot: queued for the background thread, or now (then returns the
+        publication record, or None)."""
+        if not self.background:
+            return self.evaluate_and_publish(snap)
+        with self._lock:
+            self._queued = snap
+            if self._job is None:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-publish")
+                self._job = self._pool.submit(self._drain)
+        return None
+
+    def wait(self) -> None:
+        """Return when no snapshot is queued or being published; raises the background thread's exception."""
+        with self._lock:
+            job = self._job
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        """:meth:`wait`, then stop the thread (a later :meth:`submit` starts a new one)."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                snap, self._queued = self._queued, None
+                if snap is None:
+                    self._job = None
+                    return
+            try:
+                self.evaluate_and_publish(snap)
+            except BaseException:
+                with self._lock:
+                    self._job = None
+                raise
+
+    def evaluate_and_publish(self, snap: dict) -> dict | None:
+        """Evaluate a snapshot now, on this thread, and publish it if it beats the published version; returns
+        the publication record or None."""
+        if snap["holdout"] is None or not len(snap["holdout"]):
+            return None
+        ev = self.evaluate(snap["model"], snap["holdout"], snap["step"])
+        self._log({"event": "evaluate", **ev})
+        if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.min_improvement:
+            return None
+        import tensorflow as tf
+
+        from vaestream.coding.codec import build_tables
+
+        src = self.work / PUBLISHING
+        shutil.rmtree(src, ignore_errors=True)
+        with self._eval_lock:
+            model = self._with(snap["model"]["config"], snap["model"]["weights"])
+            store.save_config(src, model.config)
+            tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(src / store.CKPT), max_to_keep=1).save(
+                checkpoint_number=snap["step"])
+            tables = build_tables(model, snap["calibration"])
+        tables.save(src / "coder_tables.npz")
+        tables.save(self.model_dir / "coder_tables.npz")
+        ver = self.registry.publish(src, metadata={
+            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": snap["files"],
+            "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo"),
+            "model_dir": str(self.model_dir)})
+        rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
+               "holdout_elbo": ev["holdout_elbo"]}
+        with self._lock:
+            self._on_publish(rec)
+            self.weights, self.version = snap["model"]["weights"], ver.version
+        self._log({"event": "publish", **rec})
+        return rec
+
+
+def load_published(registry, version: int, config):
+    """The weights of a published version as a VAE of ``config`` (read from its SavedModel), or None when the
+    SavedModel has no model or its fingerprint is not the registry's (for comparisons after a restart)."""
+    import tensorflow as tf
+
+    from vaestream.model import VAE
+
+    path = registry.get(version).path
+    m = VAE(config)
+    loaded = tf.saved_model.load(str(path))
+    if not hasattr(loaded, "model"):
+        return None
+    weights = []
+    for mlp in (loaded.model.encoder, loaded.model.decoder):
+        for layer in list(mlp.hidden) + [mlp.out]:
+            weights += [layer.w, layer.b]
+    for v, w in zip(m.weights(), weights):
+        v.assign(w)
+    if m.fingerprint() != registry.get(version).fingerprint:
+        return None
+    return m
