@@ -28,6 +28,14 @@ DISCRETE_LEVELS = 255
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid")
 
+ARCHITECTURES = ("mlp", "conv")
+"""``mlp``: the paper's MLP encoder and decoder. ``conv``: strided convolutions for picture records, then
+the same dense layers to the same vector latent (:mod:`vaestream.conv`)."""
+
+_ADDED_DEFAULTS = {"arch": "mlp", "channels": (), "lmbda": None}
+"""Fields added after models were first stored: left out of :meth:`ModelConfig.to_dict` while at these
+values, so the config JSON, and with it the fingerprint of every model stored before them, is unchanged."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -42,6 +50,12 @@ class ModelConfig:
       likelihood: one of :data:`LIKELIHOODS`.
       min_log_scale: floor of the Gaussian decoder's per-pixel log standard deviation (keeps the density
         bounded on data with constant pixels).
+      arch: one of :data:`ARCHITECTURES`.
+      channels: ``conv`` only: channels of the stride-2 convolutions of the encoder, in order (the decoder
+        mirrors them); e.g. ``(32, 64)`` maps 28 x 28 to 7 x 7 x 64 before the dense layers ``hidden``.
+      lmbda: the rate-distortion trade-off lambda the model was trained for (loss = rate in bits +
+        lambda x MSE, :func:`vaestream.objective.rd_loss`); None for a model trained on the ELBO. Models of
+        one family differ in it, and ``vaestream compress --psnr`` reads it from here.
     """
 
     input_dim: int = 784
@@ -51,10 +65,26 @@ class ModelConfig:
     activation: str = "tanh"
     likelihood: str = "bernoulli"
     min_log_scale: float = -4.0
+    arch: str = "mlp"
+    channels: tuple[int, ...] = ()
+    lmbda: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.lmbda is not None:
+            object.__setattr__(self, "lmbda", float(self.lmbda))
+            if not (self.lmbda > 0 and self.lmbda < float("inf")):
+                raise ConfigError(f"lmbda must be a positive number, got {self.lmbda}")
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch {self.arch!r} is not one of {ARCHITECTURES}")
+        if self.arch == "conv":
+            if len(self.input_shape) not in (2, 3) or not self.channels or any(c < 1 for c in self.channels):
+                raise ConfigError(f"arch 'conv' needs a picture input_shape (H, W) or (H, W, C) and positive "
+                                  f"channels, got {self.input_shape} and {self.channels}")
+        elif self.channels:
+            raise ConfigError(f"channels {self.channels} are for arch 'conv', not {self.arch!r}")
         if self.input_dim < 1 or self.latent_dim < 1:
             raise ConfigError(f"input_dim and latent_dim must be positive, got {self.input_dim}, {self.latent_dim}")
         prod = 1
@@ -73,6 +103,10 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["hidden"] = list(self.hidden)
+        d["channels"] = list(self.channels)
+        for k, default in _ADDED_DEFAULTS.items():
+            if getattr(self, k) == default:
+                del d[k]
         return d
 
     def to_json(self) -> str:

@@ -1,4 +1,6 @@
-"""The VAE of Kingma & Welling (2014): MLP recognition model q(z|x), prior N(0, I), MLP decoder p(x|z).
+"""The VAE of Kingma & Welling (2014): MLP recognition model q(z|x), prior N(0, I), MLP decoder p(x|z)
+(or, with ``ModelConfig(arch="conv")``, convolutional transforms around the same vector latent:
+:mod:`vaestream.conv`).
 
 Encoder and decoder return ``tfp.distributions`` objects, so the objective reads like the math
 (see :mod:`vaestream.objective`). Records are flat float32 vectors of ``config.input_dim`` values.
@@ -151,9 +153,15 @@ class VAE(tf.Module):
         self.config = config
         rng = np.random.default_rng(seed)
         d, nz, hidden = config.input_dim, config.latent_dim, list(config.hidden)
-        self.encoder = MLP([d] + hidden, 2 * nz, config.activation, rng, init, name="encoder")
-        n_dec_out = d if config.likelihood == "bernoulli" else 2 * d
-        self.decoder = MLP([nz] + hidden[::-1], n_dec_out, config.activation, rng, init, name="decoder")
+        maps = 1 if config.likelihood == "bernoulli" else 2  # decoder outputs per pixel
+        if config.arch == "conv":  # strided convolutions to the same vector latent (vaestream.conv)
+            from vaestream.conv import ConvDecoder, ConvEncoder
+
+            self.encoder = ConvEncoder(config, 2 * nz, rng, init)
+            self.decoder = ConvDecoder(config, maps, self.encoder, rng, init)
+        else:
+            self.encoder = MLP([d] + hidden, 2 * nz, config.activation, rng, init, name="encoder")
+            self.decoder = MLP([nz] + hidden[::-1], maps * d, config.activation, rng, init, name="decoder")
 
     # -- the recognition model ------------------------------------------------------------------------------
     def encoder_params(self, x: tf.Tensor, blockwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
@@ -250,8 +258,9 @@ class VAE(tf.Module):
     def weights(self) -> list[tf.Variable]:
         """Every weight, in a fixed order (encoder then decoder, layer by layer, W then b)."""
         out = []
-        for mlp in (self.encoder, self.decoder):
-            for layer in list(mlp.hidden) + [mlp.out]:
+        for net in (self.encoder, self.decoder):
+            layers = net.layers() if hasattr(net, "layers") else list(net.hidden) + [net.out]
+            for layer in layers:
                 out += [layer.w, layer.b]
         return out
 

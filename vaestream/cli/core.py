@@ -30,6 +30,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
     g.add_argument("--activation", default="tanh")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"])
+    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                   help="mlp (the paper's) or conv: strided convolutions around the vector latent (vaestream.conv)")
+    g.add_argument("--channels", type=int, nargs="+", default=[32, 64],
+                   help="with --arch conv: channels of the stride-2 convolutions (default 32 64)")
+    g.add_argument("--objective", choices=["elbo", "rd"], default="elbo",
+                   help="elbo (AEVB, default) or rd: rate (bits) + LMBDA x MSE, a Gaussian decoder")
+    g.add_argument("--lmbda", type=float, default=None, help="with --objective rd: lambda (stored in config.json)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -59,14 +66,26 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _train_config(a: argparse.Namespace):
     from vaestream.training import TrainConfig
 
-    return TrainConfig(batch_size=a.batch_size, num_samples=a.samples, estimator=a.estimator, optimizer=a.optimizer,
+    return TrainConfig(batch_size=a.batch_size, num_samples=a.samples, estimator=a.estimator,
+                       objective=getattr(a, "objective", "elbo"), optimizer=a.optimizer,
                        learning_rate=a.lr, map_prior=a.map_prior, init=a.init, seed=a.seed, steps=a.steps,
                        epochs=a.epochs, binarize=a.binarize, validation=a.validation, eval_every=a.eval_every,
                        checkpoint_every=a.checkpoint_every, steps_per_call=a.steps_per_call, jit=not a.no_jit)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def model_config(a: argparse.Namespace):
+    """The :class:`vaestream.config.ModelConfig` of the model arguments (``--objective rd`` needs ``--lmbda``)."""
     from vaestream.config import ModelConfig
+    from vaestream.errors import ConfigError
+
+    if (a.objective == "rd") != (a.lmbda is not None):
+        raise ConfigError("--objective rd and --lmbda go together")
+    return ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
+                       likelihood=a.likelihood, arch=a.arch, channels=tuple(a.channels) if a.arch == "conv" else (),
+                       lmbda=a.lmbda)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
     from vaestream.training import train
 
     tc = _train_config(a)
@@ -78,8 +97,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
-    cfg = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
-                      likelihood=a.likelihood)
+    cfg = model_config(a)
     if a.distributed:
         if not is_shard_spec(a.data):
             from vaestream.errors import ConfigError
