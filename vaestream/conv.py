@@ -88,11 +88,11 @@ class ConvEncoder(tf.Module):
     """``x [..., D]`` -> ``[..., n_out]``: strided convolutions, flatten, the dense :class:`vaestream.model.MLP`."""
 
     def __init__(self, config: ModelConfig, n_out: int, rng: np.random.Generator, init: str, name: str = "encoder"):
-        from vaestream.model import MLP, _ACTIVATIONS
+        from vaestream.model import MLP, ACTIVATION_FNS
 
         super().__init__(name=name)
         self.shape = _picture(config)
-        self.act = _ACTIVATIONS[config.activation]
+        self.act = ACTIVATION_FNS[config.activation]
         h, w, c = self.shape
         self.convs = []
         for i, ch in enumerate(config.channels):
@@ -119,10 +119,10 @@ class ConvDecoder(tf.Module):
 
     def __init__(self, config: ModelConfig, maps: int, encoder: ConvEncoder, rng: np.random.Generator, init: str,
                  name: str = "decoder"):
-        from vaestream.model import MLP, _ACTIVATIONS
+        from vaestream.model import MLP, ACTIVATION_FNS
 
         super().__init__(name=name)
-        self.act = _ACTIVATIONS[config.activation]
+        self.act = ACTIVATION_FNS[config.activation]
         self.feature_shape = encoder.feature_shape
         h, w, c = self.feature_shape
         self.dense = MLP([config.latent_dim] + list(config.hidden[::-1]), h * w * c, config.activation, rng, init,

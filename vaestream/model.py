@@ -28,7 +28,7 @@ tfd = tfp.distributions
 # float32 values in the last bits, so it is fixed, not configurable.
 BLOCK_ROWS = 64
 
-_ACTIVATIONS = {
+ACTIVATION_FNS = {  # config.activation -> the TF function
     "tanh": tf.tanh,
     "relu": tf.nn.relu,
     "softplus": tf.nn.softplus,
@@ -128,7 +128,7 @@ class MLP(tf.Module):
         self.out = Dense(sizes[-1], n_out, rng, init, name="out")
 
     def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
-        act = _ACTIVATIONS[self.activation]
+        act = ACTIVATION_FNS[self.activation]
         x = tf.convert_to_tensor(x, tf.float32)
         for layer in self.hidden:
             x = act(layer(x, blockwise))
