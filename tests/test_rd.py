@@ -147,3 +147,42 @@ def test_cli_compress_with_psnr_records_the_model_and_decompress_finds_it(rd_fam
     x_hat = c.decompress((tmp_path / "h.vz").read_bytes())
     assert family.psnr_db(float(np.mean((_x(held) - x_hat) ** 2))) >= target
     assert main(["compress", str(tmp_path / "held.npy"), str(tmp_path / "x.vz"), "--psnr", "20"]) == 1
+
+
+def test_bd_rate_of_a_curve_at_half_the_bits_is_minus_50_percent_over_the_shared_range():
+    from vaestream.coding.rdmetrics import bd_rate
+
+    p = np.linspace(15, 35, 9)
+    anchor = [{"psnr_db": float(v), "bits_per_image": float(50 * 1.3 ** (v - 15))} for v in p]
+    test = [{"psnr_db": float(v), "bits_per_image": r["bits_per_image"] / 2} for v, r in zip(p + 1, anchor)]
+    test = [{"psnr_db": r["psnr_db"] - 1, "bits_per_image": r["bits_per_image"]} for r in test]
+    got = bd_rate(test, anchor)
+    assert got["bd_rate_pct"] == pytest.approx(-50.0, abs=1e-6) and (got["psnr_from"], got["psnr_to"]) == (15, 35)
+    assert bd_rate(test, anchor, (18.0, 32.0))["psnr_from"] == 18.0
+    assert bd_rate(test[:2], [{"psnr_db": 40.0, "bits_per_image": 1.0}])["bd_rate_pct"] is None
+
+
+def test_ssim_is_one_on_equal_pictures_and_falls_with_noise(mnist_test):
+    from vaestream.coding.rdmetrics import ssim
+
+    x = mnist_test[:20].astype(np.float64) / 255
+    noisy = np.clip(x + np.random.default_rng(0).normal(0, 0.1, x.shape), 0, 1)
+    noisier = np.clip(x + np.random.default_rng(0).normal(0, 0.3, x.shape), 0, 1)
+    assert ssim(x, x) == pytest.approx(1.0)
+    assert 1.0 > ssim(noisy, x) > ssim(noisier, x) > 0.0
+    assert ssim(noisy, x) == pytest.approx(ssim(x, noisy))
+
+
+def test_rd_of_a_family_gives_its_envelope_the_peers_bd_rates_and_a_plot(rd_family, mnist_dir, tmp_path, capsys):
+    assert main(["rd", str(rd_family), "--data", str(mnist_dir), "--n", "200", "--per-image-n", "40",
+                 "--peers", "jpeg", "webp", "--plot", str(tmp_path / "rd.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "rd.png").stat().st_size > 10000
+    assert len(out["points"]) == 3 * 19 and {p["lmbda"] for p in out["points"]} == set(LAMBDAS)
+    assert all(0 < p["ssim"] <= 1 for p in out["points"])
+    env = out["envelope"]
+    assert all(a["psnr_db"] < b["psnr_db"] and a["bits_per_image"] < b["bits_per_image"] for a, b in zip(env, env[1:]))
+    assert set(out["peers"]) == {"jpeg_per_image", "jpeg_tiled", "webp_per_image", "webp_tiled", "best_tiled_jpeg_webp"}
+    for k, v in out["bd_rate_pct"].items():  # the per-image peers pay their headers: vaestream needs fewer bits
+        if "per_image" in k and v["overlap"]["bd_rate_pct"] is not None:
+            assert v["overlap"]["bd_rate_pct"] < 0, (k, v)

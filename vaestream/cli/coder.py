@@ -198,10 +198,35 @@ def rate_distortion(codec, x: np.ndarray, qualities=None) -> list[dict]:
     return rows
 
 
+def _rd_family(a: argparse.Namespace) -> int:
+    """``vaestream rd FAMILY``: the family's envelope vs the Pillow peers, BD-rates, one plot."""
+    from vaestream import data
+    from vaestream.coding import rdcurve
+
+    records = data.load_records(a.data, a.split, key=a.key)[: a.n]
+    if records.ndim == 2:  # flat records: the pictures' shape is the family's
+        from vaestream.coding.family import members
+        from vaestream.store import read_config
+
+        records = records.reshape((len(records),) + tuple(read_config(members(a.family)[0]).input_shape))
+    result = rdcurve.compare(a.family, records, formats=[f.upper() for f in a.peers], per_image_n=a.per_image_n)
+    if a.plot:
+        result["plot"] = str(rdcurve.plot(result, a.plot, f"{Path(a.family).name}: {len(records)} records of {a.data}"))
+    print(json.dumps({"family": str(a.family), "data": str(a.data), **result}, indent=1, default=str))
+    return 0
+
+
 def cmd_rd(a: argparse.Namespace) -> int:
-    """Rate-distortion sweep over the quality ladder on a data set; JSON to stdout, optional PNG plot."""
+    """Rate-distortion sweep over the quality ladder on a data set; JSON to stdout, optional PNG plot. With a
+    FAMILY directory: every model of it against JPEG, WebP, AVIF and JPEG XL, with BD-rates."""
     from vaestream import data
 
+    if a.family is not None:
+        return _rd_family(a)
+    if a.model is None:
+        from vaestream.errors import ConfigError
+
+        raise ConfigError("give a FAMILY directory or --model")
     c = _codec(a)
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     x, _ = c.model_inputs(records, str(a.data))
@@ -276,7 +301,12 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("rd", help="rate-distortion sweep (JSON to stdout, PNG plot)", description=cmd_rd.__doc__)
-    p.add_argument("--model", required=True)
+    p.add_argument("family", nargs="?", default=None,
+                   help="a family directory: its curve against the peer codecs, with BD-rates")
+    p.add_argument("--model", default=None)
+    p.add_argument("--peers", nargs="+", default=["jpeg", "webp", "avif", "jxl"],
+                   help="with FAMILY: peer codecs (Pillow; jxl needs pillow-jxl-plugin)")
+    p.add_argument("--per-image-n", type=int, default=200, help="with FAMILY: records for the per-image peers")
     p.add_argument("--data", required=True)
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--key", default=None)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from vaestream.coding import container
+from vaestream.coding.rdmetrics import psnr_db
 from vaestream.errors import ConfigError, ModelError
 
 
@@ -57,17 +58,14 @@ def members(family: str | os.PathLike) -> list[Path]:
     return sorted(found, key=key)
 
 
-def psnr_db(mse: float) -> float:
-    """10 log10(1 / MSE) for values in [0, 1] (inf for MSE 0)."""
-    return float(10 * math.log10(1.0 / mse)) if mse > 0 else float("inf")
-
-
-def operating_points(codec, records) -> list[dict]:
-    """Every quality of ``codec``'s ladder on ``records``: ``{"quality", "bits_per_record", "mse", "psnr_db"}``.
+def operating_points(codec, records, with_ssim: bool = False) -> list[dict]:
+    """Every quality of ``codec``'s ladder on ``records``: ``{"quality", "bits_per_record", "mse", "psnr_db"}``
+    (and ``"ssim"``, :func:`vaestream.coding.rdmetrics.ssim` over the pictures, with ``with_ssim``).
 
     Bits are those of ``codec.compress(records, quality)`` (the whole container); the reconstruction is the
     decoded stream's (``codec.decode`` of its codes, which ``decompress`` reproduces bit for bit)."""
     from vaestream.coding.coder import quantize
+    from vaestream.coding.rdmetrics import ssim
 
     x, _ = codec.model_inputs(records)
     if len(x) == 0:
@@ -77,8 +75,12 @@ def operating_points(codec, records) -> list[dict]:
     for q in codec.qualities:
         codes = quantize(mean, codec.tables, q)
         bits = 8 * len(codec.compress_codes(codes, q)) / len(x)
-        mse = float(np.mean((x - codec.decode(codes, q)) ** 2))
+        x_hat = codec.decode(codes, q)
+        mse = float(np.mean((x - x_hat) ** 2))
         rows.append({"quality": float(q), "bits_per_record": bits, "mse": mse, "psnr_db": psnr_db(mse)})
+        if with_ssim:
+            shape = (len(x),) + tuple(codec.config.input_shape)
+            rows[-1]["ssim"] = ssim(np.clip(x_hat, 0, 1).reshape(shape), x.reshape(shape))
     return rows
 
 
