@@ -186,3 +186,17 @@ def test_rd_of_a_family_gives_its_envelope_the_peers_bd_rates_and_a_plot(rd_fami
     for k, v in out["bd_rate_pct"].items():  # the per-image peers pay their headers: vaestream needs fewer bits
         if "per_image" in k and v["overlap"]["bd_rate_pct"] is not None:
             assert v["overlap"]["bd_rate_pct"] < 0, (k, v)
+
+
+def test_cli_trains_a_conv_rd_model_with_lambda_in_its_config(mnist_train, tmp_path, capsys):
+    np.save(tmp_path / "train.npy", mnist_train[:400])
+    args = ["train", "--data", str(tmp_path / "train.npy"), "--out", str(tmp_path / "m"), "--likelihood",
+            "gaussian_sigmoid", "--arch", "conv", "--channels", "4", "8", "--hidden", "32", "--latent-dim", "4",
+            "--activation", "elu", "--steps", "6", "--steps-per-call", "3", "--no-progress", "--json"]
+    assert main(args + ["--objective", "rd"]) == 1  # no --lmbda
+    assert "go together" in capsys.readouterr().err
+    assert main(args + ["--objective", "rd", "--lmbda", "500"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 6
+    cfg = read_config(tmp_path / "m")
+    assert (cfg.arch, cfg.channels, cfg.lmbda) == ("conv", (4, 8), 500.0)
+    assert json.loads((tmp_path / "m" / "train_config.json").read_text())["objective"] == "rd"
