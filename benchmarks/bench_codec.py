@@ -39,8 +39,8 @@ import numpy as np
 
 DATASETS = {"mnist": Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist",
             "fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
-TILE = 1000
-TILE_GRID = (25, 40)  # rows x cols of 28 x 28 images
+from vaestream.coding.peers import TILE, lossy_curve, pil_encode, tile  # noqa: E402
+from vaestream.coding.rdmetrics import bits_at_psnr  # noqa: E402
 
 
 def psnr(mse: float) -> float:
@@ -57,86 +57,6 @@ def train_model(name: str, root: Path, out: Path, epochs: float, latent_dim: int
     res = train(ds, out, ModelConfig(latent_dim=latent_dim, hidden=(hidden,)),
                 TrainConfig(epochs=epochs, seed=1, eval_every=10 ** 9), progress=False)
     return train_records, time.time() - t0, res.history[-1]
-
-
-def tile(images: np.ndarray) -> np.ndarray:
-    """[1000, 28, 28] uint8 -> one [25*28, 40*28] picture."""
-    r, c = TILE_GRID
-    h, w = images.shape[1:]
-    return images.reshape(r, c, h, w).transpose(0, 2, 1, 3).reshape(r * h, c * w)
-
-
-def untile(picture: np.ndarray, h: int = 28, w: int = 28) -> np.ndarray:
-    r, c = TILE_GRID
-    return picture.reshape(r, h, c, w).transpose(0, 2, 1, 3).reshape(r * c, h, w)
-
-
-def pil_encode(img: np.ndarray, fmt: str, **kw) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def pil_decode(blob: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(blob)).convert("L"))
-
-
-def _down_up(picture: np.ndarray, fmt: str, factor: int, **kw) -> tuple[int, np.ndarray]:
-    """Encode ``picture`` at 1/factor resolution (Lanczos), decode, scale back up (bicubic): (bytes, picture)."""
-    from PIL import Image
-
-    h, w = picture.shape
-    small = np.asarray(Image.fromarray(picture).resize((w // factor, h // factor), Image.LANCZOS))
-    blob = pil_encode(small, fmt, **kw)
-    back = Image.fromarray(pil_decode(blob)).resize((w, h), Image.BICUBIC)
-    return len(blob), np.asarray(back)
-
-
-def lossy_curve(images: np.ndarray, fmt: str, qualities, tiled: bool, factor: int = 1) -> list[dict]:
-    """Bits per image and PSNR of a Pillow lossy codec over its quality settings (``factor``: coded at
-    1/factor resolution and scaled back up, which reaches lower rates than any quality setting)."""
-    rows = []
-    ref = images.astype(np.float64) / 255
-    for q in qualities:
-        kw = {"quality": int(q)}
-        if fmt == "WEBP":
-            kw["method"] = 6
-        if tiled:
-            nbytes, rec = 0, []
-            for s in range(0, len(images), TILE):
-                size, pic = _down_up(tile(images[s:s + TILE]), fmt, factor, **kw)
-                nbytes += size
-                rec.append(untile(pic))
-            rec = np.concatenate(rec)
-        else:
-            blobs = [pil_encode(im, fmt, **kw) for im in images]
-            nbytes = sum(len(b) for b in blobs)
-            rec = np.stack([pil_decode(b) for b in blobs])
-        mse = float(np.mean((rec.astype(np.float64) / 255 - ref) ** 2))
-        rows.append({"quality": int(q), "bits_per_image": 8 * nbytes / len(images), "mse": mse, "psnr_db": psnr(mse)})
-    return rows
-
-
-def bits_at_psnr(curve: list[dict], target: float) -> dict:
-    """Bits per image of a codec at ``target`` PSNR: linear interpolation of log(bits) in PSNR along the
-    lower envelope of its curve; below its lowest PSNR, its cheapest point (a lower bound on the ratio)."""
-    pts = sorted((r["psnr_db"], r["bits_per_image"]) for r in curve)
-    env = []  # for each PSNR, the fewest bits reaching at least it
-    for p, b in reversed(pts):
-        if not env or b < env[-1][1]:
-            env.append((p, b))
-    env.reverse()
-    ps = np.array([p for p, _ in env])
-    bs = np.log(np.array([b for _, b in env]))
-    if target <= ps[0]:
-        return {"bits_per_image": float(np.exp(bs[0])), "psnr_db": float(ps[0]), "exact": False}
-    if target > ps[-1]:
-        return {"bits_per_image": float("nan"), "psnr_db": float(ps[-1]), "exact": False}
-    return {"bits_per_image": float(np.exp(np.interp(target, ps, bs))), "psnr_db": float(target), "exact": True}
 
 
 def lossless(images: np.ndarray, tiled: bool) -> dict:

@@ -68,3 +68,19 @@ def coded_model_dir(small_model, mnist_train, tmp_path_factory) -> Path:
     shutil.copytree(small_model.model_dir, d)
     codec.write_tables(d, mnist_train[:10000])
     return d
+
+
+@pytest.fixture(scope="session")
+def coded_conv_model_dir(tmp_path_factory, mnist_train) -> Path:
+    """A small convolutional (arch="conv") rate-distortion model, 120 steps on real MNIST, with coder tables."""
+    from vaestream import ModelConfig, TrainConfig, train
+    from vaestream.coding import codec
+    from vaestream.data import make_dataset
+
+    d = tmp_path_factory.mktemp("conv") / "model"
+    cfg = ModelConfig(latent_dim=16, hidden=(128,), activation="elu", likelihood="gaussian_sigmoid", arch="conv",
+                      channels=(8, 16), lmbda=1000.0)
+    train(make_dataset(mnist_train[:12000], "gaussian_sigmoid", "mnist-train"), d, cfg,
+          TrainConfig(steps=120, objective="rd", seed=3), progress=False)
+    codec.write_tables(d, mnist_train[:5000])
+    return d

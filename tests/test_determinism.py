@@ -24,12 +24,24 @@ from vaestream.coding.coder import dequantize
 from vaestream.model import BLOCK_ROWS, blocked
 
 
+@pytest.fixture(scope="module", params=["mlp", "conv"])
+def coded_dir(request):
+    """The session's coded MLP model, and a convolutional one (vaestream.conv): every test runs on both."""
+    return request.getfixturevalue("coded_model_dir" if request.param == "mlp" else "coded_conv_model_dir")
+
+
 @pytest.fixture(scope="module")
-def stream(coded_model_dir, mnist_test):
+def stream(coded_dir, mnist_test):
     """A 1,000-record stream of real MNIST test images and its reference reconstruction (one batch)."""
-    cdc = codec.load(coded_model_dir)
+    cdc = codec.load(coded_dir)
     blob = cdc.compress(mnist_test[:1000])
     return cdc, blob, cdc.decompress(blob)
+
+
+@pytest.fixture(scope="module")
+def exported(coded_dir, tmp_path_factory):
+    """A SavedModel export of the model (quality 1)."""
+    return export.export(coded_dir, tmp_path_factory.mktemp("exports"), quality=1.0)
 
 
 def _batched(fn, a: np.ndarray, size: int) -> np.ndarray:
@@ -82,10 +94,9 @@ def test_codes_are_identical_for_any_batching_of_the_records(stream, mnist_test)
         np.testing.assert_array_equal(_batched(cdc.encode, x, size), codes)
 
 
-def test_random_access_and_frame_by_frame_reads_decode_the_same_bytes(stream, coded_model_dir, mnist_test,
-                                                                      tmp_path):
+def test_random_access_and_frame_by_frame_reads_decode_the_same_bytes(stream, coded_dir, mnist_test, tmp_path):
     cdc, _, ref = stream
-    framed = codec.load(coded_model_dir, frame_records=100)
+    framed = codec.load(coded_dir, frame_records=100)
     path = tmp_path / "c.vz"
     framed.write(path, mnist_test[:600])
     framed.write(path, mnist_test[600:1000], append=True)
@@ -97,10 +108,9 @@ def test_random_access_and_frame_by_frame_reads_decode_the_same_bytes(stream, co
         assert np.concatenate(list(framed.iter_decompress(f))).tobytes() == ref.tobytes()
 
 
-def test_the_savedmodel_decode_and_reconstruct_signatures_give_the_same_bytes(stream, coded_model_dir,
-                                                                              mnist_test, tmp_path):
+def test_the_savedmodel_decode_and_reconstruct_signatures_give_the_same_bytes(stream, exported, mnist_test):
     cdc, blob, ref = stream
-    path = export.export(coded_model_dir, tmp_path / "exports", quality=1.0)
+    path = exported
     em = export.load_export(path)
     codes, _ = cdc.decompress_codes(blob)
     z_hat = dequantize(codes, cdc.tables)
@@ -113,8 +123,9 @@ def test_the_savedmodel_decode_and_reconstruct_signatures_give_the_same_bytes(st
 
 
 @pytest.mark.parametrize("threads", [1, 8])
-def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(stream, coded_model_dir, tmp_path,
+def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(stream, coded_dir, exported, tmp_path,
                                                                           threads):
+    """compress (here) -> decompress and SavedModel decode (in a fresh process, another thread count)."""
     cdc, blob, ref = stream
     (tmp_path / "blob").write_bytes(blob)
     script = textwrap.dedent(f"""
@@ -122,16 +133,17 @@ def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(stream
         tf.config.threading.set_intra_op_parallelism_threads({threads})
         tf.config.threading.set_inter_op_parallelism_threads({threads})
         from vaestream.coding import codec
-        c = codec.load({str(coded_model_dir)!r})
+        c = codec.load({str(coded_dir)!r})
         blob = open({str(tmp_path / 'blob')!r}, 'rb').read()
         codes, _ = c.decompress_codes(blob)
         parts = [c.decode(codes[s:s + 13]) for s in range(0, len(codes), 13)]
         np.save({str(tmp_path / 'a.npy')!r}, c.decompress(blob))
         np.save({str(tmp_path / 'b.npy')!r}, np.concatenate(parts))
+        np.save({str(tmp_path / 'c.npy')!r}, codec.load({str(exported)!r}).decompress(blob))
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=180)
-    for name in ("a.npy", "b.npy"):
+    for name in ("a.npy", "b.npy", "c.npy"):
         assert np.load(tmp_path / name).tobytes() == ref.tobytes(), name
 
 

@@ -28,6 +28,14 @@ DISCRETE_LEVELS = 255
 
 ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid")
 
+ARCHITECTURES = ("mlp", "conv")
+"""``mlp``: the paper's MLP encoder and decoder. ``conv``: strided convolutions for picture records, then
+the same dense layers to the same vector latent (:mod:`vaestream.conv`)."""
+
+_ADDED_DEFAULTS = {"arch": "mlp", "channels": (), "lmbda": None}
+"""Fields added after models were first stored: left out of :meth:`ModelConfig.to_dict` while at these
+values, so the config JSON, and with it the fingerprint of every model stored before them, is unchanged."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -42,6 +50,12 @@ class ModelConfig:
       likelihood: one of :data:`LIKELIHOODS`.
       min_log_scale: floor of the Gaussian decoder's per-pixel log standard deviation (keeps the density
         bounded on data with constant pixels).
+      arch: one of :data:`ARCHITECTURES`.
+      channels: ``conv`` only: channels of the stride-2 convolutions of the encoder, in order (the decoder
+        mirrors them); e.g. ``(32, 64)`` maps 28 x 28 to 7 x 7 x 64 before the dense layers ``hidden``.
+      lmbda: the rate-distortion trade-off lambda the model was trained for (loss = rate in bits +
+        lambda x MSE, :func:`vaestream.objective.rd_loss`); None for a model trained on the ELBO. Models of
+        one family differ in it, and ``vaestream compress --psnr`` reads it from here.
       top_latent_dim: 0 (the paper's model: one stochastic layer z, prior N(0, I)) or N2 > 0: a second,
         top stochastic layer z2 of N2 dimensions, x -> z -> z2 (a Markov chain, as Bit-Swap's): the prior of
         z becomes p(z | z2) = N(m(z2), diag s(z2)^2) with p(z2) = N(0, I), and the posterior q(z | x) q(z2 | z).
@@ -61,6 +75,9 @@ class ModelConfig:
     min_log_scale: float = -4.0
     top_latent_dim: int = 0
     top_hidden: tuple[int, ...] = (256,)
+    arch: str = "mlp"
+    channels: tuple[int, ...] = ()
+    lmbda: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -69,6 +86,22 @@ class ModelConfig:
         if self.top_latent_dim < 0 or any(h < 1 for h in self.top_hidden):
             raise ConfigError(f"top_latent_dim must be >= 0 and top_hidden widths positive, got "
                               f"{self.top_latent_dim}, {self.top_hidden}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.lmbda is not None:
+            object.__setattr__(self, "lmbda", float(self.lmbda))
+            if not (self.lmbda > 0 and self.lmbda < float("inf")):
+                raise ConfigError(f"lmbda must be a positive number, got {self.lmbda}")
+        if self.arch not in ARCHITECTURES:
+            raise ConfigError(f"arch {self.arch!r} is not one of {ARCHITECTURES}")
+        if self.arch == "conv":
+            if len(self.input_shape) not in (2, 3) or not self.channels or any(c < 1 for c in self.channels):
+                raise ConfigError(f"arch 'conv' needs a picture input_shape (H, W) or (H, W, C) and positive "
+                                  f"channels, got {self.input_shape} and {self.channels}")
+        elif self.channels:
+            raise ConfigError(f"channels {self.channels} are for arch 'conv', not {self.arch!r}")
+        if self.hierarchical and self.arch != "mlp":
+            raise ConfigError(f"a second stochastic layer (top_latent_dim {self.top_latent_dim}) is for arch 'mlp', "
+                              f"not {self.arch!r}")
         if self.input_dim < 1 or self.latent_dim < 1:
             raise ConfigError(f"input_dim and latent_dim must be positive, got {self.input_dim}, {self.latent_dim}")
         prod = 1
@@ -92,10 +125,14 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["hidden"] = list(self.hidden)
+        d["channels"] = list(self.channels)
         if self.top_latent_dim:
             d["top_hidden"] = list(self.top_hidden)
         else:  # a one-layer model's config.json (and fingerprint) as before the option existed
             del d["top_latent_dim"], d["top_hidden"]
+        for k, default in _ADDED_DEFAULTS.items():
+            if getattr(self, k) == default:
+                del d[k]
         return d
 
     def to_json(self) -> str:

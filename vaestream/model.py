@@ -1,4 +1,6 @@
-"""The VAE of Kingma & Welling (2014): MLP recognition model q(z|x), prior N(0, I), MLP decoder p(x|z).
+"""The VAE of Kingma & Welling (2014): MLP recognition model q(z|x), prior N(0, I), MLP decoder p(x|z)
+(or, with ``ModelConfig(arch="conv")``, convolutional transforms around the same vector latent:
+:mod:`vaestream.conv`).
 
 Encoder and decoder return ``tfp.distributions`` objects, so the objective reads like the math
 (see :mod:`vaestream.objective`). Records are flat float32 vectors of ``config.input_dim`` values.
@@ -26,7 +28,7 @@ tfd = tfp.distributions
 # float32 values in the last bits, so it is fixed, not configurable.
 BLOCK_ROWS = 64
 
-_ACTIVATIONS = {
+ACTIVATION_FNS = {  # config.activation -> the TF function
     "tanh": tf.tanh,
     "relu": tf.nn.relu,
     "softplus": tf.nn.softplus,
@@ -126,7 +128,7 @@ class MLP(tf.Module):
         self.out = Dense(sizes[-1], n_out, rng, init, name="out")
 
     def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
-        act = _ACTIVATIONS[self.activation]
+        act = ACTIVATION_FNS[self.activation]
         x = tf.convert_to_tensor(x, tf.float32)
         for layer in self.hidden:
             x = act(layer(x, blockwise))
@@ -151,9 +153,15 @@ class VAE(tf.Module):
         self.config = config
         rng = np.random.default_rng(seed)
         d, nz, hidden = config.input_dim, config.latent_dim, list(config.hidden)
-        self.encoder = MLP([d] + hidden, 2 * nz, config.activation, rng, init, name="encoder")
-        n_dec_out = d if config.likelihood == "bernoulli" else 2 * d
-        self.decoder = MLP([nz] + hidden[::-1], n_dec_out, config.activation, rng, init, name="decoder")
+        maps = 1 if config.likelihood == "bernoulli" else 2  # decoder outputs per pixel
+        if config.arch == "conv":  # strided convolutions to the same vector latent (vaestream.conv)
+            from vaestream.conv import ConvDecoder, ConvEncoder
+
+            self.encoder = ConvEncoder(config, 2 * nz, rng, init)
+            self.decoder = ConvDecoder(config, maps, self.encoder, rng, init)
+        else:
+            self.encoder = MLP([d] + hidden, 2 * nz, config.activation, rng, init, name="encoder")
+            self.decoder = MLP([nz] + hidden[::-1], maps * d, config.activation, rng, init, name="decoder")
         if config.hierarchical:  # drawn after the one-layer weights, so those do not depend on the option
             n2, top = config.top_latent_dim, list(config.top_hidden)
             self.top_encoder = MLP([nz] + top, 2 * n2, config.activation, rng, init, name="top_encoder")
@@ -283,9 +291,10 @@ class VAE(tf.Module):
         """Every weight, in a fixed order (encoder, decoder, then a two-layer model's top encoder and top decoder;
         layer by layer, W then b)."""
         out = []
-        mlps = (self.encoder, self.decoder) + ((self.top_encoder, self.top_decoder) if self.config.hierarchical else ())
-        for mlp in mlps:
-            for layer in list(mlp.hidden) + [mlp.out]:
+        nets = (self.encoder, self.decoder) + ((self.top_encoder, self.top_decoder) if self.config.hierarchical else ())
+        for net in nets:
+            layers = net.layers() if hasattr(net, "layers") else list(net.hidden) + [net.out]
+            for layer in layers:
                 out += [layer.w, layer.b]
         return out
 

@@ -177,6 +177,54 @@ def elbo_two_layers(model, x: tf.Tensor, estimator: str = "B", num_samples: int 
     return {"elbo": -(rate + distortion), "rate": rate, "distortion": distortion}
 
 
+RD_LIKELIHOODS = ("gaussian", "gaussian_sigmoid")
+"""Decoders the rate-distortion objective trains (it uses their mean; the log-scale output goes unused)."""
+
+
+def rd_loss(model, x: tf.Tensor, lmbda: float, seed=None, rng_alg: str | None = None) -> dict[str, tf.Tensor]:
+    """The rate-distortion objective ``loss = R + lambda D`` per record, R in bits, D the MSE (Ballé et al.).
+
+    * ``rate`` R = KL(q(z|x) || N(0, I)) / ln 2, in bits (:func:`gaussian_kl_to_standard`).
+    * ``distortion`` D = 1/D_x sum_d (x_d - m_d(z))^2 with z = mu + sigma eps, eps ~ N(0, I) (one
+      reparameterised sample), m the decoder mean (``decoder_params(z)["x_mean"]``), D_x = ``input_dim``.
+
+    Why the KL is the rate the coder pays: :mod:`vaestream.coding.coder` codes q_i = round(mu_i / Delta_i)
+    with Delta_i = quality x s_i (s_i the RMS posterior std) under the aggregate density of mu_i. For a
+    bin well below the spread of mu_i that costs h(mu_i) - log2 Delta_i bits; with the marginal of mu_i
+    ~ N(0, 1 - sigma_i^2) and Delta_i = sqrt(2 pi e) sigma_i (quality ~ 4.13) it is 1/2 log2((1 -
+    sigma_i^2) / sigma_i^2), while the mean KL of that dimension is -log2 sigma_i + O(sigma_i^2): the
+    same to first order, and measured 1.02x (MNIST) / 0.94x (Fashion) of the KL at quality 4
+    (benchmarks/RESULTS_coder.md). The distortion is trained under posterior noise of variance sigma^2,
+    and the quantisation error of that bin is uniform with variance Delta^2 / 12 = (2 pi e / 12) sigma^2
+    ~ 1.42 sigma^2: the sample z is the additive-noise proxy of quantisation (as Ballé et al.'s uniform
+    noise), so lambda trades the quantities the coder realises. Finer qualities spend more bits than the
+    KL for a little less distortion; ``vaestream compress --psnr`` picks among them.
+
+    Exact scaling as a beta-VAE: ``loss / lambda = D + beta R`` with beta = 1 / lambda. Equivalently, times
+    ln 2 it is the negative ELBO of a decoder N(m(z), s^2 I) with fixed s^2 = D_x / (2 lambda ln 2), up
+    to the constant D_x log(s sqrt(2 pi)): KL + D_x D / (2 s^2) = ln 2 (R + lambda D).
+
+    ``x`` is ``[B, D_x]``; returns ``{"loss", "rate", "distortion"}``, each ``[B]`` (loss and rate in bits).
+    Raises :class:`ConfigError` for a decoder not in :data:`RD_LIKELIHOODS`.
+    """
+    if model.config.likelihood not in RD_LIKELIHOODS:
+        raise ConfigError(f"the rate-distortion objective trains a Gaussian decoder {RD_LIKELIHOODS}, not "
+                          f"{model.config.likelihood!r}")
+    if model.config.hierarchical:
+        raise ConfigError("the rate-distortion objective codes one stochastic layer (prior N(0, I)); this model "
+                          f"has a second one (top_latent_dim {model.config.top_latent_dim})")
+    mean, log_scale = model.encoder_params(x)
+    eps_shape = tf.shape(mean)
+    if rng_alg is None:
+        eps = tf.random.normal(eps_shape) if seed is None else tf.random.stateless_normal(eps_shape, _seed(seed))
+    else:
+        eps = tf.random.stateless_normal(eps_shape, seed=_seed(seed), alg=rng_alg)
+    z = mean + tf.exp(log_scale) * eps
+    rate = gaussian_kl_to_standard(mean, log_scale) / math.log(2.0)
+    distortion = tf.reduce_mean(tf.square(x - model.decoder_params(z)["x_mean"]), axis=-1)
+    return {"loss": rate + lmbda * distortion, "rate": rate, "distortion": distortion}
+
+
 SAMPLE_BLOCK = 16
 """Importance samples are drawn in blocks of this many, block j of a record batch from its own stateless seed,
 so :func:`log_likelihood`'s answer does not depend on how its memory bound chunks the k samples."""

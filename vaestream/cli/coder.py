@@ -36,12 +36,52 @@ def cmd_build_tables(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_or_family(a: argparse.Namespace) -> None:
+    from vaestream.errors import ConfigError
+
+    if (a.model is None) == (getattr(a, "family", None) is None):
+        raise ConfigError("give --model or --family")
+
+
+def _compress_from_family(a: argparse.Namespace, records) -> int:
+    """--family with --psnr / --bpp: the operating point of vaestream.coding.family, measured on the input
+    (or on --select-on records), then compressed with that model and quality."""
+    from vaestream import data
+    from vaestream.coding import codec, family
+    from vaestream.errors import ConfigError
+
+    if a.append or a.lossless or a.quality is not None or a.target_bits is not None:
+        raise ConfigError("--family picks the model and quality itself: no --append, --lossless, --quality, "
+                          "--target-bits")
+    probe = data.read_array(a.select_on, key=a.key) if a.select_on else records
+    pick = family.choose(a.family, probe, psnr=a.psnr, bpp=a.bpp)
+    blob = codec.load(pick["model"]).compress(records, quality=pick["quality"])
+    tmp = Path(str(a.output) + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(a.output)
+    print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob),
+                      "bits_per_record": 8 * len(blob) / max(len(records), 1), "model": str(pick["model"]),
+                      "lmbda": pick["lmbda"], "quality": pick["quality"],
+                      "selected_on": str(a.select_on) if a.select_on else "input",
+                      "selection_psnr_db": pick["psnr_db"],
+                      "selection_bits_per_record": pick["bits_per_record"]}))
+    return 0
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     """Compress the records of a data file into a vaestream container."""
     from vaestream import data
+    from vaestream.errors import ConfigError
 
-    c = _codec(a)
+    _check_model_or_family(a)
     records = data.read_array(a.input, key=a.key)
+    if a.family is not None:
+        if a.psnr is None and a.bpp is None:
+            raise ConfigError("--family needs a target: --psnr DB or --bpp BITS")
+        return _compress_from_family(a, records)
+    if a.psnr is not None or a.bpp is not None or a.select_on:
+        raise ConfigError("--psnr, --bpp and --select-on choose among the models of a --family")
+    c = _codec(a)
     if a.lossless:
         if a.append or a.quality is not None or a.target_bits is not None:
             from vaestream.errors import ConfigError
@@ -81,7 +121,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
 def cmd_decompress(a: argparse.Namespace) -> int:
     """Decompress a vaestream container into a .npy of reconstructions (and optionally a PNG grid)."""
-    c = _codec(a)
+    _check_model_or_family(a)
+    if a.family is not None:  # the member whose fingerprint the header carries
+        from vaestream.coding import family
+
+        c = family.codec_for(a.family, Path(a.input).read_bytes())
+    else:
+        c = _codec(a)
     records = None
     if a.records:
         from vaestream.errors import DataError
@@ -152,10 +198,35 @@ def rate_distortion(codec, x: np.ndarray, qualities=None) -> list[dict]:
     return rows
 
 
+def _rd_family(a: argparse.Namespace) -> int:
+    """``vaestream rd FAMILY``: the family's envelope vs the Pillow peers, BD-rates, one plot."""
+    from vaestream import data
+    from vaestream.coding import rdcurve
+
+    records = data.load_records(a.data, a.split, key=a.key)[: a.n]
+    if records.ndim == 2:  # flat records: the pictures' shape is the family's
+        from vaestream.coding.family import members
+        from vaestream.store import read_config
+
+        records = records.reshape((len(records),) + tuple(read_config(members(a.family)[0]).input_shape))
+    result = rdcurve.compare(a.family, records, formats=[f.upper() for f in a.peers], per_image_n=a.per_image_n)
+    if a.plot:
+        result["plot"] = str(rdcurve.plot(result, a.plot, f"{Path(a.family).name}: {len(records)} records of {a.data}"))
+    print(json.dumps({"family": str(a.family), "data": str(a.data), **result}, indent=1, default=str))
+    return 0
+
+
 def cmd_rd(a: argparse.Namespace) -> int:
-    """Rate-distortion sweep over the quality ladder on a data set; JSON to stdout, optional PNG plot."""
+    """Rate-distortion sweep over the quality ladder on a data set; JSON to stdout, optional PNG plot. With a
+    FAMILY directory: every model of it against JPEG, WebP, AVIF and JPEG XL, with BD-rates."""
     from vaestream import data
 
+    if a.family is not None:
+        return _rd_family(a)
+    if a.model is None:
+        from vaestream.errors import ConfigError
+
+        raise ConfigError("give a FAMILY directory or --model")
     c = _codec(a)
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     x, _ = c.model_inputs(records, str(a.data))
@@ -200,10 +271,18 @@ def add_subcommands(sub) -> None:
                        description=cmd_compress.__doc__)
     p.add_argument("input", help="records: IDX, .npy, .npz, .csv, .mat")
     p.add_argument("output", help="the container file")
-    p.add_argument("--model", required=True, help="model directory or SavedModel export")
+    p.add_argument("--model", default=None, help="model directory or SavedModel export")
+    p.add_argument("--family", default=None,
+                   help="a directory of model directories (e.g. one per lambda): with --psnr or --bpp, the model and "
+                        "quality are picked (vaestream.coding.family)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quality", type=float, default=None, help="bin width in posterior stds (default 1.0)")
     g.add_argument("--target-bits", type=float, default=None, help="bits per record to fit in")
+    g.add_argument("--psnr", type=float, default=None, help="with --family: the fewest bits with at least this PSNR")
+    g.add_argument("--bpp", type=float, default=None,
+                   help="with --family: the best PSNR within this many bits per value (pixel)")
+    p.add_argument("--select-on", default=None,
+                   help="with --family: measure the operating points on these held-back records, not on the input")
     p.add_argument("--append", action="store_true", help="append to an existing container")
     p.add_argument("--lossless", action="store_true",
                    help="exact bits-back coding (a beta_binomial or bernoulli model; records as stored)")
@@ -215,13 +294,19 @@ def add_subcommands(sub) -> None:
                        description=cmd_decompress.__doc__)
     p.add_argument("input")
     p.add_argument("output", help=".npy of reconstructions, shaped like the records")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--family", default=None, help="the family directory the stream was written from (--family)")
     p.add_argument("--records", default=None, help="I or I:J: only these records (random access)")
     p.add_argument("--png", default=None, help="also write a grid of (up to 400) reconstructions")
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("rd", help="rate-distortion sweep (JSON to stdout, PNG plot)", description=cmd_rd.__doc__)
-    p.add_argument("--model", required=True)
+    p.add_argument("family", nargs="?", default=None,
+                   help="a family directory: its curve against the peer codecs, with BD-rates")
+    p.add_argument("--model", default=None)
+    p.add_argument("--peers", nargs="+", default=["jpeg", "webp", "avif", "jxl"],
+                   help="with FAMILY: peer codecs (Pillow; jxl needs pillow-jxl-plugin)")
+    p.add_argument("--per-image-n", type=int, default=200, help="with FAMILY: records for the per-image peers")
     p.add_argument("--data", required=True)
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--key", default=None)

@@ -34,6 +34,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="N2 > 0: a second, top stochastic layer z2 (x -> z -> z2; lossless coding codes it in "
                         "Bit-Swap order); default 0, the paper's one layer")
     g.add_argument("--top-hidden", type=int, nargs="+", default=[256], help="hidden widths between z and z2")
+    g.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                   help="mlp (the paper's) or conv: strided convolutions around the vector latent (vaestream.conv)")
+    g.add_argument("--channels", type=int, nargs="+", default=[32, 64],
+                   help="with --arch conv: channels of the stride-2 convolutions (default 32 64)")
+    g.add_argument("--objective", choices=["elbo", "rd"], default="elbo",
+                   help="elbo (AEVB, default) or rd: rate (bits) + LMBDA x MSE, a Gaussian decoder")
+    g.add_argument("--lmbda", type=float, default=None, help="with --objective rd: lambda (stored in config.json)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -63,14 +70,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _train_config(a: argparse.Namespace):
     from vaestream.training import TrainConfig
 
-    return TrainConfig(batch_size=a.batch_size, num_samples=a.samples, estimator=a.estimator, optimizer=a.optimizer,
+    return TrainConfig(batch_size=a.batch_size, num_samples=a.samples, estimator=a.estimator,
+                       objective=getattr(a, "objective", "elbo"), optimizer=a.optimizer,
                        learning_rate=a.lr, map_prior=a.map_prior, init=a.init, seed=a.seed, steps=a.steps,
                        epochs=a.epochs, binarize=a.binarize, validation=a.validation, eval_every=a.eval_every,
                        checkpoint_every=a.checkpoint_every, steps_per_call=a.steps_per_call, jit=not a.no_jit)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
+def model_config(a: argparse.Namespace):
+    """The :class:`vaestream.config.ModelConfig` of the model arguments (``--objective rd`` needs ``--lmbda``)."""
     from vaestream.config import ModelConfig
+    from vaestream.errors import ConfigError
+
+    if (a.objective == "rd") != (a.lmbda is not None):
+        raise ConfigError("--objective rd and --lmbda go together")
+    return ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
+                       likelihood=a.likelihood, arch=a.arch, channels=tuple(a.channels) if a.arch == "conv" else (),
+                       lmbda=a.lmbda, top_latent_dim=getattr(a, "top_latent_dim", 0),
+                       top_hidden=tuple(getattr(a, "top_hidden", (256,))))
+
+
+def cmd_train(a: argparse.Namespace) -> int:
     from vaestream.training import train
 
     tc = _train_config(a)
@@ -82,8 +102,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
-    cfg = ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
-                      likelihood=a.likelihood, top_latent_dim=a.top_latent_dim, top_hidden=tuple(a.top_hidden))
+    cfg = model_config(a)
     if a.distributed:
         if not is_shard_spec(a.data):
             from vaestream.errors import ConfigError

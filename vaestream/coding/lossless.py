@@ -204,6 +204,9 @@ class LosslessCoder:
             raise ConfigError(f"lossless coding needs a discrete likelihood {LIKELIHOODS}; this model's is "
                               f"{cfg.likelihood!r} (train with ModelConfig(likelihood='beta_binomial') for 8-bit "
                               "data or 'bernoulli' for binary data)")
+        if cfg.arch != "mlp":
+            raise ConfigError(f"lossless (bits-back) coding runs the paper's MLPs exactly; this model's arch is "
+                              f"{cfg.arch!r}")
         if not MIN_LATENT_BITS <= int(latent_bits) <= MAX_LATENT_BITS:
             raise ConfigError(f"latent_bits must be in [{MIN_LATENT_BITS}, {MAX_LATENT_BITS}], got {latent_bits}")
         if not 1 <= int(group) <= 4096:

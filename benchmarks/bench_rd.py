@@ -1,0 +1,135 @@
+"""Rate-distortion family benchmark (issue 17): train one conv RD model per lambda on MNIST and Fashion-MNIST,
+then measure the family's curve on the test set against JPEG, WebP, AVIF and JPEG XL (per image and tiled),
+with BD-rates, SSIM, and encode / decode records/s per model beside Pillow's WebP in the same run.
+
+    python benchmarks/bench_rd.py --out runs/bench_rd [--lambdas 1e3 1e4 1e5 1e6] [--epochs 2] [--n 10000]
+
+Training is skipped for a model directory that already holds a checkpoint (its recorded time is kept).
+Prints one JSON document (also written to OUT/bench_rd.json) and writes OUT/rd_DATA.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+DATASETS = {"mnist": Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist",
+            "fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+
+
+def train_family(root: Path, fam: Path, args) -> list[dict]:
+    from vaestream import ModelConfig, TrainConfig, train
+    from vaestream.coding import codec
+    from vaestream.data import load_records, make_dataset
+
+    records = load_records(str(root), "train")
+    ds = make_dataset(records, "gaussian_sigmoid", root.name)
+    out = []
+    for lm in args.lambdas:
+        d = fam / f"lmbda-{lm:g}"
+        log = d / "bench_training.json"
+        if not log.is_file():
+            cfg = ModelConfig(latent_dim=args.latent_dim, hidden=tuple(args.hidden), activation="elu",
+                              likelihood="gaussian_sigmoid", arch="conv", channels=tuple(args.channels), lmbda=lm)
+            t0 = time.perf_counter()
+            res = train(ds, d, cfg, TrainConfig(epochs=args.epochs, objective="rd", seed=1), progress=False)
+            secs = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            codec.write_tables(d, records[:20000])
+            log.write_text(json.dumps({"lmbda": lm, "epochs": args.epochs, "steps": res.steps,
+                                       "train_seconds": round(secs, 1),
+                                       "tables_seconds": round(time.perf_counter() - t1, 1)}))
+        out.append(json.loads(log.read_text()))
+    return out
+
+
+def throughput(fam: Path, imgs: np.ndarray, reps: int = 3) -> dict:
+    """Records/s of compress / decompress per model on 1,000 records, and Pillow WebP (quality 50, method 6 and
+    method 4; per image and one tiled picture) on the same records, in the same run."""
+    from vaestream.coding import codec, family, peers
+
+    batch = imgs[:1000]
+    out = {}
+    for d in family.members(fam):
+        c = codec.load(d)
+        blob = c.compress(batch, quality=1.0)
+        c.decompress(blob)  # trace
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            blob = c.compress(batch, quality=1.0)
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            c.decompress(blob)
+        t2 = time.perf_counter()
+        out[d.name] = {"compress": reps * len(batch) / (t1 - t0), "decompress": reps * len(batch) / (t2 - t1)}
+    for method in (6, 4):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            blobs = [peers.pil_encode(im, "WEBP", quality=50, method=method) for im in batch]
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            [peers.pil_decode(b) for b in blobs]
+        t2 = time.perf_counter()
+        for _ in range(reps):
+            tb = peers.pil_encode(peers.tile(batch), "WEBP", quality=50, method=method)
+        t3 = time.perf_counter()
+        for _ in range(reps):
+            peers.pil_decode(tb)
+        t4 = time.perf_counter()
+        r = reps * len(batch)
+        out[f"webp_m{method}_per_image"] = {"compress": r / (t1 - t0), "decompress": r / (t2 - t1)}
+        out[f"webp_m{method}_tiled"] = {"compress": r / (t3 - t2), "decompress": r / (t4 - t3)}
+    return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench_rd")
+    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1e3, 1e4, 1e5, 1e6])
+    p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--latent-dim", type=int, default=64)
+    p.add_argument("--hidden", type=int, nargs="+", default=[256])
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--n", type=int, default=10000, help="test records for vaestream (default: the whole set)")
+    p.add_argument("--tiled-n", type=int, default=2000, help="test records for the tiled peers")
+    p.add_argument("--per-image-n", type=int, default=200, help="test records for the per-image peers")
+    p.add_argument("--train-only", action="store_true")
+    args = p.parse_args(argv)
+    from vaestream.coding import rdcurve
+    from vaestream.data import load_records
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "bench_rd", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "args": vars(args), "results": []}
+    for name in args.data:
+        root = DATASETS[name]
+        fam = out / f"family-{name}"
+        res = {"data": name, "training": train_family(root, fam, args)}
+        if not args.train_only:
+            imgs = load_records(str(root), "test")[: args.n]
+            t0 = time.perf_counter()
+            r = rdcurve.compare(fam, imgs, per_image_n=args.per_image_n, tiled_n=args.tiled_n)
+            res["compare_seconds"] = round(time.perf_counter() - t0, 1)
+            r["plot"] = str(rdcurve.plot(r, out / f"rd_{name}.png", f"{name}: conv RD family, {len(imgs)} test images"))
+            res.update(r)
+            res["throughput_records_per_s"] = throughput(fam, imgs)
+        report["results"].append(res)
+    text = json.dumps(report, indent=1, default=str)
+    (out / "bench_rd.json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

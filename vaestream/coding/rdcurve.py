@@ -1,0 +1,96 @@
+"""Rate-distortion curves of a model family against JPEG, WebP, AVIF and JPEG XL (``vaestream rd FAMILY``).
+
+The family's curve is the lower envelope of all its operating points (every model, every quality of its
+ladder: what ``vaestream compress --family --psnr`` can pick), measured as container bits per record on the
+records given; the peers are swept per image and tiled (:mod:`vaestream.coding.peers`). BD-rate
+(:func:`vaestream.coding.rdmetrics.bd_rate`) is computed against each peer over the PSNR range both cover,
+and over that range cut to ``psnr_range`` (default 18-32 dB). SSIM is reported beside PSNR at every point.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from vaestream.coding import family as family_mod
+from vaestream.coding import peers as peers_mod
+from vaestream.coding.rdmetrics import bd_rate, envelope
+from vaestream.errors import DataError
+
+PSNR_RANGE = (18.0, 32.0)
+
+
+def family_points(family: str | os.PathLike, records) -> list[dict]:
+    """Every (model, quality) of ``family`` on ``records``: the points of
+    :func:`vaestream.coding.family.operating_points` with ``"model"``, ``"lmbda"`` and ``"bits_per_image"``."""
+    from vaestream.coding import codec
+
+    out = []
+    for d in family_mod.members(family):
+        c = codec.load(d)
+        for r in family_mod.operating_points(c, records, with_ssim=True):
+            out.append({"model": d.name, "lmbda": c.config.lmbda, **r, "bits_per_image": r["bits_per_record"]})
+    return out
+
+
+def compare(family: str | os.PathLike, records: np.ndarray, formats: Sequence[str] = ("JPEG", "WEBP", "AVIF", "JXL"),
+            per_image_n: int = 1000, tiled_n: int | None = None,
+            psnr_range: tuple[float, float] = PSNR_RANGE) -> dict:
+    """The family's points and envelope, the peers' curves and the BD-rates (percent; negative: vaestream needs
+    fewer bits) against each peer curve and against the best tiled JPEG/WebP at each PSNR.
+
+    ``records``: ``[N, H, W]`` uint8 pictures (the family is measured on all of them, tiled peers on the first
+    ``tiled_n``, per-image peers on the first ``per_image_n``)."""
+    imgs = np.asarray(records)
+    if imgs.dtype != np.uint8 or imgs.ndim != 3:
+        raise DataError(f"records must be [N, H, W] uint8 pictures, got {imgs.shape} {imgs.dtype}")
+    points = family_points(family, imgs)
+    have = peers_mod.available()
+    curves, missing = {}, [f for f in formats if not have.get(f)]
+    for fmt in formats:
+        if not have.get(fmt):
+            continue
+        curves[f"{fmt.lower()}_per_image"] = peers_mod.lossy_curve(imgs[:per_image_n], fmt, tiled=False)
+        curves[f"{fmt.lower()}_tiled"] = peers_mod.lossy_curve(imgs[:tiled_n], fmt, tiled=True)
+    best = [r for k in ("jpeg_tiled", "webp_tiled") if k in curves for r in curves[k]]
+    if best:
+        curves["best_tiled_jpeg_webp"] = [{"bits_per_image": b, "psnr_db": p} for p, b in envelope(best)]
+    bd = {k: {"overlap": bd_rate(points, c), "range": bd_rate(points, c, psnr_range)} for k, c in curves.items()}
+    return {"records": len(imgs), "points": points,
+            "envelope": [{"psnr_db": p, "bits_per_image": b} for p, b in envelope(points)],
+            "peers": curves, "unavailable_peers": missing, "bd_rate_pct": bd, "psnr_range": list(psnr_range)}
+
+
+def plot(result: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """One PNG: the family's points (per model) and envelope, every peer curve; log bits vs PSNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name in sorted({p["model"] for p in result["points"]}):
+        pts = sorted((p for p in result["points"] if p["model"] == name), key=lambda p: p["bits_per_image"])
+        ax.plot([p["bits_per_image"] for p in pts], [p["psnr_db"] for p in pts], ".", ms=4, alpha=0.5)
+    env = result["envelope"]
+    ax.plot([e["bits_per_image"] for e in env], [e["psnr_db"] for e in env], "o-", lw=2.5, c="k", label="vaestream")
+    marks = {"jpeg": "s", "webp": "^", "avif": "D", "jxl": "v", "best": "x"}
+    for k, cv in result["peers"].items():
+        cv = sorted(cv, key=lambda r: r["bits_per_image"])
+        style = ("--" if "per_image" in k else "-") + marks[k.split("_")[0]]
+        bd = result["bd_rate_pct"][k]["overlap"]["bd_rate_pct"]
+        label = k + (f" (BD-rate {bd:+.0f}%)" if bd is not None else "")
+        ax.plot([r["bits_per_image"] for r in cv], [r["psnr_db"] for r in cv], style, ms=3, alpha=0.8, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per image")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title or f"rate-distortion on {result['records']} images")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,156 @@
+"""Convolutional analysis and synthesis transforms for picture records (``ModelConfig(arch="conv")``).
+
+The latent stays a *vector* (a diagonal Gaussian of ``latent_dim`` dimensions), so the coder, the container,
+the tables, SavedModel exports, Beam jobs and serving see the same shapes as with the MLPs; records stay
+flat ``[B, D]`` at the API and are reshaped to ``[B, H, W, C]`` here (C = 1 for ``input_shape`` (H, W)).
+
+* Encoder (analysis): for each ``c`` of ``config.channels``, a 5 x 5 convolution of stride 2 (SAME
+  padding) to ``c`` channels and the activation; flatten; the dense layers ``config.hidden``; a linear
+  layer to 2 Nz (mean, log sigma).
+* Decoder (synthesis): dense layers ``hidden[::-1]`` from z, a dense layer to the encoder's last feature
+  map (``h x w x channels[-1]``) and the activation; then, per stride-2 step, a *sub-pixel* convolution
+  (Shi et al. 2016): a 3 x 3 convolution of stride 1 to ``4 c`` channels followed by ``depth_to_space(2)``
+  (and a crop back to the encoder's size for odd sizes), the activation between layers; the last one
+  gives the decoder's ``k`` output maps (1 for Bernoulli, 2 for the Gaussian/beta-binomial parameters),
+  flattened channel-major to ``[..., k D]`` so that :meth:`vaestream.model.VAE.decoder_params` splits them
+  as it splits the MLP's output.
+
+A sub-pixel convolution is a transposed convolution of stride 2 written as an ordinary convolution and a
+permutation; here that matters, because every layer is then an *exact* patch copy
+(``tf.image.extract_patches``), one GEMM and elementwise ops. **Determinism** (issue 12): with
+``blockwise=True`` the patches of every layer are cut into rows of ``k*k*C_in`` values and multiplied in
+the stacked fixed 64-row blocks of :func:`vaestream.model.blocked` (one BatchMatMul of ``[n, 64, K] x
+[K, C_out]``); a row's output is then a pure function of its patch, as for the MLP's dense layers, so a
+record's reconstruction does not depend on its batch (a oneDNN convolution over N images may differ from
+the same image alone; it is not used on that path). Training uses ``tf.nn.conv2d`` (the same function up to
+float rounding, much faster).
+
+Nonlinearity: GDN (Ballé et al.) is not in TensorFlow core. It Gaussianises the responses of a *linear*
+transform of natural images so that a factorised entropy model of a *feature map* fits; here the entropy
+model is over a vector latent produced by dense layers after the flattening, which already mix every
+feature, and the records are small grey digits and clothes. A pointwise activation (``config.activation``;
+ELU by default for ``vaestream train --arch conv``) keeps every layer "patch GEMM + elementwise", which the
+determinism argument above needs; GDN's channel mixing would add a normalisation whose square root and
+division would have to be shown batch-invariant too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from vaestream.config import ModelConfig
+
+ENCODER_KERNEL = 5
+DECODER_KERNEL = 3
+STRIDE = 2
+
+
+def _picture(config: ModelConfig) -> tuple[int, int, int]:
+    s = config.input_shape
+    return (s[0], s[1], 1) if len(s) == 2 else (s[0], s[1], s[2])
+
+
+class Conv(tf.Module):
+    """A k x k convolution of stride ``stride`` with SAME padding: ``[N, H, W, C_in] -> [N, H', W', C_out]``,
+    H' = ceil(H / stride). The filter is ``[k, k, C_in, C_out]`` (glorot-uniform over the fans k k C)."""
+
+    def __init__(self, k: int, c_in: int, c_out: int, stride: int, rng: np.random.Generator, name: str):
+        super().__init__(name=name)
+        limit = math.sqrt(6.0 / (k * k * (c_in + c_out)))
+        self.k, self.stride = k, stride
+        self.w = tf.Variable(rng.uniform(-limit, limit, size=(k, k, c_in, c_out)).astype(np.float32), name="w")
+        self.b = tf.Variable(np.zeros((c_out,), np.float32), name="b")
+
+    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
+        if not blockwise:
+            return tf.nn.conv2d(x, self.w, self.stride, "SAME") + self.b
+        from vaestream.model import BLOCK_ROWS
+
+        k, s = self.k, self.stride
+        p = tf.image.extract_patches(x, [1, k, k, 1], [1, s, s, 1], [1, 1, 1, 1], "SAME")  # [N, H', W', kkC]
+        kk = k * k * int(self.w.shape[2])
+        rows = tf.reshape(p, [-1, BLOCK_ROWS, kk])  # N is a whole number of blocks, so the rows are too
+        y = tf.matmul(rows, tf.reshape(self.w, [kk, -1])) + self.b
+        return tf.reshape(y, tf.concat([tf.shape(p)[:3], [-1]], 0))
+
+
+def _flatten_leading(x: tf.Tensor):
+    """``[..., n]`` -> (``[N, n]``, a function that restores the leading dims on ``[N, m]``)."""
+    lead = tf.shape(x)[:-1]
+    flat = tf.reshape(x, [-1, tf.shape(x)[-1]])
+    return flat, (lambda y: tf.reshape(y, tf.concat([lead, tf.shape(y)[-1:]], 0)))
+
+
+class ConvEncoder(tf.Module):
+    """``x [..., D]`` -> ``[..., n_out]``: strided convolutions, flatten, the dense :class:`vaestream.model.MLP`."""
+
+    def __init__(self, config: ModelConfig, n_out: int, rng: np.random.Generator, init: str, name: str = "encoder"):
+        from vaestream.model import MLP, ACTIVATION_FNS
+
+        super().__init__(name=name)
+        self.shape = _picture(config)
+        self.act = ACTIVATION_FNS[config.activation]
+        h, w, c = self.shape
+        self.convs = []
+        for i, ch in enumerate(config.channels):
+            self.convs.append(Conv(ENCODER_KERNEL, c, ch, STRIDE, rng, name=f"conv{i}"))
+            h, w, c = -(-h // STRIDE), -(-w // STRIDE), ch
+        self.feature_shape = (h, w, c)
+        self.dense = MLP([h * w * c] + list(config.hidden), n_out, config.activation, rng, init, name="dense")
+
+    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
+        x = tf.convert_to_tensor(x, tf.float32)
+        flat, restore = _flatten_leading(x)
+        t = tf.reshape(flat, (-1,) + self.shape)
+        for conv in self.convs:
+            t = self.act(conv(t, blockwise))
+        h, w, c = self.feature_shape
+        return self.dense(restore(tf.reshape(t, [-1, h * w * c])), blockwise)
+
+    def layers(self) -> list[tf.Module]:
+        return list(self.convs) + list(self.dense.hidden) + [self.dense.out]
+
+
+class ConvDecoder(tf.Module):
+    """``z [..., Nz]`` -> ``[..., maps * D]``: dense layers, reshape, sub-pixel convolutions (module docstring)."""
+
+    def __init__(self, config: ModelConfig, maps: int, encoder: ConvEncoder, rng: np.random.Generator, init: str,
+                 name: str = "decoder"):
+        from vaestream.model import MLP, ACTIVATION_FNS
+
+        super().__init__(name=name)
+        self.act = ACTIVATION_FNS[config.activation]
+        self.feature_shape = encoder.feature_shape
+        h, w, c = self.feature_shape
+        self.dense = MLP([config.latent_dim] + list(config.hidden[::-1]), h * w * c, config.activation, rng, init,
+                         name="dense")
+        # the spatial sizes the encoder went through, largest first: each sub-pixel step doubles and crops to one
+        sizes = [_picture(config)[:2]]
+        for _ in config.channels[:-1]:
+            sizes.append((-(-sizes[-1][0] // STRIDE), -(-sizes[-1][1] // STRIDE)))
+        self.sizes = sizes[::-1]
+        self.maps, self.picture_channels = maps, _picture(config)[2]
+        outs = list(config.channels[:-1])[::-1] + [maps * self.picture_channels]
+        self.convs = [Conv(DECODER_KERNEL, c_in, 4 * c_out, 1, rng, name=f"subpixel{i}")
+                      for i, (c_in, c_out) in enumerate(zip([c] + outs[:-1], outs))]
+
+    def __call__(self, z: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
+        z = tf.convert_to_tensor(z, tf.float32)
+        t = self.act(self.dense(z, blockwise))
+        flat, restore = _flatten_leading(t)
+        t = tf.reshape(flat, (-1,) + self.feature_shape)
+        for i, (conv, (h, w)) in enumerate(zip(self.convs, self.sizes)):
+            t = tf.nn.depth_to_space(conv(t, blockwise), STRIDE)[:, :h, :w, :]
+            if i < len(self.convs) - 1:
+                t = self.act(t)
+        # [N, H, W, maps * C] -> map-major [N, maps * H * W * C] (each map in the records' (H, W, C) order)
+        s = tf.shape(t)
+        t = tf.reshape(t, [s[0], s[1], s[2], self.maps, self.picture_channels])
+        t = tf.reshape(tf.transpose(t, [0, 3, 1, 2, 4]), [s[0], -1])
+        return restore(t)
+
+    def layers(self) -> list[tf.Module]:
+        return list(self.dense.hidden) + [self.dense.out] + list(self.convs)
