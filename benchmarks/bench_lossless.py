@@ -146,7 +146,8 @@ def _train_model(name: str, root: Path, model_dir: Path, arch: dict, steps: int,
     from vaestream.data import load_records, make_dataset
 
     config = ModelConfig(latent_dim=arch["latent_dim"], hidden=arch["hidden"], activation=arch["activation"],
-                         likelihood="beta_binomial")
+                         likelihood="beta_binomial", top_latent_dim=arch.get("top_latent_dim", 0),
+                         top_hidden=arch.get("top_hidden", (256,)))
     # lr * lr_decay^(step / steps): the step size falls by lr_decay over the planned run, whatever the
     # number of invocations it takes.
     tcfg = TrainConfig(steps=steps, max_seconds=train_seconds, seed=0, eval_every=10 ** 9, learning_rate=lr,
@@ -166,7 +167,8 @@ def _train_model(name: str, root: Path, model_dir: Path, arch: dict, steps: int,
         ledger_path.write_text(json.dumps(ledger, indent=2) + "\n")
     _log(f"{name}: model at step {res.steps} of {steps} ({took:.0f} s now, {ledger['seconds']:.0f} s in all)")
     hid = "-".join(str(h) for h in config.hidden)
-    record = {"config": f"784-{hid}-{config.latent_dim} {config.activation} beta-binomial",
+    top = f" + z2 {config.top_latent_dim} (MLP {'-'.join(map(str, config.top_hidden))})" if config.top_latent_dim else ""
+    record = {"config": f"784-{hid}-{config.latent_dim}{top} {config.activation} beta-binomial",
               "train_steps": int(res.steps), "planned_steps": int(steps), "epochs": round(res.steps / 600, 2),
               "train_seconds_this_run": round(took, 1), "train_seconds_total": ledger["seconds"],
               "lr": lr, "lr_decay_over_run": lr_decay, "model_dir": str(model_dir)}
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", default="300", help="hidden widths, comma-separated (decoder mirrors them)")
     ap.add_argument("--latent-dim", type=int, default=20)
     ap.add_argument("--activation", default="tanh")
+    ap.add_argument("--top-latent-dim", type=int, default=0,
+                    help="0: the paper's one-layer model; N2 > 0: a second stochastic layer z2 (Bit-Swap coded)")
+    ap.add_argument("--top-hidden", default="256", help="hidden widths of the MLPs between z and z2")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam step size at the start")
     ap.add_argument("--lr-decay", type=float, default=1.0,
                     help="factor the step size falls by over --steps (exponential; 1: constant)")
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": sys.version.split()[0],
               "args": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
     arch = {"hidden": tuple(int(h) for h in args.hidden.split(",")), "latent_dim": args.latent_dim,
-            "activation": args.activation}
+            "activation": args.activation, "top_latent_dim": args.top_latent_dim,
+            "top_hidden": tuple(int(h) for h in args.top_hidden.split(","))}
     with tempfile.TemporaryDirectory() as tmp:
         base = args.model_dir if args.model_dir is not None else Path(tmp)
         for name in args.datasets.split(","):
