@@ -14,7 +14,8 @@ same run:
 * vaestream per image: the first 100 records each compressed alone, as a whole container and as a bare
   frame payload (what a record costs inside a larger container of many frames);
 * compress / decompress throughput (images/s) of vaestream and, as a yardstick, of lzma and gzip on the
-  same records (``speed_vs_lzma``: vaestream's images/s over lzma -9e's); and that every record decodes
+  same records (``speed_vs_lzma``: vaestream's images/s over lzma -9e's; ``speed_vs_peers``: over each
+  tiled peer's, gzip, bz2, lzma, zstd, PNG, WebP, compress and decompress); and that every record decodes
   exactly;
 * ``scaling``: compress and streaming-decode (``iter_frames``) time per image and tracemalloc peak memory at
   1,000 records and at ``--n``; ``initial_bits_per_frame`` (a one-record frame's payload over its -ELBO: the
@@ -82,10 +83,13 @@ STREAM_CODECS = {
 # One 784-byte image needs no 64 MiB dictionary: the same settings with a 64 KiB one give the same bytes per
 # image in 1/1000 of the time (allocating the big dictionary costs 0.1 s per call).
 _LZMA_SMALL = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 16}]
+STREAM_DECODERS = {"gzip": gzip.decompress, "bz2": bz2.decompress, "lzma": lzma.decompress,
+                   "zstd-19": lambda b: __import__("zstandard").ZstdDecompressor().decompress(b)}
 PER_IMAGE_CODECS = dict(STREAM_CODECS, lzma=lambda b: lzma.compress(b, filters=_LZMA_SMALL))
 
 
-def _image_bytes(img: np.ndarray, fmt: str) -> int:
+def _image_file(img: np.ndarray, fmt: str) -> bytes:
+    """``img`` (uint8 ``[H, W]``) as a PNG (optimize) or lossless WebP (quality 100, method 6) file."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -93,7 +97,17 @@ def _image_bytes(img: np.ndarray, fmt: str) -> int:
         Image.fromarray(img, mode="L").save(buf, format="PNG", optimize=True)
     else:
         Image.fromarray(img, mode="L").save(buf, format="WEBP", lossless=True, quality=100, method=6)
-    return len(buf.getvalue())
+    return buf.getvalue()
+
+
+def _image_bytes(img: np.ndarray, fmt: str) -> int:
+    return len(_image_file(img, fmt))
+
+
+def _image_pixels(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
 
 
 def _tiles(x: np.ndarray) -> list[np.ndarray]:
@@ -117,15 +131,29 @@ def baselines(x: np.ndarray, per_image: int) -> dict:
     raw = x.tobytes()
     for name, fn in STREAM_CODECS.items():
         t0 = time.perf_counter()
-        tiled = len(fn(raw))
+        blob = fn(raw)
         t_tiled = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        back = STREAM_DECODERS[name](blob)
+        t_back = time.perf_counter() - t0
+        assert back == raw, name
         per = sum(len(PER_IMAGE_CODECS[name](im.tobytes())) for im in xp)
-        res[name] = {"tiled": 8 * tiled / dims, "per_image": 8 * per / xp.size,
-                     "tiled_compress_images_per_s": len(x) / t_tiled}
+        res[name] = {"tiled": 8 * len(blob) / dims, "per_image": 8 * per / xp.size,
+                     "tiled_compress_images_per_s": len(x) / t_tiled,
+                     "tiled_decompress_images_per_s": len(x) / t_back}
     for fmt in ("png", "webp"):
         per = sum(_image_bytes(im, fmt) for im in xp)
-        tiled = sum(_image_bytes(t, fmt) for t in _tiles(x))
-        res[fmt] = {"tiled": 8 * tiled / dims, "per_image": 8 * per / xp.size}
+        tiles = _tiles(x)
+        t0 = time.perf_counter()
+        files = [_image_file(t, fmt) for t in tiles]
+        t_tiled = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        back = [_image_pixels(f) for f in files]
+        t_back = time.perf_counter() - t0
+        assert all(np.array_equal(a, b) for a, b in zip(back, tiles)), fmt
+        res[fmt] = {"tiled": 8 * sum(map(len, files)) / dims, "per_image": 8 * per / xp.size,
+                    "tiled_compress_images_per_s": len(x) / t_tiled,
+                    "tiled_decompress_images_per_s": len(x) / t_back}
     t0 = time.perf_counter()
     lz = STREAM_CODECS["lzma"](raw)
     t1 = time.perf_counter()
@@ -254,6 +282,10 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
         "ratio_to_vaestream": {f"{k}_{mode}": base[k][mode] / bpd for k in base for mode in ("tiled", "per_image")},
         "speed_vs_lzma": {"compress": (len(test) / t_comp) / base["lzma"]["tiled_compress_images_per_s"],
                           "decompress": (len(test) / t_dec) / base["lzma"]["tiled_decompress_images_per_s"]},
+        # vaestream's images/s over each tiled peer's, compress and decompress, all from this run
+        "speed_vs_peers": {f"{k}_{way}": (len(test) / (t_comp if way == "compress" else t_dec))
+                           / base[k][f"tiled_{way}_images_per_s"]
+                           for k in base for way in ("compress", "decompress")},
         "per_image_records": int(min(per_image, len(test))),
         "tiled_whole_test_set_bits_per_dim": full_tiled,
     }
