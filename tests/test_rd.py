@@ -200,3 +200,14 @@ def test_cli_trains_a_conv_rd_model_with_lambda_in_its_config(mnist_train, tmp_p
     cfg = read_config(tmp_path / "m")
     assert (cfg.arch, cfg.channels, cfg.lmbda) == ("conv", (4, 8), 500.0)
     assert json.loads((tmp_path / "m" / "train_config.json").read_text())["objective"] == "rd"
+
+
+def test_cli_rd_without_likelihood_trains_a_gaussian_decoder_and_elbo_keeps_bernoulli(mnist_train, tmp_path, capsys):
+    np.save(tmp_path / "train.npy", mnist_train[:200])
+    base = ["train", "--data", str(tmp_path / "train.npy"), "--hidden", "16", "--latent-dim", "2",
+            "--steps", "2", "--steps-per-call", "2", "--no-progress", "--json"]
+    assert main(base + ["--out", str(tmp_path / "rd"), "--objective", "rd", "--lmbda", "100"]) == 0
+    assert main(base + ["--out", str(tmp_path / "elbo")]) == 0
+    capsys.readouterr()
+    assert read_config(tmp_path / "rd").likelihood == "gaussian_sigmoid"
+    assert read_config(tmp_path / "elbo").likelihood == "bernoulli"

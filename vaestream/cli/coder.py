@@ -125,6 +125,10 @@ def cmd_decompress(a: argparse.Namespace) -> int:
     if a.family is not None:  # the member whose fingerprint the header carries
         from vaestream.coding import family
 
+        if not Path(a.input).is_file():
+            from vaestream.errors import DataError
+
+            raise DataError(f"{a.input}: no such file")
         c = family.codec_for(a.family, Path(a.input).read_bytes())
     else:
         c = _codec(a)

@@ -29,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=int, default=20, help="Nz (default 20)")
     g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
     g.add_argument("--activation", default="tanh")
-    g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"])
+    g.add_argument("--likelihood", default=None, choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"],
+                   help="p(x|z); default bernoulli, or gaussian_sigmoid with --objective rd (MSE needs a Gaussian)")
     g.add_argument("--top-latent-dim", type=int, default=0,
                    help="N2 > 0: a second, top stochastic layer z2 (x -> z -> z2; lossless coding codes it in "
                         "Bit-Swap order); default 0, the paper's one layer")
@@ -93,6 +94,8 @@ def model_config(a: argparse.Namespace):
 def cmd_train(a: argparse.Namespace) -> int:
     from vaestream.training import train
 
+    if a.likelihood is None:
+        a.likelihood = "gaussian_sigmoid" if a.objective == "rd" else "bernoulli"
     tc = _train_config(a)
     if a.follow:
         from vaestream.cli.stream import follow_from_train
