@@ -277,6 +277,17 @@ def test_bad_records_and_models_raise(bb_model, bern_model, mnist_test):
         compress_lossless(m, np.zeros((2, 783), np.uint8))
     with pytest.raises(DataError, match="record 0 has values outside binary"):
         compress_lossless(bern_model[0], mnist_test[:1])
+    # records are checked (and converted) a frame at a time: the index named is the input's, not the frame's
+    x = np.array(mnist_test[:7], np.int16)
+    x[5, 3] = -1
+    with pytest.raises(DataError, match="record 5 has values outside"):
+        LosslessCoder(m, frame_records=2).compress(x)
+    xf = mnist_test[:7].astype(np.float64)
+    xf[6, 0] = np.nan
+    with pytest.raises(DataError, match="record 6 has non-integer"):
+        LosslessCoder(m, frame_records=4).compress(xf)
+    with pytest.raises(DataError, match="dtype"):
+        compress_lossless(m, np.zeros((1, 784), np.complex64))
     with pytest.raises(ConfigError):
         LosslessCoder(m, latent_bits=20)
 

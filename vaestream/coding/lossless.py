@@ -246,9 +246,11 @@ class LosslessCoder:
         self._lat.push(ans, zi, mean, std, latent_bits)
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def _records(self, records: Any, name: str) -> tuple[np.ndarray, int]:
+    def _records(self, records: Any, name: str, as_int32: bool = True) -> tuple[np.ndarray, int]:
         """records -> (int32 ``[B, D]``, layout) with layout 0: ``[B, D]``, 1: ``[B, *shape]``, 2: ``[D]``,
-        3: ``input_shape`` (one record)."""
+        3: ``input_shape`` (one record). Every record is checked, ``frame_records`` at a time (so the check's
+        masks are bounded by a frame, not by the input). With ``as_int32=False`` the checked records are
+        returned as a ``[B, D]`` view in their own dtype, for the caller to convert a frame at a time."""
         cfg = self.config
         a = np.asarray(records)
         shape = tuple(a.shape)
@@ -266,24 +268,25 @@ class LosslessCoder:
         a = a.reshape(-1, cfg.input_dim)
         top = DISCRETE_LEVELS if cfg.likelihood == "beta_binomial" else 1
         what = "8-bit counts 0..255" if top == DISCRETE_LEVELS else "binary values 0/1"
-        if a.dtype == np.bool_:
-            a = a.astype(np.uint8)
-        if np.issubdtype(a.dtype, np.floating):
-            with np.errstate(invalid="ignore"):
-                bad = ~(np.isfinite(a) & (a == np.round(a)))
-            if bad.any():
-                i = int(np.argmax(bad.any(axis=1)))
-                raise DataError(f"{name}: record {i} has non-integer values; lossless coding takes {what} "
-                                f"(integer arrays, e.g. uint8), not model inputs scaled to [0, 1]")
-        elif not np.issubdtype(a.dtype, np.integer):
+        floating = np.issubdtype(a.dtype, np.floating)
+        if not (floating or a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer)):
             raise DataError(f"{name}: records of dtype {a.dtype}; lossless coding takes {what}")
-        if a.size:
-            bad = (a < 0) | (a > top)
-            if bad.any():
-                i = int(np.argmax(bad.any(axis=1)))
-                raise DataError(f"{name}: record {i} has values outside {what} (min {a[i].min()}, max {a[i].max()}) "
-                                f"for the {cfg.likelihood} likelihood")
-        return a.astype(np.int32), layout
+        for s in range(0, len(a), self.frame_records):
+            c = a[s:s + self.frame_records]
+            if floating:
+                with np.errstate(invalid="ignore"):
+                    bad = ~(np.isfinite(c) & (c == np.round(c)))
+                if bad.any():
+                    i = int(np.argmax(bad.any(axis=1)))
+                    raise DataError(f"{name}: record {s + i} has non-integer values; lossless coding takes {what} "
+                                    f"(integer arrays, e.g. uint8), not model inputs scaled to [0, 1]")
+            if c.size and c.dtype != np.bool_:
+                bad = (c < 0) | (c > top)
+                if bad.any():
+                    i = int(np.argmax(bad.any(axis=1)))
+                    raise DataError(f"{name}: record {s + i} has values outside {what} (min {c[i].min()}, max "
+                                    f"{c[i].max()}) for the {cfg.likelihood} likelihood")
+        return (a.astype(np.int32) if as_int32 else a), layout
 
     def _inputs(self, x: np.ndarray) -> np.ndarray:
         """int records ``[g, D]`` -> the float32 model inputs (counts scaled by float32(1/255), as in training)."""
@@ -458,11 +461,14 @@ class LosslessCoder:
 
     def compress(self, records: Any, name: str = "input") -> bytes:
         """Records (see the module docstring) -> a container of bits-back coded frames."""
-        x, layout = self._records(records, name)
-        # at least one frame (an empty batch is one empty chain, so its layout survives the round trip)
+        x, layout = self._records(records, name, as_int32=False)
+        # at least one frame (an empty batch is one empty chain, so its layout survives the round trip); each
+        # frame is converted to int32 on its own, so memory is bounded by a frame, not by the input
         with blas_threads(self.blas_threads):
-            frames = [(len(x[s:s + self.frame_records]), self.encode_frame(x[s:s + self.frame_records], layout))
-                      for s in range(0, max(len(x), 1), self.frame_records)]
+            frames = []
+            for s in range(0, max(len(x), 1), self.frame_records):
+                f = x[s:s + self.frame_records].astype(np.int32)
+                frames.append((len(f), self.encode_frame(f, layout)))
         return container.pack(self.header(single=layout >= 2), frames)
 
     def check_header(self, h: container.Header, name: str = "stream") -> None:
