@@ -203,6 +203,29 @@ def _train_model(name: str, root: Path, model_dir: Path, arch: dict, steps: int,
     return res.model, record
 
 
+def scaling_row(coder, x: np.ndarray) -> dict:
+    """Compress ``x`` and decode the stream frame by frame (``iter_frames``): ms per image of each (untraced
+    passes), then the tracemalloc peak of each (NumPy's allocations during the call; ``x`` is not counted)."""
+    m = len(x)
+    t0 = time.perf_counter()
+    b = coder.compress(x)
+    tc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_back = sum(len(fr) for fr in coder.iter_frames(b))
+    td = time.perf_counter() - t0
+    tracemalloc.start()
+    coder.compress(x)
+    peak_c = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    for _fr in coder.iter_frames(b):
+        pass
+    peak_d = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"compress_ms_per_image": 1e3 * tc / m, "stream_decode_ms_per_image": 1e3 * td / m,
+            "records_back": int(n_back), "output_mib": len(b) / 2 ** 20, "peak_mib_compress": peak_c / 2 ** 20,
+            "peak_mib_stream_decode": peak_d / 2 ** 20}
+
+
 def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float, model_dir: Path,
                 per_image: int, per_image_vae: int = 100, arch: dict | None = None, lr: float = 1e-3,
                 lr_decay: float = 1.0) -> dict:
@@ -232,25 +255,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     # time per image and peak memory (tracemalloc: NumPy's allocations) at 1,000 records and at all of them;
     # streaming decode (iter_frames: one frame at a time) keeps memory flat
     _log(f"{name}: scaling")
-    scaling = {}
-    for m in sorted({min(1000, len(test)), len(test)}):
-        t0 = time.perf_counter()
-        b = coder.compress(test[:m])
-        tc = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n_back = sum(len(fr) for fr in coder.iter_frames(b))
-        td = time.perf_counter() - t0
-        tracemalloc.start()
-        coder.compress(test[:m])
-        peak_c = tracemalloc.get_traced_memory()[1]
-        tracemalloc.reset_peak()
-        for _fr in coder.iter_frames(b):
-            pass
-        peak_d = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        scaling[str(m)] = {"compress_ms_per_image": 1e3 * tc / m, "stream_decode_ms_per_image": 1e3 * td / m,
-                           "records_back": int(n_back), "peak_mib_compress": peak_c / 2 ** 20,
-                           "peak_mib_stream_decode": peak_d / 2 ** 20}
+    scaling = {str(m): scaling_row(coder, test[:m]) for m in sorted({min(1000, len(test)), len(test)})}
     k = min(per_image_vae, len(test))
     singles = [len(coder.compress(test[i:i + 1])) for i in range(k)]
     single_frames = [len(coder.encode_frame(test[i:i + 1].reshape(1, -1).astype(np.int32))) for i in range(k)]

@@ -5,9 +5,10 @@ flat").
 
 For each size, records from the MNIST training set (the first ``size``; repeated past 60,000) are compressed
 with :class:`vaestream.coding.lossless.LosslessCoder` and the stream is decoded frame by frame
-(``iter_frames``); the tracemalloc peak of each call is reported (NumPy's allocations; the input array itself
-is allocated before tracing starts, so it is not counted). Time per image is reported too, for the record;
-run this on an idle machine if the times matter. Prints JSON.
+(``iter_frames``), as in ``bench_lossless.py``'s ``scaling`` (:func:`bench_lossless.scaling_row`): ms per image
+from untraced passes, then the tracemalloc peak of each call (NumPy's allocations; the input array itself is
+allocated before tracing starts, so it is not counted). Run it on an idle machine if the times matter. Prints
+JSON.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import argparse
 import json
 import os
 import platform
-import time
-import tracemalloc
 from datetime import datetime, timezone
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4096, 10000, 20000, 40000])
     a = p.parse_args(argv)
 
+    from bench_lossless import scaling_row  # the same measurement as bench_lossless.py's "scaling"
     from vaestream.coding.lossless import LosslessCoder
     from vaestream.data import load_records
     from vaestream.store import load_model
@@ -42,23 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for n in a.sizes:
         x = np.ascontiguousarray(np.resize(pool, (n,) + pool.shape[1:]))
-        tracemalloc.start()
-        t0 = time.perf_counter()
-        blob = coder.compress(x)
-        tc = time.perf_counter() - t0
-        peak_c = tracemalloc.get_traced_memory()[1]
-        tracemalloc.reset_peak()
-        t0 = time.perf_counter()
-        back = 0
-        for fr in coder.iter_frames(blob):
-            back += len(fr)
-        td = time.perf_counter() - t0
-        peak_d = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert back == n
-        rows[str(n)] = {"input_mib": x.nbytes / 2 ** 20, "output_mib": len(blob) / 2 ** 20,
-                        "peak_mib_compress": peak_c / 2 ** 20, "peak_mib_stream_decode": peak_d / 2 ** 20,
-                        "compress_ms_per_image": 1e3 * tc / n, "stream_decode_ms_per_image": 1e3 * td / n}
+        row = scaling_row(coder, x)
+        assert row["records_back"] == n
+        rows[str(n)] = {"input_mib": x.nbytes / 2 ** 20, **row}
     out = {"benchmark": "bench_lossless_memory", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": a.model,
            "frame_records": coder.frame_records, "sizes": rows}

@@ -122,14 +122,15 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def cmd_decompress(a: argparse.Namespace) -> int:
     """Decompress a vaestream container into a .npy of reconstructions (and optionally a PNG grid)."""
     _check_model_or_family(a)
+    if not Path(a.input).is_file():
+        from vaestream.errors import BitstreamError
+
+        raise BitstreamError(f"{a.input}: no such file")  # as container.ContainerReader says it
+    blob = Path(a.input).read_bytes()
     if a.family is not None:  # the member whose fingerprint the header carries
         from vaestream.coding import family
 
-        if not Path(a.input).is_file():
-            from vaestream.errors import DataError
-
-            raise DataError(f"{a.input}: no such file")
-        c = family.codec_for(a.family, Path(a.input).read_bytes())
+        c = family.codec_for(a.family, blob)
     else:
         c = _codec(a)
     records = None
@@ -141,8 +142,7 @@ def cmd_decompress(a: argparse.Namespace) -> int:
             records = slice(int(lo) if lo else None, int(hi) if hi else None) if sep else int(lo)
         except ValueError:
             raise DataError(f"--records {a.records!r}: expected I or I:J") from None
-    blob = Path(a.input).read_bytes() if Path(a.input).is_file() else None
-    if blob is not None and c.is_lossless(blob):  # exact records back, in their own dtype and shape
+    if c.is_lossless(blob):  # exact records back, in their own dtype and shape
         if records is not None:
             from vaestream.errors import ConfigError
 

@@ -246,11 +246,10 @@ class LosslessCoder:
         self._lat.push(ans, zi, mean, std, latent_bits)
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def _records(self, records: Any, name: str, as_int32: bool = True) -> tuple[np.ndarray, int]:
-        """records -> (int32 ``[B, D]``, layout) with layout 0: ``[B, D]``, 1: ``[B, *shape]``, 2: ``[D]``,
-        3: ``input_shape`` (one record). Every record is checked, ``frame_records`` at a time (so the check's
-        masks are bounded by a frame, not by the input). With ``as_int32=False`` the checked records are
-        returned as a ``[B, D]`` view in their own dtype, for the caller to convert a frame at a time."""
+    def _records(self, records: Any, name: str) -> tuple[np.ndarray, int]:
+        """records -> (checked ``[B, D]`` view in their own dtype, layout) with layout 0: ``[B, D]``, 1:
+        ``[B, *shape]``, 2: ``[D]``, 3: ``input_shape`` (one record). Every record is checked, ``frame_records``
+        at a time, so the check's masks are bounded by a frame; callers convert a frame (or chunk) at a time."""
         cfg = self.config
         a = np.asarray(records)
         shape = tuple(a.shape)
@@ -286,7 +285,7 @@ class LosslessCoder:
                     i = int(np.argmax(bad.any(axis=1)))
                     raise DataError(f"{name}: record {s + i} has values outside {what} (min {c[i].min()}, max "
                                     f"{c[i].max()}) for the {cfg.likelihood} likelihood")
-        return (a.astype(np.int32) if as_int32 else a), layout
+        return a, layout
 
     def _inputs(self, x: np.ndarray) -> np.ndarray:
         """int records ``[g, D]`` -> the float32 model inputs (counts scaled by float32(1/255), as in training)."""
@@ -461,7 +460,7 @@ class LosslessCoder:
 
     def compress(self, records: Any, name: str = "input") -> bytes:
         """Records (see the module docstring) -> a container of bits-back coded frames."""
-        x, layout = self._records(records, name, as_int32=False)
+        x, layout = self._records(records, name)
         # at least one frame (an empty batch is one empty chain, so its layout survives the round trip); each
         # frame is converted to int32 on its own, so memory is bounded by a frame, not by the input
         with blas_threads(self.blas_threads):
