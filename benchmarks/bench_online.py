@@ -68,7 +68,7 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
                                                        checkpoint_every_files=args.checkpoint_every,
                                                        background_publish=background, seed=1))
     rows = []
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     t_first = None
     for p in paths:
         rows.append(learner.process_file(p))
@@ -106,6 +106,10 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
                         "other (reading, validation, buffer, drift, logs)": round(
                             seconds - score - trainsec - ckpt - (t1 - t_wait), 3)},
         "versions_published": learner.registry.versions(),
+        "wait_started_at_s": round(t_wait - t0, 3),
+        "publisher_events": [{k: e[k] for k in ("event", "step", "seconds", "seconds_tables", "seconds_export",
+                                                "version") if k in e} | {"ended_at_s": round(e["time"] - t0_wall, 3)}
+                             for e in log if e["event"] in ("evaluate", "publish")],
         "bits": [r["bits_per_record"] for r in rows]}
 
 

@@ -200,6 +200,37 @@ def test_versions(exported, tmp_path):
     assert not [p for p in base.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_a_cached_export_of_changing_weights_keeps_each_versions_own_weights_and_tables(exported, records, tmp_path):
+    """ExportCache re-saves one traced module: version 1 (weights A, tables A) and version 2 (weights B, tables
+    B at another quality) each load, in this process, with their own encoder, symbols and fingerprint."""
+    from vaestream import VAE
+    from vaestream.serving.export import ExportCache, export_model
+
+    _, _, _, model, tables_a = exported
+    vae = VAE(model.config)
+    for v, w in zip(vae.weights(), model.weights()):
+        v.assign(w)
+    cache = ExportCache()
+    p1 = export_model(vae, tmp_path / "base", tables_a, quality=QUALITY, cache=cache)
+    traced = cache._module
+    want_a = (model.encoder_params(tf.constant(records[:50]))[0].numpy(),
+              coder.quantize(model.encoder_params(tf.constant(records[:50]))[0].numpy(), tables_a, QUALITY))
+    other = VAE(model.config, seed=7)
+    for v, w in zip(vae.weights(), other.weights()):
+        v.assign(w)
+    tables_b = build_tables(vae, records, tmp_path / "tables_b.npz")
+    p2 = export_model(vae, tmp_path / "base", tables_b, quality=1.0, cache=cache)
+    assert p2.name == "2" and cache._module is traced  # re-saved, not traced again
+    m1, m2 = ExportedModel(p1), ExportedModel(p2)
+    assert m1.fingerprint == model.fingerprint() and m2.fingerprint == other.fingerprint() != m1.fingerprint
+    np.testing.assert_allclose(m1.encode(records[:50])[0], want_a[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m1.quantize(records[:50]), want_a[1])
+    mean_b = other.encoder_params(tf.constant(records[:50]))[0].numpy()
+    np.testing.assert_allclose(m2.encode(records[:50])[0], mean_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m2.quantize(records[:50]), coder.quantize(mean_b, tables_b, 1.0))
+    assert m1.info["quality"] == QUALITY and m2.info["quality"] == 1.0
+
+
 def test_without_tables_reconstructs_from_the_mean(exported, records, tmp_path):
     model_dir, _, _, model, _ = exported
     plain = tmp_path / "plain"

@@ -6,8 +6,8 @@ of that moment. Snapshots and the published version are evaluated through one VA
 weights assigned in turn), so its compiled evaluation is reused across checkpoints. The publisher computes
 the held-out mean ELBO of the snapshot and of the published version on the same set, and when the snapshot is
 better by more than ``min_improvement`` nats/record it builds coder tables from the calibration records and publishes it as
-the next version of the registry (exported from ``WORK/publishing/``, a model directory of the snapshot alone,
-so the learner's own checkpoints may move on meanwhile).
+the next version of the registry, exported from that VAE in memory (the learner's own checkpoints may move on
+meanwhile); the traced export is kept between publications (:class:`vaestream.serving.export.ExportCache`).
 
 In the background (the default) one thread does this while learning goes on; a checkpoint never waits for it.
 One snapshot waits while the thread is busy; a newer checkpoint replaces a waiting, not yet started one (under
@@ -18,23 +18,20 @@ raises the thread's exception, if any.
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from vaestream import store
-
-PUBLISHING = "publishing"
 
 
 class Publisher:
     """Evaluates snapshots and publishes the better ones (see the module docstring).
 
     Args:
-      work: the learner's work directory (``WORK/publishing/`` is written here).
+      work: the learner's work directory.
       model_dir: the learner's model directory (gets the published coder tables; named in the registry log).
       registry: the :class:`vaestream.online.registry.Registry`.
       seed: the evaluation seed (z noise of the held-out bound).
@@ -58,6 +55,7 @@ class Publisher:
         self._lock = lock or threading.RLock()
         self._eval = None          # the VAE every evaluation and export goes through
         self._eval_lock = threading.RLock()  # held while it is in use (the learner's evaluate() may call in)
+        self._exports = None       # the evaluation VAE's traced export (vaestream.serving.export.ExportCache)
         self._pool = None          # one background thread
         self._job = None           # its future, while it runs
         self._queued = None        # the newest snapshot, waiting for the thread
@@ -81,9 +79,10 @@ class Publisher:
             if isinstance(model, dict):
                 model = self._with(model["config"], model["weights"])
             out = {"holdout_records": len(x), "step": step,
-                   "holdout_elbo": dataset_elbo(model, x, seed=self.seed)["elbo"]}
+                   "holdout_elbo": dataset_elbo(model, x, seed=self.seed, jit_compile=False)["elbo"]}
             if self.weights is not None:
-                out["published_elbo"] = dataset_elbo(self._with(model.config, self.weights), x, seed=self.seed)["elbo"]
+                out["published_elbo"] = dataset_elbo(self._with(model.config, self.weights), x, seed=self.seed,
+                                                     jit_compile=False)["elbo"]
                 out["published_version"] = self.version
         return out
 
@@ -143,34 +142,33 @@ class Publisher:
         the publication record or None."""
         if snap["holdout"] is None or not len(snap["holdout"]):
             return None
+        t0 = time.perf_counter()
         ev = self.evaluate(snap["model"], snap["holdout"], snap["step"])
-        self._log({"event": "evaluate", **ev})
+        self._log({"event": "evaluate", **ev, "seconds": round(time.perf_counter() - t0, 4),
+                   "time": time.time()})
         if "published_elbo" in ev and ev["holdout_elbo"] <= ev["published_elbo"] + self.min_improvement:
             return None
-        import tensorflow as tf
-
         from vaestream.coding.codec import build_tables
+        from vaestream.serving.export import ExportCache
 
-        src = self.work / PUBLISHING
-        shutil.rmtree(src, ignore_errors=True)
+        t0 = time.perf_counter()
         with self._eval_lock:
             model = self._with(snap["model"]["config"], snap["model"]["weights"])
-            store.save_config(src, model.config)
-            tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(src / store.CKPT), max_to_keep=1).save(
-                checkpoint_number=snap["step"])
             tables = build_tables(model, snap["calibration"])
-        tables.save(src / "coder_tables.npz")
-        tables.save(self.model_dir / "coder_tables.npz")
-        ver = self.registry.publish(src, metadata={
-            "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": snap["files"],
-            "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo"),
-            "model_dir": str(self.model_dir)})
+            tables.save(self.model_dir / "coder_tables.npz")
+            t_tables = time.perf_counter()
+            if self._exports is None:
+                self._exports = ExportCache()
+            ver = self.registry.publish_model(model, tables, cache=self._exports, model_dir=self.model_dir, metadata={
+                "step": ev["step"], "holdout_elbo": ev["holdout_elbo"], "files": snap["files"],
+                "records_trained": snap["records_trained"], "previous_elbo": ev.get("published_elbo")})
         rec = {"version": ver.version, "fingerprint": ver.fingerprint, "step": ev["step"],
                "holdout_elbo": ev["holdout_elbo"]}
         with self._lock:
             self._on_publish(rec)
             self.weights, self.version = snap["model"]["weights"], ver.version
-        self._log({"event": "publish", **rec})
+        self._log({"event": "publish", **rec, "seconds_tables": round(t_tables - t0, 4),
+                   "seconds_export": round(time.perf_counter() - t_tables, 4), "time": time.time()})
         return rec
 
 

@@ -147,13 +147,31 @@ class Registry:
         from vaestream.coding import codec
 
         c = codec.load(model_dir, calibration=calibration)  # builds / checks the tables, raises ModelError if none
-        fp = c.fingerprint
+        latest = self.latest()
+        if latest is not None and latest.fingerprint == c.fingerprint:
+            return latest
+        path = export.export(model_dir, self.root, quality=quality)
+        return self._logged(path, c.fingerprint, model_dir, metadata)
+
+    def publish_model(self, model, tables, quality: float | None = None, metadata: dict | None = None,
+                      model_dir: str | os.PathLike | None = None, cache=None) -> Version:
+        """Publish an in-memory model (a :class:`vaestream.model.VAE`) with its coder ``tables`` as the next
+        version: :meth:`publish` without reading a model directory. ``cache``: a
+        :class:`vaestream.serving.export.ExportCache`, to keep the traced signatures between publications of
+        the same model object (whose weights change). ``model_dir`` is named in the log."""
+        fp = model.fingerprint()
         latest = self.latest()
         if latest is not None and latest.fingerprint == fp:
             return latest
-        path = export.export(model_dir, self.root, quality=quality)
+        path = export.export_model(model, self.root, tables, quality=quality, cache=cache,
+                                   source=str(model_dir) if model_dir is not None else None)
+        return self._logged(path, fp, model_dir, metadata)
+
+    def _logged(self, path, fp: str, model_dir, metadata: dict | None) -> Version:
+        """The version just exported to ``path``, its publication appended to the log."""
         ver = self.get(int(path.name))
-        rec = {"version": ver.version, "fingerprint": fp, "published": time.time(), "model_dir": str(model_dir)}
+        rec = {"version": ver.version, "fingerprint": fp, "published": time.time(),
+               "model_dir": None if model_dir is None else str(model_dir)}
         rec.update(metadata or {})
         with open(self.root / LOG, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
