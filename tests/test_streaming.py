@@ -47,6 +47,58 @@ def test_drift_monitor_flags_a_drop_of_the_bound_and_rebaselines(tmp_path):
     assert again.observe("x", elbo_sum=-200.0 * ln2 * 10, records=10)["flagged"]
 
 
+def test_drift_monitor_judges_the_mean_of_a_scored_sample():
+    from vaestream.errors import ConfigError
+    from vaestream.online.drift import DriftConfig, DriftMonitor
+
+    ln2 = np.log(2)
+    mon = DriftMonitor(DriftConfig(min_records=10))
+    # 1,000 records, 125 of them scored: the mean is over the 125, bits per record coded over the 1,000
+    r = mon.observe("w", elbo_sum=-100.0 * ln2 * 125, records=1000, scored=125, coded_bits=8000.0)
+    assert r["records"] == 1000 and r["scored"] == 125
+    assert r["bits_per_record"] == pytest.approx(100.0) and r["coded_bits_per_record"] == pytest.approx(8.0)
+    assert mon.judged == 1
+    few = mon.observe("few", elbo_sum=-300.0 * ln2 * 5, records=1000, scored=5)   # below min_records: not judged
+    assert not few["flagged"] and mon.judged == 1
+    assert np.isnan(mon.observe("none", elbo_sum=0.0, records=3, scored=0)["bits_per_record"])
+    with pytest.raises(ConfigError, match="scored"):
+        mon.observe("bad", elbo_sum=-1.0, records=10, scored=11)
+
+
+def test_the_scored_sample_depends_on_the_key_alone_and_its_elbo_is_the_exports(coded_model, mnist_test):
+    """ScoringModelHandler scores the records scored_rows picks: about 1 in 8, the same keys however the records
+    are batched, each with the export's fixed-noise ELBO; every record still gets its codes."""
+    from vaestream import beam as vb
+    from vaestream import store
+    from vaestream.beam.elements import record_key
+    from vaestream.beam.scoring import ScoringModelHandler, scored_rows
+    from vaestream.serving.export import elbo_fixed_noise
+
+    x = mnist_test[:1200]
+    keys = [record_key("s.npy", i) for i in range(len(x))]
+    rows = scored_rows(keys, 8)
+    assert 0.09 < len(rows) / len(x) < 0.16 and list(rows) == sorted(rows)
+    assert list(scored_rows(keys, 1)) == list(range(len(x)))
+    h = ScoringModelHandler(str(coded_model), score_every=8)
+    m = h.load_model()
+
+    def run(cuts):
+        batches = [vb.RecordBatch("s.npy", keys[a:b], x[a:b], 1.0 / 255) for a, b in zip(cuts[:-1], cuts[1:])]
+        out = h.run_inference(batches, m)
+        scored = {k: e for s, b in zip(out, batches) for k, e in zip([b.keys[i] for i in scored_rows(b.keys, 8)],
+                                                                      s.elbo)}
+        return scored, np.concatenate([s.codes.mean for s in out])
+
+    one, mean_one = run([0, 1200])
+    split, mean_split = run([0, 7, 500, 501, 1200])
+    assert sorted(one) == sorted(split) == [keys[i] for i in rows]
+    np.testing.assert_array_equal(mean_one, mean_split)           # codes: bit-identical across batchings
+    np.testing.assert_allclose([split[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=1e-5)
+    model = store.load_model(coded_model)
+    want = elbo_fixed_noise(model, (x[rows].reshape(len(rows), -1) / np.float32(255)).astype(np.float32))["elbo"]
+    np.testing.assert_allclose([one[keys[i]] for i in rows], want.numpy(), rtol=1e-4, atol=1e-3)
+
+
 # -- TestStream: watermarks, late data, malformed input ------------------------------------------------------
 def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, tmp_path):
     import apache_beam as beam
@@ -110,6 +162,14 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
     drift = [json.loads(s) for s in (out / "drift.jsonl").read_text().splitlines()]
     assert len(drift) == 3 and all(d["records"] > 100 and d["bits_per_record"] > 0 for d in drift)
     assert drift[0]["mean_elbo"] == pytest.approx(wins[0]["mean_elbo"])
+    # the bound is the mean over the window's scored sample (1 in 8 by key hash, StreamConfig.score_every)
+    from vaestream.beam.elements import record_key
+    from vaestream.beam.scoring import scored_rows
+
+    for w, d in zip(wins, drift):
+        n = sum(len(scored_rows([record_key(os.path.basename(s), i) for i in range(sizes[int(os.path.basename(s)[1])])],
+                                8)) for s in w["sources"])
+        assert w["scored"] == d["scored"] == n and 0 < n < w["records"] / 4
 
 
 # -- a live stream: the file watcher on the in-process streaming runner, through the job shell ---------------

@@ -35,7 +35,8 @@ silently while the stream is active.
 * ``.vaez``: when the model has coder tables, the window's quantised codes as one container
   (:mod:`vaestream.coding.container`), whose header names the model fingerprint: decode it with
   :meth:`vaestream.online.registry.Registry.decode` or :func:`vaestream.coding.codec.load`;
-* ``.json``: the window's summary (records, sources, pane timing, mean ELBO, bits, fingerprint, time written).
+* ``.json``: the window's summary (records, sources, pane timing, the scored sample's size and mean ELBO, bits,
+  fingerprint, time written).
 
 Each file is written under a temporary name and renamed, so a reader never sees half a file and a retried
 bundle rewrites the same name. Dead letters (unreadable or malformed files and records, late paths) go to
@@ -44,9 +45,11 @@ monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/
 window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
 
 The model is loaded once per worker process by :class:`vaestream.beam.scoring.ScoringModelHandler` (a
-:class:`vaestream.beam.VAEModelHandler` that also computes each record's ELBO with fixed noise from the same
+:class:`vaestream.beam.VAEModelHandler` that also computes the ELBO of a sample of the records (one in
+``StreamConfig.score_every``, by key hash) with fixed noise from the same
 encoder pass, :func:`vaestream.beam.scoring.elbo_from_posterior`, and the coder's container: one model call per
-batch), reusing :class:`vaestream.beam.Validate` and the readers of :mod:`vaestream.beam`.
+batch), reusing the readers of :mod:`vaestream.beam` and its validation (:func:`vaestream.beam.validate.validate_batch`,
+in the read step).
 
 **Cost per batch.** On the in-process runner every poll that finds files is one bundle through the pipeline
 (the watcher waits for the pipeline to take a batch before it polls again, so a busy pipeline gets bigger
@@ -125,7 +128,7 @@ class _LateGate(beam.DoFn):
                       f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the file arrived; the "
                       f"watermark was at least {_iso(wm)}")
             yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, window.TimestampedValue(
-                vb.DeadLetter(path, path, reason), Timestamp(micros=wm)))
+                (0, vb.DeadLetter(path, path, reason)), Timestamp(micros=wm)))
             return
         yield path
 
@@ -157,29 +160,40 @@ def _stamp(micros: int) -> str:
 # reading, scoring
 # ---------------------------------------------------------------------------------------------------------
 class _ReadFileFn(beam.DoFn):
-    """path -> RecordBatch chunks of the file (its event time), or DeadLetter items (unreadable, truncated)."""
+    """path -> the file's valid records as RecordBatch chunks (its event time), and ``(0, DeadLetter)`` for an
+    unreadable or truncated file and each record :func:`vaestream.beam.validate.validate_batch` refuses (for
+    the model's ``shape`` and ``likelihood``): reading and validation in one step, so each round of the
+    stream pays one transform and one dead-letter input for both."""
 
-    def __init__(self, chunk_size: int):
+    def __init__(self, chunk_size: int, shape=None, likelihood: str | None = None):
         self.chunk_size = chunk_size
+        self.shape = tuple(shape) if shape is not None else None
+        self.likelihood = likelihood
         self.records_in = Metrics.counter(_NS, "records_in")
         self.files = Metrics.counter(_NS, "files_in")
 
     def process(self, path: str):
+        from vaestream.beam.validate import validate_batch
+
         self.files.inc()
         try:
             tasks = vb.plan_reads(path)
         except DataError as e:
             self.records_in.inc()
-            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, vb.DeadLetter(path, path, str(e)))
+            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, (0, vb.DeadLetter(path, path, str(e))))
             return
         for task in tasks:
             for item in vb.read_range(task, self.chunk_size):
                 if isinstance(item, vb.RecordBatch):
                     self.records_in.inc(len(item))
-                    yield item
+                    good, dead = validate_batch(item, self.shape, self.likelihood)
+                    if good is not None:
+                        yield good
+                    for d in dead:
+                        yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, (0, d))
                 else:
                     self.records_in.inc()
-                    yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, item)
+                    yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, (0, item))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,11 +261,12 @@ class _WriteWindowFn(beam.DoFn):
             write_atomic(base + ".vaez", packed)
             written += len(packed)
             coded_bits = 8.0 * len(packed)
-        elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)
+        elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)   # of the scored records
         summary = {"window_start": _iso(win.start.micros), "window_end": _iso(win.end.micros),
                    "window_start_s": win.start.micros / 1e6, "window_end_s": win.end.micros / 1e6,
                    "pane": getattr(pane, "index", 0), "timing": timing, "records": n,
-                   "elbo_sum": float(elbo.sum()), "mean_elbo": float(elbo.mean()),
+                   "scored": int(elbo.size), "elbo_sum": float(elbo.sum()),
+                   "mean_elbo": float(elbo.mean()) if elbo.size else None,
                    "coded_bits": coded_bits, "fingerprints": fps,
                    "sources": sorted({s.codes.source for s in items}), "files": [os.path.basename(base) + ext for ext in
                                                                              ([".tfrecord", ".vaez"] if coded_bits
@@ -300,7 +315,7 @@ class _DriftFn(beam.DoFn):
         s = kv[1]
         mon = DriftMonitor(self.config, f"{self.out_dir}/{DRIFT_LOG}", state.read())
         rec = mon.observe(f"[{s['window_start']}, {s['window_end']}) p{s['pane']}", elbo_sum=s["elbo_sum"],
-                          records=s["records"], coded_bits=s["coded_bits"], window_start=s["window_start"],
+                          records=s["records"], scored=s.get("scored"), coded_bits=s["coded_bits"], window_start=s["window_start"],
                           window_end=s["window_end"], pane=s["pane"], timing=s["timing"],
                           fingerprints=s["fingerprints"])
         state.write(mon.state())
@@ -328,6 +343,10 @@ class StreamConfig:
     ``max_latency`` (see :meth:`for_max_latency`): the bound, in seconds, from a file's arrival to its codes
     on disk that the window (at most ``max_latency / 2``) and, in :func:`run_stream`, the poll interval (at
     most ``max_latency / 10``) are sized for.
+
+    ``score_every``: the drift signal's sample, one record in ``score_every`` by key hash
+    (:func:`vaestream.beam.scoring.scored_rows`; 1: every record). Every record is coded; only the sample pays
+    the ELBO's decoder pass.
     """
 
     window: float = 10.0
@@ -338,11 +357,14 @@ class StreamConfig:
     chunk_size: int = vb.CHUNK
     batch_size: int = vb.CHUNK
     max_latency: float | None = None
+    score_every: int = 8
 
     def __post_init__(self):
         if not self.window > 0 or self.allowed_lateness < 0:
             raise ConfigError(f"window must be positive and allowed_lateness non-negative, got {self.window}, "
                               f"{self.allowed_lateness}")
+        if int(self.score_every) != self.score_every or self.score_every < 1:
+            raise ConfigError(f"score_every must be a positive integer, got {self.score_every}")
         if self.max_latency is not None:
             if not self.max_latency > 0:
                 raise ConfigError(f"max_latency must be positive, got {self.max_latency}")
@@ -391,7 +413,8 @@ class StreamEncode(beam.PTransform):
         self.cfg = config or StreamConfig()
         self.drift = drift or DriftConfig()
         self.model_config = vb.read_model_config(model_dir, saved_model)
-        self.handler = ScoringModelHandler(model_dir, saved_model, self.cfg.batch_size, coder, quality)
+        self.handler = ScoringModelHandler(model_dir, saved_model, self.cfg.batch_size, coder, quality,
+                                           self.cfg.score_every)
 
     def expand(self, paths):
         from apache_beam.ml.inference.base import RunInference
@@ -408,11 +431,10 @@ class StreamEncode(beam.PTransform):
             window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
             allowed_lateness=Duration.of(c.allowed_lateness + slack),
             accumulation_mode=trigger.AccumulationMode.DISCARDING)
-        read = windowed | "ReadFiles" >> beam.ParDo(_ReadFileFn(c.chunk_size)).with_outputs(
-            vb.DEAD_LETTER, main=vb.RECORDS)
         cfg = self.model_config
-        good = read[vb.RECORDS] | "Validate" >> vb.Validate(cfg.input_shape, cfg.likelihood)
-        scored = good[vb.RECORDS] | "Encode" >> RunInference(self.handler)
+        read = windowed | "ReadFiles" >> beam.ParDo(_ReadFileFn(c.chunk_size, cfg.input_shape, cfg.likelihood)
+                                                    ).with_outputs(vb.DEAD_LETTER, main=vb.RECORDS)
+        scored = read[vb.RECORDS] | "Encode" >> RunInference(self.handler)
         windows = (scored
                    | "KeyScored" >> beam.Map(lambda s: (0, s))
                    | "GroupWindow" >> beam.GroupByKey()
@@ -421,13 +443,12 @@ class StreamEncode(beam.PTransform):
                  | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
                  | "KeySummaries" >> beam.Map(lambda s: ("drift", s))
                  | "Drift" >> beam.ParDo(_DriftFn(self.output, self.drift)))
-        dead = ((gated[vb.DEAD_LETTER], read[vb.DEAD_LETTER], good[vb.DEAD_LETTER])
+        dead = ((gated[vb.DEAD_LETTER], read[vb.DEAD_LETTER])    # (0, DeadLetter), keyed where made
                 | "FlattenDeadLetters" >> beam.Flatten()
                 | "WindowDeadLetters" >> beam.WindowInto(
                     window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                     allowed_lateness=Duration.of(max(86400.0, c.allowed_lateness + slack)),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING)
-                | "KeyDeadLetters" >> beam.Map(lambda d: (0, d))
                 | "GroupDeadLetters" >> beam.GroupByKey()
                 | "WriteDeadLetters" >> beam.ParDo(_WriteDeadFn(self.output)))
         return {WINDOWS: windows, "drift": drift, vb.DEAD_LETTER: dead}

@@ -5,8 +5,10 @@ For a window w of n_w records with per-record lower bounds L_i (the ELBO, nats) 
     mean_elbo_w       = (1/n_w) sum_i L_i                      nats/record
     bits_per_record_w = -mean_elbo_w / ln 2                    (the bits-back code length the model implies)
 
-(and, when the caller passes the window's coded size, ``coded_bits_per_record``: reported, not judged — the
-latent codes' size hardly moves when the data changes, the bound does)
+(the sum over a sample S_w of the window's records when the caller scored only those, ``scored`` = |S_w|: then
+mean_elbo_w = (1/|S_w|) sum_{i in S_w} L_i, as the streaming encoder's hash-uniform sample; and, when the caller
+passes the window's coded size, ``coded_bits_per_record``: reported, not judged — the latent codes' size
+hardly moves when the data changes, the bound does)
 
 and compares ``bits_per_record_w`` with a reference r, an exponential moving average of the bits/record of
 earlier unflagged windows (r_w = (1 - a) r_{w-1} + a b_w, a = ``smoothing``). A window is flagged when
@@ -94,36 +96,46 @@ class DriftMonitor:
                 "consecutive": self.consecutive, "flagged_total": self.flagged_total}
 
     def observe(self, window: str, elbo: np.ndarray | None = None, *, elbo_sum: float | None = None,
-                records: int | None = None, coded_bits: float | None = None, **extra: Any) -> dict:
+                records: int | None = None, coded_bits: float | None = None, scored: int | None = None,
+                **extra: Any) -> dict:
         """Judge one window and return (and log) its record.
 
         Args:
           window: the window's name (e.g. ``"[start, end)"`` or a file name).
           elbo: the per-record lower bounds ``[n]`` in nats; or give ``elbo_sum`` and ``records``.
           coded_bits: the window's total coded size in bits (reported as ``coded_bits_per_record``).
+          scored: with ``elbo_sum``, when the bound was computed for a sample of the window's ``records``:
+            the number of records ``elbo_sum`` sums over (the mean is ``elbo_sum / scored``; windows with
+            fewer than ``min_records`` scored records are not judged). Default: ``records``.
           extra: more fields for the record (start, end, model version, ...).
 
         Returns:
-          ``{"window", "records", "mean_elbo", "bits_per_record", "coded_bits_per_record", "reference_bits",
-          "change", "flagged", "rebaselined", "time", **extra}``; ``change`` is (b - r) / r.
+          ``{"window", "records", "scored", "mean_elbo", "bits_per_record", "coded_bits_per_record",
+          "reference_bits", "change", "flagged", "rebaselined", "time", **extra}``; ``change`` is (b - r) / r.
         """
         if elbo is not None:
+            if scored is not None:
+                raise ConfigError("scored goes with elbo_sum and records (elbo holds the scored records' bounds)")
             e = np.asarray(elbo, np.float64).reshape(-1)
             n, total = int(e.size), float(e.sum())
+            m = n
         else:
             if elbo_sum is None or records is None:
                 raise ConfigError("give elbo, or elbo_sum and records")
             n, total = int(records), float(elbo_sum)
+            m = n if scored is None else int(scored)
+        if not 0 <= m <= n:
+            raise ConfigError(f"scored must be in [0, records = {n}], got {m}")
         cfg = self.config
-        mean = total / n if n else float("nan")
-        bits = -mean / LN2 if n else float("nan")
+        mean = total / m if m else float("nan")
+        bits = -mean / LN2 if m else float("nan")
         coded = (coded_bits / n) if (coded_bits is not None and n) else None
-        rec: dict[str, Any] = {"window": window, "records": n, "mean_elbo": mean, "bits_per_record": bits,
-                               "coded_bits_per_record": coded,
+        rec: dict[str, Any] = {"window": window, "records": n, "scored": m, "mean_elbo": mean,
+                               "bits_per_record": bits, "coded_bits_per_record": coded,
                                "reference_bits": self.reference, "change": None, "flagged": False,
                                "rebaselined": False, "time": time.time()}
         self.windows += 1
-        if n >= cfg.min_records and math.isfinite(bits):
+        if m and m >= cfg.min_records and math.isfinite(bits):
             if self.reference is None or self.judged < cfg.warmup:
                 self.reference = bits if self.reference is None else \
                     (1 - cfg.smoothing) * self.reference + cfg.smoothing * bits

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=4096, help="records per element")
     parser.add_argument("--drift_threshold", "--drift-threshold", type=float, default=0.1,
                         help="flag a window whose bits/record exceed the reference by this fraction")
+    parser.add_argument("--score_every", "--score-every", type=int, default=8, metavar="K",
+                        help="the drift signal's sample: the ELBO of one record in K (by key hash; 1: every "
+                             "record); every record is coded")
 
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
@@ -54,7 +57,8 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     from vaestream.beam import streaming as bs
     from vaestream.online.drift import DriftConfig
 
-    kw = dict(allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size, batch_size=args.chunk_size)
+    kw = dict(allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size, batch_size=args.chunk_size,
+              score_every=getattr(args, "score_every", 8))
     max_latency = getattr(args, "max_latency", None)
     cfg = (bs.StreamConfig(window=args.window, **kw) if max_latency is None
            else bs.StreamConfig.for_max_latency(max_latency, window=args.window, **kw))
