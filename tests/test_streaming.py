@@ -95,6 +95,9 @@ def test_the_scored_sample_depends_on_the_key_alone_and_its_elbo_is_the_exports(
     np.testing.assert_array_equal(mean_one, mean_split)           # codes: bit-identical across batchings
     np.testing.assert_allclose([split[k] for k in sorted(one)], [one[k] for k in sorted(one)], rtol=1e-5)
     model = store.load_model(coded_model)
+    # the uint8 records, made model inputs in the graph, give the batch job's codes bit for bit
+    inputs = vb.RecordBatch("s.npy", keys, x, 1.0 / 255).inputs()
+    np.testing.assert_array_equal(mean_one, model.encoder_params_exact(inputs)[0].numpy())
     want = elbo_fixed_noise(model, (x[rows].reshape(len(rows), -1) / np.float32(255)).astype(np.float32))["elbo"]
     np.testing.assert_allclose([one[keys[i]] for i in rows], want.numpy(), rtol=1e-4, atol=1e-3)
 

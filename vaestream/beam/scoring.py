@@ -115,21 +115,37 @@ class ScoringModelHandler(vb.VAEModelHandler):
         if model.vae is not None:
             vae = model.vae
 
-            # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
-            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.float32), tf.TensorSpec([None], tf.int32)],
-                         autograph=False)
-            def score(x, rows):  # the codes of every record, the ELBO of x[rows]
+            def scored(x, rows):  # the codes of every record, the ELBO of x[rows]
                 mean, log_scale = vae.encoder_params_exact(x)
                 return mean, log_scale, elbo_from_posterior(vae, tf.gather(x, rows), tf.gather(mean, rows),
                                                             tf.gather(log_scale, rows))
 
-            def score_fn(x, rows):
-                m, ls, e = score(tf.constant(x), tf.constant(rows, tf.int32))
+            # one trace for every batch size (no XLA: a recompilation per padded size costs seconds)
+            rows_spec = tf.TensorSpec([None], tf.int32)
+            score = tf.function(scored, input_signature=[tf.TensorSpec([None, d], tf.float32), rows_spec],
+                                autograph=False)
+
+            # uint8 records go in as they are stored (a quarter of the bytes to copy) and become model inputs in
+            # the graph: float32(count) * float32(scale), one IEEE multiply, the same values as
+            # RecordBatch.inputs()
+            @tf.function(input_signature=[tf.TensorSpec([None, d], tf.uint8), tf.TensorSpec([], tf.float32),
+                                          rows_spec], autograph=False)
+            def score_counts(counts, scale, rows):
+                return scored(tf.cast(counts, tf.float32) * scale, rows)
+
+            def score_fn(x, rows, scale=None):
+                rows = tf.constant(rows, tf.int32)
+                if x.dtype == np.uint8 and scale is not None:
+                    m, ls, e = score_counts(tf.constant(x), tf.constant(scale, tf.float32), rows)
+                else:
+                    m, ls, e = score(tf.constant(x if scale is None else x * np.float32(scale), tf.float32), rows)
                 return m.numpy(), ls.numpy(), e.numpy()
         else:
             saved = model.saved
 
-            def score_fn(x, rows):
+            def score_fn(x, rows, scale=None):
+                if scale is not None:
+                    x = np.asarray(x, np.float32) * np.float32(scale)
                 if hasattr(saved, "encode") and hasattr(saved, "elbo"):  # a vaestream.serving.export.ExportedModel
                     m, ls = saved.encode(x)
                     return m, ls, saved.elbo(x[rows])["elbo"] if len(rows) else np.zeros(0, np.float32)
@@ -138,8 +154,9 @@ class ScoringModelHandler(vb.VAEModelHandler):
                      else np.zeros(0, np.float32))
                 return m, ls, e
         model.score_fn = score_fn
-        # build the trace now, before the first window's records wait on it
+        # build the traces now, before the first window's records wait on them
         score_fn(np.zeros((1, d), np.float32), np.zeros(1, np.int32))
+        score_fn(np.zeros((1, d), np.uint8), np.zeros(1, np.int32), 1.0 / 255.0)
         model.codec = None
         if self.use_coder is not False:
             try:
@@ -156,11 +173,19 @@ class ScoringModelHandler(vb.VAEModelHandler):
 
         if not batch:
             return []
-        x = np.concatenate([b.inputs() for b in batch])
         picked = [scored_rows(b.keys, self.score_every) for b in batch]
         starts = np.cumsum([0] + [len(b) for b in batch])
         rows = np.concatenate([p + s for p, s in zip(picked, starts)]).astype(np.int32)
-        mean, log_scale, elbo = (np.asarray(a, np.float32) for a in model.score_fn(x, rows))
+        scale = batch[0].scale if batch[0].scale is not None else 1.0
+        if all(b.records.dtype == np.uint8 and (b.scale if b.scale is not None else 1.0) == scale for b in batch):
+            d = model.config.input_dim   # stored counts, converted in the graph
+            x = batch[0].records.reshape(-1, d) if len(batch) == 1 else \
+                np.concatenate([b.records.reshape(-1, d) for b in batch])
+            outs = model.score_fn(x, rows, scale)
+        else:
+            outs = model.score_fn(batch[0].inputs() if len(batch) == 1 else
+                                  np.concatenate([b.inputs() for b in batch]), rows)
+        mean, log_scale, elbo = (np.asarray(a, np.float32) for a in outs)
         out, e = [], 0
         for b, p, s in zip(batch, picked, starts):
             n = len(b)

@@ -39,8 +39,9 @@ silently while the stream is active.
   fingerprint, time written).
 
 Each file is written under a temporary name and renamed, so a reader never sees half a file and a retried
-bundle rewrites the same name. Dead letters (unreadable or malformed files and records, late paths) go to
-``OUTPUT/dead_letter/dead_letter-START-END-pPANE.jsonl`` as ``{"source", "key", "reason"}``. The drift
+bundle rewrites the same name. Dead letters go to ``OUTPUT/dead_letter/`` as ``{"source", "key", "reason"}``
+lines: unreadable or malformed files and records to ``dead_letter-START-END-pPANE.jsonl``, grouped and written
+with the pane's codes; late paths to ``dead_letter-late-WM-CRC.jsonl``, written by the late gate. The drift
 monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/record and appends one line per
 window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
 
@@ -66,6 +67,7 @@ import json
 import os
 import threading
 import time
+import zlib
 from typing import NamedTuple, Sequence
 
 import apache_beam as beam
@@ -95,20 +97,25 @@ _NS = vb.NAMESPACE
 # the late gate
 # ---------------------------------------------------------------------------------------------------------
 class _LateGate(beam.DoFn):
-    """(key, path) in the global window -> path, or a :class:`vaestream.beam.DeadLetter` when its window has
-    closed. An event-time timer stepping every ``step`` seconds records a lower bound on the watermark."""
+    """(key, path) in the global window -> path, unless its window has closed: then the path's dead letter is
+    written here, to ``OUTPUT/dead_letter/dead_letter-late-WM-CRC.jsonl`` (WM the watermark bound, CRC the
+    path's crc32: a retried bundle rewrites the same file). An event-time timer stepping every ``step`` seconds
+    records a lower bound on the watermark. (Late paths are rare; writing them here spares every round of the
+    stream a dead-letter branch of its own.)"""
 
     KNOWN = userstate.ReadModifyWriteStateSpec("known_watermark", coders.VarIntCoder())
     LAST = userstate.ReadModifyWriteStateSpec("last_element", coders.VarIntCoder())
     ARMED = userstate.ReadModifyWriteStateSpec("armed", coders.BooleanCoder())
     TICK = userstate.TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, window_seconds: float, allowed_lateness: float, step: float, horizon: float):
+    def __init__(self, out_dir: str, window_seconds: float, allowed_lateness: float, step: float, horizon: float):
+        self.out_dir = out_dir
         self.w = Duration.of(window_seconds).micros
         self.lateness = Duration.of(allowed_lateness).micros
         self.step = max(1, Duration.of(step).micros)
         self.horizon = Duration.of(horizon).micros
         self.late = Metrics.counter(_NS, "late_dead_lettered")
+        self.dead = Metrics.counter(_NS, "dead_lettered")
 
     def process(self, kv, ts=beam.DoFn.TimestampParam, known=beam.DoFn.StateParam(KNOWN),
                 last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
@@ -127,8 +134,9 @@ class _LateGate(beam.DoFn):
             reason = (f"{path}: late: event time {_iso(t)} belongs to window [{_iso(start)}, {_iso(start + self.w)}), "
                       f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the file arrived; the "
                       f"watermark was at least {_iso(wm)}")
-            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, window.TimestampedValue(
-                (0, vb.DeadLetter(path, path, reason)), Timestamp(micros=wm)))
+            _write_dead(self.out_dir, f"late-{_stamp(wm)}-{zlib.crc32(path.encode()):08x}",
+                        [vb.DeadLetter(path, path, reason)])
+            self.dead.inc()
             return
         yield path
 
@@ -159,18 +167,30 @@ def _stamp(micros: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # reading, scoring
 # ---------------------------------------------------------------------------------------------------------
-class _ReadFileFn(beam.DoFn):
-    """path -> the file's valid records as RecordBatch chunks (its event time), and ``(0, DeadLetter)`` for an
-    unreadable or truncated file and each record :func:`vaestream.beam.validate.validate_batch` refuses (for
-    the model's ``shape`` and ``likelihood``): reading and validation in one step, so each round of the
-    stream pays one transform and one dead-letter input for both."""
+class _EncodeFilesFn(beam.DoFn):
+    """path -> ``(0, Scored)`` for each chunk of the file's valid records (its event time), and
+    ``(0, DeadLetter)`` for an unreadable or truncated file and for each record
+    :func:`vaestream.beam.validate.validate_batch` refuses (for the model's ``shape`` and ``likelihood``).
 
-    def __init__(self, chunk_size: int, shape=None, likelihood: str | None = None):
+    Reading, validation and the model call (``handler``, a :class:`ScoringModelHandler`: one
+    ``run_inference`` per chunk of up to ``chunk_size`` records, the model from the handler's per-process
+    cache) are one step, keyed for the pane's GroupByKey: on Beam's in-process streaming runner every
+    transform costs each round of the stream a bundle of its own (~1-2 ms: a pickling round trip of the DoFn,
+    its setup and Beam's DoFn-signature checks; ``benchmarks/RESULTS_streaming.md``), so the stream pays one
+    transform here where ``ReadFiles | Validate | RunInference | Key`` cost four (with ``BatchElements``)."""
+
+    def __init__(self, handler: ScoringModelHandler, chunk_size: int, shape=None, likelihood: str | None = None):
+        self.handler = handler
         self.chunk_size = chunk_size
         self.shape = tuple(shape) if shape is not None else None
         self.likelihood = likelihood
         self.records_in = Metrics.counter(_NS, "records_in")
         self.files = Metrics.counter(_NS, "files_in")
+        self.model_calls = Metrics.counter(_NS, "model_calls")
+        self._model = None
+
+    def setup(self):
+        self._model = self.handler.load_model()
 
     def process(self, path: str):
         from vaestream.beam.validate import validate_batch
@@ -180,20 +200,21 @@ class _ReadFileFn(beam.DoFn):
             tasks = vb.plan_reads(path)
         except DataError as e:
             self.records_in.inc()
-            yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, (0, vb.DeadLetter(path, path, str(e))))
+            yield 0, vb.DeadLetter(path, path, str(e))
             return
         for task in tasks:
             for item in vb.read_range(task, self.chunk_size):
-                if isinstance(item, vb.RecordBatch):
-                    self.records_in.inc(len(item))
-                    good, dead = validate_batch(item, self.shape, self.likelihood)
-                    if good is not None:
-                        yield good
-                    for d in dead:
-                        yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, (0, d))
-                else:
+                if not isinstance(item, vb.RecordBatch):
                     self.records_in.inc()
-                    yield beam.pvalue.TaggedOutput(vb.DEAD_LETTER, (0, item))
+                    yield 0, item
+                    continue
+                self.records_in.inc(len(item))
+                good, dead = validate_batch(item, self.shape, self.likelihood)
+                if good is not None:
+                    self.model_calls.inc()
+                    yield 0, self.handler.run_inference([good], self._model)[0]
+                for d in dead:
+                    yield 0, d
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,6 +234,16 @@ def _write_tfrecord_atomic(path: str, records: list[bytes]) -> int:
     return int(size)
 
 
+def _write_dead(out_dir: str, name: str, dead: list) -> None:
+    """``OUTPUT/dead_letter/dead_letter-NAME.jsonl``: the dead letters, one JSON object per line, sorted by
+    (source, key); written under a temporary name and renamed."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(f"{out_dir}/{DEAD_DIR}")
+    lines = "".join(d.to_json() + "\n" for d in sorted(dead, key=lambda d: (d.source, d.key)))
+    write_atomic(f"{out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
+
+
 def _pane_name(win, pane) -> tuple[str, str]:
     timing = {0: "early", 1: "on_time", 2: "late"}.get(getattr(pane, "timing", 3), "unknown")
     idx = getattr(pane, "index", 0)
@@ -220,7 +251,8 @@ def _pane_name(win, pane) -> tuple[str, str]:
 
 
 class _WriteWindowFn(beam.DoFn):
-    """(key, [Scored]) of one window pane -> codes files + summary; yields the summary dict."""
+    """(key, [Scored and DeadLetter]) of one window pane -> its codes files + summary, and its dead letters
+    (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
@@ -228,6 +260,7 @@ class _WriteWindowFn(beam.DoFn):
         self.bytes_out = Metrics.counter(_NS, "bytes_out")
         self.panes = Metrics.counter(_NS, "panes_written")
         self.late_records = Metrics.counter(_NS, "late_records_written")
+        self.dead = Metrics.counter(_NS, "dead_lettered")
 
     def setup(self):
         import tensorflow as tf
@@ -237,10 +270,17 @@ class _WriteWindowFn(beam.DoFn):
     def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         from vaestream.coding import container
 
-        items: list[Scored] = sorted(kv[1], key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
+        items: list[Scored] = []
+        dead: list = []
+        for v in kv[1]:
+            (dead if isinstance(v, vb.DeadLetter) else items).append(v)
+        name, timing = _pane_name(win, pane)
+        if dead:
+            _write_dead(self.out_dir, name, dead)
+            self.dead.inc(len(dead))
+        items.sort(key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
         if not items:
             return
-        name, timing = _pane_name(win, pane)
         base = f"{self.out_dir}/{CODES_DIR}/codes-{name}"
         examples = [e for s in items for e in vb.code_examples(s.codes)]
         written = _write_tfrecord_atomic(base + ".tfrecord", examples)
@@ -279,25 +319,6 @@ class _WriteWindowFn(beam.DoFn):
         if timing == "late":
             self.late_records.inc(n)
         yield summary
-
-
-class _WriteDeadFn(beam.DoFn):
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-        self.dead = Metrics.counter(_NS, "dead_lettered")
-
-    def setup(self):
-        import tensorflow as tf
-
-        tf.io.gfile.makedirs(f"{self.out_dir}/{DEAD_DIR}")
-
-    def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
-        items = sorted(kv[1], key=lambda d: (d.source, d.key))
-        name, _ = _pane_name(win, pane) if isinstance(win, window.IntervalWindow) else (f"global-{time.time_ns()}", "")
-        lines = "".join(d.to_json() + "\n" for d in items)
-        write_atomic(f"{self.out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
-        self.dead.inc(len(items))
-        yield len(items)
 
 
 class _DriftFn(beam.DoFn):
@@ -393,8 +414,9 @@ class StreamConfig:
 class StreamEncode(beam.PTransform):
     """File paths (timestamped, global window) -> windowed code files, dead letters and drift records.
 
-    Returns a dict of PCollections: ``windows`` (the summary of each pane written), ``drift`` (drift
-    records) and ``dead_letter`` (counts written).
+    Returns a dict of PCollections: ``windows`` (the summary of each pane written) and ``drift`` (drift
+    records). Dead letters are files (``OUTPUT/dead_letter/``): a pane's read and validation dead letters are
+    written with its codes, a late path's by the late gate.
 
     Args:
       output: the output directory.
@@ -417,41 +439,29 @@ class StreamEncode(beam.PTransform):
                                            self.cfg.score_every)
 
     def expand(self, paths):
-        from apache_beam.ml.inference.base import RunInference
-
         c = self.cfg
         step = c.gate_step if c.gate_step is not None else c.window
         slack = c.gate_slack if c.gate_slack is not None else step
         horizon = c.gate_horizon if c.gate_horizon is not None else 2 * c.window + c.allowed_lateness
         gated = (paths
                  | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
-                 | "LateGate" >> beam.ParDo(_LateGate(c.window, c.allowed_lateness, step, horizon)).with_outputs(
-                     vb.DEAD_LETTER, main="paths"))
-        windowed = gated["paths"] | "Window" >> beam.WindowInto(
+                 | "LateGate" >> beam.ParDo(_LateGate(self.output, c.window, c.allowed_lateness, step, horizon)))
+        windowed = gated | "Window" >> beam.WindowInto(
             window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
             allowed_lateness=Duration.of(c.allowed_lateness + slack),
             accumulation_mode=trigger.AccumulationMode.DISCARDING)
         cfg = self.model_config
-        read = windowed | "ReadFiles" >> beam.ParDo(_ReadFileFn(c.chunk_size, cfg.input_shape, cfg.likelihood)
-                                                    ).with_outputs(vb.DEAD_LETTER, main=vb.RECORDS)
-        scored = read[vb.RECORDS] | "Encode" >> RunInference(self.handler)
-        windows = (scored
-                   | "KeyScored" >> beam.Map(lambda s: (0, s))
+        # a pane's codes and its dead letters (read or validation) are grouped and written together
+        windows = (windowed
+                   | "EncodeFiles" >> beam.ParDo(_EncodeFilesFn(self.handler, c.chunk_size, cfg.input_shape,
+                                                                cfg.likelihood))
                    | "GroupWindow" >> beam.GroupByKey()
                    | "WriteWindow" >> beam.ParDo(_WriteWindowFn(self.output)))
         drift = (windows
                  | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
                  | "KeySummaries" >> beam.Map(lambda s: ("drift", s))
                  | "Drift" >> beam.ParDo(_DriftFn(self.output, self.drift)))
-        dead = ((gated[vb.DEAD_LETTER], read[vb.DEAD_LETTER])    # (0, DeadLetter), keyed where made
-                | "FlattenDeadLetters" >> beam.Flatten()
-                | "WindowDeadLetters" >> beam.WindowInto(
-                    window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
-                    allowed_lateness=Duration.of(max(86400.0, c.allowed_lateness + slack)),
-                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
-                | "GroupDeadLetters" >> beam.GroupByKey()
-                | "WriteDeadLetters" >> beam.ParDo(_WriteDeadFn(self.output)))
-        return {WINDOWS: windows, "drift": drift, vb.DEAD_LETTER: dead}
+        return {WINDOWS: windows, "drift": drift}
 
 
 def streaming_pipeline(options=None) -> beam.Pipeline:
