@@ -45,16 +45,19 @@ with the pane's codes; late paths to ``dead_letter-late-WM-CRC.jsonl``, written 
 monitor (:mod:`vaestream.online.drift`) judges each window's mean ELBO and bits/record and appends one line per
 window to ``OUTPUT/drift.jsonl``; counters and gauges go to Beam metrics (namespace ``vaestream``).
 
-The model is loaded once per worker process by :class:`vaestream.beam.scoring.ScoringModelHandler` (a
-:class:`vaestream.beam.VAEModelHandler` that also computes the ELBO of a sample of the records (one in
-``StreamConfig.score_every``, by key hash) with fixed noise from the same
-encoder pass, :func:`vaestream.beam.scoring.elbo_from_posterior`, and the coder's container: one model call per
-batch), reusing the readers of :mod:`vaestream.beam` and its validation (:func:`vaestream.beam.validate.validate_batch`,
-in the read step).
+One step reads each file, validates its records and scores them (:class:`_EncodeFilesFn`): the readers of
+:mod:`vaestream.beam`, :func:`vaestream.beam.validate.validate_batch`, and the model of
+:class:`vaestream.beam.scoring.ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`, loaded once per
+worker process) that in one call per chunk computes the codes, the ELBO of a sample of the records (one in
+``StreamConfig.score_every``, by key hash) with fixed noise from the same encoder pass
+(:func:`vaestream.beam.scoring.elbo_from_posterior`), and the coder's container.
 
-**Cost per batch.** On the in-process runner every poll that finds files is one bundle through the pipeline
-(the watcher waits for the pipeline to take a batch before it polls again, so a busy pipeline gets bigger
-batches, not more of them); the gate's timer fires once per window; each window pane is one write.
+**Cost per batch, not per record or per transform.** On the in-process runner every poll that finds files is
+one round through the pipeline (the watcher waits for the pipeline to take a batch before it polls again, so a
+busy pipeline gets bigger batches, not more of them), and each transform costs each round a bundle (a pickling
+round trip of its DoFn, its setup, Beam's DoFn-signature checks: ~1-2 ms), so a round runs five small
+transforms on paths (key, gate, window, the GroupByKey's two) and one that does the per-record work; the gate's
+timer fires once per window; each window pane is one write of its codes and dead letters.
 ``max_latency`` (:meth:`StreamConfig.for_max_latency`) sizes the window and the poll from a latency budget.
 """
 
