@@ -56,7 +56,8 @@ worker process) that in one call per chunk computes the codes, the ELBO of a sam
 one round through the pipeline (the watcher waits for the pipeline to take a batch before it polls again, so a
 busy pipeline gets bigger batches, not more of them), and each transform costs each round a bundle (a pickling
 round trip of its DoFn, its setup, Beam's DoFn-signature checks: ~1-2 ms), so a round runs five small
-transforms on paths (key, gate, window, the GroupByKey's two) and one that does the per-record work; the gate's
+transforms (key, gate and window on its paths, the GroupByKey's two on the scored chunks) and one that does
+the per-record work; the gate's
 timer fires once per window; each window pane is one write of its codes and dead letters.
 ``max_latency`` (:meth:`StreamConfig.for_max_latency`) sizes the window and the poll from a latency budget.
 """
