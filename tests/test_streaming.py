@@ -339,3 +339,49 @@ def test_file_watcher_takes_at_most_max_batch_bytes_per_poll(tmp_path):
     finally:
         w.close()
     assert batches == [["f0.npy", "f1.npy"], ["f2.npy", "f3.npy"], ["f4.npy"], []]
+
+
+# -- the same stream from a SavedModel export (a registry version) -------------------------------------------------
+def test_a_stream_from_the_saved_model_export_writes_the_model_directorys_codes(coded_model, mnist_test, tmp_path):
+    """StreamEncode with ``saved_model=`` (the export's signatures, no model code) writes the same records,
+    the same float codes (to float32 round-off), decodable containers and the same scored sample as with
+    ``model_dir=``; a malformed file still becomes a dead letter."""
+    import apache_beam as beam
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+
+    from vaestream import beam as vb
+    from vaestream.beam import streaming as bs
+    from vaestream.coding import codec
+    from vaestream.serving.export import export
+
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "a.npy", mnist_test[:300])
+    np.save(src / "b.npy", mnist_test[300:650])
+    (src / "bad.npy").write_bytes(b"junk")
+    exported = export(coded_model, tmp_path / "exports")
+
+    def run(out, **model):
+        t0 = 3_000_000
+        stream = (TestStream(coder=beam.coders.StrUtf8Coder())
+                  .add_elements([TimestampedValue(str(src / n), t0 + 1) for n in ("a.npy", "b.npy", "bad.npy")])
+                  .advance_watermark_to_infinity())
+        p = bs.streaming_pipeline()
+        p | stream | bs.StreamEncode(str(out), config=bs.StreamConfig(window=10), **model)
+        vb.run_pipeline(p)
+        wins = bs.read_windows(str(out))
+        codes = {k: m for w in wins for b in vb.read_codes(str(out / "codes" / w["files"][0]))
+                 for k, m in zip(b.keys, b.mean)}
+        return wins, codes, bs.read_dead_letters(str(out))
+
+    w1, c1, d1 = run(tmp_path / "from_dir", model_dir=str(coded_model))
+    w2, c2, d2 = run(tmp_path / "from_export", saved_model=str(exported))
+    assert sorted(c1) == sorted(c2) and len(c1) == 650
+    np.testing.assert_allclose(np.stack([c2[k] for k in sorted(c1)]), np.stack([c1[k] for k in sorted(c1)]),
+                               rtol=1e-5, atol=1e-6)
+    assert [w["scored"] for w in w1] == [w["scored"] for w in w2] and w1[0]["mean_elbo"] == pytest.approx(
+        w2[0]["mean_elbo"], rel=1e-4)
+    assert [os.path.basename(d["source"]) for d in d1] == [os.path.basename(d["source"]) for d in d2] == ["bad.npy"]
+    blob = (tmp_path / "from_export" / "codes" / w2[0]["files"][1]).read_bytes()
+    assert codec.load(exported).decompress(blob).shape == (650, 784)
