@@ -38,8 +38,16 @@ def train_family(root: Path, fam: Path, args) -> list[dict]:
         d = fam / f"lmbda-{lm:g}"
         log = d / "bench_training.json"
         if not log.is_file():
-            cfg = ModelConfig(latent_dim=args.latent_dim, hidden=tuple(args.hidden), activation="elu",
-                              likelihood="gaussian_sigmoid", arch="conv", channels=tuple(args.channels), lmbda=lm)
+            if args.latent_channels:  # a spatial latent: C maps over the last feature grid, no dense layers
+                from vaestream.config import latent_grid
+
+                h, w = latent_grid(records.shape[1:], tuple(args.channels))
+                shape_kw = dict(latent_dim=h * w * args.latent_channels, hidden=(),
+                                latent_channels=args.latent_channels)
+            else:
+                shape_kw = dict(latent_dim=args.latent_dim, hidden=tuple(args.hidden))
+            cfg = ModelConfig(**shape_kw, activation="elu", likelihood="gaussian_sigmoid", arch="conv",
+                              channels=tuple(args.channels), lmbda=lm)
             t0 = time.perf_counter()
             res = train(ds, d, cfg, TrainConfig(epochs=args.epochs, objective="rd", seed=1), progress=False)
             secs = time.perf_counter() - t0
@@ -100,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--latent-dim", type=int, default=64)
     p.add_argument("--hidden", type=int, nargs="+", default=[256])
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--latent-channels", type=int, default=0,
+                   help="C > 0: a spatial latent of C maps (no dense layers; --latent-dim, --hidden unused)")
     p.add_argument("--n", type=int, default=10000, help="test records for vaestream (default: the whole set)")
     p.add_argument("--tiled-n", type=int, default=2000, help="test records for the tiled peers")
     p.add_argument("--per-image-n", type=int, default=200, help="test records for the per-image peers")

@@ -24,10 +24,12 @@ from vaestream.coding.coder import dequantize
 from vaestream.model import BLOCK_ROWS, blocked
 
 
-@pytest.fixture(scope="module", params=["mlp", "conv"])
+@pytest.fixture(scope="module", params=["mlp", "conv", "spatial"])
 def coded_dir(request):
-    """The session's coded MLP model, and a convolutional one (vaestream.conv): every test runs on both."""
-    return request.getfixturevalue("coded_model_dir" if request.param == "mlp" else "coded_conv_model_dir")
+    """The session's coded MLP model, a convolutional one (vaestream.conv) and a convolutional one with a
+    spatial latent: every test runs on all three."""
+    return request.getfixturevalue({"mlp": "coded_model_dir", "conv": "coded_conv_model_dir",
+                                    "spatial": "coded_spatial_model_dir"}[request.param])
 
 
 @pytest.fixture(scope="module")

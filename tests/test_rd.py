@@ -211,3 +211,35 @@ def test_cli_rd_without_likelihood_trains_a_gaussian_decoder_and_elbo_keeps_bern
     capsys.readouterr()
     assert read_config(tmp_path / "rd").likelihood == "gaussian_sigmoid"
     assert read_config(tmp_path / "elbo").likelihood == "bernoulli"
+
+
+def test_a_spatial_latent_is_latent_channels_maps_over_the_encoders_grid_and_follows_the_data(mnist_train, tmp_path,
+                                                                                              capsys):
+    """ModelConfig(latent_channels=C): Nz = h w C over the last feature grid, checked; the CLI's
+    --latent-channels sets it, and training on other picture sizes moves Nz with the grid."""
+    from vaestream.config import latent_grid
+
+    assert latent_grid((28, 28), (16, 32)) == (7, 7) and latent_grid((28, 28), (8, 16, 32)) == (4, 4)
+    cfg = ModelConfig(latent_dim=7 * 7 * 3, hidden=(), likelihood="gaussian_sigmoid", arch="conv", channels=(4, 8),
+                      latent_channels=3)
+    assert cfg.latent_shape == (7, 7, 3) and json.loads(cfg.to_json())["latent_channels"] == 3
+    assert "latent_channels" not in json.loads(ModelConfig(arch="conv", channels=(4, 8)).to_json())  # as before
+    with pytest.raises(ConfigError, match="has 147 dimensions, but latent_dim is 20"):
+        ModelConfig(latent_dim=20, hidden=(), arch="conv", channels=(4, 8), latent_channels=3)
+    with pytest.raises(ConfigError, match="no dense layers"):
+        ModelConfig(latent_dim=147, arch="conv", channels=(4, 8), latent_channels=3)
+    with pytest.raises(ConfigError, match="needs arch 'conv'"):
+        ModelConfig(latent_dim=147, hidden=(), latent_channels=3)
+    small = cfg.for_input_shape((14, 14))
+    assert small.latent_shape == (4, 4, 3) and small.latent_dim == 48 and small.input_dim == 196
+    vae = VAE(cfg)
+    mean, log_scale = vae.encoder_params(tf.constant(_x(mnist_train[:5])))
+    assert mean.shape == log_scale.shape == (5, 147)
+    assert vae.decoder_params(mean)["x_mean"].shape == (5, 784)
+    np.save(tmp_path / "train.npy", mnist_train[:300])
+    assert main(["train", "--data", str(tmp_path / "train.npy"), "--out", str(tmp_path / "m"), "--arch", "conv",
+                 "--channels", "4", "8", "--latent-channels", "2", "--activation", "elu", "--objective", "rd",
+                 "--lmbda", "300", "--steps", "4", "--steps-per-call", "2", "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    m = read_config(tmp_path / "m")
+    assert (m.latent_channels, m.latent_dim, m.hidden) == (2, 98, ())

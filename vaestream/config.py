@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from vaestream.errors import ConfigError
@@ -30,11 +31,23 @@ ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid")
 
 ARCHITECTURES = ("mlp", "conv")
 """``mlp``: the paper's MLP encoder and decoder. ``conv``: strided convolutions for picture records, then
-the same dense layers to the same vector latent (:mod:`vaestream.conv`)."""
+the same dense layers to the same vector latent, or (``latent_channels``) a spatial latent map
+(:mod:`vaestream.conv`)."""
 
-_ADDED_DEFAULTS = {"arch": "mlp", "channels": (), "lmbda": None}
+_ADDED_DEFAULTS = {"arch": "mlp", "channels": (), "lmbda": None, "latent_channels": 0}
 """Fields added after models were first stored: left out of :meth:`ModelConfig.to_dict` while at these
 values, so the config JSON, and with it the fingerprint of every model stored before them, is unchanged."""
+
+
+def latent_grid(input_shape: tuple[int, ...], channels: tuple[int, ...]) -> tuple[int, int]:
+    """(h, w) of the conv encoder's last feature map for pictures of ``input_shape``: each of the
+    ``len(channels)`` stride-2 convolutions (SAME padding) halves H and W, rounding up."""
+    if len(input_shape) not in (2, 3):
+        raise ConfigError(f"a spatial latent needs a picture input_shape (H, W) or (H, W, C), got {input_shape}")
+    h, w = int(input_shape[0]), int(input_shape[1])
+    for _ in channels:
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +66,9 @@ class ModelConfig:
       arch: one of :data:`ARCHITECTURES`.
       channels: ``conv`` only: channels of the stride-2 convolutions of the encoder, in order (the decoder
         mirrors them); e.g. ``(32, 64)`` maps 28 x 28 to 7 x 7 x 64 before the dense layers ``hidden``.
+      latent_channels: ``conv`` only: 0 (a vector latent behind the dense layers ``hidden``) or C > 0: a
+        *spatial* latent, C maps over the encoder's last feature grid (a 3 x 3 convolution to the mean and
+        log sigma maps; ``hidden`` must be empty and ``latent_dim`` = h * w * C, see :attr:`latent_shape`).
       lmbda: the rate-distortion trade-off lambda the model was trained for (loss = rate in bits +
         lambda x MSE, :func:`vaestream.objective.rd_loss`); None for a model trained on the ELBO. Models of
         one family differ in it, and ``vaestream compress --psnr`` reads it from here.
@@ -78,6 +94,7 @@ class ModelConfig:
     arch: str = "mlp"
     channels: tuple[int, ...] = ()
     lmbda: float | None = None
+    latent_channels: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -99,6 +116,18 @@ class ModelConfig:
                                   f"channels, got {self.input_shape} and {self.channels}")
         elif self.channels:
             raise ConfigError(f"channels {self.channels} are for arch 'conv', not {self.arch!r}")
+        object.__setattr__(self, "latent_channels", int(self.latent_channels))
+        if self.latent_channels:
+            if self.arch != "conv" or self.latent_channels < 0:
+                raise ConfigError(f"latent_channels {self.latent_channels} (a spatial latent) needs arch 'conv' and "
+                                  "a positive number of latent maps")
+            h, w, c = self.latent_shape
+            if self.latent_dim != h * w * c:
+                raise ConfigError(f"a spatial latent of {c} maps over the encoder's {h} x {w} grid has "
+                                  f"{h * w * c} dimensions, but latent_dim is {self.latent_dim}")
+            if self.hidden:
+                raise ConfigError(f"hidden {self.hidden}: a spatial latent (latent_channels {self.latent_channels}) "
+                                  "has no dense layers; pass hidden=()")
         if self.hierarchical and self.arch != "mlp":
             raise ConfigError(f"a second stochastic layer (top_latent_dim {self.top_latent_dim}) is for arch 'mlp', "
                               f"not {self.arch!r}")
@@ -115,6 +144,25 @@ class ModelConfig:
             raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood {self.likelihood!r} is not one of {LIKELIHOODS}")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        """A spatial latent's ``(h, w, latent_channels)``: the encoder's last feature grid (each stride-2
+        convolution halves H and W, rounding up) and the number of latent maps; None for a vector latent.
+        The code is that map flattened in (h, w, c) order: ``latent_dim = h * w * latent_channels``."""
+        if not self.latent_channels:
+            return None
+        return latent_grid(self.input_shape, self.channels) + (self.latent_channels,)
+
+    def for_input_shape(self, input_shape: tuple[int, ...]) -> "ModelConfig":
+        """This config for records of ``input_shape`` (``input_dim`` its product; a spatial latent's
+        ``latent_dim`` follows the new grid)."""
+        shape = tuple(int(s) for s in input_shape)
+        kw: dict[str, Any] = {"input_dim": math.prod(shape), "input_shape": shape}
+        if self.latent_channels:
+            h, w = latent_grid(shape, self.channels)
+            kw["latent_dim"] = h * w * self.latent_channels
+        return dataclasses.replace(self, **kw)
 
     @property
     def hierarchical(self) -> bool:

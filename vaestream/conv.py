@@ -1,12 +1,16 @@
 """Convolutional analysis and synthesis transforms for picture records (``ModelConfig(arch="conv")``).
 
-The latent stays a *vector* (a diagonal Gaussian of ``latent_dim`` dimensions), so the coder, the container,
+The code is a *vector* (a diagonal Gaussian of ``latent_dim`` dimensions), so the coder, the container,
 the tables, SavedModel exports, Beam jobs and serving see the same shapes as with the MLPs; records stay
 flat ``[B, D]`` at the API and are reshaped to ``[B, H, W, C]`` here (C = 1 for ``input_shape`` (H, W)).
+With ``config.latent_channels`` = C the latent is *spatial*: C maps over the encoder's last feature grid
+(h x w), made by a 3 x 3 convolution (no dense layers), flattened in (h, w, c) order to the ``h w C``-vector
+the coder codes (one table per position and map); the decoder starts with a 3 x 3 convolution from those maps.
+A code dimension then describes a neighbourhood of the picture, not all of it.
 
 * Encoder (analysis): for each ``c`` of ``config.channels``, a 5 x 5 convolution of stride 2 (SAME
   padding) to ``c`` channels and the activation; flatten; the dense layers ``config.hidden``; a linear
-  layer to 2 Nz (mean, log sigma).
+  layer to 2 Nz (mean, log sigma) (spatial latent: a 3 x 3 convolution to 2 C maps instead).
 * Decoder (synthesis): dense layers ``hidden[::-1]`` from z, a dense layer to the encoder's last feature
   map (``h x w x channels[-1]``) and the activation; then, per stride-2 step, a *sub-pixel* convolution
   (Shi et al. 2016): a 3 x 3 convolution of stride 1 to ``4 c`` channels followed by ``depth_to_space(2)``
@@ -99,7 +103,11 @@ class ConvEncoder(tf.Module):
             self.convs.append(Conv(ENCODER_KERNEL, c, ch, STRIDE, rng, name=f"conv{i}"))
             h, w, c = -(-h // STRIDE), -(-w // STRIDE), ch
         self.feature_shape = (h, w, c)
-        self.dense = MLP([h * w * c] + list(config.hidden), n_out, config.activation, rng, init, name="dense")
+        self.latent_shape = config.latent_shape
+        if self.latent_shape is None:
+            self.dense = MLP([h * w * c] + list(config.hidden), n_out, config.activation, rng, init, name="dense")
+        else:  # a spatial latent: a 3 x 3 convolution to the mean and log sigma maps
+            self.head = Conv(DECODER_KERNEL, c, 2 * self.latent_shape[2], 1, rng, name="latent")
 
     def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
         x = tf.convert_to_tensor(x, tf.float32)
@@ -108,9 +116,15 @@ class ConvEncoder(tf.Module):
         for conv in self.convs:
             t = self.act(conv(t, blockwise))
         h, w, c = self.feature_shape
-        return self.dense(restore(tf.reshape(t, [-1, h * w * c])), blockwise)
+        if self.latent_shape is None:
+            return self.dense(restore(tf.reshape(t, [-1, h * w * c])), blockwise)
+        mean, log_scale = tf.split(self.head(t, blockwise), 2, axis=-1)  # [N, h, w, C] each, flattened (h, w, c)
+        nz = h * w * self.latent_shape[2]
+        return restore(tf.concat([tf.reshape(mean, [-1, nz]), tf.reshape(log_scale, [-1, nz])], axis=-1))
 
     def layers(self) -> list[tf.Module]:
+        if self.latent_shape is not None:
+            return list(self.convs) + [self.head]
         return list(self.convs) + list(self.dense.hidden) + [self.dense.out]
 
 
@@ -125,8 +139,12 @@ class ConvDecoder(tf.Module):
         self.act = ACTIVATION_FNS[config.activation]
         self.feature_shape = encoder.feature_shape
         h, w, c = self.feature_shape
-        self.dense = MLP([config.latent_dim] + list(config.hidden[::-1]), h * w * c, config.activation, rng, init,
-                         name="dense")
+        self.latent_shape = config.latent_shape
+        if self.latent_shape is None:
+            self.dense = MLP([config.latent_dim] + list(config.hidden[::-1]), h * w * c, config.activation, rng,
+                             init, name="dense")
+        else:  # from the latent maps: a 3 x 3 convolution to the encoder's last feature map
+            self.head = Conv(DECODER_KERNEL, self.latent_shape[2], c, 1, rng, name="latent")
         # the spatial sizes the encoder went through, largest first: each sub-pixel step doubles and crops to one
         sizes = [_picture(config)[:2]]
         for _ in config.channels[:-1]:
@@ -139,9 +157,13 @@ class ConvDecoder(tf.Module):
 
     def __call__(self, z: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
         z = tf.convert_to_tensor(z, tf.float32)
-        t = self.act(self.dense(z, blockwise))
-        flat, restore = _flatten_leading(t)
-        t = tf.reshape(flat, (-1,) + self.feature_shape)
+        if self.latent_shape is None:
+            t = self.act(self.dense(z, blockwise))
+            flat, restore = _flatten_leading(t)
+            t = tf.reshape(flat, (-1,) + self.feature_shape)
+        else:
+            flat, restore = _flatten_leading(z)
+            t = self.act(self.head(tf.reshape(flat, (-1,) + self.latent_shape), blockwise))
         for i, (conv, (h, w)) in enumerate(zip(self.convs, self.sizes)):
             t = tf.nn.depth_to_space(conv(t, blockwise), STRIDE)[:, :h, :w, :]
             if i < len(self.convs) - 1:
@@ -153,4 +175,6 @@ class ConvDecoder(tf.Module):
         return restore(t)
 
     def layers(self) -> list[tf.Module]:
+        if self.latent_shape is not None:
+            return [self.head] + list(self.convs)
         return list(self.dense.hidden) + [self.dense.out] + list(self.convs)

@@ -306,7 +306,7 @@ def prepare_model_dir(model_dir: str | Path, config: ModelConfig | None, input_s
                              f"{config.to_dict()}; use a new directory")
         config = stored
     else:
-        config = dataclasses.replace(config or ModelConfig(), input_dim=dim, input_shape=tuple(input_shape))
+        config = (config or ModelConfig()).for_input_shape(tuple(input_shape))
         store.save_config(model_dir, config)
     if config.input_dim != dim:
         raise ModelError(f"{model_dir}: model takes {config.input_dim} values per record, {data_name} has {dim}")

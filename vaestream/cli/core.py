@@ -39,6 +39,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="mlp (the paper's) or conv: strided convolutions around the vector latent (vaestream.conv)")
     g.add_argument("--channels", type=int, nargs="+", default=[32, 64],
                    help="with --arch conv: channels of the stride-2 convolutions (default 32 64)")
+    g.add_argument("--latent-channels", type=int, default=0, metavar="C",
+                   help="with --arch conv: a spatial latent of C maps over the last feature grid (no dense "
+                        "layers; --latent-dim and --hidden are then unused: Nz = grid size x C); default 0, a "
+                        "vector latent")
     g.add_argument("--objective", choices=["elbo", "rd"], default="elbo",
                    help="elbo (AEVB, default) or rd: rate (bits) + LMBDA x MSE, a Gaussian decoder")
     g.add_argument("--lmbda", type=float, default=None, help="with --objective rd: lambda (stored in config.json)")
@@ -85,10 +89,19 @@ def model_config(a: argparse.Namespace):
 
     if (a.objective == "rd") != (a.lmbda is not None):
         raise ConfigError("--objective rd and --lmbda go together")
-    return ModelConfig(latent_dim=a.latent_dim, hidden=tuple(a.hidden), activation=a.activation,
-                       likelihood=a.likelihood, arch=a.arch, channels=tuple(a.channels) if a.arch == "conv" else (),
+    channels = tuple(a.channels) if a.arch == "conv" else ()
+    spatial = getattr(a, "latent_channels", 0)
+    if spatial:   # Nz for the default 28 x 28 picture; training sets it from the data's shape
+        from vaestream.config import latent_grid
+
+        h, w = latent_grid((28, 28), channels) if channels else (0, 0)
+        latent_dim, hidden = max(1, h * w * spatial), ()
+    else:
+        latent_dim, hidden = a.latent_dim, tuple(a.hidden)
+    return ModelConfig(latent_dim=latent_dim, hidden=hidden, activation=a.activation,
+                       likelihood=a.likelihood, arch=a.arch, channels=channels,
                        lmbda=a.lmbda, top_latent_dim=getattr(a, "top_latent_dim", 0),
-                       top_hidden=tuple(getattr(a, "top_hidden", (256,))))
+                       top_hidden=tuple(getattr(a, "top_hidden", (256,))), latent_channels=spatial)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
