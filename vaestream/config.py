@@ -41,9 +41,10 @@ values, so the config JSON, and with it the fingerprint of every model stored be
 
 def latent_grid(input_shape: tuple[int, ...], channels: tuple[int, ...]) -> tuple[int, int]:
     """(h, w) of the conv encoder's last feature map for pictures of ``input_shape``: each of the
-    ``len(channels)`` stride-2 convolutions (SAME padding) halves H and W, rounding up."""
+    ``len(channels)`` stride-2 convolutions (SAME padding) halves H and W, rounding up (:mod:`vaestream.conv`
+    builds its encoder on this grid)."""
     if len(input_shape) not in (2, 3):
-        raise ConfigError(f"a spatial latent needs a picture input_shape (H, W) or (H, W, C), got {input_shape}")
+        raise ConfigError(f"a conv model needs a picture input_shape (H, W) or (H, W, C), got {input_shape}")
     h, w = int(input_shape[0]), int(input_shape[1])
     for _ in channels:
         h, w = -(-h // 2), -(-w // 2)

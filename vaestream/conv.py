@@ -45,7 +45,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from vaestream.config import ModelConfig
+from vaestream.config import ModelConfig, latent_grid
 
 ENCODER_KERNEL = 5
 DECODER_KERNEL = 3
@@ -97,11 +97,11 @@ class ConvEncoder(tf.Module):
         super().__init__(name=name)
         self.shape = _picture(config)
         self.act = ACTIVATION_FNS[config.activation]
-        h, w, c = self.shape
-        self.convs = []
-        for i, ch in enumerate(config.channels):
-            self.convs.append(Conv(ENCODER_KERNEL, c, ch, STRIDE, rng, name=f"conv{i}"))
-            h, w, c = -(-h // STRIDE), -(-w // STRIDE), ch
+        c_in = [self.shape[2]] + list(config.channels[:-1])
+        self.convs = [Conv(ENCODER_KERNEL, a, b, STRIDE, rng, name=f"conv{i}")
+                      for i, (a, b) in enumerate(zip(c_in, config.channels))]
+        h, w = latent_grid(self.shape, config.channels)
+        c = config.channels[-1]
         self.feature_shape = (h, w, c)
         self.latent_shape = config.latent_shape
         if self.latent_shape is None:

@@ -197,8 +197,6 @@ class _EncodeFilesFn(beam.DoFn):
         self._model = self.handler.load_model()
 
     def process(self, path: str):
-        from vaestream.beam.validate import validate_batch
-
         self.files.inc()
         try:
             tasks = vb.plan_reads(path)
@@ -213,7 +211,7 @@ class _EncodeFilesFn(beam.DoFn):
                     yield 0, item
                     continue
                 self.records_in.inc(len(item))
-                good, dead = validate_batch(item, self.shape, self.likelihood)
+                good, dead = vb.validate_batch(item, self.shape, self.likelihood)
                 if good is not None:
                     self.model_calls.inc()
                     yield 0, self.handler.run_inference([good], self._model)[0]
@@ -340,9 +338,9 @@ class _DriftFn(beam.DoFn):
         s = kv[1]
         mon = DriftMonitor(self.config, f"{self.out_dir}/{DRIFT_LOG}", state.read())
         rec = mon.observe(f"[{s['window_start']}, {s['window_end']}) p{s['pane']}", elbo_sum=s["elbo_sum"],
-                          records=s["records"], scored=s.get("scored"), coded_bits=s["coded_bits"], window_start=s["window_start"],
-                          window_end=s["window_end"], pane=s["pane"], timing=s["timing"],
-                          fingerprints=s["fingerprints"])
+                          records=s["records"], scored=s.get("scored"), coded_bits=s["coded_bits"],
+                          window_start=s["window_start"], window_end=s["window_end"], pane=s["pane"],
+                          timing=s["timing"], fingerprints=s["fingerprints"])
         state.write(mon.state())
         if rec["flagged"]:
             self.flagged.inc()

@@ -94,8 +94,8 @@ def model_config(a: argparse.Namespace):
     if spatial:   # Nz for the default 28 x 28 picture; training sets it from the data's shape
         from vaestream.config import latent_grid
 
-        h, w = latent_grid((28, 28), channels) if channels else (0, 0)
-        latent_dim, hidden = max(1, h * w * spatial), ()
+        h, w = latent_grid((28, 28), channels)
+        latent_dim, hidden = h * w * spatial, ()
     else:
         latent_dim, hidden = a.latent_dim, tuple(a.hidden)
     return ModelConfig(latent_dim=latent_dim, hidden=hidden, activation=a.activation,

@@ -276,9 +276,6 @@ def export(model_dir: str | Path, export_base: str | Path, version: int | None =
     model_dir = Path(model_dir)
     model = store.load_model(model_dir)
     tables = _load_tables(model_dir)
-    if tables is not None and tables.fingerprint != model.fingerprint():
-        raise ModelError(f"{model_dir / MODEL_TABLES}: built for model {tables.fingerprint[:16]}..., not this "
-                         f"model ({model.fingerprint()[:16]}...); rebuild the coder tables")
     return export_model(model, export_base, tables, version, quality=quality, elbo_samples=elbo_samples,
                         elbo_seed=elbo_seed, verify=verify, source=str(model_dir))
 
@@ -303,7 +300,8 @@ def export_model(model: VAE, export_base: str | Path, tables: Any | None = None,
                           "directory); the SavedModel's elbo signature is written for one stochastic layer")
     fingerprint = model.fingerprint()
     if tables is not None and tables.fingerprint != fingerprint:
-        raise ModelError(f"{name}: coder tables built for model {tables.fingerprint[:16]}..., not this model "
+        where = f"{source}/{MODEL_TABLES}" if source else name
+        raise ModelError(f"{where}: coder tables built for model {tables.fingerprint[:16]}..., not this model "
                          f"({fingerprint[:16]}...); rebuild the coder tables")
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
