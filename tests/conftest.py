@@ -72,14 +72,14 @@ def coded_model_dir(small_model, mnist_train, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def coded_spatial_model_dir(tmp_path_factory, mnist_train) -> Path:
-    """A small convolutional rate-distortion model with a *spatial* latent (4 maps over the 7 x 7 grid: Nz =
+    """A small convolutional rate-distortion model with a *spatial* latent and GDN (4 maps over the 7 x 7 grid: Nz =
     196, no dense layers), 120 steps on real MNIST, with coder tables."""
     from vaestream import ModelConfig, TrainConfig, train
     from vaestream.coding import codec
     from vaestream.data import make_dataset
 
     d = tmp_path_factory.mktemp("spatial") / "model"
-    cfg = ModelConfig(latent_dim=7 * 7 * 4, hidden=(), activation="elu", likelihood="gaussian_sigmoid", arch="conv",
+    cfg = ModelConfig(latent_dim=7 * 7 * 4, hidden=(), activation="gdn", likelihood="gaussian_sigmoid", arch="conv",
                       channels=(8, 16), latent_channels=4, lmbda=1000.0)
     train(make_dataset(mnist_train[:12000], "gaussian_sigmoid", "mnist-train"), d, cfg,
           TrainConfig(steps=120, objective="rd", seed=3), progress=False)

@@ -27,7 +27,9 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial")
 DISCRETE_LEVELS = 255
 """The ``beta_binomial`` decoder models counts 0..255 (8-bit data scaled to [0, 1] as x = n / 255)."""
 
-ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid")
+ACTIVATIONS = ("tanh", "relu", "softplus", "elu", "sigmoid", "gdn")
+"""Hidden activations; ``gdn`` (generalised divisive normalisation, :class:`vaestream.conv.GDN`) is for conv models
+with a spatial latent."""
 
 ARCHITECTURES = ("mlp", "conv")
 """``mlp``: the paper's MLP encoder and decoder. ``conv``: strided convolutions for picture records, then
@@ -143,6 +145,9 @@ class ModelConfig:
             raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.activation == "gdn" and not self.latent_channels:
+            raise ConfigError("activation 'gdn' normalises feature maps: it needs arch 'conv' with a spatial latent "
+                              "(latent_channels > 0); dense layers take a pointwise activation")
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood {self.likelihood!r} is not one of {LIKELIHOODS}")
 

@@ -29,13 +29,14 @@ record's reconstruction does not depend on its batch (a oneDNN convolution over 
 the same image alone; it is not used on that path). Training uses ``tf.nn.conv2d`` (the same function up to
 float rounding, much faster).
 
-Nonlinearity: GDN (Ballé et al.) is not in TensorFlow core. It Gaussianises the responses of a *linear*
-transform of natural images so that a factorised entropy model of a *feature map* fits; here the entropy
-model is over a vector latent produced by dense layers after the flattening, which already mix every
-feature, and the records are small grey digits and clothes. A pointwise activation (``config.activation``;
-ELU by default for ``vaestream train --arch conv``) keeps every layer "patch GEMM + elementwise", which the
-determinism argument above needs; GDN's channel mixing would add a normalisation whose square root and
-division would have to be shown batch-invariant too.
+Nonlinearity: a pointwise activation (``config.activation``; ELU by default for ``vaestream train --arch
+conv``), or, for a spatial latent, ``activation="gdn"``: generalised divisive normalisation (Ballé et al. 2016,
+:class:`GDN`) after every encoder convolution and its inverse (IGDN) after every decoder convolution but the
+last, as in Ballé et al.'s image codecs. GDN Gaussianises the responses of a linear transform of pictures, so
+that a factorised entropy model of a *feature map* (the spatial latent, coded one table per position and map)
+fits; with a vector latent the dense layers already mix every feature, and the option is refused there. GDN
+keeps every layer "patch GEMM + elementwise + a per-pixel channel GEMM", and with ``blockwise=True`` the
+channel GEMM runs in the same fixed 64-row blocks, so the determinism argument above holds for it too.
 """
 
 from __future__ import annotations
@@ -81,6 +82,39 @@ class Conv(tf.Module):
         return tf.reshape(y, tf.concat([tf.shape(p)[:3], [-1]], 0))
 
 
+class GDN(tf.Module):
+    """Generalised divisive normalisation over channels (Ballé, Laparra & Simoncelli 2016) and its inverse:
+
+        GDN:   y_i = x_i / sqrt(beta_i + sum_j gamma_ji x_j^2)        IGDN:  y_i = x_i * sqrt(...)
+
+    at every pixel of ``[N, H, W, C]``, with ``beta_i >= BETA_MIN`` and ``gamma >= 0`` kept so by the
+    parametrisation ``beta = b^2 + BETA_MIN``, ``gamma = w^2`` (``w`` ``[C, C]``, ``b`` ``[C]``, the names
+    :meth:`vaestream.model.VAE.weights` orders by). Initialised to ``beta = 1``, ``gamma = 0.1 I``, near the
+    identity. ``blockwise=True`` computes the channel sum ``x^2 @ gamma`` in the fixed 64-row blocks of the
+    convolutions, so a pixel's output is a pure function of that pixel's input.
+    """
+
+    BETA_MIN = 1e-6
+
+    def __init__(self, channels: int, inverse: bool, name: str):
+        super().__init__(name=name)
+        self.inverse = inverse
+        self.w = tf.Variable((math.sqrt(0.1) * np.eye(channels)).astype(np.float32), name="w")
+        self.b = tf.Variable(np.full((channels,), math.sqrt(1.0 - self.BETA_MIN), np.float32), name="b")
+
+    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
+        gamma, beta = tf.square(self.w), tf.square(self.b) + self.BETA_MIN
+        c = int(self.w.shape[0])
+        if blockwise:
+            from vaestream.model import BLOCK_ROWS
+
+            rows = tf.reshape(tf.square(x), [-1, BLOCK_ROWS, c])
+            norm = tf.reshape(tf.matmul(rows, gamma), tf.shape(x)) + beta
+        else:
+            norm = tf.nn.conv2d(tf.square(x), gamma[None, None], 1, "VALID") + beta
+        return x * tf.sqrt(norm) if self.inverse else x / tf.sqrt(norm)
+
+
 def _flatten_leading(x: tf.Tensor):
     """``[..., n]`` -> (``[N, n]``, a function that restores the leading dims on ``[N, m]``)."""
     lead = tf.shape(x)[:-1]
@@ -96,10 +130,12 @@ class ConvEncoder(tf.Module):
 
         super().__init__(name=name)
         self.shape = _picture(config)
-        self.act = ACTIVATION_FNS[config.activation]
         c_in = [self.shape[2]] + list(config.channels[:-1])
         self.convs = [Conv(ENCODER_KERNEL, a, b, STRIDE, rng, name=f"conv{i}")
                       for i, (a, b) in enumerate(zip(c_in, config.channels))]
+        self.norms = ([GDN(c, False, name=f"gdn{i}") for i, c in enumerate(config.channels)]
+                      if config.activation == "gdn" else None)
+        self.act = None if self.norms else ACTIVATION_FNS[config.activation]
         h, w = latent_grid(self.shape, config.channels)
         c = config.channels[-1]
         self.feature_shape = (h, w, c)
@@ -113,8 +149,9 @@ class ConvEncoder(tf.Module):
         x = tf.convert_to_tensor(x, tf.float32)
         flat, restore = _flatten_leading(x)
         t = tf.reshape(flat, (-1,) + self.shape)
-        for conv in self.convs:
-            t = self.act(conv(t, blockwise))
+        for i, conv in enumerate(self.convs):
+            t = conv(t, blockwise)
+            t = self.norms[i](t, blockwise) if self.norms else self.act(t)
         h, w, c = self.feature_shape
         if self.latent_shape is None:
             return self.dense(restore(tf.reshape(t, [-1, h * w * c])), blockwise)
@@ -123,9 +160,10 @@ class ConvEncoder(tf.Module):
         return restore(tf.concat([tf.reshape(mean, [-1, nz]), tf.reshape(log_scale, [-1, nz])], axis=-1))
 
     def layers(self) -> list[tf.Module]:
+        convs = [m for pair in zip(self.convs, self.norms) for m in pair] if self.norms else list(self.convs)
         if self.latent_shape is not None:
-            return list(self.convs) + [self.head]
-        return list(self.convs) + list(self.dense.hidden) + [self.dense.out]
+            return convs + [self.head]
+        return convs + list(self.dense.hidden) + [self.dense.out]
 
 
 class ConvDecoder(tf.Module):
@@ -136,7 +174,6 @@ class ConvDecoder(tf.Module):
         from vaestream.model import MLP, ACTIVATION_FNS
 
         super().__init__(name=name)
-        self.act = ACTIVATION_FNS[config.activation]
         self.feature_shape = encoder.feature_shape
         h, w, c = self.feature_shape
         self.latent_shape = config.latent_shape
@@ -154,6 +191,13 @@ class ConvDecoder(tf.Module):
         outs = list(config.channels[:-1])[::-1] + [maps * self.picture_channels]
         self.convs = [Conv(DECODER_KERNEL, c_in, 4 * c_out, 1, rng, name=f"subpixel{i}")
                       for i, (c_in, c_out) in enumerate(zip([c] + outs[:-1], outs))]
+        # IGDN after the first layer (the head) and after every sub-pixel convolution but the last
+        self.norms = ([GDN(n, True, name=f"igdn{i}") for i, n in enumerate([c] + outs[:-1])]
+                      if config.activation == "gdn" else None)
+        self.act = None if self.norms else ACTIVATION_FNS[config.activation]
+
+    def _act(self, i: int, t: tf.Tensor, blockwise: bool) -> tf.Tensor:
+        return self.norms[i](t, blockwise) if self.norms else self.act(t)
 
     def __call__(self, z: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
         z = tf.convert_to_tensor(z, tf.float32)
@@ -163,11 +207,11 @@ class ConvDecoder(tf.Module):
             t = tf.reshape(flat, (-1,) + self.feature_shape)
         else:
             flat, restore = _flatten_leading(z)
-            t = self.act(self.head(tf.reshape(flat, (-1,) + self.latent_shape), blockwise))
+            t = self._act(0, self.head(tf.reshape(flat, (-1,) + self.latent_shape), blockwise), blockwise)
         for i, (conv, (h, w)) in enumerate(zip(self.convs, self.sizes)):
             t = tf.nn.depth_to_space(conv(t, blockwise), STRIDE)[:, :h, :w, :]
             if i < len(self.convs) - 1:
-                t = self.act(t)
+                t = self._act(i + 1, t, blockwise)
         # [N, H, W, maps * C] -> map-major [N, maps * H * W * C] (each map in the records' (H, W, C) order)
         s = tf.shape(t)
         t = tf.reshape(t, [s[0], s[1], s[2], self.maps, self.picture_channels])
@@ -175,6 +219,8 @@ class ConvDecoder(tf.Module):
         return restore(t)
 
     def layers(self) -> list[tf.Module]:
-        if self.latent_shape is not None:
+        if self.latent_shape is None:
+            return list(self.dense.hidden) + [self.dense.out] + list(self.convs)
+        if not self.norms:
             return [self.head] + list(self.convs)
-        return list(self.dense.hidden) + [self.dense.out] + list(self.convs)
+        return [self.head] + [m for pair in zip(self.norms, self.convs) for m in pair]
