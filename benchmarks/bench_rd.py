@@ -54,7 +54,7 @@ def train_family(root: Path, fam: Path, args) -> list[dict]:
     ds = make_dataset(records, args.likelihood, root.name)
     out = []
     for lm in args.lambdas:
-        d = fam / f"lmbda-{lm:g}"
+        d = fam / f"{args.prefix}lmbda-{lm:g}"
         log = d / "bench_training.json"
         if not log.is_file():
             if args.latent_channels:  # a spatial latent: C maps over the last feature grid, no dense layers
@@ -146,7 +146,11 @@ def main(argv=None) -> int:
                    help="the decoder's mean: through a sigmoid (default) or linear (decoded pictures are clipped)")
     p.add_argument("--activation", default="elu", choices=["elu", "gdn"],
                    help="gdn: GDN / IGDN between the convolutions (needs --latent-channels)")
+    p.add_argument("--prefix", default="",
+                   help="model directory names are PREFIXlmbda-L: several architectures can share one family")
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--compare-only", action="store_true",
+                   help="train nothing: compare every model already in each family (their training logs are reported)")
     args = p.parse_args(argv)
     from vaestream.coding import rdcurve
     from vaestream.data import load_records
@@ -158,7 +162,14 @@ def main(argv=None) -> int:
     for name in args.data:
         root = DATASETS[name]
         fam = out / f"family-{name}"
-        res = {"data": name, "training": train_family(root, fam, args)}
+        if args.compare_only:
+            from vaestream.coding import family
+
+            training = [{"model": d.name, **json.loads((d / "bench_training.json").read_text())}
+                        for d in family.members(fam)]
+        else:
+            training = train_family(root, fam, args)
+        res = {"data": name, "training": training}
         if not args.train_only:
             imgs = load_records(str(root), "test")[: args.n]
             t0 = time.perf_counter()

@@ -243,3 +243,38 @@ def test_a_spatial_latent_is_latent_channels_maps_over_the_encoders_grid_and_fol
     capsys.readouterr()
     m = read_config(tmp_path / "m")
     assert (m.latent_channels, m.latent_dim, m.hidden) == (2, 98, ())
+
+
+def test_gdn_divides_each_pixel_by_its_channel_norm_and_igdn_multiplies_by_it(mnist_train):
+    """activation="gdn": y_i = x_i / sqrt(beta_i + sum_j gamma_ji x_j^2) after each encoder convolution, the
+    inverse y_i = x_i sqrt(...) after the decoder's; refused where dense layers would need it; blockwise (the decode path) agrees
+    with the training path, and the model trains and codes as any spatial model."""
+    from vaestream.conv import GDN
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3, 2, 4)).astype(np.float32)
+    g = GDN(4, inverse=False, name="g")
+    g.w.assign(rng.uniform(0.1, 0.6, size=(4, 4)).astype(np.float32))
+    g.b.assign(rng.uniform(0.5, 1.5, size=(4,)).astype(np.float32))
+    gamma, beta = g.w.numpy().astype(np.float64) ** 2, g.b.numpy().astype(np.float64) ** 2 + GDN.BETA_MIN
+    want = x / np.sqrt(beta + (x.astype(np.float64) ** 2) @ gamma)
+    np.testing.assert_allclose(g(tf.constant(x)).numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(g(tf.constant(x), blockwise=True).numpy(), want, rtol=1e-5)
+    inv = GDN(4, inverse=True, name="ig")
+    inv.w.assign(g.w), inv.b.assign(g.b)
+    np.testing.assert_allclose(inv(tf.constant(x)).numpy(), x * np.sqrt(beta + (x.astype(np.float64) ** 2) @ gamma),
+                               rtol=1e-5)
+    with pytest.raises(ConfigError, match="needs arch 'conv' with a spatial latent"):
+        ModelConfig(latent_dim=16, hidden=(64,), activation="gdn", arch="conv", channels=(4, 8))
+    cfg = ModelConfig(latent_dim=7 * 7 * 2, hidden=(), activation="gdn", likelihood="gaussian_sigmoid", arch="conv",
+                      channels=(4, 8), latent_channels=2, lmbda=300.0)
+    vae = VAE(cfg)
+    kinds = lambda net: [getattr(m, "inverse", None) for m in net.layers()]  # None: a convolution
+    assert kinds(vae.encoder) == [None, False, None, False, None]  # conv GDN conv GDN head
+    assert kinds(vae.decoder) == [None, True, None, True, None]  # head IGDN sub-pixel IGDN sub-pixel
+    assert len(vae.weights()) == 20  # every layer's w and b, in the fingerprint
+    xb = tf.constant(_x(mnist_train[:64]))
+    mean, _ = vae.encoder_params(xb)
+    np.testing.assert_allclose(vae.encoder(xb, blockwise=True).numpy()[:, :98], mean.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(vae.decoder(mean, blockwise=True).numpy(), vae.decoder(mean).numpy(), rtol=1e-4,
+                               atol=1e-5)
