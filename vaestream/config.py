@@ -62,7 +62,7 @@ class ModelConfig:
       input_shape: the shape of one record, for pictures (e.g. ``(28, 28)``); its product is ``input_dim``.
       latent_dim: Nz, the number of latent dimensions.
       hidden: hidden-layer widths of the encoder MLP; the decoder mirrors them (the paper: one layer of 500).
-      activation: hidden activation (the paper: ``tanh``).
+      activation: hidden activation (the paper: ``tanh``); ``gdn`` for a conv model with a spatial latent.
       likelihood: one of :data:`LIKELIHOODS`.
       min_log_scale: floor of the Gaussian decoder's per-pixel log standard deviation (keeps the density
         bounded on data with constant pixels).
