@@ -86,7 +86,31 @@ def train_family(root: Path, fam: Path, args) -> list[dict]:
                                        "train_seconds": round(secs, 1),
                                        "tables_seconds": round(time.perf_counter() - t1, 1)}))
         out.append(json.loads(log.read_text()))
+    if args.bits_back_steps:
+        out.append(train_bits_back(root, fam, args))
     return out
+
+
+def train_bits_back(root: Path, fam: Path, args) -> dict:
+    """The family's near-lossless member FAMILY/bitsback: a one-layer 784-H-H-Nz ELU beta-binomial VAE (the
+    lossless benchmark's Run F shape), Adam 1e-3 decayed to 1e-4 over ``--bits-back-steps`` minibatches of 100."""
+    from vaestream import ModelConfig, TrainConfig, train
+    from vaestream.data import load_records, make_dataset
+
+    d = fam / "bitsback"
+    log = d / "bench_training.json"
+    if not log.is_file():
+        cfg = ModelConfig(latent_dim=args.bits_back_latent_dim, hidden=tuple(args.bits_back_hidden),
+                          activation="elu", likelihood="beta_binomial")
+        steps = args.bits_back_steps
+        t0 = time.perf_counter()
+        res = train(make_dataset(load_records(str(root), "train"), "beta_binomial", root.name), d, cfg,
+                    TrainConfig(steps=steps, seed=0, eval_every=10 ** 9, learning_rate=1e-3, lr_decay_rate=0.1,
+                                lr_decay_steps=steps), progress=False)
+        log.write_text(json.dumps({"model": "bitsback", "likelihood": "beta_binomial", "steps": res.steps,
+                                   "hidden": list(cfg.hidden), "latent_dim": cfg.latent_dim,
+                                   "train_seconds": round(time.perf_counter() - t0, 1)}))
+    return json.loads(log.read_text())
 
 
 def throughput(fam: Path, imgs: np.ndarray, reps: int = 3) -> dict:
@@ -97,6 +121,20 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3) -> dict:
     batch = imgs[:1000]
     out = {}
     for d in family.members(fam):
+        if family.is_near_lossless(d):  # the bits-back member, at 8 levels (max error 18)
+            coder = family.near_lossless_coder(d, 8)
+            blob = coder.compress(batch)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                blob = coder.compress(batch)
+            t1 = time.perf_counter()
+            for _ in range(reps):
+                coder.decompress(blob)
+            t2 = time.perf_counter()
+            out[f"{d.name}_levels8"] = {"compress": reps * len(batch) / (t1 - t0),
+                                        "decompress": reps * len(batch) / (t2 - t1)}
+        if not family.is_lossy(d):
+            continue
         c = codec.load(d)
         blob = c.compress(batch, quality=1.0)
         c.decompress(blob)  # trace
@@ -148,6 +186,11 @@ def main(argv=None) -> int:
                    help="gdn: GDN / IGDN between the convolutions (needs --latent-channels)")
     p.add_argument("--prefix", default="",
                    help="model directory names are PREFIXlmbda-L: several architectures can share one family")
+    p.add_argument("--bits-back-steps", type=int, default=0,
+                   help="also train the family's near-lossless member FAMILY/bitsback (a beta-binomial MLP) for "
+                        "this many steps (0: none)")
+    p.add_argument("--bits-back-hidden", type=int, nargs="+", default=[500, 500])
+    p.add_argument("--bits-back-latent-dim", type=int, default=50)
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--compare-only", action="store_true",
                    help="train nothing: compare every model already in each family (their training logs are reported)")

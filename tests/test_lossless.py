@@ -22,29 +22,6 @@ RATE_OVERHEAD = 0.03
 """Bits of a 200-record stream are within 3% of the records' summed negative ELBO (measured: < 1%)."""
 
 
-def _train(tmp_path_factory, records, likelihood: str, binarize: str = "none", steps: int = 400):
-    from vaestream import ModelConfig, TrainConfig, train
-    from vaestream.data import make_dataset
-
-    out = tmp_path_factory.mktemp(f"lossless_{likelihood}")
-    ds = make_dataset(records, likelihood, "mnist-train", binarize=binarize)
-    res = train(ds, out, ModelConfig(latent_dim=10, hidden=(200,), likelihood=likelihood),
-                TrainConfig(steps=steps, seed=3), progress=False)
-    return res.model, out
-
-
-@pytest.fixture(scope="session")
-def bb_model(tmp_path_factory, mnist_train):
-    """A 784-200-10 beta-binomial VAE trained for 400 steps on the real MNIST training images."""
-    return _train(tmp_path_factory, mnist_train, "beta_binomial")
-
-
-@pytest.fixture(scope="session")
-def bern_model(tmp_path_factory, mnist_train):
-    """A 784-200-10 Bernoulli VAE trained for 400 steps on statically binarised MNIST."""
-    return _train(tmp_path_factory, mnist_train[:30000], "bernoulli", binarize="static")
-
-
 @pytest.fixture(scope="session")
 def bb_stream(bb_model, mnist_test):
     x = mnist_test[:N_RECORDS]

@@ -47,21 +47,21 @@ def _compress_from_family(a: argparse.Namespace, records) -> int:
     """--family with --psnr / --bpp: the operating point of vaestream.coding.family, measured on the input
     (or on --select-on records), then compressed with that model and quality."""
     from vaestream import data
-    from vaestream.coding import codec, family
+    from vaestream.coding import family
     from vaestream.errors import ConfigError
 
-    if a.append or a.lossless or a.quality is not None or a.target_bits is not None:
-        raise ConfigError("--family picks the model and quality itself: no --append, --lossless, --quality, "
-                          "--target-bits")
+    if a.append or a.lossless or a.levels or a.quality is not None or a.target_bits is not None:
+        raise ConfigError("--family picks the model and quality itself: no --append, --lossless, --levels, "
+                          "--quality, --target-bits")
     probe = data.read_array(a.select_on, key=a.key) if a.select_on else records
     pick = family.choose(a.family, probe, psnr=a.psnr, bpp=a.bpp)
-    blob = codec.load(pick["model"]).compress(records, quality=pick["quality"])
+    blob = family.compress(pick, records)
     tmp = Path(str(a.output) + ".tmp")
     tmp.write_bytes(blob)
     tmp.replace(a.output)
     print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob),
                       "bits_per_record": 8 * len(blob) / max(len(records), 1), "model": str(pick["model"]),
-                      "lmbda": pick["lmbda"], "quality": pick["quality"],
+                      "lmbda": pick["lmbda"], "quality": pick["quality"], "levels": pick["levels"],
                       "selected_on": str(a.select_on) if a.select_on else "input",
                       "selection_psnr_db": pick["psnr_db"],
                       "selection_bits_per_record": pick["bits_per_record"]}))
@@ -81,21 +81,21 @@ def cmd_compress(a: argparse.Namespace) -> int:
         return _compress_from_family(a, records)
     if a.psnr is not None or a.bpp is not None or a.select_on:
         raise ConfigError("--psnr, --bpp and --select-on choose among the models of a --family")
-    c = _codec(a)
-    if a.lossless:
-        if a.append or a.quality is not None or a.target_bits is not None:
-            from vaestream.errors import ConfigError
-
-            raise ConfigError("--lossless takes no --append, --quality or --target-bits")
-        blob = c.compress(records, lossless=True)
+    if a.lossless or a.levels:
+        if a.append or a.quality is not None or a.target_bits is not None or (a.lossless and a.levels):
+            raise ConfigError("--lossless / --levels take no --append, --quality, --target-bits or each other")
+        coder = _bits_back_coder(a.model, a.levels)
+        blob = coder.compress(records)
         tmp = Path(str(a.output) + ".tmp")
         tmp.write_bytes(blob)
         tmp.replace(a.output)
         d = int(np.prod(records.shape[1:]))
         print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob),
                           "bits_per_record": 8 * len(blob) / max(len(records), 1),
-                          "bits_per_dim": 8 * len(blob) / max(len(records) * d, 1), "lossless": True}))
+                          "bits_per_dim": 8 * len(blob) / max(len(records) * d, 1), "lossless": not a.levels,
+                          "levels": a.levels or 256, "max_error": coder.max_error}))
         return 0
+    c = _codec(a)
     if a.append:
         if a.target_bits is not None:
             from vaestream.errors import ConfigError
@@ -119,6 +119,19 @@ def cmd_compress(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bits_back_coder(path: str, levels: int | None = None):
+    """The bits-back coder of the model directory ``path`` (lossless, or near-lossless with ``levels``); it needs
+    no coder tables."""
+    from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder
+    from vaestream.errors import ModelError
+    from vaestream.store import load_model
+
+    if not (Path(path) / "config.json").is_file():
+        raise ModelError(f"{path}: bits-back coding needs a model directory (config.json + ckpt/), not a "
+                         "SavedModel export")
+    return LosslessCoder(load_model(path), levels=levels or EXACT_LEVELS)
+
+
 def cmd_decompress(a: argparse.Namespace) -> int:
     """Decompress a vaestream container into a .npy of reconstructions (and optionally a PNG grid)."""
     _check_model_or_family(a)
@@ -127,12 +140,16 @@ def cmd_decompress(a: argparse.Namespace) -> int:
 
         raise BitstreamError(f"{a.input}: no such file")  # as container.ContainerReader says it
     blob = Path(a.input).read_bytes()
+    from vaestream.coding import container
+    import io
+
+    bits_back = container.read_header(io.BytesIO(blob), name=a.input).lossless
     if a.family is not None:  # the member whose fingerprint the header carries
         from vaestream.coding import family
 
         c = family.codec_for(a.family, blob)
     else:
-        c = _codec(a)
+        c = _bits_back_coder(a.model) if bits_back else _codec(a)
     records = None
     if a.records:
         from vaestream.errors import DataError
@@ -142,12 +159,12 @@ def cmd_decompress(a: argparse.Namespace) -> int:
             records = slice(int(lo) if lo else None, int(hi) if hi else None) if sep else int(lo)
         except ValueError:
             raise DataError(f"--records {a.records!r}: expected I or I:J") from None
-    if c.is_lossless(blob):  # exact records back, in their own dtype and shape
+    if bits_back:  # lossless: the exact records; near-lossless: their level images (uint8, their shape)
         if records is not None:
             from vaestream.errors import ConfigError
 
-            raise ConfigError("--records: a lossless stream decodes whole")
-        x = c.decompress(blob)
+            raise ConfigError("--records: a lossless or near-lossless stream decodes whole")
+        x = c.decompress(blob, a.input)
         np.save(a.output, x)
         print(json.dumps({"output": str(a.output), "records": int(len(x)), "shape": list(x.shape),
                           "dtype": str(x.dtype), "lossless": True}))
@@ -290,6 +307,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--append", action="store_true", help="append to an existing container")
     p.add_argument("--lossless", action="store_true",
                    help="exact bits-back coding (a beta_binomial or bernoulli model; records as stored)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="near-lossless bits-back coding (a beta_binomial model; 8-bit records): each pixel rounded to "
+                        "the nearest of K = 2..64 levels, every pixel within 255 / (2 (K - 1)) of its value")
     p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
     p.add_argument("--key", default=None)
     p.set_defaults(func=cmd_compress)

@@ -189,6 +189,61 @@ def within_rows(cells: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.take(beta_binomial_grid()[1], cells * BIN + b, axis=0).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# near-lossless: pixels quantised to K levels, coded with the beta-binomial's mass over each level's cell
+# ------------------------------------------------------------------------------------------------------------
+MIN_LEVELS, MAX_LEVELS = 2, 64
+"""Near-lossless coding takes K = 2..64 pixel levels (K = 256, every count, is lossless coding)."""
+
+
+def pixel_levels(levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The K = ``levels`` reconstruction values ``round(k 255 / (K - 1))``, k = 0..K-1 (uint8; 0 and 255 are
+    among them, so black and white pixels come back exact), and the level of each count 0..255 (int32 [256]:
+    the nearest value, ties to the lower). Each count is then within ``max_error(K)`` of its value."""
+    k = int(levels)
+    if not MIN_LEVELS <= k <= MAX_LEVELS:
+        raise ValueError(f"levels must be in [{MIN_LEVELS}, {MAX_LEVELS}], got {levels}")
+    values = np.rint(np.arange(k, dtype=np.float64) * (DISCRETE_LEVELS / (k - 1))).astype(np.int64)
+    n = np.arange(DISCRETE_LEVELS + 1, dtype=np.int64)
+    cell = np.argmin(np.abs(n[:, None] - values[None, :]), axis=1).astype(np.int32)
+    return values.astype(np.uint8), cell
+
+
+def max_error(levels: int) -> int:
+    """The largest |count - reconstruction| that K = ``levels`` pixel levels allow (the L-infinity bound)."""
+    values, cell = pixel_levels(levels)
+    return int(np.max(np.abs(np.arange(DISCRETE_LEVELS + 1) - values[cell].astype(np.int64))))
+
+
+def level_grid(levels: int) -> np.ndarray:
+    """P(level k) = the BetaBinomial(255, alpha, beta) mass of the counts whose nearest level is k, on every
+    cell of the (u, v) grid (:func:`beta_binomial_grid`): float32 ``[cells, K]``, rows summing to 1, built once
+    per process and K in float64 (log-sum-exp over each level's counts), like the lossless grid."""
+    key = ("levels", int(levels))
+    if key not in _GRID_CACHE:
+        _, cell = pixel_levels(levels)
+        k = int(levels)
+        starts = np.flatnonzero(np.diff(np.concatenate([[-1], cell])))  # first count of each level (cells ordered)
+        u, v = grid_axis(GRID_U), grid_axis(GRID_V)
+        nu, nv = len(u), len(v)
+        uu, vv = np.repeat(u, nv), np.tile(v, nu)
+        la = vv - np.logaddexp(0.0, -uu)
+        lb = vv - np.logaddexp(0.0, uu)
+        out = np.empty((nu * nv, k), np.float32)
+        for s in range(0, nu * nv, 2048):
+            lp = _bb_logpmf(la[s:s + 2048], lb[s:s + 2048])
+            e = np.exp(lp)  # the row maximum is 0: no overflow, and the largest level's mass is >= 1/256
+            m = np.add.reduceat(e, starts, axis=1)
+            out[s:s + 2048] = m / m.sum(axis=1, keepdims=True)
+        _GRID_CACHE[key] = out
+    return _GRID_CACHE[key]
+
+
+def level_rows(cells: np.ndarray, levels: int) -> np.ndarray:
+    """P(level) of each pixel's grid cell: float32 ``[N, K]``."""
+    return np.take(level_grid(levels), cells, axis=0)
+
+
 DEFAULT_RANGE_BITS = 3
 """The latent grid covers [-2^range_bits, 2^range_bits): [-8, 8) by default (one stochastic layer, prior N(0, I))."""
 

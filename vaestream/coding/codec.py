@@ -260,7 +260,7 @@ class Codec:
         return container.pack(self._header(coder, single), self._frames(c.astype(np.int32), coder))
 
     def compress(self, x, quality: float | None = None, target_bits: float | None = None,
-                 lossless: bool = False) -> bytes:
+                 lossless: bool = False, levels: int | None = None) -> bytes:
         """Records -> a self-describing container (bytes).
 
         Args:
@@ -271,11 +271,20 @@ class Codec:
           lossless: code the records exactly by bits-back coding (:mod:`vaestream.coding.lossless`; a model with a
             discrete decoder: ``beta_binomial`` for 8-bit counts, ``bernoulli`` for 0/1 data). ``x`` are then
             the raw records (uint8 counts or 0/1), and :meth:`decompress` returns them bit for bit.
+          levels: near-lossless bits-back coding of 8-bit counts (a ``beta_binomial`` model): each pixel is
+            rounded to the nearest of ``levels`` (2..64) levels and the level image coded exactly;
+            :meth:`decompress` returns it (uint8), every pixel within ``255 / (2 (levels - 1))`` of the record's
+            (:class:`vaestream.coding.lossless.LosslessCoder`).
         """
-        if lossless:
-            if quality is not None or target_bits is not None:
-                raise ConfigError("lossless compression takes no quality or target_bits")
-            return self.lossless_coder().compress(x)
+        if lossless or levels is not None:
+            if quality is not None or target_bits is not None or (lossless and levels is not None):
+                raise ConfigError("lossless / near-lossless compression takes no quality, target_bits or each other")
+            if levels is None:
+                return self.lossless_coder().compress(x)
+            from vaestream.coding.lossless import LosslessCoder
+
+            return LosslessCoder(self.lossless_coder().model, levels=levels,
+                                 frame_records=self.frame_records).compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
         xs, single = self.model_inputs(x)

@@ -1,11 +1,19 @@
 """Operating points over a *family* of models: pick the model and quality that meet a PSNR or bit target.
 
-A family directory holds model directories (each with ``config.json``, ``ckpt/`` and ``coder_tables.npz``),
-typically one rate-distortion model per lambda (``ModelConfig.lmbda``, :func:`vaestream.objective.rd_loss`)::
+A family directory holds model directories of two kinds:
 
-    FAMILY/lmbda-100/  FAMILY/lmbda-1000/  ...
+* **lossy members** (``config.json``, ``ckpt/`` and ``coder_tables.npz``), typically one rate-distortion
+  model per lambda (``ModelConfig.lmbda``, :func:`vaestream.objective.rd_loss`), whose points are the
+  qualities of the coder's ladder (the quantised latent, decoded by the decoder network);
+* **near-lossless members**: a bits-back model of 8-bit pixels (``beta_binomial`` likelihood, MLP), whose
+  points are the pixel levels of :data:`LEVELS_LADDER` (:class:`vaestream.coding.lossless.LosslessCoder`
+  with ``levels=K``: every pixel rounded to the nearest of K levels and the level image coded exactly, so
+  each pixel is within a known bound of the original). They reach the high-PSNR end a decoder network
+  does not (the bound is exact, whatever the model), where a lossy member's curve flattens::
 
-Every (model, quality on its ladder) pair is an operating point with a rate R (container bits per record,
+    FAMILY/lmbda-100/  FAMILY/lmbda-1000/  ...  FAMILY/bitsback/
+
+Every (model, quality or levels) pair is an operating point with a rate R (container bits per record,
 header and frames included) and a distortion, PSNR = 10 log10(1 / MSE) over the batch (records in [0, 1],
 MSE over every value of the batch). :func:`choose` returns
 
@@ -19,9 +27,9 @@ costs one decode per candidate (the ladder has 19 qualities). A held-back batch 
 alternative when one choice should serve many later batches (a stream): the target then holds on the
 held-back batch, and on new records only as far as they resemble it.
 
-The container records the model: its header carries the first 4 bytes of the model fingerprint, and
-:func:`codec_for` finds the member whose tables were built for that fingerprint (odds of a clash between
-two members 2^-32 per pair).
+The container records the model: its header carries the first 4 bytes of the model fingerprint (and a
+near-lossless stream's frames their K), and :func:`codec_for` finds the member whose tables were built for
+that fingerprint, or whose model has it (odds of a clash between two members 2^-32 per pair).
 """
 
 from __future__ import annotations
@@ -38,18 +46,41 @@ from vaestream.coding.rdmetrics import psnr_db
 from vaestream.errors import ConfigError, ModelError
 
 
-def members(family: str | os.PathLike) -> list[Path]:
-    """The model directories of ``family`` that have coder tables, ordered by lambda (ELBO models last), then
-    name. Raises :class:`ModelError` if there are none."""
+LEVELS_LADDER = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64)
+"""The pixel levels K a near-lossless member is measured at (max error 127, 64, 42, 32, 26, 21, 18, 14, 12,
+8, 6, 4, 2 counts)."""
+
+
+def is_lossy(model_dir: Path) -> bool:
+    """Whether ``model_dir`` has coder tables (the lossy codec's operating points)."""
     from vaestream.coding.codec import TABLES_FILE
+
+    return (Path(model_dir) / TABLES_FILE).is_file()
+
+
+def is_near_lossless(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a model the bits-back coder can code 8-bit pixels with (near-)losslessly:
+    a ``beta_binomial`` MLP."""
+    from vaestream.store import read_config
+
+    cfg = read_config(model_dir)
+    return cfg.likelihood == "beta_binomial" and cfg.arch == "mlp"
+
+
+def members(family: str | os.PathLike) -> list[Path]:
+    """The model directories of ``family`` that are lossy members (coder tables) or near-lossless members (a
+    bits-back model of 8-bit pixels), ordered by lambda (models without one last), then name. Raises
+    :class:`ModelError` if there are none."""
     from vaestream.store import read_config
 
     root = Path(family)
     if not root.is_dir():
         raise ModelError(f"{root}: not a directory of models")
-    found = [d for d in sorted(root.iterdir()) if (d / "config.json").is_file() and (d / TABLES_FILE).is_file()]
+    found = [d for d in sorted(root.iterdir())
+             if (d / "config.json").is_file() and (is_lossy(d) or is_near_lossless(d))]
     if not found:
-        raise ModelError(f"{root}: no model directories with coder tables (config.json + coder_tables.npz)")
+        raise ModelError(f"{root}: no model directories with coder tables (config.json + coder_tables.npz) "
+                         "and no bits-back (beta_binomial) models")
 
     def key(d: Path):
         lm = read_config(d).lmbda
@@ -84,32 +115,91 @@ def operating_points(codec, records, with_ssim: bool = False) -> list[dict]:
     return rows
 
 
+def near_lossless_points(coder, records, levels=LEVELS_LADDER, with_ssim: bool = False) -> list[dict]:
+    """Every K of ``levels`` with the bits-back coder ``coder`` (:class:`vaestream.coding.lossless.LosslessCoder`)
+    on ``records`` (8-bit counts): ``{"levels", "max_error", "bits_per_record", "mse", "psnr_db"}`` (and
+    ``"ssim"``). Bits are those of the whole container; the reconstruction is what ``decompress`` returns,
+    the level image (:meth:`~vaestream.coding.lossless.LosslessCoder.quantize`, tested to be identical)."""
+    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.rdmetrics import ssim
+
+    x, _ = coder._records(records, "records")
+    if len(x) == 0:
+        raise ConfigError("no records to measure operating points on")
+    xf = x.astype(np.float64) / 255.0
+    rows = []
+    for k in levels:
+        c = LosslessCoder(coder.model, levels=k, frame_records=coder.frame_records)
+        bits = 8 * len(c.compress(x)) / len(x)
+        x_hat = c.quantize(x).astype(np.float64) / 255.0
+        mse = float(np.mean((xf - x_hat) ** 2))
+        rows.append({"levels": int(k), "max_error": c.max_error, "bits_per_record": bits, "mse": mse,
+                     "psnr_db": psnr_db(mse)})
+        if with_ssim:
+            shape = (len(x),) + tuple(c.config.input_shape)
+            rows[-1]["ssim"] = ssim(x_hat.reshape(shape), xf.reshape(shape))
+    return rows
+
+
+def member_points(model_dir: Path, records, with_ssim: bool = False) -> list[dict]:
+    """The operating points of one member on ``records`` (uint8 pictures): its coder's qualities if it has
+    tables, its :data:`LEVELS_LADDER` if it is a bits-back model of 8-bit pixels (``"levels"`` names them; a
+    lossy point has ``"levels": None``). Each point has ``"model"`` (the directory), ``"lmbda"`` and
+    ``"bits_per_value"``."""
+    from vaestream.coding import codec as codec_mod
+
+    d = Path(model_dir)
+    points = []
+    if is_lossy(d):
+        c = codec_mod.load(d)
+        for r in operating_points(c, records, with_ssim=with_ssim):
+            points.append({"model": d, "lmbda": c.config.lmbda, "levels": None, **r,
+                           "bits_per_value": r["bits_per_record"] / c.config.input_dim})
+    if is_near_lossless(d):
+        coder = near_lossless_coder(d)
+        for r in near_lossless_points(coder, records, with_ssim=with_ssim):
+            points.append({"model": d, "lmbda": coder.config.lmbda, "quality": None, **r,
+                           "bits_per_value": r["bits_per_record"] / coder.config.input_dim})
+    return points
+
+
+def near_lossless_coder(model_dir: str | os.PathLike, levels: int | None = None):
+    """The bits-back coder of the member ``model_dir`` (lossless; or near-lossless with ``levels``)."""
+    from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder
+    from vaestream.store import load_model
+
+    return LosslessCoder(load_model(model_dir), levels=levels or EXACT_LEVELS)
+
+
+def compress(pick: dict, records) -> bytes:
+    """Compress ``records`` at the operating point ``pick`` (from :func:`choose`)."""
+    from vaestream.coding import codec as codec_mod
+
+    if pick.get("levels"):
+        return near_lossless_coder(pick["model"], pick["levels"]).compress(records)
+    return codec_mod.load(pick["model"]).compress(records, quality=pick["quality"])
+
+
 def choose(family: str | os.PathLike, records, psnr: float | None = None, bpp: float | None = None) -> dict:
     """The operating point of ``family`` for a target, measured on ``records`` (see the module docstring).
 
-    Returns ``{"model": Path, "lmbda", "quality", "bits_per_record", "psnr_db", "mse", "candidates": [...]}``
-    (``candidates``: every point measured, with its model). Raises :class:`ConfigError` if no point meets
-    the target, naming the best one can get.
+    Returns ``{"model": Path, "lmbda", "quality", "levels", "bits_per_record", "psnr_db", "mse", "candidates":
+    [...]}`` (a lossy point has ``levels`` None, a near-lossless one ``quality`` None; ``candidates``: every
+    point measured, with its model). :func:`compress` codes records at it. Raises :class:`ConfigError` if no
+    point meets the target, naming the best one can get.
     """
-    from vaestream.coding import codec as codec_mod
-
     if (psnr is None) == (bpp is None):
         raise ConfigError("give one target: psnr (dB) or bpp (bits per value)")
     target = psnr if psnr is not None else bpp
     if not (isinstance(target, (int, float)) and math.isfinite(target) and target > 0):
         raise ConfigError(f"target must be a positive number, got {target!r}")
-    points = []
-    for d in members(family):
-        c = codec_mod.load(d)
-        for r in operating_points(c, records):
-            points.append({"model": d, "lmbda": c.config.lmbda, **r,
-                           "bits_per_value": r["bits_per_record"] / c.config.input_dim})
+    points = [p for d in members(family) for p in member_points(d, records)]
     if psnr is not None:
         ok = [p for p in points if p["psnr_db"] >= psnr]
         if not ok:
             best = max(points, key=lambda p: p["psnr_db"])
             raise ConfigError(f"no model of {family} reaches {psnr:g} dB on these records (best: {best['psnr_db']:.2f}"
-                              f" dB, {best['model'].name} at quality {best['quality']:g})")
+                              f" dB, {best['model'].name} at {_setting(best)})")
         pick = min(ok, key=lambda p: (p["bits_per_record"], -p["psnr_db"]))
     else:
         ok = [p for p in points if p["bits_per_value"] <= bpp]
@@ -121,14 +211,29 @@ def choose(family: str | os.PathLike, records, psnr: float | None = None, bpp: f
     return {**pick, "candidates": points}
 
 
+def _setting(p: dict) -> str:
+    return f"{p['levels']} levels" if p.get("levels") else f"quality {p['quality']:g}"
+
+
 def codec_for(family: str | os.PathLike, blob: bytes, **kwargs):
-    """The codec of the member of ``family`` that wrote ``blob`` (matched by the header's model fingerprint).
-    ``kwargs`` go to :func:`vaestream.coding.codec.load`."""
+    """The decoder of the member of ``family`` that wrote ``blob`` (matched by the header's model fingerprint):
+    a :class:`vaestream.coding.codec.Codec` for a lossy stream (``kwargs`` go to
+    :func:`vaestream.coding.codec.load`), the member's :class:`vaestream.coding.lossless.LosslessCoder` for a
+    bits-back (lossless or near-lossless) one. Both decode it with ``decompress(blob)``."""
     from vaestream.coding import codec as codec_mod
     from vaestream.coding.coder import CoderTables
+    from vaestream.store import load_model
 
-    fp = container.read_header(io.BytesIO(bytes(blob))).fingerprint.hex()
+    h = container.read_header(io.BytesIO(bytes(blob)))
+    fp = h.fingerprint.hex()
     for d in members(family):
-        if CoderTables.load(d / codec_mod.TABLES_FILE).fingerprint.startswith(fp):
+        if h.lossless:
+            if is_near_lossless(d):
+                model = load_model(d)
+                if model.fingerprint().startswith(fp):
+                    from vaestream.coding.lossless import LosslessCoder
+
+                    return LosslessCoder(model)
+        elif is_lossy(d) and CoderTables.load(d / codec_mod.TABLES_FILE).fingerprint.startswith(fp):
             return codec_mod.load(d, **kwargs)
     raise ModelError(f"{family}: no member was written by model {fp}... (the stream's fingerprint)")

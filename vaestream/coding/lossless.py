@@ -101,7 +101,8 @@ fingerprint, ``table_hash = LOSSLESS_TAG`` (a fixed 16-byte marker that says "lo
 of a hash of coder tables), quality 0 and level 0. Each frame (``frame_records`` records by default; frames
 are independent chains, the unit of random access and of streaming decode) holds, little-endian::
 
-    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8 | reserved u8 x 2
+    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8
+    | levels u8 (0: lossless; K in 2..64: near-lossless, see ``levels`` of :class:`LosslessCoder`) | reserved u8
     | seed words u32 | cut words u32 | stored words u32 | stored words x u32
 
 Format 1 frames (equal-prior-mass buckets, 256-entry tables; vaestream before issue 16) are refused with a
@@ -122,8 +123,9 @@ from vaestream.coding import container
 from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
                                         beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
                                         bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
-                                        latent_prior, latent_scramble, latent_step_bits, posterior_probs,
-                                        within_rows)
+                                        latent_prior, latent_scramble, latent_step_bits, level_rows, max_error,
+                                        pixel_levels, posterior_probs, within_rows)
+from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
 from vaestream.coding.bb_latents import LatentModels
 from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
@@ -133,7 +135,7 @@ FORMAT = 2
 LOSSLESS_TAG = container.LOSSLESS_TAG
 """The container header's ``table_hash`` of a lossless stream."""
 FRAME_TAG = b"BBAN"
-_FRAME_HEAD = struct.Struct("<4sBBHBB2xIII")
+_FRAME_HEAD = struct.Struct("<4sBBHBBBxIII")
 TWO_LAYER_RANGE_BITS = 5
 """A two-layer model's latent grid covers [-32, 32): its z is not held near N(0, I) by a fixed prior (measured:
 16 % of posterior means beyond 6, the largest 17.7, on a 784-200-20-16 model), so [-8, 8) would clip it."""
@@ -146,6 +148,8 @@ DEFAULT_FRAME_RECORDS = 4096
 MAX_FRAME_RECORDS = 1 << 24
 MAX_RANGE_BITS = 7
 LIKELIHOODS = ("beta_binomial", "bernoulli")
+EXACT_LEVELS = DISCRETE_LEVELS + 1
+"""``levels`` of exact (lossless) coding: every count 0..255 is its own level (stored as 0 in a frame header)."""
 
 
 def group_sizes(n: int, group: int) -> list[int]:
@@ -185,11 +189,18 @@ class LosslessCoder:
       frame_records: records per container frame (each frame is an independent chain).
       blas_threads: OpenBLAS threads while coding (default 1, see :class:`blas_threads`; None: leave as is).
         The stream does not depend on it.
+      levels: 256 (:data:`EXACT_LEVELS`): lossless. K in [2, 64]: **near-lossless**, each pixel is first
+        quantised to the nearest of K levels ``round(k 255 / (K - 1))`` (0 and 255 among them), so every pixel
+        comes back within :func:`vaestream.coding.bb_tables.max_error` (K) of its count (127 at K = 2, 8 at
+        16, 2 at 64), and the level image is coded exactly, by the same bits-back chain, with
+        P(level | z) = the beta-binomial's mass over the level's counts (:func:`level_rows`) and Q(z | level
+        image). Rate: the -ELBO of the level image under that binned likelihood. Recorded in each frame; the
+        decoder needs only the model.
     """
 
     def __init__(self, model, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
                  frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1,
-                 range_bits: int | None = None):
+                 range_bits: int | None = None, levels: int = EXACT_LEVELS):
         cfg = model.config
         two = cfg.hierarchical
         if latent_bits is None:
@@ -213,12 +224,26 @@ class LosslessCoder:
             raise ConfigError(f"group must be in [1, 4096], got {group}")
         if not 1 <= frame_records <= MAX_FRAME_RECORDS:
             raise ConfigError(f"frame_records must be in [1, {MAX_FRAME_RECORDS}], got {frame_records}")
+        if int(levels) != EXACT_LEVELS:
+            if not MIN_LEVELS <= int(levels) <= MAX_LEVELS or int(levels) != levels:
+                raise ConfigError(f"levels must be {EXACT_LEVELS} (lossless) or in [{MIN_LEVELS}, {MAX_LEVELS}] "
+                                  f"(near-lossless), got {levels}")
+            if cfg.likelihood != "beta_binomial":
+                raise ConfigError(f"near-lossless coding (levels {levels}) quantises 8-bit pixels: it needs the "
+                                  f"beta_binomial likelihood, not {cfg.likelihood!r}")
+            if two:
+                raise ConfigError(f"near-lossless coding (levels {levels}) needs a model with one stochastic layer: "
+                                  "in Bit-Swap order each record's z is popped before any latent is pushed back, "
+                                  "paid for by the bits its pixels just wrote, and a level image writes too few (its "
+                                  "z would cost -log2 P(z) without bits back)")
         self.model = model
         self.config = cfg
         self.latent_bits = int(latent_bits)
         self.range_bits = self._rb = int(range_bits)  # _rb: the grid of the frame being coded
         self.group = int(group)
         self.frame_records = int(frame_records)
+        self.levels = int(levels)
+        self._set_levels(self.levels)  # the levels of the frame being coded (a decoder takes each frame's own)
         self.blas_threads = blas_threads
         self.fingerprint = model.fingerprint()
         # The networks run here in float64 NumPy with exact matrix products (ExactMLP), not through TensorFlow:
@@ -244,6 +269,27 @@ class LosslessCoder:
     def _push_z(self, ans, zi: np.ndarray, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> None:
         """Push latent buckets with Q: the exact inverse of :meth:`_pop_z`."""
         self._lat.push(ans, zi, mean, std, latent_bits)
+
+    # -- levels (near-lossless) ------------------------------------------------------------------------------
+    def _set_levels(self, levels: int) -> None:
+        self._lv = int(levels)
+        self._values, self._cell = (None, None) if self._lv == EXACT_LEVELS else pixel_levels(self._lv)
+
+    @property
+    def max_error(self) -> int:
+        """The largest |decoded - original| count of this coder's streams: 0 when lossless."""
+        return 0 if self.levels == EXACT_LEVELS else max_error(self.levels)
+
+    def quantize(self, records: Any, name: str = "input") -> np.ndarray:
+        """What :meth:`decompress` returns for ``records``: each count replaced by its nearest level (the
+        records themselves, as uint8, when lossless), in the records' shape. No model call."""
+        x, _ = self._records(records, name)
+        if self.levels == EXACT_LEVELS:
+            out = x.astype(np.uint8)
+        else:
+            values, cell = pixel_levels(self.levels)
+            out = values[cell[x.astype(np.int64)]]
+        return out.reshape(np.shape(records))
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def _records(self, records: Any, name: str) -> tuple[np.ndarray, int]:
@@ -299,6 +345,8 @@ class LosslessCoder:
         """Q(z | x) of int records ``[g, D]`` on the latent grid: (mean, std) in units of buckets, float64
         ``[g * Nz]`` each, from fixed-point network outputs (one encoder call)."""
         div = float(DISCRETE_LEVELS) if self.config.likelihood == "beta_binomial" else 1.0
+        if self._values is not None:  # near-lossless: x holds levels; the encoder sees their counts
+            x = self._values[x]
         return self._gaussian(self._enc(x.astype(np.float64), 0, div), latent_bits, "encoder")
 
     def _gaussian(self, h: np.ndarray, latent_bits: int, net: str) -> tuple[np.ndarray, np.ndarray]:
@@ -344,6 +392,9 @@ class LosslessCoder:
         if self.config.likelihood == "bernoulli":
             ans.encode_reverse(x, self._bern, lik)
             return
+        if self._values is not None:  # near-lossless: the level, with the mass of its counts
+            ans.encode_reverse(x, self._cat, level_rows(lik, self._lv))
+            return
         b = x >> 4
         ans.encode_reverse(x & (BIN - 1), self._cat, within_rows(lik, b))  # the count within its bin
         ans.encode_reverse(b, self._cat, bin_rows(lik))                     # its bin (popped first)
@@ -352,6 +403,8 @@ class LosslessCoder:
         """Pop the pixels with P(x | z) -> int32 ``[g * D]``."""
         if self.config.likelihood == "bernoulli":
             return ans.decode(self._bern, lik)
+        if self._values is not None:
+            return ans.decode(self._cat, level_rows(lik, self._lv))
         b = ans.decode(self._cat, bin_rows(lik))
         return b * BIN + ans.decode(self._cat, within_rows(lik, b))
 
@@ -361,9 +414,11 @@ class LosslessCoder:
         return self.config.latent_dim + 8
 
     def encode_frame(self, x: np.ndarray, layout: int = 0) -> bytes:
-        """int32 records ``[n, D]`` -> one frame payload (one bits-back chain)."""
+        """int32 records ``[n, D]`` -> one frame payload (one bits-back chain). Near-lossless: the records are
+        level indices (``_cell`` of the counts), as :meth:`compress` passes them."""
         lbits = self.latent_bits
         self._rb = self.range_bits
+        self._set_levels(self.levels)
         prior = self._lat.prior(lbits, self._rb)
         nz = self.config.latent_dim
         seed = seed_words(self._seed_count())
@@ -391,15 +446,15 @@ class LosslessCoder:
         diff = np.flatnonzero(words[:m] != seed[:m])
         cut = int(diff[0]) if len(diff) else m
         stored = words[cut:]
-        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS, len(seed),
-                                cut, len(stored))
+        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS,
+                                self._lv % EXACT_LEVELS, len(seed), cut, len(stored))
         return head + stored.astype("<u4").tobytes()
 
     def decode_frame(self, payload: bytes, n: int, name: str = "stream") -> tuple[np.ndarray, int]:
         """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout)."""
         if len(payload) < _FRAME_HEAD.size:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
-        tag, fmt, lbits, group, layout, rb, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
+        tag, fmt, lbits, group, layout, rb, lv, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
         rb += DEFAULT_RANGE_BITS
         if tag != FRAME_TAG:
             raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
@@ -407,14 +462,18 @@ class LosslessCoder:
             old = " (written by an older vaestream; decode it with that version)" if fmt < FORMAT else ""
             raise BitstreamError(f"{name}: lossless frame format {fmt}{old}; this vaestream reads format {FORMAT}")
         if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3 or rb > MAX_RANGE_BITS
-                or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed):
-            raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut})")
+                or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed
+                or (lv and not MIN_LEVELS <= lv <= MAX_LEVELS)
+                or (lv and self.config.likelihood != "beta_binomial")):
+            raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut}, "
+                                 f"levels {lv or EXACT_LEVELS})")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
         self._rb = rb
+        self._set_levels(lv or EXACT_LEVELS)
         prior = self._lat.prior(lbits, self._rb)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
@@ -448,6 +507,8 @@ class LosslessCoder:
             raise BitstreamError(f"{name}: the bits-back chain did not return to its initial state: the stream is "
                                  "corrupt, or was written where the model computes different floats (another "
                                  "NumPy build or CPU kind); the decoded records are not trusted")
+        if self._values is not None:  # near-lossless: level indices -> their counts
+            out = self._values[out]
         return out, int(layout)
 
     # -- containers ------------------------------------------------------------------------------------------
@@ -467,6 +528,8 @@ class LosslessCoder:
             frames = []
             for s in range(0, max(len(x), 1), self.frame_records):
                 f = x[s:s + self.frame_records].astype(np.int32)
+                if self.levels != EXACT_LEVELS:
+                    f = pixel_levels(self.levels)[1][f]  # each count -> the index of its nearest level
                 frames.append((len(f), self.encode_frame(f, layout)))
         return container.pack(self.header(single=layout >= 2), frames)
 

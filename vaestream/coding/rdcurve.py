@@ -1,7 +1,8 @@
 """Rate-distortion curves of a model family against JPEG, WebP, AVIF and JPEG XL (``vaestream rd FAMILY``).
 
 The family's curve is the lower envelope of all its operating points (every model, every quality of its
-ladder: what ``vaestream compress --family --psnr`` can pick), measured as container bits per record on the
+ladder or, for a near-lossless member, every pixel level count: what ``vaestream compress --family --psnr``
+can pick), measured as container bits per record on the
 records given; the peers are swept per image and tiled (:mod:`vaestream.coding.peers`). BD-rate
 (:func:`vaestream.coding.rdmetrics.bd_rate`) is computed against each peer over the PSNR range both cover,
 and over that range cut to ``psnr_range`` (default 18-32 dB). SSIM is reported beside PSNR at every point.
@@ -24,15 +25,13 @@ PSNR_RANGE = (18.0, 32.0)
 
 
 def family_points(family: str | os.PathLike, records) -> list[dict]:
-    """Every (model, quality) of ``family`` on ``records``: the points of
-    :func:`vaestream.coding.family.operating_points` with ``"model"``, ``"lmbda"`` and ``"bits_per_image"``."""
-    from vaestream.coding import codec
-
+    """Every operating point of ``family`` on ``records`` (each lossy member's qualities, each near-lossless
+    member's pixel levels: :func:`vaestream.coding.family.member_points`), with SSIM, ``"model"`` (the
+    directory's name) and ``"bits_per_image"``."""
     out = []
     for d in family_mod.members(family):
-        c = codec.load(d)
-        for r in family_mod.operating_points(c, records, with_ssim=True):
-            out.append({"model": d.name, "lmbda": c.config.lmbda, **r, "bits_per_image": r["bits_per_record"]})
+        for r in family_mod.member_points(d, records, with_ssim=True):
+            out.append({**r, "model": d.name, "bits_per_image": r["bits_per_record"]})
     return out
 
 

@@ -1,0 +1,163 @@
+"""Near-lossless bits-back coding (``LosslessCoder(model, levels=K)``) on real MNIST: every pixel comes back within
+the bound of its K levels, bits fall with K, the stream names its K and decodes anywhere the model is, damaged
+frames are refused, and a family's near-lossless member is what ``--psnr`` picks at the high end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vaestream.coding import container, family
+from vaestream.coding.bb_tables import level_grid, max_error, pixel_levels
+from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder, compress_lossless
+from vaestream.errors import BitstreamError, ConfigError
+
+N = 200
+
+
+def _psnr(x: np.ndarray, y: np.ndarray) -> float:
+    mse = float(np.mean((x.astype(np.float64) / 255 - y.astype(np.float64) / 255) ** 2))
+    return 10 * np.log10(1 / mse) if mse else float("inf")
+
+
+def test_levels_include_black_and_white_and_bound_every_count():
+    for k in (2, 3, 5, 8, 16, 64):
+        values, cell = pixel_levels(k)
+        assert len(values) == k and values[0] == 0 and values[-1] == 255 and np.all(np.diff(values) > 0)
+        assert np.all(np.diff(cell) >= 0) and cell[0] == 0 and cell[-1] == k - 1  # cells are contiguous runs
+        err = np.abs(np.arange(256) - values[cell].astype(int))
+        assert err.max() == max_error(k) <= -(-255 // (2 * (k - 1)))
+        assert np.array_equal(cell, np.argmin(np.abs(np.arange(256)[:, None] - values[None].astype(int)), axis=1))
+    assert [max_error(k) for k in (2, 16, 64)] == [127, 8, 2]
+
+
+def test_level_tables_are_the_beta_binomial_mass_of_each_levels_counts():
+    from vaestream.coding.bb_tables import _bb_logpmf, grid_axis, GRID_U, GRID_V
+
+    g = level_grid(5)
+    assert g.shape[1] == 5 and np.allclose(g.sum(axis=1), 1.0, atol=1e-5)
+    nv = len(grid_axis(GRID_V))
+    for iu, iv in ((0, 0), (512, 64), (700, 100), (1024, 128)):
+        u, v = grid_axis(GRID_U)[iu], grid_axis(GRID_V)[iv]
+        p = np.exp(_bb_logpmf(np.array([v - np.logaddexp(0, -u)]), np.array([v - np.logaddexp(0, u)]))[0])
+        p /= p.sum()
+        want = np.bincount(pixel_levels(5)[1], weights=p, minlength=5)
+        assert np.allclose(g[iu * nv + iv], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 5, 16, 64])
+def test_round_trip_gives_the_level_image_every_pixel_within_the_bound(bb_model, mnist_test, k):
+    model, _ = bb_model
+    x = mnist_test[:N]
+    coder = LosslessCoder(model, levels=k)
+    blob = coder.compress(x)
+    back = LosslessCoder(model).decompress(blob)  # the decoder reads K from the stream
+    assert back.dtype == np.uint8 and back.shape == x.shape
+    assert np.array_equal(back, coder.quantize(x))
+    err = np.abs(back.astype(int) - x.astype(int))
+    assert err.max() <= coder.max_error == max_error(k)
+    assert np.all(back[x == 0] == 0) and np.all(back[x == 255] == 255)
+    assert container.read_header(__import__("io").BytesIO(blob)).lossless
+
+
+def test_bits_and_psnr_fall_together_as_levels_fall_and_stay_below_lossless(bb_model, mnist_test):
+    model, _ = bb_model
+    x = mnist_test[:N]
+    lossless = 8 * len(compress_lossless(model, x)) / N
+    rows = []
+    for k in (64, 16, 8, 4, 2):
+        c = LosslessCoder(model, levels=k)
+        rows.append((k, 8 * len(c.compress(x)) / N, _psnr(x, c.quantize(x))))
+    bits = [r[1] for r in rows]
+    psnr = [r[2] for r in rows]
+    assert all(b1 > b2 for b1, b2 in zip(bits, bits[1:])), rows
+    assert all(p1 > p2 for p1, p2 in zip(psnr, psnr[1:])), rows
+    assert bits[0] < lossless and bits[-1] < lossless / 4, (rows, lossless)
+
+
+def test_a_damaged_frame_is_refused_never_decoded_into_other_levels(bb_model, mnist_test):
+    model, _ = bb_model
+    blob = LosslessCoder(model, levels=8).compress(mnist_test[:64])
+    with pytest.raises(BitstreamError):
+        LosslessCoder(model).decompress(blob[:-7])
+    h, frames = _frames(blob)
+    n, payload = frames[0]
+    for lv in (9, 0, 65):  # another K (valid CRC): other tables, the chain cannot return to its seed
+        bad = bytearray(payload)
+        bad[10] = lv
+        forged = container.pack(h, [(n, bytes(bad))])
+        with pytest.raises(BitstreamError):
+            LosslessCoder(model).decompress(forged)
+
+
+def _frames(blob: bytes):
+    import io
+
+    with container.ContainerReader(io.BytesIO(blob)) as r:
+        return r.header, list(r)
+
+
+def test_bad_levels_and_models_are_refused(bb_model, bern_model):
+    from vaestream import ModelConfig
+    from vaestream.model import VAE
+
+    for bad in (1, 65, 255, 2.5):
+        with pytest.raises(ConfigError, match="levels"):
+            LosslessCoder(bb_model[0], levels=bad)
+    with pytest.raises(ConfigError, match="beta_binomial"):
+        LosslessCoder(bern_model[0], levels=8)
+    two = VAE(ModelConfig(latent_dim=6, hidden=(32,), likelihood="beta_binomial", top_latent_dim=3, top_hidden=(8,)))
+    with pytest.raises(ConfigError, match="one stochastic layer"):
+        LosslessCoder(two, levels=8)
+    assert LosslessCoder(two, levels=EXACT_LEVELS).max_error == 0
+
+
+def test_cli_compresses_with_levels_and_another_process_decodes_it(bb_model, mnist_test, tmp_path):
+    _, model_dir = bb_model
+    x = mnist_test[:100]
+    np.save(tmp_path / "x.npy", x)
+    run = [sys.executable, "-m", "vaestream.cli"]
+    done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vaez"), "--model",
+                                 str(model_dir), "--levels", "6"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["levels"] == 6 and info["max_error"] == max_error(6) and info["lossless"] is False
+    done = subprocess.run(run + ["decompress", str(tmp_path / "x.vaez"), str(tmp_path / "y.npy"), "--model",
+                                 str(model_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), LosslessCoder(bb_model[0], levels=6).quantize(x))
+
+
+def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_model, coded_model_dir, mnist_test,
+                                                                          tmp_path):
+    """The lossy member's curve flattens; a target above it is met by the bits-back member's levels, at the
+    fewest bits among the points that meet it; ``decompress --family`` finds the member by fingerprint."""
+    fam = tmp_path / "family"
+    shutil.copytree(coded_model_dir, fam / "lossy")
+    shutil.copytree(bb_model[1], fam / "bitsback")
+    x = mnist_test[:N]
+    pick = family.choose(fam, x, psnr=35.0)
+    assert pick["model"].name == "bitsback" and pick["levels"] and pick["psnr_db"] >= 35.0
+    ok = [p for p in pick["candidates"] if p["psnr_db"] >= 35.0]
+    assert pick["bits_per_record"] == min(p["bits_per_record"] for p in ok)
+    assert {p["model"].name for p in pick["candidates"]} == {"lossy", "bitsback"}
+    lossy_best = max(p["psnr_db"] for p in pick["candidates"] if p["levels"] is None)
+    assert lossy_best < 35.0  # the target is out of the decoder network's reach
+
+    np.save(tmp_path / "x.npy", x)
+    run = [sys.executable, "-m", "vaestream.cli"]
+    done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vz"), "--family", str(fam),
+                                 "--psnr", "35"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["model"].endswith("bitsback") and info["levels"] == pick["levels"]
+    done = subprocess.run(run + ["decompress", str(tmp_path / "x.vz"), str(tmp_path / "y.npy"), "--family",
+                                 str(fam)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    y = np.load(tmp_path / "y.npy")
+    assert _psnr(x, y) == pytest.approx(pick["psnr_db"], abs=1e-9) and _psnr(x, y) >= 35.0
