@@ -215,13 +215,18 @@ def max_error(levels: int) -> int:
     return int(np.max(np.abs(np.arange(DISCRETE_LEVELS + 1) - values[cell].astype(np.int64))))
 
 
-def level_grid(levels: int) -> np.ndarray:
-    """P(level k) = the BetaBinomial(255, alpha, beta) mass of the counts whose nearest level is k, on every
-    cell of the (u, v) grid (:func:`beta_binomial_grid`): float32 ``[cells, K]``, rows summing to 1, built once
-    per process and K in float64 (log-sum-exp over each level's counts), like the lossless grid."""
+def level_grid(levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """On every cell of the (u, v) grid (:func:`beta_binomial_grid`), for K = ``levels``:
+
+    * P(level k) = the BetaBinomial(255, alpha, beta) mass of the counts whose nearest level is k: float32
+      ``[cells, K]``, rows summing to 1;
+    * E[n | level k], the count's conditional mean within its level's counts, rounded to a count: uint8
+      ``[cells, K]`` (the level's value where the cell gives the level no mass in float64).
+
+    Built once per process and K in float64 from the same pmfs as the lossless grid (~1 s)."""
     key = ("levels", int(levels))
     if key not in _GRID_CACHE:
-        _, cell = pixel_levels(levels)
+        values, cell = pixel_levels(levels)
         k = int(levels)
         starts = np.flatnonzero(np.diff(np.concatenate([[-1], cell])))  # first count of each level (cells ordered)
         u, v = grid_axis(GRID_U), grid_axis(GRID_V)
@@ -229,19 +234,32 @@ def level_grid(levels: int) -> np.ndarray:
         uu, vv = np.repeat(u, nv), np.tile(v, nu)
         la = vv - np.logaddexp(0.0, -uu)
         lb = vv - np.logaddexp(0.0, uu)
-        out = np.empty((nu * nv, k), np.float32)
+        n = np.arange(DISCRETE_LEVELS + 1, dtype=np.float64)
+        probs = np.empty((nu * nv, k), np.float32)
+        means = np.empty((nu * nv, k), np.uint8)
         for s in range(0, nu * nv, 2048):
             lp = _bb_logpmf(la[s:s + 2048], lb[s:s + 2048])
             e = np.exp(lp)  # the row maximum is 0: no overflow, and the largest level's mass is >= 1/256
             m = np.add.reduceat(e, starts, axis=1)
-            out[s:s + 2048] = m / m.sum(axis=1, keepdims=True)
-        _GRID_CACHE[key] = out
+            probs[s:s + 2048] = m / m.sum(axis=1, keepdims=True)
+            mom = np.add.reduceat(e * n, starts, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cm = np.where(m > 0, mom / m, values[None, :].astype(np.float64))
+            means[s:s + 2048] = np.rint(cm).astype(np.uint8)
+        _GRID_CACHE[key] = (probs, means)
     return _GRID_CACHE[key]
 
 
 def level_rows(cells: np.ndarray, levels: int) -> np.ndarray:
     """P(level) of each pixel's grid cell: float32 ``[N, K]``."""
-    return np.take(level_grid(levels), cells, axis=0)
+    return np.take(level_grid(levels)[0], cells, axis=0)
+
+
+def level_means(cells: np.ndarray, level: np.ndarray, levels: int) -> np.ndarray:
+    """E[n | level] of each pixel (its grid cell and its level, ``[N]`` each): uint8 ``[N]``, within the
+    level's counts."""
+    k = int(levels)
+    return level_grid(k)[1].reshape(-1)[np.asarray(cells, np.int64) * k + level]
 
 
 DEFAULT_RANGE_BITS = 3

@@ -260,7 +260,7 @@ class Codec:
         return container.pack(self._header(coder, single), self._frames(c.astype(np.int32), coder))
 
     def compress(self, x, quality: float | None = None, target_bits: float | None = None,
-                 lossless: bool = False, levels: int | None = None) -> bytes:
+                 lossless: bool = False, levels: int | None = None, reconstruction: str = "level") -> bytes:
         """Records -> a self-describing container (bytes).
 
         Args:
@@ -275,6 +275,7 @@ class Codec:
             rounded to the nearest of ``levels`` (2..64) levels and the level image coded exactly;
             :meth:`decompress` returns it (uint8), every pixel within ``255 / (2 (levels - 1))`` of the record's
             (:class:`vaestream.coding.lossless.LosslessCoder`).
+          reconstruction: with ``levels``: ``"level"`` (the bound above) or ``"mean"`` (E[count | level, z]).
         """
         if lossless or levels is not None:
             if quality is not None or target_bits is not None or (lossless and levels is not None):
@@ -283,8 +284,8 @@ class Codec:
                 return self.lossless_coder().compress(x)
             from vaestream.coding.lossless import LosslessCoder
 
-            return LosslessCoder(self.lossless_coder().model, levels=levels,
-                                 frame_records=self.frame_records).compress(x)
+            return LosslessCoder(self.lossless_coder().model, levels=levels, frame_records=self.frame_records,
+                                 reconstruction=reconstruction).compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
         xs, single = self.model_inputs(x)

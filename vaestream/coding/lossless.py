@@ -80,6 +80,20 @@ bilinear interpolation between cells, tried on an earlier grid, was no better an
 to 2^24 (at least 1 each). Bernoulli pixels use :class:`constriction.stream.model.Bernoulli` with P(1) =
 sigmoid of the fixed-point logit.
 
+**Near-lossless (``levels=K``).** A lossy mode with a guaranteed per-pixel bound, for the high-PSNR end where
+a decoder network's reconstruction flattens (the classical near-lossless coding of JPEG-LS, with the VAE as
+the probability model). Each count n is first rounded to the nearest of K levels ``round(k 255 / (K - 1))``
+(:func:`pixel_levels`; 0 and 255 are levels, so black and white pixels come back exact, and every pixel is
+within :func:`max_error` (K) counts: 127, 64, 42, 32, ... 8 at K = 16, 2 at K = 64). The *level image* is then
+coded exactly by the chain above, with Q(z | level image) (the encoder sees the level values) and P(level |
+z) = the beta-binomial's mass over the level's counts (:func:`level_rows`, K-entry rows precomputed per grid
+cell like the lossless tables). So its rate is the -ELBO of the level image under the binned model: the
+bits fall with K (measured on MNIST: 224 bits at K = 3, 26.4 dB; 288 at K = 5, 32.2 dB; 1,014 lossless) and
+the PSNR is known before coding (:meth:`LosslessCoder.quantize` is what the decoder returns). K is stored
+in every frame, so one decoder reads any K. It needs one stochastic layer: in Bit-Swap order each group's z
+is popped before any latent is pushed back, paid for by the bits its pixels just wrote, and a level image
+writes too few.
+
 **Determinism.** Bits-back decoding recomputes Q(z|x) and P(x|z) and must get exactly the encoder's
 parameters, or the tables differ and the stream cannot be decoded. The networks run in float64 NumPy with
 *exact* matrix products (:class:`ExactMLP`): weights (per layer) and activations (per row) are rounded to
@@ -123,7 +137,7 @@ from vaestream.coding import container
 from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
                                         beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
                                         bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
-                                        latent_prior, latent_scramble, latent_step_bits, level_rows, max_error,
+                                        latent_prior, latent_scramble, latent_step_bits, level_means, level_rows, max_error,
                                         pixel_levels, posterior_probs, within_rows)
 from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
 from vaestream.coding.bb_latents import LatentModels
@@ -135,7 +149,7 @@ FORMAT = 2
 LOSSLESS_TAG = container.LOSSLESS_TAG
 """The container header's ``table_hash`` of a lossless stream."""
 FRAME_TAG = b"BBAN"
-_FRAME_HEAD = struct.Struct("<4sBBHBBBxIII")
+_FRAME_HEAD = struct.Struct("<4sBBHBBBBIII")
 TWO_LAYER_RANGE_BITS = 5
 """A two-layer model's latent grid covers [-32, 32): its z is not held near N(0, I) by a fixed prior (measured:
 16 % of posterior means beyond 6, the largest 17.7, on a 784-200-20-16 model), so [-8, 8) would clip it."""
@@ -150,6 +164,10 @@ MAX_RANGE_BITS = 7
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 EXACT_LEVELS = DISCRETE_LEVELS + 1
 """``levels`` of exact (lossless) coding: every count 0..255 is its own level (stored as 0 in a frame header)."""
+RECONSTRUCTIONS = ("level", "mean")
+"""How a near-lossless decoder turns a level into a count: ``level``, its value (every pixel within
+``max_error(K)``); ``mean``, E[n | level, z] under the model (the MMSE count within the level's counts, for the
+z the chain drew: more PSNR at the same bits, within the level's counts but not within ``max_error``)."""
 
 
 def group_sizes(n: int, group: int) -> list[int]:
@@ -189,6 +207,7 @@ class LosslessCoder:
       frame_records: records per container frame (each frame is an independent chain).
       blas_threads: OpenBLAS threads while coding (default 1, see :class:`blas_threads`; None: leave as is).
         The stream does not depend on it.
+      reconstruction: near-lossless only, one of :data:`RECONSTRUCTIONS` (recorded in each frame).
       levels: 256 (:data:`EXACT_LEVELS`): lossless. K in [2, 64]: **near-lossless**, each pixel is first
         quantised to the nearest of K levels ``round(k 255 / (K - 1))`` (0 and 255 among them), so every pixel
         comes back within :func:`vaestream.coding.bb_tables.max_error` (K) of its count (127 at K = 2, 8 at
@@ -200,7 +219,7 @@ class LosslessCoder:
 
     def __init__(self, model, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
                  frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1,
-                 range_bits: int | None = None, levels: int = EXACT_LEVELS):
+                 range_bits: int | None = None, levels: int = EXACT_LEVELS, reconstruction: str = "level"):
         cfg = model.config
         two = cfg.hierarchical
         if latent_bits is None:
@@ -231,6 +250,8 @@ class LosslessCoder:
             if cfg.likelihood != "beta_binomial":
                 raise ConfigError(f"near-lossless coding (levels {levels}) quantises 8-bit pixels: it needs the "
                                   f"beta_binomial likelihood, not {cfg.likelihood!r}")
+            if reconstruction not in RECONSTRUCTIONS:
+                raise ConfigError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTIONS}")
             if two:
                 raise ConfigError(f"near-lossless coding (levels {levels}) needs a model with one stochastic layer: "
                                   "in Bit-Swap order each record's z is popped before any latent is pushed back, "
@@ -242,8 +263,12 @@ class LosslessCoder:
         self.range_bits = self._rb = int(range_bits)  # _rb: the grid of the frame being coded
         self.group = int(group)
         self.frame_records = int(frame_records)
+        if reconstruction != "level" and int(levels) == EXACT_LEVELS:
+            raise ConfigError(f"reconstruction {reconstruction!r} is for near-lossless coding (levels < {EXACT_LEVELS})")
         self.levels = int(levels)
-        self._set_levels(self.levels)  # the levels of the frame being coded (a decoder takes each frame's own)
+        self.reconstruction = reconstruction
+        # the levels of the frame being coded (a decoder takes each frame's own)
+        self._set_levels(self.levels, RECONSTRUCTIONS.index(reconstruction))
         self.blas_threads = blas_threads
         self.fingerprint = model.fingerprint()
         # The networks run here in float64 NumPy with exact matrix products (ExactMLP), not through TensorFlow:
@@ -271,18 +296,39 @@ class LosslessCoder:
         self._lat.push(ans, zi, mean, std, latent_bits)
 
     # -- levels (near-lossless) ------------------------------------------------------------------------------
-    def _set_levels(self, levels: int) -> None:
-        self._lv = int(levels)
+    def _set_levels(self, levels: int, recon: int = 0) -> None:
+        self._lv, self._recon = int(levels), int(recon)
         self._values, self._cell = (None, None) if self._lv == EXACT_LEVELS else pixel_levels(self._lv)
+
+    def _output(self, x: np.ndarray, lik) -> np.ndarray:
+        """Decoded symbols ``[g * D]`` -> uint8 counts: themselves (lossless), their level's value, or E[n | level,
+        z] (``lik``: the pixels' grid cells)."""
+        if self._values is None:
+            return x.astype(np.uint8)
+        if self._recon:
+            return level_means(lik, x, self._lv)
+        return self._values[x]
 
     @property
     def max_error(self) -> int:
-        """The largest |decoded - original| count of this coder's streams: 0 when lossless."""
-        return 0 if self.levels == EXACT_LEVELS else max_error(self.levels)
+        """The largest |decoded - original| count of this coder's streams: 0 when lossless; with
+        ``reconstruction="mean"`` the bound is the widest level's span instead (a decoded count stays among
+        its level's counts)."""
+        if self.levels == EXACT_LEVELS:
+            return 0
+        if self.reconstruction == "mean":
+            cell = pixel_levels(self.levels)[1]
+            return int(np.max(np.bincount(cell)) - 1)
+        return max_error(self.levels)
 
     def quantize(self, records: Any, name: str = "input") -> np.ndarray:
         """What :meth:`decompress` returns for ``records``: each count replaced by its nearest level (the
-        records themselves, as uint8, when lossless), in the records' shape. No model call."""
+        records themselves, as uint8, when lossless), in the records' shape. No model call. With
+        ``reconstruction="mean"`` the output depends on the latents the chain draws: use
+        :meth:`compress_and_reconstruct`."""
+        if self.reconstruction != "level":
+            raise ConfigError("with reconstruction 'mean' the decoded counts depend on the latents the chain draws: "
+                              "use compress_and_reconstruct(records)")
         x, _ = self._records(records, name)
         if self.levels == EXACT_LEVELS:
             out = x.astype(np.uint8)
@@ -413,12 +459,13 @@ class LosslessCoder:
         # the first group is one record: it pops Nz symbols of at most 24 bits each
         return self.config.latent_dim + 8
 
-    def encode_frame(self, x: np.ndarray, layout: int = 0) -> bytes:
+    def encode_frame(self, x: np.ndarray, layout: int = 0, out: np.ndarray | None = None) -> bytes:
         """int32 records ``[n, D]`` -> one frame payload (one bits-back chain). Near-lossless: the records are
-        level indices (``_cell`` of the counts), as :meth:`compress` passes them."""
+        level indices (``_cell`` of the counts), as :meth:`compress` passes them. ``out`` (uint8 ``[n, D]``), if
+        given, receives what the decoder will return for each record."""
         lbits = self.latent_bits
         self._rb = self.range_bits
-        self._set_levels(self.levels)
+        self._set_levels(self.levels, RECONSTRUCTIONS.index(self.reconstruction))
         prior = self._lat.prior(lbits, self._rb)
         nz = self.config.latent_dim
         seed = seed_words(self._seed_count())
@@ -429,9 +476,12 @@ class LosslessCoder:
         for g in group_sizes(len(x), self.group):
             sl = slice(start * nz, (start + g) * nz)
             xg = x[start:start + g].reshape(-1)
-            start += g
             zi = self._pop_z(ans, mean[sl], std[sl], lbits)                    # pop z ~ Q(z|x)
-            self._push_x(ans, xg, self._likelihood(zi, g, lbits))               # push x with P(x|z)
+            lik = self._likelihood(zi, g, lbits)
+            self._push_x(ans, xg, lik)                                          # push x with P(x|z)
+            if out is not None:
+                out[start:start + g] = self._output(xg, lik).reshape(g, -1)
+            start += g
             if self._top_enc is None:
                 ans.encode_reverse(self._lat.scramble(zi, lbits), prior)            # push z with P(z)
                 continue
@@ -447,14 +497,14 @@ class LosslessCoder:
         cut = int(diff[0]) if len(diff) else m
         stored = words[cut:]
         head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS,
-                                self._lv % EXACT_LEVELS, len(seed), cut, len(stored))
+                                self._lv % EXACT_LEVELS, self._recon, len(seed), cut, len(stored))
         return head + stored.astype("<u4").tobytes()
 
     def decode_frame(self, payload: bytes, n: int, name: str = "stream") -> tuple[np.ndarray, int]:
         """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout)."""
         if len(payload) < _FRAME_HEAD.size:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
-        tag, fmt, lbits, group, layout, rb, lv, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
+        tag, fmt, lbits, group, layout, rb, lv, recon, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
         rb += DEFAULT_RANGE_BITS
         if tag != FRAME_TAG:
             raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
@@ -464,16 +514,17 @@ class LosslessCoder:
         if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3 or rb > MAX_RANGE_BITS
                 or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed
                 or (lv and not MIN_LEVELS <= lv <= MAX_LEVELS)
-                or (lv and self.config.likelihood != "beta_binomial")):
+                or (lv and self.config.likelihood != "beta_binomial") or recon >= len(RECONSTRUCTIONS)
+                or (recon and not lv)):
             raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut}, "
-                                 f"levels {lv or EXACT_LEVELS})")
+                                 f"levels {lv or EXACT_LEVELS}, reconstruction {recon})")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
         self._rb = rb
-        self._set_levels(lv or EXACT_LEVELS)
+        self._set_levels(lv or EXACT_LEVELS, recon)
         prior = self._lat.prior(lbits, self._rb)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
@@ -496,8 +547,10 @@ class LosslessCoder:
                     zi = z_all[(end - g) * nz:end * nz]
                     z2 = z2_all[(end - g) * n2:end * n2]
                     self._push_z(ans, z2, *self._top_posterior(zi, g, lbits), lbits)      # push z2, Q(z2|z)
-                xg = self._pop_x(ans, self._likelihood(zi, g, lbits)).reshape(g, d)  # pop x with P(x|z)
-                out[end - g:end] = xg
+                lik = self._likelihood(zi, g, lbits)
+                xg = self._pop_x(ans, lik)                                          # pop x with P(x|z)
+                out[end - g:end] = self._output(xg, lik).reshape(g, d)
+                xg = xg.reshape(g, d)
                 mean, std = self._posterior(xg, lbits)
                 self._push_z(ans, zi, mean, std, lbits)                         # push z with Q(z|x): bits back
             rest = np.asarray(ans.get_compressed(), np.uint32)
@@ -507,8 +560,6 @@ class LosslessCoder:
             raise BitstreamError(f"{name}: the bits-back chain did not return to its initial state: the stream is "
                                  "corrupt, or was written where the model computes different floats (another "
                                  "NumPy build or CPU kind); the decoded records are not trusted")
-        if self._values is not None:  # near-lossless: level indices -> their counts
-            out = self._values[out]
         return out, int(layout)
 
     # -- containers ------------------------------------------------------------------------------------------
@@ -521,7 +572,16 @@ class LosslessCoder:
 
     def compress(self, records: Any, name: str = "input") -> bytes:
         """Records (see the module docstring) -> a container of bits-back coded frames."""
+        return self._compress(records, name, False)[0]
+
+    def compress_and_reconstruct(self, records: Any, name: str = "input") -> tuple[bytes, np.ndarray]:
+        """(:meth:`compress` (records), what :meth:`decompress` will return for it: uint8 ``[B, D]``), the second
+        computed while coding (needed for ``reconstruction="mean"``, whose counts depend on the chain's z)."""
+        return self._compress(records, name, True)
+
+    def _compress(self, records: Any, name: str, reconstruct: bool) -> tuple[bytes, np.ndarray | None]:
         x, layout = self._records(records, name)
+        recon = np.empty(x.shape, np.uint8) if reconstruct else None
         # at least one frame (an empty batch is one empty chain, so its layout survives the round trip); each
         # frame is converted to int32 on its own, so memory is bounded by a frame, not by the input
         with blas_threads(self.blas_threads):
@@ -530,8 +590,8 @@ class LosslessCoder:
                 f = x[s:s + self.frame_records].astype(np.int32)
                 if self.levels != EXACT_LEVELS:
                     f = pixel_levels(self.levels)[1][f]  # each count -> the index of its nearest level
-                frames.append((len(f), self.encode_frame(f, layout)))
-        return container.pack(self.header(single=layout >= 2), frames)
+                frames.append((len(f), self.encode_frame(f, layout, None if recon is None else recon[s:s + len(f)])))
+        return container.pack(self.header(single=layout >= 2), frames), recon
 
     def check_header(self, h: container.Header, name: str = "stream") -> None:
         """Raise unless the container header ``h`` is of a lossless stream of this model."""
