@@ -197,3 +197,35 @@ def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_mo
     assert done.returncode == 0, done.stderr[-2000:]
     y = np.load(tmp_path / "y.npy")
     assert _psnr(x, y) == pytest.approx(pick["psnr_db"], abs=1e-9) and _psnr(x, y) >= 35.0
+
+
+def test_the_beam_jobs_code_near_losslessly_and_decode_the_level_images(bb_model, mnist_test, tmp_path):
+    """``pipelines/encode.py --coder lossless --levels 5``: one near-lossless container per batch; the decode job
+    reads K from each stream and returns every record's level image (uint8), key for key; counts add up, and
+    --levels without the lossless coder is refused before anything runs."""
+    import pyarrow.parquet as pq
+
+    from vaestream.beam.jobs import decode, encode
+
+    model, model_dir = bb_model
+    x = mnist_test[3000:3250]
+    np.save(tmp_path / "counts.npy", x)
+    out = tmp_path / "codes"
+    s = encode.run(["--input", str(tmp_path / "counts.npy"), "--model", str(model_dir), "--output", str(out),
+                    "--coder", "lossless", "--levels", "5", "--chunk_size", "100"])
+    assert s["records"] == 250 and s["dead_lettered"] == 0 and s["records_in"] == 250
+    rec = tmp_path / "rec"
+    d = decode.run(["--input", str(out), "--model", str(model_dir), "--output", str(rec), "--output_dtype", "uint8",
+                    "--output_format", "parquet"])
+    assert d["records"] == 250 and d["dead_lettered"] == 0
+    back = {}
+    for f in rec.glob("recon-*.parquet"):
+        t = pq.read_table(f).to_pydict()
+        back.update(zip(t["key"], t["data"]))
+    want = LosslessCoder(model, levels=5).quantize(x)
+    assert sorted(back) == [f"counts.npy:{i:09d}" for i in range(250)]
+    for i in range(250):
+        assert np.array_equal(np.asarray(back[f"counts.npy:{i:09d}"]).reshape(x[i].shape), want[i])
+    with pytest.raises(ConfigError, match="--coder lossless"):
+        encode.run(["--input", str(tmp_path / "counts.npy"), "--model", str(model_dir), "--output",
+                    str(tmp_path / "x"), "--coder", "--levels", "5"])

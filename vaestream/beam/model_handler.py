@@ -335,10 +335,14 @@ class VAEModelHandler(ModelHandler):
         0/1) and records validated as uint8 counts (:func:`lossless_validate`). Either way the element becomes
         a coded :class:`CodeBatch`. Decode mode reads coded batches whatever this flag says: the container's
         header says which coder wrote it (lossless streams decode to the exact uint8 counts).
+      levels, reconstruction: with ``coder="lossless"``: near-lossless coding, each pixel rounded to the
+        nearest of ``levels`` (2..64) levels first (:class:`vaestream.coding.lossless.LosslessCoder`); None:
+        exact. Decode mode reads them from the stream.
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
-                 max_records: int = CHUNK, coder: bool = False):
+                 max_records: int = CHUNK, coder: bool = False, levels: int | None = None,
+                 reconstruction: str = "level"):
         # BatchElements sizes batches by the sum of element_size_fn: records, not elements.
         super().__init__(min_batch_size=1, max_batch_size=max(1, max_records), element_size_fn=len)
         if mode not in ("encode", "decode"):
@@ -349,11 +353,14 @@ class VAEModelHandler(ModelHandler):
         if coder == "lossless" and model_dir is None:
             raise ModelError(f"{saved_model}: lossless coding needs the model directory (its exact float64 "
                              "networks), not a SavedModel export")
+        if levels is not None and coder != "lossless":
+            raise ModelError(f"levels {levels} (near-lossless) is for the lossless coder, not {coder!r}")
         self.model_dir, self.saved_model, self.mode, self.coder = model_dir, saved_model, mode, coder
+        self.levels, self.reconstruction = levels, reconstruction
 
     def key(self) -> tuple:
         """What identifies the model this handler loads (the ``shared.Shared`` tag)."""
-        return (self.model_dir, self.saved_model, self.mode, self.coder)
+        return (self.model_dir, self.saved_model, self.mode, self.coder, self.levels, self.reconstruction)
 
     def load_model(self) -> LoadedVAE:
         """The model (with its coder when ``coder``); reuses one that is alive in this process for the same,
@@ -367,7 +374,7 @@ class VAEModelHandler(ModelHandler):
         if self.coder == "lossy":
             _attach_codec(model, self.model_dir)
         elif self.coder == "lossless":
-            _attach_lossless(model)
+            _attach_lossless(model, self.levels, self.reconstruction)
         return model
 
     def run_inference(self, batch: Sequence[Any], model: LoadedVAE, inference_args=None) -> list:
@@ -490,10 +497,11 @@ def _is_lossless(blob: bytes) -> bool:
     return container.read_header(io.BytesIO(bytes(blob))).lossless
 
 
-def _attach_lossless(model: LoadedVAE) -> None:
-    """Give ``model`` its bits-back coder (``model.lossless``); it needs the model directory's VAE."""
-    from vaestream.coding.lossless import LosslessCoder
+def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level") -> None:
+    """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``); it needs the model
+    directory's VAE."""
+    from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder
 
     if model.vae is None:
         raise ModelError(f"{model.source}: lossless coding needs the model directory, not a SavedModel export")
-    model.lossless = LosslessCoder(model.vae)
+    model.lossless = LosslessCoder(model.vae, levels=levels or EXACT_LEVELS, reconstruction=reconstruction)

@@ -76,9 +76,10 @@ class Encode(beam.PTransform):
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = CHUNK,
-                 coder: bool = False, overlap: bool = False):
+                 coder: bool = False, overlap: bool = False, levels: int | None = None,
+                 reconstruction: str = "level"):
         super().__init__()
-        self.handler = VAEModelHandler(model_dir, saved_model, "encode", max_records, coder)
+        self.handler = VAEModelHandler(model_dir, saved_model, "encode", max_records, coder, levels, reconstruction)
         self.overlap = overlap
 
     def expand(self, pcoll):

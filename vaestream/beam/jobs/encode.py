@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(vaestream.coding.codec; needs the model's coder tables); lossless: the records "
                              "themselves, exactly, by bits-back coding (vaestream.coding.lossless; a model directory "
                              "with a beta_binomial or bernoulli likelihood; records must be whole counts)")
+    parser.add_argument("--levels", type=int, default=None,
+                        help="with --coder lossless: near-lossless, each pixel rounded to the nearest of K = 2..64 "
+                             "levels first (every pixel within 255 / (2 (K - 1)); the decode job reads K from the stream)")
+    parser.add_argument("--reconstruction", default="level", choices=["level", "mean"],
+                        help="with --levels: decode a pixel as its level, or as E[count | level, z] under the model")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
                              "is encoded on a background thread while the last one is written (helps when the "
@@ -65,7 +70,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     read = p | "ReadRecords" >> vb.ReadRecords(
         read_paths, args.split, args.chunk_size, args.split_records, args.feature, validate=validation(config, args))
     codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
-                                                      overlap=args.inference == "overlap")
+                                                      overlap=args.inference == "overlap", levels=args.levels,
+                                                      reconstruction=args.reconstruction)
     vb.write_outputs(codes, read[vb.DEAD_LETTER], out, CODES, args.output_format,
                      vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes")
     return {"output": out, "config": config}
@@ -76,6 +82,8 @@ def check_coder(args: argparse.Namespace) -> None:
     if args.coder == "lossless" and args.model is None:
         raise ConfigError("--coder lossless needs --model (a model directory: the exact float64 networks), not "
                           "--saved_model")
+    if (args.levels is not None or args.reconstruction != "level") and args.coder != "lossless":
+        raise ConfigError("--levels / --reconstruction (near-lossless) need --coder lossless")
 
 
 def validation(config, args: argparse.Namespace) -> vb.Validate:
