@@ -213,7 +213,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             r = rdcurve.compare(fam, imgs, per_image_n=args.per_image_n, tiled_n=args.tiled_n)
             res["compare_seconds"] = round(time.perf_counter() - t0, 1)
-            r["plot"] = str(rdcurve.plot(r, out / f"rd_{name}.png", f"{name}: conv RD family, {len(imgs)} test images"))
+            r["plot"] = str(rdcurve.plot(r, out / f"rd_{name}.png", f"{name}: RD family, {len(imgs)} test images"))
             res.update(r)
             res["throughput_records_per_s"] = throughput(fam, imgs)
         report["results"].append(res)

@@ -88,7 +88,8 @@ within :func:`max_error` (K) counts: 127, 64, 42, 32, ... 8 at K = 16, 2 at K = 
 coded exactly by the chain above, with Q(z | level image) (the encoder sees the level values) and P(level |
 z) = the beta-binomial's mass over the level's counts (:func:`level_rows`, K-entry rows precomputed per grid
 cell like the lossless tables). So its rate is the -ELBO of the level image under the binned model: the
-bits fall with K (measured on MNIST: 224 bits at K = 3, 26.4 dB; 288 at K = 5, 32.2 dB; 1,014 lossless) and
+bits fall with K (the MNIST test set, benchmarks/RESULTS_coder.md run 4: 207 bits at K = 3, 26.4 dB; 277 at
+K = 5, 32.1 dB; 1,014 lossless with the same model, first 2,000 records) and
 the PSNR is known before coding (:meth:`LosslessCoder.quantize` is what the decoder returns). K is stored
 in every frame, so one decoder reads any K. It needs one stochastic layer: in Bit-Swap order each group's z
 is popped before any latent is pushed back, paid for by the bits its pixels just wrote, and a level image
