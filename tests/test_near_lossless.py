@@ -176,7 +176,7 @@ def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_mo
     fam = tmp_path / "family"
     shutil.copytree(coded_model_dir, fam / "lossy")
     shutil.copytree(bb_model[1], fam / "bitsback")
-    x = mnist_test[:N]
+    x = mnist_test[:64]
     pick = family.choose(fam, x, psnr=35.0)
     assert pick["model"].name == "bitsback" and pick["levels"] and pick["psnr_db"] >= 35.0
     ok = [p for p in pick["candidates"] if p["psnr_db"] >= 35.0]
