@@ -39,7 +39,13 @@ def test_levels_include_black_and_white_and_bound_every_count():
 def test_level_tables_are_the_beta_binomial_mass_of_each_levels_counts():
     from vaestream.coding.bb_tables import _bb_logpmf, grid_axis, GRID_U, GRID_V
 
-    g, means = level_grid(5)
+    from vaestream.coding import bb_tables
+
+    bb_tables._GRID_CACHE.pop(("levels", 5), None)
+    g, means = (a.copy() for a in level_grid(5))  # built alone
+    bb_tables._GRID_CACHE.pop(("levels", 5), None)
+    together = bb_tables.level_grids([3, 5, 7])[1]  # built in one pass with others: the same tables
+    assert np.array_equal(together[0], g) and np.array_equal(together[1], means)
     assert g.shape[1] == 5 and np.allclose(g.sum(axis=1), 1.0, atol=1e-5)
     values, cell = pixel_levels(5)
     lo = np.array([np.flatnonzero(cell == k)[0] for k in range(5)])

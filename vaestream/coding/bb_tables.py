@@ -223,31 +223,42 @@ def level_grid(levels: int) -> tuple[np.ndarray, np.ndarray]:
     * E[n | level k], the count's conditional mean within its level's counts, rounded to a count: uint8
       ``[cells, K]`` (the level's value where the cell gives the level no mass in float64).
 
-    Built once per process and K in float64 from the same pmfs as the lossless grid (~1 s)."""
-    key = ("levels", int(levels))
-    if key not in _GRID_CACHE:
-        values, cell = pixel_levels(levels)
-        k = int(levels)
-        starts = np.flatnonzero(np.diff(np.concatenate([[-1], cell])))  # first count of each level (cells ordered)
+    Built once per process and K in float64 from the same pmfs as the lossless grid (~1.3 s; several K at
+    once, in one pass over the pmfs: :func:`level_grids`)."""
+    return level_grids([levels])[0]
+
+
+def level_grids(levels_list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`level_grid` of each K in ``levels_list``; the ones not built yet are built together, in one pass
+    over the grid's pmfs (their cost is the pmfs', ~1.3 s, plus ~0.1 s per K), with the same values as one
+    at a time."""
+    todo = sorted({int(k) for k in levels_list if ("levels", int(k)) not in _GRID_CACHE})
+    if todo:
         u, v = grid_axis(GRID_U), grid_axis(GRID_V)
         nu, nv = len(u), len(v)
         uu, vv = np.repeat(u, nv), np.tile(v, nu)
         la = vv - np.logaddexp(0.0, -uu)
         lb = vv - np.logaddexp(0.0, uu)
         n = np.arange(DISCRETE_LEVELS + 1, dtype=np.float64)
-        probs = np.empty((nu * nv, k), np.float32)
-        means = np.empty((nu * nv, k), np.uint8)
+        built = {}
+        for k in todo:
+            values, cell = pixel_levels(k)
+            starts = np.flatnonzero(np.diff(np.concatenate([[-1], cell])))  # first count of each level
+            built[k] = (values, starts, np.empty((nu * nv, k), np.float32), np.empty((nu * nv, k), np.uint8))
         for s in range(0, nu * nv, 2048):
             lp = _bb_logpmf(la[s:s + 2048], lb[s:s + 2048])
             e = np.exp(lp)  # the row maximum is 0: no overflow, and the largest level's mass is >= 1/256
-            m = np.add.reduceat(e, starts, axis=1)
-            probs[s:s + 2048] = m / m.sum(axis=1, keepdims=True)
-            mom = np.add.reduceat(e * n, starts, axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cm = np.where(m > 0, mom / m, values[None, :].astype(np.float64))
-            means[s:s + 2048] = np.rint(cm).astype(np.uint8)
-        _GRID_CACHE[key] = (probs, means)
-    return _GRID_CACHE[key]
+            en = e * n
+            for k, (values, starts, probs, means) in built.items():
+                m = np.add.reduceat(e, starts, axis=1)
+                probs[s:s + 2048] = m / m.sum(axis=1, keepdims=True)
+                mom = np.add.reduceat(en, starts, axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    cm = np.where(m > 0, mom / m, values[None, :].astype(np.float64))
+                means[s:s + 2048] = np.rint(cm).astype(np.uint8)
+        for k, (_, _, probs, means) in built.items():
+            _GRID_CACHE[("levels", k)] = (probs, means)
+    return [_GRID_CACHE[("levels", int(k))] for k in levels_list]
 
 
 def level_rows(cells: np.ndarray, levels: int) -> np.ndarray:

@@ -125,6 +125,7 @@ def near_lossless_points(coder, records, ladder=None, with_ssim: bool = False) -
     "reconstruction", "max_error", "bits_per_record", "mse", "psnr_db"}`` (and ``"ssim"``). Bits are those of
     the whole container; the reconstruction is what ``decompress`` returns (computed while coding:
     :meth:`~vaestream.coding.lossless.LosslessCoder.compress_and_reconstruct`, tested to be identical)."""
+    from vaestream.coding.bb_tables import level_grids
     from vaestream.coding.lossless import LosslessCoder
     from vaestream.coding.rdmetrics import ssim
 
@@ -134,6 +135,7 @@ def near_lossless_points(coder, records, ladder=None, with_ssim: bool = False) -
     xf = x.astype(np.float64) / 255.0
     if ladder is None:
         ladder = [(k, "level") for k in LEVELS_LADDER] + [(k, "mean") for k in MEAN_LADDER]
+    level_grids([k for k, _ in ladder])  # every K's tables in one pass over the pmfs
     rows = []
     for k, how in ladder:
         c = LosslessCoder(coder.model, levels=k, frame_records=coder.frame_records, reconstruction=how)
