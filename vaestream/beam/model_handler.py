@@ -500,8 +500,8 @@ def _is_lossless(blob: bytes) -> bool:
 def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level") -> None:
     """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``); it needs the model
     directory's VAE."""
-    from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder
+    from vaestream.coding.lossless import LosslessCoder
 
     if model.vae is None:
         raise ModelError(f"{model.source}: lossless coding needs the model directory, not a SavedModel export")
-    model.lossless = LosslessCoder(model.vae, levels=levels or EXACT_LEVELS, reconstruction=reconstruction)
+    model.lossless = LosslessCoder(model.vae, levels=levels, reconstruction=reconstruction)

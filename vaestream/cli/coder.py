@@ -124,14 +124,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def _bits_back_coder(path: str, levels: int | None = None, reconstruction: str = "level"):
     """The bits-back coder of the model directory ``path`` (lossless, or near-lossless with ``levels``); it needs
     no coder tables."""
-    from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder
+    from vaestream.coding.family import near_lossless_coder
     from vaestream.errors import ModelError
-    from vaestream.store import load_model
 
     if not (Path(path) / "config.json").is_file():
         raise ModelError(f"{path}: bits-back coding needs a model directory (config.json + ckpt/), not a "
                          "SavedModel export")
-    return LosslessCoder(load_model(path), levels=levels or EXACT_LEVELS, reconstruction=reconstruction)
+    return near_lossless_coder(path, levels, reconstruction)
 
 
 def cmd_decompress(a: argparse.Namespace) -> int:

@@ -175,10 +175,10 @@ def member_points(model_dir: Path, records, with_ssim: bool = False) -> list[dic
 
 def near_lossless_coder(model_dir: str | os.PathLike, levels: int | None = None, reconstruction: str = "level"):
     """The bits-back coder of the member ``model_dir`` (lossless; or near-lossless with ``levels``)."""
-    from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder
+    from vaestream.coding.lossless import LosslessCoder
     from vaestream.store import load_model
 
-    return LosslessCoder(load_model(model_dir), levels=levels or EXACT_LEVELS, reconstruction=reconstruction)
+    return LosslessCoder(load_model(model_dir), levels=levels, reconstruction=reconstruction)
 
 
 def compress(pick: dict, records) -> bytes:

@@ -209,7 +209,7 @@ class LosslessCoder:
       blas_threads: OpenBLAS threads while coding (default 1, see :class:`blas_threads`; None: leave as is).
         The stream does not depend on it.
       reconstruction: near-lossless only, one of :data:`RECONSTRUCTIONS` (recorded in each frame).
-      levels: 256 (:data:`EXACT_LEVELS`): lossless. K in [2, 64]: **near-lossless**, each pixel is first
+      levels: None or 256 (:data:`EXACT_LEVELS`): lossless. K in [2, 64]: **near-lossless**, each pixel is first
         quantised to the nearest of K levels ``round(k 255 / (K - 1))`` (0 and 255 among them), so every pixel
         comes back within :func:`vaestream.coding.bb_tables.max_error` (K) of its count (127 at K = 2, 8 at
         16, 2 at 64), and the level image is coded exactly, by the same bits-back chain, with
@@ -220,7 +220,7 @@ class LosslessCoder:
 
     def __init__(self, model, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
                  frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1,
-                 range_bits: int | None = None, levels: int = EXACT_LEVELS, reconstruction: str = "level"):
+                 range_bits: int | None = None, levels: int | None = None, reconstruction: str = "level"):
         cfg = model.config
         two = cfg.hierarchical
         if latent_bits is None:
@@ -244,6 +244,7 @@ class LosslessCoder:
             raise ConfigError(f"group must be in [1, 4096], got {group}")
         if not 1 <= frame_records <= MAX_FRAME_RECORDS:
             raise ConfigError(f"frame_records must be in [1, {MAX_FRAME_RECORDS}], got {frame_records}")
+        levels = EXACT_LEVELS if levels is None else levels
         if int(levels) != EXACT_LEVELS:
             if not MIN_LEVELS <= int(levels) <= MAX_LEVELS or int(levels) != levels:
                 raise ConfigError(f"levels must be {EXACT_LEVELS} (lossless) or in [{MIN_LEVELS}, {MAX_LEVELS}] "
@@ -299,7 +300,7 @@ class LosslessCoder:
     # -- levels (near-lossless) ------------------------------------------------------------------------------
     def _set_levels(self, levels: int, recon: int = 0) -> None:
         self._lv, self._recon = int(levels), int(recon)
-        self._values, self._cell = (None, None) if self._lv == EXACT_LEVELS else pixel_levels(self._lv)
+        self._values = None if self._lv == EXACT_LEVELS else pixel_levels(self._lv)[0]
 
     def _output(self, x: np.ndarray, lik) -> np.ndarray:
         """Decoded symbols ``[g * D]`` -> uint8 counts: themselves (lossless), their level's value, or E[n | level,
@@ -462,7 +463,7 @@ class LosslessCoder:
 
     def encode_frame(self, x: np.ndarray, layout: int = 0, out: np.ndarray | None = None) -> bytes:
         """int32 records ``[n, D]`` -> one frame payload (one bits-back chain). Near-lossless: the records are
-        level indices (``_cell`` of the counts), as :meth:`compress` passes them. ``out`` (uint8 ``[n, D]``), if
+        level indices (of the counts' nearest levels), as :meth:`compress` passes them. ``out`` (uint8 ``[n, D]``), if
         given, receives what the decoder will return for each record."""
         lbits = self.latent_bits
         self._rb = self.range_bits
