@@ -190,6 +190,13 @@ def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_mo
     assert {p["model"].name for p in pick["candidates"]} == {"lossy", "bitsback"}
     lossy_best = max(p["psnr_db"] for p in pick["candidates"] if p["levels"] is None)
     assert lossy_best < 35.0  # the target is out of the decoder network's reach
+    from vaestream import ModelConfig
+
+    two = tmp_path / "two_layer"
+    two.mkdir()
+    (two / "config.json").write_text(ModelConfig(latent_dim=6, hidden=(32,), likelihood="beta_binomial",
+                                                 top_latent_dim=3, top_hidden=(8,)).to_json())
+    assert family.is_near_lossless(fam / "bitsback") and not family.is_near_lossless(two)  # levels need one layer
 
     np.save(tmp_path / "x.npy", x)
     run = [sys.executable, "-m", "vaestream.cli"]

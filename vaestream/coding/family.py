@@ -62,12 +62,13 @@ def is_lossy(model_dir: Path) -> bool:
 
 
 def is_near_lossless(model_dir: Path) -> bool:
-    """Whether ``model_dir`` holds a model the bits-back coder can code 8-bit pixels with (near-)losslessly:
-    a ``beta_binomial`` MLP."""
+    """Whether ``model_dir`` holds a model the bits-back coder can code 8-bit pixels with near-losslessly: a
+    ``beta_binomial`` MLP with one stochastic layer (a two-layer model codes only losslessly, see
+    :class:`vaestream.coding.lossless.LosslessCoder`)."""
     from vaestream.store import read_config
 
     cfg = read_config(model_dir)
-    return cfg.likelihood == "beta_binomial" and cfg.arch == "mlp"
+    return cfg.likelihood == "beta_binomial" and cfg.arch == "mlp" and not cfg.hierarchical
 
 
 def members(family: str | os.PathLike) -> list[Path]:
