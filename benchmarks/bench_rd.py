@@ -126,9 +126,10 @@ def _rates(compress, decompress, batch, reps: int) -> dict:
     return {"compress": reps * len(batch) / (t1 - t0), "decompress": reps * len(batch) / (t2 - t1)}
 
 
-def throughput(fam: Path, imgs: np.ndarray, reps: int = 3) -> dict:
+def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False) -> dict:
     """Records/s of compress / decompress per model on 1,000 records (lossy members at quality 1, the bits-back
-    member at 8 levels: max error 18), and Pillow WebP (quality 50, method 6 and method 4; per image and one
+    member at 8 levels: max error 18; with ``rdo`` also each lossy member's rate-distortion optimised encoding
+    at quality 2, rdo_lmbda = its lmbda), and Pillow WebP (quality 50, method 6 and method 4; per image and one
     tiled picture) on the same records, in the same run."""
     from vaestream.coding import codec, family, peers
 
@@ -141,6 +142,9 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3) -> dict:
         if family.is_lossy(d):
             c = codec.load(d)
             out[d.name] = _rates(lambda b: c.compress(b, quality=1.0), c.decompress, batch, reps)
+            if rdo and c.config.lmbda:
+                out[f"{d.name}_rdo"] = _rates(lambda b: c.compress(b, quality=2.0, rdo_lmbda=c.config.lmbda),
+                                              c.decompress, batch, 1)
     for method in (6, 4):
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -186,6 +190,8 @@ def main(argv=None) -> int:
                         "this many steps (0: none)")
     p.add_argument("--bits-back-hidden", type=int, nargs="+", default=[500, 500])
     p.add_argument("--bits-back-latent-dim", type=int, default=50)
+    p.add_argument("--rdo", action="store_true",
+                   help="the lossy members' rate-distortion optimised points too (vaestream.coding.rdo; slow to encode)")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--compare-only", action="store_true",
                    help="train nothing: compare every model already in each family (their training logs are reported)")
@@ -211,11 +217,11 @@ def main(argv=None) -> int:
         if not args.train_only:
             imgs = load_records(str(root), "test")[: args.n]
             t0 = time.perf_counter()
-            r = rdcurve.compare(fam, imgs, per_image_n=args.per_image_n, tiled_n=args.tiled_n)
+            r = rdcurve.compare(fam, imgs, per_image_n=args.per_image_n, tiled_n=args.tiled_n, rdo=args.rdo)
             res["compare_seconds"] = round(time.perf_counter() - t0, 1)
             r["plot"] = str(rdcurve.plot(r, out / f"rd_{name}.png", f"{name}: RD family, {len(imgs)} test images"))
             res.update(r)
-            res["throughput_records_per_s"] = throughput(fam, imgs)
+            res["throughput_records_per_s"] = throughput(fam, imgs, rdo=args.rdo)
         report["results"].append(res)
     text = json.dumps(report, indent=1, default=str)
     (out / "bench_rd.json").write_text(text)

@@ -34,7 +34,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from vaestream.coding import container
+from vaestream.coding import container, rdo
 from vaestream.coding.coder import DEFAULT_QUALITIES, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
     quantize
 from vaestream.config import ModelConfig
@@ -134,6 +134,7 @@ class Codec:
         self._digest = tables.digest()
         self._coders: dict[int, EntropyCoder] = {}
         self._lossless = None
+        self._rdo: dict[int, rdo.Optimizer] = {}
         self.quality = quality  # validated by the setter
 
     # -- properties -----------------------------------------------------------------------------------------
@@ -212,10 +213,31 @@ class Codec:
         return (mean[0], log_scale[0]) if single else (mean, log_scale)
 
     # -- codes ----------------------------------------------------------------------------------------------
-    def encode(self, x, quality: float | None = None) -> np.ndarray:
-        """Records -> int32 codes ``[B, Nz]`` (``[Nz]`` for one record): ``quantize(mu(x))`` at ``quality``."""
-        mean, _ = self.posterior(x)
-        return quantize(mean, self.tables, self._coder(quality).quality)
+    def encode(self, x, quality: float | None = None, rdo_lmbda: float | None = None,
+               rdo_steps: int = rdo.DEFAULT_STEPS) -> np.ndarray:
+        """Records -> int32 codes ``[B, Nz]`` (``[Nz]`` for one record): ``quantize(mu(x))`` at ``quality``; with
+        ``rdo_lmbda``, the codes of rate-distortion optimised quantisation instead (:mod:`vaestream.coding.rdo`:
+        per record, about ``argmin_q bits(q) + rdo_lmbda MSE(decode(q), x)``; ``rdo_steps`` Adam steps)."""
+        xs, single = self.model_inputs(x)
+        mean, _ = self.posterior(xs)
+        codes = self._codes(xs, mean, self._coder(quality).quality, rdo_lmbda, rdo_steps)
+        return codes[0] if single else codes
+
+    def _codes(self, xs: np.ndarray, mean: np.ndarray, quality: float, rdo_lmbda: float | None,
+               rdo_steps: int) -> np.ndarray:
+        if rdo_lmbda is None:
+            return quantize(mean, self.tables, quality)
+        return rdo.optimize_codes(self, xs, mean, quality, rdo_lmbda, rdo_steps)
+
+    def rdo_optimizer(self, quality: float | None = None) -> "rdo.Optimizer":
+        """The compiled RDOQ search of this model at ``quality`` (:class:`vaestream.coding.rdo.Optimizer`)."""
+        if not isinstance(self._backend, _ModelBackend):
+            raise ConfigError(f"{self.name}: rate-distortion optimised quantisation differentiates the decoder; "
+                              "load the codec from its model directory, not a SavedModel")
+        level = self._coder(quality).level
+        if level not in self._rdo:
+            self._rdo[level] = rdo.Optimizer(self._backend.model, self.tables, level)
+        return self._rdo[level]
 
     def decode(self, codes, quality: float | None = None) -> np.ndarray:
         """Codes ``[B, Nz]`` (or ``[Nz]``) -> reconstructions float32 ``[B, D]`` (or ``[D]``): the decoder mean
@@ -260,7 +282,8 @@ class Codec:
         return container.pack(self._header(coder, single), self._frames(c.astype(np.int32), coder))
 
     def compress(self, x, quality: float | None = None, target_bits: float | None = None,
-                 lossless: bool = False, levels: int | None = None, reconstruction: str = "level") -> bytes:
+                 lossless: bool = False, levels: int | None = None, reconstruction: str = "level",
+                 rdo_lmbda: float | None = None, rdo_steps: int = rdo.DEFAULT_STEPS) -> bytes:
         """Records -> a self-describing container (bytes).
 
         Args:
@@ -276,10 +299,16 @@ class Codec:
             :meth:`decompress` returns it (uint8), every pixel within ``255 / (2 (levels - 1))`` of the record's
             (:class:`vaestream.coding.lossless.LosslessCoder`).
           reconstruction: with ``levels``: ``"level"`` (the bound above) or ``"mean"`` (E[count | level, z]).
+          rdo_lmbda: rate-distortion optimised quantisation (:mod:`vaestream.coding.rdo`): each record's codes
+            chosen for ``bits + rdo_lmbda MSE`` (``lambda``'s units in training) by ``rdo_steps`` Adam steps
+            through the decoder, instead of the rounded posterior mean. The stream is an ordinary one of the
+            model: only encoding costs more.
         """
         if lossless or levels is not None:
-            if quality is not None or target_bits is not None or (lossless and levels is not None):
-                raise ConfigError("lossless / near-lossless compression takes no quality, target_bits or each other")
+            if quality is not None or target_bits is not None or (lossless and levels is not None) or (
+                    rdo_lmbda is not None):
+                raise ConfigError("lossless / near-lossless compression takes no quality, target_bits, rdo_lmbda or "
+                                  "each other")
             if levels is None:
                 return self.lossless_coder().compress(x)
             from vaestream.coding.lossless import LosslessCoder
@@ -288,22 +317,25 @@ class Codec:
                                  reconstruction=reconstruction).compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
+        if rdo_lmbda is not None:
+            rdo.check_lmbda(rdo_lmbda)
         xs, single = self.model_inputs(x)
         mean, _ = self.posterior(xs)
         if target_bits is not None:
-            return self._compress_to_target(mean, single, target_bits)
+            return self._compress_to_target(xs, mean, single, target_bits, rdo_lmbda, rdo_steps)
         coder = self._coder(quality)
-        codes = quantize(mean, self.tables, coder.quality)
+        codes = self._codes(xs, mean, coder.quality, rdo_lmbda, rdo_steps)
         return container.pack(self._header(coder, single), self._frames(codes, coder))
 
     def choose_quality(self, x, target_bits: float) -> float:
         """The finest quality of the ladder at which ``x`` compresses to at most ``target_bits`` per record."""
         xs, single = self.model_inputs(x)
         mean, _ = self.posterior(xs)
-        blob = self._compress_to_target(mean, single, target_bits)
+        blob = self._compress_to_target(xs, mean, single, target_bits)
         return container.read_header(io.BytesIO(blob)).quality
 
-    def _compress_to_target(self, mean: np.ndarray, single: bool, target_bits: float) -> bytes:
+    def _compress_to_target(self, xs: np.ndarray, mean: np.ndarray, single: bool, target_bits: float,
+                            rdo_lmbda: float | None = None, rdo_steps: int = rdo.DEFAULT_STEPS) -> bytes:
         if not (isinstance(target_bits, (int, float)) and math.isfinite(target_bits) and target_bits > 0):
             raise ConfigError(f"target_bits must be a positive number, got {target_bits!r}")
         n = max(len(mean), 1)
@@ -313,7 +345,7 @@ class Codec:
             mid = (lo + hi) // 2
             coder = self._coder(float(self.tables.qualities[mid]))
             blob = container.pack(self._header(coder, single),
-                                  self._frames(quantize(mean, self.tables, coder.quality), coder))
+                                  self._frames(self._codes(xs, mean, coder.quality, rdo_lmbda, rdo_steps), coder))
             sizes[mid] = 8 * len(blob) / n
             if sizes[mid] <= target_bits:
                 best, hi = blob, mid - 1
@@ -395,12 +427,15 @@ class Codec:
         return x_hat[0] if h.single else x_hat
 
     # -- files ----------------------------------------------------------------------------------------------
-    def write(self, path: str | os.PathLike, x, quality: float | None = None, append: bool = False) -> int:
-        """Compress records into the container file ``path`` (``append``: after its records). Returns the number
-        of records now in the file."""
+    def write(self, path: str | os.PathLike, x, quality: float | None = None, append: bool = False,
+              rdo_lmbda: float | None = None, rdo_steps: int = rdo.DEFAULT_STEPS) -> int:
+        """Compress records into the container file ``path`` (``append``: after its records; ``rdo_lmbda``: as in
+        :meth:`compress`). Returns the number of records now in the file."""
         coder = self._coder(quality)
+        if rdo_lmbda is not None:
+            rdo.check_lmbda(rdo_lmbda)
         xs, _ = self.model_inputs(x)
-        codes = quantize(self.posterior(xs)[0], self.tables, coder.quality)
+        codes = self._codes(xs, self.posterior(xs)[0], coder.quality, rdo_lmbda, rdo_steps)
         with container.ContainerWriter(path, self._header(coder, False), append=append) as w:
             for n, payload in self._frames(codes, coder):
                 w.write_frame(n, payload)

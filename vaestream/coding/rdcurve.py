@@ -24,29 +24,31 @@ from vaestream.errors import DataError
 PSNR_RANGE = (18.0, 32.0)
 
 
-def family_points(family: str | os.PathLike, records) -> list[dict]:
-    """Every operating point of ``family`` on ``records`` (each lossy member's qualities, each near-lossless
-    member's pixel levels: :func:`vaestream.coding.family.member_points`), with SSIM, ``"model"`` (the
-    directory's name) and ``"bits_per_image"``."""
+def family_points(family: str | os.PathLike, records, rdo: bool = False) -> list[dict]:
+    """Every operating point of ``family`` on ``records`` (each lossy member's qualities, and with ``rdo`` its
+    rate-distortion optimised points; each near-lossless member's pixel levels:
+    :func:`vaestream.coding.family.member_points`), with SSIM, ``"model"`` (the directory's name) and
+    ``"bits_per_image"``."""
     out = []
     for d in family_mod.members(family):
-        for r in family_mod.member_points(d, records, with_ssim=True):
+        for r in family_mod.member_points(d, records, with_ssim=True, rdo=rdo):
             out.append({**r, "model": d.name, "bits_per_image": r["bits_per_record"]})
     return out
 
 
 def compare(family: str | os.PathLike, records: np.ndarray, formats: Sequence[str] = ("JPEG", "WEBP", "AVIF", "JXL"),
             per_image_n: int = 1000, tiled_n: int | None = None,
-            psnr_range: tuple[float, float] = PSNR_RANGE) -> dict:
+            psnr_range: tuple[float, float] = PSNR_RANGE, rdo: bool = False) -> dict:
     """The family's points and envelope, the peers' curves and the BD-rates (percent; negative: vaestream needs
     fewer bits) against each peer curve and against the best tiled JPEG/WebP at each PSNR.
 
     ``records``: ``[N, H, W]`` uint8 pictures (the family is measured on all of them, tiled peers on the first
-    ``tiled_n``, per-image peers on the first ``per_image_n``)."""
+    ``tiled_n``, per-image peers on the first ``per_image_n``); ``rdo``: with the rate-distortion optimised
+    points (:func:`family_points`)."""
     imgs = np.asarray(records)
     if imgs.dtype != np.uint8 or imgs.ndim != 3:
         raise DataError(f"records must be [N, H, W] uint8 pictures, got {imgs.shape} {imgs.dtype}")
-    points = family_points(family, imgs)
+    points = family_points(family, imgs, rdo=rdo)
     have = peers_mod.available()
     curves, missing = {}, [f for f in formats if not have.get(f)]
     for fmt in formats:
