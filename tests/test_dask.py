@@ -155,3 +155,24 @@ def test_parquet_on_dask_is_refused_before_writing(cluster, tmp_path, small_mode
                     "--output_format", "parquet", *_dask(cluster)])
     assert isinstance(e.value, beam_dask.DaskUnsupportedError) and "TFRecord only" in str(e.value)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_near_lossless_encode_on_dask_codes_the_level_images_it_was_asked_for(cluster, tmp_path, bb_model, mnist_test):
+    """``--coder lossless --levels 5`` on the Dask runner: each container holds its records' 5-level images (the
+    Dask path once dropped --levels and coded the records exactly)."""
+    from vaestream.coding.lossless import LosslessCoder
+
+    model, model_dir = bb_model
+    x = mnist_test[4000:4150]
+    np.save(tmp_path / "counts.npy", x)
+    s = encode.run(["--input", str(tmp_path / "counts.npy"), "--model", str(model_dir), "--output",
+                    str(tmp_path / "enc"), "--coder", "lossless", "--levels", "5", "--chunk_size", "50",
+                    *_dask(cluster)])
+    assert s["records"] == 150 and s["dead_lettered"] == 0
+    want, back = LosslessCoder(model, levels=5).quantize(x), {}
+    for f in (tmp_path / "enc").glob("codes-*.tfrecord"):
+        for b in vb.read_codes(str(f)):
+            back.update(zip(b.keys, LosslessCoder(model).decompress(b.container)))
+    assert sorted(back) == [f"counts.npy:{i:09d}" for i in range(150)]
+    for i in range(150):
+        assert np.array_equal(back[f"counts.npy:{i:09d}"].reshape(x[i].shape), want[i])

@@ -19,8 +19,8 @@ def _x(records):
     return records.reshape(len(records), -1).astype(np.float32) / np.float32(255)
 
 
-def _objective(c, codes, x, lmbda):
-    return c.ideal_bits(codes, Q) + lmbda * np.mean((x - c.decode(codes, Q)) ** 2, axis=1)
+def _objective(c, codes, x, lmbda, q=Q):
+    return c.ideal_bits(codes, q) + lmbda * np.mean((x - c.decode(codes, q)) ** 2, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,36 @@ def test_a_family_with_rdo_measures_the_rdo_points_and_compresses_at_the_one_it_
     target = plain[Q]["psnr_db"]
     assert (family.choose(fam, recs, psnr=target, rdo=True)["bits_per_record"]
             <= family.choose(fam, recs, psnr=target)["bits_per_record"])
+
+
+def test_the_beam_encode_job_writes_rdo_codes_that_the_decode_job_reads(conv_codec, coded_conv_model_dir, mnist_test,
+                                                                       tmp_path):
+    """``pipelines/encode.py --coder --rdo-lmbda L``: every record once, in ordinary containers whose codes lower
+    bits + L MSE against rounding; the decode job returns their reconstructions. Refused without the lossy coder."""
+    from vaestream.beam.jobs import decode, encode
+    from vaestream.beam.transforms import read_codes
+
+    x = mnist_test[5000:5200]
+    np.save(tmp_path / "x.npy", x)
+    lm = conv_codec.config.lmbda
+    s = encode.run(["--input", str(tmp_path / "x.npy"), "--model", str(coded_conv_model_dir), "--output",
+                    str(tmp_path / "enc"), "--coder", "--rdo-lmbda", str(lm), "--chunk_size", "100"])
+    assert s["records"] == 200 and s["dead_lettered"] == 0
+    codes = {}
+    for f in (tmp_path / "enc").glob("codes-*.tfrecord"):
+        for b in read_codes(str(f)):
+            c, h = conv_codec.decompress_codes(b.container)
+            codes.update(zip(b.keys, c))
+    keys = [f"x.npy:{i:09d}" for i in range(200)]
+    assert sorted(codes) == keys
+    tuned = np.stack([codes[k] for k in keys])
+    q = conv_codec.quality  # the job codes at the model's default quality
+    plain, xs = conv_codec.encode(x, q), _x(x)
+
+    assert _objective(conv_codec, tuned, xs, lm, q).mean() < _objective(conv_codec, plain, xs, lm, q).mean()
+    d = decode.run(["--input", str(tmp_path / "enc"), "--model", str(coded_conv_model_dir), "--output",
+                    str(tmp_path / "dec")])
+    assert d["records"] == 200 and d["dead_lettered"] == 0
+    with pytest.raises(ConfigError, match="--rdo-lmbda"):
+        encode.run(["--input", str(tmp_path / "x.npy"), "--model", str(coded_conv_model_dir), "--output",
+                    str(tmp_path / "bad"), "--rdo-lmbda", str(lm)])

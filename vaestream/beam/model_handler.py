@@ -338,11 +338,13 @@ class VAEModelHandler(ModelHandler):
       levels, reconstruction: with ``coder="lossless"``: near-lossless coding, each pixel rounded to the
         nearest of ``levels`` (2..64) levels first (:class:`vaestream.coding.lossless.LosslessCoder`); None:
         exact. Decode mode reads them from the stream.
+      rdo_lmbda: with ``coder="lossy"`` (a model directory): rate-distortion optimised codes
+        (:mod:`vaestream.coding.rdo`, ``codec.encode(..., rdo_lmbda=)``): ordinary streams, slower encoding.
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
                  max_records: int = CHUNK, coder: bool = False, levels: int | None = None,
-                 reconstruction: str = "level"):
+                 reconstruction: str = "level", rdo_lmbda: float | None = None):
         # BatchElements sizes batches by the sum of element_size_fn: records, not elements.
         super().__init__(min_batch_size=1, max_batch_size=max(1, max_records), element_size_fn=len)
         if mode not in ("encode", "decode"):
@@ -355,12 +357,20 @@ class VAEModelHandler(ModelHandler):
                              "networks), not a SavedModel export")
         if levels is not None and coder != "lossless":
             raise ModelError(f"levels {levels} (near-lossless) is for the lossless coder, not {coder!r}")
+        if rdo_lmbda is not None:
+            from vaestream.coding.rdo import check_lmbda
+
+            check_lmbda(rdo_lmbda)
+            if coder != "lossy" or model_dir is None:
+                raise ModelError("rdo_lmbda (rate-distortion optimised codes) is for the lossy coder of a model "
+                                 "directory")
         self.model_dir, self.saved_model, self.mode, self.coder = model_dir, saved_model, mode, coder
-        self.levels, self.reconstruction = levels, reconstruction
+        self.levels, self.reconstruction, self.rdo_lmbda = levels, reconstruction, rdo_lmbda
 
     def key(self) -> tuple:
         """What identifies the model this handler loads (the ``shared.Shared`` tag)."""
-        return (self.model_dir, self.saved_model, self.mode, self.coder, self.levels, self.reconstruction)
+        return (self.model_dir, self.saved_model, self.mode, self.coder, self.levels, self.reconstruction,
+                self.rdo_lmbda)
 
     def load_model(self) -> LoadedVAE:
         """The model (with its coder when ``coder``); reuses one that is alive in this process for the same,
@@ -393,7 +403,7 @@ class VAEModelHandler(ModelHandler):
         if self.coder == "lossy":  # one model call per element (the codec's), one container per element
             coded = []
             for b in batch:
-                symbols = np.asarray(model.codec.encode(b.inputs())).reshape(len(b), -1)
+                symbols = np.asarray(model.codec.encode(b.inputs(), rdo_lmbda=self.rdo_lmbda)).reshape(len(b), -1)
                 coded.append(CodeBatch(b.source, b.keys, None, None, model.fingerprint,
                                        bytes(model.codec.compress_codes(symbols)), int(b.records.nbytes)))
             return coded

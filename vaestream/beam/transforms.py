@@ -77,9 +77,10 @@ class Encode(beam.PTransform):
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = CHUNK,
                  coder: bool = False, overlap: bool = False, levels: int | None = None,
-                 reconstruction: str = "level"):
+                 reconstruction: str = "level", rdo_lmbda: float | None = None):
         super().__init__()
-        self.handler = VAEModelHandler(model_dir, saved_model, "encode", max_records, coder, levels, reconstruction)
+        self.handler = VAEModelHandler(model_dir, saved_model, "encode", max_records, coder, levels, reconstruction,
+                                       rdo_lmbda)
         self.overlap = overlap
 
     def expand(self, pcoll):

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "levels first (every pixel within 255 / (2 (K - 1)); the decode job reads K from the stream)")
     parser.add_argument("--reconstruction", default="level", choices=["level", "mean"],
                         help="with --levels: decode a pixel as its level, or as E[count | level, z] under the model")
+    parser.add_argument("--rdo-lmbda", "--rdo_lmbda", type=float, default=None,
+                        help="with the lossy coder and --model: rate-distortion optimised codes, each record's chosen "
+                             "for bits + L * MSE by a search through the decoder (vaestream.coding.rdo; ordinary "
+                             "streams, ~30x slower encoding)")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
                              "is encoded on a background thread while the last one is written (helps when the "
@@ -71,7 +75,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
         read_paths, args.split, args.chunk_size, args.split_records, args.feature, validate=validation(config, args))
     codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
                                                       overlap=args.inference == "overlap", levels=args.levels,
-                                                      reconstruction=args.reconstruction)
+                                                      reconstruction=args.reconstruction, rdo_lmbda=args.rdo_lmbda)
     vb.write_outputs(codes, read[vb.DEAD_LETTER], out, CODES, args.output_format,
                      vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes")
     return {"output": out, "config": config}
@@ -84,6 +88,8 @@ def check_coder(args: argparse.Namespace) -> None:
                           "--saved_model")
     if (args.levels is not None or args.reconstruction != "level") and args.coder != "lossless":
         raise ConfigError("--levels / --reconstruction (near-lossless) need --coder lossless")
+    if args.rdo_lmbda is not None and (args.coder != "lossy" or args.model is None):
+        raise ConfigError("--rdo-lmbda (rate-distortion optimised codes) needs --coder (lossy) and --model")
 
 
 def validation(config, args: argparse.Namespace) -> vb.Validate:
