@@ -317,7 +317,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--rdo-lmbda", type=float, default=None,
                    help="rate-distortion optimised quantisation: each record's codes chosen for bits + L * MSE "
                         "(L in the training lambda's units; e.g. the model's lmbda) by a search through the decoder; "
-                        "an ordinary stream, ~30x slower to encode (vaestream.coding.rdo)")
+                        "an ordinary stream, ~20x slower to encode (vaestream.coding.rdo)")
     p.add_argument("--rdo-steps", type=int, default=rdo.DEFAULT_STEPS,
                    help=f"with --rdo-lmbda: Adam steps of the search (default {rdo.DEFAULT_STEPS})")
     p.add_argument("--rdo", action="store_true",

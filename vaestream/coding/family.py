@@ -15,7 +15,9 @@ A family directory holds model directories of two kinds:
 
 Every (model, quality or levels) pair is an operating point with a rate R (container bits per record,
 header and frames included) and a distortion, PSNR = 10 log10(1 / MSE) over the batch (records in [0, 1],
-MSE over every value of the batch). :func:`choose` returns
+MSE over every value of the batch). With ``rdo``, a lossy member also offers its *rate-distortion optimised*
+points (:mod:`vaestream.coding.rdo`: the same streams, each record's codes searched for bits + lambda MSE;
+fewer bits at the same PSNR, ~20x slower to encode). :func:`choose` returns
 
 * for ``psnr=T``: the point with the fewest bits among those with PSNR >= T;
 * for ``bpp=b``: the point with the highest PSNR among those with R / D <= b (D values per record).
@@ -213,7 +215,7 @@ def choose(family: str | os.PathLike, records, psnr: float | None = None, bpp: f
     """The operating point of ``family`` for a target, measured on ``records`` (see the module docstring).
 
     With ``rdo``, the lossy members' rate-distortion optimised points are candidates too
-    (:func:`operating_points`): fewer bits for the same PSNR, at ~1/30 of the encoding speed.
+    (:func:`operating_points`): fewer bits for the same PSNR, at ~1/20 of the encoding speed.
 
     Returns ``{"model": Path, "lmbda", "quality", "rdo_lmbda", "levels", "bits_per_record", "psnr_db", "mse",
     "candidates": [...]}`` (a lossy point has ``levels`` None, a near-lossless one ``quality`` None;

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdo-lmbda", "--rdo_lmbda", type=float, default=None,
                         help="with the lossy coder and --model: rate-distortion optimised codes, each record's chosen "
                              "for bits + L * MSE by a search through the decoder (vaestream.coding.rdo; ordinary "
-                             "streams, ~30x slower encoding)")
+                             "streams, ~20x slower encoding)")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
                              "is encoded on a background thread while the last one is written (helps when the "
