@@ -220,11 +220,15 @@ class Codec:
         per record, about ``argmin_q bits(q) + rdo_lmbda MSE(decode(q), x)``; ``rdo_steps`` Adam steps)."""
         xs, single = self.model_inputs(x)
         mean, _ = self.posterior(xs)
-        codes = self._codes(xs, mean, self._coder(quality).quality, rdo_lmbda, rdo_steps)
+        codes = self.codes_of(xs, mean, self._coder(quality).quality, rdo_lmbda, rdo_steps)
         return codes[0] if single else codes
 
-    def _codes(self, xs: np.ndarray, mean: np.ndarray, quality: float, rdo_lmbda: float | None,
-               rdo_steps: int) -> np.ndarray:
+    def codes_of(self, xs: np.ndarray, mean: np.ndarray, quality: float, rdo_lmbda: float | None = None,
+                 rdo_steps: int = rdo.DEFAULT_STEPS) -> np.ndarray:
+        """The int32 codes ``[B, Nz]`` of model inputs ``xs [B, D]`` whose posterior means are ``mean [B, Nz]``
+        (from :meth:`posterior`), at a ``quality`` of the ladder: the rounded means, or with ``rdo_lmbda`` the
+        rate-distortion optimised codes (:func:`vaestream.coding.rdo.optimize_codes`). For callers that reuse
+        one posterior across several settings (:func:`vaestream.coding.family.operating_points`)."""
         if rdo_lmbda is None:
             return quantize(mean, self.tables, quality)
         return rdo.optimize_codes(self, xs, mean, quality, rdo_lmbda, rdo_steps)
@@ -324,7 +328,7 @@ class Codec:
         if target_bits is not None:
             return self._compress_to_target(xs, mean, single, target_bits, rdo_lmbda, rdo_steps)
         coder = self._coder(quality)
-        codes = self._codes(xs, mean, coder.quality, rdo_lmbda, rdo_steps)
+        codes = self.codes_of(xs, mean, coder.quality, rdo_lmbda, rdo_steps)
         return container.pack(self._header(coder, single), self._frames(codes, coder))
 
     def choose_quality(self, x, target_bits: float) -> float:
@@ -345,7 +349,7 @@ class Codec:
             mid = (lo + hi) // 2
             coder = self._coder(float(self.tables.qualities[mid]))
             blob = container.pack(self._header(coder, single),
-                                  self._frames(self._codes(xs, mean, coder.quality, rdo_lmbda, rdo_steps), coder))
+                                  self._frames(self.codes_of(xs, mean, coder.quality, rdo_lmbda, rdo_steps), coder))
             sizes[mid] = 8 * len(blob) / n
             if sizes[mid] <= target_bits:
                 best, hi = blob, mid - 1
@@ -435,7 +439,7 @@ class Codec:
         if rdo_lmbda is not None:
             rdo.check_lmbda(rdo_lmbda)
         xs, _ = self.model_inputs(x)
-        codes = self._codes(xs, self.posterior(xs)[0], coder.quality, rdo_lmbda, rdo_steps)
+        codes = self.codes_of(xs, self.posterior(xs)[0], coder.quality, rdo_lmbda, rdo_steps)
         with container.ContainerWriter(path, self._header(coder, False), append=append) as w:
             for n, payload in self._frames(codes, coder):
                 w.write_frame(n, payload)

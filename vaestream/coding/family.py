@@ -114,7 +114,6 @@ def operating_points(codec, records, with_ssim: bool = False, rdo: bool = False)
     Bits are those of ``codec.compress(records, quality)`` (the whole container); the reconstruction is the
     decoded stream's (``codec.decode`` of its codes, which ``decompress`` reproduces bit for bit)."""
     from vaestream.coding.rdmetrics import ssim
-    from vaestream.coding.rdo import DEFAULT_STEPS
 
     x, _ = codec.model_inputs(records)
     if len(x) == 0:
@@ -126,7 +125,7 @@ def operating_points(codec, records, with_ssim: bool = False, rdo: bool = False)
                      for r in RDO_RATIOS]
     rows = []
     for q, lm in settings:
-        codes = codec._codes(x, mean, q, lm, DEFAULT_STEPS)
+        codes = codec.codes_of(x, mean, q, lm)
         bits = 8 * len(codec.compress_codes(codes, q)) / len(x)
         x_hat = codec.decode(codes, q)
         mse = float(np.mean((x - x_hat) ** 2))
