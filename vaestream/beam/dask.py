@@ -418,8 +418,8 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     paths = vb.expand_inputs(args.input, args.split)
     vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
-    handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size, args.coder, args.levels,
-                                 args.reconstruction, args.rdo_lmbda)
+    handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size,
+                                 **encode_job.coder_options(args))
     check = encode_job.validation(config, args).fn
 
     def build(p, staging):

@@ -321,8 +321,6 @@ class Codec:
                                  reconstruction=reconstruction).compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
-        if rdo_lmbda is not None:
-            rdo.check_lmbda(rdo_lmbda)
         xs, single = self.model_inputs(x)
         mean, _ = self.posterior(xs)
         if target_bits is not None:
@@ -436,8 +434,6 @@ class Codec:
         """Compress records into the container file ``path`` (``append``: after its records; ``rdo_lmbda``: as in
         :meth:`compress`). Returns the number of records now in the file."""
         coder = self._coder(quality)
-        if rdo_lmbda is not None:
-            rdo.check_lmbda(rdo_lmbda)
         xs, _ = self.model_inputs(x)
         codes = self.codes_of(xs, self.posterior(xs)[0], coder.quality, rdo_lmbda, rdo_steps)
         with container.ContainerWriter(path, self._header(coder, False), append=append) as w:

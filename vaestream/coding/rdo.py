@@ -171,11 +171,11 @@ def optimize_codes(codec, x: np.ndarray, mean: np.ndarray, quality: float, lmbda
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ConfigError(f"rdo_steps must be a non-negative integer, got {steps!r}")
     opt = codec.rdo_optimizer(quality)
-    plain = quantize(mean, codec.tables, opt.tables.qualities[opt.level])
+    q = float(opt.tables.qualities[opt.level])
+    plain = quantize(mean, codec.tables, q)
     if steps == 0 or len(x) == 0:
         return plain
     tuned = opt.codes(x, mean, lmbda, int(steps), float(lr))
-    q = float(opt.tables.qualities[opt.level])
 
     def objective(codes):
         mse = np.mean((x - codec.decode(codes, q)) ** 2, axis=1)

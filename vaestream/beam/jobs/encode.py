@@ -73,12 +73,18 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     # records are validated as they are read (one step, one dead-letter stream: no Flatten stage)
     read = p | "ReadRecords" >> vb.ReadRecords(
         read_paths, args.split, args.chunk_size, args.split_records, args.feature, validate=validation(config, args))
-    codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size, args.coder,
-                                                      overlap=args.inference == "overlap", levels=args.levels,
-                                                      reconstruction=args.reconstruction, rdo_lmbda=args.rdo_lmbda)
+    codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size,
+                                                      overlap=args.inference == "overlap", **coder_options(args))
     vb.write_outputs(codes, read[vb.DEAD_LETTER], out, CODES, args.output_format,
                      vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes")
     return {"output": out, "config": config}
+
+
+def coder_options(args: argparse.Namespace) -> dict:
+    """The encoding handler's coder options from the job's flags (:class:`vaestream.beam.VAEModelHandler`); every
+    runner's encode path builds its handler from these."""
+    return {"coder": args.coder, "levels": args.levels, "reconstruction": args.reconstruction,
+            "rdo_lmbda": args.rdo_lmbda}
 
 
 def check_coder(args: argparse.Namespace) -> None:
