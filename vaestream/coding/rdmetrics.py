@@ -63,37 +63,63 @@ def envelope(curve: Sequence[dict]) -> list[tuple[float, float]]:
                   if math.isfinite(r["psnr_db"]) and r["bits_per_image"] > 0), reverse=True)
     env = []
     for p, b in pts:
-        if not env or b < env[-1][1]:
+        if env and p == env[-1][0]:
+            env[-1] = (p, min(b, env[-1][1]))  # one point per PSNR: the cheaper
+        elif not env or b < env[-1][1]:
             env.append((p, b))
     return env[::-1]
 
 
-def bd_rate(test: Sequence[dict], anchor: Sequence[dict], psnr_range: tuple[float, float] | None = None) -> dict:
+BD_METHODS = ("pchip", "akima", "cubic")
+
+
+def bd_rate(test: Sequence[dict], anchor: Sequence[dict], psnr_range: tuple[float, float] | None = None,
+            method: str = "pchip") -> dict:
     """Bjøntegaard delta rate of ``test`` against ``anchor``, in percent (negative: ``test`` needs fewer bits).
 
-    Each curve's lower envelope is fitted by a cubic polynomial of log(rate) in PSNR (least squares; a
-    lower degree if it has fewer than 4 points); the fits are integrated over the PSNR interval both cover
-    (cut to ``psnr_range`` if given), and BD-rate = exp(mean difference of log rate) - 1.
+    Each curve's lower envelope, log(rate) as a function of PSNR, is interpolated and the interpolants are
+    integrated over the PSNR interval both cover (cut to ``psnr_range`` if given)::
 
-    Returns ``{"bd_rate_pct", "psnr_from", "psnr_to"}``, with ``bd_rate_pct`` None where the curves share
-    less than 0.1 dB.
+        BD-rate = exp( (1 / (hi - lo)) * integral_lo^hi [log R_test(P) - log R_anchor(P)] dP ) - 1
+
+    ``method``:
+
+    * ``"pchip"`` (default): piecewise cubic Hermite interpolation through every point, as in the JCT-VC /
+      JVET common-test-conditions sheets (VCEG-AE07), and as ``bjontegaard.bd_rate(..., method="pchip")``
+      (Herglotz et al.'s reference implementation; equal to it to 1e-9 on a shared interval, tested).
+      It follows a curve with a kink, like a family whose lossy members stop where its near-lossless
+      member starts, and never leaves the range of the points it passes through.
+    * ``"akima"``: Akima's piecewise cubic, the other interpolant of that reference.
+    * ``"cubic"``: the original VCEG-M33 form, one least-squares cubic polynomial over all the points of
+      each curve (a lower degree with fewer than 4 points). Over a long curve with a kink it can be far off
+      in the sub-interval: on run 5's Fashion-MNIST family it gave -40.7 % where PCHIP gives -29.0 %.
+
+    Returns ``{"bd_rate_pct", "psnr_from", "psnr_to", "method"}``, with ``bd_rate_pct`` None where the
+    curves share less than 0.1 dB.
     """
+    if method not in BD_METHODS:
+        raise ConfigError(f"BD-rate method must be one of {BD_METHODS}, got {method!r}")
     ea, eb = envelope(test), envelope(anchor)
     lo = max(ea[0][0], eb[0][0]) if ea and eb else math.inf
     hi = min(ea[-1][0], eb[-1][0]) if ea and eb else -math.inf
     if psnr_range is not None:
         lo, hi = max(lo, psnr_range[0]), min(hi, psnr_range[1])
     if not hi - lo >= 0.1:
-        return {"bd_rate_pct": None, "psnr_from": lo, "psnr_to": hi}
+        return {"bd_rate_pct": None, "psnr_from": lo, "psnr_to": hi, "method": method}
 
-    def integral(env):
+    def mean_log_rate(env):
         p = np.array([e[0] for e in env])
         r = np.log(np.array([e[1] for e in env]))
-        poly = np.polyint(np.polyfit(p, r, min(3, len(p) - 1)))
-        return (np.polyval(poly, hi) - np.polyval(poly, lo)) / (hi - lo)
+        if method == "cubic" or len(p) < 2:
+            poly = np.polyint(np.polyfit(p, r, min(3, len(p) - 1)))
+            return (np.polyval(poly, hi) - np.polyval(poly, lo)) / (hi - lo)
+        from scipy.interpolate import Akima1DInterpolator, PchipInterpolator
 
-    return {"bd_rate_pct": float(100 * (math.exp(integral(ea) - integral(eb)) - 1)), "psnr_from": float(lo),
-            "psnr_to": float(hi)}
+        f = PchipInterpolator(p, r) if method == "pchip" else Akima1DInterpolator(p, r)
+        return float(f.integrate(lo, hi)) / (hi - lo)
+
+    return {"bd_rate_pct": float(100 * (math.exp(mean_log_rate(ea) - mean_log_rate(eb)) - 1)),
+            "psnr_from": float(lo), "psnr_to": float(hi), "method": method}
 
 
 def bits_at_psnr(curve: Sequence[dict], target: float) -> dict:
