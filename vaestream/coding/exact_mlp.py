@@ -41,23 +41,35 @@ class ExactMLP:
     """
 
     def __init__(self, mlp, activation: str):
+        self._build([(layer.w.numpy(), layer.b.numpy()) for layer in list(mlp.hidden) + [mlp.out]], activation)
+
+    @classmethod
+    def from_layers(cls, layers, activation: str) -> "ExactMLP":
+        """The network of ``layers`` = ``[(W [n_in, n_out], b [n_out]), ...]`` (arrays; ``activation`` between
+        them, none after the last)."""
+        net = cls.__new__(cls)
+        net._build(layers, activation)
+        return net
+
+    def _build(self, layers, activation: str) -> None:
         self.act = _NP_ACTIVATIONS[activation]
         self.layers = []
-        for layer in list(mlp.hidden) + [mlp.out]:
-            w = layer.w.numpy().astype(np.float64)
-            b = layer.b.numpy().astype(np.float64)
+        for w, b in layers:
+            w = np.asarray(w, np.float64)
+            b = np.asarray(b, np.float64)
             bits = _operand_bits(w.shape[0])
             _, e = np.frexp(np.max(np.abs(w)) if w.size else 0.0)
             s = bits - int(e)
             self.layers.append((np.ascontiguousarray(np.rint(np.ldexp(w, s))), s, b, bits))
 
-    def __call__(self, xq: np.ndarray, x_exp: int, divisor: float = 1.0) -> np.ndarray:
+    def __call__(self, xq: np.ndarray, x_exp: int = 0, divisor: float = 1.0, real_input: bool = False) -> np.ndarray:
         """The network on integer-valued inputs ``xq * 2^-x_exp / divisor`` (``xq`` float64 ``[g, K]`` of at
         most 2^16 in magnitude: pixel counts, or latent bucket indices) -> float64 outputs. The first layer's
-        products are exact too: 2^16 x 2^b x K stays below 2^53 (b, the weight bits, shrinks as K grows)."""
-        h = None
+        products are exact too: 2^16 x 2^b x K stays below 2^53 (b, the weight bits, shrinks as K grows).
+        ``real_input``: ``xq`` is any float64 array, rounded per row like a hidden layer's activations."""
+        h = xq
         for i, (wq, s, b, bits) in enumerate(self.layers):
-            if i == 0:
+            if i == 0 and not real_input:
                 y = np.ldexp(xq @ wq, -(x_exp + s))
                 if divisor != 1.0:
                     y /= divisor

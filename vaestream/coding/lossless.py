@@ -130,7 +130,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -141,6 +141,7 @@ from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_
                                         latent_prior, latent_scramble, latent_step_bits, level_means, level_rows, max_error,
                                         pixel_levels, posterior_probs, within_rows)
 from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
+from vaestream.coding.bb_context import ContextModel, stream_fingerprint
 from vaestream.coding.bb_latents import LatentModels
 from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
@@ -169,6 +170,9 @@ RECONSTRUCTIONS = ("level", "mean")
 """How a near-lossless decoder turns a level into a count: ``level``, its value (every pixel within
 ``max_error(K)``); ``mean``, E[n | level, z] under the model (the MMSE count within the level's counts, for the
 z the chain drew: more PSNR at the same bits, within the level's counts but not within ``max_error``)."""
+CONTEXT_FLAG = 0x80
+"""Set in a frame's reconstruction byte when its pixels are coded with a pixel context model
+(:mod:`vaestream.coding.bb_context`); the container header's fingerprint then names that context model."""
 
 
 def group_sizes(n: int, group: int) -> list[int]:
@@ -220,7 +224,8 @@ class LosslessCoder:
 
     def __init__(self, model, latent_bits: int | None = None, group: int = DEFAULT_GROUP,
                  frame_records: int = DEFAULT_FRAME_RECORDS, blas_threads: int | None = 1,
-                 range_bits: int | None = None, levels: int | None = None, reconstruction: str = "level"):
+                 range_bits: int | None = None, levels: int | None = None, reconstruction: str = "level",
+                 contexts: Mapping[int, ContextModel] | None = None, use_context: bool = True):
         cfg = model.config
         two = cfg.hierarchical
         if latent_bits is None:
@@ -272,7 +277,25 @@ class LosslessCoder:
         # the levels of the frame being coded (a decoder takes each frame's own)
         self._set_levels(self.levels, RECONSTRUCTIONS.index(reconstruction))
         self.blas_threads = blas_threads
-        self.fingerprint = model.fingerprint()
+        self.model_fingerprint = model.fingerprint()
+        # pixel context models (vaestream.coding.bb_context), by K: this coder writes with the one of its K
+        # (unless use_context is False) and reads a stream written with any of them
+        self.contexts = dict(contexts or {})
+        for k, cm in self.contexts.items():
+            if cm.levels != k or tuple(cm.shape) != tuple(cfg.input_shape):
+                raise ConfigError(f"context model for K = {cm.levels} on {cm.shape} pictures given as K = {k} for a "
+                                  f"model of {tuple(cfg.input_shape)}")
+            if cm.meta.get("model_fingerprint", self.model_fingerprint) != self.model_fingerprint:
+                raise ModelMismatchError(f"the context model for K = {k} was trained for model "
+                                         f"{cm.meta['model_fingerprint'][:16]}..., not this one "
+                                         f"({self.model_fingerprint[:16]}...)")
+        self.context = self.contexts.get(self.levels) if use_context and self.levels != EXACT_LEVELS else None
+        self._by_fp = {stream_fingerprint(self.model_fingerprint, cm)[:2 * container.FINGERPRINT_BYTES]: cm
+                       for cm in self.contexts.values()}
+        self.fingerprint = (stream_fingerprint(self.model_fingerprint, self.context) if self.context is not None
+                            else self.model_fingerprint)
+        self._ctx = self.context  # the context model of the stream being coded (a decoder takes the header's)
+        self._stream_ctx = None   # the context model the last header checked names (None: plain)
         # The networks run here in float64 NumPy with exact matrix products (ExactMLP), not through TensorFlow:
         # the bits-back decoder must recompute the encoder's and decoder's outputs bit for bit.
         self._enc = ExactMLP(model.encoder, cfg.activation)
@@ -441,6 +464,12 @@ class LosslessCoder:
             ans.encode_reverse(x, self._bern, lik)
             return
         if self._values is not None:  # near-lossless: the level, with the mass of its counts
+            if self._ctx is not None:  # ... given z and the pixels before it (position-major: see bb_context)
+                d = self.config.input_dim
+                rows = self._ctx.rows_all(level_rows(lik, self._lv), x)
+                ans.encode_reverse(x.reshape(-1, d).T.reshape(-1), self._cat,
+                                   rows.transpose(1, 0, 2).reshape(-1, self._lv))
+                return
             ans.encode_reverse(x, self._cat, level_rows(lik, self._lv))
             return
         b = x >> 4
@@ -452,6 +481,9 @@ class LosslessCoder:
         if self.config.likelihood == "bernoulli":
             return ans.decode(self._bern, lik)
         if self._values is not None:
+            if self._ctx is not None:
+                g = len(lik) // self.config.input_dim
+                return self._ctx.decode_group(level_rows(lik, self._lv), g, lambda rows: ans.decode(self._cat, rows))
             return ans.decode(self._cat, level_rows(lik, self._lv))
         b = ans.decode(self._cat, bin_rows(lik))
         return b * BIN + ans.decode(self._cat, within_rows(lik, b))
@@ -468,6 +500,7 @@ class LosslessCoder:
         lbits = self.latent_bits
         self._rb = self.range_bits
         self._set_levels(self.levels, RECONSTRUCTIONS.index(self.reconstruction))
+        self._ctx = self.context
         prior = self._lat.prior(lbits, self._rb)
         nz = self.config.latent_dim
         seed = seed_words(self._seed_count())
@@ -499,7 +532,8 @@ class LosslessCoder:
         cut = int(diff[0]) if len(diff) else m
         stored = words[cut:]
         head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS,
-                                self._lv % EXACT_LEVELS, self._recon, len(seed), cut, len(stored))
+                                self._lv % EXACT_LEVELS, self._recon | (CONTEXT_FLAG if self._ctx is not None else 0),
+                                len(seed), cut, len(stored))
         return head + stored.astype("<u4").tobytes()
 
     def decode_frame(self, payload: bytes, n: int, name: str = "stream") -> tuple[np.ndarray, int]:
@@ -508,6 +542,7 @@ class LosslessCoder:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
         tag, fmt, lbits, group, layout, rb, lv, recon, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
         rb += DEFAULT_RANGE_BITS
+        with_context, recon = bool(recon & CONTEXT_FLAG), recon & ~CONTEXT_FLAG
         if tag != FRAME_TAG:
             raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
         if fmt != FORMAT:
@@ -520,6 +555,9 @@ class LosslessCoder:
                 or (recon and not lv)):
             raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut}, "
                                  f"levels {lv or EXACT_LEVELS}, reconstruction {recon})")
+        if with_context != (self._stream_ctx is not None) or (with_context and self._stream_ctx.levels != lv):
+            raise BitstreamError(f"{name}: the frame is coded {'with' if with_context else 'without'} a pixel context "
+                                 f"model (levels {lv or EXACT_LEVELS}) and the stream's header says otherwise")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
@@ -527,6 +565,7 @@ class LosslessCoder:
                                  f"its header says {4 * n_stored}")
         self._rb = rb
         self._set_levels(lv or EXACT_LEVELS, recon)
+        self._ctx = self._stream_ctx
         prior = self._lat.prior(lbits, self._rb)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
@@ -597,10 +636,12 @@ class LosslessCoder:
 
     def check_header(self, h: container.Header, name: str = "stream") -> None:
         """Raise unless the container header ``h`` is of a lossless stream of this model."""
-        fp = bytes.fromhex(self.fingerprint)[:container.FINGERPRINT_BYTES]
-        if h.fingerprint != fp:
+        fp = bytes.fromhex(self.model_fingerprint)[:container.FINGERPRINT_BYTES]
+        if h.fingerprint != fp and h.fingerprint.hex() not in self._by_fp:
+            more = f" or its {len(self._by_fp)} pixel context model(s)" if self._by_fp else ""
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
-                                     f"({fp.hex()}...)")
+                                     f"({fp.hex()}...){more}")
+        self._stream_ctx = self._by_fp.get(h.fingerprint.hex())
         if h.table_hash != LOSSLESS_TAG:
             raise BitstreamError(f"{name}: not a lossless stream (a lossy vaestream stream: decode it with "
                                  "vaestream.codec.Codec.decompress)")
