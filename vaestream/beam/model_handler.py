@@ -384,7 +384,7 @@ class VAEModelHandler(ModelHandler):
         if self.coder == "lossy":
             _attach_codec(model, self.model_dir)
         elif self.coder == "lossless":
-            _attach_lossless(model, self.levels, self.reconstruction)
+            _attach_lossless(model, self.levels, self.reconstruction, self.model_dir)
         return model
 
     def run_inference(self, batch: Sequence[Any], model: LoadedVAE, inference_args=None) -> list:
@@ -440,7 +440,7 @@ class VAEModelHandler(ModelHandler):
             if b.coded:
                 if _is_lossless(b.container):  # the exact counts; scale: the model's input scaling
                     if getattr(model, "lossless", None) is None:
-                        _attach_lossless(model)
+                        _attach_lossless(model, model_dir=self.model_dir)
                     rec = model.lossless.decompress(b.container, name=f"{b.source} {b.keys[0] if n else ''}..")
                     scale = 1.0 / 255.0 if model.config.likelihood == "beta_binomial" else 1.0
                 else:
@@ -507,11 +507,15 @@ def _is_lossless(blob: bytes) -> bool:
     return container.read_header(io.BytesIO(bytes(blob))).lossless
 
 
-def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level") -> None:
-    """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``); it needs the model
+def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level",
+                     model_dir: str | None = None) -> None:
+    """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``, with the pixel
+    context models of ``model_dir`` if it has them: :mod:`vaestream.coding.bb_context`); it needs the model
     directory's VAE."""
+    from vaestream.coding.bb_context import load_contexts
     from vaestream.coding.lossless import LosslessCoder
 
     if model.vae is None:
         raise ModelError(f"{model.source}: lossless coding needs the model directory, not a SavedModel export")
-    model.lossless = LosslessCoder(model.vae, levels=levels, reconstruction=reconstruction)
+    model.lossless = LosslessCoder(model.vae, levels=levels, reconstruction=reconstruction,
+                                   contexts=load_contexts(model_dir) if model_dir else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                 a.rdo_lmbda is not None):
             raise ConfigError("--lossless / --levels take no --append, --quality, --target-bits, --rdo-lmbda or each "
                               "other")
-        coder = _bits_back_coder(a.model, a.levels, a.reconstruction)
+        coder = _bits_back_coder(a.model, a.levels, a.reconstruction, use_context=not a.no_context)
         blob = coder.compress(records)
         tmp = Path(str(a.output) + ".tmp")
         tmp.write_bytes(blob)
@@ -99,7 +100,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                           "bits_per_record": 8 * len(blob) / max(len(records), 1),
                           "bits_per_dim": 8 * len(blob) / max(len(records) * d, 1), "lossless": not a.levels,
                           "levels": a.levels or 256, "reconstruction": coder.reconstruction,
-                          "max_error": coder.max_error}))
+                          "max_error": coder.max_error, "context": coder.context is not None}))
         return 0
     c = _codec(a)
     if a.append:
@@ -127,16 +128,37 @@ def cmd_compress(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bits_back_coder(path: str, levels: int | None = None, reconstruction: str = "level"):
-    """The bits-back coder of the model directory ``path`` (lossless, or near-lossless with ``levels``); it needs
-    no coder tables."""
+def _bits_back_coder(path: str, levels: int | None = None, reconstruction: str = "level", use_context: bool = True):
+    """The bits-back coder of the model directory ``path`` (lossless, or near-lossless with ``levels``, with the
+    directory's pixel context model for that K if it has one and ``use_context``); it needs no coder tables."""
     from vaestream.coding.family import near_lossless_coder
     from vaestream.errors import ModelError
 
     if not (Path(path) / "config.json").is_file():
         raise ModelError(f"{path}: bits-back coding needs a model directory (config.json + ckpt/), not a "
                          "SavedModel export")
-    return near_lossless_coder(path, levels, reconstruction)
+    return near_lossless_coder(path, levels, reconstruction, use_context=use_context)
+
+
+def cmd_train_context(a: argparse.Namespace) -> int:
+    """Train pixel context models for near-lossless bits-back coding (vaestream.coding.bb_context): one per K,
+    for the frozen beta-binomial model in --model, written to MODEL_DIR/context/levels-K.npz. ``compress
+    --levels K`` (and a family's near-lossless points) then code with it; decoders find it by the stream's
+    fingerprint."""
+    from vaestream import data
+    from vaestream.coding import bb_context
+    model = _bits_back_coder(a.model).model  # refuses what bits-back coding cannot take
+    records = data.load_records(a.data, a.split, key=a.key)[: a.n]
+    held = data.load_records(a.data, "test", key=a.key)[: a.held_out] if a.held_out else None
+    for k in a.levels:
+        t0 = time.time()
+        cm = bb_context.train_context(model, records, k, window=a.window, hidden=tuple(a.hidden), epochs=a.epochs,
+                                      learning_rate=a.learning_rate, seed=a.seed, held_out=held,
+                                      log=lambda r, k=k: print(json.dumps({"levels": k, **r}), flush=True))
+        cm.meta["train_seconds"] = round(time.time() - t0, 1)
+        path = cm.save(a.model)
+        print(json.dumps({"levels": k, "context": str(path), "digest": cm.digest()[:16], **cm.meta}), flush=True)
+    return 0
 
 
 def cmd_decompress(a: argparse.Namespace) -> int:
@@ -331,9 +353,31 @@ def add_subcommands(sub) -> None:
     p.add_argument("--reconstruction", choices=["level", "mean"], default="level",
                    help="with --levels: decode a pixel as its level (the bound above) or as E[count | level, z] "
                         "under the model (more PSNR at the same bits; within the level's counts)")
+    p.add_argument("--no-context", action="store_true",
+                   help="with --levels: code pixels independently given z even where the model directory has a pixel "
+                        "context model for K (vaestream train-context)")
     p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
     p.add_argument("--key", default=None)
     p.set_defaults(func=cmd_compress)
+
+    from vaestream.coding import bb_context
+
+    p = sub.add_parser("train-context", help="train pixel context models for near-lossless bits-back coding",
+                       description=cmd_train_context.__doc__)
+    p.add_argument("--model", required=True, help="a beta_binomial bits-back model directory")
+    p.add_argument("--data", required=True, help="8-bit pictures: 'fashion-mnist', an MNIST-layout dir, a file")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--key", default=None)
+    p.add_argument("--n", type=int, default=20000, help="train on the first N records (default 20000)")
+    p.add_argument("--levels", type=int, nargs="+", required=True, help="one context model per K")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--window", type=int, default=bb_context.DEFAULT_WINDOW, help="the context square's side (odd)")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_HIDDEN))
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", type=int, default=0,
+                   help="measure bits per record on the first N test records after each epoch (default 0: none)")
+    p.set_defaults(func=cmd_train_context)
 
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",
                        description=cmd_decompress.__doc__)

@@ -156,13 +156,14 @@ def near_lossless_points(coder, records, ladder=None, with_ssim: bool = False) -
     level_grids([k for k, _ in ladder])  # every K's tables in one pass over the pmfs
     rows = []
     for k, how in ladder:
-        c = LosslessCoder(coder.model, levels=k, frame_records=coder.frame_records, reconstruction=how)
+        c = LosslessCoder(coder.model, levels=k, frame_records=coder.frame_records, reconstruction=how,
+                          contexts=coder.contexts, use_context=coder.use_context)
         blob, x_hat = c.compress_and_reconstruct(x)
         bits = 8 * len(blob) / len(x)
         x_hat = x_hat.astype(np.float64) / 255.0
         mse = float(np.mean((xf - x_hat) ** 2))
         rows.append({"levels": int(k), "reconstruction": how, "max_error": c.max_error, "bits_per_record": bits,
-                     "mse": mse, "psnr_db": psnr_db(mse)})
+                     "mse": mse, "psnr_db": psnr_db(mse), "context": c.context is not None})
         if with_ssim:
             shape = (len(x),) + tuple(c.config.input_shape)
             rows[-1]["ssim"] = ssim(x_hat.reshape(shape), xf.reshape(shape))
@@ -192,12 +193,17 @@ def member_points(model_dir: Path, records, with_ssim: bool = False, rdo: bool =
     return points
 
 
-def near_lossless_coder(model_dir: str | os.PathLike, levels: int | None = None, reconstruction: str = "level"):
-    """The bits-back coder of the member ``model_dir`` (lossless; or near-lossless with ``levels``)."""
+def near_lossless_coder(model_dir: str | os.PathLike, levels: int | None = None, reconstruction: str = "level",
+                        use_context: bool = True):
+    """The bits-back coder of the member ``model_dir`` (lossless; or near-lossless with ``levels``), with the
+    pixel context models beside it (``MODEL_DIR/context/``, :mod:`vaestream.coding.bb_context`): it codes with
+    the one of its K unless ``use_context`` is False, and decodes streams written with any of them."""
+    from vaestream.coding.bb_context import load_contexts
     from vaestream.coding.lossless import LosslessCoder
     from vaestream.store import load_model
 
-    return LosslessCoder(load_model(model_dir), levels=levels, reconstruction=reconstruction)
+    return LosslessCoder(load_model(model_dir), levels=levels, reconstruction=reconstruction,
+                         contexts=load_contexts(model_dir), use_context=use_context)
 
 
 def compress(pick: dict, records) -> bytes:
@@ -264,11 +270,9 @@ def codec_for(family: str | os.PathLike, blob: bytes, **kwargs):
     for d in members(family):
         if h.lossless:
             if is_near_lossless(d):
-                model = load_model(d)
-                if model.fingerprint().startswith(fp):
-                    from vaestream.coding.lossless import LosslessCoder
-
-                    return LosslessCoder(model)
+                coder = near_lossless_coder(d)
+                if coder.accepts(h.fingerprint):
+                    return coder
         elif is_lossy(d) and CoderTables.load(d / codec_mod.TABLES_FILE).fingerprint.startswith(fp):
             return codec_mod.load(d, **kwargs)
     raise ModelError(f"{family}: no member was written by model {fp}... (the stream's fingerprint)")

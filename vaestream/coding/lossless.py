@@ -289,6 +289,7 @@ class LosslessCoder:
                 raise ModelMismatchError(f"the context model for K = {k} was trained for model "
                                          f"{cm.meta['model_fingerprint'][:16]}..., not this one "
                                          f"({self.model_fingerprint[:16]}...)")
+        self.use_context = bool(use_context)
         self.context = self.contexts.get(self.levels) if use_context and self.levels != EXACT_LEVELS else None
         self._by_fp = {stream_fingerprint(self.model_fingerprint, cm)[:2 * container.FINGERPRINT_BYTES]: cm
                        for cm in self.contexts.values()}
@@ -634,13 +635,20 @@ class LosslessCoder:
                 frames.append((len(f), self.encode_frame(f, layout, None if recon is None else recon[s:s + len(f)])))
         return container.pack(self.header(single=layout >= 2), frames), recon
 
+    def accepts(self, fingerprint: bytes) -> bool:
+        """Whether a stream whose header carries ``fingerprint`` was written by this model (plain, or with one of
+        this coder's context models)."""
+        fp = bytes(fingerprint)
+        return fp == bytes.fromhex(self.model_fingerprint)[:len(fp)] or fp.hex() in self._by_fp
+
     def check_header(self, h: container.Header, name: str = "stream") -> None:
         """Raise unless the container header ``h`` is of a lossless stream of this model."""
         fp = bytes.fromhex(self.model_fingerprint)[:container.FINGERPRINT_BYTES]
         if h.fingerprint != fp and h.fingerprint.hex() not in self._by_fp:
-            more = f" or its {len(self._by_fp)} pixel context model(s)" if self._by_fp else ""
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
-                                     f"({fp.hex()}...){more}")
+                                     f"({fp.hex()}...) alone nor with one of the {len(self._by_fp)} pixel context "
+                                     "models given to this coder (a stream coded with a context model needs it: "
+                                     "MODEL_DIR/context/)")
         self._stream_ctx = self._by_fp.get(h.fingerprint.hex())
         if h.table_hash != LOSSLESS_TAG:
             raise BitstreamError(f"{name}: not a lossless stream (a lossy vaestream stream: decode it with "

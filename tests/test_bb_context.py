@@ -1,0 +1,172 @@
+"""Pixel context models for near-lossless bits-back coding (vaestream.coding.bb_context), on a beta-binomial
+model and context models trained on real MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vaestream.coding import bb_context, family
+from vaestream.coding.bb_tables import level_rows, pixel_levels
+from vaestream.coding.lossless import CONTEXT_FLAG, LosslessCoder
+from vaestream.errors import BitstreamError, ConfigError, ModelMismatchError
+
+K = 4
+
+
+@pytest.fixture(scope="session")
+def ctx_member(bb_model, mnist_train, mnist_test, tmp_path_factory):
+    """The conftest's beta-binomial model copied to a member directory, with a context model for K = 4 trained
+    on 3,000 real MNIST training images (2 epochs, a 5 x 5 window), measured on 300 test images."""
+    model, src = bb_model
+    d = tmp_path_factory.mktemp("ctx") / "bitsback"
+    shutil.copytree(src, d)
+    cm = bb_context.train_context(model, mnist_train[:3000], K, window=5, hidden=(32, 32), epochs=2,
+                                  held_out=mnist_test[:300], seed=1)
+    cm.save(d)
+    return model, d, cm
+
+
+def test_a_context_model_codes_level_images_in_fewer_bits_and_round_trips_exactly(ctx_member, mnist_test):
+    model, d, cm = ctx_member
+    x = mnist_test[300:600]
+    contexts = bb_context.load_contexts(d)
+    assert list(contexts) == [K] and contexts[K].digest() == cm.digest()
+    plain = LosslessCoder(model, levels=K)
+    with_ctx = LosslessCoder(model, levels=K, contexts=contexts)
+    assert with_ctx.context is not None and plain.context is None
+    b_plain, b_ctx = plain.compress(x), with_ctx.compress(x)
+    assert len(b_ctx) < 0.97 * len(b_plain)  # held-out records, real bytes
+    back = LosslessCoder(model, contexts=contexts).decompress(b_ctx)
+    assert np.array_equal(back, plain.quantize(x)) and back.dtype == np.uint8
+    # mean reconstruction: what the encoder computed is what the decoder returns
+    blob, want = LosslessCoder(model, levels=K, contexts=contexts, reconstruction="mean").compress_and_reconstruct(x)
+    assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(blob).reshape(len(x), -1), want)
+
+
+def test_the_coder_computes_the_code_length_the_trained_network_measured(ctx_member, mnist_test):
+    """The coder's exact integer network and the float32 TensorFlow network it was trained as give the same
+    code length on the held-out images (at the posterior mean's z): the two agree on the feature layout."""
+    model, _, cm = ctx_member
+    c = LosslessCoder(model, levels=K)
+    lv = pixel_levels(K)[1][mnist_test[:300].reshape(300, -1).astype(np.int64)].astype(np.int32)
+    mean, _ = c._posterior(lv, c.latent_bits)
+    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64), len(lv), c.latent_bits), K)
+    rows = cm.rows_all(base, lv.reshape(-1)).reshape(-1, K)
+    exact = -np.sum(np.log2(rows[np.arange(len(rows)), lv.reshape(-1)])) / len(lv)
+    assert exact == pytest.approx(cm.meta["held_out_bits"], rel=2e-3)
+    assert exact < cm.meta["base_bits"]
+    # ... and the layout is the one features() documents: the first layer over features() = the coder's sum
+    lv_pad, e_pad, logp = cm._pads(base[:784 * 2], 2, lv[:2].reshape(-1))
+    rr, cc = np.divmod(np.arange(784), 28)
+    f = cm.features(lv_pad, e_pad, logp, rr, cc)
+    y = f * 2.0 ** -bb_context.FEATURE_BITS @ cm.layers[0][0].astype(np.float64)
+    wc, wr, s, _, _ = cm._net()
+    dense = cm._dense_part(e_pad, logp).reshape(-1, wc.shape[1])
+    nb = lv_pad[:, rr[:, None] + cm._offset_arrays()[0][None, :], cc[:, None] + cm._offset_arrays()[1][None, :]]
+    h1 = dense + wc[cm._causal_index(nb)].sum(axis=2).reshape(dense.shape)
+    np.testing.assert_allclose(np.ldexp(h1, -(bb_context.FEATURE_BITS + s)), y, atol=1e-4)
+
+
+def test_a_pixels_rows_do_not_depend_on_the_batch_the_group_or_the_threads(ctx_member, mnist_test, tmp_path):
+    model, d, cm = ctx_member
+    x = mnist_test[:40]
+    c = LosslessCoder(model, levels=K)
+    lv = pixel_levels(K)[1][x.reshape(40, -1).astype(np.int64)].astype(np.int32)
+    mean, _ = c._posterior(lv, c.latent_bits)
+    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64), 40, c.latent_bits), K)
+    all_rows = cm.rows_all(base, lv.reshape(-1))
+    assert np.array_equal(cm.rows_all(base[:784 * 3], lv[:3].reshape(-1), chunk=1), all_rows[:3])
+    # the decoder, position by position, rebuilds exactly the encoder's rows
+    seen = []
+
+    def pop(rows):
+        seen.append(rows)
+        return lv[:, len(seen) - 1]
+
+    assert np.array_equal(cm.decode_group(base, 40, pop), lv.reshape(-1))
+    assert np.array_equal(np.stack(seen, axis=1), all_rows)
+    # any group size decodes; another process with other BLAS threads decodes the same records
+    contexts = bb_context.load_contexts(d)
+    for group in (1, 7):
+        blob = LosslessCoder(model, levels=K, group=group, contexts=contexts).compress(x)
+        assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(blob), c.quantize(x))
+    (tmp_path / "x.vaez").write_bytes(LosslessCoder(model, levels=K, contexts=contexts).compress(x))
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-m", "vaestream.cli", "decompress", str(tmp_path / "x.vaez"),
+                           str(tmp_path / "y.npy"), "--model", str(d)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), c.quantize(x))
+
+
+def test_a_stream_names_its_context_model_and_other_coders_refuse_it(ctx_member, mnist_train, mnist_test, tmp_path):
+    model, d, cm = ctx_member
+    x = mnist_test[:30]
+    contexts = bb_context.load_contexts(d)
+    blob = LosslessCoder(model, levels=K, contexts=contexts).compress(x)
+    with pytest.raises(ModelMismatchError, match="context"):
+        LosslessCoder(model).decompress(blob)  # the model alone: the stream needs its context model
+    other = bb_context.train_context(model, mnist_train[:300], K, window=5, hidden=(8,), epochs=1, seed=5)
+    with pytest.raises(ModelMismatchError):
+        LosslessCoder(model, contexts={K: other}).decompress(blob)
+    # a plain stream of the same model still decodes with a coder that holds context models
+    plain = LosslessCoder(model, levels=K, contexts=contexts, use_context=False)
+    assert plain.context is None
+    assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(plain.compress(x)), plain.quantize(x))
+    # a frame whose context flag was flipped (in a well-formed container) is refused, never decoded with the
+    # other likelihood; so is a context flag in a plain stream
+    from vaestream.coding import container
+
+    recon_at = 11  # "<4sBBHBBBB...": tag, format, latent bits, group, layout, range bits, levels, then this byte
+    for stream in (blob, plain.compress(x)):
+        r = container.ContainerReader(stream)
+        n, payload = r.read_frame(0)
+        bad = bytearray(payload)
+        bad[recon_at] ^= CONTEXT_FLAG
+        with pytest.raises(BitstreamError, match="context"):
+            LosslessCoder(model, contexts=contexts).decompress(container.pack(r.header, [(n, bytes(bad))]))
+    # a context model for another model, or for another K, is refused up front
+    foreign = bb_context.ContextModel(K, (28, 28), 5, other.layers, {"model_fingerprint": "00" * 32})
+    with pytest.raises(ModelMismatchError):
+        LosslessCoder(model, levels=K, contexts={K: foreign})
+    with pytest.raises(ConfigError):
+        LosslessCoder(model, levels=K, contexts={K + 1: cm})
+    with pytest.raises(ConfigError):
+        bb_context.train_context(model, mnist_train[:10].astype(np.float32), K)
+
+
+def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_decodes_it(bb_model, mnist_dir,
+                                                                                         mnist_test, tmp_path):
+    _, src = bb_model
+    d = tmp_path / "family" / "bitsback"
+    shutil.copytree(src, d)
+    run = [sys.executable, "-m", "vaestream.cli"]
+    done = subprocess.run(run + ["train-context", "--model", str(d), "--data", str(mnist_dir), "--n", "1000",
+                                 "--levels", "3", "--epochs", "1", "--window", "3", "--hidden", "16",
+                                 "--held-out", "100"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["levels"] == 3 and last["trained_on"] == 1000 and (d / "context" / "levels-3.npz").is_file()
+    x = mnist_test[:100]
+    np.save(tmp_path / "x.npy", x)
+    sizes = {}
+    for extra in ([], ["--no-context"]):
+        out = tmp_path / f"x{len(extra)}.vaez"
+        done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(out), "--model", str(d), "--levels",
+                                     "3"] + extra, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        assert info["context"] is (not extra)
+        sizes[info["context"]] = info["bytes"]
+        coder = family.codec_for(tmp_path / "family", out.read_bytes())
+        assert np.array_equal(coder.decompress(out.read_bytes()), LosslessCoder(coder.model, levels=3).quantize(x))
+    assert sizes[True] < sizes[False]
+    points = family.near_lossless_points(family.near_lossless_coder(d), x, ladder=[(3, "level"), (4, "level")])
+    assert [p["context"] for p in points] == [True, False]
