@@ -139,6 +139,9 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False) ->
         if family.is_near_lossless(d):
             coder = family.near_lossless_coder(d, 8)
             out[f"{d.name}_levels8"] = _rates(coder.compress, coder.decompress, batch, reps)
+            if coder.context is not None:  # the same K without its pixel context model
+                plain = family.near_lossless_coder(d, 8, use_context=False)
+                out[f"{d.name}_levels8_no_context"] = _rates(plain.compress, plain.decompress, batch, reps)
         if family.is_lossy(d):
             c = codec.load(d)
             out[d.name] = _rates(lambda b: c.compress(b, quality=1.0), c.decompress, batch, reps)
@@ -163,6 +166,27 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False) ->
         out[f"webp_m{method}_per_image"] = {"compress": r / (t1 - t0), "decompress": r / (t2 - t1)}
         out[f"webp_m{method}_tiled"] = {"compress": r / (t3 - t2), "decompress": r / (t4 - t3)}
     return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in out.items()}
+
+
+def _reuse_compare(fam: Path, imgs: np.ndarray, name: str, args) -> dict:
+    """``rdcurve.compare``'s result with only the members ``args.measure`` measured (on ``imgs``, with SSIM):
+    every other member's points and the peers' curves come from the ``args.reuse`` result for data set
+    ``name``, which must have been measured on as many records."""
+    from vaestream.coding import family, rdcurve
+
+    old = next(r for r in json.loads(Path(args.reuse).read_text())["results"] if r["data"] == name)
+    if old["records"] != len(imgs):
+        raise SystemExit(f"--reuse: {args.reuse} measured {old['records']} {name} records, not {len(imgs)}")
+    keep = [p for p in old["points"] if Path(p["model"]).name not in args.measure]
+    new = []
+    for d in family.members(fam):
+        if d.name in args.measure:
+            new += [{**r, "model": d.name, "bits_per_image": r["bits_per_record"]}
+                    for r in family.member_points(d, imgs, with_ssim=True)]
+    out = rdcurve.summarise(keep + new, old["peers"], len(imgs), tuple(old.get("psnr_range", rdcurve.PSNR_RANGE)))
+    out["unavailable_peers"] = old.get("unavailable_peers", [])
+    out["reused"] = {"from": str(args.reuse), "measured_again": list(args.measure)}
+    return out
 
 
 def main(argv=None) -> int:
@@ -195,6 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--compare-only", action="store_true",
                    help="train nothing: compare every model already in each family (their training logs are reported)")
+    p.add_argument("--reuse", default=None,
+                   help="with --compare-only: a previous bench_rd JSON on the same records; the peers' curves and the "
+                        "points of every member not named by --measure are taken from it, and only those members "
+                        "are measured again")
+    p.add_argument("--measure", nargs="+", default=["bitsback"],
+                   help="with --reuse: the members to measure again (default: bitsback)")
     args = p.parse_args(argv)
     from vaestream.coding import rdcurve
     from vaestream.data import load_records
@@ -217,7 +247,10 @@ def main(argv=None) -> int:
         if not args.train_only:
             imgs = load_records(str(root), "test")[: args.n]
             t0 = time.perf_counter()
-            r = rdcurve.compare(fam, imgs, per_image_n=args.per_image_n, tiled_n=args.tiled_n, rdo=args.rdo)
+            if args.reuse:
+                r = _reuse_compare(fam, imgs, name, args)
+            else:
+                r = rdcurve.compare(fam, imgs, per_image_n=args.per_image_n, tiled_n=args.tiled_n, rdo=args.rdo)
             res["compare_seconds"] = round(time.perf_counter() - t0, 1)
             r["plot"] = str(rdcurve.plot(r, out / f"rd_{name}.png", f"{name}: RD family, {len(imgs)} test images"))
             res.update(r)

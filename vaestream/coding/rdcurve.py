@@ -56,13 +56,22 @@ def compare(family: str | os.PathLike, records: np.ndarray, formats: Sequence[st
             continue
         curves[f"{fmt.lower()}_per_image"] = peers_mod.lossy_curve(imgs[:per_image_n], fmt, tiled=False)
         curves[f"{fmt.lower()}_tiled"] = peers_mod.lossy_curve(imgs[:tiled_n], fmt, tiled=True)
+    return {**summarise(points, curves, len(imgs), psnr_range), "unavailable_peers": missing}
+
+
+def summarise(points: Sequence[dict], peers: dict, records: int,
+              psnr_range: tuple[float, float] = PSNR_RANGE) -> dict:
+    """The family's ``points`` against the ``peers`` curves (``{name: [points]}``; the best tiled JPEG/WebP
+    curve is added): ``{"records", "points", "envelope", "peers", "bd_rate_pct", "psnr_range"}``, the BD-rates
+    over each overlap and over it cut to ``psnr_range``."""
+    curves = {k: v for k, v in peers.items() if k != "best_tiled_jpeg_webp"}
     best = [r for k in ("jpeg_tiled", "webp_tiled") if k in curves for r in curves[k]]
     if best:
         curves["best_tiled_jpeg_webp"] = [{"bits_per_image": b, "psnr_db": p} for p, b in envelope(best)]
     bd = {k: {"overlap": bd_rate(points, c), "range": bd_rate(points, c, psnr_range)} for k, c in curves.items()}
-    return {"records": len(imgs), "points": points,
+    return {"records": int(records), "points": list(points),
             "envelope": [{"psnr_db": p, "bits_per_image": b} for p, b in envelope(points)],
-            "peers": curves, "unavailable_peers": missing, "bd_rate_pct": bd, "psnr_range": list(psnr_range)}
+            "peers": curves, "bd_rate_pct": bd, "psnr_range": list(psnr_range)}
 
 
 def plot(result: dict, path: str | os.PathLike, title: str = "") -> Path:
