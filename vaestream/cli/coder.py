@@ -304,16 +304,21 @@ def cmd_rd(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_records(p, model_help: str, data_help: str) -> None:
+    """--model, and the records a command learns from: --data, --split (train), --key, --n (20000)."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data", required=True, help=f"{data_help}: 'fashion-mnist', an MNIST-layout dir, a file")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--key", default=None)
+    p.add_argument("--n", type=int, default=20000, help="use the first N records (default 20000)")
+
+
 def add_subcommands(sub) -> None:
     from vaestream.coding import rdo
 
     p = sub.add_parser("build-tables", help="derive a model's coder tables from calibration records",
                        description=cmd_build_tables.__doc__)
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--data", required=True, help="calibration records: 'fashion-mnist', an MNIST-layout dir, a file")
-    p.add_argument("--split", choices=["train", "test"], default="train")
-    p.add_argument("--key", default=None)
-    p.add_argument("--n", type=int, default=20000, help="use the first N records (default 20000)")
+    _model_and_records(p, "model directory", "calibration records")
     p.add_argument("--table-model", choices=["aggregate", "prior"], default="aggregate",
                    help="probability model: KDE of the calibration posterior means (default) or N(0, 1)")
     p.add_argument("--inactive-kl-bits", type=float, default=0.1,
@@ -364,11 +369,7 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("train-context", help="train pixel context models for near-lossless bits-back coding",
                        description=cmd_train_context.__doc__)
-    p.add_argument("--model", required=True, help="a beta_binomial bits-back model directory")
-    p.add_argument("--data", required=True, help="8-bit pictures: 'fashion-mnist', an MNIST-layout dir, a file")
-    p.add_argument("--split", choices=["train", "test"], default="train")
-    p.add_argument("--key", default=None)
-    p.add_argument("--n", type=int, default=20000, help="train on the first N records (default 20000)")
+    _model_and_records(p, "a beta_binomial bits-back model directory", "8-bit pictures")
     p.add_argument("--levels", type=int, nargs="+", required=True, help="one context model per K")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--window", type=int, default=bb_context.DEFAULT_WINDOW, help="the context square's side (odd)")
