@@ -174,3 +174,36 @@ def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_de
         assert np.array_equal(family.codec_for(tmp_path / "family", blob).decompress(blob), want)
     points = family.near_lossless_points(family.near_lossless_coder(d), x, ladder=[(3, "level"), (4, "level")])
     assert [p["context"] for p in points] == [True, False]
+
+
+def test_the_beam_jobs_code_with_the_directorys_context_model_and_only_it_decodes_them(ctx_member, bb_model,
+                                                                                       mnist_test, tmp_path):
+    """``encode --coder lossless --levels 4`` on a model directory with a context model for K = 4 codes with
+    it; the decode job of that directory returns every level image; the same model without the context model
+    is refused before the job starts."""
+    from vaestream.beam.jobs import decode, encode
+
+    model, d, _ = ctx_member
+    x = mnist_test[1000:1120]
+    np.save(tmp_path / "counts.npy", x)
+    out = tmp_path / "codes"
+    s = encode.run(["--input", str(tmp_path / "counts.npy"), "--model", str(d), "--output", str(out),
+                    "--coder", "lossless", "--levels", str(K), "--chunk_size", "60"])
+    assert s["records"] == 120 and s["dead_lettered"] == 0
+    import pyarrow.parquet as pq
+
+    r = decode.run(["--input", str(out), "--model", str(d), "--output", str(tmp_path / "rec"), "--output_dtype",
+                    "uint8", "--output_format", "parquet"])
+    assert r["records"] == 120 and r["dead_lettered"] == 0
+    back = {}
+    for f in (tmp_path / "rec").glob("recon-*.parquet"):
+        t = pq.read_table(f).to_pydict()
+        back.update(zip(t["key"], t["data"]))
+    want = LosslessCoder(model, levels=K).quantize(x)
+    assert sorted(back) == [f"counts.npy:{i:09d}" for i in range(120)]
+    for i in range(120):
+        assert np.array_equal(np.asarray(back[f"counts.npy:{i:09d}"]).reshape(x[i].shape), want[i])
+    with pytest.raises(ModelMismatchError, match="pixel context model"):
+        decode.run(["--input", str(out), "--model", str(bb_model[1]), "--output", str(tmp_path / "rec2"),
+                    "--output_dtype", "uint8", "--output_format", "parquet"])
+    assert not (tmp_path / "rec2").exists() or not list((tmp_path / "rec2").glob("recon-*"))

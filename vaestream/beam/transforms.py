@@ -278,14 +278,20 @@ class ReadCodes(beam.PTransform):
                 | "ReadCodes" >> beam.ParDo(_ReadCodesFn(self.chunk_size)).with_outputs(DEAD_LETTER, main=RECORDS))
 
 
-def first_fingerprint(paths: Sequence[str]) -> str | None:
-    """The fingerprint of the first code in ``paths`` (for a check before a decode job starts)."""
+def first_code(paths: Sequence[str]) -> CodeBatch | None:
+    """The first code in ``paths`` (for a check before a decode job starts)."""
     for p in paths:
         try:
             for item in read_codes(p, chunk_size=1):
                 if isinstance(item, CodeBatch):
-                    return item.fingerprint
+                    return item
                 break
         except DataError:
             continue
     return None
+
+
+def first_fingerprint(paths: Sequence[str]) -> str | None:
+    """The fingerprint of the first code in ``paths`` (for a check before a decode job starts)."""
+    first = first_code(paths)
+    return first.fingerprint if first is not None else None

@@ -192,15 +192,11 @@ class ContextModel:
         ``wc[o K + level]``, with a zero row for "no neighbour") and the rest (a product), both integers, so that
         their sum is the first layer's exact product whatever the split (see :class:`ExactMLP`)."""
         if self._exact is None:
-            from vaestream.coding.exact_mlp import ExactMLP, _operand_bits
+            from vaestream.coding.exact_mlp import ExactMLP, quantize_weights
 
-            w1 = self.layers[0][0].astype(np.float64)
-            bits = _operand_bits(w1.shape[0])
-            _, e = np.frexp(np.max(np.abs(w1)) if w1.size else 0.0)
-            s = bits - int(e)
-            w1q = np.rint(np.ldexp(w1, s))
+            w1q, s, _ = quantize_weights(self.layers[0][0])
             nc = len(self.offsets) * self.levels
-            wc = np.vstack([np.ldexp(w1q[:nc], FEATURE_BITS), np.zeros((1, w1.shape[1]))])  # a one-hot is 2^8
+            wc = np.vstack([np.ldexp(w1q[:nc], FEATURE_BITS), np.zeros((1, w1q.shape[1]))])  # a one-hot is 2^8
             self._exact = (wc, np.ascontiguousarray(w1q[nc:]), s, self.layers[0][1].astype(np.float64),
                            ExactMLP.from_layers(self.layers[1:], ACTIVATION))
         return self._exact
@@ -221,10 +217,10 @@ class ContextModel:
     def _finish(self, h1: np.ndarray, logp: np.ndarray) -> np.ndarray:
         """First-layer integer sums ``[N, hidden]`` and base log-probs ``[N, K]`` -> rows ``[N, K]``."""
         _, _, s, b1, rest = self._net()
-        from vaestream.coding.exact_mlp import _NP_ACTIVATIONS
+        from vaestream.coding.exact_mlp import activation
 
         y = np.ldexp(h1, -(FEATURE_BITS + s)) + b1
-        off = rest(_NP_ACTIVATIONS[ACTIVATION](y), real_input=True)
+        off = rest(activation(ACTIVATION)(y), real_input=True)
         lq = np.rint(np.ldexp(off, LOGIT_BITS)).astype(np.int64) + (logp << (LOGIT_BITS - FEATURE_BITS))
         lq -= lq.max(axis=1, keepdims=True)
         ex = np.exp(np.ldexp(lq.astype(np.float64), -LOGIT_BITS))

@@ -27,6 +27,21 @@ def _operand_bits(k: int) -> int:
     return min(OPERAND_BITS, (53 - max(1, (k - 1).bit_length())) // 2)
 
 
+def activation(name: str):
+    """The elementwise NumPy activation ``name`` (one of :class:`ExactMLP`'s)."""
+    return _NP_ACTIVATIONS[name]
+
+
+def quantize_weights(w: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """A layer's weights ``[K, n]`` -> (``rint(W 2^s)`` float64, s, b): integers of at most b bits, b chosen so
+    that ``K 2^(2b) < 2^53`` (exact products over the K inputs, see :class:`ExactMLP`)."""
+    w = np.asarray(w, np.float64)
+    bits = _operand_bits(w.shape[0])
+    _, e = np.frexp(np.max(np.abs(w)) if w.size else 0.0)
+    s = bits - int(e)
+    return np.ascontiguousarray(np.rint(np.ldexp(w, s))), s, bits
+
+
 class ExactMLP:
     """A :class:`vaestream.model.MLP` evaluated in float64 NumPy with *exact* matrix products.
 
@@ -55,12 +70,8 @@ class ExactMLP:
         self.act = _NP_ACTIVATIONS[activation]
         self.layers = []
         for w, b in layers:
-            w = np.asarray(w, np.float64)
-            b = np.asarray(b, np.float64)
-            bits = _operand_bits(w.shape[0])
-            _, e = np.frexp(np.max(np.abs(w)) if w.size else 0.0)
-            s = bits - int(e)
-            self.layers.append((np.ascontiguousarray(np.rint(np.ldexp(w, s))), s, b, bits))
+            wq, s, bits = quantize_weights(w)
+            self.layers.append((wq, s, np.asarray(b, np.float64), bits))
 
     def __call__(self, xq: np.ndarray, x_exp: int = 0, divisor: float = 1.0, real_input: bool = False) -> np.ndarray:
         """The network on integer-valued inputs ``xq * 2^-x_exp / divisor`` (``xq`` float64 ``[g, K]`` of at

@@ -38,13 +38,36 @@ def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str 
                       model: vb.LoadedVAE | None = None) -> str:
     """Raise ModelMismatchError if the first code in ``paths`` was written by another model; return the
     model's fingerprint. ``model``: the loaded model (default: load it)."""
+    from vaestream.beam.transforms import first_code
+
     model = model if model is not None else vb.LoadedVAE.load(model_dir, saved_model)
-    fp = vb.first_fingerprint(paths)
+    first = first_code(paths)
+    fp = first.fingerprint if first is not None else None
     if fp is not None and fp != model.fingerprint:
         raise ModelMismatchError(f"{paths[0]}: codes were written by model {fp[:16]}..., the model given "
                                  f"({model_dir or saved_model}) is {model.fingerprint[:16]}...; decode them with the "
                                  "model that encoded them")
+    if first is not None and first.coded:
+        _check_context(paths[0], first.container, model.fingerprint, model_dir)
     return model.fingerprint
+
+
+def _check_context(path: str, blob: bytes, fingerprint: str, model_dir: str | None) -> None:
+    """A bits-back container coded with a pixel context model (vaestream.coding.bb_context) names it in its
+    header: raise ModelMismatchError unless ``model_dir`` holds it."""
+    import io
+
+    from vaestream.coding import bb_context, container
+
+    h = container.read_header(io.BytesIO(bytes(blob)), name=path)
+    fp = h.fingerprint.hex()
+    if not h.lossless or fingerprint.startswith(fp):
+        return
+    contexts = bb_context.load_contexts(model_dir) if model_dir else {}
+    if not any(bb_context.stream_fingerprint(fingerprint, cm).startswith(fp) for cm in contexts.values()):
+        raise ModelMismatchError(f"{path}: the codes were written by this model with a pixel context model "
+                                 f"({fp}...) that {model_dir or 'the export'}/context/ does not hold; decode them "
+                                 "with the model directory that encoded them")
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
