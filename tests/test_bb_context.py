@@ -144,30 +144,25 @@ def test_a_stream_names_its_context_model_and_other_coders_refuse_it(ctx_member,
 
 def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_decodes_it(bb_model, mnist_dir,
                                                                                          mnist_test, tmp_path, capsys):
+    from vaestream.cli import main
+
     _, src = bb_model
     d = tmp_path / "family" / "bitsback"
     shutil.copytree(src, d)
-    run = [sys.executable, "-m", "vaestream.cli"]
-    done = subprocess.run(run + ["train-context", "--model", str(d), "--data", str(mnist_dir), "--n", "1000",
-                                 "--levels", "3", "--epochs", "1", "--window", "3", "--hidden", "16",
-                                 "--held-out", "100"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    last = json.loads(done.stdout.strip().splitlines()[-1])
-    assert last["levels"] == 3 and last["trained_on"] == 1000 and (d / "context" / "levels-3.npz").is_file()
+    assert main(["train-context", "--model", str(d), "--data", str(mnist_dir), "--n", "1000", "--levels", "3",
+                 "--epochs", "1", "--window", "3", "--hidden", "16", "--held-out", "100"]) == 0
+    lines = [json.loads(v) for v in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["epoch"] == 1 and lines[0]["held_out_bits"] < lines[0]["base_bits"]
+    assert lines[-1]["levels"] == 3 and lines[-1]["trained_on"] == 1000 and (d / "context" / "levels-3.npz").is_file()
     x = mnist_test[:100]
     np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "x.vaez"
-    done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(out), "--model", str(d), "--levels", "3"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["context"] is True
-    from vaestream.cli import main
-
-    assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / "p.vaez"), "--model", str(d), "--levels", "3",
-                 "--no-context"]) == 0
-    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert plain["context"] is False and info["bytes"] < plain["bytes"]
+    info = {}
+    for name, extra in (("x.vaez", []), ("p.vaez", ["--no-context"])):
+        assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / name), "--model", str(d), "--levels", "3"]
+                    + extra) == 0
+        info[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["x.vaez"]["context"] is True and info["p.vaez"]["context"] is False
+    assert info["x.vaez"]["bytes"] < info["p.vaez"]["bytes"]
     want = LosslessCoder(bb_model[0], levels=3).quantize(x)
     for name in ("x.vaez", "p.vaez"):  # the family finds the member, and its context model when one was used
         blob = (tmp_path / name).read_bytes()
