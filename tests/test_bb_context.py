@@ -67,9 +67,10 @@ def test_the_coder_computes_the_code_length_the_trained_network_measured(ctx_mem
     rr, cc = np.divmod(np.arange(784), 28)
     f = cm.features(lv_pad, e_pad, logp, rr, cc)
     y = f * 2.0 ** -bb_context.FEATURE_BITS @ cm.layers[0][0].astype(np.float64)
-    wc, wr, s, _, _ = cm._net()
+    wc, _, s, _, _, _ = cm._net()
     dense = cm._dense_part(e_pad, logp).reshape(-1, wc.shape[1])
-    nb = lv_pad[:, rr[:, None] + cm._offset_arrays()[0][None, :], cc[:, None] + cm._offset_arrays()[1][None, :]]
+    dy, dx = cm._causal_at
+    nb = lv_pad[:, rr[:, None] + dy[None, :], cc[:, None] + dx[None, :]]
     h1 = dense + wc[cm._causal_index(nb)].sum(axis=2).reshape(dense.shape)
     np.testing.assert_allclose(np.ldexp(h1, -(bb_context.FEATURE_BITS + s)), y, atol=1e-4)
 

@@ -75,6 +75,12 @@ def causal_offsets(window: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-c, 0) for dx in range(-c, c + 1)] + [(0, dx) for dx in range(-c, 0)]
 
 
+def window_offsets(window: int) -> list[tuple[int, int]]:
+    """The (dy, dx) of every pixel of a ``window x window`` square around a pixel, raster order."""
+    c = window // 2
+    return [(dy, dx) for dy in range(-c, c + 1) for dx in range(-c, c + 1)]
+
+
 def num_features(window: int, levels: int) -> int:
     """Context features per pixel: K per causal neighbour, one per pixel of the window, K of its own."""
     return len(causal_offsets(window)) * int(levels) + int(window) ** 2 + int(levels)
@@ -117,9 +123,14 @@ class ContextModel:
             raise ModelError(f"context model for K = {self.levels}: layer shapes {[w.shape for w, _ in self.layers]} "
                              f"do not fit {self.num_features} features and {self.levels} levels")
         self.offsets = causal_offsets(self.window)
+        self.full_offsets = window_offsets(self.window)
         c = self.window // 2
-        self.full_offsets = [(dy, dx) for dy in range(-c, c + 1) for dx in range(-c, c + 1)]
+        # the offsets as index arrays into the padded pictures (causal; whole window)
+        self._causal_at = tuple(np.array(a) + c for a in zip(*self.offsets))
+        self._window_at = tuple(np.array(a) + c for a in zip(*self.full_offsets))
+        self._lookup_base = np.arange(len(self.offsets)) * self.levels
         self._exact = None
+        self._digest = None
 
     @property
     def num_features(self) -> int:
@@ -129,6 +140,11 @@ class ContextModel:
     # -- identity and files --------------------------------------------------------------------------------
     def digest(self) -> str:
         """SHA-256 (hex) of the description and every weight's little-endian float32 bytes."""
+        if self._digest is None:
+            self._digest = self._compute_digest()
+        return self._digest
+
+    def _compute_digest(self) -> str:
         h = hashlib.sha256(json.dumps({"levels": self.levels, "shape": list(self.shape), "window": self.window,
                                        "activation": ACTIVATION, "feature_bits": FEATURE_BITS,
                                        "logit_bits": LOGIT_BITS}, sort_keys=True).encode())
@@ -192,35 +208,29 @@ class ContextModel:
         ``wc[o K + level]``, with a zero row for "no neighbour") and the rest (a product), both integers, so that
         their sum is the first layer's exact product whatever the split (see :class:`ExactMLP`)."""
         if self._exact is None:
-            from vaestream.coding.exact_mlp import ExactMLP, quantize_weights
+            from vaestream.coding.exact_mlp import ExactMLP, activation, quantize_weights
 
             w1q, s, _ = quantize_weights(self.layers[0][0])
             nc = len(self.offsets) * self.levels
             wc = np.vstack([np.ldexp(w1q[:nc], FEATURE_BITS), np.zeros((1, w1q.shape[1]))])  # a one-hot is 2^8
             self._exact = (wc, np.ascontiguousarray(w1q[nc:]), s, self.layers[0][1].astype(np.float64),
-                           ExactMLP.from_layers(self.layers[1:], ACTIVATION))
+                           activation(ACTIVATION), ExactMLP.from_layers(self.layers[1:], ACTIVATION))
         return self._exact
 
     def _dense_part(self, e_pad: np.ndarray, logp: np.ndarray) -> np.ndarray:
         """The first layer's integer product over the inputs known from z alone (the window's expected levels,
         the pixel's own log-probs), for every pixel: float64 ``[g, D, hidden]``."""
-        h, w = self.shape
-        c = self.window // 2
-        _, wr, _, _, _ = self._net()
-        rr, cc = np.divmod(np.arange(h * w), w)
-        dy = np.array([o[0] for o in self.full_offsets]) + c
-        dx = np.array([o[1] for o in self.full_offsets]) + c
+        wr = self._net()[1]
+        rr, cc = np.divmod(np.arange(self.shape[0] * self.shape[1]), self.shape[1])
+        dy, dx = self._window_at
         win = e_pad[:, rr[:, None] + dy[None, :], cc[:, None] + dx[None, :]]          # [g, D, window^2]
         x = np.concatenate([win, logp], axis=2).astype(np.float64)
         return (x.reshape(-1, x.shape[2]) @ wr).reshape(x.shape[0], x.shape[1], -1)
 
     def _finish(self, h1: np.ndarray, logp: np.ndarray) -> np.ndarray:
         """First-layer integer sums ``[N, hidden]`` and base log-probs ``[N, K]`` -> rows ``[N, K]``."""
-        _, _, s, b1, rest = self._net()
-        from vaestream.coding.exact_mlp import activation
-
-        y = np.ldexp(h1, -(FEATURE_BITS + s)) + b1
-        off = rest(activation(ACTIVATION)(y), real_input=True)
+        _, _, s, b1, act, rest = self._net()
+        off = rest(act(np.ldexp(h1, -(FEATURE_BITS + s)) + b1), real_input=True)
         lq = np.rint(np.ldexp(off, LOGIT_BITS)).astype(np.int64) + (logp << (LOGIT_BITS - FEATURE_BITS))
         lq -= lq.max(axis=1, keepdims=True)
         ex = np.exp(np.ldexp(lq.astype(np.float64), -LOGIT_BITS))
@@ -231,9 +241,7 @@ class ContextModel:
 
     def _causal_index(self, nb: np.ndarray) -> np.ndarray:
         """Neighbour levels ``[..., n_offsets]`` (-1: none) -> rows of the look-up table."""
-        k = self.levels
-        n = len(self.offsets)
-        return np.where(nb >= 0, np.arange(n) * k + nb, n * k)
+        return np.where(nb >= 0, self._lookup_base + nb, len(self.offsets) * self.levels)
 
     # -- whole groups ----------------------------------------------------------------------------------------
     def _pads(self, level_probs: np.ndarray, g: int, lv: np.ndarray | None):
@@ -247,10 +255,6 @@ class ContextModel:
             lv_pad[:, c:c + h, c:c + w] = lv.reshape(g, h, w)
         return lv_pad, e_pad, logp.reshape(g, h * w, self.levels)
 
-    def _offset_arrays(self):
-        c = self.window // 2
-        return (np.array([o[0] for o in self.offsets]) + c, np.array([o[1] for o in self.offsets]) + c)
-
     def rows_all(self, level_probs: np.ndarray, levels_img: np.ndarray, chunk: int = 16) -> np.ndarray:
         """Every pixel's rows for known level images (the encoder): ``level_probs`` ``[g * D, K]`` (the base
         rows), ``levels_img`` int ``[g * D]`` -> float64 ``[g, D, K]``."""
@@ -259,7 +263,7 @@ class ContextModel:
         g = len(levels_img) // d
         lv_pad, e_pad, logp = self._pads(level_probs, g, levels_img)
         wc = self._net()[0]
-        dy, dx = self._offset_arrays()
+        dy, dx = self._causal_at
         rr, cc = np.divmod(np.arange(d), w)
         out = np.empty((g, d, self.levels), np.float64)
         for s in range(0, g, chunk):
@@ -280,7 +284,7 @@ class ContextModel:
         lv_pad, e_pad, logp = self._pads(level_probs, g, None)
         dense = self._dense_part(e_pad, logp)
         wc = self._net()[0]
-        dy, dx = self._offset_arrays()
+        dy, dx = self._causal_at
         for p in range(h * w):
             i, j = divmod(p, w)
             h1 = dense[:, p] + wc[self._causal_index(lv_pad[:, i + dy, j + dx])].sum(axis=1)
@@ -302,6 +306,19 @@ def load_contexts(model_dir: str | os.PathLike) -> dict[int, ContextModel]:
 def stream_fingerprint(model_fingerprint: str, context: ContextModel) -> str:
     """The fingerprint a stream coded with ``context`` carries: SHA-256 (hex) of the model's and the context's."""
     return hashlib.sha256(f"vaestream bits-back context|{model_fingerprint}|{context.digest()}".encode()).hexdigest()
+
+
+def stream_context(fingerprint: bytes, model_fingerprint: str,
+                   contexts: Mapping[int, ContextModel] | None) -> tuple[bool, ContextModel | None]:
+    """Whom a stream header's ``fingerprint`` (its first bytes) names: ``(True, None)`` the model itself,
+    ``(True, cm)`` the model with the context model ``cm`` of ``contexts``, ``(False, None)`` neither."""
+    fp = bytes(fingerprint).hex()
+    if model_fingerprint.startswith(fp):
+        return True, None
+    for cm in (contexts or {}).values():
+        if stream_fingerprint(model_fingerprint, cm).startswith(fp):
+            return True, cm
+    return False, None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -364,8 +381,7 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
         return np.concatenate(logps), np.concatenate(es), bits / len(lv)
 
     c = window // 2
-    offsets = causal_offsets(window)
-    full = [(dy, dx) for dy in range(-c, c + 1) for dx in range(-c, c + 1)]
+    offsets, full = causal_offsets(window), window_offsets(window)
     nc = len(offsets) * k
     sizes = [num_features(window, k), *hidden, k]
     g = tf.random.Generator.from_seed(seed)

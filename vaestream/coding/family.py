@@ -263,7 +263,6 @@ def codec_for(family: str | os.PathLike, blob: bytes, **kwargs):
     bits-back (lossless or near-lossless) one. Both decode it with ``decompress(blob)``."""
     from vaestream.coding import codec as codec_mod
     from vaestream.coding.coder import CoderTables
-    from vaestream.store import load_model
 
     h = container.read_header(io.BytesIO(bytes(blob)))
     fp = h.fingerprint.hex()

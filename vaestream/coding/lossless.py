@@ -149,7 +149,7 @@ from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_
                                         latent_prior, latent_scramble, latent_step_bits, level_means, level_rows, max_error,
                                         pixel_levels, posterior_probs, within_rows)
 from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
-from vaestream.coding.bb_context import ContextModel, stream_fingerprint
+from vaestream.coding.bb_context import ContextModel, stream_context, stream_fingerprint
 from vaestream.coding.bb_latents import LatentModels
 from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
@@ -299,8 +299,6 @@ class LosslessCoder:
                                          f"({self.model_fingerprint[:16]}...)")
         self.use_context = bool(use_context)
         self.context = self.contexts.get(self.levels) if use_context and self.levels != EXACT_LEVELS else None
-        self._by_fp = {stream_fingerprint(self.model_fingerprint, cm)[:2 * container.FINGERPRINT_BYTES]: cm
-                       for cm in self.contexts.values()}
         self.fingerprint = (stream_fingerprint(self.model_fingerprint, self.context) if self.context is not None
                             else self.model_fingerprint)
         self._ctx = self.context  # the context model of the stream being coded (a decoder takes the header's)
@@ -646,18 +644,16 @@ class LosslessCoder:
     def accepts(self, fingerprint: bytes) -> bool:
         """Whether a stream whose header carries ``fingerprint`` was written by this model (plain, or with one of
         this coder's context models)."""
-        fp = bytes(fingerprint)
-        return fp == bytes.fromhex(self.model_fingerprint)[:len(fp)] or fp.hex() in self._by_fp
+        return stream_context(fingerprint, self.model_fingerprint, self.contexts)[0]
 
     def check_header(self, h: container.Header, name: str = "stream") -> None:
         """Raise unless the container header ``h`` is of a lossless stream of this model."""
-        fp = bytes.fromhex(self.model_fingerprint)[:container.FINGERPRINT_BYTES]
-        if h.fingerprint != fp and h.fingerprint.hex() not in self._by_fp:
+        known, self._stream_ctx = stream_context(h.fingerprint, self.model_fingerprint, self.contexts)
+        if not known:
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
-                                     f"({fp.hex()}...) alone nor with one of the {len(self._by_fp)} pixel context "
-                                     "models given to this coder (a stream coded with a context model needs it: "
-                                     "MODEL_DIR/context/)")
-        self._stream_ctx = self._by_fp.get(h.fingerprint.hex())
+                                     f"({self.model_fingerprint[:2 * container.FINGERPRINT_BYTES]}...) alone nor with "
+                                     f"one of the {len(self.contexts)} pixel context models given to this coder (a "
+                                     "stream coded with a context model needs it: MODEL_DIR/context/)")
         if h.table_hash != LOSSLESS_TAG:
             raise BitstreamError(f"{name}: not a lossless stream (a lossy vaestream stream: decode it with "
                                  "vaestream.codec.Codec.decompress)")

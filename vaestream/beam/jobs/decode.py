@@ -60,14 +60,13 @@ def _check_context(path: str, blob: bytes, fingerprint: str, model_dir: str | No
     from vaestream.coding import bb_context, container
 
     h = container.read_header(io.BytesIO(bytes(blob)), name=path)
-    fp = h.fingerprint.hex()
-    if not h.lossless or fingerprint.startswith(fp):
+    if not h.lossless or fingerprint.startswith(h.fingerprint.hex()):
         return
     contexts = bb_context.load_contexts(model_dir) if model_dir else {}
-    if not any(bb_context.stream_fingerprint(fingerprint, cm).startswith(fp) for cm in contexts.values()):
+    if not bb_context.stream_context(h.fingerprint, fingerprint, contexts)[0]:
         raise ModelMismatchError(f"{path}: the codes were written by this model with a pixel context model "
-                                 f"({fp}...) that {model_dir or 'the export'}/context/ does not hold; decode them "
-                                 "with the model directory that encoded them")
+                                 f"({h.fingerprint.hex()}...) that {model_dir or 'the export'}/context/ does not "
+                                 "hold; decode them with the model directory that encoded them")
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
