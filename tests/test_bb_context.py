@@ -15,7 +15,7 @@ import pytest
 from vaestream.coding import bb_context, family
 from vaestream.coding.bb_tables import level_rows, pixel_levels
 from vaestream.coding.lossless import CONTEXT_FLAG, LosslessCoder
-from vaestream.errors import BitstreamError, ConfigError, ModelMismatchError
+from vaestream.errors import BitstreamError, ConfigError, ModelError, ModelMismatchError
 
 K = 4
 
@@ -151,19 +151,27 @@ def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_de
     d = tmp_path / "family" / "bitsback"
     shutil.copytree(src, d)
     assert main(["train-context", "--model", str(d), "--data", str(mnist_dir), "--n", "1000", "--levels", "3",
-                 "--epochs", "1", "--window", "3", "--hidden", "16", "--held-out", "100"]) == 0
+                 "--epochs", "1", "--window", "3", "--hidden", "16", "--held-out", "100", "--recon-epochs", "1",
+                 "--recon-window", "3", "--recon-hidden", "8"]) == 0
     lines = [json.loads(v) for v in capsys.readouterr().out.strip().splitlines()]
     assert lines[0]["epoch"] == 1 and lines[0]["held_out_bits"] < lines[0]["base_bits"]
+    assert lines[1]["recon"]["epoch"] == 1 and "held_out_psnr_db" in lines[1]["recon"]
     assert lines[-1]["levels"] == 3 and lines[-1]["trained_on"] == 1000 and (d / "context" / "levels-3.npz").is_file()
+    assert lines[-1]["reconstruction"]["trained_on"] == 1000
     x = mnist_test[:100]
     np.save(tmp_path / "x.npy", x)
     info = {}
-    for name, extra in (("x.vaez", []), ("p.vaez", ["--no-context"])):
+    for name, extra in (("x.vaez", []), ("p.vaez", ["--no-context"]), ("l.vaez", ["--reconstruction", "learned"])):
         assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / name), "--model", str(d), "--levels", "3"]
                     + extra) == 0
         info[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["x.vaez"]["context"] is True and info["p.vaez"]["context"] is False
     assert info["x.vaez"]["bytes"] < info["p.vaez"]["bytes"]
+    assert info["l.vaez"]["bytes"] == info["x.vaez"]["bytes"] and info["l.vaez"]["reconstruction"] == "learned"
+    learned = family.codec_for(tmp_path / "family", (tmp_path / "l.vaez").read_bytes())
+    out = learned.decompress((tmp_path / "l.vaez").read_bytes()).reshape(100, -1)
+    cell = pixel_levels(3)[1]  # the learned reconstruction: among each pixel's level's counts
+    assert np.array_equal(cell[out.astype(np.int64)], cell[x.reshape(100, -1).astype(np.int64)])
     want = LosslessCoder(bb_model[0], levels=3).quantize(x)
     for name in ("x.vaez", "p.vaez"):  # the family finds the member, and its context model when one was used
         blob = (tmp_path / name).read_bytes()
@@ -203,3 +211,110 @@ def test_the_beam_jobs_code_with_the_directorys_context_model_and_only_it_decode
         decode.run(["--input", str(out), "--model", str(bb_model[1]), "--output", str(tmp_path / "rec2"),
                     "--output_dtype", "uint8", "--output_format", "parquet"])
     assert not (tmp_path / "rec2").exists() or not list((tmp_path / "rec2").glob("recon-*"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# learned reconstruction
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def recon_member(ctx_member, mnist_train, mnist_test, tmp_path_factory):
+    """``ctx_member``'s context model with a reconstruction network (5 x 5 window, 16 units, 2 epochs on 3,000
+    real MNIST training images), in a member directory of its own."""
+    model, src, cm = ctx_member
+    d = tmp_path_factory.mktemp("recon") / "bitsback"
+    shutil.copytree(src, d)
+    rc = bb_context.train_reconstruction(model, mnist_train[3000:6000], cm, window=5, hidden=(16,), epochs=2,
+                                         held_out=mnist_test[:300], seed=2)
+    rc.save(d)
+    return model, d, rc
+
+
+def test_a_learned_reconstruction_gains_psnr_at_the_same_bits_and_the_decoder_returns_it(recon_member, mnist_test):
+    model, d, rc = recon_member
+    x = mnist_test[300:600].reshape(300, -1)
+    contexts = bb_context.load_contexts(d)
+    assert contexts[K].has_reconstruction and contexts[K].digest() == rc.digest()
+    assert rc.meta["reconstruction"]["held_out_psnr_db"] > rc.meta["reconstruction"]["mean_psnr_db"]
+    mean = LosslessCoder(model, levels=K, contexts=contexts, reconstruction="mean")
+    learned = LosslessCoder(model, levels=K, contexts=contexts, reconstruction="learned")
+    b_mean, r_mean = mean.compress_and_reconstruct(x)
+    b_learned, r_learned = learned.compress_and_reconstruct(x)
+    assert len(b_learned) == len(b_mean)  # the same level images, the same chain: the same bits
+
+    def psnr(r):
+        return 10 * np.log10(255.0 ** 2 / np.mean((r.astype(np.float64) - x) ** 2))
+    assert psnr(r_learned) > psnr(r_mean) + 0.05
+    # every pixel stays among its level's counts
+    cell = pixel_levels(K)[1]
+    assert np.array_equal(cell[r_learned.astype(np.int64)], cell[x.astype(np.int64)])
+    assert np.max(np.abs(r_learned.astype(np.int64) - x)) <= learned.max_error
+    # what the encoder computed is what decoders return, whatever their frames and groups
+    for frame_records in (300, 64):
+        back = LosslessCoder(model, contexts=contexts, frame_records=frame_records).decompress(b_learned)
+        assert np.array_equal(back.reshape(300, -1), r_learned)
+    blob7 = LosslessCoder(model, levels=K, group=7, frame_records=50, contexts=contexts,
+                          reconstruction="learned").compress(x)
+    assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(blob7).shape, (300, 784))
+
+
+def test_the_reconstruction_network_is_exact_and_is_the_trained_one(recon_member, mnist_test):
+    """A pixel's output depends on its window alone (not on the batch or the chunk), and the exact network
+    computes the trained float network's output (the feature layout of recon_features)."""
+    _, _, rc = recon_member
+    rng = np.random.default_rng(3)
+    lv = pixel_levels(K)[1][mnist_test[:12].reshape(-1).astype(np.int64)]
+    means = rng.integers(0, 256, lv.shape).astype(np.uint8)
+    whole = rc.reconstruct(lv, means)
+    assert np.array_equal(np.concatenate([rc.reconstruct(lv[i * 784:(i + 1) * 784], means[i * 784:(i + 1) * 784],
+                                                         chunk=1) for i in range(12)]), whole)
+    # float64 reference: features laid out as recon_features documents, the float layers, clip and round
+    w = rc.recon_window
+    offs = bb_context.window_offsets(w)
+    img, m = lv[:784].reshape(28, 28), means[:784].reshape(28, 28).astype(np.float64)
+    feats = np.zeros((784, bb_context.recon_features(w, K)))
+    for p in range(784):
+        i, j = divmod(p, 28)
+        for o, (dy, dx) in enumerate(offs):
+            if 0 <= i + dy < 28 and 0 <= j + dx < 28:
+                feats[p, o * K + img[i + dy, j + dx]] = 1.0
+                feats[p, len(offs) * K + o] = m[i + dy, j + dx] / 256.0
+    h = feats
+    for n, (wt, b) in enumerate(rc.recon):
+        h = h @ wt.astype(np.float64) + b
+        if n < len(rc.recon) - 1:
+            h = np.where(h > 0, h, np.expm1(np.minimum(h, 0.0)))
+    cell = pixel_levels(K)[1]
+    lo = np.array([np.flatnonzero(cell == k)[0] for k in range(K)])
+    hi = np.array([np.flatnonzero(cell == k)[-1] for k in range(K)])
+    ref = np.clip(m.reshape(-1) + bb_context.RECON_SCALE * h[:, 0], lo[img.reshape(-1)], hi[img.reshape(-1)])
+    assert np.max(np.abs(whole[:784] - ref)) <= 0.5 + 1e-3  # the same value up to the final rounding
+
+
+def test_a_learned_reconstruction_needs_its_network_and_streams_name_it(recon_member, ctx_member, mnist_test):
+    model, d, rc = recon_member
+    _, _, cm = ctx_member
+    x = mnist_test[:20]
+    with pytest.raises(ConfigError, match="reconstruction network"):
+        LosslessCoder(model, levels=K, contexts={K: cm}, reconstruction="learned")
+    with pytest.raises(ConfigError, match="reconstruction network"):
+        LosslessCoder(model, levels=K, contexts={K: rc}, reconstruction="learned", use_context=False)
+    assert rc.digest() != cm.digest()  # ... though the likelihood's layers are the same
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(rc.layers, cm.layers))
+    blob = LosslessCoder(model, levels=K, contexts={K: rc}, reconstruction="learned").compress(x)
+    with pytest.raises(ModelMismatchError):  # the same likelihood without the network: another stream identity
+        LosslessCoder(model, contexts={K: cm}).decompress(blob)
+    # a frame that asks for the learned reconstruction in a stream whose context model has none is refused
+    from vaestream.coding import container
+
+    r = container.ContainerReader(LosslessCoder(model, levels=K, contexts={K: cm},
+                                                reconstruction="mean").compress(x))
+    n, payload = r.read_frame(0)
+    bad = bytearray(payload)
+    bad[11] = 2 | CONTEXT_FLAG
+    with pytest.raises(BitstreamError, match="learned reconstruction"):
+        LosslessCoder(model, contexts={K: cm}).decompress(container.pack(r.header, [(n, bytes(bad))]))
+    # the file round-trips, network included; a damaged one is refused
+    back = bb_context.ContextModel.load(bb_context.context_path(d, K))
+    assert back.digest() == rc.digest() and back.recon_window == rc.recon_window
+    with pytest.raises(ModelError):
+        bb_context.ContextModel(K, (28, 28), 5, cm.layers, {}, rc.recon, recon_window=3)

@@ -144,7 +144,8 @@ def cmd_train_context(a: argparse.Namespace) -> int:
     """Train pixel context models for near-lossless bits-back coding (vaestream.coding.bb_context): one per K,
     for the frozen beta-binomial model in --model, written to MODEL_DIR/context/levels-K.npz. ``compress
     --levels K`` (and a family's near-lossless points) then code with it; decoders find it by the stream's
-    fingerprint."""
+    fingerprint. Each also gets a reconstruction network (``--recon-epochs``, 0 for none), which ``compress
+    --reconstruction learned`` decodes with."""
     from vaestream import data
     from vaestream.coding import bb_context
     model = _bits_back_coder(a.model).model  # refuses what bits-back coding cannot take
@@ -156,6 +157,12 @@ def cmd_train_context(a: argparse.Namespace) -> int:
                                       learning_rate=a.learning_rate, seed=a.seed, held_out=held,
                                       log=lambda r, k=k: print(json.dumps({"levels": k, **r}), flush=True))
         cm.meta["train_seconds"] = round(time.time() - t0, 1)
+        if a.recon_epochs:
+            t0 = time.time()
+            cm = bb_context.train_reconstruction(
+                model, records, cm, window=a.recon_window, hidden=tuple(a.recon_hidden), epochs=a.recon_epochs,
+                seed=a.seed, held_out=held, log=lambda r, k=k: print(json.dumps({"levels": k, "recon": r}), flush=True))
+            cm.meta["reconstruction"]["train_seconds"] = round(time.time() - t0, 1)
         path = cm.save(a.model)
         print(json.dumps({"levels": k, "context": str(path), "digest": cm.digest()[:16], **cm.meta}), flush=True)
     return 0
@@ -355,9 +362,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--levels", type=int, default=None,
                    help="near-lossless bits-back coding (a beta_binomial model; 8-bit records): each pixel rounded to "
                         "the nearest of K = 2..64 levels, every pixel within 255 / (2 (K - 1)) of its value")
-    p.add_argument("--reconstruction", choices=["level", "mean"], default="level",
-                   help="with --levels: decode a pixel as its level (the bound above) or as E[count | level, z] "
-                        "under the model (more PSNR at the same bits; within the level's counts)")
+    p.add_argument("--reconstruction", choices=["level", "mean", "learned"], default="level",
+                   help="with --levels: decode a pixel as its level (the bound above), as E[count | level, z] under "
+                        "the model, or by the context model's reconstruction network from its neighbourhood (more "
+                        "PSNR at the same bits each; both within the level's counts)")
     p.add_argument("--no-context", action="store_true",
                    help="with --levels: code pixels independently given z even where the model directory has a pixel "
                         "context model for K (vaestream train-context)")
@@ -378,6 +386,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--held-out", type=int, default=0,
                    help="measure bits per record on the first N test records after each epoch (default 0: none)")
+    p.add_argument("--recon-epochs", type=int, default=4,
+                   help="epochs of the reconstruction network (reconstruction 'learned'); 0: none")
+    p.add_argument("--recon-window", type=int, default=bb_context.DEFAULT_RECON_WINDOW)
+    p.add_argument("--recon-hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_RECON_HIDDEN))
     p.set_defaults(func=cmd_train_context)
 
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",

@@ -302,7 +302,9 @@ class Codec:
             rounded to the nearest of ``levels`` (2..64) levels and the level image coded exactly;
             :meth:`decompress` returns it (uint8), every pixel within ``255 / (2 (levels - 1))`` of the record's
             (:class:`vaestream.coding.lossless.LosslessCoder`).
-          reconstruction: with ``levels``: ``"level"`` (the bound above) or ``"mean"`` (E[count | level, z]).
+          reconstruction: with ``levels``: ``"level"`` (the bound above), ``"mean"`` (E[count | level, z]) or
+            ``"learned"`` (the context model's reconstruction network; needs a model directory whose context
+            models this coder is given: see :func:`vaestream.coding.family.near_lossless_coder`).
           rdo_lmbda: rate-distortion optimised quantisation (:mod:`vaestream.coding.rdo`): each record's codes
             chosen for ``bits + rdo_lmbda MSE`` (``lambda``'s units in training) by ``rdo_steps`` Adam steps
             through the decoder, instead of the rounded posterior mean. The stream is an ordinary one of the

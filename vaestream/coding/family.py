@@ -53,7 +53,8 @@ LEVELS_LADDER = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 64)
 42, 32, 26, 21, 18, 14, 12, 8, 6, 4, 2 counts)."""
 MEAN_LADDER = (2, 3, 4, 5, 6, 8)
 """... and with ``reconstruction="mean"`` (E[n | level, z]: where the levels are coarse it buys 0.5-3.5 dB at the
-same bits; measured on MNIST, K = 2: 20.7 -> 24.3 dB)."""
+same bits; measured on MNIST, K = 2: 20.7 -> 24.3 dB), and with ``"learned"`` at every K whose context model
+has a reconstruction network."""
 
 
 RDO_QUALITIES = (2.0 ** 0.5, 2.0, 2.0 ** 1.5, 4.0, 2.0 ** 2.5)
@@ -138,7 +139,8 @@ def operating_points(codec, records, with_ssim: bool = False, rdo: bool = False)
 
 def near_lossless_points(coder, records, ladder=None, with_ssim: bool = False) -> list[dict]:
     """Every (K, reconstruction) of ``ladder`` (default: :data:`LEVELS_LADDER` with ``"level"``, then
-    :data:`MEAN_LADDER` with ``"mean"``) with the bits-back coder ``coder``
+    :data:`MEAN_LADDER` with ``"mean"``, then ``"learned"`` where the coder's context model has a reconstruction
+    network) with the bits-back coder ``coder``
     (:class:`vaestream.coding.lossless.LosslessCoder`) on ``records`` (8-bit counts): ``{"levels",
     "reconstruction", "max_error", "bits_per_record", "mse", "psnr_db"}`` (and ``"ssim"``). Bits are those of
     the whole container; the reconstruction is what ``decompress`` returns (computed while coding:
@@ -153,6 +155,8 @@ def near_lossless_points(coder, records, ladder=None, with_ssim: bool = False) -
     xf = x.astype(np.float64) / 255.0
     if ladder is None:
         ladder = [(k, "level") for k in LEVELS_LADDER] + [(k, "mean") for k in MEAN_LADDER]
+        if coder.use_context:
+            ladder += [(k, "learned") for k, cm in sorted(coder.contexts.items()) if cm.has_reconstruction]
     level_grids([k for k, _ in ladder])  # every K's tables in one pass over the pmfs
     rows = []
     for k, how in ladder:

@@ -174,10 +174,13 @@ MAX_RANGE_BITS = 7
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 EXACT_LEVELS = DISCRETE_LEVELS + 1
 """``levels`` of exact (lossless) coding: every count 0..255 is its own level (stored as 0 in a frame header)."""
-RECONSTRUCTIONS = ("level", "mean")
+RECONSTRUCTIONS = ("level", "mean", "learned")
 """How a near-lossless decoder turns a level into a count: ``level``, its value (every pixel within
 ``max_error(K)``); ``mean``, E[n | level, z] under the model (the MMSE count within the level's counts, for the
-z the chain drew: more PSNR at the same bits, within the level's counts but not within ``max_error``)."""
+z the chain drew: more PSNR at the same bits, within the level's counts but not within ``max_error``);
+``learned``, the context model's reconstruction network on the pixel's neighbourhood of levels and means
+(:meth:`vaestream.coding.bb_context.ContextModel.reconstruct`: more PSNR again, still within the level's counts;
+needs a context model that has one, and codes with it)."""
 CONTEXT_FLAG = 0x80
 """Set in a frame's reconstruction byte when its pixels are coded with a pixel context model
 (:mod:`vaestream.coding.bb_context`); the container header's fingerprint then names that context model."""
@@ -299,6 +302,9 @@ class LosslessCoder:
                                          f"({self.model_fingerprint[:16]}...)")
         self.use_context = bool(use_context)
         self.context = self.contexts.get(self.levels) if use_context and self.levels != EXACT_LEVELS else None
+        if reconstruction == "learned" and (self.context is None or not self.context.has_reconstruction):
+            raise ConfigError(f"reconstruction 'learned' needs a pixel context model for K = {levels} with a "
+                              "reconstruction network (MODEL_DIR/context/, vaestream train-context), used for coding")
         self.fingerprint = (stream_fingerprint(self.model_fingerprint, self.context) if self.context is not None
                             else self.model_fingerprint)
         self._ctx = self.context  # the context model of the stream being coded (a decoder takes the header's)
@@ -337,18 +343,20 @@ class LosslessCoder:
         z] (``lik``: the pixels' grid cells)."""
         if self._values is None:
             return x.astype(np.uint8)
-        if self._recon:
+        if self._recon == 1:
             return level_means(lik, x, self._lv)
+        if self._recon == 2:
+            return self._ctx.reconstruct(x, level_means(lik, x, self._lv))
         return self._values[x]
 
     @property
     def max_error(self) -> int:
         """The largest |decoded - original| count of this coder's streams: 0 when lossless; with
-        ``reconstruction="mean"`` the bound is the widest level's span instead (a decoded count stays among
-        its level's counts)."""
+        ``reconstruction="mean"`` or ``"learned"`` the bound is the widest level's span instead (a decoded count
+        stays among its level's counts)."""
         if self.levels == EXACT_LEVELS:
             return 0
-        if self.reconstruction == "mean":
+        if self.reconstruction != "level":
             cell = pixel_levels(self.levels)[1]
             return int(np.max(np.bincount(cell)) - 1)
         return max_error(self.levels)
@@ -359,7 +367,8 @@ class LosslessCoder:
         ``reconstruction="mean"`` the output depends on the latents the chain draws: use
         :meth:`compress_and_reconstruct`."""
         if self.reconstruction != "level":
-            raise ConfigError("with reconstruction 'mean' the decoded counts depend on the latents the chain draws: "
+            raise ConfigError(f"with reconstruction {self.reconstruction!r} the decoded counts depend on the latents "
+                              "the chain draws: "
                               "use compress_and_reconstruct(records)")
         x, _ = self._records(records, name)
         if self.levels == EXACT_LEVELS:
@@ -565,6 +574,9 @@ class LosslessCoder:
         if with_context != (self._stream_ctx is not None) or (with_context and self._stream_ctx.levels != lv):
             raise BitstreamError(f"{name}: the frame is coded {'with' if with_context else 'without'} a pixel context "
                                  f"model (levels {lv or EXACT_LEVELS}) and the stream's header says otherwise")
+        if recon == 2 and not (with_context and self._stream_ctx.has_reconstruction):
+            raise BitstreamError(f"{name}: the frame asks for the learned reconstruction and its stream's context "
+                                 "model has no reconstruction network")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:

@@ -23,6 +23,7 @@ import apache_beam as beam
 
 from vaestream import beam as vb
 from vaestream.beam.jobs import add_model_and_output_arguments
+from vaestream.coding.lossless import RECONSTRUCTIONS
 from vaestream import shardset
 from vaestream.errors import ConfigError
 
@@ -46,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", type=int, default=None,
                         help="with --coder lossless: near-lossless, each pixel rounded to the nearest of K = 2..64 "
                              "levels first (every pixel within 255 / (2 (K - 1)); the decode job reads K from the stream)")
-    parser.add_argument("--reconstruction", default="level", choices=["level", "mean"],
-                        help="with --levels: decode a pixel as its level, or as E[count | level, z] under the model")
+    parser.add_argument("--reconstruction", default="level", choices=list(RECONSTRUCTIONS),
+                        help="with --levels: decode a pixel as its level, as E[count | level, z] under the model, or "
+                             "learned (the model directory's context model's reconstruction network)")
     parser.add_argument("--rdo-lmbda", "--rdo_lmbda", type=float, default=None,
                         help="with the lossy coder and --model: rate-distortion optimised codes, each record's chosen "
                              "for bits + L * MSE by a search through the decoder (vaestream.coding.rdo; ordinary "
