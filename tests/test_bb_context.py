@@ -172,6 +172,14 @@ def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_de
     out = learned.decompress((tmp_path / "l.vaez").read_bytes()).reshape(100, -1)
     cell = pixel_levels(3)[1]  # the learned reconstruction: among each pixel's level's counts
     assert np.array_equal(cell[out.astype(np.int64)], cell[x.reshape(100, -1).astype(np.int64)])
+    # a new reconstruction network for the same context model: earlier streams that do not use it still decode
+    before = bb_context.ContextModel.load(d / "context" / "levels-3.npz")
+    assert main(["train-context", "--model", str(d), "--data", str(mnist_dir), "--n", "500", "--levels", "3",
+                 "--recon-only", "--recon-epochs", "1", "--recon-window", "3", "--recon-hidden", "4",
+                 "--seed", "9"]) == 0
+    after = bb_context.ContextModel.load(d / "context" / "levels-3.npz")
+    assert after.likelihood_digest() == before.likelihood_digest() and after.digest() != before.digest()
+    capsys.readouterr()
     want = LosslessCoder(bb_model[0], levels=3).quantize(x)
     for name in ("x.vaez", "p.vaez"):  # the family finds the member, and its context model when one was used
         blob = (tmp_path / name).read_bytes()
@@ -303,6 +311,11 @@ def test_a_learned_reconstruction_needs_its_network_and_streams_name_it(recon_me
     blob = LosslessCoder(model, levels=K, contexts={K: rc}, reconstruction="learned").compress(x)
     with pytest.raises(ModelMismatchError):  # the same likelihood without the network: another stream identity
         LosslessCoder(model, contexts={K: cm}).decompress(blob)
+    # ... while a stream that does not use the network names the likelihood alone: either file decodes it
+    plain = LosslessCoder(model, levels=K, contexts={K: rc}, reconstruction="mean").compress_and_reconstruct(x)
+    for holder in (cm, rc):
+        back = LosslessCoder(model, contexts={K: holder}).decompress(plain[0])
+        assert np.array_equal(back.reshape(len(x), -1), plain[1])
     # a frame that asks for the learned reconstruction in a stream whose context model has none is refused
     from vaestream.coding import container
 
@@ -311,8 +324,9 @@ def test_a_learned_reconstruction_needs_its_network_and_streams_name_it(recon_me
     n, payload = r.read_frame(0)
     bad = bytearray(payload)
     bad[11] = 2 | CONTEXT_FLAG
-    with pytest.raises(BitstreamError, match="learned reconstruction"):
-        LosslessCoder(model, contexts={K: cm}).decompress(container.pack(r.header, [(n, bytes(bad))]))
+    for holder in (cm, rc):  # rc has a network, but the header names the likelihood alone
+        with pytest.raises(BitstreamError, match="learned reconstruction"):
+            LosslessCoder(model, contexts={K: holder}).decompress(container.pack(r.header, [(n, bytes(bad))]))
     # the file round-trips, network included; a damaged one is refused
     back = bb_context.ContextModel.load(bb_context.context_path(d, K))
     assert back.digest() == rc.digest() and back.recon_window == rc.recon_window

@@ -153,10 +153,16 @@ def cmd_train_context(a: argparse.Namespace) -> int:
     held = data.load_records(a.data, "test", key=a.key)[: a.held_out] if a.held_out else None
     for k in a.levels:
         t0 = time.time()
-        cm = bb_context.train_context(model, records, k, window=a.window, hidden=tuple(a.hidden), epochs=a.epochs,
-                                      learning_rate=a.learning_rate, seed=a.seed, held_out=held,
-                                      log=lambda r, k=k: print(json.dumps({"levels": k, **r}), flush=True))
-        cm.meta["train_seconds"] = round(time.time() - t0, 1)
+        if a.recon_only:  # the directory's context model for K, given a reconstruction network
+            path = bb_context.context_path(a.model, k)
+            if not path.is_file():
+                raise ConfigError(f"--recon-only: {path} does not exist (train the context model first)")
+            cm = bb_context.ContextModel.load(path)
+        else:
+            cm = bb_context.train_context(model, records, k, window=a.window, hidden=tuple(a.hidden),
+                                          epochs=a.epochs, learning_rate=a.learning_rate, seed=a.seed, held_out=held,
+                                          log=lambda r, k=k: print(json.dumps({"levels": k, **r}), flush=True))
+            cm.meta["train_seconds"] = round(time.time() - t0, 1)
         if a.recon_epochs:
             t0 = time.time()
             cm = bb_context.train_reconstruction(
@@ -390,6 +396,9 @@ def add_subcommands(sub) -> None:
                    help="epochs of the reconstruction network (reconstruction 'learned'); 0: none")
     p.add_argument("--recon-window", type=int, default=bb_context.DEFAULT_RECON_WINDOW)
     p.add_argument("--recon-hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_RECON_HIDDEN))
+    p.add_argument("--recon-only", action="store_true",
+                   help="keep the directory's context models for these K and train only their reconstruction networks "
+                        "(streams coded with the old files then need those files to decode)")
     p.set_defaults(func=cmd_train_context)
 
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",

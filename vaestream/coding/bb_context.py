@@ -45,7 +45,9 @@ evaluated like ``f`` (integer features, exact products), so a pixel's output dep
 
 **Identity.** A stream coded with a context model carries ``sha256(model fingerprint | context digest)`` as its
 fingerprint (:func:`stream_fingerprint`), so it is decoded only by a coder that holds that very context model;
-every frame also flags it. The files live beside the model: ``MODEL_DIR/context/levels-K.npz``
+every frame also flags it. The digest is the likelihood network's, or, for a ``reconstruction="learned"``
+stream, that and the reconstruction network's: adding a reconstruction network to a context model leaves the
+streams it coded before decodable. The files live beside the model: ``MODEL_DIR/context/levels-K.npz``
 (:meth:`ContextModel.save`, :func:`load_contexts`); ``vaestream train-context`` trains them.
 """
 
@@ -181,6 +183,7 @@ class ContextModel:
         self._lookup_base = np.arange(len(self.offsets)) * self.levels
         self._exact = None
         self._recon_exact = None
+        self._plain = None
         self._digest = None
 
     @property
@@ -190,10 +193,25 @@ class ContextModel:
 
     # -- identity and files --------------------------------------------------------------------------------
     def digest(self) -> str:
-        """SHA-256 (hex) of the description and every weight's little-endian float32 bytes."""
+        """SHA-256 (hex) of the description and every weight's little-endian float32 bytes, the reconstruction
+        network's included (what a ``reconstruction="learned"`` stream names)."""
         if self._digest is None:
             self._digest = self._compute_digest()
         return self._digest
+
+    def likelihood_digest(self) -> str:
+        """The digest of the likelihood network alone (what other streams coded with this model name): adding a
+        reconstruction network to a context model leaves the streams it coded before decodable."""
+        return self.without_reconstruction().digest()
+
+    def without_reconstruction(self) -> "ContextModel":
+        """This context model without its reconstruction network (itself if it has none)."""
+        if self.recon is None:
+            return self
+        if self._plain is None:
+            meta = {k: v for k, v in self.meta.items() if k != "reconstruction"}
+            self._plain = ContextModel(self.levels, self.shape, self.window, self.layers, meta)
+        return self._plain
 
     def _compute_digest(self) -> str:
         desc = {"levels": self.levels, "shape": list(self.shape), "window": self.window, "activation": ACTIVATION,
@@ -411,21 +429,27 @@ def load_contexts(model_dir: str | os.PathLike) -> dict[int, ContextModel]:
     return out
 
 
-def stream_fingerprint(model_fingerprint: str, context: ContextModel) -> str:
-    """The fingerprint a stream coded with ``context`` carries: SHA-256 (hex) of the model's and the context's."""
-    return hashlib.sha256(f"vaestream bits-back context|{model_fingerprint}|{context.digest()}".encode()).hexdigest()
+def stream_fingerprint(model_fingerprint: str, context: ContextModel, learned: bool = False) -> str:
+    """The fingerprint a stream coded with ``context`` carries: SHA-256 (hex) of the model's and the context's
+    likelihood's digest, or with ``learned`` (``reconstruction="learned"``) of its full digest, reconstruction
+    network included."""
+    digest = context.digest() if learned else context.likelihood_digest()
+    return hashlib.sha256(f"vaestream bits-back context|{model_fingerprint}|{digest}".encode()).hexdigest()
 
 
 def stream_context(fingerprint: bytes, model_fingerprint: str,
                    contexts: Mapping[int, ContextModel] | None) -> tuple[bool, ContextModel | None]:
     """Whom a stream header's ``fingerprint`` (its first bytes) names: ``(True, None)`` the model itself,
-    ``(True, cm)`` the model with the context model ``cm`` of ``contexts``, ``(False, None)`` neither."""
+    ``(True, cm)`` the model with the context model ``cm`` of ``contexts`` (with its reconstruction network if
+    the stream names it, else :meth:`ContextModel.without_reconstruction`), ``(False, None)`` neither."""
     fp = bytes(fingerprint).hex()
     if model_fingerprint.startswith(fp):
         return True, None
     for cm in (contexts or {}).values():
-        if stream_fingerprint(model_fingerprint, cm).startswith(fp):
+        if cm.has_reconstruction and stream_fingerprint(model_fingerprint, cm, learned=True).startswith(fp):
             return True, cm
+        if stream_fingerprint(model_fingerprint, cm).startswith(fp):
+            return True, cm.without_reconstruction()
     return False, None
 
 

@@ -305,7 +305,8 @@ class LosslessCoder:
         if reconstruction == "learned" and (self.context is None or not self.context.has_reconstruction):
             raise ConfigError(f"reconstruction 'learned' needs a pixel context model for K = {levels} with a "
                               "reconstruction network (MODEL_DIR/context/, vaestream train-context), used for coding")
-        self.fingerprint = (stream_fingerprint(self.model_fingerprint, self.context) if self.context is not None
+        self.fingerprint = (stream_fingerprint(self.model_fingerprint, self.context, reconstruction == "learned")
+                            if self.context is not None
                             else self.model_fingerprint)
         self._ctx = self.context  # the context model of the stream being coded (a decoder takes the header's)
         self._stream_ctx = None   # the context model the last header checked names (None: plain)
