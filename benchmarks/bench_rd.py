@@ -128,7 +128,8 @@ def _rates(compress, decompress, batch, reps: int) -> dict:
 
 def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False) -> dict:
     """Records/s of compress / decompress per model on 1,000 records (lossy members at quality 1, the bits-back
-    member at 8 levels: max error 18; with ``rdo`` also each lossy member's rate-distortion optimised encoding
+    member at 8 levels: max error 18, with and without its context model, and with its learned reconstruction
+    at the largest K <= 8 that has one; with ``rdo`` also each lossy member's rate-distortion optimised encoding
     at quality 2, rdo_lmbda = its lmbda), and Pillow WebP (quality 50, method 6 and method 4; per image and one
     tiled picture) on the same records, in the same run."""
     from vaestream.coding import codec, family, peers
@@ -142,6 +143,14 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False) ->
             if coder.context is not None:  # the same K without its pixel context model
                 plain = family.near_lossless_coder(d, 8, use_context=False)
                 out[f"{d.name}_levels8_no_context"] = _rates(plain.compress, plain.decompress, batch, reps)
+            learned = [k for k, cm in sorted(coder.contexts.items()) if cm.has_reconstruction and k <= 8]
+            if learned:  # the largest K up to 8 with a reconstruction network, decoded with it
+                k = learned[-1]
+                c = family.near_lossless_coder(d, k, "learned")
+                out[f"{d.name}_levels{k}_learned"] = _rates(c.compress, c.decompress, batch, reps)
+                if k != 8:
+                    c = family.near_lossless_coder(d, k)
+                    out[f"{d.name}_levels{k}"] = _rates(c.compress, c.decompress, batch, reps)
         if family.is_lossy(d):
             c = codec.load(d)
             out[d.name] = _rates(lambda b: c.compress(b, quality=1.0), c.decompress, batch, reps)
