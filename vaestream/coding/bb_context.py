@@ -476,6 +476,41 @@ def _chain_cells(coder, lv: np.ndarray, rng, sample: bool, chunk: int = 1024):
         yield b, coder._likelihood(np.rint(z).astype(np.int64), len(b), lbits)
 
 
+def _tf_layers(sizes, seed: int):
+    """TensorFlow variables of an MLP with layer ``sizes``: (weights, biases); the weights scaled normal (the
+    last layer's zero, so training starts from the base model), the biases zero."""
+    import tensorflow as tf
+
+    g = tf.random.Generator.from_seed(seed)
+    ws, bs = [], []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = i == len(sizes) - 2
+        ws.append(tf.Variable(tf.zeros((a, b)) if last else g.normal((a, b)) * np.sqrt(1.0 / a)))
+        bs.append(tf.Variable(tf.zeros(b)))
+    return ws, bs
+
+
+def _run_epochs(epochs: int, n: int, batch_size: int, rng, draw, batch_step, loss_key: str, measure, log) -> dict:
+    """The training loop of both networks: each epoch ``draw()``s the z-dependent inputs afresh, then runs
+    ``batch_step(indices, drawn)`` (the batch's mean loss) over a random permutation of the ``n`` records; logs
+    ``{"epoch", loss_key, "seconds", **measure()}``. Returns the last epoch's row."""
+    row = {}
+    for epoch in range(epochs):
+        t0 = time.time()
+        drawn = draw()
+        order = rng.permutation(n)
+        total = 0.0
+        for s in range(0, n, batch_size):
+            j = order[s:s + batch_size]
+            total += float(batch_step(j, drawn)) * len(j)
+        row = {"epoch": epoch + 1, loss_key: total / n, "seconds": round(time.time() - t0, 1)}
+        if measure is not None:
+            row.update(measure())
+        if log is not None:
+            log(row)
+    return row
+
+
 def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT_WINDOW,
                   hidden: tuple[int, ...] = DEFAULT_HIDDEN, epochs: int = 6, batch_size: int = 64,
                   learning_rate: float = 2e-3, seed: int = 0, held_out: np.ndarray | None = None,
@@ -522,13 +557,7 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
     c = window // 2
     offsets, full = causal_offsets(window), window_offsets(window)
     nc = len(offsets) * k
-    sizes = [num_features(window, k), *hidden, k]
-    g = tf.random.Generator.from_seed(seed)
-    ws, bs = [], []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        last = i == len(sizes) - 2
-        ws.append(tf.Variable(tf.zeros((a, b)) if last else g.normal((a, b)) * np.sqrt(1.0 / a)))
-        bs.append(tf.Variable(tf.zeros(b)))
+    ws, bs = _tf_layers([num_features(window, k), *hidden, k], seed)
     variables = ws + bs
     scale = float(2.0 ** -FEATURE_BITS)
     idx_c = tf.constant([[dy + c, dx + c] for dy, dx in offsets])
@@ -566,20 +595,13 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
                   for s in range(0, len(lv), 500))
         return tot / len(lv), base_bits
 
-    row = {}
-    for epoch in range(int(epochs)):
-        t0 = time.time()
-        logp, e, _ = base(lv_train, True)
-        order = rng.permutation(len(lv_train))
-        total = 0.0
-        for s in range(0, len(order), batch_size):
-            j = order[s:s + batch_size]
-            total += float(step(lv_train[j].reshape(-1, hh, ww), logp[j], e[j])) * len(j)
-        row = {"epoch": epoch + 1, "train_bits": total / len(lv_train), "seconds": round(time.time() - t0, 1)}
-        if lv_held is not None:
-            row["held_out_bits"], row["base_bits"] = measure(lv_held)
-        if log is not None:
-            log(row)
+    def batch_step(j, drawn):
+        logp, e, _ = drawn
+        return step(lv_train[j].reshape(-1, hh, ww), logp[j], e[j])
+
+    row = _run_epochs(int(epochs), len(lv_train), batch_size, rng, lambda: base(lv_train, True), batch_step,
+                      "train_bits", None if lv_held is None else
+                      lambda: dict(zip(("held_out_bits", "base_bits"), measure(lv_held))), log)
     layers = [(w.numpy(), b.numpy()) for w, b in zip(ws, bs)]
     meta = {"trained_on": int(len(lv_train)), "epochs": int(epochs), "hidden": list(hidden),
             "learning_rate": learning_rate, "seed": seed, "model_fingerprint": model.fingerprint(),
@@ -633,13 +655,7 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
 
     window = int(window)
     n_look = window ** 2 * k
-    sizes = [recon_features(window, k), *hidden, 1]
-    g = tf.random.Generator.from_seed(seed)
-    ws, bs = [], []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        last = i == len(sizes) - 2
-        ws.append(tf.Variable(tf.zeros((a, b)) if last else g.normal((a, b)) * np.sqrt(1.0 / a)))
-        bs.append(tf.Variable(tf.zeros(b)))
+    ws, bs = _tf_layers([recon_features(window, k), *hidden, 1], seed)
     variables = ws + bs
     h1 = hidden[0] if hidden else 1
     scale = float(2.0 ** -FEATURE_BITS)
@@ -676,20 +692,12 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
             return float(10 * np.log10(255.0 ** 2 / np.mean((y - x) ** 2)))
         return psnr(est), psnr(m)
 
-    row = {}
-    for epoch in range(int(epochs)):
-        t0 = time.time()
-        m = means(lv_train, True)
-        order = rng.permutation(len(lv_train))
-        total = 0.0
-        for s in range(0, len(order), batch_size):
-            j = order[s:s + batch_size]
-            total += float(step(lv_train[j].reshape(-1, hh, ww), m[j], x_train[j])) * len(j)
-        row = {"epoch": epoch + 1, "train_mse": total / len(lv_train), "seconds": round(time.time() - t0, 1)}
-        if lv_held is not None:
-            row["held_out_psnr_db"], row["mean_psnr_db"] = measure(lv_held)
-        if log is not None:
-            log(row)
+    def batch_step(j, m):
+        return step(lv_train[j].reshape(-1, hh, ww), m[j], x_train[j])
+
+    row = _run_epochs(int(epochs), len(lv_train), batch_size, rng, lambda: means(lv_train, True), batch_step,
+                      "train_mse", None if lv_held is None else
+                      lambda: dict(zip(("held_out_psnr_db", "mean_psnr_db"), measure(lv_held))), log)
     recon = [(w.numpy(), b.numpy()) for w, b in zip(ws, bs)]
     meta = {"trained_on": int(len(lv_train)), "epochs": int(epochs), "hidden": list(hidden), "seed": seed,
             "learning_rate": learning_rate,
