@@ -111,6 +111,17 @@ def recon_features(window: int, levels: int) -> int:
     return int(window) ** 2 * (int(levels) + 1)
 
 
+def one_hot(levels: np.ndarray, k: int) -> np.ndarray:
+    """Levels (int, -1 for none) ``[...]`` -> float64 one-hot ``[..., k]`` (all zero for -1), by a look-up."""
+    eye = _EYES.get(k)
+    if eye is None:
+        eye = _EYES[k] = np.vstack([np.zeros((1, k)), np.eye(k)])
+    return np.take(eye, levels + 1, axis=0)
+
+
+_EYES: dict[int, np.ndarray] = {}
+
+
 def split_first_layer(layers, n_lookup: int):
     """A network ``layers`` in exact arithmetic, its first layer split in two: the first ``n_lookup`` input rows,
     those of one-hot features, as a look-up table (``rint(W 2^s) 2^8``, a one-hot being 2^8, plus a zero row
@@ -341,8 +352,8 @@ class ContextModel:
             sl = slice(s, s + chunk)
             h1 = self._dense_part(e_pad[sl], logp[sl])
             nb = lv_pad[sl][:, rr[:, None] + dy[None, :], cc[:, None] + dx[None, :]]         # [n, D, offsets]
-            onehot = (nb[..., None] == np.arange(self.levels)).reshape(-1, len(self.offsets) * self.levels)
-            h1 += (onehot.astype(np.float64) @ wc[:-1]).reshape(h1.shape)  # = the look-up's sum, exactly
+            onehot = one_hot(nb, self.levels).reshape(-1, len(self.offsets) * self.levels)
+            h1 += (onehot @ wc[:-1]).reshape(h1.shape)  # = the look-up's sum, exactly
             out[sl] = self._finish(h1.reshape(-1, h1.shape[2]), logp[sl].reshape(-1, self.levels)).reshape(
                 -1, d, self.levels)
         return out
@@ -374,7 +385,7 @@ class ContextModel:
         return ContextModel(self.levels, self.shape, self.window, self.layers,
                             {**self.meta, **({"reconstruction": dict(meta)} if meta else {})}, recon, recon_window)
 
-    def reconstruct(self, levels_img: np.ndarray, means: np.ndarray, chunk: int = 64) -> np.ndarray:
+    def reconstruct(self, levels_img: np.ndarray, means: np.ndarray, chunk: int = 16) -> np.ndarray:
         """Decoded level images ``levels_img`` (int ``[g * D]``, record-major) and their base means ``means`` =
         E[n | level, z] (uint8 ``[g * D]``, :func:`vaestream.coding.bb_tables.level_means`) -> the learned
         reconstruction, uint8 ``[g * D]``, each count among its level's counts (see the module docstring).
@@ -399,18 +410,16 @@ class ContextModel:
         m = np.asarray(means, np.int64).reshape(-1, h, w)
         g = lv.shape[0]
         rr, cc = np.divmod(np.arange(h * w), w)
-        base = np.arange(len(dy)) * k
         out = np.empty((g, h * w), np.uint8)
         for s0 in range(0, g, chunk):
             n = min(chunk, g - s0)
             lv_pad = np.full((n, h + 2 * c, w + 2 * c), -1, np.int64)
             lv_pad[:, c:c + h, c:c + w] = lv[s0:s0 + n]
-            m_pad = np.zeros((n, h + 2 * c, w + 2 * c), np.int64)
+            m_pad = np.zeros((n, h + 2 * c, w + 2 * c), np.float64)
             m_pad[:, c:c + h, c:c + w] = m[s0:s0 + n]
             nb = lv_pad[:, rr[:, None] + dy[None, :], cc[:, None] + dx[None, :]].reshape(n * h * w, -1)
             mw = m_pad[:, rr[:, None] + dy[None, :], cc[:, None] + dx[None, :]].reshape(n * h * w, -1)
-            onehot = (nb[:, :, None] == np.arange(k)).reshape(n * h * w, -1)
-            h1 = onehot.astype(np.float64) @ look[:-1] + mw.astype(np.float64) @ dense_w
+            h1 = one_hot(nb, k).reshape(n * h * w, -1) @ look[:-1] + mw @ dense_w
             y = rest(act(np.ldexp(h1, -(FEATURE_BITS + s)) + b1), real_input=True)[:, 0]
             own = lv[s0:s0 + n].reshape(-1)
             est = np.rint(m[s0:s0 + n].reshape(-1) + RECON_SCALE * y)
