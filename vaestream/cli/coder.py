@@ -328,6 +328,7 @@ def _model_and_records(p, model_help: str, data_help: str) -> None:
 
 def add_subcommands(sub) -> None:
     from vaestream.coding import rdo
+    from vaestream.coding.lossless import RECONSTRUCTIONS
 
     p = sub.add_parser("build-tables", help="derive a model's coder tables from calibration records",
                        description=cmd_build_tables.__doc__)
@@ -368,7 +369,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--levels", type=int, default=None,
                    help="near-lossless bits-back coding (a beta_binomial model; 8-bit records): each pixel rounded to "
                         "the nearest of K = 2..64 levels, every pixel within 255 / (2 (K - 1)) of its value")
-    p.add_argument("--reconstruction", choices=["level", "mean", "learned"], default="level",
+    p.add_argument("--reconstruction", choices=list(RECONSTRUCTIONS), default="level",
                    help="with --levels: decode a pixel as its level (the bound above), as E[count | level, z] under "
                         "the model, or by the context model's reconstruction network from its neighbourhood (more "
                         "PSNR at the same bits each; both within the level's counts)")
@@ -398,7 +399,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--recon-hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_RECON_HIDDEN))
     p.add_argument("--recon-only", action="store_true",
                    help="keep the directory's context models for these K and train only their reconstruction networks "
-                        "(streams coded with the old files then need those files to decode)")
+                        "(streams coded before stay decodable, except 'learned' ones, which name the old network)")
     p.set_defaults(func=cmd_train_context)
 
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",

@@ -40,7 +40,7 @@ returns for each pixel
 where ``m_p = E[n_p | l_p, z]`` is the base model's mean within the level (``reconstruction="mean"``) and ``d_p``
 the levels (one-hot) and the means ``m`` of the *whole* ``window x window`` square around p (decoding is over, so
 the window may look ahead). It is an MMSE estimate of the count from its neighbourhood: Fashion-MNIST at K = 4,
-25.4 -> 26.2 dB at the same bits. The bits do not change; the output stays within the level's counts. It is
+25.4 -> 26.5 dB at the same bits (benchmarks/RESULTS_coder.md, run 7). The bits do not change; the output stays within the level's counts. It is
 evaluated like ``f`` (integer features, exact products), so a pixel's output depends on its neighbourhood alone.
 
 **Identity.** A stream coded with a context model carries ``sha256(model fingerprint | context digest)`` as its
@@ -63,7 +63,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from vaestream.coding.bb_tables import level_means, level_rows, pixel_levels
+from vaestream.coding.bb_tables import level_means, level_rows, level_spans, pixel_levels
 from vaestream.errors import ConfigError, ModelError
 
 FEATURE_BITS = 8
@@ -399,10 +399,7 @@ class ContextModel:
             n_look = self.recon_window ** 2 * self.levels
             c = self.recon_window // 2
             at = tuple(np.array(a) + c for a in zip(*window_offsets(self.recon_window)))
-            cell = pixel_levels(self.levels)[1]
-            lo = np.array([np.flatnonzero(cell == k)[0] for k in range(self.levels)], np.float64)
-            hi = np.array([np.flatnonzero(cell == k)[-1] for k in range(self.levels)], np.float64)
-            self._recon_exact = (split_first_layer(self.recon, n_look), at, lo, hi)
+            self._recon_exact = (split_first_layer(self.recon, n_look), at, *level_spans(self.levels))
         (look, dense_w, s, b1, act, rest), (dy, dx), lo, hi = self._recon_exact
         h, w = self.shape
         c, k = self.recon_window // 2, self.levels
@@ -654,9 +651,7 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
     x_train = np.asarray(records).reshape(len(lv_train), hh, ww).astype(np.float32)
     lv_held = _level_images(held_out, k, d) if held_out is not None and len(held_out) else None
     rng = np.random.default_rng(seed)
-    cell = pixel_levels(k)[1]
-    lo = np.array([np.flatnonzero(cell == j)[0] for j in range(k)], np.float32)
-    hi = np.array([np.flatnonzero(cell == j)[-1] for j in range(k)], np.float32)
+    lo, hi = level_spans(k)
 
     def means(lv, sample: bool) -> np.ndarray:
         return np.concatenate([level_means(cells, b.reshape(-1), k).reshape(len(b), hh, ww)

@@ -209,6 +209,14 @@ def pixel_levels(levels: int) -> tuple[np.ndarray, np.ndarray]:
     return values.astype(np.uint8), cell
 
 
+def level_spans(levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and the highest count of each of the K = ``levels`` levels: int64 ``[K]`` each (a decoded
+    ``mean`` or ``learned`` count stays within them)."""
+    cell = pixel_levels(levels)[1]
+    starts = np.flatnonzero(np.diff(np.concatenate([[-1], cell])))
+    return starts.astype(np.int64), np.append(starts[1:] - 1, len(cell) - 1).astype(np.int64)
+
+
 def max_error(levels: int) -> int:
     """The largest |count - reconstruction| that K = ``levels`` pixel levels allow (the L-infinity bound)."""
     values, cell = pixel_levels(levels)

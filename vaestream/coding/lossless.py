@@ -152,7 +152,8 @@ from vaestream.coding import container
 from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
                                         beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
                                         bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
-                                        latent_prior, latent_scramble, latent_step_bits, level_means, level_rows, max_error,
+                                        latent_prior, latent_scramble, latent_step_bits, level_means, level_rows, level_spans,
+                                        max_error,
                                         pixel_levels, posterior_probs, within_rows)
 from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
 from vaestream.coding.bb_context import ContextModel, stream_context, stream_fingerprint
@@ -187,6 +188,7 @@ z the chain drew: more PSNR at the same bits, within the level's counts but not 
 ``learned``, the context model's reconstruction network on the pixel's neighbourhood of levels and means
 (:meth:`vaestream.coding.bb_context.ContextModel.reconstruct`: more PSNR again, still within the level's counts;
 needs a context model that has one, and codes with it)."""
+_MEAN, _LEARNED = RECONSTRUCTIONS.index("mean"), RECONSTRUCTIONS.index("learned")
 CONTEXT_FLAG = 0x80
 """Set in a frame's reconstruction byte when its pixels are coded with a pixel context model
 (:mod:`vaestream.coding.bb_context`); the container header's fingerprint then names that context model."""
@@ -350,9 +352,9 @@ class LosslessCoder:
         z] (``lik``: the pixels' grid cells)."""
         if self._values is None:
             return x.astype(np.uint8)
-        if self._recon == 1:
+        if self._recon == _MEAN:
             return level_means(lik, x, self._lv)
-        if self._recon == 2:
+        if self._recon == _LEARNED:
             return self._ctx.reconstruct(x, level_means(lik, x, self._lv))
         return self._values[x]
 
@@ -364,8 +366,8 @@ class LosslessCoder:
         if self.levels == EXACT_LEVELS:
             return 0
         if self.reconstruction != "level":
-            cell = pixel_levels(self.levels)[1]
-            return int(np.max(np.bincount(cell)) - 1)
+            lo, hi = level_spans(self.levels)
+            return int(np.max(hi - lo))
         return max_error(self.levels)
 
     def quantize(self, records: Any, name: str = "input") -> np.ndarray:
@@ -581,7 +583,7 @@ class LosslessCoder:
         if with_context != (self._stream_ctx is not None) or (with_context and self._stream_ctx.levels != lv):
             raise BitstreamError(f"{name}: the frame is coded {'with' if with_context else 'without'} a pixel context "
                                  f"model (levels {lv or EXACT_LEVELS}) and the stream's header says otherwise")
-        if recon == 2 and not (with_context and self._stream_ctx.has_reconstruction):
+        if recon == _LEARNED and not (with_context and self._stream_ctx.has_reconstruction):
             raise BitstreamError(f"{name}: the frame asks for the learned reconstruction and its stream's context "
                                  "model has no reconstruction network")
         if n > MAX_FRAME_RECORDS:
