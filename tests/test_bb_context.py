@@ -332,3 +332,46 @@ def test_a_learned_reconstruction_needs_its_network_and_streams_name_it(recon_me
     assert back.digest() == rc.digest() and back.recon_window == rc.recon_window
     with pytest.raises(ModelError):
         bb_context.ContextModel(K, (28, 28), 5, cm.layers, {}, rc.recon, recon_window=3)
+
+
+def test_a_context_chain_ramps_its_groups_within_what_the_latents_prior_code_leaves(ctx_member, mnist_test,
+                                                                                     monkeypatch):
+    """Each group pops its latents from the bits the previous group's latents wrote with the prior; a context
+    model's first positions, near-certain, give no usable bits beyond them (lossless.chain_ramp). So a context
+    frame grows its groups by at most 1 + 3/4 KL / H, says by how much in its header, and decodes by it; streams
+    written with the doubling ramp (before it) still decode."""
+    from vaestream.coding import container, lossless
+    from vaestream.coding.bb_tables import latent_step_bits
+
+    model, d, cm = ctx_member
+    x = mnist_test[:700]
+    contexts = bb_context.load_contexts(d)
+    c = LosslessCoder(model, levels=K, contexts=contexts)
+    blob = c.compress(x)
+    mean, std = c._posterior(pixel_levels(K)[1][x.reshape(len(x), -1).astype(np.int64)], c.latent_bits)
+    ramp = lossless.chain_ramp(mean, std, c.latent_bits, c.range_bits)
+    n, payload = container.ContainerReader(blob).read_frame(0)
+    assert (payload[11] >> lossless.RAMP_SHIFT) & 7 == ramp > 0 and payload[11] & CONTEXT_FLAG
+    delta = 2.0 ** -latent_step_bits(c.latent_bits, c.range_bits)
+    mu, sigma = mean * delta, std * delta
+    kl = np.sum(0.5 * (mu ** 2 + sigma ** 2 - 1) - np.log(sigma)) / np.log(2)
+    h = np.sum(np.maximum(np.log2(std * np.sqrt(2 * np.pi * np.e)), 0))
+    sizes = lossless.group_sizes(n, c.group, ramp)
+    assert sum(sizes) == n and len(sizes) > len(lossless.group_sizes(n, c.group))
+    growth = [b / a for a, b in zip(sizes, sizes[1:-1]) if a >= 2 ** ramp]  # past the +1 steps
+    assert growth and max(growth) <= 1 + 0.75 * kl / h
+    assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(blob), c.quantize(x))
+    # a stream written with the doubling ramp (ramp 0) decodes as before
+    monkeypatch.setattr(lossless, "chain_ramp", lambda *a, **k: 0)
+    old = LosslessCoder(model, levels=K, contexts=contexts).compress(x)
+    monkeypatch.undo()
+    assert old != blob
+    assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(old), c.quantize(x))
+    # the ramp is a context frame's: set in a plain frame, the header is refused
+    plain = LosslessCoder(model, levels=K, contexts=contexts, use_context=False).compress(x[:20])
+    r = container.ContainerReader(plain)
+    n, payload = r.read_frame(0)
+    bad = bytearray(payload)
+    bad[11] |= 2 << lossless.RAMP_SHIFT
+    with pytest.raises(BitstreamError, match="ramp"):
+        LosslessCoder(model, contexts=contexts).decompress(container.pack(r.header, [(n, bytes(bad))]))

@@ -336,6 +336,10 @@ def test_group_sizes_ramp_up_and_cover():
     assert group_sizes(1, 32) == [1]
     assert group_sizes(100, 32) == [1, 2, 4, 8, 16, 32, 32, 5]
     assert sum(group_sizes(12345, 7)) == 12345 and max(group_sizes(12345, 7)) == 7
+    # a slower ramp (a context frame's, lossless.chain_ramp): +1 while s < 2^r, then a factor of ~1 + 2^-r
+    assert group_sizes(100, 32, 2) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 18, 9]
+    assert group_sizes(100, 32, 0) == group_sizes(100, 32)
+    assert sum(group_sizes(4096, 256, 4)) == 4096 and max(group_sizes(4096, 256, 4)) <= 256
 
 
 def test_codec_and_cli_compress_lossless_round_trip_exactly(bb_model, mnist_train, mnist_test, tmp_path):
