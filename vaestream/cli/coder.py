@@ -174,6 +174,47 @@ def cmd_train_context(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_joint(a: argparse.Namespace) -> int:
+    """Fine-tune a bits-back member together with its pixel context model for one K (vaestream.coding.bb_joint):
+    the encoder, the decoder and the context network minimise the code length KL + the pixels' bits. Writes a
+    new member to --out (config.json, ckpt/, context/levels-K.npz, joint.json); a family directory holding it
+    measures and picks it like any member. Its reconstruction network (``--recon-epochs``, 0 for none) starts
+    from the source's, if it has one."""
+    from vaestream import data
+    from vaestream.coding import bb_context, bb_joint
+    from vaestream.errors import ConfigError
+
+    if (Path(a.out) / "config.json").exists():
+        raise ConfigError(f"{a.out}: already a model directory; choose a new --out")
+    model = _bits_back_coder(a.model).model
+    path = bb_context.context_path(a.model, a.levels)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: train the context model for K = {a.levels} first "
+                          "(vaestream train-context)")
+    source = bb_context.ContextModel.load(path)
+    records = data.load_records(a.data, a.split, key=a.key)[: a.n]
+    held = data.load_records(a.data, "test", key=a.key)[: a.held_out] if a.held_out else None
+    t0 = time.time()
+    member, cm = bb_joint.train_joint(model, records, source.without_reconstruction(), epochs=a.epochs,
+                                      batch_size=a.batch_size, learning_rate=a.learning_rate, seed=a.seed,
+                                      held_out=held, log=lambda r: print(json.dumps({"levels": a.levels, **r}),
+                                                                         flush=True))
+    cm.meta["train_seconds"] = round(time.time() - t0, 1)
+    if a.recon_epochs:
+        t0 = time.time()
+        init = source if source.has_reconstruction else None
+        cm = bb_context.train_reconstruction(
+            member, records, cm, window=init.recon_window if init else bb_context.DEFAULT_RECON_WINDOW,
+            hidden=tuple(w.shape[1] for w, _ in init.recon[:-1]) if init else bb_context.DEFAULT_RECON_HIDDEN,
+            epochs=a.recon_epochs, seed=a.seed, held_out=held, init=init,
+            log=lambda r: print(json.dumps({"levels": a.levels, "recon": r}), flush=True))
+        cm.meta["reconstruction"]["train_seconds"] = round(time.time() - t0, 1)
+    out = bb_joint.save_member(a.out, member, cm, {"source": str(a.model), "data": a.data, "n": int(len(records))})
+    print(json.dumps({"levels": a.levels, "member": str(out), "fingerprint": member.fingerprint()[:16],
+                      "digest": cm.digest()[:16], **cm.meta}), flush=True)
+    return 0
+
+
 def cmd_decompress(a: argparse.Namespace) -> int:
     """Decompress a vaestream container into a .npy of reconstructions (and optionally a PNG grid)."""
     _check_model_or_family(a)
@@ -401,6 +442,22 @@ def add_subcommands(sub) -> None:
                    help="keep the directory's context models for these K and train only their reconstruction networks "
                         "(streams coded before stay decodable, except 'learned' ones, which name the old network)")
     p.set_defaults(func=cmd_train_context)
+
+    p = sub.add_parser("train-joint", help="fine-tune a bits-back member with its pixel context model for one K",
+                       description=cmd_train_joint.__doc__)
+    _model_and_records(p, "a beta_binomial bits-back model directory with a context model for --levels",
+                       "8-bit pictures")
+    p.add_argument("--levels", type=int, required=True, help="the K whose context model is fine-tuned with it")
+    p.add_argument("--out", required=True, help="the new member's directory (e.g. FAMILY/bitsback-k3)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", type=int, default=0,
+                   help="measure bits per record on the first N test records before and after each epoch")
+    p.add_argument("--recon-epochs", type=int, default=2,
+                   help="epochs of the new member's reconstruction network (from the source's); 0: none")
+    p.set_defaults(func=cmd_train_joint)
 
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",
                        description=cmd_decompress.__doc__)

@@ -482,11 +482,18 @@ def _chain_cells(coder, lv: np.ndarray, rng, sample: bool, chunk: int = 1024):
         yield b, coder._likelihood(np.rint(z).astype(np.int64), len(b), lbits)
 
 
-def _tf_layers(sizes, seed: int):
+def _tf_layers(sizes, seed: int, init=None):
     """TensorFlow variables of an MLP with layer ``sizes``: (weights, biases); the weights scaled normal (the
-    last layer's zero, so training starts from the base model), the biases zero."""
+    last layer's zero, so training starts from the base model), the biases zero. ``init``, a network's
+    ``[(W, b), ...]`` of these sizes, starts them there instead."""
     import tensorflow as tf
 
+    if init is not None:
+        got = [int(init[0][0].shape[0])] + [int(w.shape[1]) for w, _ in init]
+        if got != [int(v) for v in sizes]:
+            raise ConfigError(f"cannot start a network of layer sizes {list(sizes)} from one of {got}")
+        return ([tf.Variable(np.asarray(w, np.float32)) for w, _ in init],
+                [tf.Variable(np.asarray(b, np.float32)) for _, b in init])
     g = tf.random.Generator.from_seed(seed)
     ws, bs = [], []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -494,6 +501,34 @@ def _tf_layers(sizes, seed: int):
         ws.append(tf.Variable(tf.zeros((a, b)) if last else g.normal((a, b)) * np.sqrt(1.0 / a)))
         bs.append(tf.Variable(tf.zeros(b)))
     return ws, bs
+
+
+def _context_bits(ws, bs, window: int, lv, logp, e):
+    """The context network in TensorFlow, as trained: level images ``lv`` int ``[n, H, W]``, the base model's
+    ``log P_base`` (nats, float32 ``[n, H W, K]``) and expected levels (float32 ``[n, H, W]``) -> each record's
+    pixel code length ``-sum_p log2 P(l_p | z, l_<p)``, bits ``[n]``. The first layer runs as convolutions (a
+    masked one over the one-hot levels, a full one over the expected levels) whose kernels are the rows of the
+    weight matrix the coder reads (:meth:`ContextModel.features` gives the layout)."""
+    import tensorflow as tf
+
+    k = int(logp.shape[-1])
+    c = window // 2
+    offsets, full = causal_offsets(window), window_offsets(window)
+    nc = len(offsets) * k
+    w1 = ws[0]
+    h1 = int(w1.shape[1])
+    kc = tf.scatter_nd([[dy + c, dx + c] for dy, dx in offsets], tf.reshape(w1[:nc], (len(offsets), k, h1)),
+                       (window, window, k, h1))
+    kf = tf.scatter_nd([[dy + c, dx + c] for dy, dx in full], tf.reshape(w1[nc:nc + window ** 2],
+                                                                          (window ** 2, 1, h1)),
+                       (window, window, 1, h1))
+    d = int(logp.shape[1])
+    x = tf.nn.conv2d(tf.one_hot(lv, k), kc, 1, "SAME") + tf.nn.conv2d(e[..., None], kf, 1, "SAME")
+    x = tf.reshape(x, (-1, d, h1)) + tf.matmul(logp, w1[nc + window ** 2:]) + bs[0]
+    for w, b in zip(ws[1:], bs[1:]):
+        x = tf.matmul(tf.nn.elu(x), w) + b
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.reshape(lv, (-1, d)), logp + x)
+    return tf.reduce_sum(ce, axis=1) / np.log(2.0)
 
 
 def _run_epochs(epochs: int, n: int, batch_size: int, rng, draw, batch_step, loss_key: str, measure, log) -> dict:
@@ -560,27 +595,12 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
             es.append(e.reshape(len(b), hh, ww).astype(np.float32))
         return np.concatenate(logps), np.concatenate(es), bits / len(lv)
 
-    c = window // 2
-    offsets, full = causal_offsets(window), window_offsets(window)
-    nc = len(offsets) * k
     ws, bs = _tf_layers([num_features(window, k), *hidden, k], seed)
     variables = ws + bs
     scale = float(2.0 ** -FEATURE_BITS)
-    idx_c = tf.constant([[dy + c, dx + c] for dy, dx in offsets])
-    idx_f = tf.constant([[dy + c, dx + c] for dy, dx in full])
 
     def code_bits(lv, logp, e):  # the pixels' code length of a batch, bits (summed)
-        w1 = ws[0]
-        h1 = hidden[0] if hidden else k
-        kc = tf.scatter_nd(idx_c, tf.reshape(w1[:nc], (len(offsets), k, h1)), (window, window, k, h1))
-        kf = tf.scatter_nd(idx_f, tf.reshape(w1[nc:nc + window ** 2], (window ** 2, 1, h1)), (window, window, 1, h1))
-        x = tf.nn.conv2d(tf.one_hot(lv, k), kc, 1, "SAME") + tf.nn.conv2d(e[..., None] * scale, kf, 1, "SAME")
-        x = tf.reshape(x, (-1, d, h1)) + tf.matmul(logp * scale, w1[nc + window ** 2:]) + bs[0]
-        for w, b in zip(ws[1:], bs[1:]):
-            x = tf.matmul(tf.nn.elu(x), w) + b
-        logits = logp * scale + x
-        y = tf.reshape(lv, (-1, d))
-        return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) / np.log(2.0)
+        return tf.reduce_sum(_context_bits(ws, bs, window, lv, logp * scale, e * scale))
 
     steps_per_epoch = max(1, -(-len(lv_train) // batch_size))
     sched = tf.keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch * int(epochs), 0.1)
@@ -618,9 +638,11 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
 def train_reconstruction(model, records: np.ndarray, context: ContextModel, window: int = DEFAULT_RECON_WINDOW,
                          hidden: tuple[int, ...] = DEFAULT_RECON_HIDDEN, epochs: int = 4, batch_size: int = 64,
                          learning_rate: float = 1e-3, seed: int = 0, held_out: np.ndarray | None = None,
-                         log: Callable[[dict], None] | None = None) -> ContextModel:
+                         log: Callable[[dict], None] | None = None, init: ContextModel | None = None) -> ContextModel:
     """Fit the reconstruction network of ``context`` (a :class:`ContextModel` of the bits-back model ``model``,
     frozen) on ``records`` (8-bit pictures): returns ``context`` with it (:meth:`ContextModel.with_reconstruction`).
+    ``init``, a context model with a reconstruction network of this window and these layer sizes (e.g. that of
+    the model ``model`` was fine-tuned from, :mod:`vaestream.coding.bb_joint`), starts training from its network.
 
     Each epoch draws a fresh z per record from the coder's discretised posterior Q(z | level image) (the z a
     chain pops), computes the base means m = E[n | level, z] exactly as the decoder does, and minimises the
@@ -659,7 +681,9 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
 
     window = int(window)
     n_look = window ** 2 * k
-    ws, bs = _tf_layers([recon_features(window, k), *hidden, 1], seed)
+    if init is not None and (not init.has_reconstruction or init.recon_window != window or init.levels != k):
+        raise ConfigError(f"init: a reconstruction network for K = {k} with a {window} x {window} window is needed")
+    ws, bs = _tf_layers([recon_features(window, k), *hidden, 1], seed, None if init is None else init.recon)
     variables = ws + bs
     h1 = hidden[0] if hidden else 1
     scale = float(2.0 ** -FEATURE_BITS)
@@ -704,6 +728,6 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
                       lambda: dict(zip(("held_out_psnr_db", "mean_psnr_db"), measure(lv_held))), log)
     recon = [(w.numpy(), b.numpy()) for w, b in zip(ws, bs)]
     meta = {"trained_on": int(len(lv_train)), "epochs": int(epochs), "hidden": list(hidden), "seed": seed,
-            "learning_rate": learning_rate,
+            "learning_rate": learning_rate, **({} if init is None else {"init": init.digest()[:16]}),
             **{k2: row[k2] for k2 in ("held_out_psnr_db", "mean_psnr_db") if k2 in row}}
     return context.with_reconstruction(recon, window, meta)
