@@ -124,3 +124,37 @@ def bb_model(tmp_path_factory, mnist_train):
 def bern_model(tmp_path_factory, mnist_train):
     """A 784-200-10 Bernoulli VAE trained for 400 steps on statically binarised MNIST."""
     return _train_discrete(tmp_path_factory, mnist_train[:30000], "bernoulli", binarize="static")
+
+
+@pytest.fixture(scope="session")
+def ctx_member(bb_model, mnist_train, mnist_test, tmp_path_factory):
+    """The session's beta-binomial model (bb_model) copied to a member directory, with a context model for K = 4 trained
+    on 3,000 real MNIST training images (2 epochs, a 5 x 5 window), measured on 300 test images."""
+    import shutil
+
+    from vaestream.coding import bb_context
+
+    model, src = bb_model
+    d = tmp_path_factory.mktemp("ctx") / "bitsback"
+    shutil.copytree(src, d)
+    cm = bb_context.train_context(model, mnist_train[:3000], 4, window=5, hidden=(32, 32), epochs=2,
+                                  held_out=mnist_test[:300], seed=1)
+    cm.save(d)
+    return model, d, cm
+
+
+@pytest.fixture(scope="session")
+def recon_member(ctx_member, mnist_train, mnist_test, tmp_path_factory):
+    """``ctx_member``'s context model with a reconstruction network (5 x 5 window, 16 units, 2 epochs on 3,000
+    real MNIST training images), in a member directory of its own."""
+    import shutil
+
+    from vaestream.coding import bb_context
+
+    model, src, cm = ctx_member
+    d = tmp_path_factory.mktemp("recon") / "bitsback"
+    shutil.copytree(src, d)
+    rc = bb_context.train_reconstruction(model, mnist_train[3000:6000], cm, window=5, hidden=(16,), epochs=2,
+                                         held_out=mnist_test[:300], seed=2)
+    rc.save(d)
+    return model, d, rc

@@ -20,19 +20,6 @@ from vaestream.errors import BitstreamError, ConfigError, ModelError, ModelMisma
 K = 4
 
 
-@pytest.fixture(scope="session")
-def ctx_member(bb_model, mnist_train, mnist_test, tmp_path_factory):
-    """The conftest's beta-binomial model copied to a member directory, with a context model for K = 4 trained
-    on 3,000 real MNIST training images (2 epochs, a 5 x 5 window), measured on 300 test images."""
-    model, src = bb_model
-    d = tmp_path_factory.mktemp("ctx") / "bitsback"
-    shutil.copytree(src, d)
-    cm = bb_context.train_context(model, mnist_train[:3000], K, window=5, hidden=(32, 32), epochs=2,
-                                  held_out=mnist_test[:300], seed=1)
-    cm.save(d)
-    return model, d, cm
-
-
 def test_a_context_model_codes_level_images_in_fewer_bits_and_round_trips_exactly(ctx_member, mnist_test):
     model, d, cm = ctx_member
     x = mnist_test[300:600]
@@ -224,19 +211,6 @@ def test_the_beam_jobs_code_with_the_directorys_context_model_and_only_it_decode
 # ------------------------------------------------------------------------------------------------------------
 # learned reconstruction
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def recon_member(ctx_member, mnist_train, mnist_test, tmp_path_factory):
-    """``ctx_member``'s context model with a reconstruction network (5 x 5 window, 16 units, 2 epochs on 3,000
-    real MNIST training images), in a member directory of its own."""
-    model, src, cm = ctx_member
-    d = tmp_path_factory.mktemp("recon") / "bitsback"
-    shutil.copytree(src, d)
-    rc = bb_context.train_reconstruction(model, mnist_train[3000:6000], cm, window=5, hidden=(16,), epochs=2,
-                                         held_out=mnist_test[:300], seed=2)
-    rc.save(d)
-    return model, d, rc
-
-
 def test_a_learned_reconstruction_gains_psnr_at_the_same_bits_and_the_decoder_returns_it(recon_member, mnist_test):
     model, d, rc = recon_member
     x = mnist_test[300:600].reshape(300, -1)
