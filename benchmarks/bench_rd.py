@@ -126,17 +126,20 @@ def _rates(compress, decompress, batch, reps: int) -> dict:
     return {"compress": reps * len(batch) / (t1 - t0), "decompress": reps * len(batch) / (t2 - t1)}
 
 
-def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False) -> dict:
+def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False, only=None) -> dict:
     """Records/s of compress / decompress per model on 1,000 records (lossy members at quality 1, the bits-back
     member at 8 levels: max error 18, with and without its context model, and with its learned reconstruction
     at the largest K <= 8 that has one; with ``rdo`` also each lossy member's rate-distortion optimised encoding
     at quality 2, rdo_lmbda = its lmbda), and Pillow WebP (quality 50, method 6 and method 4; per image and one
-    tiled picture) on the same records, in the same run."""
+    tiled picture) on the same records, in the same run. ``only``: the names of the members to time (default
+    all)."""
     from vaestream.coding import codec, family, peers
 
     batch = imgs[:1000]
     out = {}
     for d in family.members(fam):
+        if only is not None and d.name not in only:
+            continue
         if family.is_near_lossless(d):
             coder = family.near_lossless_coder(d, 8)
             out[f"{d.name}_levels8"] = _rates(coder.compress, coder.decompress, batch, reps)
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
                         "points of every member not named by --measure are taken from it, and only those members "
                         "are measured again")
     p.add_argument("--measure", nargs="+", default=["bitsback"],
-                   help="with --reuse: the members to measure again (default: bitsback)")
+                   help="with --reuse: the members to measure again, and to time (default: bitsback)")
     args = p.parse_args(argv)
     from vaestream.coding import rdcurve
     from vaestream.data import load_records
@@ -248,7 +251,11 @@ def main(argv=None) -> int:
         if args.compare_only:
             from vaestream.coding import family
 
-            training = [{"model": d.name, **json.loads((d / "bench_training.json").read_text())}
+            from vaestream.coding.bb_joint import JOINT_FILE
+
+            # a member bench_rd trained has bench_training.json; one vaestream train-joint wrote, joint.json
+            training = [{"model": d.name, **json.loads(next(f for f in (d / "bench_training.json", d / JOINT_FILE)
+                                                             if f.is_file()).read_text())}
                         for d in family.members(fam)]
         else:
             training = train_family(root, fam, args)
@@ -263,7 +270,8 @@ def main(argv=None) -> int:
             res["compare_seconds"] = round(time.perf_counter() - t0, 1)
             r["plot"] = str(rdcurve.plot(r, out / f"rd_{name}.png", f"{name}: RD family, {len(imgs)} test images"))
             res.update(r)
-            res["throughput_records_per_s"] = throughput(fam, imgs, rdo=args.rdo)
+            res["throughput_records_per_s"] = throughput(fam, imgs, rdo=args.rdo,
+                                                         only=args.measure if args.reuse else None)
         report["results"].append(res)
     text = json.dumps(report, indent=1, default=str)
     (out / "bench_rd.json").write_text(text)
