@@ -17,7 +17,9 @@ where ``f`` is a small MLP and ``c_p`` the *context* of pixel p (:meth:`ContextM
 
 The decoder network's z describes the picture's shape; the context describes what it cannot, the texture and
 the exact course of edges. On 2,000 Fashion-MNIST test images at K = 6 a 7 x 7 context took the pixels' code
-from 510 to ~390 bits per image (benchmarks/RESULTS_coder.md, run 6).
+from 510 to ~390 bits per image (benchmarks/RESULTS_coder.md, run 6). The member itself was trained for
+pixels independent given z; :mod:`vaestream.coding.bb_joint` fine-tunes it together with its context model, so
+that its z stops paying for what the context predicts (run 8).
 
 **Coding.** The encoder knows every level, so it computes every pixel's context at once and pushes the
 group's pixels in one call, in *position-major* order (pixel 0 of every record of the group, then pixel 1, ...).
