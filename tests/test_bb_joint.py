@@ -59,7 +59,7 @@ def test_the_float_training_loss_is_the_code_length_the_exact_coder_computes(joi
     logp, e = bb_joint.level_log_probs(p["log_alpha"], p["log_beta"], K)
     ws = [tf.constant(w) for w, _ in cm.layers]
     bs = [tf.constant(b) for _, b in cm.layers]
-    trained = float(np.mean(bb_context._context_bits(ws, bs, cm.window, tf.reshape(lv, (-1, 28, 28)), logp,
+    trained = float(np.mean(bb_context.context_code_bits(ws, bs, cm.window, tf.reshape(lv, (-1, 28, 28)), logp,
                                                      tf.reshape(e, (-1, 28, 28)))))
     assert trained == pytest.approx(exact, rel=5e-3)
     # the base rows alone agree too: the float pmf summed over each level's counts is the grid's row

@@ -464,7 +464,7 @@ def stream_context(fingerprint: bytes, model_fingerprint: str,
 # ------------------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------------------
-def _level_images(x, levels: int, d: int) -> np.ndarray:
+def level_images(x, levels: int, d: int) -> np.ndarray:
     """8-bit pictures ``[N, H, W]`` or ``[N, D]`` -> their level images, int32 ``[N, D]``."""
     x = np.asarray(x)
     if x.dtype != np.uint8 or x.ndim not in (2, 3) or int(np.prod(x.shape[1:])) != d:
@@ -484,7 +484,7 @@ def _chain_cells(coder, lv: np.ndarray, rng, sample: bool, chunk: int = 1024):
         yield b, coder._likelihood(np.rint(z).astype(np.int64), len(b), lbits)
 
 
-def _tf_layers(sizes, seed: int, init=None):
+def tf_layers(sizes, seed: int, init=None):
     """TensorFlow variables of an MLP with layer ``sizes``: (weights, biases); the weights scaled normal (the
     last layer's zero, so training starts from the base model), the biases zero. ``init``, a network's
     ``[(W, b), ...]`` of these sizes, starts them there instead."""
@@ -505,7 +505,7 @@ def _tf_layers(sizes, seed: int, init=None):
     return ws, bs
 
 
-def _context_bits(ws, bs, window: int, lv, logp, e):
+def context_code_bits(ws, bs, window: int, lv, logp, e):
     """The context network in TensorFlow, as trained: level images ``lv`` int ``[n, H, W]``, the base model's
     ``log P_base`` (nats, float32 ``[n, H W, K]``) and expected levels (float32 ``[n, H, W]``) -> each record's
     pixel code length ``-sum_p log2 P(l_p | z, l_<p)``, bits ``[n]``. The first layer runs as convolutions (a
@@ -533,7 +533,7 @@ def _context_bits(ws, bs, window: int, lv, logp, e):
     return tf.reduce_sum(ce, axis=1) / np.log(2.0)
 
 
-def _run_epochs(epochs: int, n: int, batch_size: int, rng, draw, batch_step, loss_key: str, measure, log) -> dict:
+def run_epochs(epochs: int, n: int, batch_size: int, rng, draw, batch_step, loss_key: str, measure, log) -> dict:
     """The training loop of both networks: each epoch ``draw()``s the z-dependent inputs afresh, then runs
     ``batch_step(indices, drawn)`` (the batch's mean loss) over a random permutation of the ``n`` records; logs
     ``{"epoch", loss_key, "seconds", **measure()}``. Returns the last epoch's row."""
@@ -582,8 +582,8 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
     coder = LosslessCoder(model, levels=levels)
     k, (hh, ww) = int(levels), cfg.input_shape
     d = hh * ww
-    lv_train = _level_images(records, k, d)
-    lv_held = _level_images(held_out, k, d) if held_out is not None and len(held_out) else None
+    lv_train = level_images(records, k, d)
+    lv_held = level_images(held_out, k, d) if held_out is not None and len(held_out) else None
     rng = np.random.default_rng(seed)
 
     def base(lv, sample: bool):
@@ -597,12 +597,12 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
             es.append(e.reshape(len(b), hh, ww).astype(np.float32))
         return np.concatenate(logps), np.concatenate(es), bits / len(lv)
 
-    ws, bs = _tf_layers([num_features(window, k), *hidden, k], seed)
+    ws, bs = tf_layers([num_features(window, k), *hidden, k], seed)
     variables = ws + bs
     scale = float(2.0 ** -FEATURE_BITS)
 
     def code_bits(lv, logp, e):  # the pixels' code length of a batch, bits (summed)
-        return tf.reduce_sum(_context_bits(ws, bs, window, lv, logp * scale, e * scale))
+        return tf.reduce_sum(context_code_bits(ws, bs, window, lv, logp * scale, e * scale))
 
     steps_per_epoch = max(1, -(-len(lv_train) // batch_size))
     sched = tf.keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch * int(epochs), 0.1)
@@ -627,7 +627,7 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
         logp, e, _ = drawn
         return step(lv_train[j].reshape(-1, hh, ww), logp[j], e[j])
 
-    row = _run_epochs(int(epochs), len(lv_train), batch_size, rng, lambda: base(lv_train, True), batch_step,
+    row = run_epochs(int(epochs), len(lv_train), batch_size, rng, lambda: base(lv_train, True), batch_step,
                       "train_bits", None if lv_held is None else
                       lambda: dict(zip(("held_out_bits", "base_bits"), measure(lv_held))), log)
     layers = [(w.numpy(), b.numpy()) for w, b in zip(ws, bs)]
@@ -671,9 +671,9 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
     if (hh, ww) != tuple(context.shape):
         raise ConfigError(f"context model shape {context.shape} is not the model's input shape {cfg.input_shape}")
     d = hh * ww
-    lv_train = _level_images(records, k, d)
+    lv_train = level_images(records, k, d)
     x_train = np.asarray(records).reshape(len(lv_train), hh, ww).astype(np.float32)
-    lv_held = _level_images(held_out, k, d) if held_out is not None and len(held_out) else None
+    lv_held = level_images(held_out, k, d) if held_out is not None and len(held_out) else None
     rng = np.random.default_rng(seed)
     lo, hi = level_spans(k)
 
@@ -685,7 +685,7 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
     n_look = window ** 2 * k
     if init is not None and (not init.has_reconstruction or init.recon_window != window or init.levels != k):
         raise ConfigError(f"init: a reconstruction network for K = {k} with a {window} x {window} window is needed")
-    ws, bs = _tf_layers([recon_features(window, k), *hidden, 1], seed, None if init is None else init.recon)
+    ws, bs = tf_layers([recon_features(window, k), *hidden, 1], seed, None if init is None else init.recon)
     variables = ws + bs
     h1 = hidden[0] if hidden else 1
     scale = float(2.0 ** -FEATURE_BITS)
@@ -725,7 +725,7 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
     def batch_step(j, m):
         return step(lv_train[j].reshape(-1, hh, ww), m[j], x_train[j])
 
-    row = _run_epochs(int(epochs), len(lv_train), batch_size, rng, lambda: means(lv_train, True), batch_step,
+    row = run_epochs(int(epochs), len(lv_train), batch_size, rng, lambda: means(lv_train, True), batch_step,
                       "train_mse", None if lv_held is None else
                       lambda: dict(zip(("held_out_psnr_db", "mean_psnr_db"), measure(lv_held))), log)
     recon = [(w.numpy(), b.numpy()) for w, b in zip(ws, bs)]

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from vaestream.coding.bb_context import ContextModel, _context_bits, _level_images, _run_epochs, _tf_layers
+from vaestream.coding.bb_context import ContextModel, context_code_bits, level_images, run_epochs, tf_layers
 from vaestream.coding.bb_tables import GRID_U, GRID_V, level_spans, pixel_levels
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import ConfigError, ModelError
@@ -106,14 +106,14 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
                           f"{learning_rate}")
     k, (hh, ww) = context.levels, tuple(cfg.input_shape)
     d = hh * ww
-    lv_train = _level_images(records, k, d)
-    lv_held = _level_images(held_out, k, d) if held_out is not None and len(held_out) else None
+    lv_train = level_images(records, k, d)
+    lv_held = level_images(held_out, k, d) if held_out is not None and len(held_out) else None
 
     member = VAE(cfg)
     for dst, src in zip(member.weights(), model.weights()):
         dst.assign(src)
     sizes = [int(context.layers[0][0].shape[0])] + [int(w.shape[1]) for w, _ in context.layers]
-    ws, bs = _tf_layers(sizes, seed, context.layers)
+    ws, bs = tf_layers(sizes, seed, context.layers)
     variables = ws + bs + member.weights()
     # the encoder sees a level image as the coder shows it: each level's count, scaled as in training
     inputs = tf.constant((pixel_levels(k)[0].astype(np.float64) / DISCRETE_LEVELS).astype(np.float32))
@@ -126,7 +126,7 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
         kl = tf.reduce_sum(mean ** 2 + tf.exp(2.0 * log_scale) - 1.0 - 2.0 * log_scale, axis=1) / (2.0 * log2)
         p = member.decoder_params(mean + tf.exp(log_scale) * eps)
         logp, e = level_log_probs(p["log_alpha"], p["log_beta"], k)
-        pix = _context_bits(ws, bs, context.window, tf.reshape(lv, (-1, hh, ww)), logp, tf.reshape(e, (-1, hh, ww)))
+        pix = context_code_bits(ws, bs, context.window, tf.reshape(lv, (-1, hh, ww)), logp, tf.reshape(e, (-1, hh, ww)))
         return kl, pix
 
     steps = max(1, -(-len(lv_train) // int(batch_size))) * int(epochs)
@@ -157,7 +157,7 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
             log({"epoch": 0, **before})
     rng = np.random.default_rng(seed)
     t0 = time.time()
-    row = _run_epochs(int(epochs), len(lv_train), int(batch_size), rng, lambda: None,
+    row = run_epochs(int(epochs), len(lv_train), int(batch_size), rng, lambda: None,
                       lambda j, _: step(lv_train[j]), "train_bits", None if lv_held is None else measure, log)
     meta = {"trained_on": int(len(lv_train)), "epochs": int(epochs), "hidden": sizes[1:-1],
             "learning_rate": learning_rate, "seed": seed, "model_fingerprint": member.fingerprint(),
