@@ -123,7 +123,7 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
     def code_length(lv, eps):
         """Level images int ``[n, D]``, standard normal ``[n, Nz]`` -> (KL bits ``[n]``, pixel bits ``[n]``)."""
         mean, log_scale = member.encoder_params(tf.gather(inputs, lv))
-        kl = tf.reduce_sum(mean ** 2 + tf.exp(2.0 * log_scale) - 1.0 - 2.0 * log_scale, axis=1) / (2.0 * log2)
+        kl = member.posterior(mean, log_scale).kl_divergence(member.prior) / log2
         p = member.decoder_params(mean + tf.exp(log_scale) * eps)
         logp, e = level_log_probs(p["log_alpha"], p["log_beta"], k)
         pix = context_code_bits(ws, bs, context.window, tf.reshape(lv, (-1, hh, ww)), logp, tf.reshape(e, (-1, hh, ww)))

@@ -221,24 +221,21 @@ def chain_ramp(mean: np.ndarray, std: np.ndarray, latent_bits: int, range_bits: 
     """The ramp (:func:`group_sizes`) a frame coded with a pixel context model needs, from its posteriors
     (``mean``, ``std`` in buckets, ``[n * Nz]`` each, as :meth:`LosslessCoder._posterior` gives them).
 
-    Group ``t + 1`` pops its latents from the top of the stack: first the bits group ``t``'s latents wrote
-    with the prior, about ``g_t (H + KL)`` (``H`` the posterior's entropy on the grid, ``KL`` its divergence from
-    the prior, bits per record), then group ``t``'s pixels. A context model codes a picture's first positions
-    (background) at probabilities within 2^-20 of 1, pushed position-major, so the top of the pixels' code is
-    thousands of near-certain symbols: they add almost no bits, and popping a latent there reads an ANS state
-    whose low bits they have not mixed. Such draws do not follow Q (measured on Fashion-MNIST, K = 3: their
-    z-scores' spread 1.6-2.2 instead of 1 in groups that outgrow the previous one twice), and the chain pays
-    for every draw that misses: 315 instead of 292 bits per image on 1,000 test images. So a group may outgrow
-    the previous one only by what its latents' prior code leaves over: ``g_{t+1} H <= g_t (H + KL)``, a
-    factor ``1 + 2^-r <= 1 + margin KL / H``. Returns the smallest such ``r`` (0 when doubling is safe, at
-    most :data:`MAX_RAMP`)."""
+    Group ``t + 1`` pops its latents from the top of the stack: first the ~``g_t (H + KL)`` bits group ``t``'s
+    latents wrote with the prior (``H`` the posterior's entropy on the grid, ``KL`` its divergence from the
+    prior, bits per record), then group ``t``'s pixels. A context model pushes a picture's first (background)
+    positions, position-major, within 2^-20 of probability 1: thousands of symbols that add almost no bits and
+    leave the ANS state's low bits unmixed, so latents popped there miss Q (Fashion-MNIST, K = 3, doubling
+    groups: z-scores spread 1.6-2.2, 315 instead of 292 bits per image). So a group may outgrow the previous
+    one only by what the prior code leaves over, ``g_{t+1} H <= g_t (H + KL)``: a factor ``1 + 2^-r <= 1 +
+    margin KL / H``. Returns the smallest such ``r`` (0 when doubling is safe, at most :data:`MAX_RAMP`)."""
     delta = np.ldexp(1.0, -latent_step_bits(latent_bits, range_bits))
     mu, sigma = np.asarray(mean) * delta, np.asarray(std) * delta
     kl = float(np.sum(0.5 * (mu * mu + sigma * sigma - 1.0) - np.log(sigma))) / np.log(2.0)
     h = float(np.sum(np.maximum(np.log2(np.asarray(std) * np.sqrt(2.0 * np.pi * np.e)), 0.0)))
     if h <= 0.0 or margin * kl >= h:
         return 0
-    return int(min(MAX_RAMP, max(0, np.ceil(np.log2(h / (margin * max(kl, 1e-9)))))))
+    return int(min(MAX_RAMP, np.ceil(np.log2(h / (margin * max(kl, 1e-9))))))
 
 
 def seed_words(count: int) -> np.ndarray:
@@ -604,7 +601,7 @@ class LosslessCoder:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
         tag, fmt, lbits, group, layout, rb, lv, recon, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
         rb += DEFAULT_RANGE_BITS
-        with_context, ramp, recon = bool(recon & CONTEXT_FLAG), (recon >> RAMP_SHIFT) & 7, recon & 0x0F
+        with_context, ramp, recon = bool(recon & CONTEXT_FLAG), (recon >> RAMP_SHIFT) & MAX_RAMP, recon & 0x0F
         if tag != FRAME_TAG:
             raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
         if fmt != FORMAT:
@@ -614,7 +611,7 @@ class LosslessCoder:
                 or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed
                 or (lv and not MIN_LEVELS <= lv <= MAX_LEVELS)
                 or (lv and self.config.likelihood != "beta_binomial") or recon >= len(RECONSTRUCTIONS)
-                or (recon and not lv) or ramp > MAX_RAMP):
+                or (recon and not lv)):
             raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut}, "
                                  f"levels {lv or EXACT_LEVELS}, reconstruction {recon}, ramp {ramp})")
         if ramp and not with_context:
