@@ -685,6 +685,34 @@ class LosslessCoder:
         computed while coding (needed for ``reconstruction="mean"``, whose counts depend on the chain's z)."""
         return self._compress(records, name, True)
 
+    def record_bits(self, records: Any, name: str = "input") -> np.ndarray:
+        """Each record's code length estimated on its own, bits, float64 ``[B]`` (near-lossless coders):
+
+            KL( Q(z | l) || N(0, I) ) + sum_p -log2 P(l_p | z, l_<p)   at z = Q's mean
+
+        with the rows this coder pushes (its context model's, if it codes this K with one). A chain pays about
+        the sum (the z it pops varies around the mean): what a per-record choice of operating point weighs
+        (:mod:`vaestream.coding.mixed`)."""
+        if self.levels == EXACT_LEVELS:
+            raise ConfigError("record_bits is for near-lossless coders (levels=K)")
+        x, _ = self._records(records, name)
+        lbits, self._rb = self.latent_bits, self.range_bits
+        self._set_levels(self.levels)
+        step = 2.0 ** -latent_step_bits(lbits, self._rb)
+        out = []
+        for s in range(0, len(x), self.frame_records):
+            lv = pixel_levels(self.levels)[1][x[s:s + self.frame_records].astype(np.int64)]
+            g = len(lv)
+            mean, std = self._posterior(lv, lbits)
+            m, sd = (mean * step).reshape(g, -1), (std * step).reshape(g, -1)
+            kl = np.sum(0.5 * (m ** 2 + sd ** 2 - 1.0) - np.log(sd), axis=1) / math.log(2.0)
+            lik = self._likelihood(np.rint(mean).astype(np.int64), g, lbits)
+            rows = (self.context.rows_all(level_rows(lik, self.levels), lv.reshape(-1)) if self.context is not None
+                    else level_rows(lik, self.levels).astype(np.float64)).reshape(g, -1, self.levels)
+            p = np.take_along_axis(rows, lv.reshape(g, -1, 1), axis=2)[..., 0]
+            out.append(kl - np.log2(np.maximum(p, 2.0 ** -60)).sum(axis=1))
+        return np.concatenate(out) if out else np.zeros((0,), np.float64)
+
     def _compress(self, records: Any, name: str, reconstruct: bool) -> tuple[bytes, np.ndarray | None]:
         x, layout = self._records(records, name)
         recon = np.empty(x.shape, np.uint8) if reconstruct else None

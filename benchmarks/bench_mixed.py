@@ -1,0 +1,97 @@
+"""Per-record operating points (`vaestream.coding.mixed`) over a family, against the peers of an earlier bench_rd run.
+
+    python benchmarks/bench_mixed.py --family runs/rd9/family-fashion-mnist --data fashion-mnist --n 10000 \
+        --reuse benchmarks/results/rd_run8_joint.json --out runs/rd9
+
+Measures every candidate point of the family on the first N test records, then for each PSNR target codes the
+records per record (`mixed.compress_to`: real streams, real bits, the delivered PSNR and SSIM). The per-record
+points join the reused run's points (its family's single operating points) and are compared with its peers'
+curves (same records): BD-rates over 18-32 dB, bits at each PSNR. One stream is decoded again and checked
+against what the encoder reported; encode and decode records/s are timed on it. Prints one JSON object and
+writes a plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", required=True)
+    p.add_argument("--data", required=True, help="'fashion-mnist', an MNIST-layout directory or a file")
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--reuse", required=True, help="a bench_rd result on the same records (peers, single points)")
+    p.add_argument("--targets", type=float, nargs="+", default=[19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32])
+    p.add_argument("--check-target", type=float, default=26.0, help="the target whose stream is decoded and timed")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from vaestream.coding import mixed, rdcurve
+    from vaestream.coding.rdmetrics import bits_at_psnr, ssim
+    from vaestream.data import load_records
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(args.data).name if args.data != "fashion-mnist" else args.data
+    old = next(r for r in json.loads(Path(args.reuse).read_text())["results"] if r["data"] == name)
+    x = load_records(args.data, "test")[: args.n]
+    if old["records"] != len(x):
+        raise SystemExit(f"--reuse measured {old['records']} records, not {len(x)}")
+    xf = x.astype(np.float64) / 255.0
+    t0 = time.time()
+    cands = mixed.candidates(args.family, x, log=lambda r: print(json.dumps(r, default=str), file=sys.stderr, flush=True))
+    cand_s = time.time() - t0
+    points, checked = [], None
+    for target in args.targets:
+        t = time.time()
+        try:
+            blob, x_hat, info = mixed.compress_to(args.family, x, psnr=target, points=cands)
+        except Exception as e:  # out of reach: recorded, not fatal
+            points.append({"target_psnr_db": target, "error": str(e)})
+            continue
+        enc_s = time.time() - t
+        row = {"model": "per-record", "target_psnr_db": target, "bits_per_image": info["bits_per_record"],
+               "bits_per_record": info["bits_per_record"], "psnr_db": info["psnr_db"], "lmbda": info["lmbda"],
+               "ssim": ssim(x_hat.reshape(x.shape).astype(np.float64) / 255.0, xf),
+               "streams": info["streams"], "encode_seconds": round(enc_s, 1)}
+        if target == args.check_target:
+            t = time.time()
+            y = mixed.decompress(args.family, blob)
+            dec_s = time.time() - t
+            mse = float(np.mean((y.reshape(x.shape).astype(np.float64) / 255.0 - xf) ** 2))
+            checked = {"target": target, "decoded_psnr_db": 10 * np.log10(1 / mse),
+                       "matches_encoder": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),
+                       "encode_records_per_s": round(len(x) / enc_s, 1), "decode_records_per_s": round(len(x) / dec_s, 1)}
+        print(json.dumps({k: v for k, v in row.items() if k != "streams"}), file=sys.stderr, flush=True)
+        points.append(row)
+    good = [q for q in points if "error" not in q]
+    single = [q for q in old["points"]]
+    result = rdcurve.summarise(single + good, old["peers"], len(x), tuple(old.get("psnr_range", rdcurve.PSNR_RANGE)))
+    alone = rdcurve.summarise(single, old["peers"], len(x), tuple(old.get("psnr_range", rdcurve.PSNR_RANGE)))
+    best = result["peers"]["best_tiled_jpeg_webp"]
+    ratios = {}
+    for q in (20, 22, 24, 26, 28, 30, 32):
+        ours, before = bits_at_psnr(single + good, q), bits_at_psnr(single, q)
+        ratios[str(q)] = {"ours": ours["bits_per_image"], "single_points": before["bits_per_image"],
+                          "best_tiled": bits_at_psnr(best, q)["bits_per_image"],
+                          "webp_tiled": bits_at_psnr(result["peers"]["webp_tiled"], q)["bits_per_image"]}
+    plot = rdcurve.plot({**result, "points": [{**q, "model": Path(str(q["model"])).name} for q in result["points"]]},
+                        out / f"rd_mixed_{name}.png", f"{name}: {len(x)} test images, per-record points")
+    print(json.dumps({
+        "benchmark": "bench_mixed", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "args": vars(args), "records": len(x),
+        "candidates": len(cands), "candidates_seconds": round(cand_s, 1), "points": points, "check": checked,
+        "bd_rate_pct": result["bd_rate_pct"], "bd_rate_pct_single_points": alone["bd_rate_pct"],
+        "bits_at_psnr": ratios, "envelope": result["envelope"], "plot": str(plot)}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
