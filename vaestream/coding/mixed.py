@@ -18,10 +18,10 @@ from 24 to 31 dB (benchmarks/RESULTS_coder.md, run 9).
 
 Stream ("VM", format 1)::
 
-    "VM" | format u8 (= 1) | layout u8 | records varint | streams varint m | m x (records varint, bytes varint)
-         | map bytes varint | map | CRC32 u32 | m streams
+    "VM" | format u8 (= 1) | record ndim u8 | record shape (ndim varints) | records varint | streams varint m
+         | m x (records varint, bytes varint) | map bytes varint | map | CRC32 u32 | m streams
 
-* ``layout``: 0 records ``[N, D]``, 1 pictures ``[N, H, W]`` (as compressed);
+* the record shape: a record's as compressed (``[D]`` or ``[H, W]``);
 * ``map``: which stream each record is in, in record order: an ANS code (constriction) of N symbols with the
   categorical distribution of the m counts (N H(counts) bits plus at most ~64); empty when m <= 1;
 * the CRC32 covers every byte before it; each stream is an ordinary vaestream container (its own header,
@@ -59,12 +59,13 @@ def is_mixed(blob) -> bool:
     return bytes(blob[:2]) == MAGIC
 
 
-def _pictures(records) -> tuple[np.ndarray, int]:
+def _pictures(records) -> tuple[np.ndarray, tuple[int, ...]]:
+    """uint8 ``[N, D]`` or ``[N, H, W]`` -> (``[N, D]``, a record's shape)."""
     a = np.asarray(records)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or len(a) == 0:
         raise DataError(f"per-record coding takes a batch of 8-bit pictures (uint8 [N, D] or [N, H, W]), got "
                         f"{a.dtype} {a.shape}")
-    return a.reshape(len(a), -1), int(a.ndim == 3)
+    return a.reshape(len(a), -1), tuple(int(s) for s in a.shape[1:])
 
 
 def _to_counts(x_hat) -> np.ndarray:
@@ -225,7 +226,7 @@ def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndar
     (module docstring), what :func:`decompress` returns for it, uint8 ``[N, D]``)."""
     import constriction
 
-    x, layout = _pictures(records)
+    x, shape = _pictures(records)
     j = np.asarray(j, np.int64)
     if j.shape != (len(x),) or j.min() < 0 or j.max() >= len(points):
         raise ConfigError(f"an assignment of {len(x)} records to {len(points)} points, got {j.shape}")
@@ -242,7 +243,7 @@ def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndar
         ans = constriction.stream.stack.AnsCoder()
         ans.encode_reverse(sym, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
         code = np.asarray(ans.get_compressed(), "<u4").tobytes()
-    head = MAGIC + bytes([FORMAT, layout]) + leb128(len(x)) + leb128(len(used))
+    head = MAGIC + bytes([FORMAT, len(shape)]) + b"".join(leb128(s) for s in shape) + leb128(len(x)) + leb128(len(used))
     head += b"".join(leb128(int(c)) + leb128(len(s)) for c, s in zip(counts, streams))
     head += leb128(len(code)) + code
     return head + _CRC.pack(zlib.crc32(head)) + b"".join(streams), x_hat
@@ -262,7 +263,7 @@ def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp:
     goal = psnr
     for _ in range(5):
         ch = choose(points, d, psnr=goal, bpp=bpp)
-        blob, x_hat = compress(points, ch["assignment"], x)
+        blob, x_hat = compress(points, ch["assignment"], records)
         got = psnr_db(float(np.mean(_se(x, x_hat))) / d)
         if psnr is None or got >= psnr:
             break
@@ -276,9 +277,9 @@ def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp:
                   "streams": streams}
 
 
-def read(blob, name: str = "stream") -> tuple[int, list[tuple[int, bytes]], np.ndarray]:
-    """Parse and verify a mixed stream: ``(layout, [(records, container bytes), ...], stream of each record int
-    [N])``. Raises :class:`BitstreamError` naming ``name`` for anything malformed, truncated or corrupt."""
+def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, bytes]], np.ndarray]:
+    """Parse and verify a mixed stream: ``(a record's shape, [(records, container bytes), ...], the stream of each
+    record int [N])``. Raises :class:`BitstreamError` naming ``name`` for anything malformed, truncated or corrupt."""
     import constriction
 
     blob = bytes(blob)
@@ -304,9 +305,11 @@ def read(blob, name: str = "stream") -> tuple[int, list[tuple[int, bytes]], np.n
             if shift > 35:
                 raise BitstreamError(f"{name}: corrupt mixed stream header (an overlong number)")
 
-    fmt, layout = byte(), byte()
-    if fmt != FORMAT or layout > 1:
-        raise BitstreamError(f"{name}: mixed stream format {fmt}, layout {layout}: this reader knows format {FORMAT}")
+    fmt, ndim = byte(), byte()
+    if fmt != FORMAT or ndim not in (1, 2):
+        raise BitstreamError(f"{name}: mixed stream format {fmt}, record ndim {ndim}: this reader knows format "
+                             f"{FORMAT} of 1- or 2-d records")
+    shape = tuple(uvar() for _ in range(ndim))
     n, m = uvar(), uvar()
     if not (1 <= m <= min(MAX_STREAMS, n)) or n > container.MAX_FRAME_RECORDS:
         raise BitstreamError(f"{name}: corrupt mixed stream header ({n} records in {m} streams)")
@@ -328,28 +331,26 @@ def read(blob, name: str = "stream") -> tuple[int, list[tuple[int, bytes]], np.n
     if r.read(1):
         raise BitstreamError(f"{name}: trailing bytes after the last of {m} streams")
     if m == 1:
-        return layout, streams, np.zeros(n, np.int64)
+        return shape, streams, np.zeros(n, np.int64)
     counts = np.array([c for c, _ in streams], np.float64)
     ans = constriction.stream.stack.AnsCoder(np.frombuffer(code, "<u4").copy())
     sym = np.asarray(ans.decode(constriction.stream.model.Categorical(counts / counts.sum(), perfect=False), n),
                      np.int64)
     if not ans.is_empty() or np.any(np.bincount(sym, minlength=m) != counts):
         raise BitstreamError(f"{name}: corrupt mixed stream (its record map does not match its counts)")
-    return layout, streams, sym
+    return shape, streams, sym
 
 
 def decompress(fam: str | os.PathLike, blob, name: str = "stream") -> np.ndarray:
-    """A mixed stream -> its records' reconstructions, uint8 in the layout compressed. Each stream is decoded by
+    """A mixed stream -> its records' reconstructions, uint8 ``[N, *record shape]`` (as compressed). Each stream is decoded by
     the member of ``fam`` that wrote it (:func:`vaestream.coding.family.codec_for`: a stream of a model not in
     the family raises :class:`vaestream.errors.ModelError`)."""
-    layout, streams, sym = read(blob, name)
-    out, shape = None, None
+    shape, streams, sym = read(blob, name)
+    out = np.empty((len(sym), int(np.prod(shape))), np.uint8)
     for i, (c, s) in enumerate(streams):
-        codec = family.codec_for(fam, s)
-        y = _to_counts(codec.decompress(s))
-        if len(y) != c:
-            raise BitstreamError(f"{name}: stream {i} decodes to {len(y)} records, its header says {c}")
-        if out is None:
-            out, shape = np.empty((len(sym), y.shape[1]), np.uint8), tuple(codec.config.input_shape)
+        y = _to_counts(family.codec_for(fam, s).decompress(s))
+        if y.shape != (c, out.shape[1]):
+            raise BitstreamError(f"{name}: stream {i} decodes to {y.shape[0]} records of {y.shape[1]} values, its "
+                                 f"header says {c} of {out.shape[1]}")
         out[sym == i] = y
-    return out.reshape((len(out),) + shape) if layout == 1 else out
+    return out.reshape((len(out),) + shape)

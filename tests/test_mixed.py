@@ -1,0 +1,149 @@
+"""Per-record operating points (``vaestream.coding.mixed``) over a real family on real MNIST: each record at the
+point that minimises bits + lambda SE, one stream of per-member streams that decodes, in a fresh process too, to
+what the encoder reported, meets its PSNR target, and is refused when truncated, corrupt or of another family."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vaestream.coding import family, mixed
+from vaestream.errors import BitstreamError, ConfigError, ModelError
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory, coded_model_dir, recon_member):
+    """A family of a lossy member (ladder of 19 qualities) and a bits-back member with a K = 4 context model and
+    reconstruction network."""
+    root = tmp_path_factory.mktemp("mixed") / "family"
+    shutil.copytree(coded_model_dir, root / "lossy")
+    shutil.copytree(recon_member[1], root / "bitsback")
+    return root
+
+
+@pytest.fixture(scope="module")
+def x(mnist_test):
+    return mnist_test[:200]
+
+
+@pytest.fixture(scope="module")
+def points(fam, x):
+    return mixed.candidates(fam, x)
+
+
+def _psnr(x, y):
+    d = x.reshape(len(x), -1).astype(np.float64) - y.reshape(len(y), -1).astype(np.float64)
+    return float(10 * np.log10(1.0 / np.mean((d / 255.0) ** 2)))
+
+
+def test_the_candidates_are_the_lossy_ladder_and_the_near_lossless_k_with_their_real_bits(fam, x, points):
+    lossy = [p for p in points if p["levels"] is None]
+    near = [p for p in points if p["levels"]]
+    assert len(lossy) == 19 and [(p["levels"], p["reconstruction"]) for p in near] == [(4, "learned")]
+    nl = family.near_lossless_coder(fam / "bitsback", 4, "learned")
+    blob, x_hat = nl.compress_and_reconstruct(x)
+    # the per-record bits add up to the real container's, and the errors are the decoded pictures'
+    assert near[0]["bits"].sum() == pytest.approx(8 * len(blob))
+    assert near[0]["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9)
+    for p in points:
+        assert p["bits"].shape == p["se"].shape == (len(x),) and np.all(p["bits"] > 0) and np.all(p["se"] >= 0)
+
+
+def test_record_bits_estimate_each_records_share_of_the_chain(fam, x):
+    """Summed over the batch, the per-record estimate is within a few per cent of the chain's real bits, and it
+    ranks records as the chain does (a record coded alone pays more, so the ranking is checked on halves)."""
+    nl = family.near_lossless_coder(fam / "bitsback", 4, "learned")
+    est = nl.record_bits(x)
+    real = 8 * len(nl.compress(x))
+    assert 0.85 * real < est.sum() < 1.02 * real
+    order = np.argsort(est)
+    cheap, dear = x[order[:100]], x[order[100:]]
+    assert len(nl.compress(cheap)) < len(nl.compress(dear))
+    with pytest.raises(ConfigError, match="near-lossless"):
+        family.near_lossless_coder(fam / "bitsback").record_bits(x)
+
+
+def test_each_record_takes_its_cheapest_point_and_a_larger_lambda_buys_less_error_with_more_bits(points, x):
+    bits = np.stack([p["bits"] for p in points])
+    se = np.stack([p["se"] for p in points])
+    last = None
+    for lm in (1.0, 10.0, 100.0, 1e3, 1e4):
+        j = mixed.assign(points, lm, stream_bits=0.0, rounds=0)
+        assert np.array_equal(j, np.argmin(bits + lm * se, axis=0))
+        o = mixed.outcome(points, j, x[0].size)
+        if last is not None:
+            assert o["mse"] <= last["mse"] and o["bits_per_record"] >= last["bits_per_record"]
+        last = o
+    # with a cost per stream, a point that serves its records for less than that saving is dropped
+    j = mixed.assign(points, 100.0, stream_bits=1e9)
+    assert len(np.unique(j)) == 1
+
+
+def test_a_psnr_target_between_the_members_is_met_per_record_for_fewer_bits_than_any_one_point(fam, x, points):
+    lossy_best = max(p["psnr_db"] for p in points if p["levels"] is None)
+    near = next(p for p in points if p["levels"])
+    assert lossy_best < near["psnr_db"]
+    target = round((lossy_best + near["psnr_db"]) / 2, 2)
+    single = family.choose(fam, x, psnr=target)
+    assert single["levels"] == 4  # the only single point that reaches the target
+    blob, x_hat, info = mixed.compress_to(fam, x, psnr=target, points=points)
+    assert info["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9) and info["psnr_db"] >= target
+    assert {s["levels"] for s in info["streams"]} == {None, 4} and sum(s["records"] for s in info["streams"]) == len(x)
+    assert 8 * len(blob) / len(x) == info["bits_per_record"] < single["bits_per_record"]
+    y = mixed.decompress(fam, blob)
+    assert y.dtype == np.uint8 and y.shape == x.shape and np.array_equal(y.reshape(len(x), -1), x_hat)
+    with pytest.raises(ConfigError, match="reaches"):
+        mixed.choose(points, x[0].size, psnr=99.0)
+
+
+def test_a_truncated_corrupt_or_foreign_mixed_stream_is_refused(fam, x, points, tmp_path):
+    lossy = next(i for i, p in enumerate(points) if p["levels"] is None)
+    near = next(i for i, p in enumerate(points) if p["levels"])
+    j = np.where(np.arange(60) % 3 == 0, near, lossy)
+    blob, x_hat = mixed.compress(points, j, x[:60])
+    assert np.array_equal(mixed.decompress(fam, blob).reshape(60, -1), x_hat)
+    for cut in (1, 5, 12, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(BitstreamError):
+            mixed.decompress(fam, blob[:cut], "cut.vm")
+    with pytest.raises(BitstreamError, match="trailing"):
+        mixed.read(blob + b"\0")
+    bad = bytearray(blob)
+    bad[7] ^= 0x01  # the record count in the header
+    with pytest.raises(BitstreamError, match="CRC32|corrupt|truncated"):
+        mixed.read(bytes(bad))
+    bad = bytearray(blob)
+    bad[-3] ^= 0x10  # inside the last member stream: its own CRC32
+    with pytest.raises(BitstreamError):
+        mixed.decompress(fam, bytes(bad))
+    other = tmp_path / "other"
+    shutil.copytree(fam / "lossy", other / "lossy")
+    with pytest.raises(ModelError, match="no member"):
+        mixed.decompress(other, blob)  # the near-lossless stream's model is not in that family
+    _, streams, _ = mixed.read(blob)
+    with pytest.raises(BitstreamError, match="not a mixed"):
+        mixed.read(streams[0][1])
+
+
+def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family(fam, x, points, tmp_path):
+    target = round(float(np.median([p["psnr_db"] for p in points])), 2)
+    np.save(tmp_path / "x.npy", x)
+    run = [sys.executable, "-m", "vaestream.cli"]
+    done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vm"), "--family", str(fam),
+                                 "--psnr", str(target), "--per-record"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["per_record"] and info["psnr_db"] >= target and info["bytes"] == (tmp_path / "x.vm").stat().st_size
+    done = subprocess.run(run + ["decompress", str(tmp_path / "x.vm"), str(tmp_path / "y.npy"), "--family", str(fam)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == x.shape and _psnr(x, y) == pytest.approx(info["psnr_db"], abs=1e-9)
+    assert np.array_equal(y, mixed.decompress(fam, (tmp_path / "x.vm").read_bytes()))
+    done = subprocess.run(run + ["decompress", str(tmp_path / "x.vm"), str(tmp_path / "z.npy"), "--model",
+                                 str(fam / "lossy")], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "--family" in done.stderr
