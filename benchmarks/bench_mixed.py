@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from vaestream.coding import mixed, rdcurve
-    from vaestream.coding.rdmetrics import bits_at_psnr, ssim
+    from vaestream.coding.rdmetrics import bits_at_psnr
     from vaestream.data import load_records
 
     out = Path(args.out)
@@ -44,33 +44,20 @@ def main(argv=None) -> int:
     x = load_records(args.data, "test")[: args.n]
     if old["records"] != len(x):
         raise SystemExit(f"--reuse measured {old['records']} records, not {len(x)}")
-    xf = x.astype(np.float64) / 255.0
     t0 = time.time()
     cands = mixed.candidates(args.family, x, log=lambda r: print(json.dumps(r, default=str), file=sys.stderr, flush=True))
     cand_s = time.time() - t0
-    points, checked = [], None
-    for target in args.targets:
-        t = time.time()
-        try:
-            blob, x_hat, info = mixed.compress_to(args.family, x, psnr=target, points=cands)
-        except Exception as e:  # out of reach: recorded, not fatal
-            points.append({"target_psnr_db": target, "error": str(e)})
-            continue
-        enc_s = time.time() - t
-        row = {"model": "per-record", "target_psnr_db": target, "bits_per_image": info["bits_per_record"],
-               "bits_per_record": info["bits_per_record"], "psnr_db": info["psnr_db"], "lmbda": info["lmbda"],
-               "ssim": ssim(x_hat.reshape(x.shape).astype(np.float64) / 255.0, xf),
-               "streams": info["streams"], "encode_seconds": round(enc_s, 1)}
-        if target == args.check_target:
-            t = time.time()
-            y = mixed.decompress(args.family, blob)
-            dec_s = time.time() - t
-            mse = float(np.mean((y.reshape(x.shape).astype(np.float64) / 255.0 - xf) ** 2))
-            checked = {"target": target, "decoded_psnr_db": 10 * np.log10(1 / mse),
-                       "matches_encoder": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),
-                       "encode_records_per_s": round(len(x) / enc_s, 1), "decode_records_per_s": round(len(x) / dec_s, 1)}
-        print(json.dumps({k: v for k, v in row.items() if k != "streams"}), file=sys.stderr, flush=True)
-        points.append(row)
+    log = lambda r: print(json.dumps({k: v for k, v in r.items() if k != "streams"}), file=sys.stderr, flush=True)
+    points = mixed.curve(args.family, x, args.targets, points=cands, log=log)
+    t = time.time()
+    blob, x_hat, info = mixed.compress_to(args.family, x, psnr=args.check_target, points=cands)
+    enc_s = time.time() - t
+    t = time.time()
+    y = mixed.decompress(args.family, blob)
+    dec_s = time.time() - t
+    checked = {"target": args.check_target, "psnr_db": info["psnr_db"], "bits_per_record": info["bits_per_record"],
+               "decodes_to_what_the_encoder_reported": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),
+               "encode_records_per_s": round(len(x) / enc_s, 1), "decode_records_per_s": round(len(x) / dec_s, 1)}
     good = [q for q in points if "error" not in q]
     single = [q for q in old["points"]]
     result = rdcurve.summarise(single + good, old["peers"], len(x), tuple(old.get("psnr_range", rdcurve.PSNR_RANGE)))

@@ -44,12 +44,15 @@ def _psnr(x, y):
 def test_the_candidates_are_the_lossy_ladder_and_the_near_lossless_k_with_their_real_bits(fam, x, points):
     lossy = [p for p in points if p["levels"] is None]
     near = [p for p in points if p["levels"]]
-    assert len(lossy) == 19 and [(p["levels"], p["reconstruction"]) for p in near] == [(4, "learned")]
+    assert len(lossy) == 19
+    assert [(p["levels"], p["reconstruction"]) for p in near] == [(k, "learned" if k == 4 else "mean")
+                                                                  for k in family.MEAN_LADDER]
     nl = family.near_lossless_coder(fam / "bitsback", 4, "learned")
     blob, x_hat = nl.compress_and_reconstruct(x)
     # the per-record bits add up to the real container's, and the errors are the decoded pictures'
-    assert near[0]["bits"].sum() == pytest.approx(8 * len(blob))
-    assert near[0]["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9)
+    k4 = next(p for p in near if p["levels"] == 4)
+    assert k4["bits"].sum() == pytest.approx(8 * len(blob))
+    assert k4["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9)
     for p in points:
         assert p["bits"].shape == p["se"].shape == (len(x),) and np.all(p["bits"] > 0) and np.all(p["se"] >= 0)
 
@@ -86,14 +89,15 @@ def test_each_record_takes_its_cheapest_point_and_a_larger_lambda_buys_less_erro
 
 def test_a_psnr_target_between_the_members_is_met_per_record_for_fewer_bits_than_any_one_point(fam, x, points):
     lossy_best = max(p["psnr_db"] for p in points if p["levels"] is None)
-    near = next(p for p in points if p["levels"])
+    near = next(p for p in points if p["levels"] == 4)
     assert lossy_best < near["psnr_db"]
     target = round((lossy_best + near["psnr_db"]) / 2, 2)
     single = family.choose(fam, x, psnr=target)
-    assert single["levels"] == 4  # the only single point that reaches the target
+    assert single["levels"]  # only the near-lossless member reaches the target
     blob, x_hat, info = mixed.compress_to(fam, x, psnr=target, points=points)
     assert info["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9) and info["psnr_db"] >= target
-    assert {s["levels"] for s in info["streams"]} == {None, 4} and sum(s["records"] for s in info["streams"]) == len(x)
+    assert None in {s["levels"] for s in info["streams"]} and len(info["streams"]) > 1  # lossy and near-lossless
+    assert sum(s["records"] for s in info["streams"]) == len(x)
     assert 8 * len(blob) / len(x) == info["bits_per_record"] < single["bits_per_record"]
     y = mixed.decompress(fam, blob)
     assert y.dtype == np.uint8 and y.shape == x.shape and np.array_equal(y.reshape(len(x), -1), x_hat)
@@ -103,7 +107,7 @@ def test_a_psnr_target_between_the_members_is_met_per_record_for_fewer_bits_than
 
 def test_a_truncated_corrupt_or_foreign_mixed_stream_is_refused(fam, x, points, tmp_path):
     lossy = next(i for i, p in enumerate(points) if p["levels"] is None)
-    near = next(i for i, p in enumerate(points) if p["levels"])
+    near = next(i for i, p in enumerate(points) if p["levels"] == 4)
     j = np.where(np.arange(60) % 3 == 0, near, lossy)
     blob, x_hat = mixed.compress(points, j, x[:60])
     assert np.array_equal(mixed.decompress(fam, blob).reshape(60, -1), x_hat)
@@ -147,3 +151,15 @@ def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family
     done = subprocess.run(run + ["decompress", str(tmp_path / "x.vm"), str(tmp_path / "z.npy"), "--model",
                                  str(fam / "lossy")], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "--family" in done.stderr
+
+
+def test_rd_with_per_record_targets_puts_the_per_record_points_on_the_familys_curve(fam, points, mnist_dir, capsys):
+    from vaestream.cli import main
+
+    target = round(float(np.median([p["psnr_db"] for p in points])), 2)
+    assert main(["rd", str(fam), "--data", str(mnist_dir), "--n", "100", "--per-image-n", "20", "--peers", "webp",
+                 "--per-record", str(target), "99"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    mine = [p for p in out["points"] if p["model"] == "per-record"]
+    assert len(mine) == 1 and mine[0]["psnr_db"] >= target and 0 < mine[0]["ssim"] <= 1  # 99 dB is out of reach
+    assert mine[0]["bits_per_image"] == mine[0]["bits_per_record"] > 0 and mine[0]["streams"]

@@ -342,7 +342,7 @@ def _rd_family(a: argparse.Namespace) -> int:
 
         records = records.reshape((len(records),) + tuple(read_config(members(a.family)[0]).input_shape))
     result = rdcurve.compare(a.family, records, formats=[f.upper() for f in a.peers], per_image_n=a.per_image_n,
-                             rdo=a.rdo)
+                             rdo=a.rdo, per_record=a.per_record or ())
     if a.plot:
         result["plot"] = str(rdcurve.plot(result, a.plot, f"{Path(a.family).name}: {len(records)} records of {a.data}"))
     print(json.dumps({"family": str(a.family), "data": str(a.data), **result}, indent=1, default=str))
@@ -509,6 +509,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--per-image-n", type=int, default=200, help="with FAMILY: records for the per-image peers")
     p.add_argument("--rdo", action="store_true",
                    help="with FAMILY: with the lossy members' rate-distortion optimised points (vaestream.coding.rdo)")
+    p.add_argument("--per-record", type=float, nargs="+", default=None, metavar="PSNR",
+                   help="with FAMILY: also code each record at its own point, at these PSNR targets "
+                        "(vaestream.coding.mixed; what compress --per-record does)")
     p.add_argument("--data", required=True)
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--key", default=None)

@@ -87,9 +87,9 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
     "bits_per_record", "psnr_db"}`` (``bits_per_record``: the point's real container bits on the whole batch).
 
     A lossy member offers every quality of its ladder (bits: the ideal code length of each record's codes). A
-    near-lossless member offers each K it has a context model for (``"learned"`` reconstruction if the model has
-    a reconstruction network, else ``"mean"``), or :data:`vaestream.coding.family.MEAN_LADDER` with ``"mean"``
-    if it has none; bits: :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`, scaled to the real
+    near-lossless member offers each K of :data:`vaestream.coding.family.MEAN_LADDER` and each K it has a context
+    model for (coded with it if it has one; ``"learned"`` reconstruction where the context model has a
+    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`, scaled to the real
     container bits. ``log`` (optional) receives each point as it is measured."""
     from vaestream.coding import codec as codec_mod
     from vaestream.coding.lossless import LosslessCoder
@@ -110,8 +110,9 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
                 _done(out[-1], x.shape[1], log)
         if family.is_near_lossless(d):
             base = family.near_lossless_coder(d)
-            ladder = ([(k, "learned" if cm.has_reconstruction else "mean") for k, cm in sorted(base.contexts.items())]
-                      or [(k, "mean") for k in family.MEAN_LADDER])
+            ctx = base.contexts
+            ladder = [(k, "learned" if k in ctx and ctx[k].has_reconstruction else "mean")
+                      for k in sorted(set(family.MEAN_LADDER) | set(ctx))]
             for k, how in ladder:
                 c = LosslessCoder(base.model, levels=k, reconstruction=how, contexts=base.contexts)
                 blob, x_hat = c.compress_and_reconstruct(x)
@@ -275,6 +276,36 @@ def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp:
                 "reconstruction": points[u]["reconstruction"], "records": int(np.sum(j == u))} for u in np.unique(j)]
     return blob, x_hat, {"lmbda": ch["lmbda"], "bits_per_record": 8 * len(blob) / len(x), "psnr_db": got,
                   "streams": streams}
+
+
+def curve(fam: str | os.PathLike, records, targets, points: list[dict] | None = None, log=None) -> list[dict]:
+    """The family's per-record points at PSNR ``targets`` (dB) on ``records`` (uint8 ``[N, H, W]`` pictures):
+    each coded for real (:func:`compress_to`), ``{"model": "per-record", "target_psnr_db", "bits_per_record",
+    "bits_per_image", "mse", "psnr_db", "ssim", "lmbda", "streams", "encode_seconds"}``; a target out of reach
+    gives ``{"target_psnr_db", "error"}``. ``log`` receives each row."""
+    import time
+
+    from vaestream.coding.rdmetrics import ssim
+
+    x = np.asarray(records)
+    points = candidates(fam, x) if points is None else points
+    xf = x.astype(np.float64) / 255.0
+    rows = []
+    for target in targets:
+        t0 = time.time()
+        try:
+            _, x_hat, info = compress_to(fam, x, psnr=float(target), points=points)
+        except ConfigError as e:
+            rows.append({"target_psnr_db": float(target), "error": str(e)})
+            continue
+        y = x_hat.reshape(x.shape).astype(np.float64) / 255.0
+        rows.append({"model": "per-record", "target_psnr_db": float(target), "bits_per_record": info["bits_per_record"],
+                     "bits_per_image": info["bits_per_record"], "mse": float(np.mean((y - xf) ** 2)),
+                     "psnr_db": info["psnr_db"], "ssim": ssim(y, xf), "lmbda": info["lmbda"],
+                     "streams": info["streams"], "encode_seconds": round(time.time() - t0, 1)})
+        if log is not None:
+            log(rows[-1])
+    return rows
 
 
 def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, bytes]], np.ndarray]:

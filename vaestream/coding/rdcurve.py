@@ -2,7 +2,7 @@
 
 The family's curve is the lower envelope of all its operating points (every model, every quality of its
 ladder or, for a near-lossless member, every pixel level count: what ``vaestream compress --family --psnr``
-can pick), measured as container bits per record on the
+can pick; with ``per_record``, also each record at its own point, ``--per-record``), measured as container bits per record on the
 records given; the peers are swept per image and tiled (:mod:`vaestream.coding.peers`). BD-rate
 (:func:`vaestream.coding.rdmetrics.bd_rate`) is computed against each peer over the PSNR range both cover,
 and over that range cut to ``psnr_range`` (default 18-32 dB). SSIM is reported beside PSNR at every point.
@@ -38,17 +38,23 @@ def family_points(family: str | os.PathLike, records, rdo: bool = False) -> list
 
 def compare(family: str | os.PathLike, records: np.ndarray, formats: Sequence[str] = ("JPEG", "WEBP", "AVIF", "JXL"),
             per_image_n: int = 1000, tiled_n: int | None = None,
-            psnr_range: tuple[float, float] = PSNR_RANGE, rdo: bool = False) -> dict:
+            psnr_range: tuple[float, float] = PSNR_RANGE, rdo: bool = False,
+            per_record: Sequence[float] = ()) -> dict:
     """The family's points and envelope, the peers' curves and the BD-rates (percent; negative: vaestream needs
     fewer bits) against each peer curve and against the best tiled JPEG/WebP at each PSNR.
 
     ``records``: ``[N, H, W]`` uint8 pictures (the family is measured on all of them, tiled peers on the first
     ``tiled_n``, per-image peers on the first ``per_image_n``); ``rdo``: with the rate-distortion optimised
-    points (:func:`family_points`)."""
+    points (:func:`family_points`); ``per_record``: PSNR targets at which the family also codes each record at its
+    own point (:func:`vaestream.coding.mixed.curve`, model ``"per-record"``; out-of-reach targets are left out)."""
     imgs = np.asarray(records)
     if imgs.dtype != np.uint8 or imgs.ndim != 3:
         raise DataError(f"records must be [N, H, W] uint8 pictures, got {imgs.shape} {imgs.dtype}")
     points = family_points(family, imgs, rdo=rdo)
+    if per_record:
+        from vaestream.coding import mixed
+
+        points += [r for r in mixed.curve(family, imgs, per_record) if "error" not in r]
     have = peers_mod.available()
     curves, missing = {}, [f for f in formats if not have.get(f)]
     for fmt in formats:
