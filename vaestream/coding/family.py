@@ -32,6 +32,9 @@ held-back batch, and on new records only as far as they resemble it.
 The container records the model: its header carries the first 4 bytes of the model fingerprint (and a
 near-lossless stream's frames their K), and :func:`codec_for` finds the member whose tables were built for
 that fingerprint, or whose model has it (odds of a clash between two members 2^-32 per pair).
+
+One point serves the whole batch here; :mod:`vaestream.coding.mixed` gives each record its own point of the
+family (``compress --family --per-record``).
 """
 
 from __future__ import annotations
