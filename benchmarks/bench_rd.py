@@ -126,6 +126,32 @@ def _rates(compress, decompress, batch, reps: int) -> dict:
     return {"compress": reps * len(batch) / (t1 - t0), "decompress": reps * len(batch) / (t2 - t1)}
 
 
+def webp_rates(batch: np.ndarray, reps: int = 3) -> dict:
+    """Records/s of Pillow WebP (quality 50, method 6 and method 4) compressing and decompressing ``batch``
+    (uint8 pictures ``[N, H, W]``), each picture on its own and all of them as one tiled picture."""
+    from vaestream.coding import peers
+
+    out = {}
+    for method in (6, 4):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            blobs = [peers.pil_encode(im, "WEBP", quality=50, method=method) for im in batch]
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            [peers.pil_decode(b) for b in blobs]
+        t2 = time.perf_counter()
+        for _ in range(reps):
+            tb = peers.pil_encode(peers.tile(batch), "WEBP", quality=50, method=method)
+        t3 = time.perf_counter()
+        for _ in range(reps):
+            peers.pil_decode(tb)
+        t4 = time.perf_counter()
+        r = reps * len(batch)
+        out[f"webp_m{method}_per_image"] = {"compress": r / (t1 - t0), "decompress": r / (t2 - t1)}
+        out[f"webp_m{method}_tiled"] = {"compress": r / (t3 - t2), "decompress": r / (t4 - t3)}
+    return out
+
+
 def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False, only=None) -> dict:
     """Records/s of compress / decompress per model on 1,000 records (lossy members at quality 1, the bits-back
     member at 8 levels: max error 18, with and without its context model, and with its learned reconstruction
@@ -133,7 +159,7 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False, on
     at quality 2, rdo_lmbda = its lmbda), and Pillow WebP (quality 50, method 6 and method 4; per image and one
     tiled picture) on the same records, in the same run. ``only``: the names of the members to time (default
     all)."""
-    from vaestream.coding import codec, family, peers
+    from vaestream.coding import codec, family
 
     batch = imgs[:1000]
     out = {}
@@ -160,23 +186,7 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False, on
             if rdo and c.config.lmbda:
                 out[f"{d.name}_rdo"] = _rates(lambda b: c.compress(b, quality=2.0, rdo_lmbda=c.config.lmbda),
                                               c.decompress, batch, 1)
-    for method in (6, 4):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            blobs = [peers.pil_encode(im, "WEBP", quality=50, method=method) for im in batch]
-        t1 = time.perf_counter()
-        for _ in range(reps):
-            [peers.pil_decode(b) for b in blobs]
-        t2 = time.perf_counter()
-        for _ in range(reps):
-            tb = peers.pil_encode(peers.tile(batch), "WEBP", quality=50, method=method)
-        t3 = time.perf_counter()
-        for _ in range(reps):
-            peers.pil_decode(tb)
-        t4 = time.perf_counter()
-        r = reps * len(batch)
-        out[f"webp_m{method}_per_image"] = {"compress": r / (t1 - t0), "decompress": r / (t2 - t1)}
-        out[f"webp_m{method}_tiled"] = {"compress": r / (t3 - t2), "decompress": r / (t4 - t3)}
+    out.update(webp_rates(batch, reps))
     return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in out.items()}
 
 
