@@ -39,7 +39,8 @@ def speed(fam, x: np.ndarray, target: float) -> dict:
     y = mixed.decompress(fam, blob)
     t3 = time.perf_counter()
     n = len(x)
-    return {"records": n, "target_psnr_db": target, "psnr_db": info["psnr_db"], "bits_per_record": info["bits_per_record"],
+    return {"records": n, "target_psnr_db": target, "psnr_db": info["psnr_db"],
+            "bits_per_record": info["bits_per_record"],
             "decodes_to_what_the_encoder_reported": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),
             "candidates": len(cands), "candidates_records_per_s": round(n / (t1 - t0), 1),
             "per_record_compress_records_per_s": round(n / (t2 - t1), 1),
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     if old["records"] != len(x):
         raise SystemExit(f"--reuse measured {old['records']} records, not {len(x)}")
     t0 = time.time()
-    cands = mixed.candidates(args.family, x, log=lambda r: print(json.dumps(r, default=str), file=sys.stderr, flush=True))
+    cands = mixed.candidates(args.family, x,
+                             log=lambda r: print(json.dumps(r, default=str), file=sys.stderr, flush=True))
     cand_s = time.time() - t0
     log = lambda r: print(json.dumps({k: v for k, v in r.items() if k != "streams"}), file=sys.stderr, flush=True)
     points = mixed.curve(args.family, x, args.targets, points=cands, log=log)

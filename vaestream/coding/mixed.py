@@ -97,8 +97,8 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
     A lossy member offers every quality of its ladder (bits: the ideal code length of each record's codes). A
     near-lossless member offers each K of :data:`vaestream.coding.family.MEAN_LADDER` and each K it has a context
     model for (coded with it if it has one; ``"learned"`` reconstruction where the context model has a
-    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`, scaled to the real
-    container bits. ``log`` (optional) receives each point as it is measured."""
+    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`,
+    scaled to the real container bits. ``log`` (optional) receives each point as it is measured."""
     from vaestream.coding import codec as codec_mod
     from vaestream.coding.lossless import LosslessCoder
 
@@ -222,7 +222,8 @@ def choose(points: list[dict], d: int, psnr: float | None = None, bpp: float | N
 def _code_point(p: dict, x: np.ndarray) -> tuple[bytes, np.ndarray]:
     """Records ``x`` (uint8 ``[n, D]``) at point ``p`` -> (container, its decoded counts uint8 ``[n, D]``)."""
     if p.get("levels"):
-        blob, x_hat = family.near_lossless_coder(p["model"], p["levels"], p["reconstruction"]).compress_and_reconstruct(x)
+        coder = family.near_lossless_coder(p["model"], p["levels"], p["reconstruction"])
+        blob, x_hat = coder.compress_and_reconstruct(x)
         return blob, _to_counts(x_hat)
     from vaestream.coding import codec as codec_mod
 
@@ -382,9 +383,9 @@ def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, b
 
 
 def decompress(fam: str | os.PathLike, blob, name: str = "stream") -> np.ndarray:
-    """A mixed stream -> its records' reconstructions, uint8 ``[N, *record shape]`` (as compressed). Each stream is decoded by
-    the member of ``fam`` that wrote it (:func:`vaestream.coding.family.codec_for`: a stream of a model not in
-    the family raises :class:`vaestream.errors.ModelError`)."""
+    """A mixed stream -> its records' reconstructions, uint8 ``[N, *record shape]`` (as compressed). Each stream is
+    decoded by the member of ``fam`` that wrote it (:func:`vaestream.coding.family.codec_for`: a stream of a model
+    not in the family raises :class:`vaestream.errors.ModelError`)."""
     shape, streams, sym = read(blob, name)
     out = np.empty((len(sym), int(np.prod(shape))), np.uint8)
     for i, (c, s) in enumerate(streams):
