@@ -132,10 +132,10 @@ def test_varints_are_minimal_leb128():
     for v in (0, 1, 127, 128, 300, 16383, 16384, 2 ** 32 - 1):
         b = container.varint(v)
         assert len(b) == max(1, math.ceil(v.bit_length() / 7))
-        assert container._read_varint(io.BytesIO(b), bytearray(), "s", "x") == v
+        assert container.read_varint(io.BytesIO(b), bytearray(), "s", "x") == v
     for bad in (b"\x80\x00", b"\xff\xff\xff\xff\x7f", b"\x80\x80\x80\x80\x80\x01"):
         with pytest.raises(BitstreamError, match="varint"):
-            container._read_varint(io.BytesIO(bad), bytearray(), "s", "x")
+            container.read_varint(io.BytesIO(bad), bytearray(), "s", "x")
     with pytest.raises(ValueError):
         container.varint(2 ** 32)
 

@@ -76,15 +76,14 @@ def _compress_from_family(a: argparse.Namespace, records) -> int:
 
 def _compress_per_record(a: argparse.Namespace, records) -> int:
     """--family --per-record: each record at its own point of the family (vaestream.coding.mixed), one stream."""
+    from vaestream.binio import atomic_write
     from vaestream.coding import mixed
     from vaestream.errors import ConfigError
 
     if a.select_on or a.rdo:
         raise ConfigError("--per-record chooses on the records themselves: no --select-on or --rdo")
     blob, _, info = mixed.compress_to(a.family, records, psnr=a.psnr, bpp=a.bpp)
-    tmp = Path(str(a.output) + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(a.output)
+    atomic_write(a.output, blob)
     print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob), "per_record": True,
                       **info}))
     return 0

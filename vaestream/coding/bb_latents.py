@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaestream.coding.bb_tables import latent_prior, latent_scramble
+from vaestream.coding.bb_tables import latent_prior, latent_scramble, latent_step_bits
 from vaestream.errors import BitstreamError
 
 
@@ -99,3 +99,12 @@ class LatentModels:
         _, a_inv = latent_scramble(latent_bits)
         k = (1 << latent_bits) - 1
         return (((s.astype(np.int64) * a_inv) & k) - (1 << (latent_bits - 1))).astype(np.int32)
+
+
+def posterior_kl_nats(mean: np.ndarray, std: np.ndarray, latent_bits: int, range_bits: int) -> np.ndarray:
+    """KL( N(mu, sigma^2) || N(0, 1) ) of each latent, nats, elementwise: ``mean``, ``std`` in buckets of the
+    latent grid (``2^-latent_step_bits`` each, as :meth:`vaestream.coding.lossless.LosslessCoder._posterior` gives
+    them) -> ``mu``, ``sigma``."""
+    delta = np.ldexp(1.0, -latent_step_bits(latent_bits, range_bits))
+    mu, sigma = np.asarray(mean) * delta, np.asarray(std) * delta
+    return 0.5 * (mu * mu + sigma * sigma - 1.0) - np.log(sigma)

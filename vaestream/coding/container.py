@@ -122,8 +122,9 @@ def varint(value: int) -> bytes:
     return leb128(value)
 
 
-def _read_varint(f: BinaryIO, raw: bytearray, name: str, what: str) -> int:
-    """Read one minimal varint from ``f``, appending its bytes to ``raw``."""
+def read_varint(f: BinaryIO, raw: bytearray, name: str, what: str) -> int:
+    """Read one minimal varint from ``f``, appending its bytes to ``raw``; :class:`BitstreamError` naming ``name``
+    and ``what`` if it is truncated, not minimal or over 32 bits."""
     value = 0
     for i in range(5):
         b = f.read(1)
@@ -289,9 +290,9 @@ def _parse_header(f: BinaryIO, name: str) -> _Head:
                 raise BitstreamError(f"{name}: corrupt header (quality {quality!r})")
         else:
             quality = ladder_quality(code)
-    nz = _read_varint(f, raw, name, "header")
-    shape = tuple(_read_varint(f, raw, name, "header") for _ in range(ndim))
-    frames = _read_varint(f, raw, name, "header") if counted else (None if indexed else 1)
+    nz = read_varint(f, raw, name, "header")
+    shape = tuple(read_varint(f, raw, name, "header") for _ in range(ndim))
+    frames = read_varint(f, raw, name, "header") if counted else (None if indexed else 1)
     h = Header(fingerprint=fp, table_hash=table, quality=quality, level=level, latent_dim=nz,
                input_shape=shape, single=bool(flags & FLAG_SINGLE))
     return _Head(h, bytes(raw), indexed, frames, zlib.crc32(raw))
@@ -318,8 +319,8 @@ def _frame_size(n_records: int, length: int, tagged: bool) -> int:
 
 def _read_fields(f: BinaryIO, name: str) -> tuple[int, int, bytes]:
     fields = bytearray()
-    n = _read_varint(f, fields, name, "frame header")
-    length = _read_varint(f, fields, name, "frame header")
+    n = read_varint(f, fields, name, "frame header")
+    length = read_varint(f, fields, name, "frame header")
     if length > MAX_FRAME_BYTES or n > MAX_FRAME_RECORDS:
         raise BitstreamError(f"{name}: corrupt frame header ({n} records, payload length {length})")
     return n, length, bytes(fields)
@@ -348,13 +349,13 @@ def _index_bytes(entries: list[tuple[int, int]], seed: int) -> bytes:
 def _read_index(f: BinaryIO, name: str, seed: int, expect_count: int | None = None) -> list[tuple[int, int]]:
     """Read an index after its "X" tag (up to and including its CRC) and check it."""
     raw = bytearray(INDEX_TAG)
-    count = _read_varint(f, raw, name, "index")
+    count = read_varint(f, raw, name, "index")
     if expect_count is not None and count != expect_count:
         raise BitstreamError(f"{name}: corrupt index ({count} frames, the stream had {expect_count})")
     entries = []
     for _ in range(count):
-        n = _read_varint(f, raw, name, "index")
-        length = _read_varint(f, raw, name, "index")
+        n = read_varint(f, raw, name, "index")
+        length = read_varint(f, raw, name, "index")
         if n > MAX_FRAME_RECORDS or length > MAX_FRAME_BYTES:
             raise BitstreamError(f"{name}: corrupt index (a frame of {n} records, {length} bytes)")
         entries.append((n, length))

@@ -30,12 +30,13 @@ and every ANS call is one array operation over the group; the only Python loop i
 order). The compressor runs the encoder network once over the whole frame. All groups of a frame form one
 chain on one stack, so only the first group has nothing to borrow bits from; the group sizes ramp up 1, 2,
 4, ..., ``group`` so that it is a single record (a frame coded with a pixel context model ramps more slowly,
-by what its latents' prior code leaves over: :func:`chain_ramp`). The stack starts from ``Nz + 8`` deterministic pseudo-random
-32-bit words (:func:`seed_words`, known to both sides); the words of it that the first record did not
-consume are left at the bottom of the stack and are not stored (the frame stores how many were cut), so
-the initial ("clean") bits are paid once per frame (4,096 records by default), not per record or group:
-about Nz x (latent_bits - 4) + log2 of the record's posterior spread, ~10^2 to 10^3 bits per frame, plus the
-frame's 24-byte header and the ANS state's final word or two. Decoding must return the stack to exactly
+by what its latents' prior code leaves over: :func:`~vaestream.coding.bb_chain.chain_ramp`). The stack
+starts from ``Nz + 8`` deterministic pseudo-random 32-bit words (:func:`~vaestream.coding.bb_chain.seed_words`,
+known to both sides); the words of it that the first record did not consume are left at the bottom of the
+stack and are not stored (the frame stores how many were cut), so the initial ("clean") bits are paid once
+per frame (4,096 records by default), not per record or group: about Nz x (latent_bits - 4) + log2 of the
+record's posterior spread, ~10^2 to 10^3 bits per frame, plus the frame's 24-byte header and the ANS state's
+final word or two. Decoding must return the stack to exactly
 that seed, which is checked: a stream that does not decode back to it raises :class:`BitstreamError`.
 
 **Latents (format 2).** Each latent dimension is cut into ``2^latent_bits`` buckets of equal width
@@ -134,7 +135,7 @@ are independent chains, the unit of random access and of streaming decode) holds
     "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8
     | levels u8 (0: lossless; K in 2..64: near-lossless, see ``levels`` of :class:`LosslessCoder`)
     | reconstruction u8 (bits 0-1: the index in RECONSTRUCTIONS; bits 4-6: the ramp of a context frame,
-      :func:`chain_ramp`; bit 7: CONTEXT_FLAG)
+      :func:`~vaestream.coding.bb_chain.chain_ramp`; bit 7: CONTEXT_FLAG)
     | seed words u32 | cut words u32 | stored words u32 | stored words x u32
 
 Format 1 frames (equal-prior-mass buckets, 256-entry tables; vaestream before issue 16) are refused with a
@@ -144,7 +145,6 @@ truncated or corrupted streams raise :class:`BitstreamError` before any decoding
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 from typing import Any, Mapping
@@ -160,7 +160,8 @@ from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_
                                         pixel_levels, posterior_probs, within_rows)
 from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
 from vaestream.coding.bb_context import ContextModel, stream_context, stream_fingerprint
-from vaestream.coding.bb_latents import LatentModels
+from vaestream.coding.bb_chain import MAX_RAMP, chain_ramp, group_sizes, seed_words  # noqa: F401 (re-exported)
+from vaestream.coding.bb_latents import LatentModels, posterior_kl_nats
 from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
@@ -196,55 +197,8 @@ CONTEXT_FLAG = 0x80
 """Set in a frame's reconstruction byte when its pixels are coded with a pixel context model
 (:mod:`vaestream.coding.bb_context`); the container header's fingerprint then names that context model."""
 RAMP_SHIFT = 4
-"""A context frame's ramp (:func:`chain_ramp`, 0..7) sits in bits 4-6 of its reconstruction byte."""
-
-
-def group_sizes(n: int, group: int, ramp: int = 0) -> list[int]:
-    """The chain's group sizes for ``n`` records: a ramp from 1 up to ``group``, then ``group`` (the last one
-    shorter): only the first group, one record, borrows initial bits. Each ramp step grows the size ``s`` by
-    ``max(1, s >> ramp)``: ``ramp`` 0 doubles it (1, 2, 4, ...), ``ramp`` r by a factor of about 1 + 2^-r
-    (:func:`chain_ramp` says why a chain may need that)."""
-    sizes, s, left = [], 1, n
-    while left > 0:
-        k = min(s, left)
-        sizes.append(k)
-        left -= k
-        s = min(s + max(1, s >> ramp), group)
-    return sizes
-
-
-MAX_RAMP = 7
-"""The slowest ramp a frame may ask for: sizes grow by 1/128 per group."""
-
-
-def chain_ramp(mean: np.ndarray, std: np.ndarray, latent_bits: int, range_bits: int, margin: float = 0.75) -> int:
-    """The ramp (:func:`group_sizes`) a frame coded with a pixel context model needs, from its posteriors
-    (``mean``, ``std`` in buckets, ``[n * Nz]`` each, as :meth:`LosslessCoder._posterior` gives them).
-
-    Group ``t + 1`` pops its latents from the top of the stack: first the ~``g_t (H + KL)`` bits group ``t``'s
-    latents wrote with the prior (``H`` the posterior's entropy on the grid, ``KL`` its divergence from the
-    prior, bits per record), then group ``t``'s pixels. A context model pushes a picture's first (background)
-    positions, position-major, within 2^-20 of probability 1: thousands of symbols that add almost no bits and
-    leave the ANS state's low bits unmixed, so latents popped there miss Q (Fashion-MNIST, K = 3, doubling
-    groups: z-scores spread 1.6-2.2, 315 instead of 292 bits per image). So a group may outgrow the previous
-    one only by what the prior code leaves over, ``g_{t+1} H <= g_t (H + KL)``: a factor ``1 + 2^-r <= 1 +
-    margin KL / H``. Returns the smallest such ``r`` (0 when doubling is safe, at most :data:`MAX_RAMP`)."""
-    delta = np.ldexp(1.0, -latent_step_bits(latent_bits, range_bits))
-    mu, sigma = np.asarray(mean) * delta, np.asarray(std) * delta
-    kl = float(np.sum(0.5 * (mu * mu + sigma * sigma - 1.0) - np.log(sigma))) / np.log(2.0)
-    h = float(np.sum(np.maximum(np.log2(np.asarray(std) * np.sqrt(2.0 * np.pi * np.e)), 0.0)))
-    if h <= 0.0 or margin * kl >= h:
-        return 0
-    return int(min(MAX_RAMP, np.ceil(np.log2(h / (margin * max(kl, 1e-9))))))
-
-
-def seed_words(count: int) -> np.ndarray:
-    """The deterministic initial ANS stack: ``count`` uint32 words, SHA-256 in counter mode over a fixed label
-    (the same on every machine and NumPy version), each with its lowest bit set so none is zero."""
-    blocks = (hashlib.sha256(b"vaestream lossless seed" + struct.pack("<I", i)).digest()
-              for i in range((count + 7) // 8))
-    words = np.frombuffer(b"".join(blocks), "<u4")[:count].astype(np.uint32)
-    return words | np.uint32(1)
+"""A context frame's ramp (:func:`~vaestream.coding.bb_chain.chain_ramp`, 0..7) sits in bits 4-6 of its
+reconstruction byte."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -698,14 +652,12 @@ class LosslessCoder:
         x, _ = self._records(records, name)
         lbits, self._rb = self.latent_bits, self.range_bits
         self._set_levels(self.levels)
-        step = 2.0 ** -latent_step_bits(lbits, self._rb)
         out = []
         for s in range(0, len(x), self.frame_records):
             lv = pixel_levels(self.levels)[1][x[s:s + self.frame_records].astype(np.int64)]
             g = len(lv)
             mean, std = self._posterior(lv, lbits)
-            m, sd = (mean * step).reshape(g, -1), (std * step).reshape(g, -1)
-            kl = np.sum(0.5 * (m ** 2 + sd ** 2 - 1.0) - np.log(sd), axis=1) / math.log(2.0)
+            kl = posterior_kl_nats(mean, std, lbits, self._rb).reshape(g, -1).sum(axis=1) / math.log(2.0)
             lik = self._likelihood(np.rint(mean).astype(np.int64), g, lbits)
             rows = (self.context.rows_all(level_rows(lik, self.levels), lv.reshape(-1)) if self.context is not None
                     else level_rows(lik, self.levels).astype(np.float64)).reshape(g, -1, self.levels)

@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 
-from vaestream.binio import leb128
 from vaestream.coding import container, family
 from vaestream.coding.rdmetrics import psnr_db
 from vaestream.errors import BitstreamError, ConfigError, DataError
@@ -162,6 +161,7 @@ def assign(points: list[dict], lmbda: float, stream_bits: float = STREAM_BITS, r
         c = np.where(active[:, None], cost - np.log2(np.maximum(share, 1.0 / n))[:, None], np.inf)
         last, j = j, np.argmin(c, axis=0)
         counts = np.bincount(j, minlength=len(points))
+        share = counts / n
         if np.count_nonzero(counts) > 1:
             best = c[j, np.arange(n)]
             c[j, np.arange(n)] = np.inf
@@ -169,9 +169,7 @@ def assign(points: list[dict], lmbda: float, stream_bits: float = STREAM_BITS, r
             weak = np.flatnonzero((counts > 0) & (saving < stream_bits))
             if len(weak):
                 active[weak[np.argmin(saving[weak])]] = False
-                share = counts / n
                 continue
-        share = counts / n
         if np.array_equal(j, last):
             break
     return j
@@ -254,9 +252,10 @@ def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndar
         ans = constriction.stream.stack.AnsCoder()
         ans.encode_reverse(sym, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
         code = np.asarray(ans.get_compressed(), "<u4").tobytes()
-    head = MAGIC + bytes([FORMAT, len(shape)]) + b"".join(leb128(s) for s in shape) + leb128(len(x)) + leb128(len(used))
-    head += b"".join(leb128(int(c)) + leb128(len(s)) for c, s in zip(counts, streams))
-    head += leb128(len(code)) + code
+    v = container.varint
+    head = MAGIC + bytes([FORMAT, len(shape)]) + b"".join(v(s) for s in shape) + v(len(x)) + v(len(used))
+    head += b"".join(v(int(c)) + v(len(s)) for c, s in zip(counts, streams))
+    head += v(len(code)) + code
     return head + _CRC.pack(zlib.crc32(head)) + b"".join(streams), x_hat
 
 
@@ -327,26 +326,15 @@ def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, b
     if not is_mixed(blob):
         raise BitstreamError(f"{name}: not a mixed vaestream stream (magic {blob[:2]!r}, expected {MAGIC!r})")
     r = io.BytesIO(blob)
-    r.seek(2)
-
-    def byte() -> int:
-        b = r.read(1)
-        if not b:
-            raise BitstreamError(f"{name}: truncated mixed stream header")
-        return b[0]
+    r.seek(len(MAGIC))
 
     def uvar() -> int:
-        v, shift = 0, 0
-        while True:
-            b = byte()
-            v |= (b & 0x7F) << shift
-            if b < 0x80:
-                return v
-            shift += 7
-            if shift > 35:
-                raise BitstreamError(f"{name}: corrupt mixed stream header (an overlong number)")
+        return container.read_varint(r, bytearray(), name, "mixed stream header")
 
-    fmt, ndim = byte(), byte()
+    fixed = r.read(2)
+    if len(fixed) < 2:
+        raise BitstreamError(f"{name}: truncated mixed stream header")
+    fmt, ndim = fixed
     if fmt != FORMAT or ndim not in (1, 2):
         raise BitstreamError(f"{name}: mixed stream format {fmt}, record ndim {ndim}: this reader knows format "
                              f"{FORMAT} of 1- or 2-d records")
