@@ -165,6 +165,8 @@ def cmd_train_context(a: argparse.Namespace) -> int:
     --reconstruction learned`` decodes with."""
     from vaestream import data
     from vaestream.coding import bb_context
+    from vaestream.errors import ConfigError
+
     model = _bits_back_coder(a.model).model  # refuses what bits-back coding cannot take
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     held = data.load_records(a.data, "test", key=a.key)[: a.held_out] if a.held_out else None
