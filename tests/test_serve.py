@@ -50,22 +50,22 @@ def local(export_base) -> ExportedModel:
     return ExportedModel(export_base)
 
 
-@pytest.fixture(scope="module")
-def serving(export_base):
-    """``vaestream serve`` in a subprocess, gRPC and REST on ephemeral loopback ports; yields
-    {"proc", "rest": URL, "grpc": HOST:PORT}."""
+def start_serve(export_base: Path, *flags: str) -> tuple[subprocess.Popen, dict]:
+    """``vaestream serve`` on ``export_base`` in a subprocess, gRPC and REST on ephemeral loopback ports, with
+    ``flags``; returns (process, the JSON line it prints once both ports accept connections)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(export_base), "--model_name",
-         "vae", "--port", "0", "--rest_api_port", "0", "--host", "127.0.0.1", "--max_batch_size", str(MAX_BATCH),
-         "--max_request_bytes", str(MAX_BYTES), "--file_system_poll_wait_seconds", "0.3"],
+         "vae", "--port", "0", "--rest_api_port", "0", "--host", "127.0.0.1", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     line = proc.stdout.readline()  # blocks until the server is up (or died)
     if not line:
         proc.kill()
         pytest.fail(f"vaestream serve did not start: {proc.stderr.read()[-3000:]}")
-    info = json.loads(line)
-    assert info["versions"] == [1]
-    yield {"proc": proc, "rest": f"http://127.0.0.1:{info['rest_api_port']}", "grpc": f"127.0.0.1:{info['port']}"}
+    return proc, json.loads(line)
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM the server and check that it shuts down cleanly (exit 0)."""
     if proc.poll() is None:
         proc.terminate()
     try:
@@ -73,6 +73,17 @@ def serving(export_base):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def serving(export_base):
+    """``vaestream serve`` in a subprocess, gRPC and REST on ephemeral loopback ports; yields
+    {"proc", "rest": URL, "grpc": HOST:PORT}."""
+    proc, info = start_serve(export_base, "--max_batch_size", str(MAX_BATCH), "--max_request_bytes", str(MAX_BYTES),
+                             "--file_system_poll_wait_seconds", "0.3")
+    assert info["versions"] == [1]
+    yield {"proc": proc, "rest": f"http://127.0.0.1:{info['rest_api_port']}", "grpc": f"127.0.0.1:{info['port']}"}
+    stop_serve(proc)
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +415,8 @@ def test_deploy_files_are_consistent():
     # both ports, batching with the parameters file, and vaestream serve interchangeable with the same flags
     assert {"name": "grpc", "containerPort": 8500} in c["ports"]
     assert c["livenessProbe"]["httpGet"] == {"path": f"/v1/models/{name}", "port": "rest"}
-    assert "--enable_batching" in c["args"] and "--batching_parameters_file=/models/batching_parameters.txt" in c["args"]
+    assert "--enable_batching" in c["args"]
+    assert "--batching_parameters_file=/models/batching_parameters.txt" in c["args"]
     assert "COPY deploy/batching_parameters.txt /models/batching_parameters.txt" in docker
     alt = compose["services"]["vae-vaestream"]
     assert alt["command"][:2] == ["vaestream", "serve"] and set(alt["ports"]) == set(svc["ports"])
@@ -689,12 +701,122 @@ def test_batching_parameters_file_is_tf_servings_text_format(tmp_path):
     p = BatchingParameters.from_file(f)
     assert (p.max_batch_size, p.batch_timeout_micros, p.max_enqueued_batches, p.num_batch_threads,
             p.allowed_batch_sizes) == (128, 2000, 16, 2, (64, 128))
-    assert BatchingParameters.from_file(ROOT / "deploy" / "batching_parameters.txt").max_batch_size >= 1
+    assert not p.enable_large_batch_splitting and p.execution_batch_size == 128
+    p = BatchingParameters.parse("max_batch_size { value: 1024 } enable_large_batch_splitting { value: true }\n"
+                                 "max_execution_batch_size { value: 128 } allowed_batch_sizes: 64 "
+                                 "allowed_batch_sizes: 128")
+    assert (p.max_batch_size, p.enable_large_batch_splitting, p.max_execution_batch_size, p.execution_batch_size,
+            p.allowed_batch_sizes) == (1024, True, 128, 128, (64, 128))
+    p = BatchingParameters.parse("max_batch_size { value: 300 } enable_large_batch_splitting { value: true }")
+    assert p.execution_batch_size == 300  # max_execution_batch_size defaults to max_batch_size
+    # the shipped file: a request of the client's default 1,000 records fits, executed in batches of 128
+    shipped = BatchingParameters.from_file(ROOT / "deploy" / "batching_parameters.txt")
+    assert shipped.max_batch_size >= 1000 and shipped.enable_large_batch_splitting
+    assert shipped.execution_batch_size == 128
     for bad, fragment in [("max_batch_sise { value: 1 }", "unknown field"), ("max_batch_size: 3", "cannot parse"),
                           ("max_batch_size { value: 0 }", ">= 1"), ("num_batch_threads { value: x }", "integer"),
-                          ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "end with")]:
+                          ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "end with"),
+                          ("enable_large_batch_splitting { value: yes }", "not true or false"),
+                          ("max_batch_size { value: 8 } max_execution_batch_size { value: 4 }", "splitting is off"),
+                          ("max_batch_size { value: 8 } enable_large_batch_splitting { value: true } "
+                           "max_execution_batch_size { value: 9 }", "must not exceed max_batch_size 8"),
+                          ("pad_variable_length_inputs { value: true }", "not supported")]:
         with pytest.raises(ModelError, match=fragment):
-            BatchingParameters.parse(bad)
+            BatchingParameters.parse(bad, "batching.config")
+
+
+def test_large_requests_are_split_into_execution_batches_bit_identical(export_base, local, mnist_test):
+    """enable_large_batch_splitting: concurrent REST and gRPC requests of up to max_batch_size (100) records
+    run as model calls of at most max_execution_batch_size (16) rows, pieces of one request in several calls,
+    and every request is answered whole, in order, bit-identical to the SavedModel on that request alone; a
+    request over max_batch_size is refused naming the limit, and Client / GrpcClient say what to do."""
+    import tensorflow as tf
+
+    from vaestream.serving.batching import BatchingParameters
+    from vaestream.serving.client import GrpcClient
+
+    x = mnist_test[:400].reshape(400, -1).astype(np.float32) / np.float32(255)
+    srv = _InProcess(export_base, BatchingParameters(max_batch_size=100, enable_large_batch_splitting=True,
+                                                     max_execution_batch_size=16, batch_timeout_micros=1000,
+                                                     num_batch_threads=2, max_enqueued_batches=100))
+    sizes: list[int] = []
+    call = srv.ms.batcher._call
+    srv.ms.batcher._call = lambda s, sig, feeds: (sizes.append(len(feeds["x"])), call(s, sig, feeds))[1]
+    try:
+        jobs = [(i, x[a:a + n]) for i, (a, n) in enumerate([(0, 100), (100, 37), (137, 99), (236, 1), (237, 100),
+                                                          (337, 63)])]
+        got: dict[int, np.ndarray] = {}
+        errors: list[str] = []
+        barrier = threading.Barrier(len(jobs))
+
+        def worker(i: int, xi: np.ndarray) -> None:
+            try:
+                barrier.wait(30)
+                if i % 2:
+                    r = _stub(srv.target).Predict(_predict_request("quantize", x=xi), timeout=60)
+                    got[i] = tf.make_ndarray(r.outputs["symbols"])
+                else:
+                    c = Client(srv.url, "vae")
+                    got[i] = c.quantize(xi)
+                    c.close()
+            except Exception as e:  # collected and asserted below
+                errors.append(f"{i}: {e!r}")
+
+        threads = [threading.Thread(target=worker, args=j) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        for i, xi in jobs:
+            np.testing.assert_array_equal(got[i], local.quantize(xi))
+        b = srv.ms.batcher
+        assert b.tasks_run == len(jobs) and b.pieces_run > b.tasks_run  # requests were split
+        assert max(sizes) <= 16 and sum(sizes) == 400 and len(sizes) == b.batches_run >= 400 // 16
+        # over max_batch_size: INVALID_ARGUMENT naming the limit; the clients say how to fit it
+        with pytest.raises(ServingError, match="at most 100 records per request") as e:
+            Client(srv.url, "vae", max_batch=101).quantize(x[:150])
+        assert e.value.status == 400 and "Task size 101 is larger than maximum input batch size 100" in str(e.value)
+        g = GrpcClient(srv.target, "vae", max_batch=150)
+        with pytest.raises(ServingError, match="--max-batch 100") as e:
+            g.quantize(x[:150])
+        assert e.value.code == "INVALID_ARGUMENT"
+        g.max_batch = 100  # two calls: 100 + 50
+        np.testing.assert_array_equal(g.quantize(x[:150]), local.quantize(x[:150]))
+        g.close()
+    finally:
+        srv.close()
+
+
+def test_readme_server_and_client_with_the_shipped_batching_file(export_base, local, mnist_test, tmp_path):
+    """The README's pair: ``vaestream serve --enable_batching --batching_parameters_file
+    deploy/batching_parameters.txt`` and ``vaestream client quantize`` (its default 1,000 records per request)
+    on 2,000 real MNIST records over REST, and GrpcClient over gRPC: the codes equal the SavedModel's exactly."""
+    from vaestream.serving.client import GrpcClient
+
+    imgs = mnist_test[:2000]
+    np.save(tmp_path / "x.npy", imgs)  # uint8: the client scales by 1/255, as load_inputs
+    want = local.quantize(imgs.reshape(2000, -1).astype(np.float32) * np.float32(1 / 255))
+    proc, info = start_serve(export_base, "--enable_batching", "--batching_parameters_file",
+                             str(ROOT / "deploy" / "batching_parameters.txt"), "--file_system_poll_wait_seconds", "0")
+    try:
+        r = subprocess.run([sys.executable, "-m", "vaestream.cli", "client", "quantize", "--url",
+                            f"http://127.0.0.1:{info['rest_api_port']}", "--input", str(tmp_path / "x.npy"),
+                            "--out", str(tmp_path / "codes.npz")], capture_output=True, text=True, env=ENV,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        assert (summary["records"], summary["requests"]) == (2000, 2) and summary["seconds"] > 0
+        assert summary["outputs"]["symbols"] == ["int32", [2000, local.config.latent_dim]]
+        np.testing.assert_array_equal(np.load(tmp_path / "codes.npz")["symbols"], want)
+        c = GrpcClient(f"127.0.0.1:{info['port']}", "vae")  # default max_batch 1000: two calls
+        try:
+            np.testing.assert_array_equal(c.quantize(imgs.reshape(2000, -1).astype(np.float32) * np.float32(1 / 255)),
+                                          want)
+        finally:
+            c.close()
+    finally:
+        stop_serve(proc)
 
 
 # -- versions --------------------------------------------------------------------------------------------------

@@ -1,25 +1,34 @@
 """Server-side batching for ``vaestream serve`` (TF Serving's ``--enable_batching``).
 
-Concurrent requests to the same (model version, signature) are queued, merged into one signature call of
-at most ``max_batch_size`` rows and the outputs split back to the requests, as TF Serving's
+Concurrent requests to the same (model version, signature) are queued, merged into signature calls of at most
+``max_execution_batch_size`` rows and the outputs split back to the requests, as TF Serving's
 ``BasicBatchScheduler``:
 
-* a request joins the open batch of its queue if it fits (``max_batch_size`` rows), else it closes that
-  batch and opens a new one; a request larger than ``max_batch_size`` is refused (INVALID_ARGUMENT);
-* a batch runs when it is full, or when its first request has waited ``batch_timeout_micros`` (0: as soon
+* ``max_batch_size`` bounds one request (a *task*): a larger one is refused (INVALID_ARGUMENT, "Task size N is
+  larger than maximum input batch size M");
+* without ``enable_large_batch_splitting`` a task joins the open batch of its queue if it fits
+  (``max_batch_size`` rows), else it closes that batch and opens a new one, so a batch is at most
+  ``max_batch_size`` rows;
+* with ``enable_large_batch_splitting`` batches are at most ``max_execution_batch_size`` rows (default:
+  ``max_batch_size``): a task that does not fit the open batch is split, its first piece filling the open
+  batch and the rest going in pieces of ``max_execution_batch_size`` into new batches. The pieces run (maybe
+  on different threads) and the request is answered whole, its rows in order;
+* a batch runs when it is full, or when its first task has waited ``batch_timeout_micros`` (0: as soon
   as one of the ``num_batch_threads`` threads is free — under load requests pile up while the threads are
   busy, so the batches grow by themselves);
-* a queue holds at most ``max_enqueued_batches`` batches; a request that would need one more is answered
+* a queue holds at most ``max_enqueued_batches`` batches; a request that would need more is answered
   UNAVAILABLE (gRPC) / 503 (REST) at once, so memory is bounded under overload.
 
-Batching changes no value: vaestream's signatures compute in fixed 64-row blocks
-(:func:`vaestream.model.blocked`), so a record's outputs are bit-identical in any batch.
+Batching and splitting change no value: vaestream's signatures compute in fixed 64-row blocks
+(:func:`vaestream.model.blocked`), so a record's outputs are bit-identical in any batch or piece.
 
 The parameters file is TF Serving's ``--batching_parameters_file``: a ``BatchingParameters`` text proto::
 
-    max_batch_size { value: 128 }
+    max_batch_size { value: 1024 }
+    enable_large_batch_splitting { value: true }
+    max_execution_batch_size { value: 128 }
     batch_timeout_micros { value: 2000 }
-    max_enqueued_batches { value: 16 }
+    max_enqueued_batches { value: 64 }
     num_batch_threads { value: 2 }
 """
 
@@ -38,17 +47,25 @@ import numpy as np
 
 from vaestream.errors import ModelError
 
-_WRAPPED_INT = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
+_WRAPPED_INT = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
+                "max_execution_batch_size")
+_WRAPPED_BOOL = ("enable_large_batch_splitting",)
 _IGNORED = ("thread_pool_name",)  # accepted as TF Serving does; vaestream has one pool per server
-_UNSUPPORTED = ("enable_large_batch_splitting", "max_execution_batch_size", "pad_variable_length_inputs")
+_UNSUPPORTED = ("pad_variable_length_inputs",)
+_KNOWN = _WRAPPED_INT + _WRAPPED_BOOL + ("allowed_batch_sizes",) + _IGNORED
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchingParameters:
     """TF Serving's ``BatchingParameters`` (the fields vaestream implements), with TF Serving's defaults.
 
-    ``allowed_batch_sizes`` is accepted (its last entry must equal ``max_batch_size``, as TF Serving checks)
-    but batches are not padded to them: the signatures run in fixed 64-row blocks whatever the batch size.
+    ``max_batch_size`` bounds one request; ``max_execution_batch_size`` (None: ``max_batch_size``) bounds one
+    signature call when ``enable_large_batch_splitting`` is on, and must then not exceed ``max_batch_size``;
+    without splitting it must equal ``max_batch_size`` if given (TF Serving's rules).
+
+    ``allowed_batch_sizes`` is accepted (its last entry must equal the execution batch size, as TF Serving
+    checks) but batches are not padded to them: the signatures run in fixed 64-row blocks whatever the batch
+    size.
     """
 
     max_batch_size: int = 1000
@@ -56,24 +73,48 @@ class BatchingParameters:
     max_enqueued_batches: int = 10
     num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     allowed_batch_sizes: tuple[int, ...] = ()
+    enable_large_batch_splitting: bool = False
+    max_execution_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for f in _WRAPPED_INT:
             v = getattr(self, f)
-            if not isinstance(v, int) or v < (0 if f == "batch_timeout_micros" else 1):
-                raise ModelError(f"batching parameters: {f} must be an integer >= "
-                                 f"{0 if f == 'batch_timeout_micros' else 1}, got {v!r}")
+            if f == "max_execution_batch_size" and v is None:
+                continue
+            low = 0 if f == "batch_timeout_micros" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ModelError(f"batching parameters: {f} must be an integer >= {low}, got {v!r}")
+        if not isinstance(self.enable_large_batch_splitting, bool):
+            raise ModelError("batching parameters: enable_large_batch_splitting must be true or false, got "
+                             f"{self.enable_large_batch_splitting!r}")
+        m, e = self.max_batch_size, self.max_execution_batch_size
+        if e is not None:
+            if self.enable_large_batch_splitting and e > m:
+                raise ModelError(f"batching parameters: max_execution_batch_size {e} must not exceed "
+                                 f"max_batch_size {m}")
+            if not self.enable_large_batch_splitting and e != m:
+                raise ModelError(f"batching parameters: max_execution_batch_size {e} differs from max_batch_size "
+                                 f"{m} but enable_large_batch_splitting is off (turn it on to split requests)")
         a = self.allowed_batch_sizes
-        if a and (list(a) != sorted(set(a)) or a[-1] != self.max_batch_size or a[0] < 1):
+        if a and (list(a) != sorted(set(a)) or a[-1] != self.execution_batch_size or a[0] < 1):
+            which = "max_execution_batch_size" if self.enable_large_batch_splitting else "max_batch_size"
             raise ModelError(f"batching parameters: allowed_batch_sizes {list(a)} must increase and end with "
-                             f"max_batch_size {self.max_batch_size}")
+                             f"{which} {self.execution_batch_size}")
+
+    @property
+    def execution_batch_size(self) -> int:
+        """The most rows one signature call gets: ``max_execution_batch_size`` with splitting (default
+        ``max_batch_size``), else ``max_batch_size``."""
+        if self.enable_large_batch_splitting and self.max_execution_batch_size is not None:
+            return self.max_execution_batch_size
+        return self.max_batch_size
 
     @classmethod
     def parse(cls, text: str, source: str = "batching parameters") -> "BatchingParameters":
         """Parse the text proto of ``--batching_parameters_file``.
 
         Raises:
-          ModelError: a syntax error, an unknown or unsupported field.
+          ModelError: a syntax error, an unknown or unsupported field, a bad value.
         """
         body = re.sub(r"#[^\n]*", "", text)
         kw: dict[str, Any] = {}
@@ -97,14 +138,22 @@ class BatchingParameters:
                 continue
             if name in _UNSUPPORTED:
                 raise ModelError(f"{source}: {name} is not supported by vaestream serve")
+            if name in _WRAPPED_BOOL:
+                flag = {"true": True, "t": True, "1": True, "false": False, "f": False, "0": False}.get(value.lower())
+                if flag is None:
+                    raise ModelError(f"{source}: {name} {{ value: {value} }} is not true or false")
+                kw[name] = flag
+                continue
             if name not in _WRAPPED_INT:
-                raise ModelError(f"{source}: unknown field {name!r} (known: {', '.join(_WRAPPED_INT)}, "
-                                 "allowed_batch_sizes, thread_pool_name)")
+                raise ModelError(f"{source}: unknown field {name!r} (known: {', '.join(_KNOWN)})")
             try:
                 kw[name] = int(value)
             except ValueError:
                 raise ModelError(f"{source}: {name} {{ value: {value} }} is not an integer") from None
-        return cls(**kw, allowed_batch_sizes=tuple(allowed))
+        try:
+            return cls(**kw, allowed_batch_sizes=tuple(allowed))
+        except ModelError as e:
+            raise ModelError(f"{source}: {str(e).removeprefix('batching parameters: ')}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BatchingParameters":
@@ -116,20 +165,44 @@ class BatchingParameters:
 
 
 class _Task:
-    __slots__ = ("feeds", "n", "done", "result", "error")
+    """One request: its feeds, its rows, and the outputs of its pieces (piece start row -> outputs)."""
+
+    __slots__ = ("feeds", "n", "done", "parts", "pending", "error")
 
     def __init__(self, feeds: dict[str, np.ndarray], n: int):
         self.feeds, self.n = feeds, n
         self.done = threading.Event()
-        self.result: dict[str, np.ndarray] | None = None
+        self.parts: dict[int, dict[str, np.ndarray]] = {}
+        self.pending = 0  # pieces not yet run
         self.error: Exception | None = None
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The outputs of the whole request, its pieces' in row order."""
+        if len(self.parts) == 1:
+            return next(iter(self.parts.values()))
+        starts = sorted(self.parts)
+        return {k: np.concatenate([self.parts[s][k] for s in starts]) for k in self.parts[starts[0]]}
+
+
+class _Piece:
+    """Rows ``[start, start + n)`` of a task, as they go into one batch."""
+
+    __slots__ = ("task", "start", "n")
+
+    def __init__(self, task: _Task, start: int, n: int):
+        self.task, self.start, self.n = task, start, n
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        if self.start == 0 and self.n == self.task.n:
+            return self.task.feeds
+        return {k: v[self.start:self.start + self.n] for k, v in self.task.feeds.items()}
 
 
 class _Batch:
-    __slots__ = ("tasks", "size", "created", "closed", "args")
+    __slots__ = ("pieces", "size", "created", "closed", "args")
 
     def __init__(self, args: tuple):
-        self.tasks: list[_Task] = []
+        self.pieces: list[_Piece] = []
         self.size = 0
         self.created = time.monotonic()
         self.closed = False
@@ -146,7 +219,8 @@ class Batcher:
         self._cv = threading.Condition()
         self._queues: dict[Any, collections.deque[_Batch]] = {}
         self._closed = False
-        self.batches_run = 0  # statistics: batches and requests run
+        self.batches_run = 0  # statistics: batches (signature calls), pieces and requests run
+        self.pieces_run = 0
         self.tasks_run = 0
         self._threads = [threading.Thread(target=self._worker, name=f"batch-{i}", daemon=True)
                          for i in range(params.num_batch_threads)]
@@ -155,7 +229,8 @@ class Batcher:
 
     def submit(self, key: Any, servable: Any, signature: str, feeds: dict[str, np.ndarray],
                n: int) -> dict[str, np.ndarray]:
-        """Queue one request of ``n`` rows and wait for its outputs (output name -> ``[n, ...]``).
+        """Queue one request of ``n`` rows (split into pieces when splitting is on and it does not fit the open
+        batch) and wait for its outputs (output name -> ``[n, ...]``, rows in order).
 
         Raises:
           RequestError: INVALID_ARGUMENT (``n`` over ``max_batch_size``), UNAVAILABLE (the queue is full or the
@@ -166,31 +241,56 @@ class Batcher:
         p = self.params
         if n > p.max_batch_size:
             raise RequestError(400, f"Task size {n} is larger than maximum input batch size {p.max_batch_size}")
+        limit = p.execution_batch_size
         task = _Task(feeds, n)
         with self._cv:
             if self._closed:
                 raise RequestError(503, "the server is shutting down", "UNAVAILABLE")
             q = self._queues.setdefault(key, collections.deque())
             open_ = q[-1] if q and not q[-1].closed else None
-            if open_ is None or open_.size + n > p.max_batch_size:
-                if open_ is not None:
-                    open_.closed = True  # full for this request: it may run now
-                    self._cv.notify()
-                if len(q) >= p.max_enqueued_batches:
+            if p.enable_large_batch_splitting:
+                # TF Serving's capacity: the open batch's free rows plus max_enqueued_batches - (batches queued,
+                # the open one counted even when empty) new batches
+                queued = len(q) + (open_ is None)
+                tail = open_.size if open_ is not None else 0
+                capacity = (p.max_enqueued_batches - queued) * limit + (limit - tail)
+                if n > capacity:
+                    raise RequestError(503, f"The batch scheduling queue to which this task was submitted is full; "
+                                            f"task size is {n} but scheduling capacity is only {capacity} "
+                                            f"(num_enqueued_batches={queued}, max_enqueued_batches="
+                                            f"{p.max_enqueued_batches}, open_batch_size={tail}, "
+                                            f"max_execution_batch_size={limit})", "UNAVAILABLE")
+                sizes, rest = [], n
+                room = limit - tail
+                if 0 < room < n:
+                    sizes.append(room)
+                    rest -= room
+                while rest:
+                    sizes.append(min(rest, limit))
+                    rest -= sizes[-1]
+            else:
+                if (open_ is None or open_.size + n > limit) and len(q) >= p.max_enqueued_batches:
                     raise RequestError(503, "The batch scheduling queue to which this task was submitted is full",
                                        "UNAVAILABLE")
-                open_ = _Batch((servable, signature))
-                q.append(open_)
-            open_.tasks.append(task)
-            open_.size += n
-            if open_.size >= p.max_batch_size:
-                open_.closed = True
-            self._cv.notify()
+                sizes = [n]
+            start = 0
+            for size in sizes:
+                if open_ is None or open_.size + size > limit:
+                    if open_ is not None:
+                        open_.closed = True  # full for this piece: it may run now
+                    open_ = _Batch((servable, signature))
+                    q.append(open_)
+                open_.pieces.append(_Piece(task, start, size))
+                open_.size += size
+                start += size
+                if open_.size >= limit:
+                    open_.closed = True
+            task.pending = len(sizes)
+            self._cv.notify_all()
         task.done.wait()
         if task.error is not None:
             raise task.error
-        assert task.result is not None
-        return task.result
+        return task.result()
 
     def _pick(self) -> tuple[_Batch | None, float | None]:
         """Under the lock: the oldest batch that may run now (popped), else the seconds until one may."""
@@ -229,34 +329,43 @@ class Batcher:
         from vaestream.serving.server import RequestError
 
         servable, signature = batch.args
-        tasks = batch.tasks
+        pieces = batch.pieces
+        outs: list[dict[str, np.ndarray]] = []
+        error: Exception | None = None
         try:
-            if len(tasks) == 1:
-                outs = [self._call(servable, signature, tasks[0].feeds)]
+            if len(pieces) == 1:
+                out = self._call(servable, signature, pieces[0].feeds())
             else:
-                feeds = {k: np.concatenate([t.feeds[k] for t in tasks]) for k in tasks[0].feeds}
-                out = self._call(servable, signature, feeds)
+                feeds = [pc.feeds() for pc in pieces]
+                out = self._call(servable, signature, {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+            if len(pieces) > 1 or pieces[0].n != pieces[0].task.n:
                 for k, v in out.items():
                     if v.ndim == 0 or len(v) != batch.size:
                         raise RequestError(500, f"output '{k}' of shape {list(v.shape)} has no batch dimension of "
                                                 f"{batch.size}: cannot split a merged batch", "INTERNAL")
-                offsets = np.cumsum([0] + [t.n for t in tasks])
-                outs = [{k: v[a:b] for k, v in out.items()} for a, b in zip(offsets[:-1], offsets[1:])]
-            for t, o in zip(tasks, outs):
-                t.result = o
+            offsets = np.cumsum([0] + [pc.n for pc in pieces])
+            outs = [out if len(pieces) == 1 else {k: v[a:b] for k, v in out.items()}
+                    for a, b in zip(offsets[:-1], offsets[1:])]
         except RequestError as e:
-            for t in tasks:
-                t.error = e
+            error = e
         except Exception as e:  # a server bug: every request of the batch gets it, the thread lives on
-            err = RequestError(500, f"Internal: {type(e).__name__}: {e}", "INTERNAL")
-            for t in tasks:
-                t.error = err
-        finally:
-            with self._cv:
-                self.batches_run += 1
-                self.tasks_run += len(tasks)
-            for t in tasks:
-                t.done.set()
+            error = RequestError(500, f"Internal: {type(e).__name__}: {e}", "INTERNAL")
+        finished: list[_Task] = []
+        with self._cv:
+            self.batches_run += 1
+            self.pieces_run += len(pieces)
+            for i, pc in enumerate(pieces):
+                t = pc.task
+                if error is not None:
+                    t.error = t.error or error
+                else:
+                    t.parts[pc.start] = outs[i]
+                t.pending -= 1
+                if t.pending == 0:
+                    self.tasks_run += 1
+                    finished.append(t)
+        for t in finished:
+            t.done.set()
 
     def close(self, timeout: float = 30.0) -> None:
         """Run what is queued, refuse new requests, stop the threads."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import re
 import threading
 import time
 import urllib.parse
@@ -19,6 +20,28 @@ import numpy as np
 
 from vaestream.errors import DataError
 from vaestream.serving.protocol import DTYPES, GRPC_TO_HTTP, ServingError, dumps
+
+
+_TOO_LARGE = re.compile(r"Task size (\d+) is larger than maximum input batch size (\d+)")
+
+
+def _check_max_batch(max_batch: int) -> int:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+        raise DataError(f"max_batch must be a positive number of records per request, got {max_batch!r}")
+    return int(max_batch)
+
+
+def _explain_too_large(e: ServingError, grpc: bool) -> ServingError:
+    """The server's "Task size N is larger than maximum input batch size M" with what to do about it; any other
+    error as it is."""
+    m = _TOO_LARGE.search(e.message)
+    if m is None or e.status != 400:
+        return e
+    limit = int(m.group(2))
+    msg = (f"{e.message}: this server takes at most {limit} records per request (its max_batch_size), this "
+           f"client sent {m.group(1)}; send at most {limit} per request (Client/GrpcClient max_batch={limit}, "
+           f"vaestream client --max-batch {limit}) or raise the server's max_batch_size")
+    return ServingError(e.status, msg, e.code if grpc else None)
 
 
 def _batch_inputs(signature: str, inputs: dict) -> tuple[dict[str, np.ndarray], int]:
@@ -91,7 +114,9 @@ class _ModelApi:
 class Client(_ModelApi):
     """A client of TF Serving's REST API (``vaestream serve`` or ``tensorflow/serving``) for a vaestream export.
 
-    Batches larger than ``max_batch`` are sent as several requests. Requests use the columnar format (the
+    Batches larger than ``max_batch`` are sent as several requests, of at most ``max_batch`` records each. A
+    server that takes fewer records per request answers INVALID_ARGUMENT ("Task size N is larger than maximum
+    input batch size M"): raised as a :class:`ServingError` that names M. Requests use the columnar format (the
     compact one); connections are kept alive (one per thread).
 
     Args:
@@ -99,7 +124,7 @@ class Client(_ModelApi):
       model: the model name.
       version: a fixed version (``/versions/N``), or None for the server's latest.
       timeout: seconds per request.
-      max_batch: records per request.
+      max_batch: the most records per request (default 1000).
     """
 
     def __init__(self, url: str = "http://localhost:8501", model: str = "vae", version: int | None = None,
@@ -110,7 +135,7 @@ class Client(_ModelApi):
         self.url, self.model, self.version = url, model, version
         self._scheme, self._host, self._port = u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80)
         self._prefix = u.path.rstrip("/")
-        self.timeout, self.max_batch = float(timeout), int(max_batch)
+        self.timeout, self.max_batch = float(timeout), _check_max_batch(max_batch)
         self._local = threading.local()
         self._dtypes: dict[str, dict[str, Any]] | None = None
 
@@ -194,9 +219,13 @@ class Client(_ModelApi):
         return self.request("POST", self._model_path() + ":predict", payload)
 
     def predict(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``signature`` on ``inputs`` (name -> ``[B, ...]`` array), in batches of ``max_batch``.
+        """Run ``signature`` on ``inputs`` (name -> ``[B, ...]`` array), in requests of at most ``max_batch``
+        records.
 
-        Returns output name -> NumPy array (dtypes from the model metadata), concatenated over batches.
+        Returns output name -> NumPy array (dtypes from the model metadata), concatenated over requests.
+
+        Raises:
+          ServingError: the server's error (one that a request is too large names the server's limit).
         """
         arrays, n = _batch_inputs(signature, inputs)
         dtypes = self.output_dtypes(signature)
@@ -204,7 +233,10 @@ class Client(_ModelApi):
         for s in range(0, n, self.max_batch):
             payload = {"signature_name": signature,
                        "inputs": {k: a[s:s + self.max_batch] for k, a in arrays.items()}}
-            out = self.predict_raw(payload)["outputs"]
+            try:
+                out = self.predict_raw(payload)["outputs"]
+            except ServingError as e:
+                raise _explain_too_large(e, grpc=False) from None
             if not isinstance(out, dict):  # a single output comes back unnamed
                 out = {next(iter(dtypes)): out}
             for k, v in out.items():
@@ -215,7 +247,8 @@ class Client(_ModelApi):
 class GrpcClient(_ModelApi):
     """A client of TF Serving's gRPC API (``PredictionService`` / ``ModelService``, port 8500).
 
-    Requests larger than ``max_batch`` records are sent as several ``Predict`` calls. Errors raise
+    Requests larger than ``max_batch`` records are sent as several ``Predict`` calls (a server that takes
+    fewer records per call: a :class:`ServingError` naming its limit, as :class:`Client`). Errors raise
     :class:`ServingError` with the gRPC status name in ``code`` (``"NOT_FOUND"``, ``"INVALID_ARGUMENT"``,
     ``"UNAVAILABLE"``, ...) and the matching HTTP status in ``status``.
 
@@ -224,7 +257,7 @@ class GrpcClient(_ModelApi):
       model: the model name.
       version: a fixed version, or None for the server's latest.
       timeout: seconds per call.
-      max_batch: records per call.
+      max_batch: the most records per call (default 1000).
       max_message_bytes: the largest message sent or received.
     """
 
@@ -234,7 +267,7 @@ class GrpcClient(_ModelApi):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         self.target, self.model, self.version = target, model, version
-        self.timeout, self.max_batch = float(timeout), int(max_batch)
+        self.timeout, self.max_batch = float(timeout), _check_max_batch(max_batch)
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes)]
         self._channel = grpc.insecure_channel(target, options=opts)
@@ -307,7 +340,10 @@ class GrpcClient(_ModelApi):
         arrays, n = _batch_inputs(signature, inputs)
         parts: dict[str, list[np.ndarray]] = {}
         for s in range(0, n, self.max_batch):
-            resp = self.predict_proto(signature, {k: a[s:s + self.max_batch] for k, a in arrays.items()})
+            try:
+                resp = self.predict_proto(signature, {k: a[s:s + self.max_batch] for k, a in arrays.items()})
+            except ServingError as e:
+                raise _explain_too_large(e, grpc=True) from None
             for k, t in resp.outputs.items():
                 parts.setdefault(k, []).append(tf.make_ndarray(t))
         return {k: np.concatenate(v) for k, v in parts.items()}
@@ -333,10 +369,21 @@ def load_inputs(path: str | Path, key: str | None = None) -> np.ndarray:
 
 def run_client(url: str, model: str, action: str, input_path: str | None = None, output: str | None = None,
                version: int | None = None, key: str | None = None, max_batch: int = 1000) -> dict:
-    """The ``vaestream client`` command: ``status`` / ``metadata`` print JSON; ``encode`` / ``quantize`` /
-    ``reconstruct`` / ``elbo`` read records from ``input_path`` and write the outputs to ``output`` (.npz,
-    one array per output name); ``decode`` reads latents ``z [B, Nz]``. ``url`` ``grpc://HOST:PORT`` speaks gRPC,
-anything else REST. Returns a JSON-able summary."""
+    """The ``vaestream client`` command: ``status`` / ``metadata`` return the server's JSON; ``encode`` /
+    ``quantize`` / ``reconstruct`` / ``elbo`` read records from ``input_path`` and write the outputs to
+    ``output`` (.npz, one array per output name); ``decode`` reads latents ``z [B, Nz]``. ``url``
+    ``grpc://HOST:PORT`` speaks gRPC, anything else REST. Inputs go in requests of at most ``max_batch``
+    records.
+
+    Returns a JSON-able summary: action, records (read and answered), requests, out, seconds (wall seconds of
+    the whole call: reading, requests, writing), records_per_second and the outputs' dtypes and shapes
+    (``elbo``: the mean ELBO and rate; ``reconstruct``: MSE and PSNR).
+
+    Raises:
+      DataError: bad input or arguments.  ServingError: the server's error.
+    """
+    t = time.perf_counter()
+    max_batch = _check_max_batch(max_batch)
     if url.startswith("grpc://"):  # TF Serving's gRPC port: the same actions over PredictionService
         from google.protobuf import json_format
 
@@ -354,7 +401,7 @@ anything else REST. Returns a JSON-able summary."""
             return c.metadata()
     if input_path is None or output is None:
         raise DataError(f"client {action}: needs --input and --out")
-    t = time.perf_counter()
+    x = None
     if action == "decode":
         from vaestream.data import read_array
 
@@ -377,13 +424,13 @@ anything else REST. Returns a JSON-able summary."""
             raise DataError(f"unknown client action {action!r}")
     np.savez(output, **out)
     secs = time.perf_counter() - t
-    summary: dict[str, Any] = {"action": action, "records": n, "out": str(output), "seconds": round(secs, 3),
+    summary: dict[str, Any] = {"action": action, "records": n, "requests": -(-n // max_batch), "out": str(output),
+                               "seconds": round(secs, 3), "records_per_second": round(n / max(secs, 1e-9), 1),
                                "outputs": {k: [str(v.dtype), list(v.shape)] for k, v in out.items()}}
     if action == "elbo":
         summary["mean_elbo_nats"] = float(np.mean(out["elbo"]))
         summary["mean_rate_nats"] = float(np.mean(out["rate"]))
     if action == "reconstruct":
-        x = load_inputs(input_path, key)
         summary["mse"] = float(np.mean((out["x_hat"] - x) ** 2))
         summary["psnr_db"] = float(10 * math.log10(1.0 / max(summary["mse"], 1e-12)))
     return summary
