@@ -1,4 +1,4 @@
-"""Old flat module paths, kept for one release (issue 13: package by concept).
+"""Old flat module paths, kept for one release (the package is now organised by concept).
 
 ``import vaestream.codec`` (and every other path in :data:`MOVED`) still works: a finder at the front of
 ``sys.meta_path`` answers only for these names (so no stale copy elsewhere on the path, such as an editable

@@ -21,7 +21,7 @@ A code dimension then describes a neighbourhood of the picture, not all of it.
 
 A sub-pixel convolution is a transposed convolution of stride 2 written as an ordinary convolution and a
 permutation; here that matters, because every layer is then an *exact* patch copy
-(``tf.image.extract_patches``), one GEMM and elementwise ops. **Determinism** (issue 12): with
+(``tf.image.extract_patches``), one GEMM and elementwise ops. **Determinism**: with
 ``blockwise=True`` the patches of every layer are cut into rows of ``k*k*C_in`` values and multiplied in
 the stacked fixed 64-row blocks of :func:`vaestream.model.blocked` (one BatchMatMul of ``[n, 64, K] x
 [K, C_out]``); a row's output is then a pure function of its patch, as for the MLP's dense layers, so a
@@ -37,7 +37,7 @@ that a factorised entropy model of a *feature map* (the spatial latent, coded on
 fits; with a vector latent the dense layers already mix every feature, and the option is refused there. GDN
 keeps every layer "patch GEMM + elementwise + a per-pixel channel GEMM", and with ``blockwise=True`` the
 channel GEMM runs in the same fixed 64-row blocks, so the determinism argument above holds for it too.
-Measured (benchmarks/RESULTS_coder.md, run 4 notes; 2 epochs on MNIST, lambda = 1e5, channels 16, 32, 8 maps):
+Measured (benchmarks/RESULTS_coder.md; 2 epochs on MNIST, lambda = 1e5, channels 16, 32, 8 maps):
 with a linear decoder mean, GDN needed more bits than ELU (BD-rate against tiled WebP +40 % vs +15 %); with the
 sigmoid mean its decoder died (10 dB) at lambda 1e5 and 1e6. ELU stays the default.
 """

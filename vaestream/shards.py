@@ -28,7 +28,7 @@ _MOVED_TO_SHARDSET = ("FORMAT", "MANIFEST", "DEAD_LETTER", "SHARD_PREFIX", "SHAR
 
 
 def __getattr__(name: str):
-    """The names that moved (issue 13), kept for one release with a DeprecationWarning."""
+    """The names that moved to the package-by-concept layout, kept for one release with a DeprecationWarning."""
     from vaestream import _moved
 
     if name in _MOVED_TO_SHARDSET:

@@ -17,9 +17,9 @@ where ``f`` is a small MLP and ``c_p`` the *context* of pixel p (:meth:`ContextM
 
 The decoder network's z describes the picture's shape; the context describes what it cannot, the texture and
 the exact course of edges. On 2,000 Fashion-MNIST test images at K = 6 a 7 x 7 context took the pixels' code
-from 510 to ~390 bits per image (benchmarks/RESULTS_coder.md, run 6). The member itself was trained for
+from 510 to ~390 bits per image (benchmarks/RESULTS_coder.md). The member itself was trained for
 pixels independent given z; :mod:`vaestream.coding.bb_joint` fine-tunes it together with its context model, so
-that its z stops paying for what the context predicts (run 8).
+that its z stops paying for what the context predicts.
 
 **Coding.** The encoder knows every level, so it computes every pixel's context at once and pushes the
 group's pixels in one call, in *position-major* order (pixel 0 of every record of the group, then pixel 1, ...).
@@ -42,7 +42,7 @@ returns for each pixel
 where ``m_p = E[n_p | l_p, z]`` is the base model's mean within the level (``reconstruction="mean"``) and ``d_p``
 the levels (one-hot) and the means ``m`` of the *whole* ``window x window`` square around p (decoding is over, so
 the window may look ahead). It is an MMSE estimate of the count from its neighbourhood: Fashion-MNIST at K = 4,
-25.4 -> 26.5 dB at the same bits (benchmarks/RESULTS_coder.md, run 7). The bits do not change; the output stays within the level's counts. It is
+25.4 -> 26.5 dB at the same bits (benchmarks/RESULTS_coder.md). The bits do not change; the output stays within the level's counts. It is
 evaluated like ``f`` (integer features, exact products), so a pixel's output depends on its neighbourhood alone.
 
 **Identity.** A stream coded with a context model carries ``sha256(model fingerprint | context digest)`` as its

@@ -13,7 +13,7 @@ the course of an edge, the texture next to a known pixel. With bits-back coding 
 (Gulrajani et al., 2017) fine-tuning for one K. The z learns to leave to the context what the context does
 better, and pays less KL for it. Fashion-MNIST, K = 3, 20,000 images, 3 epochs: KL 86 -> 36 bits, pixels
 205 -> 218 bits per held-out image; the coder's real bits on the whole test set 295 -> 253 at the same PSNR
-(benchmarks/RESULTS_coder.md, run 8: 4-14 % fewer bits for K = 3-8).
+(benchmarks/RESULTS_coder.md: 4-14 % fewer bits for K = 3-8).
 
 In training, ``P_base(level | z)`` is the beta-binomial's mass over the level's counts computed in float64 from
 the decoder's (alpha, beta), clipped to the coder's grid (:data:`vaestream.coding.bb_tables.GRID_U` and

@@ -23,7 +23,7 @@ fewer bits at the same PSNR, ~20x slower to encode). :func:`choose` returns
 * for ``bpp=b``: the point with the highest PSNR among those with R / D <= b (D values per record).
 
 **Measured on which records.** By default on the records being compressed: decoding is a pure function of
-the bitstream (issue 12; fixed 64-row blocks), so the reconstruction the encoder computes is bit for bit
+the bitstream (fixed 64-row blocks), so the reconstruction the encoder computes is bit for bit
 the one every receiver will decode, and the PSNR it measures is the PSNR delivered, not an estimate. That
 costs one decode per candidate (the ladder has 19 qualities). A held-back batch (``select_on``) is the
 alternative when one choice should serve many later batches (a stream): the target then holds on the

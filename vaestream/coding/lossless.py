@@ -90,7 +90,7 @@ within :func:`max_error` (K) counts: 127, 64, 42, 32, ... 8 at K = 16, 2 at K = 
 coded exactly by the chain above, with Q(z | level image) (the encoder sees the level values) and P(level |
 z) = the beta-binomial's mass over the level's counts (:func:`level_rows`, K-entry rows precomputed per grid
 cell like the lossless tables). So its rate is the -ELBO of the level image under the binned model: the
-bits fall with K (the MNIST test set, benchmarks/RESULTS_coder.md run 4: 207 bits at K = 3, 26.4 dB; 277 at
+bits fall with K (the MNIST test set, benchmarks/RESULTS_coder.md: 207 bits at K = 3, 26.4 dB; 277 at
 K = 5, 32.1 dB; 1,014 lossless with the same model, first 2,000 records) and
 the PSNR is known before coding (:meth:`LosslessCoder.quantize` is what the decoder returns). K is stored
 in every frame, so one decoder reads any K. It needs one stochastic layer: in Bit-Swap order each group's z
@@ -138,7 +138,7 @@ are independent chains, the unit of random access and of streaming decode) holds
       :func:`~vaestream.coding.bb_chain.chain_ramp`; bit 7: CONTEXT_FLAG)
     | seed words u32 | cut words u32 | stored words u32 | stored words x u32
 
-Format 1 frames (equal-prior-mass buckets, 256-entry tables; vaestream before issue 16) are refused with a
+Format 1 frames (equal-prior-mass buckets, 256-entry tables; older vaestream versions) are refused with a
 :class:`BitstreamError` that names the format. Each frame has a length and a CRC32 in the container, so
 truncated or corrupted streams raise :class:`BitstreamError` before any decoding.
 """

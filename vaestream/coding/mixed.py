@@ -20,9 +20,9 @@ the smallest ``lmbda`` that meets it (:func:`choose`, a bisection).
   :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`, scaled so that they sum to the point's real
   container bits on the batch.
 
-Fashion-MNIST, the run-8 family, full test set: 4-36 % fewer bits than its best single point at the same PSNR
+Fashion-MNIST, a jointly tuned family, full test set: 4-36 % fewer bits than its best single point at the same PSNR
 from 19 to 32 dB; BD-rate against tiled WebP over 18-32 dB -53.4 % (single points: -46.4 %;
-benchmarks/RESULTS_coder.md, run 9).
+benchmarks/RESULTS_coder.md).
 
 Stream ("VM", format 1)::
 

@@ -92,7 +92,7 @@ def bd_rate(test: Sequence[dict], anchor: Sequence[dict], psnr_range: tuple[floa
     * ``"akima"``: Akima's piecewise cubic, the other interpolant of that reference.
     * ``"cubic"``: the original VCEG-M33 form, one least-squares cubic polynomial over all the points of
       each curve (a lower degree with fewer than 4 points). Over a long curve with a kink it can be far off
-      in the sub-interval: on run 5's Fashion-MNIST family it gave -40.7 % where PCHIP gives -29.0 %.
+      in the sub-interval: on a Fashion-MNIST RDO family it gave -40.7 % where PCHIP gives -29.0 %.
 
     Returns ``{"bd_rate_pct", "psnr_from", "psnr_to", "method"}``, with ``bd_rate_pct`` None where the
     curves share less than 0.1 dB.

@@ -29,7 +29,7 @@ its ladder; decoding is the same pure function of the bitstream, and any decoder
 SavedModel, Beam, serving) reads it. Only encoding costs more: ``steps`` forward and backward passes of the
 decoder per record.
 
-Measured over RD families on the full MNIST / Fashion-MNIST test sets (``benchmarks/RESULTS_coder.md``, run 5):
+Measured over RD families on the full MNIST / Fashion-MNIST test sets (``benchmarks/RESULTS_coder.md``):
 at 20 dB 47.5 / 53.6 bits per image instead of 55.6 / 61.2, at 24 dB 115 / 312 instead of 155 / 418; the
 lossy members' top PSNR rises from 25.8 to 27.7 dB (MNIST); encoding 480-660 records/s (rounding: 7-13k).
 """
