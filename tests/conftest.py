@@ -12,7 +12,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fashion_dirs() -> list[Path]:
+    """Where vaestream looks for Fashion-MNIST (as ``vaestream.data.fashion_mnist_dirs``): ``$VAESTREAM_DATA``,
+    Debian's package, then the user data directory that ``scripts/setup.sh`` fills without root."""
+    user = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "vaestream"
+    dirs = [Path(os.environ["VAESTREAM_DATA"]) / "fashion-mnist"] if os.environ.get("VAESTREAM_DATA") else []
+    return dirs + [Path("/usr/share/datasets/fashion-mnist"), user / "fashion-mnist"]
+
+
+FASHION_DIRS = _fashion_dirs()
+FASHION_DIR = next((d for d in FASHION_DIRS if (d / "train-images-idx3-ubyte.gz").exists()), FASHION_DIRS[-1])
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +36,7 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"Fashion-MNIST not installed at {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+        pytest.skip(f"Fashion-MNIST not found in {', '.join(map(str, FASHION_DIRS))}: run scripts/setup.sh")
     return FASHION_DIR
 
 

@@ -33,6 +33,27 @@ from vaestream.errors import DataError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's package ``dataset-fashion-mnist`` installs Fashion-MNIST (the default data set)."""
 
+
+def fashion_mnist_dirs() -> list[Path]:
+    """Where ``fashion-mnist`` is looked for, in order: ``$VAESTREAM_DATA/fashion-mnist`` (if the variable is
+    set), :data:`FASHION_MNIST_DIR`, then the user data directory
+    ``${XDG_DATA_HOME:-~/.local/share}/vaestream/fashion-mnist`` (where ``scripts/setup.sh`` unpacks the
+    Debian package for a user without root)."""
+    user = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "vaestream"
+    first = [Path(os.environ["VAESTREAM_DATA"]) / "fashion-mnist"] if os.environ.get("VAESTREAM_DATA") else []
+    return first + [Path(FASHION_MNIST_DIR), user / "fashion-mnist"]
+
+
+def fashion_mnist_dir() -> Path:
+    """The first of :func:`fashion_mnist_dirs` that holds Fashion-MNIST; ``DataError`` naming them if none."""
+    dirs = fashion_mnist_dirs()
+    for d in dirs:
+        if any(d.glob("train-images-idx3-ubyte*")):
+            return d
+    raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, dirs))}: run scripts/setup.sh (as root it "
+                    "installs dataset-fashion-mnist; as a user it unpacks it into the last of these)")
+
+
 BINARIZE = ("none", "static", "dynamic")
 
 IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -229,10 +250,7 @@ def resolve(spec: str, split: str = "train") -> Path:
     (``train-images-idx3-ubyte.gz`` and ``t10k-images-idx3-ubyte.gz``), or a file (``split`` is then ignored).
     """
     if spec == "fashion-mnist":
-        if not Path(FASHION_MNIST_DIR).is_dir():
-            raise DataError(f"{FASHION_MNIST_DIR}: Fashion-MNIST is not installed "
-                            "(as root: apt-get install -y dataset-fashion-mnist)")
-        return mnist_layout_images(FASHION_MNIST_DIR, split)
+        return mnist_layout_images(fashion_mnist_dir(), split)
     p = Path(spec)
     if p.is_dir():
         return mnist_layout_images(p, split)
