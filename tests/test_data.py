@@ -96,8 +96,23 @@ def test_truncated_idx(tmp_path, mnist_dir):
     raw = gzip.decompress((mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes())
     p = tmp_path / "t10k-images-idx3-ubyte"
     p.write_bytes(raw[:-100])
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: IDX payload .*truncated"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: truncated at record 9999: .*IDX payload .*truncated"):
         data.read_idx(p)
+
+
+def test_truncated_gzip_idx_names_the_record_and_is_not_read_in_part(tmp_path, mnist_dir):
+    """A real MNIST .gz cut short: a DataError naming the first record the gzip data does not hold whole (what
+    zcat recovers), never a training set read in part."""
+    import zlib
+
+    blob = (mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes()
+    p = tmp_path / "t10k-images-idx3-ubyte.gz"
+    p.write_bytes(blob[:1_000_000])
+    whole = (len(zlib.decompressobj(31).decompress(blob[:1_000_000])) - 16) // 784
+    assert 5000 < whole < 10000
+    with pytest.raises(DataError, match=rf"t10k-images-idx3-ubyte.gz: truncated at record {whole}: {whole} whole "
+                                        r"records of the 10000 .*gzip"):
+        data.read_array(p)
 
 
 def test_corrupt_gzip(tmp_path, mnist_dir):
@@ -168,6 +183,41 @@ def test_fashion_mnist_sha_is_stable(fashion_dir):
     # The Debian package is the upstream release: 60k training images.
     assert data.load_records("fashion-mnist", "train").shape == (60000, 28, 28)
     assert len(hashlib.sha256((fashion_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()).hexdigest()) == 64
+
+
+def _csv(path, rows, fmt="{:d}") -> None:
+    path.write_text("\n".join(",".join(fmt.format(v) for v in r.reshape(-1)) for r in rows) + "\n")
+
+
+def test_one_scaling_rule_for_counts_floats_and_binary_data(tmp_path, mnist_test):
+    """The input-scaling rule: 8-bit counts (uint8, an integer CSV, int64 .npy of 0..255) x 1/255; floats as they
+    are; whole numbers all in {0, 1} are binary data (x 1); an explicit scale wins."""
+    recs = mnist_test[:50]
+    want = recs.reshape(50, -1).astype(np.float32) * np.float32(1 / 255)  # as uint8 records become inputs
+    _csv(tmp_path / "ints.csv", recs)
+    ints = data.read_array(tmp_path / "ints.csv")
+    assert ints.dtype == np.uint8 and np.array_equal(ints.reshape(recs.shape), recs)  # stored as the counts they are
+    np.save(tmp_path / "i64.npy", recs.astype(np.int64))
+    np.save(tmp_path / "f64.npy", recs.astype(np.float64))  # whole-valued floats 0..255: counts too
+    for name in ("ints.csv", "i64.npy", "f64.npy"):
+        a = data.read_array(tmp_path / name)
+        assert data.input_scale(a) == pytest.approx(1 / 255), name
+        np.testing.assert_array_equal(data.make_dataset(a, "bernoulli", name).to_float(), want)
+        np.testing.assert_array_equal(data.model_inputs(a), want)
+    assert data.input_scale(recs) == pytest.approx(1 / 255)
+    floats = want.copy()
+    assert data.input_scale(floats) == 1.0
+    binary = (recs > 127).astype(np.int64)
+    assert data.input_scale(binary) == 1.0 and data.input_scale((recs > 127).astype(np.float32)) == 1.0
+    _csv(tmp_path / "bin.csv", binary)
+    assert data.read_array(tmp_path / "bin.csv").dtype == np.float32  # 0/1: binary data, not counts
+    assert data.make_dataset(data.read_array(tmp_path / "bin.csv"), "bernoulli", "b").to_float().max() == 1.0
+    # an explicit scale: 16-bit values into [0, 1]
+    wide = recs.astype(np.int64) * 257
+    with pytest.raises(DataError, match=r"record 0 has values outside \[0, 1\].*--scale"):
+        data.make_dataset(wide, "bernoulli", "w.npy")
+    ds = data.make_dataset(wide, "bernoulli", "w.npy", scale=1 / 65535)
+    np.testing.assert_allclose(ds.to_float(), want, atol=1e-6)
 
 
 def test_integer_records_out_of_range_name_the_record():

@@ -4,6 +4,14 @@ Every reader returns a NumPy array of records ``[N, ...]`` in its stored dtype (
 data set costs its raw size in memory, never a float copy of it); :class:`Dataset` turns records into
 float32 vectors in [0, 1] (or raw reals for the unconstrained Gaussian model) one minibatch at a time.
 
+The input-scaling rule (:func:`input_scale`), the same for the Python API, every ``vaestream`` command and
+the Beam jobs: model input = stored value x scale, where the scale is
+
+* ``--scale S`` / ``scale=S`` when given;
+* 1/255 for 8-bit counts: uint8 records, and integer-valued records (integer CSV, integer ``.npy``) whose
+  values are whole numbers in 0..255 with at least one above 1;
+* 1 otherwise: floats are model inputs already, and whole numbers all in {0, 1} are binary data.
+
 Formats:
 
 * MNIST-format IDX (``*-idx3-ubyte`` / ``*-idx1-ubyte``, raw or ``.gz``): MNIST and Fashion-MNIST.
@@ -17,8 +25,8 @@ Bad input raises :class:`vaestream.errors.DataError` naming the file (and record
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
+import math
 import os
 import struct
 import zlib
@@ -53,26 +61,16 @@ def fashion_mnist_dir() -> Path:
     raise DataError(f"Fashion-MNIST not found in {', '.join(map(str, dirs))}: run scripts/setup.sh (as root it "
                     "installs dataset-fashion-mnist; as a user it unpacks it into the last of these)")
 
-
 BINARIZE = ("none", "static", "dynamic")
+
+BOUNDED_LIKELIHOODS = ("bernoulli", "gaussian_sigmoid", "beta_binomial")
+"""Decoders whose inputs must lie in [0, 1]."""
+
+COUNT_SCALE = 1.0 / 255.0
+"""The scale of 8-bit counts (see :func:`input_scale`)."""
 
 IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-def _open_bytes(path: str | os.PathLike) -> bytes:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from e
-    return raw
 
 
 def idx_header(f: BinaryIO, path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -109,20 +107,55 @@ def npy_header(f: BinaryIO, path: str | os.PathLike) -> tuple[np.dtype, tuple[in
     return dtype, tuple(shape), fortran
 
 
+def _gunzip_prefix(raw: bytes) -> tuple[bytes, str | None]:
+    """The bytes a gzip stream decompresses to, as far as it goes: (data, None) for a whole stream, (the
+    prefix before the break, why) for a truncated or corrupt one (as ``zcat`` recovers it)."""
+    out, rest = [], raw
+    while rest:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out.append(d.decompress(rest))
+        except zlib.error as e:
+            return b"".join(out), f"corrupt or truncated gzip data: {e}"
+        if not d.eof:
+            return b"".join(out), "corrupt or truncated gzip data: the stream breaks off"
+        rest = d.unused_data.lstrip(b"\x00")  # the next member of a multi-member file (padding allowed)
+    return b"".join(out), None
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (raw or gzip): ``[N, ...]`` in its stored dtype (native byte order).
 
     The header is a magic number ``0x0000TTNN`` (TT the type code, NN the number of dimensions) then NN
-    big-endian uint32 sizes; the payload must be exactly the product of the sizes.
+    big-endian uint32 sizes; the payload must be exactly the product of the sizes. A file cut short (or a
+    gzip stream that breaks off) raises :class:`DataError` naming the first incomplete record: a training
+    set is never read in part. (The Beam jobs read the whole records before the break and dead-letter the
+    rest.)
     """
-    data = _open_bytes(path)
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    data = path.read_bytes()
+    broken = None
+    if data[:2] == b"\x1f\x8b":
+        data, broken = _gunzip_prefix(data)
     if len(data) < 4:
-        raise DataError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+        raise DataError(f"{path}: too short to be an IDX file ({len(data)} bytes)"
+                        + (f"; {broken}" if broken else ""))
     dtype, shape, header = idx_header(io.BytesIO(data), path)
+    rec_bytes = int(np.prod(shape[1:])) * dtype.itemsize
     expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataError(f"{path}: IDX payload is {len(data) - header} bytes, the header {shape} says {expected}"
-                        " (truncated or corrupt file)")
+    have = len(data) - header
+    if broken or have < expected:
+        whole = have // rec_bytes if rec_bytes else 0
+        why = broken or f"IDX payload is {have} bytes, the header {shape} says {expected} (truncated or corrupt file)"
+        raise DataError(f"{path}: truncated at record {whole}: {whole} whole records of the {shape[0]} the header "
+                        f"says ({why})")
+    if have != expected:
+        raise DataError(f"{path}: IDX payload is {have} bytes, the header {shape} says {expected} (corrupt file: "
+                        "data after the last record)")
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return arr.astype(dtype.newbyteorder("="))
 
@@ -182,7 +215,10 @@ def csv_row(line: str, delimiter: str = ",") -> np.ndarray:
 
 
 def read_csv(path: str | os.PathLike, delimiter: str = ",") -> np.ndarray:
-    """Read a CSV of numbers, one record per line; a first line that is not numeric is a header."""
+    """Read a CSV of numbers, one record per line; a first line that is not numeric is a header.
+
+    Returns uint8 when the values are 8-bit counts (whole numbers in 0..255, one above 1: see
+    :func:`input_scale`), float32 otherwise."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -209,7 +245,9 @@ def read_csv(path: str | os.PathLike, delimiter: str = ",") -> np.ndarray:
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no records")
-    return np.asarray(rows, dtype=np.float32)
+    arr = np.asarray(rows, dtype=np.float32)
+    # 8-bit counts (an integer CSV of 0..255) are stored as what they are: uint8, a quarter of the memory
+    return arr.astype(np.uint8) if input_scale(arr) == COUNT_SCALE else arr
 
 
 def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
@@ -308,37 +346,83 @@ class Dataset:
         return Dataset(self.records[index], self.scale, self.binarize, name or self.name)
 
 
+def is_counts(records: np.ndarray, chunk: int = 8192) -> bool:
+    """Whether ``records`` are 8-bit counts: uint8, or whole numbers in 0..255 with at least one above 1
+    (reads the records in chunks and stops at the first value that is not a count)."""
+    a = np.asarray(records) if not isinstance(records, np.ndarray) else records
+    if a.dtype == np.uint8:
+        return True
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)) or a.size == 0:
+        return False
+    flat = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
+    above_one = False
+    for s in range(0, len(flat), chunk):
+        block = np.asarray(flat[s:s + chunk])
+        lo, hi = block.min(), block.max()
+        if not (lo >= 0 and hi <= 255):  # NaN fails too
+            return False
+        if np.issubdtype(block.dtype, np.floating) and not np.array_equal(block, np.floor(block)):
+            return False
+        above_one = above_one or hi > 1
+    return above_one
+
+
+def input_scale(records: np.ndarray, scale: float | None = None) -> float:
+    """The input-scaling rule: model input = stored value x the returned scale.
+
+    ``scale`` when given (a user's ``--scale``); else 1/255 for 8-bit counts (:func:`is_counts`: uint8
+    records, integer CSV or ``.npy`` of whole numbers in 0..255); else 1 (floats are model inputs as they
+    are; whole numbers all in {0, 1} are binary data). Every entry point uses this function: the
+    :class:`Dataset` of :func:`make_dataset`, the codec, the ``vaestream`` commands and the Beam jobs
+    (``vaestream.beam.validate``, which applies it to each batch of records as read).
+    """
+    if scale is not None:
+        value = float(scale)
+        if not (math.isfinite(value) and value > 0):
+            raise DataError(f"scale {scale!r} must be a positive finite number")
+        return value
+    return COUNT_SCALE if is_counts(records) else 1.0
+
+
+def model_inputs(records: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Records as float32 model inputs ``[N, D]`` under the input-scaling rule (:func:`input_scale`)."""
+    a = np.asarray(records)
+    sc = input_scale(a, scale)
+    x = a.reshape(len(a), -1).astype(np.float32)
+    if sc != 1.0:
+        x *= np.float32(sc)
+    return x
+
+
 def _outside_unit(name: str, i: int, lo: float, hi: float, likelihood: str) -> DataError:
     return DataError(f"{name}: record {i} has values outside [0, 1] (min {lo:g}, max {hi:g}), outside the support "
-                     f"of the {likelihood} decoder (scale your data to [0, 1] or use likelihood 'gaussian')")
+                     f"of the {likelihood} decoder (scale your data to [0, 1], e.g. --scale 1/255 for 8-bit "
+                     "values, or use likelihood 'gaussian')")
 
 
 def validate(records: np.ndarray, likelihood: str, name: str, scale: float | None = None,
              chunk: int = 8192) -> float:
     """Check records for a model and return the scale that maps them to model inputs.
 
-    Integer records (uint8 images) scale by 1/255; float records are taken as they are. Raises
-    :class:`DataError` naming the first bad record on NaN/inf, or on values outside the support of the
-    decoder ([0, 1] for ``bernoulli`` and ``gaussian_sigmoid``).
+    The scale is :func:`input_scale`'s (``scale`` when given; 1/255 for 8-bit counts; else 1). Raises
+    :class:`DataError` naming the first bad record on NaN/inf, or on model inputs outside the support of
+    the decoder ([0, 1] for ``bernoulli``, ``gaussian_sigmoid`` and ``beta_binomial``).
     """
     if records.ndim < 2:
         raise DataError(f"{name}: expected records of shape [N, ...], got shape {records.shape}")
     if len(records) == 0:
         raise DataError(f"{name}: no records")
-    if scale is None:
-        if np.issubdtype(records.dtype, np.integer):
-            scale = 1.0 / 255.0 if records.dtype == np.uint8 or records.max() > 1 else 1.0
-        elif np.issubdtype(records.dtype, np.floating):
-            scale = 1.0
-        else:
-            raise DataError(f"{name}: records of dtype {records.dtype} are not numeric")
-    bounded = likelihood in ("bernoulli", "gaussian_sigmoid", "beta_binomial")
+    if not (np.issubdtype(records.dtype, np.integer) or np.issubdtype(records.dtype, np.floating)
+            or records.dtype == np.bool_):
+        raise DataError(f"{name}: records of dtype {records.dtype} are not numeric")
+    scale = input_scale(records, scale)
+    bounded = likelihood in BOUNDED_LIKELIHOODS
     flat = records.reshape(len(records), -1)
-    if np.issubdtype(records.dtype, np.integer):
+    if not np.issubdtype(records.dtype, np.floating):
         # integers are finite; only the range can be wrong (uint8 / 255 never is)
-        if bounded and not (records.dtype == np.uint8 and scale == 1.0 / 255.0):
+        if bounded and not (records.dtype == np.uint8 and scale <= COUNT_SCALE):
             for s in range(0, len(flat), chunk):
-                block = np.asarray(flat[s:s + chunk])
+                block = np.asarray(flat[s:s + chunk]).astype(np.float64)
                 ok = ((block.min(axis=1) * scale >= 0) & (block.max(axis=1) * scale <= 1))
                 if not ok.all():
                     i = s + int(np.argmin(ok))
@@ -359,8 +443,10 @@ def validate(records: np.ndarray, likelihood: str, name: str, scale: float | Non
 
 
 def make_dataset(records: np.ndarray, likelihood: str, name: str, binarize: str = "none",
-                 expected_shape: tuple[int, ...] | None = None, seed: int = 0) -> Dataset:
-    """Validate ``records`` (see :func:`validate`) and wrap them as a :class:`Dataset`."""
+                 expected_shape: tuple[int, ...] | None = None, seed: int = 0,
+                 scale: float | None = None) -> Dataset:
+    """Validate ``records`` (see :func:`validate`) and wrap them as a :class:`Dataset`; ``scale``: model
+    input = value x scale (default: the input-scaling rule, :func:`input_scale`)."""
     if binarize not in BINARIZE:
         raise DataError(f"binarize {binarize!r} is not one of {BINARIZE}")
     if expected_shape is not None and int(np.prod(records.shape[1:])) != int(np.prod(expected_shape)):
@@ -368,7 +454,7 @@ def make_dataset(records: np.ndarray, likelihood: str, name: str, binarize: str 
                         f"{tuple(expected_shape)}")
     if binarize != "none" and likelihood != "bernoulli":
         raise DataError(f"binarize={binarize!r} needs the bernoulli likelihood, not {likelihood!r}")
-    scale = validate(records, likelihood, name)
+    scale = validate(records, likelihood, name, scale)
     ds = Dataset(records, scale, binarize, name)
     if binarize == "static":
         rng = np.random.default_rng(seed)

@@ -32,3 +32,16 @@ class BitstreamError(VaestreamError, ValueError):
 
 class ModelMismatchError(BitstreamError):
     """A code or bitstream was written by a model other than the one asked to decode it."""
+
+
+class JobFailedError(VaestreamError):
+    """A job ran to the end but failed its output contract: it wrote no record, or dead-lettered more than
+    its ``--max_dead_letter_fraction`` of the records it read. The outputs and dead letters it wrote stay
+    (they say what was wrong); ``summary`` is the job's summary. The ``vaestream`` command and
+    ``python -m pipelines.JOB`` exit with :attr:`exit_code` (3)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
