@@ -11,7 +11,7 @@ from vaestream.training import dataset_elbo, evaluation_set
 
 
 def evaluate(model: VAE, data: Dataset, k: int = 0, max_records: int | None = None, batch_size: int = 100,
-             seed: int = 0) -> dict:
+             seed: int = 0, progress: bool = False) -> dict:
     """Evaluate ``model`` on ``data``.
 
     Returns a dict with the mean ELBO (estimator B, L = 1) and its terms in nats per record, the ELBO in
@@ -21,6 +21,8 @@ def evaluate(model: VAE, data: Dataset, k: int = 0, max_records: int | None = No
 
     Args:
       max_records: evaluate the first ``max_records`` records only (None: all).
+      progress: draw a progress bar (records) on stderr over the importance sampling, which takes minutes for
+        k in the thousands.
     """
     view = evaluation_set(data, max_records)
     out = {"data": view.name, "records": len(view)}
@@ -28,8 +30,18 @@ def evaluate(model: VAE, data: Dataset, k: int = 0, max_records: int | None = No
     out.update({"elbo": r["elbo"], "rate": r["rate"], "distortion": r["distortion"],
                 "elbo_bits_per_dim": r["bits_per_dim"]})
     if k > 0:
-        ll = np.concatenate([log_likelihood(model, xb, k=k, batch_size=batch_size, seed=seed + i)
-                             for i, xb in enumerate(view.iter_batches(1000))])
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(view), unit="rec", dynamic_ncols=True, desc=f"log p(x), k={k}")
+        try:
+            ll = np.concatenate([log_likelihood(model, xb, k=k, batch_size=batch_size, seed=seed + i,
+                                                on_batch=bar.update if bar is not None else None)
+                                 for i, xb in enumerate(view.iter_batches(1000))])
+        finally:
+            if bar is not None:
+                bar.close()
         out.update({"k": k, "log_px": float(ll.mean()),
                     "log_px_bits_per_dim": float(bits_per_dim(-ll.mean(), model.config.input_dim))})
     return out

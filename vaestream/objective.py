@@ -21,6 +21,7 @@ to (:func:`gaussian_kl_to_standard`, :func:`neg_log_likelihood`), which XLA comp
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -258,7 +259,7 @@ def _block_log_weights(model, x, first_block, num_blocks, k, seed):
 
 
 def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0,
-                   max_floats: int = 2**25) -> np.ndarray:
+                   max_floats: int = 2**25, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """Importance-sampled estimate of log p(x) per record, in nats (Burda et al.'s bound, IWAE-k):
 
         log p(x) >= log 1/k sum_i p(x, z_i) / q(z_i|x),  z_i ~ q(z|x)
@@ -270,6 +271,7 @@ def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0
 
     Args:
       x: ``[N, D]`` float32 records.
+      on_batch: called with the number of records after each batch of them (e.g. a progress bar's update).
     Returns:
       ``[N]`` float64 estimates of log p(x), nats.
     """
@@ -291,6 +293,8 @@ def log_likelihood(model, x, k: int = 5000, batch_size: int = 100, seed: int = 0
         lw = np.concatenate(parts, axis=0)  # [k, b]
         m = lw.max(axis=0)
         out[start:start + b] = m + np.log(np.exp(lw - m).mean(axis=0))
+        if on_batch is not None:
+            on_batch(b)
     return out
 
 

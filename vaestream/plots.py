@@ -24,17 +24,18 @@ def learning_curves(runs: dict[str, list[dict]], path: str | Path, title: str = 
     """Lower bound (nats/record) vs. training samples evaluated, log-scaled x, one colour per run.
 
     ``runs`` maps a label to a training log (the records of ``log.jsonl``); train bounds are solid lines and
-    test (or validation) bounds dashed, as the paper's Figure 2.
+    test (or validation) bounds dashed, as the paper's Figure 2. Every evaluation is also a marker (circles
+    train, squares test, triangles validation), so a short run's one or two evaluations show as points.
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, (label, log) in enumerate(runs.items()):
         color = f"C{i % 10}"
-        samples = [r["samples"] for r in log]
-        for key, style in (("train_elbo", "-"), ("test_elbo", "--"), ("valid_elbo", ":")):
-            ys = [r.get(key) for r in log]
-            if any(y is not None for y in ys):
-                ax.plot(samples, ys, style, color=color,
+        for key, style, marker in (("train_elbo", "-", "o"), ("test_elbo", "--", "s"), ("valid_elbo", ":", "^")):
+            points = [(r["samples"], r[key]) for r in log if r.get(key) is not None and r.get("samples")]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, style, marker=marker, markersize=4, color=color,
                         label=f"{label} ({key.split('_')[0]})")
     ax.set_xscale("log")
     ax.set_xlabel("# training samples evaluated")

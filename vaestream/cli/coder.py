@@ -391,8 +391,9 @@ def _model_and_records(p, model_help: str, data_help: str) -> None:
     """--model, and the records a command learns from: --data, --split (train), --key, --n (20000)."""
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--data", required=True, help=f"{data_help}: 'fashion-mnist', an MNIST-layout dir, a file")
-    p.add_argument("--split", choices=["train", "test"], default="train")
-    p.add_argument("--key", default=None)
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="the split of a data set with two (default train)")
+    p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
     p.add_argument("--n", type=int, default=20000, help="use the first N records (default 20000)")
 
 
@@ -450,7 +451,7 @@ def add_subcommands(sub) -> None:
                    help="with --levels: code pixels independently given z even where the model directory has a pixel "
                         "context model for K (vaestream train-context)")
     p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
-    p.add_argument("--key", default=None)
+    p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
     p.set_defaults(func=cmd_compress)
 
     from vaestream.coding import bb_context
@@ -459,17 +460,22 @@ def add_subcommands(sub) -> None:
                        description=cmd_train_context.__doc__)
     _model_and_records(p, "a beta_binomial bits-back model directory", "8-bit pictures")
     p.add_argument("--levels", type=int, nargs="+", required=True, help="one context model per K")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--window", type=int, default=bb_context.DEFAULT_WINDOW, help="the context square's side (odd)")
-    p.add_argument("--hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_HIDDEN))
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=5, help="epochs of each context model (default %(default)s)")
+    p.add_argument("--window", type=int, default=bb_context.DEFAULT_WINDOW,
+                   help="the context square's side (odd; default %(default)s)")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_HIDDEN),
+                   help="hidden widths of the context network (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=2e-3,
+                   help="Adam step size, decayed 10x over the run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and minibatches (default 0)")
     p.add_argument("--held-out", type=int, default=0,
                    help="measure bits per record on the first N test records after each epoch (default 0: none)")
     p.add_argument("--recon-epochs", type=int, default=4,
                    help="epochs of the reconstruction network (reconstruction 'learned'); 0: none")
-    p.add_argument("--recon-window", type=int, default=bb_context.DEFAULT_RECON_WINDOW)
-    p.add_argument("--recon-hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_RECON_HIDDEN))
+    p.add_argument("--recon-window", type=int, default=bb_context.DEFAULT_RECON_WINDOW,
+                   help="the reconstruction network's square side (odd; default %(default)s)")
+    p.add_argument("--recon-hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_RECON_HIDDEN),
+                   help="hidden widths of the reconstruction network (default %(default)s)")
     p.add_argument("--recon-only", action="store_true",
                    help="keep the directory's context models for these K and train only their reconstruction networks "
                         "(streams coded before stay decodable, except 'learned' ones, which name the old network)")
@@ -481,10 +487,10 @@ def add_subcommands(sub) -> None:
                        "8-bit pictures")
     p.add_argument("--levels", type=int, required=True, help="the K whose context model is fine-tuned with it")
     p.add_argument("--out", required=True, help="the new member's directory (e.g. FAMILY/bitsback-k3)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--learning-rate", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of fine-tuning (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="pictures per minibatch (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=3e-4, help="Adam step size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the minibatches (default 0)")
     p.add_argument("--held-out", type=int, default=0,
                    help="measure bits per record on the first N test records before and after each epoch")
     p.add_argument("--recon-epochs", type=int, default=2,
@@ -493,9 +499,10 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",
                        description=cmd_decompress.__doc__)
-    p.add_argument("input")
+    p.add_argument("input", help="a vaestream container (compress's output)")
     p.add_argument("output", help=".npy of reconstructions, shaped like the records")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None,
+                   help="the model directory or SavedModel export that wrote the stream (or --family)")
     p.add_argument("--family", default=None, help="the family directory the stream was written from (--family)")
     p.add_argument("--records", default=None, help="I or I:J: only these records (random access)")
     p.add_argument("--png", default=None, help="also write a grid of (up to 400) reconstructions")
@@ -504,7 +511,7 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("rd", help="rate-distortion sweep (JSON to stdout, PNG plot)", description=cmd_rd.__doc__)
     p.add_argument("family", nargs="?", default=None,
                    help="a family directory: its curve against the peer codecs, with BD-rates")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="a model directory: its sweep over the quality ladder")
     p.add_argument("--peers", nargs="+", default=["jpeg", "webp", "avif", "jxl"],
                    help="with FAMILY: peer codecs (Pillow; jxl needs pillow-jxl-plugin)")
     p.add_argument("--per-image-n", type=int, default=200, help="with FAMILY: records for the per-image peers")
@@ -513,11 +520,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--per-record", type=float, nargs="+", default=None, metavar="PSNR",
                    help="with FAMILY: also code each record at its own point, at these PSNR targets "
                         "(vaestream.coding.mixed; what compress --per-record does)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--key", default=None)
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--data", required=True, help="'fashion-mnist', an MNIST-layout directory, a file")
+    p.add_argument("--split", choices=["train", "test"], default="test",
+                   help="the split of a data set with two (default test)")
+    p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
+    p.add_argument("--n", type=int, default=1000, help="use the first N records (default 1000)")
     p.add_argument("--qualities", type=float, nargs="+", default=None, help="default: the whole ladder")
-    p.add_argument("--calibration", default=None)
+    p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
     p.add_argument("--plot", default=None, help="PNG of PSNR vs bits per record")
     p.set_defaults(func=cmd_rd)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from vaestream.cli.console import show_progress
 from vaestream.data import FASHION_MNIST_DIR
 
 
@@ -28,7 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=20, help="Nz (default 20)")
     g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
-    g.add_argument("--activation", default="tanh")
+    g.add_argument("--activation", default="tanh", help="hidden units' activation (a Keras name; default tanh)")
     g.add_argument("--likelihood", default=None, choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"],
                    help="p(x|z); default bernoulli, or gaussian_sigmoid with --objective rd (MSE needs a Gaussian)")
     g.add_argument("--top-latent-dim", type=int, default=0,
@@ -48,28 +50,48 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lmbda", type=float, default=None, help="with --objective rd: lambda (stored in config.json)")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from vaestream.training import TrainConfig
+TRAIN_DEFAULTS = {"batch_size": 100, "num_samples": 1, "estimator": "B", "optimizer": "adam", "init": "glorot",
+                  "seed": 0, "binarize": "none", "validation": 0, "eval_every": 0, "checkpoint_every": 5000,
+                  "steps_per_call": 50}
+""":class:`vaestream.training.TrainConfig`'s defaults, written out so that building the parser (``--help``)
+does not import TensorFlow (a test checks that they agree)."""
 
-    d = TrainConfig()
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TRAIN_DEFAULTS
     g = p.add_argument_group("training (AEVB)")
-    g.add_argument("--batch-size", "-M", type=int, default=d.batch_size, help="M (default 100)")
-    g.add_argument("--samples", "-L", type=int, default=d.num_samples, help="L (default 1)")
-    g.add_argument("--estimator", choices=["A", "B"], default=d.estimator)
-    g.add_argument("--optimizer", choices=["adam", "adagrad"], default=d.optimizer)
+    g.add_argument("--batch-size", "-M", type=int, default=d["batch_size"],
+                   help="M, records per minibatch (default %(default)s)")
+    g.add_argument("--samples", "-L", type=int, default=d["num_samples"],
+                   help="L, z samples per record (default %(default)s)")
+    g.add_argument("--estimator", choices=["A", "B"], default=d["estimator"],
+                   help="SGVB estimator: A (Monte Carlo KL) or B (analytic KL; default %(default)s)")
+    g.add_argument("--optimizer", choices=["adam", "adagrad"], default=d["optimizer"],
+                   help="default %(default)s")
     g.add_argument("--lr", type=float, default=None, help="step size (adam 1e-3, adagrad 0.02)")
     g.add_argument("--map-prior", action="store_true", help="weight decay from the N(0, I) prior on the weights")
-    g.add_argument("--init", choices=["glorot", "paper"], default=d.init)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--epochs", type=float, default=None)
-    g.add_argument("--binarize", choices=["none", "static", "dynamic"], default=d.binarize)
-    g.add_argument("--validation", type=int, default=d.validation, help="records held out for validation")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between logged evaluations")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    g.add_argument("--steps-per-call", type=int, default=d.steps_per_call)
-    g.add_argument("--no-jit", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--init", choices=["glorot", "paper"], default=d["init"],
+                   help="weight initialisation: glorot (default) or paper, N(0, 0.01^2)")
+    g.add_argument("--seed", type=int, default=d["seed"],
+                   help="seed of the weights, minibatches and samples (default %(default)s)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="train until this many minibatch steps in all (wins over --epochs; a rerun resumes)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="train until this many passes over the training records in all (default: 1 when --steps "
+                        "is not given either)")
+    g.add_argument("--binarize", choices=["none", "static", "dynamic"], default=d["binarize"],
+                   help="Bernoulli decoder: binarise the records once (static), per minibatch (dynamic), or not "
+                        "(default)")
+    g.add_argument("--validation", type=int, default=d["validation"],
+                   help="records held out for validation (default %(default)s)")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"],
+                   help="steps between logged evaluations (default %(default)s: only at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+                   help="steps between checkpoints (default %(default)s; also at the end and on Ctrl-C)")
+    g.add_argument("--steps-per-call", type=int, default=d["steps_per_call"],
+                   help="minibatch steps per compiled call (default %(default)s)")
+    g.add_argument("--no-jit", action="store_true", help="do not compile the training step with XLA")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a terminal)")
 
 
 def _train_config(a: argparse.Namespace):
@@ -130,13 +152,19 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(json.dumps({"model_dir": str(a.out), **rec}, indent=None if a.json else 2))
         return 0
     if is_shard_spec(a.data):  # minibatches streamed from the prepare job's shards through tf.data
-        res = train_from_shards(a.data, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
+        res = train_from_shards(a.data, a.out, cfg, tc, test_data=test_ds, progress=show_progress(a))
     else:
         train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key)
-        res = train(train_ds, a.out, cfg, tc, test_data=test_ds, progress=not a.no_progress)
+        res = train(train_ds, a.out, cfg, tc, test_data=test_ds, progress=show_progress(a))
     last = res.history[-1] if res.history else {}
+    # a rerun on a directory that already holds all its steps trains nothing: no rate to report
+    already = not res.interrupted and res.steps > 0 and res.examples_per_second == 0
     summary = {"model_dir": str(res.model_dir), "steps": res.steps, "interrupted": res.interrupted,
-               "examples_per_second": round(res.examples_per_second, 1), **last}
+               "already_trained": already,
+               "examples_per_second": None if already else round(res.examples_per_second, 1), **last}
+    if already:
+        print(f"vaestream: {res.model_dir} is already trained to step {res.steps}: nothing to do (more --steps or "
+              "--epochs train on from there)", file=sys.stderr)
     print(json.dumps(summary, indent=None if a.json else 2))
     return 130 if res.interrupted else 0
 
@@ -157,7 +185,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                                                                             ).exists() else {}
     binarize = a.binarize or tc.get("binarize", "none")
     ds = load_dataset(a.data, a.split, model.config.likelihood, binarize, a.key)
-    result = evaluate(model, ds, k=a.k, max_records=a.n, batch_size=a.batch_size)
+    result = evaluate(model, ds, k=a.k, max_records=a.n, batch_size=a.batch_size, progress=show_progress(a))
     result["model"] = str(a.model)
     result["fingerprint"] = model.fingerprint()[:16]
     if a.plots:
@@ -181,14 +209,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """Train on the default data set, evaluate, draw, and (where the coder is installed) compress."""
     out = Path(a.out)
     steps = ["train", "--data", a.data, "--out", str(out / "model"), "--epochs", str(a.epochs),
-             "--latent-dim", str(a.latent_dim), "--eval-every", "600", "--validation", "0"]
+             "--latent-dim", str(a.latent_dim), "--validation", "0",
+             "--eval-every", str(max(1, round(60 * a.epochs)))]  # ~10 points on the curve (600 steps an epoch)
     from vaestream.cli import main
 
-    rc = main(steps + (["--no-progress"] if a.no_progress else []))
+    flags = (["--no-progress"] if a.no_progress else []) + (["--verbose"] if getattr(a, "verbose", False) else [])
+    rc = main(steps + flags)
     if rc:
         return rc
     rc = main(["evaluate", "--model", str(out / "model"), "--data", a.data, "--split", "test", "--k", str(a.k),
-               "--n", str(a.n), "--plots", str(out / "plots")])
+               "--n", str(a.n), "--plots", str(out / "plots")] + flags)
     if rc:
         return rc
     return _demo_compress(a, out)
@@ -245,26 +275,33 @@ def add_subcommands(sub) -> None:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test lower bound and importance-sampled log p(x)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--key", default=None)
-    p.add_argument("--k", type=int, default=0, help="importance samples for log p(x) (0: ELBO only)")
+    p = sub.add_parser("evaluate", help="test lower bound and importance-sampled log p(x)",
+                       description="The mean ELBO and its terms (nats per record, bits/dim) of a model on a data "
+                                   "set and, with --k, the importance-sampled log p(x) (IWAE-k).")
+    p.add_argument("--model", required=True, help="model directory (config.json + ckpt/)")
+    p.add_argument("--data", required=True,
+                   help="'fashion-mnist', an MNIST-layout directory, or a file (IDX, .mat, .npy, .npz, .csv)")
+    p.add_argument("--split", choices=["train", "test"], default="test",
+                   help="the split of a data set with two (default test)")
+    p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
+    p.add_argument("--k", type=int, default=0,
+                   help="importance samples for log p(x) (0: ELBO only; 5000 as the paper: minutes, with progress)")
     p.add_argument("--n", type=int, default=None, help="evaluate the first N records only")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="records per importance-sampling batch (memory; not the result; default 100)")
     p.add_argument("--binarize", choices=["none", "static", "dynamic"], default=None,
                    help="default: as the model was trained")
     p.add_argument("--plots", default=None, help="write PNGs (learning curves, reconstructions, manifold) here")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="the main job: train, evaluate, plot and compress on the default data set")
     p.add_argument("--data", default="fashion-mnist", help=f"default: Fashion-MNIST from {FASHION_MNIST_DIR}")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=float, default=10)
-    p.add_argument("--latent-dim", type=int, default=20)
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="runs/demo",
+                   help="work directory: OUT/model, OUT/plots, OUT/export, OUT/test_images.vae (default runs/demo)")
+    p.add_argument("--epochs", type=float, default=10, help="training epochs (default 10; 1 for a quick look)")
+    p.add_argument("--latent-dim", type=int, default=20, help="Nz (default 20)")
+    p.add_argument("--k", type=int, default=100, help="importance samples for the test log p(x) (default 100)")
+    p.add_argument("--n", type=int, default=1000, help="test records to evaluate and compress (default 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only when stderr is a terminal)")
     p.set_defaults(func=cmd_demo)

@@ -111,26 +111,35 @@ def add_subcommands(sub) -> None:
     p.add_argument("--init-model", default=None, help="start from this model directory")
     p.add_argument("--holdout", default=None, help="a fixed held-out set (file or data spec); default: a share "
                                                    "of every file")
-    p.add_argument("--latent-dim", type=int, default=20)
-    p.add_argument("--hidden", type=int, nargs="+", default=[500])
-    p.add_argument("--likelihood", default="bernoulli")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "adagrad"])
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--binarize", default="none", choices=["none", "static", "dynamic"])
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--new-fraction", type=float, default=0.5)
-    p.add_argument("--passes", type=float, default=1.0)
-    p.add_argument("--buffer-size", type=int, default=10000)
-    p.add_argument("--holdout-fraction", type=float, default=0.05)
-    p.add_argument("--holdout-size", type=int, default=2000)
-    p.add_argument("--checkpoint-every-files", type=int, default=1)
-    p.add_argument("--checkpoint-seconds", type=float, default=60.0)
+    p.add_argument("--latent-dim", type=int, default=20, help="Nz of a new model (default 20)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths of a new model (default 500)")
+    p.add_argument("--likelihood", default="bernoulli", help="p(x|z) of a new model (default bernoulli)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adagrad"], help="default adam")
+    p.add_argument("--learning-rate", type=float, default=None, help="step size (adam 1e-3, adagrad 0.02)")
+    p.add_argument("--binarize", default="none", choices=["none", "static", "dynamic"],
+                   help="Bernoulli decoder: binarise records once (static), per minibatch (dynamic), or not (default)")
+    p.add_argument("--batch-size", type=int, default=100, help="M, records per minibatch (default 100)")
+    p.add_argument("--new-fraction", type=float, default=0.5,
+                   help="share of a minibatch from the newest file, the rest from the replay buffer (default 0.5)")
+    p.add_argument("--passes", type=float, default=1.0,
+                   help="times each new record is used, in expectation (sets the steps per file; default 1)")
+    p.add_argument("--buffer-size", type=int, default=10000, help="records in the replay buffer (default 10000)")
+    p.add_argument("--holdout-fraction", type=float, default=0.05,
+                   help="share of each file held out for the published bound (default 0.05; unused with --holdout)")
+    p.add_argument("--holdout-size", type=int, default=2000,
+                   help="the most recent held-out records kept (default 2000)")
+    p.add_argument("--checkpoint-every-files", type=int, default=1,
+                   help="checkpoint (and ledger) after this many files (default 1) ...")
+    p.add_argument("--checkpoint-seconds", type=float, default=60.0,
+                   help="... or this many seconds, whichever comes first (default 60)")
     p.add_argument("--min-improvement", type=float, default=0.0, help="nats/record to beat the published version by")
-    p.add_argument("--drift-threshold", type=float, default=0.1)
-    p.add_argument("--poll-interval", type=float, default=1.0)
-    p.add_argument("--max-files", type=int, default=None)
-    p.add_argument("--idle-timeout", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drift-threshold", type=float, default=0.1,
+                   help="relative rise of bits/record over the reference that flags drift (default 0.1: 10%%)")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between looks for new files (default 1)")
+    p.add_argument("--max-files", type=int, default=None, help="stop after this many files (default: never)")
+    p.add_argument("--idle-timeout", type=float, default=None,
+                   help="stop after this many seconds with no new file (default: never)")
+    p.add_argument("--seed", type=int, default=0, help="seed of minibatch sampling and hold-out selection")
     p.add_argument("--json", action="store_true", help="one JSON line per file")
     p.set_defaults(func=_follow)
 
@@ -142,11 +151,12 @@ def add_subcommands(sub) -> None:
     stream_encode.add_arguments(s)
     s.add_argument("--runner", default=None, help="a Beam runner with streaming (default: in-process)")
     s.add_argument("--beam-args", "--beam_args", default="", help="further pipeline options, one string")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     s.set_defaults(func=_stream_encode)
 
     r = sub.add_parser("registry", help="list model versions, or decode a container with the version that wrote it")
-    r.add_argument("action", choices=["list", "decode"])
+    r.add_argument("action", choices=["list", "decode"],
+                   help="list: the versions; decode: a container with the version whose fingerprint it names")
     r.add_argument("registry", help="registry directory")
     r.add_argument("file", nargs="?", help="container file (decode)")
     r.add_argument("--out", default=None, help="write the reconstructions to this .npy")
