@@ -289,8 +289,54 @@ def test_cli_export(exported, tmp_path, capsys):
                  "--quality", "1", "--no-verify"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["version"] == 3 and out["has_coder_tables"] and "quantize" in out["signatures"]
-    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--version", "3"]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert out["unchanged"] is False and out["quality"] == 1.0
+    # version 3 exists with the same export (quality 1.0 is the default): nothing new, exit 0
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--version", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["unchanged"] is True
+    # ... with another quality: an error, version 3 untouched
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--version", "3",
+                 "--quality", str(QUALITY)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists with other contents" in err and err.count("\n") == 1
+    assert ExportedModel(tmp_path / "e", 3).info["quality"] == 1.0
+
+
+def _export_cli(model_dir: Path, out: Path, *flags: str) -> dict:
+    """``vaestream export`` (the CLI's main, in this process); its JSON summary."""
+    import contextlib
+    import io
+
+    from vaestream.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", "--model", str(model_dir), "--out", str(out), "--no-verify", *flags]) == 0
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_cli_export_of_unchanged_weights_adds_no_version(exported, records, tmp_path):
+    """``vaestream export`` twice on the same model directory writes one version (the second says
+    "unchanged": true); other tables, another quality, or --force write new versions."""
+    model_dir, _, _, model, _ = exported
+    mine = tmp_path / "model"
+    shutil.copytree(model_dir, mine)
+    out = tmp_path / "exports"
+    first = _export_cli(mine, out)
+    assert (first["version"], first["unchanged"]) == (1, False)
+    again = _export_cli(mine, out)
+    assert (again["version"], again["unchanged"], again["path"]) == (1, True, first["path"])
+    assert list_versions(out) == [1] and not [p for p in out.iterdir() if p.name.startswith(".")]
+    # another quality of the same tables: a new version, then unchanged again
+    assert _export_cli(mine, out, "--quality", str(QUALITY))["version"] == 2
+    assert _export_cli(mine, out, "--quality", str(QUALITY))["unchanged"] is True
+    # new coder tables (same weights): a new version
+    build_tables(model, records[:100], mine / "coder_tables.npz")
+    assert _export_cli(mine, out, "--quality", str(QUALITY))["version"] == 3
+    assert _export_cli(mine, out, "--force", "--quality", str(QUALITY)) | {"path": None} == \
+        {**first, "version": 4, "unchanged": False, "quality": QUALITY, "path": None}
+    assert list_versions(out) == [1, 2, 3, 4]
+    # the library: skip_unchanged is opt-in (test_versions: without it, a version per call)
+    assert export(mine, out, quality=QUALITY, verify=False, skip_unchanged=True).name == "4"
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "gaussian_sigmoid", "beta_binomial"])

@@ -8,13 +8,15 @@ import json
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from vaestream.serving.export import describe, export
+    from vaestream.serving.export import describe, export, list_versions
 
+    before = set(list_versions(a.out))
     path = export(a.model, a.out, a.version, quality=a.quality, elbo_samples=a.elbo_samples,
-                  verify=not a.no_verify)
+                  verify=not a.no_verify, skip_unchanged=not a.force)
     info = describe(path)
-    print(json.dumps({"path": info["path"], "version": info["version"], "fingerprint": info["fingerprint"],
-                      "has_coder_tables": info["has_coder_tables"], "signatures": sorted(info["signatures"])}))
+    print(json.dumps({"path": info["path"], "version": info["version"], "unchanged": info["version"] in before,
+                      "fingerprint": info["fingerprint"], "has_coder_tables": info["has_coder_tables"],
+                      "quality": info["info"].get("quality"), "signatures": sorted(info["signatures"])}))
     return 0
 
 
@@ -48,18 +50,29 @@ def cmd_client(a: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("export", help="export a model directory as a versioned SavedModel (TF Serving layout)")
-    p.add_argument("--model", required=True, help="model directory (config.json + ckpt/)")
+    p = sub.add_parser("export", help="export a model directory as a versioned SavedModel (TF Serving layout)",
+                       description="Export MODEL as OUT/N/ (a SavedModel with encode, decode, quantize, reconstruct "
+                                   "and elbo signatures). When OUT's latest version already holds the same weights, "
+                                   "coder tables, quality and elbo settings, no version is added: that version is "
+                                   "printed with \"unchanged\": true.")
+    p.add_argument("--model", required=True, help="model directory (config.json + ckpt/, optionally coder_tables.npz)")
     p.add_argument("--out", required=True, help="export base: the version goes to OUT/N/")
-    p.add_argument("--version", type=int, default=None, help="version N (default: the next free integer)")
+    p.add_argument("--version", type=int, default=None,
+                   help="version N (default: the next free integer); an existing N is an error unless it holds "
+                        "the same export")
     p.add_argument("--quality", type=float, default=None,
                    help="coder quality of the quantize/reconstruct signatures (a ladder step; default 1.0)")
     p.add_argument("--elbo-samples", type=int, default=1, help="L of the elbo signature (default 1)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export to check it")
+    p.add_argument("--force", action="store_true",
+                   help="write a new version even when the latest one holds the same export")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="serve an export over TF Serving's gRPC (--port) and REST (--rest_api_port) APIs")
-    p.add_argument("--model_base_path", "--model-base-path", required=True, help="export base (versions in it)")
+    p = sub.add_parser("serve", help="serve an export over TF Serving's gRPC (--port) and REST (--rest_api_port) APIs",
+                       description="A TF Serving-compatible model server for a vaestream export base. Prints one "
+                                   "JSON line when both ports accept connections; SIGTERM drains and exits 0.")
+    p.add_argument("--model_base_path", "--model-base-path", required=True,
+                   help="export base (numeric version directories, as written by vaestream export)")
     p.add_argument("--model_name", "--model-name", default="vae", help="NAME in /v1/models/NAME (default vae)")
     p.add_argument("--port", type=int, default=8500,
                    help="gRPC port: PredictionService / ModelService (default 8500; 0: any free port)")
@@ -69,12 +82,16 @@ def add_subcommands(sub) -> None:
     p.add_argument("--version_policy", "--version-policy", default="latest",
                    help="latest | latest:K | all | specific:N[,M] (default latest, as TF Serving)")
     p.add_argument("--max_batch_size", "--max-batch-size", type=int, default=10_000,
-                   help="largest batch one request may carry (default 10000)")
+                   help="most records one request may carry, batching or not (default 10000); with "
+                        "--enable_batching the parameters file's max_batch_size bounds a request too")
     p.add_argument("--enable_batching", action="store_true",
-                   help="merge concurrent requests into one model call (server-side batching, as TF Serving)")
+                   help="merge concurrent requests into batched model calls, and split large ones "
+                        "(server-side batching, as TF Serving)")
     p.add_argument("--batching_parameters_file", default=None,
-                   help="BatchingParameters text proto: max_batch_size, batch_timeout_micros, "
-                        "num_batch_threads, max_enqueued_batches (TF Serving's format)")
+                   help="BatchingParameters text proto (TF Serving's format): max_batch_size (per request), "
+                        "enable_large_batch_splitting, max_execution_batch_size (per model call), "
+                        "batch_timeout_micros, num_batch_threads, max_enqueued_batches; see "
+                        "deploy/batching_parameters.txt (default without a file: TF Serving's defaults)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                    help="poll the base path for new versions every S seconds (0: never; default 1)")
     p.add_argument("--max_request_bytes", type=int, default=64 << 20, help="largest request body (default 64 MiB)")
@@ -89,13 +106,20 @@ def add_subcommands(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("client", help="call a TF Serving / vaestream serve endpoint (REST; grpc://HOST:PORT: gRPC)")
-    p.add_argument("action", choices=["status", "metadata", "encode", "quantize", "reconstruct", "decode", "elbo"])
-    p.add_argument("--url", default="http://localhost:8501")
-    p.add_argument("--model_name", "--model-name", default="vae")
-    p.add_argument("--version", type=int, default=None, help="a fixed model version (default: latest)")
+    p = sub.add_parser("client", help="call a TF Serving / vaestream serve endpoint (REST; grpc://HOST:PORT: gRPC)",
+                       description="Call a model server (vaestream serve or tensorflow/serving) for a vaestream "
+                                   "export; prints the response (status, metadata) or a JSON summary (records, "
+                                   "requests, wall seconds) after writing the outputs to --out.")
+    p.add_argument("action", choices=["status", "metadata", "encode", "quantize", "reconstruct", "decode", "elbo"],
+                   help="status / metadata of the model, or a signature to run on --input")
+    p.add_argument("--url", default="http://localhost:8501",
+                   help="the server: http(s)://HOST:PORT for REST (default http://localhost:8501), "
+                        "grpc://HOST:PORT for gRPC (e.g. grpc://localhost:8500)")
+    p.add_argument("--model_name", "--model-name", default="vae", help="NAME of the model on the server (default vae)")
+    p.add_argument("--version", type=int, default=None, help="a fixed model version (default: the server's latest)")
     p.add_argument("--input", help="records (IDX, .npy, .npz, CSV; uint8 scaled by 1/255) or latents for decode")
     p.add_argument("--key", help="array name inside an .npz input")
     p.add_argument("--out", help="output .npz (one array per output)")
-    p.add_argument("--max-batch", type=int, default=1000, help="records per request (default 1000)")
+    p.add_argument("--max-batch", type=int, default=1000,
+                   help="most records per request (default 1000); at most the server's max_batch_size")
     p.set_defaults(func=cmd_client)

@@ -126,7 +126,8 @@ def elbo_fixed_noise(model: VAE, x: tf.Tensor, num_samples: int = 1, seed: int =
     """
     from vaestream.model import blocked
 
-    return blocked(lambda xb: _elbo_fixed_noise_block(model, xb, num_samples, seed), tf.convert_to_tensor(x, tf.float32))
+    return blocked(lambda xb: _elbo_fixed_noise_block(model, xb, num_samples, seed),
+                   tf.convert_to_tensor(x, tf.float32))
 
 
 def _elbo_fixed_noise_block(model: VAE, x: tf.Tensor, num_samples: int, seed: int) -> dict[str, tf.Tensor]:
@@ -257,7 +258,8 @@ class ExportCache:
 
 
 def export(model_dir: str | Path, export_base: str | Path, version: int | None = None, *,
-           quality: float | None = None, elbo_samples: int = 1, elbo_seed: int = 0, verify: bool = True) -> Path:
+           quality: float | None = None, elbo_samples: int = 1, elbo_seed: int = 0, verify: bool = True,
+           skip_unchanged: bool = False) -> Path:
     """Export the model in ``model_dir`` as ``export_base/version/`` and return that path.
 
     Args:
@@ -269,20 +271,25 @@ def export(model_dir: str | Path, export_base: str | Path, version: int | None =
         ``reconstruct`` signatures. Recorded in ``assets/export.json``.
       elbo_samples, elbo_seed: L and the stateless seed of the ``elbo`` signature.
       verify: reload the written SavedModel and check that ``encode`` reproduces the in-process model.
+      skip_unchanged: write nothing when the version this export would duplicate holds the same export — the
+        latest version (no ``version`` given) or ``version`` itself (it exists) with the same model
+        fingerprint (config and weights), coder tables, quality and elbo settings — and return that version's
+        path (``vaestream export`` does this). Without it every call writes a new version.
 
     Raises:
-      ModelError: the model directory is incomplete, the version exists, or verification failed.
+      ModelError: the model directory is incomplete, the version exists (with other contents, under
+        ``skip_unchanged``), or verification failed.
     """
     model_dir = Path(model_dir)
     model = store.load_model(model_dir)
     tables = _load_tables(model_dir)
     return export_model(model, export_base, tables, version, quality=quality, elbo_samples=elbo_samples,
-                        elbo_seed=elbo_seed, verify=verify, source=str(model_dir))
+                        elbo_seed=elbo_seed, verify=verify, source=str(model_dir), skip_unchanged=skip_unchanged)
 
 
 def export_model(model: VAE, export_base: str | Path, tables: Any | None = None, version: int | None = None, *,
                  quality: float | None = None, elbo_samples: int = 1, elbo_seed: int = 0, verify: bool = True,
-                 cache: ExportCache | None = None, source: str | None = None) -> Path:
+                 cache: ExportCache | None = None, source: str | None = None, skip_unchanged: bool = False) -> Path:
     """Export an in-memory ``model`` (and its coder ``tables``, a ``vaestream.coding.coder.CoderTables`` or
     None) as ``export_base/version/``; :func:`export` reads both from a model directory first. Arguments as
     :func:`export`; ``cache``: an :class:`ExportCache` to reuse the traced signatures between exports of the
@@ -303,19 +310,26 @@ def export_model(model: VAE, export_base: str | Path, tables: Any | None = None,
         where = f"{source}/{MODEL_TABLES}" if source else name
         raise ModelError(f"{where}: coder tables built for model {tables.fingerprint[:16]}..., not this model "
                          f"({fingerprint[:16]}...); rebuild the coder tables")
+    info: dict[str, Any] = {"format": 1, "fingerprint": fingerprint, "elbo_estimator": "B, fixed noise",
+                            "elbo_samples": int(elbo_samples), "elbo_seed": int(elbo_seed), "quality": None}
+    if tables is not None:
+        info["quality"] = float(tables.qualities[tables.level(quality)])
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
+        existing = list_versions(base)
+        if skip_unchanged and existing and same_export(base / str(existing[-1]), info, tables):
+            return base / str(existing[-1])
         version = _next_version(base)
     version = int(version)
     if version < 0:
         raise ModelError(f"{base}: version must be a non-negative integer, got {version}")
     final = base / str(version)
     if final.exists():
-        raise ModelError(f"{final}: version {version} already exists (versions are immutable; pick another)")
-    info: dict[str, Any] = {"format": 1, "fingerprint": fingerprint, "elbo_estimator": "B, fixed noise",
-                            "elbo_samples": int(elbo_samples), "elbo_seed": int(elbo_seed), "quality": None}
-    if tables is not None:
-        info["quality"] = float(tables.qualities[tables.level(quality)])
+        if skip_unchanged and same_export(final, info, tables):
+            return final
+        raise ModelError(f"{final}: version {version} already exists" + (" with other contents (weights, coder "
+                         "tables, quality or elbo settings)" if skip_unchanged else "") +
+                         " (versions are immutable; pick another)")
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=base) as staging:
         stage = Path(staging)
         asset_dir = cache.assets if cache is not None else stage / "assets_src"
@@ -344,6 +358,27 @@ def export_model(model: VAE, export_base: str | Path, tables: Any | None = None,
             raise ModelError(f"{final}: version {version} appeared while exporting")
         os.replace(out, final)
     return final
+
+
+def same_export(path: str | Path, info: dict[str, Any], tables: Any | None) -> bool:
+    """Whether the version at ``path`` was exported with ``info`` (the ``assets/export.json`` an export would
+    write: model fingerprint, quality, elbo settings) and the same coder ``tables`` (compared by
+    ``CoderTables.digest``; None: the version has none)."""
+    assets = Path(path) / "assets"
+    try:
+        if json.loads((assets / INFO_ASSET).read_text()) != json.loads(json.dumps(info)):
+            return False
+        if (assets / FINGERPRINT_ASSET).read_text().strip() != info["fingerprint"]:
+            return False
+    except (OSError, ValueError):
+        return False
+    shipped = assets / TABLES_ASSET
+    if tables is None or not shipped.is_file():
+        return tables is None and not shipped.exists()
+    try:
+        return type(tables).load(shipped).digest() == tables.digest()
+    except ModelError:
+        return False
 
 
 def _probe(config: ModelConfig, n: int = 4) -> np.ndarray:
