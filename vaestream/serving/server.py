@@ -145,7 +145,8 @@ class ModelServer:
       max_batch_size: the largest batch (0-th dimension) one request may carry.
       max_concurrent: at most this many signature calls run at once (bounds memory under load).
       batching: a :class:`vaestream.serving.batching.BatchingParameters` to merge concurrent requests to one
-        (version, signature) into one call (TF Serving's ``--enable_batching``); None: one call per request.
+        (version, signature) into one call, and split large ones when ``enable_large_batch_splitting`` is on
+        (TF Serving's ``--enable_batching``); None: one call per request.
     """
 
     def __init__(self, base_path: str | Path, model_name: str, version_policy: str = "latest",
