@@ -424,3 +424,188 @@ def test_loaded_model_is_reused_only_while_alive_and_unchanged(trained, tmp_path
     os.utime(index, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     b = vb.LoadedVAE.load(str(model_dir), reuse=True)
     assert b is not a and b.fingerprint == a.fingerprint
+
+
+# -- the input-scaling rule, the jobs' output contract, summaries, the CLI's job commands --------------------------
+
+def _cli(*args, cwd=None):
+    """``vaestream ARGS`` in a subprocess: (exit code, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-m", "vaestream.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _idx_bytes(recs: np.ndarray) -> bytes:
+    return struct.pack(">HBB3I", 0, 8, 3, len(recs), *recs.shape[1:]) + recs.tobytes()
+
+
+def _codes_by_key(out: Path) -> dict[str, np.ndarray]:
+    got = {}
+    for f in sorted(out.glob("codes-*.tfrecord")):
+        for item in vb.read_codes(str(f)):
+            got.update(zip(item.keys, item.mean))
+    return got
+
+
+def test_integer_csv_is_scaled_like_the_uint8_idx_of_the_same_records(tmp_path, mnist_test, small_model,
+                                                                     coded_model_dir):
+    """An integer CSV (0..255) of real MNIST rows goes through ``vaestream train``, ``vaestream compress`` and the
+    encode job with the very model inputs of the uint8 IDX of the same records: the same trained weights, the same
+    container bytes, the same codes."""
+    recs = mnist_test[:300]
+    (tmp_path / "rows-images-idx3-ubyte").write_bytes(_idx_bytes(recs))
+    (tmp_path / "rows.csv").write_text("\n".join(",".join(str(int(v)) for v in r.reshape(-1)) for r in recs) + "\n")
+    fps = {}
+    for name in ("rows.csv", "rows-images-idx3-ubyte"):
+        rc, out, err = _cli("train", "--data", tmp_path / name, "--out", tmp_path / f"m-{name}", "--steps", 20,
+                            "--latent-dim", 4, "--hidden", 32, "--steps-per-call", 10, "--no-progress", "--json")
+        assert rc == 0, err[-2000:]
+        s = json.loads(out.strip().splitlines()[-1])
+        assert s["steps"] == 20
+        from vaestream.store import load_model
+
+        weights = [v.numpy() for v in load_model(tmp_path / f"m-{name}").trainable_variables]
+        fps[name] = (weights, s.get("train_elbo"))
+    # the same weights after 20 steps (the fingerprints differ only by the record shape: [784] vs [28, 28])
+    for a, b in zip(fps["rows.csv"][0], fps["rows-images-idx3-ubyte"][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert fps["rows.csv"][1] == fps["rows-images-idx3-ubyte"][1]
+    assert fps["rows.csv"][1] is None or fps["rows.csv"][1] < 0  # a Bernoulli ELBO of inputs in [0, 1] (raw 0..255 gives a large positive one)
+
+    blobs = {}
+    for name in ("rows.csv", "rows-images-idx3-ubyte"):
+        rc, out, err = _cli("compress", tmp_path / name, tmp_path / f"{name}.vaez", "--model", coded_model_dir)
+        assert rc == 0, err[-2000:]
+        blobs[name] = (tmp_path / f"{name}.vaez").read_bytes()
+    assert blobs["rows.csv"] == blobs["rows-images-idx3-ubyte"]
+
+    model = str(small_model.model_dir)
+    rc, out, err = _cli("encode", "--input", tmp_path / "rows.csv", "--model", model, "--output", tmp_path / "e-csv",
+                        "--json")
+    assert rc == 0, err[-2000:]
+    s = json.loads(out.strip().splitlines()[-1])
+    assert (s["records_in"], s["records"], s["dead_lettered"]) == (300, 300, 0)
+    encode.run(["--input", str(tmp_path / "rows-images-idx3-ubyte"), "--model", model, "--output",
+                str(tmp_path / "e-idx")])
+    a, b = _codes_by_key(tmp_path / "e-csv"), _codes_by_key(tmp_path / "e-idx")
+    assert len(a) == len(b) == 300
+    for i in range(300):  # CSV keys are line numbers (from 1), IDX keys record indices (from 0)
+        np.testing.assert_array_equal(a[f"rows.csv:{i + 1:09d}"], b[f"rows-images-idx3-ubyte:{i:09d}"])
+
+
+def test_truncated_gzip_keeps_its_whole_records_and_an_all_bad_file_fails(tmp_path, mnist_dir, small_model):
+    """A real MNIST .gz cut short: every whole record before the cut is encoded and one dead letter says where it
+    breaks (exit 0); --max_dead_letter_fraction below that share fails (exit 3); a file whose every record is bad
+    writes its dead letters and fails (exit 3, the reason on stderr), from the CLI and from pipelines/encode.py."""
+    import subprocess
+    import sys
+    import zlib
+
+    blob = (mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes()
+    cut = tmp_path / "t10k-images-idx3-ubyte.gz"
+    cut.write_bytes(blob[:1_000_000])
+    whole = (len(zlib.decompressobj(31).decompress(blob[:1_000_000])) - 16) // 784  # what zcat recovers
+    assert 5000 < whole < 10000
+    model = str(small_model.model_dir)
+    rc, out, err = _cli("encode", "--input", cut, "--model", model, "--output", tmp_path / "o", "--json")
+    assert rc == 0, err[-2000:]
+    s = json.loads(out.strip().splitlines()[-1])
+    assert (s["records_in"], s["records"], s["dead_lettered"]) == (whole + 1, whole, 1)
+    (dead,) = [json.loads(line) for line in (tmp_path / "o" / "dead_letter.jsonl").read_text().splitlines()]
+    assert dead["reason"].startswith(f"{cut}: truncated at record {whole}:")
+    assert dead["key"] == f"t10k-images-idx3-ubyte.gz:{whole:09d}..t10k-images-idx3-ubyte.gz:000009999"
+    assert sorted(_codes_by_key(tmp_path / "o")) == [f"t10k-images-idx3-ubyte.gz:{i:09d}" for i in range(whole)]
+
+    rc, out, err = _cli("encode", "--input", cut, "--model", model, "--output", tmp_path / "strict", "--json",
+                        "--max_dead_letter_fraction", 0.0001)
+    assert rc == 3
+    assert f"vaestream: error: encode: dead-lettered 1 of the {whole + 1} records read" in err
+    assert "Traceback" not in err
+    assert json.loads(out.strip().splitlines()[-1])["records"] == whole  # the summary, and the outputs stay
+    assert len(_codes_by_key(tmp_path / "strict")) == whole
+
+    bad = np.full((40, 784), 2.5, np.float32)  # every record outside the Bernoulli decoder's [0, 1]
+    np.save(tmp_path / "bad.npy", bad)
+    rc, out, err = _cli("encode", "--input", tmp_path / "bad.npy", "--model", model, "--output", tmp_path / "b")
+    assert rc == 3
+    assert "vaestream: error: encode: wrote no record: all 40 records read were dead-lettered" in err
+    assert "Traceback" not in err
+    assert "records written" in out  # the summary table is printed before the error
+    lines = (tmp_path / "b" / "dead_letter.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and all("outside the support" in json.loads(x)["reason"] for x in lines)
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["dead_lettered"] == 40
+    proc = subprocess.run([sys.executable, "-m", "pipelines.encode", "--input", str(tmp_path / "bad.npy"), "--model",
+                           model, "--output", str(tmp_path / "b2")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3 and "wrote no record" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_job_summaries_wall_seconds_and_bytes_that_agree(tmp_path, mnist_dir, small_model):
+    """The summaries: ``seconds`` is the job's wall time; ``bytes_in`` is the input files' size and ``bytes_out``
+    the output files' (encode's bytes out = decode's bytes in for the same files); prepare reports no
+    compression ratio; the dead-letter file it names exists."""
+    import time
+
+    model = str(small_model.model_dir)
+    src = mnist_dir / "t10k-images-idx3-ubyte.gz"
+    t0 = time.perf_counter()
+    e = encode.run(["--input", str(src), "--model", model, "--output", str(tmp_path / "codes")])
+    wall = time.perf_counter() - t0
+    assert 0.9 * wall - 0.1 <= e["seconds"] <= wall
+    codes = sorted((tmp_path / "codes").glob("codes-*.tfrecord"))
+    assert e["bytes_in"] == src.stat().st_size
+    assert e["bytes_out"] == sum(p.stat().st_size for p in codes)
+    assert e["record_bytes"] == 10000 * 784 and e["compression_ratio"] == round(10000 * 784 / e["bytes_out"], 3)
+    assert Path(e["dead_letter"]).exists()
+    d = decode.run(["--input", str(tmp_path / "codes"), "--model", model, "--output", str(tmp_path / "recon")])
+    assert d["bytes_in"] == e["bytes_out"]
+    assert d["bytes_out"] == sum(p.stat().st_size for p in (tmp_path / "recon").glob("recon-*.tfrecord"))
+    assert "compression_ratio" not in d
+    np.save(tmp_path / "few.npy", np.zeros((50, 28, 28), np.uint8))
+    p = prepare.run(["--input", str(tmp_path / "few.npy"), "--output", str(tmp_path / "shards"), "--num_shards", "2"])
+    assert "compression_ratio" not in p and p["bytes_in"] == (tmp_path / "few.npy").stat().st_size
+    assert (tmp_path / "shards" / "dead_letter.jsonl").read_text() == ""
+
+
+def test_encode_coder_without_tables_is_refused_in_one_line_and_beam_temp_is_cleared(tmp_path, small_model,
+                                                                                     mnist_test):
+    """``vaestream encode --coder`` with a model that has no coder tables: one ``vaestream: error:`` line, no
+    traceback, nothing written; ``beam-temp-*`` folders under --output (a failed run's) go at the next run."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(small_model.model_dir, model, ignore=shutil.ignore_patterns("coder_tables.npz"))
+    np.save(tmp_path / "x.npy", mnist_test[:64])
+    out = tmp_path / "out"
+    rc, stdout, err = _cli("encode", "--input", tmp_path / "x.npy", "--model", model, "--output", out, "--coder")
+    assert rc == 1
+    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("vaestream: error:")]
+    assert "has no coder tables" in err and "Traceback" not in err
+    assert not list(out.glob("codes-*")) and not list(out.glob("beam-temp-*"))
+    (out / "beam-temp-codes-0123456789abcdef").mkdir(parents=True)
+    (out / "beam-temp-codes-0123456789abcdef" / "part").write_bytes(b"x")
+    rc, stdout, err = _cli("encode", "--input", tmp_path / "x.npy", "--model", model, "--output", out, "--json")
+    assert rc == 0, err[-2000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["records"] == 64
+    assert not list(out.glob("beam-temp-*"))
+
+
+def test_job_flags_are_defined_without_beam_or_tensorflow():
+    """``vaestream.cli.beam.add_subcommands`` (the prepare / encode / decode flags, every one with help) imports
+    neither Apache Beam nor TensorFlow."""
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; import vaestream.cli.beam as m; p = argparse.ArgumentParser(); "
+            "m.add_subcommands(p.add_subparsers(dest='c')); "
+            "subs = p._subparsers._group_actions[0].choices; "
+            "print(sorted(subs)); "
+            "print([a.option_strings for s in subs.values() for a in s._actions if not a.help]); "
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'apache_beam', 'tensorflow', 'keras'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["['decode', 'encode', 'prepare']", "[]", "[]"]

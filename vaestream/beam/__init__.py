@@ -30,7 +30,9 @@ duplicates records.
 Counters (namespace ``vaestream``): ``records_in`` (records read, plus one per unreadable unit that was
 dead-lettered by a reader), ``bytes_in`` (raw record bytes read), ``records`` (records written),
 ``bytes_out`` (bytes written), ``dead_lettered``. A job is consistent when
-``records_in == records + dead_lettered`` (:func:`check_counts`).
+``records_in == records + dead_lettered`` (:func:`check_counts`). A job's summary reports the wall seconds of
+the whole job, ``bytes_in`` / ``bytes_out`` as the sizes of its input and output files (so one job's bytes out
+are the next job's bytes in), and the encode job's ``compression_ratio`` as raw record bytes / bytes out.
 
 The package, one concept a module (``vaestream.beam.<name>`` is the same object under its module)::
 
@@ -42,7 +44,8 @@ The package, one concept a module (``vaestream.beam.<name>`` is the same object 
     shards         WriteShards (shuffle into a shard set + manifest) and prepare (the prepare job)
     model_handler  LoadedVAE, VAEModelHandler, read_model_config (model directory or SavedModel)
     transforms     Encode, Decode, read_codes, ReadCodes
-    running        make_pipeline, run_pipeline, counters, check_counts, job_summary, clear_outputs
+    running        make_pipeline, run_pipeline, counters, check_counts, job_summary, check_output (a job that
+                   wrote no record or dead-lettered too much: JobFailedError), clear_outputs, clear_temporary
     stream_sources the streaming encoder's sources (FileWatcher/WatchFiles, PollFiles, Pub/Sub)
     streaming      the streaming encoder (event-time windows, late gate, writers, drift)
     dask           the Dask runner
@@ -58,7 +61,7 @@ import importlib
 
 _MODULES = {
     "elements": "CHUNK CodeBatch DEAD_LETTER DeadLetter KEY_DIGITS NAMESPACE RecordBatch RECORDS SPLIT",
-    "formats": "expand_inputs plan_reads",
+    "formats": "expand_inputs plan_reads Gunzip",
     "readers": "probe read_range ReadRecords",
     "validate": "default_scale Validate validate_batch",
     "sinks": ("BatchedTFRecordSink code_examples code_schema record_schema WriteBatches WriteDeadLetters write_outputs "
@@ -68,8 +71,8 @@ _MODULES = {
     "transforms": "code_files Decode Encode first_fingerprint read_codes ReadCodes",
     "running": ("check_counts clear_outputs count_lines count_written counters file_sizes freeze_startup_heap "
                 "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json "
-                "finish_job dask_alternative"),
-    "vaestream.errors": "DataError ModelError ModelMismatchError",
+                "finish_job dask_alternative job_started check_output clear_temporary input_bytes BEAM_TEMP"),
+    "vaestream.errors": "DataError JobFailedError ModelError ModelMismatchError",
 }
 _HOMES = {name: module if "." in module else f"vaestream.beam.{module}"
           for module, names in _MODULES.items() for name in names.split()}

@@ -59,10 +59,17 @@ class DaskUnsupportedError(VaestreamError):
 # options and the cluster
 # ---------------------------------------------------------------------------------------------------------
 def wants_dask(pipeline_args: Sequence[str]) -> bool:
-    """Whether the Beam options name the Dask runner (``--runner DaskRunner`` / ``--runner=DaskRunner``)."""
+    """Whether the Beam options name the Dask runner (``--runner DaskRunner`` / ``--runner=DaskRunner``), or
+    name no runner but a Dask option (``--dask_client_address``, ``--dask_local_workers``,
+    ``--dask_npartitions``)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--runner", default=None)
+    for flag in ("--dask_client_address", "--dask_local_workers", "--dask_npartitions"):
+        p.add_argument(flag, default=None)
     known, _ = p.parse_known_args(list(pipeline_args))
+    if known.runner is None:
+        return any(v is not None for v in (known.dask_client_address, known.dask_local_workers,
+                                           known.dask_npartitions))
     return known.runner in DASK_RUNNERS
 
 
@@ -341,17 +348,18 @@ def _counts(parts: list[dict]) -> dict[str, int]:
 
 
 def _commit_dead(staging: str, names: list[str], path: str) -> None:
+    """The dead-letter file, written always (empty when nothing was dead-lettered), as the other runners do."""
     lines = []
     for n in names:
         with FileSystems.open(f"{staging}/{n}") as f:
             lines.extend(l for l in f.read().decode().splitlines() if l.strip())
-    if lines:
-        sinks.write_atomic(path, ("\n".join(lines) + "\n").encode())
+    sinks.write_atomic(path, ("\n".join(lines) + "\n").encode() if lines else b"")
 
 
 def _run(job: str, out: str, pipeline_args: Sequence[str], build) -> tuple[list[dict], str, float]:
     """Make the staging folder, build the linear pipeline with ``build(p, staging)``, compute it on the
-    cluster; returns (deduplicated descriptors, staging folder, seconds). On failure the staging folder is
+    cluster; returns (deduplicated descriptors, staging folder, seconds of the computation alone: the
+    summaries report the job's wall time). On failure the staging folder is
     deleted and the error re-raised (as its vaestream type where it is one)."""
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.dask.dask_runner import DaskRunner
@@ -391,17 +399,19 @@ def _commit_parts(staging: str, names: list[str], prefix: str) -> None:
         FileSystems.rename([f"{staging}/{name}.part"], [f"{prefix}-{i:05d}-of-{n:05d}.tfrecord"])
 
 
-def _finish(job: str, parts: list[dict], staging: str, seconds: float, out: str, prefix: str, extra: dict,
-            coded: bool = False, summary_file: str = "summary.json") -> dict:
+def _finish(job: str, parts: list[dict], staging: str, args: argparse.Namespace, out: str, prefix: str,
+            extra: dict, coded: bool = False, summary_file: str = "summary.json", inputs: Sequence[str] = (),
+            ratio: bool = False) -> dict:
     """Commit the parts as ``OUT/PREFIX-i-of-n.tfrecord`` and their dead letters, drop the staging folder,
-    and write the summary (as the other runners do)."""
+    and write the summary and check the output contract (as the other runners do)."""
     try:
         _commit_parts(staging, [p["name"] for p in parts if p["rows"]], f"{out}/{prefix}")
         _commit_dead(staging, [p["name"] + ".dead" for p in parts if p["dead_file"]], f"{out}/{shardset.DEAD_LETTER}")
     finally:
         _remove(staging)
-    return vb.finish_job(job, None, seconds, out, f"{out}/{prefix}-*.tfrecord", extra, coded, summary_file,
-                         counts=_counts(parts))
+    return vb.finish_job(job, None, vb.job_started(args), out, f"{out}/{prefix}-*.tfrecord", extra, coded,
+                         summary_file, counts=_counts(parts), inputs=inputs, ratio=ratio,
+                         max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
 
 
 def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
@@ -413,6 +423,7 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
         raise DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format tfrecord); "
                                    "Beam's Parquet sink needs side inputs the Dask runner recomputes")
     encode_job.check_coder(args)
+    encode_job.check_coder_model(args)  # a model without coder tables: refused before the cluster starts
     config = vb.read_model_config(args.model, args.saved_model)
     out = args.output.rstrip("/")
     paths = vb.expand_inputs(args.input, args.split)
@@ -427,10 +438,11 @@ def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
              | "ReadEncodeWrite" >> beam.ParDo(_CodecTaskFn("encode", staging, handler, args.chunk_size,
                                                             args.feature, check)))
 
-    parts, staging, seconds = _run("encode", out, pipeline_args, build)
-    return _finish("encode", parts, staging, seconds, out, CODES,
+    parts, staging, _ = _run("encode", out, pipeline_args, build)
+    return _finish("encode", parts, staging, args, out, CODES,
                    {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
-                    "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY)
+                    "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY,
+                   inputs=paths, ratio=True)
 
 
 def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
@@ -450,16 +462,17 @@ def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
              | "ReadDecodeWrite" >> beam.ParDo(_CodecTaskFn("decode", staging, handler, args.chunk_size,
                                                             output_dtype=args.output_dtype)))
 
-    parts, staging, seconds = _run("decode", out, pipeline_args, build)
-    return _finish("decode", parts, staging, seconds, out, RECON,
+    parts, staging, _ = _run("decode", out, pipeline_args, build)
+    return _finish("decode", parts, staging, args, out, RECON,
                    {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                    "output_format": args.output_format, "output_dtype": args.output_dtype}, summary_file=SUMMARY)
+                    "output_format": args.output_format, "output_dtype": args.output_dtype}, summary_file=SUMMARY,
+                   inputs=paths)
 
 
 def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
     """pipelines/prepare.py on the Dask runner: the same shuffle (buckets seeded as on every runner), one
     shard file per bucket, the manifest written by the client after the shards are final."""
-    from vaestream.beam.jobs.prepare import settle
+    from vaestream.beam.jobs.prepare import finish_prepare, settle
 
     paths, shape, dtype, scale, likelihood, out = settle(args)
     tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
@@ -472,7 +485,7 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
              | "GroupBuckets" >> beam.GroupByKey()
              | "WriteBuckets" >> beam.ParDo(_WriteBucketFn(staging, n, args.seed)))
 
-    parts, staging, seconds = _run("prepare", out, pipeline_args, build)
+    parts, staging, _ = _run("prepare", out, pipeline_args, build)
     try:
         files = []
         for b in range(n):
@@ -484,6 +497,8 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
             files.append(f"{out}/{name}")
         if FileSystems.exists(f"{staging}/prepare.dead"):
             FileSystems.rename([f"{staging}/prepare.dead"], [f"{out}/{shardset.DEAD_LETTER}"])
+        else:  # written always, empty when nothing was dead-lettered (as the other runners do)
+            sinks.write_atomic(f"{out}/{shardset.DEAD_LETTER}", b"")
         fn = beam_shards.ShardStatsFn()
         acc = fn.create_accumulator()
         for p in parts:
@@ -495,8 +510,4 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
                                    dtype, scale, paths)
     finally:
         _remove(staging)
-    manifest = shardset.read_manifest(out)
-    return vb.job_summary("prepare", None, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
-                          f"{out}/{shardset.DEAD_LETTER}",
-                          {"manifest": manifest.path, "content_hash": manifest.content_hash,
-                           "shape": list(manifest.shape), "dtype": manifest.dtype}, counts=counts)
+    return finish_prepare(None, args, out, paths, counts=counts)

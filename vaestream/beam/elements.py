@@ -7,7 +7,6 @@ import dataclasses
 from typing import NamedTuple
 
 import numpy as np
-from apache_beam.metrics import Metrics
 
 
 NAMESPACE = "vaestream"
@@ -18,6 +17,8 @@ CHUNK = 4096
 SPLIT = 65536
 """Records per read task of a splittable file (raw IDX, .npy, a PNG folder)."""
 KEY_DIGITS = 9
+CODERS = ("lossy", "lossless")
+"""The encode job's ``--coder`` kinds (:func:`vaestream.beam.model_handler.coder_kind`)."""
 
 
 @dataclasses.dataclass
@@ -96,4 +97,8 @@ def record_key(name: str, i: int) -> str:
 
 
 def job_counter(name: str):
+    """The Beam counter ``name`` of the jobs' namespace (Beam is imported here, not with this module, so that
+    the jobs' flag definitions can use this module's constants without importing Beam)."""
+    from apache_beam.metrics import Metrics
+
     return Metrics.counter(NAMESPACE, name)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
+import io
 import os
+import zlib
 from typing import Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -83,10 +84,73 @@ def open_raw(path: str):
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
+class Gunzip(io.RawIOBase):
+    """A readable stream of a gzip file's data that keeps every byte before a break.
+
+    ``gzip.GzipFile.read(n)`` on a truncated file raises and drops what that call had decompressed (a
+    16 MiB read of a file cut in its second MiB returns nothing); this stream hands out every decompressed
+    byte first and raises :class:`EOFError` on the read after that (``zcat``'s recovery). Concatenated
+    members are read one after the other.
+    """
+
+    def __init__(self, f, path: str, block: int = 1 << 16):
+        super().__init__()
+        self.f, self.path, self.block = f, path, block
+        self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.buf = bytearray()
+        self.member_started = False
+        self.broken: str | None = None
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self, n: int) -> None:
+        while (n < 0 or len(self.buf) < n) and not self.done and self.broken is None:
+            raw = self.f.read(self.block)
+            if not raw:
+                self.buf += self.d.flush()
+                if self.member_started and not self.d.eof:
+                    self.broken = "the gzip data breaks off (truncated file)"
+                self.done = True
+                return
+            self.member_started = True
+            try:
+                self.buf += self.d.decompress(raw)
+                while self.d.eof and self.d.unused_data.strip(b"\x00"):
+                    rest = self.d.unused_data
+                    self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self.buf += self.d.decompress(rest)
+            except zlib.error as e:
+                self.broken = f"corrupt gzip data ({e})"
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill(n)
+        if not self.buf and self.broken is not None:
+            raise EOFError(self.broken)
+        take = len(self.buf) if n < 0 else min(n, len(self.buf))
+        out = bytes(self.buf[:take])
+        del self.buf[:take]
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        raise io.UnsupportedOperation("a gzip stream is read from its start")
+
+
 def maybe_gunzip(f, path: str):
+    """``(stream, zipped)``: a :class:`Gunzip` over ``f`` if it starts with the gzip magic, else ``f``."""
     head = f.read(2)
     f.seek(0)
-    return (gzip.GzipFile(fileobj=f, mode="rb"), True) if head == b"\x1f\x8b" else (f, False)
+    return (Gunzip(f, path), True) if head == b"\x1f\x8b" else (f, False)
+
+
+def file_size(path: str) -> int | None:
+    """The size of ``path`` in bytes (any Beam file system), or None if it cannot be told."""
+    try:
+        meta = FileSystems.match([path])[0].metadata_list
+    except Exception:
+        return None
+    return int(meta[0].size_in_bytes) if len(meta) == 1 else None
 
 
 

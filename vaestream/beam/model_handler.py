@@ -12,7 +12,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler
 
-from vaestream.beam.elements import CHUNK, CodeBatch, RecordBatch
+from vaestream.beam.elements import CHUNK, CODERS, CodeBatch, RecordBatch
 from vaestream.errors import DataError, ModelError, ModelMismatchError
 
 
@@ -471,9 +471,6 @@ def _attach_codec(model: LoadedVAE, model_dir: str | None) -> None:
     model.codec = codec.load(model_dir if model_dir is not None else model.source)
     if getattr(model.codec, "fingerprint", model.fingerprint) != model.fingerprint:
         raise ModelMismatchError(f"{model.source}: the coder tables belong to another model")
-
-
-CODERS = ("lossy", "lossless")
 
 
 def coder_kind(coder: bool | str | None) -> str | None:

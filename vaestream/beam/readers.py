@@ -11,19 +11,22 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream.beam.elements import CHUNK, DEAD_LETTER, DeadLetter, RECORDS, RecordBatch, SPLIT, job_counter, record_key
-from vaestream.beam.formats import expand_inputs, input_kind, maybe_gunzip, open_raw, plan_reads
+from vaestream.beam.formats import expand_inputs, file_size, input_kind, maybe_gunzip, open_raw, plan_reads
 from vaestream.beam.validate import Validate, ValidateFn
 from vaestream.binio import Truncated, read_exact
 from vaestream.data import csv_row, idx_header, npy_header
 from vaestream.errors import DataError
 
 
-def probe(path: str, feature: str = "x") -> tuple[tuple[int, ...], np.dtype]:
-    """The record shape and dtype of the first records of ``path`` (reads only a little of it)."""
-    for item in read_range({"path": path, "kind": input_kind(path), "start": 0, "stop": None}, chunk_size=1,
-                           feature=feature, limit=1):
+def probe(path: str, feature: str = "x", records: bool = False, limit: int = 256
+          ) -> tuple[tuple[int, ...], np.dtype | np.ndarray]:
+    """The record shape and dtype of the first records of ``path`` (reads only a little of it); with
+    ``records``, (shape, the first records: up to ``limit`` of them) instead."""
+    n = limit if records else 1
+    for item in read_range({"path": path, "kind": input_kind(path), "start": 0, "stop": None}, chunk_size=n,
+                           feature=feature, limit=n):
         if isinstance(item, RecordBatch):
-            return tuple(item.records.shape[1:]), item.records.dtype
+            return tuple(item.records.shape[1:]), (item.records if records else item.records.dtype)
         raise DataError(f"{path}: first record unreadable: {item.reason}")
     raise DataError(f"{path}: no records")
 
@@ -34,8 +37,8 @@ def read_range(task: dict, chunk_size: int = CHUNK, feature: str = "x", limit: i
     """Read the records of one task of :func:`plan_reads`, ``chunk_size`` records per :class:`RecordBatch`.
 
     Problems become :class:`DeadLetter` items: an unreadable file (one item, key = the path), a truncated
-    file (the complete records are read; one item for the rest), an unparsable CSV line or one of the wrong
-    length (one item per line).
+    file (every whole record before the cut is read; one item ``FILE: truncated at record N`` for the rest,
+    raw or gzip), an unparsable CSV line or one of the wrong length (one item per line).
     """
     path, kind = task["path"], task["kind"]
     try:
@@ -49,7 +52,10 @@ def read_range(task: dict, chunk_size: int = CHUNK, feature: str = "x", limit: i
 
 
 def _fixed_records(path: str, f, dtype: np.dtype, rec_shape: tuple[int, ...], start: int, stop: int,
-                   chunk: int, name: str) -> Iterator[RecordBatch | DeadLetter]:
+                   chunk: int, name: str, total: int | None = None) -> Iterator[RecordBatch | DeadLetter]:
+    """Records ``start .. stop - 1`` of a file of fixed-size records (``total`` in all, the header says), read
+    from ``f`` at record ``start``; at a cut, the whole records before it and one dead letter for the rest."""
+    total = stop if total is None else total
     rec_bytes = int(np.prod(rec_shape)) * dtype.itemsize
     i = start
     while i < stop:
@@ -65,11 +71,29 @@ def _fixed_records(path: str, f, dtype: np.dtype, rec_shape: tuple[int, ...], st
             arr = arr.astype(dtype.newbyteorder("="), copy=False)
             yield RecordBatch(path, [record_key(name, j) for j in range(i, i + got)], arr)
         if got < n:
-            yield DeadLetter(path, f"{record_key(name, i + got)}..{record_key(name, stop - 1)}",
-                             f"{path}: truncated: the header says {stop} records, the data ends inside record "
-                             f"{i + got}" + (f" ({why})" if why else ""))
+            cut = i + got
+            yield DeadLetter(path, f"{record_key(name, cut)}..{record_key(name, total - 1)}",
+                             f"{path}: truncated at record {cut}: the header says {total} records, the data ends "
+                             f"inside record {cut}" + (f" ({why})" if why else ""))
             return
         i += n
+
+
+def _whole_records(path: str, header: int, rec_bytes: int) -> int | None:
+    """How many whole records an uncompressed file of fixed-size records holds after its ``header``."""
+    size = file_size(path)
+    return None if size is None or rec_bytes == 0 else max(0, size - header) // rec_bytes
+
+
+def _range_of(task: dict, n: int, limit: int | None, whole: int | None) -> tuple[int, int] | None:
+    """The records ``(start, stop)`` a task reads of a file of ``n`` (``whole`` of them on disk, when it is
+    cut short); None when the task lies wholly after the cut (the task that holds the cut reports it)."""
+    start, stop = task["start"], task["stop"] if task["stop"] is not None else n
+    if limit is not None:
+        stop = min(stop, start + limit)
+    if whole is not None and whole < n and start > whole:
+        return None
+    return start, stop
 
 
 def _read_idx(task, chunk, feature, limit):
@@ -79,17 +103,18 @@ def _read_idx(task, chunk, feature, limit):
         g, zipped = maybe_gunzip(f, path)
         try:
             dtype, shape, header = idx_header(g, path)
-        except Truncated as t:
+        except (Truncated, EOFError) as t:
             raise DataError(f"{path}: truncated IDX header ({t.args[0]})") from None
         if len(shape) < 2:
             raise DataError(f"{path}: IDX of shape {shape} holds labels, not records")
-        start, stop = task["start"], task["stop"] if task["stop"] is not None else shape[0]
-        if limit is not None:
-            stop = min(stop, start + limit)
         rec_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        span = _range_of(task, shape[0], limit, None if zipped else _whole_records(path, header, rec_bytes))
+        if span is None:
+            return
+        start, stop = span
         if start:
             g.seek(header + start * rec_bytes)
-        yield from _fixed_records(path, g, dtype, tuple(shape[1:]), start, stop, chunk, name)
+        yield from _fixed_records(path, g, dtype, tuple(shape[1:]), start, stop, chunk, name, shape[0])
 
 
 def _read_npy(task, chunk, feature, limit):
@@ -103,13 +128,15 @@ def _read_npy(task, chunk, feature, limit):
             arr = np.load(open_raw(path), allow_pickle=False)
             yield from _chunks_of(path, name, arr[:limit] if limit else arr, chunk)
             return
-        start, stop = task["start"], task["stop"] if task["stop"] is not None else shape[0]
-        if limit is not None:
-            stop = min(stop, start + limit)
+        header = f.tell()
         rec_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        span = _range_of(task, shape[0], limit, _whole_records(path, header, rec_bytes))
+        if span is None:
+            return
+        start, stop = span
         if start:
-            f.seek(f.tell() + start * rec_bytes)
-        yield from _fixed_records(path, f, dtype, tuple(shape[1:]), start, stop, chunk, name)
+            f.seek(header + start * rec_bytes)
+        yield from _fixed_records(path, f, dtype, tuple(shape[1:]), start, stop, chunk, name, shape[0])
 
 
 def _chunks_of(path: str, name: str, arr: np.ndarray, chunk: int) -> Iterator[RecordBatch]:

@@ -14,7 +14,7 @@ from vaestream import shardset
 from vaestream.beam.elements import CodeBatch, NAMESPACE
 from vaestream.beam.formats import open_raw
 from vaestream.beam.transforms import read_codes
-from vaestream.errors import DataError, ModelError, ModelMismatchError
+from vaestream.errors import DataError, JobFailedError, ModelError, ModelMismatchError
 
 
 def make_pipeline(options) -> beam.Pipeline:
@@ -135,16 +135,35 @@ def run_pipeline(p: beam.Pipeline):
         raise
 
 
-def job_summary(job: str, result, seconds: float, output_pattern: str, dead_letter_path: str,
-                extra: dict | None = None, coded: bool = False, counts: dict[str, int] | None = None) -> dict:
+def input_bytes(paths: Sequence[str]) -> int:
+    """Bytes of the input files as stored (a PNG folder: its ``*.png`` files), the jobs' ``bytes_in``: the
+    encode job's ``bytes_out`` is the decode job's ``bytes_in`` for the same files."""
+    patterns = [p.rstrip("/") + "/*.png" if _is_dir(p) else p for p in paths]
+    return int(sum(m.size_in_bytes for r in FileSystems.match(patterns) for m in r.metadata_list))
+
+
+def _is_dir(path: str) -> bool:
+    return "://" not in path and os.path.isdir(path)
+
+
+def job_summary(job: str, result, started: float, output_pattern: str, dead_letter_path: str,
+                extra: dict | None = None, coded: bool = False, counts: dict[str, int] | None = None,
+                inputs: Sequence[str] = (), ratio: bool = False) -> dict:
     """Counters, throughput, bytes and the conservation check of a finished job.
 
-    ``counts``: the counters, where the runner has no metrics (the Dask runner: :mod:`vaestream.beam.dask`
-    counts in the tasks' results); default ``counters(result)``.
+    ``started``: the job's start (``time.perf_counter()``); ``seconds`` is the wall time from it to the end
+    of the job (model loading, the pipeline and the output check included). ``counts``: the counters, where
+    the runner has no metrics (the Dask runner: :mod:`vaestream.beam.dask` counts in the tasks' results);
+    default ``counters(result)``. ``inputs``: the input files, whose size on disk is ``bytes_in``;
+    ``bytes_out`` is the size of the output files (``output_pattern``; not the dead letters or the summary).
+    ``ratio`` (the encode job): also ``record_bytes`` (the records' raw bytes as read) and
+    ``compression_ratio`` = record_bytes / bytes_out.
 
     Checks ``records_in == records + dead_lettered`` from the counters, and that the output files hold
     ``records`` records and the dead-letter file ``dead_lettered`` lines; raises :class:`DataError` if not.
     """
+    import time
+
     c = counts if counts is not None else counters(result)
     check_counts(c, job)
     files, out_bytes = file_sizes(output_pattern)
@@ -155,13 +174,52 @@ def job_summary(job: str, result, seconds: float, output_pattern: str, dead_lett
     if dead != c.get("dead_lettered", 0):
         raise DataError(f"{job}: {dead_letter_path} has {dead} lines, the pipeline dead-lettered "
                         f"{c.get('dead_lettered', 0)}")
+    seconds = time.perf_counter() - started
     summary = {"job": job, "records_in": c.get("records_in", 0), "records": written, "dead_lettered": dead,
                "seconds": round(seconds, 3), "records_per_second": round(written / max(seconds, 1e-9), 1),
-               "bytes_in": c.get("bytes_in", 0), "bytes_out": out_bytes,
-               "compression_ratio": round(c.get("bytes_in", 0) / out_bytes, 3) if out_bytes else None,
-               "outputs": files, "dead_letter": dead_letter_path}
+               "bytes_in": input_bytes(inputs), "bytes_out": out_bytes}
+    if ratio:
+        record_bytes = c.get("bytes_in", 0)
+        summary["record_bytes"] = record_bytes
+        summary["compression_ratio"] = round(record_bytes / out_bytes, 3) if out_bytes else None
+    summary.update({"outputs": files, "dead_letter": dead_letter_path})
     summary.update(extra or {})
     return summary
+
+
+def check_output(summary: dict, max_dead_letter_fraction: float = 1.0) -> dict:
+    """The jobs' output contract: raise :class:`JobFailedError` (exit code 3) when the job wrote no record, or
+    dead-lettered more than ``max_dead_letter_fraction`` of the records it read; else return ``summary``."""
+    job, rin, written, dead = summary["job"], summary["records_in"], summary["records"], summary["dead_lettered"]
+    where = f"reasons in {summary['dead_letter']}"
+    if written == 0:
+        why = (f"all {rin} records read were dead-lettered ({where})" if rin and dead == rin
+               else "its inputs hold no records")
+        raise JobFailedError(f"{job}: wrote no record: {why}", summary)
+    if rin and dead / rin > max_dead_letter_fraction:
+        raise JobFailedError(f"{job}: dead-lettered {dead} of the {rin} records read ({100 * dead / rin:.1f} %), "
+                             f"more than --max_dead_letter_fraction {max_dead_letter_fraction:g} ({where})", summary)
+    return summary
+
+
+BEAM_TEMP = "beam-temp-*"
+"""The temporary folders Beam's file sinks write beside their output (removed when a job ends, and by
+:func:`clear_temporary` when it failed)."""
+
+
+def clear_temporary(out: str) -> None:
+    """Remove the ``beam-temp-*`` folders of earlier or failed runs under the output directory ``out``."""
+    out = out.rstrip("/")
+    if "://" not in out:  # a local directory: the folders themselves
+        import glob
+        import shutil
+
+        for d in glob.glob(os.path.join(glob.escape(out), BEAM_TEMP)):
+            shutil.rmtree(d, ignore_errors=True) if os.path.isdir(d) else os.remove(d)
+        return
+    found = [m.path for m in FileSystems.match([f"{out}/{BEAM_TEMP}/*"])[0].metadata_list]  # object stores: files
+    if found:
+        FileSystems.delete(sorted(set(found)))
 
 
 def clear_outputs(*patterns: str, inputs: Sequence[str] = ()) -> int:
@@ -201,7 +259,8 @@ def timed_run(p: beam.Pipeline):
 
 def build_and_run(pipeline_args: Sequence[str], build, *build_args) -> tuple[Any, float, dict]:
     """A pipeline on the runner ``pipeline_args`` name (:func:`make_pipeline`), built by
-    ``build(p, *build_args)`` (which returns what the summary needs), then run: (result, seconds, info)."""
+    ``build(p, *build_args)`` (which returns what the summary needs), then run: (result, seconds, info).
+    ``seconds`` is the pipeline's run alone; a job's summary reports the job's wall time (:func:`job_summary`)."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     p = make_pipeline(PipelineOptions(list(pipeline_args)))
@@ -222,36 +281,74 @@ def run_job_argv(description: str, add_arguments, run_job, argv: Sequence[str] |
 
 
 def job_main(run, argv: Sequence[str] | None = None, freeze: bool = True) -> None:
-    """A job's ``python -m pipelines.JOB``: run it on ``argv`` (default ``sys.argv[1:]``), print its summary."""
+    """A job's ``python -m pipelines.JOB``: run it on ``argv`` (default ``sys.argv[1:]``), print its summary.
+
+    Exits as the ``vaestream`` command does: 0 done; 1 a vaestream error (one line on stderr); 3 the job ran
+    but failed its output contract (:class:`JobFailedError`: its summary is printed first)."""
     import sys
+
+    from vaestream.errors import VaestreamError
 
     if freeze:
         freeze_startup_heap()
-    print(json.dumps(run(sys.argv[1:] if argv is None else list(argv)), indent=2))
+    prog = os.path.basename(sys.argv[0]) if argv is None else "job"
+    try:
+        summary = run(sys.argv[1:] if argv is None else list(argv))
+    except VaestreamError as e:
+        if getattr(e, "summary", None) is not None:
+            print(json.dumps(e.summary, indent=2))
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
+    print(json.dumps(summary, indent=2))
 
 
-def finish_job(job: str, result, seconds: float, out: str, output_pattern: str, extra: dict,
-               coded: bool = False, summary_file: str = "summary.json", counts: dict | None = None) -> dict:
-    """The end of a batch job: its :func:`job_summary` (dead letters in ``OUT/dead_letter.jsonl``), also
-    written to ``OUT/summary.json``."""
-    summary = job_summary(job, result, seconds, output_pattern, f"{out}/{shardset.DEAD_LETTER}", extra, coded=coded,
-                          counts=counts)
+def finish_job(job: str, result, started: float, out: str, output_pattern: str, extra: dict,
+               coded: bool = False, summary_file: str = "summary.json", counts: dict | None = None,
+               inputs: Sequence[str] = (), ratio: bool = False, max_dead_letter_fraction: float = 1.0) -> dict:
+    """The end of a batch job: its :func:`job_summary` (dead letters in ``OUT/dead_letter.jsonl``), written to
+    ``OUT/summary.json``, then its output contract (:func:`check_output`: :class:`JobFailedError` if it
+    failed; the summary and every file written stay)."""
+    summary = job_summary(job, result, started, output_pattern, f"{out}/{shardset.DEAD_LETTER}", extra, coded=coded,
+                          counts=counts, inputs=inputs, ratio=ratio)
     write_json(f"{out}/{summary_file}", summary)
-    return summary
+    return check_output(summary, max_dead_letter_fraction)
+
+
+def job_started(args) -> float:
+    """When the job of ``args`` started (``time.perf_counter()``), as :func:`dask_alternative` noted it; now if
+    it did not."""
+    import time
+
+    return getattr(args, "started", None) or time.perf_counter()
 
 
 def dask_alternative(dask_function: str):
-    """Decorate a job's ``run_job(args, pipeline_args)``: with Beam's DaskRunner in ``pipeline_args`` the job
-    runs as :mod:`vaestream.beam.dask`'s ``dask_function`` instead (a linear graph, our own commit)."""
+    """Decorate a job's ``run_job(args, pipeline_args)``: note the job's start in ``args.started`` (its summary's
+    wall ``seconds`` count from there) and clear the ``beam-temp-*`` folders of earlier runs under
+    ``args.output`` (and of this one if it fails); with Beam's DaskRunner in ``pipeline_args`` the job runs as
+    :mod:`vaestream.beam.dask`'s ``dask_function`` instead (a linear graph, our own commit)."""
     import functools
 
     def wrap(run_job):
         @functools.wraps(run_job)
         def run(args, pipeline_args):
+            import time
+
             from vaestream.beam import dask as beam_dask
 
-            if beam_dask.wants_dask(pipeline_args):
-                return getattr(beam_dask, dask_function)(args, pipeline_args)
-            return run_job(args, pipeline_args)
+            args.started = time.perf_counter()
+            out = getattr(args, "output", None)
+            if out:
+                clear_temporary(out)
+            try:
+                if beam_dask.wants_dask(pipeline_args):
+                    return getattr(beam_dask, dask_function)(args, pipeline_args)
+                return run_job(args, pipeline_args)
+            except JobFailedError:
+                raise
+            except BaseException:
+                if out:
+                    clear_temporary(out)
+                raise
         return run
     return wrap

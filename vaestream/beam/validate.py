@@ -8,12 +8,16 @@ import apache_beam as beam
 import numpy as np
 
 from vaestream.beam.elements import DEAD_LETTER, DeadLetter, RECORDS, RecordBatch
+from vaestream.data import BOUNDED_LIKELIHOODS, input_scale
 from vaestream.errors import DataError
 
 
-def default_scale(dtype: np.dtype) -> float:
-    """Stored value -> model input: integers (images) scale by 1/255, floats are model inputs already."""
-    return 1.0 / 255.0 if np.issubdtype(dtype, np.integer) else 1.0
+def default_scale(records: np.ndarray) -> float:
+    """Stored value -> model input for a batch of records: the input-scaling rule of every entry point,
+    :func:`vaestream.data.input_scale` (1/255 for 8-bit counts: uint8 or whole numbers in 0..255 such as an
+    integer CSV; 1 for floats). The jobs apply it to each batch as read (``--chunk_size`` records); ``--scale``
+    fixes it for data whose batches could differ (a batch of only 0s and 1s in 8-bit data)."""
+    return input_scale(records)
 
 
 def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, likelihood: str | None = None,
@@ -22,10 +26,10 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
     """Check one batch; return (the good records, reshaped/cast and with ``scale`` set, dead letters).
 
     A record is refused when its number of values differs from prod(``shape``), when it holds NaN or
-    infinite values, or (``likelihood`` ``bernoulli``/``gaussian_sigmoid``) when a model input
-    ``x = value * scale`` lies outside [0, 1]. With ``dtype="uint8"`` records are stored as uint8 (values
-    must be whole numbers in [0, 255]; scale 1/255); with ``dtype="float32"`` as float32 model inputs
-    (scale 1). ``levels`` (with ``dtype="uint8"``, for lossless coding): the stored counts must be at most
+    infinite values, or (``likelihood`` ``bernoulli``, ``gaussian_sigmoid`` or ``beta_binomial``) when a model
+    input ``x = value * scale`` lies outside [0, 1] (``scale``: default the batch's, else
+    :func:`default_scale`). With ``dtype="uint8"`` records are stored as uint8 (values must be whole numbers
+    in [0, 255]; scale 1/255); with ``dtype="float32"`` as float32 model inputs (scale 1). ``levels`` (with ``dtype="uint8"``, for lossless coding): the stored counts must be at most
     ``levels`` (1: binary records for a Bernoulli model).
     """
     recs = batch.records
@@ -42,7 +46,7 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
                                                       f"{tuple(recs.shape[1:])}), expected {d_want} {tuple(shape)}")
                           for k in batch.keys]
         recs = recs.reshape((n,) + tuple(shape))
-    sc = scale if scale is not None else (batch.scale if batch.scale is not None else default_scale(recs.dtype))
+    sc = scale if scale is not None else (batch.scale if batch.scale is not None else default_scale(recs))
     flat = recs.reshape(n, -1)
     ok = np.ones(n, bool)
     reasons: dict[int, str] = {}
@@ -51,7 +55,7 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
         for j in np.flatnonzero(~finite):
             reasons[j] = f"{batch.keys[j]}: record has NaN or infinite values"
         ok &= finite
-    if likelihood in ("bernoulli", "gaussian_sigmoid"):
+    if likelihood in BOUNDED_LIKELIHOODS:
         with np.errstate(invalid="ignore"):
             lo = flat.min(axis=1).astype(np.float64) * sc
             hi = flat.max(axis=1).astype(np.float64) * sc

@@ -1,10 +1,16 @@
 """``vaestream prepare``, ``vaestream encode``, ``vaestream decode``: the Beam jobs of ``pipelines/``.
 
 Each subcommand takes the job's flags (``python -m pipelines.JOB --help``) plus the common Beam options
-``--runner``, ``--direct_num_workers`` and ``--direct_running_mode``; any other pipeline option goes in
-``--beam-args "--project P --region R ..."``. With no ``--runner`` the job runs on the in-process
-FnApiRunner. At the end it prints a summary: records, dead-lettered, seconds, throughput, bytes in and out,
-compression ratio (``--json`` for one JSON line).
+``--runner``, ``--direct_num_workers`` and ``--direct_running_mode``, the Dask runner's
+``--dask_client_address``, ``--dask_local_workers`` and ``--dask_npartitions`` (any of them alone means
+``--runner DaskRunner``); any other pipeline option goes in ``--beam-args "--project P --region R ..."``.
+With no ``--runner`` the job runs on the in-process FnApiRunner. At the end it prints a summary: records
+in, written and dead-lettered, wall seconds, throughput, bytes of the input and output files, and for
+encode the compression of the raw records (``--json`` for one JSON line).
+
+Exit codes: 0 done; 1 a vaestream error before or while the job ran (bad input, model, flag values); 3 the
+job ran but wrote no record, or dead-lettered more than ``--max_dead_letter_fraction`` of the records read
+(its summary is printed; its outputs and ``dead_letter.jsonl`` stay).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 
 
 def _beam_args(a: argparse.Namespace) -> list[str]:
+    """The job's Beam pipeline options from the runner flags (a ``--dask_*`` flag alone means DaskRunner)."""
     out = []
     if a.runner:
         out.append(f"--runner={a.runner}")
@@ -25,18 +32,10 @@ def _beam_args(a: argparse.Namespace) -> list[str]:
         out.append(f"--direct_num_workers={a.direct_num_workers}")
     if a.direct_running_mode:
         out.append(f"--direct_running_mode={a.direct_running_mode}")
+    for flag in ("dask_client_address", "dask_local_workers", "dask_npartitions"):
+        if getattr(a, flag, None) is not None:
+            out.append(f"--{flag}={getattr(a, flag)}")
     return out + shlex.split(a.beam_args or "")
-
-
-def _add_beam_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Beam runner")
-    g.add_argument("--runner", default=None, help="DataflowRunner, FlinkRunner, SparkRunner, ... (default: in-process)")
-    g.add_argument("--direct_num_workers", "--direct-num-workers", type=int, default=None)
-    g.add_argument("--direct_running_mode", "--direct-running-mode", default=None,
-                   choices=["in_memory", "multi_threading", "multi_processing"])
-    g.add_argument("--beam-args", "--beam_args", default="", help="further pipeline options, one string")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
-    p.add_argument("--no-progress", action="store_true", help="no elapsed-time display while the job runs")
 
 
 def _human_bytes(n: float) -> str:
@@ -50,11 +49,13 @@ def _human_bytes(n: float) -> str:
 def format_summary(s: dict) -> str:
     """A human-readable table of a job summary."""
     rows = [("job", s["job"]), ("records in", s["records_in"]), ("records written", s["records"]),
-            ("dead-lettered", f"{s['dead_lettered']}  ({s['dead_letter']})"), ("seconds", s["seconds"]),
-            ("throughput", f"{s['records_per_second']:,.0f} records/s"), ("bytes in", _human_bytes(s["bytes_in"])),
-            ("bytes out", _human_bytes(s["bytes_out"]))]
+            ("dead-lettered", f"{s['dead_lettered']}  ({s['dead_letter']})"),
+            ("seconds", f"{s['seconds']:.1f} (wall)"), ("throughput", f"{s['records_per_second']:,.0f} records/s"),
+            ("bytes in", f"{_human_bytes(s['bytes_in'])} (input files)"),
+            ("bytes out", f"{_human_bytes(s['bytes_out'])} (output files)")]
     if s.get("compression_ratio"):
-        rows.append(("compression ratio", f"{s['compression_ratio']:.3f}"))
+        rows.append(("compression", f"{s['compression_ratio']:.1f}x ({_human_bytes(s['record_bytes'])} of raw "
+                                    "records / bytes out)"))
     for k in ("manifest", "content_hash", "model", "fingerprint", "output_format"):
         if k in s:
             rows.append((k.replace("_", " "), s[k]))
@@ -78,8 +79,15 @@ def _run(module, a: argparse.Namespace) -> int:
             print("\r", end="", file=sys.stderr, flush=True)
 
         threading.Thread(target=tick, daemon=True).start()
+    from vaestream.errors import JobFailedError
+
     try:
         summary = module.run_job(a, _beam_args(a))
+    except JobFailedError as e:  # the job ran: its summary, then the reason (exit code 3, from the caller)
+        stop.set()
+        if e.summary is not None:
+            print(json.dumps(e.summary) if a.json else format_summary(e.summary), flush=True)
+        raise
     finally:
         stop.set()
     print(json.dumps(summary) if a.json else format_summary(summary))
@@ -108,13 +116,16 @@ def cmd_decode(a: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
-    from vaestream.beam.jobs import decode, encode, prepare
+    """Add ``prepare``, ``encode`` and ``decode`` (their flags come from :mod:`vaestream.beam.jobs.options`:
+    neither Beam nor TensorFlow is imported to list them)."""
+    from vaestream.beam.jobs import options
 
-    for name, module, func, help_ in (
-            ("prepare", prepare, cmd_prepare, "Beam job: raw records -> shuffled TFRecord shards + manifest"),
-            ("encode", encode, cmd_encode, "Beam job: records -> latent codes (TFRecord or Parquet)"),
-            ("decode", decode, cmd_decode, "Beam job: latent codes -> reconstructions")):
+    for name, add_arguments, func, help_ in (
+            ("prepare", options.add_prepare_arguments, cmd_prepare,
+             "Beam job: raw records -> shuffled TFRecord shards + manifest"),
+            ("encode", options.add_encode_arguments, cmd_encode, "Beam job: records -> latent codes (TFRecord or Parquet)"),
+            ("decode", options.add_decode_arguments, cmd_decode, "Beam job: latent codes -> reconstructions")):
         p = sub.add_parser(name, help=help_, description=func.__doc__)
-        module.add_arguments(p)
-        _add_beam_args(p)
+        add_arguments(p)
+        options.add_runner_arguments(p)
         p.set_defaults(func=func)

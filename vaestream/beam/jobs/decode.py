@@ -17,7 +17,7 @@ import argparse
 import apache_beam as beam
 
 from vaestream import beam as vb
-from vaestream.beam.jobs import add_model_and_output_arguments
+from vaestream.beam.jobs import options
 from vaestream import shardset
 from vaestream.errors import ModelMismatchError
 
@@ -25,13 +25,7 @@ RECON = "recon"
 SUMMARY = "summary.json"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_output_arguments(parser, "code files (.tfrecord/.parquet), globs or directories", vb.CHUNK)
-    parser.add_argument("--output_dtype", "--output-dtype", default="float32", choices=["float32", "uint8"],
-                        help="reconstructions as float32 means, or round(255 x) as uint8")
-    parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
-                        help="as pipelines/encode.py: RunInference, or the next batch decoded on a thread")
-    parser.add_argument("--num_shards", "--num-shards", type=int, default=0)
+add_arguments = options.add_decode_arguments
 
 
 def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str | None,
@@ -86,21 +80,25 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
 
 @vb.dask_alternative("run_decode")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
+    """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
+    :class:`vaestream.errors.JobFailedError` (after writing it) when no record was written or more than
+    ``--max_dead_letter_fraction`` of the codes read were dead-lettered."""
     paths = vb.code_files(args.input)
     # loaded once: held here for the whole job, the workers of an in-process runner reuse it
     # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time
     model = vb.LoadedVAE.load(args.model, args.saved_model, reuse=True)
     fingerprint = check_fingerprint(paths, args.model, args.saved_model, model)
-    result, seconds, info = vb.build_and_run(pipeline_args, build, args, paths)
+    result, _, info = vb.build_and_run(pipeline_args, build, args, paths)
     out = info["output"]
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
-    summary = vb.finish_job("decode", result, seconds, out, f"{out}/{RECON}-*.{ext}",
-                            {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                             "output_format": args.output_format, "output_dtype": args.output_dtype},
-                            summary_file=SUMMARY)
-    del model
-    return summary
+    try:
+        return vb.finish_job("decode", result, vb.job_started(args), out, f"{out}/{RECON}-*.{ext}",
+                             {"model": args.model or args.saved_model, "fingerprint": fingerprint,
+                              "output_format": args.output_format, "output_dtype": args.output_dtype},
+                             summary_file=SUMMARY, inputs=paths,
+                             max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
+    finally:
+        del model
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -22,8 +22,7 @@ import sys
 import apache_beam as beam
 
 from vaestream import beam as vb
-from vaestream.beam.jobs import add_model_and_output_arguments
-from vaestream.coding.lossless import RECONSTRUCTIONS
+from vaestream.beam.jobs import options
 from vaestream import shardset
 from vaestream.errors import ConfigError
 
@@ -31,37 +30,7 @@ CODES = "codes"
 SUMMARY = "summary.json"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_and_output_arguments(parser, "record files, globs, directories, a shard set or 'fashion-mnist'",
-                                   vb.CHUNK)
-    parser.add_argument("--split", default="test", choices=["train", "test"],
-                        help="split of an MNIST-layout directory (default test)")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
-    parser.add_argument("--coder", nargs="?", const="lossy", default=None, choices=vb.CODERS,
-                        help="one row per batch of records (its keys and one container) instead of float codes. "
-                             "lossy (the default when the flag is given alone): the quantised latents, entropy-coded "
-                             "(vaestream.coding.codec; needs the model's coder tables); lossless: the records "
-                             "themselves, exactly, by bits-back coding (vaestream.coding.lossless; a model directory "
-                             "with a beta_binomial or bernoulli likelihood; records must be whole counts)")
-    parser.add_argument("--levels", type=int, default=None,
-                        help="with --coder lossless: near-lossless, each pixel rounded to the nearest of K = 2..64 "
-                             "levels first (every pixel within 255 / (2 (K - 1)); the decode job reads K from the stream)")
-    parser.add_argument("--reconstruction", default="level", choices=list(RECONSTRUCTIONS),
-                        help="with --levels: decode a pixel as its level, as E[count | level, z] under the model, or "
-                             "learned (the model directory's context model's reconstruction network)")
-    parser.add_argument("--rdo-lmbda", "--rdo_lmbda", type=float, default=None,
-                        help="with the lossy coder and --model: rate-distortion optimised codes, each record's chosen "
-                             "for bits + L * MSE by a search through the decoder (vaestream.coding.rdo; ordinary "
-                             "streams, ~20x slower encoding)")
-    parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
-                        help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
-                             "is encoded on a background thread while the last one is written (helps when the "
-                             "cores are shared with other work)")
-    parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
-    parser.add_argument("--num_shards", "--num-shards", type=int, default=0,
-                        help="output files (0: the runner's choice)")
-    parser.add_argument("--feature", default="x", help="record feature of generic TFRecord Examples / .npz array")
+add_arguments = options.add_encode_arguments
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
@@ -79,7 +48,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
                                                       overlap=args.inference == "overlap", **coder_options(args))
     vb.write_outputs(codes, read[vb.DEAD_LETTER], out, CODES, args.output_format,
                      vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes")
-    return {"output": out, "config": config}
+    return {"output": out, "config": config, "inputs": read_paths}
 
 
 def coder_options(args: argparse.Namespace) -> dict:
@@ -100,6 +69,16 @@ def check_coder(args: argparse.Namespace) -> None:
         raise ConfigError("--rdo-lmbda (rate-distortion optimised codes) needs --coder (lossy) and --model")
 
 
+def check_coder_model(args: argparse.Namespace):
+    """With ``--coder``, load the model with its coder before the job starts (a model without coder tables, or
+    with tables of another model, is refused here with its one-line error instead of failing in every
+    worker); returns the loaded model (held for the job: the in-process runner's workers reuse it), or None."""
+    if not args.coder:
+        return None
+    handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size, **coder_options(args))
+    return handler.load_model()
+
+
 def validation(config, args: argparse.Namespace) -> vb.Validate:
     """The records' check: shape and range for the model; with ``--coder lossless`` also whole counts, stored
     as uint8 (:func:`vaestream.beam.lossless_validate`)."""
@@ -109,13 +88,19 @@ def validation(config, args: argparse.Namespace) -> vb.Validate:
 
 @vb.dask_alternative("run_encode")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the encode job; returns (and writes to ``OUTPUT/summary.json``) its summary."""
-    result, seconds, info = vb.build_and_run(pipeline_args, build, args)
+    """Run the encode job; returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
+    :class:`vaestream.errors.JobFailedError` (after writing it) when no record was written or more than
+    ``--max_dead_letter_fraction`` of them were dead-lettered."""
+    check_coder(args)
+    held = check_coder_model(args)  # noqa: F841 (kept alive for the workers)
+    result, _, info = vb.build_and_run(pipeline_args, build, args)
     out = info["output"]
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
-    return vb.finish_job("encode", result, seconds, out, f"{out}/{CODES}-*.{ext}",
+    return vb.finish_job("encode", result, vb.job_started(args), out, f"{out}/{CODES}-*.{ext}",
                          {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
-                          "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY)
+                          "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY,
+                         inputs=info["inputs"], ratio=True,
+                         max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -20,30 +20,13 @@ from typing import Sequence
 import apache_beam as beam
 
 from vaestream import beam as vb
-from vaestream import shardset
+from vaestream.beam.jobs import options
+from vaestream import data, shardset
+from vaestream.beam.running import check_output
 from vaestream.shardset import Manifest
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", "--inputs", dest="input", required=True, nargs="+",
-                        help="files, globs, directories (MNIST layout, PNG folder) or 'fashion-mnist'")
-    parser.add_argument("--output", required=True, help="output directory (shards, manifest.json, dead_letter.jsonl)")
-    parser.add_argument("--split", default="train", choices=["train", "test"],
-                        help="split of an MNIST-layout directory (default train)")
-    parser.add_argument("--num_shards", "--num-shards", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the shuffle")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "uint8", "float32"],
-                        help="stored dtype (auto: uint8 if the first input holds integers, else float32)")
-    parser.add_argument("--shape", type=int, nargs="+", default=None,
-                        help="record shape (default: the first input's)")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="model input = value * scale (default: 1/255 for integers, 1 for floats)")
-    parser.add_argument("--likelihood", default="bernoulli",
-                        choices=["bernoulli", "gaussian_sigmoid", "gaussian", "none"],
-                        help="refuse records outside this decoder's support (bernoulli: inputs in [0, 1])")
-    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=vb.CHUNK)
-    parser.add_argument("--split_records", "--split-records", type=int, default=vb.SPLIT)
-    parser.add_argument("--feature", default="x", help="record feature of generic TFRecord Examples / .npz array")
+add_arguments = options.add_prepare_arguments
 
 
 def settle(args: argparse.Namespace) -> tuple[list[str], tuple[int, ...], str, float, str | None, str]:
@@ -51,10 +34,13 @@ def settle(args: argparse.Namespace) -> tuple[list[str], tuple[int, ...], str, f
     checked, output directory); an earlier run's files in the output directory are removed (a rerun
     replaces them)."""
     paths = vb.expand_inputs(args.input, args.split)
-    shape, dtype0 = vb.probe(paths[0], args.feature)
+    shape, first = vb.probe(paths[0], args.feature, records=True)
     shape = tuple(args.shape) if args.shape else shape
-    dtype = args.dtype if args.dtype != "auto" else ("uint8" if dtype0.kind in "iub" else "float32")
-    scale = 1.0 / 255.0 if dtype == "uint8" else 1.0
+    if args.dtype != "auto":
+        dtype = args.dtype
+    else:  # 8-bit counts (uint8, an integer CSV) are stored as uint8; anything else as float32 model inputs
+        dtype = "uint8" if first.dtype.kind in "ub" or (args.scale is None and data.is_counts(first)) else "float32"
+    scale = data.COUNT_SCALE if dtype == "uint8" else 1.0
     likelihood = None if args.likelihood in ("none", "gaussian") else args.likelihood
     out = args.output.rstrip("/")
     vb.clear_outputs(f"{out}/{shardset.SHARD_PREFIX}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{shardset.MANIFEST}",
@@ -72,23 +58,32 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     dead | "WriteDeadLetters" >> vb.WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")
     read[vb.RECORDS] | "WriteShards" >> vb.WriteShards(out, shape, dtype, scale, args.num_shards, args.seed, paths,
                                                        dead_letters=dead)
-    return {"output": out, "shape": list(shape), "dtype": dtype}
+    return {"output": out, "shape": list(shape), "dtype": dtype, "inputs": paths}
 
 
 @vb.dask_alternative("run_prepare")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the prepare job; returns its summary (see :func:`vaestream.beam.job_summary`)."""
-    result, seconds, info = vb.build_and_run(pipeline_args, build, args)
+    """Run the prepare job; returns its summary (see :func:`vaestream.beam.job_summary`). Raises
+    :class:`vaestream.errors.JobFailedError` (after writing the shards and the manifest) when no record was
+    written or more than ``--max_dead_letter_fraction`` of them were dead-lettered."""
+    result, _, info = vb.build_and_run(pipeline_args, build, args)
     out = info["output"]
+    return finish_prepare(result, args, out, info["inputs"])
+
+
+def finish_prepare(result, args: argparse.Namespace, out: str, inputs: Sequence[str],
+                   counts: dict | None = None) -> dict:
+    """The prepare job's summary (every runner): the manifest checked against the counters, then the output
+    contract (:func:`vaestream.beam.running.check_output`)."""
     manifest = shardset.read_manifest(out)
-    summary = vb.job_summary("prepare", result, seconds, f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}",
-                             f"{out}/{shardset.DEAD_LETTER}",
+    summary = vb.job_summary("prepare", result, vb.job_started(args),
+                             f"{out}/{shardset.SHARD_PREFIX}-*{shardset.SHARD_SUFFIX}", f"{out}/{shardset.DEAD_LETTER}",
                              {"manifest": manifest.path, "content_hash": manifest.content_hash,
-                              "shape": list(manifest.shape), "dtype": manifest.dtype})
+                              "shape": list(manifest.shape), "dtype": manifest.dtype}, counts=counts, inputs=inputs)
     if manifest.records != summary["records"] or manifest.dead_lettered != summary["dead_lettered"]:
         raise vb.DataError(f"{manifest.path}: says {manifest.records} records / {manifest.dead_lettered} "
                            f"dead-lettered, the job counted {summary['records']} / {summary['dead_lettered']}")
-    return summary
+    return check_output(summary, getattr(args, "max_dead_letter_fraction", 1.0))
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--watch", "--input", dest="watch", nargs="+", help="glob(s) of record files to watch")
     src.add_argument("--pubsub_topic", "--pubsub-topic", default=None, help="Pub/Sub topic of file paths")
-    src.add_argument("--pubsub_subscription", "--pubsub-subscription", default=None)
+    src.add_argument("--pubsub_subscription", "--pubsub-subscription", default=None,
+                     help="Pub/Sub subscription of file paths")
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("--model", "--model_dir", dest="model", help="model directory (config.json + ckpt/)")
     g.add_argument("--saved_model", "--saved-model", dest="saved_model",
@@ -33,14 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=float, default=10.0, help="window length, seconds of event time")
     parser.add_argument("--allowed_lateness", "--allowed-lateness", type=float, default=0.0,
                         help="seconds after a window's end that late input is still encoded (later: dead letter)")
-    parser.add_argument("--poll_interval", "--poll-interval", type=float, default=1.0)
+    parser.add_argument("--poll_interval", "--poll-interval", type=float, default=1.0,
+                        help="seconds between looks for new files (default 1)")
     parser.add_argument("--max_latency", "--max-latency", type=float, default=None, metavar="SECONDS",
                         help="size windows and polls so that a file's codes are on disk within SECONDS of its "
                              "arrival: window = min(--window, SECONDS/2), poll = min(--poll_interval, SECONDS/10)")
     parser.add_argument("--stop_after", "--stop-after", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--idle_timeout", "--idle-timeout", type=float, default=None,
                         help="stop when no new file appeared for S seconds")
-    parser.add_argument("--max_files", "--max-files", type=int, default=None)
+    parser.add_argument("--max_files", "--max-files", type=int, default=None, help="stop after N files")
     parser.add_argument("--coder", choices=["auto", "yes", "no"], default="auto",
                         help="write .vaez containers (auto: when the model has coder tables)")
     parser.add_argument("--quality", type=float, default=None, help="coder quality")
