@@ -70,6 +70,34 @@ def test_trainer_update_takes_one_step(mnist_test):
     assert int(trainer.step.numpy()) == 1 and model.fingerprint() != before
 
 
+def test_trainer_update_checks_dtype_and_range_before_a_step(mnist_test):
+    """Raw uint8 pixels into a Bernoulli model's Trainer.update: a DataError saying to scale them (once: ELBO
+    +179,133 and a gradient step on it); so are values outside [0, 1] and NaN; no step is taken on any."""
+    from vaestream.data import model_inputs
+    from vaestream.errors import DataError
+
+    model = VAE(ModelConfig(latent_dim=3, hidden=(32,)))
+    trainer = Trainer(model, TrainConfig(), n_train=1000)
+    raw = mnist_test[:100].reshape(100, -1)
+    before = model.fingerprint()
+    with pytest.raises(DataError, match=r"Trainer.update: got uint8 records.*model_inputs"):
+        trainer.update(raw)
+    x = model_inputs(raw)
+    bad = x.copy()
+    bad[17, 3] = 2.0
+    with pytest.raises(DataError, match=r"Trainer.update: record 17 has values in \[0, 2\], outside the support "
+                                        r"\[0, 1\] of the bernoulli decoder"):
+        trainer.update(bad)
+    bad[17, 3] = np.nan
+    with pytest.raises(DataError, match="record 17 has NaN"):
+        trainer.update(bad)
+    assert int(trainer.step.numpy()) == 0 and model.fingerprint() == before
+    elbo = trainer.update(x)  # the scaled records: a step, and a Bernoulli ELBO (a log-likelihood bound: < 0)
+    assert int(trainer.step.numpy()) == 1 and elbo < 0
+    gauss = VAE(ModelConfig(latent_dim=3, hidden=(32,), likelihood="gaussian"))
+    Trainer(gauss, TrainConfig(), n_train=1000).update(bad[:10] * 0 + 3.5)  # an unconstrained decoder takes any real
+
+
 def test_a_model_dir_refuses_another_architecture(small_model, mnist_train):
     ds = make_dataset(mnist_train[:1000], "bernoulli", "m")
     with pytest.raises(ModelError, match="holds a model with config"):

@@ -25,8 +25,8 @@ import tensorflow as tf
 
 from vaestream import store
 from vaestream.config import ModelConfig
-from vaestream.data import Dataset
-from vaestream.errors import ConfigError, ModelError
+from vaestream.data import BOUNDED_LIKELIHOODS, Dataset
+from vaestream.errors import ConfigError, DataError, ModelError
 from vaestream.model import VAE
 from vaestream.objective import ESTIMATORS, RD_LIKELIHOODS, bits_per_dim, elbo, rd_loss
 
@@ -202,12 +202,45 @@ class Trainer(tf.Module):
         return float(self._run(tf.convert_to_tensor(chunk), tf.constant(scale, tf.float32), tf.constant(k, tf.int32)))
 
     def update(self, x) -> float:
-        """One AEVB step on ``x`` ``[M, D]`` (float32 model inputs); returns that minibatch's ELBO."""
-        x = np.asarray(x, np.float32)
+        """One AEVB step on ``x`` ``[M, D]``, float model inputs; returns that minibatch's ELBO.
+
+        The inputs are checked before the step: integer records (stored values such as uint8 pixels) raise
+        :class:`DataError` telling to scale them (``vaestream.data.model_inputs(x)`` applies the input-scaling
+        rule: 8-bit counts x 1/255), as do NaN or infinite values and, for a decoder on [0, 1] (bernoulli,
+        gaussian_sigmoid, beta_binomial), values outside [0, 1]. No step is taken on a refused batch.
+        """
+        x = check_inputs(x, self.model.config.likelihood, "Trainer.update")
         return self.run_steps(x.reshape((1,) + x.shape), 1.0)
 
     def checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, step=self.step)
+
+
+def check_inputs(x, likelihood: str, name: str = "inputs") -> np.ndarray:
+    """``x`` as float32 model inputs ``[M, D]`` for a decoder of ``likelihood``, or :class:`DataError`: integer
+    arrays are stored records to scale first (:func:`vaestream.data.model_inputs`), and every value must be
+    finite and, for a decoder on [0, 1], inside it (the first bad record is named)."""
+    a = np.asarray(x)
+    if a.dtype == np.bool_:
+        a = a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{name}: got {a.dtype} records, but it takes float model inputs; scale stored values "
+                        "first: vaestream.data.model_inputs(records) maps 8-bit counts to [0, 1] (x 1/255)")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise DataError(f"{name}: values of dtype {a.dtype} are not numbers")
+    if a.ndim < 2 or len(a) == 0:
+        raise DataError(f"{name}: expected a batch of model inputs [M, D], got shape {a.shape}")
+    a = a.astype(np.float32, copy=False).reshape(len(a), -1)
+    finite = np.isfinite(a).all(axis=1)
+    if not finite.all():
+        raise DataError(f"{name}: record {int(np.argmin(finite))} has NaN or infinite values")
+    if likelihood in BOUNDED_LIKELIHOODS:
+        inside = ((a >= 0.0) & (a <= 1.0)).all(axis=1)
+        if not inside.all():
+            i = int(np.argmin(inside))
+            raise DataError(f"{name}: record {i} has values in [{a[i].min():g}, {a[i].max():g}], outside the support "
+                            f"[0, 1] of the {likelihood} decoder (scale the data to [0, 1] first)")
+    return a
 
 
 def _elbo_sums(model, x, seed):
