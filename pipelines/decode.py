@@ -6,6 +6,14 @@ command-line shell: ``python -m pipelines.decode --help``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the command: quiet start-up (no TensorFlow / absl / Beam log lines) unless --verbose
+    import sys
+
+    from vaestream.cli.console import quiet
+
+    quiet("--verbose" in sys.argv)
+    sys.argv = [a for a in sys.argv if a != "--verbose"]
+
 from vaestream.beam.jobs import decode as _job
 from vaestream.beam.jobs.decode import (
     RECON, SUMMARY, add_arguments, check_fingerprint, build, run_job, run)

@@ -6,6 +6,14 @@ command-line shell: ``python -m pipelines.prepare --help``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the command: quiet start-up (no TensorFlow / absl / Beam log lines) unless --verbose
+    import sys
+
+    from vaestream.cli.console import quiet
+
+    quiet("--verbose" in sys.argv)
+    sys.argv = [a for a in sys.argv if a != "--verbose"]
+
 from vaestream.beam.jobs import prepare as _job
 from vaestream.beam.jobs.prepare import (
     add_arguments, settle, build, run_job, run, prepare)

@@ -96,6 +96,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     _check_model_or_family(a)
     records = data.read_array(a.input, key=a.key)
+    if getattr(a, "scale", None) is not None:  # --scale S: model inputs = values x S (float records)
+        records = data.model_inputs(records, a.scale).reshape(records.shape)
     if a.family is not None:
         if a.psnr is None and a.bpp is None:
             raise ConfigError("--family needs a target: --psnr DB or --bpp BITS")
@@ -452,6 +454,9 @@ def add_subcommands(sub) -> None:
                         "context model for K (vaestream train-context)")
     p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
     p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
+    from vaestream.beam.jobs.options import add_scale_argument
+
+    add_scale_argument(p)
     p.set_defaults(func=cmd_compress)
 
     from vaestream.coding import bb_context

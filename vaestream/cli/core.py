@@ -17,13 +17,15 @@ def _has_test_split(spec: str) -> bool:
     return spec == "fashion-mnist" or (d.is_dir() and any(d.glob("t10k-images*")))
 
 
-def load_dataset(spec: str, split: str, likelihood: str, binarize: str, key: str | None = None):
-    """Read and validate a data-set spec (see :func:`vaestream.data.resolve`) as a ``Dataset``."""
+def load_dataset(spec: str, split: str, likelihood: str, binarize: str, key: str | None = None,
+                 scale: float | None = None):
+    """Read and validate a data-set spec (see :func:`vaestream.data.resolve`) as a ``Dataset``; ``scale``: model
+    input = value x scale (default: :func:`vaestream.data.input_scale`'s rule)."""
     from vaestream import data
 
     path = data.resolve(spec, split)
     records = data.read_array(path, key=key)
-    return data.make_dataset(records, likelihood, str(path), binarize=binarize)
+    return data.make_dataset(records, likelihood, str(path), binarize=binarize, scale=scale)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -139,7 +141,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from vaestream.shards import is_shard_spec, train_from_shards
 
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
-    test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key) if test_spec else None
+    test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key, a.scale) if test_spec else None
     cfg = model_config(a)
     if a.distributed:
         if not is_shard_spec(a.data):
@@ -154,7 +156,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if is_shard_spec(a.data):  # minibatches streamed from the prepare job's shards through tf.data
         res = train_from_shards(a.data, a.out, cfg, tc, test_data=test_ds, progress=show_progress(a))
     else:
-        train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key)
+        train_ds = load_dataset(a.data, "train", a.likelihood, tc.binarize, a.key, a.scale)
         res = train(train_ds, a.out, cfg, tc, test_data=test_ds, progress=show_progress(a))
     last = res.history[-1] if res.history else {}
     # a rerun on a directory that already holds all its steps trains nothing: no rate to report
@@ -184,7 +186,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     tc = json.loads((Path(a.model) / "train_config.json").read_text()) if (Path(a.model) / "train_config.json"
                                                                             ).exists() else {}
     binarize = a.binarize or tc.get("binarize", "none")
-    ds = load_dataset(a.data, a.split, model.config.likelihood, binarize, a.key)
+    ds = load_dataset(a.data, a.split, model.config.likelihood, binarize, a.key, a.scale)
     result = evaluate(model, ds, k=a.k, max_records=a.n, batch_size=a.batch_size, progress=show_progress(a))
     result["model"] = str(a.model)
     result["fingerprint"] = model.fingerprint()[:16]
@@ -254,12 +256,15 @@ def _demo_compress(a: argparse.Namespace, out: Path) -> int:
 
 
 def add_subcommands(sub) -> None:
+    from vaestream.beam.jobs.options import add_scale_argument  # --scale S: the input-scaling rule's override
+
     p = sub.add_parser("train", help="train a VAE with AEVB", description=cmd_train.__doc__)
     p.add_argument("--data", required=True,
                    help="'fashion-mnist', an MNIST-layout directory, a file (IDX, .mat, .npy, .npz, .csv), or a "
                         "shard set of `vaestream prepare` (its directory or manifest.json)")
     p.add_argument("--test-data", default=None, help="test set (default: the test split of an MNIST-layout --data)")
     p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
+    add_scale_argument(p)
     p.add_argument("--out", required=True, help="model directory (resumes if it holds a checkpoint)")
     p.add_argument("--json", action="store_true", help="one-line JSON summary")
     p.add_argument("--follow", nargs="+", default=None, metavar="PATTERN",
@@ -284,6 +289,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--split", choices=["train", "test"], default="test",
                    help="the split of a data set with two (default test)")
     p.add_argument("--key", default=None, help="array name in .npz / variable in .mat")
+    add_scale_argument(p)
     p.add_argument("--k", type=int, default=0,
                    help="importance samples for log p(x) (0: ELBO only; 5000 as the paper: minutes, with progress)")
     p.add_argument("--n", type=int, default=None, help="evaluate the first N records only")

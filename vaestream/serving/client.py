@@ -351,20 +351,19 @@ class GrpcClient(_ModelApi):
 
 def load_inputs(path: str | Path, key: str | None = None) -> np.ndarray:
     """Records from a data file (IDX, .npy/.npz, CSV, ... see :func:`vaestream.data.read_array`) as float32
-    model inputs ``[N, D]``: uint8 records are scaled by 1/255, others taken as they are."""
-    from vaestream.data import read_array
+    model inputs ``[N, D]`` by the input-scaling rule of every entry point (:func:`vaestream.data.input_scale`:
+    8-bit counts, e.g. uint8 or an integer CSV, x 1/255; floats as they are)."""
+    from vaestream.data import model_inputs, read_array
 
     a = read_array(path, key=key)
     if a.ndim < 1 or len(a) == 0:
         raise DataError(f"{path}: no records")
     a = a.reshape(len(a), -1)
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) * np.float32(1.0 / 255.0)
     if a.dtype.kind not in "biuf":
         raise DataError(f"{path}: records of dtype {a.dtype} are not numbers")
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise DataError(f"{path}: records hold NaN or infinite values")
-    return a.astype(np.float32)
+    return model_inputs(a)
 
 
 def run_client(url: str, model: str, action: str, input_path: str | None = None, output: str | None = None,
