@@ -6,6 +6,7 @@ refused with the feature the Dask runner gets wrong, and a failing cluster job l
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +94,22 @@ def test_prepare_encode_decode_on_dask_equal_fnapi(cluster, tmp_path, small_mode
 
     # encode: every poisoned format, plus the shards the Dask prepare wrote
     enc_in = [*inputs, str(tmp_path / "prep-dask")]
-    es = {}
+    es, walls = {}, {}
     for name, extra in (("fn", []), ("dask", _dask(cluster))):
+        t0 = time.perf_counter()
         es[name] = encode.run(["--input", *enc_in, "--model", model, "--output", str(tmp_path / f"enc-{name}"),
                                "--chunk_size", "64", *extra])
+        walls[name] = time.perf_counter() - t0
     _same_summary(es["fn"], es["dask"])
+    for name in es:  # the job's wall seconds, not a part of it
+        assert 0.9 * walls[name] - 0.1 <= es[name]["seconds"] <= walls[name], (name, es[name]["seconds"], walls)
     rows = _code_rows(tmp_path / "enc-dask")
-    assert rows == _code_rows(tmp_path / "enc-fn") and len(rows) == es["dask"]["records"] == 452 + 357
+    import zlib
+
+    gz = (d / "cutgz-images-idx3-ubyte.gz").read_bytes()  # cut in the middle: its whole records are encoded
+    gz_whole = (len(zlib.decompressobj(31).decompress(gz)) - 16) // 784
+    assert 0 < gz_whole < 100
+    assert rows == _code_rows(tmp_path / "enc-fn") and len(rows) == es["dask"]["records"] == 452 + 357 + gz_whole
     dead = _dead_rows(tmp_path / "enc-dask")
     assert dead == _dead_rows(tmp_path / "enc-fn") and len(dead) == es["dask"]["dead_lettered"] == len(bad) + 1
     assert {k for k, *_ in rows} >= good
@@ -176,3 +186,23 @@ def test_near_lossless_encode_on_dask_codes_the_level_images_it_was_asked_for(cl
     assert sorted(back) == [f"counts.npy:{i:09d}" for i in range(150)]
     for i in range(150):
         assert np.array_equal(back[f"counts.npy:{i:09d}"].reshape(x[i].shape), want[i])
+
+
+def test_cli_encode_with_dask_local_workers(tmp_path, small_model, mnist_test, capsys):
+    """``vaestream encode --dask_local_workers 1`` (a Dask flag alone means DaskRunner): the job runs on a local
+    cluster; its summary's seconds are the job's wall time and the dead-letter file it names exists (empty)."""
+    from vaestream.cli import main
+
+    np.save(tmp_path / "x.npy", mnist_test[:100])
+    out = tmp_path / "enc"
+    t0 = time.perf_counter()
+    rc = main(["encode", "--input", str(tmp_path / "x.npy"), "--model", str(small_model.model_dir), "--output",
+               str(out), "--dask_local_workers", "1", "--json"])
+    wall = time.perf_counter() - t0
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (s["records_in"], s["records"], s["dead_lettered"]) == (100, 100, 0)
+    assert len(_code_rows(out)) == 100 and not list(out.glob("_vaestream_staging-*"))
+    assert 0.8 * wall - 0.5 <= s["seconds"] <= wall  # the local cluster's start is part of the job
+    assert Path(s["dead_letter"]).read_text() == ""
+    assert beam_dask.wants_dask(["--dask_local_workers=1"]) and not beam_dask.wants_dask(["--runner", "DirectRunner"])
