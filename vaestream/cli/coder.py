@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vaestream.cli.console import show_progress
+
 
 def _codec(a: argparse.Namespace, quality: float | None = None):
     from vaestream import data
@@ -311,17 +313,19 @@ def _grid_png(x: np.ndarray, shape, path: str, max_images: int = 400) -> None:
     Image.fromarray((np.clip(grid, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
 
 
-def rate_distortion(codec, x: np.ndarray, qualities=None) -> list[dict]:
+def rate_distortion(codec, x: np.ndarray, qualities=None, progress: bool = False) -> list[dict]:
     """For each quality: bits/record of the container, ideal bits, KL bits, MSE and PSNR (data in [0, 1]).
 
-    ``x`` is ``[N, D]`` float32 model inputs in [0, 1].
+    ``x`` is ``[N, D]`` float32 model inputs in [0, 1]; ``progress``: a bar over the qualities on stderr.
     """
     kl = float(np.mean(codec.kl_bits(x)))
     mean, _ = codec.posterior(x)
     rows = []
+    from tqdm.auto import tqdm
+
     from vaestream.coding.coder import quantize
 
-    for q in (qualities or codec.qualities):
+    for q in tqdm(qualities or codec.qualities, desc="rd", unit="quality", disable=not progress, dynamic_ncols=True):
         blob = codec.compress(x, quality=q)
         codes = quantize(mean, codec.tables, q)
         x_hat = codec.decode(codes, q)
@@ -366,7 +370,7 @@ def cmd_rd(a: argparse.Namespace) -> int:
     c = _codec(a)
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     x, _ = c.model_inputs(records, str(a.data))
-    rows = rate_distortion(c, x, a.qualities)
+    rows = rate_distortion(c, x, a.qualities, progress=show_progress(a))
     if a.plot:
         import matplotlib
 

@@ -8,8 +8,9 @@ later lines, e.g. ``E0000 ... failed call to cuInit``) and installs an import ho
 is first imported, sends file descriptor 2 to a temporary file and afterwards writes back every line that is
 not an absl log line (a Python warning or error raised during the import still shows). Beam's import-time
 warnings (``apitools not found ...``, ``Resource module is not available ...``, logged through the root
-logger) are dropped by a logging filter, and the ``apache_beam`` loggers show errors only. ``--verbose``
-leaves all of it alone.
+logger) are dropped by a logging filter, and the ``apache_beam`` loggers show errors only. The processes of
+a local Dask cluster inherit the settings through the environment (Dask's ``distributed`` loggers at errors
+only, this module preloaded in each worker). ``--verbose`` leaves all of it alone.
 """
 
 from __future__ import annotations
@@ -106,12 +107,21 @@ def quiet(verbose: bool = False) -> None:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # a local Dask cluster's processes inherit these: its own INFO lines off, and this module preloaded in
+    # every worker (dask_setup below), so that the worker's first TensorFlow import is quiet too
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PRELOAD", repr([__name__]))
     if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietFinder())
     root = logging.getLogger()
     if not any(isinstance(f, _DropBeamNoise) for f in root.filters):
         root.addFilter(_DropBeamNoise())
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
+
+
+def dask_setup(worker=None) -> None:
+    """Dask's preload hook (``distributed.worker.preload``): a worker process of a quiet command is quiet."""
+    quiet(verbose=False)
 
 
 def show_progress(args) -> bool:
