@@ -83,6 +83,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
+from vaestream.beam.broker_source import (BrokerCommit, BrokerWatcher, EncodeMessagesFn, MessageIds,
+                                          ReadFromBroker, dead_letter_lines)
 from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
                                            pubsub_paths)
 from vaestream.beam.scoring import Scored, ScoringModelHandler  # noqa: F401 (the streaming API)
@@ -112,8 +114,10 @@ class _LateGate(beam.DoFn):
     ARMED = userstate.ReadModifyWriteStateSpec("armed", coders.BooleanCoder())
     TICK = userstate.TimerSpec("tick", TimeDomain.WATERMARK)
 
-    def __init__(self, out_dir: str, window_seconds: float, allowed_lateness: float, step: float, horizon: float):
+    def __init__(self, out_dir: str, window_seconds: float, allowed_lateness: float, step: float, horizon: float,
+                 broker: BrokerCommit | None = None):
         self.out_dir = out_dir
+        self.broker = broker
         self.w = Duration.of(window_seconds).micros
         self.lateness = Duration.of(allowed_lateness).micros
         self.step = max(1, Duration.of(step).micros)
@@ -125,6 +129,9 @@ class _LateGate(beam.DoFn):
                 last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
                 tick=beam.DoFn.TimerParam(TICK)):
         path = kv[1]
+        msg = None
+        if not isinstance(path, str):       # a broker message
+            msg, path = path, path.ref
         t = ts.micros
         wm = known.read()
         last.write(max(last.read() or t, t))
@@ -135,14 +142,18 @@ class _LateGate(beam.DoFn):
         deadline = start + self.w + self.lateness
         if wm is not None and wm > deadline:
             self.late.inc()
+            what = "file" if msg is None else "message"
             reason = (f"{path}: late: event time {_iso(t)} belongs to window [{_iso(start)}, {_iso(start + self.w)}), "
-                      f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the file arrived; the "
+                      f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the {what} arrived; the "
                       f"watermark was at least {_iso(wm)}")
-            _write_dead(self.out_dir, f"late-{_stamp(wm)}-{zlib.crc32(path.encode()):08x}",
-                        [vb.DeadLetter(path, path, reason)])
+            letter = vb.DeadLetter(path, path, reason)
+            if msg is not None:
+                self.broker.dead_letters(f"late-{_stamp(wm)}-{msg.id}", [letter], [msg.id])
+            else:
+                _write_dead(self.out_dir, f"late-{_stamp(wm)}-{zlib.crc32(path.encode()):08x}", [letter])
             self.dead.inc()
             return
-        yield path
+        yield kv[1]
 
     @userstate.on_timer(TICK)
     def on_tick(self, fired=beam.DoFn.TimestampParam, known=beam.DoFn.StateParam(KNOWN),
@@ -222,28 +233,38 @@ class _EncodeFilesFn(beam.DoFn):
 # ---------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------
-def _write_tfrecord_atomic(path: str, records: list[bytes]) -> int:
+def _write_tfrecord_atomic(path: str, records: list[bytes], staged: str | None = None) -> int:
     """Write serialized records as a TFRecord file (TF's writer: length + masked CRC32C framing) under a
-    temporary name, then rename it into place; returns the file's size."""
+    temporary name, then rename it into place; returns the file's size. ``staged``: write that file (synced)
+    and leave it for a commit to rename."""
     import tensorflow as tf
 
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = staged or f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with tf.io.TFRecordWriter(tmp) as w:
         for r in records:
             w.write(r)
     size = tf.io.gfile.stat(tmp).length
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    if staged:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        tf.io.gfile.rename(tmp, path, overwrite=True)
     return int(size)
 
 
-def _write_dead(out_dir: str, name: str, dead: list) -> None:
+def _write_dead(out_dir: str, name: str, dead: list, stage=None) -> str:
     """``OUTPUT/dead_letter/dead_letter-NAME.jsonl``: the dead letters, one JSON object per line, sorted by
-    (source, key); written under a temporary name and renamed."""
+    (source, key); written under a temporary name and renamed (``stage``: written by ``stage(path, data)``, to
+    be committed later). Returns the path."""
     import tensorflow as tf
 
     tf.io.gfile.makedirs(f"{out_dir}/{DEAD_DIR}")
-    lines = "".join(d.to_json() + "\n" for d in sorted(dead, key=lambda d: (d.source, d.key)))
-    write_atomic(f"{out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl", lines.encode())
+    path = f"{out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl"
+    (stage or write_atomic)(path, dead_letter_lines(dead))
+    return path
 
 
 def _pane_name(win, pane) -> tuple[str, str]:
@@ -256,8 +277,9 @@ class _WriteWindowFn(beam.DoFn):
     """(key, [Scored and DeadLetter]) of one window pane -> its codes files + summary, and its dead letters
     (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, broker: BrokerCommit | None = None):
         self.out_dir = out_dir
+        self.broker = broker
         self.records = Metrics.counter(_NS, "records")
         self.bytes_out = Metrics.counter(_NS, "bytes_out")
         self.panes = Metrics.counter(_NS, "panes_written")
@@ -274,18 +296,42 @@ class _WriteWindowFn(beam.DoFn):
 
         items: list[Scored] = []
         dead: list = []
+        ids: list[str] = []
         for v in kv[1]:
-            (dead if isinstance(v, vb.DeadLetter) else items).append(v)
+            if isinstance(v, MessageIds):
+                ids.extend(v)
+            else:
+                (dead if isinstance(v, vb.DeadLetter) else items).append(v)
         name, timing = _pane_name(win, pane)
+        stage, staged = None, []
+        if self.broker is not None:
+            # broker panes: staged, committed with their message IDs (the ledger), then acknowledged; the name
+            # carries the first ID, so a pane written after a restart never replaces one written before
+            from vaestream.broker.wire import id_key
+
+            ids.sort(key=id_key)
+            name = f"{name}-{ids[0] if ids else 'none'}"
+            ledger = self.broker.ledger
+
+            def stage(path, data):
+                ledger.write_staged(path, data)
+                staged.append(path)
+
         if dead:
-            _write_dead(self.out_dir, name, dead)
+            _write_dead(self.out_dir, name, dead, stage)
             self.dead.inc(len(dead))
         items.sort(key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
         if not items:
+            if self.broker is not None:
+                self._commit(name, staged, ids, 0)
             return
         base = f"{self.out_dir}/{CODES_DIR}/codes-{name}"
         examples = [e for s in items for e in vb.code_examples(s.codes)]
-        written = _write_tfrecord_atomic(base + ".tfrecord", examples)
+        if stage is None:
+            written = _write_tfrecord_atomic(base + ".tfrecord", examples)
+        else:
+            written = _write_tfrecord_atomic(base + ".tfrecord", examples, self.broker.ledger.staged(base + ".tfrecord"))
+            staged.append(base + ".tfrecord")
         n = sum(len(s.codes) for s in items)
         coded_bits = None
         fps = sorted({s.codes.fingerprint for s in items})
@@ -300,7 +346,7 @@ class _WriteWindowFn(beam.DoFn):
                         header.check_compatible(r.header, base)
                     frames.extend(list(r))
             packed = container.pack(header, frames)
-            write_atomic(base + ".vaez", packed)
+            (stage or write_atomic)(base + ".vaez", packed)
             written += len(packed)
             coded_bits = 8.0 * len(packed)
         elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)   # of the scored records
@@ -314,13 +360,23 @@ class _WriteWindowFn(beam.DoFn):
                                                                              ([".tfrecord", ".vaez"] if coded_bits
                                                                               else [".tfrecord"])],
                    "written_at": time.time()}
-        write_atomic(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
+        if ids:
+            summary["messages"] = ids
+        (stage or write_atomic)(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
+        if self.broker is not None:
+            self._commit(name, staged, ids, n)
         self.records.inc(n)
         self.bytes_out.inc(written)
         self.panes.inc()
         if timing == "late":
             self.late_records.inc(n)
         yield summary
+
+    def _commit(self, name: str, staged: list[str], ids: list[str], records: int) -> None:
+        from vaestream.broker import fault
+
+        fault("before_rename")
+        self.broker.commit(f"pane-{name}", staged, ids, records=records)
 
 
 class _DriftFn(beam.DoFn):
@@ -431,9 +487,10 @@ class StreamEncode(beam.PTransform):
 
     def __init__(self, output: str, model_dir: str | None = None, saved_model: str | None = None,
                  config: StreamConfig | None = None, drift: DriftConfig | None = None, coder: bool | None = None,
-                 quality: float | None = None):
+                 quality: float | None = None, broker: BrokerCommit | None = None):
         super().__init__()
         self.output = output.rstrip("/")
+        self.broker = broker
         self.cfg = config or StreamConfig()
         self.drift = drift or DriftConfig()
         self.model_config = vb.read_model_config(model_dir, saved_model)
@@ -445,20 +502,22 @@ class StreamEncode(beam.PTransform):
         step = c.gate_step if c.gate_step is not None else c.window
         slack = c.gate_slack if c.gate_slack is not None else step
         horizon = c.gate_horizon if c.gate_horizon is not None else 2 * c.window + c.allowed_lateness
-        gated = (paths
-                 | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
-                 | "LateGate" >> beam.ParDo(_LateGate(self.output, c.window, c.allowed_lateness, step, horizon)))
+        keyed = (paths | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
+                 if self.broker is None else paths | "KeyMessages" >> beam.Map(lambda m: ("paths", m)))
+        gated = keyed | "LateGate" >> beam.ParDo(_LateGate(self.output, c.window, c.allowed_lateness, step, horizon,
+                                                           self.broker))
         windowed = gated | "Window" >> beam.WindowInto(
             window.FixedWindows(c.window), trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
             allowed_lateness=Duration.of(c.allowed_lateness + slack),
             accumulation_mode=trigger.AccumulationMode.DISCARDING)
         cfg = self.model_config
         # a pane's codes and its dead letters (read or validation) are grouped and written together
+        encode = (_EncodeFilesFn(self.handler, c.chunk_size, cfg.input_shape, cfg.likelihood) if self.broker is None
+                  else EncodeMessagesFn(self.handler, c.chunk_size, cfg.input_shape, cfg.likelihood))
         windows = (windowed
-                   | "EncodeFiles" >> beam.ParDo(_EncodeFilesFn(self.handler, c.chunk_size, cfg.input_shape,
-                                                                cfg.likelihood))
+                   | ("EncodeFiles" if self.broker is None else "EncodeMessages") >> beam.ParDo(encode)
                    | "GroupWindow" >> beam.GroupByKey()
-                   | "WriteWindow" >> beam.ParDo(_WriteWindowFn(self.output)))
+                   | "WriteWindow" >> beam.ParDo(_WriteWindowFn(self.output, self.broker)))
         drift = (windows
                  | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
                  | "KeySummaries" >> beam.Map(lambda s: ("drift", s))
@@ -504,14 +563,39 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
                idle_timeout: float | None = None, max_files: int | None = None,
                stop: threading.Event | None = None, pubsub_topic: str | None = None,
                pubsub_subscription: str | None = None, coder: bool | None = None, quality: float | None = None,
-               pipeline_args: Sequence[str] = (), watcher: FileWatcher | None = None) -> dict:
+               pipeline_args: Sequence[str] = (), watcher: FileWatcher | None = None, source: str | None = None,
+               group: str = "stream-encode", batch_messages: int = 200, watermark_lag: float = 0.0,
+               max_deliver: int = 5, ack_wait: float | None = None) -> dict:
     """Run the streaming encoder until the source ends (``stop_after``, ``idle_timeout``, ``max_files``,
     ``stop``; Pub/Sub: until cancelled) and return a summary: counters, windows written, dead letters, drift
-    flags, seconds."""
+    flags, seconds.
+
+    ``source``: a broker stream (``redis://HOST:PORT/STREAM``, :mod:`vaestream.broker`) instead of files, read by
+    the consumer group ``group`` through the in-process runner's bridge (:class:`BrokerWatcher`);
+    ``max_files`` then counts messages, ``batch_messages`` is the most one round takes, and output is committed
+    effectively once (the ledger under ``OUTPUT/ledger/``; see :mod:`vaestream.beam.broker_source`).
+    ``ack_wait`` (default: 3 x (window + allowed lateness), at least 60 s) is how long another consumer's
+    unacknowledged message waits before this one reclaims it."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     p = streaming_pipeline(PipelineOptions(list(pipeline_args)))
-    if pubsub_topic or pubsub_subscription:
+    broker = bwatcher = None
+    cfg = config or StreamConfig()
+    if source is not None:
+        from vaestream.broker import BrokerReader, Ledger
+
+        os.makedirs(output, exist_ok=True)
+        recovered = Ledger(output).recover()
+        committed = Ledger(output).committed_ids()
+        wait = ack_wait if ack_wait is not None else max(60.0, 3 * (cfg.window + cfg.allowed_lateness))
+        reader = BrokerReader(source, group, committed=committed, max_deliver=max_deliver, ack_wait=wait,
+                              block=min(cfg.poll_interval(poll_interval), 1.0)).setup()
+        broker = BrokerCommit(source, reader.group, output)
+        bwatcher = BrokerWatcher(reader, broker, batch_messages, idle_timeout, stop_after, max_files, stop,
+                                 watermark_lag)
+        paths = p | "ReadFromBroker" >> ReadFromBroker(bwatcher)
+        watcher = None
+    elif pubsub_topic or pubsub_subscription:
         paths = p | "PubSub" >> pubsub_paths(pubsub_topic, pubsub_subscription)
         watcher = None
     else:
@@ -521,13 +605,20 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             watcher = FileWatcher(patterns, (config or StreamConfig()).poll_interval(poll_interval), stop_after,
                                   idle_timeout, max_files, stop)
         paths = p | "WatchFiles" >> WatchFiles(watcher)
-    paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality)
+    paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality, broker)
     t0 = time.perf_counter()
+    backlog = None
     try:
         result = vb.run_pipeline(p)
+        if bwatcher is not None:
+            backlog = bwatcher.reader.backlog()
     finally:
         if watcher is not None:
             watcher.close()
+        if bwatcher is not None:
+            bwatcher.close()
+    if bwatcher is not None and bwatcher.error is not None:
+        raise bwatcher.error
     seconds = time.perf_counter() - t0
     del result  # the in-process streaming runner's counters are incomplete: count what was written
     wins = read_windows(output)
@@ -546,4 +637,8 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output,
             "window_s": (config or StreamConfig()).window, "max_latency_s": (config or StreamConfig()).max_latency,
             "polls_with_files": watcher.polls if watcher is not None else None,
-            "poll_s": watcher.poll_interval if watcher is not None else None}
+            "poll_s": watcher.poll_interval if watcher is not None else None,
+            **({} if bwatcher is None else {
+                "source": bwatcher.reader.u.address, "group": bwatcher.reader.group, "recovered": recovered,
+                "messages_read": bwatcher.messages, "reads": bwatcher.reads, "poisoned": bwatcher.poisoned,
+                "broker": dict(bwatcher.reader.counts), "backlog": backlog})}

@@ -1,0 +1,494 @@
+"""Broker messages as a Beam source, in two forms over one reader (:class:`vaestream.broker.BrokerReader`), and
+the steps of the streaming encoder that are particular to them.
+
+* :class:`ReadFromBroker` over a :class:`BrokerWatcher`: **a bridge** for Beam's in-process streaming runner
+  (``BundleBasedDirectRunner``), which runs no splittable DoFn and has no bundle finalization. The watcher is
+  a ``TestStreamService`` in this process: it reads the stream and serves the runner the messages as
+  ``TestStream`` events (elements at their event times, then the watermark), as
+  :class:`vaestream.beam.stream_sources.FileWatcher` does for files; after each batch it waits until the
+  pipeline has taken it (backpressure) before it reads again. It is not a Beam I/O connector: it works only
+  where the runner and the watcher share a process.
+* :class:`ReadBroker`: a splittable DoFn for runners that run them (Dataflow, Flink, Prism): its restriction
+  counts messages (``[0, max_messages)``, unbounded by default), it **checkpoints** (``defer_remainder``)
+  when the stream has nothing new, its **watermark estimator** (manual) follows the broker's clock, and in
+  bounded mode it ends after ``max_messages`` or ``idle_timeout`` seconds without a message (so it is tested
+  on the FnApiRunner, which runs splittable DoFns in batch mode only).
+
+On Dataflow or Flink a stream from Pub/Sub or Kafka goes into the same transforms: ``ReadFromPubSub`` /
+``ReadFromKafka`` then ``beam.Map(message_from_bytes)`` gives :class:`vaestream.broker.Message` elements
+carrying the same wire format (those runners acknowledge on their own checkpoints; :class:`BrokerCommit`'s
+ledger still keeps the output free of duplicates).
+
+**Effectively once.** Nobody acknowledges a message when it is read. :class:`BrokerCommit` is handed to the
+stage that writes output: the window writer of :class:`vaestream.beam.streaming.StreamEncode` stages a pane's
+files, commits them with the broker IDs the pane holds (:class:`vaestream.broker.Ledger`), and only then
+acknowledges those IDs (:class:`vaestream.broker.Acker`, its own connection); the late gate does the same for
+a late message's dead letter, and the watcher for a message delivered more than ``max_deliver`` times. At
+start-up the ledger is recovered and its IDs are skipped, so a crash at any point loses nothing and writes
+nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+
+import apache_beam as beam
+from apache_beam import coders
+from apache_beam.io.iobase import RestrictionProgress, RestrictionTracker
+from apache_beam.io.restriction_trackers import OffsetRange
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from vaestream import beam as vb
+from vaestream.broker import Acker, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
+from vaestream.broker import wire
+from vaestream.errors import ConfigError
+
+_NS = vb.NAMESPACE
+DEAD_DIR = "dead_letter"
+_WATCHERS: "weakref.WeakValueDictionary[str, BrokerWatcher]" = weakref.WeakValueDictionary()
+_READERS: dict[tuple, BrokerReader] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def message_from_bytes(data: bytes, attributes: dict | None = None, message_id: str = "0-0",
+                       stream: str = "pubsub") -> Message:
+    """A Pub/Sub or Kafka message in the wire format (``data`` the payload, ``attributes`` the other fields)
+    as a :class:`vaestream.broker.Message`."""
+    fields = {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in (attributes or {}).items()}
+    fields[b"data"] = data
+    return Message(message_id, fields, 1, stream)
+
+
+def dead_letter_lines(letters: list[vb.DeadLetter]) -> bytes:
+    """The dead-letter file's contents: one JSON object per line, sorted by (source, key)."""
+    return "".join(d.to_json() + "\n" for d in sorted(letters, key=lambda d: (d.source, d.key))).encode()
+
+
+class BrokerCommit:
+    """How the stage that writes output commits it and acknowledges its messages (picklable).
+
+    Args:
+      url: the stream's URL.
+      group: the consumer group to acknowledge to.
+      output: the output directory (its ``ledger/``).
+    """
+
+    def __init__(self, url: str, group: str, output: str):
+        self.url, self.group, self.output = url, group, output.rstrip("/")
+        self._acker: Acker | None = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _acker=None)
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.output)
+
+    def commit(self, name: str, files: list[str], ids: list[str], **info) -> None:
+        """Commit the staged ``files`` of unit ``name`` with its message ``ids``, then acknowledge them (the
+        fault points ``after_rename`` and ``after_ack`` around the acknowledgement)."""
+        self.ledger.commit(name, files, sorted(ids, key=wire.id_key), **info)
+        fault("after_rename")
+        if self._acker is None:
+            self._acker = Acker(self.url, self.group)
+        self._acker.ack(ids)
+        fault("after_ack")
+
+    def dead_letters(self, name: str, letters: list[vb.DeadLetter], ids: list[str]) -> str:
+        """Stage, commit and acknowledge a file of dead letters (``dead_letter/dead_letter-NAME.jsonl``)."""
+        os.makedirs(os.path.join(self.output, DEAD_DIR), exist_ok=True)
+        path = os.path.join(self.output, DEAD_DIR, f"dead_letter-{name}.jsonl")
+        self.ledger.write_staged(path, dead_letter_lines(letters))
+        fault("before_rename")
+        self.commit(name, [path], ids, dead_letters=len(letters))
+        return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the TestStream bridge (in-process streaming runner)
+# ---------------------------------------------------------------------------------------------------------
+class BrokerWatcher:
+    """Reads a stream and serves its messages to the in-process streaming runner as ``TestStream`` events.
+
+    Args:
+      reader: the :class:`vaestream.broker.BrokerReader` (set up with the ledger's committed IDs).
+      commit: the :class:`BrokerCommit` that dead-letters poisoned messages.
+      batch_messages: the most messages one read (one round of the pipeline) takes.
+      idle_timeout: stop when no message came for this many seconds (None: never).
+      stop_after: stop this many seconds after the start (None: never).
+      max_messages: stop after this many messages.
+      stop: an event that stops the stream.
+      watermark_lag: seconds the watermark stays behind the broker's clock.
+      ack_timeout: the longest wait for the pipeline to take a batch before reading anyway.
+
+    The watermark is the broker time of the newest message read, or the broker's clock when the stream is
+    caught up (a read returned less than a full batch), minus ``watermark_lag``; it never goes back.
+    """
+
+    def __init__(self, reader: BrokerReader, commit: BrokerCommit, batch_messages: int = 200,
+                 idle_timeout: float | None = None, stop_after: float | None = None,
+                 max_messages: int | None = None, stop: threading.Event | None = None, watermark_lag: float = 0.0,
+                 ack_timeout: float = 30.0):
+        self.reader, self.commit = reader, commit
+        self.batch_messages = int(batch_messages)
+        self.idle_timeout, self.stop_after, self.max_messages = idle_timeout, stop_after, max_messages
+        self.stop_event = stop or threading.Event()
+        self.watermark_lag = float(watermark_lag)
+        self.ack_timeout = float(ack_timeout)
+        self.arrivals: dict[str, float] = {}    # message id -> wall-clock time read
+        self.messages = 0
+        self.records_offered = 0
+        self.poisoned = 0
+        self.reads = 0
+        self._taken = 0
+        self._pending: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._controller = None
+        self.endpoint: str | None = None
+        self.error: BaseException | None = None
+        self.id = f"{id(self):x}-{time.monotonic_ns()}"
+        _WATCHERS[self.id] = self
+
+    def ack(self, msg_id: str) -> None:
+        """The pipeline took the message ``msg_id`` (the bridge's backpressure; not the broker's ack)."""
+        with self._cond:
+            n = self._pending.pop(msg_id, None)
+            if n is not None and n > self._taken:
+                self._taken = n
+                self._cond.notify_all()
+
+    def _dead_letter_poisoned(self) -> None:
+        for msg, reason in self.reader.take_poisoned():
+            self.poisoned += 1
+            self.commit.dead_letters(f"poison-{msg.id}", [vb.DeadLetter(msg.ref, msg.ref, reason)], [msg.id])
+            self.reader.in_flight.discard(msg.id)
+
+    def events(self):
+        """The event stream (see the class docstring)."""
+        from apache_beam.portability.api import beam_runner_api_pb2
+
+        ev = beam_runner_api_pb2.TestStreamPayload.Event
+        te = beam_runner_api_pb2.TestStreamPayload.TimestampedElement
+        coder = coders.PickleCoder()
+        t0 = last_new = time.monotonic()
+        wm = MIN_TIMESTAMP.micros
+        try:
+            while not self.stop_event.is_set():
+                want = self.batch_messages
+                if self.max_messages is not None:
+                    want = min(want, self.max_messages - self.messages)
+                msgs = self.reader.read(count=max(1, want)) if want > 0 else []
+                self._dead_letter_poisoned()
+                if msgs:
+                    now = time.time()
+                    self.reads += 1
+                    with self._cond:
+                        for m in msgs:
+                            self.arrivals[m.id] = now
+                            self._pending[m.id] = self.reads
+                    self.messages += len(msgs)
+                    last_new = time.monotonic()
+                    yield ev(element_event=ev.AddElements(elements=[
+                        te(encoded_element=coder.encode(m), timestamp=Timestamp.of(m.event_time).micros)
+                        for m in msgs]))
+                caught_up = len(msgs) < want
+                t = self.reader.server_time() if caught_up else max(m.broker_time for m in msgs)
+                wm = max(wm, Timestamp.of(t - self.watermark_lag).micros)
+                yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=wm))
+                if msgs:
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._taken >= self.reads or self.stop_event.is_set(),
+                                            timeout=self.ack_timeout)
+                t = time.monotonic()
+                if (self.max_messages is not None and self.messages >= self.max_messages) or \
+                        (self.stop_after is not None and t - t0 >= self.stop_after) or \
+                        (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
+                    break
+        except BaseException as e:   # the runner sees only a closed stream: keep the cause for run_stream
+            self.error = e
+            raise
+
+    def read_multiple(self, unused_tags):
+        return self.events()
+
+    def start(self) -> str:
+        """Start the service (a local gRPC server); returns its endpoint."""
+        from apache_beam.testing.test_stream_service import TestStreamServiceController
+
+        if self._controller is None:
+            self._controller = TestStreamServiceController(self)
+            self._controller.start()
+            self.endpoint = self._controller.endpoint
+        return self.endpoint
+
+    def close(self) -> None:
+        """Stop the stream, the service and the reader."""
+        self.stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        _WATCHERS.pop(self.id, None)
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+        self.reader.close()
+
+
+class ReadFromBroker(beam.PTransform):
+    """PBegin -> :class:`vaestream.broker.Message` elements at their event times, from a :class:`BrokerWatcher`
+    (the in-process streaming runner's bridge)."""
+
+    def __init__(self, watcher: BrokerWatcher):
+        super().__init__()
+        self.watcher = watcher
+
+    def expand(self, pbegin):
+        from apache_beam.testing.test_stream import TestStream
+
+        return (pbegin | "BrokerEvents" >> TestStream(coder=coders.PickleCoder(), endpoint=self.watcher.start())
+                | "Taken" >> beam.Map(taken, self.watcher.id))
+
+
+def taken(msg: Message, watcher_id: str) -> Message:
+    """Tell the watcher (in this process; elsewhere a no-op) that the pipeline took ``msg``; pass it on."""
+    w = _WATCHERS.get(watcher_id)
+    if w is not None:
+        w.ack(msg.id)
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the splittable DoFn
+# ---------------------------------------------------------------------------------------------------------
+class MessageRangeTracker(RestrictionTracker):
+    """Claims message positions ``[start, stop)`` of a read; claiming :data:`END` ends the restriction where
+    it is (bounded mode: the stream went idle). A checkpoint (``defer_remainder``) splits at the next
+    position."""
+
+    END = -1
+
+    def __init__(self, rng: OffsetRange):
+        self._range = rng
+        self._next = rng.start
+        self._done = False
+
+    def current_restriction(self) -> OffsetRange:
+        return self._range
+
+    def try_claim(self, position: int) -> bool:
+        if self._done:
+            return False
+        if position == self.END:
+            self._range = OffsetRange(self._range.start, self._next)
+            self._done = True
+            return True
+        if position >= self._range.stop:
+            return False
+        self._next = position + 1
+        return True
+
+    def try_split(self, fraction_of_remainder: float):
+        if self._done or self._next >= self._range.stop:
+            return None
+        split = self._next + int((self._range.stop - self._next) * fraction_of_remainder)
+        primary, residual = OffsetRange(self._range.start, split), OffsetRange(split, self._range.stop)
+        self._range = primary
+        return primary, residual
+
+    def check_done(self) -> None:
+        if not self._done and self._next < self._range.stop:
+            raise ValueError(f"messages [{self._next}, {self._range.stop}) of {self._range} were not attempted")
+
+    def current_progress(self) -> RestrictionProgress:
+        return RestrictionProgress(completed=self._next - self._range.start,
+                                   remaining=max(0, self._range.stop - self._next))
+
+    def is_bounded(self) -> bool:
+        return True
+
+
+class _MessageRanges(RestrictionProvider):
+    """An element (a stream URL) starts as the messages ``[0, 2**62)``: the read ends by claiming
+    :data:`MessageRangeTracker.END` (bounded mode) or never."""
+
+    def initial_restriction(self, element):
+        return OffsetRange(0, 2 ** 62)
+
+    def create_tracker(self, restriction):
+        return MessageRangeTracker(restriction)
+
+    def restriction_size(self, element, restriction):
+        return max(0, restriction.stop - restriction.start)
+
+    def split(self, element, restriction):
+        yield restriction           # one consumer per stream element; the group spreads work across elements
+
+
+class _ReadBrokerFn(beam.DoFn):
+    """url -> messages (the splittable read; see :class:`ReadBroker`)."""
+
+    def __init__(self, group: str, max_messages: int | None, idle_timeout: float | None, batch_messages: int,
+                 watermark_lag: float, poll: float, committed_from: str | None, max_deliver: int, ack_wait: float):
+        self.group, self.max_messages, self.idle_timeout = group, max_messages, idle_timeout
+        self.batch_messages, self.watermark_lag, self.poll = batch_messages, watermark_lag, poll
+        self.committed_from, self.max_deliver, self.ack_wait = committed_from, max_deliver, ack_wait
+        self.read_count = Metrics.counter(_NS, "broker_messages_read")
+
+    def _reader(self, url: str) -> BrokerReader:
+        key = (url, self.group, os.getpid())
+        with _READERS_LOCK:   # one reader per process and stream: its in-flight set spans checkpoints
+            r = _READERS.get(key)
+            if r is None:
+                committed = Ledger(self.committed_from).committed_ids() if self.committed_from else ()
+                r = BrokerReader(url, self.group, committed=committed, max_deliver=self.max_deliver,
+                                 ack_wait=self.ack_wait, block=self.poll).setup()
+                r.idle_since = time.monotonic()
+                _READERS[key] = r
+            return r
+
+    def process(self, url: str, tracker=beam.DoFn.RestrictionParam(_MessageRanges()),
+                wm=beam.DoFn.WatermarkEstimatorParam(
+                    ManualWatermarkEstimator.default_provider())):
+        reader = self._reader(url)
+        pos = tracker.current_restriction().start
+        limit = self.max_messages if self.max_messages is not None else 2 ** 62
+        while True:
+            if pos >= limit:
+                tracker.try_claim(MessageRangeTracker.END)
+                return
+            want = min(self.batch_messages, tracker.current_restriction().stop - pos, limit - pos)
+            msgs = reader.read(count=max(1, want)) if want > 0 else []
+            for m, reason in reader.take_poisoned():
+                Acker(url, self.group).ack([m.id])   # counted, not written: the bounded form has no ledger
+                reader.in_flight.discard(m.id)
+            if msgs:
+                reader.idle_since = time.monotonic()
+            for m in msgs:
+                if not tracker.try_claim(pos):
+                    return           # the range ended: the rest stays pending and is delivered again
+                pos += 1
+                self.read_count.inc()
+                yield TimestampedValue(m, Timestamp.of(m.event_time))
+            t = reader.server_time() if len(msgs) < want else max(m.broker_time for m in msgs)
+            new = Timestamp.of(t - self.watermark_lag)
+            if wm.current_watermark() is None or new > wm.current_watermark():
+                wm.set_watermark(new)
+            if pos >= tracker.current_restriction().stop:
+                return
+            if not msgs:
+                if self.idle_timeout is not None and time.monotonic() - reader.idle_since >= self.idle_timeout:
+                    tracker.try_claim(MessageRangeTracker.END)
+                    return
+                tracker.defer_remainder(Duration.of(self.poll))   # checkpoint: resume later
+                return
+
+
+class ReadBroker(beam.PTransform):
+    """PCollection of stream URLs -> their messages at event times: the splittable-DoFn form (runners with
+    splittable DoFns; bounded with ``max_messages`` or ``idle_timeout``).
+
+    Args:
+      group: the consumer group.
+      max_messages: stop after this many messages (None: unbounded).
+      idle_timeout: end when no message came for this many seconds (None: checkpoint and go on).
+      batch_messages: messages per read.
+      watermark_lag: seconds the watermark stays behind the broker's clock.
+      poll: seconds a read blocks, and the delay of a checkpoint's resumption.
+      committed_from: an output directory whose ledger's IDs are skipped.
+    """
+
+    def __init__(self, group: str = "vaestream", max_messages: int | None = None, idle_timeout: float | None = None,
+                 batch_messages: int = 200, watermark_lag: float = 0.0, poll: float = 0.2,
+                 committed_from: str | None = None, max_deliver: int = 5, ack_wait: float = 600.0):
+        super().__init__()
+        self.fn = _ReadBrokerFn(group, max_messages, idle_timeout, batch_messages, watermark_lag, poll,
+                                committed_from, max_deliver, ack_wait)
+
+    def expand(self, urls):
+        return urls | "ReadBroker" >> beam.ParDo(self.fn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode, validate, score (the encode step of StreamEncode for messages)
+# ---------------------------------------------------------------------------------------------------------
+class MessageIds(tuple):
+    """The IDs of messages whose records (codes or dead letters) are in the pane: the writer commits them."""
+
+
+class EncodeMessagesFn(beam.DoFn):
+    """Message -> ``(0, Scored)``, ``(0, DeadLetter)`` and ``(0, MessageIds)`` for the pane's GroupByKey.
+
+    A message is decoded (:func:`vaestream.broker.decode`; malformed: one dead letter with the reason) and
+    validated (:func:`vaestream.beam.validate_batch`: refused records are dead letters); the valid records of
+    a bundle's messages of one window are scored together, ``chunk_size`` records per model call (one call
+    per message would cost a model call per 100 records)."""
+
+    def __init__(self, handler, chunk_size: int, shape=None, likelihood: str | None = None):
+        self.handler, self.chunk_size = handler, chunk_size
+        self.shape = tuple(shape) if shape is not None else None
+        self.likelihood = likelihood
+        self.records_in = Metrics.counter(_NS, "records_in")
+        self.messages = Metrics.counter(_NS, "messages_in")
+        self.model_calls = Metrics.counter(_NS, "model_calls")
+        self._model = None
+        self._buf: dict = {}
+
+    def setup(self):
+        self._model = self.handler.load_model()
+
+    def start_bundle(self):
+        self._buf = {}
+
+    def _flush(self, win):
+        batches, ids = self._buf.pop(win, ([], []))
+        out = []
+        if batches:
+            self.model_calls.inc()
+            out = [(0, s) for s in self.handler.run_inference(batches, self._model)]
+        if ids:
+            out.append((0, MessageIds(ids)))
+        return out
+
+    def process(self, msg: Message, win=beam.DoFn.WindowParam):
+        self.messages.inc()
+        batches, ids = self._buf.setdefault(win, ([], []))
+        ids.append(msg.id)
+        try:
+            records = decode(msg)
+        except WireError as e:
+            self.records_in.inc()
+            yield 0, vb.DeadLetter(msg.ref, msg.ref, str(e))
+            return
+        self.records_in.inc(len(records))
+        keys = [wire.record_key(msg.id, i) for i in range(len(records))]
+        good, dead = vb.validate_batch(vb.RecordBatch(msg.ref, keys, records), self.shape, self.likelihood)
+        for d in dead:
+            yield 0, d
+        if good is not None:
+            batches.append(good)
+            if sum(len(b) for b in batches) >= self.chunk_size:
+                yield from self._flush(win)
+
+    def finish_bundle(self):
+        for win in list(self._buf):
+            for v in self._flush(win):
+                yield WindowedValue(v, win.max_timestamp(), [win])
+
+
+def check_source_url(url: str) -> BrokerURL:
+    """Parse a ``--source`` URL (a :class:`vaestream.errors.ConfigError` says what is wrong)."""
+    u = BrokerURL.parse(url)
+    if u.port <= 0:
+        raise ConfigError(f"{url}: bad port")
+    return u
+
+
+__all__ = ["BrokerCommit", "BrokerWatcher", "EncodeMessagesFn", "MessageIds", "MessageRangeTracker", "ReadBroker",
+           "ReadFromBroker", "check_source_url", "dead_letter_lines", "message_from_bytes", "taken"]

@@ -1,0 +1,113 @@
+"""A local ``redis-server`` for tests, benchmarks and trying the broker source out (:class:`RedisServer`).
+
+    with RedisServer(tmp_dir) as srv:            # a free 127.0.0.1 port, append-only file in tmp_dir
+        publish(srv.url("mnist"), records)
+        srv.restart()                            # same port and data directory: the stream and groups persist
+
+The server runs with ``appendonly yes`` and ``appendfsync always`` (every write is on disk before the reply,
+so a restart, even after ``kill -9``, keeps every acknowledged XADD and XACK), no RDB snapshots, bound to
+127.0.0.1 only. ``scripts/start_broker.sh`` starts the same server from a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from vaestream.errors import ConfigError
+
+SERVER = "redis-server"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_path() -> str | None:
+    """The ``redis-server`` executable, or None when it is not installed."""
+    return shutil.which(SERVER) or next((p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server")
+                                         if os.access(p, os.X_OK)), None)
+
+
+class RedisServer:
+    """A ``redis-server`` process on 127.0.0.1 with its data (the append-only file) in ``data_dir``.
+
+    Args:
+      data_dir: the server's working directory (created).
+      port: the port (None: a free one, kept across :meth:`restart`).
+      appendonly: persist with the append-only file (needed for a restart to keep the stream).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, appendonly: bool = True):
+        exe = server_path()
+        if exe is None:
+            raise ConfigError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.exe = exe
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, stream: str, **query: str) -> str:
+        """``redis://127.0.0.1:PORT/STREAM[?k=v...]``."""
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"redis://127.0.0.1:{self.port}/{stream}" + (f"?{q}" if q else "")
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        """Start the server and wait until it answers PING."""
+        import redis
+
+        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--logfile", "redis.log"]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        t0 = time.monotonic()
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
+                log = (self.dir / "redis.log")
+                tail = log.read_text()[-500:] if log.is_file() else ""
+                self.stop()
+                raise ConfigError(f"redis-server on 127.0.0.1:{self.port} did not start: {tail}")
+            time.sleep(0.02)
+        client.close()
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server (SIGTERM: a clean shutdown; ``kill``: SIGKILL)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self, down: float = 0.0, kill: bool = False) -> None:
+        """Stop, wait ``down`` seconds, start again on the same port with the same data."""
+        self.stop(kill)
+        time.sleep(down)
+        self.start()
+
+    def __enter__(self) -> "RedisServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
