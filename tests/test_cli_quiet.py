@@ -217,3 +217,23 @@ def test_learning_curves_mark_every_evaluation(tmp_path, monkeypatch):
         rgb = np.asarray(im.convert("RGB")).astype(int)
     blue = (np.abs(rgb - [31, 119, 180]).sum(axis=-1) < 40).sum()  # C0, the run's colour
     assert blue > 40  # the markers and the legend's samples
+
+
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path, mnist_test):
+    import signal
+    import time
+
+    np.save(tmp_path / "x.npy", mnist_test[:2000])
+    proc = vaestream("train", "--data", tmp_path / "x.npy", "--out", tmp_path / "m", "--steps", 1, "--hidden", 16,
+                     "--latent-dim", 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = subprocess.Popen([sys.executable, "-m", "vaestream.cli", "evaluate", "--model", tmp_path / "m", "--data",
+                          tmp_path / "x.npy", "--k", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_env())
+    maps = f"/proc/{p.pid}/maps"
+    while p.poll() is None and "libtensorflow" not in open(maps).read():  # the command is running
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err == "vaestream: interrupted\n" and out == ""

@@ -141,10 +141,17 @@ def _wants_verbose(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status (module docstring)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        print("vaestream: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     from vaestream.cli import console
     from vaestream.errors import VaestreamError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     verbose = _wants_verbose(argv)
     console.quiet(verbose)  # before anything imports TensorFlow
     command = _command_of(argv)
@@ -164,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     except VaestreamError as e:
         print(f"vaestream: error: {e}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))
-    except KeyboardInterrupt:
-        print("vaestream: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
