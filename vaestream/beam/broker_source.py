@@ -129,8 +129,10 @@ class BrokerWatcher:
       watermark_lag: seconds the watermark stays behind the broker's clock.
       ack_timeout: the longest wait for the pipeline to take a batch before reading anyway.
 
-    The watermark is the broker time of the newest message read, or the broker's clock when the stream is
-    caught up (a read returned less than a full batch), minus ``watermark_lag``; it never goes back.
+    The watermark is the broker time of the newest message read, or the broker's clock just before the read
+    when the stream is caught up (a read returned less than a full batch), minus ``watermark_lag``; it never
+    goes back. A message whose producer event time is behind it by more than its window and the allowed
+    lateness is late: dead-lettered by the late gate.
     """
 
     def __init__(self, reader: BrokerReader, commit: BrokerCommit, batch_messages: int = 200,
@@ -143,7 +145,6 @@ class BrokerWatcher:
         self.stop_event = stop or threading.Event()
         self.watermark_lag = float(watermark_lag)
         self.ack_timeout = float(ack_timeout)
-        self.arrivals: dict[str, float] = {}    # message id -> wall-clock time read
         self.messages = 0
         self.records_offered = 0
         self.poisoned = 0
@@ -185,22 +186,22 @@ class BrokerWatcher:
                 want = self.batch_messages
                 if self.max_messages is not None:
                     want = min(want, self.max_messages - self.messages)
+                before = self.reader.server_time()
                 msgs = self.reader.read(count=max(1, want)) if want > 0 else []
                 self._dead_letter_poisoned()
                 if msgs:
-                    now = time.time()
                     self.reads += 1
                     with self._cond:
                         for m in msgs:
-                            self.arrivals[m.id] = now
                             self._pending[m.id] = self.reads
                     self.messages += len(msgs)
                     last_new = time.monotonic()
                     yield ev(element_event=ev.AddElements(elements=[
                         te(encoded_element=coder.encode(m), timestamp=Timestamp.of(m.event_time).micros)
                         for m in msgs]))
-                caught_up = len(msgs) < want
-                t = self.reader.server_time() if caught_up else max(m.broker_time for m in msgs)
+                # caught up: every entry appended before `before` was in this read, later ones have IDs (whole
+                # milliseconds) from `before` - 1 ms on; else the newest ID read
+                t = before - 0.001 if len(msgs) < want else max(m.broker_time for m in msgs)
                 wm = max(wm, Timestamp.of(t - self.watermark_lag).micros)
                 yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=wm))
                 if msgs:
@@ -364,6 +365,7 @@ class _ReadBrokerFn(beam.DoFn):
                 tracker.try_claim(MessageRangeTracker.END)
                 return
             want = min(self.batch_messages, tracker.current_restriction().stop - pos, limit - pos)
+            before = reader.server_time()
             msgs = reader.read(count=max(1, want)) if want > 0 else []
             for m, reason in reader.take_poisoned():
                 Acker(url, self.group).ack([m.id])   # counted, not written: the bounded form has no ledger
@@ -376,7 +378,7 @@ class _ReadBrokerFn(beam.DoFn):
                 pos += 1
                 self.read_count.inc()
                 yield TimestampedValue(m, Timestamp.of(m.event_time))
-            t = reader.server_time() if len(msgs) < want else max(m.broker_time for m in msgs)
+            t = before - 0.001 if len(msgs) < want else max(m.broker_time for m in msgs)
             new = Timestamp.of(t - self.watermark_lag)
             if wm.current_watermark() is None or new > wm.current_watermark():
                 wm.set_watermark(new)
