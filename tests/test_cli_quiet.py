@@ -103,6 +103,8 @@ def test_an_unknown_flag_gets_the_subcommands_usage_and_a_suggestion():
     assert "the following arguments are required: --data" in proc.stderr
     proc = vaestream("--bogus")
     assert proc.returncode == 2 and proc.stderr.startswith("usage: vaestream [-h]")
+    proc = vaestream("trian", "--data", "d.npy")
+    assert proc.returncode == 2 and "unknown command 'trian' (did you mean train?)" in proc.stderr
 
 
 def test_train_defaults_are_train_configs():

@@ -104,7 +104,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` only that command's module is imported and registered."""
     from vaestream import __version__
 
-    parser = Parser(prog="vaestream", description=__doc__.splitlines()[0],
+    parser = Parser(prog="vaestream", description="vaestream: train VAEs and compress, encode, serve and stream "
+                                                  "data with them. 'vaestream COMMAND --help' for a command's flags.",
                     epilog="Every --a-b flag is also accepted as --a_b. Exit status: 0 ok, 1 vaestream error, "
                            "2 usage error, 3 a job failed its output contract, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"vaestream {__version__}")
@@ -156,6 +157,10 @@ def _main(argv: list[str]) -> int:
     console.quiet(verbose)  # before anything imports TensorFlow
     command = _command_of(argv)
     parser = build_parser(command)
+    if command is not None and command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        parser.error(f"unknown command {command!r}" + (f" (did you mean {close[0]}?)" if close else
+                                                       f"; the commands: {', '.join(COMMANDS)}"))
     args, unknown = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         if unknown:
