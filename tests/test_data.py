@@ -191,15 +191,14 @@ def _csv(path, rows, fmt="{:d}") -> None:
 
 def test_one_scaling_rule_for_counts_floats_and_binary_data(tmp_path, mnist_test):
     """The input-scaling rule: 8-bit counts (uint8, an integer CSV, int64 .npy of 0..255) x 1/255; floats as they
-    are; whole numbers all in {0, 1} are binary data (x 1); an explicit scale wins."""
+    are; integers all in {0, 1} are binary data (x 1); an explicit scale wins."""
     recs = mnist_test[:50]
     want = recs.reshape(50, -1).astype(np.float32) * np.float32(1 / 255)  # as uint8 records become inputs
     _csv(tmp_path / "ints.csv", recs)
     ints = data.read_array(tmp_path / "ints.csv")
     assert ints.dtype == np.uint8 and np.array_equal(ints.reshape(recs.shape), recs)  # stored as the counts they are
     np.save(tmp_path / "i64.npy", recs.astype(np.int64))
-    np.save(tmp_path / "f64.npy", recs.astype(np.float64))  # whole-valued floats 0..255: counts too
-    for name in ("ints.csv", "i64.npy", "f64.npy"):
+    for name in ("ints.csv", "i64.npy"):
         a = data.read_array(tmp_path / name)
         assert data.input_scale(a) == pytest.approx(1 / 255), name
         np.testing.assert_array_equal(data.make_dataset(a, "bernoulli", name).to_float(), want)
@@ -207,6 +206,14 @@ def test_one_scaling_rule_for_counts_floats_and_binary_data(tmp_path, mnist_test
     assert data.input_scale(recs) == pytest.approx(1 / 255)
     floats = want.copy()
     assert data.input_scale(floats) == 1.0
+    # floats are model inputs as they are, even whole-valued ones: 0..255 floats are refused, with the way out
+    np.save(tmp_path / "f64.npy", recs.astype(np.float64))
+    f64 = data.read_array(tmp_path / "f64.npy")
+    assert data.input_scale(f64) == 1.0
+    with pytest.raises(DataError, match=r"f64.npy: record 0 has values outside \[0, 1\].*--scale 1/255"):
+        data.make_dataset(f64, "bernoulli", "f64.npy")
+    np.testing.assert_allclose(data.make_dataset(f64, "bernoulli", "f64.npy", scale=1 / 255).to_float(), want,
+                               rtol=1e-6)
     binary = (recs > 127).astype(np.int64)
     assert data.input_scale(binary) == 1.0 and data.input_scale((recs > 127).astype(np.float32)) == 1.0
     _csv(tmp_path / "bin.csv", binary)

@@ -8,9 +8,9 @@ The input-scaling rule (:func:`input_scale`), the same for the Python API, every
 the Beam jobs: model input = stored value x scale, where the scale is
 
 * ``--scale S`` / ``scale=S`` when given;
-* 1/255 for 8-bit counts: uint8 records, and integer-valued records (integer CSV, integer ``.npy``) whose
-  values are whole numbers in 0..255 with at least one above 1;
-* 1 otherwise: floats are model inputs already, and whole numbers all in {0, 1} are binary data.
+* 1/255 for 8-bit counts: uint8 records, integer records (an integer ``.npy``) in 0..255 with at least one
+  value above 1, and an integer CSV (whole numbers in 0..255, read as uint8: :func:`csv_records`);
+* 1 otherwise: floats are model inputs as they are, and integers all in {0, 1} are binary data.
 
 Formats:
 
@@ -245,9 +245,7 @@ def read_csv(path: str | os.PathLike, delimiter: str = ",") -> np.ndarray:
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no records")
-    arr = np.asarray(rows, dtype=np.float32)
-    # 8-bit counts (an integer CSV of 0..255) are stored as what they are: uint8, a quarter of the memory
-    return arr.astype(np.uint8) if input_scale(arr) == COUNT_SCALE else arr
+    return csv_records(np.asarray(rows, dtype=np.float32))  # an integer CSV of 0..255: uint8 counts
 
 
 def read_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
@@ -347,32 +345,41 @@ class Dataset:
 
 
 def is_counts(records: np.ndarray, chunk: int = 8192) -> bool:
-    """Whether ``records`` are 8-bit counts: uint8, or whole numbers in 0..255 with at least one above 1
-    (reads the records in chunks and stops at the first value that is not a count)."""
+    """Whether ``records`` are 8-bit counts: uint8, or integers in 0..255 with at least one above 1 (reads
+    integer records in chunks and stops at the first value outside 0..255). Floats never are: they are
+    model inputs (a CSV has no dtype: :func:`csv_records` stores whole numbers in 0..255 as uint8)."""
     a = np.asarray(records) if not isinstance(records, np.ndarray) else records
     if a.dtype == np.uint8:
         return True
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)) or a.size == 0:
+    if not np.issubdtype(a.dtype, np.integer) or a.size == 0:
         return False
     flat = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
     above_one = False
     for s in range(0, len(flat), chunk):
         block = np.asarray(flat[s:s + chunk])
-        lo, hi = block.min(), block.max()
-        if not (lo >= 0 and hi <= 255):  # NaN fails too
+        if block.min() < 0 or block.max() > 255:
             return False
-        if np.issubdtype(block.dtype, np.floating) and not np.array_equal(block, np.floor(block)):
-            return False
-        above_one = above_one or hi > 1
+        above_one = above_one or block.max() > 1
     return above_one
+
+
+def csv_records(rows: np.ndarray) -> np.ndarray:
+    """CSV values (float32 as parsed) in the dtype they stand for: uint8 when they are 8-bit counts (whole
+    numbers in 0..255, one above 1: an integer CSV of pixels), else float32. Every CSV reader uses it
+    (:func:`read_csv` on a whole file, the Beam jobs' reader on each batch of lines)."""
+    rows = np.asarray(rows, np.float32)
+    if rows.size and np.isfinite(rows).all() and rows.min() >= 0 and rows.max() <= 255 and rows.max() > 1 \
+            and np.array_equal(rows, np.floor(rows)):
+        return rows.astype(np.uint8)
+    return rows
 
 
 def input_scale(records: np.ndarray, scale: float | None = None) -> float:
     """The input-scaling rule: model input = stored value x the returned scale.
 
     ``scale`` when given (a user's ``--scale``); else 1/255 for 8-bit counts (:func:`is_counts`: uint8
-    records, integer CSV or ``.npy`` of whole numbers in 0..255); else 1 (floats are model inputs as they
-    are; whole numbers all in {0, 1} are binary data). Every entry point uses this function: the
+    records, an integer CSV or ``.npy`` of 0..255); else 1 (floats are model inputs as they are; integers
+    all in {0, 1} are binary data). Every entry point uses this function: the
     :class:`Dataset` of :func:`make_dataset`, the codec, the ``vaestream`` commands and the Beam jobs
     (``vaestream.beam.validate``, which applies it to each batch of records as read).
     """

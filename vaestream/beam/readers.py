@@ -14,7 +14,7 @@ from vaestream.beam.elements import CHUNK, DEAD_LETTER, DeadLetter, RECORDS, Rec
 from vaestream.beam.formats import expand_inputs, file_size, input_kind, maybe_gunzip, open_raw, plan_reads
 from vaestream.beam.validate import Validate, ValidateFn
 from vaestream.binio import Truncated, read_exact
-from vaestream.data import csv_row, idx_header, npy_header
+from vaestream.data import csv_records, csv_row, idx_header, npy_header
 from vaestream.errors import DataError
 
 
@@ -198,18 +198,18 @@ def _read_csv(task, chunk, feature, limit):
                 rows.append(row)
                 keys.append(record_key(name, lineno))
                 if len(rows) == chunk:
-                    yield RecordBatch(path, keys, np.stack(rows))
+                    yield RecordBatch(path, keys, csv_records(np.stack(rows)))
                     rows, keys = [], []
                 if limit is not None and len(keys) >= limit:
                     break
         except UnicodeDecodeError as e:
             if rows:
-                yield RecordBatch(path, keys, np.stack(rows))
+                yield RecordBatch(path, keys, csv_records(np.stack(rows)))
                 rows, keys = [], []
             yield DeadLetter(path, f"{record_key(name, lineno + 1)}..",
                              f"{path}: not UTF-8 text after line {lineno} ({e})")
     if rows:
-        yield RecordBatch(path, keys, np.stack(rows))
+        yield RecordBatch(path, keys, csv_records(np.stack(rows)))
 
 
 def _read_tfrecord(task, chunk, feature, limit):

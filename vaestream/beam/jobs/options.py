@@ -45,7 +45,7 @@ def fraction(text: str) -> float:
     return value
 
 
-SCALE_HELP = ("model input = stored value x SCALE (a number or a fraction such as 1/255); default: 1/255 for "
+SCALE_HELP = ("model input = stored value x S (a number or a fraction such as 1/255); default: 1/255 for "
               "8-bit counts (uint8, or whole numbers in 0..255 such as an integer CSV), the values as they are "
               "for floats")
 
