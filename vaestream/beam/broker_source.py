@@ -14,10 +14,11 @@ the steps of the streaming encoder that are particular to them.
   bounded mode it ends after ``max_messages`` or ``idle_timeout`` seconds without a message (so it is tested
   on the FnApiRunner, which runs splittable DoFns in batch mode only).
 
-On Dataflow or Flink a stream from Pub/Sub or Kafka goes into the same transforms: ``ReadFromPubSub`` /
-``ReadFromKafka`` then ``beam.Map(message_from_bytes)`` gives :class:`vaestream.broker.Message` elements
-carrying the same wire format (those runners acknowledge on their own checkpoints; :class:`BrokerCommit`'s
-ledger still keeps the output free of duplicates).
+On Dataflow or Flink a stream from Pub/Sub or Kafka goes into the same transforms: :class:`ReadPubSubMessages`
+(``ReadFromPubSub(with_attributes=True)`` then :func:`message_from_pubsub`) or ``ReadFromKafka`` then
+``beam.Map`` of :func:`message_from_bytes` gives :class:`vaestream.broker.Message` elements carrying the same
+wire format (the attributes or headers are the fields); those runners acknowledge on their own checkpoints, and
+``BrokerCommit(None, None, OUTPUT)``'s ledger still keeps redelivered messages out of the output.
 
 **Effectively once.** Nobody acknowledges a message when it is read. :class:`BrokerCommit` is handed to the
 stage that writes output: the window writer of :class:`vaestream.beam.streaming.StreamEncode` stages a pane's
@@ -59,12 +60,40 @@ _READERS_LOCK = threading.Lock()
 
 
 def message_from_bytes(data: bytes, attributes: dict | None = None, message_id: str = "0-0",
-                       stream: str = "pubsub") -> Message:
-    """A Pub/Sub or Kafka message in the wire format (``data`` the payload, ``attributes`` the other fields)
-    as a :class:`vaestream.broker.Message`."""
+                       stream: str = "pubsub", publish_time: float | None = None) -> Message:
+    """A Pub/Sub or Kafka message in the wire format (``data`` the payload, ``attributes`` the other fields:
+    ``vaestream``, ``format``, ``dtype``, ``shape``, ...) as a :class:`vaestream.broker.Message`; without an
+    ``event_time`` attribute, ``publish_time`` (seconds) is its event time."""
     fields = {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in (attributes or {}).items()}
     fields[b"data"] = data
-    return Message(message_id, fields, 1, stream)
+    if b"event_time" not in fields and publish_time is not None:
+        fields[b"event_time"] = repr(float(publish_time)).encode()
+    return Message(str(message_id), fields, 1, stream)
+
+
+def message_from_pubsub(msg, subscription: str = "pubsub") -> Message:
+    """A ``PubsubMessage`` (``ReadFromPubSub(..., with_attributes=True)``) as a :class:`vaestream.broker.Message`."""
+    t = getattr(msg, "publish_time", None)
+    seconds = t.timestamp() if hasattr(t, "timestamp") else (t.seconds + t.nanos / 1e9 if t is not None else None)
+    return message_from_bytes(msg.data, dict(msg.attributes or {}), msg.message_id or "0-0", subscription, seconds)
+
+
+class ReadPubSubMessages(beam.PTransform):
+    """PBegin -> :class:`vaestream.broker.Message` elements from Pub/Sub (Dataflow; Flink with the connector):
+    ``ReadFromPubSub(with_attributes=True)`` then :func:`message_from_pubsub`. The runner acknowledges
+    messages on its own checkpoints; give :class:`vaestream.beam.streaming.StreamEncode` a
+    ``BrokerCommit(None, None, OUTPUT)``, whose ledger keeps redelivered messages out of the output. (Kafka
+    likewise: ``ReadFromKafka(...)`` then ``beam.Map(lambda kv: message_from_bytes(kv[1], headers, ...))``.)"""
+
+    def __init__(self, subscription: str | None = None, topic: str | None = None):
+        super().__init__()
+        self.subscription, self.topic = subscription, topic
+
+    def expand(self, pbegin):
+        sub = self.subscription or self.topic or "pubsub"
+        return (pbegin | "ReadPubSub" >> beam.io.ReadFromPubSub(topic=self.topic, subscription=self.subscription,
+                                                                with_attributes=True)
+                | "ToMessage" >> beam.Map(message_from_pubsub, sub))
 
 
 def dead_letter_lines(letters: list[vb.DeadLetter]) -> bytes:
@@ -76,12 +105,13 @@ class BrokerCommit:
     """How the stage that writes output commits it and acknowledges its messages (picklable).
 
     Args:
-      url: the stream's URL.
+      url: the stream's URL (None: commit to the ledger only, for a runner that acknowledges on its own, as
+        Dataflow does Pub/Sub messages).
       group: the consumer group to acknowledge to.
       output: the output directory (its ``ledger/``).
     """
 
-    def __init__(self, url: str, group: str, output: str):
+    def __init__(self, url: str | None, group: str | None, output: str):
         self.url, self.group, self.output = url, group, output.rstrip("/")
         self._acker: Acker | None = None
 
@@ -97,6 +127,8 @@ class BrokerCommit:
         fault points ``after_rename`` and ``after_ack`` around the acknowledgement)."""
         self.ledger.commit(name, files, sorted(ids, key=wire.id_key), **info)
         fault("after_rename")
+        if self.url is None:
+            return
         if self._acker is None:
             self._acker = Acker(self.url, self.group)
         self._acker.ack(ids)
@@ -341,6 +373,7 @@ class _ReadBrokerFn(beam.DoFn):
         self.batch_messages, self.watermark_lag, self.poll = batch_messages, watermark_lag, poll
         self.committed_from, self.max_deliver, self.ack_wait = committed_from, max_deliver, ack_wait
         self.read_count = Metrics.counter(_NS, "broker_messages_read")
+        self.checkpoints = Metrics.counter(_NS, "broker_checkpoints")
 
     def _reader(self, url: str) -> BrokerReader:
         key = (url, self.group, os.getpid())
@@ -388,6 +421,7 @@ class _ReadBrokerFn(beam.DoFn):
                 if self.idle_timeout is not None and time.monotonic() - reader.idle_since >= self.idle_timeout:
                     tracker.try_claim(MessageRangeTracker.END)
                     return
+                self.checkpoints.inc()
                 tracker.defer_remainder(Duration.of(self.poll))   # checkpoint: resume later
                 return
 
@@ -422,6 +456,26 @@ class ReadBroker(beam.PTransform):
 # ---------------------------------------------------------------------------------------------------------
 class MessageIds(tuple):
     """The IDs of messages whose records (codes or dead letters) are in the pane: the writer commits them."""
+
+
+class KeyNewMessagesFn(beam.DoFn):
+    """Message -> ``(key, message)``, unless the ledger of ``output`` (as it was when the worker started) has
+    committed its ID: a message the runner delivers again after a restart (Pub/Sub, Kafka, the splittable
+    read) is dropped here, before the late gate could dead-letter it a second time."""
+
+    def __init__(self, output: str, key: str = "paths"):
+        self.output, self.key = output, key
+        self.skipped = Metrics.counter(_NS, "broker_committed_skipped")
+        self._committed: set[str] = set()
+
+    def setup(self):
+        self._committed = Ledger(self.output).committed_ids() if os.path.isdir(self.output) else set()
+
+    def process(self, msg: Message):
+        if msg.id in self._committed:
+            self.skipped.inc()
+            return
+        yield self.key, msg
 
 
 class EncodeMessagesFn(beam.DoFn):
@@ -492,5 +546,6 @@ def check_source_url(url: str) -> BrokerURL:
     return u
 
 
-__all__ = ["BrokerCommit", "BrokerWatcher", "EncodeMessagesFn", "MessageIds", "MessageRangeTracker", "ReadBroker",
-           "ReadFromBroker", "check_source_url", "dead_letter_lines", "message_from_bytes", "taken"]
+__all__ = ["BrokerCommit", "BrokerWatcher", "EncodeMessagesFn", "KeyNewMessagesFn", "MessageIds", "MessageRangeTracker", "ReadBroker",
+           "ReadFromBroker", "ReadPubSubMessages", "check_source_url", "dead_letter_lines", "message_from_bytes",
+           "message_from_pubsub", "taken"]

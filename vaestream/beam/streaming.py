@@ -83,8 +83,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
-from vaestream.beam.broker_source import (BrokerCommit, BrokerWatcher, EncodeMessagesFn, MessageIds,
-                                          ReadFromBroker, dead_letter_lines)
+from vaestream.beam.broker_source import (BrokerCommit, BrokerWatcher, EncodeMessagesFn, KeyNewMessagesFn,
+                                          MessageIds, ReadFromBroker, dead_letter_lines)
 from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
                                            pubsub_paths)
 from vaestream.beam.scoring import Scored, ScoringModelHandler  # noqa: F401 (the streaming API)
@@ -503,7 +503,7 @@ class StreamEncode(beam.PTransform):
         slack = c.gate_slack if c.gate_slack is not None else step
         horizon = c.gate_horizon if c.gate_horizon is not None else 2 * c.window + c.allowed_lateness
         keyed = (paths | "KeyPaths" >> beam.Map(lambda p: ("paths", p)).with_output_types(tuple[str, str])
-                 if self.broker is None else paths | "KeyMessages" >> beam.Map(lambda m: ("paths", m)))
+                 if self.broker is None else paths | "KeyMessages" >> beam.ParDo(KeyNewMessagesFn(self.output)))
         gated = keyed | "LateGate" >> beam.ParDo(_LateGate(self.output, c.window, c.allowed_lateness, step, horizon,
                                                            self.broker))
         windowed = gated | "Window" >> beam.WindowInto(
