@@ -1,5 +1,5 @@
 """What batch-invariant decoding costs: codec.decompress with the networks in fixed row blocks
-(vaestream.model.blocked, the codec's behaviour: one BatchMatMul of [nblocks, 64, n] per layer) vs the same
+(vaestream.layers.blocked, the codec's behaviour: one BatchMatMul of [nblocks, 64, n] per layer) vs the same
 codec with one plain GEMM per batch (the peer: faster in principle, but its float32 output may depend on the
 batch), and vs the earlier mechanism (a tf.map_fn loop over the 64-row blocks), side by side in one run,
 alternating.
@@ -47,8 +47,8 @@ def main(argv=None) -> dict:
     from vaestream import ModelConfig, VAE
     from vaestream.coding import codec
     from vaestream.data import read_idx
-    from vaestream.model import BLOCK_ROWS
-    from vaestream.model import blocked as blocked_fn
+    from vaestream.layers import BLOCK_ROWS
+    from vaestream.layers import blocked as blocked_fn
 
     train = read_idx(MNIST / "train-images-idx3-ubyte.gz")
     test = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")

@@ -1,7 +1,7 @@
 """Decoding is a pure function of the bitstream: the same bytes give the same float32 pixels, bit for bit,
 however the records are batched, framed, read or served, and in another process with another thread count.
 
-The mechanism (vaestream.model.blocked): the networks run on blocks of a fixed number of rows, so a record
+The mechanism (vaestream.layers.blocked): the networks run on blocks of a fixed number of rows, so a record
 always goes through a GEMM of the same shape, whatever else is in its batch. (Encoding is batch-invariant
 too; its outputs may differ with the thread count, which the codes then record: decoding never does.)
 """
@@ -21,7 +21,7 @@ import tensorflow as tf
 from vaestream.coding import codec
 from vaestream.serving import export
 from vaestream.coding.coder import dequantize
-from vaestream.model import BLOCK_ROWS, blocked
+from vaestream.layers import BLOCK_ROWS, blocked
 
 
 @pytest.fixture(scope="module", params=["mlp", "conv", "spatial"])

@@ -108,7 +108,7 @@ def test_fresh_process_matches_in_process_model(exported, records, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == "False"  # vaestream was never imported
     got = dict(np.load(tmp_path / "out.npz"))
 
-    # the networks in the exports' fixed row blocks (vaestream.model.blocked): the fresh process's outputs are
+    # the networks in the exports' fixed row blocks (vaestream.layers.blocked): the fresh process's outputs are
     # then bit-identical, not merely close
     mean, log_scale = (t.numpy() for t in model.encoder_params_exact(tf.constant(x)))
     dec = {k: v.numpy() for k, v in model.decoder_params_exact(tf.constant(z)).items()}

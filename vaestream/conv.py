@@ -23,7 +23,7 @@ A sub-pixel convolution is a transposed convolution of stride 2 written as an or
 permutation; here that matters, because every layer is then an *exact* patch copy
 (``tf.image.extract_patches``), one GEMM and elementwise ops. **Determinism**: with
 ``blockwise=True`` the patches of every layer are cut into rows of ``k*k*C_in`` values and multiplied in
-the stacked fixed 64-row blocks of :func:`vaestream.model.blocked` (one BatchMatMul of ``[n, 64, K] x
+the stacked fixed 64-row blocks of :func:`vaestream.layers.blocked` (one BatchMatMul of ``[n, 64, K] x
 [K, C_out]``); a row's output is then a pure function of its patch, as for the MLP's dense layers, so a
 record's reconstruction does not depend on its batch (a oneDNN convolution over N images may differ from
 the same image alone; it is not used on that path). Training uses ``tf.nn.conv2d`` (the same function up to
@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from vaestream.config import ModelConfig, latent_grid
+from vaestream.layers import ACTIVATION_FNS, BLOCK_ROWS, MLP
 
 ENCODER_KERNEL = 5
 DECODER_KERNEL = 3
@@ -75,8 +76,6 @@ class Conv(tf.Module):
     def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
         if not blockwise:
             return tf.nn.conv2d(x, self.w, self.stride, "SAME") + self.b
-        from vaestream.model import BLOCK_ROWS
-
         k, s = self.k, self.stride
         p = tf.image.extract_patches(x, [1, k, k, 1], [1, s, s, 1], [1, 1, 1, 1], "SAME")  # [N, H', W', kkC]
         kk = k * k * int(self.w.shape[2])
@@ -109,8 +108,6 @@ class GDN(tf.Module):
         gamma, beta = tf.square(self.w), tf.square(self.b) + self.BETA_MIN
         c = int(self.w.shape[0])
         if blockwise:
-            from vaestream.model import BLOCK_ROWS
-
             rows = tf.reshape(tf.square(x), [-1, BLOCK_ROWS, c])
             norm = tf.reshape(tf.matmul(rows, gamma), tf.shape(x)) + beta
         else:
@@ -126,11 +123,9 @@ def _flatten_leading(x: tf.Tensor):
 
 
 class ConvEncoder(tf.Module):
-    """``x [..., D]`` -> ``[..., n_out]``: strided convolutions, flatten, the dense :class:`vaestream.model.MLP`."""
+    """``x [..., D]`` -> ``[..., n_out]``: strided convolutions, flatten, the dense :class:`vaestream.layers.MLP`."""
 
     def __init__(self, config: ModelConfig, n_out: int, rng: np.random.Generator, init: str, name: str = "encoder"):
-        from vaestream.model import MLP, ACTIVATION_FNS
-
         super().__init__(name=name)
         self.shape = _picture(config)
         c_in = [self.shape[2]] + list(config.channels[:-1])
@@ -174,8 +169,6 @@ class ConvDecoder(tf.Module):
 
     def __init__(self, config: ModelConfig, maps: int, encoder: ConvEncoder, rng: np.random.Generator, init: str,
                  name: str = "decoder"):
-        from vaestream.model import MLP, ACTIVATION_FNS
-
         super().__init__(name=name)
         self.feature_shape = encoder.feature_shape
         h, w, c = self.feature_shape

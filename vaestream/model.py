@@ -1,6 +1,7 @@
 """The VAE of Kingma & Welling (2014): MLP recognition model q(z|x), prior N(0, I), MLP decoder p(x|z)
 (or, with ``ModelConfig(arch="conv")``, convolutional transforms around the same vector latent:
-:mod:`vaestream.conv`).
+:mod:`vaestream.conv`). The layers both are built of, and the fixed row blocks of :func:`blocked`, are in
+:mod:`vaestream.layers`.
 
 Encoder and decoder return ``tfp.distributions`` objects, so the objective reads like the math
 (see :mod:`vaestream.objective`). Records are flat float32 vectors of ``config.input_dim`` values.
@@ -12,127 +13,17 @@ the decoder, so ``decode(q.sample(L))`` has batch shape ``[L, B]``).
 from __future__ import annotations
 
 import hashlib
-import math
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from vaestream.config import DISCRETE_LEVELS, ModelConfig
+from vaestream.conv import ConvDecoder, ConvEncoder
 from vaestream.errors import ConfigError
+from vaestream.layers import MLP, blocked
 
 tfd = tfp.distributions
-
-# Rows per block of :func:`blocked` (see there). Part of the codec's contract: changing it changes decoded
-# float32 values in the last bits, so it is fixed, not configurable.
-BLOCK_ROWS = 64
-
-ACTIVATION_FNS = {  # config.activation -> the TF function
-    "tanh": tf.tanh,
-    "relu": tf.nn.relu,
-    "softplus": tf.nn.softplus,
-    "elu": tf.nn.elu,
-    "sigmoid": tf.sigmoid,
-}
-
-
-def blocked(fn, t: tf.Tensor, block: int = BLOCK_ROWS, *, stacked: bool = False):
-    """``fn`` applied to ``t [B, n]`` in fixed blocks of ``block`` rows, so every row's result is a pure function
-    of that row: ``blocked(fn, t)[i]`` is bit-identical for any B and any position of the row in the batch.
-
-    Why: a float32 GEMM's summation order depends on its shape. oneDNN picks other kernels (GEMV, small-M
-    paths, other blockings) for other batch lengths, so ``decoder(z)[i]`` for B = 7 differs from B = 64 in the
-    last bits (measured on the 784-500-20 decoder: 480-1,351 of 64 x 784 values differ for B in {1, 2, 7, 8,
-    32, 63}, and up to 1.5M values at B = 8,192). Run on a block of fixed shape, a row always goes through the
-    same kernel and the same K-blocking; rows are padded with zeros to a multiple of ``block`` and the padding
-    is sliced off. Row position and batch length then never matter, in any process. Why 64: at 64 rows oneDNN
-    treats the block as one M-block, and a row's result was measured identical at every one of the 64
-    positions (six decoder architectures, 1, 2 and 8 threads); at 128 rows, with 2+ threads, the block is split
-    and rows near the split differ by position (30k-170k of 128 x 784 values), so 128 is not safe.
-
-    Two ways to run the blocks, with the same guarantee:
-
-    * ``stacked=True`` (what the networks use, :meth:`VAE.encoder_params_exact` / ``decoder_params_exact``):
-      ``fn`` gets all blocks at once as ``[nblocks, block, n]`` and must treat each block as its own GEMM
-      (``tf.matmul`` of a 3-D tensor by a 2-D weight is one BatchMatMul whose every batch member is a
-      ``[block, n_in] x [n_in, n_out]`` GEMM: measured bit-identical for any number of blocks, at every
-      position, and at 1, 2 and 8 threads). One kernel launch per layer instead of one per block: 0.88 of the
-      plain GEMM's decode throughput at B = 1,000 on the 784-500-20 decoder, vs 0.69 for the loop.
-    * ``stacked=False``: ``fn`` maps one ``[block, n]`` block, run by ``tf.map_fn`` (any ``fn``; slower).
-
-    Threads: oneDNN splits a GEMM's rows and columns over threads, and for narrow layers (few output columns,
-    e.g. an encoder's 2 Nz outputs) also the K sum, so with the map_fn loop *encoder* outputs were seen to
-    differ with the intra-op thread count (AVX-512 machine); the decoders' layers are wide (hidden sizes, D
-    outputs) and their blocked outputs were measured identical at 1, 2, 8 and 16 threads (784-500-20 and
-    784-500-500-50; tests/test_determinism.py checks 1 and 8 threads against the default). With the stacked
-    BatchMatMul both encoder and decoder outputs were identical at 1, 2 and 8 threads (AMX machine, 1 and 32
-    blocks); only the decoder's is part of the contract. Same TensorFlow build and CPU kind assumed: another ISA runs other
-    kernels. Cost: see benchmarks/RESULTS_coder.md (bench_decode_determinism.py).
-
-    ``fn`` returns a tensor or a dict / tuple of tensors with the block's leading row dimension(s). Returns
-    the same structure with ``B`` rows. Works eagerly and inside ``tf.function`` (SavedModel exports).
-    """
-    t = tf.convert_to_tensor(t)
-    b = tf.shape(t)[0]
-    nblocks = (b + block - 1) // block
-    padded = tf.pad(t, [[0, nblocks * block - b]] + [[0, 0]] * (t.shape.rank - 1))
-    blocks = tf.reshape(padded, tf.concat([[nblocks, block], tf.shape(t)[1:]], 0))
-    if stacked:
-        out = fn(blocks)
-    else:
-        spec = tf.nest.map_structure(lambda o: tf.TensorSpec(o.shape, o.dtype),
-                                     fn(tf.zeros([block] + t.shape[1:].as_list(), t.dtype)))
-        out = tf.map_fn(fn, blocks, fn_output_signature=spec)
-
-    def unblock(o):
-        return tf.reshape(o, tf.concat([[nblocks * block], tf.shape(o)[2:]], 0))[:b]
-
-    return tf.nest.map_structure(unblock, out)
-
-
-class Dense(tf.Module):
-    """y = x W + b, with W of shape ``[n_in, n_out]``."""
-
-    def __init__(self, n_in: int, n_out: int, rng: np.random.Generator, init: str, name: str):
-        super().__init__(name=name)
-        if init == "paper":  # "initialized by random sampling from N(0, 0.01)" (Kingma's code: std 0.01)
-            w = rng.normal(0.0, 0.01, size=(n_in, n_out))
-            b = rng.normal(0.0, 0.01, size=(n_out,))
-        elif init == "glorot":
-            limit = math.sqrt(6.0 / (n_in + n_out))
-            w = rng.uniform(-limit, limit, size=(n_in, n_out))
-            b = np.zeros((n_out,))
-        else:
-            raise ConfigError(f"init {init!r} is not one of ('glorot', 'paper')")
-        self.w = tf.Variable(w.astype(np.float32), name="w")
-        self.b = tf.Variable(b.astype(np.float32), name="b")
-
-    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
-        """``x [..., n_in]`` -> ``[..., n_out]``. ``blockwise``: ``x`` is ``[nblocks, block, n_in]`` and each block
-        is its own GEMM (one BatchMatMul; see :func:`blocked`), else the leading dimensions are flattened into
-        one GEMM."""
-        if x.shape.rank == 2 or blockwise:
-            return tf.matmul(x, self.w) + self.b
-        return tf.tensordot(x, self.w, axes=[[x.shape.rank - 1], [0]]) + self.b
-
-
-class MLP(tf.Module):
-    """Hidden layers with a shared activation, then one linear output layer of ``n_out`` units."""
-
-    def __init__(self, sizes: Sequence[int], n_out: int, activation: str, rng: np.random.Generator,
-                 init: str, name: str):
-        super().__init__(name=name)
-        self.activation = activation
-        self.hidden = [Dense(a, b, rng, init, name=f"h{i}") for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
-        self.out = Dense(sizes[-1], n_out, rng, init, name="out")
-
-    def __call__(self, x: tf.Tensor, blockwise: bool = False) -> tf.Tensor:
-        act = ACTIVATION_FNS[self.activation]
-        x = tf.convert_to_tensor(x, tf.float32)
-        for layer in self.hidden:
-            x = act(layer(x, blockwise))
-        return self.out(x, blockwise)
 
 
 class VAE(tf.Module):
@@ -155,8 +46,6 @@ class VAE(tf.Module):
         d, nz, hidden = config.input_dim, config.latent_dim, list(config.hidden)
         maps = 1 if config.likelihood == "bernoulli" else 2  # decoder outputs per pixel
         if config.arch == "conv":  # strided convolutions to the same vector latent (vaestream.conv)
-            from vaestream.conv import ConvDecoder, ConvEncoder
-
             self.encoder = ConvEncoder(config, 2 * nz, rng, init)
             self.decoder = ConvDecoder(config, maps, self.encoder, rng, init)
         else:
@@ -175,14 +64,15 @@ class VAE(tf.Module):
     def encoder_params(self, x: tf.Tensor, blockwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
         """x [B, D] -> (mean [B, Nz], log_scale [B, Nz]) of q(z|x); log_scale = log sigma.
 
-        ``blockwise``: ``x`` is ``[nblocks, block, D]``, one GEMM per block (:func:`blocked`)."""
+        ``blockwise``: ``x`` is ``[nblocks, block, D]``, one GEMM per block (:func:`~vaestream.layers.blocked`)."""
         h = self.encoder(x, blockwise)
         mean, log_scale = tf.split(h, 2, axis=-1)
         return mean, log_scale
 
     def encoder_params_exact(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """:meth:`encoder_params` run in fixed row blocks (:func:`blocked`): each record's (mean, log_scale) is
-        bit-identical however the records are batched. The codec, exports and Beam jobs encode with this."""
+        """:meth:`encoder_params` run in fixed row blocks (:func:`~vaestream.layers.blocked`): each record's
+        (mean, log_scale) is bit-identical however the records are batched. The codec, exports and Beam jobs
+        encode with this."""
         return blocked(lambda xb: self.encoder_params(xb, blockwise=True), tf.convert_to_tensor(x, tf.float32),
                        stacked=True)
 
@@ -230,7 +120,7 @@ class VAE(tf.Module):
     def decoder_params(self, z: tf.Tensor, blockwise: bool = False) -> dict[str, tf.Tensor]:
         """z [..., Nz] -> the decoder's parameters, each [..., D].
 
-        ``blockwise``: ``z`` is ``[nblocks, block, Nz]``, one GEMM per block (:func:`blocked`).
+        ``blockwise``: ``z`` is ``[nblocks, block, Nz]``, one GEMM per block (:func:`~vaestream.layers.blocked`).
 
         Bernoulli: ``{"logits", "x_mean"}``; Gaussian: ``{"x_mean", "log_scale"}``; beta-binomial:
         ``{"x_mean", "log_alpha", "log_beta"}`` (x_mean = alpha / (alpha + beta), the mean of n / 255).
@@ -249,9 +139,10 @@ class VAE(tf.Module):
         return {"x_mean": mean, "log_scale": log_scale}
 
     def decoder_params_exact(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
-        """:meth:`decoder_params` of ``z [B, Nz]`` run in fixed row blocks (:func:`blocked`): a record's decoded
-        parameters are a pure function of its latent, bit-identical whether it is decoded alone, in any batch,
-        by random access, in another process or through the SavedModel. Every reconstruction path uses this."""
+        """:meth:`decoder_params` of ``z [B, Nz]`` run in fixed row blocks (:func:`~vaestream.layers.blocked`):
+        a record's decoded parameters are a pure function of its latent, bit-identical whether it is decoded
+        alone, in any batch, by random access, in another process or through the SavedModel. Every
+        reconstruction path uses this."""
         return blocked(lambda zb: self.decoder_params(zb, blockwise=True), tf.convert_to_tensor(z, tf.float32),
                        stacked=True)
 

@@ -100,7 +100,7 @@ class LoadedVAE:
 
         model = load_model(model_dir)
 
-        # Without jit the networks run in fixed row blocks (vaestream.model.blocked): codes and reconstructions
+        # Without jit the networks run in fixed row blocks (vaestream.layers.blocked): codes and reconstructions
         # are bit-identical to the codec's and the SavedModel's for any batching. XLA (jit) compiles other
         # kernels: its outputs are deterministic per shape but not those bits.
         @tf.function(jit_compile=jit, reduce_retracing=True, autograph=False)

@@ -20,7 +20,7 @@ Concurrent requests to the same (model version, signature) are queued, merged in
   UNAVAILABLE (gRPC) / 503 (REST) at once, so memory is bounded under overload.
 
 Batching and splitting change no value: vaestream's signatures compute in fixed 64-row blocks
-(:func:`vaestream.model.blocked`), so a record's outputs are bit-identical in any batch or piece.
+(:func:`vaestream.layers.blocked`), so a record's outputs are bit-identical in any batch or piece.
 
 The parameters file is TF Serving's ``--batching_parameters_file``: a ``BatchingParameters`` text proto::
 

@@ -124,7 +124,7 @@ def elbo_fixed_noise(model: VAE, x: tf.Tensor, num_samples: int = 1, seed: int =
     unbiased; the noise is only shared between records). ``x`` is ``[B, D]``; returns ``{"elbo", "rate",
     "distortion"}``, each ``[B]``, in nats.
     """
-    from vaestream.model import blocked
+    from vaestream.layers import blocked
 
     return blocked(lambda xb: _elbo_fixed_noise_block(model, xb, num_samples, seed),
                    tf.convert_to_tensor(x, tf.float32))
@@ -188,7 +188,7 @@ class ServingModule(tf.Module):
         self._delta.assign(np.float32(tables.delta[tables.level(quality)]))
         self._tables = tables
 
-    # Every signature runs the networks in fixed row blocks (vaestream.model.blocked): a record's outputs are
+    # Every signature runs the networks in fixed row blocks (vaestream.layers.blocked): a record's outputs are
     # bit-identical to the Python API's and independent of the request's batch.
     def _encode(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         mean, log_scale = self.model.encoder_params_exact(x)
