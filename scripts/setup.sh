@@ -34,4 +34,7 @@ if ! have "$SYSTEM_DIR" && ! have "$USER_DIR"; then
       "*-ubyte.gz files in $USER_DIR; tests that need them will skip" >&2
   fi
 fi
+if ! command -v curl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl) || true   # README's REST calls
+fi
 python -m pip install -q --disable-pip-version-check -e '.[test]'

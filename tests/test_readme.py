@@ -226,7 +226,6 @@ def test_readme_blocks_run_in_order(tmp_path_factory, fashion_dir, record_proper
         (work / name).symlink_to(ROOT / name)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.pop("PYTHONPATH", None)
 
     ran: list[dict] = []
     skipped: list[dict] = []
