@@ -201,7 +201,7 @@ def closed_loop(transport: str, info: dict, pid: int, x: np.ndarray, clients: in
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from vaestream.serving.server import dumps
+    from vaestream.serving.protocol import dumps
 
     n_rec = 256
     if transport == "grpc":

@@ -188,7 +188,7 @@ def test_client_codes_and_reconstructions(server, local, records):
 def test_json_writer_is_exact_and_tf_serving_compatible():
     """float32 values written with 9 significant digits parse back bit-identical; NaN / Infinity are written
     as TF Serving's tokens; ints stay ints."""
-    from vaestream.serving.server import dumps
+    from vaestream.serving.protocol import dumps
 
     rng = np.random.default_rng(0)
     a = np.concatenate([rng.standard_normal(5000), rng.uniform(0, 1, 5000) * 10.0 ** rng.integers(-30, 30, 5000)])

@@ -1,5 +1,5 @@
 """``vaestream export``, ``vaestream serve`` and ``vaestream client``: thin shells over :mod:`vaestream.serving.export`
-and :mod:`vaestream.serving.server`."""
+and :mod:`vaestream.serving.main`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from vaestream.errors import ModelError
-    from vaestream.serving.server import serve
+    from vaestream.serving.main import serve
 
     batching = None
     if a.enable_batching:

@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vaestream.errors import ModelError
+from vaestream.serving.protocol import RequestError
 
 _WRAPPED_INT = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
                 "max_execution_batch_size")
@@ -236,8 +237,6 @@ class Batcher:
           RequestError: INVALID_ARGUMENT (``n`` over ``max_batch_size``), UNAVAILABLE (the queue is full or the
             server is stopping), or the signature call's error.
         """
-        from vaestream.serving.server import RequestError
-
         p = self.params
         if n > p.max_batch_size:
             raise RequestError(400, f"Task size {n} is larger than maximum input batch size {p.max_batch_size}")
@@ -326,8 +325,6 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: _Batch) -> None:
-        from vaestream.serving.server import RequestError
-
         servable, signature = batch.args
         pieces = batch.pieces
         outs: list[dict[str, np.ndarray]] = []

@@ -1,7 +1,7 @@
 """Clients of a TF Serving model server (``vaestream serve`` or ``tensorflow/serving``) for a vaestream export:
 :class:`Client` over REST (standard library + NumPy only) and :class:`GrpcClient` over gRPC (TF Serving's own
 ``PredictionServiceStub`` / ``ModelServiceStub`` with ``tf.make_tensor_proto``). Both give NumPy codes,
-posteriors and reconstructions with the same methods; (``vaestream.serve.Client`` still finds them, for one release).
+posteriors and reconstructions with the same methods.
 """
 
 from __future__ import annotations

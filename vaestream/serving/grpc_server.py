@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from vaestream.serving.server import DEFAULT_SIGNATURE, ModelServer, RequestError
+from vaestream.serving.protocol import RequestError
+from vaestream.serving.server import DEFAULT_SIGNATURE, ModelServer
 
 
 def _invalid(msg: str) -> RequestError:

@@ -1,6 +1,6 @@
-"""The TF Serving wire protocol both ends share: dtype names, canonical status codes, the error a request
-raises, and the JSON writer for NumPy arrays. :mod:`vaestream.serving.server` and
-:mod:`vaestream.serving.client` import it; it imports neither.
+"""The TF Serving wire protocol both ends share: dtype names, canonical status codes, the errors of a request
+(:class:`RequestError` on the server's side, :class:`ServingError` on the client's), and the JSON writer for
+NumPy arrays. The server, its transports, the batcher and the client import it; it imports none of them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,18 @@ GRPC_TO_HTTP = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT":
                 "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
 HTTP_TO_GRPC = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 500: "INTERNAL",
                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+class RequestError(Exception):
+    """An error the server answers to the client: HTTP ``status``, canonical (gRPC) ``code`` and a TF
+    Serving-style ``message``. Raised by :class:`vaestream.serving.server.ModelServer` and the batcher; each
+    transport turns it into its own error reply."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or HTTP_TO_GRPC.get(status, "UNKNOWN")
 
 
 class ServingError(VaestreamError):

@@ -20,7 +20,8 @@ import threading
 from typing import Any
 
 from vaestream.errors import ModelError
-from vaestream.serving.server import ModelServer, dumps
+from vaestream.serving.protocol import dumps
+from vaestream.serving.server import ModelServer
 
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 

@@ -24,9 +24,9 @@ surfaces for local use, tests and small deployments; ``deploy/`` runs either thi
 
 This module holds what both transports share: :class:`ModelServer` (the loaded versions, status, metadata, the
 checks of a predict request and the signature call, optionally through server-side batching,
-:mod:`vaestream.serving.batching`), the JSON tensor reader / writer, and :func:`serve`, which runs both servers. The
-latest loaded version serves requests without a version. The base path is polled for new versions
-(``file_system_poll_wait_seconds``), which are loaded and then made the default.
+:mod:`vaestream.serving.batching`) and the JSON tensor reader / writer; :func:`vaestream.serving.main.serve` runs
+both transports over it. The latest loaded version serves requests without a version. The base path is polled
+for new versions (``file_system_poll_wait_seconds``), which are loaded and then made the default.
 
 :class:`Client` (REST) and :class:`GrpcClient` (gRPC) speak these APIs (to ``vaestream serve`` or to TF Serving
 itself) and turn responses into NumPy codes and reconstructions (:mod:`vaestream.serving.client`).
@@ -45,9 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from vaestream.errors import DataError, ModelError, VaestreamError
-from vaestream.serving.protocol import (DTYPES, GRPC_TO_HTTP, HTTP_TO_GRPC, ServingError,  # noqa: F401 (re-exported)
-                                        dumps)
+from vaestream.errors import ModelError, VaestreamError
+from vaestream.serving.protocol import RequestError
 
 DEFAULT_SIGNATURE = "serving_default"
 _PREDICT_RE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)$",
@@ -57,25 +56,12 @@ _STATUS_RE = re.compile(r"^/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([
 # ============================================================================================================
 # The server
 # ============================================================================================================
-class _RequestError(Exception):
-    """An error answered to the client: HTTP status, canonical code (gRPC) + TF Serving-style message."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code or HTTP_TO_GRPC.get(status, "UNKNOWN")
+def _invalid(msg: str) -> RequestError:
+    return RequestError(400, msg)
 
 
-RequestError = _RequestError  # the name the transports and the batcher use
-
-
-def _invalid(msg: str) -> _RequestError:
-    return _RequestError(400, msg)
-
-
-def _not_found(msg: str) -> _RequestError:
-    return _RequestError(404, msg)
+def _not_found(msg: str) -> RequestError:
+    return RequestError(404, msg)
 
 
 @dataclasses.dataclass
@@ -232,10 +218,11 @@ class ModelServer:
 
     # -- endpoints -----------------------------------------------------------------------------------------
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
-        """Answer one request: (HTTP status, body for :func:`dumps` — NumPy arrays allowed). Never raises."""
+        """Answer one request: (HTTP status, body for :func:`~vaestream.serving.protocol.dumps` — NumPy arrays
+        allowed). Never raises."""
         try:
             return 200, self._dispatch(method, urllib.parse.unquote(path.split("?", 1)[0]), body)
-        except _RequestError as e:
+        except RequestError as e:
             return e.status, {"error": e.message}
         except Exception as e:  # a server bug must not take the server down; say what it was
             return 500, {"error": f"Internal: {type(e).__name__}: {e}"}
@@ -418,7 +405,7 @@ def _format_rows(outputs: dict[str, np.ndarray]) -> dict:
         return {"predictions": next(iter(outputs.values()))}
     batch = {len(v) for v in outputs.values()}
     if len(batch) != 1:
-        raise _RequestError(400, "Tensors in the outputs have different batch sizes: use the columnar "
+        raise RequestError(400, "Tensors in the outputs have different batch sizes: use the columnar "
                                  "('inputs') format")
     n = batch.pop()
     return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(n)]}
@@ -428,85 +415,3 @@ def _format_columns(outputs: dict[str, np.ndarray]) -> dict:
     if len(outputs) == 1:
         return {"outputs": next(iter(outputs.values()))}
     return {"outputs": outputs}
-
-
-# ============================================================================================================
-# Both servers
-# ============================================================================================================
-def serve(base_path: str | Path, model_name: str, port: int = 8500, rest_api_port: int = 8501,
-          host: str = "127.0.0.1", version_policy: str = "latest", max_batch_size: int = 10_000,
-          poll_seconds: float = 1.0, max_request_bytes: int = 64 << 20, max_concurrent: int = 4,
-          batching: Any = None, rest_api_timeout_ms: int = 30_000, rest_api_num_threads: int = 64,
-          grpc_max_threads: int = 64, keep_alive_s: float = 30.0, grace_s: float = 30.0,
-          verbose: bool = False) -> None:
-    """Load the model and serve it over gRPC (``port``) and REST (``rest_api_port``) until SIGTERM / SIGINT.
-
-    ``port=0`` / ``rest_api_port=0`` pick a free port; ``rest_api_port=-1`` turns REST off (TF Serving turns it
-    off with 0). Prints one JSON line ``{"serving": NAME, "host", "port", "rest_api_port", "versions"}`` to
-    stdout once both accept connections. On SIGTERM both stop accepting, finish the requests in flight
-    (up to ``grace_s``) and the process exits 0. ``poll_seconds`` > 0 polls ``base_path`` for new versions.
-
-    Raises:
-      ModelError: no loadable version under ``base_path``.
-    """
-    from vaestream.serving.grpc_server import make_grpc_server
-    from vaestream.serving.rest_server import RestServer
-
-    ms = ModelServer(base_path, model_name, version_policy, max_batch_size, max_concurrent, batching)
-    if not ms.reload():
-        raise ModelError(f"{base_path}: no loadable version for policy {version_policy!r}")
-    grpc_server, grpc_port = make_grpc_server(ms, host, port, max_request_bytes, grpc_max_threads)
-    rest = None
-    if rest_api_port >= 0:
-        rest = RestServer(ms, host, rest_api_port, max_request_bytes=max_request_bytes,
-                          timeout_s=rest_api_timeout_ms / 1000.0, num_threads=rest_api_num_threads,
-                          keep_alive_s=keep_alive_s, grace_s=grace_s, verbose=verbose)
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(poll_seconds):
-            try:
-                ms.reload()
-            except Exception as e:  # keep serving what is loaded
-                print(f"vaestream serve: polling {base_path} failed: {e}", file=sys.stderr)
-
-    if poll_seconds > 0:
-        threading.Thread(target=poll, name="version-poll", daemon=True).start()
-    grpc_server.start()
-    print(json.dumps({"serving": model_name, "host": host, "port": grpc_port,
-                      "rest_api_port": rest.port if rest else None, "versions": ms.versions}), flush=True)
-    try:
-        if rest is not None:
-            rest.run()  # until SIGTERM / SIGINT; drains in-flight REST requests
-        else:
-            _wait_for_signal()
-    finally:
-        stop.set()
-        grpc_server.stop(grace_s).wait()  # in-flight RPCs finish, new ones are refused
-        ms.close()
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT (the gRPC-only server's main loop)."""
-    import signal
-
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(0.5):
-        pass
-
-
-_CLIENT_NAMES = ("Client", "GrpcClient", "load_inputs", "run_client")
-
-
-def __getattr__(name: str):
-    """``vaestream.serve.Client`` and the other client names, kept for one release: they live in
-    :mod:`vaestream.serving.client` (imported here lazily, so the server never imports its client)."""
-    if name in _CLIENT_NAMES:
-        from vaestream import _moved
-        from vaestream.serving import client
-
-        _moved.moved_warning(f"{__name__}.{name}", f"vaestream.serving.client.{name}")
-        return getattr(client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
