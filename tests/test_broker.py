@@ -190,11 +190,19 @@ def test_stream_encode_from_the_broker_codes_every_good_record_once(server, code
                                                   event_time=time.time() - 600)).decode())
         for i in range(21, 41):                               # 2,000 more
             good_ids.append(publish(url, mnist_test[i * 100:(i + 1) * 100])["first_id"])
+        while True:                                           # then stop once all are delivered and acknowledged
+            g = [g for g in c.xinfo_groups(stream) if g["name"] == b"stream-encode"][0]
+            if g["pending"] == 0 and g["lag"] == 0:
+                break
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.1)
+        stop.set()
 
+    stop = threading.Event()
     t = threading.Thread(target=produce)
     t.start()
     res = bs.run_stream(str(out), model_dir=str(coded_model), config=bs.StreamConfig(window=1.0), source=url,
-                        idle_timeout=3.0)
+                        idle_timeout=60.0, stop=stop)
     t.join()
     keys = _keys_of(out)
     expected = _expected_keys(good_ids, 100, bad_rows)

@@ -4,7 +4,8 @@ the steps of the streaming encoder that are particular to them.
 * :class:`ReadFromBroker` over a :class:`BrokerWatcher`: **a bridge** for Beam's in-process streaming runner
   (``BundleBasedDirectRunner``), which runs no splittable DoFn and has no bundle finalization. The watcher is
   a ``TestStreamService`` in this process: it reads the stream and serves the runner the messages as
-  ``TestStream`` events (elements at their event times, then the watermark), as
+  ``TestStream`` events (their IDs at their event times, then the watermark; the first step swaps each ID for
+  the message the watcher holds), as
   :class:`vaestream.beam.stream_sources.FileWatcher` does for files; after each batch it waits until the
   pipeline has taken it (backpressure) before it reads again. It is not a Beam I/O connector: it works only
   where the runner and the watcher share a process.
@@ -183,6 +184,7 @@ class BrokerWatcher:
         self.reads = 0
         self._taken = 0
         self._pending: dict[str, int] = {}
+        self._bodies: dict[str, Message] = {}
         self._cond = threading.Condition()
         self._controller = None
         self.endpoint: str | None = None
@@ -190,13 +192,19 @@ class BrokerWatcher:
         self.id = f"{id(self):x}-{time.monotonic_ns()}"
         _WATCHERS[self.id] = self
 
-    def ack(self, msg_id: str) -> None:
-        """The pipeline took the message ``msg_id`` (the bridge's backpressure; not the broker's ack)."""
+    def take(self, msg_id: str) -> Message:
+        """The pipeline took the message ``msg_id``: its body (kept here, in this process, so that the events
+        carry IDs, not payloads; gRPC's 4 MiB message limit would split a read into many rounds). The
+        bridge's backpressure, not the broker's acknowledgement."""
         with self._cond:
             n = self._pending.pop(msg_id, None)
+            msg = self._bodies.pop(msg_id, None)
             if n is not None and n > self._taken:
                 self._taken = n
                 self._cond.notify_all()
+        if msg is None:
+            raise RuntimeError(f"broker bridge: message {msg_id} taken twice or never read")
+        return msg
 
     def _dead_letter_poisoned(self) -> None:
         for msg, reason in self.reader.take_poisoned():
@@ -210,7 +218,7 @@ class BrokerWatcher:
 
         ev = beam_runner_api_pb2.TestStreamPayload.Event
         te = beam_runner_api_pb2.TestStreamPayload.TimestampedElement
-        coder = coders.PickleCoder()
+        coder = coders.StrUtf8Coder()
         t0 = last_new = time.monotonic()
         wm = MIN_TIMESTAMP.micros
         try:
@@ -226,10 +234,11 @@ class BrokerWatcher:
                     with self._cond:
                         for m in msgs:
                             self._pending[m.id] = self.reads
+                            self._bodies[m.id] = m
                     self.messages += len(msgs)
                     last_new = time.monotonic()
                     yield ev(element_event=ev.AddElements(elements=[
-                        te(encoded_element=coder.encode(m), timestamp=Timestamp.of(m.event_time).micros)
+                        te(encoded_element=coder.encode(m.id), timestamp=Timestamp.of(m.event_time).micros)
                         for m in msgs]))
                 # caught up: every entry appended before `before` was in this read, later ones have IDs (whole
                 # milliseconds) from `before` - 1 ms on; else the newest ID read
@@ -285,16 +294,17 @@ class ReadFromBroker(beam.PTransform):
     def expand(self, pbegin):
         from apache_beam.testing.test_stream import TestStream
 
-        return (pbegin | "BrokerEvents" >> TestStream(coder=coders.PickleCoder(), endpoint=self.watcher.start())
+        return (pbegin | "BrokerEvents" >> TestStream(coder=coders.StrUtf8Coder(), endpoint=self.watcher.start())
                 | "Taken" >> beam.Map(taken, self.watcher.id))
 
 
-def taken(msg: Message, watcher_id: str) -> Message:
-    """Tell the watcher (in this process; elsewhere a no-op) that the pipeline took ``msg``; pass it on."""
+def taken(msg_id: str, watcher_id: str) -> Message:
+    """The message ``msg_id`` from its watcher (the bridge works only in the watcher's process)."""
     w = _WATCHERS.get(watcher_id)
-    if w is not None:
-        w.ack(msg.id)
-    return msg
+    if w is None:
+        raise RuntimeError(f"broker bridge: watcher {watcher_id} is not in this process (the TestStream bridge runs "
+                           f"on the in-process streaming runner only; elsewhere use ReadBroker)")
+    return w.take(msg_id)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,6 +384,7 @@ class _ReadBrokerFn(beam.DoFn):
         self.committed_from, self.max_deliver, self.ack_wait = committed_from, max_deliver, ack_wait
         self.read_count = Metrics.counter(_NS, "broker_messages_read")
         self.checkpoints = Metrics.counter(_NS, "broker_checkpoints")
+        self.poisoned = Metrics.counter(_NS, "broker_poisoned")
 
     def _reader(self, url: str) -> BrokerReader:
         key = (url, self.group, os.getpid())
@@ -401,8 +412,11 @@ class _ReadBrokerFn(beam.DoFn):
             before = reader.server_time()
             msgs = reader.read(count=max(1, want)) if want > 0 else []
             for m, reason in reader.take_poisoned():
-                Acker(url, self.group).ack([m.id])   # counted, not written: the bounded form has no ledger
-                reader.in_flight.discard(m.id)
+                self.poisoned.inc()
+                if self.committed_from:   # dead-lettered into the output's ledger, then acknowledged
+                    BrokerCommit(url, reader.group, self.committed_from).dead_letters(
+                        f"poison-{m.id}", [vb.DeadLetter(m.ref, m.ref, reason)], [m.id])
+                reader.in_flight.discard(m.id)   # else left pending (and counted)
             if msgs:
                 reader.idle_since = time.monotonic()
             for m in msgs:
@@ -437,7 +451,8 @@ class ReadBroker(beam.PTransform):
       batch_messages: messages per read.
       watermark_lag: seconds the watermark stays behind the broker's clock.
       poll: seconds a read blocks, and the delay of a checkpoint's resumption.
-      committed_from: an output directory whose ledger's IDs are skipped.
+      committed_from: the output directory: its ledger's IDs are skipped, and a message delivered more than
+        ``max_deliver`` times is dead-lettered there (without one it is left pending and counted).
     """
 
     def __init__(self, group: str = "vaestream", max_messages: int | None = None, idle_timeout: float | None = None,
