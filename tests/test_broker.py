@@ -129,6 +129,16 @@ def test_reader_redelivers_unacknowledged_poisons_after_max_deliver_and_fails_cl
     third = BrokerReader(url, "g", max_deliver=2)
     assert third.read() == [] and [m.id for m, _ in third.poisoned] == [ids[2]]
     assert "delivered 3 times (max_deliver 2)" in third.poisoned[0][1]
+    # a consumer that died holding messages: another consumer of the group reclaims them after ack_wait
+    more = [publish(url, np.zeros((2, 4), np.uint8))["first_id"] for _ in range(2)]
+    assert [m.id for m in BrokerReader(url, "g2", consumer="dies", start_id="$").setup().read()] == []
+    more += [publish(url, np.zeros((2, 4), np.uint8))["first_id"] for _ in range(2)]
+    assert [m.id for m in BrokerReader(url, "g2", consumer="dies").read()] == more[2:]
+    other = BrokerReader(url, "g2", consumer="lives", ack_wait=0.2)
+    assert other.read(block=0) == []                          # nothing new, and not idle for long enough yet
+    time.sleep(0.3)
+    got = other.read()
+    assert [(m.id, m.delivered) for m in got] == [(i, 2) for i in more[2:]] and other.read(block=0) == []
     # a broker that is gone: the reader retries, then says so
     dead = RedisServer(tmp_path / "gone")
     with pytest.raises(BrokerError, match=r"redis://127.0.0.1:\d+/s: XGROUP CREATE: broker unreachable for 1 s"):
