@@ -19,7 +19,17 @@ Prints one JSON object with three parts (one run, one process):
   at the first file, when the buffer is full, middle, last, and the least-squares slope (MiB per file) after
   the buffer is full.
 
+* ``--source redis`` (with ``--part stream``): the same encoder reading a stream of a local ``redis-server``
+  (``vaestream.beam.broker_source``: the in-process runner's bridge, panes committed to the ledger, then
+  acknowledged) while a publisher *process* offers each rate of ``--rates`` at 100 records per message
+  (``--message-rate R``: also R records/s at one record per message); latency = a pane's summary on disk
+  minus the broker time of each message in it; then the batch encode job on the same (cycled) records; with
+  ``--kill-rate R`` the job runs in a process of its own, is killed (SIGKILL) mid-stream and restarted, and the
+  codes are checked: records out = records in, none twice.
+
     python benchmarks/bench_streaming.py [--part stream|online|all] [--rates 2000 10000 40000] [--duration 60]
+    python benchmarks/bench_streaming.py --part stream --source redis --rates 10000 40000 80000 --duration 60 \
+        --message-rate 5000 --kill-rate 20000
 """
 
 from __future__ import annotations
@@ -285,10 +295,228 @@ def bench_online(model: Path, fashion, mnist, work: Path, args) -> dict:
                    "per_file_rss_mib": [round(v, 1) for v in rss]}}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --source redis: the stream encoder fed by a broker
+# ---------------------------------------------------------------------------------------------------------
+def run_publisher(url: str, rate: float, duration: float, per_message: int, records_path: str) -> dict:
+    """(In its own process.) Append ``rate * duration`` records (``records_path``, cycled) to the stream at
+    ``rate`` records/s, ``per_message`` per message, in pipelined groups of ~10 ms; prints a JSON summary."""
+    from vaestream.broker import BrokerURL
+    from vaestream.broker import wire
+
+    x = np.load(records_path, mmap_mode="r")
+    u = BrokerURL.parse(url)
+    client = u.client()
+    n_msgs = int(round(rate * duration / per_message))
+    interval = per_message / rate
+    group = max(1, int(0.01 / interval))
+    t0 = time.perf_counter()
+    i = sent = 0
+    behind = 0.0
+    while i < n_msgs:
+        delay = t0 + i * interval - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            behind = max(behind, -delay)
+        pipe = client.pipeline(transaction=False)
+        for k in range(i, min(n_msgs, i + group)):
+            s = (k * per_message) % (len(x) - per_message)
+            pipe.xadd(u.stream, wire.encode(np.asarray(x[s:s + per_message])))
+            sent += per_message
+        pipe.execute()
+        i += group
+    dt = time.perf_counter() - t0
+    return {"messages": n_msgs, "records": sent, "seconds": round(dt, 3), "records_per_s": round(sent / dt, 1),
+            "max_behind_s": round(behind, 3)}
+
+
+def _publisher(url: str, rate: float, duration: float, per_message: int, records_path: str):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, __file__, "--publisher", url, str(rate), str(duration), str(per_message),
+                             records_path], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def _panes(out: Path) -> list[dict]:
+    from vaestream.beam import streaming as bs
+
+    return bs.read_windows(str(out))
+
+
+def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: float, per_message: int, args) -> dict:
+    """The stream encoder reading ``srv``'s stream (the in-process runner's bridge) while a publisher process
+    offers ``rate`` records/s; latency = a pane's summary on disk minus each of its messages' broker time."""
+    from vaestream.beam import streaming as bs
+    from vaestream.broker import BrokerReader
+    from vaestream.broker.wire import id_time
+
+    tag = f"{int(rate)}-{per_message}"
+    url = srv.url(f"bench-{tag}")
+    out = work / f"broker_out_{tag}"
+    cfg = bs.StreamConfig(window=args.window, max_latency=args.max_latency)
+    BrokerReader(url, "stream-encode").setup().close()       # the group exists before the first message
+    pub = _publisher(url, rate, args.duration, per_message, records_path)
+    stop = threading.Event()
+    rss: list[tuple[float, float]] = []
+    box: dict = {}
+
+    def supervise():   # memory every second; stop once the publisher is done and the group has no backlog
+        t0 = time.monotonic()
+        done_at = None
+        while True:
+            time.sleep(1.0)
+            rss.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1)))
+            if pub.poll() is not None:
+                done_at = done_at or time.monotonic()
+                r = BrokerReader(url, "stream-encode")
+                b = r.backlog()
+                r.close()
+                if (b["pending"] == 0 and not b["lag"]) or time.monotonic() - done_at > args.drain:
+                    break
+        stop.set()
+
+    sup = threading.Thread(target=supervise, daemon=True)
+    sup.start()
+    t_start = time.perf_counter()
+    summary = bs.run_stream(str(out), model_dir=str(model), config=cfg, source=url, stop=stop,
+                            batch_messages=args.batch_messages)
+    wall = time.perf_counter() - t_start
+    sup.join()
+    pubres = json.loads(pub.communicate()[0] or "{}")
+    panes = _panes(out)
+    lat = [p["written_at"] - id_time(m) for p in panes for m in p.get("messages", [])]
+    n = sum(p["records"] for p in panes)
+    first = min((id_time(m) for p in panes for m in p.get("messages", [])), default=0.0)
+    last = max((p["written_at"] for p in panes), default=first)
+    sustained = n / max(last - first, 1e-9)
+    info = srv.client().info("memory")
+    res = {"offered_records_per_s": rate, "records_per_message": per_message,
+           "offered_messages_per_s": round(rate / per_message, 1), "duration_s": args.duration,
+           "window_s": cfg.window, "max_latency_s": args.max_latency, "publisher": pubres,
+           "records_published": pubres.get("records"), "records_coded": n, "panes": len(panes),
+           "messages_read": summary["messages_read"], "reads": summary["reads"],
+           "dead_lettered": summary["dead_lettered"],
+           "sustained_records_per_s": round(sustained, 1),
+           "sustained_messages_per_s": round(sustained / per_message, 1),
+           "latency_s_p50": round(pct(lat, 50), 3) if lat else None,
+           "latency_s_p99": round(pct(lat, 99), 3) if lat else None,
+           "latency_s_max": round(max(lat), 3) if lat else None, "stream_wall_s": round(wall, 1),
+           "rss_mib": {"max": max(v for _, v in rss), "first": rss[0][1], "last": rss[-1][1], "every_5s": rss[::5]},
+           "redis_used_memory_mib": round(info["used_memory"] / 2 ** 20, 1)}
+    res["keeps_up"] = bool(n == pubres.get("records") and lat and pct(lat, 99) <= args.max_latency
+                           and sustained >= 0.9 * rate)
+    srv.client().delete(f"bench-{tag}")
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+KILL_DRIVER = """
+import json, sys
+from vaestream.beam import streaming as bs
+out, model, url, window, lat, idle = sys.argv[1:7]
+print(json.dumps(bs.run_stream(out, model_dir=model, config=bs.StreamConfig(window=float(window),
+                                                                              max_latency=float(lat)),
+                               source=url, idle_timeout=float(idle))))
+"""
+
+
+def bench_broker_kill(model: Path, records_path: str, srv, work: Path, rate: float, args) -> dict:
+    """kill -9 of the job (a process of its own) mid-stream at ``rate``, then a restart: records out = in?"""
+    import signal
+    import subprocess
+
+    from vaestream import beam as vb
+
+    url = srv.url("bench-kill")
+    out = work / "broker_kill"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-c", KILL_DRIVER, str(out), str(model), url, str(args.window), str(args.max_latency)]
+    from vaestream.broker import BrokerReader
+
+    BrokerReader(url, "stream-encode").setup().close()
+    job = subprocess.Popen(cmd + ["600"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(15)                                       # the job's start-up (TF, Beam, the model)
+    pub = _publisher(url, rate, args.kill_duration, 100, records_path)
+    time.sleep(args.kill_duration / 2)
+    panes_before = len(_panes(out))
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    killed_at = time.time()
+    restart = subprocess.run(cmd + ["5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pubres = json.loads(pub.communicate()[0] or "{}")
+    if restart.returncode != 0:
+        return {"error": restart.stderr[-2000:]}
+    summary = json.loads(restart.stdout.strip().splitlines()[-1])
+    keys = [k for p in _panes(out) for b in vb.read_codes(str(out / "codes" / p["files"][0])) for k in b.keys]
+    res = {"offered_records_per_s": rate, "duration_s": args.kill_duration, "records_published": pubres.get("records"),
+           "panes_committed_before_kill": panes_before, "killed_at": killed_at,
+           "restart_recovered": summary.get("recovered"), "restart_broker_counts": summary.get("broker"),
+           "records_coded": len(keys), "distinct_keys": len(set(keys)),
+           "exactly_once": len(keys) == len(set(keys)) == pubres.get("records")}
+    srv.client().delete("bench-kill")
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def bench_broker(model: Path, mnist: np.ndarray, work: Path, args) -> dict:
+    from pipelines import encode as batch_encode
+
+    from vaestream.beam.scoring import ScoringModelHandler
+    from vaestream.broker.server import RedisServer
+
+    records_path = str(work / "mnist_train.npy")
+    np.save(records_path, mnist)
+    ScoringModelHandler(str(model)).load_model()      # a warm worker: the model in this process's cache
+    out: dict = {"source": f"redis-server {_redis_version()}, appendonly yes, appendfsync {args.fsync}", "rates": []}
+    with RedisServer(work / "redis", fsync=args.fsync) as srv:
+        for rate in args.rates:
+            out["rates"].append(bench_broker_rate(model, records_path, srv, work, rate, 100, args))
+        if args.message_rate:
+            out["one_record_per_message"] = bench_broker_rate(model, records_path, srv, work, args.message_rate, 1,
+                                                              args)
+        kept = [r for r in out["rates"] if r["keeps_up"]]
+        out["highest_rate_kept_up"] = max((r["offered_records_per_s"] for r in kept), default=None)
+        if args.kill_rate:
+            out["kill9"] = bench_broker_kill(model, records_path, srv, work, args.kill_rate, args)
+    # the batch job on the same records (MNIST training records, cycled as the publisher does)
+    n = int(min(max(args.rates) * args.duration, args.batch_records))
+    batch_in = work / "batch_in.npy"
+    np.save(batch_in, np.concatenate([mnist] * int(np.ceil(n / len(mnist))))[:n])
+    t0 = time.perf_counter()
+    bsum = batch_encode.run(["--input", str(batch_in), "--model", str(model), "--output", str(work / "batch_out")])
+    out["peer_batch_job"] = {"records": bsum["records"], "wall_s": round(time.perf_counter() - t0, 2),
+                             "records_per_s_job": bsum["records_per_second"]}
+    for r in out["rates"]:
+        r["ratio_stream_to_batch"] = round(r["sustained_records_per_s"] / max(bsum["records_per_second"], 1e-9), 3)
+    return out
+
+
+def _redis_version() -> str:
+    import subprocess
+
+    from vaestream.broker.server import server_path
+
+    return subprocess.run([server_path(), "--version"], capture_output=True, text=True).stdout.split()[2]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["all", "stream", "online"], default="all",
                     help="stream: the streaming encoder only; online: online learning and memory only")
+    ap.add_argument("--source", choices=["files", "redis"], default="files",
+                    help="stream: the watched folder (files) or a local redis-server stream (redis)")
+    ap.add_argument("--message-rate", type=float, default=0,
+                    help="--source redis: also offer this many records/s at one record per message (0: skip)")
+    ap.add_argument("--kill-rate", type=float, default=0,
+                    help="--source redis: kill -9 the job mid-stream at this rate and restart it (0: skip)")
+    ap.add_argument("--kill-duration", type=float, default=30.0, help="--source redis: seconds of the kill run")
+    ap.add_argument("--fsync", choices=["always", "everysec"], default="everysec",
+                    help="--source redis: the server's appendfsync (always: a few thousand appends/s on this disk)")
+    ap.add_argument("--batch-messages", type=int, default=400, help="--source redis: messages per read (round)")
+    ap.add_argument("--batch-records", type=int, default=600000,
+                    help="--source redis: records of the batch peer (the most records of a rate, at most this)")
     ap.add_argument("--files", type=int, default=40, help="online stream: files (half Fashion-MNIST, half MNIST)")
     ap.add_argument("--records", type=int, default=500, help="records per file (stream: at least)")
     ap.add_argument("--buffer", type=int, default=2000, help="replay buffer (the stream is files*records)")
@@ -319,7 +547,9 @@ def main(argv=None) -> dict:
            "load_average_start": os.getloadavg()[0],
            "model": "784-200-10 Bernoulli, pretrained on Fashion-MNIST", "pretrain_seconds": round(pre_s, 1),
            "argv": sys.argv[1:] if argv is None else argv}
-    if args.part in ("all", "stream"):
+    if args.part in ("all", "stream") and args.source == "redis":
+        res["broker"] = bench_broker(model, mnist, work, args)
+    elif args.part in ("all", "stream"):
         from vaestream.beam.scoring import ScoringModelHandler
 
         ScoringModelHandler(str(model)).load_model()  # a warm worker: the model in this process's cache
@@ -338,4 +568,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--publisher":   # the publisher process of --source redis
+        u, r, d, m, path = sys.argv[2:7]
+        print(json.dumps(run_publisher(u, float(r), float(d), int(m), path)))
+    else:
+        main()
