@@ -16,7 +16,7 @@ import dask.distributed  # noqa: E402,F401 (dask[distributed] is a dependency)
 
 from vaestream.beam.jobs import decode, encode, prepare  # noqa: E402
 from vaestream import beam as vb  # noqa: E402
-from vaestream import shards
+from vaestream import shardset  # noqa: E402
 from vaestream.beam import dask as beam_dask  # noqa: E402
 from vaestream.errors import DataError  # noqa: E402
 
@@ -41,7 +41,7 @@ def _dask(address: str) -> list[str]:
 
 
 def _dead_rows(out: Path) -> set[tuple]:
-    p = out / shards.DEAD_LETTER
+    p = out / shardset.DEAD_LETTER
     if not p.exists():
         return set()
     return {tuple(sorted(json.loads(line).items())) for line in p.read_text().splitlines() if line.strip()}
@@ -87,7 +87,7 @@ def test_prepare_encode_decode_on_dask_equal_fnapi(cluster, tmp_path, small_mode
     _same_summary(ps["fn"], ps["dask"])
     assert ps["dask"]["records"] == 357 and ps["dask"]["dead_lettered"] >= 2
     assert ps["dask"]["records_in"] == ps["dask"]["records"] + ps["dask"]["dead_lettered"]
-    mf, md = shards.read_manifest(tmp_path / "prep-fn"), shards.read_manifest(tmp_path / "prep-dask")
+    mf, md = shardset.read_manifest(tmp_path / "prep-fn"), shardset.read_manifest(tmp_path / "prep-dask")
     assert (mf.records, mf.content_hash, mf.dead_lettered) == (md.records, md.content_hash, md.dead_lettered)
     assert _record_rows((tmp_path / "prep-fn").glob("shard-*")) == _record_rows((tmp_path / "prep-dask").glob("shard-*"))
     assert _dead_rows(tmp_path / "prep-fn") == _dead_rows(tmp_path / "prep-dask") != set()

@@ -1,12 +1,11 @@
-"""The package layout (issue 13): old import paths reach the same objects, the library never imports
-``pipelines``, and the module-level import graph of ``vaestream`` has no cycle and follows the layers of
-ARCHITECTURE.md."""
+"""The package layout: the package's API names, the library never imports ``pipelines``, the import graph of
+``vaestream`` has no cycle (module-level imports, and imports inside functions too) and its module-level
+imports follow the layers of ARCHITECTURE.md."""
 
 from __future__ import annotations
 
 import ast
 import importlib
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,44 +25,6 @@ OLD_BEAM_NAMES = [
     "clear_outputs", "DataError", "ModelError", "ModelMismatchError"]
 BEAM_MODULES = ["elements", "formats", "readers", "validate", "sinks", "shards", "model_handler", "transforms",
                 "running"]
-
-
-def _public(module) -> list[str]:
-    names = getattr(module, "__all__", None)
-    if names is None:
-        names = [n for n, v in vars(module).items() if not n.startswith("_") and getattr(v, "__module__", None)
-                 == module.__name__]
-    return list(names)
-
-
-def _fresh_import(name: str):
-    """Import ``name`` as if for the first time (a moved path warns only when it is first imported)."""
-    parent, _, attr = name.rpartition(".")
-    sys.modules.pop(name, None)
-    if parent in sys.modules and attr in vars(sys.modules[parent]):
-        delattr(sys.modules[parent], attr)
-    return importlib.import_module(name)
-
-
-def _moved_modules():
-    from vaestream import _moved
-
-    return sorted(_moved.MOVED.items())
-
-
-@pytest.mark.parametrize("old,new", _moved_modules())
-def test_moved_module_is_the_same_module_and_warns(old, new):
-    new_mod = importlib.import_module(new)
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
-        old_mod = _fresh_import(old)
-    assert old_mod is new_mod
-    assert old_mod.__spec__.name == new  # the module keeps its own spec
-    for name in _public(new_mod):
-        assert getattr(old_mod, name) is getattr(new_mod, name), name
-    # `import vaestream; vaestream.codec` (the attribute, not the import statement) also works
-    import vaestream
-
-    assert getattr(vaestream, old.split(".", 1)[1]) is new_mod
 
 
 def test_top_level_api_unchanged():
@@ -107,26 +68,6 @@ def test_online_package_keeps_the_old_names():
     for name in ["OnlineConfig", "OnlineLearner", "LEDGER", "LOG", "DRIFT_LOG", "DEAD_LETTER", "MODEL"]:
         assert getattr(online, name) is getattr(learner, name)
     assert online.ReplayBuffer is replay.ReplayBuffer
-
-
-def test_shards_moved_names_warn_and_are_the_same_objects():
-    from vaestream import shards, shardset
-    from vaestream.beam.jobs import prepare
-
-    for name in ["Manifest", "read_manifest", "serialize_examples", "count_records", "MANIFEST", "DEAD_LETTER",
-                 "record_hash_sum", "is_shard_spec", "record_examples", "bytes_feature"]:
-        with pytest.warns(DeprecationWarning, match=f"vaestream.shards.{name} moved"):
-            assert getattr(shards, name) is getattr(shardset, name)
-    with pytest.warns(DeprecationWarning, match="vaestream.shards.prepare moved"):
-        assert shards.prepare is prepare.prepare
-
-
-def test_server_client_names_warn_and_are_the_same_objects():
-    from vaestream.serving import client, server
-
-    for name in ["Client", "GrpcClient", "load_inputs", "run_client"]:
-        with pytest.warns(DeprecationWarning, match=f"vaestream.serving.server.{name} moved"):
-            assert getattr(server, name) is getattr(client, name)
 
 
 def test_cli_entry_point_and_commands():
@@ -213,27 +154,60 @@ def _graph() -> dict[str, set[str]]:
     return {n: {i for i in _imports(n, module_level_only=True) if i in MODULES and i != n} for n in MODULES}
 
 
-def test_module_level_import_graph_has_no_cycle():
-    graph = _graph()
-    state: dict[str, int] = {}
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: its strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
     stack: list[str] = []
-    cycles = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
 
-    def dfs(n):
-        state[n] = 1
+    def visit(n: str) -> None:
+        index[n] = low[n] = len(index)
         stack.append(n)
+        on_stack.add(n)
         for m in sorted(graph[n]):
-            if state.get(m) == 1:
-                cycles.append(stack[stack.index(m):] + [m])
-            elif m not in state:
-                dfs(m)
-        stack.pop()
-        state[n] = 2
+            if m not in index:
+                visit(m)
+                low[n] = min(low[n], low[m])
+            elif m in on_stack:
+                low[n] = min(low[n], index[m])
+        if low[n] == index[n]:
+            component = []
+            while True:
+                m = stack.pop()
+                on_stack.discard(m)
+                component.append(m)
+                if m == n:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
 
     for n in sorted(graph):
-        if n not in state:
-            dfs(n)
-    assert cycles == []
+        if n not in index:
+            visit(n)
+    return found
+
+
+def test_module_level_import_graph_has_no_cycle():
+    assert _cycles(_graph()) == []
+
+
+# Packages whose lazy import circles are still tolerated: the coding core is being laid out again, and that
+# refactor removes this exemption (a circle with any module outside these packages fails already).
+LAZY_CYCLE_EXEMPT = ("vaestream.coding",)
+
+
+def _exempt(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in LAZY_CYCLE_EXEMPT)
+
+
+def test_import_graph_with_imports_inside_functions_has_no_cycle():
+    """Every import counts here, also those inside functions (lazy imports): a lazy import may reach upwards
+    without breaking a layer (the CLI imports its commands' modules lazily to start fast), but never close a
+    circle, which would make the order of first use matter."""
+    graph = {n: {i for i in _imports(n, module_level_only=False) if i in MODULES and i != n} for n in MODULES}
+    assert [c for c in _cycles(graph) if not all(_exempt(n) for n in c)] == []
 
 
 # which sub-packages each layer may import at module level (ARCHITECTURE.md, "the rule of imports")

@@ -19,7 +19,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from vaestream.beam.jobs import decode, encode, prepare
 from vaestream import beam as vb
-from vaestream import shards
+from vaestream import shards, shardset
 from vaestream.errors import ModelMismatchError
 
 TRAIN_KEY = "train-images-idx3-ubyte.gz:{:09d}"
@@ -57,14 +57,14 @@ def _untrained_model_dir(path: Path, config) -> Path:
 
 def test_prepare_writes_every_record_once_with_a_manifest(prepared, mnist_train):
     out, summary = prepared
-    m = shards.read_manifest(out)
+    m = shardset.read_manifest(out)
     assert summary["records_in"] == summary["records"] == m.records == 60000
     assert summary["dead_lettered"] == m.dead_lettered == 0
     assert (m.shape, m.dtype, m.value_min, m.value_max) == ((28, 28), "uint8", 0.0, 255.0)
     assert len(m.shards) == 4 and sum(s["records"] for s in m.shards) == 60000
     assert all(len(s["sha256"]) == 64 for s in m.shards)
     keys = [TRAIN_KEY.format(i) for i in range(60000)]
-    assert m.content_hash == f"{shards.record_hash_sum(keys, mnist_train):064x}"
+    assert m.content_hash == f"{shardset.record_hash_sum(keys, mnist_train):064x}"
     # the shards are shuffled: the first shard is not a run of consecutive records
     first = [k.decode() for k, _ in shards.read_shards(m.shard_paths()[0], batch_size=50, shuffle_buffer=0,
                                                        with_keys=True).take(1).unbatch().as_numpy_iterator()]
@@ -175,7 +175,7 @@ def _poisoned_inputs(d: Path, mnist_test: np.ndarray) -> tuple[list[str], set[st
     bad["broken.png"] = "not a readable PNG"
     # TFRecord of shard Examples, the last record cut short
     with tf.io.TFRecordWriter(str(d / "cut.tfrecord")) as w:
-        for raw_ex in shards.record_examples([f"tf:{i:03d}" for i in range(30)], mnist_test[470:500]):
+        for raw_ex in shardset.record_examples([f"tf:{i:03d}" for i in range(30)], mnist_test[470:500]):
             w.write(raw_ex)
     data = (d / "cut.tfrecord").read_bytes()
     (d / "cut.tfrecord").write_bytes(data[:-50])

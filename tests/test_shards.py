@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vaestream import shards
+from vaestream import shards, shardset
 from vaestream.errors import DataError
 
 
@@ -26,9 +26,9 @@ def test_serialize_examples_matches_protobuf(keys):
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 256, (3, 4, 5), dtype=np.uint8)
     floats = rng.normal(size=(3, 7)).astype(np.float32)
-    got = shards.serialize_examples(keys, rows={"data": rows}, floats={"mean": floats},
-                                    constants={"fingerprint": shards.bytes_feature([b"f" * 64]),
-                                               "shape": shards.int64_feature([4, 5, 300])})
+    got = shardset.serialize_examples(keys, rows={"data": rows}, floats={"mean": floats},
+                                      constants={"fingerprint": shardset.bytes_feature([b"f" * 64]),
+                                                 "shape": shardset.int64_feature([4, 5, 300])})
     for i, raw in enumerate(got):
         want = tf.train.Example(features=tf.train.Features(feature={
             "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[keys[i].encode()])),
@@ -45,11 +45,11 @@ def test_serialize_examples_matches_protobuf(keys):
 
 
 def test_serialize_variable_bytes_feature():
-    got = shards.serialize_examples(["k1", "k2"], variable={"code": [b"\x00\x01" * 100, b""]})
+    got = shardset.serialize_examples(["k1", "k2"], variable={"code": [b"\x00\x01" * 100, b""]})
     assert _parse(got[0])["code"] == [b"\x00\x01" * 100]
     assert _parse(got[1])["code"] == [b""]
     with pytest.raises(ValueError):
-        shards.int64_feature([-1])
+        shardset.int64_feature([-1])
 
 
 def test_content_hash_is_order_independent():
@@ -57,13 +57,13 @@ def test_content_hash_is_order_independent():
     recs = rng.integers(0, 256, (50, 9), dtype=np.uint8)
     keys = [f"r{i}" for i in range(50)]
     perm = rng.permutation(50)
-    whole = shards.record_hash_sum(keys, recs)
-    parts = (shards.record_hash_sum([keys[i] for i in perm[:20]], recs[perm[:20]])
-             + shards.record_hash_sum([keys[i] for i in perm[20:]], recs[perm[20:]])) % (1 << 256)
+    whole = shardset.record_hash_sum(keys, recs)
+    parts = (shardset.record_hash_sum([keys[i] for i in perm[:20]], recs[perm[:20]])
+             + shardset.record_hash_sum([keys[i] for i in perm[20:]], recs[perm[20:]])) % (1 << 256)
     assert whole == parts
     recs2 = recs.copy()
     recs2[3, 0] ^= 1
-    assert shards.record_hash_sum(keys, recs2) != whole
+    assert shardset.record_hash_sum(keys, recs2) != whole
 
 
 def _write_set(tmp_path, records: np.ndarray, n_files: int = 3) -> str:
@@ -73,14 +73,14 @@ def _write_set(tmp_path, records: np.ndarray, n_files: int = 3) -> str:
     for s, idx in enumerate(np.array_split(np.arange(len(records)), n_files)):
         name = f"shard-{s:05d}-of-{n_files:05d}.tfrecord"
         with tf.io.TFRecordWriter(str(tmp_path / name)) as w:
-            for raw in shards.record_examples([keys[i] for i in idx], records[idx]):
+            for raw in shardset.record_examples([keys[i] for i in idx], records[idx]):
                 w.write(raw)
         entries.append({"path": name, "records": len(idx), "bytes": (tmp_path / name).stat().st_size, "sha256": ""})
-    m = shards.Manifest(records=len(records), shape=records.shape[1:], dtype=records.dtype.name,
-                        scale=1 / 255 if records.dtype == np.uint8 else 1.0, value_min=float(records.min()),
-                        value_max=float(records.max()), shards=entries,
-                        content_hash=f"{shards.record_hash_sum(keys, records):064x}")
-    (tmp_path / shards.MANIFEST).write_text(m.to_json())
+    m = shardset.Manifest(records=len(records), shape=records.shape[1:], dtype=records.dtype.name,
+                          scale=1 / 255 if records.dtype == np.uint8 else 1.0, value_min=float(records.min()),
+                          value_max=float(records.max()), shards=entries,
+                          content_hash=f"{shardset.record_hash_sum(keys, records):064x}")
+    (tmp_path / shardset.MANIFEST).write_text(m.to_json())
     return str(tmp_path)
 
 
@@ -88,7 +88,7 @@ def test_read_shards_streams_every_record_once(tmp_path):
     rng = np.random.default_rng(2)
     recs = rng.integers(0, 256, (1000, 6, 5), dtype=np.uint8)
     d = _write_set(tmp_path, recs)
-    assert shards.is_shard_spec(d) and shards.is_shard_spec(d + "/manifest.json")
+    assert shardset.is_shard_spec(d) and shardset.is_shard_spec(d + "/manifest.json")
     got_keys, got = [], []
     for keys, x in shards.read_shards(d, batch_size=64, shuffle_buffer=200, seed=3, with_keys=True):
         assert x.dtype == tf.uint8 and tuple(x.shape[1:]) == (6, 5) and x.shape[0] <= 64
@@ -110,25 +110,25 @@ def test_read_shards_streams_every_record_once(tmp_path):
     n = sum(int(b.shape[0]) for b in shards.read_shards(str(tmp_path / "shard-*.tfrecord"), batch_size=128,
                                                          shuffle_buffer=0))
     assert n == 1000
-    assert sum(shards.count_records(shards.read_manifest(d).shard_paths()).values()) == 1000
+    assert sum(shardset.count_records(shardset.read_manifest(d).shard_paths()).values()) == 1000
 
 
 def test_bad_manifest_and_missing_shards_raise(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DataError, match="not a vaestream-shards/1 manifest"):
-        shards.read_manifest(tmp_path)
+        shardset.read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="manifest"):
-        shards.read_manifest(tmp_path / "manifest.json")
+        shardset.read_manifest(tmp_path / "manifest.json")
     with pytest.raises(DataError, match="no shard files match"):
         shards.read_shards(str(tmp_path / "nothing-*.tfrecord"))
     bad = tmp_path / "trunc.tfrecord"
     with tf.io.TFRecordWriter(str(bad)) as w:
-        for raw in shards.record_examples(["a", "b"], np.zeros((2, 30), np.uint8)):
+        for raw in shardset.record_examples(["a", "b"], np.zeros((2, 30), np.uint8)):
             w.write(raw)
     bad.write_bytes(bad.read_bytes()[:-9])
     with pytest.raises(DataError, match="corrupt or truncated"):
-        shards.count_records([str(bad)])
+        shardset.count_records([str(bad)])
 
 
 def test_train_from_shards_resumes_exactly(tmp_path):

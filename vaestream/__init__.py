@@ -10,9 +10,6 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, whenever it is imported
 
-from vaestream import _moved
-
-_moved.install()  # before anything imports an old module path
 from vaestream.errors import (BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError,  # noqa: E402
                               VaestreamError)
 
@@ -25,21 +22,20 @@ _LAZY = {"load": "vaestream.coding.codec", "ModelConfig": "vaestream.config", "V
 
 
 def __getattr__(name: str):
-    """The lazily imported public names (:data:`_LAZY`), the sub-modules, and the moved module paths
-    (:mod:`vaestream._moved`, with a warning)."""
+    """The lazily imported public names (:data:`_LAZY`) and the sub-modules."""
     module = _LAZY.get(name)
     if module is not None:
         value = getattr(_importlib.import_module(module), name)
         globals()[name] = value  # the next access is a plain attribute
         return value
-    if f"{__name__}.{name}" not in _moved.MOVED and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+    if _importlib_util.find_spec(f"{__name__}.{name}") is not None:
         return _importlib.import_module(f"{__name__}.{name}")  # a sub-module, as ``import vaestream`` used to load
-    return _moved.module_getattr(__name__, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["codec", "load", "ModelConfig", "VAE", "TrainConfig", "Trainer", "train", "load_model", "VaestreamError",
+__all__ = ["load", "ModelConfig", "VAE", "TrainConfig", "Trainer", "train", "load_model", "VaestreamError",
            "DataError", "ConfigError", "ModelError", "BitstreamError", "ModelMismatchError"]

@@ -55,8 +55,8 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _shard_share(shard_dir: str, index: int, workers: int) -> tuple[list[str], list[int], float, tuple]:
-    """(this worker's shard paths, every worker's record count, scale, shape) from the manifest."""
+def _shard_share(shard_dir: str, index: int, workers: int) -> tuple[list[str], list[int], float, tuple, str]:
+    """(this worker's shard paths, every worker's record count, scale, shape, dtype) from the manifest."""
     from vaestream import shardset
 
     m = shardset.read_manifest(shard_dir)
@@ -66,19 +66,7 @@ def _shard_share(shard_dir: str, index: int, workers: int) -> tuple[list[str], l
         raise ConfigError(f"{m.path}: {len(entries)} shards for {workers} workers; prepare at least one a worker")
     counts = [sum(e["records"] for e in entries[j::workers]) for j in range(workers)]
     paths = [e["path"] if os.path.isabs(e["path"]) else os.path.join(base, e["path"]) for e in entries[index::workers]]
-    return paths, counts, float(m.scale), tuple(m.shape)
-
-
-def _load_records(paths: list[str]) -> np.ndarray:
-    from vaestream import beam as vb
-
-    parts = []
-    for p in paths:
-        for b in vb.read_range({"path": p, "kind": "tfrecord", "start": 0, "stop": None}, 65536):
-            if not isinstance(b, vb.RecordBatch):
-                raise ModelError(f"{p}: unreadable shard ({b.reason})")
-            parts.append(b.records)
-    return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+    return paths, counts, float(m.scale), tuple(m.shape), m.dtype
 
 
 def _worker(spec: dict) -> None:
@@ -86,14 +74,15 @@ def _worker(spec: dict) -> None:
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    from vaestream.training import Trainer, TrainConfig
     from vaestream.model import VAE
+    from vaestream.shards import read_records
+    from vaestream.training import Trainer, TrainConfig
 
     i, n = int(spec["index"]), int(spec["workers"])
     cfg = dataclasses.replace(TrainConfig(**spec["train_config"]), jit=False)
     config = ModelConfig.from_dict(spec["config"])
-    paths, counts, scale, shape = _shard_share(spec["shards"], i, n)
-    x_all = _load_records(paths).reshape(-1, int(np.prod(shape)))
+    paths, counts, scale, shape, dtype = _shard_share(spec["shards"], i, n)
+    x_all = read_records(paths, shape, dtype).reshape(-1, int(np.prod(shape)))
     mb = cfg.batch_size // n
     steps_per_epoch = min(counts) // mb
     if steps_per_epoch < 1:

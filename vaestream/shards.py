@@ -5,9 +5,9 @@
 batching, parallel parsing, prefetch): memory is bounded by the shuffle buffer, not by the data size.
 :func:`train_from_shards` trains a model on a shard set with :class:`vaestream.training.Trainer`.
 
-The wire-format names this module had (``Manifest``, ``read_manifest``, ``serialize_examples``,
-``count_records``, ...) live in :mod:`vaestream.shardset`; ``prepare`` (run the prepare job) lives in
-:mod:`vaestream.beam.jobs.prepare`. Both stay reachable from here for one release, with a DeprecationWarning.
+:func:`read_records` reads whole shard files into memory (a distributed worker's share). The wire format and
+the manifest are :mod:`vaestream.shardset`'s; the prepare job that writes a shard set is
+:mod:`vaestream.beam.jobs.prepare`.
 """
 
 from __future__ import annotations
@@ -21,28 +21,6 @@ import numpy as np
 
 from vaestream.errors import ConfigError, DataError
 from vaestream import shardset
-
-_MOVED_TO_SHARDSET = ("FORMAT", "MANIFEST", "DEAD_LETTER", "SHARD_PREFIX", "SHARD_SUFFIX", "bytes_feature",
-                      "int64_feature", "serialize_examples", "record_examples", "record_hash_sum", "Manifest",
-                      "read_manifest", "is_shard_spec", "count_records")
-
-
-def __getattr__(name: str):
-    """The names that moved to the package-by-concept layout, kept for one release with a DeprecationWarning."""
-    from vaestream import _moved
-
-    if name in _MOVED_TO_SHARDSET:
-        from vaestream import shardset
-
-        _moved.moved_warning(f"{__name__}.{name}", f"vaestream.shardset.{name}")
-        return getattr(shardset, name)
-    if name == "prepare":
-        from vaestream.beam.jobs import prepare
-
-        _moved.moved_warning(f"{__name__}.prepare", "vaestream.beam.jobs.prepare.prepare")
-        return prepare.prepare
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # reading with tf.data
@@ -134,6 +112,32 @@ def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuff
 
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(prefetch)
+
+
+def read_records(paths: Sequence[str], shape: Sequence[int], dtype: str, batch_size: int = 65536) -> np.ndarray:
+    """Every record of the shard files ``paths``, file after file and in file order, as one ``[n, *shape]``
+    array of the stored ``dtype`` (the manifest's). For a share that fits in memory (a
+    :mod:`vaestream.distributed` worker's); :func:`read_shards` streams instead.
+
+    Raises:
+      DataError: a file is not a readable shard file (corrupt or truncated TFRecord data, records of
+        another shape or dtype); the message names the file.
+    """
+    import tensorflow as tf
+
+    shape, dt = tuple(int(v) for v in shape), np.dtype(dtype)
+    tf_dtype = tf.as_dtype(dt)
+    spec = {"data": tf.io.FixedLenFeature([], tf.string)}
+    parts = []
+    for path in paths:
+        try:
+            for raw in tf.data.TFRecordDataset(str(path), buffer_size=1 << 20).batch(batch_size):
+                data = tf.io.parse_example(raw, spec)["data"]
+                parts.append(tf.io.decode_raw(data, tf_dtype, little_endian=True).numpy().reshape((-1,) + shape))
+        except (tf.errors.OpError, ValueError) as e:
+            msg = (e.message if isinstance(e, tf.errors.OpError) else str(e)).split("}}")[-1].strip()
+            raise DataError(f"{path}: unreadable shard file ({msg.splitlines()[0]})") from None
+    return np.concatenate(parts) if parts else np.zeros((0,) + shape, dt)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ _MODULES = {
     "transforms": "code_files Decode Encode first_fingerprint read_codes ReadCodes",
     "running": ("check_counts clear_outputs count_lines count_written counters file_sizes freeze_startup_heap "
                 "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json "
-                "finish_job dask_alternative job_started check_output clear_temporary input_bytes BEAM_TEMP"),
+                "finish_job run_batch_job job_started check_output clear_temporary input_bytes BEAM_TEMP"),
     "vaestream.errors": "DataError JobFailedError ModelError ModelMismatchError",
 }
 _HOMES = {name: module if "." in module else f"vaestream.beam.{module}"

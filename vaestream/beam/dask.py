@@ -414,69 +414,29 @@ def _finish(job: str, parts: list[dict], staging: str, args: argparse.Namespace,
                          max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
 
 
-def run_encode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
-    """pipelines/encode.py on the Dask runner (TFRecord output)."""
-    from vaestream.beam.jobs import encode as encode_job
-    from vaestream.beam.jobs.encode import CODES, SUMMARY
-
-    if args.output_format != "tfrecord":
-        raise DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format tfrecord); "
-                                   "Beam's Parquet sink needs side inputs the Dask runner recomputes")
-    encode_job.check_coder(args)
-    encode_job.check_coder_model(args)  # a model without coder tables: refused before the cluster starts
-    config = vb.read_model_config(args.model, args.saved_model)
-    out = args.output.rstrip("/")
-    paths = vb.expand_inputs(args.input, args.split)
-    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
-    tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
-    handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size,
-                                 **encode_job.coder_options(args))
-    check = encode_job.validation(config, args).fn
+def run_coding(job: str, sources: Sequence[Any], handler: vb.VAEModelHandler, args: argparse.Namespace,
+               pipeline_args: Sequence[str], out: str, prefix: str, extra: dict, check=None, coded: bool = False,
+               summary_file: str = "summary.json", inputs: Sequence[str] = (), ratio: bool = False) -> dict:
+    """The encode or decode job (``job``) on the cluster, as one linear graph: ``Create(sources)`` (encode: read
+    tasks of :func:`vaestream.beam.plan_reads`; decode: code files) ``-> ParDo(read, check, code, write one part
+    a source)``; then the parts committed as ``OUT/PREFIX-i-of-n.tfrecord`` with their dead letters, the summary
+    written and the output contract checked. The jobs call it (``vaestream.beam.jobs.encode.run_on_dask``)."""
+    step, label = ("ReadTasks", "ReadEncodeWrite") if job == "encode" else ("CodeFiles", "ReadDecodeWrite")
 
     def build(p, staging):
-        _ = (p | "ReadTasks" >> beam.Create(tasks)
-             | "ReadEncodeWrite" >> beam.ParDo(_CodecTaskFn("encode", staging, handler, args.chunk_size,
-                                                            args.feature, check)))
+        fn = _CodecTaskFn(job, staging, handler, args.chunk_size, getattr(args, "feature", "x"), check,
+                          getattr(args, "output_dtype", "float32"))
+        _ = p | step >> beam.Create(list(sources)) | label >> beam.ParDo(fn)
 
-    parts, staging, _ = _run("encode", out, pipeline_args, build)
-    return _finish("encode", parts, staging, args, out, CODES,
-                   {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
-                    "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY,
-                   inputs=paths, ratio=True)
+    parts, staging, _ = _run(job, out, pipeline_args, build)
+    return _finish(job, parts, staging, args, out, prefix, extra, coded, summary_file, inputs=inputs, ratio=ratio)
 
 
-def run_decode(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
-    """pipelines/decode.py on the Dask runner (TFRecord output)."""
-    from vaestream.beam.jobs.decode import RECON, SUMMARY, check_fingerprint
-
-    if args.output_format != "tfrecord":
-        raise DaskUnsupportedError("decode on the DaskRunner writes TFRecord only (--output_format tfrecord)")
-    paths = vb.code_files(args.input)
-    fingerprint = check_fingerprint(paths, args.model, args.saved_model)
-    out = args.output.rstrip("/")
-    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
-    handler = vb.VAEModelHandler(args.model, args.saved_model, "decode", args.batch_size)
-
-    def build(p, staging):
-        _ = (p | "CodeFiles" >> beam.Create(paths)
-             | "ReadDecodeWrite" >> beam.ParDo(_CodecTaskFn("decode", staging, handler, args.chunk_size,
-                                                            output_dtype=args.output_dtype)))
-
-    parts, staging, _ = _run("decode", out, pipeline_args, build)
-    return _finish("decode", parts, staging, args, out, RECON,
-                   {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                    "output_format": args.output_format, "output_dtype": args.output_dtype}, summary_file=SUMMARY,
-                   inputs=paths)
-
-
-def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
-    """pipelines/prepare.py on the Dask runner: the same shuffle (buckets seeded as on every runner), one
-    shard file per bucket, the manifest written by the client after the shards are final."""
-    from vaestream.beam.jobs.prepare import finish_prepare, settle
-
-    paths, shape, dtype, scale, likelihood, out = settle(args)
-    tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
-    check = vb.Validate(shape, likelihood, dtype, args.scale).fn
+def write_shard_set(tasks: Sequence[dict], args: argparse.Namespace, pipeline_args: Sequence[str], out: str,
+                    check, shape: Sequence[int], dtype: str, scale: float, paths: Sequence[str]) -> dict:
+    """The prepare job's shuffle on the cluster: the same buckets as on every runner (seeded by ``args.seed``),
+    one shard file written per bucket, the manifest written here once the shards are final. Returns the
+    job's counts; the job (``vaestream.beam.jobs.prepare.run_on_dask``) writes its summary."""
     n = int(args.num_shards)
 
     def build(p, staging):
@@ -510,4 +470,4 @@ def run_prepare(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict:
                                    dtype, scale, paths)
     finally:
         _remove(staging)
-    return finish_prepare(None, args, out, paths, counts=counts)
+    return counts

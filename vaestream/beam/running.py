@@ -315,40 +315,29 @@ def finish_job(job: str, result, started: float, out: str, output_pattern: str, 
 
 
 def job_started(args) -> float:
-    """When the job of ``args`` started (``time.perf_counter()``), as :func:`dask_alternative` noted it; now if
+    """When the job of ``args`` started (``time.perf_counter()``), as :func:`run_batch_job` noted it; now if
     it did not."""
     import time
 
     return getattr(args, "started", None) or time.perf_counter()
 
 
-def dask_alternative(dask_function: str):
-    """Decorate a job's ``run_job(args, pipeline_args)``: note the job's start in ``args.started`` (its summary's
-    wall ``seconds`` count from there) and clear the ``beam-temp-*`` folders of earlier runs under
-    ``args.output`` (and of this one if it fails); with Beam's DaskRunner in ``pipeline_args`` the job runs as
-    :mod:`vaestream.beam.dask`'s ``dask_function`` instead (a linear graph, our own commit)."""
-    import functools
+def run_batch_job(run, args, pipeline_args: Sequence[str]) -> dict:
+    """A batch job's ``run(args, pipeline_args)`` (its Beam pipeline or its Dask path, chosen by the job): note
+    the job's start in ``args.started`` (its summary's wall ``seconds`` count from there), clear the
+    ``beam-temp-*`` folders of earlier runs under ``args.output`` before it, and this run's when it fails
+    (unless it failed its output contract: :class:`JobFailedError` leaves every file it wrote)."""
+    import time
 
-    def wrap(run_job):
-        @functools.wraps(run_job)
-        def run(args, pipeline_args):
-            import time
-
-            from vaestream.beam import dask as beam_dask
-
-            args.started = time.perf_counter()
-            out = getattr(args, "output", None)
-            if out:
-                clear_temporary(out)
-            try:
-                if beam_dask.wants_dask(pipeline_args):
-                    return getattr(beam_dask, dask_function)(args, pipeline_args)
-                return run_job(args, pipeline_args)
-            except JobFailedError:
-                raise
-            except BaseException:
-                if out:
-                    clear_temporary(out)
-                raise
-        return run
-    return wrap
+    args.started = time.perf_counter()
+    out = getattr(args, "output", None)
+    if out:
+        clear_temporary(out)
+    try:
+        return run(args, pipeline_args)
+    except JobFailedError:
+        raise
+    except BaseException:
+        if out:
+            clear_temporary(out)
+        raise

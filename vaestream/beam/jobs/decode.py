@@ -17,6 +17,7 @@ import argparse
 import apache_beam as beam
 
 from vaestream import beam as vb
+from vaestream.beam import dask as beam_dask
 from vaestream.beam.jobs import options
 from vaestream import shardset
 from vaestream.errors import ModelMismatchError
@@ -78,11 +79,17 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
     return {"output": out, "config": config}
 
 
-@vb.dask_alternative("run_decode")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the decode job; returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
+    """Run the decode job on the runner ``pipeline_args`` name: Beam's (:func:`run_on_beam`) or, with the Dask
+    runner, :func:`run_on_dask`. Returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
     :class:`vaestream.errors.JobFailedError` (after writing it) when no record was written or more than
     ``--max_dead_letter_fraction`` of the codes read were dead-lettered."""
+    run = run_on_dask if beam_dask.wants_dask(pipeline_args) else run_on_beam
+    return vb.run_batch_job(run, args, pipeline_args)
+
+
+def run_on_beam(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """The decode job's Beam pipeline (:func:`build`) on the runner ``pipeline_args`` name."""
     paths = vb.code_files(args.input)
     # loaded once: held here for the whole job, the workers of an in-process runner reuse it
     # (VAEModelHandler.load_model -> LoadedVAE.load(reuse=True)) instead of loading it a second time
@@ -99,6 +106,22 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
                              max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
     finally:
         del model
+
+
+def run_on_dask(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """The decode job on Beam's Dask runner (:func:`vaestream.beam.dask.run_coding`; TFRecord output only)."""
+    if args.output_format != "tfrecord":
+        raise beam_dask.DaskUnsupportedError("decode on the DaskRunner writes TFRecord only (--output_format "
+                                             "tfrecord)")
+    paths = vb.code_files(args.input)
+    fingerprint = check_fingerprint(paths, args.model, args.saved_model)
+    out = args.output.rstrip("/")
+    vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
+    handler = vb.VAEModelHandler(args.model, args.saved_model, "decode", args.batch_size)
+    return beam_dask.run_coding("decode", paths, handler, args, pipeline_args, out, RECON,
+                                {"model": args.model or args.saved_model, "fingerprint": fingerprint,
+                                 "output_format": args.output_format, "output_dtype": args.output_dtype},
+                                summary_file=SUMMARY, inputs=paths)
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -22,6 +22,7 @@ import sys
 import apache_beam as beam
 
 from vaestream import beam as vb
+from vaestream.beam import dask as beam_dask
 from vaestream.beam.jobs import options
 from vaestream import shardset
 from vaestream.errors import ConfigError
@@ -86,11 +87,17 @@ def validation(config, args: argparse.Namespace) -> vb.Validate:
     return vb.Validate(config.input_shape, config.likelihood, extra.pop("dtype", None), args.scale, **extra)
 
 
-@vb.dask_alternative("run_encode")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the encode job; returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
+    """Run the encode job on the runner ``pipeline_args`` name: Beam's (:func:`run_on_beam`) or, with the Dask
+    runner, :func:`run_on_dask`. Returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
     :class:`vaestream.errors.JobFailedError` (after writing it) when no record was written or more than
     ``--max_dead_letter_fraction`` of them were dead-lettered."""
+    run = run_on_dask if beam_dask.wants_dask(pipeline_args) else run_on_beam
+    return vb.run_batch_job(run, args, pipeline_args)
+
+
+def run_on_beam(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """The encode job's Beam pipeline (:func:`build`) on the runner ``pipeline_args`` name."""
     check_coder(args)
     held = check_coder_model(args)  # noqa: F841 (kept alive for the workers)
     result, _, info = vb.build_and_run(pipeline_args, build, args)
@@ -101,6 +108,27 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
                           "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY,
                          inputs=info["inputs"], ratio=True,
                          max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
+
+
+def run_on_dask(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """The encode job on Beam's Dask runner (:func:`vaestream.beam.dask.run_coding`; TFRecord output only)."""
+    if args.output_format != "tfrecord":
+        raise beam_dask.DaskUnsupportedError("encode on the DaskRunner writes TFRecord only (--output_format "
+                                             "tfrecord); Beam's Parquet sink needs side inputs the Dask runner "
+                                             "recomputes")
+    check_coder(args)
+    check_coder_model(args)  # a model without coder tables: refused before the cluster starts
+    config = vb.read_model_config(args.model, args.saved_model)
+    out = args.output.rstrip("/")
+    paths = vb.expand_inputs(args.input, args.split)
+    vb.clear_outputs(f"{out}/{CODES}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
+    tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
+    handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size, **coder_options(args))
+    return beam_dask.run_coding("encode", tasks, handler, args, pipeline_args, out, CODES,
+                                {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
+                                 "output_format": args.output_format, "coder": args.coder or False},
+                                check=validation(config, args).fn, coded=bool(args.coder), summary_file=SUMMARY,
+                                inputs=paths, ratio=True)
 
 
 def run(argv: list[str] | None = None) -> dict:

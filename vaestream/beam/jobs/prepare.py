@@ -20,6 +20,7 @@ from typing import Sequence
 import apache_beam as beam
 
 from vaestream import beam as vb
+from vaestream.beam import dask as beam_dask
 from vaestream.beam.jobs import options
 from vaestream import data, shardset
 from vaestream.beam.running import check_output
@@ -61,14 +62,30 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     return {"output": out, "shape": list(shape), "dtype": dtype, "inputs": paths}
 
 
-@vb.dask_alternative("run_prepare")
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
-    """Run the prepare job; returns its summary (see :func:`vaestream.beam.job_summary`). Raises
+    """Run the prepare job on the runner ``pipeline_args`` name: Beam's (:func:`run_on_beam`) or, with the Dask
+    runner, :func:`run_on_dask`. Returns its summary (see :func:`vaestream.beam.job_summary`). Raises
     :class:`vaestream.errors.JobFailedError` (after writing the shards and the manifest) when no record was
     written or more than ``--max_dead_letter_fraction`` of them were dead-lettered."""
+    run = run_on_dask if beam_dask.wants_dask(pipeline_args) else run_on_beam
+    return vb.run_batch_job(run, args, pipeline_args)
+
+
+def run_on_beam(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """The prepare job's Beam pipeline (:func:`build`) on the runner ``pipeline_args`` name."""
     result, _, info = vb.build_and_run(pipeline_args, build, args)
     out = info["output"]
     return finish_prepare(result, args, out, info["inputs"])
+
+
+def run_on_dask(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
+    """The prepare job on Beam's Dask runner (:func:`vaestream.beam.dask.write_shard_set`): the same shuffle and
+    shard set as on every runner."""
+    paths, shape, dtype, scale, likelihood, out = settle(args)
+    tasks = [t for p in paths for t in vb.plan_reads(p, args.split_records)]
+    check = vb.Validate(shape, likelihood, dtype, args.scale).fn
+    counts = beam_dask.write_shard_set(tasks, args, pipeline_args, out, check, shape, dtype, scale, paths)
+    return finish_prepare(None, args, out, paths, counts=counts)
 
 
 def finish_prepare(result, args: argparse.Namespace, out: str, inputs: Sequence[str],
