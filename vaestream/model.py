@@ -163,19 +163,13 @@ class VAE(tf.Module):
             return tf.round(x * DISCRETE_LEVELS)
         return x
 
-    # -- conveniences over vaestream.objective -------------------------------------------------------------
+    # -- the objective ---------------------------------------------------------------------------------------
     def elbo(self, x, estimator: str = "B", num_samples: int = 1, seed=None) -> dict[str, tf.Tensor]:
-        """Per-record ELBO and its terms, in nats: see :func:`vaestream.objective.elbo`."""
+        """Per-record ELBO and its terms, in nats: :func:`vaestream.objective.elbo` of this model (call that:
+        the objective lives outside the model)."""
         from vaestream.objective import elbo
 
-        return elbo(self, tf.convert_to_tensor(x, tf.float32), estimator=estimator,
-                    num_samples=num_samples, seed=seed)
-
-    def log_likelihood(self, x, k: int = 5000, batch_size: int = 100, seed: int = 0) -> np.ndarray:
-        """Importance-sampled log p(x) per record, in nats: see :func:`vaestream.objective.log_likelihood`."""
-        from vaestream.objective import log_likelihood
-
-        return log_likelihood(self, x, k=k, batch_size=batch_size, seed=seed)
+        return elbo(self, x, estimator=estimator, num_samples=num_samples, seed=seed)
 
     # -- identity -------------------------------------------------------------------------------------------
     def weights(self) -> list[tf.Variable]:

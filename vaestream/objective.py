@@ -85,7 +85,7 @@ def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=N
 
     Args:
       model: a :class:`vaestream.model.VAE`.
-      x: ``[B, D]`` float32 records.
+      x: ``[B, D]`` records (model inputs; an array or tensor, taken as float32).
       estimator: ``"A"`` or ``"B"`` (see the module docstring).
       num_samples: L, the number of z samples per record.
       seed: an int or a ``[2]`` int tensor (a stateless seed: the same seed gives the same samples), or None.
@@ -103,6 +103,7 @@ def elbo(model, x: tf.Tensor, estimator: str = "B", num_samples: int = 1, seed=N
     """
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator {estimator!r} is not one of {ESTIMATORS}")
+    x = tf.convert_to_tensor(x, tf.float32)
     if model.config.hierarchical:
         return elbo_two_layers(model, x, estimator, num_samples, seed, rng_alg)
     closed_form = closed_form and estimator == "B" and model.config.likelihood in CLOSED_FORM_LIKELIHOODS
