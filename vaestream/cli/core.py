@@ -138,7 +138,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         from vaestream.cli.stream import follow_from_train
 
         return follow_from_train(a, tc)
-    from vaestream.shards import is_shard_spec, train_from_shards
+    from vaestream.shards import train_from_shards
+    from vaestream.shardset import is_shard_spec
 
     test_spec = a.test_data or (a.data if _has_test_split(a.data) else None)
     test_ds = load_dataset(test_spec, "test", a.likelihood, tc.binarize, a.key, a.scale) if test_spec else None
