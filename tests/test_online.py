@@ -58,6 +58,7 @@ def test_replay_buffer_is_a_bounded_ring():
 def test_online_training_lowers_heldout_negative_elbo_and_publishes(mnist_train, mnist_test, tmp_path):
     from vaestream.model import VAE
     from vaestream.online import OnlineConfig, OnlineLearner
+    from vaestream.online.publisher import load_published
     from vaestream.online.registry import Registry
     from vaestream.training import dataset_elbo
 
@@ -71,9 +72,14 @@ def test_online_training_lowers_heldout_negative_elbo_and_publishes(mnist_train,
     before = dataset_elbo(VAE(dataclasses.replace(mc, input_dim=784, input_shape=(28, 28)), seed=tc.seed), held)
     learner = OnlineLearner(tmp_path / "work", registry=tmp_path / "reg", model_config=mc, train_config=tc,
                             online_config=oc)
-    seen = []
+    seen, holdouts = [], {}
+
+    def on_file(rec: dict) -> None:  # the learner's hold-out set as each file leaves it (a checkpoint judges it)
+        seen.append(rec)
+        holdouts[int(learner.trainer.step.numpy())] = learner.holdout.contents().copy()
+
     summary = learner.follow(str(tmp_path / "in" / "*.npy"), poll_interval=0.05, idle_timeout=0.2,
-                             on_file=seen.append)
+                             on_file=on_file)
     after = dataset_elbo(learner.model, held)
     assert summary["files"] == 8 and [r["source"] for r in seen] == [str(f) for f in files]
     assert after["elbo"] > before["elbo"] + 100, (before, after)  # -ELBO on unseen MNIST test records falls
@@ -82,12 +88,26 @@ def test_online_training_lowers_heldout_negative_elbo_and_publishes(mnist_train,
     led = json.loads((tmp_path / "work" / "ledger.json").read_text())
     assert len(led["files"]) == 8 and led["records_trained"] + led["records_held_out"] == 8 * 400
     assert led["records_held_out"] == 8 * 40
-    # versions were published as the held-out bound improved, each better than the one before
+    # versions were published as the held-out bound improved: each decision is checked against ELBOs computed
+    # here, of the registry's SavedModels, on the hold-out set of the checkpoint that was judged
     reg = Registry(tmp_path / "reg")
     log = reg.log()
     assert reg.versions() == [r["version"] for r in log] and len(log) >= 2
-    assert all(b["holdout_elbo"] > a["holdout_elbo"] or b["holdout_elbo"] > (b["previous_elbo"] or -1e9)
-               for a, b in zip(log, log[1:]))
+    published = [load_published(reg, r["version"], learner.model.config) for r in log]
+    assert all(m is not None and m.fingerprint() == r["fingerprint"] for m, r in zip(published, log))
+    for i, r in enumerate(log):
+        h = holdouts[r["step"]].astype(np.float32) * np.float32(1.0 / 255.0)
+        mine = dataset_elbo(published[i], h, seed=oc.seed, jit_compile=False)["elbo"]
+        assert mine == pytest.approx(r["holdout_elbo"], rel=1e-4), (i, mine, r)
+        if i == 0:
+            assert r["previous_elbo"] is None
+            continue
+        prev = dataset_elbo(published[i - 1], h, seed=oc.seed, jit_compile=False)["elbo"]
+        assert prev == pytest.approx(r["previous_elbo"], rel=1e-4), (i, prev, r)
+        assert mine > prev + oc.publish_min_improvement, (i, mine, prev)
+    # and on records no version saw (the MNIST test set), each version is better than the one before
+    unseen = [dataset_elbo(m, held, seed=oc.seed, jit_compile=False)["elbo"] for m in published]
+    assert all(b > a for a, b in zip(unseen, unseen[1:])), unseen
     assert led["published"]["version"] == reg.versions()[-1]
     assert reg.latest().fingerprint == learner.model.fingerprint()
     drift = [json.loads(s) for s in (tmp_path / "work" / "drift.jsonl").read_text().splitlines()]
@@ -138,7 +158,10 @@ def test_kill_resumes_without_losing_or_double_counting_files(mnist_train, tmp_p
     assert names == [f.name for f in files]                     # each file once, in arrival order
     assert led["records_trained"] == 6 * 200                     # nothing lost, nothing counted twice
     assert [Path(f["path"]).name for f in led["rejected"]] == ["part-bad.npy"]
-    assert "not a readable NumPy file" in led["rejected"][0]["reason"] or "part-bad.npy" in led["rejected"][0]["reason"]
+    bad = str(tmp_path / "in" / "part-bad.npy")  # the reason names the file and its problem, as does the dead letter
+    assert led["rejected"][0]["reason"].startswith(f"{bad}: not a readable NumPy file ("), led["rejected"][0]
+    dead = [json.loads(s) for s in (work / "dead_letter.jsonl").read_text().splitlines()]
+    assert [(d["source"], d["reason"]) for d in dead] == [(bad, led["rejected"][0]["reason"])]
     ref_led = json.loads((tmp_path / "ref" / "ledger.json").read_text())
     assert led["step"] == ref_led["step"]
     # the resumed run took exactly the steps of the uninterrupted one: the same model, bit for bit
