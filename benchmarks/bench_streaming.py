@@ -360,8 +360,6 @@ def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: flo
     pub = _publisher(url, rate, args.duration, per_message, records_path)
     stop = threading.Event()
     rss: list[tuple[float, float]] = []
-    box: dict = {}
-
     def supervise():   # memory every second; stop once the publisher is done and the group has no backlog
         t0 = time.monotonic()
         done_at = None

@@ -87,7 +87,7 @@ def test_wire_format_round_trips_and_names_malformed_messages(server, mnist_test
     publish(url, x[:3].astype(np.float32) / 255, 100, fmt="npy", event_time=1_700_000_000.25)
     c = server_client(server)
     c.xadd(stream, encode(x[7], batch=False))                      # one record
-    c.xadd(stream, {"vaestream": "1", "format": "raw", "data": b"\0" * 10, "dtype": "|u1", "shape": "1,28,28"})  # 10 bytes
+    c.xadd(stream, {"vaestream": "1", "format": "raw", "data": b"\0" * 10, "dtype": "|u1", "shape": "1,28,28"})
     c.xadd(stream, {"vaestream": "1", "format": "npy", "data": b"\x93NUMPY junk"})
     c.xadd(stream, {"hello": "world"})
     msgs = BrokerReader(url, "g").setup().read(count=100)

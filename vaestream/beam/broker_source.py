@@ -561,6 +561,7 @@ def check_source_url(url: str) -> BrokerURL:
     return u
 
 
-__all__ = ["BrokerCommit", "BrokerWatcher", "EncodeMessagesFn", "KeyNewMessagesFn", "MessageIds", "MessageRangeTracker", "ReadBroker",
+__all__ = ["BrokerCommit", "BrokerWatcher", "EncodeMessagesFn", "KeyNewMessagesFn", "MessageIds", "MessageRangeTracker",
+           "ReadBroker",
            "ReadFromBroker", "ReadPubSubMessages", "check_source_url", "dead_letter_lines", "message_from_bytes",
            "message_from_pubsub", "taken"]

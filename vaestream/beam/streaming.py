@@ -72,7 +72,7 @@ import os
 import threading
 import time
 import zlib
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -303,7 +303,7 @@ class _WriteWindowFn(beam.DoFn):
             else:
                 (dead if isinstance(v, vb.DeadLetter) else items).append(v)
         name, timing = _pane_name(win, pane)
-        stage, staged = None, []
+        staged: list[str] = []
         if self.broker is not None:
             # broker panes: staged, committed with their message IDs (the ledger), then acknowledged; the name
             # carries the first ID, so a pane written after a restart never replaces one written before
@@ -316,7 +316,8 @@ class _WriteWindowFn(beam.DoFn):
             def stage(path, data):
                 ledger.write_staged(path, data)
                 staged.append(path)
-
+        else:
+            stage = None
         if dead:
             _write_dead(self.out_dir, name, dead, stage)
             self.dead.inc(len(dead))
@@ -330,7 +331,8 @@ class _WriteWindowFn(beam.DoFn):
         if stage is None:
             written = _write_tfrecord_atomic(base + ".tfrecord", examples)
         else:
-            written = _write_tfrecord_atomic(base + ".tfrecord", examples, self.broker.ledger.staged(base + ".tfrecord"))
+            written = _write_tfrecord_atomic(base + ".tfrecord", examples,
+                                             self.broker.ledger.staged(base + ".tfrecord"))
             staged.append(base + ".tfrecord")
         n = sum(len(s.codes) for s in items)
         coded_bits = None

@@ -9,7 +9,8 @@ so a restart, even after ``kill -9``, keeps every acknowledged XADD and XACK), n
 127.0.0.1 only. ``fsync="everysec"`` (Redis's default) syncs once a second instead: a clean restart keeps
 everything, a crash of the server loses up to a second; on a disk with slow syncs ``always`` caps appends at
 a few thousand requests per second (measured here: 31k records/s at 100 records per message, 3.5k messages/s
-at one record each, against 189k and 10.8k without the append-only file). ``scripts/start_broker.sh`` starts the same server from a shell.
+at one record each, against 189k and 10.8k without the append-only file). ``scripts/start_broker.sh``
+starts the same server from a shell.
 """
 
 from __future__ import annotations
