@@ -3,6 +3,7 @@ model (float32 round-off; bit-identical symbols), saved_model_cli, and errors.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,27 @@ def build_tables(model, x: np.ndarray, path: Path) -> coder.CoderTables:
     tables = coder.build_tables_from_stats(model.fingerprint(), mean, log_scale)
     tables.save(path)
     return tables
+
+
+def _recomputed_fingerprint(config_json: str, weights) -> str:
+    """A model fingerprint from its definition: SHA-256 of the canonical (sorted keys) config JSON, then of each
+    weight's shape and little-endian float32 bytes, in the model's weight order."""
+    h = hashlib.sha256(json.dumps(json.loads(config_json), sort_keys=True).encode())
+    for w in weights:
+        a = np.ascontiguousarray(w, dtype="<f4")
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _saved_weights(path: Path) -> list[np.ndarray]:
+    """The weights an export's SavedModel holds (plain TensorFlow), encoder then decoder, layer by layer, W then b."""
+    loaded = tf.saved_model.load(str(path))
+    out = []
+    for net in (loaded.model.encoder, loaded.model.decoder):
+        for layer in list(net.hidden) + [net.out]:
+            out += [layer.w.numpy(), layer.b.numpy()]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +82,19 @@ def test_layout_assets_and_signatures(exported):
     assets = path / "assets"
     assert json.loads((assets / "config.json").read_text()) == json.loads(model.config.to_json())
     fp = (assets / "fingerprint.txt").read_text().strip()
-    assert fp == model.fingerprint() and len(fp) == 64 and int(fp, 16) >= 0
+    assert len(fp) == 64 and set(fp) <= set("0123456789abcdef"), fp
+    # recomputed here from its definition, on the export's own config asset and the SavedModel's weights
+    assert fp == _recomputed_fingerprint((assets / "config.json").read_text(), _saved_weights(path))
+    assert fp == model.fingerprint()
+    # it follows the weights: the same model with one weight moved by one float32 step is another model
+    other = store.load_model(model_dir)
+    w = other.weights()[-1]
+    v = w.numpy()
+    v.flat[0] = np.nextafter(v.flat[0], np.float32(np.inf))
+    w.assign(v)
+    moved = other.fingerprint()
+    assert moved != fp
+    assert moved == _recomputed_fingerprint(other.config.to_json(), [t.numpy() for t in other.weights()])
     shipped = coder.CoderTables.load(assets / "coder_tables.npz")
     assert shipped.digest() == tables.digest() and shipped.fingerprint == fp
     info = json.loads((assets / "export.json").read_text())
