@@ -6,6 +6,7 @@ refused with the feature the Dask runner gets wrong, and a failing cluster job l
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -155,15 +156,25 @@ def test_stock_graphs_are_refused_with_the_missing_feature(tmp_path, mnist_dir):
         beam_dask.check_dask_support(p3)
 
 
-def test_parquet_on_dask_is_refused_before_writing(cluster, tmp_path, small_model, mnist_test):
-    """--output_format parquet on the DaskRunner: a clear vaestream error naming the limit, no output written
-    (the SIGKILL case is benchmarks/dask_kill_worker.py)."""
+def test_parquet_on_dask_is_refused_before_writing(cluster, tmp_path, small_model, mnist_test, capsys):
+    """--output_format parquet on the DaskRunner: a clear vaestream error naming the limit, no output written,
+    and from the CLI one error line and exit status 1 (the SIGKILL case is benchmarks/dask_kill_worker.py)."""
+    from vaestream.cli import main
+    from vaestream.errors import VaestreamError
+
     np.save(tmp_path / "x.npy", mnist_test[:50])
     out = tmp_path / "enc"
-    with pytest.raises(Exception) as e:
-        encode.run(["--input", str(tmp_path / "x.npy"), "--model", str(small_model.model_dir), "--output", str(out),
-                    "--output_format", "parquet", *_dask(cluster)])
-    assert isinstance(e.value, beam_dask.DaskUnsupportedError) and "TFRecord only" in str(e.value)
+    argv = ["--input", str(tmp_path / "x.npy"), "--model", str(small_model.model_dir), "--output", str(out),
+            "--output_format", "parquet", *_dask(cluster)]
+    limit = r"encode on the DaskRunner writes TFRecord only \(--output_format tfrecord\)"
+    with pytest.raises(beam_dask.DaskUnsupportedError, match="^" + limit) as e:
+        encode.run(argv)
+    assert isinstance(e.value, VaestreamError)
+    assert not out.exists() or not any(out.iterdir())
+    capsys.readouterr()
+    assert main(["encode", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match("vaestream: error: " + limit, err[0]), err
     assert not out.exists() or not any(out.iterdir())
 
 
