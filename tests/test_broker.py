@@ -338,8 +338,26 @@ def test_broker_restarted_under_the_job_resumes(coded_model, mnist_test, tmp_pat
         keys = _keys_of(out)
         assert len(keys) == len(set(keys)) == 2000 and set(keys) == _expected_keys(ids, 100)
         assert box["res"]["backlog"]["pending"] == 0
+        # the broker gone for good: the job commits what it holds, then fails naming the broker
+        from vaestream.broker import BrokerError, Ledger
+
+        out2 = tmp_path / "out2"
+        gone = threading.Thread(target=lambda: (_wait_for_ledger(out2), srv.stop()))
+        gone.start()
+        with pytest.raises(BrokerError, match=r"redis://127.0.0.1:\d+/restart: \w+: broker unreachable for 2 s"):
+            bs.run_stream(str(out2), model_dir=str(coded_model), config=bs.StreamConfig(window=0.5),
+                          source=srv.url("restart", group="g2", reconnect_timeout="2"), idle_timeout=30.0)
+        gone.join()
+        assert Ledger(out2).entries() and not list(out2.rglob("*.pending"))
     finally:
         srv.stop()
+
+
+def _wait_for_ledger(out: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "ledger").is_dir() or not os.listdir(out / "ledger"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_splittable_read_on_the_fnapi_runner_bounded(server, coded_model, mnist_test, request, tmp_path):

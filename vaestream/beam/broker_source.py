@@ -49,7 +49,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from vaestream import beam as vb
-from vaestream.broker import Acker, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
+from vaestream.broker import Acker, BrokerError, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
 from vaestream.broker import wire
 from vaestream.errors import ConfigError
 
@@ -254,7 +254,11 @@ class BrokerWatcher:
                         (self.stop_after is not None and t - t0 >= self.stop_after) or \
                         (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
                     break
-        except BaseException as e:   # the runner sees only a closed stream: keep the cause for run_stream
+        except BrokerError as e:
+            # the broker is gone: end the stream, so that the panes in flight are committed (their
+            # acknowledgements wait for the ledger at the next start), and keep the cause for run_stream
+            self.error = e
+        except BaseException as e:
             self.error = e
             raise
 

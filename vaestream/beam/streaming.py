@@ -611,16 +611,21 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
     t0 = time.perf_counter()
     backlog = None
     try:
-        result = vb.run_pipeline(p)
+        try:
+            result = vb.run_pipeline(p)
+        except Exception:
+            if bwatcher is not None and bwatcher.error is not None:
+                raise bwatcher.error from None   # the broker's failure, not the pipeline's report of it
+            raise
         if bwatcher is not None:
+            if bwatcher.error is not None:
+                raise bwatcher.error
             backlog = bwatcher.reader.backlog()
     finally:
         if watcher is not None:
             watcher.close()
         if bwatcher is not None:
             bwatcher.close()
-    if bwatcher is not None and bwatcher.error is not None:
-        raise bwatcher.error
     seconds = time.perf_counter() - t0
     del result  # the in-process streaming runner's counters are incomplete: count what was written
     wins = read_windows(output)

@@ -65,7 +65,7 @@ class Acker:
         self.url = url
         self.u = BrokerURL.parse(url)
         self.group = self.u.group or group
-        self.reconnect_timeout = reconnect_timeout
+        self.reconnect_timeout = float(self.u.reconnect_timeout or reconnect_timeout)
         self._client = None
 
     def __getstate__(self):
@@ -91,7 +91,8 @@ class BrokerReader:
     """A consumer of the stream ``url`` names (see the module docstring).
 
     Args:
-      url: ``redis://HOST:PORT/STREAM[?group=..&consumer=..&max_deliver=..&ack_wait=..]`` (the query wins).
+      url: ``redis://HOST:PORT/STREAM[?group=..&consumer=..&max_deliver=..&ack_wait=..&reconnect_timeout=..]``
+        (the query wins).
       group: the consumer group (default ``vaestream``).
       consumer: this consumer's name.
       committed: IDs already committed (the ledger's): acknowledged and skipped when delivered.
@@ -113,7 +114,8 @@ class BrokerReader:
         self.ack_wait = float(self.u.ack_wait or ack_wait)
         if self.max_deliver < 1 or not self.ack_wait > 0:
             raise ConfigError(f"{url}: need max_deliver >= 1 and ack_wait > 0")
-        self.start_id, self.block, self.reconnect_timeout = start_id, float(block), float(reconnect_timeout)
+        self.start_id, self.block = start_id, float(block)
+        self.reconnect_timeout = float(self.u.reconnect_timeout or reconnect_timeout)
         self.skip: set[str] = set(committed)
         self.in_flight: set[str] = set()
         self.poisoned: list[tuple[Message, str]] = []

@@ -7,10 +7,10 @@ with per-entry delivery counts (``XPENDING``), and reclaiming of entries a dead 
 threads. NATS JetStream offers the same (``max_deliver``, ``ack_wait``), but its Python client is asyncio
 only, which a DoFn or the learner's loop would have to wrap in an event loop of its own.
 
-**URL.** ``redis://HOST:PORT/STREAM[?group=G&consumer=C&max_deliver=N&ack_wait=S]``: the path is the stream's
-key (not a database number); the query sets the consumer group (default: the job's name), the consumer's
-name, how often an entry may be delivered before it is dead-lettered, and the seconds after which an entry
-another consumer holds unacknowledged is reclaimed.
+**URL.** ``redis://HOST:PORT/STREAM[?group=G&consumer=C&max_deliver=N&ack_wait=S&reconnect_timeout=S]``: the
+path is the stream's key (not a database number); the query sets the consumer group (default: the job's name),
+the consumer's name, how often an entry may be delivered before it is dead-lettered, the seconds after which
+an entry another consumer holds unacknowledged is reclaimed, and how long a lost connection is retried.
 
 **A message** is one stream entry (``XADD``) whose fields are
 
@@ -71,6 +71,7 @@ class BrokerURL:
     consumer: str | None = None
     max_deliver: int | None = None
     ack_wait: float | None = None
+    reconnect_timeout: float | None = None
 
     @classmethod
     def parse(cls, url: str) -> "BrokerURL":
@@ -82,17 +83,18 @@ class BrokerURL:
         if not stream:
             raise ConfigError(f"{url}: names no stream (redis://HOST:PORT/STREAM)")
         q = dict(urllib.parse.parse_qsl(u.query))
-        unknown = set(q) - {"group", "consumer", "max_deliver", "ack_wait"}
+        unknown = set(q) - {"group", "consumer", "max_deliver", "ack_wait", "reconnect_timeout"}
         if unknown:
             raise ConfigError(f"{url}: unknown parameter(s) {sorted(unknown)} (group, consumer, max_deliver, "
-                              f"ack_wait)")
+                              f"ack_wait, reconnect_timeout)")
         try:
             port = u.port or 6379
             md = int(q["max_deliver"]) if "max_deliver" in q else None
             aw = float(q["ack_wait"]) if "ack_wait" in q else None
+            rt = float(q["reconnect_timeout"]) if "reconnect_timeout" in q else None
         except ValueError as e:
             raise ConfigError(f"{url}: {e}") from e
-        return cls(u.hostname or "127.0.0.1", port, stream, q.get("group"), q.get("consumer"), md, aw)
+        return cls(u.hostname or "127.0.0.1", port, stream, q.get("group"), q.get("consumer"), md, aw, rt)
 
     @property
     def address(self) -> str:
