@@ -230,6 +230,12 @@ def test_stream_encode_from_the_broker_codes_every_good_record_once(server, code
     assert {d["key"] for d in mixed} == {record_key(mixed_id, j) for j in (3, 50, 77)}
     assert sum("NaN" in d["reason"] for d in mixed) == 2 and sum("outside the support" in d["reason"]
                                                                  for d in mixed) == 1
+    # an ack_wait a pane's messages could outlive is refused
+    from vaestream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ack_wait 1.5 s must exceed the window plus the allowed lateness"):
+        bs.run_stream(str(tmp_path / "x"), model_dir=str(coded_model), config=bs.StreamConfig(window=1.0,
+                      allowed_lateness=1.0), source=url + "?ack_wait=1.5")
     # counts conserved: records published = coded + refused records + late messages' records (+ 2 junk messages)
     assert 4100 + 200 == len(keys) + 3 + 200 and len(dead) == 3 + 2 + 2
     # every message committed once in the ledger, and acknowledged

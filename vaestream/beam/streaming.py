@@ -584,12 +584,18 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
     broker = bwatcher = None
     cfg = config or StreamConfig()
     if source is not None:
-        from vaestream.broker import BrokerReader, Ledger
+        from vaestream.broker import BrokerReader, BrokerURL, Ledger
 
+        wait = BrokerURL.parse(source).ack_wait or ack_wait
+        hold = cfg.window + cfg.allowed_lateness
+        if wait is not None and not wait > hold:
+            raise ConfigError(f"{source}: ack_wait {wait:g} s must exceed the window plus the allowed lateness "
+                              f"({hold:g} s), the longest a message waits for its pane, or messages in flight "
+                              f"are reclaimed and written twice")
+        wait = wait if wait is not None else max(60.0, 3 * hold)
         os.makedirs(output, exist_ok=True)
         recovered = Ledger(output).recover()
         committed = Ledger(output).committed_ids()
-        wait = ack_wait if ack_wait is not None else max(60.0, 3 * (cfg.window + cfg.allowed_lateness))
         reader = BrokerReader(source, group, committed=committed, max_deliver=max_deliver, ack_wait=wait,
                               block=min(cfg.poll_interval(poll_interval), 1.0)).setup()
         broker = BrokerCommit(source, reader.group, output)
