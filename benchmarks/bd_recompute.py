@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vaestream.coding.rdmetrics import BD_METHODS, bd_rate  # noqa: E402
+from vaestream.metrics import BD_METHODS, bd_rate  # noqa: E402
 
 
 def recompute(path: Path) -> dict:

@@ -1,5 +1,5 @@
 """Bits per record of a bits-back member with its pixel context models: the doubling group ramp (ramp 0, how
-context frames were coded before `lossless.chain_ramp`) against `chain_ramp`, on the same records, one frame.
+context frames were coded before `bitsback_coder.chain_ramp`) against `chain_ramp`, on the same records, one frame.
 
     python benchmarks/bench_chain_ramp.py --model runs/rd7/family-fashion-mnist/bitsback --data fashion-mnist
 
@@ -24,29 +24,31 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=2000, help="the first N test records (default 2000)")
     p.add_argument("--levels", type=int, nargs="+", default=None, help="default: every K with a context model")
     args = p.parse_args(argv)
-    from vaestream.coding import bb_context, lossless
-    from vaestream.coding.bb_tables import pixel_levels
+    from vaestream.coding.bitsback import context as context_mod
+    from vaestream.coding.bitsback import coder as bitsback_coder
+    from vaestream.coding.bitsback.tables import pixel_levels
     from vaestream.data import load_records
     from vaestream.store import load_model
 
     model = load_model(args.model)
-    contexts = bb_context.load_contexts(args.model)
+    contexts = context_mod.load_contexts(args.model)
     x = load_records(args.data, "test")[: args.n]
-    chosen = lossless.chain_ramp
+    chosen = bitsback_coder.chain_ramp
     rows = []
     try:
         for k in args.levels or sorted(contexts):
             row = {"levels": k}
             for name, fn in (("ramp0_bits", lambda *a, **kw: 0), ("chain_ramp_bits", chosen)):
-                lossless.chain_ramp = fn
-                row[name] = 8 * len(lossless.LosslessCoder(model, levels=k, contexts=contexts).compress(x)) / len(x)
-            c = lossless.LosslessCoder(model, levels=k, contexts=contexts)
+                bitsback_coder.chain_ramp = fn
+                coder = bitsback_coder.LosslessCoder(model, levels=k, contexts=contexts)
+                row[name] = 8 * len(coder.compress(x)) / len(x)
+            c = bitsback_coder.LosslessCoder(model, levels=k, contexts=contexts)
             mean, std = c._posterior(pixel_levels(k)[1][x.reshape(len(x), -1).astype(np.int64)], c.latent_bits)
             row["ramp"] = chosen(mean, std, c.latent_bits, c.range_bits)
             row["saving_pct"] = round(100 * (1 - row["chain_ramp_bits"] / row["ramp0_bits"]), 2)
             rows.append(row)
     finally:
-        lossless.chain_ramp = chosen
+        bitsback_coder.chain_ramp = chosen
     print(json.dumps({"benchmark": "bench_chain_ramp", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "machine": f"{platform.machine()}, {os.cpu_count()} cores", "args": vars(args),
                       "records": int(len(x)), "results": rows}, indent=1))

@@ -39,8 +39,8 @@ import numpy as np
 
 DATASETS = {"mnist": Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist",
             "fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
-from vaestream.coding.peers import TILE, lossy_curve, pil_encode, tile  # noqa: E402
-from vaestream.coding.rdmetrics import bits_at_psnr  # noqa: E402
+from vaestream.evaluation.peers import TILE, lossy_curve, pil_encode, tile  # noqa: E402
+from vaestream.metrics import bits_at_psnr  # noqa: E402
 
 
 def psnr(mse: float) -> float:
@@ -87,7 +87,8 @@ def lossless(images: np.ndarray, tiled: bool) -> dict:
 def bench_dataset(name: str, root: Path, args, out: Path) -> dict:
     from vaestream.coding import codec
     from vaestream.coding import container
-    from vaestream.coding.coder import EntropyCoder, quantize
+    from vaestream.coding.range_coder import EntropyCoder
+    from vaestream.coding.tables import quantize
     from vaestream.coding.codec import build_tables
     from vaestream.data import load_records
 

@@ -230,7 +230,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
                 per_image: int, per_image_vae: int = 100, arch: dict | None = None, lr: float = 1e-3,
                 lr_decay: float = 1.0) -> dict:
     from vaestream.data import load_records
-    from vaestream.lossless import FORMAT, LosslessCoder, ideal_bits
+    from vaestream.coding.bitsback.coder import FORMAT, LosslessCoder, ideal_bits
 
     arch = arch or {"hidden": (300,), "latent_dim": 20, "activation": "tanh"}
     full_test = load_records(str(root), "test")

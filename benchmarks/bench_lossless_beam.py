@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from vaestream.beam.jobs import decode, encode
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.coder import LosslessCoder
     from vaestream.data import load_records
 
     model, train_s = _model(a.model_dir, a.steps)

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from vaestream import ModelConfig, TrainConfig, train
-    from vaestream.coding.lossless import LosslessCoder, ideal_bits
+    from vaestream.coding.bitsback.coder import LosslessCoder, ideal_bits
     from vaestream.data import load_records, make_dataset
 
     train_x = make_dataset(load_records(str(MNIST), "train"), "beta_binomial", "mnist-train")

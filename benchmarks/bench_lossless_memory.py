@@ -4,7 +4,7 @@ flat").
     python benchmarks/bench_lossless_memory.py --model runs/lossless-2layer/mnist --sizes 1000 4096 10000 20000 40000
 
 For each size, records from the MNIST training set (the first ``size``; repeated past 60,000) are compressed
-with :class:`vaestream.coding.lossless.LosslessCoder` and the stream is decoded frame by frame
+with :class:`vaestream.coding.bitsback.coder.LosslessCoder` and the stream is decoded frame by frame
 (``iter_frames``), as in ``bench_lossless.py``'s ``scaling`` (:func:`bench_lossless.scaling_row`): ms per image
 from untraced passes, then the tracemalloc peak of each call (NumPy's allocations; the input array itself is
 allocated before tracing starts, so it is not counted). Run it on an idle machine if the times matter. Prints
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
 
     from bench_lossless import scaling_row  # the same measurement as bench_lossless.py's "scaling"
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.coder import LosslessCoder
     from vaestream.data import load_records
     from vaestream.store import load_model
 

@@ -1,10 +1,11 @@
-"""Per-record operating points (`vaestream.coding.mixed`) over a family, against the peers of an earlier bench_rd run.
+"""Per-record operating points (`vaestream.coding.per_record`) over a family, against the peers of an earlier
+bench_rd run.
 
     python benchmarks/bench_mixed.py --family runs/rd9/family-fashion-mnist --data fashion-mnist --n 10000 \
         --reuse benchmarks/results/rd_run8_joint.json --out runs/rd9
 
 Measures every candidate point of the family on the first N test records, then for each PSNR target codes the
-records per record (`mixed.compress_to`: real streams, real bits, the delivered PSNR and SSIM). The per-record
+records per record (`per_record.compress_to`: real streams, real bits, the delivered PSNR and SSIM). The per-record
 points join the reused run's points (its family's single operating points) and are compared with its peers'
 curves (same records): BD-rates over 18-32 dB, bits at each PSNR. One stream is decoded again and checked
 against what the encoder reported. The speed step times, on the first --speed-n records, measuring the
@@ -29,14 +30,14 @@ def speed(fam, x: np.ndarray, target: float) -> dict:
     decoding; Pillow WebP's rates on the same records in the same run (bench_rd.webp_rates)."""
     from bench_rd import webp_rates
 
-    from vaestream.coding import mixed
+    from vaestream.coding import per_record
 
     t0 = time.perf_counter()
-    cands = mixed.candidates(fam, x)
+    cands = per_record.candidates(fam, x)
     t1 = time.perf_counter()
-    blob, x_hat, info = mixed.compress_to(fam, x, psnr=target, points=cands)
+    blob, x_hat, info = per_record.compress_to(fam, x, psnr=target, points=cands)
     t2 = time.perf_counter()
-    y = mixed.decompress(fam, blob)
+    y = per_record.decompress(fam, blob)
     t3 = time.perf_counter()
     n = len(x)
     return {"records": n, "target_psnr_db": target, "psnr_db": info["psnr_db"],
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--speed-only", action="store_true", help="only the speed step (no curve, no --reuse needed)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from vaestream.coding import mixed, rdcurve
-    from vaestream.coding.rdmetrics import bits_at_psnr
+    from vaestream.coding import per_record
+    from vaestream.evaluation import rdcurve
+    from vaestream.metrics import bits_at_psnr
     from vaestream.data import load_records
 
     out = Path(args.out)
@@ -82,16 +84,16 @@ def main(argv=None) -> int:
     if old["records"] != len(x):
         raise SystemExit(f"--reuse measured {old['records']} records, not {len(x)}")
     t0 = time.time()
-    cands = mixed.candidates(args.family, x,
-                             log=lambda r: print(json.dumps(r, default=str), file=sys.stderr, flush=True))
+    cands = per_record.candidates(args.family, x,
+                                  log=lambda r: print(json.dumps(r, default=str), file=sys.stderr, flush=True))
     cand_s = time.time() - t0
     log = lambda r: print(json.dumps({k: v for k, v in r.items() if k != "streams"}), file=sys.stderr, flush=True)
-    points = mixed.curve(args.family, x, args.targets, points=cands, log=log)
+    points = rdcurve.per_record_curve(args.family, x, args.targets, points=cands, log=log)
     t = time.time()
-    blob, x_hat, info = mixed.compress_to(args.family, x, psnr=args.check_target, points=cands)
+    blob, x_hat, info = per_record.compress_to(args.family, x, psnr=args.check_target, points=cands)
     enc_s = time.time() - t
     t = time.time()
-    y = mixed.decompress(args.family, blob)
+    y = per_record.decompress(args.family, blob)
     dec_s = time.time() - t
     checked = {"target": args.check_target, "psnr_db": info["psnr_db"], "bits_per_record": info["bits_per_record"],
                "decodes_to_what_the_encoder_reported": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),

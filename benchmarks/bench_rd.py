@@ -129,7 +129,7 @@ def _rates(compress, decompress, batch, reps: int) -> dict:
 def webp_rates(batch: np.ndarray, reps: int = 3) -> dict:
     """Records/s of Pillow WebP (quality 50, method 6 and method 4) compressing and decompressing ``batch``
     (uint8 pictures ``[N, H, W]``), each picture on its own and all of them as one tiled picture."""
-    from vaestream.coding import peers
+    from vaestream.evaluation import peers
 
     out = {}
     for method in (6, 4):
@@ -194,7 +194,8 @@ def _reuse_compare(fam: Path, imgs: np.ndarray, name: str, args) -> dict:
     """``rdcurve.compare``'s result with only the members ``args.measure`` measured (on ``imgs``, with SSIM):
     every other member's points and the peers' curves come from the ``args.reuse`` result for data set
     ``name``, which must have been measured on as many records."""
-    from vaestream.coding import family, rdcurve
+    from vaestream.coding import family
+    from vaestream.evaluation import rdcurve
 
     old = next(r for r in json.loads(Path(args.reuse).read_text())["results"] if r["data"] == name)
     if old["records"] != len(imgs):
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure", nargs="+", default=["bitsback"],
                    help="with --reuse: the members to measure again, and to time (default: bitsback)")
     args = p.parse_args(argv)
-    from vaestream.coding import rdcurve
+    from vaestream.evaluation import rdcurve
     from vaestream.data import load_records
 
     out = Path(args.out)
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
         if args.compare_only:
             from vaestream.coding import family
 
-            from vaestream.coding.bb_joint import JOINT_FILE
+            from vaestream.coder_training.joint import JOINT_FILE
 
             # a member bench_rd trained has bench_training.json; one vaestream train-joint wrote, joint.json
             training = [{"model": d.name, **json.loads(next(f for f in (d / "bench_training.json", d / JOINT_FILE)

@@ -143,13 +143,13 @@ def ctx_member(bb_model, mnist_train, mnist_test, tmp_path_factory):
     on 3,000 real MNIST training images (2 epochs, a 5 x 5 window), measured on 300 test images."""
     import shutil
 
-    from vaestream.coding import bb_context
+    from vaestream.coder_training import context as context_training
 
     model, src = bb_model
     d = tmp_path_factory.mktemp("ctx") / "bitsback"
     shutil.copytree(src, d)
-    cm = bb_context.train_context(model, mnist_train[:3000], 4, window=5, hidden=(32, 32), epochs=2,
-                                  held_out=mnist_test[:300], seed=1)
+    cm = context_training.train_context(model, mnist_train[:3000], 4, window=5, hidden=(32, 32), epochs=2,
+                                        held_out=mnist_test[:300], seed=1)
     cm.save(d)
     return model, d, cm
 
@@ -160,12 +160,12 @@ def recon_member(ctx_member, mnist_train, mnist_test, tmp_path_factory):
     real MNIST training images), in a member directory of its own."""
     import shutil
 
-    from vaestream.coding import bb_context
+    from vaestream.coder_training import context as context_training
 
     model, src, cm = ctx_member
     d = tmp_path_factory.mktemp("recon") / "bitsback"
     shutil.copytree(src, d)
-    rc = bb_context.train_reconstruction(model, mnist_train[3000:6000], cm, window=5, hidden=(16,), epochs=2,
-                                         held_out=mnist_test[:300], seed=2)
+    rc = context_training.train_reconstruction(model, mnist_train[3000:6000], cm, window=5, hidden=(16,),
+                                               epochs=2, held_out=mnist_test[:300], seed=2)
     rc.save(d)
     return model, d, rc

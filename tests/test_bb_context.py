@@ -1,4 +1,4 @@
-"""Pixel context models for near-lossless bits-back coding (vaestream.coding.bb_context), on a beta-binomial
+"""Pixel context models for near-lossless bits-back coding (vaestream.coding.bitsback.context), on a beta-binomial
 model and context models trained on real MNIST."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from vaestream.coding import bb_context, family
-from vaestream.coding.bb_tables import level_rows, pixel_levels
-from vaestream.coding.lossless import CONTEXT_FLAG, LosslessCoder
+from vaestream.coder_training import context as context_training
+from vaestream.coding import family
+from vaestream.coding.bitsback import context as context_mod
+from vaestream.coding.bitsback.tables import level_rows, pixel_levels
+from vaestream.coding.bitsback.coder import CONTEXT_FLAG, LosslessCoder
 from vaestream.errors import BitstreamError, ConfigError, ModelError, ModelMismatchError
 
 K = 4
@@ -23,7 +25,7 @@ K = 4
 def test_a_context_model_codes_level_images_in_fewer_bits_and_round_trips_exactly(ctx_member, mnist_test):
     model, d, cm = ctx_member
     x = mnist_test[300:600]
-    contexts = bb_context.load_contexts(d)
+    contexts = context_mod.load_contexts(d)
     assert list(contexts) == [K] and contexts[K].digest() == cm.digest()
     plain = LosslessCoder(model, levels=K)
     with_ctx = LosslessCoder(model, levels=K, contexts=contexts)
@@ -53,13 +55,13 @@ def test_the_coder_computes_the_code_length_the_trained_network_measured(ctx_mem
     lv_pad, e_pad, logp = cm._pads(base[:784 * 2], 2, lv[:2].reshape(-1))
     rr, cc = np.divmod(np.arange(784), 28)
     f = cm.features(lv_pad, e_pad, logp, rr, cc)
-    y = f * 2.0 ** -bb_context.FEATURE_BITS @ cm.layers[0][0].astype(np.float64)
+    y = f * 2.0 ** -context_mod.FEATURE_BITS @ cm.layers[0][0].astype(np.float64)
     wc, _, s, _, _, _ = cm._net()
     dense = cm._dense_part(e_pad, logp).reshape(-1, wc.shape[1])
     dy, dx = cm._causal_at
     nb = lv_pad[:, rr[:, None] + dy[None, :], cc[:, None] + dx[None, :]]
     h1 = dense + wc[cm._causal_index(nb)].sum(axis=2).reshape(dense.shape)
-    np.testing.assert_allclose(np.ldexp(h1, -(bb_context.FEATURE_BITS + s)), y, atol=1e-4)
+    np.testing.assert_allclose(np.ldexp(h1, -(context_mod.FEATURE_BITS + s)), y, atol=1e-4)
 
 
 def test_a_pixels_rows_do_not_depend_on_the_batch_the_group_or_the_threads(ctx_member, mnist_test, tmp_path):
@@ -81,7 +83,7 @@ def test_a_pixels_rows_do_not_depend_on_the_batch_the_group_or_the_threads(ctx_m
     assert np.array_equal(cm.decode_group(base, 40, pop), lv.reshape(-1))
     assert np.array_equal(np.stack(seen, axis=1), all_rows)
     # any group size decodes; another process with other BLAS threads decodes the same records
-    contexts = bb_context.load_contexts(d)
+    contexts = context_mod.load_contexts(d)
     for group in (1, 7):
         blob = LosslessCoder(model, levels=K, group=group, contexts=contexts).compress(x)
         assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(blob), c.quantize(x))
@@ -97,11 +99,11 @@ def test_a_pixels_rows_do_not_depend_on_the_batch_the_group_or_the_threads(ctx_m
 def test_a_stream_names_its_context_model_and_other_coders_refuse_it(ctx_member, mnist_train, mnist_test, tmp_path):
     model, d, cm = ctx_member
     x = mnist_test[:30]
-    contexts = bb_context.load_contexts(d)
+    contexts = context_mod.load_contexts(d)
     blob = LosslessCoder(model, levels=K, contexts=contexts).compress(x)
     with pytest.raises(ModelMismatchError, match="context"):
         LosslessCoder(model).decompress(blob)  # the model alone: the stream needs its context model
-    other = bb_context.train_context(model, mnist_train[:300], K, window=5, hidden=(8,), epochs=1, seed=5)
+    other = context_training.train_context(model, mnist_train[:300], K, window=5, hidden=(8,), epochs=1, seed=5)
     with pytest.raises(ModelMismatchError):
         LosslessCoder(model, contexts={K: other}).decompress(blob)
     # a plain stream of the same model still decodes with a coder that holds context models
@@ -121,13 +123,13 @@ def test_a_stream_names_its_context_model_and_other_coders_refuse_it(ctx_member,
         with pytest.raises(BitstreamError, match="context"):
             LosslessCoder(model, contexts=contexts).decompress(container.pack(r.header, [(n, bytes(bad))]))
     # a context model for another model, or for another K, is refused up front
-    foreign = bb_context.ContextModel(K, (28, 28), 5, other.layers, {"model_fingerprint": "00" * 32})
+    foreign = context_mod.ContextModel(K, (28, 28), 5, other.layers, {"model_fingerprint": "00" * 32})
     with pytest.raises(ModelMismatchError):
         LosslessCoder(model, levels=K, contexts={K: foreign})
     with pytest.raises(ConfigError):
         LosslessCoder(model, levels=K, contexts={K + 1: cm})
     with pytest.raises(ConfigError):
-        bb_context.train_context(model, mnist_train[:10].astype(np.float32), K)
+        context_training.train_context(model, mnist_train[:10].astype(np.float32), K)
 
 
 def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_decodes_it(bb_model, mnist_dir,
@@ -160,11 +162,11 @@ def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_de
     cell = pixel_levels(3)[1]  # the learned reconstruction: among each pixel's level's counts
     assert np.array_equal(cell[out.astype(np.int64)], cell[x.reshape(100, -1).astype(np.int64)])
     # a new reconstruction network for the same context model: earlier streams that do not use it still decode
-    before = bb_context.ContextModel.load(d / "context" / "levels-3.npz")
+    before = context_mod.ContextModel.load(d / "context" / "levels-3.npz")
     assert main(["train-context", "--model", str(d), "--data", str(mnist_dir), "--n", "500", "--levels", "3",
                  "--recon-only", "--recon-epochs", "1", "--recon-window", "3", "--recon-hidden", "4",
                  "--seed", "9"]) == 0
-    after = bb_context.ContextModel.load(d / "context" / "levels-3.npz")
+    after = context_mod.ContextModel.load(d / "context" / "levels-3.npz")
     assert after.likelihood_digest() == before.likelihood_digest() and after.digest() != before.digest()
     capsys.readouterr()
     want = LosslessCoder(bb_model[0], levels=3).quantize(x)
@@ -214,7 +216,7 @@ def test_the_beam_jobs_code_with_the_directorys_context_model_and_only_it_decode
 def test_a_learned_reconstruction_gains_psnr_at_the_same_bits_and_the_decoder_returns_it(recon_member, mnist_test):
     model, d, rc = recon_member
     x = mnist_test[300:600].reshape(300, -1)
-    contexts = bb_context.load_contexts(d)
+    contexts = context_mod.load_contexts(d)
     assert contexts[K].has_reconstruction and contexts[K].digest() == rc.digest()
     assert rc.meta["reconstruction"]["held_out_psnr_db"] > rc.meta["reconstruction"]["mean_psnr_db"]
     mean = LosslessCoder(model, levels=K, contexts=contexts, reconstruction="mean")
@@ -251,9 +253,9 @@ def test_the_reconstruction_network_is_exact_and_is_the_trained_one(recon_member
                                                          chunk=1) for i in range(12)]), whole)
     # float64 reference: features laid out as recon_features documents, the float layers, clip and round
     w = rc.recon_window
-    offs = bb_context.window_offsets(w)
+    offs = context_mod.window_offsets(w)
     img, m = lv[:784].reshape(28, 28), means[:784].reshape(28, 28).astype(np.float64)
-    feats = np.zeros((784, bb_context.recon_features(w, K)))
+    feats = np.zeros((784, context_mod.recon_features(w, K)))
     for p in range(784):
         i, j = divmod(p, 28)
         for o, (dy, dx) in enumerate(offs):
@@ -268,7 +270,7 @@ def test_the_reconstruction_network_is_exact_and_is_the_trained_one(recon_member
     cell = pixel_levels(K)[1]
     lo = np.array([np.flatnonzero(cell == k)[0] for k in range(K)])
     hi = np.array([np.flatnonzero(cell == k)[-1] for k in range(K)])
-    ref = np.clip(m.reshape(-1) + bb_context.RECON_SCALE * h[:, 0], lo[img.reshape(-1)], hi[img.reshape(-1)])
+    ref = np.clip(m.reshape(-1) + context_mod.RECON_SCALE * h[:, 0], lo[img.reshape(-1)], hi[img.reshape(-1)])
     assert np.max(np.abs(whole[:784] - ref)) <= 0.5 + 1e-3  # the same value up to the final rounding
 
 
@@ -302,41 +304,42 @@ def test_a_learned_reconstruction_needs_its_network_and_streams_name_it(recon_me
         with pytest.raises(BitstreamError, match="learned reconstruction"):
             LosslessCoder(model, contexts={K: holder}).decompress(container.pack(r.header, [(n, bytes(bad))]))
     # the file round-trips, network included; a damaged one is refused
-    back = bb_context.ContextModel.load(bb_context.context_path(d, K))
+    back = context_mod.ContextModel.load(context_mod.context_path(d, K))
     assert back.digest() == rc.digest() and back.recon_window == rc.recon_window
     with pytest.raises(ModelError):
-        bb_context.ContextModel(K, (28, 28), 5, cm.layers, {}, rc.recon, recon_window=3)
+        context_mod.ContextModel(K, (28, 28), 5, cm.layers, {}, rc.recon, recon_window=3)
 
 
 def test_a_context_chain_ramps_its_groups_within_what_the_latents_prior_code_leaves(ctx_member, mnist_test,
                                                                                      monkeypatch):
     """Each group pops its latents from the bits the previous group's latents wrote with the prior; a context
-    model's first positions, near-certain, give no usable bits beyond them (lossless.chain_ramp). So a context
+    model's first positions, near-certain, give no usable bits beyond them (bitsback_coder.chain_ramp). So a context
     frame grows its groups by at most 1 + 3/4 KL / H, says by how much in its header, and decodes by it; streams
     written with the doubling ramp (before it) still decode."""
-    from vaestream.coding import container, lossless
-    from vaestream.coding.bb_tables import latent_step_bits
+    from vaestream.coding import container
+    from vaestream.coding.bitsback import coder as bitsback_coder
+    from vaestream.coding.bitsback.tables import latent_step_bits
 
     model, d, cm = ctx_member
     x = mnist_test[:700]
-    contexts = bb_context.load_contexts(d)
+    contexts = context_mod.load_contexts(d)
     c = LosslessCoder(model, levels=K, contexts=contexts)
     blob = c.compress(x)
     mean, std = c._posterior(pixel_levels(K)[1][x.reshape(len(x), -1).astype(np.int64)], c.latent_bits)
-    ramp = lossless.chain_ramp(mean, std, c.latent_bits, c.range_bits)
+    ramp = bitsback_coder.chain_ramp(mean, std, c.latent_bits, c.range_bits)
     n, payload = container.ContainerReader(blob).read_frame(0)
-    assert (payload[11] >> lossless.RAMP_SHIFT) & 7 == ramp > 0 and payload[11] & CONTEXT_FLAG
+    assert (payload[11] >> bitsback_coder.RAMP_SHIFT) & 7 == ramp > 0 and payload[11] & CONTEXT_FLAG
     delta = 2.0 ** -latent_step_bits(c.latent_bits, c.range_bits)
     mu, sigma = mean * delta, std * delta
     kl = np.sum(0.5 * (mu ** 2 + sigma ** 2 - 1) - np.log(sigma)) / np.log(2)
     h = np.sum(np.maximum(np.log2(std * np.sqrt(2 * np.pi * np.e)), 0))
-    sizes = lossless.group_sizes(n, c.group, ramp)
-    assert sum(sizes) == n and len(sizes) > len(lossless.group_sizes(n, c.group))
+    sizes = bitsback_coder.group_sizes(n, c.group, ramp)
+    assert sum(sizes) == n and len(sizes) > len(bitsback_coder.group_sizes(n, c.group))
     growth = [b / a for a, b in zip(sizes, sizes[1:-1]) if a >= 2 ** ramp]  # past the +1 steps
     assert growth and max(growth) <= 1 + 0.75 * kl / h
     assert np.array_equal(LosslessCoder(model, contexts=contexts).decompress(blob), c.quantize(x))
     # a stream written with the doubling ramp (ramp 0) decodes as before
-    monkeypatch.setattr(lossless, "chain_ramp", lambda *a, **k: 0)
+    monkeypatch.setattr(bitsback_coder, "chain_ramp", lambda *a, **k: 0)
     old = LosslessCoder(model, levels=K, contexts=contexts).compress(x)
     monkeypatch.undo()
     assert old != blob
@@ -346,6 +349,6 @@ def test_a_context_chain_ramps_its_groups_within_what_the_latents_prior_code_lea
     r = container.ContainerReader(plain)
     n, payload = r.read_frame(0)
     bad = bytearray(payload)
-    bad[11] |= 2 << lossless.RAMP_SHIFT
+    bad[11] |= 2 << bitsback_coder.RAMP_SHIFT
     with pytest.raises(BitstreamError, match="ramp"):
         LosslessCoder(model, contexts=contexts).decompress(container.pack(r.header, [(n, bytes(bad))]))

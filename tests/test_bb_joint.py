@@ -1,4 +1,4 @@
-"""Joint fine-tuning of a bits-back member with its pixel context model (vaestream.coding.bb_joint), on the
+"""Joint fine-tuning of a bits-back member with its pixel context model (vaestream.coder_training.joint), on the
 session's beta-binomial model and its K = 4 context model, both trained on real MNIST."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from vaestream.coding import bb_context, bb_joint, family
-from vaestream.coding.bb_tables import level_rows, pixel_levels
-from vaestream.coding.lossless import LosslessCoder
+from vaestream.coder_training import context as context_training
+from vaestream.coder_training import joint as joint_training
+from vaestream.coding import family
+from vaestream.coding.bitsback import context as context_mod
+from vaestream.coding.bitsback.tables import level_rows, pixel_levels
+from vaestream.coding.bitsback.coder import LosslessCoder
 from vaestream.errors import ConfigError, ModelError
 from vaestream.store import load_model
 
@@ -23,10 +26,10 @@ def joint(ctx_member, mnist_train, mnist_test, tmp_path_factory):
     model, d, cm = ctx_member
     before = model.fingerprint()
     rows = []
-    member, jcm = bb_joint.train_joint(model, mnist_train[:2000], cm, epochs=2, held_out=mnist_test[:300],
-                                       seed=0, log=rows.append)
+    member, jcm = joint_training.train_joint(model, mnist_train[:2000], cm, epochs=2, held_out=mnist_test[:300],
+                                             seed=0, log=rows.append)
     assert model.fingerprint() == before  # the source member is left as it was
-    out = bb_joint.save_member(tmp_path_factory.mktemp("joint") / "bitsback-k4", member, jcm)
+    out = joint_training.save_member(tmp_path_factory.mktemp("joint") / "bitsback-k4", member, jcm)
     return member, jcm, out, rows
 
 
@@ -56,11 +59,11 @@ def test_the_float_training_loss_is_the_code_length_the_exact_coder_computes(joi
     values = pixel_levels(K)[0].astype(np.float32) / 255
     mu, _ = member.encoder_params(tf.constant(values[lv]))
     p = member.decoder_params(mu)
-    logp, e = bb_joint.level_log_probs(p["log_alpha"], p["log_beta"], K)
+    logp, e = joint_training.level_log_probs(p["log_alpha"], p["log_beta"], K)
     ws = [tf.constant(w) for w, _ in cm.layers]
     bs = [tf.constant(b) for _, b in cm.layers]
-    trained = float(np.mean(bb_context.context_code_bits(ws, bs, cm.window, tf.reshape(lv, (-1, 28, 28)), logp,
-                                                     tf.reshape(e, (-1, 28, 28)))))
+    trained = float(np.mean(context_training.context_code_bits(ws, bs, cm.window, tf.reshape(lv, (-1, 28, 28)),
+                                                               logp, tf.reshape(e, (-1, 28, 28)))))
     assert trained == pytest.approx(exact, rel=5e-3)
     # the base rows alone agree too: the float pmf summed over each level's counts is the grid's row
     np.testing.assert_allclose(np.exp(logp.numpy()).reshape(-1, K), base, atol=0.02)
@@ -73,7 +76,7 @@ def test_the_new_member_codes_in_fewer_real_bits_and_round_trips_in_a_family(joi
     old = LosslessCoder(model, levels=K, contexts={K: src}).compress(x)
     loaded = load_model(out)
     assert loaded.fingerprint() == member.fingerprint()
-    contexts = bb_context.load_contexts(out)
+    contexts = context_mod.load_contexts(out)
     assert contexts[K].digest() == cm.digest()
     coder = LosslessCoder(loaded, levels=K, contexts=contexts)
     new = coder.compress(x)
@@ -83,20 +86,20 @@ def test_the_new_member_codes_in_fewer_real_bits_and_round_trips_in_a_family(joi
     fam = out.parent
     assert out in family.members(fam)
     assert np.array_equal(family.codec_for(fam, new).decompress(new), coder.quantize(x))
-    assert json.loads((out / bb_joint.JOINT_FILE).read_text())["from_model"] == model.fingerprint()
+    assert json.loads((out / joint_training.JOINT_FILE).read_text())["from_model"] == model.fingerprint()
 
 
 def test_joint_training_refuses_what_it_cannot_fine_tune(joint, ctx_member, small_model, mnist_train):
     member, cm, out, _ = joint
     model, _, src = ctx_member
     with pytest.raises(ModelError):  # a context model of another member
-        bb_joint.train_joint(model, mnist_train[:64], cm, epochs=1)
+        joint_training.train_joint(model, mnist_train[:64], cm, epochs=1)
     with pytest.raises(ConfigError):  # not a bits-back (beta-binomial) member
-        bb_joint.train_joint(small_model.model, mnist_train[:64], src, epochs=1)
+        joint_training.train_joint(small_model.model, mnist_train[:64], src, epochs=1)
     with pytest.raises(ConfigError):
-        bb_joint.train_joint(model, mnist_train[:64], src, epochs=0)
+        joint_training.train_joint(model, mnist_train[:64], src, epochs=0)
     with pytest.raises(ConfigError):  # never over a model directory
-        bb_joint.save_member(out, member, cm)
+        joint_training.save_member(out, member, cm)
 
 
 def test_train_joint_on_the_command_line_writes_a_member_with_a_learned_reconstruction(recon_member, mnist_dir,

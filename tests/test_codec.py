@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from vaestream import VAE
 from vaestream.coding import codec
 from vaestream.coding import container
-from vaestream.coding.coder import dequantize, quantize
+from vaestream.coding.tables import dequantize, quantize
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
 HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -186,7 +186,7 @@ def test_a_stream_of_another_model_or_other_tables_is_refused(cdc, other_codec, 
     with pytest.raises(ModelMismatchError, match="other coder tables"):
         cdc.decompress(c2.compress(x[:20]))
     # a lossless (bits-back) stream of the same model is named as such
-    from vaestream.coding.lossless import LOSSLESS_TAG
+    from vaestream.coding.bitsback.coder import LOSSLESS_TAG
 
     h = cdc._header(cdc._coder(None), False)
     lossless = container.pack(container.Header(**{**h.__dict__, "table_hash": LOSSLESS_TAG, "quality": 0.0,

@@ -12,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vaestream.coding import coder
-from vaestream.coding.coder import PRECISION, TOTAL, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
-    quantize, quantize_tf
+from vaestream.coding import range_coder
+from vaestream.coding import tables as tables_mod
+from vaestream.coding.range_coder import EntropyCoder
+from vaestream.coding.tables import PRECISION, TOTAL, CoderTables, build_tables_from_stats, dequantize, quantize, \
+    quantize_tf
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError
 
 FP = "ab" * 32
@@ -57,7 +59,7 @@ def test_numpy_and_tensorflow_quantisation_are_bit_identical(tables, posterior):
             assert a.dtype == b.dtype == np.int32
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(a, c)
-    assert np.abs(quantize(means[2], tables)).max() == coder.SYMBOL_LIMIT  # clipped, never overflowed
+    assert np.abs(quantize(means[2], tables)).max() == tables_mod.SYMBOL_LIMIT  # clipped, never overflowed
 
 
 def test_dequantised_codes_are_within_half_a_bin_of_the_posterior_mean(tables, posterior):
@@ -113,7 +115,7 @@ def test_corrupt_or_missing_tables_raise_model_error(tables, tmp_path):
 def test_constriction_codes_with_exactly_the_stored_integers(tables):
     # actual length within [ideal, ideal + 64 bits] for 4096 draws per dimension, at three qualities
     for q in (tables.qualities[0], 1.0, tables.qualities[-1]):
-        assert coder.check_exact(tables, q) <= 64
+        assert range_coder.check_exact(tables, q) <= 64
 
 
 @given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=2, max_size=300))
@@ -121,7 +123,7 @@ def test_constriction_codes_with_exactly_the_stored_integers(tables):
 def test_integer_frequencies_are_positive_and_sum_exactly(p):
     if sum(p) <= 0:
         p[0] = 1.0
-    f = coder._integer_frequencies(np.array(p))
+    f = tables_mod._integer_frequencies(np.array(p))
     assert f.min() >= 1 and int(f.sum(dtype=np.int64)) == TOTAL
     # no symbol is ever given less than its share (minus one unit) of the free mass
     free = TOTAL - len(p)

@@ -181,7 +181,7 @@ def test_parquet_on_dask_is_refused_before_writing(cluster, tmp_path, small_mode
 def test_near_lossless_encode_on_dask_codes_the_level_images_it_was_asked_for(cluster, tmp_path, bb_model, mnist_test):
     """``--coder lossless --levels 5`` on the Dask runner: each container holds its records' 5-level images (the
     Dask path once dropped --levels and coded the records exactly)."""
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.coder import LosslessCoder
 
     model, model_dir = bb_model
     x = mnist_test[4000:4150]

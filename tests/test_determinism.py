@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from vaestream.coding import codec
 from vaestream.serving import export
-from vaestream.coding.coder import dequantize
+from vaestream.coding.tables import dequantize
 from vaestream.layers import BLOCK_ROWS, blocked
 
 

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from vaestream import objective, store
-from vaestream.coding import coder
+from vaestream.coding import tables as tables_mod
 from vaestream.errors import DataError, ModelError
 from vaestream.serving.export import ExportedModel, describe, elbo_fixed_noise, export, list_versions, resolve_export
 
@@ -25,10 +25,10 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 QUALITY = 0.5
 
 
-def build_tables(model, x: np.ndarray, path: Path) -> coder.CoderTables:
+def build_tables(model, x: np.ndarray, path: Path) -> tables_mod.CoderTables:
     """Coder tables from the posteriors of real records, saved where export() looks for them."""
     mean, log_scale = (t.numpy() for t in model.encoder_params(tf.constant(x)))
-    tables = coder.build_tables_from_stats(model.fingerprint(), mean, log_scale)
+    tables = tables_mod.build_tables_from_stats(model.fingerprint(), mean, log_scale)
     tables.save(path)
     return tables
 
@@ -69,7 +69,7 @@ def exported(small_model, mnist_test, records, tmp_path_factory):
 
     write_tables(model_dir, mnist_test[2000:4000])  # the coder's own calibration path
     model = store.load_model(model_dir)
-    tables = coder.CoderTables.load(model_dir / "coder_tables.npz")
+    tables = tables_mod.CoderTables.load(model_dir / "coder_tables.npz")
     base = tmp_path_factory.mktemp("exports")
     path = export(model_dir, base, quality=QUALITY)
     return model_dir, base, path, model, tables
@@ -95,7 +95,7 @@ def test_layout_assets_and_signatures(exported):
     moved = other.fingerprint()
     assert moved != fp
     assert moved == _recomputed_fingerprint(other.config.to_json(), [t.numpy() for t in other.weights()])
-    shipped = coder.CoderTables.load(assets / "coder_tables.npz")
+    shipped = tables_mod.CoderTables.load(assets / "coder_tables.npz")
     assert shipped.digest() == tables.digest() and shipped.fingerprint == fp
     info = json.loads((assets / "export.json").read_text())
     assert info["quality"] == QUALITY and info["fingerprint"] == fp
@@ -147,8 +147,8 @@ def test_fresh_process_matches_in_process_model(exported, records, tmp_path):
     mean, log_scale = (t.numpy() for t in model.encoder_params_exact(tf.constant(x)))
     dec = {k: v.numpy() for k, v in model.decoder_params_exact(tf.constant(z)).items()}
     elbo = {k: v.numpy() for k, v in elbo_fixed_noise(model, tf.constant(x)).items()}
-    symbols = coder.quantize(mean, tables, QUALITY)
-    z_hat = coder.dequantize(symbols, tables, QUALITY)
+    symbols = tables_mod.quantize(mean, tables, QUALITY)
+    z_hat = tables_mod.dequantize(symbols, tables, QUALITY)
     x_hat = model.decoder_params_exact(tf.constant(z_hat))["x_mean"].numpy()
 
     for sig in ("encode", "serving_default"):
@@ -161,7 +161,7 @@ def test_fresh_process_matches_in_process_model(exported, records, tmp_path):
     assert got["quantize/symbols"].dtype == np.int32
     np.testing.assert_array_equal(got["quantize/symbols"], symbols)  # bit-identical codes
     # and bit-identical to the NumPy coder on the SavedModel's own means, whatever the round-off
-    np.testing.assert_array_equal(got["quantize/symbols"], coder.quantize(got["encode/mean"], tables, QUALITY))
+    np.testing.assert_array_equal(got["quantize/symbols"], tables_mod.quantize(got["encode/mean"], tables, QUALITY))
     np.testing.assert_array_equal(got["reconstruct/x_hat"], x_hat)
     assert np.abs(symbols).max() > 0 and len(np.unique(symbols)) > 3  # real, non-trivial codes
 
@@ -248,7 +248,7 @@ def test_a_cached_export_of_changing_weights_keeps_each_versions_own_weights_and
     p1 = export_model(vae, tmp_path / "base", tables_a, quality=QUALITY, cache=cache)
     traced = cache._module
     want_a = (model.encoder_params(tf.constant(records[:50]))[0].numpy(),
-              coder.quantize(model.encoder_params(tf.constant(records[:50]))[0].numpy(), tables_a, QUALITY))
+              tables_mod.quantize(model.encoder_params(tf.constant(records[:50]))[0].numpy(), tables_a, QUALITY))
     other = VAE(model.config, seed=7)
     for v, w in zip(vae.weights(), other.weights()):
         v.assign(w)
@@ -261,7 +261,7 @@ def test_a_cached_export_of_changing_weights_keeps_each_versions_own_weights_and
     np.testing.assert_array_equal(m1.quantize(records[:50]), want_a[1])
     mean_b = other.encoder_params(tf.constant(records[:50]))[0].numpy()
     np.testing.assert_allclose(m2.encode(records[:50])[0], mean_b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(m2.quantize(records[:50]), coder.quantize(mean_b, tables_b, 1.0))
+    np.testing.assert_array_equal(m2.quantize(records[:50]), tables_mod.quantize(mean_b, tables_b, 1.0))
     assert m1.info["quality"] == QUALITY and m2.info["quality"] == 1.0
 
 

@@ -13,9 +13,10 @@ import pytest
 
 from vaestream.coding import container
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelMismatchError
-from vaestream.coding.lossless import (FORMAT, LOSSLESS_TAG, ExactMLP, LosslessCoder, beta_binomial_grid, beta_binomial_probs,
-                                bernoulli_probs, bucket_centres, bucket_edges, compress_lossless, decompress_lossless,
-                                group_sizes, ideal_bits, latent_prior, latent_scramble, posterior_probs)
+from vaestream.coding.bitsback.coder import (FORMAT, LOSSLESS_TAG, ExactMLP, LosslessCoder, beta_binomial_grid,
+                                             beta_binomial_probs, bernoulli_probs, bucket_centres, bucket_edges,
+                                             compress_lossless, decompress_lossless, group_sizes, ideal_bits,
+                                             latent_prior, latent_scramble, posterior_probs)
 
 N_RECORDS = 200
 RATE_OVERHEAD = 0.03
@@ -70,7 +71,8 @@ def test_layouts_frames_and_small_groups(bb_model, mnist_test):
         assert y.shape == empty.shape and y.dtype == np.uint8
 
 
-_PROC = ("import sys, numpy as np; from vaestream import load_model; from vaestream.lossless import LosslessCoder; "
+_PROC = ("import sys, numpy as np; from vaestream import load_model; "
+         "from vaestream.coding.bitsback.coder import LosslessCoder; "
          "c = LosslessCoder(load_model(sys.argv[1]), group=int(sys.argv[5]), blas_threads=None); "
          "open(sys.argv[2], 'wb').write(c.compress(np.load(sys.argv[3]))) if sys.argv[4] == 'c' else "
          "np.save(sys.argv[3], c.decompress(open(sys.argv[2], 'rb').read()))")
@@ -306,7 +308,7 @@ def test_beta_binomial_grid_matches_scipy_and_the_latent_prior_is_scrambled():
     prior is N(0, 1) over the buckets, listed in a scrambled order that is a bijection."""
     from scipy.stats import betabinom, norm
 
-    from vaestream.coding import bb_tables as L
+    from vaestream.coding.bitsback import tables as L
 
     bins, within = beta_binomial_grid()
     nu, nv = L.grid_shape()
@@ -336,7 +338,7 @@ def test_group_sizes_ramp_up_and_cover():
     assert group_sizes(1, 32) == [1]
     assert group_sizes(100, 32) == [1, 2, 4, 8, 16, 32, 32, 5]
     assert sum(group_sizes(12345, 7)) == 12345 and max(group_sizes(12345, 7)) == 7
-    # a slower ramp (a context frame's, lossless.chain_ramp): +1 while s < 2^r, then a factor of ~1 + 2^-r
+    # a slower ramp (a context frame's, bitsback_coder.chain_ramp): +1 while s < 2^r, then a factor of ~1 + 2^-r
     assert group_sizes(100, 32, 2) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 18, 9]
     assert group_sizes(100, 32, 0) == group_sizes(100, 32)
     assert sum(group_sizes(4096, 256, 4)) == 4096 and max(group_sizes(4096, 256, 4)) <= 256
@@ -346,7 +348,7 @@ def test_codec_and_cli_compress_lossless_round_trip_exactly(bb_model, mnist_trai
     """The public doors: ``codec.compress(x, lossless=True)`` and ``vaestream compress --lossless``."""
     import json
 
-    from vaestream import codec as vcodec
+    from vaestream.coding import codec as vcodec
 
     model, model_dir = bb_model
     c = vcodec.load(model_dir, calibration=mnist_train[:2000])

@@ -12,7 +12,7 @@ import pytest
 
 from vaestream import ModelConfig
 from vaestream.coding import container
-from vaestream.coding.lossless import LosslessCoder, compress_lossless, decompress_lossless, ideal_bits
+from vaestream.coding.bitsback.coder import LosslessCoder, compress_lossless, decompress_lossless, ideal_bits
 from vaestream.errors import BitstreamError, ConfigError
 
 

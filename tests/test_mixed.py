@@ -1,4 +1,4 @@
-"""Per-record operating points (``vaestream.coding.mixed``) over a real family on real MNIST: each record at the
+"""Per-record operating points (``vaestream.coding.per_record``) over a real family on real MNIST: each record at the
 point that minimises bits + lambda SE, one stream of per-member streams that decodes, in a fresh process too, to
 what the encoder reported, meets its PSNR target, and is refused when truncated, corrupt or of another family."""
 
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from vaestream.coding import family, mixed
+from vaestream.coding import family, per_record
 from vaestream.errors import BitstreamError, ConfigError, ModelError
 
 
@@ -36,7 +36,7 @@ def x(mnist_test):
 
 @pytest.fixture(scope="module")
 def points(fam, x):
-    return mixed.candidates(fam, x)
+    return per_record.candidates(fam, x)
 
 
 def _psnr(x, y):
@@ -94,14 +94,14 @@ def test_each_record_takes_its_cheapest_point_and_a_larger_lambda_buys_less_erro
     se = np.stack([p["se"] for p in points])
     last = None
     for lm in (1.0, 10.0, 100.0, 1e3, 1e4):
-        j = mixed.assign(points, lm, stream_bits=0.0, rounds=0)
+        j = per_record.assign(points, lm, stream_bits=0.0, rounds=0)
         assert np.array_equal(j, np.argmin(bits + lm * se, axis=0))
-        o = mixed.outcome(points, j, x[0].size)
+        o = per_record.outcome(points, j, x[0].size)
         if last is not None:
             assert o["mse"] <= last["mse"] and o["bits_per_record"] >= last["bits_per_record"]
         last = o
     # with a cost per stream, a point that serves its records for less than that saving is dropped
-    j = mixed.assign(points, 100.0, stream_bits=1e9)
+    j = per_record.assign(points, 100.0, stream_bits=1e9)
     assert len(np.unique(j)) == 1
 
 
@@ -112,43 +112,43 @@ def test_a_psnr_target_between_the_members_is_met_per_record_for_fewer_bits_than
     target = round((lossy_best + near["psnr_db"]) / 2, 2)
     single = family.choose(fam, x, psnr=target)
     assert single["levels"]  # only the near-lossless member reaches the target
-    blob, x_hat, info = mixed.compress_to(fam, x, psnr=target, points=points)
+    blob, x_hat, info = per_record.compress_to(fam, x, psnr=target, points=points)
     assert info["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9) and info["psnr_db"] >= target
     assert None in {s["levels"] for s in info["streams"]} and len(info["streams"]) > 1  # lossy and near-lossless
     assert sum(s["records"] for s in info["streams"]) == len(x)
     assert 8 * len(blob) / len(x) == info["bits_per_record"] < single["bits_per_record"]
-    y = mixed.decompress(fam, blob)
+    y = per_record.decompress(fam, blob)
     assert y.dtype == np.uint8 and y.shape == x.shape and np.array_equal(y.reshape(len(x), -1), x_hat)
     with pytest.raises(ConfigError, match="reaches"):
-        mixed.choose(points, x[0].size, psnr=99.0)
+        per_record.choose(points, x[0].size, psnr=99.0)
 
 
 def test_a_truncated_corrupt_or_foreign_mixed_stream_is_refused(fam, x, points, tmp_path):
     lossy = next(i for i, p in enumerate(points) if p["levels"] is None)
     near = next(i for i, p in enumerate(points) if p["levels"] == 4)
     j = np.where(np.arange(60) % 3 == 0, near, lossy)
-    blob, x_hat = mixed.compress(points, j, x[:60])
-    assert np.array_equal(mixed.decompress(fam, blob).reshape(60, -1), x_hat)
+    blob, x_hat = per_record.compress(points, j, x[:60])
+    assert np.array_equal(per_record.decompress(fam, blob).reshape(60, -1), x_hat)
     for cut in (1, 5, 12, len(blob) // 2, len(blob) - 1):
         with pytest.raises(BitstreamError):
-            mixed.decompress(fam, blob[:cut], "cut.vm")
+            per_record.decompress(fam, blob[:cut], "cut.vm")
     with pytest.raises(BitstreamError, match="trailing"):
-        mixed.read(blob + b"\0")
+        per_record.read(blob + b"\0")
     bad = bytearray(blob)
     bad[7] ^= 0x01  # the record count in the header
     with pytest.raises(BitstreamError, match="CRC32|corrupt|truncated"):
-        mixed.read(bytes(bad))
+        per_record.read(bytes(bad))
     bad = bytearray(blob)
     bad[-3] ^= 0x10  # inside the last member stream: its own CRC32
     with pytest.raises(BitstreamError):
-        mixed.decompress(fam, bytes(bad))
+        per_record.decompress(fam, bytes(bad))
     other = tmp_path / "other"
     shutil.copytree(fam / "lossy", other / "lossy")
     with pytest.raises(ModelError, match="no member"):
-        mixed.decompress(other, blob)  # the near-lossless stream's model is not in that family
-    _, streams, _ = mixed.read(blob)
+        per_record.decompress(other, blob)  # the near-lossless stream's model is not in that family
+    _, streams, _ = per_record.read(blob)
     with pytest.raises(BitstreamError, match="not a mixed"):
-        mixed.read(streams[0][1])
+        per_record.read(streams[0][1])
 
 
 def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family(fam, x, points, tmp_path):
@@ -165,7 +165,7 @@ def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family
     assert done.returncode == 0, done.stderr[-2000:]
     y = np.load(tmp_path / "y.npy")
     assert y.shape == x.shape and _psnr(x, y) == pytest.approx(info["psnr_db"], abs=1e-9)
-    assert np.array_equal(y, mixed.decompress(fam, (tmp_path / "x.vm").read_bytes()))
+    assert np.array_equal(y, per_record.decompress(fam, (tmp_path / "x.vm").read_bytes()))
     done = subprocess.run(run + ["decompress", str(tmp_path / "x.vm"), str(tmp_path / "z.npy"), "--model",
                                  str(fam / "lossy")], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "--family" in done.stderr

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from vaestream.coding import container, family
-from vaestream.coding.bb_tables import level_grid, max_error, pixel_levels
-from vaestream.coding.lossless import EXACT_LEVELS, LosslessCoder, compress_lossless
+from vaestream.coding.bitsback.tables import level_grid, max_error, pixel_levels
+from vaestream.coding.bitsback.coder import EXACT_LEVELS, LosslessCoder, compress_lossless
 from vaestream.errors import BitstreamError, ConfigError
 
 N = 200
@@ -37,14 +37,14 @@ def test_levels_include_black_and_white_and_bound_every_count():
 
 
 def test_level_tables_are_the_beta_binomial_mass_of_each_levels_counts():
-    from vaestream.coding.bb_tables import _bb_logpmf, grid_axis, GRID_U, GRID_V
+    from vaestream.coding.bitsback.tables import _bb_logpmf, grid_axis, GRID_U, GRID_V
 
-    from vaestream.coding import bb_tables
+    from vaestream.coding.bitsback import tables as bitsback_tables
 
-    bb_tables._GRID_CACHE.pop(("levels", 5), None)
+    bitsback_tables._GRID_CACHE.pop(("levels", 5), None)
     g, means = (a.copy() for a in level_grid(5))  # built alone
-    bb_tables._GRID_CACHE.pop(("levels", 5), None)
-    together = bb_tables.level_grids([3, 5, 7])[1]  # built in one pass with others: the same tables
+    bitsback_tables._GRID_CACHE.pop(("levels", 5), None)
+    together = bitsback_tables.level_grids([3, 5, 7])[1]  # built in one pass with others: the same tables
     assert np.array_equal(together[0], g) and np.array_equal(together[1], means)
     assert g.shape[1] == 5 and np.allclose(g.sum(axis=1), 1.0, atol=1e-5)
     values, cell = pixel_levels(5)

@@ -151,7 +151,7 @@ def test_cli_compress_with_psnr_records_the_model_and_decompress_finds_it(rd_fam
 
 
 def test_bd_rate_of_a_curve_at_half_the_bits_is_minus_50_percent_over_the_shared_range():
-    from vaestream.coding.rdmetrics import bd_rate
+    from vaestream.metrics import bd_rate
 
     p = np.linspace(15, 35, 9)
     anchor = [{"psnr_db": float(v), "bits_per_image": float(50 * 1.3 ** (v - 15))} for v in p]
@@ -169,7 +169,7 @@ def test_bd_rate_agrees_with_the_reference_implementation_on_measured_curves(met
     Herglotz et al.'s ``bjontegaard`` package (which matches the JCT-VC sheet) on the same envelopes."""
     import bjontegaard
 
-    from vaestream.coding.rdmetrics import bd_rate, envelope
+    from vaestream.metrics import bd_rate, envelope
 
     saved = json.loads((Path(__file__).parents[1] / "benchmarks/results/rd_run5_rdo.json").read_text())
     checked = 0
@@ -190,7 +190,7 @@ def test_bd_rate_follows_a_kinked_curve_where_one_cubic_cannot():
     branch at 25 dB (lossy members, then a near-lossless member), against a log-linear anchor: over 21-32 dB
     the piecewise interpolants give the exact BD-rate (the integral of the true curves) to 0.1 point; one
     cubic over the whole curve is off by 4."""
-    from vaestream.coding.rdmetrics import bd_rate
+    from vaestream.metrics import bd_rate
 
     def log_rate(v):
         return np.interp(v, [14, 23, 25, 50], [math.log(20), math.log(20) + 9 * math.log(1.35), math.log(450),
@@ -210,7 +210,7 @@ def test_bd_rate_follows_a_kinked_curve_where_one_cubic_cannot():
 
 
 def test_ssim_is_one_on_equal_pictures_and_falls_with_noise(mnist_test):
-    from vaestream.coding.rdmetrics import ssim
+    from vaestream.metrics import ssim
 
     x = mnist_test[:20].astype(np.float64) / 255
     noisy = np.clip(x + np.random.default_rng(0).normal(0, 0.1, x.shape), 0, 1)

@@ -159,7 +159,7 @@ def elbo_two_layers(model, x: tf.Tensor, estimator: str = "B", num_samples: int 
         rate (B)   = -H[q(z|x)] + 1/L sum_l [KL(q(z2|z^(l)) || N(0, I)) - log p(z^(l)|z2^(l))]
 
     (B uses the closed-form entropy and top KL, A only samples.) ``rate`` is the KL of the coded latents that
-    bits-back coding pays for (:mod:`vaestream.coding.lossless`, Bit-Swap order), ``elbo = -(rate + distortion)``.
+    bits-back coding pays for (:mod:`vaestream.coding.bitsback.coder`, Bit-Swap order), ``elbo = -(rate + distortion)``.
     The z2 draws use the seed ``seed + [0, 1]``. Shapes as :func:`elbo`.
     """
     mean, log_scale = model.encoder_params(x)
@@ -190,7 +190,7 @@ def rd_loss(model, x: tf.Tensor, lmbda: float, seed=None, rng_alg: str | None = 
     * ``distortion`` D = 1/D_x sum_d (x_d - m_d(z))^2 with z = mu + sigma eps, eps ~ N(0, I) (one
       reparameterised sample), m the decoder mean (``decoder_params(z)["x_mean"]``), D_x = ``input_dim``.
 
-    Why the KL is the rate the coder pays: :mod:`vaestream.coding.coder` codes q_i = round(mu_i / Delta_i)
+    Why the KL is the rate the coder pays: :mod:`vaestream.coding.tables` codes q_i = round(mu_i / Delta_i)
     with Delta_i = quality x s_i (s_i the RMS posterior std) under the aggregate density of mu_i. For a
     bin well below the spread of mu_i that costs h(mu_i) - log2 Delta_i bits; with the marginal of mu_i
     ~ N(0, 1 - sigma_i^2) and Delta_i = sqrt(2 pi e) sigma_i (quality ~ 4.13) it is 1/2 log2((1 -

@@ -330,13 +330,13 @@ class VAEModelHandler(ModelHandler):
         call, ``codec.encode``) and codes them into one container per element (``codec.compress_codes``); needs
         the model's coder tables (``coder_tables.npz``, see :func:`vaestream.coding.codec.write_tables`).
         ``"lossless"`` codes each element's records exactly by bits-back ANS
-        (:class:`vaestream.coding.lossless.LosslessCoder`, the vectorised coder; one container per element);
+        (:class:`vaestream.coding.bitsback.coder.LosslessCoder`, the vectorised coder; one container per element);
         needs a model directory with a discrete likelihood (``beta_binomial``: counts 0..255, ``bernoulli``:
         0/1) and records validated as uint8 counts (:func:`lossless_validate`). Either way the element becomes
         a coded :class:`CodeBatch`. Decode mode reads coded batches whatever this flag says: the container's
         header says which coder wrote it (lossless streams decode to the exact uint8 counts).
       levels, reconstruction: with ``coder="lossless"``: near-lossless coding, each pixel rounded to the
-        nearest of ``levels`` (2..64) levels first (:class:`vaestream.coding.lossless.LosslessCoder`); None:
+        nearest of ``levels`` (2..64) levels first (:class:`vaestream.coding.bitsback.coder.LosslessCoder`); None:
         exact. Decode mode reads them from the stream.
       rdo_lmbda: with ``coder="lossy"`` (a model directory): rate-distortion optimised codes
         (:mod:`vaestream.coding.rdo`, ``codec.encode(..., rdo_lmbda=)``): ordinary streams, slower encoding.
@@ -488,7 +488,7 @@ def coder_kind(coder: bool | str | None) -> str | None:
 def lossless_validate(likelihood: str) -> dict:
     """The :func:`vaestream.beam.validate_batch` arguments that make records fit for lossless coding: stored
     as uint8 counts (whole numbers 0..255), and at most 1 for a ``bernoulli`` model (binary records)."""
-    from vaestream.coding.lossless import LIKELIHOODS
+    from vaestream.coding.bitsback.coder import LIKELIHOODS
 
     if likelihood not in LIKELIHOODS:
         raise ModelError(f"lossless coding needs a discrete likelihood ({', '.join(LIKELIHOODS)}); this model's "
@@ -507,10 +507,10 @@ def _is_lossless(blob: bytes) -> bool:
 def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level",
                      model_dir: str | None = None) -> None:
     """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``, with the pixel
-    context models of ``model_dir`` if it has them: :mod:`vaestream.coding.bb_context`); it needs the model
+    context models of ``model_dir`` if it has them: :mod:`vaestream.coding.bitsback.context`); it needs the model
     directory's VAE."""
-    from vaestream.coding.bb_context import load_contexts
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.context import load_contexts
+    from vaestream.coding.bitsback.coder import LosslessCoder
 
     if model.vae is None:
         raise ModelError(f"{model.source}: lossless coding needs the model directory, not a SavedModel export")

@@ -169,7 +169,7 @@ class ScoringModelHandler(vb.VAEModelHandler):
         return model
 
     def run_inference(self, batch, model, inference_args=None) -> list:
-        from vaestream.coding.coder import quantize
+        from vaestream.coding.tables import quantize
 
         if not batch:
             return []

@@ -30,7 +30,7 @@ def cmd_build_tables(a: argparse.Namespace) -> int:
 
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     path = codec.write_tables(a.model, records, model_kind=a.table_model, inactive_kl_bits=a.inactive_kl_bits)
-    from vaestream.coding.coder import CoderTables
+    from vaestream.coding.tables import CoderTables
 
     t = CoderTables.load(path)
     print(json.dumps({"tables": str(path), "active_dims": int(t.active.sum()), "latent_dim": t.latent_dim,
@@ -77,14 +77,14 @@ def _compress_from_family(a: argparse.Namespace, records) -> int:
 
 
 def _compress_per_record(a: argparse.Namespace, records) -> int:
-    """--family --per-record: each record at its own point of the family (vaestream.coding.mixed), one stream."""
+    """--family --per-record: each record at its own point of the family (vaestream.coding.per_record), one stream."""
     from vaestream.binio import atomic_write
-    from vaestream.coding import mixed
+    from vaestream.coding import per_record
     from vaestream.errors import ConfigError
 
     if a.select_on or a.rdo:
         raise ConfigError("--per-record chooses on the records themselves: no --select-on or --rdo")
-    blob, _, info = mixed.compress_to(a.family, records, psnr=a.psnr, bpp=a.bpp)
+    blob, _, info = per_record.compress_to(a.family, records, psnr=a.psnr, bpp=a.bpp)
     atomic_write(a.output, blob)
     print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob), "per_record": True,
                       **info}))
@@ -162,13 +162,14 @@ def _bits_back_coder(path: str, levels: int | None = None, reconstruction: str =
 
 
 def cmd_train_context(a: argparse.Namespace) -> int:
-    """Train pixel context models for near-lossless bits-back coding (vaestream.coding.bb_context): one per K,
+    """Train pixel context models for near-lossless bits-back coding (vaestream.coding.bitsback.context): one per K,
     for the frozen beta-binomial model in --model, written to MODEL_DIR/context/levels-K.npz. ``compress
     --levels K`` (and a family's near-lossless points) then code with it; decoders find it by the stream's
     fingerprint. Each also gets a reconstruction network (``--recon-epochs``, 0 for none), which ``compress
     --reconstruction learned`` decodes with."""
     from vaestream import data
-    from vaestream.coding import bb_context
+    from vaestream.coder_training import context as context_training
+    from vaestream.coding.bitsback import context as context_mod
     from vaestream.errors import ConfigError
 
     model = _bits_back_coder(a.model).model  # refuses what bits-back coding cannot take
@@ -177,18 +178,19 @@ def cmd_train_context(a: argparse.Namespace) -> int:
     for k in a.levels:
         t0 = time.time()
         if a.recon_only:  # the directory's context model for K, given a reconstruction network
-            path = bb_context.context_path(a.model, k)
+            path = context_mod.context_path(a.model, k)
             if not path.is_file():
                 raise ConfigError(f"--recon-only: {path} does not exist (train the context model first)")
-            cm = bb_context.ContextModel.load(path)
+            cm = context_mod.ContextModel.load(path)
         else:
-            cm = bb_context.train_context(model, records, k, window=a.window, hidden=tuple(a.hidden),
-                                          epochs=a.epochs, learning_rate=a.learning_rate, seed=a.seed, held_out=held,
-                                          log=lambda r, k=k: print(json.dumps({"levels": k, **r}), flush=True))
+            cm = context_training.train_context(model, records, k, window=a.window, hidden=tuple(a.hidden),
+                                                epochs=a.epochs, learning_rate=a.learning_rate, seed=a.seed,
+                                                held_out=held,
+                                                log=lambda r, k=k: print(json.dumps({"levels": k, **r}), flush=True))
             cm.meta["train_seconds"] = round(time.time() - t0, 1)
         if a.recon_epochs:
             t0 = time.time()
-            cm = bb_context.train_reconstruction(
+            cm = context_training.train_reconstruction(
                 model, records, cm, window=a.recon_window, hidden=tuple(a.recon_hidden), epochs=a.recon_epochs,
                 seed=a.seed, held_out=held, log=lambda r, k=k: print(json.dumps({"levels": k, "recon": r}), flush=True))
             cm.meta["reconstruction"]["train_seconds"] = round(time.time() - t0, 1)
@@ -198,41 +200,44 @@ def cmd_train_context(a: argparse.Namespace) -> int:
 
 
 def cmd_train_joint(a: argparse.Namespace) -> int:
-    """Fine-tune a bits-back member together with its pixel context model for one K (vaestream.coding.bb_joint):
+    """Fine-tune a bits-back member together with its pixel context model for one K (vaestream.coder_training.joint):
     the encoder, the decoder and the context network minimise the code length KL + the pixels' bits. Writes a
     new member to --out (config.json, ckpt/, context/levels-K.npz, joint.json); a family directory holding it
     measures and picks it like any member. Its reconstruction network (``--recon-epochs``, 0 for none) starts
     from the source's, if it has one."""
     from vaestream import data
-    from vaestream.coding import bb_context, bb_joint
+    from vaestream.coder_training import context as context_training
+    from vaestream.coder_training import joint as joint_training
+    from vaestream.coding.bitsback import context as context_mod
     from vaestream.errors import ConfigError
 
     if (Path(a.out) / "config.json").exists():
         raise ConfigError(f"{a.out}: already a model directory; choose a new --out")
     model = _bits_back_coder(a.model).model
-    path = bb_context.context_path(a.model, a.levels)
+    path = context_mod.context_path(a.model, a.levels)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: train the context model for K = {a.levels} first "
                           "(vaestream train-context)")
-    source = bb_context.ContextModel.load(path)
+    source = context_mod.ContextModel.load(path)
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     held = data.load_records(a.data, "test", key=a.key)[: a.held_out] if a.held_out else None
     t0 = time.time()
-    member, cm = bb_joint.train_joint(model, records, source.without_reconstruction(), epochs=a.epochs,
-                                      batch_size=a.batch_size, learning_rate=a.learning_rate, seed=a.seed,
-                                      held_out=held, log=lambda r: print(json.dumps({"levels": a.levels, **r}),
-                                                                         flush=True))
+    member, cm = joint_training.train_joint(model, records, source.without_reconstruction(), epochs=a.epochs,
+                                            batch_size=a.batch_size, learning_rate=a.learning_rate, seed=a.seed,
+                                            held_out=held, log=lambda r: print(json.dumps({"levels": a.levels, **r}),
+                                                                               flush=True))
     cm.meta["train_seconds"] = round(time.time() - t0, 1)
     if a.recon_epochs:
         t0 = time.time()
         init = source if source.has_reconstruction else None
-        cm = bb_context.train_reconstruction(
-            member, records, cm, window=init.recon_window if init else bb_context.DEFAULT_RECON_WINDOW,
-            hidden=tuple(w.shape[1] for w, _ in init.recon[:-1]) if init else bb_context.DEFAULT_RECON_HIDDEN,
+        cm = context_training.train_reconstruction(
+            member, records, cm, window=init.recon_window if init else context_mod.DEFAULT_RECON_WINDOW,
+            hidden=tuple(w.shape[1] for w, _ in init.recon[:-1]) if init else context_mod.DEFAULT_RECON_HIDDEN,
             epochs=a.recon_epochs, seed=a.seed, held_out=held, init=init,
             log=lambda r: print(json.dumps({"levels": a.levels, "recon": r}), flush=True))
         cm.meta["reconstruction"]["train_seconds"] = round(time.time() - t0, 1)
-    out = bb_joint.save_member(a.out, member, cm, {"source": str(a.model), "data": a.data, "n": int(len(records))})
+    out = joint_training.save_member(a.out, member, cm,
+                                     {"source": str(a.model), "data": a.data, "n": int(len(records))})
     print(json.dumps({"levels": a.levels, "member": str(out), "fingerprint": member.fingerprint()[:16],
                       "digest": cm.digest()[:16], **cm.meta}), flush=True)
     return 0
@@ -246,15 +251,15 @@ def cmd_decompress(a: argparse.Namespace) -> int:
 
         raise BitstreamError(f"{a.input}: no such file")  # as container.ContainerReader says it
     blob = Path(a.input).read_bytes()
-    from vaestream.coding import container, mixed
+    from vaestream.coding import container, per_record
     import io
 
-    if mixed.is_mixed(blob):
+    if per_record.is_mixed(blob):
         if a.family is None:
             from vaestream.errors import ConfigError
 
             raise ConfigError(f"{a.input}: a per-record stream of several models: decode it with --family")
-        x = mixed.decompress(a.family, blob, a.input)
+        x = per_record.decompress(a.family, blob, a.input)
         np.save(a.output, x)
         print(json.dumps({"output": str(a.output), "records": int(len(x)), "shape": list(x.shape),
                           "dtype": str(x.dtype), "per_record": True}))
@@ -323,7 +328,7 @@ def rate_distortion(codec, x: np.ndarray, qualities=None, progress: bool = False
     rows = []
     from tqdm.auto import tqdm
 
-    from vaestream.coding.coder import quantize
+    from vaestream.coding.tables import quantize
 
     for q in tqdm(qualities or codec.qualities, desc="rd", unit="quality", disable=not progress, dynamic_ncols=True):
         blob = codec.compress(x, quality=q)
@@ -340,7 +345,7 @@ def rate_distortion(codec, x: np.ndarray, qualities=None, progress: bool = False
 def _rd_family(a: argparse.Namespace) -> int:
     """``vaestream rd FAMILY``: the family's envelope vs the Pillow peers, BD-rates, one plot."""
     from vaestream import data
-    from vaestream.coding import rdcurve
+    from vaestream.evaluation import rdcurve
 
     records = data.load_records(a.data, a.split, key=a.key)[: a.n]
     if records.ndim == 2:  # flat records: the pictures' shape is the family's
@@ -405,7 +410,7 @@ def _model_and_records(p, model_help: str, data_help: str) -> None:
 
 def add_subcommands(sub) -> None:
     from vaestream.coding import rdo
-    from vaestream.coding.lossless import RECONSTRUCTIONS
+    from vaestream.coding.bitsback.coder import RECONSTRUCTIONS
 
     p = sub.add_parser("build-tables", help="derive a model's coder tables from calibration records",
                        description=cmd_build_tables.__doc__)
@@ -442,7 +447,7 @@ def add_subcommands(sub) -> None:
                    help="with --family: the members' rate-distortion optimised points are candidates too")
     p.add_argument("--per-record", action="store_true",
                    help="with --family and --psnr / --bpp: each record at its own operating point (bits + lambda "
-                        "squared error), one stream of per-model streams (vaestream.coding.mixed)")
+                        "squared error), one stream of per-model streams (vaestream.coding.per_record)")
     p.add_argument("--append", action="store_true", help="append to an existing container")
     p.add_argument("--lossless", action="store_true",
                    help="exact bits-back coding (a beta_binomial or bernoulli model; records as stored)")
@@ -463,16 +468,16 @@ def add_subcommands(sub) -> None:
     add_scale_argument(p)
     p.set_defaults(func=cmd_compress)
 
-    from vaestream.coding import bb_context
+    from vaestream.coding.bitsback import context as context_mod
 
     p = sub.add_parser("train-context", help="train pixel context models for near-lossless bits-back coding",
                        description=cmd_train_context.__doc__)
     _model_and_records(p, "a beta_binomial bits-back model directory", "8-bit pictures")
     p.add_argument("--levels", type=int, nargs="+", required=True, help="one context model per K")
     p.add_argument("--epochs", type=int, default=5, help="epochs of each context model (default %(default)s)")
-    p.add_argument("--window", type=int, default=bb_context.DEFAULT_WINDOW,
+    p.add_argument("--window", type=int, default=context_mod.DEFAULT_WINDOW,
                    help="the context square's side (odd; default %(default)s)")
-    p.add_argument("--hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_HIDDEN),
+    p.add_argument("--hidden", type=int, nargs="+", default=list(context_mod.DEFAULT_HIDDEN),
                    help="hidden widths of the context network (default %(default)s)")
     p.add_argument("--learning-rate", type=float, default=2e-3,
                    help="Adam step size, decayed 10x over the run (default %(default)s)")
@@ -481,9 +486,9 @@ def add_subcommands(sub) -> None:
                    help="measure bits per record on the first N test records after each epoch (default 0: none)")
     p.add_argument("--recon-epochs", type=int, default=4,
                    help="epochs of the reconstruction network (reconstruction 'learned'); 0: none")
-    p.add_argument("--recon-window", type=int, default=bb_context.DEFAULT_RECON_WINDOW,
+    p.add_argument("--recon-window", type=int, default=context_mod.DEFAULT_RECON_WINDOW,
                    help="the reconstruction network's square side (odd; default %(default)s)")
-    p.add_argument("--recon-hidden", type=int, nargs="+", default=list(bb_context.DEFAULT_RECON_HIDDEN),
+    p.add_argument("--recon-hidden", type=int, nargs="+", default=list(context_mod.DEFAULT_RECON_HIDDEN),
                    help="hidden widths of the reconstruction network (default %(default)s)")
     p.add_argument("--recon-only", action="store_true",
                    help="keep the directory's context models for these K and train only their reconstruction networks "
@@ -528,7 +533,7 @@ def add_subcommands(sub) -> None:
                    help="with FAMILY: with the lossy members' rate-distortion optimised points (vaestream.coding.rdo)")
     p.add_argument("--per-record", type=float, nargs="+", default=None, metavar="PSNR",
                    help="with FAMILY: also code each record at its own point, at these PSNR targets "
-                        "(vaestream.coding.mixed; what compress --per-record does)")
+                        "(vaestream.coding.per_record; what compress --per-record does)")
     p.add_argument("--data", required=True, help="'fashion-mnist', an MNIST-layout directory, a file")
     p.add_argument("--split", choices=["train", "test"], default="test",
                    help="the split of a data set with two (default test)")

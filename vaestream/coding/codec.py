@@ -1,7 +1,7 @@
 """The codec: records -> quantised latent codes -> entropy-coded bytes, and back.
 
     codec = vaestream.coding.codec.load(model_dir_or_export)
-    codes = codec.encode(x)          # int32 [B, Nz]: round(mu(x) / delta), see vaestream.coding.coder
+    codes = codec.encode(x)          # int32 [B, Nz]: round(mu(x) / delta), see vaestream.coding.tables
     x_hat = codec.decode(codes)      # float32 [B, D]: the decoder mean at z_hat = codes * delta
     blob = codec.compress(x)         # bytes: a self-describing container (vaestream.coding.container)
     x_hat = codec.decompress(blob)   # == codec.decode(codec.encode(x)), bit for bit
@@ -35,8 +35,8 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from vaestream.coding import container, rdo
-from vaestream.coding.coder import DEFAULT_QUALITIES, CoderTables, EntropyCoder, build_tables_from_stats, dequantize, \
-    quantize
+from vaestream.coding.range_coder import EntropyCoder
+from vaestream.coding.tables import DEFAULT_QUALITIES, CoderTables, build_tables_from_stats, dequantize, quantize
 from vaestream.config import ModelConfig
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
@@ -111,7 +111,7 @@ class Codec:
 
     Args:
       backend: the model (internal; use :func:`load`).
-      tables: the :class:`vaestream.coding.coder.CoderTables` of this model.
+      tables: the :class:`vaestream.coding.tables.CoderTables` of this model.
       quality: the default quality (a step of the tables' ladder; 1.0 if None).
       frame_records: records per container frame (the unit of random access).
     """
@@ -295,13 +295,13 @@ class Codec:
           quality: the quality (default: the codec's); or
           target_bits: the budget in bits per record (container included): the finest quality of the ladder
             whose stream fits it is used (:class:`ConfigError` if even the coarsest does not).
-          lossless: code the records exactly by bits-back coding (:mod:`vaestream.coding.lossless`; a model with a
+          lossless: code the records exactly by bits-back coding (:mod:`vaestream.coding.bitsback.coder`; a model with a
             discrete decoder: ``beta_binomial`` for 8-bit counts, ``bernoulli`` for 0/1 data). ``x`` are then
             the raw records (uint8 counts or 0/1), and :meth:`decompress` returns them bit for bit.
           levels: near-lossless bits-back coding of 8-bit counts (a ``beta_binomial`` model): each pixel is
             rounded to the nearest of ``levels`` (2..64) levels and the level image coded exactly;
             :meth:`decompress` returns it (uint8), every pixel within ``255 / (2 (levels - 1))`` of the record's
-            (:class:`vaestream.coding.lossless.LosslessCoder`).
+            (:class:`vaestream.coding.bitsback.coder.LosslessCoder`).
           reconstruction: with ``levels``: ``"level"`` (the bound above), ``"mean"`` (E[count | level, z]) or
             ``"learned"`` (the context model's reconstruction network; needs a model directory whose context
             models this coder is given: see :func:`vaestream.coding.family.near_lossless_coder`).
@@ -317,7 +317,7 @@ class Codec:
                                   "each other")
             if levels is None:
                 return self.lossless_coder().compress(x)
-            from vaestream.coding.lossless import LosslessCoder
+            from vaestream.coding.bitsback.coder import LosslessCoder
 
             return LosslessCoder(self.lossless_coder().model, levels=levels, frame_records=self.frame_records,
                                  reconstruction=reconstruction).compress(x)
@@ -368,7 +368,7 @@ class Codec:
         if h.table_hash != self._digest[:container.TABLE_ID_BYTES]:
             if h.lossless:
                 raise BitstreamError(f"{name}: a lossless (bits-back) stream, not a lossy one: decode it with "
-                                     "vaestream.coding.lossless")
+                                     "vaestream.coding.bitsback.coder")
             raise ModelMismatchError(f"{name}: coded with other coder tables ({h.table_hash.hex()}..., these "
                                      f"are {self._digest[:container.TABLE_ID_BYTES].hex()}...); decode it with the "
                                      "tables that wrote it")
@@ -404,9 +404,9 @@ class Codec:
             return codes, r.header
 
     def lossless_coder(self):
-        """The bits-back coder of this model (:class:`vaestream.coding.lossless.LosslessCoder`); it needs the model
-        itself (a model directory): a SavedModel export carries only the decoder mean."""
-        from vaestream.coding.lossless import LosslessCoder
+        """The bits-back coder of this model (:class:`vaestream.coding.bitsback.coder.LosslessCoder`); it needs the
+        model itself (a model directory): a SavedModel export carries only the decoder mean."""
+        from vaestream.coding.bitsback.coder import LosslessCoder
 
         if self._lossless is None:
             model = getattr(self._backend, "model", None)
@@ -505,7 +505,7 @@ def build_tables(model, records, qualities: Sequence[float] = DEFAULT_QUALITIES,
       records: calibration records ``[N, D]`` / ``[N, *input_shape]`` (uint8 scaled by 1/255) or a
         ``vaestream.data.Dataset`` — typically (part of) the training set. At most ``max_records`` are used
         (an evenly spaced subset).
-      qualities: the quality ladder (see :mod:`vaestream.coding.coder`).
+      qualities: the quality ladder (see :mod:`vaestream.coding.tables`).
       model_kind: ``"aggregate"`` (KDE of the calibration posterior means) or ``"prior"`` (N(0, 1)).
       inactive_kl_bits: dimensions whose mean KL is below this are not coded.
     """

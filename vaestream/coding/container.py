@@ -41,7 +41,7 @@ about 8 bytes each; the indexed layout adds 1 byte per frame of tag, about 4 per
 Design choices.
 
 * **Model binding: 4 bytes of fingerprint + 4 bytes of table id.** The table id is the first 4 bytes of
-  :meth:`vaestream.coding.coder.CoderTables.digest`, which hashes the tables *and the whole 32-byte model
+  :meth:`vaestream.coding.tables.CoderTables.digest`, which hashes the tables *and the whole 32-byte model
   fingerprint*. A lossy stream is accepted only if both match, so a stream of another model passes with
   probability 2^-64 (5e-20) per pair of models, and one coded with another table build of the same model
   (other calibration data or ladder) with probability 2^-32 (2e-10) per pair of builds -- the same odds as a
@@ -96,7 +96,7 @@ TABLE_ID_BYTES = 4
 """Bytes of the coder tables' digest a lossy header keeps."""
 LOSSLESS_TAG = hashlib.sha256(b"vaestream lossless: bits-back ANS (BB-ANS), format 1").digest()[:16]
 """The :attr:`Header.table_hash` of a lossless stream (flag LOSSLESS on the wire; equals
-``vaestream.coding.lossless.LOSSLESS_TAG``)."""
+``vaestream.coding.bitsback.coder.LOSSLESS_TAG``)."""
 FRAME_TAG = b"F"
 INDEX_TAG = b"X"
 END_TAG = b"VZ"
@@ -169,7 +169,7 @@ class Header:
     Attributes:
       fingerprint: the model fingerprint (SHA-256 of config and weights); its first
         :data:`FINGERPRINT_BYTES` bytes are kept (a longer value is cut).
-      table_hash: the coder tables' digest (:meth:`vaestream.coding.coder.CoderTables.digest`), of which the first
+      table_hash: the coder tables' digest (:meth:`vaestream.coding.tables.CoderTables.digest`), of which the first
         :data:`TABLE_ID_BYTES` bytes are kept; or :data:`LOSSLESS_TAG` for a lossless (bits-back) stream.
       quality: the quality the records were coded at (0.0 for a lossless stream).
       level: its index on the writer's ladder; not stored (a header read back has None, or 0 if lossless)

@@ -6,7 +6,7 @@ A family directory holds model directories of two kinds:
   model per lambda (``ModelConfig.lmbda``, :func:`vaestream.objective.rd_loss`), whose points are the
   qualities of the coder's ladder (the quantised latent, decoded by the decoder network);
 * **near-lossless members**: a bits-back model of 8-bit pixels (``beta_binomial`` likelihood, MLP), whose
-  points are the pixel levels of :data:`LEVELS_LADDER` (:class:`vaestream.coding.lossless.LosslessCoder`
+  points are the pixel levels of :data:`LEVELS_LADDER` (:class:`vaestream.coding.bitsback.coder.LosslessCoder`
   with ``levels=K``: every pixel rounded to the nearest of K levels and the level image coded exactly, so
   each pixel is within a known bound of the original). They reach the high-PSNR end a decoder network
   does not (the bound is exact, whatever the model), where a lossy member's curve flattens::
@@ -33,7 +33,7 @@ The container records the model: its header carries the first 4 bytes of the mod
 near-lossless stream's frames their K), and :func:`codec_for` finds the member whose tables were built for
 that fingerprint, or whose model has it (odds of a clash between two members 2^-32 per pair).
 
-One point serves the whole batch here; :mod:`vaestream.coding.mixed` gives each record its own point of the
+One point serves the whole batch here; :mod:`vaestream.coding.per_record` gives each record its own point of the
 family (``compress --family --per-record``).
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from vaestream.coding import container
-from vaestream.coding.rdmetrics import psnr_db
+from vaestream.metrics import psnr_db
 from vaestream.errors import ConfigError, ModelError
 
 
@@ -77,7 +77,7 @@ def is_lossy(model_dir: Path) -> bool:
 def is_near_lossless(model_dir: Path) -> bool:
     """Whether ``model_dir`` holds a model the bits-back coder can code 8-bit pixels with near-losslessly: a
     ``beta_binomial`` MLP with one stochastic layer (a two-layer model codes only losslessly, see
-    :class:`vaestream.coding.lossless.LosslessCoder`)."""
+    :class:`vaestream.coding.bitsback.coder.LosslessCoder`)."""
     from vaestream.store import read_config
 
     cfg = read_config(model_dir)
@@ -108,7 +108,7 @@ def members(family: str | os.PathLike) -> list[Path]:
 
 def operating_points(codec, records, with_ssim: bool = False, rdo: bool = False) -> list[dict]:
     """Every quality of ``codec``'s ladder on ``records``: ``{"quality", "rdo_lmbda", "bits_per_record", "mse",
-    "psnr_db"}`` (and ``"ssim"``, :func:`vaestream.coding.rdmetrics.ssim` over the pictures, with
+    "psnr_db"}`` (and ``"ssim"``, :func:`vaestream.metrics.ssim` over the pictures, with
     ``with_ssim``). ``rdo_lmbda`` is None: the rounded posterior means.
 
     With ``rdo`` (a model trained with a ``lmbda``), also the rate-distortion optimised points
@@ -117,7 +117,7 @@ def operating_points(codec, records, with_ssim: bool = False, rdo: bool = False)
 
     Bits are those of ``codec.compress(records, quality)`` (the whole container); the reconstruction is the
     decoded stream's (``codec.decode`` of its codes, which ``decompress`` reproduces bit for bit)."""
-    from vaestream.coding.rdmetrics import ssim
+    from vaestream.metrics import ssim
 
     x, _ = codec.model_inputs(records)
     if len(x) == 0:
@@ -144,13 +144,13 @@ def near_lossless_points(coder, records, ladder=None, with_ssim: bool = False) -
     """Every (K, reconstruction) of ``ladder`` (default: :data:`LEVELS_LADDER` with ``"level"``, then
     :data:`MEAN_LADDER` with ``"mean"``, then ``"learned"`` where the coder's context model has a reconstruction
     network) with the bits-back coder ``coder``
-    (:class:`vaestream.coding.lossless.LosslessCoder`) on ``records`` (8-bit counts): ``{"levels",
+    (:class:`vaestream.coding.bitsback.coder.LosslessCoder`) on ``records`` (8-bit counts): ``{"levels",
     "reconstruction", "max_error", "bits_per_record", "mse", "psnr_db"}`` (and ``"ssim"``). Bits are those of
     the whole container; the reconstruction is what ``decompress`` returns (computed while coding:
-    :meth:`~vaestream.coding.lossless.LosslessCoder.compress_and_reconstruct`, tested to be identical)."""
-    from vaestream.coding.bb_tables import level_grids
-    from vaestream.coding.lossless import LosslessCoder
-    from vaestream.coding.rdmetrics import ssim
+    :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.compress_and_reconstruct`, tested to be identical)."""
+    from vaestream.coding.bitsback.tables import level_grids
+    from vaestream.coding.bitsback.coder import LosslessCoder
+    from vaestream.metrics import ssim
 
     x, _ = coder._records(records, "records")
     if len(x) == 0:
@@ -203,10 +203,10 @@ def member_points(model_dir: Path, records, with_ssim: bool = False, rdo: bool =
 def near_lossless_coder(model_dir: str | os.PathLike, levels: int | None = None, reconstruction: str = "level",
                         use_context: bool = True):
     """The bits-back coder of the member ``model_dir`` (lossless; or near-lossless with ``levels``), with the
-    pixel context models beside it (``MODEL_DIR/context/``, :mod:`vaestream.coding.bb_context`): it codes with
+    pixel context models beside it (``MODEL_DIR/context/``, :mod:`vaestream.coding.bitsback.context`): it codes with
     the one of its K unless ``use_context`` is False, and decodes streams written with any of them."""
-    from vaestream.coding.bb_context import load_contexts
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.context import load_contexts
+    from vaestream.coding.bitsback.coder import LosslessCoder
     from vaestream.store import load_model
 
     return LosslessCoder(load_model(model_dir), levels=levels, reconstruction=reconstruction,
@@ -266,10 +266,10 @@ def _setting(p: dict) -> str:
 def codec_for(family: str | os.PathLike, blob: bytes, **kwargs):
     """The decoder of the member of ``family`` that wrote ``blob`` (matched by the header's model fingerprint):
     a :class:`vaestream.coding.codec.Codec` for a lossy stream (``kwargs`` go to
-    :func:`vaestream.coding.codec.load`), the member's :class:`vaestream.coding.lossless.LosslessCoder` for a
+    :func:`vaestream.coding.codec.load`), the member's :class:`vaestream.coding.bitsback.coder.LosslessCoder` for a
     bits-back (lossless or near-lossless) one. Both decode it with ``decompress(blob)``."""
     from vaestream.coding import codec as codec_mod
-    from vaestream.coding.coder import CoderTables
+    from vaestream.coding.tables import CoderTables
 
     h = container.read_header(io.BytesIO(bytes(blob)))
     fp = h.fingerprint.hex()

@@ -1,7 +1,7 @@
 """Rate-distortion optimised quantisation (RDOQ): each record's codes chosen for bits + lambda MSE.
 
 Plain quantisation codes the encoder's posterior mean rounded to the grid, ``q = round(mu(x) / delta)``
-(:func:`vaestream.coding.coder.quantize`). That is neither the cheapest code for its distortion nor the
+(:func:`vaestream.coding.tables.quantize`). That is neither the cheapest code for its distortion nor the
 least distortion for its bits. The encoder is amortised: one network infers every record's latent, and the
 gap between its guess and the best latent of each record is the *amortisation gap*. And rounding looks at
 neither the coder's tables nor the decoder. RDOQ solves, per record ``x`` (``D_x`` values in [0, 1]),
@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from vaestream.coding.coder import ESCAPE_BITS, PRECISION, SYMBOL_LIMIT, CoderTables, quantize
+from vaestream.coding.tables import ESCAPE_BITS, PRECISION, SYMBOL_LIMIT, CoderTables, quantize
 from vaestream.errors import ConfigError
 
 DEFAULT_STEPS = 20

@@ -21,9 +21,9 @@ Signatures (every input float32 with a free leading batch dimension B; D = input
   (``-KL(q||p) + 1/L sum_l log p(x|z_l)``) with fixed noise (:func:`elbo_fixed_noise`), so a record's value
   is the same in every batch and every process.
 * ``quantize(x[B, D]) -> {symbols[B, Nz] int32}`` — the coder's quantisation of the posterior
-  (:func:`vaestream.coding.coder.quantize_tf` over one ladder level of the tables, embedded as constants:
+  (:func:`vaestream.coding.tables.quantize_tf` over one ladder level of the tables, embedded as constants:
   ``q = clip(rint(mean * inv_delta), +-2^30)``, 0 on inactive dimensions), bit-identical to
-  :func:`vaestream.coding.coder.quantize` at the same quality. Only when the model has coder tables.
+  :func:`vaestream.coding.tables.quantize` at the same quality. Only when the model has coder tables.
 * ``reconstruct(x[B, D]) -> {x_hat[B, D]}`` — the decoder mean at the dequantised symbols (with tables), or at
   the posterior mean (without).
 
@@ -107,9 +107,9 @@ def _load_tables(model_dir: Path):
     if not path.is_file():
         return None
     try:
-        from vaestream.coding.coder import CoderTables
+        from vaestream.coding.tables import CoderTables
     except ImportError as e:  # the coder is a separate part of the package
-        raise ModelError(f"{path}: the model has coder tables but vaestream.coding.coder cannot be imported ({e})"
+        raise ModelError(f"{path}: the model has coder tables but vaestream.coding.tables cannot be imported ({e})"
                          ) from e
     return CoderTables.load(path)
 
@@ -145,7 +145,7 @@ class ServingModule(tf.Module):
 
     Args:
       model: the trained VAE.
-      tables: the coder's tables (``vaestream.coding.coder.CoderTables``) or None.
+      tables: the coder's tables (``vaestream.coding.tables.CoderTables``) or None.
       asset_paths: file name -> path of the files to ship in ``assets/``.
       elbo_samples: L of the ``elbo`` signature's estimator.
       elbo_seed: its stateless seed.
@@ -201,7 +201,7 @@ class ServingModule(tf.Module):
         return elbo_fixed_noise(self.model, x, self._elbo_samples, self._elbo_seed)
 
     def _symbols(self, x: tf.Tensor) -> tf.Tensor:
-        from vaestream.coding.coder import quantize_tf
+        from vaestream.coding.tables import quantize_tf
 
         mean, _ = self.model.encoder_params_exact(x)
         return quantize_tf(mean, self._quant)
@@ -212,7 +212,7 @@ class ServingModule(tf.Module):
     def _reconstruct(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         if self._tables is None:
             z, _ = self.model.encoder_params_exact(x)
-        else:  # z_hat = float32(q) * delta, exactly 0 (the prior mean) where inactive (coding.coder.dequantize)
+        else:  # z_hat = float32(q) * delta, exactly 0 (the prior mean) where inactive (coding.tables.dequantize)
             z_hat = tf.cast(self._symbols(x), tf.float32) * self._delta
             z = tf.where(self._quant["active"], z_hat, tf.zeros_like(z_hat))
         return {"x_hat": self.model.decoder_params_exact(z)["x_mean"]}
@@ -290,7 +290,7 @@ def export(model_dir: str | Path, export_base: str | Path, version: int | None =
 def export_model(model: VAE, export_base: str | Path, tables: Any | None = None, version: int | None = None, *,
                  quality: float | None = None, elbo_samples: int = 1, elbo_seed: int = 0, verify: bool = True,
                  cache: ExportCache | None = None, source: str | None = None, skip_unchanged: bool = False) -> Path:
-    """Export an in-memory ``model`` (and its coder ``tables``, a ``vaestream.coding.coder.CoderTables`` or
+    """Export an in-memory ``model`` (and its coder ``tables``, a ``vaestream.coding.tables.CoderTables`` or
     None) as ``export_base/version/``; :func:`export` reads both from a model directory first. Arguments as
     :func:`export`; ``cache``: an :class:`ExportCache` to reuse the traced signatures between exports of the
     same model object; ``source``: names the model in error messages.

@@ -48,17 +48,18 @@ def check_fingerprint(paths: list[str], model_dir: str | None, saved_model: str 
 
 
 def _check_context(path: str, blob: bytes, fingerprint: str, model_dir: str | None) -> None:
-    """A bits-back container coded with a pixel context model (vaestream.coding.bb_context) names it in its
+    """A bits-back container coded with a pixel context model (vaestream.coding.bitsback.context) names it in its
     header: raise ModelMismatchError unless ``model_dir`` holds it."""
     import io
 
-    from vaestream.coding import bb_context, container
+    from vaestream.coding import container
+    from vaestream.coding.bitsback import context as context_mod
 
     h = container.read_header(io.BytesIO(bytes(blob)), name=path)
     if not h.lossless or fingerprint.startswith(h.fingerprint.hex()):
         return
-    contexts = bb_context.load_contexts(model_dir) if model_dir else {}
-    if not bb_context.stream_context(h.fingerprint, fingerprint, contexts)[0]:
+    contexts = context_mod.load_contexts(model_dir) if model_dir else {}
+    if not context_mod.stream_context(h.fingerprint, fingerprint, contexts)[0]:
         raise ModelMismatchError(f"{path}: the codes were written by this model with a pixel context model "
                                  f"({h.fingerprint.hex()}...) that {model_dir or 'the export'}/context/ does not "
                                  "hold; decode them with the model directory that encoded them")

@@ -12,7 +12,7 @@ import argparse
 import math
 
 from vaestream.beam.elements import CHUNK, CODERS, SPLIT
-from vaestream.coding.lossless import RECONSTRUCTIONS
+from vaestream.coding.bitsback.coder import RECONSTRUCTIONS
 
 MAX_DEAD_LETTER_FRACTION = 1.0
 """The default of ``--max_dead_letter_fraction``: a job fails only when it writes no record."""
@@ -115,8 +115,8 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one row per batch of records (its keys and one container) instead of float codes. "
                              "lossy (the default when the flag is given alone): the quantised latents, entropy-coded "
                              "(vaestream.coding.codec; needs the model's coder tables); lossless: the records "
-                             "themselves, exactly, by bits-back coding (vaestream.coding.lossless; a model directory "
-                             "with a beta_binomial or bernoulli likelihood; records must be whole counts)")
+                             "themselves, exactly, by bits-back coding (vaestream.coding.bitsback.coder; a model "
+                             "directory with a beta_binomial or bernoulli likelihood; records must be whole counts)")
     parser.add_argument("--levels", type=int, default=None,
                         help="with --coder lossless: near-lossless, each pixel rounded to the nearest of K = 2..64 "
                              "levels first (every pixel within 255 / (2 (K - 1)); the decode job reads K from the "

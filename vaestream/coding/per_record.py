@@ -17,7 +17,7 @@ the smallest ``lmbda`` that meets it (:func:`choose`, a bisection).
   subset's error differs by a little (hundredths of a dB): :func:`compress_to` checks the target on the real
   streams and raises ``lmbda`` where it falls short.
 * The bits are estimates: a lossy point's ideal code length; a near-lossless point's
-  :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`, scaled so that they sum to the point's real
+  :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.record_bits`, scaled so that they sum to the point's real
   container bits on the batch.
 
 Fashion-MNIST, a jointly tuned family, full test set: 4-36 % fewer bits than its best single point at the same PSNR
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from vaestream.coding import container, family
-from vaestream.coding.rdmetrics import psnr_db
+from vaestream.metrics import psnr_db
 from vaestream.errors import BitstreamError, ConfigError, DataError
 
 MAGIC = b"VM"
@@ -96,10 +96,10 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
     A lossy member offers every quality of its ladder (bits: the ideal code length of each record's codes). A
     near-lossless member offers each K of :data:`vaestream.coding.family.MEAN_LADDER` and each K it has a context
     model for (coded with it if it has one; ``"learned"`` reconstruction where the context model has a
-    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.lossless.LosslessCoder.record_bits`,
+    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.record_bits`,
     scaled to the real container bits. ``log`` (optional) receives each point as it is measured."""
     from vaestream.coding import codec as codec_mod
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.coder import LosslessCoder
 
     x, _ = _pictures(records)
     out = []
@@ -285,36 +285,6 @@ def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp:
                 "reconstruction": points[u]["reconstruction"], "records": int(np.sum(j == u))} for u in np.unique(j)]
     return blob, x_hat, {"lmbda": ch["lmbda"], "bits_per_record": 8 * len(blob) / len(x), "psnr_db": got,
                   "streams": streams}
-
-
-def curve(fam: str | os.PathLike, records, targets, points: list[dict] | None = None, log=None) -> list[dict]:
-    """The family's per-record points at PSNR ``targets`` (dB) on ``records`` (uint8 ``[N, H, W]`` pictures):
-    each coded for real (:func:`compress_to`), ``{"model": "per-record", "target_psnr_db", "bits_per_record",
-    "bits_per_image", "mse", "psnr_db", "ssim", "lmbda", "streams", "encode_seconds"}``; a target out of reach
-    gives ``{"target_psnr_db", "error"}``. ``log`` receives each row."""
-    import time
-
-    from vaestream.coding.rdmetrics import ssim
-
-    x = np.asarray(records)
-    points = candidates(fam, x) if points is None else points
-    xf = x.astype(np.float64) / 255.0
-    rows = []
-    for target in targets:
-        t0 = time.time()
-        try:
-            _, x_hat, info = compress_to(fam, x, psnr=float(target), points=points)
-        except ConfigError as e:
-            rows.append({"target_psnr_db": float(target), "error": str(e)})
-            continue
-        y = x_hat.reshape(x.shape).astype(np.float64) / 255.0
-        rows.append({"model": "per-record", "target_psnr_db": float(target), "bits_per_record": info["bits_per_record"],
-                     "bits_per_image": info["bits_per_record"], "mse": float(np.mean((y - xf) ** 2)),
-                     "psnr_db": info["psnr_db"], "ssim": ssim(y, xf), "lmbda": info["lmbda"],
-                     "streams": info["streams"], "encode_seconds": round(time.time() - t0, 1)})
-        if log is not None:
-            log(rows[-1])
-    return rows
 
 
 def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, bytes]], np.ndarray]:

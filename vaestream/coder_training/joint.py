@@ -1,6 +1,6 @@
 """Joint fine-tuning of a bits-back member with its pixel context model.
 
-A context model (:mod:`vaestream.coding.bb_context`) is trained against a *frozen* member, and that member was
+A context model (:mod:`vaestream.coding.bitsback.context`) is trained against a *frozen* member, and that member was
 trained for pixels independent given z. Its z therefore still carries what the context now predicts anyway:
 the course of an edge, the texture next to a known pixel. With bits-back coding the code length of a level image
 ``l`` (K levels, one image of ``H x W`` pixels) is, in expectation over the z the chain pops,
@@ -16,10 +16,10 @@ better, and pays less KL for it. Fashion-MNIST, K = 3, 20,000 images, 3 epochs: 
 (benchmarks/RESULTS_coder.md: 4-14 % fewer bits for K = 3-8).
 
 In training, ``P_base(level | z)`` is the beta-binomial's mass over the level's counts computed in float64 from
-the decoder's (alpha, beta), clipped to the coder's grid (:data:`vaestream.coding.bb_tables.GRID_U` and
+the decoder's (alpha, beta), clipped to the coder's grid (:data:`vaestream.coding.bitsback.tables.GRID_U` and
 ``GRID_V``); the coder itself reads the nearest grid cell's table (its base rows differ from training's by the
 grid's step) and the context features in fixed point, exactly as for a context model trained by
-:func:`vaestream.coding.bb_context.train_context`. The result is a new member: a model (its own fingerprint)
+:func:`vaestream.coder_training.context.train_context`. The result is a new member: a model (its own fingerprint)
 and a context model for it; streams of the source member are not decodable by it, nor the other way round.
 """
 
@@ -30,8 +30,9 @@ from typing import Callable
 
 import numpy as np
 
-from vaestream.coding.bb_context import ContextModel, context_code_bits, level_images, run_epochs, tf_layers
-from vaestream.coding.bb_tables import GRID_U, GRID_V, level_spans, pixel_levels
+from vaestream.coder_training.context import context_code_bits, level_images, run_epochs, tf_layers
+from vaestream.coding.bitsback.context import ContextModel
+from vaestream.coding.bitsback.tables import GRID_U, GRID_V, level_spans, pixel_levels
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import ConfigError, ModelError
 
@@ -46,7 +47,7 @@ def level_log_probs(log_alpha, log_beta, levels: int):
 
         log P(n) = log C(255, n) + log B(n + alpha, 255 - n + beta) - log B(alpha, beta),
 
-    is summed over each level's counts (:func:`vaestream.coding.bb_tables.level_spans`), in float64 (the
+    is summed over each level's counts (:func:`vaestream.coding.bitsback.tables.level_spans`), in float64 (the
     log-gamma terms reach ~10^6 where the concentration is high)."""
     import tensorflow as tf
     from scipy.special import gammaln
@@ -84,7 +85,7 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
 
     ``model`` is left as it is: returns ``(member, context model)``, a new :class:`vaestream.model.VAE` of the
     same config and a :class:`ContextModel` for it (without a reconstruction network: train one for the new
-    member with :func:`vaestream.coding.bb_context.train_reconstruction`, e.g. starting from ``context``'s).
+    member with :func:`vaestream.coder_training.context.train_reconstruction`, e.g. starting from ``context``'s).
     ``held_out`` records, if given, are measured before training and after each epoch (``z`` drawn as a chain
     would, a fixed seed); ``log`` receives ``{"epoch", "train_bits", "held_out_bits", "held_out_kl_bits",
     "held_out_pixel_bits", "seconds"}`` (epoch 0: before training). Raises :class:`ConfigError` for a model the

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vaestream.coding.rdmetrics import psnr_db, ssim
+from vaestream.metrics import psnr_db, ssim
 
 TILE = 1000
 TILE_COLS = 40

@@ -1,4 +1,4 @@
-"""The schedule of a bits-back chain (:mod:`vaestream.coding.lossless`): its group sizes, the slower ramp a
+"""The schedule of a bits-back chain (:mod:`vaestream.coding.bitsback.coder`): its group sizes, the slower ramp a
 frame coded with a pixel context model needs, and the deterministic initial stack it starts from."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 
-from vaestream.coding.bb_latents import posterior_kl_nats
+from vaestream.coding.bitsback.latents import posterior_kl_nats
 
 
 def group_sizes(n: int, group: int, ramp: int = 0) -> list[int]:
@@ -31,7 +31,8 @@ MAX_RAMP = 7
 
 def chain_ramp(mean: np.ndarray, std: np.ndarray, latent_bits: int, range_bits: int, margin: float = 0.75) -> int:
     """The ramp (:func:`group_sizes`) a frame coded with a pixel context model needs, from its posteriors
-    (``mean``, ``std`` in buckets, ``[n * Nz]`` each, as :meth:`vaestream.coding.lossless.LosslessCoder._posterior` gives them).
+    (``mean``, ``std`` in buckets, ``[n * Nz]`` each, as
+    :meth:`vaestream.coding.bitsback.coder.LosslessCoder._posterior` gives them).
 
     Group ``t + 1`` pops its latents from the top of the stack: first the ~``g_t (H + KL)`` bits group ``t``'s
     latents wrote with the prior (``H`` the posterior's entropy on the grid, ``KL`` its divergence from the

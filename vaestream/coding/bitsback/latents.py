@@ -1,4 +1,4 @@
-"""The latent codes of bits-back coding (:mod:`vaestream.coding.lossless`): a uniform grid of ``2^latent_bits``
+"""The latent codes of bits-back coding (:mod:`vaestream.coding.bitsback.coder`): a uniform grid of ``2^latent_bits``
 buckets on [-2^range_bits, 2^range_bits), the posterior as windowed QuantizedGaussians (:meth:`LatentModels.pop`,
 :meth:`LatentModels.push`), the prior N(0, I) as one Categorical in scrambled bucket order, and a two-layer
 model's conditional prior p(z|z2) over the whole grid (:meth:`LatentModels.grid`). Every model is a constriction
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaestream.coding.bb_tables import latent_prior, latent_scramble, latent_step_bits
+from vaestream.coding.bitsback.tables import latent_prior, latent_scramble, latent_step_bits
 from vaestream.errors import BitstreamError
 
 
@@ -103,7 +103,7 @@ class LatentModels:
 
 def posterior_kl_nats(mean: np.ndarray, std: np.ndarray, latent_bits: int, range_bits: int) -> np.ndarray:
     """KL( N(mu, sigma^2) || N(0, 1) ) of each latent, nats, elementwise: ``mean``, ``std`` in buckets of the
-    latent grid (``2^-latent_step_bits`` each, as :meth:`vaestream.coding.lossless.LosslessCoder._posterior` gives
+    latent grid (``2^-latent_step_bits`` each, as :meth:`vaestream.coding.bitsback.coder.LosslessCoder._posterior` gives
     them) -> ``mu``, ``sigma``."""
     delta = np.ldexp(1.0, -latent_step_bits(latent_bits, range_bits))
     mu, sigma = np.asarray(mean) * delta, np.asarray(std) * delta

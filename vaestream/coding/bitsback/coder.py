@@ -30,8 +30,8 @@ and every ANS call is one array operation over the group; the only Python loop i
 order). The compressor runs the encoder network once over the whole frame. All groups of a frame form one
 chain on one stack, so only the first group has nothing to borrow bits from; the group sizes ramp up 1, 2,
 4, ..., ``group`` so that it is a single record (a frame coded with a pixel context model ramps more slowly,
-by what its latents' prior code leaves over: :func:`~vaestream.coding.bb_chain.chain_ramp`). The stack
-starts from ``Nz + 8`` deterministic pseudo-random 32-bit words (:func:`~vaestream.coding.bb_chain.seed_words`,
+by what its latents' prior code leaves over: :func:`~vaestream.coding.bitsback.chain.chain_ramp`). The stack
+starts from ``Nz + 8`` deterministic pseudo-random 32-bit words (:func:`~vaestream.coding.bitsback.chain.seed_words`,
 known to both sides); the words of it that the first record did not consume are left at the bottom of the
 stack and are not stored (the frame stores how many were cut), so the initial ("clean") bits are paid once
 per frame (4,096 records by default), not per record or group: about Nz x (latent_bits - 4) + log2 of the
@@ -45,9 +45,10 @@ that seed, which is checked: a stream that does not decode back to it raises :cl
 [-2^(latent_bits-1), 2^(latent_bits-1))) stands for z = j delta, which is what the decoder network sees.
 The posterior is a :class:`constriction.stream.model.QuantizedGaussian` in bucket units (mean mu/delta, std
 sigma/delta per symbol; no per-bucket table) on a window of at least +-8 sigma around its mean (one window
-size per power of two of sigma/delta, :meth:`vaestream.coding.bb_latents.LatentModels.windows`): constriction gives every symbol of a
-model at least 2^-24 of probability, and over all 4,096 buckets that floor (2.4e-4 per latent) made about
-one record in 80 draw a latent far from Q and pay hundreds of bits for it. The prior N(0, 1) over the
+size per power of two of sigma/delta, :meth:`vaestream.coding.bitsback.latents.LatentModels.windows`):
+constriction gives every symbol of a model at least 2^-24 of probability, and over all 4,096 buckets that
+floor (2.4e-4 per latent) made about one record in 80 draw a latent far from Q and pay hundreds of bits for
+it. The prior N(0, 1) over the
 buckets is one fixed Categorical listed in a *scrambled* bucket order (:func:`latent_scramble`): the next
 group pops its latents from the bits the previous group's prior code just wrote, and in natural order
 each draw would be tied to the previous record's latent instead of following Q. With both, the latents
@@ -97,18 +98,18 @@ in every frame, so one decoder reads any K. It needs one stochastic layer: in Bi
 is popped before any latent is pushed back, paid for by the bits its pixels just wrote, and a level image
 writes too few.
 
-**Pixel context models (``contexts=``).** With a :class:`vaestream.coding.bb_context.ContextModel` for its K,
+**Pixel context models (``contexts=``).** With a :class:`vaestream.coding.bitsback.context.ContextModel` for its K,
 the coder replaces P(level | z) by P(level_p | z, the levels before p): a small exact network over each
-pixel's causal neighbours (:mod:`vaestream.coding.bb_context`; 19-20 % fewer bits on Fashion-MNIST at K = 4
+pixel's causal neighbours (:mod:`vaestream.coding.bitsback.context`; 19-20 % fewer bits on Fashion-MNIST at K = 4
 and 6). The encoder pushes a group's pixels position-major in one call; the decoder pops them one position
 at a time (``H x W`` network calls per group, so it is ~20-30x slower than without). The frame flags it
 (:data:`CONTEXT_FLAG`) and the container's fingerprint is that of the model *with* the context model
-(:func:`vaestream.coding.bb_context.stream_fingerprint`), so a decoder without it refuses the stream.
+(:func:`vaestream.coding.bitsback.context.stream_fingerprint`), so a decoder without it refuses the stream.
 
 **Reconstruction.** The level image fixes which counts a pixel may have; :data:`RECONSTRUCTIONS` says which
 one it gets: the level's value (``level``, within :func:`max_error`), E[n | level, z] (``mean``), or the
 context model's reconstruction network on the pixel's 7 x 7 neighbourhood of levels and means (``learned``,
-:meth:`vaestream.coding.bb_context.ContextModel.reconstruct`; about 1 dB over ``mean`` on Fashion-MNIST at
+:meth:`vaestream.coding.bitsback.context.ContextModel.reconstruct`; about 1 dB over ``mean`` on Fashion-MNIST at
 K = 4). The bits are the same for all three; the last two stay within the level's counts.
 
 **Determinism.** Bits-back decoding recomputes Q(z|x) and P(x|z) and must get exactly the encoder's
@@ -135,7 +136,7 @@ are independent chains, the unit of random access and of streaming decode) holds
     "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8
     | levels u8 (0: lossless; K in 2..64: near-lossless, see ``levels`` of :class:`LosslessCoder`)
     | reconstruction u8 (bits 0-1: the index in RECONSTRUCTIONS; bits 4-6: the ramp of a context frame,
-      :func:`~vaestream.coding.bb_chain.chain_ramp`; bit 7: CONTEXT_FLAG)
+      :func:`~vaestream.coding.bitsback.chain.chain_ramp`; bit 7: CONTEXT_FLAG)
     | seed words u32 | cut words u32 | stored words u32 | stored words x u32
 
 Format 1 frames (equal-prior-mass buckets, 256-entry tables; older vaestream versions) are refused with a
@@ -152,17 +153,17 @@ from typing import Any, Mapping
 import numpy as np
 
 from vaestream.coding import container
-from vaestream.coding.bb_tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V, WITHIN_ONE, bernoulli_probs,  # noqa: F401
-                                        beta_binomial_grid, beta_binomial_probs, bin_rows, bucket_centres,
-                                        bucket_edges, fixed_point, grid_axis, grid_cells, grid_shape,
-                                        latent_prior, latent_scramble, latent_step_bits, level_means, level_rows, level_spans,
-                                        max_error,
-                                        pixel_levels, posterior_probs, within_rows)
-from vaestream.coding.bb_tables import MAX_LEVELS, MIN_LEVELS
-from vaestream.coding.bb_context import ContextModel, stream_context, stream_fingerprint
-from vaestream.coding.bb_chain import MAX_RAMP, chain_ramp, group_sizes, seed_words  # noqa: F401 (re-exported)
-from vaestream.coding.bb_latents import LatentModels, posterior_kl_nats
-from vaestream.coding.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
+from vaestream.coding.bitsback.tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V,  # noqa: F401
+                                              WITHIN_ONE, bernoulli_probs, beta_binomial_grid, beta_binomial_probs,
+                                              bin_rows, bucket_centres, bucket_edges, fixed_point, grid_axis,
+                                              grid_cells, grid_shape, latent_prior, latent_scramble, latent_step_bits,
+                                              level_means, level_rows, level_spans, max_error, pixel_levels,
+                                              posterior_probs, within_rows)
+from vaestream.coding.bitsback.tables import MAX_LEVELS, MIN_LEVELS
+from vaestream.coding.bitsback.context import ContextModel, stream_context, stream_fingerprint
+from vaestream.coding.bitsback.chain import MAX_RAMP, chain_ramp, group_sizes, seed_words  # noqa: F401 (re-exported)
+from vaestream.coding.bitsback.latents import LatentModels, posterior_kl_nats
+from vaestream.coding.bitsback.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
@@ -190,14 +191,14 @@ RECONSTRUCTIONS = ("level", "mean", "learned")
 ``max_error(K)``); ``mean``, E[n | level, z] under the model (the MMSE count within the level's counts, for the
 z the chain drew: more PSNR at the same bits, within the level's counts but not within ``max_error``);
 ``learned``, the context model's reconstruction network on the pixel's neighbourhood of levels and means
-(:meth:`vaestream.coding.bb_context.ContextModel.reconstruct`: more PSNR again, still within the level's counts;
+(:meth:`vaestream.coding.bitsback.context.ContextModel.reconstruct`: more PSNR again, still within the level's counts;
 needs a context model that has one, and codes with it)."""
 _MEAN, _LEARNED = RECONSTRUCTIONS.index("mean"), RECONSTRUCTIONS.index("learned")
 CONTEXT_FLAG = 0x80
 """Set in a frame's reconstruction byte when its pixels are coded with a pixel context model
-(:mod:`vaestream.coding.bb_context`); the container header's fingerprint then names that context model."""
+(:mod:`vaestream.coding.bitsback.context`); the container header's fingerprint then names that context model."""
 RAMP_SHIFT = 4
-"""A context frame's ramp (:func:`~vaestream.coding.bb_chain.chain_ramp`, 0..7) sits in bits 4-6 of its
+"""A context frame's ramp (:func:`~vaestream.coding.bitsback.chain.chain_ramp`, 0..7) sits in bits 4-6 of its
 reconstruction byte."""
 
 
@@ -220,7 +221,7 @@ class LosslessCoder:
       reconstruction: near-lossless only, one of :data:`RECONSTRUCTIONS` (recorded in each frame).
       levels: None or 256 (:data:`EXACT_LEVELS`): lossless. K in [2, 64]: **near-lossless**, each pixel is first
         quantised to the nearest of K levels ``round(k 255 / (K - 1))`` (0 and 255 among them), so every pixel
-        comes back within :func:`vaestream.coding.bb_tables.max_error` (K) of its count (127 at K = 2, 8 at
+        comes back within :func:`vaestream.coding.bitsback.tables.max_error` (K) of its count (127 at K = 2, 8 at
         16, 2 at 64), and the level image is coded exactly, by the same bits-back chain, with
         P(level | z) = the beta-binomial's mass over the level's counts (:func:`level_rows`) and Q(z | level
         image). Rate: the -ELBO of the level image under that binned likelihood. Recorded in each frame; the
@@ -283,7 +284,7 @@ class LosslessCoder:
         self._set_levels(self.levels, RECONSTRUCTIONS.index(reconstruction))
         self.blas_threads = blas_threads
         self.model_fingerprint = model.fingerprint()
-        # pixel context models (vaestream.coding.bb_context), by K: this coder writes with the one of its K
+        # pixel context models (vaestream.coding.bitsback.context), by K: this coder writes with the one of its K
         # (unless use_context is False) and reads a stream written with any of them
         self.contexts = dict(contexts or {})
         for k, cm in self.contexts.items():
@@ -321,7 +322,7 @@ class LosslessCoder:
             beta_binomial_grid()
 
     def _pop_z(self, ans, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> np.ndarray:
-        """Pop latent buckets ~ Q (:meth:`vaestream.coding.bb_latents.LatentModels.pop`)."""
+        """Pop latent buckets ~ Q (:meth:`vaestream.coding.bitsback.latents.LatentModels.pop`)."""
         return self._lat.pop(ans, mean, std, latent_bits)
 
     def _push_z(self, ans, zi: np.ndarray, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> None:
@@ -475,7 +476,7 @@ class LosslessCoder:
             ans.encode_reverse(x, self._bern, lik)
             return
         if self._values is not None:  # near-lossless: the level, with the mass of its counts
-            if self._ctx is not None:  # ... given z and the pixels before it (position-major: see bb_context)
+            if self._ctx is not None:  # ... given z and the pixels before it (position-major: see bitsback.context)
                 d = self.config.input_dim
                 rows = self._ctx.rows_all(level_rows(lik, self._lv), x)
                 ans.encode_reverse(x.reshape(-1, d).T.reshape(-1), self._cat,
@@ -646,7 +647,7 @@ class LosslessCoder:
 
         with the rows this coder pushes (its context model's, if it codes this K with one). A chain pays about
         the sum (the z it pops varies around the mean): what a per-record choice of operating point weighs
-        (:mod:`vaestream.coding.mixed`)."""
+        (:mod:`vaestream.coding.per_record`)."""
         if self.levels == EXACT_LEVELS:
             raise ConfigError("record_bits is for near-lossless coders (levels=K)")
         x, _ = self._records(records, name)

@@ -1,4 +1,4 @@
-"""The probability models bits-back coding uses (:mod:`vaestream.coding.lossless`), as integer-exact tables.
+"""The probability models bits-back coding uses (:mod:`vaestream.coding.bitsback.coder`), as integer-exact tables.
 
 * Format 2 (what the coder writes): the precomputed BetaBinomial(255, alpha, beta) grid over (u, v) =
   (log alpha - log beta, log(alpha + beta)) with each pixel coded as its bin ``n // 16`` and then ``n % 16``

@@ -1,6 +1,6 @@
 """Networks whose matrix products are exact in float64, so their outputs do not depend on BLAS, its thread
 count or the batch shape (:class:`ExactMLP`), and a context that runs OpenBLAS on a fixed number of threads
-(:class:`blas_threads`). Used by bits-back coding (:mod:`vaestream.coding.lossless`), whose decoder must
+(:class:`blas_threads`). Used by bits-back coding (:mod:`vaestream.coding.bitsback.coder`), whose decoder must
 recompute exactly the encoder's network outputs.
 """
 

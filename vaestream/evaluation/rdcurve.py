@@ -3,8 +3,8 @@
 The family's curve is the lower envelope of all its operating points (every model, every quality of its
 ladder or, for a near-lossless member, every pixel level count: what ``vaestream compress --family --psnr``
 can pick; with ``per_record``, also each record at its own point, ``--per-record``), measured as container bits per record on the
-records given; the peers are swept per image and tiled (:mod:`vaestream.coding.peers`). BD-rate
-(:func:`vaestream.coding.rdmetrics.bd_rate`) is computed against each peer over the PSNR range both cover,
+records given; the peers are swept per image and tiled (:mod:`vaestream.evaluation.peers`). BD-rate
+(:func:`vaestream.metrics.bd_rate`) is computed against each peer over the PSNR range both cover,
 and over that range cut to ``psnr_range`` (default 18-32 dB). SSIM is reported beside PSNR at every point.
 """
 
@@ -17,9 +17,10 @@ from typing import Sequence
 import numpy as np
 
 from vaestream.coding import family as family_mod
-from vaestream.coding import peers as peers_mod
-from vaestream.coding.rdmetrics import bd_rate, envelope
-from vaestream.errors import DataError
+from vaestream.coding.per_record import candidates, compress_to
+from vaestream.errors import ConfigError, DataError
+from vaestream.evaluation import peers as peers_mod
+from vaestream.metrics import bd_rate, envelope, ssim
 
 PSNR_RANGE = (18.0, 32.0)
 
@@ -36,6 +37,35 @@ def family_points(family: str | os.PathLike, records, rdo: bool = False) -> list
     return out
 
 
+def per_record_curve(fam: str | os.PathLike, records, targets, points: list[dict] | None = None,
+                     log=None) -> list[dict]:
+    """The family's per-record points at PSNR ``targets`` (dB) on ``records`` (uint8 ``[N, H, W]`` pictures):
+    each coded for real (:func:`vaestream.coding.per_record.compress_to`), ``{"model": "per-record",
+    "target_psnr_db", "bits_per_record", "bits_per_image", "mse", "psnr_db", "ssim", "lmbda", "streams",
+    "encode_seconds"}``; a target out of reach gives ``{"target_psnr_db", "error"}``. ``log`` receives each row."""
+    import time
+
+    x = np.asarray(records)
+    points = candidates(fam, x) if points is None else points
+    xf = x.astype(np.float64) / 255.0
+    rows = []
+    for target in targets:
+        t0 = time.time()
+        try:
+            _, x_hat, info = compress_to(fam, x, psnr=float(target), points=points)
+        except ConfigError as e:
+            rows.append({"target_psnr_db": float(target), "error": str(e)})
+            continue
+        y = x_hat.reshape(x.shape).astype(np.float64) / 255.0
+        rows.append({"model": "per-record", "target_psnr_db": float(target), "bits_per_record": info["bits_per_record"],
+                     "bits_per_image": info["bits_per_record"], "mse": float(np.mean((y - xf) ** 2)),
+                     "psnr_db": info["psnr_db"], "ssim": ssim(y, xf), "lmbda": info["lmbda"],
+                     "streams": info["streams"], "encode_seconds": round(time.time() - t0, 1)})
+        if log is not None:
+            log(rows[-1])
+    return rows
+
+
 def compare(family: str | os.PathLike, records: np.ndarray, formats: Sequence[str] = ("JPEG", "WEBP", "AVIF", "JXL"),
             per_image_n: int = 1000, tiled_n: int | None = None,
             psnr_range: tuple[float, float] = PSNR_RANGE, rdo: bool = False,
@@ -46,15 +76,13 @@ def compare(family: str | os.PathLike, records: np.ndarray, formats: Sequence[st
     ``records``: ``[N, H, W]`` uint8 pictures (the family is measured on all of them, tiled peers on the first
     ``tiled_n``, per-image peers on the first ``per_image_n``); ``rdo``: with the rate-distortion optimised
     points (:func:`family_points`); ``per_record``: PSNR targets at which the family also codes each record at its
-    own point (:func:`vaestream.coding.mixed.curve`, model ``"per-record"``; out-of-reach targets are left out)."""
+    own point (:func:`per_record_curve`, model ``"per-record"``; out-of-reach targets are left out)."""
     imgs = np.asarray(records)
     if imgs.dtype != np.uint8 or imgs.ndim != 3:
         raise DataError(f"records must be [N, H, W] uint8 pictures, got {imgs.shape} {imgs.dtype}")
     points = family_points(family, imgs, rdo=rdo)
     if per_record:
-        from vaestream.coding import mixed
-
-        points += [r for r in mixed.curve(family, imgs, per_record) if "error" not in r]
+        points += [r for r in per_record_curve(family, imgs, per_record) if "error" not in r]
     have = peers_mod.available()
     curves, missing = {}, [f for f in formats if not have.get(f)]
     for fmt in formats:
