@@ -81,7 +81,7 @@ STREAMS = [
     ("lossless-bb", "lossless, one layer, beta_binomial", BB,
      "cli: vaestream compress input.npy OUT --model MODEL --lossless", {"coder": "bits-back"}),
     ("lossless-bb-frames", "lossless, one layer, beta_binomial, flat records, 3 frames", BB,
-     "python: vaestream.coding.lossless.compress_lossless(load_model(MODEL), x.reshape(16, 784), "
+     "python: vaestream.coding.bitsback.coder.compress_lossless(load_model(MODEL), x.reshape(16, 784), "
      "frame_records=6)",
      {"coder": "bits-back", "flat": True, "frame_records": 6}),
     ("lossless-bern", "lossless, one layer, bernoulli (binarised records)", "models/bernoulli",
@@ -114,7 +114,7 @@ STREAMS = [
      "cli: vaestream compress --family MODEL --per-record --psnr PSNR input.npy OUT",
      {"coder": "per-record", "psnr": None}),
     ("per-record-mixed", "per-record stream (\"VM\") of three streams with its record map (records i % 3)",
-     "models/family", "python: vaestream.coding.mixed.compress(points, np.arange(16) % 3, x) with points: "
+     "models/family", "python: vaestream.coding.per_record.compress(points, np.arange(16) % 3, x) with points: "
      "lmbda-30000 quality 1, lmbda-300000-conv quality 2, bitsback K=4 learned",
      {"coder": "per-record", "points": [
          {"model": "models/family/lmbda-30000", "quality": 1.0, "levels": None, "reconstruction": None},
@@ -173,9 +173,9 @@ def train_models(force: bool) -> None:
 def per_record_near_half(fam: Path, blob: bytes) -> np.ndarray:
     """Where a per-record stream's lossy records round a float within 1e-3 counts of .5 (another CPU kind's last
     ulp may round those the other way): bool [N, D]."""
-    from vaestream.coding import family, mixed
+    from vaestream.coding import family, per_record
 
-    _, streams, sym = mixed.read(blob)
+    _, streams, sym = per_record.read(blob)
     out = np.zeros((len(sym), 784), bool)
     for i, (_, s) in enumerate(streams):
         y = np.asarray(family.codec_for(fam, s).decompress(s))
@@ -188,7 +188,7 @@ def per_record_near_half(fam: Path, blob: bytes) -> np.ndarray:
 def lossy_margin_ok(codec, x, quality=None) -> bool:
     """Whether the codes of ``x`` survive a 1e-5 relative change of the posterior means (so re-encoding on another
     CPU kind gives the same codes)."""
-    from vaestream.coding.coder import quantize
+    from vaestream.coding.tables import quantize
 
     q = codec.ladder_quality(quality)
     mean, _ = codec.posterior(x)
@@ -215,8 +215,8 @@ def main() -> None:
     import tensorflow as tf
 
     import vaestream
-    from vaestream.coding import family, mixed
-    from vaestream.coding.lossless import compress_lossless
+    from vaestream.coding import family, per_record
+    from vaestream.coding.bitsback.coder import compress_lossless
     from vaestream.data import read_idx
     from vaestream.store import load_model
 
@@ -263,7 +263,7 @@ def main() -> None:
                             levels=info["levels"], reconstruction=info["reconstruction"])
         elif name == "per-record-mixed":  # per-record streams pay a stream's header per point: 16 records mix none
             points = [{**p, "model": GOLDEN / p["model"]} for p in spec["points"]]
-            out.write_bytes(mixed.compress(points, np.arange(N) % 3, xi)[0])
+            out.write_bytes(per_record.compress(points, np.arange(N) % 3, xi)[0])
         elif name == "lossless-bb-frames":
             out.write_bytes(compress_lossless(load_model(mdir), xi.reshape(N, -1), frame_records=6))
         elif spec["coder"] == "lossy-file":
@@ -285,7 +285,7 @@ def main() -> None:
             spec["exact"] = False
             spec["encoder_margin_ok"] = lossy_margin_ok(c, xs, h.quality)
         elif spec["coder"] == "per-record":
-            y = mixed.decompress(mdir, blob)
+            y = per_record.decompress(mdir, blob)
             expected = {"output": y, "near_half": per_record_near_half(mdir, blob)}
             spec["exact"] = True
             notes.append(f"{int(expected['near_half'].sum())} values of lossy records within 1e-3 counts of .5")
@@ -327,8 +327,8 @@ def main() -> None:
 def near_lossless_reference(mdir: Path, x: np.ndarray, spec: dict) -> np.ndarray:
     """What the encoder says the decoder returns: the records (lossless), their level image, or (mean / learned)
     the reconstruction computed while coding."""
-    from vaestream.coding.bb_context import load_contexts
-    from vaestream.coding.lossless import LosslessCoder
+    from vaestream.coding.bitsback.context import load_contexts
+    from vaestream.coding.bitsback.coder import LosslessCoder
     from vaestream.store import load_model
 
     if not spec.get("levels"):
