@@ -45,8 +45,8 @@ def test_the_coder_computes_the_code_length_the_trained_network_measured(ctx_mem
     model, _, cm = ctx_member
     c = LosslessCoder(model, levels=K)
     lv = pixel_levels(K)[1][mnist_test[:300].reshape(300, -1).astype(np.int64)].astype(np.int32)
-    mean, _ = c._posterior(lv, c.latent_bits)
-    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64), len(lv), c.latent_bits), K)
+    mean, _ = c._posterior(lv)
+    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64)), K)
     rows = cm.rows_all(base, lv.reshape(-1)).reshape(-1, K)
     exact = -np.sum(np.log2(rows[np.arange(len(rows)), lv.reshape(-1)])) / len(lv)
     assert exact == pytest.approx(cm.meta["held_out_bits"], rel=2e-3)
@@ -69,8 +69,8 @@ def test_a_pixels_rows_do_not_depend_on_the_batch_the_group_or_the_threads(ctx_m
     x = mnist_test[:40]
     c = LosslessCoder(model, levels=K)
     lv = pixel_levels(K)[1][x.reshape(40, -1).astype(np.int64)].astype(np.int32)
-    mean, _ = c._posterior(lv, c.latent_bits)
-    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64), 40, c.latent_bits), K)
+    mean, _ = c._posterior(lv)
+    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64)), K)
     all_rows = cm.rows_all(base, lv.reshape(-1))
     assert np.array_equal(cm.rows_all(base[:784 * 3], lv[:3].reshape(-1), chunk=1), all_rows[:3])
     # the decoder, position by position, rebuilds exactly the encoder's rows
@@ -325,7 +325,7 @@ def test_a_context_chain_ramps_its_groups_within_what_the_latents_prior_code_lea
     contexts = context_mod.load_contexts(d)
     c = LosslessCoder(model, levels=K, contexts=contexts)
     blob = c.compress(x)
-    mean, std = c._posterior(pixel_levels(K)[1][x.reshape(len(x), -1).astype(np.int64)], c.latent_bits)
+    mean, std = c._posterior(pixel_levels(K)[1][x.reshape(len(x), -1).astype(np.int64)])
     ramp = bitsback_coder.chain_ramp(mean, std, c.latent_bits, c.range_bits)
     n, payload = container.ContainerReader(blob).read_frame(0)
     assert (payload[11] >> bitsback_coder.RAMP_SHIFT) & 7 == ramp > 0 and payload[11] & CONTEXT_FLAG

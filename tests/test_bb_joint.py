@@ -52,8 +52,8 @@ def test_the_float_training_loss_is_the_code_length_the_exact_coder_computes(joi
     member, cm, _, _ = joint
     c = LosslessCoder(member, levels=K)
     lv = pixel_levels(K)[1][mnist_test[:200].reshape(200, -1).astype(np.int64)].astype(np.int32)
-    mean, _ = c._posterior(lv, c.latent_bits)
-    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64), len(lv), c.latent_bits), K)
+    mean, _ = c._posterior(lv)
+    base = level_rows(c._likelihood(np.rint(mean).astype(np.int64)), K)
     rows = cm.rows_all(base, lv.reshape(-1)).reshape(-1, K)
     exact = -np.sum(np.log2(rows[np.arange(len(rows)), lv.reshape(-1)])) / len(lv)
     values = pixel_levels(K)[0].astype(np.float32) / 255

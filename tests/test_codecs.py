@@ -157,3 +157,41 @@ def test_held_latents_are_released_through_their_own_prior():
     np.testing.assert_array_equal(cs.words(msg), seed)
     with pytest.raises(ValueError, match="nothing held"):
         cs.Hold.pop(cs.message(seed.copy()))
+
+
+def test_one_coder_decodes_streams_of_four_kinds_from_four_threads_at_once(ctx_member, mnist_test):
+    """A LosslessCoder keeps no per-frame state: one instance decodes, at the same time from 4 threads, a lossless
+    stream, a K = 4 stream coded with its pixel context model, a K = 8 one and a K = 4 one without the context
+    model with the ``mean`` reconstruction (each frame's levels, grid and context model passed, not stored), each
+    to exactly what it decodes to alone, while a fifth thread compresses with it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vaestream.coding.bitsback.coder import LosslessCoder
+
+    model, _, cm = ctx_member
+    shared = LosslessCoder(model, levels=4, contexts={4: cm}, frame_records=12)
+    xs = [mnist_test[30 * i:30 * i + 30] for i in range(5)]
+    writers = [LosslessCoder(model, frame_records=12), shared, LosslessCoder(model, levels=8, frame_records=12),
+               LosslessCoder(model, levels=4, reconstruction="mean", use_context=False, frame_records=12)]
+    blobs = [w.compress(x) for w, x in zip(writers, xs)]
+    want = [shared.decompress(b) for b in blobs]
+    np.testing.assert_array_equal(want[0], xs[0])
+    np.testing.assert_array_equal(want[2], writers[2].quantize(xs[2]))
+    want_blob = shared.compress(xs[4])
+    barrier = threading.Barrier(5)
+
+    def decode(b):
+        barrier.wait()
+        return shared.decompress(b)
+
+    def compress(x):
+        barrier.wait()
+        return shared.compress(x)
+
+    with ThreadPoolExecutor(5) as ex:
+        for _ in range(2):
+            futures = [ex.submit(decode, b) for b in blobs] + [ex.submit(compress, xs[4])]
+            for f, w in zip(futures, want):
+                np.testing.assert_array_equal(f.result(), w)
+            assert futures[-1].result() == want_blob

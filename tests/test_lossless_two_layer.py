@@ -79,8 +79,13 @@ def test_two_layer_bits_are_the_negative_elbo_and_the_latents_follow_the_posteri
     model, _ = two_layer
     x = mnist_test[:1000]
     coder = LosslessCoder(model)
-    seen, pop = [], coder._pop_z
-    coder._pop_z = lambda ans, mu, sd, lb: (lambda z: (seen.append((z - mu) / sd), z)[1])(pop(ans, mu, sd, lb))
+    seen, posterior = [], coder._latent_posterior
+
+    def watched(mu, sd, f):  # Q as the chain's codec, its pops recorded
+        codec = posterior(mu, sd, f)
+        return codec._replace(pop=lambda msg: (lambda m, z: (seen.append((z - mu) / sd), (m, z))[1])(*codec.pop(msg)))
+
+    coder._latent_posterior = watched
     blob = coder.compress(x)
     neg_elbo = ideal_bits(model, x, num_samples=16).sum()
     assert 0.985 * neg_elbo < 8 * len(blob) < 1.015 * neg_elbo, (8 * len(blob), neg_elbo)

@@ -31,9 +31,9 @@ def _chain_cells(coder, lv: np.ndarray, rng, sample: bool, chunk: int = 1024):
     lbits = coder.latent_bits
     for s in range(0, len(lv), chunk):
         b = lv[s:s + chunk]
-        mean, std = coder._posterior(b, lbits)
+        mean, std = coder._posterior(b)
         z = mean + std * rng.standard_normal(mean.shape) if sample else mean
-        yield b, coder._likelihood(np.rint(z).astype(np.int64), len(b), lbits)
+        yield b, coder._likelihood(np.rint(z).astype(np.int64))
 
 
 def tf_layers(sizes, seed: int, init=None):

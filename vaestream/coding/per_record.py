@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from vaestream.coding import container, family
+from vaestream.coding.bitsback import codecs as cs
 from vaestream.metrics import psnr_db
 from vaestream.errors import BitstreamError, ConfigError, DataError
 
@@ -233,8 +234,6 @@ def _code_point(p: dict, x: np.ndarray) -> tuple[bytes, np.ndarray]:
 def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndarray]:
     """The records (uint8 pictures ``[N, D]`` or ``[N, H, W]``), record i at ``points[j[i]]``: (one mixed stream
     (module docstring), what :func:`decompress` returns for it, uint8 ``[N, D]``)."""
-    import constriction
-
     x, shape = _pictures(records)
     j = np.asarray(j, np.int64)
     if j.shape != (len(x),) or j.min() < 0 or j.max() >= len(points):
@@ -249,9 +248,8 @@ def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndar
     counts = np.array([np.sum(j == u) for u in used], np.float64)
     code = b""
     if len(used) > 1:
-        ans = constriction.stream.stack.AnsCoder()
-        ans.encode_reverse(sym, constriction.stream.model.Categorical(counts / counts.sum(), perfect=False))
-        code = np.asarray(ans.get_compressed(), "<u4").tobytes()
+        msg = cs.Categorical(counts / counts.sum(), n=len(sym)).push(cs.message(), sym)
+        code = cs.words(msg).astype("<u4").tobytes()
     v = container.varint
     head = MAGIC + bytes([FORMAT, len(shape)]) + b"".join(v(s) for s in shape) + v(len(x)) + v(len(used))
     head += b"".join(v(int(c)) + v(len(s)) for c, s in zip(counts, streams))
@@ -290,8 +288,6 @@ def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp:
 def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, bytes]], np.ndarray]:
     """Parse and verify a mixed stream: ``(a record's shape, [(records, container bytes), ...], the stream of each
     record int [N])``. Raises :class:`BitstreamError` naming ``name`` for anything malformed, truncated or corrupt."""
-    import constriction
-
     blob = bytes(blob)
     if not is_mixed(blob):
         raise BitstreamError(f"{name}: not a mixed vaestream stream (magic {blob[:2]!r}, expected {MAGIC!r})")
@@ -332,10 +328,9 @@ def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, b
     if m == 1:
         return shape, streams, np.zeros(n, np.int64)
     counts = np.array([c for c, _ in streams], np.float64)
-    ans = constriction.stream.stack.AnsCoder(np.frombuffer(code, "<u4").copy())
-    sym = np.asarray(ans.decode(constriction.stream.model.Categorical(counts / counts.sum(), perfect=False), n),
-                     np.int64)
-    if not ans.is_empty() or np.any(np.bincount(sym, minlength=m) != counts):
+    msg, sym = cs.Categorical(counts / counts.sum(), n=n).pop(cs.message(np.frombuffer(code, "<u4")))
+    sym = np.asarray(sym, np.int64)
+    if not cs.is_empty(msg) or np.any(np.bincount(sym, minlength=m) != counts):
         raise BitstreamError(f"{name}: corrupt mixed stream (its record map does not match its counts)")
     return shape, streams, sym
 

@@ -52,7 +52,7 @@ def _constriction():
 def message(words: np.ndarray | None = None) -> Message:
     """A message whose stack holds ``words`` (uint32; the last word is the top), or an empty one."""
     ans = _constriction().stack.AnsCoder
-    return Message(ans() if words is None else ans(np.asarray(words, np.uint32)))
+    return Message(ans() if words is None else ans(np.array(words, np.uint32)))
 
 
 def words(msg: Message) -> np.ndarray:

@@ -21,7 +21,11 @@ with an ANS stack (last in, first out) holding earlier data,
 so each record costs ``-log2 P(x|z) - log2 P(z) + log2 Q(z|x)`` bits, whose expectation over Q is the
 negative ELBO of the discretised model. The decoder runs the steps backwards in reverse order of records:
 pop z with P(z), pop x with P(x|z), run the encoder on the x it now has and push z back with Q(z|x),
-which returns the exact bits the encoder borrowed ("gets the bits back").
+which returns the exact bits the encoder borrowed ("gets the bits back"). The chain is written once, as a
+codec (:mod:`vaestream.coding.bitsback.codecs`: ``BitsBack(prior, likelihood, posterior)`` per group, the groups
+``serial``; :meth:`LosslessCoder._chain`), and both directions are derived from it; a frame's parameters
+(:class:`Frame`) and the ANS message are passed to each step, never kept on the coder, so one coder serves any
+number of threads.
 
 **Vectorised.** Records are coded in *groups* of up to ``group`` (256) records: one bits-back step per group
 on ONE constriction ANS stack (:class:`constriction.stream.stack.AnsCoder`), fed whole-group symbol arrays
@@ -40,12 +44,12 @@ final word or two. Decoding must return the stack to exactly
 that seed, which is checked: a stream that does not decode back to it raises :class:`BitstreamError`.
 
 **Latents (format 2).** Each latent dimension is cut into ``2^latent_bits`` buckets of equal width
-``delta = 2^-(latent_bits - 4)`` covering [-8, 8) (default 10 bits: delta = 1/64; on the MNIST test set 8 to 13 bits code within
-0.04 % of each other, 10 the smallest); bucket j (an integer in
+``delta = 2^-(latent_bits - 4)`` covering [-8, 8) (default 10 bits: delta = 1/64; on the MNIST test set 8 to 13
+bits code within 0.04 % of each other, 10 the smallest); bucket j (an integer in
 [-2^(latent_bits-1), 2^(latent_bits-1))) stands for z = j delta, which is what the decoder network sees.
 The posterior is a :class:`constriction.stream.model.QuantizedGaussian` in bucket units (mean mu/delta, std
 sigma/delta per symbol; no per-bucket table) on a window of at least +-8 sigma around its mean (one window
-size per power of two of sigma/delta, :meth:`vaestream.coding.bitsback.latents.LatentModels.windows`):
+size per power of two of sigma/delta, :func:`vaestream.coding.bitsback.latents.windows`):
 constriction gives every symbol of a model at least 2^-24 of probability, and over all 4,096 buckets that
 floor (2.4e-4 per latent) made about one record in 80 draw a latent far from Q and pay hundreds of bits for
 it. The prior N(0, 1) over the
@@ -79,8 +83,9 @@ rounded to fixed point (2^-12), mapped to u = log alpha - log beta (the log-odds
 alpha, beta) tables (:func:`beta_binomial_grid`, built once per process in float64, ~76 MB). The grid model
 is a slightly different model from the network's exact beta-binomial: it costs 0.01 % of the rate on MNIST
 and 0.03 % on Fashion-MNIST (reconstruction term at the same latents: 3.3063 vs 3.3054 bits/dim;
-bilinear interpolation between cells, tried on an earlier grid, was no better and 2-4x slower). constriction turns each row deterministically into integer frequencies summing
-to 2^24 (at least 1 each). Bernoulli pixels use :class:`constriction.stream.model.Bernoulli` with P(1) =
+bilinear interpolation between cells, tried on an earlier grid, was no better and 2-4x slower). constriction turns
+each row deterministically into integer frequencies summing to 2^24 (at least 1 each). Bernoulli pixels use
+:class:`constriction.stream.model.Bernoulli` with P(1) =
 sigmoid of the fixed-point logit.
 
 **Near-lossless (``levels=K``).** A lossy mode with a guaranteed per-pixel bound, for the high-PSNR end where
@@ -146,6 +151,7 @@ truncated or corrupted streams raise :class:`BitstreamError` before any decoding
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from typing import Any, Mapping
@@ -153,17 +159,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from vaestream.coding import container
-from vaestream.coding.bitsback.tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, GRID_U, GRID_V,  # noqa: F401
-                                              WITHIN_ONE, bernoulli_probs, beta_binomial_grid, beta_binomial_probs,
-                                              bin_rows, bucket_centres, bucket_edges, fixed_point, grid_axis,
-                                              grid_cells, grid_shape, latent_prior, latent_scramble, latent_step_bits,
-                                              level_means, level_rows, level_spans, max_error, pixel_levels,
-                                              posterior_probs, within_rows)
+from vaestream.coding.bitsback.tables import (BIN, DEFAULT_RANGE_BITS, FIX_BITS, beta_binomial_grid, bin_rows,
+                                              fixed_point, grid_cells, latent_step_bits, level_means, level_rows,
+                                              level_spans, max_error, pixel_levels, within_rows)
 from vaestream.coding.bitsback.tables import MAX_LEVELS, MIN_LEVELS
 from vaestream.coding.bitsback.context import ContextModel, stream_context, stream_fingerprint
 from vaestream.coding.bitsback.chain import MAX_RAMP, chain_ramp, group_sizes, seed_words  # noqa: F401 (re-exported)
-from vaestream.coding.bitsback.latents import LatentModels, posterior_kl_nats
-from vaestream.coding.bitsback.exact_mlp import OPERAND_BITS, ExactMLP, blas_threads  # noqa: F401
+from vaestream.coding.bitsback import codecs as cs
+from vaestream.coding.bitsback import latents
+from vaestream.coding.bitsback.latents import posterior_kl_nats
+from vaestream.coding.bitsback.exact_mlp import ExactMLP, blas_threads  # noqa: F401 (ExactMLP re-exported)
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
@@ -200,6 +205,32 @@ CONTEXT_FLAG = 0x80
 RAMP_SHIFT = 4
 """A context frame's ramp (:func:`~vaestream.coding.bitsback.chain.chain_ramp`, 0..7) sits in bits 4-6 of its
 reconstruction byte."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """The parameters of one frame's chain: the coder's own when writing, the frame head's when reading (passed
+    to every step, never kept on the coder)."""
+
+    latent_bits: int
+    range_bits: int
+    levels: int
+    """:data:`EXACT_LEVELS` (lossless) or K (near-lossless: the records are level indices)."""
+    recon: int
+    """The index of the reconstruction in :data:`RECONSTRUCTIONS`."""
+    context: ContextModel | None
+    group: int
+    ramp: int = 0
+
+    @property
+    def values(self) -> np.ndarray:
+        """The K levels' counts (near-lossless frames)."""
+        return pixel_levels(self.levels)[0]
+
+    @property
+    def step_bits(self) -> int:
+        """log2 of 1 / the latent grid's step."""
+        return latent_step_bits(self.latent_bits, self.range_bits)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -273,15 +304,14 @@ class LosslessCoder:
         self.model = model
         self.config = cfg
         self.latent_bits = int(latent_bits)
-        self.range_bits = self._rb = int(range_bits)  # _rb: the grid of the frame being coded
+        self.range_bits = int(range_bits)
         self.group = int(group)
         self.frame_records = int(frame_records)
         if reconstruction != "level" and int(levels) == EXACT_LEVELS:
-            raise ConfigError(f"reconstruction {reconstruction!r} is for near-lossless coding (levels < {EXACT_LEVELS})")
+            raise ConfigError(f"reconstruction {reconstruction!r} is for near-lossless coding "
+                              f"(levels < {EXACT_LEVELS})")
         self.levels = int(levels)
         self.reconstruction = reconstruction
-        # the levels of the frame being coded (a decoder takes each frame's own)
-        self._set_levels(self.levels, RECONSTRUCTIONS.index(reconstruction))
         self.blas_threads = blas_threads
         self.model_fingerprint = model.fingerprint()
         # pixel context models (vaestream.coding.bitsback.context), by K: this coder writes with the one of its K
@@ -303,8 +333,6 @@ class LosslessCoder:
         self.fingerprint = (stream_fingerprint(self.model_fingerprint, self.context, reconstruction == "learned")
                             if self.context is not None
                             else self.model_fingerprint)
-        self._ctx = self.context  # the context model of the stream being coded (a decoder takes the header's)
-        self._stream_ctx = None   # the context model the last header checked names (None: plain)
         # The networks run here in float64 NumPy with exact matrix products (ExactMLP), not through TensorFlow:
         # the bits-back decoder must recompute the encoder's and decoder's outputs bit for bit.
         self._enc = ExactMLP(model.encoder, cfg.activation)
@@ -312,38 +340,13 @@ class LosslessCoder:
         # two stochastic layers (Bit-Swap): q(z2 | z) and p(z | z2)
         self._top_enc = ExactMLP(model.top_encoder, cfg.activation) if cfg.hierarchical else None
         self._top_dec = ExactMLP(model.top_decoder, cfg.activation) if cfg.hierarchical else None
-        import constriction
-
-        self._lat = LatentModels()
-        self._cat = constriction.stream.model.Categorical(perfect=False)
-        self._bern = constriction.stream.model.Bernoulli(perfect=False)
-        self._ans = constriction.stream.stack.AnsCoder
         if cfg.likelihood == "beta_binomial":
             beta_binomial_grid()
 
-    def _pop_z(self, ans, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> np.ndarray:
-        """Pop latent buckets ~ Q (:meth:`vaestream.coding.bitsback.latents.LatentModels.pop`)."""
-        return self._lat.pop(ans, mean, std, latent_bits)
-
-    def _push_z(self, ans, zi: np.ndarray, mean: np.ndarray, std: np.ndarray, latent_bits: int) -> None:
-        """Push latent buckets with Q: the exact inverse of :meth:`_pop_z`."""
-        self._lat.push(ans, zi, mean, std, latent_bits)
-
-    # -- levels (near-lossless) ------------------------------------------------------------------------------
-    def _set_levels(self, levels: int, recon: int = 0) -> None:
-        self._lv, self._recon = int(levels), int(recon)
-        self._values = None if self._lv == EXACT_LEVELS else pixel_levels(self._lv)[0]
-
-    def _output(self, x: np.ndarray, lik) -> np.ndarray:
-        """Decoded symbols ``[g * D]`` -> uint8 counts: themselves (lossless), their level's value, or E[n | level,
-        z] (``lik``: the pixels' grid cells)."""
-        if self._values is None:
-            return x.astype(np.uint8)
-        if self._recon == _MEAN:
-            return level_means(lik, x, self._lv)
-        if self._recon == _LEARNED:
-            return self._ctx.reconstruct(x, level_means(lik, x, self._lv))
-        return self._values[x]
+    def frame(self) -> Frame:
+        """The parameters of the frames this coder writes (before the ramp, which depends on the frame)."""
+        return Frame(self.latent_bits, self.range_bits, self.levels, RECONSTRUCTIONS.index(self.reconstruction),
+                     self.context, self.group)
 
     @property
     def max_error(self) -> int:
@@ -424,42 +427,45 @@ class LosslessCoder:
         return xf
 
     # -- model parameters ------------------------------------------------------------------------------------
-    def _posterior(self, x: np.ndarray, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
-        """Q(z | x) of int records ``[g, D]`` on the latent grid: (mean, std) in units of buckets, float64
-        ``[g * Nz]`` each, from fixed-point network outputs (one encoder call)."""
+    def _posterior(self, x: np.ndarray, f: Frame | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Q(z | x) of int records ``[g, D]`` (levels, for a near-lossless frame ``f``; default: this coder's
+        frames) on the latent grid: (mean, std) in units of buckets, float64 ``[g * Nz]`` each, from fixed-point
+        network outputs (one encoder call)."""
+        f = f or self.frame()
         div = float(DISCRETE_LEVELS) if self.config.likelihood == "beta_binomial" else 1.0
-        if self._values is not None:  # near-lossless: x holds levels; the encoder sees their counts
-            x = self._values[x]
-        return self._gaussian(self._enc(x.astype(np.float64), 0, div), latent_bits, "encoder")
+        if f.levels != EXACT_LEVELS:  # near-lossless: x holds levels; the encoder sees their counts
+            x = f.values[x]
+        return self._gaussian(self._enc(x.astype(np.float64), 0, div), f, "encoder")
 
-    def _gaussian(self, h: np.ndarray, latent_bits: int, net: str) -> tuple[np.ndarray, np.ndarray]:
+    def _gaussian(self, h: np.ndarray, f: Frame, net: str) -> tuple[np.ndarray, np.ndarray]:
         """Network outputs ``[g, 2n]`` = (mean, log sigma) -> (mean, std) in units of buckets, float64 ``[g * n]``
         each, through fixed point (mean clipped to [-64, 64], log sigma to [-14, 4])."""
         if not np.isfinite(h).all():
             raise ModelError(f"the {net} produced non-finite Gaussian parameters; cannot code losslessly")
         n = h.shape[1] // 2
-        k = latent_step_bits(latent_bits, self._rb)
+        k = f.step_bits
         mean = np.ldexp(fixed_point(np.clip(h[:, :n], -64.0, 64.0)).astype(np.float64), k - FIX_BITS)
         log_scale = np.ldexp(fixed_point(np.clip(h[:, n:], -14.0, 4.0)).astype(np.float64), -FIX_BITS)
         std = np.ldexp(np.exp(log_scale), k)
         return mean.reshape(-1), std.reshape(-1)
 
-    def _top_posterior(self, zi: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    def _top_posterior(self, zi: np.ndarray, f: Frame) -> tuple[np.ndarray, np.ndarray]:
         """q(z2 | z) of the buckets ``zi`` ``[g * Nz]`` (the value z = bucket x delta): (mean, std) in buckets,
         ``[g * N2]`` each (one top-encoder call)."""
-        zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
-        return self._gaussian(self._top_enc(zq, latent_step_bits(latent_bits, self._rb)), latent_bits, "top encoder")
+        zq = zi.reshape(-1, self.config.latent_dim).astype(np.float64)
+        return self._gaussian(self._top_enc(zq, f.step_bits), f, "top encoder")
 
-    def _top_prior(self, z2: np.ndarray, g: int, latent_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    def _top_prior(self, z2: np.ndarray, f: Frame) -> tuple[np.ndarray, np.ndarray]:
         """p(z | z2) of the buckets ``z2`` ``[g * N2]``: (mean, std) in buckets, ``[g * Nz]`` each."""
-        zq = z2.reshape(g, self.config.top_latent_dim).astype(np.float64)
-        return self._gaussian(self._top_dec(zq, latent_step_bits(latent_bits, self._rb)), latent_bits, "top decoder")
+        zq = z2.reshape(-1, self.config.top_latent_dim).astype(np.float64)
+        return self._gaussian(self._top_dec(zq, f.step_bits), f, "top decoder")
 
-    def _likelihood(self, zi: np.ndarray, g: int, latent_bits: int):
+    def _likelihood(self, zi: np.ndarray, f: Frame | None = None):
         """P(x | z) of bucket indices ``[g * Nz]`` (one decoder call): beta-binomial -> grid cells ``[g * D]``,
         bernoulli -> P(1) ``[g * D]`` float64."""
-        zq = zi.reshape(g, self.config.latent_dim).astype(np.float64)
-        h = self._dec(zq, latent_step_bits(latent_bits, self._rb))
+        f = f or self.frame()
+        zq = zi.reshape(-1, self.config.latent_dim).astype(np.float64)
+        h = self._dec(zq, f.step_bits)
         if not np.isfinite(h).all():
             raise ModelError("the decoder produced non-finite likelihood parameters; cannot code losslessly")
         d = self.config.input_dim
@@ -470,35 +476,90 @@ class LosslessCoder:
         lg = np.ldexp(fixed_point(np.clip(h.reshape(-1), -30.0, 30.0)).astype(np.float64), -FIX_BITS)
         return np.clip(expit(lg), 1e-9, 1.0 - 1e-9)
 
-    def _push_x(self, ans, x: np.ndarray, lik) -> None:
-        """Push the pixels ``x`` (int32 ``[g * D]``) with P(x | z)."""
+    # -- codecs ----------------------------------------------------------------------------------------------
+    def _pixels(self, cells, g: int, f: Frame) -> cs.Codec:
+        """P(x | z) as a codec of int records ``[g, D]``, given the pixels' likelihood parameters ``cells``."""
+        d = self.config.input_dim
         if self.config.likelihood == "bernoulli":
-            ans.encode_reverse(x, self._bern, lik)
-            return
-        if self._values is not None:  # near-lossless: the level, with the mass of its counts
-            if self._ctx is not None:  # ... given z and the pixels before it (position-major: see bitsback.context)
-                d = self.config.input_dim
-                rows = self._ctx.rows_all(level_rows(lik, self._lv), x)
-                ans.encode_reverse(x.reshape(-1, d).T.reshape(-1), self._cat,
-                                   rows.transpose(1, 0, 2).reshape(-1, self._lv))
-                return
-            ans.encode_reverse(x, self._cat, level_rows(lik, self._lv))
-            return
-        b = x >> 4
-        ans.encode_reverse(x & (BIN - 1), self._cat, within_rows(lik, b))  # the count within its bin
-        ans.encode_reverse(b, self._cat, bin_rows(lik))                     # its bin (popped first)
+            flat = cs.Bernoulli(cells)
+        elif f.context is not None:  # the level given z and the pixels before it (position-major)
+            base = level_rows(cells, f.levels)
+            return cs.Autoregressive(lambda x: f.context.rows_all(base, x.reshape(-1)),
+                                     lambda pop: f.context.decode_group(base, g, pop).reshape(g, d))
+        elif f.levels != EXACT_LEVELS:  # the level, with the mass of its counts
+            flat = cs.Categorical(level_rows(cells, f.levels))
+        else:  # the count's bin (popped first), then the count within it
+            flat = cs.dependent(cs.Categorical(bin_rows(cells)), lambda b: cs.Categorical(within_rows(cells, b)),
+                                lambda x: (x >> 4, x & (BIN - 1)), lambda b, w: b * BIN + w)
+        return cs.mapped(flat, lambda x: x.reshape(-1), lambda x: x.reshape(g, d))
 
-    def _pop_x(self, ans, lik) -> np.ndarray:
-        """Pop the pixels with P(x | z) -> int32 ``[g * D]``."""
-        if self.config.likelihood == "bernoulli":
-            return ans.decode(self._bern, lik)
-        if self._values is not None:
-            if self._ctx is not None:
-                g = len(lik) // self.config.input_dim
-                return self._ctx.decode_group(level_rows(lik, self._lv), g, lambda rows: ans.decode(self._cat, rows))
-            return ans.decode(self._cat, level_rows(lik, self._lv))
-        b = ans.decode(self._cat, bin_rows(lik))
-        return b * BIN + ans.decode(self._cat, within_rows(lik, b))
+    def _output(self, x: np.ndarray, cells, f: Frame) -> np.ndarray:
+        """Decoded symbols ``[g, D]`` -> uint8 counts ``[g, D]``: themselves (lossless), their level's value, or
+        E[n | level, z] (``cells``: the pixels' grid cells), or the learned reconstruction."""
+        if f.levels == EXACT_LEVELS:
+            return x.astype(np.uint8)
+        flat = x.reshape(-1)
+        if f.recon == _MEAN:
+            return level_means(cells, flat, f.levels).reshape(x.shape)
+        if f.recon == _LEARNED:
+            return f.context.reconstruct(flat, level_means(cells, flat, f.levels)).reshape(x.shape)
+        return f.values[x]
+
+    def _latent_posterior(self, mean: np.ndarray, std: np.ndarray, f: Frame) -> cs.Codec:
+        """Q as a codec of latent buckets (:func:`vaestream.coding.bitsback.latents.posterior`)."""
+        return latents.posterior(mean, std, f.latent_bits)
+
+    def _chain(self, f: Frame, sizes: list[int], out: np.ndarray | None) -> cs.Codec:
+        """A frame's bits-back chain as one codec of its groups of records (a list of int ``[g, D]``): each group
+        is a :func:`~vaestream.coding.bitsback.codecs.BitsBack` step, the groups in series. One layer: z pushed
+        with the prior after each group. Two layers (Bit-Swap): the prior of z is itself a bits-back step, z2
+        drawn from Q(z2|z) with z and z2 held aside, and the frame's held latents pushed after its last group
+        with P(z|z2) and P(z2), in one call each. ``out`` (uint8 ``[n, D]``), if given, receives each group's
+        output (what the decoder returns) whenever the group is pushed or popped."""
+        ends = np.cumsum(sizes)
+
+        def posterior(x):
+            return self._latent_posterior(*self._posterior(x, f), f)
+
+        def likelihood(t: int):
+            start, end = int(ends[t]) - sizes[t], int(ends[t])
+
+            def codec(zi):
+                cells = self._likelihood(zi, f)
+                pixels = self._pixels(cells, sizes[t], f)
+                if out is None:
+                    return pixels
+
+                def keep(x):
+                    out[start:end] = self._output(x, cells, f)
+                    return x
+
+                return cs.Codec(lambda msg, x: pixels.push(msg, keep(x)),
+                                lambda msg: (lambda m, x: (m, keep(x)))(*pixels.pop(msg)))
+            return codec
+
+        if self._top_enc is None:
+            return cs.serial([cs.BitsBack(latents.prior(g * self.config.latent_dim, f.latent_bits, f.range_bits),
+                                          likelihood(t), posterior) for t, g in enumerate(sizes)])
+        top = cs.BitsBack(cs.Hold, lambda z2: cs.Hold,
+                          lambda zi: self._latent_posterior(*self._top_posterior(zi, f), f))
+        groups = cs.serial([cs.BitsBack(top, likelihood(t), posterior) for t in range(len(sizes))])
+        if not sizes:
+            return groups
+        n = int(ends[-1])
+        frame_prior = cs.dependent(latents.prior(n * self.config.top_latent_dim, f.latent_bits, f.range_bits),
+                                   lambda z2: latents.grid(*self._top_prior(z2, f), f.latent_bits),
+                                   lambda held: (np.concatenate(held[1::2]), np.concatenate(held[0::2])),
+                                   lambda z2, zi: self._held(zi, z2, sizes))
+        return cs.released(groups, frame_prior)
+
+    def _held(self, zi: np.ndarray, z2: np.ndarray, sizes: list[int]) -> tuple:
+        """A frame's latents ``[n * Nz]`` and ``[n * N2]`` -> the held tuple (z, z2 of group 0, z, z2 of group 1,
+        ...) that its groups take back."""
+        cut = np.cumsum(sizes)[:-1]
+        zs = np.split(zi, cut * self.config.latent_dim)
+        z2s = np.split(z2, cut * self.config.top_latent_dim)
+        return tuple(a for pair in zip(zs, z2s) for a in pair)
 
     # -- one frame -------------------------------------------------------------------------------------------
     def _seed_count(self) -> int:
@@ -509,49 +570,25 @@ class LosslessCoder:
         """int32 records ``[n, D]`` -> one frame payload (one bits-back chain). Near-lossless: the records are
         level indices (of the counts' nearest levels), as :meth:`compress` passes them. ``out`` (uint8 ``[n, D]``), if
         given, receives what the decoder will return for each record."""
-        lbits = self.latent_bits
-        self._rb = self.range_bits
-        self._set_levels(self.levels, RECONSTRUCTIONS.index(self.reconstruction))
-        self._ctx = self.context
-        prior = self._lat.prior(lbits, self._rb)
-        nz = self.config.latent_dim
+        f = self.frame()
+        if f.context is not None and len(x):
+            f = dataclasses.replace(f, ramp=chain_ramp(*self._posterior(x, f), f.latent_bits, f.range_bits))
+        sizes = group_sizes(len(x), f.group, f.ramp)
         seed = seed_words(self._seed_count())
-        ans = self._ans(seed.copy())
-        mean, std = self._posterior(x, lbits) if len(x) else (None, None)   # all of the frame in one call
-        ramp = chain_ramp(mean, std, lbits, self._rb) if self._ctx is not None and len(x) else 0
-        start = 0
-        held = []
-        for g in group_sizes(len(x), self.group, ramp):
-            sl = slice(start * nz, (start + g) * nz)
-            xg = x[start:start + g].reshape(-1)
-            zi = self._pop_z(ans, mean[sl], std[sl], lbits)                    # pop z ~ Q(z|x)
-            lik = self._likelihood(zi, g, lbits)
-            self._push_x(ans, xg, lik)                                          # push x with P(x|z)
-            if out is not None:
-                out[start:start + g] = self._output(xg, lik).reshape(g, -1)
-            start += g
-            if self._top_enc is None:
-                ans.encode_reverse(self._lat.scramble(zi, lbits), prior)            # push z with P(z)
-                continue
-            # two layers: z2 is popped from the bits x just pushed (Bit-Swap), and so is the next group's z
-            held.append((zi, self._pop_z(ans, *self._top_posterior(zi, g, lbits), lbits)))  # pop z2 ~ Q(z2|z)
-        if held:  # the frame's z with P(z|z2), then its z2 with P(z2), each in one call
-            zi, z2 = (np.concatenate(a) for a in zip(*held))
-            ans.encode_reverse(zi, self._lat.grid(lbits), *self._top_prior(z2, len(x), lbits))
-            ans.encode_reverse(self._lat.scramble(z2, lbits), prior)
-        words = np.asarray(ans.get_compressed(), np.uint32)
+        groups = np.split(x, np.cumsum(sizes)[:-1]) if sizes else []
+        words = cs.words(self._chain(f, sizes, out).push(cs.message(seed.copy()), groups))
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
         cut = int(diff[0]) if len(diff) else m
         stored = words[cut:]
-        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, lbits, self.group, layout, self._rb - DEFAULT_RANGE_BITS,
-                                self._lv % EXACT_LEVELS,
-                                self._recon | ramp << RAMP_SHIFT | (CONTEXT_FLAG if self._ctx is not None else 0),
+        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, f.latent_bits, f.group, layout, f.range_bits - DEFAULT_RANGE_BITS,
+                                f.levels % EXACT_LEVELS,
+                                f.recon | f.ramp << RAMP_SHIFT | (CONTEXT_FLAG if f.context is not None else 0),
                                 len(seed), cut, len(stored))
         return head + stored.astype("<u4").tobytes()
 
-    def decode_frame(self, payload: bytes, n: int, name: str = "stream") -> tuple[np.ndarray, int]:
-        """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout)."""
+    def _read_frame_head(self, payload: bytes, n: int, name: str, context: ContextModel | None) -> tuple:
+        """A frame payload's head, checked -> (Frame, layout, seed words, cut, stored words)."""
         if len(payload) < _FRAME_HEAD.size:
             raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
         tag, fmt, lbits, group, layout, rb, lv, recon, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
@@ -572,10 +609,10 @@ class LosslessCoder:
         if ramp and not with_context:
             raise BitstreamError(f"{name}: corrupt lossless frame header (a ramp of {ramp} without a pixel context "
                                  "model)")
-        if with_context != (self._stream_ctx is not None) or (with_context and self._stream_ctx.levels != lv):
+        if with_context != (context is not None) or (with_context and context.levels != lv):
             raise BitstreamError(f"{name}: the frame is coded {'with' if with_context else 'without'} a pixel context "
                                  f"model (levels {lv or EXACT_LEVELS}) and the stream's header says otherwise")
-        if recon == _LEARNED and not (with_context and self._stream_ctx.has_reconstruction):
+        if recon == _LEARNED and not (with_context and context.has_reconstruction):
             raise BitstreamError(f"{name}: the frame asks for the learned reconstruction and its stream's context "
                                  "model has no reconstruction network")
         if n > MAX_FRAME_RECORDS:
@@ -583,38 +620,21 @@ class LosslessCoder:
         if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
             raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
                                  f"its header says {4 * n_stored}")
-        self._rb = rb
-        self._set_levels(lv or EXACT_LEVELS, recon)
-        self._ctx = self._stream_ctx
-        prior = self._lat.prior(lbits, self._rb)
+        return Frame(lbits, rb, lv or EXACT_LEVELS, recon, context, group, ramp), layout, n_seed, cut
+
+    def decode_frame(self, payload: bytes, n: int, name: str = "stream",
+                     context: ContextModel | None = None) -> tuple[np.ndarray, int]:
+        """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout). ``context``: the pixel context
+        model the stream's header names (:meth:`check_header`), None for a plain stream."""
+        f, layout, n_seed, cut = self._read_frame_head(payload, n, name, context)
         seed = seed_words(n_seed)
         words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
         if len(words) == 0 or words[-1] == 0:
             raise BitstreamError(f"{name}: corrupt lossless frame (invalid ANS state)")
-        d, nz = self.config.input_dim, self.config.latent_dim
-        out = np.empty((n, d), np.uint8)
-        sizes = group_sizes(n, group, ramp)
-        ends = np.cumsum(sizes)
+        out = np.empty((n, self.config.input_dim), np.uint8)
         try:
-            ans = self._ans(words)
-            if self._top_enc is not None and n:  # the frame's z2 with P(z2), then its z with P(z|z2)
-                n2 = self.config.top_latent_dim
-                z2_all = self._lat.unscramble(ans.decode(prior, n * n2), lbits)
-                z_all = ans.decode(self._lat.grid(lbits), *self._top_prior(z2_all, n, lbits)).astype(np.int32)
-            for g, end in zip(reversed(sizes), ends[::-1]):
-                if self._top_enc is None:
-                    zi = self._lat.unscramble(ans.decode(prior, g * nz), lbits)      # pop z with P(z)
-                else:
-                    zi = z_all[(end - g) * nz:end * nz]
-                    z2 = z2_all[(end - g) * n2:end * n2]
-                    self._push_z(ans, z2, *self._top_posterior(zi, g, lbits), lbits)      # push z2, Q(z2|z)
-                lik = self._likelihood(zi, g, lbits)
-                xg = self._pop_x(ans, lik)                                          # pop x with P(x|z)
-                out[end - g:end] = self._output(xg, lik).reshape(g, d)
-                xg = xg.reshape(g, d)
-                mean, std = self._posterior(xg, lbits)
-                self._push_z(ans, zi, mean, std, lbits)                         # push z with Q(z|x): bits back
-            rest = np.asarray(ans.get_compressed(), np.uint32)
+            msg, _ = self._chain(f, group_sizes(n, f.group, f.ramp), out).pop(cs.message(words))
+            rest = cs.words(msg)
         except (ValueError, AssertionError, RuntimeError, OverflowError, IndexError) as e:  # constriction on bad data
             raise BitstreamError(f"{name}: corrupt lossless frame ({e})") from None
         if not np.array_equal(rest, seed):
@@ -651,15 +671,14 @@ class LosslessCoder:
         if self.levels == EXACT_LEVELS:
             raise ConfigError("record_bits is for near-lossless coders (levels=K)")
         x, _ = self._records(records, name)
-        lbits, self._rb = self.latent_bits, self.range_bits
-        self._set_levels(self.levels)
+        f = self.frame()
         out = []
         for s in range(0, len(x), self.frame_records):
             lv = pixel_levels(self.levels)[1][x[s:s + self.frame_records].astype(np.int64)]
             g = len(lv)
-            mean, std = self._posterior(lv, lbits)
-            kl = posterior_kl_nats(mean, std, lbits, self._rb).reshape(g, -1).sum(axis=1) / math.log(2.0)
-            lik = self._likelihood(np.rint(mean).astype(np.int64), g, lbits)
+            mean, std = self._posterior(lv, f)
+            kl = posterior_kl_nats(mean, std, f.latent_bits, f.range_bits).reshape(g, -1).sum(axis=1) / math.log(2.0)
+            lik = self._likelihood(np.rint(mean).astype(np.int64), f)
             rows = (self.context.rows_all(level_rows(lik, self.levels), lv.reshape(-1)) if self.context is not None
                     else level_rows(lik, self.levels).astype(np.float64)).reshape(g, -1, self.levels)
             p = np.take_along_axis(rows, lv.reshape(g, -1, 1), axis=2)[..., 0]
@@ -685,9 +704,10 @@ class LosslessCoder:
         this coder's context models)."""
         return stream_context(fingerprint, self.model_fingerprint, self.contexts)[0]
 
-    def check_header(self, h: container.Header, name: str = "stream") -> None:
-        """Raise unless the container header ``h`` is of a lossless stream of this model."""
-        known, self._stream_ctx = stream_context(h.fingerprint, self.model_fingerprint, self.contexts)
+    def check_header(self, h: container.Header, name: str = "stream") -> ContextModel | None:
+        """Raise unless the container header ``h`` is of a lossless stream of this model; return the pixel context
+        model it names (None: the model alone), which :meth:`decode_frame` takes."""
+        known, context = stream_context(h.fingerprint, self.model_fingerprint, self.contexts)
         if not known:
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
                                      f"({self.model_fingerprint[:2 * container.FINGERPRINT_BYTES]}...) alone nor with "
@@ -699,6 +719,18 @@ class LosslessCoder:
         if h.latent_dim != self.config.latent_dim or tuple(h.input_shape) != tuple(self.config.input_shape):
             raise BitstreamError(f"{name}: shapes (latent {h.latent_dim}, input {h.input_shape}) do not match the "
                                  "model")
+        return context
+
+    def _frames(self, source: Any, name: str):
+        """Yields a lossless container's header, then ``(uint8 records [n, D], layout)`` of each frame, reading one
+        frame at a time from ``source`` (a path, bytes or a seekable binary file)."""
+        with container.ContainerReader(source, name=name) as r:
+            context = self.check_header(r.header, name)
+            yield r.header
+            for i, (n, payload) in enumerate(r):
+                with blas_threads(self.blas_threads):
+                    frame = self.decode_frame(payload, n, f"{name} frame {i}", context)
+                yield frame
 
     def iter_frames(self, source: Any, name: str = "stream"):
         """Decode a lossless container frame by frame: yields uint8 ``[n, D]`` arrays, one per frame, reading
@@ -707,28 +739,22 @@ class LosslessCoder:
         if not isinstance(source, (bytes, bytearray, memoryview, str)) and not hasattr(source, "read") \
                 and not hasattr(source, "__fspath__"):
             raise BitstreamError(f"{name}: expected bytes, a path or a binary file, got {type(source).__name__}")
-        with container.ContainerReader(bytes(source) if isinstance(source, (bytearray, memoryview)) else source,
-                                       name=name) as r:
-            self.check_header(r.header, name)
-            for i, (n, payload) in enumerate(r):
-                with blas_threads(self.blas_threads):
-                    x = self.decode_frame(payload, n, f"{name} frame {i}")[0]
-                yield x
+        frames = self._frames(bytes(source) if isinstance(source, (bytearray, memoryview)) else source, name)
+        next(frames)
+        for x, _ in frames:
+            yield x
 
     def decompress(self, blob: bytes, name: str = "stream") -> np.ndarray:
         """A container written by :meth:`compress` -> the records, uint8, exactly as compressed."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise BitstreamError(f"{name}: expected bytes, got {type(blob).__name__}")
         cfg = self.config
+        frames = self._frames(bytes(blob), name)
+        single = next(frames).single
         parts, layouts = [], set()
-        with container.ContainerReader(bytes(blob), name=name) as r:
-            self.check_header(r.header, name)
-            with blas_threads(self.blas_threads):
-                for i, (n, payload) in enumerate(r):
-                    x, layout = self.decode_frame(payload, n, f"{name} frame {i}")
-                    parts.append(x)
-                    layouts.add(layout)
-            single = r.header.single
+        for x, layout in frames:
+            parts.append(x)
+            layouts.add(layout)
         if len(layouts) > 1 or (layouts and (min(layouts) >= 2) != single):
             raise BitstreamError(f"{name}: frames disagree about the record layout")
         x = np.concatenate(parts) if parts else np.zeros((0, cfg.input_dim), np.uint8)
@@ -763,8 +789,9 @@ def compress_lossless(model, records: Any, latent_bits: int | None = None, group
 
 def decompress_lossless(model, blob: bytes, name: str = "stream") -> np.ndarray:
     """The exact records of a stream written by :func:`compress_lossless` with the same ``model``: uint8, in
-    the shape that was compressed (latent_bits and group are read from the stream). Raises :class:`BitstreamError` on a truncated or corrupt stream and
-    :class:`ModelMismatchError` on a stream of another model."""
+    the shape that was compressed (latent_bits and group are read from the stream). Raises
+    :class:`BitstreamError` on a truncated or corrupt stream and :class:`ModelMismatchError` on a stream of another
+    model."""
     return LosslessCoder(model).decompress(blob, name)
 
 

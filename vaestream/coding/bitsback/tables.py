@@ -6,8 +6,7 @@
   latent grid with the scrambled N(0, 1) prior (:func:`latent_step_bits`, :func:`latent_scramble`,
   :func:`latent_prior`). Network outputs are rounded to fixed point (:func:`fixed_point`, 2^-FIX_BITS)
   before anything is built from them, so both sides build the same rows.
-* The reference tables (format 1's equal-mass buckets and exact per-pixel pmfs), kept as public helpers
-  and for the tests: :func:`bucket_edges`, :func:`posterior_probs`, :func:`beta_binomial_probs`, ...
+* The exact per-pixel pmfs the grid is built from: :func:`beta_binomial_probs`.
 """
 
 from __future__ import annotations
@@ -16,46 +15,12 @@ import numpy as np
 
 from vaestream.config import DISCRETE_LEVELS
 
-_LOG_CLIP = 30.0  # log alpha and log beta are clipped to [-30, 30] in the reference pmfs
+_LOG_CLIP = 30.0  # log alpha and log beta are clipped to [-30, 30] in the exact pmfs
 
 
 # ------------------------------------------------------------------------------------------------------------
-# reference tables (format 1's equal-mass buckets; kept as public helpers and for the tests)
+# the exact beta-binomial pmfs the grid is built from
 # ------------------------------------------------------------------------------------------------------------
-def bucket_edges(latent_bits: int) -> np.ndarray:
-    """The ``2^latent_bits + 1`` equal-prior-mass edges ``Phi^-1(j / 2^latent_bits)`` (float64, -inf and +inf at
-    the ends): format 1's latent buckets (format 2 uses the uniform grid of :func:`latent_grid`)."""
-    from scipy.special import ndtri
-
-    k = 1 << latent_bits
-    return ndtri(np.arange(k + 1, dtype=np.float64) / k)
-
-
-def bucket_centres(latent_bits: int) -> np.ndarray:
-    """The ``2^latent_bits`` equal-prior-mass bucket centres ``Phi^-1((j + 1/2) / 2^latent_bits)``, float32."""
-    from scipy.special import ndtri
-
-    k = 1 << latent_bits
-    return ndtri((np.arange(k, dtype=np.float64) + 0.5) / k).astype(np.float32)
-
-
-def posterior_probs(mean: np.ndarray, log_scale: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Q(bucket j) of N(mean, exp(log_scale)^2) on the buckets ``edges``: ``[N, K]`` float64 for ``[N]`` inputs.
-
-    ``Q(j) = Phi(t_(j+1)) - Phi(t_j)`` with ``t = (edges - mean) / sigma``, evaluated as
-    ``Phi(-t_j) - Phi(-t_(j+1))`` where ``t_j >= 0`` (no cancellation in the upper tail).
-    """
-    from scipy.special import ndtr
-
-    mu = np.asarray(mean, np.float64).reshape(-1, 1)
-    sigma = np.exp(np.asarray(log_scale, np.float64).reshape(-1, 1))
-    t = (edges[None, :] - mu) / sigma
-    lower = ndtr(t)
-    upper = ndtr(-t)
-    p = np.where(t[:, :-1] >= 0.0, upper[:, :-1] - upper[:, 1:], lower[:, 1:] - lower[:, :-1])
-    return np.maximum(p, 0.0)
-
-
 _LOG_BINOM = None
 
 
@@ -93,14 +58,6 @@ def beta_binomial_probs(log_alpha: np.ndarray, log_beta: np.ndarray) -> np.ndarr
     coder reads these pmfs from the precomputed grid of :func:`beta_binomial_grid`.)
     """
     return np.exp(_bb_logpmf(log_alpha, log_beta))
-
-
-def bernoulli_probs(logits: np.ndarray) -> np.ndarray:
-    """``[N, 2]`` float64 rows ``(sigmoid(-l), sigmoid(l))`` = (P(0), P(1)) for ``[N]`` logits."""
-    from scipy.special import expit
-
-    lg = np.asarray(logits, np.float64).reshape(-1, 1)
-    return np.concatenate([expit(-lg), expit(lg)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------------------------
