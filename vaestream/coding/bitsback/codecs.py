@@ -76,11 +76,13 @@ def _model(key: tuple, make: Callable[[], Any]) -> Any:
     return m
 
 
-def Categorical(rows: np.ndarray, n: int | None = None, key: Any = None) -> Codec:  # noqa: N802 (a constructor)
+def Categorical(rows: np.ndarray | Callable[[], np.ndarray], n: int | None = None,  # noqa: N802 (a constructor)
+                key: Any = None) -> Codec:
     """Symbols with per-symbol probability rows ``[N, K]`` (float, any positive scale; constriction turns each row
     into integer frequencies summing to 2^24, at least 1 each), or, with ``n``, ``n`` symbols of the one fixed row
     ``rows`` ``[K]`` (its model built once per process under ``key`` if given). Symbols are int32 ``[N]`` in
-    0..K-1."""
+    0..K-1. ``rows`` may be a function that makes them: called at each push or pop and dropped right after the
+    call (large rows then live only while coded, and the allocator reuses their memory)."""
     m = _constriction().model
     if n is not None:
         fixed = (_model(("fixed", key), lambda: m.Categorical(rows, perfect=False)) if key is not None
@@ -92,12 +94,13 @@ def Categorical(rows: np.ndarray, n: int | None = None, key: Any = None) -> Code
 
         return Codec(push, lambda msg: (msg, msg.ans.decode(fixed, n)))
     model = _model(("categorical",), lambda: m.Categorical(perfect=False))
+    make = rows if callable(rows) else lambda: rows
 
     def push(msg, x):
-        msg.ans.encode_reverse(np.asarray(x, np.int32), model, rows)
+        msg.ans.encode_reverse(np.asarray(x, np.int32), model, make())
         return msg
 
-    return Codec(push, lambda msg: (msg, msg.ans.decode(model, rows)))
+    return Codec(push, lambda msg: (msg, msg.ans.decode(model, make())))
 
 
 def Bernoulli(p1: np.ndarray) -> Codec:  # noqa: N802

@@ -487,9 +487,10 @@ class LosslessCoder:
             return cs.Autoregressive(lambda x: f.context.rows_all(base, x.reshape(-1)),
                                      lambda pop: f.context.decode_group(base, g, pop).reshape(g, d))
         elif f.levels != EXACT_LEVELS:  # the level, with the mass of its counts
-            flat = cs.Categorical(level_rows(cells, f.levels))
+            flat = cs.Categorical(lambda: level_rows(cells, f.levels))
         else:  # the count's bin (popped first), then the count within it
-            flat = cs.dependent(cs.Categorical(bin_rows(cells)), lambda b: cs.Categorical(within_rows(cells, b)),
+            flat = cs.dependent(cs.Categorical(lambda: bin_rows(cells)),
+                                lambda b: cs.Categorical(lambda: within_rows(cells, b)),
                                 lambda x: (x >> 4, x & (BIN - 1)), lambda b, w: b * BIN + w)
         return cs.mapped(flat, lambda x: x.reshape(-1), lambda x: x.reshape(g, d))
 
@@ -538,12 +539,17 @@ class LosslessCoder:
                                 lambda msg: (lambda m, x: (m, keep(x)))(*pixels.pop(msg)))
             return codec
 
+        def step(prior: cs.Codec, t: int) -> cs.Codec:
+            bb = cs.BitsBack(prior, likelihood(t), posterior)
+            # with ``out``, a group's records are kept there; pop drops them at once (memory: one group at a time)
+            return bb if out is None else cs.mapped(bb, lambda x: x, lambda x: None)
+
         if self._top_enc is None:
-            return cs.serial([cs.BitsBack(latents.prior(g * self.config.latent_dim, f.latent_bits, f.range_bits),
-                                          likelihood(t), posterior) for t, g in enumerate(sizes)])
+            return cs.serial([step(latents.prior(g * self.config.latent_dim, f.latent_bits, f.range_bits), t)
+                              for t, g in enumerate(sizes)])
         top = cs.BitsBack(cs.Hold, lambda z2: cs.Hold,
                           lambda zi: self._latent_posterior(*self._top_posterior(zi, f), f))
-        groups = cs.serial([cs.BitsBack(top, likelihood(t), posterior) for t in range(len(sizes))])
+        groups = cs.serial([step(top, t) for t in range(len(sizes))])
         if not sizes:
             return groups
         n = int(ends[-1])
