@@ -510,17 +510,23 @@ class LosslessCoder:
         """Q as a codec of latent buckets (:func:`vaestream.coding.bitsback.latents.posterior`)."""
         return latents.posterior(mean, std, f.latent_bits)
 
-    def _chain(self, f: Frame, sizes: list[int], out: np.ndarray | None) -> cs.Codec:
+    def _chain(self, f: Frame, sizes: list[int], out: np.ndarray | None,
+               q: tuple[np.ndarray, np.ndarray] | None = None) -> cs.Codec:
         """A frame's bits-back chain as one codec of its groups of records (a list of int ``[g, D]``): each group
         is a :func:`~vaestream.coding.bitsback.codecs.BitsBack` step, the groups in series. One layer: z pushed
         with the prior after each group. Two layers (Bit-Swap): the prior of z is itself a bits-back step, z2
         drawn from Q(z2|z) with z and z2 held aside, and the frame's held latents pushed after its last group
         with P(z|z2) and P(z2), in one call each. ``out`` (uint8 ``[n, D]``), if given, receives each group's
-        output (what the decoder returns) whenever the group is pushed or popped."""
+        output (what the decoder returns) whenever the group is pushed or popped. ``q``: the frame's Q(z|x)
+        (mean, std) when the records to push are known, computed in one call (the same numbers per group)."""
         ends = np.cumsum(sizes)
+        nz = self.config.latent_dim
 
-        def posterior(x):
-            return self._latent_posterior(*self._posterior(x, f), f)
+        def posterior(t: int):
+            if q is None:
+                return lambda x: self._latent_posterior(*self._posterior(x, f), f)
+            sl = slice((int(ends[t]) - sizes[t]) * nz, int(ends[t]) * nz)
+            return lambda x: self._latent_posterior(q[0][sl], q[1][sl], f)
 
         def likelihood(t: int):
             start, end = int(ends[t]) - sizes[t], int(ends[t])
@@ -540,12 +546,12 @@ class LosslessCoder:
             return codec
 
         def step(prior: cs.Codec, t: int) -> cs.Codec:
-            bb = cs.BitsBack(prior, likelihood(t), posterior)
+            bb = cs.BitsBack(prior, likelihood(t), posterior(t))
             # with ``out``, a group's records are kept there; pop drops them at once (memory: one group at a time)
             return bb if out is None else cs.mapped(bb, lambda x: x, lambda x: None)
 
         if self._top_enc is None:
-            return cs.serial([step(latents.prior(g * self.config.latent_dim, f.latent_bits, f.range_bits), t)
+            return cs.serial([step(latents.prior(g * nz, f.latent_bits, f.range_bits), t)
                               for t, g in enumerate(sizes)])
         top = cs.BitsBack(cs.Hold, lambda z2: cs.Hold,
                           lambda zi: self._latent_posterior(*self._top_posterior(zi, f), f))
@@ -577,12 +583,13 @@ class LosslessCoder:
         level indices (of the counts' nearest levels), as :meth:`compress` passes them. ``out`` (uint8 ``[n, D]``), if
         given, receives what the decoder will return for each record."""
         f = self.frame()
+        q = self._posterior(x, f) if len(x) else None  # all of the frame in one call
         if f.context is not None and len(x):
-            f = dataclasses.replace(f, ramp=chain_ramp(*self._posterior(x, f), f.latent_bits, f.range_bits))
+            f = dataclasses.replace(f, ramp=chain_ramp(*q, f.latent_bits, f.range_bits))
         sizes = group_sizes(len(x), f.group, f.ramp)
         seed = seed_words(self._seed_count())
         groups = np.split(x, np.cumsum(sizes)[:-1]) if sizes else []
-        words = cs.words(self._chain(f, sizes, out).push(cs.message(seed.copy()), groups))
+        words = cs.words(self._chain(f, sizes, out, q).push(cs.message(seed.copy()), groups))
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
         cut = int(diff[0]) if len(diff) else m
