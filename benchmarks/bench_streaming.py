@@ -471,13 +471,16 @@ def bench_broker(model: Path, mnist: np.ndarray, work: Path, args) -> dict:
     with RedisServer(work / "redis", fsync=args.fsync) as srv:
         for rate in args.rates:
             out["rates"].append(bench_broker_rate(model, records_path, srv, work, rate, 100, args))
+            print("# " + json.dumps(out["rates"][-1]), file=sys.stderr, flush=True)   # progress, as it goes
         if args.message_rate:
             out["one_record_per_message"] = bench_broker_rate(model, records_path, srv, work, args.message_rate, 1,
                                                               args)
+            print("# " + json.dumps(out["one_record_per_message"]), file=sys.stderr, flush=True)
         kept = [r for r in out["rates"] if r["keeps_up"]]
         out["highest_rate_kept_up"] = max((r["offered_records_per_s"] for r in kept), default=None)
         if args.kill_rate:
             out["kill9"] = bench_broker_kill(model, records_path, srv, work, args.kill_rate, args)
+            print("# " + json.dumps(out["kill9"]), file=sys.stderr, flush=True)
     # the batch job on the same records (MNIST training records, cycled as the publisher does)
     n = int(min(max(args.rates) * args.duration, args.batch_records))
     batch_in = work / "batch_in.npy"
