@@ -136,7 +136,9 @@ written with another model is refused with :class:`ModelMismatchError` before an
 **Stream format.** A vaestream container (:mod:`vaestream.container`) whose header has the model
 fingerprint, ``table_hash = LOSSLESS_TAG`` (a fixed 16-byte marker that says "lossless, bits-back" instead
 of a hash of coder tables), quality 0 and level 0. Each frame (``frame_records`` records by default; frames
-are independent chains, the unit of random access and of streaming decode) holds, little-endian::
+are independent chains, the unit of random access and of streaming decode) holds, little-endian (written
+and read by :func:`vaestream.coding.container.pack_bitsback` / :func:`~vaestream.coding.container.read_bitsback`;
+FORMAT.md section 5)::
 
     "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8
     | levels u8 (0: lossless; K in 2..64: near-lossless, see ``levels`` of :class:`LosslessCoder`)
@@ -153,7 +155,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import struct
 from typing import Any, Mapping
 
 import numpy as np
@@ -172,11 +173,9 @@ from vaestream.coding.bitsback.exact_mlp import ExactMLP, blas_threads  # noqa: 
 from vaestream.config import DISCRETE_LEVELS
 from vaestream.errors import BitstreamError, ConfigError, DataError, ModelError, ModelMismatchError
 
-FORMAT = 2
+FORMAT = container.BITSBACK_FORMAT
 LOSSLESS_TAG = container.LOSSLESS_TAG
 """The container header's ``table_hash`` of a lossless stream."""
-FRAME_TAG = b"BBAN"
-_FRAME_HEAD = struct.Struct("<4sBBHBBBBIII")
 TWO_LAYER_RANGE_BITS = 5
 """A two-layer model's latent grid covers [-32, 32): its z is not held near N(0, I) by a fixed prior (measured:
 16 % of posterior means beyond 6, the largest 17.7, on a 784-200-20-16 model), so [-8, 8) would clip it."""
@@ -199,12 +198,8 @@ z the chain drew: more PSNR at the same bits, within the level's counts but not 
 (:meth:`vaestream.coding.bitsback.context.ContextModel.reconstruct`: more PSNR again, still within the level's counts;
 needs a context model that has one, and codes with it)."""
 _MEAN, _LEARNED = RECONSTRUCTIONS.index("mean"), RECONSTRUCTIONS.index("learned")
-CONTEXT_FLAG = 0x80
-"""Set in a frame's reconstruction byte when its pixels are coded with a pixel context model
-(:mod:`vaestream.coding.bitsback.context`); the container header's fingerprint then names that context model."""
-RAMP_SHIFT = 4
-"""A context frame's ramp (:func:`~vaestream.coding.bitsback.chain.chain_ramp`, 0..7) sits in bits 4-6 of its
-reconstruction byte."""
+CONTEXT_FLAG, RAMP_SHIFT = container.CONTEXT_FLAG, container.RAMP_SHIFT
+"""The frame head's bits (:mod:`vaestream.coding.container` writes and reads the head)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -593,32 +588,22 @@ class LosslessCoder:
         m = min(len(words), len(seed))
         diff = np.flatnonzero(words[:m] != seed[:m])
         cut = int(diff[0]) if len(diff) else m
-        stored = words[cut:]
-        head = _FRAME_HEAD.pack(FRAME_TAG, FORMAT, f.latent_bits, f.group, layout, f.range_bits - DEFAULT_RANGE_BITS,
-                                f.levels % EXACT_LEVELS,
-                                f.recon | f.ramp << RAMP_SHIFT | (CONTEXT_FLAG if f.context is not None else 0),
-                                len(seed), cut, len(stored))
-        return head + stored.astype("<u4").tobytes()
+        head = container.BitsBackHead(f.latent_bits, f.group, layout, f.range_bits, f.levels % EXACT_LEVELS, f.recon,
+                                      f.ramp, f.context is not None, len(seed), cut)
+        return container.pack_bitsback(head, words[cut:])
 
     def _read_frame_head(self, payload: bytes, n: int, name: str, context: ContextModel | None) -> tuple:
-        """A frame payload's head, checked -> (Frame, layout, seed words, cut, stored words)."""
-        if len(payload) < _FRAME_HEAD.size:
-            raise BitstreamError(f"{name}: lossless frame of {len(payload)} bytes is shorter than its header")
-        tag, fmt, lbits, group, layout, rb, lv, recon, n_seed, cut, n_stored = _FRAME_HEAD.unpack_from(payload)
-        rb += DEFAULT_RANGE_BITS
-        with_context, ramp, recon = bool(recon & CONTEXT_FLAG), (recon >> RAMP_SHIFT) & MAX_RAMP, recon & 0x0F
-        if tag != FRAME_TAG:
-            raise BitstreamError(f"{name}: not a lossless frame (tag {tag!r}, expected {FRAME_TAG!r})")
-        if fmt != FORMAT:
-            old = " (written by an older vaestream; decode it with that version)" if fmt < FORMAT else ""
-            raise BitstreamError(f"{name}: lossless frame format {fmt}{old}; this vaestream reads format {FORMAT}")
-        if (not MIN_LATENT_BITS <= lbits <= MAX_LATENT_BITS or group < 1 or layout > 3 or rb > MAX_RANGE_BITS
-                or lbits - 1 - rb < 2 or n_seed != self._seed_count() or cut > n_seed
+        """A frame payload's head, checked -> (Frame, layout, seed words, cut, the stored words' bytes)."""
+        h, stored = container.read_bitsback(payload, name)
+        lv, recon, ramp, with_context = h.levels, h.reconstruction, h.ramp, h.context
+        if (not MIN_LATENT_BITS <= h.latent_bits <= MAX_LATENT_BITS or h.group < 1 or h.layout > 3
+                or h.range_bits > MAX_RANGE_BITS or h.latent_bits - 1 - h.range_bits < 2
+                or h.seed != self._seed_count() or h.cut > h.seed
                 or (lv and not MIN_LEVELS <= lv <= MAX_LEVELS)
                 or (lv and self.config.likelihood != "beta_binomial") or recon >= len(RECONSTRUCTIONS)
                 or (recon and not lv)):
-            raise BitstreamError(f"{name}: corrupt lossless frame header (layout {layout}, seed {n_seed}, cut {cut}, "
-                                 f"levels {lv or EXACT_LEVELS}, reconstruction {recon}, ramp {ramp})")
+            raise BitstreamError(f"{name}: corrupt lossless frame header (layout {h.layout}, seed {h.seed}, cut "
+                                 f"{h.cut}, levels {lv or EXACT_LEVELS}, reconstruction {recon}, ramp {ramp})")
         if ramp and not with_context:
             raise BitstreamError(f"{name}: corrupt lossless frame header (a ramp of {ramp} without a pixel context "
                                  "model)")
@@ -630,18 +615,16 @@ class LosslessCoder:
                                  "model has no reconstruction network")
         if n > MAX_FRAME_RECORDS:
             raise BitstreamError(f"{name}: frame claims {n} records (at most {MAX_FRAME_RECORDS})")
-        if len(payload) != _FRAME_HEAD.size + 4 * n_stored:
-            raise BitstreamError(f"{name}: lossless frame holds {len(payload) - _FRAME_HEAD.size} bytes of words, "
-                                 f"its header says {4 * n_stored}")
-        return Frame(lbits, rb, lv or EXACT_LEVELS, recon, context, group, ramp), layout, n_seed, cut
+        f = Frame(h.latent_bits, h.range_bits, lv or EXACT_LEVELS, recon, context, h.group, ramp)
+        return f, h.layout, h.seed, h.cut, stored
 
     def decode_frame(self, payload: bytes, n: int, name: str = "stream",
                      context: ContextModel | None = None) -> tuple[np.ndarray, int]:
         """One frame payload of ``n`` records -> (uint8 records ``[n, D]``, layout). ``context``: the pixel context
         model the stream's header names (:meth:`check_header`), None for a plain stream."""
-        f, layout, n_seed, cut = self._read_frame_head(payload, n, name, context)
+        f, layout, n_seed, cut, stored = self._read_frame_head(payload, n, name, context)
         seed = seed_words(n_seed)
-        words = np.concatenate([seed[:cut], np.frombuffer(payload, "<u4", offset=_FRAME_HEAD.size).astype(np.uint32)])
+        words = np.concatenate([seed[:cut], np.frombuffer(stored, "<u4").astype(np.uint32)])
         if len(words) == 0 or words[-1] == 0:
             raise BitstreamError(f"{name}: corrupt lossless frame (invalid ANS state)")
         out = np.empty((n, self.config.input_dim), np.uint8)
