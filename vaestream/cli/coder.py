@@ -254,7 +254,7 @@ def cmd_decompress(a: argparse.Namespace) -> int:
     from vaestream.coding import container, per_record
     import io
 
-    if per_record.is_mixed(blob):
+    if container.is_per_record(blob):
         if a.family is None:
             from vaestream.errors import ConfigError
 

@@ -24,7 +24,8 @@ Fashion-MNIST, a jointly tuned family, full test set: 4-36 % fewer bits than its
 from 19 to 32 dB; BD-rate against tiled WebP over 18-32 dB -53.4 % (single points: -46.4 %;
 benchmarks/RESULTS_coder.md).
 
-Stream ("VM", format 1)::
+Stream ("VM", format 1; written and read by :func:`vaestream.coding.container.pack_per_record` /
+:func:`~vaestream.coding.container.read_per_record`)::
 
     "VM" | format u8 (= 1) | record ndim u8 | record shape (ndim varints) | records varint | streams varint m
          | m x (records varint, bytes varint) | map bytes varint | map | CRC32 u32 | m streams
@@ -42,11 +43,8 @@ and its error is measured after that rounding.
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +53,6 @@ from vaestream.coding import container, family
 from vaestream.coding.bitsback import codecs as cs
 from vaestream.metrics import psnr_db
 from vaestream.errors import BitstreamError, ConfigError, DataError
-
-MAGIC = b"VM"
-FORMAT = 1
-_CRC = struct.Struct("<I")
-MAX_STREAMS = 4096
-
-
-def is_mixed(blob) -> bool:
-    """Whether ``blob`` (bytes) is a mixed stream (starts with :data:`MAGIC`)."""
-    return bytes(blob[:2]) == MAGIC
 
 
 def _pictures(records) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -250,11 +238,7 @@ def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndar
     if len(used) > 1:
         msg = cs.Categorical(counts / counts.sum(), n=len(sym)).push(cs.message(), sym)
         code = cs.words(msg).astype("<u4").tobytes()
-    v = container.varint
-    head = MAGIC + bytes([FORMAT, len(shape)]) + b"".join(v(s) for s in shape) + v(len(x)) + v(len(used))
-    head += b"".join(v(int(c)) + v(len(s)) for c, s in zip(counts, streams))
-    head += v(len(code)) + code
-    return head + _CRC.pack(zlib.crc32(head)) + b"".join(streams), x_hat
+    return container.pack_per_record(shape, len(x), list(zip(counts, streams)), code), x_hat
 
 
 def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp: float | None = None,
@@ -288,43 +272,8 @@ def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp:
 def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, bytes]], np.ndarray]:
     """Parse and verify a mixed stream: ``(a record's shape, [(records, container bytes), ...], the stream of each
     record int [N])``. Raises :class:`BitstreamError` naming ``name`` for anything malformed, truncated or corrupt."""
-    blob = bytes(blob)
-    if not is_mixed(blob):
-        raise BitstreamError(f"{name}: not a mixed vaestream stream (magic {blob[:2]!r}, expected {MAGIC!r})")
-    r = io.BytesIO(blob)
-    r.seek(len(MAGIC))
-
-    def uvar() -> int:
-        return container.read_varint(r, bytearray(), name, "mixed stream header")
-
-    fixed = r.read(2)
-    if len(fixed) < 2:
-        raise BitstreamError(f"{name}: truncated mixed stream header")
-    fmt, ndim = fixed
-    if fmt != FORMAT or ndim not in (1, 2):
-        raise BitstreamError(f"{name}: mixed stream format {fmt}, record ndim {ndim}: this reader knows format "
-                             f"{FORMAT} of 1- or 2-d records")
-    shape = tuple(uvar() for _ in range(ndim))
-    n, m = uvar(), uvar()
-    if not (1 <= m <= min(MAX_STREAMS, n)) or n > container.MAX_FRAME_RECORDS:
-        raise BitstreamError(f"{name}: corrupt mixed stream header ({n} records in {m} streams)")
-    sizes = [(uvar(), uvar()) for _ in range(m)]
-    code = r.read(uvar())
-    crc = r.read(_CRC.size)
-    if len(crc) < _CRC.size:
-        raise BitstreamError(f"{name}: truncated mixed stream header")
-    if _CRC.unpack(crc)[0] != zlib.crc32(blob[:r.tell() - _CRC.size]):
-        raise BitstreamError(f"{name}: mixed stream header fails its CRC32 (corrupt)")
-    if sum(c for c, _ in sizes) != n or len(code) % 4 or (m > 1) != bool(code):
-        raise BitstreamError(f"{name}: corrupt mixed stream header (the counts do not add up to {n} records)")
-    streams = []
-    for i, (c, size) in enumerate(sizes):
-        s = r.read(size)
-        if len(s) < size:
-            raise BitstreamError(f"{name}: truncated: stream {i} of {m} has {len(s)} of its {size} bytes")
-        streams.append((c, s))
-    if r.read(1):
-        raise BitstreamError(f"{name}: trailing bytes after the last of {m} streams")
+    shape, n, streams, code = container.read_per_record(blob, name)
+    m = len(streams)
     if m == 1:
         return shape, streams, np.zeros(n, np.int64)
     counts = np.array([c for c, _ in streams], np.float64)
