@@ -17,7 +17,7 @@ same run:
   same records (``speed_vs_lzma``: vaestream's images/s over lzma -9e's; ``speed_vs_peers``: over each
   tiled peer's, gzip, bz2, lzma, zstd, PNG, WebP, compress and decompress); and that every record decodes
   exactly;
-* ``scaling``: compress and streaming-decode (``iter_frames``) time per image and tracemalloc peak memory at
+* ``scaling``: compress and streaming-decode (``iter_decompress``) time per image and tracemalloc peak memory at
   1,000 records and at ``--n``; ``initial_bits_per_frame`` (a one-record frame's payload over its -ELBO: the
   clean bits, frame header and final ANS state a frame pays once) and ``overhead_bits_per_frame`` (the whole
   stream over the records' -ELBO, per frame).
@@ -204,20 +204,20 @@ def _train_model(name: str, root: Path, model_dir: Path, arch: dict, steps: int,
 
 
 def scaling_row(coder, x: np.ndarray) -> dict:
-    """Compress ``x`` and decode the stream frame by frame (``iter_frames``): ms per image of each (untraced
+    """Compress ``x`` and decode the stream frame by frame (``iter_decompress``): ms per image of each (untraced
     passes), then the tracemalloc peak of each (NumPy's allocations during the call; ``x`` is not counted)."""
     m = len(x)
     t0 = time.perf_counter()
     b = coder.compress(x)
     tc = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_back = sum(len(fr) for fr in coder.iter_frames(b))
+    n_back = sum(len(fr) for fr in coder.iter_decompress(b))
     td = time.perf_counter() - t0
     tracemalloc.start()
     coder.compress(x)
     peak_c = tracemalloc.get_traced_memory()[1]
     tracemalloc.reset_peak()
-    for _fr in coder.iter_frames(b):
+    for _fr in coder.iter_decompress(b):
         pass
     peak_d = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -253,7 +253,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     bpd = 8 * len(blob) / dims
     elbo_bpd = float(neg_elbo.sum() / dims)
     # time per image and peak memory (tracemalloc: NumPy's allocations) at 1,000 records and at all of them;
-    # streaming decode (iter_frames: one frame at a time) keeps memory flat
+    # streaming decode (iter_decompress: one frame at a time) keeps memory flat
     _log(f"{name}: scaling")
     scaling = {str(m): scaling_row(coder, test[:m]) for m in sorted({min(1000, len(test)), len(test)})}
     k = min(per_image_vae, len(test))

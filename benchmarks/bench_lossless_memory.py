@@ -5,7 +5,7 @@ flat").
 
 For each size, records from the MNIST training set (the first ``size``; repeated past 60,000) are compressed
 with :class:`vaestream.coding.bitsback.coder.LosslessCoder` and the stream is decoded frame by frame
-(``iter_frames``), as in ``bench_lossless.py``'s ``scaling`` (:func:`bench_lossless.scaling_row`): ms per image
+(``iter_decompress``), as in ``bench_lossless.py``'s ``scaling`` (:func:`bench_lossless.scaling_row`): ms per image
 from untraced passes, then the tracemalloc peak of each call (NumPy's allocations; the input array itself is
 allocated before tracing starts, so it is not counted). Run it on an idle machine if the times matter. Prints
 JSON.

@@ -98,18 +98,18 @@ def test_round_trip_of_mnist_and_fashion_batches_of_several_sizes(bb_model, mnis
 
 
 def test_frames_decode_one_at_a_time_from_a_file(bb_model, mnist_test, tmp_path):
-    """iter_frames reads a stream of several frames from a file frame by frame (bounded memory: one frame of
+    """iter_decompress reads a stream of several frames from a file frame by frame (bounded memory: one frame of
     records at a time) and gives the records back in order."""
     m = bb_model[0]
     x = mnist_test[3000:3050]
     coder = LosslessCoder(m, frame_records=16)
     path = tmp_path / "s.vz"
     path.write_bytes(coder.compress(x))
-    parts = list(LosslessCoder(m).iter_frames(str(path)))
+    parts = list(LosslessCoder(m).iter_decompress(str(path)))
     assert [len(p) for p in parts] == [16, 16, 16, 2]
     assert np.array_equal(np.concatenate(parts).reshape(x.shape), x)
     with open(path, "rb") as f:
-        assert sum(len(p) for p in LosslessCoder(m).iter_frames(f)) == 50
+        assert sum(len(p) for p in LosslessCoder(m).iter_decompress(f)) == 50
 
 
 def test_other_processes_with_other_thread_counts_agree_bit_for_bit(bb_model, mnist_test, tmp_path):

@@ -3,7 +3,7 @@ vectorised over batches of records (in the manner of craystack; Townsend et al. 
 
     blob = compress_lossless(model, records)      # bytes: a vaestream container (vaestream.container)
     back = decompress_lossless(model, blob)       # == records, exactly (uint8)
-    for x in LosslessCoder(model).iter_frames(path_or_bytes): ...   # frame by frame, bounded memory
+    for x in LosslessCoder(model).iter_decompress(path_or_bytes): ...   # frame by frame, bounded memory
 
 ``model`` is a :class:`vaestream.model.VAE` with a discrete likelihood: ``beta_binomial`` for 8-bit data
 (records are pixel counts n in {0..255}, uint8 or any integer type) or ``bernoulli`` for binary data
@@ -155,7 +155,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -728,7 +728,7 @@ class LosslessCoder:
                     frame = self.decode_frame(payload, n, f"{name} frame {i}", context)
                 yield frame
 
-    def iter_frames(self, source: Any, name: str = "stream"):
+    def iter_decompress(self, source: Any, name: str = "stream") -> Iterator[np.ndarray]:
         """Decode a lossless container frame by frame: yields uint8 ``[n, D]`` arrays, one per frame, reading
         one frame at a time from ``source`` (a path, bytes or a seekable binary file), so memory stays
         bounded by one frame whatever the stream's length."""
