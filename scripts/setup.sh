@@ -37,4 +37,13 @@ fi
 if ! command -v curl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl) || true   # README's REST calls
 fi
+# the broker source's tests and README example start a local redis-server (Debian's redis-server, 7.0)
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+      || echo "setup: could not install redis-server; the broker tests (tests/test_broker.py) will skip" >&2
+  else
+    echo "setup: redis-server missing (as root: apt-get install redis-server); the broker tests will skip" >&2
+  fi
+fi
 python -m pip install -q --disable-pip-version-check -e '.[test]'

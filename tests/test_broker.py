@@ -472,3 +472,43 @@ def test_pubsub_shaped_messages_through_a_teststream_are_written_once(coded_mode
         assert [d["source"] for d in dead] == ["projects/p/subscriptions/s/1003", "projects/p/subscriptions/s/1006"]
         assert "no 'format' field" in dead[0]["reason"] and ": late: " in dead[1]["reason"]
         assert sorted(i for e in Ledger(out).entries() for i in e["ids"]) == [str(1000 + i) for i in range(7)]
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+def _cli(*args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "vaestream.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_publish_then_stream_encode_and_follow_read_the_stream(server, coded_model, mnist_test, request,
+                                                                   tmp_path):
+    from vaestream.broker.wire import record_key
+
+    url = server.url(_stream(request))
+    np.save(tmp_path / "x.npy", mnist_test[:1000])
+    pub = _cli("publish", "--to", url, "--input", str(tmp_path / "x.npy"), "--records-per-message", "250")
+    out, err = pub.communicate(timeout=120)
+    assert pub.returncode == 0, err
+    summary = json.loads(out)
+    assert (summary["messages"], summary["records"]) == (4, 1000)
+    enc = _cli("stream-encode", "--source", url, "--model", str(coded_model), "--output", str(tmp_path / "codes"),
+               "--window", "1", "--idle_timeout", "2", "--json")
+    fol = _cli("follow", "--source", url, "--work", str(tmp_path / "work"), "--latent-dim", "3", "--hidden", "32",
+               "--idle-timeout", "2", "--json")
+    e_out, e_err = enc.communicate(timeout=300)
+    f_out, f_err = fol.communicate(timeout=300)
+    assert enc.returncode == 0, e_err[-3000:]
+    res = json.loads(e_out.strip().splitlines()[-1])
+    assert res["records"] == 1000 and res["messages_read"] == 4 and res["backlog"]["pending"] == 0
+    c = server_client(server)
+    ids = [e[0].decode() for e in c.xrange(_stream(request))]
+    assert set(_keys_of(tmp_path / "codes")) == {record_key(i, j) for i in ids for j in range(250)}
+    assert fol.returncode == 0, f_err[-3000:]
+    follow = json.loads(f_out.strip().splitlines()[-1])
+    assert follow["messages"] == 4 and follow["records_trained"] > 0 and _pending(url, "follow") == 0
+    # a bad URL: one line, exit 1
+    bad = _cli("publish", "--to", "http://127.0.0.1/x", "--input", str(tmp_path / "x.npy"))
+    out, err = bad.communicate(timeout=120)
+    assert bad.returncode == 1 and err.strip().splitlines() == [
+        "vaestream: error: http://127.0.0.1/x: a broker URL is redis://HOST:PORT/STREAM (scheme http)"]

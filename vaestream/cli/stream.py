@@ -42,8 +42,12 @@ def _follow(a: argparse.Namespace) -> int:
             print(f"{rec['source']}: {rec['records']} records, {rec['steps']} steps, prequential ELBO "
                   f"{rec['prequential_elbo']:.2f} nats ({rec['bits_per_record']:.1f} bits/record){flag}", flush=True)
 
-    summary = learner.follow(a.pattern, poll_interval=a.poll_interval, max_files=a.max_files,
-                             idle_timeout=a.idle_timeout, on_file=show)
+    if a.source:
+        summary = learner.follow_source(a.source, max_messages=a.max_files, idle_timeout=a.idle_timeout,
+                                        on_file=show)
+    else:
+        summary = learner.follow(a.pattern, poll_interval=a.poll_interval, max_files=a.max_files,
+                                 idle_timeout=a.idle_timeout, on_file=show)
     print(json.dumps(summary, default=str))
     return 0
 
@@ -105,7 +109,11 @@ def _registry(a: argparse.Namespace) -> int:
 def add_subcommands(sub) -> None:
     p = sub.add_parser("follow", help="online AEVB: keep training as new files appear, publish model versions",
                        description=_follow.__doc__ or "Online AEVB on new files (vaestream.online).")
-    p.add_argument("pattern", nargs="+", help="glob(s) of record files (quote them)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("pattern", nargs="*", default=[], help="glob(s) of record files (quote them)")
+    src.add_argument("--source", default=None, metavar="URL",
+                     help="a broker stream of records instead, redis://HOST:PORT/STREAM[?group=G] (consumer group "
+                          "follow by default; vaestream.broker)")
     p.add_argument("--work", required=True, help="work directory (model, ledger, logs); resumes if it has a ledger")
     p.add_argument("--registry", default=None, help="registry directory to publish versions to")
     p.add_argument("--init-model", default=None, help="start from this model directory")

@@ -1,6 +1,7 @@
 """Beam streaming job: new record files -> latent codes in fixed event-time windows (vaestream.beam.streaming).
 
     python -m pipelines.stream_encode --watch 'incoming/*.npy' --model runs/model --output out/ --window 10
+    python -m pipelines.stream_encode --source redis://127.0.0.1:6379/mnist --model runs/model --output out/
     python -m pipelines.stream_encode --pubsub_subscription projects/P/subscriptions/S --saved_model REG/3 \
         --output gs://bucket/codes --runner DataflowRunner ...
 
@@ -23,6 +24,9 @@ SUMMARY = "summary.json"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--watch", "--input", dest="watch", nargs="+", help="glob(s) of record files to watch")
+    src.add_argument("--source", default=None, metavar="URL",
+                     help="a broker stream of records, redis://HOST:PORT/STREAM[?group=G] (vaestream.broker; "
+                          "consumer group stream-encode by default)")
     src.add_argument("--pubsub_topic", "--pubsub-topic", default=None, help="Pub/Sub topic of file paths")
     src.add_argument("--pubsub_subscription", "--pubsub-subscription", default=None,
                      help="Pub/Sub subscription of file paths")
@@ -41,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "arrival: window = min(--window, SECONDS/2), poll = min(--poll_interval, SECONDS/10)")
     parser.add_argument("--stop_after", "--stop-after", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--idle_timeout", "--idle-timeout", type=float, default=None,
-                        help="stop when no new file appeared for S seconds")
-    parser.add_argument("--max_files", "--max-files", type=int, default=None, help="stop after N files")
+                        help="stop when no new file (message, with --source) appeared for S seconds")
+    parser.add_argument("--max_files", "--max-files", type=int, default=None, help="stop after N files (messages, with --source)")
     parser.add_argument("--coder", choices=["auto", "yes", "no"], default="auto",
                         help="write .vaez containers (auto: when the model has coder tables)")
     parser.add_argument("--quality", type=float, default=None, help="coder quality")
@@ -68,7 +72,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     summary = bs.run_stream(args.output, args.watch, args.model, args.saved_model, cfg,
                             DriftConfig(threshold=args.drift_threshold), args.poll_interval, args.stop_after,
                             args.idle_timeout, args.max_files, None, args.pubsub_topic, args.pubsub_subscription,
-                            coder, args.quality, pipeline_args)
+                            coder, args.quality, pipeline_args, source=getattr(args, "source", None))
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, SUMMARY), "w") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
