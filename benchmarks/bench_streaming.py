@@ -451,7 +451,8 @@ def bench_broker_kill(model: Path, records_path: str, srv, work: Path, rate: flo
     res = {"offered_records_per_s": rate, "duration_s": args.kill_duration, "records_published": pubres.get("records"),
            "panes_committed_before_kill": panes_before, "killed_at": killed_at,
            "restart_recovered": summary.get("recovered"), "restart_broker_counts": summary.get("broker"),
-           "records_coded": len(keys), "distinct_keys": len(set(keys)),
+           "records_coded": len(keys), "distinct_keys": len(set(keys)), "dead_lettered": summary.get("dead_lettered"),
+           "late_dead_lettered": summary.get("late_dead_lettered"),
            "exactly_once": len(keys) == len(set(keys)) == pubres.get("records")}
     srv.client().delete("bench-kill")
     shutil.rmtree(out, ignore_errors=True)

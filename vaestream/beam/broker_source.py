@@ -163,9 +163,10 @@ class BrokerWatcher:
       ack_timeout: the longest wait for the pipeline to take a batch before reading anyway.
 
     The watermark is the broker time of the newest message read, or the broker's clock just before the read
-    when the stream is caught up (a read returned less than a full batch), minus ``watermark_lag``; it never
-    goes back. A message whose producer event time is behind it by more than its window and the allowed
-    lateness is late: dead-lettered by the late gate.
+    when the stream is caught up (a read of new entries returned less than a full batch; not a read of the
+    entries pending from before a restart, which says nothing of the backlog behind them), minus
+    ``watermark_lag``; it never goes back. A message whose producer event time is behind it by more than its
+    window and the allowed lateness is late: dead-lettered by the late gate.
     """
 
     def __init__(self, reader: BrokerReader, commit: BrokerCommit, batch_messages: int = 200,
@@ -242,8 +243,14 @@ class BrokerWatcher:
                         for m in msgs]))
                 # caught up: every entry appended before `before` was in this read, later ones have IDs (whole
                 # milliseconds) from `before` - 1 ms on; else the newest ID read
-                t = before - 0.001 if len(msgs) < want else max(m.broker_time for m in msgs)
-                wm = max(wm, Timestamp.of(t - self.watermark_lag).micros)
+                if self.reader.last_read == "new" and len(msgs) < want:
+                    t = before - 0.001
+                elif msgs:   # a backlog, or entries pending from before a restart: the newest read
+                    t = max(m.broker_time for m in msgs)
+                else:
+                    t = None
+                if t is not None:
+                    wm = max(wm, Timestamp.of(t - self.watermark_lag).micros)
                 yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=wm))
                 if msgs:
                     with self._cond:
@@ -429,9 +436,12 @@ class _ReadBrokerFn(beam.DoFn):
                 pos += 1
                 self.read_count.inc()
                 yield TimestampedValue(m, Timestamp.of(m.event_time))
-            t = before - 0.001 if len(msgs) < want else max(m.broker_time for m in msgs)
-            new = Timestamp.of(t - self.watermark_lag)
-            if wm.current_watermark() is None or new > wm.current_watermark():
+            if reader.last_read == "new" and len(msgs) < want:
+                t = before - 0.001
+            else:
+                t = max((m.broker_time for m in msgs), default=None)
+            new = None if t is None else Timestamp.of(t - self.watermark_lag)
+            if new is not None and (wm.current_watermark() is None or new > wm.current_watermark()):
                 wm.set_watermark(new)
             if pos >= tracker.current_restriction().stop:
                 return

@@ -125,6 +125,7 @@ class BrokerReader:
         self._last_claim = time.monotonic()
         self._client = None
         self._ready = False
+        self.last_read = "new"       # what the latest read returned: "history", "claimed" or "new" entries
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
@@ -183,6 +184,7 @@ class BrokerReader:
             if raw:
                 self._history = raw[-1][0].decode()
                 history = True
+                self.last_read = "history"
             else:
                 self._history = None
         if not raw and time.monotonic() - self._last_claim >= self.ack_wait / 2:
@@ -192,6 +194,7 @@ class BrokerReader:
                 stream, self.group, self.consumer, int(self.ack_wait * 1000), "0-0", count=count))
             raw = [e for e in res[1] if e[0].decode() not in self.in_flight]
             history = True
+            self.last_read = "claimed"
             for d in (res[2] if len(res) > 2 else []):
                 self.counts["deleted"] += 1
                 self.ack([d.decode() if isinstance(d, bytes) else d])
@@ -200,6 +203,7 @@ class BrokerReader:
             res = self._retry("XREADGROUP", lambda: self._c().xreadgroup(
                 self.group, self.consumer, {stream: ">"}, count=count, block=ms if ms > 0 else None))
             raw = res[0][1] if res else []
+            self.last_read = "new"
         return self._filter(raw, history)
 
     def _prune(self) -> None:
