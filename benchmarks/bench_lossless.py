@@ -230,7 +230,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
                 per_image: int, per_image_vae: int = 100, arch: dict | None = None, lr: float = 1e-3,
                 lr_decay: float = 1.0) -> dict:
     from vaestream.data import load_records
-    from vaestream.coding.bitsback.coder import FORMAT, LosslessCoder, ideal_bits
+    from vaestream.coding.bitsback.coder import FORMAT, LosslessCoder
 
     arch = arch or {"hidden": (300,), "latent_dim": 20, "activation": "tanh"}
     full_test = load_records(str(root), "test")
@@ -238,7 +238,7 @@ def run_dataset(name: str, root: Path, n: int, steps: int, train_seconds: float,
     model, train_record = _train_model(name, root, model_dir, arch, steps, train_seconds, lr, lr_decay)
     _log(f"{name}: -ELBO")
     dims = test.size
-    neg_elbo = ideal_bits(model, test, num_samples=8)
+    neg_elbo = LosslessCoder(model).bits(test, num_samples=8)
     coder = LosslessCoder(model)
     coder.compress(test[:8])  # warm up (the likelihood grid, constriction models) outside the timing
     _log(f"{name}: compress {len(test)}")

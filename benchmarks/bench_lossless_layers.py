@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from vaestream import ModelConfig, TrainConfig, train
-    from vaestream.coding.bitsback.coder import LosslessCoder, ideal_bits
+    from vaestream.coding.bitsback.coder import LosslessCoder
     from vaestream.data import load_records, make_dataset
 
     train_x = make_dataset(load_records(str(MNIST), "train"), "beta_binomial", "mnist-train")
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         y = coder.decompress(blob)
         td = time.perf_counter() - t0
-        neg_elbo = float(ideal_bits(model, x, num_samples=8).sum()) / x.size
+        neg_elbo = float(LosslessCoder(model).bits(x, num_samples=8).sum()) / x.size
         out["models"][name] = {"config": cfg.to_dict(), "train_seconds": round(trained, 1),
                                "bits_per_dim": 8 * len(blob) / x.size, "neg_elbo_bits_per_dim": neg_elbo,
                                "overhead": 8 * len(blob) / x.size / neg_elbo - 1, "exact": bool(np.array_equal(y, x)),

@@ -17,7 +17,7 @@ the smallest ``lmbda`` that meets it (:func:`choose`, a bisection).
   subset's error differs by a little (hundredths of a dB): :func:`compress_to` checks the target on the real
   streams and raises ``lmbda`` where it falls short.
 * The bits are estimates: a lossy point's ideal code length; a near-lossless point's
-  :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.record_bits`, scaled so that they sum to the point's real
+  :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.bits`, scaled so that they sum to the point's real
   container bits on the batch.
 
 Fashion-MNIST, a jointly tuned family, full test set: 4-36 % fewer bits than its best single point at the same PSNR
@@ -85,7 +85,7 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
     A lossy member offers every quality of its ladder (bits: the ideal code length of each record's codes). A
     near-lossless member offers each K of :data:`vaestream.coding.family.MEAN_LADDER` and each K it has a context
     model for (coded with it if it has one; ``"learned"`` reconstruction where the context model has a
-    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.record_bits`,
+    reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.bits`,
     scaled to the real container bits. ``log`` (optional) receives each point as it is measured."""
     from vaestream.coding import codec as codec_mod
     from vaestream.coding.bitsback.coder import LosslessCoder
@@ -112,7 +112,7 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
             for k, how in ladder:
                 c = LosslessCoder(base.model, levels=k, reconstruction=how, contexts=base.contexts)
                 blob, x_hat = c.compress_and_reconstruct(x)
-                est = c.record_bits(x)
+                est = c.bits(x)
                 real = 8.0 * len(blob)
                 out.append({"model": d, "quality": None, "levels": int(k), "reconstruction": how,
                             "bits": est * (real / max(est.sum(), 1e-9)), "se": _se(x, x_hat),

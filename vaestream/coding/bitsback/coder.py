@@ -3,7 +3,8 @@ vectorised over batches of records (in the manner of craystack; Townsend et al. 
 
     blob = compress_lossless(model, records)      # bytes: a vaestream container (vaestream.container)
     back = decompress_lossless(model, blob)       # == records, exactly (uint8)
-    for x in LosslessCoder(model).iter_decompress(path_or_bytes): ...   # frame by frame, bounded memory
+    for x in LosslessCoder(model).iter_decompress(f): ...   # frame by frame from a binary file, bounded memory
+    bits = LosslessCoder(model).bits(records)     # each record's code length (the -ELBO), float64 [B]
 
 ``model`` is a :class:`vaestream.model.VAE` with a discrete likelihood: ``beta_binomial`` for 8-bit data
 (records are pixel counts n in {0..255}, uint8 or any integer type) or ``bernoulli`` for binary data
@@ -154,8 +155,9 @@ truncated or corrupted streams raise :class:`BitstreamError` before any decoding
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 
@@ -187,6 +189,8 @@ MAX_FRAME_RECORDS = 1 << 24
 MAX_RANGE_BITS = 7
 LIKELIHOODS = ("beta_binomial", "bernoulli")
 _LEARNED = RECONSTRUCTIONS.index("learned")
+_ELBO_CHUNK = 1000
+"""Records per ELBO call of :meth:`LosslessCoder.bits` (its memory: ``num_samples`` x this x D)."""
 CONTEXT_FLAG, RAMP_SHIFT = container.CONTEXT_FLAG, container.RAMP_SHIFT
 """The frame head's bits (:mod:`vaestream.coding.container` writes and reads the head)."""
 
@@ -472,30 +476,41 @@ class LosslessCoder(Chain):
         computed while coding (needed for ``reconstruction="mean"``, whose counts depend on the chain's z)."""
         return self._compress(records, name, True)
 
-    def record_bits(self, records: Any, name: str = "input") -> np.ndarray:
-        """Each record's code length estimated on its own, bits, float64 ``[B]`` (near-lossless coders):
+    def bits(self, records: Any, name: str = "input", num_samples: int = 16, seed: int = 0) -> np.ndarray:
+        """Each record's net code length under this coder in bits, float64 ``[B]``: the rate the chain approaches.
 
-            KL( Q(z | l) || N(0, I) ) + sum_p -log2 P(l_p | z, l_<p)   at z = Q's mean
-
-        with the rows this coder pushes (its context model's, if it codes this K with one). A chain pays about
-        the sum (the z it pops varies around the mean): what a per-record choice of operating point weighs
-        (:mod:`vaestream.coding.per_record`)."""
-        if self.levels == EXACT_LEVELS:
-            raise ConfigError("record_bits is for near-lossless coders (levels=K)")
+        Lossless: the model's negative ELBO (estimator B, ``num_samples`` z samples from ``seed``;
+        :func:`vaestream.objective.elbo`). Near-lossless: the code length of the record's level image ``l``
+        estimated on its own, ``KL( Q(z | l) || N(0, I) ) + sum_p -log2 P(l_p | z, l_<p)`` at z = Q's mean, with
+        the rows this coder pushes (its context model's, if it codes this K with one); the chain pays about the
+        sum (the z it pops varies around the mean): what a per-record choice of operating point weighs
+        (:mod:`vaestream.coding.per_record`). A frame's fixed cost (its head and the initial bits, ~10^2 to 10^3
+        bits) and the container's are not included."""
         x, _ = self._records(records, name)
-        f = self.frame()
-        out = []
-        for s in range(0, len(x), self.frame_records):
-            lv = pixel_levels(self.levels)[1][x[s:s + self.frame_records].astype(np.int64)]
-            g = len(lv)
-            mean, std = self._posterior(lv, f)
-            kl = posterior_kl_nats(mean, std, f.latent_bits, f.range_bits).reshape(g, -1).sum(axis=1) / math.log(2.0)
-            lik = self._likelihood(np.rint(mean).astype(np.int64), f)
-            rows = (self.context.rows_all(level_rows(lik, self.levels), lv.reshape(-1)) if self.context is not None
-                    else level_rows(lik, self.levels).astype(np.float64)).reshape(g, -1, self.levels)
-            p = np.take_along_axis(rows, lv.reshape(g, -1, 1), axis=2)[..., 0]
-            out.append(kl - np.log2(np.maximum(p, 2.0 ** -60)).sum(axis=1))
+        out, step = [], _ELBO_CHUNK if self.levels == EXACT_LEVELS else self.frame_records
+        for s in range(0, len(x), step):
+            chunk = x[s:s + step]
+            out.append(self._elbo_bits(chunk, num_samples, seed) if self.levels == EXACT_LEVELS
+                       else self._level_bits(pixel_levels(self.levels)[1][chunk.astype(np.int64)]))
         return np.concatenate(out) if out else np.zeros((0,), np.float64)
+
+    def _elbo_bits(self, x: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
+        """The negative ELBO of int records ``[g, D]`` in bits, float64 ``[g]``."""
+        from vaestream.objective import elbo  # TensorFlow: imported when first needed
+
+        e = elbo(self.model, self._inputs(x), estimator="B", num_samples=num_samples, seed=seed)["elbo"]
+        return -e.numpy().astype(np.float64) / math.log(2.0)
+
+    def _level_bits(self, lv: np.ndarray) -> np.ndarray:
+        """The code length estimate of level images ``[g, D]`` in bits, float64 ``[g]`` (see :meth:`bits`)."""
+        f, g = self.frame(), len(lv)
+        mean, std = self._posterior(lv, f)
+        kl = posterior_kl_nats(mean, std, f.latent_bits, f.range_bits).reshape(g, -1).sum(axis=1) / math.log(2.0)
+        lik = self._likelihood(np.rint(mean).astype(np.int64), f)
+        rows = (self.context.rows_all(level_rows(lik, self.levels), lv.reshape(-1)) if self.context is not None
+                else level_rows(lik, self.levels).astype(np.float64)).reshape(g, -1, self.levels)
+        p = np.take_along_axis(rows, lv.reshape(g, -1, 1), axis=2)[..., 0]
+        return kl - np.log2(np.maximum(p, 2.0 ** -60)).sum(axis=1)
 
     def _compress(self, records: Any, name: str, reconstruct: bool) -> tuple[bytes, np.ndarray | None]:
         x, layout = self._records(records, name)
@@ -533,25 +548,28 @@ class LosslessCoder(Chain):
                                  "model")
         return context
 
-    def _frames(self, source: Any, name: str):
-        """Yields a lossless container's header, then ``(uint8 records [n, D], layout)`` of each frame, reading one
-        frame at a time from ``source`` (a path, bytes or a seekable binary file)."""
-        with container.ContainerReader(source, name=name) as r:
-            context = self.check_header(r.header, name)
-            yield r.header
-            for i, (n, payload) in enumerate(r):
-                with blas_threads(self.blas_threads):
-                    frame = self.decode_frame(payload, n, f"{name} frame {i}", context)
-                yield frame
+    def _decoded(self, f: BinaryIO, name: str) -> Iterator:
+        """Yields a lossless container's header, then ``(uint8 records [n, D], layout)`` of each frame, reading the
+        binary file ``f`` front to back (:func:`vaestream.coding.container.iter_stream`), one frame at a time."""
+        it = container.iter_stream(f, name)
+        h = next(it)
+        context = self.check_header(h, name)
+        yield h
+        for i, (n, payload) in enumerate(it):
+            with blas_threads(self.blas_threads):
+                frame = self.decode_frame(payload, n, f"{name} frame {i}", context)
+            yield frame
 
-    def iter_decompress(self, source: Any, name: str = "stream") -> Iterator[np.ndarray]:
-        """Decode a lossless container frame by frame: yields uint8 ``[n, D]`` arrays, one per frame, reading
-        one frame at a time from ``source`` (a path, bytes or a seekable binary file), so memory stays
-        bounded by one frame whatever the stream's length."""
-        if not isinstance(source, (bytes, bytearray, memoryview, str)) and not hasattr(source, "read") \
-                and not hasattr(source, "__fspath__"):
-            raise BitstreamError(f"{name}: expected bytes, a path or a binary file, got {type(source).__name__}")
-        frames = self._frames(bytes(source) if isinstance(source, (bytearray, memoryview)) else source, name)
+    def iter_decompress(self, f: BinaryIO, name: str | None = None) -> Iterator[np.ndarray]:
+        """Records frame by frame from a lossless container read front to back from the binary file ``f`` (a pipe,
+        a socket; bytes are read from memory): uint8 ``[n, D]`` per frame, so memory stays bounded by one frame
+        whatever the stream's length."""
+        name = name or getattr(f, "name", "stream")
+        if isinstance(f, (bytes, bytearray, memoryview)):
+            f = io.BytesIO(bytes(f))
+        elif not hasattr(f, "read"):
+            raise BitstreamError(f"{name}: expected a binary file or bytes, got {type(f).__name__}")
+        frames = self._decoded(f, str(name))
         next(frames)
         for x, _ in frames:
             yield x
@@ -561,7 +579,7 @@ class LosslessCoder(Chain):
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise BitstreamError(f"{name}: expected bytes, got {type(blob).__name__}")
         cfg = self.config
-        frames = self._frames(bytes(blob), name)
+        frames = self._decoded(io.BytesIO(bytes(blob)), name)
         single = next(frames).single
         parts, layouts = [], set()
         for x, layout in frames:
@@ -605,15 +623,3 @@ def decompress_lossless(model, blob: bytes, name: str = "stream") -> np.ndarray:
     :class:`BitstreamError` on a truncated or corrupt stream and :class:`ModelMismatchError` on a stream of another
     model."""
     return LosslessCoder(model).decompress(blob, name)
-
-
-def ideal_bits(model, records: Any, num_samples: int = 16, seed: int = 0) -> np.ndarray:
-    """The model's negative ELBO per record in bits (estimator B, ``num_samples`` z samples): the rate bits-back
-    coding approaches. float64 ``[B]``."""
-    coder = LosslessCoder(model)
-    x, _ = coder._records(records, "records")
-    out = []
-    for s in range(0, len(x), 1000):
-        e = model.elbo(coder._inputs(x[s:s + 1000]), estimator="B", num_samples=num_samples, seed=seed)["elbo"]
-        out.append(-e.numpy().astype(np.float64) / math.log(2.0))
-    return np.concatenate(out) if out else np.zeros((0,), np.float64)
