@@ -163,14 +163,6 @@ class VAE(tf.Module):
             return tf.round(x * DISCRETE_LEVELS)
         return x
 
-    # -- the objective ---------------------------------------------------------------------------------------
-    def elbo(self, x, estimator: str = "B", num_samples: int = 1, seed=None) -> dict[str, tf.Tensor]:
-        """Per-record ELBO and its terms, in nats: :func:`vaestream.objective.elbo` of this model (call that:
-        the objective lives outside the model)."""
-        from vaestream.objective import elbo
-
-        return elbo(self, x, estimator=estimator, num_samples=num_samples, seed=seed)
-
     # -- identity -------------------------------------------------------------------------------------------
     def weights(self) -> list[tf.Variable]:
         """Every weight, in a fixed order (encoder, decoder, then a two-layer model's top encoder and top decoder;
