@@ -46,8 +46,10 @@ The package, one concept a module (``vaestream.beam.<name>`` is the same object 
     transforms     Encode, Decode, read_codes, ReadCodes
     running        make_pipeline, run_pipeline, counters, check_counts, job_summary, check_output (a job that
                    wrote no record or dead-lettered too much: JobFailedError), clear_outputs, clear_temporary
+    bridge         StreamBridge: the in-process streaming runner's TestStream bridge (file and broker watchers)
     stream_sources the streaming encoder's sources (FileWatcher/WatchFiles, PollFiles, Pub/Sub)
-    streaming      the streaming encoder (event-time windows, late gate, writers, drift)
+    panes          the streaming encoder's window panes on disk (writers, drift step, read_windows)
+    streaming      the streaming encoder (event-time windows, late gate, StreamEncode, run_stream)
     dask           the Dask runner
     jobs/          the jobs prepare, encode, decode, stream_encode (pipelines/*.py are their shells)
 

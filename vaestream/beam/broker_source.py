@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
 
 import apache_beam as beam
 from apache_beam import coders
@@ -49,13 +48,13 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from vaestream import beam as vb
+from vaestream.beam.bridge import StreamBridge, bridge
 from vaestream.broker import Acker, BrokerError, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
 from vaestream.broker import wire
 from vaestream.errors import ConfigError
 
 _NS = vb.NAMESPACE
 DEAD_DIR = "dead_letter"
-_WATCHERS: "weakref.WeakValueDictionary[str, BrokerWatcher]" = weakref.WeakValueDictionary()
 _READERS: dict[tuple, BrokerReader] = {}
 _READERS_LOCK = threading.Lock()
 
@@ -148,7 +147,7 @@ class BrokerCommit:
 # ---------------------------------------------------------------------------------------------------------
 # the TestStream bridge (in-process streaming runner)
 # ---------------------------------------------------------------------------------------------------------
-class BrokerWatcher:
+class BrokerWatcher(StreamBridge):
     """Reads a stream and serves its messages to the in-process streaming runner as ``TestStream`` events.
 
     Args:
@@ -173,36 +172,25 @@ class BrokerWatcher:
                  idle_timeout: float | None = None, stop_after: float | None = None,
                  max_messages: int | None = None, stop: threading.Event | None = None, watermark_lag: float = 0.0,
                  ack_timeout: float = 30.0):
+        super().__init__(stop, ack_timeout)
         self.reader, self.commit = reader, commit
         self.batch_messages = int(batch_messages)
         self.idle_timeout, self.stop_after, self.max_messages = idle_timeout, stop_after, max_messages
-        self.stop_event = stop or threading.Event()
         self.watermark_lag = float(watermark_lag)
-        self.ack_timeout = float(ack_timeout)
         self.messages = 0
         self.records_offered = 0
         self.poisoned = 0
         self.reads = 0
-        self._taken = 0
-        self._pending: dict[str, int] = {}
         self._bodies: dict[str, Message] = {}
-        self._cond = threading.Condition()
-        self._controller = None
-        self.endpoint: str | None = None
         self.error: BaseException | None = None
-        self.id = f"{id(self):x}-{time.monotonic_ns()}"
-        _WATCHERS[self.id] = self
 
     def take(self, msg_id: str) -> Message:
         """The pipeline took the message ``msg_id``: its body (kept here, in this process, so that the events
         carry IDs, not payloads; gRPC's 4 MiB message limit would split a read into many rounds). The
         bridge's backpressure, not the broker's acknowledgement."""
         with self._cond:
-            n = self._pending.pop(msg_id, None)
+            self.mark_taken(msg_id)
             msg = self._bodies.pop(msg_id, None)
-            if n is not None and n > self._taken:
-                self._taken = n
-                self._cond.notify_all()
         if msg is None:
             raise RuntimeError(f"broker bridge: message {msg_id} taken twice or never read")
         return msg
@@ -253,9 +241,7 @@ class BrokerWatcher:
                     wm = max(wm, Timestamp.of(t - self.watermark_lag).micros)
                 yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=wm))
                 if msgs:
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._taken >= self.reads or self.stop_event.is_set(),
-                                            timeout=self.ack_timeout)
+                    self.wait_taken(self.reads)
                 t = time.monotonic()
                 if (self.max_messages is not None and self.messages >= self.max_messages) or \
                         (self.stop_after is not None and t - t0 >= self.stop_after) or \
@@ -269,28 +255,9 @@ class BrokerWatcher:
             self.error = e
             raise
 
-    def read_multiple(self, unused_tags):
-        return self.events()
-
-    def start(self) -> str:
-        """Start the service (a local gRPC server); returns its endpoint."""
-        from apache_beam.testing.test_stream_service import TestStreamServiceController
-
-        if self._controller is None:
-            self._controller = TestStreamServiceController(self)
-            self._controller.start()
-            self.endpoint = self._controller.endpoint
-        return self.endpoint
-
     def close(self) -> None:
         """Stop the stream, the service and the reader."""
-        self.stop_event.set()
-        with self._cond:
-            self._cond.notify_all()
-        _WATCHERS.pop(self.id, None)
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
+        super().close()
         self.reader.close()
 
 
@@ -311,7 +278,7 @@ class ReadFromBroker(beam.PTransform):
 
 def taken(msg_id: str, watcher_id: str) -> Message:
     """The message ``msg_id`` from its watcher (the bridge works only in the watcher's process)."""
-    w = _WATCHERS.get(watcher_id)
+    w = bridge(watcher_id)
     if w is None:
         raise RuntimeError(f"broker bridge: watcher {watcher_id} is not in this process (the TestStream bridge runs "
                            f"on the in-process streaming runner only; elsewhere use ReadBroker)")

@@ -13,7 +13,6 @@ import json
 import os
 import threading
 import time
-import weakref
 from typing import Iterable, Sequence
 
 import apache_beam as beam
@@ -22,14 +21,14 @@ from apache_beam.transforms import userstate
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from vaestream import beam as vb
+from vaestream.beam.bridge import StreamBridge, bridge
 from vaestream.binio import is_settled, new_files
 from vaestream.errors import ConfigError, DataError
 
 _NS = vb.NAMESPACE
-_WATCHERS: "weakref.WeakValueDictionary[str, FileWatcher]" = weakref.WeakValueDictionary()
 
 
-class FileWatcher:
+class FileWatcher(StreamBridge):
     """Polls glob ``patterns`` and streams each new file's path once, as ``TestStreamService`` events.
 
     Args:
@@ -66,34 +65,19 @@ class FileWatcher:
                  max_batch_bytes: int = 32 << 20):
         if not poll_interval > 0:
             raise ConfigError(f"poll_interval must be positive, got {poll_interval}")
+        super().__init__(stop, ack_timeout)
         self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         self.poll_interval = float(poll_interval)
         self.stop_after, self.idle_timeout, self.max_files = stop_after, idle_timeout, max_files
-        self.stop_event = stop or threading.Event()
         self.seen: set[str] = {os.path.abspath(s) for s in seen}
         self.arrivals: dict[str, float] = {}
-        self._controller = None
-        self.endpoint: str | None = None
-        self.ack_timeout = float(ack_timeout)
         self.max_batch_bytes = int(max_batch_bytes)
         self.polls = 0
-        self._pending: dict[str, int] = {}   # path -> the poll that emitted it, until the pipeline takes it
-        self._taken = 0                      # the latest poll the pipeline has taken
-        self._cond = threading.Condition()
-        self.id = f"{id(self):x}-{time.monotonic_ns()}"
-        _WATCHERS[self.id] = self
 
     def ack(self, path: str) -> None:
         """The pipeline took ``path`` (called by :class:`WatchFiles`' acknowledgement step)."""
         with self._cond:
-            n = self._pending.pop(path, None)
-            if n is not None and n > self._taken:
-                self._taken = n
-                self._cond.notify_all()
-
-    def _wait_taken(self, poll: int) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._taken >= poll or self.stop_event.is_set(), timeout=self.ack_timeout)
+            self.mark_taken(path)
 
     def poll(self) -> list[str]:
         """The new files (absolute paths, oldest mtime first), now marked seen: at most ``max_batch_bytes`` of
@@ -139,37 +123,13 @@ class FileWatcher:
                     elements=[te(encoded_element=coder.encode(f), timestamp=now.micros) for f in new]))
             yield ev(watermark_event=ev.AdvanceWatermark(new_watermark=now.micros))
             if self.polls:
-                self._wait_taken(self.polls)   # backpressure: poll again once the pipeline took this batch
+                self.wait_taken(self.polls)   # backpressure: poll again once the pipeline took this batch
             t = time.monotonic()
             if (self.max_files is not None and count >= self.max_files) or \
                     (self.stop_after is not None and t - t0 >= self.stop_after) or \
                     (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
                 break
             self.stop_event.wait(max(0.0, self.poll_interval - (time.monotonic() - t_poll)))
-
-    # the TestStreamServiceController reader protocol
-    def read_multiple(self, unused_tags):
-        return self.events()
-
-    def start(self) -> str:
-        """Start the service (a local gRPC server); returns its endpoint."""
-        from apache_beam.testing.test_stream_service import TestStreamServiceController
-
-        if self._controller is None:
-            self._controller = TestStreamServiceController(self)
-            self._controller.start()
-            self.endpoint = self._controller.endpoint
-        return self.endpoint
-
-    def close(self) -> None:
-        """Stop the stream and the service."""
-        self.stop_event.set()
-        with self._cond:
-            self._cond.notify_all()
-        _WATCHERS.pop(self.id, None)
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
 
 
 class WatchFiles(beam.PTransform):
@@ -188,7 +148,7 @@ class WatchFiles(beam.PTransform):
 
 def _taken(path: str, watcher_id: str) -> str:
     """Acknowledge ``path`` to its watcher (in this process; a no-op elsewhere) and pass it on."""
-    w = _WATCHERS.get(watcher_id)
+    w = bridge(watcher_id)
     if w is not None:
         w.ack(path)
     return path

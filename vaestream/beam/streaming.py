@@ -28,7 +28,8 @@ window whose event-time timer tracks a lower bound on the watermark) refuses a p
 a further ``gate_slack`` seconds, more than the gate's lag behind the watermark, so nothing is dropped
 silently while the stream is active.
 
-**Per window** (directory ``OUTPUT/codes/``), named ``codes-START-END-pPANE`` (UTC ``%Y%m%dT%H%M%S.%f``):
+**Per window** (written by :mod:`vaestream.beam.panes`; directory ``OUTPUT/codes/``), named
+``codes-START-END-pPANE`` (UTC ``%Y%m%dT%H%M%S.%f``):
 
 * ``.tfrecord``: one ``tf.train.Example`` per record: key, mean, log_scale, fingerprint (as the batch
   encode job, :func:`vaestream.beam.code_examples`);
@@ -65,9 +66,6 @@ timer fires once per window; each window pane is one write of its codes and dead
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import glob as globmod
-import json
 import os
 import threading
 import time
@@ -75,26 +73,22 @@ import zlib
 from typing import Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam import coders
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger, userstate, window
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
-from vaestream.beam.broker_source import (BrokerCommit, BrokerWatcher, EncodeMessagesFn, KeyNewMessagesFn,
-                                          MessageIds, ReadFromBroker, dead_letter_lines)
+from vaestream.beam.broker_source import BrokerCommit, BrokerWatcher, EncodeMessagesFn, KeyNewMessagesFn, ReadFromBroker
+from vaestream.beam.panes import (CODES_DIR, DEAD_DIR, DRIFT_LOG, DriftFn, WriteWindowFn,  # noqa: F401 (the API)
+                                  file_stamp, iso_time, read_dead_letters, read_windows, write_dead_letters)
 from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
                                            pubsub_paths)
 from vaestream.beam.scoring import Scored, ScoringModelHandler  # noqa: F401 (the streaming API)
-from vaestream.beam.sinks import write_atomic
-from vaestream.online.drift import DriftConfig, DriftMonitor
+from vaestream.online.drift import DriftConfig
 from vaestream.errors import ConfigError, DataError
 
-CODES_DIR = "codes"
-DEAD_DIR = "dead_letter"
-DRIFT_LOG = "drift.jsonl"
 WINDOWS = "windows"
 _NS = vb.NAMESPACE
 
@@ -143,14 +137,14 @@ class _LateGate(beam.DoFn):
         if wm is not None and wm > deadline:
             self.late.inc()
             what = "file" if msg is None else "message"
-            reason = (f"{path}: late: event time {_iso(t)} belongs to window [{_iso(start)}, {_iso(start + self.w)}), "
-                      f"which closed (allowed lateness {self.lateness / 1e6:g} s) before the {what} arrived; the "
-                      f"watermark was at least {_iso(wm)}")
+            reason = (f"{path}: late: event time {iso_time(t)} belongs to window [{iso_time(start)}, "
+                      f"{iso_time(start + self.w)}), which closed (allowed lateness {self.lateness / 1e6:g} s) "
+                      f"before the {what} arrived; the watermark was at least {iso_time(wm)}")
             letter = vb.DeadLetter(path, path, reason)
             if msg is not None:
-                self.broker.dead_letters(f"late-{_stamp(wm)}-{msg.id}", [letter], [msg.id])
+                self.broker.dead_letters(f"late-{file_stamp(wm)}-{msg.id}", [letter], [msg.id])
             else:
-                _write_dead(self.out_dir, f"late-{_stamp(wm)}-{zlib.crc32(path.encode()):08x}", [letter])
+                write_dead_letters(self.out_dir, f"late-{file_stamp(wm)}-{zlib.crc32(path.encode()):08x}", [letter])
             self.dead.inc()
             return
         yield kv[1]
@@ -165,18 +159,6 @@ class _LateGate(beam.DoFn):
             tick.set(Timestamp(micros=f + self.step))
         else:
             armed.write(False)
-
-
-def _iso(micros: int) -> str:
-    if micros >= MAX_TIMESTAMP.micros:
-        return "+inf"
-    if micros <= MIN_TIMESTAMP.micros:
-        return "-inf"
-    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _stamp(micros: int) -> str:
-    return datetime.datetime.fromtimestamp(micros / 1e6, datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,184 +210,6 @@ class _EncodeFilesFn(beam.DoFn):
                     yield 0, self.handler.run_inference([good], self._model)[0]
                 for d in dead:
                     yield 0, d
-
-
-# ---------------------------------------------------------------------------------------------------------
-# writing
-# ---------------------------------------------------------------------------------------------------------
-def _write_tfrecord_atomic(path: str, records: list[bytes], staged: str | None = None) -> int:
-    """Write serialized records as a TFRecord file (TF's writer: length + masked CRC32C framing) under a
-    temporary name, then rename it into place; returns the file's size. ``staged``: write that file (synced)
-    and leave it for a commit to rename."""
-    import tensorflow as tf
-
-    tmp = staged or f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with tf.io.TFRecordWriter(tmp) as w:
-        for r in records:
-            w.write(r)
-    size = tf.io.gfile.stat(tmp).length
-    if staged:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    else:
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    return int(size)
-
-
-def _write_dead(out_dir: str, name: str, dead: list, stage=None) -> str:
-    """``OUTPUT/dead_letter/dead_letter-NAME.jsonl``: the dead letters, one JSON object per line, sorted by
-    (source, key); written under a temporary name and renamed (``stage``: written by ``stage(path, data)``, to
-    be committed later). Returns the path."""
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(f"{out_dir}/{DEAD_DIR}")
-    path = f"{out_dir}/{DEAD_DIR}/dead_letter-{name}.jsonl"
-    (stage or write_atomic)(path, dead_letter_lines(dead))
-    return path
-
-
-def _pane_name(win, pane) -> tuple[str, str]:
-    timing = {0: "early", 1: "on_time", 2: "late"}.get(getattr(pane, "timing", 3), "unknown")
-    idx = getattr(pane, "index", 0)
-    return f"{_stamp(win.start.micros)}-{_stamp(win.end.micros)}-p{idx}", timing
-
-
-class _WriteWindowFn(beam.DoFn):
-    """(key, [Scored and DeadLetter]) of one window pane -> its codes files + summary, and its dead letters
-    (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
-
-    def __init__(self, out_dir: str, broker: BrokerCommit | None = None):
-        self.out_dir = out_dir
-        self.broker = broker
-        self.records = Metrics.counter(_NS, "records")
-        self.bytes_out = Metrics.counter(_NS, "bytes_out")
-        self.panes = Metrics.counter(_NS, "panes_written")
-        self.late_records = Metrics.counter(_NS, "late_records_written")
-        self.dead = Metrics.counter(_NS, "dead_lettered")
-
-    def setup(self):
-        import tensorflow as tf
-
-        tf.io.gfile.makedirs(f"{self.out_dir}/{CODES_DIR}")
-
-    def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
-        from vaestream.coding import container
-
-        items: list[Scored] = []
-        dead: list = []
-        ids: list[str] = []
-        for v in kv[1]:
-            if isinstance(v, MessageIds):
-                ids.extend(v)
-            else:
-                (dead if isinstance(v, vb.DeadLetter) else items).append(v)
-        name, timing = _pane_name(win, pane)
-        staged: list[str] = []
-        if self.broker is not None:
-            # broker panes: staged, committed with their message IDs (the ledger), then acknowledged; the name
-            # carries the first ID, so a pane written after a restart never replaces one written before
-            from vaestream.broker.wire import id_key
-
-            ids.sort(key=id_key)
-            name = f"{name}-{ids[0] if ids else 'none'}"
-            ledger = self.broker.ledger
-
-            def stage(path, data):
-                ledger.write_staged(path, data)
-                staged.append(path)
-        else:
-            stage = None
-        if dead:
-            _write_dead(self.out_dir, name, dead, stage)
-            self.dead.inc(len(dead))
-        items.sort(key=lambda s: (s.codes.source, s.codes.keys[0] if len(s.codes) else ""))
-        if not items:
-            if self.broker is not None:
-                self._commit(name, staged, ids, 0)
-            return
-        base = f"{self.out_dir}/{CODES_DIR}/codes-{name}"
-        examples = [e for s in items for e in vb.code_examples(s.codes)]
-        if stage is None:
-            written = _write_tfrecord_atomic(base + ".tfrecord", examples)
-        else:
-            written = _write_tfrecord_atomic(base + ".tfrecord", examples,
-                                             self.broker.ledger.staged(base + ".tfrecord"))
-            staged.append(base + ".tfrecord")
-        n = sum(len(s.codes) for s in items)
-        coded_bits = None
-        fps = sorted({s.codes.fingerprint for s in items})
-        blobs = [s.container for s in items if s.container is not None]
-        if blobs and len(blobs) == len(items):
-            header, frames = None, []
-            for b in blobs:
-                with container.ContainerReader(b) as r:
-                    if header is None:
-                        header = r.header
-                    else:
-                        header.check_compatible(r.header, base)
-                    frames.extend(list(r))
-            packed = container.pack(header, frames)
-            (stage or write_atomic)(base + ".vaez", packed)
-            written += len(packed)
-            coded_bits = 8.0 * len(packed)
-        elbo = np.concatenate([s.elbo for s in items]).astype(np.float64)   # of the scored records
-        summary = {"window_start": _iso(win.start.micros), "window_end": _iso(win.end.micros),
-                   "window_start_s": win.start.micros / 1e6, "window_end_s": win.end.micros / 1e6,
-                   "pane": getattr(pane, "index", 0), "timing": timing, "records": n,
-                   "scored": int(elbo.size), "elbo_sum": float(elbo.sum()),
-                   "mean_elbo": float(elbo.mean()) if elbo.size else None,
-                   "coded_bits": coded_bits, "fingerprints": fps,
-                   "sources": sorted({s.codes.source for s in items}), "files": [os.path.basename(base) + ext for ext in
-                                                                             ([".tfrecord", ".vaez"] if coded_bits
-                                                                              else [".tfrecord"])],
-                   "written_at": time.time()}
-        if ids:
-            summary["messages"] = ids
-        (stage or write_atomic)(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
-        if self.broker is not None:
-            self._commit(name, staged, ids, n)
-        self.records.inc(n)
-        self.bytes_out.inc(written)
-        self.panes.inc()
-        if timing == "late":
-            self.late_records.inc(n)
-        yield summary
-
-    def _commit(self, name: str, staged: list[str], ids: list[str], records: int) -> None:
-        from vaestream.broker import fault
-
-        fault("before_rename")
-        self.broker.commit(f"pane-{name}", staged, ids, records=records)
-
-
-class _DriftFn(beam.DoFn):
-    """Window summaries (one key, global window) -> drift records, appended to ``drift.jsonl``."""
-
-    STATE = userstate.ReadModifyWriteStateSpec("drift", coders.PickleCoder())
-
-    def __init__(self, out_dir: str, config: DriftConfig):
-        self.out_dir, self.config = out_dir, config
-        self.flagged = Metrics.counter(_NS, "drift_flagged_windows")
-        self.bits = Metrics.gauge(_NS, "window_millibits_per_record")
-        self.elbo = Metrics.distribution(_NS, "window_mean_elbo_millinats")
-
-    def process(self, kv, state=beam.DoFn.StateParam(STATE)):
-        s = kv[1]
-        mon = DriftMonitor(self.config, f"{self.out_dir}/{DRIFT_LOG}", state.read())
-        rec = mon.observe(f"[{s['window_start']}, {s['window_end']}) p{s['pane']}", elbo_sum=s["elbo_sum"],
-                          records=s["records"], scored=s.get("scored"), coded_bits=s["coded_bits"],
-                          window_start=s["window_start"], window_end=s["window_end"], pane=s["pane"],
-                          timing=s["timing"], fingerprints=s["fingerprints"])
-        state.write(mon.state())
-        if rec["flagged"]:
-            self.flagged.inc()
-        if np.isfinite(rec["bits_per_record"]):
-            self.bits.set(int(round(1000 * rec["bits_per_record"])))
-            self.elbo.update(int(round(1000 * rec["mean_elbo"])))
-        yield rec
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -519,11 +323,11 @@ class StreamEncode(beam.PTransform):
         windows = (windowed
                    | ("EncodeFiles" if self.broker is None else "EncodeMessages") >> beam.ParDo(encode)
                    | "GroupWindow" >> beam.GroupByKey()
-                   | "WriteWindow" >> beam.ParDo(_WriteWindowFn(self.output, self.broker)))
+                   | "WriteWindow" >> beam.ParDo(WriteWindowFn(self.output, self.broker)))
         drift = (windows
                  | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
                  | "KeySummaries" >> beam.Map(lambda s: ("drift", s))
-                 | "Drift" >> beam.ParDo(_DriftFn(self.output, self.drift)))
+                 | "Drift" >> beam.ParDo(DriftFn(self.output, self.drift)))
         return {WINDOWS: windows, "drift": drift}
 
 
@@ -540,23 +344,6 @@ def streaming_pipeline(options=None) -> beam.Pipeline:
         return beam.Pipeline(runner=BundleBasedDirectRunner(), options=options)
     return beam.Pipeline(options=options)
 
-
-def read_windows(output: str) -> list[dict]:
-    """The summaries of the panes written under ``output`` (``codes/*.json``), by window then pane."""
-    out = []
-    for f in globmod.glob(os.path.join(output, CODES_DIR, "codes-*.json")):
-        with open(f) as fh:
-            out.append(json.load(fh))
-    return sorted(out, key=lambda s: (s["window_start_s"], s["pane"]))
-
-
-def read_dead_letters(output: str) -> list[dict]:
-    """Every dead letter written under ``output``."""
-    out = []
-    for f in sorted(globmod.glob(os.path.join(output, DEAD_DIR, "dead_letter-*.jsonl"))):
-        with open(f) as fh:
-            out += [json.loads(line) for line in fh if line.strip()]
-    return out
 
 
 def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_dir: str | None = None,
@@ -581,26 +368,13 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
     from apache_beam.options.pipeline_options import PipelineOptions
 
     p = streaming_pipeline(PipelineOptions(list(pipeline_args)))
-    broker = bwatcher = None
+    broker = bwatcher = recovered = None
     cfg = config or StreamConfig()
     if source is not None:
-        from vaestream.broker import BrokerReader, BrokerURL, Ledger
-
-        wait = BrokerURL.parse(source).ack_wait or ack_wait
-        hold = cfg.window + cfg.allowed_lateness
-        if wait is not None and not wait > hold:
-            raise ConfigError(f"{source}: ack_wait {wait:g} s must exceed the window plus the allowed lateness "
-                              f"({hold:g} s), the longest a message waits for its pane, or messages in flight "
-                              f"are reclaimed and written twice")
-        wait = wait if wait is not None else max(60.0, 3 * hold)
-        os.makedirs(output, exist_ok=True)
-        recovered = Ledger(output).recover()
-        committed = Ledger(output).committed_ids()
-        reader = BrokerReader(source, group, committed=committed, max_deliver=max_deliver, ack_wait=wait,
-                              block=min(cfg.poll_interval(poll_interval), 1.0)).setup()
-        broker = BrokerCommit(source, reader.group, output)
-        bwatcher = BrokerWatcher(reader, broker, batch_messages, idle_timeout, stop_after, max_files, stop,
-                                 watermark_lag)
+        bwatcher, recovered = _broker_watcher(output, source, group, cfg, poll_interval, batch_messages,
+                                              idle_timeout, stop_after, max_files, stop, watermark_lag, max_deliver,
+                                              ack_wait)
+        broker = bwatcher.commit
         paths = p | "ReadFromBroker" >> ReadFromBroker(bwatcher)
         watcher = None
     elif pubsub_topic or pubsub_subscription:
@@ -610,15 +384,52 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
         if watcher is None:
             if not patterns:
                 raise ConfigError("give file patterns to watch, or a Pub/Sub topic/subscription")
-            watcher = FileWatcher(patterns, (config or StreamConfig()).poll_interval(poll_interval), stop_after,
-                                  idle_timeout, max_files, stop)
+            watcher = FileWatcher(patterns, cfg.poll_interval(poll_interval), stop_after, idle_timeout, max_files,
+                                  stop)
         paths = p | "WatchFiles" >> WatchFiles(watcher)
     paths | "StreamEncode" >> StreamEncode(output, model_dir, saved_model, config, drift, coder, quality, broker)
     t0 = time.perf_counter()
+    backlog = _run_sources(p, watcher, bwatcher)
+    seconds = time.perf_counter() - t0
+    summary = _stream_summary(output, seconds, cfg, watcher)
+    if bwatcher is not None:
+        r = bwatcher.reader
+        summary.update(source=r.u.address, group=r.group, recovered=recovered, messages_read=bwatcher.messages,
+                       reads=bwatcher.reads, poisoned=bwatcher.poisoned, broker=dict(r.counts), backlog=backlog)
+    return summary
+
+
+def _broker_watcher(output: str, source: str, group: str, cfg: StreamConfig, poll_interval: float,
+                    batch_messages: int, idle_timeout, stop_after, max_messages, stop, watermark_lag: float,
+                    max_deliver: int, ack_wait: float | None) -> tuple[BrokerWatcher, object]:
+    """The bridge from the broker stream ``source`` (after the ledger's recovery, its committed IDs skipped):
+    (the :class:`BrokerWatcher`, what :meth:`vaestream.broker.Ledger.recover` rolled forward)."""
+    from vaestream.broker import BrokerReader, BrokerURL, Ledger
+
+    wait = BrokerURL.parse(source).ack_wait or ack_wait
+    hold = cfg.window + cfg.allowed_lateness
+    if wait is not None and not wait > hold:
+        raise ConfigError(f"{source}: ack_wait {wait:g} s must exceed the window plus the allowed lateness "
+                          f"({hold:g} s), the longest a message waits for its pane, or messages in flight "
+                          f"are reclaimed and written twice")
+    wait = wait if wait is not None else max(60.0, 3 * hold)
+    os.makedirs(output, exist_ok=True)
+    recovered = Ledger(output).recover()
+    committed = Ledger(output).committed_ids()
+    reader = BrokerReader(source, group, committed=committed, max_deliver=max_deliver, ack_wait=wait,
+                          block=min(cfg.poll_interval(poll_interval), 1.0)).setup()
+    broker = BrokerCommit(source, reader.group, output)
+    return BrokerWatcher(reader, broker, batch_messages, idle_timeout, stop_after, max_messages, stop,
+                         watermark_lag), recovered
+
+
+def _run_sources(p: beam.Pipeline, watcher: FileWatcher | None, bwatcher: BrokerWatcher | None) -> int | None:
+    """Run the pipeline to the end of its source, then close the watchers; raises the broker's failure rather
+    than the pipeline's report of it. Returns the broker's backlog (None without a broker)."""
     backlog = None
     try:
         try:
-            result = vb.run_pipeline(p)
+            vb.run_pipeline(p)   # its counters are incomplete on the in-process runner: the summary counts files
         except Exception:
             if bwatcher is not None and bwatcher.error is not None:
                 raise bwatcher.error from None   # the broker's failure, not the pipeline's report of it
@@ -632,12 +443,15 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             watcher.close()
         if bwatcher is not None:
             bwatcher.close()
-    seconds = time.perf_counter() - t0
-    del result  # the in-process streaming runner's counters are incomplete: count what was written
-    wins = read_windows(output)
-    dead = read_dead_letters(output)
+    return backlog
+
+
+def _stream_summary(output: str, seconds: float, cfg: StreamConfig, watcher: FileWatcher | None) -> dict:
+    """The run's summary, counted from what was written under ``output``."""
     from vaestream.online.drift import read_log
 
+    wins = read_windows(output)
+    dead = read_dead_letters(output)
     drift_recs = read_log(os.path.join(output, DRIFT_LOG))
     records = sum(w["records"] for w in wins)
     sources = {s for w in wins for s in w["sources"]}
@@ -648,10 +462,6 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
             "late_records_written": sum(w["records"] for w in wins if w["timing"] == "late"),
             "panes": len(wins), "drift_flagged_windows": sum(1 for r in drift_recs if r.get("flagged")),
             "records_per_second": round(records / max(seconds, 1e-9), 1), "output": output,
-            "window_s": (config or StreamConfig()).window, "max_latency_s": (config or StreamConfig()).max_latency,
+            "window_s": cfg.window, "max_latency_s": cfg.max_latency,
             "polls_with_files": watcher.polls if watcher is not None else None,
-            "poll_s": watcher.poll_interval if watcher is not None else None,
-            **({} if bwatcher is None else {
-                "source": bwatcher.reader.u.address, "group": bwatcher.reader.group, "recovered": recovered,
-                "messages_read": bwatcher.messages, "reads": bwatcher.reads, "poisoned": bwatcher.poisoned,
-                "broker": dict(bwatcher.reader.counts), "backlog": backlog})}
+            "poll_s": watcher.poll_interval if watcher is not None else None}
