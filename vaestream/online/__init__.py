@@ -1,6 +1,8 @@
 """Online learning: learn from files as they arrive, keep versions, watch for drift.
 
 * :mod:`~vaestream.online.learner` -- ``OnlineLearner`` and ``OnlineConfig``;
+* :mod:`~vaestream.online.following` -- following a file pattern or a broker stream (``OnlineLearner.follow``,
+  ``follow_source``);
 * :mod:`~vaestream.online.replay` -- ``ReplayBuffer``;
 * :mod:`~vaestream.online.registry` -- ``Registry``: model versions for streaming jobs;
 * :mod:`~vaestream.online.drift` -- ``DriftMonitor``: the ELBO-based drift statistic.

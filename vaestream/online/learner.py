@@ -63,14 +63,15 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from vaestream import store
-from vaestream.binio import atomic_write, new_files
+from vaestream.binio import atomic_write
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
+from vaestream.online.following import Following
 from vaestream.online.publisher import Publisher, load_published
 from vaestream.online.replay import ReplayBuffer
 from vaestream.online.drift import DriftConfig, DriftMonitor
@@ -145,7 +146,7 @@ def _holdout_mask(name: str, n: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-class OnlineLearner:
+class OnlineLearner(Following):
     """Trains one VAE on a stream of records (see the module docstring).
 
     Args:
@@ -295,6 +296,11 @@ class OnlineLearner:
             return np.round(x).astype(np.uint8)
         return (flat.astype(np.float32) * np.float32(scale)).astype(np.float32)
 
+    def _likelihood(self) -> str:
+        """The likelihood records are validated for: the model's, or that of the model to be built."""
+        return self.model.config.likelihood if self.model is not None else \
+            (self._model_config or ModelConfig()).likelihood
+
     def _inputs(self, stored: np.ndarray) -> np.ndarray:
         return stored.astype(np.float32) * np.float32(self._scale)
 
@@ -319,9 +325,7 @@ class OnlineLearner:
         records = np.asarray(records)
         if records.ndim < 2:
             raise DataError(f"{source}: expected records [n, ...], got shape {records.shape}")
-        likelihood = (self.model.config.likelihood if self.model is not None
-                      else (self._model_config or ModelConfig()).likelihood)
-        scale = validate(records, likelihood, source, scale)
+        scale = validate(records, self._likelihood(), source, scale)
         self._ensure_model(records, scale)
         stored = self._stored(records, scale)
         n = len(stored)
@@ -531,137 +535,3 @@ class OnlineLearner:
         return self.publisher.snapshot(self.model, self._heldout_inputs(), self._inputs(cal),
                                        int(self.trainer.step.numpy()), len(self.ledger["files"]),
                                        self.ledger["records_trained"])
-
-    # -- following a broker stream -----------------------------------------------------------------------------
-    def committed_ids(self) -> set[str]:
-        """The broker message IDs whose effect is in the ledger's checkpoint, or that were rejected."""
-        return {i for f in self.ledger["files"] + self.ledger["rejected"] for i in f.get("ids", ())}
-
-    def follow_source(self, url: str, group: str = "follow", max_messages: int | None = None,
-                      idle_timeout: float | None = None, stop: threading.Event | None = None,
-                      on_file: Callable[[dict], None] | None = None, batch_messages: int = 100,
-                      block: float = 1.0, max_deliver: int = 5) -> dict:
-        """Learn from a broker stream (``redis://HOST:PORT/STREAM``, :mod:`vaestream.broker`) as the consumer
-        group ``group``, until ``max_messages`` messages were read in this call, none came for ``idle_timeout``
-        seconds, ``stop`` is set, or SIGINT/SIGTERM.
-
-        Each read (up to ``batch_messages`` messages) is one entry of the ledger, as a file is: its valid
-        messages' records are tested, then trained on; the entry names its message IDs. A message is
-        acknowledged only once the checkpoint holding its effect is in the ledger, and the ledger's IDs are
-        skipped when delivered again, so after a kill every message counts once. A malformed message (or one
-        whose records fail validation, or one delivered more than ``max_deliver`` times) is rejected on its own,
-        with the reason in the ledger and ``dead_letter.jsonl``, and acknowledged."""
-        from vaestream.broker import BrokerReader, WireError, decode
-        from vaestream.training import StopFlag
-
-        reader = BrokerReader(url, group, committed=self.committed_ids(), block=block,
-                              max_deliver=max_deliver).setup()
-        unacked: list[str] = []
-        done = messages = 0
-        t0 = last_new = time.monotonic()
-        likelihood = lambda: (self.model.config.likelihood if self.model is not None  # noqa: E731
-                              else (self._model_config or ModelConfig()).likelihood)
-
-        def reject(msg_ids: list[str], ref: str, e: Exception) -> None:
-            rec = self._reject({"path": ref, "size": None, "mtime": None, "ids": msg_ids}, e)
-            reader.ack(msg_ids)   # the rejection is in the committed ledger already
-            if on_file:
-                on_file(rec)
-
-        try:
-            with StopFlag() as sig:
-                while not (sig.set or (stop is not None and stop.is_set())):
-                    want = batch_messages if max_messages is None else min(batch_messages, max_messages - messages)
-                    if want <= 0:
-                        break
-                    msgs = reader.read(want)
-                    for m, reason in reader.take_poisoned():
-                        reject([m.id], m.ref, DataError(reason))
-                    if not msgs:
-                        if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
-                            break
-                        continue
-                    last_new = time.monotonic()
-                    messages += len(msgs)
-                    groups: dict[tuple, list] = {}
-                    for m in msgs:
-                        try:
-                            x = decode(m)
-                            validate(x, likelihood(), m.ref)
-                        except (WireError, DataError) as e:
-                            reject([m.id], m.ref, e)
-                            continue
-                        groups.setdefault((x.dtype.str, x.shape[1:]), []).append((m, x))
-                    for members in groups.values():
-                        ids = [m.id for m, _ in members]
-                        ref = f"{members[0][0].ref}..{ids[-1]}" if len(ids) > 1 else members[0][0].ref
-                        records = np.concatenate([x for _, x in members])
-                        fid = {"path": ref, "size": int(records.nbytes), "mtime": None, "ids": ids}
-                        rec = self._learn_entry(records, fid)
-                        if "rejected" in rec:
-                            reader.ack(ids)
-                        else:
-                            unacked += ids
-                            done += 1
-                        if on_file:
-                            on_file(rec)
-                        if not self.pending and unacked:   # a checkpoint put them in the ledger
-                            reader.ack(unacked)
-                            unacked = []
-            if self.pending:
-                self.checkpoint()
-            if unacked:
-                reader.ack(unacked)
-            self.wait()
-        finally:
-            reader.close()
-        return {"files": done, "messages": messages, "seconds": round(time.monotonic() - t0, 3),
-                "step": int(self.trainer.step.numpy()) if self.trainer is not None else 0,
-                "records_trained": self.ledger["records_trained"], "published": self.ledger.get("published"),
-                "broker": dict(reader.counts)}
-
-    # -- following a pattern ----------------------------------------------------------------------------------
-    def new_files(self, pattern: str | Iterable[str]) -> list[str]:
-        """Files matching ``pattern`` (a glob, or several) not yet processed, oldest (mtime) first; files
-        still being written are skipped (:func:`vaestream.binio.is_settled`)."""
-        return new_files([pattern] if isinstance(pattern, str) else list(pattern), self.processed)
-
-    def follow(self, pattern: str | Iterable[str], poll_interval: float = 1.0, max_files: int | None = None,
-               idle_timeout: float | None = None, stop: threading.Event | None = None,
-               on_file: Callable[[dict], None] | None = None) -> dict:
-        """Poll ``pattern`` and learn from each new file once, until ``max_files`` files were processed in
-        this call, nothing new arrived for ``idle_timeout`` seconds, ``stop`` is set, or SIGINT/SIGTERM.
-        Checkpoints on the schedule and once at the end. Returns a summary."""
-        from vaestream.training import StopFlag
-
-        done, t0, last_new = 0, time.monotonic(), time.monotonic()
-        with StopFlag() as sig:
-            while not (sig.set or (stop is not None and stop.is_set())):
-                files = self.new_files(pattern)
-                if files:
-                    last_new = time.monotonic()
-                for f in files:
-                    rec = self.process_file(f)
-                    if rec is not None:
-                        done += 1
-                        if on_file:
-                            on_file(rec)
-                    if (max_files is not None and done >= max_files) or sig.set or \
-                            (stop is not None and stop.is_set()):
-                        break
-                if max_files is not None and done >= max_files:
-                    break
-                if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
-                    break
-                if not files:
-                    if stop is not None:
-                        stop.wait(poll_interval)
-                    else:
-                        time.sleep(poll_interval)
-        if self.pending:
-            self.checkpoint()
-        self.wait()
-        return {"files": done, "seconds": round(time.monotonic() - t0, 3),
-                "step": int(self.trainer.step.numpy()) if self.trainer is not None else 0,
-                "records_trained": self.ledger["records_trained"], "published": self.ledger.get("published")}
-
