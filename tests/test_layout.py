@@ -1,6 +1,6 @@
 """The package layout: the package's API names, the library never imports ``pipelines``, the import graph of
 ``vaestream`` has no cycle (module-level imports, and imports inside functions too) and its module-level
-imports follow the layers of ARCHITECTURE.md."""
+imports follow the layers of ARCHITECTURE.md; one module imports constriction."""
 
 from __future__ import annotations
 
@@ -148,6 +148,14 @@ def test_no_module_of_the_library_imports_pipelines():
     offenders = {n: sorted(i for i in _imports(n, module_level_only=False) if i.split(".")[0] == "pipelines")
                  for n in MODULES}
     assert {n: v for n, v in offenders.items() if v} == {}
+
+
+def test_only_the_range_coder_imports_constriction():
+    """One module of the library imports constriction (the entropy coders), also inside functions:
+    ``vaestream.coding.range_coder`` wraps its range coder, ANS stack and models for the rest."""
+    importers = sorted(n for n in MODULES
+                       if any(i.split(".")[0] == "constriction" for i in _imports(n, module_level_only=False)))
+    assert importers == ["vaestream.coding.range_coder"]
 
 
 def _graph() -> dict[str, set[str]]:

@@ -1,6 +1,9 @@
-"""The range coder of the lossy path: symbol arrays <-> payload bytes with the integer tables of
-:mod:`vaestream.coding.tables` (constriction's RangeEncoder / RangeDecoder), and the check that constriction
-codes with exactly those integers."""
+"""vaestream's one interface to constriction (its only importer): the range coder of the lossy path, symbol
+arrays <-> payload bytes with the integer tables of :mod:`vaestream.coding.tables` (:class:`EntropyCoder`: a
+RangeEncoder / RangeDecoder; :func:`check_exact`, that constriction codes with exactly those integers), and the
+ANS stack and models the bits-back codecs push and pop with (:func:`ans_stack`, :func:`categorical`,
+:func:`bernoulli`, :func:`quantized_gaussian`: :mod:`vaestream.coding.bitsback.codecs`). Every model takes
+per-symbol parameters as arrays, so a call codes a whole array of symbols."""
 
 from __future__ import annotations
 
@@ -8,6 +11,37 @@ import numpy as np
 
 from vaestream.coding.tables import ESCAPE_BITS, PRECISION, CoderTables
 from vaestream.errors import BitstreamError, DataError, ModelError
+
+
+def _stream():
+    """constriction's ``stream`` module, imported when first needed."""
+    import constriction
+
+    return constriction.stream
+
+
+def ans_stack(words: np.ndarray | None = None):
+    """An ANS stack (constriction's ``AnsCoder``: last in, first out; 32-bit words, 64-bit state) holding
+    ``words`` (uint32, the last word on top), or an empty one."""
+    ans = _stream().stack.AnsCoder
+    return ans() if words is None else ans(np.array(words, np.uint32))
+
+
+def categorical(row: np.ndarray | None = None):
+    """A categorical model with 24-bit integer frequencies (``perfect=False``: each entry at least 1): of the fixed
+    probability ``row`` ``[K]``, or (None) one that takes per-symbol rows ``[N, K]`` at each call."""
+    m = _stream().model
+    return m.Categorical(perfect=False) if row is None else m.Categorical(row, perfect=False)
+
+
+def bernoulli():
+    """A binary model that takes per-symbol P(1) ``[N]`` at each call."""
+    return _stream().model.Bernoulli(perfect=False)
+
+
+def quantized_gaussian(lo: int, hi: int):
+    """A Gaussian quantised to the integers of [lo, hi] that takes per-symbol means and stds ``[N]`` at each call."""
+    return _stream().model.QuantizedGaussian(int(lo), int(hi))
 
 
 class EntropyCoder:
@@ -19,9 +53,6 @@ class EntropyCoder:
     """
 
     def __init__(self, tables: CoderTables, quality: float | None = None):
-        import constriction
-
-        self._c = constriction
         self.tables = tables
         self.level = tables.level(quality)
         self.quality = float(tables.qualities[self.level])
@@ -30,8 +61,8 @@ class EntropyCoder:
         self.models = {}
         for d in self.dims:
             f = tables.table(self.level, d).astype(np.float64)
-            self.models[int(d)] = constriction.stream.model.Categorical(f - 1.0, perfect=False)
-        self._uniform = constriction.stream.model.Uniform(1 << 16)
+            self.models[int(d)] = categorical(f - 1.0)
+        self._uniform = _stream().model.Uniform(1 << 16)
 
     def _indices(self, symbols: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
         cols, escapes = {}, []
@@ -53,7 +84,7 @@ class EntropyCoder:
         if symbols.ndim != 2 or symbols.shape[1] != self.tables.latent_dim:
             raise DataError(f"codes have shape {symbols.shape}, expected [B, {self.tables.latent_dim}]")
         cols, raw = self._indices(symbols)
-        enc = self._c.stream.queue.RangeEncoder()
+        enc = _stream().queue.RangeEncoder()
         for d in self.dims:
             if len(cols[int(d)]):
                 enc.encode(cols[int(d)], self.models[int(d)])
@@ -73,7 +104,7 @@ class EntropyCoder:
                 raise BitstreamError("payload has data where none was expected")
             return out
         try:
-            dec = self._c.stream.queue.RangeDecoder(words)
+            dec = _stream().queue.RangeDecoder(words)
             n_esc = 0
             esc_at = []
             for d in self.dims:

@@ -1,5 +1,5 @@
-"""Codecs over an explicit ANS message, in the manner of craystack (Townsend et al. 2020): the one place
-constriction's ANS stack is driven.
+"""Codecs over an explicit ANS message, in the manner of craystack (Townsend et al. 2020): the one place the ANS
+stack (:func:`vaestream.coding.range_coder.ans_stack`, constriction's) is driven.
 
 A :class:`Codec` is a pair of functions ``push(message, symbols) -> message`` and ``pop(message) -> (message,
 symbols)``, each the other's inverse: pushing ``symbols`` and popping returns them and the message as it was.
@@ -28,6 +28,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from vaestream.coding import range_coder as rc
+
 
 class Message(NamedTuple):
     """An ANS stack and the symbols :data:`Hold` keeps aside (last held = last in the tuple)."""
@@ -43,16 +45,9 @@ class Codec(NamedTuple):
     pop: Callable[[Message], tuple[Message, Any]]
 
 
-def _constriction():
-    import constriction
-
-    return constriction.stream
-
-
 def message(words: np.ndarray | None = None) -> Message:
     """A message whose stack holds ``words`` (uint32; the last word is the top), or an empty one."""
-    ans = _constriction().stack.AnsCoder
-    return Message(ans() if words is None else ans(np.array(words, np.uint32)))
+    return Message(rc.ans_stack(words))
 
 
 def words(msg: Message) -> np.ndarray:
@@ -83,17 +78,15 @@ def Categorical(rows: np.ndarray | Callable[[], np.ndarray], n: int | None = Non
     ``rows`` ``[K]`` (its model built once per process under ``key`` if given). Symbols are int32 ``[N]`` in
     0..K-1. ``rows`` may be a function that makes them: called at each push or pop and dropped right after the
     call (large rows then live only while coded, and the allocator reuses their memory)."""
-    m = _constriction().model
     if n is not None:
-        fixed = (_model(("fixed", key), lambda: m.Categorical(rows, perfect=False)) if key is not None
-                 else m.Categorical(rows, perfect=False))
+        fixed = _model(("fixed", key), lambda: rc.categorical(rows)) if key is not None else rc.categorical(rows)
 
         def push(msg, x):
             msg.ans.encode_reverse(np.asarray(x, np.int32), fixed)
             return msg
 
         return Codec(push, lambda msg: (msg, msg.ans.decode(fixed, n)))
-    model = _model(("categorical",), lambda: m.Categorical(perfect=False))
+    model = _model(("categorical",), rc.categorical)
     make = rows if callable(rows) else lambda: rows
 
     def push(msg, x):
@@ -105,7 +98,7 @@ def Categorical(rows: np.ndarray | Callable[[], np.ndarray], n: int | None = Non
 
 def Bernoulli(p1: np.ndarray) -> Codec:  # noqa: N802
     """Binary symbols with per-symbol P(1) ``[N]`` (float64)."""
-    model = _model(("bernoulli",), lambda: _constriction().model.Bernoulli(perfect=False))
+    model = _model(("bernoulli",), rc.bernoulli)
 
     def push(msg, x):
         msg.ans.encode_reverse(np.asarray(x, np.int32), model, p1)
@@ -116,7 +109,7 @@ def Bernoulli(p1: np.ndarray) -> Codec:  # noqa: N802
 
 def QuantizedGaussian(lo: int, hi: int, mean: np.ndarray, std: np.ndarray) -> Codec:  # noqa: N802
     """Integer symbols on [lo, hi] with per-symbol Gaussian mean and std ``[N]`` (float64)."""
-    model = _model(("gaussian", int(lo), int(hi)), lambda: _constriction().model.QuantizedGaussian(int(lo), int(hi)))
+    model = _model(("gaussian", int(lo), int(hi)), lambda: rc.quantized_gaussian(lo, hi))
 
     def push(msg, x):
         msg.ans.encode_reverse(np.asarray(x, np.int32), model, mean, std)
@@ -131,7 +124,7 @@ def Autoregressive(rows_of: Callable[[np.ndarray], np.ndarray],  # noqa: N802
     pushes it position-major in one call with ``rows_of(x)`` ``[N, P, K]`` (every position's rows, known from
     ``x``); pop runs ``decode(pop_position)``, which builds each position's rows ``[N, K]`` from the positions
     decoded so far and calls ``pop_position(rows) -> int [N]`` once per position, and returns ``[N, P]``."""
-    model = _model(("categorical",), lambda: _constriction().model.Categorical(perfect=False))
+    model = _model(("categorical",), rc.categorical)
 
     def push(msg, x):
         rows = rows_of(x)
