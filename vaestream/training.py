@@ -10,6 +10,7 @@ checkpoint takes exactly the steps the uninterrupted run would have taken.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -364,6 +365,54 @@ def sequence_chunks(batches, steps_per_call: int) -> ChunkSource:
     return chunks
 
 
+class _EvalLog:
+    """The model directory's training log (``log.jsonl``, read back as ``history``): :meth:`evaluate` appends the
+    bounds on the fixed ``evals`` sets at a step."""
+
+    def __init__(self, model_dir: Path, model: VAE, evals: dict, batch_size: int, steps_per_epoch: int,
+                 on_eval: Callable[[dict], None] | None):
+        self.model, self.evals, self.m, self.steps_per_epoch, self.on_eval = (model, evals, batch_size,
+                                                                               steps_per_epoch, on_eval)
+        self.history = store.read_log(model_dir)
+        self.file = open(model_dir / store.LOG, "a")
+
+    def evaluate(self, step: int, elapsed: float) -> dict:
+        rec = {"step": step, "samples": step * self.m, "epoch": step / self.steps_per_epoch,
+               "seconds": round(elapsed, 3)}
+        for name, d in self.evals.items():
+            r = dataset_elbo(self.model, d)
+            rec[f"{name}_elbo"] = r["elbo"]
+            rec[f"{name}_bits_per_dim"] = r["bits_per_dim"]
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        self.history.append(rec)
+        if self.on_eval:
+            self.on_eval(rec)
+        return rec
+
+
+@contextlib.contextmanager
+def _prefetched(items: Iterator):
+    """``items`` with the next one prepared on a background thread while the caller works on this one; on exit
+    the thread finishes the item it is preparing and stops."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    nxt = pool.submit(next, items, None)
+
+    def gen():
+        nonlocal nxt
+        while True:
+            item = nxt.result()
+            if item is None:
+                return
+            nxt = pool.submit(next, items, None)
+            yield item
+    try:
+        yield gen()
+        nxt.cancel()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train: int, scale: float,
         chunks: ChunkSource, evals: dict, progress: bool = True, desc: str = "train",
         on_eval: Callable[[dict], None] | None = None) -> "TrainResult":
@@ -372,10 +421,6 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     ``evals`` maps a name (``train``, ``valid``, ``test``) to a fixed :class:`Dataset` whose bound is logged.
     Chunks are prepared on a background thread while the previous one trains. SIGINT/SIGTERM stop after the
     current chunk with a checkpoint; ``cfg.max_seconds`` likewise.
-
-    It is one function of about 90 lines on purpose: restoring, the chunk prefetch, the compiled steps,
-    evaluation, checkpointing and the stop flag share the loop's state (step, manager, log, deadline), and
-    split into pieces each would take and return most of it.
     """
     model_dir = Path(model_dir)
     model = VAE(config, seed=cfg.seed, init=cfg.init)
@@ -389,22 +434,7 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     if steps_per_epoch < 1:
         raise ConfigError(f"{n_train} training records is fewer than one minibatch of {m}")
     total = cfg.total_steps(n_train)
-    history = store.read_log(model_dir)
-    log_file = open(model_dir / store.LOG, "a")
-
-    def evaluate_now(step: int, elapsed: float) -> dict:
-        rec = {"step": step, "samples": step * m, "epoch": step / steps_per_epoch, "seconds": round(elapsed, 3)}
-        for name, d in evals.items():
-            r = dataset_elbo(model, d)
-            rec[f"{name}_elbo"] = r["elbo"]
-            rec[f"{name}_bits_per_dim"] = r["bits_per_dim"]
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-        history.append(rec)
-        if on_eval:
-            on_eval(rec)
-        return rec
-
+    log = _EvalLog(model_dir, model, evals, m, steps_per_epoch, on_eval)
     step0 = int(trainer.step.numpy())
     bar = None
     if progress and step0 < total:
@@ -414,18 +444,10 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
     trained = 0
     interrupted = False
     last_ckpt = step0
-    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        with StopFlag() as stop:
-            gen = iter(chunks(step0, steps_per_epoch))
-            nxt = pool.submit(next, gen, None)
+        with StopFlag() as stop, _prefetched(iter(chunks(step0, steps_per_epoch))) as items:
             ema = None
-            while True:
-                item = nxt.result()
-                if item is None:
-                    break
-                s, chunk = item
-                nxt = pool.submit(next, gen, None)  # prepare the next chunk while this one trains
+            for s, chunk in items:
                 k = int(chunk.shape[0])
                 obj = trainer.run_steps(chunk, scale)
                 step = s + k
@@ -436,7 +458,7 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
                     bar.set_postfix(elbo=f"{ema:.2f}", step=step)
                 if (cfg.eval_every and step // cfg.eval_every != s // cfg.eval_every) or \
                         any(s < e <= step for e in cfg.eval_steps):
-                    evaluate_now(step, time.perf_counter() - t0)
+                    log.evaluate(step, time.perf_counter() - t0)
                 if step - last_ckpt >= cfg.checkpoint_every:
                     manager.save(checkpoint_number=step)
                     last_ckpt = step
@@ -445,19 +467,17 @@ def fit(model_dir: str | Path, config: ModelConfig, cfg: "TrainConfig", n_train:
                     break
                 if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
                     break
-        nxt.cancel()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         step = int(trainer.step.numpy())
         if step != last_ckpt or manager.latest_checkpoint is None:
             manager.save(checkpoint_number=step)
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
-    if not interrupted and (not history or history[-1]["step"] != step) and evals:
-        evaluate_now(step, elapsed)
-    log_file.close()
-    return TrainResult(model, model_dir, step, history, interrupted, trained * m / max(elapsed, 1e-9))
+    if not interrupted and (not log.history or log.history[-1]["step"] != step) and evals:
+        log.evaluate(step, elapsed)
+    log.file.close()
+    return TrainResult(model, model_dir, step, log.history, interrupted, trained * m / max(elapsed, 1e-9))
 
 
 def train(train_data: Dataset, model_dir: str | Path, config: ModelConfig | None = None,
