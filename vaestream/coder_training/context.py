@@ -28,7 +28,6 @@ def _chain_cells(coder, lv: np.ndarray, rng, sample: bool, chunk: int = 1024):
     """For level images ``lv`` ``[N, D]``, in chunks: ``(chunk's level images, their pixels' grid cells [n * D])``
     at a z drawn from the coder's own discretised posterior Q(z | level image) (the z a bits-back chain pops;
     its mean if not ``sample``)."""
-    lbits = coder.latent_bits
     for s in range(0, len(lv), chunk):
         b = lv[s:s + chunk]
         mean, std = coder._posterior(b)
@@ -85,6 +84,25 @@ def context_code_bits(ws, bs, window: int, lv, logp, e):
     return tf.reduce_sum(ce, axis=1) / np.log(2.0)
 
 
+def recon_estimate(ws, bs, window: int, levels: int, lv, m):
+    """The reconstruction network in TensorFlow, as trained: level images ``lv`` int ``[n, H, W]`` and the base
+    means ``m`` (counts, float32 ``[n, H, W]``) -> the unclipped estimate ``m + RECON_SCALE r``, counts
+    ``[n, H, W]``. The first layer runs as two convolutions whose kernels are the rows of the weight matrix the
+    decoder reads (one-hot levels, then the means in fixed point; the layout of :func:`recon_features`)."""
+    import tensorflow as tf
+
+    k, h1 = int(levels), int(ws[0].shape[1])
+    n_look = window ** 2 * k
+    scale = float(2.0 ** -FEATURE_BITS)
+    kl = tf.reshape(ws[0][:n_look], (window, window, k, h1))
+    km = tf.reshape(ws[0][n_look:], (window, window, 1, h1))
+    x = tf.nn.conv2d(tf.one_hot(lv, k), kl, 1, "SAME") + tf.nn.conv2d(m[..., None] * scale, km, 1, "SAME")
+    x = x + bs[0]
+    for w, b in zip(ws[1:], bs[1:]):
+        x = tf.tensordot(tf.nn.elu(x), w, 1) + b
+    return m + RECON_SCALE * x[..., 0]
+
+
 def run_epochs(epochs: int, n: int, batch_size: int, rng, draw, batch_step, loss_key: str, measure, log) -> dict:
     """The training loop of both networks: each epoch ``draw()``s the z-dependent inputs afresh, then runs
     ``batch_step(indices, drawn)`` (the batch's mean loss) over a random permutation of the ``n`` records; logs
@@ -104,6 +122,30 @@ def run_epochs(epochs: int, n: int, batch_size: int, rng, draw, batch_step, loss
         if log is not None:
             log(row)
     return row
+
+
+def check_schedule(epochs: int, batch_size: int, learning_rate: float) -> None:
+    """Raise :class:`ConfigError` unless ``epochs``, ``batch_size`` and ``learning_rate`` are positive."""
+    if int(epochs) < 1 or int(batch_size) < 1 or not learning_rate > 0:
+        raise ConfigError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, {batch_size}, "
+                          f"{learning_rate}")
+
+
+def adam_step(loss: Callable, variables: list, learning_rate: float, steps: int) -> Callable:
+    """The compiled training step of the coder's trainers: ``step(*batch)`` takes one Adam step on ``variables``
+    down ``loss(*batch)`` (a scalar tensor) and returns the loss; the step size ``learning_rate`` decays 10x
+    over ``steps`` steps."""
+    import tensorflow as tf
+
+    opt = tf.keras.optimizers.Adam(tf.keras.optimizers.schedules.ExponentialDecay(learning_rate, steps, 0.1))
+
+    @tf.function(reduce_retracing=True)
+    def step(*batch):
+        with tf.GradientTape() as tape:
+            value = loss(*batch)
+        opt.apply_gradients(zip(tape.gradient(value, variables), variables))
+        return value
+    return step
 
 
 def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT_WINDOW,
@@ -128,9 +170,7 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
     cfg = model.config
     if len(cfg.input_shape) != 2:
         raise ConfigError(f"a context model needs pictures [H, W]; this model's input shape is {cfg.input_shape}")
-    if int(epochs) < 1 or int(batch_size) < 1 or not learning_rate > 0:
-        raise ConfigError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, {batch_size}, "
-                          f"{learning_rate}")
+    check_schedule(epochs, batch_size, learning_rate)
     coder = LosslessCoder(model, levels=levels)
     k, (hh, ww) = int(levels), cfg.input_shape
     d = hh * ww
@@ -156,17 +196,8 @@ def train_context(model, records: np.ndarray, levels: int, window: int = DEFAULT
     def code_bits(lv, logp, e):  # the pixels' code length of a batch, bits (summed)
         return tf.reduce_sum(context_code_bits(ws, bs, window, lv, logp * scale, e * scale))
 
-    steps_per_epoch = max(1, -(-len(lv_train) // batch_size))
-    sched = tf.keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch * int(epochs), 0.1)
-    opt = tf.keras.optimizers.Adam(sched)
-
-    @tf.function(reduce_retracing=True)
-    def step(lv, logp, e):
-        with tf.GradientTape() as tape:
-            loss = code_bits(lv, logp, e) / tf.cast(tf.shape(lv)[0], tf.float32)
-        opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
+    step = adam_step(lambda lv, logp, e: code_bits(lv, logp, e) / tf.cast(tf.shape(lv)[0], tf.float32), variables,
+                     learning_rate, max(1, -(-len(lv_train) // batch_size)) * int(epochs))
     measure_fn = tf.function(code_bits, reduce_retracing=True)
 
     def measure(lv):
@@ -215,9 +246,7 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
         raise ModelError("the context model was trained for another model; train its reconstruction with that one")
     if int(window) < 1 or int(window) % 2 == 0:
         raise ConfigError(f"reconstruction window must be odd and positive, got {window}")
-    if int(epochs) < 1 or int(batch_size) < 1 or not learning_rate > 0:
-        raise ConfigError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, {batch_size}, "
-                          f"{learning_rate}")
+    check_schedule(epochs, batch_size, learning_rate)
     coder = LosslessCoder(model, levels=context.levels)
     k, (hh, ww) = context.levels, tuple(cfg.input_shape)
     if (hh, ww) != tuple(context.shape):
@@ -234,33 +263,15 @@ def train_reconstruction(model, records: np.ndarray, context: ContextModel, wind
                                for b, cells in _chain_cells(coder, lv, rng, sample)]).astype(np.float32)
 
     window = int(window)
-    n_look = window ** 2 * k
     if init is not None and (not init.has_reconstruction or init.recon_window != window or init.levels != k):
         raise ConfigError(f"init: a reconstruction network for K = {k} with a {window} x {window} window is needed")
     ws, bs = tf_layers([recon_features(window, k), *hidden, 1], seed, None if init is None else init.recon)
-    variables = ws + bs
-    h1 = hidden[0] if hidden else 1
-    scale = float(2.0 ** -FEATURE_BITS)
 
     def estimate(lv, m):  # [n, H, W] each -> the unclipped estimate, counts
-        kl = tf.reshape(ws[0][:n_look], (window, window, k, h1))
-        km = tf.reshape(ws[0][n_look:], (window, window, 1, h1))
-        x = tf.nn.conv2d(tf.one_hot(lv, k), kl, 1, "SAME") + tf.nn.conv2d(m[..., None] * scale, km, 1, "SAME")
-        x = x + bs[0]
-        for w, b in zip(ws[1:], bs[1:]):
-            x = tf.tensordot(tf.nn.elu(x), w, 1) + b
-        return m + RECON_SCALE * x[..., 0]
+        return recon_estimate(ws, bs, window, k, lv, m)
 
-    steps = max(1, -(-len(lv_train) // batch_size)) * int(epochs)
-    opt = tf.keras.optimizers.Adam(tf.keras.optimizers.schedules.ExponentialDecay(learning_rate, steps, 0.1))
-
-    @tf.function(reduce_retracing=True)
-    def step(lv, m, x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(estimate(lv, m) - x))
-        opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
+    step = adam_step(lambda lv, m, x: tf.reduce_mean(tf.square(estimate(lv, m) - x)), ws + bs, learning_rate,
+                     max(1, -(-len(lv_train) // batch_size)) * int(epochs))
     estimate_fn = tf.function(estimate, reduce_retracing=True)
 
     def measure(lv):

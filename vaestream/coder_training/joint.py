@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from vaestream.coder_training.context import context_code_bits, level_images, run_epochs, tf_layers
+from vaestream.coder_training.context import (adam_step, check_schedule, context_code_bits, level_images, run_epochs,
+                                              tf_layers)
 from vaestream.coding.bitsback.context import ContextModel
 from vaestream.coding.bitsback.tables import GRID_U, GRID_V, level_spans, pixel_levels
 from vaestream.config import DISCRETE_LEVELS
@@ -75,6 +76,19 @@ def level_log_probs(log_alpha, log_beta, levels: int):
     return tf.cast(logp, tf.float32), tf.cast(e, tf.float32)
 
 
+def _check_member(model, context: ContextModel) -> None:
+    """Raise :class:`ConfigError` for a model the context coder cannot take, :class:`ModelError` if ``context``
+    was trained for another model."""
+    cfg = model.config
+    if cfg.likelihood != "beta_binomial" or cfg.arch != "mlp" or cfg.hierarchical or len(cfg.input_shape) != 2:
+        raise ConfigError("joint training needs a one-layer beta-binomial MLP of pictures [H, W] (a bits-back "
+                          f"member); this model is {cfg.arch} / {cfg.likelihood}, input shape {cfg.input_shape}")
+    if context.meta.get("model_fingerprint") not in (None, model.fingerprint()):
+        raise ModelError("the context model was trained for another model; fine-tune it with that one")
+    if tuple(context.shape) != tuple(cfg.input_shape):
+        raise ConfigError(f"context model shape {context.shape} is not the model's input shape {cfg.input_shape}")
+
+
 def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int = 3, batch_size: int = 64,
                 learning_rate: float = 3e-4, seed: int = 0, held_out: np.ndarray | None = None,
                 log: Callable[[dict], None] | None = None):
@@ -95,16 +109,8 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
     from vaestream.model import VAE
 
     cfg = model.config
-    if cfg.likelihood != "beta_binomial" or cfg.arch != "mlp" or cfg.hierarchical or len(cfg.input_shape) != 2:
-        raise ConfigError("joint training needs a one-layer beta-binomial MLP of pictures [H, W] (a bits-back "
-                          f"member); this model is {cfg.arch} / {cfg.likelihood}, input shape {cfg.input_shape}")
-    if context.meta.get("model_fingerprint") not in (None, model.fingerprint()):
-        raise ModelError("the context model was trained for another model; fine-tune it with that one")
-    if tuple(context.shape) != tuple(cfg.input_shape):
-        raise ConfigError(f"context model shape {context.shape} is not the model's input shape {cfg.input_shape}")
-    if int(epochs) < 1 or int(batch_size) < 1 or not learning_rate > 0:
-        raise ConfigError(f"epochs, batch_size and learning_rate must be positive, got {epochs}, {batch_size}, "
-                          f"{learning_rate}")
+    _check_member(model, context)
+    check_schedule(epochs, batch_size, learning_rate)
     k, (hh, ww) = context.levels, tuple(cfg.input_shape)
     d = hh * ww
     lv_train = level_images(records, k, d)
@@ -130,18 +136,11 @@ def train_joint(model, records: np.ndarray, context: ContextModel, epochs: int =
         pix = context_code_bits(ws, bs, context.window, tf.reshape(lv, (-1, hh, ww)), logp, tf.reshape(e, (-1, hh, ww)))
         return kl, pix
 
-    steps = max(1, -(-len(lv_train) // int(batch_size))) * int(epochs)
-    opt = tf.keras.optimizers.Adam(tf.keras.optimizers.schedules.ExponentialDecay(learning_rate, steps, 0.1))
+    def loss(lv):  # one z per record, by the reparameterisation trick
+        kl, pix = code_length(lv, noise.normal((tf.shape(lv)[0], cfg.latent_dim)))
+        return tf.reduce_mean(kl + pix)
 
-    @tf.function(reduce_retracing=True)
-    def step(lv):
-        eps = noise.normal((tf.shape(lv)[0], cfg.latent_dim))
-        with tf.GradientTape() as tape:
-            kl, pix = code_length(lv, eps)
-            loss = tf.reduce_mean(kl + pix)
-        opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
-
+    step = adam_step(loss, variables, learning_rate, max(1, -(-len(lv_train) // int(batch_size))) * int(epochs))
     measure_fn = tf.function(code_length, reduce_retracing=True)
 
     def measure() -> dict:
