@@ -111,9 +111,9 @@ class Optimizer:
             x_hat = model.decoder_params(tf.matmul(tq * delta, scatter))["x_mean"]
             return rate(t) + lmbda * tf.reduce_mean(tf.square(x - x_hat), axis=1)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, len(dims)], tf.float32),
-                                      tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32),
-                                      tf.TensorSpec([], tf.float32)])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32),
+                                      tf.TensorSpec([None, len(dims)], tf.float32), tf.TensorSpec([], tf.float32),
+                                      tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float32)])
         def run(x, t0, lmbda, steps, lr):
             b1, b2, eps = 0.9, 0.999, 1e-8
 

@@ -44,20 +44,9 @@ record's posterior spread, ~10^2 to 10^3 bits per frame, plus the frame's 24-byt
 final word or two. Decoding must return the stack to exactly
 that seed, which is checked: a stream that does not decode back to it raises :class:`BitstreamError`.
 
-**Latents (format 2).** Each latent dimension is cut into ``2^latent_bits`` buckets of equal width
-``delta = 2^-(latent_bits - 4)`` covering [-8, 8) (default 10 bits: delta = 1/64; on the MNIST test set 8 to 13
-bits code within 0.04 % of each other, 10 the smallest); bucket j (an integer in
-[-2^(latent_bits-1), 2^(latent_bits-1))) stands for z = j delta, which is what the decoder network sees.
-The posterior is a :class:`constriction.stream.model.QuantizedGaussian` in bucket units (mean mu/delta, std
-sigma/delta per symbol; no per-bucket table) on a window of at least +-8 sigma around its mean (one window
-size per power of two of sigma/delta, :func:`vaestream.coding.bitsback.latents.windows`):
-constriction gives every symbol of a model at least 2^-24 of probability, and over all 4,096 buckets that
-floor (2.4e-4 per latent) made about one record in 80 draw a latent far from Q and pay hundreds of bits for
-it. The prior N(0, 1) over the
-buckets is one fixed Categorical listed in a *scrambled* bucket order (:func:`latent_scramble`): the next
-group pops its latents from the bits the previous group's prior code just wrote, and in natural order
-each draw would be tied to the previous record's latent instead of following Q. With both, the latents
-the chain draws follow Q (tested) and the rate sits at the model's -ELBO.
+**Latents** (a uniform grid, posterior windows, the scrambled prior: :mod:`vaestream.coding.bitsback.latents`)
+and **likelihood tables** (a grid of beta-binomial tables: :mod:`vaestream.coding.bitsback.tables`) are
+specified and measured in their modules' docstrings.
 
 **Two stochastic layers (Bit-Swap; Kingma, Abbeel & Ho, 2019).** A model with ``config.top_latent_dim > 0``
 (x -> z -> z2, prior p(z|z2) p(z2), posterior q(z|x) q(z2|z)) is coded per group as
@@ -74,20 +63,6 @@ the end of the frame because a pop reads the quantile of the last symbol pushed:
 and not from Q (measured: standardised offsets of std 1.8, +1.8 % rate); at the end of the frame every z pop
 reads pixel bits instead. A two-layer model's z is not held near N(0, I) by a fixed prior, so its grid covers
 [-32, 32) (``range_bits`` 5, recorded in each frame) with 2^12 buckets (the same step, 1/64).
-
-**Likelihood tables (format 2).** A beta-binomial pixel is coded in two steps, its bin ``n // 16`` (16
-bins) and then ``n % 16`` given the bin, each a 16-entry :class:`constriction.stream.model.Categorical` row,
-instead of one 256-entry row per pixel. The rows are not computed per pixel: (log alpha, log beta) are
-rounded to fixed point (2^-12), mapped to u = log alpha - log beta (the log-odds of the mean, clipped to
-[-16, 16], steps of 1/32) and v = log(alpha + beta) (the log concentration, clipped to [-4, 12], steps of
-1/8), and the pixel takes the rows of the nearest cell of a precomputed 1025 x 129 grid of BetaBinomial(255,
-alpha, beta) tables (:func:`beta_binomial_grid`, built once per process in float64, ~76 MB). The grid model
-is a slightly different model from the network's exact beta-binomial: it costs 0.01 % of the rate on MNIST
-and 0.03 % on Fashion-MNIST (reconstruction term at the same latents: 3.3063 vs 3.3054 bits/dim;
-bilinear interpolation between cells, tried on an earlier grid, was no better and 2-4x slower). constriction turns
-each row deterministically into integer frequencies summing to 2^24 (at least 1 each). Bernoulli pixels use
-:class:`constriction.stream.model.Bernoulli` with P(1) =
-sigmoid of the fixed-point logit.
 
 **Near-lossless (``levels=K``).** A lossy mode with a guaranteed per-pixel bound, for the high-PSNR end where
 a decoder network's reconstruction flattens (the classical near-lossless coding of JPEG-LS, with the VAE as
@@ -134,22 +109,12 @@ an exp and make a stream undecodable, which is detected (the chain does not retu
 :class:`BitstreamError`, never wrong data). The stream carries the model's fingerprint, so a stream
 written with another model is refused with :class:`ModelMismatchError` before anything is decoded.
 
-**Stream format.** A vaestream container (:mod:`vaestream.container`) whose header has the model
-fingerprint, ``table_hash = LOSSLESS_TAG`` (a fixed 16-byte marker that says "lossless, bits-back" instead
-of a hash of coder tables), quality 0 and level 0. Each frame (``frame_records`` records by default; frames
-are independent chains, the unit of random access and of streaming decode) holds, little-endian (written
-and read by :func:`vaestream.coding.container.pack_bitsback` / :func:`~vaestream.coding.container.read_bitsback`;
-FORMAT.md section 5)::
-
-    "BBAN" | version u8 (2) | latent_bits u8 | group u16 | layout u8 | range_bits - 3 u8
-    | levels u8 (0: lossless; K in 2..64: near-lossless, see ``levels`` of :class:`LosslessCoder`)
-    | reconstruction u8 (bits 0-1: the index in RECONSTRUCTIONS; bits 4-6: the ramp of a context frame,
-      :func:`~vaestream.coding.bitsback.chain.chain_ramp`; bit 7: CONTEXT_FLAG)
-    | seed words u32 | cut words u32 | stored words u32 | stored words x u32
-
-Format 1 frames (equal-prior-mass buckets, 256-entry tables; older vaestream versions) are refused with a
-:class:`BitstreamError` that names the format. Each frame has a length and a CRC32 in the container, so
-truncated or corrupted streams raise :class:`BitstreamError` before any decoding.
+**Stream format** (FORMAT.md section 5). A vaestream container whose header has the model fingerprint and the
+LOSSLESS flag; each frame (``frame_records`` records; frames are independent chains, the unit of random access
+and of streaming decode) is one chain: a 24-byte "BBAN" head (the chain's settings, the seed words and how many
+were cut) and the stored words of its stack, written and read by :mod:`vaestream.coding.container.bitsback`.
+Format 1 frames (older vaestream versions) are refused with a :class:`BitstreamError` that names the format;
+each frame's CRC32 in the container refuses a truncated or corrupted stream before any decoding.
 """
 
 from __future__ import annotations
@@ -195,6 +160,57 @@ CONTEXT_FLAG, RAMP_SHIFT = container.CONTEXT_FLAG, container.RAMP_SHIFT
 """The frame head's bits (:mod:`vaestream.coding.container` writes and reads the head)."""
 
 
+def _check_settings(cfg, latent_bits: int, range_bits: int, group: int, frame_records: int, levels: int,
+                    reconstruction: str) -> None:
+    """Raise :class:`ConfigError` unless a :class:`LosslessCoder` of these settings can code with a model of ``cfg``."""
+    if not DEFAULT_RANGE_BITS <= int(range_bits) <= MAX_RANGE_BITS or int(latent_bits) - 1 - int(range_bits) < 2:
+        raise ConfigError(f"range_bits must be in [{DEFAULT_RANGE_BITS}, {MAX_RANGE_BITS}] and leave a latent step "
+                          f"of at most 1/4 (latent_bits - 1 - range_bits >= 2), got {range_bits} with "
+                          f"latent_bits {latent_bits}")
+    if cfg.likelihood not in LIKELIHOODS:
+        raise ConfigError(f"lossless coding needs a discrete likelihood {LIKELIHOODS}; this model's is "
+                          f"{cfg.likelihood!r} (train with ModelConfig(likelihood='beta_binomial') for 8-bit "
+                          "data or 'bernoulli' for binary data)")
+    if cfg.arch != "mlp":
+        raise ConfigError(f"lossless (bits-back) coding runs the paper's MLPs exactly; this model's arch is "
+                          f"{cfg.arch!r}")
+    if not MIN_LATENT_BITS <= int(latent_bits) <= MAX_LATENT_BITS:
+        raise ConfigError(f"latent_bits must be in [{MIN_LATENT_BITS}, {MAX_LATENT_BITS}], got {latent_bits}")
+    if not 1 <= int(group) <= 4096:
+        raise ConfigError(f"group must be in [1, 4096], got {group}")
+    if not 1 <= frame_records <= MAX_FRAME_RECORDS:
+        raise ConfigError(f"frame_records must be in [1, {MAX_FRAME_RECORDS}], got {frame_records}")
+    if int(levels) != EXACT_LEVELS:
+        if not MIN_LEVELS <= int(levels) <= MAX_LEVELS or int(levels) != levels:
+            raise ConfigError(f"levels must be {EXACT_LEVELS} (lossless) or in [{MIN_LEVELS}, {MAX_LEVELS}] "
+                              f"(near-lossless), got {levels}")
+        if cfg.likelihood != "beta_binomial":
+            raise ConfigError(f"near-lossless coding (levels {levels}) quantises 8-bit pixels: it needs the "
+                              f"beta_binomial likelihood, not {cfg.likelihood!r}")
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ConfigError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTIONS}")
+        if cfg.hierarchical:
+            raise ConfigError(f"near-lossless coding (levels {levels}) needs a model with one stochastic layer: "
+                              "in Bit-Swap order each record's z is popped before any latent is pushed back, "
+                              "paid for by the bits its pixels just wrote, and a level image writes too few (its "
+                              "z would cost -log2 P(z) without bits back)")
+    if reconstruction != "level" and int(levels) == EXACT_LEVELS:
+        raise ConfigError(f"reconstruction {reconstruction!r} is for near-lossless coding (levels < {EXACT_LEVELS})")
+
+
+def _checked_contexts(contexts: Mapping[int, ContextModel] | None, cfg, fingerprint: str) -> dict[int, ContextModel]:
+    """The pixel context models by K, checked against the model (its input shape and ``fingerprint``)."""
+    out = dict(contexts or {})
+    for k, cm in out.items():
+        if cm.levels != k or tuple(cm.shape) != tuple(cfg.input_shape):
+            raise ConfigError(f"context model for K = {cm.levels} on {cm.shape} pictures given as K = {k} for a "
+                              f"model of {tuple(cfg.input_shape)}")
+        if cm.meta.get("model_fingerprint", fingerprint) != fingerprint:
+            raise ModelMismatchError(f"the context model for K = {k} was trained for model "
+                                     f"{cm.meta['model_fingerprint'][:16]}..., not this one ({fingerprint[:16]}...)")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the coder
 # ------------------------------------------------------------------------------------------------------------
@@ -226,67 +242,25 @@ class LosslessCoder(Chain):
                  range_bits: int | None = None, levels: int | None = None, reconstruction: str = "level",
                  contexts: Mapping[int, ContextModel] | None = None, use_context: bool = True):
         cfg = model.config
-        two = cfg.hierarchical
         if latent_bits is None:
-            latent_bits = TWO_LAYER_LATENT_BITS if two else DEFAULT_LATENT_BITS
+            latent_bits = TWO_LAYER_LATENT_BITS if cfg.hierarchical else DEFAULT_LATENT_BITS
         if range_bits is None:
-            range_bits = TWO_LAYER_RANGE_BITS if two else DEFAULT_RANGE_BITS
-        if not DEFAULT_RANGE_BITS <= int(range_bits) <= MAX_RANGE_BITS or int(latent_bits) - 1 - int(range_bits) < 2:
-            raise ConfigError(f"range_bits must be in [{DEFAULT_RANGE_BITS}, {MAX_RANGE_BITS}] and leave a latent step "
-                              f"of at most 1/4 (latent_bits - 1 - range_bits >= 2), got {range_bits} with "
-                              f"latent_bits {latent_bits}")
-        if cfg.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"lossless coding needs a discrete likelihood {LIKELIHOODS}; this model's is "
-                              f"{cfg.likelihood!r} (train with ModelConfig(likelihood='beta_binomial') for 8-bit "
-                              "data or 'bernoulli' for binary data)")
-        if cfg.arch != "mlp":
-            raise ConfigError(f"lossless (bits-back) coding runs the paper's MLPs exactly; this model's arch is "
-                              f"{cfg.arch!r}")
-        if not MIN_LATENT_BITS <= int(latent_bits) <= MAX_LATENT_BITS:
-            raise ConfigError(f"latent_bits must be in [{MIN_LATENT_BITS}, {MAX_LATENT_BITS}], got {latent_bits}")
-        if not 1 <= int(group) <= 4096:
-            raise ConfigError(f"group must be in [1, 4096], got {group}")
-        if not 1 <= frame_records <= MAX_FRAME_RECORDS:
-            raise ConfigError(f"frame_records must be in [1, {MAX_FRAME_RECORDS}], got {frame_records}")
+            range_bits = TWO_LAYER_RANGE_BITS if cfg.hierarchical else DEFAULT_RANGE_BITS
         levels = EXACT_LEVELS if levels is None else levels
-        if int(levels) != EXACT_LEVELS:
-            if not MIN_LEVELS <= int(levels) <= MAX_LEVELS or int(levels) != levels:
-                raise ConfigError(f"levels must be {EXACT_LEVELS} (lossless) or in [{MIN_LEVELS}, {MAX_LEVELS}] "
-                                  f"(near-lossless), got {levels}")
-            if cfg.likelihood != "beta_binomial":
-                raise ConfigError(f"near-lossless coding (levels {levels}) quantises 8-bit pixels: it needs the "
-                                  f"beta_binomial likelihood, not {cfg.likelihood!r}")
-            if reconstruction not in RECONSTRUCTIONS:
-                raise ConfigError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTIONS}")
-            if two:
-                raise ConfigError(f"near-lossless coding (levels {levels}) needs a model with one stochastic layer: "
-                                  "in Bit-Swap order each record's z is popped before any latent is pushed back, "
-                                  "paid for by the bits its pixels just wrote, and a level image writes too few (its "
-                                  "z would cost -log2 P(z) without bits back)")
+        _check_settings(cfg, latent_bits, range_bits, group, frame_records, levels, reconstruction)
         self.model = model
         self.config = cfg
         self.latent_bits = int(latent_bits)
         self.range_bits = int(range_bits)
         self.group = int(group)
         self.frame_records = int(frame_records)
-        if reconstruction != "level" and int(levels) == EXACT_LEVELS:
-            raise ConfigError(f"reconstruction {reconstruction!r} is for near-lossless coding "
-                              f"(levels < {EXACT_LEVELS})")
         self.levels = int(levels)
         self.reconstruction = reconstruction
         self.blas_threads = blas_threads
         self.model_fingerprint = model.fingerprint()
         # pixel context models (vaestream.coding.bitsback.context), by K: this coder writes with the one of its K
         # (unless use_context is False) and reads a stream written with any of them
-        self.contexts = dict(contexts or {})
-        for k, cm in self.contexts.items():
-            if cm.levels != k or tuple(cm.shape) != tuple(cfg.input_shape):
-                raise ConfigError(f"context model for K = {cm.levels} on {cm.shape} pictures given as K = {k} for a "
-                                  f"model of {tuple(cfg.input_shape)}")
-            if cm.meta.get("model_fingerprint", self.model_fingerprint) != self.model_fingerprint:
-                raise ModelMismatchError(f"the context model for K = {k} was trained for model "
-                                         f"{cm.meta['model_fingerprint'][:16]}..., not this one "
-                                         f"({self.model_fingerprint[:16]}...)")
+        self.contexts = _checked_contexts(contexts, cfg, self.model_fingerprint)
         self.use_context = bool(use_context)
         self.context = self.contexts.get(self.levels) if use_context and self.levels != EXACT_LEVELS else None
         if reconstruction == "learned" and (self.context is None or not self.context.has_reconstruction):

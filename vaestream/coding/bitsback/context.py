@@ -42,8 +42,9 @@ once a level image is decoded, returns for each pixel
 where ``m_p = E[n_p | l_p, z]`` is the base model's mean within the level (``reconstruction="mean"``) and ``d_p``
 the levels (one-hot) and the means ``m`` of the *whole* ``window x window`` square around p (decoding is over, so
 the window may look ahead). It is an MMSE estimate of the count from its neighbourhood: Fashion-MNIST at K = 4,
-25.4 -> 26.5 dB at the same bits (benchmarks/RESULTS_coder.md). The bits do not change; the output stays within the level's counts. It is
-evaluated like ``f`` (integer features, exact products), so a pixel's output depends on its neighbourhood alone.
+25.4 -> 26.5 dB at the same bits (benchmarks/RESULTS_coder.md). The bits do not change; the output stays within
+the level's counts. It is evaluated like ``f`` (integer features, exact products), so a pixel's output depends on
+its neighbourhood alone.
 
 **Identity.** A stream coded with a context model carries ``sha256(model fingerprint | context digest)`` as its
 fingerprint (:func:`stream_fingerprint`), so it is decoded only by a coder that holds that very context model;
