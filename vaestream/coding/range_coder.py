@@ -64,14 +64,19 @@ class EntropyCoder:
             self.models[int(d)] = categorical(f - 1.0)
         self._uniform = _stream().model.Uniform(1 << 16)
 
+    def _column(self, symbols: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dimension ``d``'s symbols -> (their table indices, the escape symbol 2k+1 where out of range; where they
+        escape; the symbols, int64)."""
+        k = int(self.half[d])
+        s = symbols[:, d].astype(np.int64)
+        out = (s < -k) | (s > k)
+        return np.where(out, 2 * k + 1, s + k), out, s
+
     def _indices(self, symbols: np.ndarray) -> tuple[dict[int, np.ndarray], np.ndarray]:
         cols, escapes = {}, []
         for d in self.dims:
-            k = int(self.half[d])
-            s = symbols[:, d].astype(np.int64)
-            out = (s < -k) | (s > k)
-            idx = np.where(out, 2 * k + 1, s + k).astype(np.int32)
-            cols[int(d)] = idx
+            idx, out, s = self._column(symbols, d)
+            cols[int(d)] = idx.astype(np.int32)
             escapes.append(s[out])
         esc = np.concatenate(escapes) if escapes else np.zeros(0, np.int64)
         u = esc.astype(np.int32).view(np.uint32)
@@ -136,11 +141,8 @@ class EntropyCoder:
         symbols = np.asarray(symbols)
         bits = np.zeros(len(symbols), np.float64)
         for d in self.dims:
-            k = int(self.half[d])
             f = self.tables.table(self.level, d).astype(np.float64)
-            s = symbols[:, d].astype(np.int64)
-            out = (s < -k) | (s > k)
-            idx = np.where(out, 2 * k + 1, s + k)
+            idx, out, _ = self._column(symbols, d)
             bits += PRECISION - np.log2(f[idx]) + ESCAPE_BITS * out
         return bits
 

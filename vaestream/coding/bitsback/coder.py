@@ -261,7 +261,6 @@ class LosslessCoder(Chain):
         # pixel context models (vaestream.coding.bitsback.context), by K: this coder writes with the one of its K
         # (unless use_context is False) and reads a stream written with any of them
         self.contexts = _checked_contexts(contexts, cfg, self.model_fingerprint)
-        self.use_context = bool(use_context)
         self.context = self.contexts.get(self.levels) if use_context and self.levels != EXACT_LEVELS else None
         if reconstruction == "learned" and (self.context is None or not self.context.has_reconstruction):
             raise ConfigError(f"reconstruction 'learned' needs a pixel context model for K = {levels} with a "

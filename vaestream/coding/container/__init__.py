@@ -5,25 +5,10 @@ Every byte format of vaestream's streams is written and read in this package: th
 :mod:`~vaestream.coding.container.frames`), the bits-back frame payload (:mod:`~vaestream.coding.container.bitsback`)
 and the per-record stream (:mod:`~vaestream.coding.container.per_record`). FORMAT.md specifies every byte.
 
-Layout. Integers marked ``varint`` are unsigned LEB128 (7 bits per byte, low group first, minimal length);
-fixed-width integers are little-endian::
-
-    header   "VZ" | version u8 (= 2) | flags u8 | model fingerprint (4 bytes)
-             | [lossy only: table id (4 bytes) | quality code u8 [| quality f64 if the code is 255]]
-             | latent dim varint | input shape (ndim varints) | [frame count varint, if flag COUNTED]
-    frame    ["F", indexed layout only] | records varint | payload length varint | CRC32 u32 | payload
-    index    "X" | frames varint | frames x (records varint, payload length varint) | CRC32 u32
-    footer   index size u32 (from "X" to its CRC) | "VZ"
-
-    flags    bit 0 SINGLE (one record without a batch axis), bit 1 LOSSLESS (bits-back stream: no table id, no
-             quality), bit 2 INDEXED (frames are followed by an index and footer), bit 3 COUNTED (a frame count
-             follows the shape; without it a packed container holds exactly one frame), bits 4-7 ndim (<= 8)
-
-Every CRC32 covers the header's bytes too: a frame's CRC32 is that of the header followed by the frame's
-record count, length and payload (``zlib.crc32(payload, zlib.crc32(fields, crc32(header)))``), and the
-index's CRC32 that of the header followed by the index. So every frame read on its own (random access)
-also verifies the header, and the header needs no CRC of its own. A packed container of no frames ends
-with the CRC32 of its header instead.
+Layout (FORMAT.md section 2 gives every byte): a header, then frames (record count and payload length as
+varints, a CRC32, the payload); an indexed container ends with an index and a footer. Every CRC32 covers the
+header's bytes too, so every frame read on its own (random access) also verifies the header, and the header
+needs no CRC of its own (a packed container of no frames ends with the CRC32 of its header instead).
 
 Two layouts share the header and frames:
 
