@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from vaestream.coding.bitsback import context as context_mod
     from vaestream.coding.bitsback import coder as bitsback_coder
+    from vaestream.coding import family
     from vaestream.coding.bitsback.tables import pixel_levels
     from vaestream.data import load_records
     from vaestream.store import load_model
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
             row = {"levels": k}
             for name, fn in (("ramp0_bits", lambda *a, **kw: 0), ("chain_ramp_bits", chosen)):
                 bitsback_coder.chain_ramp = fn
-                coder = bitsback_coder.LosslessCoder(model, levels=k, contexts=contexts)
+                coder = family.bitsback_coder(args.model, k, model=model, contexts=contexts)
                 row[name] = 8 * len(coder.compress(x)) / len(x)
-            c = bitsback_coder.LosslessCoder(model, levels=k, contexts=contexts)
+            c = family.bitsback_coder(args.model, k, model=model, contexts=contexts)
             mean, std = c._posterior(pixel_levels(k)[1][x.reshape(len(x), -1).astype(np.int64)], c.latent_bits)
             row["ramp"] = chosen(mean, std, c.latent_bits, c.range_bits)
             row["saving_pct"] = round(100 * (1 - row["chain_ramp_bits"] / row["ramp0_bits"]), 2)

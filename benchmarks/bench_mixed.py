@@ -5,7 +5,7 @@ bench_rd run.
         --reuse benchmarks/results/rd_run8_joint.json --out runs/rd9
 
 Measures every candidate point of the family on the first N test records, then for each PSNR target codes the
-records per record (`per_record.compress_to`: real streams, real bits, the delivered PSNR and SSIM). The per-record
+records per record (`per_record.PerRecordCoder`: real streams, real bits, the delivered PSNR and SSIM). The per-record
 points join the reused run's points (its family's single operating points) and are compared with its peers'
 curves (same records): BD-rates over 18-32 dB, bits at each PSNR. One stream is decoded again and checked
 against what the encoder reported. The speed step times, on the first --speed-n records, measuring the
@@ -35,13 +35,14 @@ def speed(fam, x: np.ndarray, target: float) -> dict:
     t0 = time.perf_counter()
     cands = per_record.candidates(fam, x)
     t1 = time.perf_counter()
-    blob, x_hat, info = per_record.compress_to(fam, x, psnr=target, points=cands)
+    r = per_record.PerRecordCoder(fam, psnr=target, points=cands).encode(x)
+    blob, x_hat = r.blob, r.reconstruction
     t2 = time.perf_counter()
-    y = per_record.decompress(fam, blob)
+    y = per_record.PerRecordCoder(fam).decompress(blob)
     t3 = time.perf_counter()
     n = len(x)
-    return {"records": n, "target_psnr_db": target, "psnr_db": info["psnr_db"],
-            "bits_per_record": info["bits_per_record"],
+    return {"records": n, "target_psnr_db": target, "psnr_db": r.psnr_db,
+            "bits_per_record": r.bits_per_record,
             "decodes_to_what_the_encoder_reported": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),
             "candidates": len(cands), "candidates_records_per_s": round(n / (t1 - t0), 1),
             "per_record_compress_records_per_s": round(n / (t2 - t1), 1),
@@ -90,12 +91,13 @@ def main(argv=None) -> int:
     log = lambda r: print(json.dumps({k: v for k, v in r.items() if k != "streams"}), file=sys.stderr, flush=True)
     points = rdcurve.per_record_curve(args.family, x, args.targets, points=cands, log=log)
     t = time.time()
-    blob, x_hat, info = per_record.compress_to(args.family, x, psnr=args.check_target, points=cands)
+    r = per_record.PerRecordCoder(args.family, psnr=args.check_target, points=cands).encode(x)
+    blob, x_hat = r.blob, r.reconstruction
     enc_s = time.time() - t
     t = time.time()
-    y = per_record.decompress(args.family, blob)
+    y = per_record.PerRecordCoder(args.family).decompress(blob)
     dec_s = time.time() - t
-    checked = {"target": args.check_target, "psnr_db": info["psnr_db"], "bits_per_record": info["bits_per_record"],
+    checked = {"target": args.check_target, "psnr_db": r.psnr_db, "bits_per_record": r.bits_per_record,
                "decodes_to_what_the_encoder_reported": bool(np.array_equal(y.reshape(x_hat.shape), x_hat)),
                "encode_records_per_s": round(len(x) / enc_s, 1), "decode_records_per_s": round(len(x) / dec_s, 1)}
     good = [q for q in points if "error" not in q]

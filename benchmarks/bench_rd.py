@@ -167,18 +167,18 @@ def throughput(fam: Path, imgs: np.ndarray, reps: int = 3, rdo: bool = False, on
         if only is not None and d.name not in only:
             continue
         if family.is_near_lossless(d):
-            coder = family.near_lossless_coder(d, 8)
+            coder = family.bitsback_coder(d, 8)
             out[f"{d.name}_levels8"] = _rates(coder.compress, coder.decompress, batch, reps)
             if coder.context is not None:  # the same K without its pixel context model
-                plain = family.near_lossless_coder(d, 8, use_context=False)
+                plain = family.bitsback_coder(d, 8, use_context=False)
                 out[f"{d.name}_levels8_no_context"] = _rates(plain.compress, plain.decompress, batch, reps)
             learned = [k for k, cm in sorted(coder.contexts.items()) if cm.has_reconstruction and k <= 8]
             if learned:  # the largest K up to 8 with a reconstruction network, decoded with it
                 k = learned[-1]
-                c = family.near_lossless_coder(d, k, "learned")
+                c = family.bitsback_coder(d, k, "learned")
                 out[f"{d.name}_levels{k}_learned"] = _rates(c.compress, c.decompress, batch, reps)
                 if k != 8:
-                    c = family.near_lossless_coder(d, k)
+                    c = family.bitsback_coder(d, k)
                     out[f"{d.name}_levels{k}"] = _rates(c.compress, c.decompress, batch, reps)
         if family.is_lossy(d):
             c = codec.load(d)
@@ -204,7 +204,7 @@ def _reuse_compare(fam: Path, imgs: np.ndarray, name: str, args) -> dict:
     new = []
     for d in family.members(fam):
         if d.name in args.measure:
-            new += [{**r, "model": d.name, "bits_per_image": r["bits_per_record"]}
+            new += [{**r.to_dict(), "model": d.name, "bits_per_image": r.bits_per_record}
                     for r in family.member_points(d, imgs, with_ssim=True)]
     out = rdcurve.summarise(keep + new, old["peers"], len(imgs), tuple(old.get("psnr_range", rdcurve.PSNR_RANGE)))
     out["unavailable_peers"] = old.get("unavailable_peers", [])

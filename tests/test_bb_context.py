@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vaestream.coder_training import context as context_training
-from vaestream.coding import family
+from vaestream.coding import family, open_stream
 from vaestream.coding.bitsback import context as context_mod
 from vaestream.coding.bitsback.tables import level_rows, pixel_levels
 from vaestream.coding.bitsback.coder import CONTEXT_FLAG, LosslessCoder
@@ -157,7 +157,7 @@ def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_de
     assert info["x.vaez"]["context"] is True and info["p.vaez"]["context"] is False
     assert info["x.vaez"]["bytes"] < info["p.vaez"]["bytes"]
     assert info["l.vaez"]["bytes"] == info["x.vaez"]["bytes"] and info["l.vaez"]["reconstruction"] == "learned"
-    learned = family.codec_for(tmp_path / "family", (tmp_path / "l.vaez").read_bytes())
+    learned = open_stream(tmp_path / "l.vaez", tmp_path / "family")
     out = learned.decompress((tmp_path / "l.vaez").read_bytes()).reshape(100, -1)
     cell = pixel_levels(3)[1]  # the learned reconstruction: among each pixel's level's counts
     assert np.array_equal(cell[out.astype(np.int64)], cell[x.reshape(100, -1).astype(np.int64)])
@@ -172,9 +172,9 @@ def test_train_context_on_the_command_line_then_compress_uses_it_and_a_family_de
     want = LosslessCoder(bb_model[0], levels=3).quantize(x)
     for name in ("x.vaez", "p.vaez"):  # the family finds the member, and its context model when one was used
         blob = (tmp_path / name).read_bytes()
-        assert np.array_equal(family.codec_for(tmp_path / "family", blob).decompress(blob), want)
-    points = family.near_lossless_points(family.near_lossless_coder(d), x, ladder=[(3, "level"), (4, "level")])
-    assert [p["context"] for p in points] == [True, False]
+        assert np.array_equal(open_stream(blob, tmp_path / "family").decompress(blob), want)
+    points = family.near_lossless_points(d, x, ladder=[(3, "level"), (4, "level")])
+    assert [p.context for p in points] == [True, False]
 
 
 def test_the_beam_jobs_code_with_the_directorys_context_model_and_only_it_decodes_them(ctx_member, bb_model,

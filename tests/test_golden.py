@@ -47,40 +47,34 @@ def _codec(model: str, frame_records: int | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def _bits_back(model: str):
-    """The bits-back coder of a model directory with its pixel context models (what ``vaestream decompress``
-    uses)."""
-    from vaestream.coding.family import near_lossless_coder
-
-    return near_lossless_coder(GOLDEN / model)
-
-
-@functools.lru_cache(maxsize=None)
 def _model(model: str):
     from vaestream.store import load_model
 
     return load_model(GOLDEN / model)
 
 
-def _module(today: str, moved: str):
-    """The module ``today`` (as the code that wrote the golden files names it), or ``moved`` (where the coding/
-    layout by concept puts it)."""
-    import importlib
+def _open(root: str, blob: bytes):
+    """The decoder :func:`vaestream.coding.open_stream` returns for ``blob`` with the model or family ``root``."""
+    import io
 
-    try:
-        return importlib.import_module(today)
-    except ImportError:
-        return importlib.import_module(moved)
+    from vaestream.coding import container, open_stream
 
-
-def _lossless():
-    """The bits-back coder's module (``compress_lossless``, ``decompress_lossless``)."""
-    return _module("vaestream.coding.lossless", "vaestream.coding.bitsback.coder")
+    if container.is_per_record(blob):
+        return open_stream(blob, GOLDEN / root)  # reads only the head: no model loaded
+    h = container.read_header(io.BytesIO(blob))  # a corrupt head: BitstreamError
+    return _opened_header(root, h.lossless, h.fingerprint, blob)
 
 
-def _per_record():
-    """The per-record ("VM") streams' module (``read``, ``compress``, ``decompress``)."""
-    return _module("vaestream.coding.mixed", "vaestream.coding.per_record")
+def _opened_header(root: str, lossless: bool, fingerprint: bytes, blob: bytes):
+    key = (root, "bitsback" if lossless else "lossy", bytes(fingerprint))
+    if key not in _OPENED:
+        from vaestream.coding import open_stream
+
+        _OPENED[key] = open_stream(blob, GOLDEN / root)
+    return _OPENED[key]
+
+
+_OPENED: dict = {}
 
 
 def decode_blob(s: dict, blob: bytes) -> dict[str, np.ndarray]:
@@ -89,7 +83,7 @@ def decode_blob(s: dict, blob: bytes) -> dict[str, np.ndarray]:
     spec, model = s["spec"], s["model"]
     if spec["coder"] in ("lossy", "lossy-file"):
         c = _codec(model)
-        out = {"output": c.decompress(blob), "codes": c.decompress_codes(blob)[0]}
+        out = {"output": _open(model, blob).decompress(blob), "codes": c.decompress_codes(blob)[0]}
         if spec["coder"] == "lossy-file":  # an indexed file: also whole and by random access, from the file
             path = GOLDEN / s["file"]
             if path.read_bytes() == blob:
@@ -98,18 +92,18 @@ def decode_blob(s: dict, blob: bytes) -> dict[str, np.ndarray]:
         return out
     if spec["coder"] == "bits-back":
         if spec.get("frame_records"):  # the functional entry point
-            return {"output": _lossless().decompress_lossless(_model(model), blob)}
-        return {"output": _bits_back(model).decompress(blob)}
-    if spec["coder"] == "family":
-        from vaestream.coding import family
+            from vaestream.coding.bitsback.coder import decompress_lossless
 
-        c = family.codec_for(GOLDEN / model, blob)
+            return {"output": decompress_lossless(_model(model), blob)}
+        return {"output": _open(model, blob).decompress(blob)}
+    if spec["coder"] == "family":
+        c = _open(model, blob)
         out = {"output": c.decompress(blob)}
         if not spec["levels"]:
             out["codes"] = c.decompress_codes(blob)[0]
         return out
     if spec["coder"] == "per-record":
-        return {"output": _per_record().decompress(GOLDEN / model, blob)}
+        return {"output": _open(model, blob).decompress(blob)}
     raise AssertionError(f"unknown coder {spec['coder']!r}")
 
 
@@ -135,22 +129,26 @@ def encode(s: dict, tmp: Path) -> bytes:
         return path.read_bytes()
     if spec["coder"] == "bits-back":
         if spec.get("frame_records"):
-            return _lossless().compress_lossless(_model(model), x.reshape(len(x), -1),
-                                                 frame_records=spec["frame_records"])
-        from vaestream.coding.family import near_lossless_coder
+            from vaestream.coding.bitsback.coder import compress_lossless
 
-        return near_lossless_coder(GOLDEN / model, spec.get("levels"), spec.get("reconstruction", "level"),
-                                   use_context=spec.get("use_context", True)).compress(x)
+            return compress_lossless(_model(model), x.reshape(len(x), -1), frame_records=spec["frame_records"])
+        from vaestream.coding.family import bitsback_coder
+
+        return bitsback_coder(GOLDEN / model, spec.get("levels"), spec.get("reconstruction", "level"),
+                              use_context=spec.get("use_context", True)).compress(x)
     if spec["coder"] == "family":
-        from vaestream.coding import family
+        from vaestream.coding.family import OperatingPoint
 
-        pick = {"model": GOLDEN / spec["member"], "quality": spec["quality"], "levels": spec["levels"],
-                "reconstruction": spec["reconstruction"], "rdo_lmbda": None}
-        return family.compress(pick, x)
+        return OperatingPoint(model=GOLDEN / spec["member"], quality=spec["quality"], levels=spec["levels"],
+                              reconstruction=spec["reconstruction"]).compress(x)
     if spec["coder"] == "per-record":
-        _, _, assignment = _per_record().read((GOLDEN / s["file"]).read_bytes())
-        points = [{**p, "model": GOLDEN / p["model"]} for p in spec["points"]]
-        return _per_record().compress(points, assignment, x)[0]
+        from vaestream.coding import per_record
+        from vaestream.coding.family import OperatingPoint
+
+        _, _, assignment = per_record.read((GOLDEN / s["file"]).read_bytes())
+        points = [OperatingPoint(model=GOLDEN / p["model"], quality=p["quality"], levels=p["levels"],
+                                 reconstruction=p["reconstruction"]) for p in spec["points"]]
+        return per_record.PerRecordCoder(GOLDEN / model, points=points).compress(x, assignment)
     raise AssertionError(f"unknown coder {spec['coder']!r}")
 
 

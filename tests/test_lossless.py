@@ -353,20 +353,20 @@ def test_group_sizes_ramp_up_and_cover():
 
 
 def test_codec_and_cli_compress_lossless_round_trip_exactly(bb_model, mnist_train, mnist_test, tmp_path):
-    """The public doors: ``codec.compress(x, lossless=True)`` and ``vaestream compress --lossless``."""
+    """The public doors: the model directory's bits-back coder (``vaestream.coding.bitsback_coder``), read back by
+    ``vaestream.coding.open_stream``, and ``vaestream compress --lossless``; the lossy codec refuses the stream."""
     import json
 
-    from vaestream.coding import codec as vcodec
+    from vaestream.coding import bitsback_coder, codec as vcodec, open_stream
 
     model, model_dir = bb_model
     c = vcodec.load(model_dir, calibration=mnist_train[:2000])
     x = mnist_test[:100]
-    blob = c.compress(x, lossless=True)
-    assert c.is_lossless(blob)
-    out = c.decompress(blob)
+    blob = bitsback_coder(model_dir).compress(x)
+    out = open_stream(blob, model_dir).decompress(blob)
     assert out.dtype == np.uint8 and np.array_equal(out, x)
-    with pytest.raises(ConfigError, match="no quality"):
-        c.compress(x, quality=1.0, lossless=True)
+    with pytest.raises(BitstreamError, match="open_stream"):
+        c.decompress(blob)
 
     np.save(tmp_path / "x.npy", x)
     run = [sys.executable, "-m", "vaestream.cli"]

@@ -45,53 +45,53 @@ def _psnr(x, y):
 
 
 def test_the_candidates_are_the_lossy_ladder_and_the_near_lossless_k_with_their_real_bits(fam, x, points):
-    lossy = [p for p in points if p["levels"] is None]
-    near = [p for p in points if p["levels"]]
+    lossy = [p for p in points if p.levels is None]
+    near = [p for p in points if p.levels]
     assert len(lossy) == 19
-    assert [(p["levels"], p["reconstruction"]) for p in near] == [(k, "learned" if k == 4 else "mean")
+    assert [(p.levels, p.reconstruction) for p in near] == [(k, "learned" if k == 4 else "mean")
                                                                   for k in family.MEAN_LADDER]
     for p in near:
-        nl = family.near_lossless_coder(fam / "bitsback", p["levels"], p["reconstruction"])
+        nl = family.bitsback_coder(fam / "bitsback", p.levels, p.reconstruction)
         blob = nl.compress(x)
-        assert p["bits_per_record"] == 8 * len(blob) / len(x)
+        assert p.bits_per_record == 8 * len(blob) / len(x)
         # each record's bits against what it costs measured on its own: coded alone, a record pays its bits plus
         # about one stream's overhead (header, frame, the chain's start), the same for every record, so the
         # per-record bits explain the spread of the lone records' sizes (an even split of the batch would not)
         alone = np.array([8.0 * len(nl.compress(x[i:i + 1])) for i in range(len(x))])
-        extra = alone - p["bits"]
-        assert np.all(extra > 0) and np.std(extra) < 0.4 * np.std(alone), (p["levels"], np.std(extra), np.std(alone))
-        assert np.corrcoef(alone, p["bits"])[0, 1] > 0.9
+        extra = alone - p.record_bits
+        assert np.all(extra > 0) and np.std(extra) < 0.4 * np.std(alone), (p.levels, np.std(extra), np.std(alone))
+        assert np.corrcoef(alone, p.record_bits)[0, 1] > 0.9
         # and the sub-streams: the records in quarters from cheapest to dearest by their bits, each quarter coded
         # as a stream of its own costs its records' bits plus at most about one stream's overhead, in that order
-        sub = [(p["bits"][g].sum(), 8.0 * len(nl.compress(x[g]))) for g in np.array_split(np.argsort(p["bits"]), 4)]
-        assert all(0 < real - est < 2 * np.median(extra) for est, real in sub), (p["levels"], sub)
+        sub = [(p.record_bits[g].sum(), 8.0 * len(nl.compress(x[g]))) for g in np.array_split(np.argsort(p.record_bits), 4)]
+        assert all(0 < real - est < 2 * np.median(extra) for est, real in sub), (p.levels, sub)
         assert [real for _, real in sub] == sorted(real for _, real in sub)
         # the errors are those of the pictures the stream decodes to
         y = np.asarray(nl.decompress(blob)).reshape(len(x), -1)
         d = (x.reshape(len(x), -1).astype(np.float64) - y) / 255.0
-        assert np.allclose(p["se"], np.sum(d * d, axis=1), rtol=0, atol=1e-12)
-        assert p["psnr_db"] == pytest.approx(_psnr(x, y), abs=1e-9)
+        assert np.allclose(p.record_se, np.sum(d * d, axis=1), rtol=0, atol=1e-12)
+        assert p.psnr_db == pytest.approx(_psnr(x, y), abs=1e-9)
     for p in points:
-        assert p["bits"].shape == p["se"].shape == (len(x),) and np.all(p["bits"] > 0) and np.all(p["se"] >= 0)
+        assert p.record_bits.shape == p.record_se.shape == (len(x),) and np.all(p.record_bits > 0) and np.all(p.record_se >= 0)
 
 
 def test_bits_estimate_each_records_share_of_the_chain(fam, x):
     """Summed over the batch, the per-record estimate is within a few per cent of the chain's real bits, and it
     ranks records as the chain does (a record coded alone pays more, so the ranking is checked on halves)."""
-    nl = family.near_lossless_coder(fam / "bitsback", 4, "learned")
+    nl = family.bitsback_coder(fam / "bitsback", 4, "learned")
     est = nl.bits(x)
     real = 8 * len(nl.compress(x))
     assert 0.85 * real < est.sum() < 1.02 * real
     order = np.argsort(est)
     cheap, dear = x[order[:100]], x[order[100:]]
     assert len(nl.compress(cheap)) < len(nl.compress(dear))
-    exact = family.near_lossless_coder(fam / "bitsback").bits(x)  # the member's lossless coder: its -ELBO
+    exact = family.bitsback_coder(fam / "bitsback").bits(x)  # the member's lossless coder: its -ELBO
     assert exact.shape == est.shape and np.all(exact > est)
 
 
 def test_each_record_takes_its_cheapest_point_and_a_larger_lambda_buys_less_error_with_more_bits(points, x):
-    bits = np.stack([p["bits"] for p in points])
-    se = np.stack([p["se"] for p in points])
+    bits = np.stack([p.record_bits for p in points])
+    se = np.stack([p.record_se for p in points])
     last = None
     for lm in (1.0, 10.0, 100.0, 1e3, 1e4):
         j = per_record.assign(points, lm, stream_bits=0.0, rounds=0)
@@ -106,32 +106,37 @@ def test_each_record_takes_its_cheapest_point_and_a_larger_lambda_buys_less_erro
 
 
 def test_a_psnr_target_between_the_members_is_met_per_record_for_fewer_bits_than_any_one_point(fam, x, points):
-    lossy_best = max(p["psnr_db"] for p in points if p["levels"] is None)
-    near = next(p for p in points if p["levels"] == 4)
-    assert lossy_best < near["psnr_db"]
-    target = round((lossy_best + near["psnr_db"]) / 2, 2)
+    lossy_best = max(p.psnr_db for p in points if p.levels is None)
+    near = next(p for p in points if p.levels == 4)
+    assert lossy_best < near.psnr_db
+    target = round((lossy_best + near.psnr_db) / 2, 2)
     single = family.choose(fam, x, psnr=target)
-    assert single["levels"]  # only the near-lossless member reaches the target
-    blob, x_hat, info = per_record.compress_to(fam, x, psnr=target, points=points)
-    assert info["psnr_db"] == pytest.approx(_psnr(x, x_hat), abs=1e-9) and info["psnr_db"] >= target
-    assert None in {s["levels"] for s in info["streams"]} and len(info["streams"]) > 1  # lossy and near-lossless
-    assert sum(s["records"] for s in info["streams"]) == len(x)
-    assert 8 * len(blob) / len(x) == info["bits_per_record"] < single["bits_per_record"]
-    y = per_record.decompress(fam, blob)
+    assert single.levels  # only the near-lossless member reaches the target
+    coder = per_record.PerRecordCoder(fam, psnr=target, points=points)
+    r = coder.encode(x)
+    blob, x_hat = r.blob, r.reconstruction
+    assert r.psnr_db == pytest.approx(_psnr(x, x_hat), abs=1e-9) and r.psnr_db >= target
+    assert None in {s["levels"] for s in r.streams} and len(r.streams) > 1  # lossy and near-lossless
+    assert sum(s["records"] for s in r.streams) == len(x)
+    assert 8 * len(blob) / len(x) == r.bits_per_record < single.bits_per_record
+    assert coder.compress(x) == blob  # compress: the same stream, bytes only
+    y = coder.decompress(blob)
     assert y.dtype == np.uint8 and y.shape == x.shape and np.array_equal(y.reshape(len(x), -1), x_hat)
     with pytest.raises(ConfigError, match="reaches"):
         per_record.choose(points, x[0].size, psnr=99.0)
 
 
 def test_a_truncated_corrupt_or_foreign_mixed_stream_is_refused(fam, x, points, tmp_path):
-    lossy = next(i for i, p in enumerate(points) if p["levels"] is None)
-    near = next(i for i, p in enumerate(points) if p["levels"] == 4)
+    lossy = next(i for i, p in enumerate(points) if p.levels is None)
+    near = next(i for i, p in enumerate(points) if p.levels == 4)
     j = np.where(np.arange(60) % 3 == 0, near, lossy)
-    blob, x_hat = per_record.compress(points, j, x[:60])
-    assert np.array_equal(per_record.decompress(fam, blob).reshape(60, -1), x_hat)
+    coder = per_record.PerRecordCoder(fam, points=points)
+    r = coder.encode(x[:60], j)
+    blob, x_hat = r.blob, r.reconstruction
+    assert np.array_equal(coder.decompress(blob).reshape(60, -1), x_hat)
     for cut in (1, 5, 12, len(blob) // 2, len(blob) - 1):
         with pytest.raises(BitstreamError):
-            per_record.decompress(fam, blob[:cut], "cut.vm")
+            coder.decompress(blob[:cut], "cut.vm")
     with pytest.raises(BitstreamError, match="trailing"):
         per_record.read(blob + b"\0")
     bad = bytearray(blob)
@@ -141,18 +146,18 @@ def test_a_truncated_corrupt_or_foreign_mixed_stream_is_refused(fam, x, points, 
     bad = bytearray(blob)
     bad[-3] ^= 0x10  # inside the last member stream: its own CRC32
     with pytest.raises(BitstreamError):
-        per_record.decompress(fam, bytes(bad))
+        coder.decompress(bytes(bad))
     other = tmp_path / "other"
     shutil.copytree(fam / "lossy", other / "lossy")
-    with pytest.raises(ModelError, match="no member"):
-        per_record.decompress(other, blob)  # the near-lossless stream's model is not in that family
+    with pytest.raises(ModelError, match="not a member"):
+        per_record.PerRecordCoder(other).decompress(blob)  # the near-lossless stream's model is not in that family
     _, streams, _ = per_record.read(blob)
     with pytest.raises(BitstreamError, match="not a mixed"):
         per_record.read(streams[0][1])
 
 
 def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family(fam, x, points, tmp_path):
-    target = round(float(np.median([p["psnr_db"] for p in points])), 2)
+    target = round(float(np.median([p.psnr_db for p in points])), 2)
     np.save(tmp_path / "x.npy", x)
     run = [sys.executable, "-m", "vaestream.cli"]
     done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vm"), "--family", str(fam),
@@ -165,7 +170,7 @@ def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family
     assert done.returncode == 0, done.stderr[-2000:]
     y = np.load(tmp_path / "y.npy")
     assert y.shape == x.shape and _psnr(x, y) == pytest.approx(info["psnr_db"], abs=1e-9)
-    assert np.array_equal(y, per_record.decompress(fam, (tmp_path / "x.vm").read_bytes()))
+    assert np.array_equal(y, per_record.PerRecordCoder(fam).decompress((tmp_path / "x.vm").read_bytes()))
     done = subprocess.run(run + ["decompress", str(tmp_path / "x.vm"), str(tmp_path / "z.npy"), "--model",
                                  str(fam / "lossy")], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "--family" in done.stderr
@@ -174,7 +179,7 @@ def test_the_cli_codes_per_record_and_a_fresh_process_decodes_it_with_the_family
 def test_rd_with_per_record_targets_puts_the_per_record_points_on_the_familys_curve(fam, points, mnist_dir, capsys):
     from vaestream.cli import main
 
-    target = round(float(np.median([p["psnr_db"] for p in points])), 2)
+    target = round(float(np.median([p.psnr_db for p in points])), 2)
     assert main(["rd", str(fam), "--data", str(mnist_dir), "--n", "100", "--per-image-n", "20", "--peers", "webp",
                  "--per-record", str(target), "99"]) == 0
     out = json.loads(capsys.readouterr().out)

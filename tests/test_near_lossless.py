@@ -184,11 +184,13 @@ def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_mo
     shutil.copytree(bb_model[1], fam / "bitsback")
     x = mnist_test[:64]
     pick = family.choose(fam, x, psnr=35.0)
-    assert pick["model"].name == "bitsback" and pick["levels"] and pick["psnr_db"] >= 35.0
-    ok = [p for p in pick["candidates"] if p["psnr_db"] >= 35.0]
-    assert pick["bits_per_record"] == min(p["bits_per_record"] for p in ok)
-    assert {p["model"].name for p in pick["candidates"]} == {"lossy", "bitsback"}
-    lossy_best = max(p["psnr_db"] for p in pick["candidates"] if p["levels"] is None)
+    assert pick.model.name == "bitsback" and pick.kind == "near_lossless" and pick.psnr_db >= 35.0
+    points = family.measure(fam, x)
+    assert family.choose(fam, psnr=35.0, points=points) == pick
+    ok = [p for p in points if p.psnr_db >= 35.0]
+    assert pick.bits_per_record == min(p.bits_per_record for p in ok)
+    assert {p.model.name for p in points} == {"lossy", "bitsback"}
+    lossy_best = max(p.psnr_db for p in points if p.kind == "lossy")
     assert lossy_best < 35.0  # the target is out of the decoder network's reach
     from vaestream import ModelConfig
 
@@ -204,12 +206,12 @@ def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_mo
                                  "--psnr", "35"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["model"].endswith("bitsback") and info["levels"] == pick["levels"]
+    assert info["model"].endswith("bitsback") and info["levels"] == pick.levels
     done = subprocess.run(run + ["decompress", str(tmp_path / "x.vz"), str(tmp_path / "y.npy"), "--family",
                                  str(fam)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     y = np.load(tmp_path / "y.npy")
-    assert _psnr(x, y) == pytest.approx(pick["psnr_db"], abs=1e-9) and _psnr(x, y) >= 35.0
+    assert _psnr(x, y) == pytest.approx(pick.psnr_db, abs=1e-9) and _psnr(x, y) >= 35.0
 
 
 def test_the_beam_jobs_code_near_losslessly_and_decode_the_level_images(bb_model, mnist_test, tmp_path):

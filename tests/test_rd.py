@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from vaestream import ModelConfig, TrainConfig, train
 from vaestream.cli import main
-from vaestream.coding import codec, family
+from vaestream.coding import codec, family, open_stream
 from vaestream.data import make_dataset
 from vaestream.errors import ConfigError
 from vaestream.model import VAE
@@ -102,23 +102,24 @@ def test_bits_fall_and_mse_rises_as_lambda_falls(rd_family, mnist_test):
 
 def test_psnr_picks_the_cheapest_point_that_meets_the_target_on_a_held_back_batch(rd_family, mnist_test):
     held = mnist_test[1000:1500]
-    points = family.choose(rd_family, held, psnr=1.0)["candidates"]
-    psnrs = sorted(p["psnr_db"] for p in points)
+    points = family.measure(rd_family, held)
+    psnrs = sorted(p.psnr_db for p in points)
     target = float(np.round(np.median(psnrs), 2))
     pick = family.choose(rd_family, held, psnr=target)
-    assert pick["psnr_db"] >= target and pick["lmbda"] in LAMBDAS
+    assert pick.psnr_db >= target and pick.lmbda in LAMBDAS
     # independently: the stream the pick writes decodes to that PSNR, and no point is cheaper and good enough
-    c = codec.load(pick["model"])
-    blob = c.compress(held, quality=pick["quality"])
+    c = codec.load(pick.model)
+    blob = c.compress(held, quality=pick.quality)
+    assert pick.compress(held) == blob
     xs, _ = c.model_inputs(held)
-    assert family.psnr_db(float(np.mean((xs - c.decompress(blob)) ** 2))) == pytest.approx(pick["psnr_db"], abs=1e-9)
-    assert 8 * len(blob) / len(held) == pytest.approx(pick["bits_per_record"])
-    cheaper = [p for p in points if p["bits_per_record"] < pick["bits_per_record"]]
-    assert cheaper and all(p["psnr_db"] < target for p in cheaper)
+    assert family.psnr_db(float(np.mean((xs - c.decompress(blob)) ** 2))) == pytest.approx(pick.psnr_db, abs=1e-9)
+    assert 8 * len(blob) / len(held) == pytest.approx(pick.bits_per_record)
+    cheaper = [p for p in points if p.bits_per_record < pick.bits_per_record]
+    assert cheaper and all(p.psnr_db < target for p in cheaper)
     # a budget in bits per pixel: the best PSNR within it
-    bpp = pick["bits_per_value"]
+    bpp = pick.bits_per_value
     by_bpp = family.choose(rd_family, held, bpp=bpp)
-    assert by_bpp["bits_per_value"] <= bpp and by_bpp["psnr_db"] >= pick["psnr_db"]
+    assert by_bpp.bits_per_value <= bpp and by_bpp.psnr_db >= pick.psnr_db
     with pytest.raises(ConfigError, match="reaches"):
         family.choose(rd_family, held, psnr=99.0)
 
@@ -127,15 +128,14 @@ def test_cli_compress_with_psnr_records_the_model_and_decompress_finds_it(rd_fam
     held, later = mnist_test[1500:1800], mnist_test[1800:2100]
     np.save(tmp_path / "held.npy", held)
     np.save(tmp_path / "later.npy", later)
-    target = float(np.round(np.median([p["psnr_db"] for p in family.choose(rd_family, held, psnr=1.0)["candidates"]]),
-                            2))
+    target = float(np.round(np.median([p.psnr_db for p in family.measure(rd_family, held)]), 2))
     assert main(["compress", str(tmp_path / "later.npy"), str(tmp_path / "c.vz"), "--family", str(rd_family),
                  "--psnr", str(target), "--select-on", str(tmp_path / "held.npy")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["selected_on"].endswith("held.npy") and out["selection_psnr_db"] >= target
     picked = codec.load(out["model"])
     blob = (tmp_path / "c.vz").read_bytes()
-    assert family.codec_for(rd_family, blob).fingerprint == picked.fingerprint  # the header names the model
+    assert open_stream(blob, rd_family).fingerprint == picked.fingerprint  # the header names the model
     assert main(["decompress", str(tmp_path / "c.vz"), str(tmp_path / "r.npy"), "--family", str(rd_family)]) == 0
     capsys.readouterr()
     np.testing.assert_array_equal(np.load(tmp_path / "r.npy").reshape(len(later), -1),
@@ -144,7 +144,7 @@ def test_cli_compress_with_psnr_records_the_model_and_decompress_finds_it(rd_fam
     assert main(["compress", str(tmp_path / "held.npy"), str(tmp_path / "h.vz"), "--family", str(rd_family),
                  "--psnr", str(target)]) == 0
     out = json.loads(capsys.readouterr().out)
-    c = family.codec_for(rd_family, (tmp_path / "h.vz").read_bytes())
+    c = open_stream(tmp_path / "h.vz", rd_family)
     x_hat = c.decompress((tmp_path / "h.vz").read_bytes())
     assert family.psnr_db(float(np.mean((_x(held) - x_hat) ** 2))) >= target
     assert main(["compress", str(tmp_path / "held.npy"), str(tmp_path / "x.vz"), "--psnr", "20"]) == 1

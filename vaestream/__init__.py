@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"load": "vaestream.coding.codec", "ModelConfig": "vaestream.config", "VAE": "vaestream.model",
          "load_model": "vaestream.store", "TrainConfig": "vaestream.training", "Trainer": "vaestream.training",
-         "train": "vaestream.training"}
+         "train": "vaestream.training", "open_stream": "vaestream.coding.streams"}
 """Public name -> the module that defines it, imported on first access."""
 
 
@@ -37,5 +37,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["load", "ModelConfig", "VAE", "TrainConfig", "Trainer", "train", "load_model", "VaestreamError",
-           "DataError", "ConfigError", "ModelError", "BitstreamError", "ModelMismatchError"]
+__all__ = ["load", "open_stream", "ModelConfig", "VAE", "TrainConfig", "Trainer", "train", "load_model",
+           "VaestreamError", "DataError", "ConfigError", "ModelError", "BitstreamError", "ModelMismatchError"]

@@ -173,12 +173,12 @@ def train_models(force: bool) -> None:
 def per_record_near_half(fam: Path, blob: bytes) -> np.ndarray:
     """Where a per-record stream's lossy records round a float within 1e-3 counts of .5 (another CPU kind's last
     ulp may round those the other way): bool [N, D]."""
-    from vaestream.coding import family, per_record
+    from vaestream.coding import open_stream, per_record
 
     _, streams, sym = per_record.read(blob)
     out = np.zeros((len(sym), 784), bool)
     for i, (_, s) in enumerate(streams):
-        y = np.asarray(family.codec_for(fam, s).decompress(s))
+        y = np.asarray(open_stream(s, fam).decompress(s))
         if y.dtype != np.uint8:
             v = np.clip(y.astype(np.float64), 0, 1) * 255.0
             out[sym == i] = np.abs(v - np.floor(v) - 0.5) < 1e-3
@@ -215,7 +215,7 @@ def main() -> None:
     import tensorflow as tf
 
     import vaestream
-    from vaestream.coding import family, per_record
+    from vaestream.coding import family, open_stream, per_record
     from vaestream.coding.bitsback.coder import compress_lossless
     from vaestream.data import read_idx
     from vaestream.store import load_model
@@ -229,9 +229,9 @@ def main() -> None:
     streams_dir.mkdir()
     # targets between the members' points (measured on these records: a lossy point, then a near-lossless one)
     points = [p for d in family.members(FAMILY) for p in family.member_points(d, x)]
-    lossy = [p for p in points if not p["levels"]]
-    best_lossy = max(p["psnr_db"] for p in lossy)
-    psnr_lossy = float(np.floor(sorted(p["psnr_db"] for p in lossy)[len(lossy) // 2]))
+    lossy = [p for p in points if not p.levels]
+    best_lossy = max(p.psnr_db for p in lossy)
+    psnr_lossy = float(np.floor(sorted(p.psnr_db for p in lossy)[len(lossy) // 2]))
     psnr_levels = float(np.ceil(best_lossy + 0.5))
     psnr_mixed = float(np.floor(best_lossy))  # on 16 records one stream is cheapest: see per-record-mixed
     manifest = []
@@ -262,8 +262,8 @@ def main() -> None:
                 spec.update(member=str(Path(info["model"]).relative_to(GOLDEN)), quality=info["quality"],
                             levels=info["levels"], reconstruction=info["reconstruction"])
         elif name == "per-record-mixed":  # per-record streams pay a stream's header per point: 16 records mix none
-            points = [{**p, "model": GOLDEN / p["model"]} for p in spec["points"]]
-            out.write_bytes(per_record.compress(points, np.arange(N) % 3, xi)[0])
+            points = [family.OperatingPoint(**{**p, "model": GOLDEN / p["model"]}) for p in spec["points"]]
+            out.write_bytes(per_record.PerRecordCoder(mdir, points=points).compress(xi, np.arange(N) % 3))
         elif name == "lossless-bb-frames":
             out.write_bytes(compress_lossless(load_model(mdir), xi.reshape(N, -1), frame_records=6))
         elif spec["coder"] == "lossy-file":
@@ -276,7 +276,7 @@ def main() -> None:
             out.write_bytes(vaestream.load(mdir).compress(xi))
         blob = out.read_bytes()
         if spec["coder"] in ("lossy", "lossy-file") or (spec["coder"] == "family" and not blob[3] & 2):
-            c = family.codec_for(mdir, blob) if spec["coder"] == "family" else vaestream.load(mdir)
+            c = open_stream(blob, mdir) if spec["coder"] == "family" else vaestream.load(mdir)
             codes, h = c.decompress_codes(blob)
             y = c.read(out) if spec["coder"] == "lossy-file" else c.decompress(blob)
             xs = xi[0] if spec.get("single") else xi
@@ -285,12 +285,12 @@ def main() -> None:
             spec["exact"] = False
             spec["encoder_margin_ok"] = lossy_margin_ok(c, xs, h.quality)
         elif spec["coder"] == "per-record":
-            y = per_record.decompress(mdir, blob)
+            y = open_stream(blob, mdir).decompress(blob)
             expected = {"output": y, "near_half": per_record_near_half(mdir, blob)}
             spec["exact"] = True
             notes.append(f"{int(expected['near_half'].sum())} values of lossy records within 1e-3 counts of .5")
         else:
-            coder = family.codec_for(mdir, blob) if spec["coder"] == "family" else family.near_lossless_coder(mdir)
+            coder = open_stream(blob, mdir)
             y = coder.decompress(blob)
             levels = spec.get("levels")
             ref = near_lossless_reference(mdir, xi, spec)

@@ -438,15 +438,16 @@ class VAEModelHandler(ModelHandler):
         for b in batch:
             n = len(b)
             if b.coded:
-                if _is_lossless(b.container):  # the exact counts; scale: the model's input scaling
+                name = f"{b.source} {b.keys[0] if n else ''}.."
+                if _stream_kind(b.container, name) == "bitsback":  # the exact counts; scale: the model's input scaling
                     if getattr(model, "lossless", None) is None:
                         _attach_lossless(model, model_dir=self.model_dir)
-                    rec = model.lossless.decompress(b.container, name=f"{b.source} {b.keys[0] if n else ''}..")
+                    rec = model.lossless.decompress(b.container, name=name)
                     scale = 1.0 / 255.0 if model.config.likelihood == "beta_binomial" else 1.0
                 else:
                     if getattr(model, "codec", None) is None:
                         _attach_codec(model, self.model_dir)
-                    rec = np.asarray(model.codec.decompress(b.container)).astype(np.float32)
+                    rec = np.asarray(model.codec.decompress(b.container, name=name)).astype(np.float32)
                     scale = 1.0
                 if len(rec) != n:
                     raise DataError(f"{b.source}: a coded batch lists {n} keys but its container holds "
@@ -496,23 +497,27 @@ def lossless_validate(likelihood: str) -> dict:
     return {"dtype": "uint8", "levels": 255 if likelihood == "beta_binomial" else 1}
 
 
-def _is_lossless(blob: bytes) -> bool:
-    import io
+def _stream_kind(blob: bytes, name: str) -> str:
+    """The kind of a coded element's container, read from its head as :func:`vaestream.coding.open_stream` reads
+    it; a per-record stream (several models) is refused: it needs the family."""
+    from vaestream.coding.streams import stream_kind
+    from vaestream.errors import BitstreamError
 
-    from vaestream.coding import container
-
-    return container.read_header(io.BytesIO(bytes(blob))).lossless
+    kind = stream_kind(bytes(blob), name)
+    if kind == "per_record":
+        raise BitstreamError(f"{name}: a per-record stream of a family; decode it with vaestream.coding.open_stream")
+    return kind
 
 
 def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level",
                      model_dir: str | None = None) -> None:
-    """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``, with the pixel
-    context models of ``model_dir`` if it has them: :mod:`vaestream.coding.bitsback.context`); it needs the model
+    """Give ``model`` its bits-back coder (``model.lossless``; near-lossless with ``levels``), built as
+    :func:`vaestream.coding.open_stream` builds it (:func:`vaestream.coding.family.bitsback_coder`: with the
+    pixel context models of the model directory, so context-coded streams decode too); it needs the model
     directory's VAE."""
-    from vaestream.coding.bitsback.context import load_contexts
-    from vaestream.coding.bitsback.coder import LosslessCoder
+    from vaestream.coding.family import bitsback_coder
 
     if model.vae is None:
         raise ModelError(f"{model.source}: lossless coding needs the model directory, not a SavedModel export")
-    model.lossless = LosslessCoder(model.vae, levels=levels, reconstruction=reconstruction,
-                                   contexts=load_contexts(model_dir) if model_dir else None)
+    model.lossless = bitsback_coder(model_dir if model_dir is not None else model.source, levels, reconstruction,
+                                    model=model.vae)

@@ -61,18 +61,17 @@ def _compress_from_family(a: argparse.Namespace, records) -> int:
         return _compress_per_record(a, records)
     probe = data.read_array(a.select_on, key=a.key) if a.select_on else records
     pick = family.choose(a.family, probe, psnr=a.psnr, bpp=a.bpp, rdo=a.rdo)
-    blob = family.compress(pick, records)
+    blob = pick.compress(records)
     tmp = Path(str(a.output) + ".tmp")
     tmp.write_bytes(blob)
     tmp.replace(a.output)
     print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob),
-                      "bits_per_record": 8 * len(blob) / max(len(records), 1), "model": str(pick["model"]),
-                      "lmbda": pick["lmbda"], "quality": pick["quality"], "rdo_lmbda": pick["rdo_lmbda"],
-                      "levels": pick["levels"],
-                      "reconstruction": pick["reconstruction"],
+                      "bits_per_record": 8 * len(blob) / max(len(records), 1), "model": str(pick.model),
+                      "lmbda": pick.lmbda, "quality": pick.quality, "rdo_lmbda": pick.rdo_lmbda,
+                      "levels": pick.levels, "reconstruction": pick.reconstruction,
                       "selected_on": str(a.select_on) if a.select_on else "input",
-                      "selection_psnr_db": pick["psnr_db"],
-                      "selection_bits_per_record": pick["bits_per_record"]}))
+                      "selection_psnr_db": pick.psnr_db,
+                      "selection_bits_per_record": pick.bits_per_record}))
     return 0
 
 
@@ -84,10 +83,10 @@ def _compress_per_record(a: argparse.Namespace, records) -> int:
 
     if a.select_on or a.rdo:
         raise ConfigError("--per-record chooses on the records themselves: no --select-on or --rdo")
-    blob, _, info = per_record.compress_to(a.family, records, psnr=a.psnr, bpp=a.bpp)
-    atomic_write(a.output, blob)
-    print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(blob), "per_record": True,
-                      **info}))
+    result = per_record.PerRecordCoder(a.family, psnr=a.psnr, bpp=a.bpp).encode(records)
+    atomic_write(a.output, result.blob)
+    print(json.dumps({"output": str(a.output), "records": int(len(records)), "bytes": len(result.blob),
+                      "per_record": True, **result.summary()}))
     return 0
 
 
@@ -152,13 +151,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def _bits_back_coder(path: str, levels: int | None = None, reconstruction: str = "level", use_context: bool = True):
     """The bits-back coder of the model directory ``path`` (lossless, or near-lossless with ``levels``, with the
     directory's pixel context model for that K if it has one and ``use_context``); it needs no coder tables."""
-    from vaestream.coding.family import near_lossless_coder
-    from vaestream.errors import ModelError
+    from vaestream.coding.family import bitsback_coder
 
-    if not (Path(path) / "config.json").is_file():
-        raise ModelError(f"{path}: bits-back coding needs a model directory (config.json + ckpt/), not a "
-                         "SavedModel export")
-    return near_lossless_coder(path, levels, reconstruction, use_context=use_context)
+    return bitsback_coder(path, levels, reconstruction, use_context=use_context)
 
 
 def cmd_train_context(a: argparse.Namespace) -> int:
@@ -243,52 +238,40 @@ def cmd_train_joint(a: argparse.Namespace) -> int:
     return 0
 
 
+def _records_arg(a: argparse.Namespace):
+    """--records I or I:J -> an index, a slice or None."""
+    if not a.records:
+        return None
+    from vaestream.errors import DataError
+
+    lo, sep, hi = a.records.partition(":")
+    try:
+        return slice(int(lo) if lo else None, int(hi) if hi else None) if sep else int(lo)
+    except ValueError:
+        raise DataError(f"--records {a.records!r}: expected I or I:J") from None
+
+
 def cmd_decompress(a: argparse.Namespace) -> int:
-    """Decompress a vaestream container into a .npy of reconstructions (and optionally a PNG grid)."""
+    """Decompress a vaestream stream into a .npy of records (and optionally a PNG grid): the decoder is the one
+    its head names (vaestream.coding.open_stream: lossy, bits-back with its context models, per-record)."""
+    from vaestream.coding import codec as codec_mod
+    from vaestream.coding.streams import open_stream, stream_kind
+    from vaestream.errors import ConfigError
+
     _check_model_or_family(a)
-    if not Path(a.input).is_file():
-        from vaestream.errors import BitstreamError
-
-        raise BitstreamError(f"{a.input}: no such file")  # as container.ContainerReader says it
-    blob = Path(a.input).read_bytes()
-    from vaestream.coding import container, per_record
-    import io
-
-    if container.is_per_record(blob):
-        if a.family is None:
-            from vaestream.errors import ConfigError
-
-            raise ConfigError(f"{a.input}: a per-record stream of several models: decode it with --family")
-        x = per_record.decompress(a.family, blob, a.input)
-        np.save(a.output, x)
-        print(json.dumps({"output": str(a.output), "records": int(len(x)), "shape": list(x.shape),
-                          "dtype": str(x.dtype), "per_record": True}))
-        return 0
-    bits_back = container.read_header(io.BytesIO(blob), name=a.input).lossless
-    if a.family is not None:  # the member whose fingerprint the header carries
-        from vaestream.coding import family
-
-        c = family.codec_for(a.family, blob)
-    else:
-        c = _bits_back_coder(a.model) if bits_back else _codec(a)
-    records = None
-    if a.records:
-        from vaestream.errors import DataError
-
-        lo, sep, hi = a.records.partition(":")
-        try:
-            records = slice(int(lo) if lo else None, int(hi) if hi else None) if sep else int(lo)
-        except ValueError:
-            raise DataError(f"--records {a.records!r}: expected I or I:J") from None
-    if bits_back:  # lossless: the exact records; near-lossless: their level images (uint8, their shape)
+    records = _records_arg(a)
+    kind = stream_kind(a.input)
+    if kind == "per_record" and a.family is None:
+        raise ConfigError(f"{a.input}: a per-record stream of several models: decode it with --family")
+    c = open_stream(a.input, a.model if a.family is None else a.family)
+    if not isinstance(c, codec_mod.Codec):  # exact records / level images / per-record counts (uint8, their shape)
         if records is not None:
-            from vaestream.errors import ConfigError
-
-            raise ConfigError("--records: a lossless or near-lossless stream decodes whole")
-        x = c.decompress(blob, a.input)
+            raise ConfigError("--records: a lossless, near-lossless or per-record stream decodes whole")
+        x = c.decompress(Path(a.input).read_bytes(), name=a.input)
         np.save(a.output, x)
         print(json.dumps({"output": str(a.output), "records": int(len(x)), "shape": list(x.shape),
-                          "dtype": str(x.dtype), "lossless": True}))
+                          "dtype": str(x.dtype), **({"per_record": True} if kind == "per_record" else
+                                                    {"lossless": True})}))
         return 0
     x_hat = c.read(a.input, records)
     out = Path(a.output)
@@ -408,10 +391,8 @@ def _model_and_records(p, model_help: str, data_help: str) -> None:
     p.add_argument("--n", type=int, default=20000, help="use the first N records (default 20000)")
 
 
-def add_subcommands(sub) -> None:
-    from vaestream.coding import rdo
-    from vaestream.coding.bitsback.coder import RECONSTRUCTIONS
-
+def _add_build_tables(sub) -> None:
+    """The ``build-tables`` sub-command's parser."""
     p = sub.add_parser("build-tables", help="derive a model's coder tables from calibration records",
                        description=cmd_build_tables.__doc__)
     _model_and_records(p, "model directory", "calibration records")
@@ -420,6 +401,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--inactive-kl-bits", type=float, default=0.1,
                    help="dimensions with mean KL below this many bits are not coded (default 0.1)")
     p.set_defaults(func=cmd_build_tables)
+
+
+def _add_compress(sub) -> None:
+    """The ``compress`` sub-command's parser."""
+    from vaestream.coding import rdo
+    from vaestream.coding.bitsback.coder import RECONSTRUCTIONS
 
     p = sub.add_parser("compress", help="compress a data file into a vaestream container",
                        description=cmd_compress.__doc__)
@@ -468,6 +455,9 @@ def add_subcommands(sub) -> None:
     add_scale_argument(p)
     p.set_defaults(func=cmd_compress)
 
+
+def _add_train_context(sub) -> None:
+    """The ``train-context`` sub-command's parser."""
     from vaestream.coding.bitsback import context as context_mod
 
     p = sub.add_parser("train-context", help="train pixel context models for near-lossless bits-back coding",
@@ -495,6 +485,9 @@ def add_subcommands(sub) -> None:
                         "(streams coded before stay decodable, except 'learned' ones, which name the old network)")
     p.set_defaults(func=cmd_train_context)
 
+
+def _add_train_joint(sub) -> None:
+    """The ``train-joint`` sub-command's parser."""
     p = sub.add_parser("train-joint", help="fine-tune a bits-back member with its pixel context model for one K",
                        description=cmd_train_joint.__doc__)
     _model_and_records(p, "a beta_binomial bits-back model directory with a context model for --levels",
@@ -511,6 +504,9 @@ def add_subcommands(sub) -> None:
                    help="epochs of the new member's reconstruction network (from the source's); 0: none")
     p.set_defaults(func=cmd_train_joint)
 
+
+def _add_decompress(sub) -> None:
+    """The ``decompress`` sub-command's parser."""
     p = sub.add_parser("decompress", help="decompress a vaestream container into .npy",
                        description=cmd_decompress.__doc__)
     p.add_argument("input", help="a vaestream container (compress's output)")
@@ -522,6 +518,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--png", default=None, help="also write a grid of (up to 400) reconstructions")
     p.set_defaults(func=cmd_decompress)
 
+
+def _add_rd(sub) -> None:
+    """The ``rd`` sub-command's parser."""
     p = sub.add_parser("rd", help="rate-distortion sweep (JSON to stdout, PNG plot)", description=cmd_rd.__doc__)
     p.add_argument("family", nargs="?", default=None,
                    help="a family directory: its curve against the peer codecs, with BD-rates")
@@ -543,3 +542,13 @@ def add_subcommands(sub) -> None:
     p.add_argument("--calibration", default=None, help="records to build missing coder tables from")
     p.add_argument("--plot", default=None, help="PNG of PSNR vs bits per record")
     p.set_defaults(func=cmd_rd)
+
+
+def add_subcommands(sub) -> None:
+    """The coder's sub-commands: build-tables, compress, train-context, train-joint, decompress, rd."""
+    _add_build_tables(sub)
+    _add_compress(sub)
+    _add_train_context(sub)
+    _add_train_joint(sub)
+    _add_decompress(sub)
+    _add_rd(sub)

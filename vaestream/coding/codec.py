@@ -133,7 +133,6 @@ class Codec:
         self.frame_records = int(frame_records)
         self._digest = tables.digest()
         self._coders: dict[int, EntropyCoder] = {}
-        self._lossless = None
         self._rdo: dict[int, rdo.Optimizer] = {}
         self.quality = quality  # validated by the setter
 
@@ -266,6 +265,13 @@ class Codec:
         """The ideal code length of each record, ``[B]``: -log2 of its table probabilities (no overhead)."""
         return self._coder(quality).ideal_bits(np.atleast_2d(np.asarray(codes)))
 
+    def bits(self, x, quality: float | None = None, rdo_lmbda: float | None = None,
+             rdo_steps: int = rdo.DEFAULT_STEPS) -> np.ndarray:
+        """Each record's ideal code length under this codec at ``quality``, float64 ``[B]``: the table cost of the
+        codes :meth:`compress` writes for ``x`` (:meth:`ideal_bits` of :meth:`encode`), without the container."""
+        codes = self.encode(x, quality, rdo_lmbda, rdo_steps)
+        return self.ideal_bits(codes, quality).astype(np.float64)
+
     # -- bytes ----------------------------------------------------------------------------------------------
     def _header(self, coder: EntropyCoder, single: bool) -> container.Header:
         return container.Header(fingerprint=bytes.fromhex(self.fingerprint)[:container.FINGERPRINT_BYTES],
@@ -286,41 +292,20 @@ class Codec:
         return container.pack(self._header(coder, single), self._frames(c.astype(np.int32), coder))
 
     def compress(self, x, quality: float | None = None, target_bits: float | None = None,
-                 lossless: bool = False, levels: int | None = None, reconstruction: str = "level",
                  rdo_lmbda: float | None = None, rdo_steps: int = rdo.DEFAULT_STEPS) -> bytes:
-        """Records -> a self-describing container (bytes).
+        """Records -> a self-describing container (bytes). Lossy only: lossless and near-lossless coding is the
+        bits-back coder's (:func:`vaestream.coding.family.bitsback_coder`).
 
         Args:
           x: one record or a batch (see the module docstring).
           quality: the quality (default: the codec's); or
           target_bits: the budget in bits per record (container included): the finest quality of the ladder
             whose stream fits it is used (:class:`ConfigError` if even the coarsest does not).
-          lossless: code the records exactly by bits-back coding (:mod:`vaestream.coding.bitsback.coder`; a model with a
-            discrete decoder: ``beta_binomial`` for 8-bit counts, ``bernoulli`` for 0/1 data). ``x`` are then
-            the raw records (uint8 counts or 0/1), and :meth:`decompress` returns them bit for bit.
-          levels: near-lossless bits-back coding of 8-bit counts (a ``beta_binomial`` model): each pixel is
-            rounded to the nearest of ``levels`` (2..64) levels and the level image coded exactly;
-            :meth:`decompress` returns it (uint8), every pixel within ``255 / (2 (levels - 1))`` of the record's
-            (:class:`vaestream.coding.bitsback.coder.LosslessCoder`).
-          reconstruction: with ``levels``: ``"level"`` (the bound above), ``"mean"`` (E[count | level, z]) or
-            ``"learned"`` (the context model's reconstruction network; needs a model directory whose context
-            models this coder is given: see :func:`vaestream.coding.family.near_lossless_coder`).
           rdo_lmbda: rate-distortion optimised quantisation (:mod:`vaestream.coding.rdo`): each record's codes
             chosen for ``bits + rdo_lmbda MSE`` (``lambda``'s units in training) by ``rdo_steps`` Adam steps
             through the decoder, instead of the rounded posterior mean. The stream is an ordinary one of the
             model: only encoding costs more.
         """
-        if lossless or levels is not None:
-            if quality is not None or target_bits is not None or (lossless and levels is not None) or (
-                    rdo_lmbda is not None):
-                raise ConfigError("lossless / near-lossless compression takes no quality, target_bits, rdo_lmbda or "
-                                  "each other")
-            if levels is None:
-                return self.lossless_coder().compress(x)
-            from vaestream.coding.bitsback.coder import LosslessCoder
-
-            return LosslessCoder(self.lossless_coder().model, levels=levels, frame_records=self.frame_records,
-                                 reconstruction=reconstruction).compress(x)
         if quality is not None and target_bits is not None:
             raise ConfigError("give quality or target_bits, not both")
         xs, single = self.model_inputs(x)
@@ -361,14 +346,14 @@ class Codec:
         return best
 
     def _check_header(self, h: container.Header, name: str) -> EntropyCoder:
+        if h.lossless:
+            raise BitstreamError(f"{name}: a lossless or near-lossless (bits-back) stream, not a lossy one: open "
+                                 "it with vaestream.coding.open_stream")
         fp = bytes.fromhex(self.fingerprint)[:container.FINGERPRINT_BYTES]
         if h.fingerprint != fp:
             raise ModelMismatchError(f"{name}: written by model {h.fingerprint.hex()}..., not by this model "
                                      f"({fp.hex()}...)")
         if h.table_hash != self._digest[:container.TABLE_ID_BYTES]:
-            if h.lossless:
-                raise BitstreamError(f"{name}: a lossless (bits-back) stream, not a lossy one: decode it with "
-                                     "vaestream.coding.bitsback.coder")
             raise ModelMismatchError(f"{name}: coded with other coder tables ({h.table_hash.hex()}..., these "
                                      f"are {self._digest[:container.TABLE_ID_BYTES].hex()}...); decode it with the "
                                      "tables that wrote it")
@@ -403,30 +388,14 @@ class Codec:
                 raise BitstreamError(f"{name}: flagged as a single record but holds {len(codes)}")
             return codes, r.header
 
-    def lossless_coder(self):
-        """The bits-back coder of this model (:class:`vaestream.coding.bitsback.coder.LosslessCoder`); it needs the
-        model itself (a model directory): a SavedModel export carries only the decoder mean."""
-        from vaestream.coding.bitsback.coder import LosslessCoder
-
-        if self._lossless is None:
-            model = getattr(self._backend, "model", None)
-            if model is None:
-                raise ModelError(f"{self.name}: lossless coding needs the model directory, not a SavedModel export")
-            self._lossless = LosslessCoder(model, frame_records=self.frame_records)
-        return self._lossless
-
-    def is_lossless(self, blob: bytes) -> bool:
-        """Whether ``blob`` is a lossless (bits-back) stream (its header's table hash is the lossless tag)."""
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-            return False
-        return container.read_header(io.BytesIO(bytes(blob))).lossless
-
-    def decompress(self, blob: bytes) -> np.ndarray:
-        """A container -> reconstructions float32 ``[B, D]`` (``[D]`` if one record was compressed); a lossless
-        stream -> the exact records (uint8, shaped as they were compressed)."""
-        if self.is_lossless(blob):
-            return self.lossless_coder().decompress(bytes(blob))
-        codes, h = self.decompress_codes(blob)
+    def decompress(self, blob: bytes, name: str = "stream") -> np.ndarray:
+        """A lossy container -> reconstructions float32 ``[B, D]`` (``[D]`` if one record was compressed). A
+        bits-back or per-record stream raises :class:`BitstreamError` (open it with
+        :func:`vaestream.coding.open_stream`)."""
+        if isinstance(blob, (bytes, bytearray, memoryview)) and container.is_per_record(blob):
+            raise BitstreamError(f"{name}: a per-record stream of a family, not a lossy one: open it with "
+                                 "vaestream.coding.open_stream(blob, FAMILY_DIR)")
+        codes, h = self.decompress_codes(blob, name)
         x_hat = self.decode(codes, h.quality)
         return x_hat[0] if h.single else x_hat
 

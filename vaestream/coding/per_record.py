@@ -14,8 +14,8 @@ the smallest ``lmbda`` that meets it (:func:`choose`, a bisection).
 
 * The squared errors are those of the candidate's decoded pictures on the batch. A lossy point's are exact for
   any subset. A near-lossless point's ``mean`` / ``learned`` reconstruction depends on the z its chain draws, so a
-  subset's error differs by a little (hundredths of a dB): :func:`compress_to` checks the target on the real
-  streams and raises ``lmbda`` where it falls short.
+  subset's error differs by a little (hundredths of a dB): :meth:`PerRecordCoder.encode` checks the target on the
+  real streams and raises ``lmbda`` where it falls short.
 * The bits are estimates: a lossy point's ideal code length; a near-lossless point's
   :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.bits`, scaled so that they sum to the point's real
   container bits on the batch.
@@ -35,7 +35,7 @@ Stream ("VM", format 1; written and read by :func:`vaestream.coding.container.pa
   categorical distribution of the m counts (N H(counts) bits plus at most ~64); empty when m <= 1;
 * the CRC32 covers every byte before it; each stream is an ordinary vaestream container (its own header,
   model fingerprint and CRCs) of its records in their order, decoded by the family member that wrote it
-  (:func:`vaestream.coding.family.codec_for`).
+  (:func:`vaestream.coding.streams.open_stream`).
 
 Mixed streams decode to 8-bit pictures (uint8): a lossy point's reconstruction is rounded to the nearest count,
 and its error is measured after that rounding.
@@ -43,13 +43,17 @@ and its error is measured after that rounding.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 import os
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
 from vaestream.coding import container, family
+from vaestream.coding.family import OperatingPoint
 from vaestream.coding.bitsback import codecs as cs
 from vaestream.metrics import psnr_db
 from vaestream.errors import BitstreamError, ConfigError, DataError
@@ -77,18 +81,20 @@ def _se(x: np.ndarray, x_hat: np.ndarray) -> np.ndarray:
     return np.sum(d * d, axis=1)
 
 
-def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
+def candidates(fam: str | os.PathLike, records, log=None) -> list[OperatingPoint]:
     """Every candidate point of the family ``fam`` on ``records`` (uint8 pictures ``[N, ...]``), with per-record
-    costs: ``{"model": Path, "quality", "levels", "reconstruction", "bits": float64 [N], "se": float64 [N],
-    "bits_per_record", "psnr_db"}`` (``bits_per_record``: the point's real container bits on the whole batch).
+    costs: :class:`~vaestream.coding.family.OperatingPoint` s whose ``record_bits`` and ``record_se`` (float64
+    ``[N]``) are each record's estimated bits and squared error, ``bits_per_record`` the point's real container
+    bits on the whole batch.
 
     A lossy member offers every quality of its ladder (bits: the ideal code length of each record's codes). A
     near-lossless member offers each K of :data:`vaestream.coding.family.MEAN_LADDER` and each K it has a context
     model for (coded with it if it has one; ``"learned"`` reconstruction where the context model has a
     reconstruction network, else ``"mean"``); bits: :meth:`~vaestream.coding.bitsback.coder.LosslessCoder.bits`,
-    scaled to the real container bits. ``log`` (optional) receives each point as it is measured."""
+    scaled to the real container bits. ``log`` (optional) receives each point (:meth:`OperatingPoint.to_dict`)
+    as it is measured."""
     from vaestream.coding import codec as codec_mod
-    from vaestream.coding.bitsback.coder import LosslessCoder
+    from vaestream.coding.family import bitsback_coder
 
     x, _ = _pictures(records)
     out = []
@@ -100,31 +106,34 @@ def candidates(fam: str | os.PathLike, records, log=None) -> list[dict]:
             for q in c.qualities:
                 codes = c.codes_of(xs, mean, float(q))
                 se = _se(x, _to_counts(c.decode(codes, float(q))))
-                out.append({"model": d, "quality": float(q), "levels": None, "reconstruction": None,
-                            "bits": c.ideal_bits(codes, float(q)).astype(np.float64), "se": se,
-                            "bits_per_record": 8 * len(c.compress_codes(codes, float(q))) / len(x)})
-                _done(out[-1], x.shape[1], log)
+                out.append(_point(d, x, c.ideal_bits(codes, float(q)).astype(np.float64), se,
+                                  8 * len(c.compress_codes(codes, float(q))), log, quality=float(q),
+                                  lmbda=c.config.lmbda))
         if family.is_near_lossless(d):
-            base = family.near_lossless_coder(d)
+            base = bitsback_coder(d)
             ctx = base.contexts
             ladder = [(k, "learned" if k in ctx and ctx[k].has_reconstruction else "mean")
                       for k in sorted(set(family.MEAN_LADDER) | set(ctx))]
             for k, how in ladder:
-                c = LosslessCoder(base.model, levels=k, reconstruction=how, contexts=base.contexts)
+                c = bitsback_coder(d, k, how, model=base.model, contexts=ctx)
                 blob, x_hat = c.compress_and_reconstruct(x)
                 est = c.bits(x)
                 real = 8.0 * len(blob)
-                out.append({"model": d, "quality": None, "levels": int(k), "reconstruction": how,
-                            "bits": est * (real / max(est.sum(), 1e-9)), "se": _se(x, x_hat),
-                            "bits_per_record": real / len(x)})
-                _done(out[-1], x.shape[1], log)
+                out.append(_point(d, x, est * (real / max(est.sum(), 1e-9)), _se(x, x_hat), real, log,
+                                  levels=int(k), reconstruction=how, lmbda=c.config.lmbda,
+                                  max_error=c.max_error, context=c.context is not None))
     return out
 
 
-def _done(p: dict, d: int, log) -> None:
-    p["psnr_db"] = psnr_db(float(np.mean(p["se"])) / d)
+def _point(d: Path, x: np.ndarray, bits: np.ndarray, se: np.ndarray, total_bits: float, log,
+           **setting) -> OperatingPoint:
+    n, dim = x.shape
+    mse = float(np.mean(se)) / dim
+    p = OperatingPoint(model=Path(d), bits_per_record=total_bits / n, bits_per_value=total_bits / n / dim,
+                       mse=mse, psnr_db=psnr_db(mse), record_bits=bits, record_se=se, **setting)
     if log is not None:
-        log({k: (v.name if isinstance(v, Path) else v) for k, v in p.items() if k not in ("bits", "se")})
+        log(p.to_dict())
+    return p
 
 
 STREAM_BITS = 600.0
@@ -133,7 +142,8 @@ bits-back chain (500-850 bits on Fashion-MNIST, measured on 300 records). A poin
 more than this."""
 
 
-def assign(points: list[dict], lmbda: float, stream_bits: float = STREAM_BITS, rounds: int = 200) -> np.ndarray:
+def assign(points: list[OperatingPoint], lmbda: float, stream_bits: float = STREAM_BITS,
+           rounds: int = 200) -> np.ndarray:
     """Each record's point for the multiplier ``lmbda`` (bits per unit of squared error on [0, 1]), int ``[N]``:
 
         j(i) = argmin_j  bits_j(i) - log2 P(j) + lmbda se_j(i)
@@ -141,7 +151,7 @@ def assign(points: list[dict], lmbda: float, stream_bits: float = STREAM_BITS, r
     where ``-log2 P(j)`` is what the record map pays for j (P: the points' shares of the previous round's
     assignment) and a point that saves its records less than ``stream_bits`` in all (against their next best
     point) is dropped, the weakest first; rounds until nothing changes (ties to the earlier point)."""
-    cost = np.stack([p["bits"] for p in points]) + float(lmbda) * np.stack([p["se"] for p in points])
+    cost = np.stack([p.record_bits for p in points]) + float(lmbda) * np.stack([p.record_se for p in points])
     n = cost.shape[1]
     active = np.ones(len(points), bool)
     share = np.full(len(points), 1.0 / len(points))
@@ -164,17 +174,17 @@ def assign(points: list[dict], lmbda: float, stream_bits: float = STREAM_BITS, r
     return j
 
 
-def outcome(points: list[dict], j: np.ndarray, d: int) -> dict:
+def outcome(points: list[OperatingPoint], j: np.ndarray, d: int) -> dict:
     """What the assignment ``j`` gives: ``{"bits_per_record"`` (estimated), ``"mse"``, ``"psnr_db"``}``, ``d``
     values per record."""
     n = np.arange(len(j))
-    se = np.stack([p["se"] for p in points])[j, n]
-    bits = np.stack([p["bits"] for p in points])[j, n]
+    se = np.stack([p.record_se for p in points])[j, n]
+    bits = np.stack([p.record_bits for p in points])[j, n]
     mse = float(se.mean()) / d
     return {"bits_per_record": float(bits.mean()), "mse": mse, "psnr_db": psnr_db(mse)}
 
 
-def choose(points: list[dict], d: int, psnr: float | None = None, bpp: float | None = None) -> dict:
+def choose(points: list[OperatingPoint], d: int, psnr: float | None = None, bpp: float | None = None) -> dict:
     """The multiplier for a target, by bisection over log(lmbda): for ``psnr=T``, the smallest ``lmbda`` whose
     assignment reaches PSNR >= T (exact, from the candidates' reconstructions); for ``bpp=b``, the largest whose
     estimated bits per value stay <= b. ``d``: values per record. Returns ``{"lmbda", "assignment": int [N],
@@ -206,67 +216,14 @@ def choose(points: list[dict], d: int, psnr: float | None = None, bpp: float | N
     return {"lmbda": lm, "assignment": j, **outcome(points, j, d)}
 
 
-def _code_point(p: dict, x: np.ndarray) -> tuple[bytes, np.ndarray]:
+def _code_point(p: OperatingPoint, x: np.ndarray) -> tuple[bytes, np.ndarray]:
     """Records ``x`` (uint8 ``[n, D]``) at point ``p`` -> (container, its decoded counts uint8 ``[n, D]``)."""
-    if p.get("levels"):
-        coder = family.near_lossless_coder(p["model"], p["levels"], p["reconstruction"])
+    coder = p.coder()
+    if p.kind == "near_lossless":
         blob, x_hat = coder.compress_and_reconstruct(x)
         return blob, _to_counts(x_hat)
-    from vaestream.coding import codec as codec_mod
-
-    c = codec_mod.load(p["model"])
-    blob = c.compress(x, quality=p["quality"])
-    return blob, _to_counts(c.decompress(blob))
-
-
-def compress(points: list[dict], j: np.ndarray, records) -> tuple[bytes, np.ndarray]:
-    """The records (uint8 pictures ``[N, D]`` or ``[N, H, W]``), record i at ``points[j[i]]``: (one mixed stream
-    (module docstring), what :func:`decompress` returns for it, uint8 ``[N, D]``)."""
-    x, shape = _pictures(records)
-    j = np.asarray(j, np.int64)
-    if j.shape != (len(x),) or j.min() < 0 or j.max() >= len(points):
-        raise ConfigError(f"an assignment of {len(x)} records to {len(points)} points, got {j.shape}")
-    used = np.unique(j)
-    x_hat = np.empty_like(x)
-    streams = []
-    for u in used:
-        blob, x_hat[j == u] = _code_point(points[u], x[j == u])
-        streams.append(blob)
-    sym = np.searchsorted(used, j).astype(np.int32)
-    counts = np.array([np.sum(j == u) for u in used], np.float64)
-    code = b""
-    if len(used) > 1:
-        msg = cs.Categorical(counts / counts.sum(), n=len(sym)).push(cs.message(), sym)
-        code = cs.words(msg).astype("<u4").tobytes()
-    return container.pack_per_record(shape, len(x), list(zip(counts, streams)), code), x_hat
-
-
-def compress_to(fam: str | os.PathLike, records, psnr: float | None = None, bpp: float | None = None,
-                points: list[dict] | None = None) -> tuple[bytes, np.ndarray, dict]:
-    """Compress ``records`` (uint8 pictures) per record over the family ``fam`` for a target: PSNR >= ``psnr``
-    on the batch at the fewest bits (the delivered PSNR, checked on the real streams: a near-lossless point's
-    reconstruction depends on the z its chain draws, so where it falls short, ``lmbda`` is raised and the batch
-    coded again), or about ``bpp`` bits per value. ``points``: :func:`candidates` of these records, if measured.
-    Returns (the mixed stream, what it decodes to (uint8 ``[N, D]``), ``{"lmbda", "bits_per_record", "psnr_db",
-    "streams": [{"model", "quality", "levels", "reconstruction", "records"}]}``) with the real bits and PSNR."""
-    x, _ = _pictures(records)
-    points = candidates(fam, x) if points is None else points
-    d = x.shape[1]
-    goal = psnr
-    for _ in range(5):
-        ch = choose(points, d, psnr=goal, bpp=bpp)
-        blob, x_hat = compress(points, ch["assignment"], records)
-        got = psnr_db(float(np.mean(_se(x, x_hat))) / d)
-        if psnr is None or got >= psnr:
-            break
-        goal += psnr - got + 0.005
-    else:
-        raise ConfigError(f"per-record coding missed {psnr:g} dB on the real streams ({got:.3f} dB)")
-    j = ch["assignment"]
-    streams = [{"model": str(points[u]["model"]), "quality": points[u]["quality"], "levels": points[u]["levels"],
-                "reconstruction": points[u]["reconstruction"], "records": int(np.sum(j == u))} for u in np.unique(j)]
-    return blob, x_hat, {"lmbda": ch["lmbda"], "bits_per_record": 8 * len(blob) / len(x), "psnr_db": got,
-                  "streams": streams}
+    blob = coder.compress(x, quality=p.quality)
+    return blob, _to_counts(coder.decompress(blob))
 
 
 def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, bytes]], np.ndarray]:
@@ -284,16 +241,123 @@ def read(blob, name: str = "stream") -> tuple[tuple[int, ...], list[tuple[int, b
     return shape, streams, sym
 
 
-def decompress(fam: str | os.PathLike, blob, name: str = "stream") -> np.ndarray:
-    """A mixed stream -> its records' reconstructions, uint8 ``[N, *record shape]`` (as compressed). Each stream is
-    decoded by the member of ``fam`` that wrote it (:func:`vaestream.coding.family.codec_for`: a stream of a model
-    not in the family raises :class:`vaestream.errors.ModelError`)."""
-    shape, streams, sym = read(blob, name)
-    out = np.empty((len(sym), int(np.prod(shape))), np.uint8)
-    for i, (c, s) in enumerate(streams):
-        y = _to_counts(family.codec_for(fam, s).decompress(s))
-        if y.shape != (c, out.shape[1]):
-            raise BitstreamError(f"{name}: stream {i} decodes to {y.shape[0]} records of {y.shape[1]} values, its "
-                                 f"header says {c} of {out.shape[1]}")
-        out[sym == i] = y
-    return out.reshape((len(out),) + shape)
+@dataclasses.dataclass(frozen=True)
+class PerRecordStream:
+    """What :meth:`PerRecordCoder.encode` made: the stream (``blob``), what it decodes to (``reconstruction``,
+    uint8 ``[N, D]``), the multiplier (``lmbda``; None for an assignment given), the real ``bits_per_record`` and
+    ``psnr_db``, and ``streams``: ``[{"model", "quality", "levels", "reconstruction", "records"}]``."""
+
+    blob: bytes
+    reconstruction: np.ndarray
+    lmbda: float | None
+    bits_per_record: float
+    psnr_db: float
+    streams: list
+
+    def summary(self) -> dict:
+        """The JSON-ready summary (no blob, no reconstruction)."""
+        return {"lmbda": self.lmbda, "bits_per_record": self.bits_per_record, "psnr_db": self.psnr_db,
+                "streams": self.streams}
+
+
+class PerRecordCoder:
+    """Each record at its own operating point of a family, one stream (see the module docstring).
+
+    Args:
+      family: the family directory (its members decode the sub-streams).
+      psnr / bpp: the target :meth:`compress` meets (one of them; decoding needs neither).
+      points: the :func:`candidates` of the records to be compressed, if already measured.
+    """
+
+    def __init__(self, family: str | os.PathLike, psnr: float | None = None, bpp: float | None = None,
+                 points: list[OperatingPoint] | None = None):
+        self.family = Path(family)
+        self.psnr, self.bpp, self.points = psnr, bpp, points
+
+    def encode(self, records, assignment: np.ndarray | None = None) -> PerRecordStream:
+        """Compress ``records`` (uint8 pictures ``[N, D]`` or ``[N, H, W]``) and say how: record i at
+        ``points[assignment[i]]`` if an assignment is given, else at the points chosen for the target: PSNR >=
+        ``psnr`` on the batch at the fewest bits (the delivered PSNR, checked on the real streams: a near-lossless
+        point's reconstruction depends on the z its chain draws, so where it falls short, ``lmbda`` is raised and
+        the batch coded again), or about ``bpp`` bits per value."""
+        x, _ = _pictures(records)
+        points = candidates(self.family, x) if self.points is None else self.points
+        if assignment is not None:
+            blob, x_hat = self._pack(points, assignment, records)
+            return self._result(points, np.asarray(assignment), None, blob, x_hat, x)
+        if (self.psnr is None) == (self.bpp is None):
+            raise ConfigError("per-record compression needs one target: psnr (dB) or bpp (bits per value)")
+        d, goal = x.shape[1], self.psnr
+        for _ in range(5):
+            ch = choose(points, d, psnr=goal, bpp=self.bpp)
+            blob, x_hat = self._pack(points, ch["assignment"], records)
+            got = psnr_db(float(np.mean(_se(x, x_hat))) / d)
+            if self.psnr is None or got >= self.psnr:
+                break
+            goal += self.psnr - got + 0.005
+        else:
+            raise ConfigError(f"per-record coding missed {self.psnr:g} dB on the real streams ({got:.3f} dB)")
+        return self._result(points, ch["assignment"], ch["lmbda"], blob, x_hat, x)
+
+    @staticmethod
+    def _result(points, j, lmbda, blob, x_hat, x) -> PerRecordStream:
+        streams = [{"model": str(points[u].model), "quality": points[u].quality, "levels": points[u].levels,
+                    "reconstruction": points[u].reconstruction, "records": int(np.sum(j == u))} for u in np.unique(j)]
+        got = psnr_db(float(np.mean(_se(x, x_hat))) / x.shape[1])
+        return PerRecordStream(blob, x_hat, lmbda, 8 * len(blob) / len(x), got, streams)
+
+    @staticmethod
+    def _pack(points: list[OperatingPoint], j, records) -> tuple[bytes, np.ndarray]:
+        x, shape = _pictures(records)
+        j = np.asarray(j, np.int64)
+        if j.shape != (len(x),) or j.min() < 0 or j.max() >= len(points):
+            raise ConfigError(f"an assignment of {len(x)} records to {len(points)} points, got {j.shape}")
+        used = np.unique(j)
+        x_hat = np.empty_like(x)
+        streams = []
+        for u in used:
+            blob, x_hat[j == u] = _code_point(points[u], x[j == u])
+            streams.append(blob)
+        sym = np.searchsorted(used, j).astype(np.int32)
+        counts = np.array([np.sum(j == u) for u in used], np.float64)
+        code = b""
+        if len(used) > 1:
+            msg = cs.Categorical(counts / counts.sum(), n=len(sym)).push(cs.message(), sym)
+            code = cs.words(msg).astype("<u4").tobytes()
+        return container.pack_per_record(shape, len(x), list(zip(counts, streams)), code), x_hat
+
+    def compress(self, records, assignment: np.ndarray | None = None) -> bytes:
+        """The stream of :meth:`encode` (bytes only)."""
+        return self.encode(records, assignment).blob
+
+    def bits(self, records) -> np.ndarray:
+        """Each record's estimated code length at the point chosen for it, float64 ``[N]`` (the candidates'
+        ``record_bits``; the record map's and the sub-streams' fixed costs are not included)."""
+        x, _ = _pictures(records)
+        points = candidates(self.family, x) if self.points is None else self.points
+        j = choose(points, x.shape[1], psnr=self.psnr, bpp=self.bpp)["assignment"]
+        return np.stack([p.record_bits for p in points])[j, np.arange(len(j))]
+
+    def decompress(self, blob, name: str = "stream") -> np.ndarray:
+        """A per-record stream -> its records' reconstructions, uint8 ``[N, *record shape]`` (as compressed). Each
+        sub-stream is decoded by the member of the family that wrote it
+        (:func:`vaestream.coding.family.container_coder`: a stream of a model not in the family raises
+        :class:`vaestream.errors.ModelError`)."""
+        shape, streams, sym = read(blob, name)
+        out = np.empty((len(sym), int(np.prod(shape))), np.uint8)
+        for i, (c, s) in enumerate(streams):
+            sub = f"{name} stream {i}"
+            h = container.read_header(io.BytesIO(s), sub)
+            y = _to_counts(family.container_coder(h, self.family, sub).decompress(s, name=sub))
+            if y.shape != (c, out.shape[1]):
+                raise BitstreamError(f"{name}: stream {i} decodes to {y.shape[0]} records of {y.shape[1]} values, its "
+                                     f"header says {c} of {out.shape[1]}")
+            out[sym == i] = y
+        return out.reshape((len(out),) + shape)
+
+    def iter_decompress(self, f: BinaryIO, name: str | None = None) -> Iterator[np.ndarray]:
+        """The records of a per-record stream read front to back from the binary file ``f``: one array (the record
+        map orders records across sub-streams, so the stream decodes whole)."""
+        name = name or getattr(f, "name", "stream")
+        data = bytes(f) if isinstance(f, (bytes, bytearray, memoryview)) else f.read()
+        yield self.decompress(data, str(name))

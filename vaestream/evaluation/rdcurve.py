@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from vaestream.coding import family as family_mod
-from vaestream.coding.per_record import candidates, compress_to
+from vaestream.coding.per_record import PerRecordCoder, candidates
 from vaestream.errors import ConfigError, DataError
 from vaestream.evaluation import peers as peers_mod
 from vaestream.metrics import bd_rate, envelope, ssim
@@ -33,14 +33,14 @@ def family_points(family: str | os.PathLike, records, rdo: bool = False) -> list
     out = []
     for d in family_mod.members(family):
         for r in family_mod.member_points(d, records, with_ssim=True, rdo=rdo):
-            out.append({**r, "model": d.name, "bits_per_image": r["bits_per_record"]})
+            out.append({**r.to_dict(), "model": d.name, "bits_per_image": r.bits_per_record})
     return out
 
 
-def per_record_curve(fam: str | os.PathLike, records, targets, points: list[dict] | None = None,
+def per_record_curve(fam: str | os.PathLike, records, targets, points: list | None = None,
                      log=None) -> list[dict]:
     """The family's per-record points at PSNR ``targets`` (dB) on ``records`` (uint8 ``[N, H, W]`` pictures):
-    each coded for real (:func:`vaestream.coding.per_record.compress_to`), ``{"model": "per-record",
+    each coded for real (:meth:`vaestream.coding.per_record.PerRecordCoder.encode`), ``{"model": "per-record",
     "target_psnr_db", "bits_per_record", "bits_per_image", "mse", "psnr_db", "ssim", "lmbda", "streams",
     "encode_seconds"}``; a target out of reach gives ``{"target_psnr_db", "error"}``. ``log`` receives each row."""
     import time
@@ -52,15 +52,15 @@ def per_record_curve(fam: str | os.PathLike, records, targets, points: list[dict
     for target in targets:
         t0 = time.time()
         try:
-            _, x_hat, info = compress_to(fam, x, psnr=float(target), points=points)
+            r = PerRecordCoder(fam, psnr=float(target), points=points).encode(x)
         except ConfigError as e:
             rows.append({"target_psnr_db": float(target), "error": str(e)})
             continue
-        y = x_hat.reshape(x.shape).astype(np.float64) / 255.0
-        rows.append({"model": "per-record", "target_psnr_db": float(target), "bits_per_record": info["bits_per_record"],
-                     "bits_per_image": info["bits_per_record"], "mse": float(np.mean((y - xf) ** 2)),
-                     "psnr_db": info["psnr_db"], "ssim": ssim(y, xf), "lmbda": info["lmbda"],
-                     "streams": info["streams"], "encode_seconds": round(time.time() - t0, 1)})
+        y = r.reconstruction.reshape(x.shape).astype(np.float64) / 255.0
+        rows.append({"model": "per-record", "target_psnr_db": float(target), "bits_per_record": r.bits_per_record,
+                     "bits_per_image": r.bits_per_record, "mse": float(np.mean((y - xf) ** 2)),
+                     "psnr_db": r.psnr_db, "ssim": ssim(y, xf), "lmbda": r.lmbda,
+                     "streams": r.streams, "encode_seconds": round(time.time() - t0, 1)})
         if log is not None:
             log(rows[-1])
     return rows
