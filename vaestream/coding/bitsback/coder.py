@@ -537,12 +537,13 @@ class LosslessCoder(Chain):
         """Records frame by frame from a lossless container read front to back from the binary file ``f`` (a pipe,
         a socket; bytes are read from memory): uint8 ``[n, D]`` per frame, so memory stays bounded by one frame
         whatever the stream's length."""
-        name = name or getattr(f, "name", "stream")
+        name = name or getattr(f, "name", None)
+        name = name if isinstance(name, str) else "stream"  # a pipe's file object is named by its descriptor
         if isinstance(f, (bytes, bytearray, memoryview)):
             f = io.BytesIO(bytes(f))
         elif not hasattr(f, "read"):
             raise BitstreamError(f"{name}: expected a binary file or bytes, got {type(f).__name__}")
-        frames = self._decoded(f, str(name))
+        frames = self._decoded(f, name)
         next(frames)
         for x, _ in frames:
             yield x
