@@ -109,6 +109,8 @@ def test_a_per_record_stream_opens_to_the_family_coder(fam, x, tmp_path):
         assert y.dtype == np.uint8 and y.shape == x.shape
         assert np.array_equal(y.reshape(len(x), -1), r.reconstruction)
     assert np.array_equal(streams.decompress(tmp_path / "s.vm", fam), y)
+    with open(tmp_path / "s.vm", "rb") as f:  # the same verb as the other coders: read front to back
+        assert np.array_equal(np.concatenate(list(dec.iter_decompress(f))), y)
     with pytest.raises(ConfigError, match="family"):  # several models: a model directory cannot open it
         open_stream(tmp_path / "s.vm", fam / "lossy")
     with pytest.raises(BitstreamError, match="per-record stream"):  # nor can the lossy codec
