@@ -28,22 +28,45 @@ from vaestream.layers import BLOCK_ROWS, blocked
 def coded_dir(request):
     """The session's coded MLP model, a convolutional one (vaestream.conv) and a convolutional one with a
     spatial latent: every test runs on all three."""
-    return request.getfixturevalue({"mlp": "coded_model_dir", "conv": "coded_conv_model_dir",
-                                    "spatial": "coded_spatial_model_dir"}[request.param])
+    return request.getfixturevalue(_KINDS[request.param])
+
+
+_KINDS = {"mlp": "coded_model_dir", "conv": "coded_conv_model_dir", "spatial": "coded_spatial_model_dir"}
 
 
 @pytest.fixture(scope="module")
-def stream(coded_dir, mnist_test):
+def built() -> dict:
+    """Each model directory's stream and export, made once in this module and shared by the per-kind tests and
+    the fresh-process test that decodes every kind."""
+    return {}
+
+
+def _stream_of(built: dict, coded_dir, mnist_test):
+    key = ("stream", str(coded_dir))
+    if key not in built:
+        cdc = codec.load(coded_dir)
+        blob = cdc.compress(mnist_test[:1000])
+        built[key] = (cdc, blob, cdc.decompress(blob))
+    return built[key]
+
+
+def _export_of(built: dict, coded_dir, tmp_path_factory):
+    key = ("export", str(coded_dir))
+    if key not in built:
+        built[key] = export.export(coded_dir, tmp_path_factory.mktemp("exports"), quality=1.0)
+    return built[key]
+
+
+@pytest.fixture(scope="module")
+def stream(coded_dir, mnist_test, built):
     """A 1,000-record stream of real MNIST test images and its reference reconstruction (one batch)."""
-    cdc = codec.load(coded_dir)
-    blob = cdc.compress(mnist_test[:1000])
-    return cdc, blob, cdc.decompress(blob)
+    return _stream_of(built, coded_dir, mnist_test)
 
 
 @pytest.fixture(scope="module")
-def exported(coded_dir, tmp_path_factory):
+def exported(coded_dir, tmp_path_factory, built):
     """A SavedModel export of the model (quality 1)."""
-    return export.export(coded_dir, tmp_path_factory.mktemp("exports"), quality=1.0)
+    return _export_of(built, coded_dir, tmp_path_factory)
 
 
 def _batched(fn, a: np.ndarray, size: int) -> np.ndarray:
@@ -74,8 +97,10 @@ def test_the_blocked_decoder_does_not_depend_on_the_batch_where_a_plain_gemm_may
 def test_decoded_bytes_are_identical_for_batch_sizes_1_7_64_and_1000(stream):
     cdc, blob, ref = stream
     codes, _ = cdc.decompress_codes(blob)
-    for size in (1, 7, 64, 1000):
+    for size in (7, 64, 1000):
         assert _batched(cdc.decode, codes, size).tobytes() == ref.tobytes(), f"batch size {size}"
+    n = 3 * 64 + 5  # one record at a time: across three blocks' worth of records
+    assert _batched(cdc.decode, codes[:n], 1).tobytes() == ref[:n].tobytes(), "batch size 1"
     one = cdc.decompress(cdc.compress_codes(codes[417], single=True))
     assert one.tobytes() == ref[417].tobytes()
 
@@ -92,8 +117,10 @@ def test_codes_are_identical_for_any_batching_of_the_records(stream, mnist_test)
     cdc, blob, _ = stream
     codes, _ = cdc.decompress_codes(blob)
     x = mnist_test[:1000]
-    for size in (1, 7, 64, 333):
+    for size in (7, 64, 333):
         np.testing.assert_array_equal(_batched(cdc.encode, x, size), codes)
+    n = 3 * 64 + 5  # one record at a time: across three blocks' worth of records
+    np.testing.assert_array_equal(_batched(cdc.encode, x[:n], 1), codes[:n])
 
 
 def test_random_access_and_frame_by_frame_reads_decode_the_same_bytes(stream, coded_dir, mnist_test, tmp_path):
@@ -125,28 +152,36 @@ def test_the_savedmodel_decode_and_reconstruct_signatures_give_the_same_bytes(st
 
 
 @pytest.mark.parametrize("threads", [1, 8])
-def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(stream, coded_dir, exported, tmp_path,
-                                                                          threads):
-    """compress (here) -> decompress and SavedModel decode (in a fresh process, another thread count)."""
-    cdc, blob, ref = stream
-    (tmp_path / "blob").write_bytes(blob)
+def test_a_fresh_process_with_another_thread_count_decodes_the_same_bytes(request, built, mnist_test,
+                                                                          tmp_path_factory, tmp_path, threads):
+    """compress (here) -> decompress and SavedModel decode in a fresh process with another thread count: one
+    process per thread count decodes every model kind (MLP, convolutional, spatial latent)."""
+    jobs = []
+    for kind, fixture in _KINDS.items():
+        coded_dir = request.getfixturevalue(fixture)
+        _, blob, ref = _stream_of(built, coded_dir, mnist_test)
+        path = _export_of(built, coded_dir, tmp_path_factory)
+        (tmp_path / f"{kind}.blob").write_bytes(blob)
+        jobs.append((kind, str(coded_dir), str(path), ref))
     script = textwrap.dedent(f"""
         import numpy as np, tensorflow as tf
         tf.config.threading.set_intra_op_parallelism_threads({threads})
         tf.config.threading.set_inter_op_parallelism_threads({threads})
         from vaestream.coding import codec
-        c = codec.load({str(coded_dir)!r})
-        blob = open({str(tmp_path / 'blob')!r}, 'rb').read()
-        codes, _ = c.decompress_codes(blob)
-        parts = [c.decode(codes[s:s + 13]) for s in range(0, len(codes), 13)]
-        np.save({str(tmp_path / 'a.npy')!r}, c.decompress(blob))
-        np.save({str(tmp_path / 'b.npy')!r}, np.concatenate(parts))
-        np.save({str(tmp_path / 'c.npy')!r}, codec.load({str(exported)!r}).decompress(blob))
+        for kind, coded_dir, exported in {[(k, d, e) for k, d, e, _ in jobs]!r}:
+            c = codec.load(coded_dir)
+            blob = open({str(tmp_path)!r} + f"/{{kind}}.blob", 'rb').read()
+            codes, _ = c.decompress_codes(blob)
+            parts = [c.decode(codes[s:s + 13]) for s in range(0, len(codes), 13)]
+            np.save({str(tmp_path)!r} + f"/{{kind}}-a.npy", c.decompress(blob))
+            np.save({str(tmp_path)!r} + f"/{{kind}}-b.npy", np.concatenate(parts))
+            np.save({str(tmp_path)!r} + f"/{{kind}}-c.npy", codec.load(exported).decompress(blob))
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=180)
-    for name in ("a.npy", "b.npy", "c.npy"):
-        assert np.load(tmp_path / name).tobytes() == ref.tobytes(), name
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    for kind, _, _, ref in jobs:
+        for name in ("a", "b", "c"):
+            assert np.load(tmp_path / f"{kind}-{name}.npy").tobytes() == ref.tobytes(), (kind, name)
 
 
 def test_blocked_keeps_structure_rows_and_dtype():
