@@ -425,12 +425,17 @@ class VAEModelHandler(ModelHandler):
         return out
 
     def decode_batches(self, batch: Sequence[CodeBatch], model: LoadedVAE) -> list[RecordBatch]:
-        """Code batches -> reconstructions, refusing codes of another model."""
+        """Code batches -> reconstructions, refusing codes of another model. Each container is opened as
+        :func:`vaestream.coding.open_stream` opens it (one :class:`~vaestream.coding.streams.StreamOpener` per
+        loaded model: the decoder of each kind of stream is built once)."""
         for b in batch:
             if b.fingerprint != model.fingerprint:
                 raise ModelMismatchError(
                     f"{b.source}: codes were written by model {b.fingerprint[:16]}..., the model given "
                     f"({model.source}) is {model.fingerprint[:16]}...; decode them with the model that encoded them")
+        from vaestream.coding.bitsback.coder import LosslessCoder
+        from vaestream.coding.streams import StreamOpener
+
         shape = tuple(model.config.input_shape)
         floats = [b for b in batch if not b.coded]
         x = model.decode(np.concatenate([b.mean for b in floats])) if floats else None
@@ -439,16 +444,14 @@ class VAEModelHandler(ModelHandler):
             n = len(b)
             if b.coded:
                 name = f"{b.source} {b.keys[0] if n else ''}.."
-                if _stream_kind(b.container, name) == "bitsback":  # the exact counts; scale: the model's input scaling
-                    if getattr(model, "lossless", None) is None:
-                        _attach_lossless(model, model_dir=self.model_dir)
-                    rec = model.lossless.decompress(b.container, name=name)
+                if getattr(model, "opener", None) is None:
+                    model.opener = StreamOpener(self.model_dir if self.model_dir is not None else model.source)
+                coder = model.opener.open(b.container, name=name)
+                rec = np.asarray(coder.decompress(b.container, name=name))
+                if isinstance(coder, LosslessCoder):  # the exact counts; scale: the model's input scaling
                     scale = 1.0 / 255.0 if model.config.likelihood == "beta_binomial" else 1.0
                 else:
-                    if getattr(model, "codec", None) is None:
-                        _attach_codec(model, self.model_dir)
-                    rec = np.asarray(model.codec.decompress(b.container, name=name)).astype(np.float32)
-                    scale = 1.0
+                    rec, scale = rec.astype(np.float32), 1.0
                 if len(rec) != n:
                     raise DataError(f"{b.source}: a coded batch lists {n} keys but its container holds "
                                     f"{len(rec)} records")
@@ -495,18 +498,6 @@ def lossless_validate(likelihood: str) -> dict:
         raise ModelError(f"lossless coding needs a discrete likelihood ({', '.join(LIKELIHOODS)}); this model's "
                          f"is {likelihood}")
     return {"dtype": "uint8", "levels": 255 if likelihood == "beta_binomial" else 1}
-
-
-def _stream_kind(blob: bytes, name: str) -> str:
-    """The kind of a coded element's container, read from its head as :func:`vaestream.coding.open_stream` reads
-    it; a per-record stream (several models) is refused: it needs the family."""
-    from vaestream.coding.streams import stream_kind
-    from vaestream.errors import BitstreamError
-
-    kind = stream_kind(bytes(blob), name)
-    if kind == "per_record":
-        raise BitstreamError(f"{name}: a per-record stream of a family; decode it with vaestream.coding.open_stream")
-    return kind
 
 
 def _attach_lossless(model: LoadedVAE, levels: int | None = None, reconstruction: str = "level",

@@ -74,6 +74,41 @@ def _name(source, name: str | None) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "stream"
 
 
+class StreamOpener:
+    """Opens the streams of one model or family directory, keeping each decoder it builds.
+
+    A job that reads many containers of one model (the Beam decode job) opens every one of them: the head is read
+    each time, the decoder (its model, tables and context models) is built once per kind of stream and model
+    fingerprint. :func:`open_stream` is one opener used once.
+    """
+
+    def __init__(self, model_or_family: str | os.PathLike):
+        self.root = Path(model_or_family)
+        if not self.root.is_dir():
+            raise ModelError(f"{self.root}: not a model or family directory")
+        self._coders: dict[tuple, object] = {}
+
+    def open(self, source, *, name: str | None = None):
+        """The coder that decodes ``source`` (bytes or a path): see :func:`open_stream`."""
+        name = _name(source, name)
+        per_record, h = _head(source, name)
+        key = ("per_record",) if per_record else (h.lossless, h.fingerprint, h.table_hash)
+        coder = self._coders.get(key)
+        if coder is None:
+            coder = self._coders[key] = self._build(per_record, h, name)
+        return coder
+
+    def _build(self, per_record: bool, h: container.Header | None, name: str):
+        if not per_record:
+            return container_coder(h, self.root, name)
+        if is_model_dir(self.root):
+            raise ConfigError(f"{name}: a per-record stream of several models: open it with their family directory, "
+                              f"not the model directory {self.root}")
+        from vaestream.coding.per_record import PerRecordCoder
+
+        return PerRecordCoder(self.root)
+
+
 def open_stream(source, model_or_family: str | os.PathLike, *, name: str | None = None):
     """The coder that decodes the stream ``source``: bytes, or the path of a stream file (only its head is read).
 
@@ -93,19 +128,7 @@ def open_stream(source, model_or_family: str | os.PathLike, *, name: str | None 
       ModelMismatchError / ModelError: the stream's model is not the one given, or not in the family (naming the
         stream and its fingerprint).
     """
-    name = _name(source, name)
-    per_record, h = _head(source, name)
-    root = Path(model_or_family)
-    if not root.is_dir():
-        raise ModelError(f"{root}: not a model or family directory")
-    if per_record:
-        if is_model_dir(root):
-            raise ConfigError(f"{name}: a per-record stream of several models: open it with their family directory, "
-                              f"not the model directory {root}")
-        from vaestream.coding.per_record import PerRecordCoder
-
-        return PerRecordCoder(root)
-    return container_coder(h, root, name)
+    return StreamOpener(model_or_family).open(source, name=name)
 
 
 def decompress(source, model_or_family: str | os.PathLike, *, name: str | None = None) -> np.ndarray:
