@@ -26,6 +26,36 @@ FASHION_DIRS = _fashion_dirs()
 FASHION_DIR = next((d for d in FASHION_DIRS if (d / "train-images-idx3-ubyte.gz").exists()), FASHION_DIRS[-1])
 
 
+# The order in which modules are handed to pytest-xdist's workers (``.ci/run``: ``-n 2 --dist loadfile
+# --no-loadscope-reorder``), heaviest first so that both workers finish together; each module stays on one worker,
+# so its module and session fixtures are built once. The scheduler queues the third module behind the first, so
+# a light one goes there. Modules not listed run after these, in collection order.
+MODULE_ORDER = (
+    "test_readme", "test_pipelines", "test_data", "test_determinism", "test_training", "test_distributed",
+    "test_near_lossless", "test_broker", "test_cli", "test_cli_quiet", "test_serve", "test_mixed", "test_bb_context",
+    "test_bb_joint", "test_dask", "test_online", "test_lossless", "test_export", "test_open_stream", "test_rd",
+    "test_golden", "test_lossless_two_layer", "test_objective", "test_streaming", "test_rdo", "test_codec",
+    "test_registry", "test_codecs", "test_shards", "test_layout", "test_coder", "test_container",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules in :data:`MODULE_ORDER`, each module's tests in their own order."""
+    rank = {name: i for i, name in enumerate(MODULE_ORDER)}
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path.stem, i)
+    items.sort(key=lambda it: (rank.get(it.path.stem, len(rank)), first[it.path.stem]))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The executed README's block counts (``test_readme``'s ``readme_blocks`` property), also from xdist workers."""
+    for rep in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        for key, value in getattr(rep, "user_properties", ()):
+            if key == "readme_blocks" and rep.when == "call":
+                terminalreporter.write_line(f"README.md blocks: {value}")
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
