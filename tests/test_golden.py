@@ -211,21 +211,6 @@ def test_reencode(name, tmp_path):
 CLI_DECODES = {"levels-4-learned": ["--model", "models/family/bitsback"], "per-record": ["--family", "models/family"]}
 
 
-def test_decode_cli(tmp_path):
-    """``vaestream decompress`` reads a context-coded stream with learned reconstruction (--model) and a per-record
-    stream (--family): the command line's entry point, both in one subprocess (one TensorFlow start)."""
-    argvs = [["decompress", str(GOLDEN / STREAMS[n]["file"]), str(tmp_path / f"{n}.npy"),
-              *[str(GOLDEN / a) if a.startswith("models/") else a for a in args]] for n, args in CLI_DECODES.items()]
-    code = f"import sys; from vaestream.cli import main; sys.exit(max([main(a) for a in {argvs!r}]))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    for name in CLI_DECODES:
-        s = STREAMS[name]
-        y = np.load(tmp_path / f"{name}.npy")
-        assert y.shape == np.load(GOLDEN / s["input"]).shape and y.dtype == np.uint8, name
-        check(s, {"output": y.reshape(np.load(GOLDEN / s["expected"])["output"].shape)})
-
-
 def _cpu_module():
     """NumPy's module that lists its CPU features (``numpy._core`` in 2.x, ``numpy.core`` in 1.x)."""
     try:
@@ -235,27 +220,58 @@ def _cpu_module():
     return _multiarray_umath
 
 
-def _decode_all(out_dir: Path) -> None:
-    """Decode every golden stream into ``out_dir/NAME.npz`` and this process's NumPy CPU features into
-    ``out_dir/cpu.json`` (run by :func:`test_decode_without_avx512` in a subprocess)."""
+def _cli_argvs(out_dir: Path) -> list[list[str]]:
+    return [["decompress", str(GOLDEN / STREAMS[n]["file"]), str(out_dir / f"cli-{n}.npy"),
+             *[str(GOLDEN / a) if a.startswith("models/") else a for a in args]] for n, args in CLI_DECODES.items()]
+
+
+def _decode_all(out_dir: Path) -> int:
+    """Decode every golden stream into ``out_dir/NAME.npz`` with the public entry points, this process's NumPy CPU
+    features into ``out_dir/cpu.json``, and the :data:`CLI_DECODES` streams with ``vaestream decompress`` (the
+    command line's main) into ``out_dir/cli-NAME.npy``; return the largest exit code of those commands (run by
+    :func:`fresh_decodes` in a subprocess)."""
+    from vaestream.cli import main
+
     mu = _cpu_module()
     for name, s in STREAMS.items():
         np.savez(out_dir / f"{name}.npz", **decode(s))
     (out_dir / "cpu.json").write_text(json.dumps({k: bool(v) for k, v in mu.__cpu_features__.items()}))
+    return max(main(a) for a in _cli_argvs(out_dir))
 
 
-def test_decode_without_avx512(tmp_path):
-    """The same outputs with NumPy's AVX-512 dispatch and oneDNN's AVX-512 kernels switched off."""
+@pytest.fixture(scope="module")
+def fresh_decodes(tmp_path_factory):
+    """ONE fresh process, with NumPy's AVX-512 dispatch and oneDNN's AVX-512 kernels switched off, decodes every
+    golden stream and runs the command line's decodes (one TensorFlow start for both checks). Returns its output
+    directory and the AVX-512 features it was asked to switch off."""
+    out = tmp_path_factory.mktemp("golden_fresh")
     mu = _cpu_module()
     off = [f for f in NO_AVX512_FEATURES if f in mu.__cpu_dispatch__]
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(off), "ONEDNN_MAX_CPU_ISA": "AVX2",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
-    r = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    cpu = json.loads((tmp_path / "cpu.json").read_text())
+    return out, off
+
+
+def test_decode_cli(fresh_decodes):
+    """``vaestream decompress`` reads a context-coded stream with learned reconstruction (--model) and a per-record
+    stream (--family): the command line's entry point, in a fresh process."""
+    out, _ = fresh_decodes
+    for name in CLI_DECODES:
+        s = STREAMS[name]
+        y = np.load(out / f"cli-{name}.npy")
+        assert y.shape == np.load(GOLDEN / s["input"]).shape and y.dtype == np.uint8, name
+        check(s, {"output": y.reshape(np.load(GOLDEN / s["expected"])["output"].shape)})
+
+
+def test_decode_without_avx512(fresh_decodes):
+    """The same outputs with NumPy's AVX-512 dispatch and oneDNN's AVX-512 kernels switched off."""
+    out, off = fresh_decodes
+    cpu = json.loads((out / "cpu.json").read_text())
     assert not any(cpu.get(f) for f in off), cpu
     for name, s in STREAMS.items():
-        got = np.load(tmp_path / f"{name}.npz")
+        got = np.load(out / f"{name}.npz")
         check(s, {k: got[k] for k in got.files})
 
 
@@ -282,4 +298,4 @@ def test_flipped_byte_refused(name, tmp_path):
 
 
 if __name__ == "__main__":
-    _decode_all(Path(sys.argv[1]))
+    sys.exit(_decode_all(Path(sys.argv[1])))
