@@ -32,8 +32,8 @@ def test_free_ports_are_distinct():
 def test_two_workers_train_from_the_cli_resume_from_the_api_and_match_one_process(small_shards, tmp_path,
                                                                                   mnist_test, capsys):
     """One scenario, so the worker processes start only three times: ``vaestream train --distributed 2``
-    trains 150 steps; ``train_distributed`` resumes the chief's checkpoint to 200; that equals an
-    uninterrupted 200-step run bit for bit; its bound is close to a single-process run's (same seed, shards)."""
+    trains 60 steps; ``train_distributed`` resumes the chief's checkpoint to 80; that equals an
+    uninterrupted 80-step run bit for bit; its bound is close to a single-process run's (same seed, shards)."""
     import json
 
     from vaestream.cli import main
@@ -43,33 +43,33 @@ def test_two_workers_train_from_the_cli_resume_from_the_api_and_match_one_proces
     test = mnist_test[:1000].reshape(1000, -1).astype(np.float32) / 255.0
     model_dir = tmp_path / "mw"
     rc = main(["train", "--data", str(small_shards), "--out", str(model_dir), "--latent-dim", "10", "--hidden",
-               "200", "--steps", "150", "--seed", "1", "--batch-size", "100", "--distributed", "2", "--json",
+               "200", "--steps", "60", "--seed", "1", "--batch-size", "100", "--distributed", "2", "--json",
                "--no-progress"])
     assert rc == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rec["step"] == 150 and rec["workers"] == 2 and rec["examples_per_second"] > 0
+    assert rec["step"] == 60 and rec["workers"] == 2 and rec["examples_per_second"] > 0
     assert store.read_config(model_dir) == CONFIG
     model = store.load_model(model_dir)  # the chief's checkpoint
     untrained = dataset_elbo(VAE(CONFIG, seed=1), test)["elbo"]
     assert dataset_elbo(model, test)["elbo"] > untrained + 100
     assert not list(model_dir.glob(".worker-*"))
-    # resume: 50 more steps from the chief's checkpoint
-    rec2 = train_distributed(small_shards, model_dir, CONFIG, TrainConfig(steps=200, seed=1, batch_size=100),
+    # resume: 20 more steps from the chief's checkpoint
+    rec2 = train_distributed(small_shards, model_dir, CONFIG, TrainConfig(steps=80, seed=1, batch_size=100),
                              num_workers=2)
-    assert rec2["step"] == 200 and rec2["steps_this_run"] == 50
+    assert rec2["step"] == 80 and rec2["steps_this_run"] == 20
     trained = dataset_elbo(store.load_model(model_dir), test)["elbo"]
-    # exact resume: 150 + 50 steps == 200 uninterrupted steps, bit for bit
+    # exact resume: 60 + 20 steps == 80 uninterrupted steps, bit for bit
     straight = tmp_path / "straight"
-    train_distributed(small_shards, straight, CONFIG, TrainConfig(steps=200, seed=1, batch_size=100), num_workers=2)
+    train_distributed(small_shards, straight, CONFIG, TrainConfig(steps=80, seed=1, batch_size=100), num_workers=2)
     a, b = store.load_model(model_dir), store.load_model(straight)
     for va, vb_ in zip(a.trainable_variables, b.trainable_variables):
         np.testing.assert_array_equal(va.numpy(), vb_.numpy())
-    # single process, same shards and seed, 200 steps: the same bound within a tolerance (not the same bits:
+    # single process, same shards and seed, 80 steps: the same bound within a tolerance (not the same bits:
     # other noise draws, per-worker minibatches and reduction order; measured 0.2-1.2 nats apart at 300 steps)
     single = train_from_shards(small_shards, tmp_path / "single", CONFIG,
-                               TrainConfig(steps=200, seed=1, batch_size=100, eval_records=1000), progress=False)
+                               TrainConfig(steps=80, seed=1, batch_size=100, eval_records=1000), progress=False)
     one = dataset_elbo(single.model, test)["elbo"]
-    print(f"ELBO on 1000 test records after 200 steps: 2 workers {trained:.2f}, 1 process {one:.2f}, "
+    print(f"ELBO on 1000 test records after 80 steps: 2 workers {trained:.2f}, 1 process {one:.2f}, "
           f"untrained {untrained:.2f}; examples/s: 2 workers {rec2['examples_per_second']}, "
           f"1 process (XLA while_loop) {single.examples_per_second:.1f}")
     assert abs(trained - one) < 10.0, (trained, one)
