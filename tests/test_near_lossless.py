@@ -157,36 +157,63 @@ def test_bad_levels_and_models_are_refused(bb_model, bern_model):
     assert LosslessCoder(two, levels=EXACT_LEVELS).max_error == 0
 
 
-def test_cli_compresses_with_levels_and_another_process_decodes_it(bb_model, mnist_test, tmp_path):
-    _, model_dir = bb_model
-    x = mnist_test[:100]
-    np.save(tmp_path / "x.npy", x)
-    run = [sys.executable, "-m", "vaestream.cli"]
-    done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vaez"), "--model",
-                                 str(model_dir), "--levels", "6", "--reconstruction", "mean"], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["levels"] == 6 and info["reconstruction"] == "mean" and info["lossless"] is False
-    done = subprocess.run(run + ["decompress", str(tmp_path / "x.vaez"), str(tmp_path / "y.npy"), "--model",
-                                 str(model_dir)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    want = LosslessCoder(bb_model[0], levels=6, reconstruction="mean").compress_and_reconstruct(x)[1]
-    assert np.array_equal(np.load(tmp_path / "y.npy").reshape(len(x), -1), want)
+@pytest.fixture(scope="module")
+def cli_streams(bb_model, coded_model_dir, mnist_test, tmp_path_factory):
+    """Two streams written by ``vaestream compress`` (the CLI's main, in this process): 100 records at ``--levels 6
+    --reconstruction mean`` with the bits-back model, and 64 records of a family (a lossy and a bits-back member)
+    at ``--psnr 35``; then ONE fresh process decodes both with ``vaestream decompress`` (``--model`` and
+    ``--family``). Returns the directory, the family and the two compress reports."""
+    import contextlib
+    import io
 
+    from vaestream.cli import main
 
-def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_model, coded_model_dir, mnist_test,
-                                                                          tmp_path):
-    """The lossy member's curve flattens; a target above it is met by the bits-back member's levels, at the
-    fewest bits among the points that meet it; ``decompress --family`` finds the member by fingerprint."""
-    fam = tmp_path / "family"
+    d = tmp_path_factory.mktemp("near_lossless_cli")
+    fam = d / "family"
     shutil.copytree(coded_model_dir, fam / "lossy")
     shutil.copytree(bb_model[1], fam / "bitsback")
+    np.save(d / "x100.npy", mnist_test[:100])
+    np.save(d / "x64.npy", mnist_test[:64])
+    info = {}
+    for name, argv in (("levels", ["compress", str(d / "x100.npy"), str(d / "levels.vaez"), "--model",
+                                   str(bb_model[1]), "--levels", "6", "--reconstruction", "mean"]),
+                       ("family", ["compress", str(d / "x64.npy"), str(d / "family.vz"), "--family", str(fam),
+                                   "--psnr", "35"])):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(argv) == 0, name
+        info[name] = json.loads(out.getvalue().strip().splitlines()[-1])
+    argvs = [["decompress", str(d / "levels.vaez"), str(d / "levels.npy"), "--model", str(bb_model[1])],
+             ["decompress", str(d / "family.vz"), str(d / "family.npy"), "--family", str(fam)]]
+    code = f"import sys; from vaestream.cli import main; sys.exit(max([main(a) for a in {argvs!r}]))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return d, fam, info
+
+
+def test_cli_compresses_with_levels_and_another_process_decodes_it(bb_model, mnist_test, cli_streams):
+    d, _, info = cli_streams
+    x = mnist_test[:100]
+    info = info["levels"]
+    assert info["levels"] == 6 and info["reconstruction"] == "mean" and info["lossless"] is False
+    want = LosslessCoder(bb_model[0], levels=6, reconstruction="mean").compress_and_reconstruct(x)[1]
+    assert np.array_equal(np.load(d / "levels.npy").reshape(len(x), -1), want)
+
+
+def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(mnist_test, cli_streams, tmp_path):
+    """The lossy member's curve flattens; a target above it is met by the bits-back member's levels, at the
+    fewest bits among the points that meet it; ``compress --family --psnr`` codes at that point and
+    ``decompress --family``, in another process, finds the member by fingerprint."""
+    d, fam, info = cli_streams
     x = mnist_test[:64]
-    pick = family.choose(fam, x, psnr=35.0)
-    assert pick.model.name == "bitsback" and pick.kind == "near_lossless" and pick.psnr_db >= 35.0
     points = family.measure(fam, x)
-    assert family.choose(fam, psnr=35.0, points=points) == pick
+    pick = family.choose(fam, psnr=35.0, points=points)
+    assert pick.model.name == "bitsback" and pick.kind == "near_lossless" and pick.psnr_db >= 35.0
+    # compress --psnr measured the same records itself (family.choose(fam, x, psnr=35)): the same point
+    got = info["family"]
+    assert (got["model"], got["quality"], got["levels"], got["reconstruction"]) == (
+        str(pick.model), pick.quality, pick.levels, pick.reconstruction)
+    assert (got["selection_psnr_db"], got["selection_bits_per_record"]) == (pick.psnr_db, pick.bits_per_record)
     ok = [p for p in points if p.psnr_db >= 35.0]
     assert pick.bits_per_record == min(p.bits_per_record for p in ok)
     assert {p.model.name for p in points} == {"lossy", "bitsback"}
@@ -200,17 +227,7 @@ def test_a_family_with_a_near_lossless_member_serves_the_high_psnr_targets(bb_mo
                                                  top_latent_dim=3, top_hidden=(8,)).to_json())
     assert family.is_near_lossless(fam / "bitsback") and not family.is_near_lossless(two)  # levels need one layer
 
-    np.save(tmp_path / "x.npy", x)
-    run = [sys.executable, "-m", "vaestream.cli"]
-    done = subprocess.run(run + ["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vz"), "--family", str(fam),
-                                 "--psnr", "35"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["model"].endswith("bitsback") and info["levels"] == pick.levels
-    done = subprocess.run(run + ["decompress", str(tmp_path / "x.vz"), str(tmp_path / "y.npy"), "--family",
-                                 str(fam)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    y = np.load(tmp_path / "y.npy")
+    y = np.load(d / "family.npy")
     assert _psnr(x, y) == pytest.approx(pick.psnr_db, abs=1e-9) and _psnr(x, y) >= 35.0
 
 
