@@ -22,11 +22,12 @@ K = 4
 
 @pytest.fixture(scope="module")
 def joint(ctx_member, mnist_train, mnist_test, tmp_path_factory):
-    """The member and its context model fine-tuned together: 2,000 training images, 2 epochs."""
+    """The member and its context model fine-tuned together: 1,000 training images, 2 epochs (measured: held-out
+    bits x0.948, their KL part x0.62, real bytes on 500 other records x0.950; 2,000 images: x0.92, x0.54, x0.92)."""
     model, d, cm = ctx_member
     before = model.fingerprint()
     rows = []
-    member, jcm = joint_training.train_joint(model, mnist_train[:2000], cm, epochs=2, held_out=mnist_test[:300],
+    member, jcm = joint_training.train_joint(model, mnist_train[:1000], cm, epochs=2, held_out=mnist_test[:300],
                                              seed=0, log=rows.append)
     assert model.fingerprint() == before  # the source member is left as it was
     out = joint_training.save_member(tmp_path_factory.mktemp("joint") / "bitsback-k4", member, jcm)
@@ -108,7 +109,7 @@ def test_train_joint_on_the_command_line_writes_a_member_with_a_learned_reconstr
 
     recon_dir = recon_member[1]
     out = tmp_path / "bitsback-k4"
-    assert main(["train-joint", "--model", str(recon_dir), "--data", str(mnist_dir), "--n", "500", "--levels", "4",
+    assert main(["train-joint", "--model", str(recon_dir), "--data", str(mnist_dir), "--n", "256", "--levels", "4",
                  "--out", str(out), "--epochs", "1", "--held-out", "100", "--recon-epochs", "1"]) == 0
     lines = [json.loads(v) for v in capsys.readouterr().out.strip().splitlines()]
     assert [r.get("epoch") for r in lines[:2]] == [0, 1] and lines[2]["recon"]["epoch"] == 1
