@@ -42,7 +42,8 @@ def test_beta_binomial_round_trip_is_exact(bb_model, bb_stream):
     assert y.dtype == np.uint8 and y.shape == x.shape == (N_RECORDS, 28, 28)
     assert np.array_equal(y, x)
     h = container.read_header(io.BytesIO(blob))
-    assert h.table_hash == LOSSLESS_TAG and h.fingerprint == bytes.fromhex(bb_model[0].fingerprint())[:container.FINGERPRINT_BYTES]
+    fp = bytes.fromhex(bb_model[0].fingerprint())[:container.FINGERPRINT_BYTES]
+    assert h.table_hash == LOSSLESS_TAG and h.fingerprint == fp
 
 
 def test_bernoulli_round_trip_is_exact(bern_model, mnist_test):

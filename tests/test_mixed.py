@@ -63,7 +63,8 @@ def test_the_candidates_are_the_lossy_ladder_and_the_near_lossless_k_with_their_
         assert np.corrcoef(alone, p.record_bits)[0, 1] > 0.9
         # and the sub-streams: the records in quarters from cheapest to dearest by their bits, each quarter coded
         # as a stream of its own costs its records' bits plus at most about one stream's overhead, in that order
-        sub = [(p.record_bits[g].sum(), 8.0 * len(nl.compress(x[g]))) for g in np.array_split(np.argsort(p.record_bits), 4)]
+        sub = [(p.record_bits[g].sum(), 8.0 * len(nl.compress(x[g])))
+               for g in np.array_split(np.argsort(p.record_bits), 4)]
         assert all(0 < real - est < 2 * np.median(extra) for est, real in sub), (p.levels, sub)
         assert [real for _, real in sub] == sorted(real for _, real in sub)
         # the errors are those of the pictures the stream decodes to
@@ -72,7 +73,8 @@ def test_the_candidates_are_the_lossy_ladder_and_the_near_lossless_k_with_their_
         assert np.allclose(p.record_se, np.sum(d * d, axis=1), rtol=0, atol=1e-12)
         assert p.psnr_db == pytest.approx(_psnr(x, y), abs=1e-9)
     for p in points:
-        assert p.record_bits.shape == p.record_se.shape == (len(x),) and np.all(p.record_bits > 0) and np.all(p.record_se >= 0)
+        assert p.record_bits.shape == p.record_se.shape == (len(x),)
+        assert np.all(p.record_bits > 0) and np.all(p.record_se >= 0)
 
 
 def test_bits_estimate_each_records_share_of_the_chain(fam, x):
