@@ -165,7 +165,7 @@ def test_bd_rate_of_a_curve_at_half_the_bits_is_minus_50_percent_over_the_shared
 
 @pytest.mark.parametrize("method", ["pchip", "akima"])
 def test_bd_rate_agrees_with_the_reference_implementation_on_measured_curves(method):
-    """Run 5's measured curves (benchmarks/results): our BD-rate over the shared interval is the one of
+    """Measured RD curves (benchmarks/results/rd_run5_rdo.json): our BD-rate over the shared interval is the one of
     Herglotz et al.'s ``bjontegaard`` package (which matches the JCT-VC sheet) on the same envelopes."""
     import bjontegaard
 
