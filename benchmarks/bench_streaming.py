@@ -390,6 +390,9 @@ def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: flo
     last = max((p["written_at"] for p in panes), default=first)
     sustained = n / max(last - first, 1e-9)
     info = srv.client().info("memory")
+    left = srv.client().xlen(f"bench-{tag}")
+    rss_end = rss_mib()
+    trimmed_rss = _malloc_trim_rss()
     res = {"offered_records_per_s": rate, "records_per_message": per_message,
            "offered_messages_per_s": round(rate / per_message, 1), "duration_s": args.duration,
            "window_s": cfg.window, "max_latency_s": args.max_latency, "publisher": pubres,
@@ -402,12 +405,26 @@ def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: flo
            "latency_s_p99": round(pct(lat, 99), 3) if lat else None,
            "latency_s_max": round(max(lat), 3) if lat else None, "stream_wall_s": round(wall, 1),
            "rss_mib": {"max": max(v for _, v in rss), "first": rss[0][1], "last": rss[-1][1], "every_5s": rss[::5]},
-           "redis_used_memory_mib": round(info["used_memory"] / 2 ** 20, 1)}
+           "redis_used_memory_mib": round(info["used_memory"] / 2 ** 20, 1), "stream_length_after": left,
+           "trimmed": summary.get("broker", {}).get("trimmed"),
+           "rss_mib_end": round(rss_end, 1), "rss_mib_after_malloc_trim": trimmed_rss}
     res["keeps_up"] = bool(n == pubres.get("records") and lat and pct(lat, 99) <= args.max_latency
                            and sustained >= 0.9 * rate)
     srv.client().delete(f"bench-{tag}")
     shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def _malloc_trim_rss() -> float | None:
+    """RSS (MiB) after glibc's ``malloc_trim(0)`` returned the free heap pages to the system (None elsewhere):
+    what of the growth is freed memory the allocator kept, not live objects."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return round(rss_mib(), 1)
 
 
 KILL_DRIVER = """

@@ -145,6 +145,39 @@ def test_reader_redelivers_unacknowledged_poisons_after_max_deliver_and_fails_cl
         BrokerReader(dead.url("s"), reconnect_timeout=1.0).setup()
 
 
+def test_trimming_keeps_every_entry_a_group_still_needs(server, mnist_test, request):
+    """XTRIM MINID ~ below the minimum over ALL the stream's groups of the oldest pending entry (or the one after
+    the last delivered): a group that has read nothing keeps the whole stream; trim=0 turns trimming off."""
+    from vaestream.broker import BrokerReader, publish
+    from vaestream.errors import ConfigError
+
+    stream = _stream(request)
+    url = server.url(stream)
+    c = server_client(server)
+    c.xgroup_create(stream, "other", "0", mkstream=True)            # a group that has read nothing yet
+    ids = [publish(url, mnist_test[i * 100:(i + 1) * 100])["first_id"] for i in range(12)]
+    a = BrokerReader(url, "a").setup()
+    a.ack([m.id for m in a.read(count=100)])                         # group a: all read and acknowledged
+    assert a.trim() == 0 and c.xlen(stream) == 12
+    b = BrokerReader(url, "other").setup()
+    assert [m.id for m in b.read(count=8)] == ids[:8]
+    b.ack(ids[:5])                                                   # pending ids[5:8], ids[8:] not delivered
+    assert a.trim() == 5 and [e[0].decode() for e in c.xrange(stream)] == ids[5:]   # 78 kB entries: one a node
+    b.ack(ids[5:8])
+    assert a.trim() == 3 and [e[0].decode() for e in c.xrange(stream)] == ids[8:]   # after b's last delivered
+    more = [publish(url, mnist_test[:100])["first_id"] for _ in range(2)]
+    off = BrokerReader(url + "?trim=0", "other").setup()
+    got = off.read(count=100)
+    off.ack([m.id for m in got])
+    off.close()                                                      # trim=0: nothing trimmed, even at close
+    assert [m.id for m in got] == ids[8:] + more and off.counts["trimmed"] == 0 and c.xlen(stream) == 6
+    a.ack([m.id for m in a.read(count=100)])
+    a.close()                                                        # both groups done: trimmed at close
+    assert c.xlen(stream) == 0 and a.counts["trimmed"] == 14
+    with pytest.raises(ConfigError, match="trim must be 0 or 1"):
+        BrokerReader(url + "?trim=yes")
+
+
 def test_ledger_rolls_committed_units_forward_and_drops_uncommitted(tmp_path):
     from vaestream.broker import Ledger
 
@@ -244,7 +277,10 @@ def test_stream_encode_from_the_broker_codes_every_good_record_once(server, code
     assert len(ids) == len(set(ids)) and set(ids) == set(good_ids + late_ids + junk_ids)
     assert _pending(url, "stream-encode") == 0 and res["backlog"]["pending"] == 0
     assert res["records"] == 4097 and res["messages_read"] == 45
+    assert res["elements"] < res["messages_read"]          # a read's messages of one window are one element
     assert not list(out.rglob("*.pending"))
+    # the only group has acknowledged everything: the stream is trimmed to nothing
+    assert c.xlen(stream) == 0 and res["broker"]["trimmed"] == 45
 
 
 DRIVER = """
@@ -365,11 +401,13 @@ def test_broker_restarted_under_the_job_resumes(coded_model, mnist_test, tmp_pat
         from vaestream.broker import BrokerError, Ledger
 
         out2 = tmp_path / "out2"
+        for i in range(10):                                 # a stream of its own (the first was trimmed: read)
+            publish(srv.url("restart2"), mnist_test[i * 100:(i + 1) * 100])
         gone = threading.Thread(target=lambda: (_wait_for_ledger(out2), srv.stop()))
         gone.start()
-        with pytest.raises(BrokerError, match=r"redis://127.0.0.1:\d+/restart: \w+: broker unreachable for 2 s"):
+        with pytest.raises(BrokerError, match=r"redis://127.0.0.1:\d+/restart2: \w+: broker unreachable for 2 s"):
             bs.run_stream(str(out2), model_dir=str(coded_model), config=bs.StreamConfig(window=0.5),
-                          source=srv.url("restart", group="g2", reconnect_timeout="2"), idle_timeout=30.0)
+                          source=srv.url("restart2", group="g2", reconnect_timeout="2"), idle_timeout=30.0)
         gone.join()
         assert Ledger(out2).entries() and not list(out2.rglob("*.pending"))
     finally:
@@ -509,21 +547,24 @@ def test_cli_publish_then_stream_encode_and_follow_read_the_stream(server, coded
     assert pub.returncode == 0, err
     summary = json.loads(out)
     assert (summary["messages"], summary["records"]) == (4, 1000)
+    c = server_client(server)
+    ids = [e[0].decode() for e in c.xrange(_stream(request))]
+    c.xgroup_create(_stream(request), "follow", "0")          # the learner's group exists before the encoder runs
     enc = _cli("stream-encode", "--source", url, "--model", str(coded_model), "--output", str(tmp_path / "codes"),
                "--window", "1", "--idle_timeout", "2", "--json")
-    fol = _cli("follow", "--source", url, "--work", str(tmp_path / "work"), "--latent-dim", "3", "--hidden", "32",
-               "--idle-timeout", "2", "--json")
     e_out, e_err = enc.communicate(timeout=300)
-    f_out, f_err = fol.communicate(timeout=300)
     assert enc.returncode == 0, e_err[-3000:]
     res = json.loads(e_out.strip().splitlines()[-1])
     assert res["records"] == 1000 and res["messages_read"] == 4 and res["backlog"]["pending"] == 0
-    c = server_client(server)
-    ids = [e[0].decode() for e in c.xrange(_stream(request))]
     assert set(_keys_of(tmp_path / "codes")) == {record_key(i, j) for i in ids for j in range(250)}
+    assert c.xlen(_stream(request)) == 4                     # all acknowledged by stream-encode, none read by follow
+    fol = _cli("follow", "--source", url, "--work", str(tmp_path / "work"), "--latent-dim", "3", "--hidden", "32",
+               "--idle-timeout", "2", "--json")
+    f_out, f_err = fol.communicate(timeout=300)
     assert fol.returncode == 0, f_err[-3000:]
     follow = json.loads(f_out.strip().splitlines()[-1])
     assert follow["messages"] == 4 and follow["records_trained"] > 0 and _pending(url, "follow") == 0
+    assert c.xlen(_stream(request)) == 0                     # both groups done: the last to finish trimmed it
     # a bad URL: one line, exit 1
     bad = _cli("publish", "--to", "http://127.0.0.1/x", "--input", str(tmp_path / "x.npy"))
     out, err = bad.communicate(timeout=120)

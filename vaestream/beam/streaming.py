@@ -80,7 +80,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
 from vaestream import beam as vb
-from vaestream.beam.broker_source import BrokerCommit, BrokerWatcher, EncodeMessagesFn, KeyNewMessagesFn, ReadFromBroker
+from vaestream.beam.broker_source import (BrokerCommit, BrokerWatcher, EncodeMessagesFn, KeyNewMessagesFn,
+                                          ReadFromBroker, messages_of)
 from vaestream.beam.panes import (CODES_DIR, DEAD_DIR, DRIFT_LOG, DriftFn, WriteWindowFn,  # noqa: F401 (the API)
                                   file_stamp, iso_time, read_dead_letters, read_windows, write_dead_letters)
 from vaestream.beam.stream_sources import (FileWatcher, PollFiles, WatchFiles,  # noqa: F401 (the streaming API)
@@ -123,9 +124,10 @@ class _LateGate(beam.DoFn):
                 last=beam.DoFn.StateParam(LAST), armed=beam.DoFn.StateParam(ARMED),
                 tick=beam.DoFn.TimerParam(TICK)):
         path = kv[1]
-        msg = None
-        if not isinstance(path, str):       # a broker message
-            msg, path = path, path.ref
+        msgs = None
+        if not isinstance(path, str):       # a broker message, or a batch of them (one window's)
+            msgs = messages_of(path)
+            path = msgs[0].ref
         t = ts.micros
         wm = known.read()
         last.write(max(last.read() or t, t))
@@ -135,17 +137,21 @@ class _LateGate(beam.DoFn):
         start = t - t % self.w
         deadline = start + self.w + self.lateness
         if wm is not None and wm > deadline:
-            self.late.inc()
-            what = "file" if msg is None else "message"
-            reason = (f"{path}: late: event time {iso_time(t)} belongs to window [{iso_time(start)}, "
-                      f"{iso_time(start + self.w)}), which closed (allowed lateness {self.lateness / 1e6:g} s) "
-                      f"before the {what} arrived; the watermark was at least {iso_time(wm)}")
-            letter = vb.DeadLetter(path, path, reason)
-            if msg is not None:
-                self.broker.dead_letters(f"late-{file_stamp(wm)}-{msg.id}", [letter], [msg.id])
+            what = "file" if msgs is None else "message"
+
+            def letter(ref: str, t: int) -> vb.DeadLetter:
+                return vb.DeadLetter(ref, ref, f"{ref}: late: event time {iso_time(t)} belongs to window "
+                                               f"[{iso_time(start)}, {iso_time(start + self.w)}), which closed "
+                                               f"(allowed lateness {self.lateness / 1e6:g} s) before the {what} "
+                                               f"arrived; the watermark was at least {iso_time(wm)}")
+            if msgs is not None:
+                letters = [letter(m.ref, Timestamp.of(m.event_time).micros) for m in msgs]
+                self.broker.dead_letters(f"late-{file_stamp(wm)}-{msgs[0].id}", letters, [m.id for m in msgs])
             else:
-                write_dead_letters(self.out_dir, f"late-{file_stamp(wm)}-{zlib.crc32(path.encode()):08x}", [letter])
-            self.dead.inc()
+                letters = [letter(path, t)]
+                write_dead_letters(self.out_dir, f"late-{file_stamp(wm)}-{zlib.crc32(path.encode()):08x}", letters)
+            self.late.inc(len(letters))
+            self.dead.inc(len(letters))
             return
         yield kv[1]
 
@@ -395,7 +401,8 @@ def run_stream(output: str, patterns: str | Sequence[str] | None = None, model_d
     if bwatcher is not None:
         r = bwatcher.reader
         summary.update(source=r.u.address, group=r.group, recovered=recovered, messages_read=bwatcher.messages,
-                       reads=bwatcher.reads, poisoned=bwatcher.poisoned, broker=dict(r.counts), backlog=backlog)
+                       reads=bwatcher.reads, elements=bwatcher.elements, poisoned=bwatcher.poisoned,
+                       broker=dict(r.counts), backlog=backlog)
     return summary
 
 
@@ -420,7 +427,7 @@ def _broker_watcher(output: str, source: str, group: str, cfg: StreamConfig, pol
                           block=min(cfg.poll_interval(poll_interval), 1.0)).setup()
     broker = BrokerCommit(source, reader.group, output)
     return BrokerWatcher(reader, broker, batch_messages, idle_timeout, stop_after, max_messages, stop,
-                         watermark_lag), recovered
+                         watermark_lag, window=cfg.window), recovered
 
 
 def _run_sources(p: beam.Pipeline, watcher: FileWatcher | None, bwatcher: BrokerWatcher | None) -> int | None:

@@ -21,6 +21,15 @@ returned but listed in :attr:`BrokerReader.poisoned` with the reason, for the ca
 acknowledge (a message that keeps crashing the job stops doing so). An entry deleted from the stream while
 pending is acknowledged and counted.
 
+**Trimming** (``trim``, on by default; ``trim=0`` in the URL turns it off). Every ``trim_interval`` seconds
+a read, and :meth:`BrokerReader.close`, remove the entries no consumer group of the stream still needs
+(``XTRIM key MINID ~ FLOOR``, :meth:`BrokerReader.trim`): FLOOR is the minimum over **all** the stream's
+groups, not only this one, of the group's oldest pending entry, or, when it has none pending, the entry after
+its last delivered one. So an entry stays until every group has read and acknowledged it: another group
+(``follow`` beside ``stream-encode``) keeps what it has not read, and a group that has not read at all keeps
+the whole stream. A group created later starts from what is left: create the groups that need the history
+before the first consumer runs (``XGROUP CREATE STREAM GROUP 0 MKSTREAM``), or read with ``trim=0``.
+
 **Failures.** A lost connection (the broker restarting) is retried with back-off for ``reconnect_timeout``
 seconds; then :class:`vaestream.broker.wire.BrokerError` names the URL and the cause.
 """
@@ -31,6 +40,8 @@ import time
 from typing import Callable, Iterable, TypeVar
 
 from vaestream.broker.wire import BrokerError, BrokerURL, Message, id_key
+
+TRIM_INTERVAL = 1.0
 from vaestream.errors import ConfigError
 
 T = TypeVar("T")
@@ -101,11 +112,14 @@ class BrokerReader:
       ack_wait: seconds an entry may stay unacknowledged with another consumer before it is reclaimed.
       block: the longest wait for new entries in one :meth:`read` (seconds).
       reconnect_timeout: how long a lost connection is retried.
+      trim: trim what every group has acknowledged (the URL's ``trim`` wins; see the module docstring).
+      trim_interval: seconds between two trims by :meth:`read`.
     """
 
     def __init__(self, url: str, group: str = "vaestream", consumer: str = "worker-0",
                  committed: Iterable[str] = (), start_id: str = "0", max_deliver: int = 5, ack_wait: float = 60.0,
-                 block: float = 0.5, reconnect_timeout: float = 30.0):
+                 block: float = 0.5, reconnect_timeout: float = 30.0, trim: bool = True,
+                 trim_interval: float = TRIM_INTERVAL):
         self.url = url
         self.u = BrokerURL.parse(url)
         self.group = self.u.group or group
@@ -119,8 +133,11 @@ class BrokerReader:
         self.skip: set[str] = set(committed)
         self.in_flight: set[str] = set()
         self.poisoned: list[tuple[Message, str]] = []
+        self.trim_enabled = bool(trim if self.u.trim is None else self.u.trim)
+        self.trim_interval = float(trim_interval)
+        self._last_trim = time.monotonic()
         self.counts = {"delivered": 0, "redelivered": 0, "skipped_committed": 0, "poisoned": 0, "deleted": 0,
-                       "acked": 0, "reconnects": 0}
+                       "acked": 0, "reconnects": 0, "trimmed": 0}
         self._history = "0"          # reading our own pending entries until this is None
         self._last_claim = time.monotonic()
         self._client = None
@@ -169,11 +186,58 @@ class BrokerReader:
                 return {"pending": int(g["pending"]), "lag": g.get("lag")}
         return {"pending": 0, "lag": None}
 
+    # -- trimming -------------------------------------------------------------------------------------------
+    def trim_floor(self) -> str | None:
+        """The lowest entry ID any consumer group of the stream may still need: the minimum over all groups of
+        the oldest pending ID, or the ID after the last delivered one when none is pending (None: no group, or
+        no stream). Pending entries and last-delivered IDs only move forward, so a floor read group by group
+        is never above the true one."""
+        import redis
+
+        def floor():
+            c = self._c()
+            try:
+                groups = c.xinfo_groups(self.u.stream)
+            except redis.exceptions.ResponseError as e:
+                if "no such key" in str(e).lower():
+                    return None
+                raise
+            lo = None
+            for g in groups:
+                if int(g["pending"]):
+                    first = c.xpending(self.u.stream, g["name"])["min"]
+                    if first is None:    # acknowledged meanwhile: the last delivered bounds it
+                        continue
+                    k = id_key(first.decode() if isinstance(first, bytes) else first)
+                else:
+                    last = g["last-delivered-id"]
+                    ms, seq = id_key(last.decode() if isinstance(last, bytes) else last)
+                    k = (ms, seq + 1)
+                lo = k if lo is None else min(lo, k)
+            return None if lo is None else f"{lo[0]}-{lo[1]}"
+
+        return self._retry("XINFO GROUPS", floor)
+
+    def trim(self) -> int:
+        """Remove the entries every group of the stream has acknowledged (``XTRIM MINID ~``, whole nodes of the
+        stream at once; see the module docstring); returns how many. Nothing when trimming is off."""
+        if not self.trim_enabled:
+            return 0
+        self._last_trim = time.monotonic()
+        lo = self.trim_floor()
+        if lo is None or lo == "0-1":
+            return 0
+        n = int(self._retry("XTRIM", lambda: self._c().xtrim(self.u.stream, minid=lo, approximate=True, limit=0)))
+        self.counts["trimmed"] += n
+        return n
+
     # -- reading --------------------------------------------------------------------------------------------
     def read(self, count: int = 100, block: float | None = None) -> list[Message]:
         """Up to ``count`` messages to process (own pending entries first, then reclaimed, then new)."""
         if not self._ready:
             self.setup()
+        if self.trim_enabled and time.monotonic() - self._last_trim >= self.trim_interval:
+            self.trim()
         stream = self.u.stream
         raw: list[tuple] = []
         history = False
@@ -268,7 +332,16 @@ class BrokerReader:
         return n
 
     def close(self) -> None:
-        """Close the connection."""
+        """Trim what every group has acknowledged (one try: a broker gone is not waited for), then close the
+        connection."""
         if self._client is not None:
+            if self._ready and self.trim_enabled:
+                timeout, self.reconnect_timeout = self.reconnect_timeout, 0.0
+                try:
+                    self.trim()
+                except BrokerError:
+                    pass
+                finally:
+                    self.reconnect_timeout = timeout
             self._client.close()
             self._client = None

@@ -7,10 +7,12 @@ with per-entry delivery counts (``XPENDING``), and reclaiming of entries a dead 
 threads. NATS JetStream offers the same (``max_deliver``, ``ack_wait``), but its Python client is asyncio
 only, which a DoFn or the learner's loop would have to wrap in an event loop of its own.
 
-**URL.** ``redis://HOST:PORT/STREAM[?group=G&consumer=C&max_deliver=N&ack_wait=S&reconnect_timeout=S]``: the
-path is the stream's key (not a database number); the query sets the consumer group (default: the job's name),
-the consumer's name, how often an entry may be delivered before it is dead-lettered, the seconds after which
-an entry another consumer holds unacknowledged is reclaimed, and how long a lost connection is retried.
+**URL.** ``redis://HOST:PORT/STREAM[?group=G&consumer=C&max_deliver=N&ack_wait=S&reconnect_timeout=S&trim=0]``:
+the path is the stream's key (not a database number); the query sets the consumer group (default: the job's
+name), the consumer's name, how often an entry may be delivered before it is dead-lettered, the seconds after
+which an entry another consumer holds unacknowledged is reclaimed, how long a lost connection is retried, and
+whether the consumer trims the entries every group has acknowledged (``trim=1``, the default;
+:meth:`vaestream.broker.BrokerReader.trim`) or leaves the stream whole (``trim=0``).
 
 **A message** is one stream entry (``XADD``) whose fields are
 
@@ -72,6 +74,7 @@ class BrokerURL:
     max_deliver: int | None = None
     ack_wait: float | None = None
     reconnect_timeout: float | None = None
+    trim: bool | None = None
 
     @classmethod
     def parse(cls, url: str) -> "BrokerURL":
@@ -83,10 +86,12 @@ class BrokerURL:
         if not stream:
             raise ConfigError(f"{url}: names no stream (redis://HOST:PORT/STREAM)")
         q = dict(urllib.parse.parse_qsl(u.query))
-        unknown = set(q) - {"group", "consumer", "max_deliver", "ack_wait", "reconnect_timeout"}
+        unknown = set(q) - {"group", "consumer", "max_deliver", "ack_wait", "reconnect_timeout", "trim"}
         if unknown:
             raise ConfigError(f"{url}: unknown parameter(s) {sorted(unknown)} (group, consumer, max_deliver, "
-                              f"ack_wait, reconnect_timeout)")
+                              f"ack_wait, reconnect_timeout, trim)")
+        if q.get("trim", "1") not in ("0", "1"):
+            raise ConfigError(f"{url}: trim must be 0 or 1, got {q['trim']!r}")
         try:
             port = u.port or 6379
             md = int(q["max_deliver"]) if "max_deliver" in q else None
@@ -94,7 +99,8 @@ class BrokerURL:
             rt = float(q["reconnect_timeout"]) if "reconnect_timeout" in q else None
         except ValueError as e:
             raise ConfigError(f"{url}: {e}") from e
-        return cls(u.hostname or "127.0.0.1", port, stream, q.get("group"), q.get("consumer"), md, aw, rt)
+        trim = None if "trim" not in q else q["trim"] == "1"
+        return cls(u.hostname or "127.0.0.1", port, stream, q.get("group"), q.get("consumer"), md, aw, rt, trim)
 
     @property
     def address(self) -> str:
