@@ -397,7 +397,7 @@ def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: flo
            "offered_messages_per_s": round(rate / per_message, 1), "duration_s": args.duration,
            "window_s": cfg.window, "max_latency_s": args.max_latency, "publisher": pubres,
            "records_published": pubres.get("records"), "records_coded": n, "panes": len(panes),
-           "messages_read": summary["messages_read"], "reads": summary["reads"],
+           "messages_read": summary["messages_read"], "reads": summary["reads"], "elements": summary.get("elements"),
            "dead_lettered": summary["dead_lettered"],
            "sustained_records_per_s": round(sustained, 1),
            "sustained_messages_per_s": round(sustained / per_message, 1),

@@ -85,6 +85,29 @@ class StreamBridge:
             self._controller = None
 
 
+_LIBC: list = []
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim(0)``); False where there is no
+    glibc. A stream's payloads (tens of MB a round, allocated and freed on the runner's threads, each thread
+    with a heap arena of its own) leave freed memory in the arenas that glibc keeps: the process's resident
+    size grows by tens of MiB a minute with no live object behind it. A bridge calls this every few seconds."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(lib.malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is None:
+        return False
+    _LIBC[0](0)
+    return True
+
+
 def bridge(bridge_id: str) -> StreamBridge | None:
     """The bridge ``bridge_id`` if it is in this process, else None."""
     return _BRIDGES.get(bridge_id)

@@ -48,15 +48,17 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from vaestream import beam as vb
-from vaestream.beam.bridge import StreamBridge, bridge
+from vaestream.beam.bridge import StreamBridge, bridge, release_free_memory
 from vaestream.broker import Acker, BrokerError, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
 from vaestream.broker import wire
 from vaestream.errors import ConfigError
 
 _NS = vb.NAMESPACE
 DEAD_DIR = "dead_letter"
+RELEASE_EVERY = 5.0   # seconds between two returns of freed heap memory to the system (release_free_memory)
 _READERS: dict[tuple, BrokerReader] = {}
 _READERS_LOCK = threading.Lock()
+_COMMITTED: dict[tuple[str, str], frozenset] = {}   # (output, transform) -> the ledger's IDs at its first set-up
 
 
 def message_from_bytes(data: bytes, attributes: dict | None = None, message_id: str = "0-0",
@@ -235,7 +237,7 @@ class BrokerWatcher(StreamBridge):
         ev = beam_runner_api_pb2.TestStreamPayload.Event
         te = beam_runner_api_pb2.TestStreamPayload.TimestampedElement
         coder = coders.StrUtf8Coder()
-        t0 = last_new = time.monotonic()
+        t0 = last_new = last_release = time.monotonic()
         wm = MIN_TIMESTAMP.micros
         try:
             while not self.stop_event.is_set():
@@ -271,6 +273,9 @@ class BrokerWatcher(StreamBridge):
                 if msgs:
                     self.wait_taken(self.reads)
                 t = time.monotonic()
+                if t - last_release >= RELEASE_EVERY:
+                    last_release = t
+                    release_free_memory()
                 if (self.max_messages is not None and self.messages >= self.max_messages) or \
                         (self.stop_after is not None and t - t0 >= self.stop_after) or \
                         (self.idle_timeout is not None and t - last_new >= self.idle_timeout):
@@ -491,10 +496,20 @@ class KeyNewMessagesFn(beam.DoFn):
     def __init__(self, output: str, key: str = "paths"):
         self.output, self.key = output, key
         self.skipped = Metrics.counter(_NS, "broker_committed_skipped")
-        self._committed: set[str] = set()
+        self._committed: frozenset[str] = frozenset()
+        self._token = f"{os.getpid()}-{id(self):x}-{time.monotonic_ns()}"   # this transform, in every copy
 
     def setup(self):
-        self._committed = Ledger(self.output).committed_ids() if os.path.isdir(self.output) else set()
+        # the in-process runner sets up a copy of the DoFn for every bundle: the ledger (one file a pane, a
+        # growing directory) is read once per process and transform, not once a round
+        key = (self.output, self._token)
+        with _READERS_LOCK:
+            committed = _COMMITTED.get(key)
+            if committed is None:
+                committed = frozenset(Ledger(self.output).committed_ids()) if os.path.isdir(self.output) \
+                    else frozenset()
+                _COMMITTED[key] = committed
+        self._committed = committed
 
     def process(self, element):
         if not isinstance(element, MessageBatch):

@@ -55,7 +55,8 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
         for j in np.flatnonzero(~finite):
             reasons[j] = f"{batch.keys[j]}: record has NaN or infinite values"
         ok &= finite
-    if likelihood in BOUNDED_LIKELIHOODS:
+    if likelihood in BOUNDED_LIKELIHOODS and not (flat.dtype == np.uint8 and 0 < sc * 255.0 <= 1.0):
+        # (uint8 counts at scale <= 1/255 are inside [0, 1] whatever they are: no scan)
         with np.errstate(invalid="ignore"):
             lo = flat.min(axis=1).astype(np.float64) * sc
             hi = flat.max(axis=1).astype(np.float64) * sc
