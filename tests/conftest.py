@@ -50,9 +50,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The executed README's block counts (``test_readme``'s ``readme_blocks`` property), also from xdist workers."""
+    shown = set()
     for rep in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
         for key, value in getattr(rep, "user_properties", ()):
-            if key == "readme_blocks" and rep.when == "call":
+            if key == "readme_blocks" and rep.when == "call" and rep.nodeid not in shown:
+                shown.add(rep.nodeid)
                 terminalreporter.write_line(f"README.md blocks: {value}")
 
 
