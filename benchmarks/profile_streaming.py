@@ -7,6 +7,14 @@ bundles executed per transform, timer firings per transform, user-state reads, a
 counts per window. Prints one JSON object.
 
     python benchmarks/profile_streaming.py [--rounds 20] [--files 4] [--records 500] [--window 2] [--step 0.5]
+
+``--redis-rate R``: instead, the broker job (``run_stream(source=redis://...)`` through the bridge) while a
+publisher process (``bench_streaming.py``'s) offers R records/s for ``--seconds``, 100 a message, to a local
+redis-server; every thread is sampled every 5 ms (``sys._current_frames``; threads waiting in a lock, a sleep
+or a socket read are idle) and the busiest functions are printed, with the latency, the objects by type that
+grew from 8 s to the end (a leak shows there) and the RSS before and after ``malloc_trim``.
+
+    python benchmarks/profile_streaming.py --redis-rate 70000 [--seconds 20] [--window 2] [--max-latency 3]
 """
 
 from __future__ import annotations
@@ -79,6 +87,98 @@ def install_counters() -> dict:
     return c
 
 
+IDLE = {"wait", "_serve", "channel_spin", "sleep", "select", "_wait_once", "poll", "wait_for", "_read_from_socket",
+        "supervise", "sample"}
+
+
+def profile_redis(args) -> dict:
+    """The broker job sampled at ``args.redis_rate`` records/s (see the module docstring)."""
+    import gc
+    import threading
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_streaming as bsm
+
+    from vaestream.beam import streaming as bs
+    from vaestream.beam.scoring import ScoringModelHandler
+    from vaestream.broker import BrokerReader
+    from vaestream.broker.server import RedisServer
+    from vaestream.broker.wire import id_time
+    from vaestream.data import load_records
+
+    work = Path(tempfile.mkdtemp(prefix="profile_broker-"))
+    model = Path(args.model) if args.model else bsm.pretrain(load_records("fashion-mnist", "train"), work / "model",
+                                                             100)
+    records = str(work / "x.npy")
+    np.save(records, load_records(str(MNIST), "train"))
+    ScoringModelHandler(str(model)).load_model()
+    leaf: collections.Counter = collections.Counter()
+    ticks, done = [0], threading.Event()
+
+    def sample():
+        me = threading.get_ident()
+        while not done.is_set():
+            time.sleep(0.005)
+            ticks[0] += 1
+            for tid, f in sys._current_frames().items():
+                if tid != me and f.f_code.co_name not in IDLE:
+                    leaf[(f.f_code.co_filename.split("site-packages/")[-1].replace(str(ROOT) + "/", ""),
+                          f.f_code.co_name)] += 1
+
+    def types() -> collections.Counter:
+        return collections.Counter(type(o).__name__ for o in gc.get_objects())
+
+    with RedisServer(work / "redis", fsync="everysec") as srv:
+        url = srv.url("profile")
+        BrokerReader(url, "stream-encode").setup().close()
+        pub = bsm._publisher(url, args.redis_rate, args.seconds, 100, records)
+        stop, snaps = threading.Event(), []
+
+        def supervise():
+            t0, end = time.monotonic(), None
+            while True:
+                time.sleep(1.0)
+                if len(snaps) == 0 and time.monotonic() - t0 >= 8:
+                    snaps.append(types())
+                if pub.poll() is not None:
+                    end = end or time.monotonic()
+                    r = BrokerReader(url, "stream-encode")
+                    b = r.backlog()
+                    r.close()
+                    if (b["pending"] == 0 and not b["lag"]) or time.monotonic() - end > 20:
+                        break
+            snaps.append(types())
+            stop.set()
+
+        threading.Thread(target=supervise, daemon=True).start()
+        threading.Thread(target=sample, daemon=True).start()
+        cfg = bs.StreamConfig(window=args.window, max_latency=args.max_latency)
+        summary = bs.run_stream(str(work / "out"), model_dir=str(model), config=cfg, source=url, stop=stop,
+                                batch_messages=400)
+        done.set()
+        pub.communicate()
+        panes = bs.read_windows(str(work / "out"))
+    lat = sorted(p["written_at"] - id_time(m) for p in panes for m in p.get("messages", []))
+    import ctypes
+
+    rss = bsm.rss_mib()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    grew = (snaps[-1] - snaps[0]) if len(snaps) == 2 else collections.Counter()
+    res = {"offered_records_per_s": args.redis_rate, "records": summary["records"], "reads": summary["reads"],
+           "elements": summary.get("elements"), "latency_s_p50": round(pct(lat, 50), 3) if lat else None,
+           "latency_s_p99": round(pct(lat, 99), 3) if lat else None,
+           "busy_fraction_of_wall_by_function": {f"{k[0]}:{k[1]}": round(v / max(ticks[0], 1), 3)
+                                                 for k, v in leaf.most_common(30)},
+           "objects_grown_8s_to_end": dict(grew.most_common(15)),
+           "rss_mib_end": round(rss, 1), "rss_mib_after_malloc_trim": round(bsm.rss_mib(), 1)}
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def pct(values, q):
+    return float(np.percentile(np.asarray(values), q))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -89,7 +189,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-latency", type=float, default=None)
     ap.add_argument("--model", default=None, help="a model directory (default: train a small one)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats here")
+    ap.add_argument("--redis-rate", type=float, default=None,
+                    help="profile the broker job at this many records/s instead (see the module docstring)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="--redis-rate: seconds of publishing")
     args = ap.parse_args(argv)
+    if args.redis_rate:
+        if args.max_latency is None:
+            args.max_latency = 3.0
+        return profile_redis(args)
 
     import apache_beam as beam
     from apache_beam.testing.test_stream import TestStream
