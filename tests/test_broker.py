@@ -426,7 +426,8 @@ def test_splittable_read_on_the_fnapi_runner_bounded(server, coded_model, mnist_
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     from vaestream.beam import streaming as bs
-    from vaestream.beam.broker_source import BrokerCommit, ReadBroker
+    from vaestream.beam.broker_source import BrokerCommit
+    from vaestream.beam.broker_splittable import ReadBroker
     from vaestream.broker import Ledger, publish
 
     url = server.url(_stream(request))
