@@ -185,7 +185,9 @@ def test_bits_are_each_records_code_length_within_a_few_bits(bb_model, bb_stream
         assert abs(real - bits.mean()) < 8, (coder.levels, real, bits.mean())
         cheap, dear = x[np.argsort(bits)[:N_RECORDS // 2]], x[np.argsort(bits)[N_RECORDS // 2:]]
         assert len(coder.compress(cheap)) < len(coder.compress(dear))
-    assert np.array_equal(LosslessCoder(m).bits(x[:7]), LosslessCoder(m).bits(x[:7].reshape(7, -1)))
+    # the same records as images or flat rows: the same estimate (TensorFlow's float32 sums may differ in the last
+    # ulps between calls on some CPUs, so not bit for bit)
+    np.testing.assert_allclose(LosslessCoder(m).bits(x[:7]), LosslessCoder(m).bits(x[:7].reshape(7, -1)), rtol=1e-6)
 
 
 def test_the_chain_draws_its_latents_from_the_posterior(bb_model, mnist_test):
