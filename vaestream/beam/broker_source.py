@@ -406,7 +406,7 @@ class EncodeMessagesFn(beam.DoFn):
                 yield 0, vb.DeadLetter(msg.ref, msg.ref, str(e))
                 continue
             n += len(records)
-            keys = [wire.record_key(msg.id, i) for i in range(len(records))]
+            keys = wire.record_keys(msg.id, len(records))
             good, dead = vb.validate_batch(vb.RecordBatch(msg.ref, keys, records), self.shape, self.likelihood)
             for d in dead:
                 yield 0, d

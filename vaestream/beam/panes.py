@@ -11,6 +11,7 @@ IDs instead: :class:`vaestream.beam.broker_source.BrokerCommit`).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import glob as globmod
 import json
@@ -60,8 +61,7 @@ def write_tfrecord_atomic(path: str, records: list[bytes], staged: str | None = 
 
     tmp = staged or f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     with tf.io.TFRecordWriter(tmp) as w:
-        for r in records:
-            w.write(r)
+        collections.deque(map(w.write, records), maxlen=0)   # one C call a record, no Python loop body
     size = tf.io.gfile.stat(tmp).length
     if staged:
         fd = os.open(tmp, os.O_RDONLY)
@@ -72,6 +72,37 @@ def write_tfrecord_atomic(path: str, records: list[bytes], staged: str | None = 
     else:
         tf.io.gfile.rename(tmp, path, overwrite=True)
     return int(size)
+
+
+def pane_examples(items: list[Scored]) -> list[bytes]:
+    """The serialized code Examples of a pane's chunks, in order: byte for byte those of
+    :func:`vaestream.beam.code_examples` chunk by chunk, serialized in one call per (fingerprint, key length)
+    rather than one per chunk (a broker message's 100 records; keys of one length take
+    :func:`vaestream.shardset.serialize_examples`'s whole-matrix path)."""
+    from vaestream import shardset
+
+    codes = [s.codes for s in items if len(s.codes)]
+    if not codes:
+        return []
+    fingerprints = {c.fingerprint for c in codes}
+    if len(codes) == 1 or len(fingerprints) > 1:
+        return [e for c in codes for e in vb.code_examples(c)]
+    keys = [k.encode() for c in codes for k in c.keys]
+    mean = np.concatenate([c.mean for c in codes])
+    log_scale = np.concatenate([c.log_scale for c in codes])
+    const = {"fingerprint": shardset.bytes_feature([codes[0].fingerprint.encode()])}
+    lengths = np.fromiter(map(len, keys), np.int64, len(keys))
+    kinds = np.unique(lengths)
+    if len(kinds) == 1:
+        return shardset.serialize_examples(keys, floats={"mean": mean, "log_scale": log_scale}, constants=const)
+    out: list[bytes] = [b""] * len(keys)
+    for length in kinds:
+        idx = np.flatnonzero(lengths == length)
+        part = shardset.serialize_examples([keys[i] for i in idx], constants=const,
+                                           floats={"mean": mean[idx], "log_scale": log_scale[idx]})
+        for i, e in zip(idx.tolist(), part):
+            out[i] = e
+    return out
 
 
 def write_dead_letters(out_dir: str, name: str, dead: list, stage=None) -> str:
@@ -106,28 +137,15 @@ def _pane_items(values) -> tuple[list[Scored], list, list[str]]:
     return items, dead, ids
 
 
-def _pack_containers(blobs: list[bytes], base: str) -> bytes:
-    """The chunks' containers (one model, one header) as one container of all their frames."""
-    from vaestream.coding import container
-
-    header, frames = None, []
-    for b in blobs:
-        with container.ContainerReader(b) as r:
-            if header is None:
-                header = r.header
-            else:
-                header.check_compatible(r.header, base)
-            frames.extend(list(r))
-    return container.pack(header, frames)
-
-
 class WriteWindowFn(beam.DoFn):
     """(key, [Scored and DeadLetter]) of one window pane -> its codes files + summary, and its dead letters
     (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
 
-    def __init__(self, out_dir: str, broker: BrokerCommit | None = None):
+    def __init__(self, out_dir: str, broker: BrokerCommit | None = None, handler=None):
         self.out_dir = out_dir
         self.broker = broker
+        self.handler = handler   # the ScoringModelHandler whose (cached) model's codec codes the panes' symbols
+        self._codec = None
         self.records = Metrics.counter(_NS, "records")
         self.bytes_out = Metrics.counter(_NS, "bytes_out")
         self.panes = Metrics.counter(_NS, "panes_written")
@@ -138,6 +156,8 @@ class WriteWindowFn(beam.DoFn):
         import tensorflow as tf
 
         tf.io.gfile.makedirs(f"{self.out_dir}/{CODES_DIR}")
+        if self.handler is not None:
+            self._codec = self.handler.load_model().codec   # the per-process cache: no load per bundle
 
     def process(self, kv, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         items, dead, ids = _pane_items(kv[1])
@@ -183,19 +203,20 @@ class WriteWindowFn(beam.DoFn):
         return f"{name}-{ids[0] if ids else 'none'}", stage
 
     def _write_codes(self, base: str, items: list[Scored], stage, staged: list[str]) -> tuple[int, float | None]:
-        """The pane's ``.tfrecord`` and, when every chunk has one, its ``.vaez`` container: (bytes written, the
-        container's bits or None)."""
-        examples = [e for s in items for e in vb.code_examples(s.codes)]
+        """The pane's ``.tfrecord`` and, when every chunk has quantised codes, its ``.vaez`` container (one for
+        the pane): (bytes written, the container's bits or None)."""
+        examples = pane_examples(items)
         if stage is None:
             written = write_tfrecord_atomic(base + ".tfrecord", examples)
         else:
             written = write_tfrecord_atomic(base + ".tfrecord", examples,
                                             self.broker.ledger.staged(base + ".tfrecord"))
             staged.append(base + ".tfrecord")
-        blobs = [s.container for s in items if s.container is not None]
-        if not blobs or len(blobs) != len(items):
+        syms = [s.symbols for s in items if s.symbols is not None]
+        if self._codec is None or not syms or len(syms) != len(items):
             return written, None
-        packed = _pack_containers(blobs, base)
+        # the pane's quantised codes, in the order of its Examples, as one container
+        packed = self._codec.compress_codes(syms[0] if len(syms) == 1 else np.concatenate(syms))
         (stage or write_atomic)(base + ".vaez", packed)
         return written + len(packed), 8.0 * len(packed)
 

@@ -1,4 +1,4 @@
-"""Scoring for the streaming encoder: codes, the ELBO of a sample of records and the coder's container in one
+"""Scoring for the streaming encoder: codes, the ELBO of a sample of records and the quantised codes in one
 model call.
 
 **The scored sample.** The per-window bound the drift monitor judges is a mean over records, so the streaming
@@ -65,18 +65,22 @@ def scored_rows(keys, score_every: int) -> np.ndarray:
 
 class Scored(NamedTuple):
     """The codes of one RecordBatch, the ELBO (nats) of its scored records (``[m]``, ``m <= n``: those of
-    :func:`scored_rows`, in order) and the coder's container (or None)."""
+    :func:`scored_rows`, in order) and, when the model has coder tables, its quantised codes (int32 ``[n, Nz]``,
+    :func:`vaestream.coding.tables.quantize` of ``codes.mean``; else None). The pane writer entropy-codes a
+    pane's symbols as one container (:class:`vaestream.beam.panes.WriteWindowFn`): one container per pane, not
+    one per batch packed again (a container's frames and index cost per call, ~1.8 us a record at 100 records
+    a broker message)."""
 
     codes: vb.CodeBatch
     elbo: np.ndarray
-    container: bytes | None
+    symbols: np.ndarray | None
 
 
 class ScoringModelHandler(vb.VAEModelHandler):
     """:class:`vaestream.beam.VAEModelHandler` (encode mode) that also returns the ELBO (estimator B with fixed
     noise, as the export's ``elbo`` signature) of the records :func:`scored_rows` picks (one in
-    ``score_every``) and, when the model has coder tables, the batch's quantised codes as a container:
-    predictions are :class:`Scored`."""
+    ``score_every``) and, when the model has coder tables, the batch's quantised codes: predictions are
+    :class:`Scored`."""
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = vb.CHUNK,
                  coder: bool | None = None, quality: float | None = None, score_every: int = 1):
@@ -186,15 +190,13 @@ class ScoringModelHandler(vb.VAEModelHandler):
             outs = model.score_fn(batch[0].inputs() if len(batch) == 1 else
                                   np.concatenate([b.inputs() for b in batch]), rows)
         mean, log_scale, elbo = (np.asarray(a, np.float32) for a in outs)
+        # quantised once for the call (the same values row by row as per batch: an elementwise map)
+        sym = quantize(mean, model.codec.tables, model.codec.quality) if model.codec is not None else None
         out, e = [], 0
         for b, p, s in zip(batch, picked, starts):
             n = len(b)
             cb = vb.CodeBatch(b.source, b.keys, mean[s:s + n], log_scale[s:s + n], model.fingerprint, None,
                               int(b.records.nbytes))
-            blob = None
-            if model.codec is not None:
-                sym = quantize(cb.mean, model.codec.tables, model.codec.quality)
-                blob = model.codec.compress_codes(sym)
-            out.append(Scored(cb, elbo[e:e + len(p)], blob))
+            out.append(Scored(cb, elbo[e:e + len(p)], None if sym is None else sym[s:s + n]))
             e += len(p)
         return out

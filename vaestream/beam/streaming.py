@@ -51,7 +51,8 @@ One step reads each file, validates its records and scores them (:class:`_Encode
 :class:`vaestream.beam.scoring.ScoringModelHandler` (a :class:`vaestream.beam.VAEModelHandler`, loaded once per
 worker process) that in one call per chunk computes the codes, the ELBO of a sample of the records (one in
 ``StreamConfig.score_every``, by key hash) with fixed noise from the same encoder pass
-(:func:`vaestream.beam.scoring.elbo_from_posterior`), and the coder's container.
+(:func:`vaestream.beam.scoring.elbo_from_posterior`), and the quantised codes, which the pane writer
+entropy-codes as one container per pane.
 
 **Cost per batch, not per record or per transform.** On the in-process runner every poll that finds files is
 one round through the pipeline (the watcher waits for the pipeline to take a batch before it polls again, so a
@@ -329,7 +330,7 @@ class StreamEncode(beam.PTransform):
         windows = (windowed
                    | ("EncodeFiles" if self.broker is None else "EncodeMessages") >> beam.ParDo(encode)
                    | "GroupWindow" >> beam.GroupByKey()
-                   | "WriteWindow" >> beam.ParDo(WriteWindowFn(self.output, self.broker)))
+                   | "WriteWindow" >> beam.ParDo(WriteWindowFn(self.output, self.broker, self.handler)))
         drift = (windows
                  | "GlobalSummaries" >> beam.WindowInto(window.GlobalWindows())
                  | "KeySummaries" >> beam.Map(lambda s: ("drift", s))

@@ -164,6 +164,18 @@ def record_key(entry_id: str, i: int) -> str:
     return f"{entry_id}:{i:0{KEY_DIGITS}d}"
 
 
+_SUFFIXES: tuple[str, ...] = ()
+
+
+def record_keys(entry_id: str, n: int) -> list[str]:
+    """The keys of records ``0 .. n-1`` of the message ``entry_id`` (:func:`record_key` of each)."""
+    global _SUFFIXES
+    suffixes = _SUFFIXES
+    if n > len(suffixes):   # built whole and swapped in: safe across threads
+        suffixes = _SUFFIXES = tuple(f":{i:0{KEY_DIGITS}d}" for i in range(max(n, 1024)))
+    return [entry_id + s for s in suffixes[:n]]
+
+
 def encode(records: np.ndarray, fmt: str = "raw", batch: bool = True, event_time: float | None = None,
            source: str | None = None) -> dict[str, bytes]:
     """The fields of a message carrying ``records`` (``[n, ...]``; with ``batch=False`` one record)."""
