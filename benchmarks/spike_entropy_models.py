@@ -496,6 +496,185 @@ def today(root: Path, work: Path, lmbda: float, args, test: np.ndarray) -> list[
     return [{"training": log, "points": rows}]
 
 
+# ----------------------------------------------------------------------------------------------- frozen transform
+class FrozenEM:
+    """A learned entropy model (b, c or d) of a trained model's latents scaled by the codec's bins, y = mu / delta
+    ``[N, h, w, C]``, inactive positions masked out (not coded, as the codec does)."""
+
+    def __init__(self, kind: str, c: int, grid, mask: np.ndarray, seed: int, hyper_n: int = 32, cz: int = 8):
+        tf = _tf()
+        DeepFactorized, Hyper, gauss_lik = build_classes()
+        self.tf, self.kind, self.c, self.gauss_lik = tf, kind, c, gauss_lik
+        self.mask = tf.constant(mask.astype(np.float32))
+        self.density_y = DeepFactorized(c, name="dy") if kind == "b_factorized" else None
+        self.hyper = None
+        if kind != "b_factorized":
+            self.hyper = Hyper(c, hyper_n, cz, 2 if kind == "d_meanscale" else 1, grid, seed)
+            self.density_z = DeepFactorized(cz, name="dz")
+        mods = [m for m in (self.density_y, self.hyper, getattr(self, "density_z", None)) if m is not None]
+        self.variables = [v for m in mods for v in m.trainable_variables]
+
+    def z_of(self, y):
+        return self.hyper.analysis(self.tf.abs(y) if self.kind == "c_hyperprior" else y)
+
+    def hyper_params(self, z):
+        tf = self.tf
+        t = self.hyper.synthesis(z)
+        if self.kind == "d_meanscale":
+            mu, raw = tf.split(t, 2, axis=-1)
+        else:
+            mu, raw = tf.zeros_like(t), t
+        return mu, SCALE_MIN + tf.nn.softplus(raw)
+
+    def rate(self, y):
+        tf = self.tf
+        y_t = y + tf.random.uniform(tf.shape(y), -0.5, 0.5)
+        if self.kind == "b_factorized":
+            ly = tf.math.log(tf.maximum(self.density_y.likelihood(y_t), 1e-9))
+            lz = tf.zeros_like(ly[..., :1])
+        else:
+            z = self.z_of(y)
+            z_t = z + tf.random.uniform(tf.shape(z), -0.5, 0.5)
+            mu, s = self.hyper_params(z_t)
+            ly = tf.math.log(tf.maximum(self.gauss_lik(y_t, mu, s), 1e-9))
+            lz = tf.math.log(tf.maximum(self.density_z.likelihood(z_t), 1e-9))
+        return -(tf.reduce_sum(ly * self.mask, [1, 2, 3]) + tf.reduce_sum(lz, [1, 2, 3])) / math.log(2.0)
+
+
+def frozen_rows(root: Path, work: Path, lmbda: float, quality: float, args, train_imgs, test, log) -> dict:
+    """b, c, d trained (entropy side only) on the latents of today's model at ``lmbda``, quality ``quality``;
+    every row coded for real, beside today's codec on the same codes."""
+    tf = _tf()
+    import keras
+    from vaestream.coding import codec
+
+    d = work / f"family-{root.name}" / f"lmbda-{lmbda:g}"
+    while not (d / "bench_training.json").is_file():  # today's model may still be training in another process
+        time.sleep(15)
+    c = codec.load(d)
+    t = c.tables
+    lev = t.level(quality)
+    q = float(t.qualities[lev])
+    delta = t.delta[lev].astype(np.float64)
+    shape = tuple(c.config.latent_shape)
+    mask = t.active.reshape(shape)
+    x_tr, _ = c.model_inputs(train_imgs[:args.frozen_train_n])
+    m_tr, _ = c.posterior(x_tr)
+    x_te, _ = c.model_inputs(test)
+    m_te, _ = c.posterior(x_te)
+    y_tr = (m_tr / delta * t.active).reshape((-1,) + shape).astype(np.float32)
+    y_te = (m_te / delta * t.active).reshape((-1,) + shape).astype(np.float32)
+    codes = c.codes_of(x_te, m_te, q)
+    n = len(codes)
+    x_true = x_te.astype(np.float64)
+    rows = {}
+    # today's codec on these codes: real container bytes and PSNR
+    blob = c.compress_codes(codes, q)
+    xh = c.decode(codes, q)
+    rows["a_today"] = {"bits_per_record": round(8 * len(blob) / n, 2),
+                       "psnr_db": round(10 * math.log10(1 / float(np.mean((x_true - xh) ** 2))), 3)}
+    grid = shape[:2]
+    for kind in LEARNED:
+        tf.random.set_seed(args.seed)
+        em = FrozenEM(kind, shape[2], grid, mask, args.seed)
+        opt = keras.optimizers.Adam(args.frozen_lr)
+        opt.build(em.variables)
+
+        @tf.function(reduce_retracing=True)
+        def step(yb):
+            with tf.GradientTape() as tape:
+                r = tf.reduce_mean(em.rate(yb))
+            opt.apply_gradients(zip(tape.gradient(r, em.variables), em.variables))
+            return r
+
+        rng = np.random.default_rng(args.seed)
+        t0 = time.perf_counter()
+        hist = []
+        for k in range(args.frozen_steps):
+            hist.append(float(step(tf.constant(y_tr[rng.integers(0, len(y_tr), 100)]))))
+        secs = time.perf_counter() - t0
+        row = {"train_steps": args.frozen_steps, "train_seconds": round(secs, 1),
+               "final_train_rate_bits": round(float(np.mean(hist[-200:])), 2)}
+        # streams
+        side_bytes = main_bytes = 0
+        side_ideal = main_ideal = 0.0
+        te = tse = tsd = td = ths = 0.0
+        act = mask.reshape(-1)
+        if kind == "b_factorized":
+            half = int(min(1024, max(8, 2 * np.abs(np.rint(y_tr)).max())))
+            coder = GroupCoder(list(factorized_tables(em.density_y, shape[2], half)))
+            sym = codes.astype(np.int64).reshape((n,) + shape)
+            tables = np.broadcast_to(np.arange(shape[2]), sym.shape).reshape(n, -1)
+            y_hat = sym.astype(np.float64)
+        else:
+            z_tr = np.concatenate([em.z_of(tf.constant(y_tr[s:s + 5000])).numpy() for s in range(0, 20000, 5000)])
+            z = np.concatenate([em.z_of(tf.constant(y_te[s:s + 2000])).numpy() for s in range(0, n, 2000)])
+            cz = z.shape[-1]
+            zhalf = int(min(1024, max(8, 2 * np.abs(np.rint(z_tr)).max())))
+            zc = GroupCoder(list(factorized_tables(em.density_z, cz, zhalf)))
+            zsym = np.rint(z).astype(np.int64)
+            zflat, ztab = zsym.reshape(n, -1), np.broadcast_to(np.arange(cz), z.shape).reshape(n, -1)
+            side = []
+            t0 = time.perf_counter()
+            for s0 in range(0, n, FRAME):
+                b, ideal = zc.encode(zflat[s0:s0 + FRAME].reshape(-1), ztab[s0:s0 + FRAME].reshape(-1))
+                side.append(b)
+                side_bytes += len(b)
+                side_ideal += ideal
+            tse = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            zd = np.concatenate([zc.decode(b, ztab[s0:s0 + FRAME].reshape(-1)).reshape(-1, zflat.shape[1])
+                                 for b, s0 in zip(side, range(0, n, FRAME))])
+            tsd = time.perf_counter() - t0
+            assert np.array_equal(zd, zflat)
+            t0 = time.perf_counter()
+            ps = [em.hyper_params(tf.constant(zsym[s:s + 2000].astype(np.float32))) for s in range(0, n, 2000)]
+            ths = time.perf_counter() - t0
+            mu = np.concatenate([p[0].numpy() for p in ps]).astype(np.float64)
+            sc = np.concatenate([p[1].numpy() for p in ps])
+            coder = GroupCoder(gaussian_tables(scale_table()))
+            mu = mu * mask
+            sym = np.rint(y_te - mu).astype(np.int64)
+            if kind == "c_hyperprior":
+                assert np.array_equal(sym.reshape(n, -1), codes), "c: symbols differ from the codec's codes"
+            tables = scale_index(sc).reshape(n, -1)
+            y_hat = sym + mu
+            row["z_shape"] = list(z.shape[1:])
+        flat = sym.reshape(n, -1)[:, act]
+        tflat = tables.reshape(n, -1)[:, act]
+        main = []
+        t0 = time.perf_counter()
+        for s0 in range(0, n, FRAME):
+            b, ideal = coder.encode(flat[s0:s0 + FRAME].reshape(-1), tflat[s0:s0 + FRAME].reshape(-1))
+            main.append(b)
+            main_bytes += len(b)
+            main_ideal += ideal
+        te = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dec = np.concatenate([coder.decode(b, tflat[s0:s0 + FRAME].reshape(-1)).reshape(-1, flat.shape[1])
+                              for b, s0 in zip(main, range(0, n, FRAME))])
+        td = time.perf_counter() - t0
+        assert np.array_equal(dec, flat), "main stream did not decode to its symbols"
+        if kind == "d_meanscale":
+            zhat = (y_hat.reshape(n, -1) * delta).astype(np.float32)
+            xh = np.concatenate([np.asarray(c._backend.decode(zhat[s:s + 1000])) for s in range(0, n, 1000)])
+            psnr = 10 * math.log10(1 / float(np.mean((x_true - xh) ** 2)))
+        else:
+            psnr = rows["a_today"]["psnr_db"]  # the very same codes
+        overhead = HEADER_BYTES + FRAME_BYTES * (-(-n // FRAME))
+        total = side_bytes + main_bytes + overhead
+        row.update({"psnr_db": round(psnr, 3), "bits_per_record": round(8 * total / n, 2),
+                    "side_bits_per_record": round(8 * side_bytes / n, 2),
+                    "side_share_pct": round(100 * side_bytes / total, 2),
+                    "ideal_bits_per_record": round((main_ideal + side_ideal) / n, 2),
+                    "coding_encode_records_per_s": round(n / max(te + tse, 1e-9)),
+                    "coding_decode_records_per_s": round(n / max(td + tsd, 1e-9)),
+                    "hyper_synthesis_records_per_s": round(n / ths) if ths else None})
+        rows[kind] = row
+        log(f"  frozen {kind} lmbda={lmbda:g} q={q:g}: {json.dumps(row)}")
+    return {"lmbda": lmbda, "quality": q, "active_dims": int(t.active.sum()), "rows": rows}
+
+
 # ----------------------------------------------------------------------------------------------- main
 def bd_table(curves: dict, webp: list) -> dict:
     from vaestream.metrics import bd_rate
@@ -520,6 +699,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tiled-n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="TensorFlow intra-/inter-op threads (0: its default)")
+    ap.add_argument("--frozen", type=float, nargs="*", default=None,
+                    help="instead: the learned entropy models trained on today's models' latents (transform frozen) "
+                         "at these codec qualities")
+    ap.add_argument("--frozen-steps", type=int, default=1500)
+    ap.add_argument("--frozen-lr", type=float, default=5e-3)
+    ap.add_argument("--frozen-train-n", type=int, default=20000, help="training records whose latents train them")
     ap.add_argument("--n", type=int, default=10000, help="test records (default: the whole set)")
     args = ap.parse_args(argv)
     tf = _tf()
@@ -551,6 +736,24 @@ def main(argv=None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1, default=float))
 
+    if args.frozen is not None:
+        fz = report.setdefault("frozen", {})
+        for q in args.frozen:
+            for lm in args.lambdas:
+                key = f"{lm:g}@q{q:g}"
+                if key not in fz:
+                    log(f"{args.data} frozen {key} ...")
+                    fz[key] = frozen_rows(root, args.work, lm, q, args, train_x, test, log)
+                    save()
+        curves = {k: [] for k in ("a_today", *LEARNED)}
+        for r in fz.values():
+            for k, v in r["rows"].items():
+                curves[k].append(v)
+        report["frozen_bd_rate_vs_webp_tiled"] = bd_table(curves, report["webp_tiled"]) if "webp_tiled" in report \
+            else None
+        save()
+        print(json.dumps(report["frozen"], indent=1))
+        return 0
     for lm in args.lambdas:
         for kind in args.models:
             key = f"{kind}@{lm:g}"
