@@ -109,11 +109,6 @@ def serialize_examples(keys: Sequence[str | bytes], rows: Mapping[str, np.ndarra
         feature_prefix = b"\x12" + _varint(len(flist_prefix) + length) + flist_prefix  # Feature.float_list
         fixed_parts.append(_prefixed(name, feature_prefix, raw))
     const = b"".join(_entry(name, feat) for name, feat in (constants or {}).items())
-    if fixed_parts:
-        fixed = np.concatenate(fixed_parts, axis=1) if len(fixed_parts) > 1 else fixed_parts[0]
-        fixed_rows = [r.tobytes() for r in fixed] if fixed.shape[1] else [b""] * n
-    else:
-        fixed_rows = [b""] * n
     var_items = list((variable or {}).items())
     for name, vals in var_items:
         if len(vals) != n:
@@ -139,6 +134,9 @@ def serialize_examples(keys: Sequence[str | bytes], rows: Mapping[str, np.ndarra
         buf = whole.tobytes()
         w = whole.shape[1]
         return [buf[i * w:(i + 1) * w] for i in range(n)]
+    # (rows of their own only here: the whole-matrix path above slices them from one buffer)
+    fixed = (np.concatenate(fixed_parts, axis=1) if len(fixed_parts) > 1 else fixed_parts[0]) if fixed_parts else None
+    fixed_rows = [r.tobytes() for r in fixed] if fixed is not None and fixed.shape[1] else [b""] * n
     out = []
     for i in range(n):
         k = bkeys[i]
