@@ -9,11 +9,11 @@ the steps of the streaming encoder that are particular to them.
   :class:`vaestream.beam.stream_sources.FileWatcher` does for files; after each batch it waits until the
   pipeline has taken it (backpressure) before it reads again. It is not a Beam I/O connector: it works only
   where the runner and the watcher share a process.
-* :class:`vaestream.beam.broker_splittable.ReadBroker`: a splittable DoFn for runners that run them (Dataflow, Flink, Prism): its restriction
-  counts messages (``[0, max_messages)``, unbounded by default), it **checkpoints** (``defer_remainder``)
-  when the stream has nothing new, its **watermark estimator** (manual) follows the broker's clock, and in
-  bounded mode it ends after ``max_messages`` or ``idle_timeout`` seconds without a message (so it is tested
-  on the FnApiRunner, which runs splittable DoFns in batch mode only).
+* :class:`vaestream.beam.broker_splittable.ReadBroker`: a splittable DoFn for runners that run them (Dataflow,
+  Flink, Prism): its restriction counts messages (``[0, max_messages)``, unbounded by default), it
+  **checkpoints** (``defer_remainder``) when the stream has nothing new, its **watermark estimator** (manual)
+  follows the broker's clock, and in bounded mode it ends after ``max_messages`` or ``idle_timeout`` seconds
+  without a message (so it is tested on the FnApiRunner, which runs splittable DoFns in batch mode only).
 
 On Dataflow or Flink a stream from Pub/Sub or Kafka goes into the same transforms: :class:`ReadPubSubMessages`
 (``ReadFromPubSub(with_attributes=True)`` then :func:`message_from_pubsub`) or ``ReadFromKafka`` then
@@ -37,6 +37,7 @@ import threading
 import time
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import coders
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
@@ -46,6 +47,7 @@ from vaestream import beam as vb
 from vaestream.beam.bridge import StreamBridge, bridge, release_free_memory
 from vaestream.broker import Acker, BrokerError, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
 from vaestream.broker import wire
+from vaestream.data import COUNT_SCALE
 from vaestream.errors import ConfigError
 
 _NS = vb.NAMESPACE
@@ -369,6 +371,7 @@ class EncodeMessagesFn(beam.DoFn):
     def __init__(self, handler, chunk_size: int, shape=None, likelihood: str | None = None):
         self.handler, self.chunk_size = handler, chunk_size
         self.shape = tuple(shape) if shape is not None else None
+        self._size = int(np.prod(self.shape)) if self.shape is not None else None
         self.likelihood = likelihood
         self.records_in = Metrics.counter(_NS, "records_in")
         self.messages = Metrics.counter(_NS, "messages_in")
@@ -407,7 +410,13 @@ class EncodeMessagesFn(beam.DoFn):
                 continue
             n += len(records)
             keys = wire.record_keys(msg.id, len(records))
-            good, dead = vb.validate_batch(vb.RecordBatch(msg.ref, keys, records), self.shape, self.likelihood)
+            if records.dtype == np.uint8 and len(records) and records.size == len(records) * (self._size or -1):
+                # 8-bit counts of the model's size: validate_batch refuses none (uint8 is finite and, at its scale
+                # 1/255, inside [0, 1]) and returns them reshaped at scale 1/255; ~30 us a message spared
+                good, dead = vb.RecordBatch(msg.ref, keys, records.reshape((len(records),) + self.shape),
+                                            COUNT_SCALE), ()
+            else:
+                good, dead = vb.validate_batch(vb.RecordBatch(msg.ref, keys, records), self.shape, self.likelihood)
             for d in dead:
                 yield 0, d
             if good is not None:
