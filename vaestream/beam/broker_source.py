@@ -45,6 +45,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from vaestream import beam as vb
 from vaestream.beam.bridge import StreamBridge, bridge, release_free_memory
+from vaestream.beam.scoring import ScoredBatch
 from vaestream.broker import Acker, BrokerError, BrokerReader, BrokerURL, Ledger, Message, WireError, decode, fault
 from vaestream.broker import wire
 from vaestream.data import COUNT_SCALE
@@ -360,8 +361,8 @@ class KeyNewMessagesFn(beam.DoFn):
 
 
 class EncodeMessagesFn(beam.DoFn):
-    """Message (or :class:`MessageBatch`) -> ``(0, Scored)``, ``(0, DeadLetter)`` and ``(0, MessageIds)`` for
-    the pane's GroupByKey.
+    """Message (or :class:`MessageBatch`) -> ``(0, ScoredBatch)`` (the :class:`vaestream.beam.scoring.Scored` of
+    a model call), ``(0, DeadLetter)`` and ``(0, MessageIds)`` for the pane's GroupByKey.
 
     A message is decoded (:func:`vaestream.broker.decode`; malformed: one dead letter with the reason) and
     validated (:func:`vaestream.beam.validate_batch`: refused records are dead letters); the valid records of
@@ -390,7 +391,7 @@ class EncodeMessagesFn(beam.DoFn):
         out = []
         if batches:
             self.model_calls.inc()
-            out = [(0, s) for s in self.handler.run_inference(batches, self._model)]
+            out = [(0, ScoredBatch(self.handler.run_inference(batches, self._model)))]
         if ids:
             out.append((0, MessageIds(ids)))
         return out

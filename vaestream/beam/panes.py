@@ -28,7 +28,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 from vaestream import beam as vb
 from vaestream.beam.broker_source import BrokerCommit, MessageIds, dead_letter_lines
-from vaestream.beam.scoring import Scored
+from vaestream.beam.scoring import Scored, ScoredBatch
 from vaestream.beam.sinks import write_atomic
 from vaestream.online.drift import DriftConfig, DriftMonitor
 
@@ -132,14 +132,16 @@ def _pane_items(values) -> tuple[list[Scored], list, list[str]]:
     for v in values:
         if isinstance(v, MessageIds):
             ids.extend(v)
+        elif isinstance(v, ScoredBatch):
+            items.extend(v)
         else:
             (dead if isinstance(v, vb.DeadLetter) else items).append(v)
     return items, dead, ids
 
 
 class WriteWindowFn(beam.DoFn):
-    """(key, [Scored and DeadLetter]) of one window pane -> its codes files + summary, and its dead letters
-    (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
+    """(key, [Scored, ScoredBatch, DeadLetter and MessageIds]) of one window pane -> its codes files + summary,
+    and its dead letters (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
 
     def __init__(self, out_dir: str, broker: BrokerCommit | None = None, handler=None):
         self.out_dir = out_dir

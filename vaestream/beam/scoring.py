@@ -76,6 +76,11 @@ class Scored(NamedTuple):
     symbols: np.ndarray | None
 
 
+class ScoredBatch(tuple):
+    """The :class:`Scored` of one model call (a broker step's messages of one window): one element through the
+    pane's GroupByKey, whose per-element costs (windowing, triggers) would otherwise be paid per message."""
+
+
 class ScoringModelHandler(vb.VAEModelHandler):
     """:class:`vaestream.beam.VAEModelHandler` (encode mode) that also returns the ELBO (estimator B with fixed
     noise, as the export's ``elbo`` signature) of the records :func:`scored_rows` picks (one in
