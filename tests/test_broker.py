@@ -279,6 +279,18 @@ def test_stream_encode_from_the_broker_codes_every_good_record_once(server, code
     assert res["records"] == 4097 and res["messages_read"] == 45
     assert res["elements"] < res["messages_read"]          # a read's messages of one window are one element
     assert not list(out.rglob("*.pending"))
+    # each pane's one container holds its records' quantised means, in the order of its Examples
+    from vaestream import beam as vb
+    from vaestream.coding import codec
+    from vaestream.coding.tables import quantize
+
+    cod = codec.load(coded_model)
+    for w in bs.read_windows(str(out)):
+        assert w["files"][1].endswith(".vaez")
+        mean = np.concatenate([b.mean for b in vb.read_codes(str(out / "codes" / w["files"][0]))])
+        symbols, _ = cod.decompress_codes((out / "codes" / w["files"][1]).read_bytes())
+        np.testing.assert_array_equal(symbols, quantize(mean, cod.tables, cod.quality))
+        assert w["coded_bits"] == 8 * (out / "codes" / w["files"][1]).stat().st_size
     # the only group has acknowledged everything: the stream is trimmed to nothing
     assert c.xlen(stream) == 0 and res["broker"]["trimmed"] == 45
 
