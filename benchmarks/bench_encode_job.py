@@ -4,6 +4,8 @@ For each size N (MNIST training images tiled to N records, 784 uint8 values each
 run and on the same 784-500-20 model (the paper's MNIST architecture):
 
 * ``bare``     — the compiled encoder on in-memory arrays, 4096 records a call (the limit);
+* ``bare_decode`` — the compiled decoder on in-memory latent means, 4096 a call, rounded to uint8 (the decode
+  job's peer);
 * ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> RunInference -> TFRecord;
 * ``encode_overlap`` — the same job with ``--inference overlap`` (the model call for the next batch on a
   thread while the last one is written);
@@ -31,11 +33,14 @@ and the summary's checks of the written files); the bare figure excludes compila
 Fixed cost: the jobs listed in ``--fixed_jobs`` also run on a tiny input (``--tiny`` records, default 100): that
 time is the job's fixed per-job cost T0. For each N the table gives the end-to-end time per record T(N)/N and
 the net time per record (T(N) - T0) / (N - n0) (n0 = the tiny input's records), i.e. what a record costs once
-the job is running. ``--repeat R`` runs each measurement R times (fresh processes) and keeps the fastest.
+the job is running. ``--repeat R`` runs each measurement R times (fresh processes) and keeps the median run;
+with ``--alternate`` the runs go in rounds (bare, encode, decode, bare, ...) so that load changes hit all alike.
 Prints one JSON document.
 
     python benchmarks/bench_encode_job.py --sizes 10000 100000 1000000 --out /tmp/bench_beam
     python benchmarks/bench_encode_job.py --sizes 10000 100000 --jobs encode decode beam_floor --repeat 3
+    python benchmarks/bench_encode_job.py --sizes 1000000 --jobs bare encode bare_decode decode --fixed_jobs \
+        --repeat 3 --alternate
 """
 
 from __future__ import annotations
@@ -106,6 +111,26 @@ def one_bare(work: Path, n: int) -> dict:
     for s in range(0, n, CHUNK):
         mean, log_scale = model.encode(records[s:s + CHUNK], 1 / 255)
         total += len(mean)
+    secs = time.perf_counter() - t0
+    return {"records": total, "seconds": secs}
+
+
+def one_bare_decode(work: Path, n: int) -> dict:
+    """The compiled decoder on in-memory latent means (the encoder's, of the same records), 4096 a call."""
+    import numpy as np
+
+    from vaestream.beam import CHUNK, LoadedVAE
+
+    records = np.load(make_inputs(work, n))
+    model = LoadedVAE.from_model_dir(str(make_model(work)))
+    z = np.concatenate([model.encode(records[s:s + CHUNK], 1 / 255)[0] for s in range(0, n, CHUNK)])
+    model.decode(z[:CHUNK])  # compile
+    t0 = time.perf_counter()
+    total = 0
+    for s in range(0, n, CHUNK):
+        x = model.decode(z[s:s + CHUNK])
+        np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)  # as the job's --output_dtype uint8
+        total += len(x)
     secs = time.perf_counter() - t0
     return {"records": total, "seconds": secs}
 
@@ -224,6 +249,8 @@ def run_one(args) -> None:
     work = Path(args.work)
     if args.one == "bare":
         r = one_bare(work, args.n)
+    elif args.one == "bare_decode":
+        r = one_bare_decode(work, args.n)
     elif args.one == "stock":
         r = one_stock(work, args.n, None)
     elif args.one == "unbatched":
@@ -238,23 +265,40 @@ def run_one(args) -> None:
     print("RESULT " + json.dumps(r))
 
 
-def measure(work: Path, what: str, n: int, repeat: int = 1) -> dict:
-    """The fastest of ``repeat`` runs of one measurement, each in a fresh subprocess (``seconds_all``: every
-    run's ``seconds``)."""
-    best: dict | None = None
-    runs = []
-    for _ in range(max(1, repeat)):
-        cmd = [sys.executable, __file__, "--one", what, "--n", str(n), "--work", str(work)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        r = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-        if r is None:
-            return {"error": (proc.stderr or proc.stdout)[-2000:]}
-        runs.append(r["seconds"])
-        if best is None or r["seconds"] < best["seconds"]:
-            best = r
+def measure_once(work: Path, what: str, n: int, extra: list[str] | None = None) -> dict:
+    """One run of one measurement in a fresh subprocess."""
+    cmd = [sys.executable, __file__, "--one", what, "--n", str(n), "--work", str(work)] + list(extra or [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    return r if r is not None else {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The run of median ``seconds`` (``seconds_all``: every run's), or the first error."""
+    errors = [r for r in runs if "seconds" not in r]
+    if errors:
+        return errors[0]
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    best = dict(ordered[(len(ordered) - 1) // 2])
     if len(runs) > 1:
-        best["seconds_all"] = [round(x, 3) for x in runs]
+        best["seconds_all"] = [round(r["seconds"], 3) for r in runs]
+        best["peak_rss_mib_all"] = [r["peak_rss_mib"] for r in runs]
     return best
+
+
+def measure(work: Path, what: str, n: int, repeat: int = 1) -> dict:
+    """The median of ``repeat`` runs of one measurement, each in a fresh subprocess."""
+    return median_of([measure_once(work, what, n) for _ in range(max(1, repeat))])
+
+
+def measure_alternated(work: Path, jobs: list[str], n: int, repeat: int) -> dict:
+    """``repeat`` rounds, each running every job of ``jobs`` once in turn (bare and job runs alternate, so a
+    change of machine load hits them alike); the median run of each job."""
+    runs: dict[str, list[dict]] = {j: [] for j in jobs}
+    for _ in range(max(1, repeat)):
+        for j in jobs:
+            runs[j].append(measure_once(work, j, n))
+    return {j: median_of(r) for j, r in runs.items()}
 
 
 def main() -> None:
@@ -267,7 +311,10 @@ def main() -> None:
     ap.add_argument("--fixed_jobs", "--fixed-jobs", nargs="*",
                     default=["encode", "decode", "beam_floor", "beam_floor_dl"],
                     help="jobs (among --jobs) also run on the tiny input (0 jobs: no fixed-cost measurement)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the median is kept")
+    ap.add_argument("--alternate", action="store_true",
+                    help="run the jobs of each size in rounds (bare, job, bare, job, ...) instead of each job's "
+                         "repeats back to back")
     ap.add_argument("--stock-max", type=int, default=100000, help="largest N for the stock baseline")
     ap.add_argument("--unbatched-max", type=int, default=10000, help="largest N for the unbatched baseline")
     ap.add_argument("--unbatched-n", type=int, default=2000,
@@ -294,13 +341,15 @@ def main() -> None:
     for n in args.sizes:
         make_inputs(work, n)
         row = {}
+        alternated = (measure_alternated(work, [j for j in args.jobs if j not in ("stock", "unbatched")], n,
+                                         args.repeat) if args.alternate else {})
         for what in args.jobs:
             if what == "stock" and n > args.stock_max or what == "unbatched" and n > args.unbatched_max:
                 continue
             m = min(n, args.unbatched_n) if what == "unbatched" else n
             if m != n:
                 make_inputs(work, m)
-            row[what] = measure(work, what, m, args.repeat)
+            row[what] = alternated[what] if what in alternated else measure(work, what, m, args.repeat)
             t0 = results["fixed"].get(what, {})
             if "seconds" in row[what] and "seconds" in t0 and m > t0["records"]:
                 # net time per record: what a record costs once the job is running
@@ -319,6 +368,9 @@ def main() -> None:
                     ratios[f"encode_over_{base}"] = enc["records_per_second"] / row[base]["records_per_second"]
         if "records_per_second" in row.get("beam_floor", {}) and "records_per_second" in enc:
             ratios["encode_over_beam_floor"] = enc["records_per_second"] / row["beam_floor"]["records_per_second"]
+        dec, bare_dec = row.get("decode", {}), row.get("bare_decode", {})
+        if "records_per_second" in dec and "records_per_second" in bare_dec:
+            ratios["decode_over_bare_decode"] = dec["records_per_second"] / bare_dec["records_per_second"]
         row["ratios"] = ratios
         results["sizes"][str(n)] = row
     fx = results["fixed"]
