@@ -15,6 +15,13 @@ or a socket read are idle) and the busiest functions are printed, with the laten
 grew from 8 s to the end (a leak shows there) and the RSS before and after ``malloc_trim``.
 
     python benchmarks/profile_streaming.py --redis-rate 70000 [--seconds 20] [--window 2] [--max-latency 3]
+
+``--step-costs``: instead, the CPU time (this process's, TensorFlow's threads included) per record of each step
+of the broker job's per-record work, one step at a time on 44,000 MNIST records in 440 messages of 100, best of
+3: the redis client's read, decode + keys, the model call (encoder alone, with the ELBO sample), the pane's
+Examples, TFRecord and container; and the batch encode job's whole CPU per record (the same records x 5).
+
+    python benchmarks/profile_streaming.py --step-costs [--model DIR]
 """
 
 from __future__ import annotations
@@ -175,6 +182,80 @@ def profile_redis(args) -> dict:
     return res
 
 
+def step_costs(args) -> dict:
+    """CPU microseconds per record of each step of the broker job's per-record work (module docstring)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_streaming as bsm
+
+    from vaestream import beam as vb
+    from vaestream.beam import panes
+    from vaestream.beam.scoring import ScoringModelHandler
+    from vaestream.broker import BrokerReader, wire
+    from vaestream.broker.server import RedisServer
+    from vaestream.data import COUNT_SCALE, load_records
+
+    work = Path(tempfile.mkdtemp(prefix="profile_costs-"))
+    model = args.model or str(bsm.pretrain(load_records("fashion-mnist", "train"), work / "model", 100))
+    n_msg, per = 440, 100
+    x = load_records(str(MNIST), "train")[:n_msg * per]
+    h = ScoringModelHandler(str(model), score_every=8)
+    m = h.load_model()
+    res: dict = {}
+
+    def timed(name, f, reps=3):
+        best, out = float("inf"), None
+        for _ in range(reps):
+            c = time.process_time()
+            out = f()
+            best = min(best, time.process_time() - c)
+        res[name] = round(best / (n_msg * per) * 1e6, 3)
+        return out
+
+    with RedisServer(work / "redis", fsync="everysec") as srv:
+        reader, client = BrokerReader(srv.url("costs"), "g").setup(), srv.client()
+        reads = []
+        for _ in range(3):
+            pipe = client.pipeline()
+            for j in range(n_msg):
+                pipe.xadd("costs", wire.encode(x[j * per:(j + 1) * per]))
+            pipe.execute()
+            c, msgs = time.process_time(), []
+            while len(msgs) < n_msg:
+                msgs += reader.read(count=400)
+            reads.append(time.process_time() - c)
+            reader.ack([msg.id for msg in msgs])
+        res["read_redis_client"] = round(min(reads) / (n_msg * per) * 1e6, 3)
+        reader.close()
+
+    def decode_all():
+        out = []
+        for msg in msgs:
+            r = wire.decode(msg)
+            out.append(vb.RecordBatch(msg.ref, wire.record_keys(msg.id, len(r)), r.reshape((len(r), 28, 28, 1)),
+                                      COUNT_SCALE))
+        return out
+
+    batches = timed("decode_keys", decode_all)
+    xx = np.concatenate([b.records.reshape(-1, 784) for b in batches[:40]])
+    rows = np.arange(0, len(xx), 8, dtype=np.int32)
+    timed("model_encoder", lambda: [m.score_fn(xx, rows[:0], COUNT_SCALE) for _ in range(n_msg // 40)])
+    timed("model_encoder_elbo_1_in_8", lambda: [m.score_fn(xx, rows, COUNT_SCALE) for _ in range(n_msg // 40)])
+    scored = timed("run_inference_all", lambda: [s for a in range(0, n_msg, 40)
+                                                 for s in h.run_inference(batches[a:a + 40], m)])
+    examples = timed("pane_examples", lambda: panes.pane_examples(scored))
+    timed("pane_tfrecord", lambda: panes.write_tfrecord_atomic(str(work / "c.tfrecord"), examples))
+    timed("pane_container", lambda: m.codec.compress_codes(np.concatenate([s.symbols for s in scored])))
+    from pipelines import encode as batch_encode
+
+    np.save(work / "batch.npy", np.concatenate([x] * 5))   # 220,000 records: the job's start-up amortised
+    c = time.process_time()
+    bsum = batch_encode.run(["--input", str(work / "batch.npy"), "--model", str(model), "--output",
+                             str(work / "batch_out")])
+    res["batch_job_whole"] = round((time.process_time() - c) / bsum["records"] * 1e6, 3)
+    print(json.dumps({"cpu_us_per_record": res}, indent=1))
+    return res
+
+
 def pct(values, q):
     return float(np.percentile(np.asarray(values), q))
 
@@ -192,7 +273,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--redis-rate", type=float, default=None,
                     help="profile the broker job at this many records/s instead (see the module docstring)")
     ap.add_argument("--seconds", type=float, default=20.0, help="--redis-rate: seconds of publishing")
+    ap.add_argument("--step-costs", action="store_true", help="CPU per record of each step (module docstring)")
     args = ap.parse_args(argv)
+    if args.step_costs:
+        return step_costs(args)
     if args.redis_rate:
         if args.max_latency is None:
             args.max_latency = 3.0
