@@ -127,6 +127,56 @@ def test_round_trip_prepare_train_encode_decode(trained, tmp_path, mnist_dir, mn
         vb.run_pipeline(p)
 
 
+def test_block_layout_codes_are_the_bare_models_and_both_layouts_decode_alike(trained, tmp_path, mnist_test):
+    """The encode job's default layout (one Example per batch): the codes are the compiled model's, bit for bit,
+    under their keys (implicit name + offset, or listed where a dead letter broke the run); the summary names the
+    layout and the counts add up; the per-record layout of the same job (as older outputs) decodes to the same
+    reconstructions."""
+    x = mnist_test[:700].reshape(700, 28, 28).astype(np.float32) / 255.0
+    x[100, 5, 5] = np.nan  # block 0 loses record 100: its keys are listed, not a range
+    np.save(tmp_path / "x.npy", x)
+    model_dir = str(trained.model_dir)
+    runs = {}
+    for layout in ("block", "record"):
+        flags = [] if layout == "block" else ["--code_layout", "record"]
+        runs[layout] = encode.run(["--input", str(tmp_path / "x.npy"), "--model", model_dir, "--output",
+                                   str(tmp_path / layout), "--chunk_size", "256", *flags])
+    s = runs["block"]
+    assert s["code_layout"] == "block/1" and runs["record"]["code_layout"] == "record/1"
+    assert s["records_in"] == 700 and s["records"] == 699 and s["dead_lettered"] == 1
+    assert json.loads((tmp_path / "block" / "summary.json").read_text())["code_layout"] == "block/1"
+    files = sorted((tmp_path / "block").glob("codes-*.tfrecord"))
+    examples = sum(shardset.count_records([str(f) for f in files]).values())
+    assert examples == 3  # one Example per batch of up to 256 records
+    batches = [b for f in files for b in vb.read_codes(str(f))]
+    assert sorted(type(b.keys).__name__ for b in batches) == ["KeyRange", "KeyRange", "list"]
+    got = {k: (m, ls) for b in batches for k, m, ls in zip(b.keys, b.mean, b.log_scale)}
+    keep = [i for i in range(700) if i != 100]
+    assert sorted(got) == [f"x.npy:{i:09d}" for i in keep]
+    mean, log_scale = vb.LoadedVAE.load(model_dir).encode(x[keep], 1.0)
+    assert np.array_equal(np.stack([got[f"x.npy:{i:09d}"][0] for i in keep]), mean)  # bit for bit
+    assert np.array_equal(np.stack([got[f"x.npy:{i:09d}"][1] for i in keep]), log_scale)
+    old = {k: (m, ls) for f in (tmp_path / "record").glob("codes-*.tfrecord") for b in vb.read_codes(str(f))
+           for k, m, ls in zip(b.keys, b.mean, b.log_scale)}
+    assert sorted(old) == sorted(got) and all(np.array_equal(old[k][0], got[k][0]) for k in got)
+    # the per-record layout is what tf.io.parse_example reads with fixed-length features
+    raw = next(iter(tf.data.TFRecordDataset(str(next((tmp_path / "record").glob("codes-*.tfrecord")))).batch(4)))
+    nz = mean.shape[1]
+    ex = tf.io.parse_example(raw, {"key": tf.io.FixedLenFeature([], tf.string),
+                                   "mean": tf.io.FixedLenFeature([nz], tf.float32)})
+    assert all(np.array_equal(m, got[k.decode()][0]) for k, m in zip(ex["key"].numpy(), ex["mean"].numpy()))
+    recon = {}
+    for layout in ("block", "record"):
+        d = decode.run(["--input", str(tmp_path / layout), "--model", model_dir, "--output",
+                        str(tmp_path / f"dec-{layout}"), "--output_dtype", "uint8"])
+        assert d["records_in"] == d["records"] == 699 and d["dead_lettered"] == 0
+        recon[layout] = {k.decode(): r for keys, r in shards.read_shards(
+            str(tmp_path / f"dec-{layout}" / "recon-*.tfrecord"), batch_size=700, shuffle_buffer=0, with_keys=True)
+            for k, r in zip(keys.numpy(), r.numpy())}
+    assert sorted(recon["block"]) == sorted(got)
+    assert all(np.array_equal(recon["block"][k], recon["record"][k]) for k in got)
+
+
 def _poisoned_inputs(d: Path, mnist_test: np.ndarray) -> tuple[list[str], set[str], dict[str, str]]:
     """Inputs of every format with bad records planted; returns (inputs, good keys, bad key -> reason)."""
     good: set[str] = set()

@@ -58,6 +58,19 @@ def _entry(name: str, feature: bytes) -> bytes:
     return _ld(0x0A, _ld(0x0A, name.encode()) + _ld(0x12, feature))
 
 
+entry = _entry
+
+
+def float_entry_head(name: str, nbytes: int) -> bytes:
+    """The bytes before the payload of a ``Features.feature`` map entry ``name`` -> ``Feature{float_list}``
+    (packed) of ``nbytes`` bytes of little-endian float32: head + payload is the whole entry."""
+    flist = b"\x0a" + _varint(nbytes)                       # FloatList.value, packed
+    feature = b"\x12" + _varint(len(flist) + nbytes) + flist  # Feature.float_list
+    key = _ld(0x0A, name.encode())
+    body = key + b"\x12" + _varint(len(feature) + nbytes) + feature
+    return b"\x0a" + _varint(len(body) + nbytes) + body
+
+
 def bytes_feature(values: Sequence[bytes]) -> bytes:
     """A serialized ``Feature{bytes_list}`` (Feature field 1, BytesList.value field 1)."""
     return _ld(0x0A, b"".join(_ld(0x0A, v) for v in values))
@@ -114,12 +127,15 @@ def serialize_examples(keys: Sequence[str | bytes], rows: Mapping[str, np.ndarra
         if len(vals) != n:
             raise ValueError(f"feature {name!r} has {len(vals)} values, expected {n}")
     key_head = b"\x0a\x03key\x12"
-    bkeys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
-    lengths = {len(k) for k in bkeys}
-    if n and not var_items and len(lengths) == 1:
+    key_rows = key_matrix(keys) if not var_items else None
+    if key_rows is None:
+        bkeys = [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
+        lengths = {len(k) for k in bkeys}
+        if n and not var_items and len(lengths) == 1:
+            key_rows = np.frombuffer(b"".join(bkeys), np.uint8).reshape(n, lengths.pop())
+    if n and key_rows is not None:
         # Every record has the same length: lay the whole batch out as one [n, bytes] matrix.
-        klen = lengths.pop()
-        key_rows = np.frombuffer(b"".join(bkeys), np.uint8).reshape(n, klen)
+        klen = key_rows.shape[1]
         bl_prefix = b"\x0a" + _varint(klen)
         feature_prefix = b"\x0a" + _varint(len(bl_prefix) + klen) + bl_prefix
         parts = [_prefixed("key", feature_prefix, key_rows)]
@@ -147,6 +163,23 @@ def serialize_examples(keys: Sequence[str | bytes], rows: Mapping[str, np.ndarra
         if var_items:
             feats += b"".join(_entry(name, bytes_feature([vals[i]])) for name, vals in var_items)
         out.append(b"\x0a" + _varint(len(feats)) + feats)
+    return out
+
+
+def key_matrix(keys: Sequence[str | bytes]) -> np.ndarray | None:
+    """``[n, L]`` uint8: the UTF-8 bytes of ``keys`` when they are a range of record keys (``NAME:`` then the
+    offset in ``digits`` zero-padded digits; an object with ``name``, ``start``, ``stop`` and ``digits``
+    attributes, e.g. :class:`vaestream.beam.elements.KeyRange`), built with NumPy instead of key by key;
+    None for any other sequence (or offsets wider than ``digits``)."""
+    name, start, stop, digits = (getattr(keys, a, None) for a in ("name", "start", "stop", "digits"))
+    if name is None or start is None or stop is None or digits is None or stop <= start or stop > 10 ** digits:
+        return None
+    head = np.frombuffer(f"{name}:".encode(), np.uint8)
+    idx = np.arange(start, stop, dtype=np.int64)
+    pow10 = 10 ** np.arange(digits - 1, -1, -1, dtype=np.int64)
+    out = np.empty((stop - start, len(head) + digits), np.uint8)
+    out[:, :len(head)] = head
+    out[:, len(head):] = (idx[:, None] // pow10) % 10 + 48
     return out
 
 

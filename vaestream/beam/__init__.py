@@ -62,7 +62,8 @@ from __future__ import annotations
 import importlib
 
 _MODULES = {
-    "elements": "CHUNK CodeBatch DEAD_LETTER DeadLetter KEY_DIGITS NAMESPACE RecordBatch RECORDS SPLIT",
+    "elements": ("CHUNK CODE_LAYOUTS CodeBatch DEAD_LETTER DeadLetter KEY_DIGITS KeyRange NAMESPACE RecordBatch RECORDS "
+                 "SPLIT"),
     "formats": "expand_inputs plan_reads Gunzip",
     "readers": "probe read_range ReadRecords",
     "validate": "default_scale Validate validate_batch",
@@ -70,7 +71,7 @@ _MODULES = {
               "write_atomic"),
     "shards": "WriteShards",
     "model_handler": "CODERS coder_kind LoadedVAE lossless_validate read_model_config VAEModelHandler",
-    "transforms": "code_files Decode Encode first_fingerprint read_codes ReadCodes",
+    "transforms": "code_files count_codes Decode Encode first_fingerprint read_codes ReadCodes",
     "running": ("check_counts clear_outputs count_lines count_written counters file_sizes freeze_startup_heap "
                 "job_summary make_pipeline run_pipeline job_main run_job_argv timed_run build_and_run write_json "
                 "finish_job run_batch_job job_started check_output clear_temporary input_bytes BEAM_TEMP"),

@@ -242,9 +242,9 @@ class _CodecTaskFn(beam.DoFn):
     letters in ``staging``; yields the task's descriptor."""
 
     def __init__(self, job: str, staging: str, handler: vb.VAEModelHandler, chunk: int, feature: str = "x",
-                 check=None, output_dtype: str = "float32"):
+                 check=None, output_dtype: str = "float32", code_layout: str = "record"):
         self.job, self.staging, self.handler, self.chunk = job, staging, handler, chunk
-        self.feature, self.check, self.output_dtype = feature, check, output_dtype
+        self.feature, self.check, self.output_dtype, self.code_layout = feature, check, output_dtype, code_layout
 
     def _items(self, task):
         if self.job == "encode":
@@ -271,7 +271,7 @@ class _CodecTaskFn(beam.DoFn):
             model = model or _model(self.handler)
             if self.job == "encode":
                 (out,) = self.handler.encode_batches([item], model)
-                rows.extend(vb.code_examples(out))
+                rows.extend(vb.code_examples(out, self.code_layout))
             else:
                 (out,) = self.handler.decode_batches([item], model)
                 out = transforms.quantize_batch(out, self.output_dtype)
@@ -422,10 +422,13 @@ def run_coding(job: str, sources: Sequence[Any], handler: vb.VAEModelHandler, ar
     a source)``; then the parts committed as ``OUT/PREFIX-i-of-n.tfrecord`` with their dead letters, the summary
     written and the output contract checked. The jobs call it (``vaestream.beam.jobs.encode.run_on_dask``)."""
     step, label = ("ReadTasks", "ReadEncodeWrite") if job == "encode" else ("CodeFiles", "ReadDecodeWrite")
+    # float codes in the encode job's --code_layout (block: one Example per batch, counted as coded rows)
+    code_layout = getattr(args, "code_layout", "record") if job == "encode" and not coded else "record"
+    coded = coded or code_layout == "block"
 
     def build(p, staging):
         fn = _CodecTaskFn(job, staging, handler, args.chunk_size, getattr(args, "feature", "x"), check,
-                          getattr(args, "output_dtype", "float32"))
+                          getattr(args, "output_dtype", "float32"), code_layout)
         _ = p | step >> beam.Create(list(sources)) | label >> beam.ParDo(fn)
 
     parts, staging, _ = _run(job, out, pipeline_args, build)

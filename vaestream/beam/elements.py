@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import dataclasses
-from typing import NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -19,6 +19,71 @@ SPLIT = 65536
 KEY_DIGITS = 9
 CODERS = ("lossy", "lossless")
 """The encode job's ``--coder`` kinds (:func:`vaestream.beam.model_handler.coder_kind`)."""
+CODE_LAYOUTS = ("block", "record")
+"""The encode job's ``--code_layout`` of TFRecord float codes (:func:`vaestream.beam.sinks.code_examples`)."""
+LAYOUT_VERSIONS = {"block": "block/1", "record": "record/1", "coded": "coded/1"}
+"""The versioned layout names the encode job's summary (its manifest) records as ``code_layout``."""
+
+
+class KeyRange(Sequence[str]):
+    """The keys ``record_key(name, start)`` .. ``record_key(name, stop - 1)`` of consecutive records, held as
+    the name and the range: no string a record until one is asked for. A ``Sequence[str]`` (indexing, slicing,
+    iteration, ``len``); equal to the list of the same keys. The block code layout stores such keys as their
+    prefix and first offset (:func:`vaestream.beam.sinks.code_examples`)."""
+
+    __slots__ = ("name", "start", "stop")
+    digits = KEY_DIGITS
+
+    def __init__(self, name: str, start: int, stop: int):
+        self.name, self.start, self.stop = name, int(start), max(int(start), int(stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step == 1:
+                return KeyRange(self.name, self.start + lo, self.start + max(lo, hi))
+            return [record_key(self.name, self.start + j) for j in range(lo, hi, step)]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("key index out of range")
+        return record_key(self.name, self.start + i)
+
+    def __iter__(self) -> Iterator[str]:
+        name = self.name
+        return (record_key(name, j) for j in range(self.start, self.stop))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, KeyRange):
+            same = (self.name, self.start, self.stop) == (other.name, other.start, other.stop)
+            return same or list(self) == list(other)
+        return isinstance(other, (list, tuple)) and list(self) == list(other)
+
+    def __add__(self, other) -> list[str]:
+        return list(self) + list(other)
+
+    def __radd__(self, other) -> list[str]:
+        return list(other) + list(self)
+
+    def __repr__(self) -> str:
+        return f"KeyRange({self.name!r}, {self.start}, {self.stop})"
+
+    def __reduce__(self):
+        return KeyRange, (self.name, self.start, self.stop)
+
+    @property
+    def prefix(self) -> str:
+        """What every key starts with (``NAME:``); the rest is the record's offset in ``KEY_DIGITS`` digits."""
+        return f"{self.name}:"
+
+
+def key_range_of(keys: Sequence[str]) -> KeyRange | None:
+    """``keys`` as a :class:`KeyRange` when they are one (held as one, not checked key by key), else None."""
+    return keys if isinstance(keys, KeyRange) else None
 
 
 @dataclasses.dataclass
@@ -29,7 +94,7 @@ class RecordBatch:
     """
 
     source: str
-    keys: list[str]
+    keys: Sequence[str]
     records: np.ndarray
     scale: float | None = None
 
@@ -43,6 +108,8 @@ class RecordBatch:
 
     def take(self, mask: np.ndarray) -> "RecordBatch":
         idx = np.flatnonzero(mask)
+        if isinstance(self.keys, KeyRange) and len(idx) and idx[-1] - idx[0] + 1 == len(idx):  # one run: a range
+            return RecordBatch(self.source, self.keys[int(idx[0]):int(idx[-1]) + 1], self.records[idx], self.scale)
         return RecordBatch(self.source, [self.keys[i] for i in idx], self.records[idx], self.scale)
 
 
@@ -60,7 +127,7 @@ class CodeBatch:
     """
 
     source: str
-    keys: list[str]
+    keys: Sequence[str]
     mean: np.ndarray | None
     log_scale: np.ndarray | None
     fingerprint: str

@@ -412,7 +412,9 @@ class VAEModelHandler(ModelHandler):
             groups.setdefault((b.records.dtype.str, b.scale), []).append(i)
         results: dict[int, CodeBatch] = {}
         for (_, scale), idx in groups.items():
-            recs = np.concatenate([batch[i].records.reshape(len(batch[i]), -1) for i in idx])
+            # (one element: its records as read, no copy)
+            recs = (batch[idx[0]].records.reshape(len(batch[idx[0]]), -1) if len(idx) == 1 else
+                    np.concatenate([batch[i].records.reshape(len(batch[i]), -1) for i in idx]))
             mean, log_scale = model.encode(recs, 1.0 if scale is None else scale)
             s = 0
             for i in idx:
@@ -438,7 +440,8 @@ class VAEModelHandler(ModelHandler):
 
         shape = tuple(model.config.input_shape)
         floats = [b for b in batch if not b.coded]
-        x = model.decode(np.concatenate([b.mean for b in floats])) if floats else None
+        z = (floats[0].mean if len(floats) == 1 else np.concatenate([b.mean for b in floats])) if floats else None
+        x = model.decode(z) if floats else None
         out, s = [], 0
         for b in batch:
             n = len(b)

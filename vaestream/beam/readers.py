@@ -10,7 +10,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from vaestream.beam.elements import CHUNK, DEAD_LETTER, DeadLetter, RECORDS, RecordBatch, SPLIT, job_counter, record_key
+from vaestream.beam.elements import (CHUNK, DEAD_LETTER, DeadLetter, KeyRange, RECORDS, RecordBatch, SPLIT, job_counter,
+                                     record_key)
 from vaestream.beam.formats import expand_inputs, file_size, input_kind, maybe_gunzip, open_raw, plan_reads
 from vaestream.beam.validate import Validate, ValidateFn
 from vaestream.binio import Truncated, read_exact
@@ -69,7 +70,7 @@ def _fixed_records(path: str, f, dtype: np.dtype, rec_shape: tuple[int, ...], st
         if got:
             arr = np.frombuffer(raw[:got * rec_bytes], dtype=dtype).reshape((got,) + rec_shape)
             arr = arr.astype(dtype.newbyteorder("="), copy=False)
-            yield RecordBatch(path, [record_key(name, j) for j in range(i, i + got)], arr)
+            yield RecordBatch(path, KeyRange(name, i, i + got), arr)
         if got < n:
             cut = i + got
             yield DeadLetter(path, f"{record_key(name, cut)}..{record_key(name, total - 1)}",
@@ -143,8 +144,7 @@ def _chunks_of(path: str, name: str, arr: np.ndarray, chunk: int) -> Iterator[Re
     if arr.ndim < 2:
         arr = arr.reshape(-1, 1)
     for s in range(0, len(arr), chunk):
-        yield RecordBatch(path, [record_key(name, j) for j in range(s, min(s + chunk, len(arr)))],
-                          np.ascontiguousarray(arr[s:s + chunk]))
+        yield RecordBatch(path, KeyRange(name, s, min(s + chunk, len(arr))), np.ascontiguousarray(arr[s:s + chunk]))
 
 
 def _read_npz(task, chunk, feature, limit):

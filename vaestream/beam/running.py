@@ -11,9 +11,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream import shardset
-from vaestream.beam.elements import CodeBatch, NAMESPACE
+from vaestream.beam.elements import NAMESPACE
 from vaestream.beam.formats import open_raw
-from vaestream.beam.transforms import read_codes
+from vaestream.beam.transforms import count_codes
 from vaestream.errors import DataError, JobFailedError, ModelError, ModelMismatchError
 
 
@@ -78,12 +78,12 @@ def check_counts(c: dict[str, int], what: str) -> None:
 
 def count_written(paths: Iterable[str], coded: bool = False) -> int:
     """Records in written TFRecord / Parquet files (Parquet from its footer, TFRecord by reading through);
-    ``coded``: code files of the encode job's ``--coder``, one row per batch (the rows' record counts summed,
-    every row parsed)."""
+    ``coded``: code files of a row per batch (the encode job's ``--coder``, or its block layout), the rows'
+    record counts summed (:func:`vaestream.beam.transforms.count_codes`)."""
     import pyarrow.parquet as pq
 
-    if coded:
-        return sum(len(b) for p in paths for b in read_codes(p) if isinstance(b, CodeBatch))
+    if coded:  # (block codes: each block's record count, without decoding its floats)
+        return sum(count_codes(p) for p in paths)
     total = 0
     tf_paths = []
     for p in paths:

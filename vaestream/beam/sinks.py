@@ -14,7 +14,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from vaestream import shardset
-from vaestream.beam.elements import CodeBatch, DeadLetter, job_counter
+from vaestream.beam.elements import CodeBatch, DeadLetter, KeyRange, job_counter
 from vaestream.errors import DataError
 
 
@@ -42,15 +42,17 @@ class BatchedTFRecordSink(filebasedsink.FileBasedSink):
 
 
 class _ToExamples(beam.DoFn):
-    """RecordBatch / CodeBatch -> a list of serialized Examples (counts records and bytes)."""
+    """RecordBatch / CodeBatch -> a list of serialized Examples (counts records and bytes); float codes in
+    ``code_layout`` (:func:`code_examples`)."""
 
-    def __init__(self):
+    def __init__(self, code_layout: str = "record"):
+        self.code_layout = code_layout
         self.records = job_counter("records")
         self.bytes_out = job_counter("bytes_out")
 
     def process(self, batch):
         if isinstance(batch, CodeBatch):
-            out = code_examples(batch)
+            out = code_examples(batch, self.code_layout)
         else:
             out = shardset.record_examples(batch.keys, batch.records)
         self.records.inc(len(batch))
@@ -58,9 +60,14 @@ class _ToExamples(beam.DoFn):
         yield out
 
 
-def code_examples(batch: CodeBatch) -> list[bytes]:
-    """Serialized code Examples: one per record (key, mean and log_scale as float lists of Nz, fingerprint),
-    or for a coded batch one Example for the whole batch (keys, records, fingerprint, code)."""
+def code_examples(batch: CodeBatch, layout: str = "record") -> list[bytes]:
+    """Serialized code Examples. Float codes: ``layout="record"``, one per record (key, mean and log_scale as
+    float lists of Nz, fingerprint); ``layout="block"``, one for the whole batch (:func:`block_example`). A
+    coded batch: one Example for the whole batch (keys, records, fingerprint, code)."""
+    if layout not in ("record", "block"):
+        raise DataError(f"code layout {layout!r} is not one of block, record")
+    if not batch.coded and layout == "block":
+        return [block_example(batch)] if len(batch) else []
     if batch.coded:
         import tensorflow as tf
 
@@ -73,6 +80,28 @@ def code_examples(batch: CodeBatch) -> list[bytes]:
     return shardset.serialize_examples(
         batch.keys, floats={"mean": batch.mean, "log_scale": batch.log_scale},
         constants={"fingerprint": shardset.bytes_feature([batch.fingerprint.encode()])})
+
+
+def block_example(batch: CodeBatch) -> bytes:
+    """One serialized Example holding a float CodeBatch of ``n`` records (the block layout, FORMAT.md §8):
+    ``records`` int64 = n; ``mean``, ``log_scale`` float lists of n x Nz values (row-major [n, Nz]);
+    ``fingerprint`` bytes, once; the keys as ``key_name`` bytes + ``key_start`` int64 when they are a
+    :class:`~vaestream.beam.elements.KeyRange` (key i = ``NAME:`` + the offset start + i in 9 digits), else
+    ``keys`` bytes x n. The float payloads are the arrays' bytes, copied once (into the returned bytes)."""
+    n = len(batch)
+    mean = np.ascontiguousarray(batch.mean, "<f4").reshape(n, -1)
+    ls = np.ascontiguousarray(batch.log_scale, "<f4").reshape(n, -1)
+    parts = [shardset.entry("records", shardset.int64_feature([n])),
+             shardset.entry("fingerprint", shardset.bytes_feature([batch.fingerprint.encode()]))]
+    if isinstance(batch.keys, KeyRange):
+        parts += [shardset.entry("key_name", shardset.bytes_feature([batch.keys.name.encode()])),
+                  shardset.entry("key_start", shardset.int64_feature([batch.keys.start]))]
+    else:
+        parts.append(shardset.entry("keys", shardset.bytes_feature([k.encode() for k in batch.keys])))
+    for name, arr in (("mean", mean), ("log_scale", ls)):
+        parts += [shardset.float_entry_head(name, arr.nbytes), memoryview(arr).cast("B")]
+    body = sum(len(p) for p in parts)
+    return b"".join([b"\x0a" + shardset.leb128(body)] + parts)
 
 
 def code_schema(latent_dim: int, coded: bool = False):
@@ -119,15 +148,15 @@ class _ToTable(beam.DoFn):
         if isinstance(batch, CodeBatch) and batch.coded:
             if "code" not in self.schema.names:
                 raise DataError(f"{batch.source}: coded batches need the coded schema (code_schema(coded=True))")
-            cols = [pa.array([batch.keys], pa.list_(pa.string())), pa.array([len(batch)], pa.int32()),
+            cols = [pa.array([list(batch.keys)], pa.list_(pa.string())), pa.array([len(batch)], pa.int32()),
                     pa.array([batch.fingerprint], pa.string()), pa.array([batch.container], pa.binary())]
         elif isinstance(batch, CodeBatch):
-            cols = [pa.array(batch.keys, pa.string()), _fixed_list(batch.mean.astype(np.float32)),
+            cols = [pa.array(list(batch.keys), pa.string()), _fixed_list(batch.mean.astype(np.float32)),
                     _fixed_list(batch.log_scale.astype(np.float32)),
                     pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(batch), np.int32)),
                                                    pa.array([batch.fingerprint])).cast(pa.string())]
         else:
-            cols = [pa.array(batch.keys, pa.string()), _fixed_list(batch.records.reshape(len(batch), -1))]
+            cols = [pa.array(list(batch.keys), pa.string()), _fixed_list(batch.records.reshape(len(batch), -1))]
         table = pa.Table.from_arrays(cols, schema=self.schema)
         self.records.inc(len(batch))
         self.bytes_out.inc(int(table.nbytes))
@@ -139,21 +168,23 @@ class WriteBatches(beam.PTransform):
 
     Files are ``{prefix}-SSSSS-of-NNNNN.tfrecord`` / ``.parquet``. Returns the PCollection of final file
     names. ``schema`` (a ``pyarrow.Schema``, see :func:`code_schema` / :func:`record_schema`) is needed for
-    Parquet.
+    Parquet. ``code_layout``: TFRecord float codes one Example per record or per batch (:func:`code_examples`).
     """
 
-    def __init__(self, prefix: str, output_format: str = "tfrecord", schema=None, num_shards: int = 0):
+    def __init__(self, prefix: str, output_format: str = "tfrecord", schema=None, num_shards: int = 0,
+                 code_layout: str = "record"):
         super().__init__()
         if output_format not in ("tfrecord", "parquet"):
             raise DataError(f"output format {output_format!r} is not one of tfrecord, parquet")
         if output_format == "parquet" and schema is None:
             raise DataError("Parquet output needs a schema")
         self.prefix, self.output_format, self.schema, self.num_shards = prefix, output_format, schema, num_shards
+        self.code_layout = code_layout
 
     def expand(self, pcoll):
         if self.output_format == "tfrecord":
             return (pcoll
-                    | "SerializeExamples" >> beam.ParDo(_ToExamples())
+                    | "SerializeExamples" >> beam.ParDo(_ToExamples(self.code_layout))
                     | "WriteTFRecord" >> beam.io.Write(BatchedTFRecordSink(self.prefix, ".tfrecord", self.num_shards)))
         from apache_beam.io.parquetio import WriteToParquetBatched
 
@@ -194,9 +225,11 @@ def write_atomic(path: str, data: bytes) -> None:
     FileSystems.rename([tmp], [path])
 
 
-def write_outputs(batches, dead, out: str, name: str, output_format: str, schema, num_shards: int, label: str) -> None:
+def write_outputs(batches, dead, out: str, name: str, output_format: str, schema, num_shards: int, label: str,
+                  code_layout: str = "record") -> None:
     """A batch job's two outputs: ``batches`` as ``OUT/NAME-*`` files (step ``label``; ``schema`` is used for
-    Parquet only), the dead letters as ``OUT/dead_letter.jsonl`` (step ``WriteDeadLetters``)."""
+    Parquet only; ``code_layout`` for TFRecord float codes), the dead letters as ``OUT/dead_letter.jsonl``
+    (step ``WriteDeadLetters``)."""
     schema = schema if output_format == "parquet" else None
-    batches | label >> WriteBatches(f"{out}/{name}", output_format, schema, num_shards)
+    batches | label >> WriteBatches(f"{out}/{name}", output_format, schema, num_shards, code_layout)
     dead | "WriteDeadLetters" >> WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")

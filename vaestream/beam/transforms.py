@@ -11,8 +11,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 
-from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, RecordBatch, job_counter,
-                                     record_key)
+from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, KeyRange, RecordBatch,
+                                     job_counter, record_key)
 from vaestream.beam.formats import open_raw, split_specs
 from vaestream.beam.model_handler import VAEModelHandler
 from vaestream.beam.readers import tfrecord_chunks
@@ -184,24 +184,45 @@ def _read_codes_parquet(path: str, chunk_size: int):
         raise DataError(f"{path}: not a readable code Parquet file ({type(e).__name__}: {e})") from None
 
 
+def _first_record(path: str) -> bytes | None:
+    """The first record of a TFRecord file, or None (empty or unreadable: the full read reports why)."""
+    import tensorflow as tf
+
+    try:
+        for r in tf.data.TFRecordDataset(path).take(1):
+            return r.numpy()
+    except tf.errors.OpError:
+        return None
+    return None
+
+
 def _read_codes_tfrecord(path: str, chunk_size: int):
     import tensorflow as tf
 
     name = path.rsplit("/", 1)[-1]
-    index = 0
-    spec = None
-    for raw, error in tfrecord_chunks(tf.data.TFRecordDataset(path, buffer_size=1 << 20), chunk_size):
+    first = _first_record(path)
+    spec = _code_spec(path, first) if first is not None else None
+    # a block Example holds a whole batch of records: read one at a time, not chunk_size of them
+    per_read = 1 if spec is not None and _is_block(spec) else chunk_size
+    index = 0  # records (not Examples) read so far
+    for raw, error in tfrecord_chunks(tf.data.TFRecordDataset(path, buffer_size=1 << 20), per_read):
         if error is not None:
             if len(raw):
-                yield from _code_batches(path, raw, spec, index)
-                index += len(raw)
+                for b in _code_batches(path, raw, spec, index):
+                    index += len(b)
+                    yield b
             yield DeadLetter(path, f"{record_key(name, index)}..", f"{path}: truncated or corrupt TFRecord data after "
                                                              f"record {index} ({error})")
             return
         if spec is None:
             spec = _code_spec(path, raw[0])
-        yield from _code_batches(path, raw, spec, index)
-        index += len(raw)
+        for b in _code_batches(path, raw, spec, index):
+            index += len(b)
+            yield b
+
+
+def _is_block(spec: dict) -> bool:
+    return "records" in spec and "mean" in spec
 
 
 def _code_spec(path: str, first: bytes) -> dict:
@@ -214,6 +235,12 @@ def _code_spec(path: str, first: bytes) -> dict:
     if "mean" not in f or "log_scale" not in f or "fingerprint" not in f:
         raise DataError(f"{path}: records are not vaestream codes (need mean, log_scale, fingerprint; or keys, "
                         "code, fingerprint)")
+    if "records" in f:  # the block layout: one Example per batch of float codes
+        return {"records": tf.io.FixedLenFeature([], tf.int64), "fingerprint": tf.io.FixedLenFeature([], tf.string),
+                "mean": tf.io.VarLenFeature(tf.float32), "log_scale": tf.io.VarLenFeature(tf.float32),
+                "key_name": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+                "key_start": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+                "keys": tf.io.VarLenFeature(tf.string)}
     nz = len(f["mean"].float_list.value)
     return {"key": tf.io.FixedLenFeature([], tf.string), "mean": tf.io.FixedLenFeature([nz], tf.float32),
             "log_scale": tf.io.FixedLenFeature([nz], tf.float32), "fingerprint": tf.io.FixedLenFeature([], tf.string)}
@@ -229,6 +256,9 @@ def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator
         raise DataError(f"{path}: records {index}..{index + len(raw) - 1}: malformed code Examples "
                         f"({e.message.splitlines()[0]})") from None
     fps = [v.decode() for v in ex["fingerprint"].numpy()]
+    if _is_block(spec):
+        yield from _block_batches(path, ex, fps, index)
+        return
     if "code" in ex:
         keys = tf.RaggedTensor.from_sparse(ex["keys"]).to_list()
         for i, (ks, n, fp, blob) in enumerate(zip(keys, ex["records"].numpy(), fps, ex["code"].numpy())):
@@ -241,6 +271,61 @@ def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator
     for fp in sorted(set(fps)):
         sel = [i for i, v in enumerate(fps) if v == fp] if len(set(fps)) > 1 else list(range(len(fps)))
         yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp)
+
+
+def _sparse_rows(sp, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """A parsed VarLenFeature of ``m`` Examples: (its values, each Example's start offset [m + 1])."""
+    counts = np.bincount(sp.indices.numpy()[:, 0], minlength=m) if m else np.zeros(0, np.int64)
+    return sp.values.numpy(), np.concatenate([[0], np.cumsum(counts)])
+
+
+def _block_batches(path: str, ex: dict, fps: list[str], index: int) -> Iterator[CodeBatch]:
+    """The CodeBatch of each parsed block Example (its float arrays are views of the parsed values)."""
+    ns = ex["records"].numpy()
+    m = len(ns)
+    mean, mo = _sparse_rows(ex["mean"], m)
+    ls, lo = _sparse_rows(ex["log_scale"], m)
+    keys, ko = _sparse_rows(ex["keys"], m)
+    names, starts = ex["key_name"].numpy(), ex["key_start"].numpy()
+    for i in range(m):
+        n, where = int(ns[i]), f"{path}: code block {i} (after record {index})"
+        width = mo[i + 1] - mo[i]
+        if n <= 0 or width % n or lo[i + 1] - lo[i] != width:
+            raise DataError(f"{where}: {n} records with {width} mean and {lo[i + 1] - lo[i]} log_scale values (need "
+                            "n x Nz of each)")
+        if starts[i] >= 0 and names[i]:
+            ks = KeyRange(names[i].decode(), int(starts[i]), int(starts[i]) + n)
+        elif ko[i + 1] - ko[i] == n:
+            ks = [k.decode() for k in keys[ko[i]:ko[i + 1]]]
+        else:
+            raise DataError(f"{where}: {n} records but {ko[i + 1] - ko[i]} keys and no key_name + key_start")
+        yield CodeBatch(path, ks, mean[mo[i]:mo[i + 1]].reshape(n, -1), ls[lo[i]:lo[i + 1]].reshape(n, -1), fps[i])
+        index += n
+
+
+def count_codes(path: str) -> int:
+    """Records in one code file: per-record TFRecord codes from the framing alone; block codes from each
+    block's ``records`` feature (the float lists are not decoded); coded batches and Parquet as read."""
+    if path.endswith(".parquet"):
+        return sum(len(b) for b in read_codes(path) if isinstance(b, CodeBatch))
+    import tensorflow as tf
+
+    from vaestream import shardset
+
+    first = _first_record(path)
+    spec = _code_spec(path, first) if first is not None else None
+    if spec is None or "key" in spec:
+        return shardset.count_records([path])[path]
+    if not _is_block(spec):
+        return sum(len(b) for b in read_codes(path) if isinstance(b, CodeBatch))
+    total = 0
+    for raw, error in tfrecord_chunks(tf.data.TFRecordDataset(path, buffer_size=1 << 20), 64):
+        if len(raw):
+            total += int(tf.io.parse_example(tf.constant(list(raw), tf.string),
+                                             {"records": tf.io.FixedLenFeature([], tf.int64)})["records"].numpy().sum())
+        if error is not None:
+            raise DataError(f"{path}: truncated or corrupt TFRecord data ({error})")
+    return total
 
 
 class _ReadCodesFn(beam.DoFn):

@@ -4,8 +4,10 @@
     python -m pipelines.encode --input shards/mnist-train --model runs/model --output codes/ --output_format parquet
 
 Inputs: any format :class:`vaestream.beam.ReadRecords` reads, or a shard set. Output:
-``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (one tf.train.Example per record: key, mean, log_scale, fingerprint)
-or ``.parquet`` (same columns), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. With ``--coder`` the
+``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (``--code_layout block``, the default: one tf.train.Example per batch
+of records, keys as name + first offset, mean and log_scale as [n, Nz] float lists, one fingerprint;
+``--code_layout record``: one Example per record: key, mean, log_scale, fingerprint) or ``.parquet`` (a row per record, same columns); ``summary.json`` names the layout
+(``code_layout``, versioned: ``block/1``, ``record/1``, ``coded/1``), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. With ``--coder`` the
 codes are entropy-coded: one row per batch of up to ``--chunk_size`` records (keys, records, fingerprint, code
 = one vaestream container of the batch's codes in key order); with ``--coder lossless`` the container holds
 the records themselves, bits-back coded (decode with ``--output_dtype uint8`` for the exact counts);
@@ -22,6 +24,7 @@ import sys
 import apache_beam as beam
 
 from vaestream import beam as vb
+from vaestream.beam.elements import LAYOUT_VERSIONS
 from vaestream.beam import dask as beam_dask
 from vaestream.beam.jobs import options
 from vaestream import shardset
@@ -48,8 +51,17 @@ def build(p: beam.Pipeline, args: argparse.Namespace) -> dict:
     codes = read[vb.RECORDS] | "Encode" >> vb.Encode(args.model, args.saved_model, args.batch_size,
                                                       overlap=args.inference == "overlap", **coder_options(args))
     vb.write_outputs(codes, read[vb.DEAD_LETTER], out, CODES, args.output_format,
-                     vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes")
+                     vb.code_schema(config.latent_dim, args.coder), args.num_shards, "WriteCodes",
+                     "block" if code_layout(args) == "block" else "record")
     return {"output": out, "config": config, "inputs": read_paths}
+
+
+def code_layout(args: argparse.Namespace) -> str:
+    """The layout of the job's code files: ``block`` or ``record`` (``--code_layout``; TFRecord float codes),
+    ``record`` for Parquet (a row per record), ``coded`` with ``--coder`` (a row per batch)."""
+    if args.coder:
+        return "coded"
+    return getattr(args, "code_layout", "record") if args.output_format == "tfrecord" else "record"
 
 
 def coder_options(args: argparse.Namespace) -> dict:
@@ -103,9 +115,11 @@ def run_on_beam(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     result, _, info = vb.build_and_run(pipeline_args, build, args)
     out = info["output"]
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
+    layout = code_layout(args)
     return vb.finish_job("encode", result, vb.job_started(args), out, f"{out}/{CODES}-*.{ext}",
                          {"model": args.model or args.saved_model, "latent_dim": info["config"].latent_dim,
-                          "output_format": args.output_format, "coder": args.coder or False}, bool(args.coder), SUMMARY,
+                          "output_format": args.output_format, "coder": args.coder or False,
+                          "code_layout": LAYOUT_VERSIONS[layout]}, layout != "record", SUMMARY,
                          inputs=info["inputs"], ratio=True,
                          max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
 
@@ -126,7 +140,8 @@ def run_on_dask(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     handler = vb.VAEModelHandler(args.model, args.saved_model, "encode", args.batch_size, **coder_options(args))
     return beam_dask.run_coding("encode", tasks, handler, args, pipeline_args, out, CODES,
                                 {"model": args.model or args.saved_model, "latent_dim": config.latent_dim,
-                                 "output_format": args.output_format, "coder": args.coder or False},
+                                 "output_format": args.output_format, "coder": args.coder or False,
+                                 "code_layout": LAYOUT_VERSIONS[code_layout(args)]},
                                 check=validation(config, args).fn, coded=bool(args.coder), summary_file=SUMMARY,
                                 inputs=paths, ratio=True)
 

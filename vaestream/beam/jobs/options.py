@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from vaestream.beam.elements import CHUNK, CODERS, SPLIT
+from vaestream.beam.elements import CHUNK, CODE_LAYOUTS, CODERS, SPLIT
 from vaestream.coding.bitsback.coder import RECONSTRUCTIONS
 
 MAX_DEAD_LETTER_FRACTION = 1.0
@@ -128,6 +128,11 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with the lossy coder and --model: rate-distortion optimised codes, each record's chosen "
                              "for bits + L * MSE by a search through the decoder (vaestream.coding.rdo; ordinary "
                              "streams, ~20x slower encoding)")
+    parser.add_argument("--code_layout", default="block", choices=list(CODE_LAYOUTS),
+                        help="TFRecord float codes: block (default), one Example per batch of up to --chunk_size "
+                             "records (keys as name + first offset, mean and log_scale as [n, Nz] float lists, one "
+                             "fingerprint); record, one Example per record (key, mean, log_scale, fingerprint: "
+                             "for tf.io.parse_example with fixed-length features). The decode job reads both")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="runinference: Beam's RunInference, one model call at a time; overlap: the next batch "
                              "is encoded on a background thread while the last one is written (helps when the "
