@@ -56,7 +56,7 @@ class _ToExamples(beam.DoFn):
         else:
             out = shardset.record_examples(batch.keys, batch.records)
         self.records.inc(len(batch))
-        self.bytes_out.inc(sum(len(r) + 16 for r in out))  # 16: TFRecord framing (length, 2 CRCs)
+        self.bytes_out.inc(sum(map(len, out)) + 16 * len(out))  # 16: TFRecord framing (length, 2 CRCs)
         yield out
 
 
