@@ -150,7 +150,6 @@ def serialize_examples(keys: Sequence[str | bytes], rows: Mapping[str, np.ndarra
         buf = whole.tobytes()
         w = whole.shape[1]
         return [buf[i * w:(i + 1) * w] for i in range(n)]
-    # (rows of their own only here: the whole-matrix path above slices them from one buffer)
     fixed = (np.concatenate(fixed_parts, axis=1) if len(fixed_parts) > 1 else fixed_parts[0]) if fixed_parts else None
     fixed_rows = [r.tobytes() for r in fixed] if fixed is not None and fixed.shape[1] else [b""] * n
     out = []
