@@ -122,6 +122,14 @@ def test_a_psnr_target_between_the_members_is_met_per_record_for_fewer_bits_than
     assert sum(s["records"] for s in r.streams) == len(x)
     assert 8 * len(blob) / len(x) == r.bits_per_record < single.bits_per_record
     assert coder.compress(x) == blob  # compress: the same stream, bytes only
+    # bits: each record's estimate at the point chosen for it; their sum is the stream less its fixed costs (the
+    # record map and each sub-stream's head), so a little under the real bytes; records at the lossy points cost less
+    bits = coder.bits(x)
+    assert bits.shape == (len(x),) and bits.dtype == np.float64 and np.all(bits > 0)
+    assert 0.9 * 8 * len(blob) < bits.sum() <= 8 * len(blob)
+    chosen = per_record.choose(points, x[0].size, psnr=target)["assignment"]
+    lossy = np.array([points[j].levels is None for j in chosen])
+    assert 0 < lossy.sum() < len(x) and bits[lossy].mean() < bits[~lossy].mean()
     y = coder.decompress(blob)
     assert y.dtype == np.uint8 and y.shape == x.shape and np.array_equal(y.reshape(len(x), -1), x_hat)
     with pytest.raises(ConfigError, match="reaches"):
