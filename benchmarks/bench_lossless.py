@@ -195,7 +195,8 @@ def _train_model(name: str, root: Path, model_dir: Path, arch: dict, steps: int,
         ledger_path.write_text(json.dumps(ledger, indent=2) + "\n")
     _log(f"{name}: model at step {res.steps} of {steps} ({took:.0f} s now, {ledger['seconds']:.0f} s in all)")
     hid = "-".join(str(h) for h in config.hidden)
-    top = f" + z2 {config.top_latent_dim} (MLP {'-'.join(map(str, config.top_hidden))})" if config.top_latent_dim else ""
+    top = (f" + z2 {config.top_latent_dim} (MLP {'-'.join(map(str, config.top_hidden))})"
+           if config.top_latent_dim else "")
     record = {"config": f"784-{hid}-{config.latent_dim}{top} {config.activation} beta-binomial",
               "train_steps": int(res.steps), "planned_steps": int(steps), "epochs": round(res.steps / 600, 2),
               "train_seconds_this_run": round(took, 1), "train_seconds_total": ledger["seconds"],

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             rows["job_encode"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             d = decode.run(["--input", str(work / "codes"), "--model", str(a.model_dir), "--output",
-                            str(work / "rec"), "--output_dtype", "uint8", "--output_format", "parquet", "--runner", "FnApiRunner"])
+                            str(work / "rec"), "--output_dtype", "uint8", "--output_format", "parquet",
+                            "--runner", "FnApiRunner"])
             rows["job_decode"].append(time.perf_counter() - t0)
             got = _read_back(work / "rec")
             exact = all(np.array_equal(got[f"x.npy:{i:09d}"].reshape(x[i].shape), x[i]) for i in range(a.n))
@@ -112,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                    "lzma_bits_per_dim": 8 * len(lz) / x.size}
         from vaestream import beam as vb
 
-        payload = sum(len(c.container) for f in (work / "codes").glob("codes-*.tfrecord") for c in vb.read_codes(str(f)))
+        payload = sum(len(c.container) for f in (work / "codes").glob("codes-*.tfrecord")
+                      for c in vb.read_codes(str(f)))
         out["job_bits_per_dim"] = 8 * payload / x.size
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {k: min(v) for k, v in rows.items()}
     per_s = {k: round(a.n / v, 1) for k, v in best.items()}
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "n": a.n, "chunk": a.chunk, "train_steps": a.steps, "train_seconds": train_s,
            "images_per_second_best_of": a.repeats, "images_per_second": per_s,
            "seconds_all_repeats": {k: [round(t, 3) for t in v] for k, v in rows.items()},

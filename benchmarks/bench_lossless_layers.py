@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         out["models"][name] = {"config": cfg.to_dict(), "train_seconds": round(trained, 1),
                                "bits_per_dim": 8 * len(blob) / x.size, "neg_elbo_bits_per_dim": neg_elbo,
                                "overhead": 8 * len(blob) / x.size / neg_elbo - 1, "exact": bool(np.array_equal(y, x)),
-                               "compress_images_per_s": round(a.n / tc, 1), "decompress_images_per_s": round(a.n / td, 1)}
+                               "compress_images_per_s": round(a.n / tc, 1),
+                               "decompress_images_per_s": round(a.n / td, 1)}
         print(json.dumps({name: out["models"][name]}), file=sys.stderr, flush=True)
     one, two = out["models"]["one"], out["models"]["two"]
     out["two_vs_one"] = {"bits": two["bits_per_dim"] / one["bits_per_dim"],

@@ -238,7 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits-back-hidden", type=int, nargs="+", default=[500, 500])
     p.add_argument("--bits-back-latent-dim", type=int, default=50)
     p.add_argument("--rdo", action="store_true",
-                   help="the lossy members' rate-distortion optimised points too (vaestream.coding.rdo; slow to encode)")
+                   help="the lossy members' rate-distortion optimised points too "
+                        "(vaestream.coding.rdo; slow to encode)")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--compare-only", action="store_true",
                    help="train nothing: compare every model already in each family (their training logs are reported)")

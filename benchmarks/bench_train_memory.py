@@ -71,9 +71,11 @@ def main(argv=None):
             print(json.dumps(row), file=sys.stderr)
             path.unlink()
     print(json.dumps({"benchmark": "train_memory",
-                      "command": "python benchmarks/bench_train_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                      "command": "python benchmarks/bench_train_memory.py "
+                                 + " ".join(sys.argv[1:] if argv is None else argv),
                       "date": time.strftime("%Y-%m-%d"), "steps": a.steps, "rows": rows,
-                      "peak_ratio_largest_vs_smallest": round(rows[-1]["peak_rss_anon_mb"] / rows[0]["peak_rss_anon_mb"], 3)},
+                      "peak_ratio_largest_vs_smallest":
+                          round(rows[-1]["peak_rss_anon_mb"] / rows[0]["peak_rss_anon_mb"], 3)},
                      indent=1))
 
 

@@ -99,7 +99,8 @@ def main() -> None:
     print(json.dumps({"killed": killed, "worker_pids_before": sorted(pids.values()), "worker_pids_after": pids_after,
                       "scheduler_events": events, "dask_error": error, "wall": round(wall, 3),
                       "dask_records": s_dask and s_dask["records"], "fn_records": s_fn["records"],
-                      "rows_identical": same, "staging_left": [str(p) for p in (out / "dask").glob("_vaestream_staging*")]},
+                      "rows_identical": same,
+                      "staging_left": [str(p) for p in (out / "dask").glob("_vaestream_staging*")]},
                      indent=2))
 
 

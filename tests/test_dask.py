@@ -90,7 +90,8 @@ def test_prepare_encode_decode_on_dask_equal_fnapi(cluster, tmp_path, small_mode
     assert ps["dask"]["records_in"] == ps["dask"]["records"] + ps["dask"]["dead_lettered"]
     mf, md = shardset.read_manifest(tmp_path / "prep-fn"), shardset.read_manifest(tmp_path / "prep-dask")
     assert (mf.records, mf.content_hash, mf.dead_lettered) == (md.records, md.content_hash, md.dead_lettered)
-    assert _record_rows((tmp_path / "prep-fn").glob("shard-*")) == _record_rows((tmp_path / "prep-dask").glob("shard-*"))
+    assert (_record_rows((tmp_path / "prep-fn").glob("shard-*"))
+            == _record_rows((tmp_path / "prep-dask").glob("shard-*")))
     assert _dead_rows(tmp_path / "prep-fn") == _dead_rows(tmp_path / "prep-dask") != set()
 
     # encode: every poisoned format, plus the shards the Dask prepare wrote
@@ -117,14 +118,16 @@ def test_prepare_encode_decode_on_dask_equal_fnapi(cluster, tmp_path, small_mode
 
     # decode: the codes plus a corrupt code file
     (tmp_path / "junk.tfrecord").write_bytes(b"not a tfrecord file at all")
-    code_in = sorted(str(p) for p in (tmp_path / "enc-dask").glob("codes-*.tfrecord")) + [str(tmp_path / "junk.tfrecord")]
+    code_in = (sorted(str(p) for p in (tmp_path / "enc-dask").glob("codes-*.tfrecord"))
+               + [str(tmp_path / "junk.tfrecord")])
     ds = {}
     for name, extra in (("fn", []), ("dask", _dask(cluster))):
         ds[name] = decode.run(["--input", *code_in, "--model", model, "--output", str(tmp_path / f"dec-{name}"),
                                "--output_dtype", "uint8", *extra])
     _same_summary(ds["fn"], ds["dask"])
     assert ds["dask"]["records"] == es["dask"]["records"] and ds["dask"]["dead_lettered"] == 1
-    assert (_record_rows((tmp_path / "dec-fn").glob("recon-*")) == _record_rows((tmp_path / "dec-dask").glob("recon-*")))
+    assert (_record_rows((tmp_path / "dec-fn").glob("recon-*"))
+            == _record_rows((tmp_path / "dec-dask").glob("recon-*")))
     assert _dead_rows(tmp_path / "dec-fn") == _dead_rows(tmp_path / "dec-dask")
     assert not list(tmp_path.glob("*/_vaestream_staging-*"))
 

@@ -294,8 +294,8 @@ def test_a_spatial_latent_is_latent_channels_maps_over_the_encoders_grid_and_fol
 
 def test_gdn_divides_each_pixel_by_its_channel_norm_and_igdn_multiplies_by_it(mnist_train):
     """activation="gdn": y_i = x_i / sqrt(beta_i + sum_j gamma_ji x_j^2) after each encoder convolution, the
-    inverse y_i = x_i sqrt(...) after the decoder's; refused where dense layers would need it; blockwise (the decode path) agrees
-    with the training path, and the model trains and codes as any spatial model."""
+    inverse y_i = x_i sqrt(...) after the decoder's; refused where dense layers would need it; blockwise (the decode
+    path) agrees with the training path, and the model trains and codes as any spatial model."""
     from vaestream.conv import GDN
 
     rng = np.random.default_rng(0)

@@ -47,7 +47,8 @@ def registry_with_versions(small_model, mnist_test, tmp_path_factory):
     for seed in (2, 3):
         _train_more(work, mnist_test, 20, seed)
         reg.publish(work, calibration=cal)
-    return {"reg": reg, "v1": v1, "blob1": blob1, "expect1": expect1, "codes1": codes1, "x": x, "work": work, "cal": cal}
+    return {"reg": reg, "v1": v1, "blob1": blob1, "expect1": expect1, "codes1": codes1, "x": x, "work": work,
+            "cal": cal}
 
 
 def test_versions_are_numbered_and_logged(registry_with_versions):
@@ -67,7 +68,8 @@ def test_version1_codes_decode_after_version3(registry_with_versions):
     r = registry_with_versions
     reg, blob1 = r["reg"], r["blob1"]
     header = container.read_header(__import__("io").BytesIO(blob1))
-    assert header.fingerprint.hex() == reg.index()[1][:2 * container.FINGERPRINT_BYTES]  # the code names the model that wrote it
+    # the code names the model that wrote it
+    assert header.fingerprint.hex() == reg.index()[1][:2 * container.FINGERPRINT_BYTES]
     assert reg.version_of(blob1).version == 1
     x_hat = reg.decode(blob1)
     # the same integer codes as the writer's, decoded by version 1's own decoder (its SavedModel)

@@ -62,8 +62,8 @@ from __future__ import annotations
 import importlib
 
 _MODULES = {
-    "elements": ("CHUNK CODE_LAYOUTS CodeBatch DEAD_LETTER DeadLetter KEY_DIGITS KeyRange NAMESPACE RecordBatch RECORDS "
-                 "SPLIT"),
+    "elements": ("CHUNK CODE_LAYOUTS CodeBatch DEAD_LETTER DeadLetter KEY_DIGITS KeyRange NAMESPACE RecordBatch "
+                 "RECORDS SPLIT"),
     "formats": "expand_inputs plan_reads Gunzip",
     "readers": "probe read_range ReadRecords",
     "validate": "default_scale Validate validate_batch",

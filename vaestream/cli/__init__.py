@@ -38,7 +38,8 @@ COMMANDS = {
     "rd": "vaestream.cli.coder", "train-context": "vaestream.cli.coder", "train-joint": "vaestream.cli.coder",
     "prepare": "vaestream.cli.beam", "encode": "vaestream.cli.beam", "decode": "vaestream.cli.beam",
     "export": "vaestream.cli.deploy", "serve": "vaestream.cli.deploy", "client": "vaestream.cli.deploy",
-    "publish": "vaestream.cli.broker", "follow": "vaestream.cli.stream", "stream-encode": "vaestream.cli.stream", "registry": "vaestream.cli.stream",
+    "publish": "vaestream.cli.broker", "follow": "vaestream.cli.stream", "stream-encode": "vaestream.cli.stream",
+    "registry": "vaestream.cli.stream",
 }
 
 GLOBAL_FLAGS = {

@@ -123,7 +123,8 @@ def add_subcommands(sub) -> None:
     for name, add_arguments, func, help_ in (
             ("prepare", options.add_prepare_arguments, cmd_prepare,
              "Beam job: raw records -> shuffled TFRecord shards + manifest"),
-            ("encode", options.add_encode_arguments, cmd_encode, "Beam job: records -> latent codes (TFRecord or Parquet)"),
+            ("encode", options.add_encode_arguments, cmd_encode,
+             "Beam job: records -> latent codes (TFRecord or Parquet)"),
             ("decode", options.add_decode_arguments, cmd_decode, "Beam job: latent codes -> reconstructions")):
         p = sub.add_parser(name, help=help_, description=func.__doc__)
         add_arguments(p)

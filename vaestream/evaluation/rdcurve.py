@@ -1,11 +1,11 @@
 """Rate-distortion curves of a model family against JPEG, WebP, AVIF and JPEG XL (``vaestream rd FAMILY``).
 
-The family's curve is the lower envelope of all its operating points (every model, every quality of its
-ladder or, for a near-lossless member, every pixel level count: what ``vaestream compress --family --psnr``
-can pick; with ``per_record``, also each record at its own point, ``--per-record``), measured as container bits per record on the
+The family's curve is the lower envelope of all its operating points (every model, every quality of its ladder or, for a
+near-lossless member, every pixel level count: what ``vaestream compress --family --psnr`` can pick; with
+``per_record``, also each record at its own point, ``--per-record``), measured as container bits per record on the
 records given; the peers are swept per image and tiled (:mod:`vaestream.evaluation.peers`). BD-rate
-(:func:`vaestream.metrics.bd_rate`) is computed against each peer over the PSNR range both cover,
-and over that range cut to ``psnr_range`` (default 18-32 dB). SSIM is reported beside PSNR at every point.
+(:func:`vaestream.metrics.bd_rate`) is computed against each peer over the PSNR range both cover, and over that range
+cut to ``psnr_range`` (default 18-32 dB). SSIM is reported beside PSNR at every point.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Publishing an online learner's checkpoints: held-out evaluation, coder tables and export, off the training thread.
 
-At each checkpoint :class:`vaestream.online.learner.OnlineLearner` hands the :class:`Publisher` a *snapshot*: a
-copy of the weights just saved (NumPy arrays), the held-out inputs, calibration records and the ledger's counts
-of that moment. Snapshots and the published version are evaluated through one VAE of the publisher's (the
-weights assigned in turn), so its compiled evaluation is reused across checkpoints. The publisher computes
-the held-out mean ELBO of the snapshot and of the published version on the same set, and when the snapshot is
-better by more than ``min_improvement`` nats/record it builds coder tables from the calibration records and publishes it as
-the next version of the registry, exported from that VAE in memory (the learner's own checkpoints may move on
-meanwhile); the traced export is kept between publications (:class:`vaestream.serving.export.ExportCache`).
+At each checkpoint :class:`vaestream.online.learner.OnlineLearner` hands the :class:`Publisher` a *snapshot*: a copy of
+the weights just saved (NumPy arrays), the held-out inputs, calibration records and the ledger's counts of that moment.
+Snapshots and the published version are evaluated through one VAE of the publisher's (the weights assigned in turn), so
+its compiled evaluation is reused across checkpoints. The publisher computes the held-out mean ELBO of the snapshot and
+of the published version on the same set, and when the snapshot is better by more than ``min_improvement`` nats/record
+it builds coder tables from the calibration records and publishes it as the next version of the registry, exported from
+that VAE in memory (the learner's own checkpoints may move on meanwhile); the traced export is kept between publications
+(:class:`vaestream.serving.export.ExportCache`).
 
 In the background (the default) one thread does this while learning goes on; a checkpoint never waits for it.
 One snapshot waits while the thread is busy; a newer checkpoint replaces a waiting, not yet started one (under
