@@ -21,7 +21,15 @@ Streams: frames of 1,024 records (the codec's default); each frame one range-cod
 stream (y), constriction RangeEncoder, escapes as two 16-bit uniform symbols; 24 bytes of container header per
 data set and 8 bytes (two lengths) per frame are added. Every stream is decoded and checked against the symbols.
 
-    PYTHONPATH=. python benchmarks/spike_entropy_models.py --data mnist --epochs 4 --work /tmp/spike_runs
+``--frozen Q``: instead of training b, c, d end to end, train only their entropy side (densities, hyper-analysis
+and -synthesis; Adam ``--frozen-lr``, ``--frozen-steps`` batches of 100) on the latents of today's models
+(a_today, already trained in ``--work``) at codec quality Q: y = mu / delta with the codec's own bins, inactive
+positions not coded. b and c then code exactly the codec's symbols (same PSNR); d codes round(y - mu) and
+reconstructs (round(y - mu) + mu) delta. What the runs recorded in RESULTS_coder.md did:
+
+    PYTHONPATH=. nice -n 19 python benchmarks/spike_entropy_models.py --data mnist --epochs 5 --models a_today \
+        --work /tmp/spike_runs5
+    PYTHONPATH=. nice -n 19 python benchmarks/spike_entropy_models.py --data mnist --frozen 1 --work /tmp/spike_runs5
 
 Prints JSON and writes benchmarks/results/spike_entropy_<data>.json (``--out``). Resumable: finished
 (model, lambda) rows in the output are kept.
@@ -476,7 +484,8 @@ def today(root: Path, work: Path, lmbda: float, args, test: np.ndarray) -> list[
     c = codec.load(d)
     rows = []
     for p in family.operating_points(c, test):
-        rows.append({"quality": p.quality, "psnr_db": round(p.psnr_db, 3), "bits_per_record": round(p.bits_per_record, 2)})
+        rows.append({"quality": p.quality, "psnr_db": round(p.psnr_db, 3),
+                     "bits_per_record": round(p.bits_per_record, 2)})
     # ideal bits and coding-only speed at quality 1 (and the point nearest 4 = the KL rate)
     x, _ = c.model_inputs(test)
     mean, _ = c.posterior(x)
