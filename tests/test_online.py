@@ -221,16 +221,33 @@ def test_online_model_equals_batch_fit_over_the_same_minibatches(mnist_train, tm
     from vaestream.online import OnlineLearner
     from vaestream.training import fit, prepare_model_dir, sequence_chunks
 
+    import tensorflow as tf
+
+    from vaestream.objective import elbo
+
     mc, tc, oc = _config()                  # M = 50, K = 8, buffer 300, a checkpoint every 2 files
     learner = OnlineLearner(tmp_path / "online", model_config=mc, train_config=tc, online_config=oc)
+
+    @tf.function(jit_compile=True)
+    def bound(model, x):                    # the prequential score's estimator: B, L = 1, z seeded (seed, 0)
+        return elbo(model, x, estimator="B", num_samples=1, seed=tf.constant([oc.seed, 0]), closed_form=True,
+                    rng_alg="threefry")["elbo"]
+
     sizes = [230, 170, 300, 120, 260]       # 5 steps (all new), then 7, 12, 5, 11 (25 new + 25 replayed)
     seq, start = [], 0
     for i, n in enumerate(sizes):
         x = mnist_train[start:start + n]
         start += n
         seq.append(learner.minibatches(x.reshape(n, -1), i))  # the plan, from the buffer as it is now
+        if i:  # test, then train: the file's score is the bound of the model *before* its steps (the file
+            # padded to a multiple of 256 records in the compiled call, as here)
+            padded = np.zeros((-(-n // 256) * 256, 784), np.float32)
+            padded[:n] = x.reshape(n, -1) / np.float32(255.0)
+            expected = float(tf.reduce_sum(bound(learner.model, tf.constant(padded))[:n])) / n
         rec = learner.process_records(x, source=f"part-{i}")
         assert rec["steps"] == len(seq[-1])
+        if i:
+            assert rec["prequential_elbo"] == pytest.approx(expected, rel=1e-5), (i, rec, expected)
     seq = np.concatenate(seq)
     assert seq.shape == (40, 50, 784) and int(learner.trainer.step.numpy()) == 40
     assert len(learner.buffer) == 300 and len(learner.ledger["files"]) == 4  # the fifth is pending
@@ -244,3 +261,36 @@ def test_online_model_equals_batch_fit_over_the_same_minibatches(mnist_train, tm
         a, b, w0 = a.numpy(), b.numpy(), w0.numpy()
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert np.abs(a - w0).max() > 1e-3   # both moved far from the initial weights
+
+
+def test_warm_up_and_publish_share(mnist_train, tmp_path):
+    """The publisher traced ahead (``warm_up``) publishes no version of its own; with a publish share below 1
+    it pauses between evaluations, and ``wait`` still judges (and publishes) the last checkpoint at once."""
+    import dataclasses
+
+    from vaestream.online import OnlineLearner
+    from vaestream.online.publisher import load_published
+    from vaestream.online.registry import Registry
+
+    mc, tc, oc = _config()
+    oc = dataclasses.replace(oc, holdout_fraction=0.1, holdout_size=200, publish_share=0.01)
+    learner = OnlineLearner(tmp_path / "work", registry=tmp_path / "reg", model_config=mc, train_config=tc,
+                            online_config=oc)
+    learner.process_records(mnist_train[:300], source="part-0")
+    assert learner.warm_up(mnist_train[:300]) > 0
+    reg = Registry(tmp_path / "reg")
+    assert reg.versions() == []
+    for i in range(1, 6):   # checkpoints after files 1, 3, 5: the later ones queue behind the pause
+        learner.process_records(mnist_train[300 * i:300 * (i + 1)], source=f"part-{i}")
+    learner.close()
+    evals = [json.loads(s) for s in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "evaluate"]
+    assert evals[-1]["step"] == int(learner.trainer.step.numpy())   # the last checkpoint was judged
+    assert reg.versions() and reg.latest().fingerprint == learner.model.fingerprint()
+    m = load_published(reg, reg.versions()[-1], learner.model.config)
+    for a, b in zip(m.weights(), learner.model.weights()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    from vaestream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="publish_share"):
+        dataclasses.replace(oc, publish_share=0.0)

@@ -104,6 +104,8 @@ class OnlineConfig:
       background_publish: evaluate and publish a copy of each checkpoint's weights on a background thread
         while learning goes on (see :meth:`OnlineLearner.checkpoint`); False: inline, as part of the
         checkpoint.
+      publish_share: the most of the wall time the background publisher is busy (it pauses between
+        evaluations so that its work stays under this share of one core; 1: no pause).
       seed: seeds minibatch sampling and hold-out selection.
     """
 
@@ -120,6 +122,7 @@ class OnlineConfig:
     publish_min_improvement: float = 0.0
     calibration_records: int = 5000
     background_publish: bool = True
+    publish_share: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -127,6 +130,8 @@ class OnlineConfig:
             raise ConfigError("need batch_size >= 1, buffer_size >= batch_size, steps_per_call >= 1")
         if not 0 < self.new_fraction <= 1 or not self.passes > 0 or not 0 <= self.holdout_fraction < 1:
             raise ConfigError("need 0 < new_fraction <= 1, passes > 0, 0 <= holdout_fraction < 1")
+        if not 0 < self.publish_share <= 1:
+            raise ConfigError("publish_share must be in (0, 1]")
         if self.checkpoint_every_files < 1:
             raise ConfigError("checkpoint_every_files must be positive")
 
@@ -201,7 +206,8 @@ class OnlineLearner(Following):
         self._resume()
         self.publisher = None if self.registry is None else Publisher(
             self.work, self.model_dir, self.registry, self.cfg.seed, self.cfg.publish_min_improvement,
-            self.cfg.background_publish, self._write_log, self._record_publication, self._published, self._lock)
+            self.cfg.background_publish, self._write_log, self._record_publication, self._published, self._lock,
+            share=self.cfg.publish_share)
 
     # -- state ------------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -259,6 +265,8 @@ class OnlineLearner(Following):
             for v, w in zip(self.model.weights(), src.weights()):
                 v.assign(w)
         self.trainer = Trainer(self.model, self.train_config, self.cfg.buffer_size)
+        jit = self.train_config.jit and config.arch != "conv"
+        self._fused = tf.function(self._score_and_train, jit_compile=jit, reduce_retracing=True)
         self._manager = tf.train.CheckpointManager(self.trainer.checkpoint(), str(self.model_dir / store.CKPT),
                                                    max_to_keep=3)
 
@@ -335,12 +343,10 @@ class OnlineLearner(Following):
         else:
             hmask = np.zeros(n, bool)
         train = stored[~hmask]
-        # test, then train: the current model's bound on the new data is the drift signal
-        from vaestream.training import dataset_elbo
-
-        pre = dataset_elbo(self.model, self._inputs(stored), batch_size=1024, seed=self.cfg.seed)
+        # test, then train (one compiled call): the current model's bound on the new data is the drift signal
         t1 = time.perf_counter()
-        steps, train_elbo = self._train_on(train, files_done)
+        pre_sum, steps, train_elbo = self._score_and_train_on(stored, train, files_done)
+        pre = {"elbo": pre_sum / n}
         t2 = time.perf_counter()
         self.buffer.add(train)
         if hmask.any():
@@ -350,7 +356,7 @@ class OnlineLearner(Following):
         rec = {"source": source, "records": n, "trained": int(len(train)), "held_out": int(hmask.sum()),
                "steps": steps, "prequential_elbo": pre["elbo"], "bits_per_record": -pre["elbo"] / math.log(2),
                "train_elbo": train_elbo, "seconds": round(time.perf_counter() - t0, 4),
-               "seconds_score": round(t1 - t0, 4), "seconds_train": round(t2 - t1, 4),
+               "seconds_prepare": round(t1 - t0, 4), "seconds_score_train": round(t2 - t1, 4),
                "drift_flagged": d["flagged"], "step": int(self.trainer.step.numpy())}
         self._write_log({"event": "file", **rec})
         return rec
@@ -376,22 +382,55 @@ class OnlineLearner(Following):
             batch[:, m_new:] = self.buffer.sample(rng, steps * (m - m_new)).reshape(steps, m - m_new, -1)
         return batch
 
-    def _train_on(self, train: np.ndarray, files_done: int) -> tuple[int, float | None]:
-        """Train on :meth:`minibatches` through the compiled :class:`~vaestream.training.Trainer` step, in chunks
-        of K = ``steps_per_call`` (the last one padded to K, so XLA compiles one chunk shape for the whole
-        stream, whatever the file sizes)."""
-        if len(train) == 0:
-            return 0, None
-        batch = self.minibatches(train, files_done)
-        steps, k = len(batch), self.cfg.steps_per_call
+    def _score_and_train(self, records, n, chunk, scale, k_total):
+        """(compiled) The prequential ELBO sum of ``records[:n]`` under the current weights, then ``k_total``
+        training steps on ``chunk`` (the trainer's compiled loop, after the score): one XLA program per
+        (padded file size, chunk shape)."""
+        import tensorflow as tf
+
+        from vaestream.objective import elbo
+
+        x = tf.reshape(tf.cast(records, tf.float32) * scale, [tf.shape(records)[0], -1])
+        t = elbo(self.model, x, estimator="B", num_samples=1, seed=tf.constant([self.cfg.seed, 0], tf.int32),
+                 closed_form=True, rng_alg=self.trainer.rng_alg)
+        score = tf.reduce_sum(tf.where(tf.range(tf.shape(x)[0]) < n, t["elbo"], 0.0))
+        with tf.control_dependencies([score]):
+            obj = tf.cond(k_total > 0, lambda: self.trainer._run_steps(chunk, scale, k_total),
+                          lambda: tf.constant(0.0))
+        return score, obj
+
+    def _score_and_train_on(self, stored: np.ndarray, train: np.ndarray,
+                            files_done: int) -> tuple[float, int, float | None]:
+        """Score the file ``stored`` (test) and train on :meth:`minibatches` of ``train`` (then), through one
+        compiled call for the score and the first K = ``steps_per_call`` steps, then the
+        :class:`~vaestream.training.Trainer`'s compiled chunk for the rest. The file is padded to a multiple of
+        256 records and the last chunk to K, so XLA compiles one program per padded size for the whole stream.
+        Returns (the file's ELBO sum, steps, mean training ELBO or None)."""
+        import tensorflow as tf
+
+        n, k = len(stored), self.cfg.steps_per_call
+        if len(train):
+            batch = self.minibatches(train, files_done)
+        else:
+            batch = np.zeros((0, self.cfg.batch_size, stored.shape[1]), stored.dtype)
+        steps = len(batch)
+        padded = np.zeros((-(-n // 256) * 256, stored.shape[1]), stored.dtype)
+        padded[:n] = stored
+        scale = tf.constant(self._scale, tf.float32)
         total = 0.0
-        for s in range(0, steps, k):
+        for s in range(0, max(steps, 1), k):
             chunk = batch[s:s + k]
             if len(chunk) < k:
-                chunk = np.concatenate([chunk, np.zeros((k - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-            done = min(k, steps - s)
-            total += self.trainer.run_steps(chunk, self._scale, steps=done) * done
-        return steps, total / steps
+                chunk = np.concatenate([chunk, np.zeros((k - len(chunk),) + batch.shape[1:], batch.dtype)])
+            done = max(0, min(k, steps - s))
+            if s == 0:
+                score, obj = self._fused(tf.constant(padded), tf.constant(n, tf.int32), tf.constant(chunk), scale,
+                                         tf.constant(done, tf.int32))
+                pre_sum, obj = float(score), float(obj)
+            else:
+                obj = self.trainer.run_steps(chunk, self._scale, steps=done)
+            total += obj * done
+        return pre_sum, steps, (total / steps if steps else None)
 
     def process_file(self, path: str | os.PathLike) -> dict | None:
         """Learn from one file (any format :func:`vaestream.data.read_array` reads); it goes to the ledger.
@@ -485,6 +524,19 @@ class OnlineLearner(Following):
         if self.publisher is not None and self.cfg.publish:
             self.publisher.submit(self._snapshot())
         return self.ledger
+
+    def warm_up(self, records: np.ndarray) -> float:
+        """Trace the publisher's evaluation, coder tables and export on ``records`` (a sample of the stream, e.g.
+        its first file; nothing is learned from them) before the stream starts, so that the first publication
+        does not trace while learning goes on. A one-off cost, like the first file's XLA compile; needs a model
+        (``initial_model``, or a file learned). Returns the seconds it took (0 without a registry)."""
+        if self.publisher is None or self.model is None:
+            return 0.0
+        records = np.asarray(records)
+        x = records.reshape(len(records), -1).astype(np.float32)
+        if records.dtype == np.uint8:
+            x *= np.float32(1.0 / 255.0)
+        return self.publisher.warm(self.model.config, [w.numpy() for w in self.model.weights()], x)
 
     def wait(self) -> dict | None:
         """Wait until the evaluations / publications queued by checkpoints are done (the publishing thread's

@@ -41,11 +41,15 @@ class Publisher:
       on_publish: called with each publication record ``{"version", "fingerprint", "step", "holdout_elbo"}``.
       published: the published version's ``(version number, VAE)`` when resuming, or None.
       lock: the lock ``log`` and ``on_publish`` take (shared with the learner's ledger writes).
+      share: the most of the wall time the background thread is busy: after a job of t seconds it starts the
+        next no sooner than ``t * (1 / share - 1)`` s later (a newer checkpoint replaces the waiting one
+        meanwhile; :meth:`wait` starts it at once). 1: no pause.
     """
 
     def __init__(self, work: Path, model_dir: Path, registry, seed: int, min_improvement: float, background: bool,
                  log: Callable[[dict], None], on_publish: Callable[[dict], None],
-                 published: tuple[int, object] | None = None, lock: threading.RLock | None = None):
+                 published: tuple[int, object] | None = None, lock: threading.RLock | None = None,
+                 share: float = 1.0):
         self.work, self.model_dir, self.registry = Path(work), Path(model_dir), registry
         self.seed, self.min_improvement, self.background = seed, min_improvement, background
         self._log, self._on_publish = log, on_publish
@@ -59,6 +63,12 @@ class Publisher:
         self._pool = None          # one background thread
         self._job = None           # its future, while it runs
         self._queued = None        # the newest snapshot, waiting for the thread
+        if not 0 < share <= 1:
+            from vaestream.errors import ConfigError
+
+            raise ConfigError(f"publish share must be in (0, 1], got {share}")
+        self.share = float(share)
+        self._flush = threading.Event()  # set by wait(): end the pause between jobs now
 
     def _with(self, config, weights):
         """The evaluation VAE holding ``weights``."""
@@ -112,7 +122,11 @@ class Publisher:
         with self._lock:
             job = self._job
         if job is not None:
-            job.result()
+            self._flush.set()
+            try:
+                job.result()
+            finally:
+                self._flush.clear()
 
     def close(self) -> None:
         """:meth:`wait`, then stop the thread (a later :meth:`submit` starts a new one)."""
@@ -130,12 +144,37 @@ class Publisher:
                 if snap is None:
                     self._job = None
                     return
+            t0 = time.perf_counter()
             try:
                 self.evaluate_and_publish(snap)
             except BaseException:
                 with self._lock:
                     self._job = None
                 raise
+            if self.share < 1:
+                self._flush.wait((time.perf_counter() - t0) * (1.0 / self.share - 1.0))
+
+    def warm(self, config, weights: list[np.ndarray], calibration: np.ndarray) -> float:
+        """Trace the evaluation, coder-table and export programs once, on this thread, with ``weights`` and the
+        calibration inputs ``calibration`` [C, D] (an export to a temporary directory, then discarded): a
+        one-off cost, like a compile, so the first publication re-saves a traced module instead of tracing it
+        while learning goes on. Returns the seconds it took."""
+        import tempfile
+
+        from vaestream.coding.codec import build_tables
+        from vaestream.serving.export import ExportCache, export_model
+        from vaestream.training import dataset_elbo
+
+        t0 = time.perf_counter()
+        with self._eval_lock:
+            model = self._with(config, weights)
+            dataset_elbo(model, calibration, seed=self.seed, jit_compile=False)
+            tables = build_tables(model, calibration)
+            if self._exports is None:
+                self._exports = ExportCache()
+            with tempfile.TemporaryDirectory(prefix="vaestream-warm-") as d:
+                export_model(model, d, tables, cache=self._exports, verify=False)
+        return time.perf_counter() - t0
 
     def evaluate_and_publish(self, snap: dict) -> dict | None:
         """Evaluate a snapshot now, on this thread, and publish it if it beats the published version; returns
