@@ -252,6 +252,9 @@ def step_costs(args) -> dict:
     bsum = batch_encode.run(["--input", str(work / "batch.npy"), "--model", str(model), "--output",
                              str(work / "batch_out")])
     res["batch_job_whole"] = round((time.process_time() - c) / bsum["records"] * 1e6, 3)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"cpu_us_per_record": res}, indent=1))
     return res
 
