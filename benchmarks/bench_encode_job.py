@@ -7,6 +7,8 @@ run and on the same 784-500-20 model (the paper's MNIST architecture):
 * ``bare_decode`` — the compiled decoder on in-memory latent means, 4096 a call, rounded to uint8 (the decode
   job's peer);
 * ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> RunInference -> TFRecord;
+* ``encode_record`` — the same job with ``--code_layout record`` (one Example per record, as before the block
+  layout; ``encode`` writes the default block layout);
 * ``encode_overlap`` — the same job with ``--inference overlap`` (the model call for the next batch on a
   thread while the last one is written);
 * ``stock``    — Beam's stock ``RunInference`` with one record per element (a per-record ModelHandler over the
@@ -176,6 +178,8 @@ def one_job(work: Path, n: int, job: str) -> dict:
     t_start = time.perf_counter()
     if job == "encode":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out)])
+    elif job == "encode_record":
+        s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--code_layout", "record"])
     elif job == "encode_overlap":
         s = encode.run(["--input", str(src), "--model", str(model), "--output", str(out), "--inference",
                         "overlap"])

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import io
+import pickle
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from vaestream.beam.elements import (CHUNK, DEAD_LETTER, DeadLetter, KeyRange, RECORDS, RecordBatch, SPLIT, job_counter,
-                                     record_key)
+from vaestream.beam.elements import (CHUNK, DEAD_LETTER, CodeBatch, DeadLetter, KeyRange, RECORDS, RecordBatch, SPLIT,
+                                     job_counter, record_key)
 from vaestream.beam.formats import expand_inputs, file_size, input_kind, maybe_gunzip, open_raw, plan_reads
 from vaestream.beam.validate import Validate, ValidateFn
 from vaestream.binio import Truncated, read_exact
@@ -374,6 +375,33 @@ def _read_png_files(task, chunk, feature, limit):
             yield RecordBatch(path, keys, np.stack(arrs))
 
 
+class BatchCoder(beam.coders.Coder):
+    """The coder of :class:`RecordBatch` / :class:`CodeBatch` PCollections: pickle, with a size estimate from
+    the arrays' ``nbytes`` (the runner samples each output's element sizes: through pickle that copied every
+    sampled batch, several MB each, ~1 ms)."""
+
+    def encode(self, value) -> bytes:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes):
+        return pickle.loads(encoded)
+
+    def estimate_size(self, value) -> int:
+        if not isinstance(value, (RecordBatch, CodeBatch)):
+            return len(self.encode(value))
+        arrays = [getattr(value, a, None) for a in ("records", "mean", "log_scale")]
+        size = sum(int(a.nbytes) for a in arrays if isinstance(a, np.ndarray))
+        container = getattr(value, "container", None)
+        return size + (len(container) if container is not None else 0) + 16 * len(value)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+
+beam.coders.registry.register_coder(RecordBatch, BatchCoder)
+beam.coders.registry.register_coder(CodeBatch, BatchCoder)
+
+
 class _ReadFn(beam.DoFn):
     def __init__(self, chunk_size: int, feature: str, csv_width: int | None, check: "ValidateFn | None" = None):
         self.chunk_size = chunk_size
@@ -439,5 +467,5 @@ class ReadRecords(beam.PTransform):
         check = self.validate.fn if self.validate is not None else None
         return (pbegin
                 | "ReadTasks" >> beam.Create(tasks)  # reshuffles the tasks when there are several
-                | "Read" >> beam.ParDo(_ReadFn(self.chunk_size, self.feature, self.csv_width, check)).with_outputs(
-                    DEAD_LETTER, main=RECORDS))
+                | "Read" >> beam.ParDo(_ReadFn(self.chunk_size, self.feature, self.csv_width, check))
+                .with_output_types(RecordBatch).with_outputs(DEAD_LETTER, main=RECORDS))

@@ -13,7 +13,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, KeyRange, RecordBatch,
                                      job_counter, record_key)
-from vaestream.beam.formats import open_raw, split_specs
+from vaestream.beam.formats import file_size, open_raw, split_specs
 from vaestream.beam.model_handler import VAEModelHandler
 from vaestream.beam.readers import tfrecord_chunks
 from vaestream.errors import DataError
@@ -84,8 +84,8 @@ class Encode(beam.PTransform):
         self.overlap = overlap
 
     def expand(self, pcoll):
-        if not self.overlap:
-            return pcoll | "RunInference" >> RunInference(self.handler)
+        if not self.overlap:  # (typed: the batches' coder estimates their sizes from their arrays)
+            return pcoll | "RunInference" >> RunInference(self.handler).with_output_types(CodeBatch)
         return (pcoll
                 | "BatchElements" >> beam.BatchElements(**self.handler.batch_elements_kwargs())
                 | "InferAhead" >> beam.ParDo(_InferAheadFn(self.handler)))
@@ -128,9 +128,9 @@ class Decode(beam.PTransform):
                    | "BatchElements" >> beam.BatchElements(**self.handler.batch_elements_kwargs())
                    | "InferAhead" >> beam.ParDo(_InferAheadFn(self.handler)))
         else:
-            out = pcoll | "RunInference" >> RunInference(self.handler)
+            out = pcoll | "RunInference" >> RunInference(self.handler).with_output_types(RecordBatch)
         # (float32 too: a lossless stream decodes to integer counts)
-        return out | "OutputDtype" >> beam.Map(quantize_batch, self.output_dtype)
+        return out | "OutputDtype" >> beam.Map(quantize_batch, self.output_dtype).with_output_types(RecordBatch)
 
 
 def code_files(specs: str | Sequence[str]) -> list[str]:
@@ -303,6 +303,66 @@ def _block_batches(path: str, ex: dict, fps: list[str], index: int) -> Iterator[
         index += n
 
 
+def _varint_at(buf: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("varint runs past the buffer")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _leading_records(data: bytes) -> int | None:
+    """n of a block Example whose first feature is ``records`` (as :func:`vaestream.beam.sinks.block_example`
+    writes it), from its first bytes; None for any other start."""
+    try:
+        i = 0
+        for _ in range(3):  # Example.features, Features.feature (the map entry), its key (7 bytes)
+            if data[i] != 0x0A:
+                return None
+            _, i = _varint_at(data, i + 1)
+        if data[i - 1] != 7 or data[i:i + 7] != b"records" or data[i + 7] != 0x12:
+            return None
+        _, i = _varint_at(data, i + 8)  # the Feature
+        if data[i] != 0x1A:  # int64_list
+            return None
+        _, i = _varint_at(data, i + 1)
+        if data[i] != 0x0A:  # Int64List.value, packed
+            return None
+        _, i = _varint_at(data, i + 1)
+        return _varint_at(data, i)[0]
+    except (IndexError, ValueError):
+        return None
+
+
+def _block_record_counts(path: str) -> int | None:
+    """Records in a file of block Examples from the first bytes of each (the TFRecord framing's lengths lead
+    from one to the next: the floats are not read); None when a record does not start with its ``records``
+    feature or the framing does not end at the file's end (the caller then parses the file)."""
+    import struct
+
+    size = file_size(path)
+    total, pos = 0, 0
+    with open_raw(path) as f:
+        while True:
+            if size is None or pos >= size:
+                return total if pos == size else None  # (a last record cut short: parsed, and refused, there)
+            f.seek(pos)
+            head = f.read(12 + 64)
+            if len(head) < 12:
+                return None
+            (length,) = struct.unpack_from("<Q", head)
+            n = _leading_records(head[12:12 + min(length, 64)])
+            if n is None:
+                return None
+            total += n
+            pos += 16 + length
+
+
 def count_codes(path: str) -> int:
     """Records in one code file: per-record TFRecord codes from the framing alone; block codes from each
     block's ``records`` feature (the float lists are not decoded); coded batches and Parquet as read."""
@@ -318,6 +378,9 @@ def count_codes(path: str) -> int:
         return shardset.count_records([path])[path]
     if not _is_block(spec):
         return sum(len(b) for b in read_codes(path) if isinstance(b, CodeBatch))
+    fast = _block_record_counts(path)
+    if fast is not None:
+        return fast
     total = 0
     for raw, error in tfrecord_chunks(tf.data.TFRecordDataset(path, buffer_size=1 << 20), 64):
         if len(raw):
@@ -360,7 +423,8 @@ class ReadCodes(beam.PTransform):
     def expand(self, pbegin):
         return (pbegin
                 | "CodeFiles" >> beam.Create(self.paths)  # reshuffles the files when there are several
-                | "ReadCodes" >> beam.ParDo(_ReadCodesFn(self.chunk_size)).with_outputs(DEAD_LETTER, main=RECORDS))
+                | "ReadCodes" >> beam.ParDo(_ReadCodesFn(self.chunk_size)).with_output_types(CodeBatch)
+                .with_outputs(DEAD_LETTER, main=RECORDS))
 
 
 def first_code(paths: Sequence[str]) -> CodeBatch | None:
