@@ -85,7 +85,7 @@ def pane_examples(items: list[Scored]) -> list[bytes]:
     if not codes:
         return []
     fingerprints = {c.fingerprint for c in codes}
-    if len(codes) == 1 or len(fingerprints) > 1:
+    if len(codes) == 1 or len(fingerprints) > 1 or any(c.coded for c in codes):
         return [e for c in codes for e in vb.code_examples(c)]
     keys = [k.encode() for c in codes for k in c.keys]
     mean = np.concatenate([c.mean for c in codes])
