@@ -6,8 +6,9 @@
 Inputs: any format :class:`vaestream.beam.ReadRecords` reads, or a shard set. Output:
 ``OUTPUT/codes-SSSSS-of-NNNNN.tfrecord`` (``--code_layout block``, the default: one tf.train.Example per batch
 of records, keys as name + first offset, mean and log_scale as [n, Nz] float lists, one fingerprint;
-``--code_layout record``: one Example per record: key, mean, log_scale, fingerprint) or ``.parquet`` (a row per record, same columns); ``summary.json`` names the layout
-(``code_layout``, versioned: ``block/1``, ``record/1``, ``coded/1``), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json``. With ``--coder`` the
+``--code_layout record``: one Example per record: key, mean, log_scale, fingerprint) or ``.parquet`` (a row
+per record, same columns), ``OUTPUT/dead_letter.jsonl`` and ``OUTPUT/summary.json`` (which names the layout,
+versioned: ``code_layout`` ``block/1``, ``record/1`` or ``coded/1``). With ``--coder`` the
 codes are entropy-coded: one row per batch of up to ``--chunk_size`` records (keys, records, fingerprint, code
 = one vaestream container of the batch's codes in key order); with ``--coder lossless`` the container holds
 the records themselves, bits-back coded (decode with ``--output_dtype uint8`` for the exact counts);
