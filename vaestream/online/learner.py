@@ -22,10 +22,13 @@ publishes the model as the next version of the registry (:class:`vaestream.onlin
 base of :mod:`vaestream.serving.export`).
 
 **At training speed.** A file's S minibatches are drawn as one array (:meth:`OnlineLearner.minibatches`) and go
-through the compiled chunk of batch training (:meth:`vaestream.training.Trainer.run_steps`), K =
-``steps_per_call`` steps per call, the last chunk padded to K, so XLA compiles one chunk shape for the whole
-stream. The evaluation and export of a checkpoint run on a copy of its weights on a background thread
-(:class:`vaestream.online.publisher.Publisher`); a checkpoint itself (model, optimizer, buffer, ledger) is a
+through the compiled loop of batch training (:meth:`vaestream.training.Trainer.run_steps`), K =
+``steps_per_call`` steps per call, the last chunk padded to K. The first call of a file is one XLA program that
+first scores the whole file (the prequential bound, the file padded to a multiple of 256 records and masked)
+and then takes the first K steps: one host call and one result copy per file for both, and one compile per
+padded file size for the whole stream. The evaluation and export of a checkpoint run on a copy of its weights
+on a background thread (:class:`vaestream.online.publisher.Publisher`; ``publish_share`` bounds its busy time,
+:meth:`OnlineLearner.warm_up` traces its programs ahead); a checkpoint itself (model, optimizer, buffer, ledger) is a
 few tens of ms. The rate of new records is bounded by the mix: each new record costs ``passes / new_fraction``
 training examples (2 with the defaults) and one forward pass for its prequential score.
 
