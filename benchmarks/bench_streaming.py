@@ -85,7 +85,8 @@ class Producer(threading.Thread):
 
     def __init__(self, folder: Path, records: np.ndarray, rate: float, records_per_file: int, duration: float):
         super().__init__(daemon=True)
-        self.folder, self.records, self.rate, self.rpf, self.duration = folder, records, rate, records_per_file, duration
+        self.folder, self.records, self.rate = folder, records, rate
+        self.rpf, self.duration = records_per_file, duration
         self.arrivals: dict[str, float] = {}
         self.produced = 0
 
@@ -272,7 +273,8 @@ def bench_online(model: Path, fashion, mnist, work: Path, args) -> dict:
     slope = float(np.polyfit(np.arange(len(tail)), tail, 1)[0]) if len(tail) > 1 else None
     return {
         "online": {
-            "files": args.files, "records": n_rec, "buffer": args.buffer, "stream_to_buffer": round(n_rec / args.buffer, 1),
+            "files": args.files, "records": n_rec, "buffer": args.buffer,
+            "stream_to_buffer": round(n_rec / args.buffer, 1),
             "seconds": round(seconds, 2), "records_per_s": round(n_rec / seconds, 1),
             "before_switch_bits": {"online": round(statistics.mean(a["online_bits"] for a in rows[half - 3:half]), 2),
                                    "frozen": round(statistics.mean(a["frozen_bits"] for a in rows[half - 3:half]), 2)},

@@ -123,7 +123,8 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
     np.save(src / "nan.npy", np.full((3, 28, 28), np.nan, np.float32))
     t0 = 1_000_000  # event time, seconds; windows of 10 s: [t0, t0 + 10), [t0 + 10, t0 + 20)
     stream = (TestStream(coder=beam.coders.StrUtf8Coder())
-              .add_elements([TimestampedValue(str(src / "f1.npy"), t0 + 1), TimestampedValue(str(src / "bad.npy"), t0 + 2),
+              .add_elements([TimestampedValue(str(src / "f1.npy"), t0 + 1),
+                             TimestampedValue(str(src / "bad.npy"), t0 + 2),
                              TimestampedValue(str(src / "nan.npy"), t0 + 2)])
               .advance_watermark_to(t0 + 12)        # window 1 closes: its ON_TIME pane
               .add_elements([TimestampedValue(str(src / "f2.npy"), t0 + 3),      # late, within the allowed 5 s
@@ -153,7 +154,8 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
         base = out / "codes" / w["files"][0][:-len(".tfrecord")]
         assert vb.count_written([str(base) + ".tfrecord"]) == w["records"]
         blob = (base.parent / (base.name + ".vaez")).read_bytes()
-        assert container.read_header(__import__("io").BytesIO(blob)).fingerprint.hex() == c.fingerprint[:2 * container.FINGERPRINT_BYTES]
+        head = container.read_header(__import__("io").BytesIO(blob))
+        assert head.fingerprint.hex() == c.fingerprint[:2 * container.FINGERPRINT_BYTES]
         assert c.decompress(blob).shape == (w["records"], 784)
         assert w["fingerprints"] == [c.fingerprint] and w["coded_bits"] == 8 * len(blob)
     # the containers decode through a registry holding the model, by fingerprint
@@ -295,7 +297,8 @@ def test_thousands_of_records_each_coded_once_with_late_and_malformed_input(code
     for d in dead:
         by_source.setdefault(os.path.basename(d["source"]), []).append(d)
     assert sorted((k, len(v)) for k, v in by_source.items()) == [("g10.npy", 1), ("junk.npy", 1), ("mixed.npy", 10)]
-    assert ": late: " in by_source["g10.npy"][0]["reason"] and "allowed lateness 2 s" in by_source["g10.npy"][0]["reason"]
+    late = by_source["g10.npy"][0]["reason"]
+    assert ": late: " in late and "allowed lateness 2 s" in late
     assert "junk.npy" in by_source["junk.npy"][0]["reason"]
     assert sum("NaN" in d["reason"] for d in by_source["mixed.npy"]) == 7
     assert sum("outside the support" in d["reason"] for d in by_source["mixed.npy"]) == 3

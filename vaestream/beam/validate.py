@@ -29,8 +29,9 @@ def validate_batch(batch: RecordBatch, shape: tuple[int, ...] | None = None, lik
     infinite values, or (``likelihood`` ``bernoulli``, ``gaussian_sigmoid`` or ``beta_binomial``) when a model
     input ``x = value * scale`` lies outside [0, 1] (``scale``: default the batch's, else
     :func:`default_scale`). With ``dtype="uint8"`` records are stored as uint8 (values must be whole numbers
-    in [0, 255]; scale 1/255); with ``dtype="float32"`` as float32 model inputs (scale 1). ``levels`` (with ``dtype="uint8"``, for lossless coding): the stored counts must be at most
-    ``levels`` (1: binary records for a Bernoulli model).
+    in [0, 255]; scale 1/255); with ``dtype="float32"`` as float32 model inputs (scale 1). ``levels`` (with
+    ``dtype="uint8"``, for lossless coding): the stored counts must be at most ``levels`` (1: binary records for a
+    Bernoulli model).
     """
     recs = batch.records
     n = len(batch)

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop_after", "--stop-after", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--idle_timeout", "--idle-timeout", type=float, default=None,
                         help="stop when no new file (message, with --source) appeared for S seconds")
-    parser.add_argument("--max_files", "--max-files", type=int, default=None, help="stop after N files (messages, with --source)")
+    parser.add_argument("--max_files", "--max-files", type=int, default=None,
+                        help="stop after N files (messages, with --source)")
     parser.add_argument("--coder", choices=["auto", "yes", "no"], default="auto",
                         help="write .vaez containers (auto: when the model has coder tables)")
     parser.add_argument("--quality", type=float, default=None, help="coder quality")
