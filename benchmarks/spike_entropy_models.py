@@ -367,6 +367,25 @@ def _escape_positions(parts, counts, half) -> np.ndarray:
     return np.concatenate(out)
 
 
+def code_frames(coder, sym: np.ndarray, tab: np.ndarray, what: str) -> tuple[int, float, float, float]:
+    """Range-code symbols ``[n, k]`` under table indices ``[n, k]`` in frames of FRAME records, decode them back
+    and check they round-trip: (bytes, ideal bits, encode seconds, decode seconds)."""
+    blobs, nbytes, ideal_bits = [], 0, 0.0
+    t0 = time.perf_counter()
+    for s in range(0, len(sym), FRAME):
+        b, ideal = coder.encode(sym[s:s + FRAME].reshape(-1), tab[s:s + FRAME].reshape(-1))
+        blobs.append(b)
+        nbytes += len(b)
+        ideal_bits += ideal
+    t_enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dec = np.concatenate([coder.decode(b, tab[s:s + FRAME].reshape(-1)).reshape(-1, sym.shape[1])
+                          for b, s in zip(blobs, range(0, len(sym), FRAME))])
+    t_dec = time.perf_counter() - t0
+    assert np.array_equal(dec, sym), f"{what} stream did not decode to its symbols"
+    return nbytes, ideal_bits, t_enc, t_dec
+
+
 def evaluate_learned(m: Learned, test_x: np.ndarray, train_x: np.ndarray) -> dict:
     """Real streams of the 10k test records: PSNR, bits (real, ideal), side share, coding records/s."""
     tf = m.tf
@@ -381,8 +400,7 @@ def evaluate_learned(m: Learned, test_x: np.ndarray, train_x: np.ndarray) -> dic
     n = len(y)
     out = {}
     t_side_e = t_side_d = t_hs = 0.0
-    side_bytes = main_bytes = 0
-    side_ideal = main_ideal = 0.0
+    side_bytes, side_ideal = 0, 0.0  # no side stream (factorised)
     # tables for the factorised densities: range from the training set's quantised values
     if m.kind == "b_factorized":
         ytr = m.analysis(tf.constant(train_x[:5000].reshape(5000, -1).astype(np.float32) / 255.0)).numpy()
@@ -403,19 +421,7 @@ def evaluate_learned(m: Learned, test_x: np.ndarray, train_x: np.ndarray) -> dic
         zsym = np.rint(z).astype(np.int64)
         ztab = np.broadcast_to(np.arange(cz), z.shape).reshape(n, -1)
         zflat = zsym.reshape(n, -1)
-        side = []
-        t0 = time.perf_counter()
-        for s in range(0, n, FRAME):
-            b, ideal = zcoder.encode(zflat[s:s + FRAME].reshape(-1), ztab[s:s + FRAME].reshape(-1))
-            side.append(b)
-            side_bytes += len(b)
-            side_ideal += ideal
-        t_side_e = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        zdec = np.concatenate([zcoder.decode(b, ztab[s:s + FRAME].reshape(-1)).reshape(-1, zflat.shape[1])
-                               for b, s in zip(side, range(0, n, FRAME))])
-        t_side_d = time.perf_counter() - t0
-        assert np.array_equal(zdec, zflat), "side stream did not decode to its symbols"
+        side_bytes, side_ideal, t_side_e, t_side_d = code_frames(zcoder, zflat, ztab, "side")
         t0 = time.perf_counter()
         mus, ss = [], []
         for s in range(0, n, 1000):
@@ -432,19 +438,7 @@ def evaluate_learned(m: Learned, test_x: np.ndarray, train_x: np.ndarray) -> dic
         out["z_table_half_range"] = zhalf
         out["scale_index_histogram_nonzero"] = int((np.bincount(tables.reshape(-1), minlength=64) > 0).sum())
     flat, tflat = sym.reshape(n, -1), tables.reshape(n, -1)
-    main = []
-    t0 = time.perf_counter()
-    for s in range(0, n, FRAME):
-        b, ideal = coder.encode(flat[s:s + FRAME].reshape(-1), tflat[s:s + FRAME].reshape(-1))
-        main.append(b)
-        main_bytes += len(b)
-        main_ideal += ideal
-    t_main_e = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dec = np.concatenate([coder.decode(b, tflat[s:s + FRAME].reshape(-1)).reshape(-1, flat.shape[1])
-                          for b, s in zip(main, range(0, n, FRAME))])
-    t_main_d = time.perf_counter() - t0
-    assert np.array_equal(dec, flat), "main stream did not decode to its symbols"
+    main_bytes, main_ideal, t_main_e, t_main_d = code_frames(coder, flat, tflat, "main")
     xh = np.concatenate([np.clip(m.synthesis(tf.constant(y_hat[s:s + 1000])).numpy(), 0, 1)
                          for s in range(0, n, 1000)])
     mse = float(np.mean((xs.astype(np.float64) - xh) ** 2))
@@ -605,9 +599,8 @@ def frozen_rows(root: Path, work: Path, lmbda: float, quality: float, args, trai
         row = {"train_steps": args.frozen_steps, "train_seconds": round(secs, 1),
                "final_train_rate_bits": round(float(np.mean(hist[-200:])), 2)}
         # streams
-        side_bytes = main_bytes = 0
-        side_ideal = main_ideal = 0.0
-        te = tse = tsd = td = ths = 0.0
+        side_bytes, side_ideal = 0, 0.0  # no side stream (factorised)
+        tse = tsd = ths = 0.0
         act = mask.reshape(-1)
         if kind == "b_factorized":
             half = int(min(1024, max(8, 2 * np.abs(np.rint(y_tr)).max())))
@@ -623,19 +616,7 @@ def frozen_rows(root: Path, work: Path, lmbda: float, quality: float, args, trai
             zc = GroupCoder(list(factorized_tables(em.density_z, cz, zhalf)))
             zsym = np.rint(z).astype(np.int64)
             zflat, ztab = zsym.reshape(n, -1), np.broadcast_to(np.arange(cz), z.shape).reshape(n, -1)
-            side = []
-            t0 = time.perf_counter()
-            for s0 in range(0, n, FRAME):
-                b, ideal = zc.encode(zflat[s0:s0 + FRAME].reshape(-1), ztab[s0:s0 + FRAME].reshape(-1))
-                side.append(b)
-                side_bytes += len(b)
-                side_ideal += ideal
-            tse = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            zd = np.concatenate([zc.decode(b, ztab[s0:s0 + FRAME].reshape(-1)).reshape(-1, zflat.shape[1])
-                                 for b, s0 in zip(side, range(0, n, FRAME))])
-            tsd = time.perf_counter() - t0
-            assert np.array_equal(zd, zflat)
+            side_bytes, side_ideal, tse, tsd = code_frames(zc, zflat, ztab, "side")
             t0 = time.perf_counter()
             ps = [em.hyper_params(tf.constant(zsym[s:s + 2000].astype(np.float32))) for s in range(0, n, 2000)]
             ths = time.perf_counter() - t0
@@ -651,19 +632,7 @@ def frozen_rows(root: Path, work: Path, lmbda: float, quality: float, args, trai
             row["z_shape"] = list(z.shape[1:])
         flat = sym.reshape(n, -1)[:, act]
         tflat = tables.reshape(n, -1)[:, act]
-        main = []
-        t0 = time.perf_counter()
-        for s0 in range(0, n, FRAME):
-            b, ideal = coder.encode(flat[s0:s0 + FRAME].reshape(-1), tflat[s0:s0 + FRAME].reshape(-1))
-            main.append(b)
-            main_bytes += len(b)
-            main_ideal += ideal
-        te = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        dec = np.concatenate([coder.decode(b, tflat[s0:s0 + FRAME].reshape(-1)).reshape(-1, flat.shape[1])
-                              for b, s0 in zip(main, range(0, n, FRAME))])
-        td = time.perf_counter() - t0
-        assert np.array_equal(dec, flat), "main stream did not decode to its symbols"
+        main_bytes, main_ideal, te, td = code_frames(coder, flat, tflat, "main")
         if kind == "d_meanscale":
             zhat = (y_hat.reshape(n, -1) * delta).astype(np.float32)
             xh = np.concatenate([np.asarray(c._backend.decode(zhat[s:s + 1000])) for s in range(0, n, 1000)])

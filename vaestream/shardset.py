@@ -64,11 +64,21 @@ entry = _entry
 def float_entry_head(name: str, nbytes: int) -> bytes:
     """The bytes before the payload of a ``Features.feature`` map entry ``name`` -> ``Feature{float_list}``
     (packed) of ``nbytes`` bytes of little-endian float32: head + payload is the whole entry."""
-    flist = b"\x0a" + _varint(nbytes)                       # FloatList.value, packed
-    feature = b"\x12" + _varint(len(flist) + nbytes) + flist  # Feature.float_list
-    key = _ld(0x0A, name.encode())
-    body = key + b"\x12" + _varint(len(feature) + nbytes) + feature
-    return b"\x0a" + _varint(len(body) + nbytes) + body
+    return _entry_head(name, _float_feature_prefix(nbytes), nbytes)
+
+
+def _float_feature_prefix(length: int) -> bytes:
+    """The bytes of a ``Feature{float_list}`` (packed) before its ``length`` bytes of little-endian float32."""
+    flist_prefix = b"\x0a" + _varint(length)                                # FloatList.value, packed
+    return b"\x12" + _varint(len(flist_prefix) + length) + flist_prefix     # Feature.float_list
+
+
+def _entry_head(name: str, feature_prefix: bytes, length: int) -> bytes:
+    """The bytes of a ``Features.feature`` map entry ``name`` before the ``length`` payload bytes of its feature
+    (``feature_prefix``: the feature's own bytes before that payload)."""
+    feature_len = len(feature_prefix) + length
+    body_head = b"\x0a" + _varint(len(name.encode())) + name.encode() + b"\x12" + _varint(feature_len)
+    return b"\x0a" + _varint(len(body_head) + feature_len) + body_head + feature_prefix
 
 
 def bytes_feature(values: Sequence[bytes]) -> bytes:
@@ -118,9 +128,7 @@ def serialize_examples(keys: Sequence[str | bytes], rows: Mapping[str, np.ndarra
             raise ValueError(f"float feature {name!r} must be [n={n}, k], got {arr.shape}")
         raw = arr.view(np.uint8).reshape(n, -1)
         length = raw.shape[1]
-        flist_prefix = b"\x0a" + _varint(length)                        # FloatList.value, packed
-        feature_prefix = b"\x12" + _varint(len(flist_prefix) + length) + flist_prefix  # Feature.float_list
-        fixed_parts.append(_prefixed(name, feature_prefix, raw))
+        fixed_parts.append(_prefixed(name, _float_feature_prefix(length), raw))
     const = b"".join(_entry(name, feat) for name, feat in (constants or {}).items())
     var_items = list((variable or {}).items())
     for name, vals in var_items:
@@ -185,10 +193,7 @@ def key_matrix(keys: Sequence[str | bytes]) -> np.ndarray | None:
 def _prefixed(name: str, feature_prefix: bytes, raw: np.ndarray) -> np.ndarray:
     """``[n, P + L]`` uint8: the constant map-entry header of ``name`` then each row's ``L`` payload bytes."""
     n, length = raw.shape
-    feature_len = len(feature_prefix) + length
-    body_head = b"\x0a" + _varint(len(name.encode())) + name.encode() + b"\x12" + _varint(feature_len)
-    body_len = len(body_head) + feature_len
-    head = b"\x0a" + _varint(body_len) + body_head + feature_prefix
+    head = _entry_head(name, feature_prefix, length)
     out = np.empty((n, len(head) + length), np.uint8)
     out[:, :len(head)] = np.frombuffer(head, np.uint8)
     out[:, len(head):] = raw

@@ -75,15 +75,6 @@ class KeyRange(Sequence[str]):
     def __reduce__(self):
         return KeyRange, (self.name, self.start, self.stop)
 
-    @property
-    def prefix(self) -> str:
-        """What every key starts with (``NAME:``); the rest is the record's offset in ``KEY_DIGITS`` digits."""
-        return f"{self.name}:"
-
-
-def key_range_of(keys: Sequence[str]) -> KeyRange | None:
-    """``keys`` as a :class:`KeyRange` when they are one (held as one, not checked key by key), else None."""
-    return keys if isinstance(keys, KeyRange) else None
 
 
 @dataclasses.dataclass
