@@ -19,6 +19,15 @@ Prints one JSON object:
 
     python benchmarks/bench_serving.py [--model DIR] [--data MNIST_DIR] [--seconds 20] [--clients 4]
     python benchmarks/bench_serving.py --matrix-only --seconds 3
+    python benchmarks/bench_serving.py --vs-echo [--seconds 5] [--rounds 3] [--clients 32]
+
+* ``vs_echo`` (``--vs-echo``): ``vaestream serve`` with batching (``deploy/batching_parameters.txt``) against
+  bare echo servers on the same load shape, in one run: ``--clients`` threads (one channel / kept-alive
+  connection each) sending the same pre-serialised batch-1 ``encode`` requests back to back — gRPC: the
+  ``PredictRequest`` bytes to ``vaestream serve`` and to a gRPC echo (thread pool and grpc.aio) that returns
+  them; REST: the JSON body to ``vaestream serve`` and to a Starlette-on-uvicorn echo that parses and
+  re-serialises it (``bench_grpc_ceiling.py --serve-echo``). Rounds alternate peer and server; per round
+  requests/s, p50/p99, errors; the medians, the ratios server / best echo, each server's RSS at start / end.
 
 Without ``--model`` it trains the paper's 784-500-20 Bernoulli VAE for one epoch on MNIST (a few seconds).
 """
@@ -290,6 +299,144 @@ def load_matrix(base: Path, x: np.ndarray, seconds: float, client_counts: list[i
     return out
 
 
+def _raw_closed_loop(transport: str, port: int, bodies: list[bytes], clients: int, seconds: float,
+                     pid: int) -> dict:
+    """``clients`` threads sending ``bodies`` (pre-serialised; gRPC: PredictRequest bytes, REST: JSON) back to
+    back for ``seconds`` over one channel / connection each; the answers are not parsed (a non-OK one is an
+    error). Requests/s, p50/p99 ms, errors, the server's RSS after (MiB)."""
+    import http.client
+
+    import grpc
+
+    lat: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start, stop = threading.Barrier(clients + 1), [time.perf_counter() + 3600]
+
+    def worker(i: int) -> None:
+        if transport == "grpc":
+            ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+            rpc = ch.unary_unary("/tensorflow.serving.PredictionService/Predict")
+
+            def call(b: bytes) -> None:
+                rpc(b, timeout=30)
+            call(bodies[0])
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+            def call(b: bytes) -> None:
+                conn.request("POST", "/v1/models/vae:predict", body=b, headers={"Content-Type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    raise RuntimeError(r.status)
+        start.wait()
+        j = i
+        while time.perf_counter() < stop[0]:
+            t = time.perf_counter()
+            try:
+                call(bodies[j % len(bodies)])
+                lat[i].append(time.perf_counter() - t)
+            except Exception:
+                errors[i] += 1
+                if transport == "rest":
+                    conn.close()
+            j += clients
+        if transport == "grpc":
+            ch.close()
+        else:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    time.sleep(0.5)  # warm: connections made, batches flowing
+    for xs in lat:
+        xs.clear()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    n = sum(len(xs) for xs in lat)
+    wall = time.perf_counter() - t0
+    stop[0] = 0.0
+    for t in threads:
+        t.join(60)
+    a = np.asarray([v for xs in lat for v in xs[:]]) * 1e3
+    return {"requests_per_s": round(n / wall, 1), "p50_ms": round(pct(a, 50), 2), "p99_ms": round(pct(a, 99), 2),
+            "errors": int(sum(errors)), "rss_mib": round(rss_kib(pid) / 1024, 1)}
+
+
+def _popen_json(cmd: list[str]) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    return proc, json.loads(proc.stdout.readline())
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return -9
+
+
+def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int) -> dict:
+    """``vaestream serve`` with batching vs. bare echo servers, same load, same bytes (see the module doc)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from vaestream.serving.protocol import dumps
+
+    n_rec = 256
+    grpc_bodies, rest_bodies = [], []
+    for i in range(n_rec):
+        r = predict_pb2.PredictRequest()
+        r.model_spec.name, r.model_spec.signature_name = "vae", "encode"
+        r.inputs["x"].CopyFrom(tf.make_tensor_proto(x[i:i + 1]))
+        grpc_bodies.append(r.SerializeToString())
+        rest_bodies.append(dumps({"signature_name": "encode", "inputs": {"x": x[i:i + 1]}}).encode())
+    echo = [sys.executable, str(ROOT / "benchmarks" / "bench_grpc_ceiling.py"), "--serve-echo"]
+    procs: dict[str, tuple[subprocess.Popen, dict]] = {}
+    try:
+        procs["serve"] = start_server(base, True)
+        for kind in ("grpc-threads", "grpc-aio", "asgi"):
+            procs[kind] = _popen_json(echo + [kind])
+        time.sleep(2.0)
+        rss0 = {k: round(rss_kib(p.pid) / 1024, 1) for k, (p, _) in procs.items()}
+        cells = {("grpc", "echo_threads"): ("grpc-threads", "port", grpc_bodies),
+                 ("grpc", "echo_aio"): ("grpc-aio", "port", grpc_bodies),
+                 ("grpc", "serve"): ("serve", "port", grpc_bodies),
+                 ("rest", "echo_asgi"): ("asgi", "port", rest_bodies),
+                 ("rest", "serve"): ("serve", "rest_api_port", rest_bodies)}
+        runs: dict[tuple, list[dict]] = {k: [] for k in cells}
+        for r in range(rounds):
+            for (transport, peer), (proc_key, port_key, bodies) in cells.items():
+                proc, info = procs[proc_key]
+                res = _raw_closed_loop(transport, info[port_key], bodies, clients, seconds, proc.pid)
+                runs[(transport, peer)].append(res)
+                print(json.dumps({"round": r, "transport": transport, "server": peer, **res}), file=sys.stderr,
+                      flush=True)
+        rss1 = {k: round(rss_kib(p.pid) / 1024, 1) for k, (p, _) in procs.items()}
+    finally:
+        codes = {k: _stop(p) for k, (p, _) in procs.items()}
+    out: dict = {"clients": clients, "seconds": seconds, "rounds": rounds, "cells": []}
+    med = {}
+    for (transport, peer), rs in runs.items():
+        m = {k: round(statistics.median(r[k] for r in rs), 2) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+        m["errors"] = sum(r["errors"] for r in rs)
+        m["rounds_req_per_s"] = [r["requests_per_s"] for r in rs]
+        med[(transport, peer)] = m
+        out["cells"].append({"transport": transport, "server": peer, **m})
+    g_echo = max(med[("grpc", "echo_threads")]["requests_per_s"], med[("grpc", "echo_aio")]["requests_per_s"])
+    out["ratio_grpc_serve_over_best_echo"] = round(med[("grpc", "serve")]["requests_per_s"] / g_echo, 3)
+    out["ratio_grpc_serve_over_echo_threads"] = round(
+        med[("grpc", "serve")]["requests_per_s"] / med[("grpc", "echo_threads")]["requests_per_s"], 3)
+    out["ratio_rest_serve_over_echo_asgi"] = round(
+        med[("rest", "serve")]["requests_per_s"] / med[("rest", "echo_asgi")]["requests_per_s"], 3)
+    out["rss_start_mib"], out["rss_end_mib"], out["exit_codes"] = rss0, rss1, codes
+    out["load_average"] = os.getloadavg()
+    return out
+
+
 def in_process(sig, x: np.ndarray, seconds: float) -> dict:
     """The peer: the SavedModel's ``encode`` signature called in this process, batch 1 / 32 / 128."""
     import tensorflow as tf
@@ -314,6 +461,9 @@ def main() -> None:
     ap.add_argument("--matrix-only", action="store_true",
                     help="only the closed-loop load matrix (REST/gRPC x batching x clients) and its in-process peer")
     ap.add_argument("--matrix-clients", default="1,8,32,128", help="client counts of the load matrix")
+    ap.add_argument("--vs-echo", action="store_true",
+                    help="only vaestream serve (batching) vs bare gRPC / ASGI echo servers, side by side")
+    ap.add_argument("--rounds", type=int, default=3, help="--vs-echo: alternated rounds (median)")
     a = ap.parse_args()
 
     import tensorflow as tf
@@ -342,6 +492,10 @@ def main() -> None:
                  "tensorflow": tf.__version__, "model": {"dir": str(model_dir), **model.config.to_dict()},
                  "export_s": round(export_s, 2)}
 
+    if a.vs_echo:
+        res["vs_echo"] = vs_echo(path.parent, x_all, a.seconds, a.clients, a.rounds)
+        print(json.dumps(res, indent=1))
+        return
     if a.matrix_only:
         loaded = ExportedModel(path)
         res["in_process_savedmodel_encode"] = in_process(loaded.signatures["encode"], x_all, min(a.seconds, 2.0))
