@@ -26,6 +26,8 @@ from vaestream import shardset
 # reading with tf.data
 # ---------------------------------------------------------------------------------------------------------
 def _resolve_files(source: str | Path | Sequence[str]) -> tuple[list[str], shardset.Manifest | None]:
+    """The TFRecord files of ``source`` (a list, a shard set's manifest or directory, a decode job's output
+    directory: its ``recon-*.tfrecord``, or a glob) and the shard set's manifest, if any."""
     import tensorflow as tf
 
     if isinstance(source, (list, tuple)):
@@ -34,22 +36,109 @@ def _resolve_files(source: str | Path | Sequence[str]) -> tuple[list[str], shard
     if shardset.is_shard_spec(s):
         m = shardset.read_manifest(s)
         return m.shard_paths(), m
+    if "://" not in s and Path(s).is_dir() and (Path(s) / "summary.json").is_file():
+        _recon_layout(Path(s) / "summary.json")
+        files = sorted(tf.io.gfile.glob(str(Path(s) / "recon-*.tfrecord")))
+        if not files:
+            raise DataError(f"{s}: a job's output directory without recon-*.tfrecord files")
+        return files, None
     files = sorted(tf.io.gfile.glob(s))
     if not files:
         raise DataError(f"{s}: no shard files match")
     return files, None
 
 
-def _probe_first(path: str) -> tuple[tuple[int, ...], str]:
+def _recon_layout(summary: Path) -> str:
+    """The record layout a decode job's ``summary.json`` names (``recon_layout``, absent in outputs written
+    before it existed: ``record/1``); DataError for a version this reader does not know."""
+    import json
+
+    try:
+        d = json.loads(summary.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{summary}: unreadable job summary ({e})") from None
+    version = d.get("recon_layout", shardset.RECON_LAYOUT_VERSIONS["record"]) if isinstance(d, dict) else None
+    if version not in shardset.RECON_LAYOUT_VERSIONS.values():
+        raise DataError(f"{summary}: record layout {version!r} is not one this reader knows "
+                        f"({', '.join(shardset.RECON_LAYOUT_VERSIONS.values())})")
+    return version.split("/")[0]
+
+
+def _first_raw(path: str) -> bytes:
     import tensorflow as tf
 
-    for raw in tf.data.TFRecordDataset(path).take(1):
-        ex = tf.train.Example.FromString(raw.numpy())
-        f = ex.features.feature
-        if "data" not in f or "shape" not in f or "dtype" not in f:
-            raise DataError(f"{path}: records are not vaestream shard Examples (need data, shape, dtype)")
-        return tuple(int(v) for v in f["shape"].int64_list.value), f["dtype"].bytes_list.value[0].decode()
+    try:
+        for raw in tf.data.TFRecordDataset(path).take(1):
+            return raw.numpy()
+    except tf.errors.OpError as e:
+        raise DataError(f"{path}: unreadable shard file ({e.message.splitlines()[0]})") from None
     raise DataError(f"{path}: empty shard file")
+
+
+def _probe(files: Sequence[str], manifest: shardset.Manifest | None) -> tuple[tuple[int, ...], str, str]:
+    """(record shape, dtype name, layout) of the first of ``files`` that holds a record (a shard set may hold
+    empty shards; with a manifest and no record at all: the manifest's, ``record``)."""
+    for i, path in enumerate(files):
+        if manifest is None or i == len(files) - 1 or _size(path) > 0:
+            try:
+                return _probe_first(path)
+            except DataError:
+                if manifest is None or _size(path) > 0:
+                    raise
+    return tuple(manifest.shape), manifest.dtype, "record"
+
+
+def _size(path: str) -> int:
+    import tensorflow as tf
+
+    return int(tf.io.gfile.stat(path).length)
+
+
+def _probe_first(path: str) -> tuple[tuple[int, ...], str, str]:
+    """(record shape, dtype name, layout ``record`` or ``block``) of a shard file, from its first Example."""
+    raw = _first_raw(path)
+    try:
+        f = shardset.example_features(raw)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: records are not tf.train.Example ({e})") from None
+    if shardset.is_record_block(f):
+        block = shardset.parse_record_block(raw, f"{path}: block 0")
+        return tuple(block.records.shape[1:]), block.records.dtype.name, "block"
+    if "data" not in f or "shape" not in f or "dtype" not in f or f["dtype"][0] != "bytes" or not f["dtype"][1]:
+        raise DataError(f"{path}: records are not vaestream shard Examples (need data, shape, dtype; or a record "
+                        "block: records, data, shape, dtype)")
+    return tuple(int(v) for v in f["shape"][1]), bytes(f["dtype"][1][0]).decode(), "record"
+
+
+def _parse_blocks(tf_dtype, shape: tuple[int, ...], with_keys: bool):
+    """A ``tf.data`` map function: (one serialized record block, its file name) -> (keys [n] string,
+    records [n, *shape]) (:func:`vaestream.shardset.record_block`); a block whose data is not n x D values
+    fails the pipeline with an InvalidArgumentError naming the file."""
+    import tensorflow as tf
+
+    dim = int(np.prod(shape))
+    spec = {"records": tf.io.FixedLenFeature([], tf.int64), "data": tf.io.FixedLenFeature([], tf.string),
+            "key_name": tf.io.FixedLenFeature([], tf.string, default_value=""),
+            "key_start": tf.io.FixedLenFeature([], tf.int64, default_value=-1), "keys": tf.io.VarLenFeature(tf.string)}
+
+    def parse(raw, file_name):
+        ex = tf.io.parse_single_example(raw, spec)
+        n = ex["records"]
+        x = tf.io.decode_raw(ex["data"], tf_dtype, little_endian=True)
+        size = tf.size(x, out_type=tf.int64)
+        ok = tf.debugging.Assert(tf.logical_and(n > 0, tf.equal(size, n * dim)),
+                                 ["vaestream DataError:", file_name, "a record block of", n, "records holds", size,
+                                  f"values, not records x {dim}"])
+        with tf.control_dependencies([ok]):
+            x = tf.reshape(x, tf.concat([[n], tf.constant(shape, tf.int64)], 0))
+        if not with_keys:
+            return tf.fill([n], ""), x
+        ranged = tf.strings.join([ex["key_name"], tf.strings.as_string(ex["key_start"] + tf.range(n), width=9,
+                                                                        fill="0")], separator=":")
+        keys = tf.cond(ex["key_start"] >= 0, lambda: ranged, lambda: tf.sparse.to_dense(ex["keys"]))
+        return keys, x
+
+    return parse
 
 
 def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuffle_buffer: int = 10000,
@@ -60,10 +149,15 @@ def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuff
     The pipeline: shard file names (shuffled when ``shuffle_buffer > 0``) -> ``interleave`` of
     ``cycle_length`` TFRecord readers -> record-level ``shuffle(shuffle_buffer)`` -> ``batch(batch_size)`` ->
     vectorised ``parse_example`` + ``decode_raw`` -> ``prefetch``. Memory is O(shuffle_buffer + batch_size *
-    prefetch) records whatever the data size.
+    prefetch) records whatever the data size. Files of record blocks (the decode job's default output: one
+    Example per batch of n records, :func:`vaestream.shardset.record_block`) are told apart by their first
+    Example's features; each block is parsed as a whole ([n, *shape] from one ``decode_raw``), its records
+    unbatched into the same shuffle and batching (the interleave takes one block from each file in turn; a
+    block whose data is not n x D values fails the dataset with an InvalidArgumentError naming the file).
 
     Args:
-      source: a ``manifest.json``, a shard directory, a glob of shard files, or a list of shard paths.
+      source: a ``manifest.json``, a shard directory, a glob of shard files, a list of shard paths, or a
+        decode job's output directory (its ``recon-*.tfrecord``; ``summary.json`` names the layout).
       batch_size: M records per element.
       shuffle_buffer: records in the shuffle buffer (0: file order, no shuffling).
       seed: seeds the file and record shuffles (None: a fresh order every run).
@@ -79,10 +173,10 @@ def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuff
     import tensorflow as tf
 
     files, manifest = _resolve_files(source)
+    shape, dtype, layout = _probe(files, manifest)
     if manifest is not None:
         shape, dtype, scale = manifest.shape, manifest.dtype, manifest.scale
     else:
-        shape, dtype = _probe_first(files[0])
         scale = 1.0 / 255.0 if np.issubdtype(np.dtype(dtype), np.integer) else 1.0
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -91,9 +185,15 @@ def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuff
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_buffer:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
-                       cycle_length=max(1, min(cycle_length, len(files))), block_length=16,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    cycle = max(1, min(cycle_length, len(files)))
+    if layout == "block":  # blocks -> (key, record) elements, then as the record layout's records
+        parse_block = _parse_blocks(tf_dtype, tuple(shape), with_keys)
+        ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20).map(
+            lambda raw: parse_block(raw, f)), cycle_length=cycle, block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    else:
+        ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20), cycle_length=cycle,
+                           block_length=16, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
@@ -101,14 +201,15 @@ def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuff
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     spec = {"key": tf.io.FixedLenFeature([], tf.string), "data": tf.io.FixedLenFeature([], tf.string)}
 
-    def parse(serialized):
-        ex = tf.io.parse_example(serialized, spec)
-        x = tf.io.decode_raw(ex["data"], tf_dtype, little_endian=True)
+    def parse(serialized, x=None):
+        if x is None:  # the record layout: a batch of serialized Examples
+            ex = tf.io.parse_example(serialized, spec)
+            serialized, x = ex["key"], tf.io.decode_raw(ex["data"], tf_dtype, little_endian=True)
         if scaled:
             x = tf.reshape(tf.cast(x, tf.float32) * scale, [-1, dim])
         else:
             x = tf.reshape(x, tf.concat([[-1], tf.constant(shape, tf.int32)], 0))
-        return (ex["key"], x) if with_keys else x
+        return (serialized, x) if with_keys else x
 
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(prefetch)
@@ -117,11 +218,13 @@ def read_shards(source: str | Path | Sequence[str], batch_size: int = 100, shuff
 def read_records(paths: Sequence[str], shape: Sequence[int], dtype: str, batch_size: int = 65536) -> np.ndarray:
     """Every record of the shard files ``paths``, file after file and in file order, as one ``[n, *shape]``
     array of the stored ``dtype`` (the manifest's). For a share that fits in memory (a
-    :mod:`vaestream.distributed` worker's); :func:`read_shards` streams instead.
+    :mod:`vaestream.distributed` worker's); :func:`read_shards` streams instead. Reads both layouts (one Example
+    per record, or record blocks: :func:`vaestream.shardset.record_block`), told apart by each file's first
+    Example.
 
     Raises:
       DataError: a file is not a readable shard file (corrupt or truncated TFRecord data, records of
-        another shape or dtype); the message names the file.
+        another shape or dtype, a block that does not parse); the message names the file.
     """
     import tensorflow as tf
 
@@ -131,6 +234,9 @@ def read_records(paths: Sequence[str], shape: Sequence[int], dtype: str, batch_s
     parts = []
     for path in paths:
         try:
+            if _size(str(path)) and _probe_first(str(path))[2] == "block":
+                parts += _read_blocks(str(path), shape, dt)
+                continue
             for raw in tf.data.TFRecordDataset(str(path), buffer_size=1 << 20).batch(batch_size):
                 data = tf.io.parse_example(raw, spec)["data"]
                 parts.append(tf.io.decode_raw(data, tf_dtype, little_endian=True).numpy().reshape((-1,) + shape))
@@ -138,6 +244,21 @@ def read_records(paths: Sequence[str], shape: Sequence[int], dtype: str, batch_s
             msg = (e.message if isinstance(e, tf.errors.OpError) else str(e)).split("}}")[-1].strip()
             raise DataError(f"{path}: unreadable shard file ({msg.splitlines()[0]})") from None
     return np.concatenate(parts) if parts else np.zeros((0,) + shape, dt)
+
+
+def _read_blocks(path: str, shape: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
+    """The records of each block of a file of record blocks; DataError naming the file and block for a block
+    that does not parse or holds records of another shape or dtype."""
+    import tensorflow as tf
+
+    out = []
+    for i, raw in enumerate(tf.data.TFRecordDataset(path, buffer_size=1 << 20).as_numpy_iterator()):
+        block = shardset.parse_record_block(raw, f"{path}: block {i}")
+        if block.records.shape[1:] != shape or block.records.dtype != dtype:
+            raise DataError(f"{path}: block {i} holds {block.records.shape[1:]} {block.records.dtype.name} records, "
+                            f"expected {shape} {dtype.name}")
+        out.append(block.records)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

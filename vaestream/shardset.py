@@ -32,6 +32,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from vaestream.binio import leb128
+from vaestream.example_wire import example_features, leading_records
 from vaestream.errors import DataError
 
 FORMAT = "vaestream-shards/1"
@@ -39,6 +40,13 @@ MANIFEST = "manifest.json"
 DEAD_LETTER = "dead_letter.jsonl"
 SHARD_PREFIX = "shard"
 SHARD_SUFFIX = ".tfrecord"
+KEY_DIGITS = 9
+"""Digits of a record key's offset (``NAME:000000123``), as the Beam readers name records."""
+RECON_LAYOUTS = ("block", "record")
+"""Layouts of records written as TFRecord Examples (the decode job's ``--recon_layout``): one Example per batch
+of records (:func:`record_block`) or per record (:func:`record_examples`, the shard layout)."""
+RECON_LAYOUT_VERSIONS = {"block": "block/1", "record": "record/1"}
+"""The versioned names the decode job's ``summary.json`` records as ``recon_layout`` (absent: ``record/1``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,12 +210,124 @@ def _prefixed(name: str, feature_prefix: bytes, raw: np.ndarray) -> np.ndarray:
 
 def record_examples(keys: Sequence[str], records: np.ndarray) -> list[bytes]:
     """Shard-format Examples (key, data, shape, dtype) of ``records`` ``[n, *shape]``."""
-    records = np.asarray(records)
-    dt = records.dtype.newbyteorder("<") if records.dtype.byteorder == ">" else records.dtype
-    records = np.ascontiguousarray(records, dtype=dt)
+    records = _little_endian(records)
     return serialize_examples(keys, rows={"data": records},
                               constants={"shape": int64_feature(records.shape[1:]),
                                          "dtype": bytes_feature([records.dtype.name.encode()])})
+
+
+def _little_endian(records: np.ndarray) -> np.ndarray:
+    records = np.asarray(records)
+    dt = records.dtype.newbyteorder("<") if records.dtype.byteorder == ">" else records.dtype
+    return np.ascontiguousarray(records, dtype=dt)
+
+
+def recon_examples(keys: Sequence[str], records: np.ndarray, layout: str = "record") -> list[bytes]:
+    """Serialized Examples of ``records`` ``[n, *shape]`` in ``layout``: ``record``, one shard-format Example a
+    record (:func:`record_examples`); ``block``, one Example for all n (:func:`record_block`; none for n = 0)."""
+    if layout == "record":
+        return record_examples(keys, records)
+    if layout != "block":
+        raise DataError(f"record layout {layout!r} is not one of {', '.join(RECON_LAYOUTS)}")
+    return [record_block(keys, records)] if len(records) else []
+
+
+def record_block(keys: Sequence[str], records: np.ndarray) -> bytes:
+    """One serialized Example holding ``n`` records ``[n, *shape]`` (the block record layout, FORMAT.md §9.1),
+    its features in this order: ``records`` int64 = n; ``shape`` int64 list (one record's); ``dtype`` bytes (the
+    NumPy name); the keys as ``key_name`` bytes + ``key_start`` int64 when ``keys`` is a range of record keys
+    (an object with ``name``, ``start``, ``stop`` and ``digits`` = 9, e.g. :class:`vaestream.beam.KeyRange`:
+    key i = ``NAME:`` + the offset start + i in 9 digits), else ``keys`` bytes x n; ``data`` bytes, the n
+    records' values C order, little-endian (n x prod(shape) x itemsize bytes), copied once into the result."""
+    records = _little_endian(records)
+    n = len(records)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} records")
+    parts = [_entry("records", int64_feature([n])), _entry("shape", int64_feature(records.shape[1:])),
+             _entry("dtype", bytes_feature([records.dtype.name.encode()]))]
+    name, start, digits = (getattr(keys, a, None) for a in ("name", "start", "digits"))
+    if name is not None and start is not None and digits == KEY_DIGITS:
+        parts += [_entry("key_name", bytes_feature([str(name).encode()])),
+                  _entry("key_start", int64_feature([int(start)]))]
+    else:
+        parts.append(_entry("keys", bytes_feature([k.encode() if isinstance(k, str) else bytes(k) for k in keys])))
+    length = records.nbytes
+    blist_prefix = b"\x0a" + _varint(length)
+    feature_prefix = b"\x0a" + _varint(len(blist_prefix) + length) + blist_prefix
+    parts += [_entry_head("data", feature_prefix, length), memoryview(records.reshape(-1)).cast("B")]
+    body = sum(len(p) for p in parts)
+    return b"".join([b"\x0a" + _varint(body)] + parts)
+
+
+@dataclasses.dataclass
+class RecordBlock:
+    """One parsed record block (:func:`parse_record_block`): ``records`` ``[n, *shape]`` (native byte order, a
+    view of the block's bytes where it can be) and its keys, either listed (``keys``, n strings) or a range
+    (``key_name`` and ``key_start``: key i = ``key_name:`` + the offset ``key_start + i`` in 9 digits)."""
+
+    records: np.ndarray
+    keys: list[str] | None = None
+    key_name: str | None = None
+    key_start: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def key_list(self) -> list[str]:
+        """The n keys as strings."""
+        if self.keys is not None:
+            return list(self.keys)
+        return [f"{self.key_name}:{self.key_start + i:0{KEY_DIGITS}d}" for i in range(len(self))]
+
+
+def is_record_block(features: Mapping[str, tuple[str, list]]) -> bool:
+    """Whether parsed Example ``features`` (:func:`example_features`) are a record block (``records`` and
+    ``data``, no per-record ``key``) rather than one shard-format record."""
+    return "records" in features and "data" in features and "key" not in features
+
+
+def parse_record_block(raw: bytes | memoryview, where: str) -> RecordBlock:
+    """The records and keys of one serialized record block (:func:`record_block`). Raises :class:`DataError`
+    naming ``where`` (the file and block) when the bytes are not a block: not an Example, a feature missing or
+    of the wrong kind, n < 1, a dtype that is not numeric, ``data`` not n x prod(shape) x itemsize bytes, or
+    keys neither a name + start nor n listed."""
+    try:
+        f = example_features(raw)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: not a record block (malformed Example: {e})") from None
+
+    def one(name: str, kind: str):
+        k, vals = f.get(name, ("none", []))
+        if k != kind or len(vals) != 1:
+            raise DataError(f"{where}: not a record block (feature {name!r}: need one {kind} value)")
+        return vals[0]
+
+    n = one("records", "int64")
+    kind, shape = f.get("shape", ("none", []))
+    if kind not in ("int64", "none") or any(s < 0 for s in shape) or n < 1:
+        raise DataError(f"{where}: record block of {n} records of shape {shape}: need n >= 1 and a shape")
+    try:
+        dtype = np.dtype(bytes(one("dtype", "bytes")).decode())
+    except (TypeError, UnicodeDecodeError):
+        dtype = np.dtype(object)
+    if dtype.kind not in "biuf":
+        raise DataError(f"{where}: record block of dtype {dtype}: not a numeric dtype")
+    data = one("data", "bytes")
+    want = n * int(np.prod(shape)) * dtype.itemsize
+    if len(data) != want:
+        raise DataError(f"{where}: record block of {n} records of shape {tuple(shape)} {dtype.name} holds {len(data)} "
+                        f"data bytes, expected {want}")
+    records = np.frombuffer(data, dtype.newbyteorder("<")).reshape((n,) + tuple(shape))
+    records = records.astype(dtype.newbyteorder("="), copy=False)
+    if "key_name" in f and "key_start" in f:
+        start = one("key_start", "int64")
+        if start < 0:
+            raise DataError(f"{where}: record block with key_start {start}")
+        return RecordBlock(records, None, bytes(one("key_name", "bytes")).decode(), start)
+    kind, keys = f.get("keys", ("none", []))
+    if kind != "bytes" or len(keys) != n:
+        raise DataError(f"{where}: record block of {n} records lists {len(keys)} keys and no key_name + key_start")
+    return RecordBlock(records, [bytes(k).decode() for k in keys])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,10 +438,12 @@ def is_shard_spec(spec: str) -> bool:
     return FileSystems.exists(s.rstrip("/") + "/" + MANIFEST)
 
 
-def count_records(paths: Iterable[str]) -> dict[str, int]:
+def count_records(paths: Iterable[str], blocks: bool = False) -> dict[str, int]:
     """Records in each TFRecord file, from the framing alone (each record is an 8-byte little-endian length,
     a 4-byte CRC, the data and a 4-byte CRC): the file is read in 4 MiB blocks, not parsed. A file whose last
-    record runs past its end raises :class:`DataError` (truncated)."""
+    record runs past its end raises :class:`DataError` (truncated). ``blocks``: a file whose first Example leads
+    with a ``records`` feature (record blocks, block codes) counts the sum of each Example's ``records``, read
+    from its first bytes (:func:`leading_records`; the payloads are skipped); else its Examples."""
     import struct
 
     from apache_beam.io.filesystem import CompressionTypes
@@ -335,6 +457,12 @@ def count_records(paths: Iterable[str]) -> dict[str, int]:
         size = meta[0].size_in_bytes
         n, pos, buf, buf_start = 0, 0, b"", 0
         with FileSystems.open(p, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            if blocks and size:
+                counted = _count_blocks(p, f, size)
+                if counted is not None:
+                    out[p] = counted
+                    continue
+                f.seek(0)
             while pos < size:
                 if pos + 12 > buf_start + len(buf):  # the next header is not in the buffer: refill from pos
                     f.seek(pos)
@@ -351,3 +479,32 @@ def count_records(paths: Iterable[str]) -> dict[str, int]:
         out[p] = n
     return out
 
+
+
+def _count_blocks(path: str, f, size: int) -> int | None:
+    """Records in the open TFRecord file ``f`` of ``size`` bytes when its first Example leads with ``records``:
+    the sum of every Example's, each read from its first 64 bytes; None when the first does not. Raises
+    :class:`DataError` naming the file for a cut or corrupt one, or an Example that is not a block."""
+    import struct
+
+    total, pos, index = 0, 0, 0
+    while pos < size:
+        f.seek(pos)
+        head = f.read(12 + 64)
+        if len(head) < 12:
+            raise DataError(f"{path}: corrupt or truncated TFRecord file (a record header is cut at byte {pos} of "
+                            f"{size})")
+        (length,) = struct.unpack_from("<Q", head)
+        n = leading_records(head[12:12 + min(length, 64)])
+        if n is None:
+            if index == 0:
+                return None
+            raise DataError(f"{path}: record {index} does not lead with a records feature, the file's first does "
+                            "(a file of blocks holds blocks only)")
+        if pos + 16 + length > size:
+            raise DataError(f"{path}: corrupt or truncated TFRecord file (block {index} ends at byte "
+                            f"{pos + 16 + length}, the file has {size})")
+        total += n
+        pos += 16 + length
+        index += 1
+    return total

@@ -242,9 +242,10 @@ class _CodecTaskFn(beam.DoFn):
     letters in ``staging``; yields the task's descriptor."""
 
     def __init__(self, job: str, staging: str, handler: vb.VAEModelHandler, chunk: int, feature: str = "x",
-                 check=None, output_dtype: str = "float32", code_layout: str = "record"):
+                 check=None, output_dtype: str = "float32", code_layout: str = "record", recon_layout: str = "record"):
         self.job, self.staging, self.handler, self.chunk = job, staging, handler, chunk
         self.feature, self.check, self.output_dtype, self.code_layout = feature, check, output_dtype, code_layout
+        self.recon_layout = recon_layout
 
     def _items(self, task):
         if self.job == "encode":
@@ -275,7 +276,7 @@ class _CodecTaskFn(beam.DoFn):
             else:
                 (out,) = self.handler.decode_batches([item], model)
                 out = transforms.quantize_batch(out, self.output_dtype)
-                rows.extend(shardset.record_examples(out.keys, out.records))
+                rows.extend(shardset.recon_examples(out.keys, out.records, self.recon_layout))
             written += len(out)
         dead, records_in, bytes_in = tally.dead, tally.records_in, tally.bytes_in
         name = _digest(self.job, task)
@@ -425,10 +426,11 @@ def run_coding(job: str, sources: Sequence[Any], handler: vb.VAEModelHandler, ar
     # float codes in the encode job's --code_layout (block: one Example per batch, counted as coded rows)
     code_layout = getattr(args, "code_layout", "record") if job == "encode" and not coded else "record"
     coded = coded or code_layout == "block"
+    recon_layout = getattr(args, "recon_layout", "record") if job == "decode" else "record"
 
     def build(p, staging):
         fn = _CodecTaskFn(job, staging, handler, args.chunk_size, getattr(args, "feature", "x"), check,
-                          getattr(args, "output_dtype", "float32"), code_layout)
+                          getattr(args, "output_dtype", "float32"), code_layout, recon_layout)
         _ = p | step >> beam.Create(list(sources)) | label >> beam.ParDo(fn)
 
     parts, staging, _ = _run(job, out, pipeline_args, build)

@@ -11,6 +11,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from vaestream import shardset
 from vaestream.beam.elements import (CHUNK, DEAD_LETTER, CodeBatch, DeadLetter, KeyRange, RECORDS, RecordBatch, SPLIT,
                                      job_counter, record_key)
 from vaestream.beam.formats import expand_inputs, file_size, input_kind, maybe_gunzip, open_raw, plan_reads
@@ -220,6 +221,9 @@ def _read_tfrecord(task, chunk, feature, limit):
     name = path.rsplit("/", 1)[-1]
     comp = "GZIP" if path.endswith(".gz") else ""
     ds = tf.data.TFRecordDataset(path, compression_type=comp, buffer_size=1 << 20)
+    if _leads_with_block(ds):
+        yield from _read_record_blocks(path, name, ds, chunk, limit)
+        return
     if limit is not None:
         ds = ds.take(limit)
     index = 0
@@ -233,6 +237,50 @@ def _read_tfrecord(task, chunk, feature, limit):
         if error is not None:
             yield DeadLetter(path, f"{record_key(name, index)}..", f"{path}: truncated or corrupt TFRecord data after "
                                                              f"record {index} ({error})")
+            return
+
+
+def _leads_with_block(ds) -> bool:
+    """Whether the first record of a TFRecordDataset is a record block (:func:`vaestream.shardset.record_block`,
+    the decode job's default output); False for an empty or unreadable file (the record path reports it)."""
+    import tensorflow as tf
+
+    try:
+        for raw in ds.take(1):
+            f = shardset.example_features(raw.numpy())
+            return shardset.is_record_block(f)
+    except (tf.errors.OpError, ValueError, IndexError, UnicodeDecodeError):
+        return False
+    return False
+
+
+def _read_record_blocks(path: str, name: str, ds, chunk: int, limit: int | None
+                        ) -> Iterator[RecordBatch | DeadLetter]:
+    """The records of a file of record blocks, ``chunk`` records per :class:`RecordBatch` (a block's keys as a
+    :class:`KeyRange` where it stores a name and start); a block that does not parse becomes one dead letter
+    (the file, the block and the reason) and the next is read; corrupt framing ends the file with one."""
+    index, blocks = 0, 0
+    for raw, error in tfrecord_chunks(ds, 1):
+        for one in raw:
+            try:
+                block = shardset.parse_record_block(one, f"{path}: block {blocks} (after record {index})")
+            except DataError as e:
+                yield DeadLetter(path, f"{name}: block {blocks}", str(e))
+                blocks += 1
+                continue
+            blocks += 1
+            n = len(block) if limit is None else min(len(block), limit - index)
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                keys = (KeyRange(block.key_name, block.key_start + s, block.key_start + e) if block.keys is None
+                        else block.keys[s:e])
+                yield RecordBatch(path, keys, block.records[s:e])
+            index += n
+            if limit is not None and index >= limit:
+                return
+        if error is not None:
+            yield DeadLetter(path, f"{name}: block {blocks}..", f"{path}: truncated or corrupt TFRecord data after "
+                                                                 f"{blocks} blocks ({error})")
             return
 
 

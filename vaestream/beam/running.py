@@ -77,7 +77,8 @@ def check_counts(c: dict[str, int], what: str) -> None:
 
 
 def count_written(paths: Iterable[str], coded: bool = False) -> int:
-    """Records in written TFRecord / Parquet files (Parquet from its footer, TFRecord by reading through);
+    """Records in written TFRecord / Parquet files (Parquet from its footer, TFRecord by reading through its
+    framing, record blocks from each block's leading ``records`` feature);
     ``coded``: code files of a row per batch (the encode job's ``--coder``, or its block layout), the rows'
     record counts summed (:func:`vaestream.beam.transforms.count_codes`)."""
     import pyarrow.parquet as pq
@@ -92,7 +93,7 @@ def count_written(paths: Iterable[str], coded: bool = False) -> int:
                 total += pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
         else:
             tf_paths.append(p)
-    return total + sum(shardset.count_records(tf_paths).values())
+    return total + sum(shardset.count_records(tf_paths, blocks=True).values())  # record blocks: their counts
 
 
 def file_sizes(pattern: str) -> tuple[list[str], int]:

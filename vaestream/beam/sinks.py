@@ -43,10 +43,12 @@ class BatchedTFRecordSink(filebasedsink.FileBasedSink):
 
 class _ToExamples(beam.DoFn):
     """RecordBatch / CodeBatch -> a list of serialized Examples (counts records and bytes); float codes in
-    ``code_layout`` (:func:`code_examples`)."""
+    ``code_layout`` (:func:`code_examples`), records in ``recon_layout`` (:func:`vaestream.shardset.recon_examples`:
+    one Example per record, or one per batch)."""
 
-    def __init__(self, code_layout: str = "record"):
+    def __init__(self, code_layout: str = "record", recon_layout: str = "record"):
         self.code_layout = code_layout
+        self.recon_layout = recon_layout
         self.records = job_counter("records")
         self.bytes_out = job_counter("bytes_out")
 
@@ -54,7 +56,7 @@ class _ToExamples(beam.DoFn):
         if isinstance(batch, CodeBatch):
             out = code_examples(batch, self.code_layout)
         else:
-            out = shardset.record_examples(batch.keys, batch.records)
+            out = shardset.recon_examples(batch.keys, batch.records, self.recon_layout)
         self.records.inc(len(batch))
         self.bytes_out.inc(sum(map(len, out)) + 16 * len(out))  # 16: TFRecord framing (length, 2 CRCs)
         yield out
@@ -168,11 +170,12 @@ class WriteBatches(beam.PTransform):
 
     Files are ``{prefix}-SSSSS-of-NNNNN.tfrecord`` / ``.parquet``. Returns the PCollection of final file
     names. ``schema`` (a ``pyarrow.Schema``, see :func:`code_schema` / :func:`record_schema`) is needed for
-    Parquet. ``code_layout``: TFRecord float codes one Example per record or per batch (:func:`code_examples`).
+    Parquet. ``code_layout``: TFRecord float codes one Example per record or per batch (:func:`code_examples`);
+    ``recon_layout``: TFRecord records (RecordBatch) the same (:func:`vaestream.shardset.recon_examples`).
     """
 
     def __init__(self, prefix: str, output_format: str = "tfrecord", schema=None, num_shards: int = 0,
-                 code_layout: str = "record"):
+                 code_layout: str = "record", recon_layout: str = "record"):
         super().__init__()
         if output_format not in ("tfrecord", "parquet"):
             raise DataError(f"output format {output_format!r} is not one of tfrecord, parquet")
@@ -180,11 +183,14 @@ class WriteBatches(beam.PTransform):
             raise DataError("Parquet output needs a schema")
         self.prefix, self.output_format, self.schema, self.num_shards = prefix, output_format, schema, num_shards
         self.code_layout = code_layout
+        if recon_layout not in shardset.RECON_LAYOUTS:
+            raise DataError(f"record layout {recon_layout!r} is not one of {', '.join(shardset.RECON_LAYOUTS)}")
+        self.recon_layout = recon_layout
 
     def expand(self, pcoll):
         if self.output_format == "tfrecord":
             return (pcoll
-                    | "SerializeExamples" >> beam.ParDo(_ToExamples(self.code_layout))
+                    | "SerializeExamples" >> beam.ParDo(_ToExamples(self.code_layout, self.recon_layout))
                     | "WriteTFRecord" >> beam.io.Write(BatchedTFRecordSink(self.prefix, ".tfrecord", self.num_shards)))
         from apache_beam.io.parquetio import WriteToParquetBatched
 
@@ -226,10 +232,10 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def write_outputs(batches, dead, out: str, name: str, output_format: str, schema, num_shards: int, label: str,
-                  code_layout: str = "record") -> None:
+                  code_layout: str = "record", recon_layout: str = "record") -> None:
     """A batch job's two outputs: ``batches`` as ``OUT/NAME-*`` files (step ``label``; ``schema`` is used for
-    Parquet only; ``code_layout`` for TFRecord float codes), the dead letters as ``OUT/dead_letter.jsonl``
-    (step ``WriteDeadLetters``)."""
+    Parquet only; ``code_layout`` for TFRecord float codes, ``recon_layout`` for TFRecord records), the dead
+    letters as ``OUT/dead_letter.jsonl`` (step ``WriteDeadLetters``)."""
     schema = schema if output_format == "parquet" else None
-    batches | label >> WriteBatches(f"{out}/{name}", output_format, schema, num_shards, code_layout)
+    batches | label >> WriteBatches(f"{out}/{name}", output_format, schema, num_shards, code_layout, recon_layout)
     dead | "WriteDeadLetters" >> WriteDeadLetters(f"{out}/{shardset.DEAD_LETTER}")

@@ -5,9 +5,12 @@
 Inputs: code files written by ``pipelines/encode.py`` (TFRecord or Parquet; files, globs or a directory).
 Before the job starts, the first code's fingerprint is checked against the model's; every batch is checked
 again in the workers. A mismatch raises :class:`vaestream.errors.ModelMismatchError`. Output:
-``OUTPUT/recon-SSSSS-of-NNNNN.tfrecord`` in the shard Example layout (key, data, shape, dtype; readable by
+``OUTPUT/recon-SSSSS-of-NNNNN.tfrecord`` (``--recon_layout block``, the default: one tf.train.Example per batch
+of records: records, shape, dtype, keys as name + first offset or listed, data = the [n, *shape] values;
+``--recon_layout record``: one Example per record, the shard layout: key, data, shape, dtype; both read by
 :func:`vaestream.shards.read_shards`) or ``.parquet`` (key, data), plus ``dead_letter.jsonl`` and
-``summary.json``. Unknown flags are Beam pipeline options.
+``summary.json`` (which names the layout, versioned: ``recon_layout`` ``block/1`` or ``record/1``). Unknown
+flags are Beam pipeline options.
 """
 
 from __future__ import annotations
@@ -76,8 +79,20 @@ def build(p: beam.Pipeline, args: argparse.Namespace, paths: list[str]) -> dict:
                        overlap=args.inference == "overlap")
     schema = vb.record_schema(config.input_shape, args.output_dtype)
     vb.write_outputs(codes[vb.RECORDS] | "Decode" >> decode, codes[vb.DEAD_LETTER], out, RECON, args.output_format,
-                     schema, args.num_shards, "WriteReconstructions")
+                     schema, args.num_shards, "WriteReconstructions", recon_layout=recon_layout(args))
     return {"output": out, "config": config}
+
+
+def recon_layout(args: argparse.Namespace) -> str:
+    """The layout of the job's TFRecord reconstructions: ``block`` or ``record`` (``--recon_layout``); Parquet
+    rows are per record."""
+    return getattr(args, "recon_layout", "record") if args.output_format == "tfrecord" else "record"
+
+
+def _extra(args: argparse.Namespace, fingerprint: str) -> dict:
+    """The job's own summary entries (the layout versioned: ``recon_layout`` ``block/1`` or ``record/1``)."""
+    return {"model": args.model or args.saved_model, "fingerprint": fingerprint, "output_format": args.output_format,
+            "output_dtype": args.output_dtype, "recon_layout": shardset.RECON_LAYOUT_VERSIONS[recon_layout(args)]}
 
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
@@ -101,9 +116,7 @@ def run_on_beam(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     ext = "parquet" if args.output_format == "parquet" else "tfrecord"
     try:
         return vb.finish_job("decode", result, vb.job_started(args), out, f"{out}/{RECON}-*.{ext}",
-                             {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                              "output_format": args.output_format, "output_dtype": args.output_dtype},
-                             summary_file=SUMMARY, inputs=paths,
+                             _extra(args, fingerprint), summary_file=SUMMARY, inputs=paths,
                              max_dead_letter_fraction=getattr(args, "max_dead_letter_fraction", 1.0))
     finally:
         del model
@@ -119,9 +132,7 @@ def run_on_dask(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     out = args.output.rstrip("/")
     vb.clear_outputs(f"{out}/{RECON}-*", f"{out}/{shardset.DEAD_LETTER}", f"{out}/{SUMMARY}", inputs=paths)
     handler = vb.VAEModelHandler(args.model, args.saved_model, "decode", args.batch_size)
-    return beam_dask.run_coding("decode", paths, handler, args, pipeline_args, out, RECON,
-                                {"model": args.model or args.saved_model, "fingerprint": fingerprint,
-                                 "output_format": args.output_format, "output_dtype": args.output_dtype},
+    return beam_dask.run_coding("decode", paths, handler, args, pipeline_args, out, RECON, _extra(args, fingerprint),
                                 summary_file=SUMMARY, inputs=paths)
 
 

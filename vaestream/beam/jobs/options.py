@@ -150,6 +150,11 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_and_output_arguments(parser, "code files (.tfrecord/.parquet), globs or directories", CHUNK)
     parser.add_argument("--output_dtype", "--output-dtype", default="float32", choices=["float32", "uint8"],
                         help="reconstructions as float32 means, or round(255 x) as uint8")
+    parser.add_argument("--recon_layout", "--recon-layout", default="block", choices=["block", "record"],
+                        help="TFRecord reconstructions: block (default), one Example per batch of up to --chunk_size "
+                             "records (records, shape, dtype, keys as name + first offset, data: the [n, *shape] "
+                             "values as one bytes feature); record, one Example per record (key, data, shape, "
+                             "dtype: the shard layout, for tf.io.parse_example). vaestream.shards reads both")
     parser.add_argument("--inference", default="runinference", choices=["runinference", "overlap"],
                         help="as the encode job: RunInference, or the next batch decoded on a thread")
     parser.add_argument("--num_shards", "--num-shards", type=int, default=0,
