@@ -59,6 +59,10 @@ class VAE(tf.Module):
             # prior the top layer then learns to refine, instead of from a random prior
             for v in (self.top_decoder.out.w, self.top_decoder.out.b):
                 v.assign(tf.zeros_like(v))
+        if config.entropy_model:  # a learned entropy model (vaestream.entropy_models), after the transform's weights
+            from vaestream.entropy_models.hyperprior import EntropyModel
+
+            self.entropy = EntropyModel(config, rng)
 
     # -- the recognition model ------------------------------------------------------------------------------
     def encoder_params(self, x: tf.Tensor, blockwise: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
@@ -173,6 +177,8 @@ class VAE(tf.Module):
             layers = net.layers() if hasattr(net, "layers") else list(net.hidden) + [net.out]
             for layer in layers:
                 out += [layer.w, layer.b]
+        if self.config.entropy_model:
+            out += self.entropy.weights()
         return out
 
     def fingerprint(self) -> str:
