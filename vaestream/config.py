@@ -36,7 +36,14 @@ ARCHITECTURES = ("mlp", "conv")
 the same dense layers to the same vector latent, or (``latent_channels``) a spatial latent map
 (:mod:`vaestream.conv`)."""
 
-_ADDED_DEFAULTS = {"arch": "mlp", "channels": (), "lmbda": None, "latent_channels": 0}
+ENTROPY_MODELS = ("factorized", "hyperprior")
+"""Learned entropy models of a conv RD model with a spatial latent (:mod:`vaestream.entropy_models`):
+``factorized`` (one learned density per latent map) or ``hyperprior`` (mean-scale: a hyper-latent per record
+predicting each position's mean and scale). "" (the default): the latent's prior is N(0, I) and the codec's
+per-position tables code it (:mod:`vaestream.coding.tables`)."""
+
+_ADDED_DEFAULTS = {"arch": "mlp", "channels": (), "lmbda": None, "latent_channels": 0, "entropy_model": "",
+                   "rd_lambdas": ()}
 """Fields added after models were first stored: left out of :meth:`ModelConfig.to_dict` while at these
 values, so the config JSON, and with it the fingerprint of every model stored before them, is unchanged."""
 
@@ -80,6 +87,11 @@ class ModelConfig:
         z becomes p(z | z2) = N(m(z2), diag s(z2)^2) with p(z2) = N(0, I), and the posterior q(z | x) q(z2 | z).
         ``latent_dim`` stays the size of z, the code the encoder returns.
       top_hidden: hidden widths of the two small MLPs between z and z2 (q(z2|z) and p(z|z2)).
+      entropy_model: "" or one of :data:`ENTROPY_MODELS`: a learned entropy model of the spatial latent, trained
+        end to end with the transform (``objective="rd"``; needs ``arch="conv"``, ``latent_channels``,
+        activation ``relu`` and likelihood ``gaussian``, so that decoding is exact integer arithmetic).
+      rd_lambdas: with ``entropy_model``: the lambdas of the model's rate levels, largest (finest) first; one
+        model codes at each of them (a gain vector per level, :mod:`vaestream.entropy_models`).
 
     A config with ``top_latent_dim == 0`` stores no ``top_*`` keys, so one-layer models keep their
     ``config.json`` and their fingerprints.
@@ -98,6 +110,8 @@ class ModelConfig:
     channels: tuple[int, ...] = ()
     lmbda: float | None = None
     latent_channels: int = 0
+    entropy_model: str = ""
+    rd_lambdas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -150,6 +164,24 @@ class ModelConfig:
                               "(latent_channels > 0); dense layers take a pointwise activation")
         if self.likelihood not in LIKELIHOODS:
             raise ConfigError(f"likelihood {self.likelihood!r} is not one of {LIKELIHOODS}")
+        self._check_entropy_model()
+
+    def _check_entropy_model(self) -> None:
+        object.__setattr__(self, "rd_lambdas", tuple(float(v) for v in self.rd_lambdas))
+        if not self.entropy_model:
+            if self.rd_lambdas:
+                raise ConfigError("rd_lambdas (rate levels) are for a learned entropy model (entropy_model)")
+            return
+        if self.entropy_model not in ENTROPY_MODELS:
+            raise ConfigError(f"entropy_model {self.entropy_model!r} is not one of {ENTROPY_MODELS}")
+        if not self.latent_channels or self.activation != "relu" or self.likelihood != "gaussian":
+            raise ConfigError(f"entropy_model {self.entropy_model!r} needs arch 'conv' with a spatial latent "
+                              "(latent_channels), activation 'relu' and likelihood 'gaussian' (its decoder is "
+                              f"exact integer arithmetic); got latent_channels {self.latent_channels}, activation "
+                              f"{self.activation!r}, likelihood {self.likelihood!r}")
+        lams = self.rd_lambdas
+        if not lams or any(not (0 < v < float("inf")) for v in lams) or list(lams) != sorted(set(lams), reverse=True):
+            raise ConfigError(f"entropy_model needs rd_lambdas: distinct positive lambdas, largest first; got {lams}")
 
     @property
     def latent_shape(self) -> tuple[int, int, int] | None:
@@ -180,6 +212,7 @@ class ModelConfig:
         d["input_shape"] = list(self.input_shape)
         d["hidden"] = list(self.hidden)
         d["channels"] = list(self.channels)
+        d["rd_lambdas"] = list(self.rd_lambdas)
         if self.top_latent_dim:
             d["top_hidden"] = list(self.top_hidden)
         else:  # a one-layer model's config.json (and fingerprint) as before the option existed

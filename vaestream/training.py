@@ -27,6 +27,7 @@ import tensorflow as tf
 from vaestream import store
 from vaestream.config import ModelConfig
 from vaestream.data import BOUNDED_LIKELIHOODS, Dataset
+from vaestream.entropy_models.hyperprior import rd_loss as learned_rd_loss
 from vaestream.errors import ConfigError, DataError, ModelError
 from vaestream.model import VAE
 from vaestream.objective import ESTIMATORS, RD_LIKELIHOODS, bits_per_dim, elbo, rd_loss
@@ -150,7 +151,11 @@ class Trainer(tf.Module):
         # 0.08 s with TF's oneDNN kernels (channels 16, 32; M = 100), so conv models train without jit_compile.
         jit = cfg.jit and model.config.arch != "conv"
         self.rng_alg = "threefry" if jit else "philox"
-        if cfg.objective == "rd" and (model.config.lmbda is None or model.config.likelihood not in RD_LIKELIHOODS):
+        if model.config.entropy_model and cfg.objective != "rd":
+            raise ConfigError(f"a model with a learned entropy model ({model.config.entropy_model!r}) trains with "
+                              "objective 'rd'")
+        if cfg.objective == "rd" and not model.config.entropy_model and (
+                model.config.lmbda is None or model.config.likelihood not in RD_LIKELIHOODS):
             raise ConfigError(f"objective 'rd' needs a Gaussian decoder {RD_LIKELIHOODS} and the model config's lmbda "
                               f"(got {model.config.likelihood!r}, lmbda={model.config.lmbda})")
         self._run = tf.function(self._run_steps, jit_compile=jit, reduce_retracing=True)
@@ -160,8 +165,12 @@ class Trainer(tf.Module):
 
         The ELBO's terms use their closed forms (``elbo(..., closed_form=True)``: the same values and gradients
         as the TFP distributions', in fewer compiled passes). With ``objective="rd"`` it is -(rate + lambda MSE)
-        (bits per record, :func:`vaestream.objective.rd_loss`)."""
-        if self.cfg.objective == "rd":
+        (bits per record, :func:`vaestream.objective.rd_loss`); for a model with a learned entropy model, the
+        variable-rate objective of :func:`vaestream.entropy_models.hyperprior.rd_loss`."""
+        if self.cfg.objective == "rd" and self.model.config.entropy_model:
+            terms = learned_rd_loss(self.model, x, seed)  # rate levels drawn per record (vaestream.entropy_models)
+            obj = -tf.reduce_mean(terms["loss"])
+        elif self.cfg.objective == "rd":
             terms = rd_loss(self.model, x, self.model.config.lmbda, seed=seed, rng_alg=self.rng_alg)
             obj = -tf.reduce_mean(terms["loss"])
         else:
@@ -274,6 +283,23 @@ def dataset_elbo(model: VAE, data: Dataset | np.ndarray, batch_size: int = 1000,
             "records": n}
 
 
+def dataset_rd(model: VAE, data: Dataset, batch_size: int = 1000, seed: int = 0) -> dict:
+    """A learned-entropy-model's training terms over a data set at each rate level k: ``{"bits_L<k>", "psnr_L<k>"}``
+    (mean rate in bits per record under the noise proxy, side included; PSNR in dB of the rounded latent's
+    reconstruction, from the mean MSE)."""
+    step = tf.function(learned_rd_loss, reduce_retracing=True)
+    out = {}
+    for k in range(len(model.config.rd_lambdas)):
+        rate, mse, n = 0.0, 0.0, 0
+        for i, xb in enumerate(data.iter_batches(batch_size)):
+            t = step(model, tf.constant(xb), tf.constant([seed, i], tf.int32), tf.fill([len(xb)], k))
+            rate, mse, n = rate + float(tf.reduce_sum(t["rate"])), mse + float(tf.reduce_sum(t["distortion"])), \
+                n + len(xb)
+        out[f"bits_L{k}"] = rate / max(n, 1)
+        out[f"psnr_L{k}"] = 10 * math.log10(1.0 / max(mse / max(n, 1), 1e-12))
+    return out
+
+
 def evaluation_set(data: Dataset, n: int | None = None, seed: int = 12345) -> Dataset:
     """A fixed evaluation view of ``data``: its first ``n`` records; dynamic binarisation becomes one fixed
     Bernoulli sample (as the IWAE protocol's test set)."""
@@ -380,6 +406,9 @@ class _EvalLog:
         rec = {"step": step, "samples": step * self.m, "epoch": step / self.steps_per_epoch,
                "seconds": round(elapsed, 3)}
         for name, d in self.evals.items():
+            if self.model.config.entropy_model:  # bits and PSNR at each rate level (noisy-rate proxy)
+                rec.update({f"{name}_{k}": v for k, v in dataset_rd(self.model, d).items()})
+                continue
             r = dataset_elbo(self.model, d)
             rec[f"{name}_elbo"] = r["elbo"]
             rec[f"{name}_bits_per_dim"] = r["bits_per_dim"]

@@ -32,7 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--latent-dim", type=int, default=20, help="Nz (default 20)")
     g.add_argument("--hidden", type=int, nargs="+", default=[500], help="hidden widths (default: 500)")
-    g.add_argument("--activation", default="tanh", help="hidden units' activation (a Keras name; default tanh)")
+    g.add_argument("--activation", default=None,
+                   help="hidden units' activation (a Keras name; default tanh, relu with --entropy-model)")
     g.add_argument("--likelihood", default=None, choices=["bernoulli", "gaussian", "gaussian_sigmoid", "beta_binomial"],
                    help="p(x|z); default bernoulli, or gaussian_sigmoid with --objective rd (MSE needs a Gaussian)")
     g.add_argument("--top-latent-dim", type=int, default=0,
@@ -50,6 +51,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", choices=["elbo", "rd"], default="elbo",
                    help="elbo (AEVB, default) or rd: rate (bits) + LMBDA x MSE, a Gaussian decoder")
     g.add_argument("--lmbda", type=float, default=None, help="with --objective rd: lambda (stored in config.json)")
+    g.add_argument("--entropy-model", choices=["factorized", "hyperprior"], default=None,
+                   help="with --objective rd --arch conv --latent-channels C: a learned entropy model trained with the "
+                        "transform (vaestream.entropy_models; hyperprior = mean-scale), one model at every --lmbdas")
+    g.add_argument("--lmbdas", type=float, nargs="+", default=None, metavar="LAMBDA",
+                   help="with --entropy-model: the rate levels' lambdas (one variable-rate model; instead of --lmbda)")
 
 
 TRAIN_DEFAULTS = {"batch_size": 100, "num_samples": 1, "estimator": "B", "optimizer": "adam", "init": "glorot",
@@ -111,8 +117,16 @@ def model_config(a: argparse.Namespace):
     from vaestream.config import ModelConfig
     from vaestream.errors import ConfigError
 
-    if (a.objective == "rd") != (a.lmbda is not None):
+    entropy = getattr(a, "entropy_model", None) or ""
+    if entropy and (a.objective != "rd" or a.lmbda is not None or not a.lmbdas):
+        raise ConfigError("--entropy-model trains with --objective rd and --lmbdas (one model at every lambda), "
+                          "not --lmbda")
+    if not entropy and getattr(a, "lmbdas", None):
+        raise ConfigError("--lmbdas (rate levels) go with --entropy-model")
+    if not entropy and (a.objective == "rd") != (a.lmbda is not None):
         raise ConfigError("--objective rd and --lmbda go together")
+    if a.activation is None:
+        a.activation = "relu" if entropy else "tanh"
     channels = tuple(a.channels) if a.arch == "conv" else ()
     spatial = getattr(a, "latent_channels", 0)
     if spatial:   # Nz for the default 28 x 28 picture; training sets it from the data's shape
@@ -125,14 +139,18 @@ def model_config(a: argparse.Namespace):
     return ModelConfig(latent_dim=latent_dim, hidden=hidden, activation=a.activation,
                        likelihood=a.likelihood, arch=a.arch, channels=channels,
                        lmbda=a.lmbda, top_latent_dim=getattr(a, "top_latent_dim", 0),
-                       top_hidden=tuple(getattr(a, "top_hidden", (256,))), latent_channels=spatial)
+                       top_hidden=tuple(getattr(a, "top_hidden", (256,))), latent_channels=spatial,
+                       entropy_model=entropy, rd_lambdas=tuple(sorted(a.lmbdas or (), reverse=True)))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     from vaestream.training import train
 
-    if a.likelihood is None:
-        a.likelihood = "gaussian_sigmoid" if a.objective == "rd" else "bernoulli"
+    if a.activation is None:
+        a.activation = "relu" if getattr(a, "entropy_model", None) else "tanh"
+    if a.likelihood is None:  # a learned entropy model decodes exactly: a linear (gaussian) mean
+        a.likelihood = ("gaussian" if getattr(a, "entropy_model", None) else "gaussian_sigmoid") \
+            if a.objective == "rd" else "bernoulli"
     tc = _train_config(a)
     if a.follow:
         from vaestream.cli.stream import follow_from_train

@@ -516,6 +516,9 @@ def load(path: str | os.PathLike, calibration=None, quality: float | None = None
       quality: the codec's default quality.
       frame_records: records per container frame.
 
+    A model with a learned entropy model (``config.entropy_model``) gives a
+    :class:`vaestream.coding.learned.LearnedCodec` instead (same verbs; ``calibration`` unused).
+
     Raises:
       ModelError: no model at ``path``, or no coder tables and no ``calibration`` to build them.
     """
@@ -527,8 +530,12 @@ def load(path: str | os.PathLike, calibration=None, quality: float | None = None
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: neither a vaestream model directory (config.json) nor a SavedModel export "
                          "(saved_model.pb)")
-    from vaestream.store import load_model
+    from vaestream.store import load_model, read_config
 
+    if read_config(p).entropy_model:  # a learned entropy model: its own coder (calibration is not needed)
+        from vaestream.coding.learned import load_learned
+
+        return load_learned(p, quality, frame_records)
     backend = _ModelBackend(load_model(p))
     tpath = p / TABLES_FILE
     tables = CoderTables.load(tpath) if tpath.is_file() else None

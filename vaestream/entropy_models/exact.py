@@ -1,0 +1,103 @@
+"""The decoding side of a learned entropy model in exact float64 NumPy: the hyper-synthesis (which picks each
+position's Gaussian table and gives its mean) and the synthesis, bit-identical in every process, batch, thread
+count and CPU instruction set.
+
+Every convolution is a patch copy (im2col, exact) and one matrix product whose operands are rounded to integers
+first, as :class:`vaestream.coding.bitsback.exact_mlp.ExactMLP` does for dense layers: the weights once per layer
+to ``rint(W 2^s)`` of b bits, each patch row to ``rint(h 2^r)`` (r from the row's largest value), with b chosen
+so that K 2^(2b) < 2^53 for the K = k k C_in inputs of a row; every partial sum of the product is then an integer
+float64 holds exactly, so BLAS's summation order, blocking and threads do not matter, and ``ldexp(., -(r + s))``
+(exact) + bias (one correctly rounded addition) gives the same float64 everywhere. The only other operations are
+ReLU (a comparison), ``depth_to_space`` and crops (copies), |gain| products and ``rint`` (correctly rounded): no
+transcendental function, whose SIMD implementations differ across CPUs. That is why these models use ReLU and a
+linear decoder mean (``ModelConfig`` checks it). A row's result depends only on its own patch, so a record's
+output never depends on its batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vaestream.coding.bitsback.exact_mlp import quantize_weights
+from vaestream.conv import STRIDE
+from vaestream.entropy_models.densities import SCALE_LEVELS
+from vaestream.entropy_models.hyperprior import hyper_grid
+
+
+class ExactConv:
+    """A k x k convolution of stride 1, SAME padding, on float64 ``[N, H, W, C_in]`` with exact products."""
+
+    def __init__(self, conv):
+        w = conv.w.numpy().astype(np.float64)
+        self.k, c_in, self.c_out = int(w.shape[0]), int(w.shape[2]), int(w.shape[3])
+        if int(conv.stride) != 1:
+            raise ValueError("ExactConv computes stride-1 convolutions (the decoder's)")
+        self.wq, self.s, self.bits = quantize_weights(w.reshape(self.k * self.k * c_in, self.c_out))
+        self.b = conv.b.numpy().astype(np.float64)
+
+    def __call__(self, t: np.ndarray) -> np.ndarray:
+        n, h, w, c = t.shape
+        p = self.k // 2
+        pad = np.zeros((n, h + 2 * p, w + 2 * p, c), np.float64)
+        pad[:, p:p + h, p:p + w] = t
+        # patches in (ky, kx, c) order, the order of the filter [k, k, C_in, C_out] flattened
+        rows = np.concatenate([pad[:, i:i + h, j:j + w] for i in range(self.k) for j in range(self.k)], axis=-1)
+        rows = rows.reshape(-1, self.k * self.k * c)
+        _, e = np.frexp(np.max(np.abs(rows), axis=1, keepdims=True))
+        r = self.bits - e
+        y = np.ldexp(np.rint(np.ldexp(rows, r)) @ self.wq, -(r + self.s)) + self.b
+        return y.reshape(n, h, w, self.c_out)
+
+
+def relu(t: np.ndarray) -> np.ndarray:
+    return np.maximum(t, 0.0)
+
+
+def depth_to_space(t: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """TF's ``depth_to_space(t, 2)`` (NHWC: out[n, 2h + a, 2w + b, c] = t[n, h, w, (2a + b) C + c]), cropped."""
+    n, h, w, c4 = t.shape
+    c = c4 // (STRIDE * STRIDE)
+    out = t.reshape(n, h, w, STRIDE, STRIDE, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * STRIDE, w * STRIDE, c)
+    return out[:, :crop[0], :crop[1]]
+
+
+class ExactHyperSynthesis:
+    """z_hat ``[N, h'', w'', C]`` (integers) -> (mu float64, table index int64), each ``[N, h, w, C]``: the
+    model's hyper-synthesis (:meth:`EntropyModel.hyper_synthesis`), the index ``clip(rint(u), 0, 63)``."""
+
+    def __init__(self, entropy):
+        self.convs = [ExactConv(c) for c in entropy.hs]
+
+    def __call__(self, z_hat: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        (h1, w1), _ = hyper_grid(*grid)
+        t = relu(depth_to_space(self.convs[0](np.asarray(z_hat, np.float64)), (h1, w1)))
+        t = relu(depth_to_space(self.convs[1](t), grid))
+        out = self.convs[2](t)
+        c = out.shape[-1] // 2
+        idx = np.clip(np.rint(out[..., c:]), 0, SCALE_LEVELS - 1).astype(np.int64)
+        return out[..., :c], idx
+
+
+class ExactSynthesis:
+    """Latent maps y_hat ``[N, h, w, C]`` (float64, before the inverse gain) -> the decoder mean ``[N, H, W, c]``
+    (float64) of the model's conv decoder (ReLU, linear mean) for pictures of ``shape`` (H, W) (each sub-pixel step
+    doubles and crops to the encoder's size at that step)."""
+
+    def __init__(self, model):
+        dec = model.decoder
+        self.head = ExactConv(dec.head)
+        self.convs = [ExactConv(c) for c in dec.convs]
+        self.maps, self.picture_channels = dec.maps, dec.picture_channels
+        self.inverse_gain = np.abs(model.entropy.inverse_gain.numpy().astype(np.float64))  # [L, C]
+
+    def __call__(self, y_hat: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
+        sizes = [tuple(shape)]
+        for _ in self.convs[:-1]:
+            sizes.append((-(-sizes[-1][0] // STRIDE), -(-sizes[-1][1] // STRIDE)))
+        t = relu(self.head(y_hat * self.inverse_gain[level]))
+        for i, (conv, hw) in enumerate(zip(self.convs, sizes[::-1])):
+            t = depth_to_space(conv(t), hw)
+            if i < len(self.convs) - 1:
+                t = relu(t)
+        n, h, w, _ = t.shape
+        return t.reshape(n, h, w, self.maps, self.picture_channels)[..., 0, :]
