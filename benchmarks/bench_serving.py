@@ -190,14 +190,15 @@ def serve_load(base: Path, x: np.ndarray, seconds: float, clients: int, batch: i
             proc.kill()
 
 
-def start_server(base: Path, batching: bool) -> tuple[subprocess.Popen, dict]:
+def start_server(base: Path, batching: bool, *extra: str) -> tuple[subprocess.Popen, dict]:
     """``vaestream serve`` (gRPC + REST on free ports), with or without ``--enable_batching``."""
     cmd = [sys.executable, "-m", "vaestream.cli", "serve", "--model_base_path", str(base), "--model_name", "vae",
            "--port", "0", "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
            "--rest_api_num_threads", "160", "--grpc_max_threads", "160"]
     if batching:
         cmd += ["--enable_batching", "--batching_parameters_file", str(ROOT / "deploy" / "batching_parameters.txt")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    proc = subprocess.Popen(cmd + list(extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=ENV)
     return proc, json.loads(proc.stdout.readline())
 
 
@@ -379,8 +380,11 @@ def _stop(proc: subprocess.Popen) -> int:
         return -9
 
 
-def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int) -> dict:
-    """``vaestream serve`` with batching vs. bare echo servers, same load, same bytes (see the module doc)."""
+def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int,
+            grpc_servers: list[str]) -> dict:
+    """``vaestream serve`` with batching vs. bare echo servers, same load, same bytes (see the module doc).
+    ``grpc_servers``: ``vaestream serve --grpc_server`` kinds to measure (``[]``: the default server, for a
+    version without the flag); REST is measured on the first."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
@@ -397,16 +401,18 @@ def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int
     echo = [sys.executable, str(ROOT / "benchmarks" / "bench_grpc_ceiling.py"), "--serve-echo"]
     procs: dict[str, tuple[subprocess.Popen, dict]] = {}
     try:
-        procs["serve"] = start_server(base, True)
+        for g in grpc_servers or [""]:
+            procs["serve" + (f"_{g}" if g else "")] = start_server(base, True, *(["--grpc_server", g] if g else []))
+        first = next(iter(procs))
         for kind in ("grpc-threads", "grpc-aio", "asgi"):
             procs[kind] = _popen_json(echo + [kind])
         time.sleep(2.0)
         rss0 = {k: round(rss_kib(p.pid) / 1024, 1) for k, (p, _) in procs.items()}
         cells = {("grpc", "echo_threads"): ("grpc-threads", "port", grpc_bodies),
                  ("grpc", "echo_aio"): ("grpc-aio", "port", grpc_bodies),
-                 ("grpc", "serve"): ("serve", "port", grpc_bodies),
+                 **{("grpc", k): (k, "port", grpc_bodies) for k in procs if k.startswith("serve")},
                  ("rest", "echo_asgi"): ("asgi", "port", rest_bodies),
-                 ("rest", "serve"): ("serve", "rest_api_port", rest_bodies)}
+                 ("rest", first): (first, "rest_api_port", rest_bodies)}
         runs: dict[tuple, list[dict]] = {k: [] for k in cells}
         for r in range(rounds):
             for (transport, peer), (proc_key, port_key, bodies) in cells.items():
@@ -427,11 +433,13 @@ def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int
         med[(transport, peer)] = m
         out["cells"].append({"transport": transport, "server": peer, **m})
     g_echo = max(med[("grpc", "echo_threads")]["requests_per_s"], med[("grpc", "echo_aio")]["requests_per_s"])
-    out["ratio_grpc_serve_over_best_echo"] = round(med[("grpc", "serve")]["requests_per_s"] / g_echo, 3)
-    out["ratio_grpc_serve_over_echo_threads"] = round(
-        med[("grpc", "serve")]["requests_per_s"] / med[("grpc", "echo_threads")]["requests_per_s"], 3)
+    for (transport, peer), m in med.items():
+        if peer.startswith("serve") and transport == "grpc":
+            out[f"ratio_grpc_{peer}_over_best_echo"] = round(m["requests_per_s"] / g_echo, 3)
+            out[f"ratio_grpc_{peer}_over_echo_threads"] = round(
+                m["requests_per_s"] / med[("grpc", "echo_threads")]["requests_per_s"], 3)
     out["ratio_rest_serve_over_echo_asgi"] = round(
-        med[("rest", "serve")]["requests_per_s"] / med[("rest", "echo_asgi")]["requests_per_s"], 3)
+        med[("rest", first)]["requests_per_s"] / med[("rest", "echo_asgi")]["requests_per_s"], 3)
     out["rss_start_mib"], out["rss_end_mib"], out["exit_codes"] = rss0, rss1, codes
     out["load_average"] = os.getloadavg()
     return out
@@ -464,6 +472,8 @@ def main() -> None:
     ap.add_argument("--vs-echo", action="store_true",
                     help="only vaestream serve (batching) vs bare gRPC / ASGI echo servers, side by side")
     ap.add_argument("--rounds", type=int, default=3, help="--vs-echo: alternated rounds (median)")
+    ap.add_argument("--grpc-servers", default="asyncio,threads",
+                    help="--vs-echo: vaestream serve --grpc_server kinds, comma-separated ('': the default server)")
     a = ap.parse_args()
 
     import tensorflow as tf
@@ -493,7 +503,8 @@ def main() -> None:
                  "export_s": round(export_s, 2)}
 
     if a.vs_echo:
-        res["vs_echo"] = vs_echo(path.parent, x_all, a.seconds, a.clients, a.rounds)
+        res["vs_echo"] = vs_echo(path.parent, x_all, a.seconds, a.clients, a.rounds,
+                                 [g for g in a.grpc_servers.split(",") if g])
         print(json.dumps(res, indent=1))
         return
     if a.matrix_only:

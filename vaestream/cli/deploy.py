@@ -37,7 +37,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
           poll_seconds=a.file_system_poll_wait_seconds, max_request_bytes=a.max_request_bytes,
           max_concurrent=a.max_concurrent, batching=batching, rest_api_timeout_ms=a.rest_api_timeout_in_ms,
           rest_api_num_threads=a.rest_api_num_threads, grpc_max_threads=a.grpc_max_threads,
-          keep_alive_s=a.keep_alive_seconds, grace_s=a.shutdown_grace_seconds, verbose=a.verbose)
+          keep_alive_s=a.keep_alive_seconds, grace_s=a.shutdown_grace_seconds, verbose=a.verbose,
+          grpc_server=a.grpc_server)
     return 0
 
 
@@ -99,7 +100,11 @@ def add_subcommands(sub) -> None:
     p.add_argument("--rest_api_timeout_in_ms", type=int, default=30_000,
                    help="REST request timeout (default 30000; 504 after it)")
     p.add_argument("--rest_api_num_threads", type=int, default=64, help="REST handler threads (default 64)")
-    p.add_argument("--grpc_max_threads", type=int, default=64, help="gRPC handler threads (default 64)")
+    p.add_argument("--grpc_max_threads", type=int, default=64,
+                   help="gRPC handler threads of --grpc_server threads (default 64)")
+    p.add_argument("--grpc_server", choices=["asyncio", "threads"], default="asyncio",
+                   help="gRPC server: asyncio (grpc.aio on the REST port's event loop; default) or threads "
+                        "(grpcio's thread pool)")
     p.add_argument("--keep_alive_seconds", type=float, default=30.0, help="idle HTTP keep-alive (default 30)")
     p.add_argument("--shutdown_grace_seconds", type=float, default=30.0,
                    help="on SIGTERM, time for in-flight requests to finish (default 30)")

@@ -17,7 +17,12 @@ Concurrent requests to the same (model version, signature) are queued, merged in
   as one of the ``num_batch_threads`` threads is free — under load requests pile up while the threads are
   busy, so the batches grow by themselves);
 * a queue holds at most ``max_enqueued_batches`` batches; a request that would need more is answered
-  UNAVAILABLE (gRPC) / 503 (REST) at once, so memory is bounded under overload.
+  UNAVAILABLE (gRPC) / 503 (REST) at once, so memory is bounded under overload;
+* with ``allowed_batch_sizes`` a batch is padded up to the next allowed size (copies of its first row), as
+  TF Serving's ``BatchingSession``; the padding rows' outputs are dropped.
+
+A request waits either on its thread (:meth:`Batcher.submit`) or, from an asyncio event loop, on a future
+(:meth:`Batcher.submit_async`: no thread per request; the batch thread wakes each loop once per batch).
 
 Batching and splitting change no value: vaestream's signatures compute in fixed 64-row blocks
 (:func:`vaestream.layers.blocked`), so a record's outputs are bit-identical in any batch or piece.
@@ -34,6 +39,7 @@ The parameters file is TF Serving's ``--batching_parameters_file``: a ``Batching
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import os
@@ -64,9 +70,9 @@ class BatchingParameters:
     signature call when ``enable_large_batch_splitting`` is on, and must then not exceed ``max_batch_size``;
     without splitting it must equal ``max_batch_size`` if given (TF Serving's rules).
 
-    ``allowed_batch_sizes`` is accepted (its last entry must equal the execution batch size, as TF Serving
-    checks) but batches are not padded to them: the signatures run in fixed 64-row blocks whatever the batch
-    size.
+    ``allowed_batch_sizes`` (increasing, the last entry the execution batch size, as TF Serving checks): a
+    batch of ``b`` rows is padded to the smallest allowed size ``>= b`` with copies of its first row (as TF's
+    batch kernels pad), and the padding rows' outputs are dropped, so the model sees only those shapes.
     """
 
     max_batch_size: int = 1000
@@ -166,23 +172,39 @@ class BatchingParameters:
 
 
 class _Task:
-    """One request: its feeds, its rows, and the outputs of its pieces (piece start row -> outputs)."""
+    """One request: its feeds, its rows, and the outputs of its pieces (piece start row -> outputs). It is
+    answered either through ``done`` (a waiting thread) or ``future`` on ``loop`` (asyncio)."""
 
-    __slots__ = ("feeds", "n", "done", "parts", "pending", "error")
+    __slots__ = ("feeds", "n", "done", "parts", "pending", "error", "loop", "future")
 
-    def __init__(self, feeds: dict[str, np.ndarray], n: int):
+    def __init__(self, feeds: dict[str, np.ndarray], n: int, loop: asyncio.AbstractEventLoop | None = None):
         self.feeds, self.n = feeds, n
-        self.done = threading.Event()
+        self.loop = loop
+        self.done = threading.Event() if loop is None else None
+        self.future: asyncio.Future | None = loop.create_future() if loop is not None else None
         self.parts: dict[int, dict[str, np.ndarray]] = {}
         self.pending = 0  # pieces not yet run
         self.error: Exception | None = None
 
     def result(self) -> dict[str, np.ndarray]:
-        """The outputs of the whole request, its pieces' in row order."""
+        """The outputs of the whole request, its pieces' in row order (raises the request's error)."""
+        if self.error is not None:
+            raise self.error
         if len(self.parts) == 1:
             return next(iter(self.parts.values()))
         starts = sorted(self.parts)
         return {k: np.concatenate([self.parts[s][k] for s in starts]) for k in self.parts[starts[0]]}
+
+
+def _settle(tasks: list[_Task]) -> None:
+    """On the tasks' event loop: hand each finished task's outputs (or error) to its future."""
+    for t in tasks:
+        if t.future.done():  # the request was cancelled (client gone, timeout)
+            continue
+        if t.error is not None:
+            t.future.set_exception(t.error)
+        else:
+            t.future.set_result(t.result())
 
 
 class _Piece:
@@ -210,6 +232,21 @@ class _Batch:
         self.args = args  # (servable, signature)
 
 
+def pad_rows(feeds: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Pad every ``[b, ...]`` feed to ``[size, ...]`` with copies of its first row (``size >= b``)."""
+    out = {}
+    for k, v in feeds.items():
+        b = len(v)
+        if b == size:
+            out[k] = v
+            continue
+        p = np.empty((size,) + v.shape[1:], v.dtype)
+        p[:b] = v
+        p[b:] = v[:1]
+        out[k] = p
+    return out
+
+
 class Batcher:
     """Queues of batches per key, run by ``num_batch_threads`` threads calling ``call(servable, signature,
     feeds)`` (feeds: input name -> ``[B, ...]``; returns output name -> ``[B, ...]``)."""
@@ -223,6 +260,7 @@ class Batcher:
         self.batches_run = 0  # statistics: batches (signature calls), pieces and requests run
         self.pieces_run = 0
         self.tasks_run = 0
+        self.sizes_run: collections.Counter[int] = collections.Counter()  # rows per signature call (padded)
         self._threads = [threading.Thread(target=self._worker, name=f"batch-{i}", daemon=True)
                          for i in range(params.num_batch_threads)]
         for t in self._threads:
@@ -237,11 +275,26 @@ class Batcher:
           RequestError: INVALID_ARGUMENT (``n`` over ``max_batch_size``), UNAVAILABLE (the queue is full or the
             server is stopping), or the signature call's error.
         """
-        p = self.params
+        task = _Task(feeds, n)
+        self._enqueue(key, (servable, signature), task)
+        task.done.wait()
+        return task.result()
+
+    def submit_async(self, key: Any, servable: Any, signature: str, feeds: dict[str, np.ndarray],
+                     n: int) -> asyncio.Future:
+        """:meth:`submit` from a running asyncio event loop: queues the request (raising at once as
+        :meth:`submit` does when it cannot) and returns a future of its outputs, set on this loop."""
+        task = _Task(feeds, n, asyncio.get_running_loop())
+        self._enqueue(key, (servable, signature), task)
+        return task.future
+
+    def _enqueue(self, key: Any, args: tuple, task: _Task) -> None:
+        """Place ``task``'s rows in the open batch of ``key``'s queue and new batches (pieces); wake a batch
+        thread when a batch opens or closes (a task joining an open batch changes no thread's deadline)."""
+        p, n = self.params, task.n
         if n > p.max_batch_size:
             raise RequestError(400, f"Task size {n} is larger than maximum input batch size {p.max_batch_size}")
         limit = p.execution_batch_size
-        task = _Task(feeds, n)
         with self._cv:
             if self._closed:
                 raise RequestError(503, "the server is shutting down", "UNAVAILABLE")
@@ -272,24 +325,22 @@ class Batcher:
                     raise RequestError(503, "The batch scheduling queue to which this task was submitted is full",
                                        "UNAVAILABLE")
                 sizes = [n]
-            start = 0
+            start, changed = 0, False
             for size in sizes:
                 if open_ is None or open_.size + size > limit:
                     if open_ is not None:
                         open_.closed = True  # full for this piece: it may run now
-                    open_ = _Batch((servable, signature))
+                    open_ = _Batch(args)
                     q.append(open_)
+                    changed = True
                 open_.pieces.append(_Piece(task, start, size))
                 open_.size += size
                 start += size
                 if open_.size >= limit:
-                    open_.closed = True
+                    open_.closed = changed = True
             task.pending = len(sizes)
-            self._cv.notify_all()
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        return task.result()
+            if changed:
+                self._cv.notify()
 
     def _pick(self) -> tuple[_Batch | None, float | None]:
         """Under the lock: the oldest batch that may run now (popped), else the seconds until one may."""
@@ -322,27 +373,45 @@ class Batcher:
                     if self._closed:
                         return
                     self._cv.wait(wait)
+                if any(q for q in self._queues.values()):
+                    self._cv.notify()  # more batches queued: another thread may take the next one
             self._run(batch)
 
-    def _run(self, batch: _Batch) -> None:
+    def _execute(self, batch: _Batch) -> list[dict[str, np.ndarray]]:
+        """One signature call on the batch's rows (padded to an allowed size); each piece's outputs (views)."""
         servable, signature = batch.args
+        pieces = batch.pieces
+        if len(pieces) == 1:
+            feeds = pieces[0].feeds()
+        else:
+            parts = [pc.feeds() for pc in pieces]
+            feeds = {k: np.concatenate([f[k] for f in parts]) for k in parts[0]}
+        size = batch.size
+        allowed = self.params.allowed_batch_sizes
+        if allowed:
+            size = next(a for a in allowed if a >= batch.size)
+            feeds = pad_rows(feeds, size)
+        out = self._call(servable, signature, feeds)
+        self.sizes_run[size] += 1
+        if size != batch.size or len(pieces) > 1 or pieces[0].n != pieces[0].task.n:
+            for k, v in out.items():
+                if v.ndim == 0 or len(v) != size:
+                    raise RequestError(500, f"output '{k}' of shape {list(v.shape)} has no batch dimension of "
+                                            f"{size}: cannot split a merged batch", "INTERNAL")
+        if len(pieces) == 1 and size == batch.size:
+            return [out]
+        outs, a = [], 0
+        for pc in pieces:
+            outs.append({k: v[a:a + pc.n] for k, v in out.items()})
+            a += pc.n
+        return outs
+
+    def _run(self, batch: _Batch) -> None:
         pieces = batch.pieces
         outs: list[dict[str, np.ndarray]] = []
         error: Exception | None = None
         try:
-            if len(pieces) == 1:
-                out = self._call(servable, signature, pieces[0].feeds())
-            else:
-                feeds = [pc.feeds() for pc in pieces]
-                out = self._call(servable, signature, {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
-            if len(pieces) > 1 or pieces[0].n != pieces[0].task.n:
-                for k, v in out.items():
-                    if v.ndim == 0 or len(v) != batch.size:
-                        raise RequestError(500, f"output '{k}' of shape {list(v.shape)} has no batch dimension of "
-                                                f"{batch.size}: cannot split a merged batch", "INTERNAL")
-            offsets = np.cumsum([0] + [pc.n for pc in pieces])
-            outs = [out if len(pieces) == 1 else {k: v[a:b] for k, v in out.items()}
-                    for a, b in zip(offsets[:-1], offsets[1:])]
+            outs = self._execute(batch)
         except RequestError as e:
             error = e
         except Exception as e:  # a server bug: every request of the batch gets it, the thread lives on
@@ -361,8 +430,17 @@ class Batcher:
                 if t.pending == 0:
                     self.tasks_run += 1
                     finished.append(t)
+        by_loop: dict[Any, list[_Task]] = {}
         for t in finished:
-            t.done.set()
+            if t.loop is None:
+                t.done.set()
+            else:
+                by_loop.setdefault(t.loop, []).append(t)
+        for loop, tasks in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, tasks)
+            except RuntimeError:  # the loop is closed: nobody waits for these answers any more
+                pass
 
     def close(self, timeout: float = 30.0) -> None:
         """Run what is queued, refuse new requests, stop the threads."""

@@ -17,10 +17,19 @@ stubs' defaults): our signatures are predict signatures. Status codes are TF Ser
 unknown model or version, FAILED_PRECONDITION for an unknown signature (``Serving signature key "S" not
 found.``, as TF Serving's predict_util), INVALID_ARGUMENT for missing / extra inputs, wrong dtype, shape or
 batch size, UNAVAILABLE when the batching queue is full, INTERNAL for a server bug.
+
+``Predict`` works on the wire bytes: the request is parsed by protobuf (upb) and each input's ``tensor_content``
+becomes a NumPy view (``np.frombuffer``, no ``tf.make_ndarray``; inputs sent in the typed ``*_val`` fields go
+through ``tf.make_ndarray``), and the response is written directly in the protobuf wire format (the outputs'
+bytes as ``tensor_content``, the ``ModelSpec`` serialised once per version and signature) — equal, field for
+field, to what ``tf.make_tensor_proto`` builds. Two servers: :func:`make_grpc_server` (grpcio's thread pool;
+a request waits for its batch on its thread) and :func:`make_grpc_aio_server` (``grpc.aio``: the requests are
+coroutines on one event loop and wait for their batch on futures, with no thread per request).
 """
 
 from __future__ import annotations
 
+import functools
 from concurrent import futures
 from typing import Any
 
@@ -54,6 +63,101 @@ def _dtype_name(enum: int) -> str:
         return f"an unknown dtype ({enum})"
 
 
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(enum: int) -> np.dtype | None:
+    """The NumPy dtype of a TF DataType enum whose ``tensor_content`` is its raw little-endian values (None for
+    strings, resources, variants and unknown enums)."""
+    import tensorflow as tf
+
+    try:
+        dt = np.dtype(tf.as_dtype(enum).as_numpy_dtype)
+    except (TypeError, ValueError):
+        return None
+    return dt if dt.kind in "biufc" else None
+
+
+def tensor_array(tp: Any, name: str) -> np.ndarray:
+    """A TensorProto as a NumPy array: a read-only view of ``tensor_content`` ``[d0, d1, ...]`` when the values
+    are there (as ``tf.make_tensor_proto`` puts them), else ``tf.make_ndarray`` (the typed ``*_val`` fields).
+
+    Raises:
+      RequestError: INVALID_ARGUMENT for a malformed TensorProto (content size not ``prod(dims) * itemsize``,
+        negative dimensions).
+    """
+    content = tp.tensor_content
+    dt = _numpy_dtype(tp.dtype) if content else None
+    if dt is None:
+        import tensorflow as tf
+
+        try:
+            return tf.make_ndarray(tp)
+        except Exception as e:  # a malformed TensorProto: the client's fault
+            raise _invalid(f"input '{name}': malformed TensorProto ({type(e).__name__}: {e})") from None
+    dims = [d.size for d in tp.tensor_shape.dim]
+    count = 1
+    for d in dims:
+        count *= d
+    if min(dims, default=0) < 0 or len(content) != count * dt.itemsize:
+        raise _invalid(f"input '{name}': malformed TensorProto (tensor_content of {len(content)} bytes for shape "
+                       f"{dims} of {dt.name})")
+    return np.frombuffer(content, dt).reshape(dims)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: tag (``number << 3 | 2``), length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_head(enum: int, shape: tuple[int, ...]) -> bytes:
+    """A TensorProto's ``dtype`` and ``tensor_shape`` fields (``TensorShapeProto.dim[i].size``)."""
+    dims = b"".join(_field(2, b"\x08" + _varint(d)) for d in shape)
+    return b"\x08" + _varint(enum) + _field(2, dims)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_enum(dt: np.dtype) -> int:
+    import tensorflow as tf
+
+    return tf.as_dtype(dt).as_datatype_enum
+
+
+def tensor_bytes(a: np.ndarray) -> bytes:
+    """The serialised TensorProto of a numeric array: dtype, shape, ``tensor_content`` (little-endian C-order
+    values) — what ``tf.make_tensor_proto(a).SerializeToString()`` parses to. Other arrays (strings) go through
+    ``tf.make_tensor_proto``."""
+    if a.dtype.kind not in "biufc" or a.dtype.byteorder == ">":
+        import tensorflow as tf
+
+        return tf.make_tensor_proto(a).SerializeToString()
+    return _tensor_head(_dtype_enum(a.dtype), a.shape) + _field(4, np.ascontiguousarray(a).tobytes())
+
+
+def predict_response_bytes(spec: bytes, outputs: dict[str, np.ndarray], names: list[str]) -> bytes:
+    """A serialised ``PredictResponse``: ``outputs`` (field 1, map entries name -> TensorProto) of ``names`` and
+    the serialised ``ModelSpec`` ``spec`` (field 2)."""
+    entries = [_field(1, _field(1, n.encode()) + _field(2, tensor_bytes(outputs[n]))) for n in names]
+    return b"".join(entries) + _field(2, spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_bytes(name: str, version: int, signature: str) -> bytes:
+    from tensorflow_serving.apis import model_pb2
+
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+    spec.version.value = version
+    return spec.SerializeToString()
+
+
 def _model_name(spec: Any) -> str:
     if not spec.name:
         raise _invalid("Missing ModelSpec")
@@ -61,15 +165,22 @@ def _model_name(spec: Any) -> str:
 
 
 class _Handlers:
-    """The request logic of the three RPCs, on a :class:`ModelServer`; each raises :class:`RequestError`."""
+    """The request logic of the three RPCs, on a :class:`ModelServer`; each raises :class:`RequestError`.
+    ``Predict`` takes and returns wire bytes."""
 
     def __init__(self, ms: ModelServer):
         self.ms = ms
 
-    def predict(self, request: Any) -> Any:
-        import tensorflow as tf
+    def parse_predict(self, data: bytes) -> tuple[Any, str, dict[str, np.ndarray], list[str], bytes]:
+        """Parse and check a serialised ``PredictRequest``: (servable, signature, input arrays, the output names
+        to answer or [] for all, the serialised ModelSpec of the answer)."""
+        from google.protobuf.message import DecodeError
         from tensorflow_serving.apis import predict_pb2
 
+        try:
+            request = predict_pb2.PredictRequest.FromString(data)
+        except DecodeError as e:
+            raise _invalid(f"cannot parse the PredictRequest: {e}") from None
         spec = request.model_spec
         version, label = _version(spec)
         s = self.ms.get(_model_name(spec), version, label)
@@ -77,33 +188,38 @@ class _Handlers:
         if sig not in s.inputs:
             raise RequestError(400, f'Serving signature key "{sig}" not found.', "FAILED_PRECONDITION")
         specs = s.inputs[sig]
-        sent, want = set(request.inputs), set(specs)
+        inputs = request.inputs
+        sent, want = set(inputs), set(specs)
         if sent != want:
             raise _invalid(f"input size does not match signature: {len(sent)}!={len(want)} len({sorted(sent)}) != "
                            f"len({sorted(want)}). Sent extra: {sorted(sent - want)}. Missing but required: "
                            f"{sorted(want - sent)}.")
         arrays: dict[str, np.ndarray] = {}
-        for k, tp in request.inputs.items():
-            want = tf.as_dtype(specs[k][0]).as_datatype_enum
-            if tp.dtype != want:
-                raise _invalid(f"Expects arg[{k}] to be {_dtype_name(want)} but {_dtype_name(tp.dtype)} is provided")
-            try:
-                arrays[k] = tf.make_ndarray(tp)
-            except Exception as e:  # a malformed TensorProto (content size, shape): the client's fault
-                raise _invalid(f"input '{k}': malformed TensorProto ({type(e).__name__}: {e})") from None
-        out = self.ms.run(s, sig, arrays)
-        names = list(request.output_filter) or list(out)
+        for k, tp in inputs.items():
+            want_enum = _dtype_enum(np.dtype(specs[k][0]))
+            if tp.dtype != want_enum:
+                raise _invalid(f"Expects arg[{k}] to be {_dtype_name(want_enum)} but {_dtype_name(tp.dtype)} is "
+                               "provided")
+            arrays[k] = tensor_array(tp, k)
+        return s, sig, arrays, list(request.output_filter), _spec_bytes(spec.name, s.version, sig)
+
+    @staticmethod
+    def answer(out: dict[str, np.ndarray], names: list[str], spec: bytes) -> bytes:
+        """The serialised ``PredictResponse`` of the signature's outputs ``out`` (``names``: the output filter)."""
+        names = names or list(out)
         unknown = [n for n in names if n not in out]
         if unknown:
             raise _invalid(f"output tensor alias not found in signature: {unknown[0]} Outputs expected to be in "
                            f"the set {{{','.join(sorted(out))}}}.")
-        resp = predict_pb2.PredictResponse()
-        resp.model_spec.name = spec.name
-        resp.model_spec.version.value = s.version
-        resp.model_spec.signature_name = sig
-        for n in names:
-            resp.outputs[n].CopyFrom(tf.make_tensor_proto(out[n]))
-        return resp
+        return predict_response_bytes(spec, out, names)
+
+    def predict(self, data: bytes) -> bytes:
+        s, sig, arrays, names, spec = self.parse_predict(data)
+        return self.answer(self.ms.run(s, sig, arrays), names, spec)
+
+    async def predict_async(self, data: bytes) -> bytes:
+        s, sig, arrays, names, spec = self.parse_predict(data)
+        return self.answer(await self.ms.run_async(s, sig, arrays), names, spec)
 
     def metadata(self, request: Any) -> Any:
         from tensorflow_serving.apis import get_model_metadata_pb2
@@ -143,51 +259,69 @@ class _Handlers:
         return resp
 
 
-def _rpc(fn):
-    """An RPC method: :class:`RequestError` -> its status code, anything else -> INTERNAL."""
+def _status(e: Exception) -> tuple[Any, str]:
+    """The gRPC status code and details of a handler's exception: a :class:`RequestError`'s own, else INTERNAL."""
     import grpc
 
-    def method(self, request, context):
-        try:
-            return fn(self.handlers, request)
-        except RequestError as e:
-            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
-        except Exception as e:  # a server bug must not take the server down; say what it was
-            context.abort(grpc.StatusCode.INTERNAL, f"Internal: {type(e).__name__}: {e}")
+    if isinstance(e, RequestError):
+        return getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message
+    return grpc.StatusCode.INTERNAL, f"Internal: {type(e).__name__}: {e}"
 
-    method.__name__ = fn.__name__
+
+def _sync(fn):
+    def method(request, context):
+        try:
+            return fn(request)
+        except Exception as e:  # a server bug must not take the server down; say what it was
+            context.abort(*_status(e))
+
     return method
 
 
-def make_grpc_server(ms: ModelServer, host: str = "127.0.0.1", port: int = 8500,
-                     max_message_bytes: int = 64 << 20, max_threads: int = 64) -> tuple[Any, int]:
-    """A ``grpc.Server`` (not yet started) with PredictionService and ModelService over ``ms``, bound to
-    ``host:port`` (``port=0``: a free port). Returns (server, bound port).
+def _async(fn, blocking: bool = False):
+    async def method(request, context):
+        try:
+            return await fn(request)
+        except Exception as e:  # a server bug must not take the server down; say what it was
+            await context.abort(*_status(e))
 
-    Raises:
-      ModelError: the port cannot be bound.
-    """
+    return method
+
+
+def _generic_handlers(h: _Handlers, aio: bool) -> tuple:
+    """PredictionService (``Predict`` on bytes, ``GetModelMetadata``) and ModelService (``GetModelStatus``);
+    the RPCs not listed answer UNIMPLEMENTED."""
     import grpc
-    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
+    def plain(fn):
+        if not aio:
+            return _sync(fn)
+
+        async def call(request):
+            return fn(request)
+        return _async(call)
+
+    predict = _async(h.predict_async) if aio else _sync(h.predict)
+    meta = grpc.unary_unary_rpc_method_handler(
+        plain(h.metadata), request_deserializer=get_model_metadata_pb2.GetModelMetadataRequest.FromString,
+        response_serializer=get_model_metadata_pb2.GetModelMetadataResponse.SerializeToString)
+    status = grpc.unary_unary_rpc_method_handler(
+        plain(h.status), request_deserializer=get_model_status_pb2.GetModelStatusRequest.FromString,
+        response_serializer=get_model_status_pb2.GetModelStatusResponse.SerializeToString)
+    return (grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {
+                "Predict": grpc.unary_unary_rpc_method_handler(predict), "GetModelMetadata": meta}),
+            grpc.method_handlers_generic_handler("tensorflow.serving.ModelService", {"GetModelStatus": status}))
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)]
+
+
+def _bind(server: Any, host: str, port: int) -> int:
     from vaestream.errors import ModelError
 
-    handlers = _Handlers(ms)
-
-    class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-        Predict = _rpc(_Handlers.predict)
-        GetModelMetadata = _rpc(_Handlers.metadata)
-
-    class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-        GetModelStatus = _rpc(_Handlers.status)
-
-    PredictionService.handlers = ModelService.handlers = handlers
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
-                         options=[("grpc.max_receive_message_length", max_message_bytes),
-                                  ("grpc.max_send_message_length", max_message_bytes),
-                                  ("grpc.so_reuseport", 0)])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(), server)
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(addr)
@@ -195,4 +329,32 @@ def make_grpc_server(ms: ModelServer, host: str = "127.0.0.1", port: int = 8500,
         raise ModelError(f"gRPC: cannot bind {addr}: {e}") from None
     if not bound:
         raise ModelError(f"gRPC: cannot bind {addr}")
-    return server, bound
+    return bound
+
+
+def make_grpc_server(ms: ModelServer, host: str = "127.0.0.1", port: int = 8500,
+                     max_message_bytes: int = 64 << 20, max_threads: int = 64) -> tuple[Any, int]:
+    """A thread-pool ``grpc.Server`` (not yet started) with PredictionService and ModelService over ``ms``,
+    bound to ``host:port`` (``port=0``: a free port). Returns (server, bound port).
+
+    Raises:
+      ModelError: the port cannot be bound.
+    """
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc"),
+                         options=_options(max_message_bytes))
+    server.add_generic_rpc_handlers(_generic_handlers(_Handlers(ms), aio=False))
+    return server, _bind(server, host, port)
+
+
+def make_grpc_aio_server(ms: ModelServer, host: str = "127.0.0.1", port: int = 8500,
+                         max_message_bytes: int = 64 << 20) -> tuple[Any, int]:
+    """:func:`make_grpc_server` on ``grpc.aio`` (call it on the running event loop; ``await server.start()``):
+    requests are coroutines on the loop; a predict waits for its batch on a future (or, without batching, runs
+    on the loop's default executor)."""
+    import grpc
+
+    server = grpc.aio.server(options=_options(max_message_bytes))
+    server.add_generic_rpc_handlers(_generic_handlers(_Handlers(ms), aio=True))
+    return server, _bind(server, host, port)

@@ -277,6 +277,30 @@ class ModelServer:
 
     def predict(self, name: str, version: int | None, label: str | None, body: bytes) -> dict:
         """``:predict``: parse the request, run the signature, format the response (row or columnar)."""
+        s, sig, arrays, rows = self._parse_predict(name, version, label, body)
+        outputs = self.run(s, sig, arrays)
+        return _format_rows(outputs) if rows else _format_columns(outputs)
+
+    async def handle_async(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+        """:meth:`handle` on an asyncio event loop: a ``:predict`` is parsed on the loop and waits for its batch
+        on a future (:meth:`run_async`); other requests are answered by :meth:`handle`. Never raises."""
+        p = urllib.parse.unquote(path.split("?", 1)[0])
+        m = _PREDICT_RE.match(p) if method == "POST" else None
+        if m is None or m.group(4).lower() != "predict":
+            return self.handle(method, path, body)
+        try:
+            name, version, label, _ = m.groups()
+            s, sig, arrays, rows = self._parse_predict(name, int(version) if version else None, label, body)
+            outputs = await self.run_async(s, sig, arrays)
+            return 200, _format_rows(outputs) if rows else _format_columns(outputs)
+        except RequestError as e:
+            return e.status, {"error": e.message}
+        except Exception as e:  # a server bug must not take the server down; say what it was
+            return 500, {"error": f"Internal: {type(e).__name__}: {e}"}
+
+    def _parse_predict(self, name: str, version: int | None, label: str | None,
+                       body: bytes) -> tuple[_Servable, str, dict[str, np.ndarray], bool]:
+        """A ``:predict`` body -> (servable, signature, input arrays, row format?)."""
         s = self._get(name, version, label)
         try:
             req = json.loads(body)
@@ -299,8 +323,7 @@ class ModelServer:
         if unknown:
             raise _invalid(f"Unexpected keys in request: {sorted(unknown)}")
         arrays = self._rows(req["instances"], specs) if has_rows else self._columns(req["inputs"], specs)
-        outputs = self.run(s, sig, arrays)
-        return _format_rows(outputs) if has_rows else _format_columns(outputs)
+        return s, sig, arrays, has_rows
 
     def run(self, s: _Servable, sig: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check ``arrays`` (input name -> ``[B, ...]`` of the signature's dtype) against signature ``sig`` of
@@ -313,6 +336,18 @@ class ModelServer:
         if self.batcher is not None and len(n) == 1:
             return self.batcher.submit((s.version, sig), s, sig, feeds, n.pop())
         return self._call(s, sig, feeds)
+
+    async def run_async(self, s: _Servable, sig: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run` from an asyncio event loop: through the batcher, a future of the batch's outputs (no
+        thread per request); without batching, the call runs on the loop's default executor."""
+        import asyncio
+
+        specs = s.inputs[sig]
+        feeds = {k: self._check(k, a, specs[k], sig) for k, a in arrays.items()}
+        n = {len(a) for a in feeds.values()}
+        if self.batcher is not None and len(n) == 1:
+            return await self.batcher.submit_async((s.version, sig), s, sig, feeds, n.pop())
+        return await asyncio.get_running_loop().run_in_executor(None, self._call, s, sig, feeds)
 
     def _call(self, s: _Servable, sig: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of signature ``sig`` of ``s`` on checked ``feeds``; output name -> NumPy array."""
