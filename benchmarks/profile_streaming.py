@@ -18,8 +18,9 @@ grew from 8 s to the end (a leak shows there) and the RSS before and after ``mal
 
 ``--step-costs``: instead, the CPU time (this process's, TensorFlow's threads included) per record of each step
 of the broker job's per-record work, one step at a time on 44,000 MNIST records in 440 messages of 100, best of
-3: the redis client's read, decode + keys, the model call (encoder alone, with the ELBO sample), the pane's
-Examples, TFRecord and container; and the batch encode job's whole CPU per record (the same records x 5).
+3: the redis client's read, decode + keys, the model call (encoder alone, with the ELBO sample of 1 in 8 and 32),
+``run_inference`` at ``score_every`` 8, 0 and 32 (the default), the pane's Examples and TFRecord in each code
+layout (record, block), the container; and the batch encode job's whole CPU per record (the same records x 5).
 
     python benchmarks/profile_streaming.py --step-costs [--model DIR]
 """
@@ -198,7 +199,7 @@ def step_costs(args) -> dict:
     model = args.model or str(bsm.pretrain(load_records("fashion-mnist", "train"), work / "model", 100))
     n_msg, per = 440, 100
     x = load_records(str(MNIST), "train")[:n_msg * per]
-    h = ScoringModelHandler(str(model), score_every=8)
+    h = ScoringModelHandler(str(model), score_every=32)
     m = h.load_model()
     res: dict = {}
 
@@ -231,7 +232,7 @@ def step_costs(args) -> dict:
         out = []
         for msg in msgs:
             r = wire.decode(msg)
-            out.append(vb.RecordBatch(msg.ref, wire.record_keys(msg.id, len(r)), r.reshape((len(r), 28, 28, 1)),
+            out.append(vb.RecordBatch(msg.ref, vb.KeyRange(msg.id, 0, len(r)), r.reshape((len(r), 28, 28, 1)),
                                       COUNT_SCALE))
         return out
 
@@ -240,10 +241,18 @@ def step_costs(args) -> dict:
     rows = np.arange(0, len(xx), 8, dtype=np.int32)
     timed("model_encoder", lambda: [m.score_fn(xx, rows[:0], COUNT_SCALE) for _ in range(n_msg // 40)])
     timed("model_encoder_elbo_1_in_8", lambda: [m.score_fn(xx, rows, COUNT_SCALE) for _ in range(n_msg // 40)])
+    timed("model_encoder_elbo_1_in_32", lambda: [m.score_fn(xx, rows[::4], COUNT_SCALE)
+                                                 for _ in range(n_msg // 40)])
+    for every in (8, 0):
+        h.score_every = every
+        timed(f"run_inference_all_score_every_{every}", lambda: [s for a in range(0, n_msg, 40)
+                                                                 for s in h.run_inference(batches[a:a + 40], m)])
+    h.score_every = 32
     scored = timed("run_inference_all", lambda: [s for a in range(0, n_msg, 40)
                                                  for s in h.run_inference(batches[a:a + 40], m)])
-    examples = timed("pane_examples", lambda: panes.pane_examples(scored))
-    timed("pane_tfrecord", lambda: panes.write_tfrecord_atomic(str(work / "c.tfrecord"), examples))
+    for layout in ("record", "block"):
+        examples = timed(f"pane_examples_{layout}", lambda: panes.pane_examples(scored, layout))
+        timed(f"pane_tfrecord_{layout}", lambda: panes.write_tfrecord_atomic(str(work / "c.tfrecord"), examples))
     timed("pane_container", lambda: m.codec.compress_codes(np.concatenate([s.symbols for s in scored])))
     from pipelines import encode as batch_encode
 

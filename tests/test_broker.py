@@ -276,21 +276,29 @@ def test_stream_encode_from_the_broker_codes_every_good_record_once(server, code
     ids = [i for e in led for i in e["ids"]]
     assert len(ids) == len(set(ids)) and set(ids) == set(good_ids + late_ids + junk_ids)
     assert _pending(url, "stream-encode") == 0 and res["backlog"]["pending"] == 0
-    assert res["records"] == 4097 and res["messages_read"] == 45
+    assert res["records"] == 4097 and res["messages_read"] == 45 and res["code_layout"] == "block/1"
     assert res["elements"] < res["messages_read"]          # a read's messages of one window are one element
     assert not list(out.rglob("*.pending"))
     # each pane's one container holds its records' quantised means, in the order of its Examples
     from vaestream import beam as vb
+    from vaestream import shardset
     from vaestream.coding import codec
     from vaestream.coding.tables import quantize
 
     cod = codec.load(coded_model)
+    blocks = 0
     for w in bs.read_windows(str(out)):
-        assert w["files"][1].endswith(".vaez")
+        # the block layout: one Example a message of good records (its keys as the message ID and offset 0, or
+        # listed where records of it were refused), as many records as the pane
+        assert w["files"][1].endswith(".vaez") and w["code_layout"] == "block/1"
+        tfr = str(out / "codes" / w["files"][0])
+        blocks += shardset.count_records([tfr])[tfr]
+        assert vb.count_written([tfr], coded=True) == w["records"]
         mean = np.concatenate([b.mean for b in vb.read_codes(str(out / "codes" / w["files"][0]))])
         symbols, _ = cod.decompress_codes((out / "codes" / w["files"][1]).read_bytes())
         np.testing.assert_array_equal(symbols, quantize(mean, cod.tables, cod.quality))
         assert w["coded_bits"] == 8 * (out / "codes" / w["files"][1]).stat().st_size
+    assert blocks == len(good_ids)
     # the only group has acknowledged everything: the stream is trimmed to nothing
     assert c.xlen(stream) == 0 and res["broker"]["trimmed"] == 45
 

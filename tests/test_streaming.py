@@ -73,12 +73,18 @@ def test_the_scored_sample_depends_on_the_key_alone_and_its_elbo_is_the_exports(
     from vaestream.beam.elements import record_key
     from vaestream.beam.scoring import ScoringModelHandler, scored_rows
     from vaestream.serving.export import elbo_fixed_noise
+    from vaestream.errors import ConfigError
 
     x = mnist_test[:1200]
     keys = [record_key("s.npy", i) for i in range(len(x))]
     rows = scored_rows(keys, 8)
     assert 0.09 < len(rows) / len(x) < 0.16 and list(rows) == sorted(rows)
-    assert list(scored_rows(keys, 1)) == list(range(len(x)))
+    assert list(scored_rows(keys, 1)) == list(range(len(x))) and len(scored_rows(keys, 0)) == 0
+    # keys held as a name and a range (a broker message's) pick the same records as the same keys listed
+    for start, stop in ((0, 1200), (7, 500), (999, 1000)):
+        assert list(scored_rows(vb.KeyRange("s.npy", start, stop), 8)) == list(scored_rows(keys[start:stop], 8))
+    with pytest.raises(ConfigError, match="score_every"):
+        ScoringModelHandler(str(coded_model), score_every=-1)
     h = ScoringModelHandler(str(coded_model), score_every=8)
     m = h.load_model()
 
@@ -109,6 +115,7 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
     from apache_beam.transforms.window import TimestampedValue
 
     from vaestream import beam as vb
+    from vaestream import shardset
     from vaestream.beam import streaming as bs
     from vaestream.coding import codec
     from vaestream.coding import container
@@ -135,7 +142,8 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
     out = tmp_path / "out"
     p = bs.streaming_pipeline()
     (p | stream | bs.StreamEncode(str(out), model_dir=str(coded_model),
-                                  config=bs.StreamConfig(window=10, allowed_lateness=5, gate_step=5)))
+                                  config=bs.StreamConfig(window=10, allowed_lateness=5, gate_step=5,
+                                                         score_every=8)))
     vb.run_pipeline(p)
 
     wins = bs.read_windows(str(out))
@@ -148,11 +156,14 @@ def test_teststream_windows_late_data_and_dead_letters(coded_model, mnist_test, 
     assert ": late: " in reasons["f4.npy"] and "allowed lateness 5 s" in reasons["f4.npy"]
     assert "bad.npy" in reasons["bad.npy"] and "NaN" in reasons["nan.npy"]
     assert sum(1 for d in dead if d["source"].endswith("nan.npy")) == 3  # one per malformed record
-    # each pane: code Examples (TFRecord) and a container naming the model; both hold the pane's records
+    # each pane: code Examples (TFRecord, the block layout: one a file's chunk) and a container naming the
+    # model; both hold the pane's records
     c = codec.load(coded_model)
     for w in wins:
         base = out / "codes" / w["files"][0][:-len(".tfrecord")]
-        assert vb.count_written([str(base) + ".tfrecord"]) == w["records"]
+        tfr = str(base) + ".tfrecord"
+        assert w["code_layout"] == "block/1" and shardset.count_records([tfr])[tfr] == len(w["sources"])
+        assert vb.count_written([tfr], coded=True) == vb.count_written([tfr]) == w["records"]
         blob = (base.parent / (base.name + ".vaez")).read_bytes()
         head = container.read_header(__import__("io").BytesIO(blob))
         assert head.fingerprint.hex() == c.fingerprint[:2 * container.FINGERPRINT_BYTES]
@@ -348,12 +359,14 @@ def test_file_watcher_takes_at_most_max_batch_bytes_per_poll(tmp_path):
 def test_a_stream_from_the_saved_model_export_writes_the_model_directorys_codes(coded_model, mnist_test, tmp_path):
     """StreamEncode with ``saved_model=`` (the export's signatures, no model code) writes the same records,
     the same float codes (to float32 round-off), decodable containers and the same scored sample as with
-    ``model_dir=``; a malformed file still becomes a dead letter."""
+    ``model_dir=``; a malformed file still becomes a dead letter. The export's run writes the record code
+    layout (one Example a record), the directory's the default block layout: the same codes either way."""
     import apache_beam as beam
     from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms.window import TimestampedValue
 
     from vaestream import beam as vb
+    from vaestream import shardset
     from vaestream.beam import streaming as bs
     from vaestream.coding import codec
     from vaestream.serving.export import export
@@ -365,13 +378,13 @@ def test_a_stream_from_the_saved_model_export_writes_the_model_directorys_codes(
     (src / "bad.npy").write_bytes(b"junk")
     exported = export(coded_model, tmp_path / "exports")
 
-    def run(out, **model):
+    def run(out, layout="block", **model):
         t0 = 3_000_000
         stream = (TestStream(coder=beam.coders.StrUtf8Coder())
                   .add_elements([TimestampedValue(str(src / n), t0 + 1) for n in ("a.npy", "b.npy", "bad.npy")])
                   .advance_watermark_to_infinity())
         p = bs.streaming_pipeline()
-        p | stream | bs.StreamEncode(str(out), config=bs.StreamConfig(window=10), **model)
+        p | stream | bs.StreamEncode(str(out), config=bs.StreamConfig(window=10, code_layout=layout), **model)
         vb.run_pipeline(p)
         wins = bs.read_windows(str(out))
         codes = {k: m for w in wins for b in vb.read_codes(str(out / "codes" / w["files"][0]))
@@ -379,7 +392,10 @@ def test_a_stream_from_the_saved_model_export_writes_the_model_directorys_codes(
         return wins, codes, bs.read_dead_letters(str(out))
 
     w1, c1, d1 = run(tmp_path / "from_dir", model_dir=str(coded_model))
-    w2, c2, d2 = run(tmp_path / "from_export", saved_model=str(exported))
+    w2, c2, d2 = run(tmp_path / "from_export", "record", saved_model=str(exported))   # one Example a record
+    assert [w["code_layout"] for w in w1 + w2] == ["block/1", "record/1"]
+    tfr = str(tmp_path / "from_export" / "codes" / w2[0]["files"][0])
+    assert shardset.count_records([tfr])[tfr] == 650
     assert sorted(c1) == sorted(c2) and len(c1) == 650
     np.testing.assert_allclose(np.stack([c2[k] for k in sorted(c1)]), np.stack([c1[k] for k in sorted(c1)]),
                                rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, MIN_TIMESTAMP
 
 from vaestream import beam as vb
 from vaestream.beam.broker_source import BrokerCommit, MessageIds, dead_letter_lines
+from vaestream.beam.elements import CODE_LAYOUTS, LAYOUT_VERSIONS
 from vaestream.beam.scoring import Scored, ScoredBatch
 from vaestream.beam.sinks import write_atomic
 from vaestream.online.drift import DriftConfig, DriftMonitor
@@ -74,16 +75,21 @@ def write_tfrecord_atomic(path: str, records: list[bytes], staged: str | None = 
     return int(size)
 
 
-def pane_examples(items: list[Scored]) -> list[bytes]:
+def pane_examples(items: list[Scored], layout: str = "block") -> list[bytes]:
     """The serialized code Examples of a pane's chunks, in order: byte for byte those of
-    :func:`vaestream.beam.code_examples` chunk by chunk, serialized in one call per (fingerprint, key length)
-    rather than one per chunk (a broker message's 100 records; keys of one length take
-    :func:`vaestream.shardset.serialize_examples`'s whole-matrix path)."""
+    :func:`vaestream.beam.code_examples` chunk by chunk in ``layout``. ``block`` (the batch encode job's default,
+    FORMAT.md §8): one Example a chunk (a file's chunk, a broker message's records: keys ``ID:000000000`` ..
+    stored as the name and the first offset), :func:`vaestream.beam.sinks.block_example`. ``record``: one
+    Example a record, serialized in one call per (fingerprint, key length) rather than one per chunk (keys of
+    one length take :func:`vaestream.shardset.serialize_examples`'s whole-matrix path)."""
     from vaestream import shardset
+    from vaestream.beam.sinks import block_example
 
     codes = [s.codes for s in items if len(s.codes)]
     if not codes:
         return []
+    if layout == "block":
+        return [block_example(c) for c in codes]
     fingerprints = {c.fingerprint for c in codes}
     if len(codes) == 1 or len(fingerprints) > 1 or any(c.coded for c in codes):
         return [e for c in codes for e in vb.code_examples(c)]
@@ -141,10 +147,18 @@ def _pane_items(values) -> tuple[list[Scored], list, list[str]]:
 
 class WriteWindowFn(beam.DoFn):
     """(key, [Scored, ScoredBatch, DeadLetter and MessageIds]) of one window pane -> its codes files + summary,
-    and its dead letters (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes)."""
+    and its dead letters (``dead_letter-START-END-pPANE.jsonl``); yields the summary dict (when the pane has codes).
+    ``code_layout``: the ``.tfrecord``'s float code Examples, ``block`` (one a chunk) or ``record`` (one a
+    record), as the batch encode job's ``--code_layout`` (:func:`pane_examples`); the summary names it
+    (``code_layout``: ``block/1`` or ``record/1``)."""
 
-    def __init__(self, out_dir: str, broker: BrokerCommit | None = None, handler=None):
+    def __init__(self, out_dir: str, broker: BrokerCommit | None = None, handler=None, code_layout: str = "block"):
+        if code_layout not in CODE_LAYOUTS:
+            from vaestream.errors import ConfigError
+
+            raise ConfigError(f"code layout {code_layout!r} is not one of {', '.join(CODE_LAYOUTS)}")
         self.out_dir = out_dir
+        self.code_layout = code_layout
         self.broker = broker
         self.handler = handler   # the ScoringModelHandler whose (cached) model's codec codes the panes' symbols
         self._codec = None
@@ -180,6 +194,7 @@ class WriteWindowFn(beam.DoFn):
         written, coded_bits = self._write_codes(base, items, stage, staged)
         n = sum(len(s.codes) for s in items)
         summary = _summary(win, pane, timing, items, n, coded_bits, base, ids)
+        summary["code_layout"] = LAYOUT_VERSIONS[self.code_layout]
         (stage or write_atomic)(base + ".json", (json.dumps(summary, sort_keys=True) + "\n").encode())
         if self.broker is not None:
             self._commit(name, staged, ids, n)
@@ -207,7 +222,7 @@ class WriteWindowFn(beam.DoFn):
     def _write_codes(self, base: str, items: list[Scored], stage, staged: list[str]) -> tuple[int, float | None]:
         """The pane's ``.tfrecord`` and, when every chunk has quantised codes, its ``.vaez`` container (one for
         the pane): (bytes written, the container's bits or None)."""
-        examples = pane_examples(items)
+        examples = pane_examples(items, self.code_layout)
         if stage is None:
             written = write_tfrecord_atomic(base + ".tfrecord", examples)
         else:

@@ -20,6 +20,7 @@ reloaded the model (measured: 27 loads, 9.2 s of a 12 s run; ``benchmarks/RESULT
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import zlib
 from typing import NamedTuple
@@ -27,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vaestream import beam as vb
+from vaestream.beam.elements import KEY_DIGITS, KeyRange
 from vaestream.beam.model_handler import dir_stamp
 
 CACHE_SIZE = 2
@@ -61,11 +63,30 @@ def elbo_from_posterior(vae, x, mean, log_scale, seed: int = 0):
     return -(rate + distortion)
 
 
+_SUFFIXES: tuple[bytes, ...] = ()
+
+
+def _suffixes(stop: int) -> tuple[bytes, ...]:
+    """``b":%09d" % i`` for i in ``[0, >= stop)``: the key suffixes of a :class:`vaestream.beam.KeyRange`."""
+    global _SUFFIXES
+    suffixes = _SUFFIXES
+    if stop > len(suffixes):   # built whole and swapped in: safe across threads
+        suffixes = _SUFFIXES = tuple(f":{i:0{KEY_DIGITS}d}".encode() for i in range(max(stop, 1024)))
+    return suffixes
+
+
 def scored_rows(keys, score_every: int) -> np.ndarray:
     """Indices (int32, ascending) of the records of ``keys`` whose ELBO is computed: ``crc32(key) % score_every
-    == 0`` (all of them for ``score_every`` 1). See the module docstring."""
+    == 0`` (all of them for ``score_every`` 1; none for 0). See the module docstring. Keys that are a
+    :class:`vaestream.beam.KeyRange` (``NAME:`` + offset) are hashed without a string a key: the CRC of
+    ``NAME`` once, continued over each cached suffix (``crc32(a + b) == crc32(b, crc32(a))``)."""
     if score_every <= 1:
-        return np.arange(len(keys), dtype=np.int32)
+        return np.arange(len(keys) if score_every == 1 else 0, dtype=np.int32)
+    if isinstance(keys, KeyRange):
+        head = zlib.crc32(keys.name.encode())
+        sufs = _suffixes(keys.stop)[keys.start:keys.stop]
+        crc = np.fromiter(map(zlib.crc32, sufs, itertools.repeat(head, len(sufs))), np.uint32, len(sufs))
+        return np.flatnonzero(crc % np.uint32(score_every) == 0).astype(np.int32)
     return np.fromiter((i for i, k in enumerate(keys) if zlib.crc32(k.encode()) % score_every == 0), np.int32)
 
 
@@ -96,10 +117,10 @@ class ScoringModelHandler(vb.VAEModelHandler):
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, max_records: int = vb.CHUNK,
                  coder: bool | None = None, quality: float | None = None, score_every: int = 1):
         super().__init__(model_dir, saved_model, "encode", max_records, coder=False)
-        if int(score_every) < 1:
+        if int(score_every) != score_every or int(score_every) < 0:
             from vaestream.errors import ConfigError
 
-            raise ConfigError(f"score_every must be a positive integer, got {score_every}")
+            raise ConfigError(f"score_every must be a non-negative integer (0: no ELBO), got {score_every}")
         self.use_coder, self.quality, self.score_every = coder, quality, int(score_every)
 
     def load_model(self):

@@ -5,7 +5,8 @@
     python -m pipelines.stream_encode --pubsub_subscription projects/P/subscriptions/S --saved_model REG/3 \
         --output gs://bucket/codes --runner DataflowRunner ...
 
-Output: ``OUTPUT/codes/codes-START-END-pPANE.{tfrecord,vaez,json}`` per window pane,
+Output: ``OUTPUT/codes/codes-START-END-pPANE.{tfrecord,vaez,json}`` per window pane (``--code_layout``: the
+``.tfrecord``'s Examples, ``block`` by default as the batch encode job's, or ``record``),
 ``OUTPUT/dead_letter/*.jsonl`` (unreadable, malformed or late input, with the reason), ``OUTPUT/drift.jsonl``
 (per-window mean ELBO, bits/record and the drift flag) and ``OUTPUT/summary.json``. With no ``--runner`` the
 job runs on Beam's in-process streaming runner until ``--stop_after`` / ``--idle_timeout`` / ``--max_files``
@@ -54,9 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk_size", "--chunk-size", type=int, default=4096, help="records per element")
     parser.add_argument("--drift_threshold", "--drift-threshold", type=float, default=0.1,
                         help="flag a window whose bits/record exceed the reference by this fraction")
-    parser.add_argument("--score_every", "--score-every", type=int, default=8, metavar="K",
+    parser.add_argument("--score_every", "--score-every", type=int, default=32, metavar="K",
                         help="the drift signal's sample: the ELBO of one record in K (by key hash; 1: every "
-                             "record); every record is coded")
+                             "record; 0: none, no window judged); every record is coded (default 32)")
+    parser.add_argument("--code_layout", "--code-layout", default="block", choices=["block", "record"],
+                        help="the .tfrecord's code Examples: block (default; one a chunk or broker message, as "
+                             "the batch encode job's default) or record (one a record)")
 
 
 def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
@@ -65,7 +69,7 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     from vaestream.online.drift import DriftConfig
 
     kw = dict(allowed_lateness=args.allowed_lateness, chunk_size=args.chunk_size, batch_size=args.chunk_size,
-              score_every=getattr(args, "score_every", 8))
+              score_every=getattr(args, "score_every", 32), code_layout=getattr(args, "code_layout", "block"))
     max_latency = getattr(args, "max_latency", None)
     cfg = (bs.StreamConfig(window=args.window, **kw) if max_latency is None
            else bs.StreamConfig.for_max_latency(max_latency, window=args.window, **kw))
