@@ -264,7 +264,11 @@ def cmd_decompress(a: argparse.Namespace) -> int:
     if kind == "per_record" and a.family is None:
         raise ConfigError(f"{a.input}: a per-record stream of several models: decode it with --family")
     c = open_stream(a.input, a.model if a.family is None else a.family)
-    if not isinstance(c, codec_mod.Codec):  # exact records / level images / per-record counts (uint8, their shape)
+    from vaestream.coding.learned import LearnedCodec
+
+    learned = isinstance(c, LearnedCodec)  # records of the stream's shape (a conv model codes other sizes too)
+    if not isinstance(c, codec_mod.Codec) and not learned:
+        # exact records / level images / per-record counts (uint8, their shape)
         if records is not None:
             raise ConfigError("--records: a lossless, near-lossless or per-record stream decodes whole")
         x = c.decompress(Path(a.input).read_bytes(), name=a.input)
@@ -275,11 +279,11 @@ def cmd_decompress(a: argparse.Namespace) -> int:
         return 0
     x_hat = c.read(a.input, records)
     out = Path(a.output)
-    x_img = x_hat.reshape((-1,) + tuple(c.config.input_shape)) if x_hat.ndim == 2 else \
-        x_hat.reshape(c.config.input_shape)
+    shape = c.stream_shape(a.input) if learned else tuple(c.config.input_shape)
+    x_img = x_hat.reshape((-1,) + shape) if x_hat.ndim == 2 else x_hat.reshape(shape)
     np.save(out, x_img.astype(np.float32))
     if a.png:
-        _grid_png(x_hat.reshape(-1, c.config.input_dim), c.config.input_shape, a.png)
+        _grid_png(x_hat.reshape(-1, int(np.prod(shape))), shape, a.png)
     print(json.dumps({"output": str(out), "records": int(len(np.atleast_2d(x_hat))),
                       "shape": list(x_img.shape)}))
     return 0
@@ -417,7 +421,9 @@ def _add_compress(sub) -> None:
                    help="a directory of model directories (e.g. one per lambda): with --psnr or --bpp, the model and "
                         "quality are picked (vaestream.coding.family)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quality", type=float, default=None, help="bin width in posterior stds (default 1.0)")
+    g.add_argument("--quality", type=float, default=None,
+                   help="bin width in posterior stds (default 1.0); a model with a learned entropy model: the quality "
+                        "2^(k/2) of its rate level k (lambdas largest first; default level 0)")
     g.add_argument("--target-bits", type=float, default=None, help="bits per record to fit in")
     g.add_argument("--psnr", type=float, default=None, help="with --family: the fewest bits with at least this PSNR")
     g.add_argument("--bpp", type=float, default=None,

@@ -24,6 +24,10 @@ from vaestream.entropy_models.densities import SCALE_LEVELS
 from vaestream.entropy_models.hyperprior import hyper_grid
 
 
+CHUNK_ROWS = 8192
+"""Patch rows per chunk of a convolution (a speed setting only: each row's result is its own)."""
+
+
 class ExactConv:
     """A k x k convolution of stride 1, SAME padding, on float64 ``[N, H, W, C_in]`` with exact products."""
 
@@ -36,6 +40,14 @@ class ExactConv:
         self.b = conv.b.numpy().astype(np.float64)
 
     def __call__(self, t: np.ndarray) -> np.ndarray:
+        n, h, w, _ = t.shape
+        step = max(1, CHUNK_ROWS // (h * w))  # records per chunk: the patch rows stay cache-sized
+        out = np.empty((n, h, w, self.c_out), np.float64)
+        for s in range(0, n, step):
+            out[s:s + step] = self._rows(t[s:s + step])
+        return out
+
+    def _rows(self, t: np.ndarray) -> np.ndarray:
         n, h, w, c = t.shape
         p = self.k // 2
         pad = np.zeros((n, h + 2 * p, w + 2 * p, c), np.float64)
@@ -44,8 +56,11 @@ class ExactConv:
         rows = np.concatenate([pad[:, i:i + h, j:j + w] for i in range(self.k) for j in range(self.k)], axis=-1)
         rows = rows.reshape(-1, self.k * self.k * c)
         _, e = np.frexp(np.max(np.abs(rows), axis=1, keepdims=True))
-        r = self.bits - e
-        y = np.ldexp(np.rint(np.ldexp(rows, r)) @ self.wq, -(r + self.s)) + self.b
+        r = np.minimum(self.bits - e, 960)  # (bounded: 2^r stays finite for subnormal rows)
+        rows *= np.ldexp(1.0, r)  # times a power of two: exact
+        np.rint(rows, out=rows)
+        y = (rows @ self.wq) * np.ldexp(1.0, -(r + self.s))
+        y += self.b
         return y.reshape(n, h, w, self.c_out)
 
 

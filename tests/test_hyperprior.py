@@ -1,0 +1,203 @@
+"""Learned entropy models (vaestream.entropy_models, vaestream.coding.learned) on a tiny conv model trained briefly on
+real MNIST: one variable-rate mean-scale hyperprior model, its codec's rates and real bytes, exact decoding in fresh
+processes under other CPU instruction sets, thread counts and batchings, the side stream's CRC, other record sizes,
+and the command line (train --entropy-model, compress, decompress)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+MNIST = Path("/work/shared/data/mnist")
+LAMBDAS = (3e4, 3e3, 3e2)
+pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason="needs the MNIST files")
+
+
+def _config(kind: str = "hyperprior", **kw):
+    from vaestream import ModelConfig
+
+    base = dict(input_dim=784, input_shape=(28, 28), latent_dim=7 * 7 * 8, hidden=(), activation="relu",
+                likelihood="gaussian", arch="conv", channels=(16, 32), latent_channels=8, entropy_model=kind,
+                rd_lambdas=LAMBDAS)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model dir, 300 MNIST test records): a hyperprior model trained 300 steps on 6,000 MNIST training records."""
+    from vaestream.data import load_records, make_dataset
+    from vaestream.training import TrainConfig, train
+
+    d = tmp_path_factory.mktemp("hyper") / "model"
+    ds = make_dataset(load_records(str(MNIST), "train")[:6000], "gaussian", "mnist[:6000]")
+    train(ds, d, _config(), TrainConfig(objective="rd", steps=300, eval_records=500, seed=1), progress=False)
+    return d, load_records(str(MNIST), "test")[:300]
+
+
+@pytest.fixture(scope="module")
+def codec(trained):
+    import vaestream
+
+    return vaestream.load(trained[0], frame_records=64)
+
+
+def _psnr(x: np.ndarray, x_hat: np.ndarray) -> float:
+    mse = float(np.mean((x.reshape(len(x), -1).astype(np.float64) / 255.0 - x_hat) ** 2))
+    return 10 * np.log10(1.0 / mse)
+
+
+def test_config_and_fingerprint(trained, codec):
+    """config.json records the entropy model and the rate levels; the fingerprint covers the entropy model's
+    weights; the configs a learned entropy model cannot decode exactly are refused."""
+    from vaestream.errors import ConfigError
+
+    cfg = json.loads((trained[0] / "config.json").read_text())
+    assert cfg["entropy_model"] == "hyperprior" and cfg["rd_lambdas"] == list(LAMBDAS)
+    fp = codec.model.fingerprint()
+    g = codec.model.entropy.gain
+    old = g.numpy()
+    g.assign(old * 1.5)
+    assert codec.model.fingerprint() != fp
+    g.assign(old)
+    assert codec.model.fingerprint() == fp
+    for bad in (dict(activation="elu"), dict(likelihood="gaussian_sigmoid"), dict(rd_lambdas=(3e2, 3e3)),
+                dict(rd_lambdas=())):
+        with pytest.raises(ConfigError):
+            _config(**bad)
+
+
+def test_bits_fall_as_lambda_falls(trained, codec):
+    """At each rate level (lambda 3e4, 3e3, 3e2) the real stream's bits per record fall, stay within 2 % + the
+    container of the ideal code length (side stream included), and the side stream's cost is part of them."""
+    x = trained[1]
+    real, ideal, psnr = [], [], []
+    for q in codec.qualities:
+        blob = codec.compress(x, quality=q)
+        real.append(8 * len(blob) / len(x))
+        ideal.append(float(np.mean(codec.bits(x, quality=q))))
+        psnr.append(_psnr(x, codec.decompress(blob)))
+    assert real[0] > real[1] > real[2] > 10, real
+    for r, i in zip(real, ideal):
+        assert i <= r <= 1.02 * i + 8 * 40 / 64, (real, ideal)  # + header and frames' bytes per record
+    assert psnr[0] > psnr[2] and min(psnr) > 12, psnr
+    z, _ = codec.symbols(codec.model_inputs(x)[0], 0)
+    assert z.shape == (len(x), 2, 2, 8)
+
+
+def _fresh_decode(model_dir: Path, stream: Path, out: Path, env: dict, records: str = "") -> dict:
+    """Decode ``stream`` (``records``: comma-separated indices, or all) in a fresh process with ``env``; returns
+    the NumPy CPU features that process had."""
+    code = ("import sys, json, numpy as np, vaestream; c = vaestream.load(sys.argv[1]); "
+            "r = sys.argv[4]; idx = None if not r else [int(v) for v in r.split(',')]; "
+            "np.save(sys.argv[3], c.read(sys.argv[2], idx)); "
+            "from numpy._core._multiarray_umath import __cpu_features__ as f; print(json.dumps(f))")
+    r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(stream), str(out), records],
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_decode_bit_identical_in_fresh_processes(trained, codec, tmp_path):
+    """A file of 300 records (5 frames) decodes to the same float32 bits as in this process: in fresh processes with
+    oneDNN limited to AVX2 / SSE4.1, NumPy's AVX-512 dispatch off, one or four BLAS threads, and records read in
+    another batching (random access to a scattered subset)."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+
+    model_dir, x = trained
+    stream = tmp_path / "x.vz"
+    codec.write(stream, x, quality=codec.qualities[1])
+    want = codec.read(stream)
+    assert want.dtype == np.float32 and want.shape == (300, 784)
+    off = " ".join(f for f in ("X86_V4", "AVX512_ICL", "AVX512_SPR", "AVX512_SKX", "AVX512F") if f in __cpu_dispatch__)
+    runs = {"avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_DISABLE_CPU_FEATURES": off, "OPENBLAS_NUM_THREADS": "1"},
+                     ""),
+            "sse41": ({"ONEDNN_MAX_CPU_ISA": "SSE41", "NPY_DISABLE_CPU_FEATURES": off, "OPENBLAS_NUM_THREADS": "4",
+                       "TF_NUM_INTRAOP_THREADS": "1"}, "")}
+    subset = [299, 3, 64, 65, 200, 0]
+    runs["subset"] = ({"OPENBLAS_NUM_THREADS": "2"}, ",".join(map(str, subset)))
+    for name, (env, records) in runs.items():
+        out = tmp_path / f"{name}.npy"
+        cpu = _fresh_decode(model_dir, stream, out, env, records)
+        assert not any(cpu.get(f) for f in env.get("NPY_DISABLE_CPU_FEATURES", "").split()), (name, cpu)
+        got = np.load(out)
+        expect = want[subset] if records else want
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expect.view(np.uint32)), name
+    assert np.array_equal(codec.decompress(codec.compress(x[:7], quality=codec.qualities[1])),
+                          codec.read(stream, list(range(7))))
+
+
+def test_flipped_bit_in_side_stream_refused(trained, codec):
+    """A flipped bit in a frame's side stream (the hyper-latent), or in its length, is refused with a
+    BitstreamError naming the stream; so is a truncated stream and one of another rate level's header."""
+    from vaestream.coding import container
+    from vaestream.errors import BitstreamError
+
+    x = trained[1][:50]
+    blob = codec.compress(x)
+    with container.ContainerReader(blob) as r:
+        (_, payload), = list(r)
+    at = blob.index(payload)
+    side_len = payload[0]
+    assert 0 < side_len < len(payload)
+    for i in (at, at + 1, at + 1 + side_len // 2, at + side_len):
+        for bit in (1, 64):
+            bad = bytearray(blob)
+            bad[i] ^= bit
+            with pytest.raises(BitstreamError, match="side.vz"):
+                codec.decompress(bytes(bad), name="side.vz")
+    with pytest.raises(BitstreamError):
+        codec.decompress(blob[:-3])
+    assert np.array_equal(codec.decompress(blob), codec.decompress(bytes(blob)))
+
+
+def test_other_size_round_trip(trained, codec):
+    """28 x 20 records (an MNIST crop) go through the 28 x 28-trained model: the header keeps their shape, the
+    decoder crops to it, and the reconstruction is as good as the full-size one's (within 3 dB)."""
+    from vaestream.coding import container
+    import io
+
+    x = trained[1][:100]
+    crop = np.ascontiguousarray(x[:, :, 4:24])
+    blob = codec.compress(crop, quality=codec.qualities[0])
+    h = container.read_header(io.BytesIO(blob))
+    assert h.input_shape == (28, 20) and h.latent_dim == 7 * 5 * 8
+    x_hat = codec.decompress(blob)
+    assert x_hat.shape == (100, 560)
+    full = _psnr(x, codec.decompress(codec.compress(x, quality=codec.qualities[0])))
+    assert _psnr(crop, x_hat) > full - 3, (_psnr(crop, x_hat), full)
+
+
+def test_cli_train_compress_decompress(tmp_path):
+    """``vaestream train --objective rd --arch conv --entropy-model factorized --lmbdas ...`` writes a model whose
+    config names it; ``vaestream compress`` / ``decompress`` round-trip records through it (the same floats as the
+    Python API)."""
+    from vaestream.cli import main
+    from vaestream.data import load_records
+
+    model = tmp_path / "fact"
+    assert main(["train", "--data", str(MNIST), "--out", str(model), "--objective", "rd", "--arch", "conv",
+                 "--channels", "16", "32", "--latent-channels", "4", "--entropy-model", "factorized",
+                 "--lmbdas", "300", "3000", "--steps", "40", "--no-progress"]) == 0
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["entropy_model"] == "factorized" and cfg["rd_lambdas"] == [3000.0, 300.0]
+    assert cfg["activation"] == "relu" and cfg["likelihood"] == "gaussian"
+    x = load_records(str(MNIST), "test")[:40]
+    np.save(tmp_path / "x.npy", x)
+    assert main(["compress", str(tmp_path / "x.npy"), str(tmp_path / "x.vz"), "--model", str(model),
+                 "--quality", "1.4142135623730951"]) == 0
+    assert main(["decompress", str(tmp_path / "x.vz"), str(tmp_path / "y.npy"), "--model", str(model)]) == 0
+    import vaestream
+
+    c = vaestream.load(model)
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (40, 28, 28)
+    assert np.array_equal(y.reshape(40, -1), c.decompress((tmp_path / "x.vz").read_bytes()))
+    assert c.level(1.4142135623730951) == 1
