@@ -30,15 +30,12 @@ record is R + lambda_k MSE, plus the densities' auxiliary quantile loss (which m
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
 from vaestream.config import ModelConfig
 from vaestream.conv import STRIDE, Conv
-from vaestream.entropy_models.densities import (SCALE_LEVELS, DeepFactorized, bits, gaussian_likelihood,
-                                                scale_of_index)
+from vaestream.entropy_models.densities import DeepFactorized, bits, gaussian_likelihood, scale_of_index
 
 HYPER_FILTERS = 32
 """Channels of the hyper-transforms' hidden layers."""
@@ -121,11 +118,12 @@ def synthesis_mean(model, y_hat: tf.Tensor) -> tf.Tensor:
 
 def rd_loss(model, x: tf.Tensor, seed: tf.Tensor, levels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """The variable-rate training objective per record (module docstring): each record of ``x`` ``[B, D]`` at a
-    level drawn uniformly (stateless, from ``seed`` [2]) or at ``levels`` ``[B]`` (int32); returns ``{"loss", "rate", "distortion", "side"}`` ``[B]``
-    (rates in bits, side = the hyper-latent's part) and ``"aux"`` (a scalar, already inside ``loss``' mean)."""
+    level drawn uniformly (stateless, from ``seed`` [2]) or at ``levels`` ``[B]`` (int32); returns
+    ``{"loss", "rate", "distortion", "side"}`` ``[B]`` (rates in bits, side = the hyper-latent's part) and ``"aux"``
+    (a scalar, already inside ``loss``' mean)."""
     em = model.entropy
-    shape = tf.concat([[-1], model.config.input_shape if len(model.config.input_shape) == 3
-                       else list(model.config.input_shape) + [1]], 0)
+    picture = list(model.config.input_shape) + ([] if len(model.config.input_shape) == 3 else [1])
+    shape = tf.concat([[-1], picture], 0)
     b = tf.shape(x)[0]
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
     if levels is None:
@@ -150,13 +148,3 @@ def rd_loss(model, x: tf.Tensor, seed: tf.Tensor, levels: tf.Tensor | None = Non
     aux = em.density.aux_loss()
     loss = rate + tf.gather(em.lambdas, levels) * mse + aux  # aux: once per minibatch in the mean
     return {"loss": loss, "rate": rate, "distortion": mse, "side": side, "aux": aux}
-
-
-def scale_index_bounds() -> tuple[float, float]:
-    """The range of the scale index the coder's tables cover: [0, SCALE_LEVELS - 1]."""
-    return 0.0, float(SCALE_LEVELS - 1)
-
-
-def psnr_db(mse: float) -> float:
-    """10 log10(1 / mse) for data on [0, 1]."""
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
