@@ -175,10 +175,10 @@ def test_other_size_round_trip(trained, codec):
     assert _psnr(crop, x_hat) > full - 3, (_psnr(crop, x_hat), full)
 
 
-def test_cli_train_compress_decompress(tmp_path):
+def test_cli_train_compress_decompress(tmp_path, capsys):
     """``vaestream train --objective rd --arch conv --entropy-model factorized --lmbdas ...`` writes a model whose
     config names it; ``vaestream compress`` / ``decompress`` round-trip records through it (the same floats as the
-    Python API)."""
+    Python API); ``vaestream rd --model`` sweeps its rate levels."""
     from vaestream.cli import main
     from vaestream.data import load_records
 
@@ -201,3 +201,9 @@ def test_cli_train_compress_decompress(tmp_path):
     assert y.shape == (40, 28, 28)
     assert np.array_equal(y.reshape(40, -1), c.decompress((tmp_path / "x.vz").read_bytes()))
     assert c.level(1.4142135623730951) == 1
+    capsys.readouterr()
+    assert main(["rd", "--model", str(model), "--data", str(MNIST), "--n", "40"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rd"]
+    assert [r["lmbda"] for r in rows] == [3000.0, 300.0]
+    assert all(r["bits_per_record"] >= r["ideal_bits_per_record"] > 0 and r["side_bits_per_record"] == 0
+               for r in rows)

@@ -132,6 +132,8 @@ class LearnedCodec:
         if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
             raise DataError(f"{name}: records must be numeric, got dtype {a.dtype}")
         shape, nd = tuple(cfg.input_shape), len(cfg.input_shape)
+        if nd == 2 and a.ndim == 4 and a.shape[-1] == 1:  # [B, H, W, 1] pictures of a one-channel model
+            a = a[..., 0]
         single = a.shape in ((cfg.input_dim,), shape)
         if single:
             a = a.reshape((1,) + shape)
@@ -185,20 +187,22 @@ class LearnedCodec:
             out.append(np.clip(x, 0.0, 1.0).astype(np.float32).reshape(len(qb), -1))
         return np.concatenate(out) if out else np.zeros((0, int(np.prod(shape)) * self.picture_channels), np.float32)
 
-    def _symbol_bits(self, z, q) -> np.ndarray:
+    def _symbol_bits(self, z, q) -> tuple[np.ndarray, np.ndarray]:
         _, tq = self._tables_of(z, q.shape[1:3], len(q))
-        b = self._coder.bits(q, tq).reshape(len(q), -1).sum(axis=1)
+        main = self._coder.bits(q, tq).reshape(len(q), -1).sum(axis=1)
+        side = np.zeros(len(q), np.float64)
         if z is not None:
             tz = np.broadcast_to(np.arange(self.channels), z.shape)
-            b += self._coder.bits(z, tz).reshape(len(z), -1).sum(axis=1)
-        return b
+            side = self._coder.bits(z, tz).reshape(len(z), -1).sum(axis=1)
+        return main, side
 
-    def bits(self, x, quality: float | None = None) -> np.ndarray:
+    def bits(self, x, quality: float | None = None, side: bool = False):
         """Each record's ideal code length in bits, float64 ``[B]``: -log2 of its symbols' table probabilities,
-        side stream included, container not."""
+        side stream included, container not. ``side``: (that, the side stream's part of it)."""
         images, _ = self.model_inputs(x)
         z, q = self.symbols(images, self.level(quality))
-        return self._symbol_bits(z, q)
+        main, side_bits = self._symbol_bits(z, q)
+        return (main + side_bits, side_bits) if side else main + side_bits
 
     # -- frames --------------------------------------------------------------------------------------------------
     def _payload(self, z: np.ndarray | None, q: np.ndarray) -> bytes:
