@@ -330,7 +330,7 @@ def run_publisher(url: str, rate: float, duration: float, per_message: int, reco
         i += group
     dt = time.perf_counter() - t0
     return {"messages": n_msgs, "records": sent, "seconds": round(dt, 3), "records_per_s": round(sent / dt, 1),
-            "max_behind_s": round(behind, 3)}
+            "max_behind_s": round(behind, 3), "cpu_s": round(time.process_time(), 2)}
 
 
 def _publisher(url: str, rate: float, duration: float, per_message: int, records_path: str):
@@ -339,6 +339,12 @@ def _publisher(url: str, rate: float, duration: float, per_message: int, records
     return subprocess.Popen([sys.executable, __file__, "--publisher", url, str(rate), str(duration), str(per_message),
                              records_path], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``; all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _panes(out: Path) -> list[dict]:
@@ -379,10 +385,11 @@ def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: flo
 
     sup = threading.Thread(target=supervise, daemon=True)
     sup.start()
-    t_start = time.perf_counter()
+    t_start, cpu0, redis0 = time.perf_counter(), proc_cpu_s(os.getpid()), proc_cpu_s(srv.proc.pid)
     summary = bs.run_stream(str(out), model_dir=str(model), config=cfg, source=url, stop=stop,
                             batch_messages=args.batch_messages)
     wall = time.perf_counter() - t_start
+    cpu = {"job": round(proc_cpu_s(os.getpid()) - cpu0, 1), "redis_server": round(proc_cpu_s(srv.proc.pid) - redis0, 1)}
     sup.join()
     pubres = json.loads(pub.communicate()[0] or "{}")
     panes = _panes(out)
@@ -401,6 +408,9 @@ def bench_broker_rate(model: Path, records_path: str, srv, work: Path, rate: flo
            "records_published": pubres.get("records"), "records_coded": n, "panes": len(panes),
            "messages_read": summary["messages_read"], "reads": summary["reads"], "elements": summary.get("elements"),
            "dead_lettered": summary["dead_lettered"],
+           "cpu_s": dict(cpu, publisher=pubres.get("cpu_s"), wall=round(wall, 1)),
+           "cpu_us_per_record": {k: round(v / max(n, 1) * 1e6, 2) for k, v in dict(cpu, publisher=pubres.get(
+               "cpu_s") or 0.0).items()},
            "sustained_records_per_s": round(sustained, 1),
            "sustained_messages_per_s": round(sustained / per_message, 1),
            "latency_s_p50": round(pct(lat, 50), 3) if lat else None,
@@ -505,10 +515,11 @@ def bench_broker(model: Path, mnist: np.ndarray, work: Path, args) -> dict:
     n = int(min(max(args.rates) * args.duration, args.batch_records))
     batch_in = work / "batch_in.npy"
     np.save(batch_in, np.concatenate([mnist] * int(np.ceil(n / len(mnist))))[:n])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), proc_cpu_s(os.getpid())
     bsum = batch_encode.run(["--input", str(batch_in), "--model", str(model), "--output", str(work / "batch_out")])
     out["peer_batch_job"] = {"records": bsum["records"], "wall_s": round(time.perf_counter() - t0, 2),
-                             "records_per_s_job": bsum["records_per_second"]}
+                             "records_per_s_job": bsum["records_per_second"],
+                             "cpu_us_per_record": round((proc_cpu_s(os.getpid()) - cpu0) / bsum["records"] * 1e6, 2)}
     for r in out["rates"]:
         r["ratio_stream_to_batch"] = round(r["sustained_records_per_s"] / max(bsum["records_per_second"], 1e-9), 3)
     return out
