@@ -265,6 +265,85 @@ def test_a_cached_export_of_changing_weights_keeps_each_versions_own_weights_and
     assert m1.info["quality"] == QUALITY and m2.info["quality"] == 1.0
 
 
+FRESH_BOTH_LOADERS = textwrap.dedent("""
+    import sys, numpy as np, tensorflow as tf
+    inp, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+    d = np.load(inp)
+    res = {}
+    for i, path in enumerate(paths):
+        loaded = tf.saved_model.load(path)      # TF2's loader: the object graph, restored by node id
+        for name, fn in loaded.signatures.items():
+            arg = "z" if name == "decode" else "x"
+            for k, v in fn(**{arg: tf.constant(d[arg])}).items():
+                res[f"{i}/tf2/{name}/{k}"] = v.numpy()
+        # TF Serving's way (C++ LoadSavedModel): the MetaGraph, its saver_def's restore op reading variables/
+        # by key, then the SignatureDefs' tensors by name
+        with tf.compat.v1.Graph().as_default(), tf.compat.v1.Session() as s:
+            mg = tf.compat.v1.saved_model.loader.load(s, ["serve"], path)
+            for name, sig in mg.signature_def.items():
+                if name.startswith("__"):  # __saved_model_init_op
+                    continue
+                arg = "z" if name == "decode" else "x"
+                feed = {sig.inputs[arg].name: d[arg]}
+                for k, t in sig.outputs.items():
+                    res[f"{i}/v1/{name}/{k}"] = s.run(t.name, feed)
+    np.savez(out, **res)
+    print("vaestream" in sys.modules)
+""")
+
+
+def test_a_cached_version_reuses_the_saved_graph_and_equals_a_full_export(exported, records, tmp_path):
+    """After one full export through an ExportCache, a version of new weights and tables is the first one's
+    saved_model.pb plus new variables/ and assets: in a fresh process, loaded by tf.saved_model.load and by the
+    graph-mode loader TF Serving uses, every signature gives the same answers as a full export of those weights,
+    and its fingerprint and coder tables are those of the weights it holds."""
+    from vaestream import VAE
+    from vaestream.serving.export import ExportCache, export_model
+
+    _, _, _, model, tables_a = exported
+    vae = VAE(model.config)
+    for v, w in zip(vae.weights(), model.weights()):
+        v.assign(w)
+    cache = ExportCache()
+    p1 = export_model(vae, tmp_path / "base", tables_a, quality=QUALITY, cache=cache)
+    other = VAE(model.config, seed=11)
+    for v, w in zip(vae.weights(), other.weights()):
+        v.assign(w)
+    tables_b = build_tables(vae, records, tmp_path / "tables_b.npz")
+    p2 = export_model(vae, tmp_path / "base", tables_b, quality=1.0, cache=cache)
+    assert p2.name == "2" and (p2 / "saved_model.pb").read_bytes() == (p1 / "saved_model.pb").read_bytes()
+    full = export_model(other, tmp_path / "full", tables_b, quality=1.0)  # tf.saved_model.save, no cache
+    assert (full / "saved_model.pb").read_bytes() != (p2 / "saved_model.pb").read_bytes()  # traced anew
+    assert tf.train.list_variables(str(p2 / "variables" / "variables")) == \
+        tf.train.list_variables(str(full / "variables" / "variables"))
+    fp1, fp2 = (tf.saved_model.experimental.read_fingerprint(str(p)) for p in (p1, p2))
+    assert fp2.saved_model_checksum == fp1.saved_model_checksum and fp2.checkpoint_hash != fp1.checkpoint_hash
+
+    z = np.random.default_rng(2).standard_normal((40, model.config.latent_dim)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=records[:100], z=z)
+    (tmp_path / "fresh.py").write_text(FRESH_BOTH_LOADERS)
+    r = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "in.npz"), str(tmp_path / "out.npz"),
+                        str(p2), str(full), str(p1)], capture_output=True, text=True, env=ENV, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "False"
+    got = dict(np.load(tmp_path / "out.npz"))
+    names = sorted(k[2:] for k in got if k.startswith("1/"))
+    assert len(names) == 2 * 11  # each loader: encode, serving_default, decode 2 outputs, elbo 3, quantize, reconstruct
+    for k in names:
+        np.testing.assert_array_equal(got["0/" + k], got["1/" + k], err_msg=k)  # the cached version = full export
+    assert not np.array_equal(got["0/tf2/encode/mean"], got["2/tf2/encode/mean"])  # not version 1's weights
+    mean_b = other.encoder_params_exact(tf.constant(records[:100]))[0].numpy()
+    np.testing.assert_array_equal(got["0/tf2/encode/mean"], mean_b)
+    np.testing.assert_array_equal(got["0/v1/quantize/symbols"], tables_mod.quantize(mean_b, tables_b, 1.0))
+
+    m2 = ExportedModel(p2)
+    assert m2.fingerprint == other.fingerprint() == _recomputed_fingerprint(
+        (p2 / "assets" / "config.json").read_text(), _saved_weights(p2))
+    shipped = tables_mod.CoderTables.load(p2 / "assets" / "coder_tables.npz")
+    assert shipped.digest() == tables_b.digest() and shipped.fingerprint == m2.fingerprint
+    assert m2.info["fingerprint"] == m2.fingerprint and m2.info["quality"] == 1.0
+
+
 def test_without_tables_reconstructs_from_the_mean(exported, records, tmp_path):
     model_dir, _, _, model, _ = exported
     plain = tmp_path / "plain"

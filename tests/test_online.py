@@ -95,6 +95,21 @@ def test_online_training_lowers_heldout_negative_elbo_and_publishes(mnist_train,
     assert reg.versions() == [r["version"] for r in log] and len(log) >= 2
     published = [load_published(reg, r["version"], learner.model.config) for r in log]
     assert all(m is not None and m.fingerprint() == r["fingerprint"] for m, r in zip(published, log))
+    # later versions reuse version 1's saved graph (new variables and assets only); each one's coder tables are
+    # its own weights' (the quantize signature = the NumPy coder on that version's posterior means)
+    from vaestream.coding import tables as tables_mod
+    from vaestream.serving.export import ExportedModel
+
+    pb = (reg.get(log[0]["version"]).path / "saved_model.pb").read_bytes()
+    for m, r in zip(published, log):
+        path = reg.get(r["version"]).path
+        assert (path / "saved_model.pb").read_bytes() == pb
+        t = tables_mod.CoderTables.load(path / "assets" / "coder_tables.npz")
+        assert t.fingerprint == r["fingerprint"] == ExportedModel(path).fingerprint
+        mean = m.encoder_params_exact(held[:64])[0].numpy()
+        np.testing.assert_array_equal(ExportedModel(path).quantize(held[:64]), tables_mod.quantize(mean, t))
+    assert (learner.model_dir / "coder_tables.npz").read_bytes() == \
+        (reg.get(log[-1]["version"]).path / "assets" / "coder_tables.npz").read_bytes()
     for i, r in enumerate(log):
         h = holdouts[r["step"]].astype(np.float32) * np.float32(1.0 / 255.0)
         mine = dataset_elbo(published[i], h, seed=oc.seed, jit_compile=False)["elbo"]
