@@ -54,7 +54,8 @@ def _fields(buf, start: int, end: int):
 
 def example_features(raw: bytes | memoryview) -> dict[str, tuple[str, list]]:
     """The features of one serialized ``tf.train.Example``, parsed in Python (no TensorFlow): name ->
-    (``"bytes"``, [memoryview of each value]) | (``"int64"``, [int]) | (``"float"``, [float]) | (``"none"``, []).
+    (``"bytes"``, [memoryview of each value]) | (``"int64"``, [int]) | (``"float"``, float32 array: a view of
+    ``raw`` where the values are one packed field) | (``"none"``, []).
     Raises ValueError on bytes that are not such a message."""
     buf = memoryview(raw).cast("B") if not isinstance(raw, bytes) else memoryview(raw)
     out: dict[str, tuple[str, list]] = {}
@@ -76,30 +77,27 @@ def example_features(raw: bytes | memoryview) -> dict[str, tuple[str, list]]:
     return out
 
 
-def _feature_values(buf, span) -> tuple[str, list]:
-    kind: tuple[str, list] = ("none", [])
+def _feature_values(buf, span) -> tuple[str, list | np.ndarray]:
+    kind: tuple[str, list | np.ndarray] = ("none", [])
     for f, wt, v in _fields(buf, *span) if span is not None else ():
         if wt != 2 or f not in (1, 2, 3):
             continue
         if f == 1:
             kind = ("bytes", [buf[a:b] for ff, w, (a, b) in _fields(buf, *v) if ff == 1 and w == 2])
-            continue
-        values: list = []
-        for ff, w, x in _fields(buf, *v):
-            if ff != 1:
-                continue
-            if f == 3 and w == 0:
-                values.append(x)
-            elif f == 3 and w == 2:
-                i = x[0]
-                while i < x[1]:
-                    val, i = _read_varint(buf, i)
-                    values.append(val)
-            elif f == 2 and w in (2, 5):
-                values.extend(np.frombuffer(buf[x[0]:x[1]], "<f4").tolist())
-        if f == 3:
-            values = [val - (1 << 64) if val >= 1 << 63 else val for val in values]
-        kind = ("int64" if f == 3 else "float", values)
+        elif f == 2:  # float32 values: a view of the bytes (one packed field) or their concatenation
+            parts = [np.frombuffer(buf[x[0]:x[1]], "<f4") for ff, w, x in _fields(buf, *v) if ff == 1 and w in (2, 5)]
+            kind = ("float", parts[0] if len(parts) == 1 else np.concatenate(parts or [np.zeros(0, "<f4")]))
+        else:
+            values: list = []
+            for ff, w, x in _fields(buf, *v):
+                if ff == 1 and w == 0:
+                    values.append(x)
+                elif ff == 1 and w == 2:
+                    i = x[0]
+                    while i < x[1]:
+                        val, i = _read_varint(buf, i)
+                        values.append(val)
+            kind = ("int64", [val - (1 << 64) if val >= 1 << 63 else val for val in values])
     return kind
 
 

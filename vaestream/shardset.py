@@ -441,9 +441,10 @@ def is_shard_spec(spec: str) -> bool:
 def count_records(paths: Iterable[str], blocks: bool = False) -> dict[str, int]:
     """Records in each TFRecord file, from the framing alone (each record is an 8-byte little-endian length,
     a 4-byte CRC, the data and a 4-byte CRC): the file is read in 4 MiB blocks, not parsed. A file whose last
-    record runs past its end raises :class:`DataError` (truncated). ``blocks``: a file whose first Example leads
-    with a ``records`` feature (record blocks, block codes) counts the sum of each Example's ``records``, read
-    from its first bytes (:func:`leading_records`; the payloads are skipped); else its Examples."""
+    record runs past its end raises :class:`DataError` (truncated). ``blocks``: a file whose first Example is a
+    block (an int64 ``records`` feature: record blocks, block codes) counts the sum of each Example's
+    ``records``, read from its first bytes where it leads with it (:func:`leading_records`; the payloads are
+    skipped); else its Examples."""
     import struct
 
     from apache_beam.io.filesystem import CompressionTypes
@@ -481,9 +482,21 @@ def count_records(paths: Iterable[str], blocks: bool = False) -> dict[str, int]:
 
 
 
+def _records_feature(raw: bytes) -> int | None:
+    """The ``records`` count of a block Example (one int64 ``records``, no per-record ``key``), else None."""
+    try:
+        f = example_features(raw)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+    kind, values = f.get("records", ("none", []))
+    return values[0] if kind == "int64" and len(values) == 1 and "key" not in f else None
+
+
 def _count_blocks(path: str, f, size: int) -> int | None:
-    """Records in the open TFRecord file ``f`` of ``size`` bytes when its first Example leads with ``records``:
-    the sum of every Example's, each read from its first 64 bytes; None when the first does not. Raises
+    """Records in the open TFRecord file ``f`` of ``size`` bytes when its first Example is a block (has an int64
+    ``records`` feature): the sum of every Example's, each read from its first 64 bytes where it leads with
+    ``records`` (as the vaestream writers write it; else from the whole Example); None when the first is not a
+    block. Raises
     :class:`DataError` naming the file for a cut or corrupt one, or an Example that is not a block."""
     import struct
 
@@ -496,11 +509,14 @@ def _count_blocks(path: str, f, size: int) -> int | None:
                             f"{size})")
         (length,) = struct.unpack_from("<Q", head)
         n = leading_records(head[12:12 + min(length, 64)])
+        if n is None:  # written by another writer (features in another order): parse the whole Example
+            f.seek(pos + 12)
+            n = _records_feature(f.read(length))
         if n is None:
             if index == 0:
                 return None
-            raise DataError(f"{path}: record {index} does not lead with a records feature, the file's first does "
-                            "(a file of blocks holds blocks only)")
+            raise DataError(f"{path}: record {index} is not a block (no records feature), the file's first is (a "
+                            "file of blocks holds blocks only)")
         if pos + 16 + length > size:
             raise DataError(f"{path}: corrupt or truncated TFRecord file (block {index} ends at byte "
                             f"{pos + 16 + length}, the file has {size})")

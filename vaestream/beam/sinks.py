@@ -106,6 +106,36 @@ def block_example(batch: CodeBatch) -> bytes:
     return b"".join([b"\x0a" + shardset.leb128(body)] + parts)
 
 
+def read_block_example(raw: bytes, path: str, index: int = 0) -> CodeBatch:
+    """The CodeBatch of one serialized float code block (:func:`block_example`), parsed in Python: ``mean`` and
+    ``log_scale`` are views of ``raw``, no copy. ``index``: records of the file before it (for the message).
+    Raises :class:`DataError` naming ``path`` for a block that is not one: not an Example, float counts not
+    ``records`` x Nz each, keys neither a name + start nor ``records`` listed."""
+    where = f"{path}: code block after record {index}"
+    try:
+        f = shardset.example_features(raw)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: malformed code Example ({e})") from None
+    kinds = {name: f.get(name, ("none", []))[0] for name in ("records", "mean", "log_scale", "fingerprint")}
+    if kinds != {"records": "int64", "mean": "float", "log_scale": "float", "fingerprint": "bytes"}:
+        raise DataError(f"{where}: not a code block (features {kinds})")
+    ns, mean, ls, fps = (f[name][1] for name in ("records", "mean", "log_scale", "fingerprint"))
+    n = ns[0] if len(ns) == 1 else 0
+    if n <= 0 or len(mean) % n or len(ls) != len(mean) or len(fps) != 1:
+        raise DataError(f"{where}: {n} records with {len(mean)} mean and {len(ls)} log_scale values (need n x Nz "
+                        "of each) and one fingerprint")
+    names, starts = f.get("key_name", ("none", []))[1], f.get("key_start", ("none", []))[1]
+    keys = f.get("keys", ("none", []))[1]
+    if len(names) == 1 and len(starts) == 1 and starts[0] >= 0 and len(names[0]):
+        ks = KeyRange(bytes(names[0]).decode(), starts[0], starts[0] + n)
+    elif len(keys) == n:
+        ks = [bytes(k).decode() for k in keys]
+    else:
+        raise DataError(f"{where}: {n} records but {len(keys)} keys and no key_name + key_start")
+    return CodeBatch(path, ks, mean.astype(np.float32, copy=False).reshape(n, -1),
+                     ls.astype(np.float32, copy=False).reshape(n, -1), bytes(fps[0]).decode())
+
+
 def code_schema(latent_dim: int, coded: bool = False):
     """Parquet/Arrow schema of codes: per record key (string), mean and log_scale (fixed-size lists of Nz
     float32), fingerprint (string); coded (``--coder``): per batch keys (list of string), records (int32),
