@@ -11,7 +11,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 
-from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, KeyRange, RecordBatch,
+from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, RecordBatch,
                                      job_counter, record_key)
 from vaestream.beam.formats import file_size, open_raw, split_specs
 from vaestream.beam.model_handler import VAEModelHandler
@@ -250,15 +250,20 @@ def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator
     import tensorflow as tf
 
     spec = spec or _code_spec(path, raw[0])
+    if _is_block(spec):  # parsed in Python: mean and log_scale are views of the bytes read, no TF parse
+        from vaestream.beam.sinks import read_block_example
+
+        for r in raw:
+            b = read_block_example(r, path, index)
+            index += len(b)
+            yield b
+        return
     try:
         ex = tf.io.parse_example(tf.constant(list(raw), tf.string), spec)
     except tf.errors.InvalidArgumentError as e:
         raise DataError(f"{path}: records {index}..{index + len(raw) - 1}: malformed code Examples "
                         f"({e.message.splitlines()[0]})") from None
     fps = [v.decode() for v in ex["fingerprint"].numpy()]
-    if _is_block(spec):
-        yield from _block_batches(path, ex, fps, index)
-        return
     if "code" in ex:
         keys = tf.RaggedTensor.from_sparse(ex["keys"]).to_list()
         for i, (ks, n, fp, blob) in enumerate(zip(keys, ex["records"].numpy(), fps, ex["code"].numpy())):
@@ -271,36 +276,6 @@ def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator
     for fp in sorted(set(fps)):
         sel = [i for i, v in enumerate(fps) if v == fp] if len(set(fps)) > 1 else list(range(len(fps)))
         yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp)
-
-
-def _sparse_rows(sp, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """A parsed VarLenFeature of ``m`` Examples: (its values, each Example's start offset [m + 1])."""
-    counts = np.bincount(sp.indices.numpy()[:, 0], minlength=m) if m else np.zeros(0, np.int64)
-    return sp.values.numpy(), np.concatenate([[0], np.cumsum(counts)])
-
-
-def _block_batches(path: str, ex: dict, fps: list[str], index: int) -> Iterator[CodeBatch]:
-    """The CodeBatch of each parsed block Example (its float arrays are views of the parsed values)."""
-    ns = ex["records"].numpy()
-    m = len(ns)
-    mean, mo = _sparse_rows(ex["mean"], m)
-    ls, lo = _sparse_rows(ex["log_scale"], m)
-    keys, ko = _sparse_rows(ex["keys"], m)
-    names, starts = ex["key_name"].numpy(), ex["key_start"].numpy()
-    for i in range(m):
-        n, where = int(ns[i]), f"{path}: code block {i} (after record {index})"
-        width = mo[i + 1] - mo[i]
-        if n <= 0 or width % n or lo[i + 1] - lo[i] != width:
-            raise DataError(f"{where}: {n} records with {width} mean and {lo[i + 1] - lo[i]} log_scale values (need "
-                            "n x Nz of each)")
-        if starts[i] >= 0 and names[i]:
-            ks = KeyRange(names[i].decode(), int(starts[i]), int(starts[i]) + n)
-        elif ko[i + 1] - ko[i] == n:
-            ks = [k.decode() for k in keys[ko[i]:ko[i + 1]]]
-        else:
-            raise DataError(f"{where}: {n} records but {ko[i + 1] - ko[i]} keys and no key_name + key_start")
-        yield CodeBatch(path, ks, mean[mo[i]:mo[i + 1]].reshape(n, -1), ls[lo[i]:lo[i + 1]].reshape(n, -1), fps[i])
-        index += n
 
 
 def _varint_at(buf: bytes, i: int) -> tuple[int, int]:
