@@ -177,6 +177,66 @@ def test_block_layout_codes_are_the_bare_models_and_both_layouts_decode_alike(tr
     assert all(np.array_equal(recon["block"][k], recon["record"][k]) for k in got)
 
 
+def test_block_layout_reconstructions_are_the_bare_models_and_every_reader_reads_both(tmp_path, mnist_test,
+                                                                                      small_model):
+    """The decode job's default output (one Example per batch of reconstructions): the bare model's decoder means
+    at the codes, bit for bit, in the requested dtype, under their keys; ``--recon_layout record`` (the shard
+    layout, for tf.io.parse_example) holds the same; the summary names the layout; read_shards (also on an old
+    output whose summary does not name it), read_records and the Beam TFRecord reader read both; the output
+    check counts blocks by their records feature; a code block that does not parse is dead-lettered naming its
+    file, and read = written + dead-lettered."""
+    model_dir = str(small_model.model_dir)
+    np.save(tmp_path / "x.npy", mnist_test[:700])
+    encode.run(["--input", str(tmp_path / "x.npy"), "--model", model_dir, "--output", str(tmp_path / "codes"),
+                "--chunk_size", "256"])
+    codes = {k: m for f in sorted((tmp_path / "codes").glob("codes-*.tfrecord")) for b in vb.read_codes(str(f))
+             for k, m in zip(b.keys, b.mean)}
+    keys = [f"x.npy:{i:09d}" for i in range(700)]
+    assert sorted(codes) == keys
+    x_hat = vb.LoadedVAE.load(model_dir).decode(np.stack([codes[k] for k in keys])).reshape(700, 28, 28)
+    want = {"float32": x_hat, "uint8": np.clip(np.round(x_hat * 255.0), 0, 255).astype(np.uint8)}
+    bad = tmp_path / "codes" / "zz-bad.tfrecord"  # a code block of 4 records with the floats of 3
+    with tf.io.TFRecordWriter(str(bad)) as w:
+        w.write(vb.sinks.block_example(vb.CodeBatch("b", [f"b:{i}" for i in range(3)], np.zeros((3, 10), np.float32),
+                                                    np.zeros((3, 10), np.float32), "f" * 64)).replace(
+            b"records\x12\x05\x1a\x03\x0a\x01\x03", b"records\x12\x05\x1a\x03\x0a\x01\x04"))
+    for layout, dtype in (("block", "uint8"), ("record", "uint8"), ("block", "float32")):
+        out = tmp_path / f"rec-{layout}-{dtype}"
+        d = decode.run(["--input", str(tmp_path / "codes"), "--model", model_dir, "--output", str(out),
+                        "--output_dtype", dtype] + (["--recon_layout", "record"] if layout == "record" else []))
+        assert d["recon_layout"] == json.loads((out / "summary.json").read_text())["recon_layout"] == f"{layout}/1"
+        assert (d["records_in"], d["records"], d["dead_lettered"]) == (701, 700, 1)
+        (letter,) = [json.loads(line) for line in (out / "dead_letter.jsonl").read_text().splitlines()]
+        assert letter["key"] == str(bad) and "zz-bad.tfrecord" in letter["reason"]
+        assert "4 records with 30 mean" in letter["reason"]
+        files = [str(f) for f in sorted(out.glob("recon-*.tfrecord"))]
+        assert sum(shardset.count_records(files).values()) == (3 if layout == "block" else 700)  # Examples
+        assert sum(shardset.count_records(files, blocks=True).values()) == 700
+        got = {k.decode(): r for ks, r in shards.read_shards(str(out), batch_size=300, shuffle_buffer=0,
+                                                             with_keys=True) for k, r in zip(ks.numpy(), r.numpy())}
+        assert sorted(got) == keys
+        assert np.array_equal(np.stack([got[k] for k in keys]), want[dtype])  # bit for bit, the same dtype
+        assert sorted(map(bytes, (r.tobytes() for r in shards.read_records(files, (28, 28), dtype)))) == sorted(
+            r.tobytes() for r in want[dtype])
+        beam_read = [b for f in files for b in vb.read_range({"path": f, "kind": "tfrecord", "start": 0,
+                                                              "stop": None}, chunk_size=100)]
+        assert all(isinstance(b, vb.RecordBatch) and len(b) <= 100 for b in beam_read)
+        assert {k: r.tobytes() for b in beam_read for k, r in zip(b.keys, b.records)} == {
+            k: want[dtype][i].tobytes() for i, k in enumerate(keys)}
+    # the record layout is the shard layout: tf.io.parse_example with fixed-length features reads it
+    out = tmp_path / "rec-record-uint8"
+    raw = next(iter(tf.data.TFRecordDataset(str(next(out.glob("recon-*.tfrecord")))).batch(4)))
+    ex = tf.io.parse_example(raw, {"key": tf.io.FixedLenFeature([], tf.string),
+                                   "data": tf.io.FixedLenFeature([], tf.string)})
+    for k, v in zip(ex["key"].numpy(), tf.io.decode_raw(ex["data"], tf.uint8).numpy()):
+        assert np.array_equal(v.reshape(28, 28), want["uint8"][keys.index(k.decode())])
+    # an output written before the layout was named (no recon_layout in its summary) reads as before
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["recon_layout"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert sum(int(b.shape[0]) for b in shards.read_shards(str(out), batch_size=300, shuffle_buffer=0)) == 700
+
+
 def _poisoned_inputs(d: Path, mnist_test: np.ndarray) -> tuple[list[str], set[str], dict[str, str]]:
     """Inputs of every format with bad records planted; returns (inputs, good keys, bad key -> reason)."""
     good: set[str] = set()
