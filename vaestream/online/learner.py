@@ -27,10 +27,11 @@ through the compiled loop of batch training (:meth:`vaestream.training.Trainer.r
 first scores the whole file (the prequential bound, the file padded to a multiple of 256 records and masked)
 and then takes the first K steps: one host call and one result copy per file for both, and one compile per
 padded file size for the whole stream. The evaluation and export of a checkpoint run on a copy of its weights
-on a background thread (:class:`vaestream.online.publisher.Publisher`; ``publish_share`` bounds its busy time,
-:meth:`OnlineLearner.warm_up` traces its programs ahead); a checkpoint itself (model, optimizer, buffer, ledger) is a
-few tens of ms. The rate of new records is bounded by the mix: each new record costs ``passes / new_fraction``
-training examples (2 with the defaults) and one forward pass for its prequential score.
+on a background thread (:class:`vaestream.online.publisher.Publisher`: ~0.1 s per version, each after the first
+reusing its saved graph; ``publish_share`` bounds its busy time, :meth:`OnlineLearner.warm_up` traces its programs
+ahead); a checkpoint itself (model, optimizer, buffer, ledger) is a few tens of ms. The rate of new records is
+bounded by the mix: each new record costs ``passes / new_fraction`` training examples (2 with the defaults) and one
+forward pass for its prequential score.
 
 **Exactly-once input.** ``WORK/ledger.json`` lists the files whose effect is in the checkpoint it names,
 and the replay buffer and hold-out set of that moment (``WORK/state-STEP.npz``). It is replaced atomically
