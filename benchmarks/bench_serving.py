@@ -52,6 +52,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+BATCHING_FILE = [ROOT / "deploy" / "batching_parameters.txt"]  # --batching-file replaces it
 
 LOAD_SAVEDMODEL = """
 import time, json, sys
@@ -88,6 +89,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return -1
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``, all its threads."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_load(script: str, path: Path, dim: int, repeats: int) -> dict:
@@ -196,10 +203,20 @@ def start_server(base: Path, batching: bool, *extra: str) -> tuple[subprocess.Po
            "--port", "0", "--rest_api_port", "0", "--file_system_poll_wait_seconds", "0",
            "--rest_api_num_threads", "160", "--grpc_max_threads", "160"]
     if batching:
-        cmd += ["--enable_batching", "--batching_parameters_file", str(ROOT / "deploy" / "batching_parameters.txt")]
-    proc = subprocess.Popen(cmd + list(extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=ENV)
+        cmd += ["--enable_batching", "--batching_parameters_file", str(BATCHING_FILE[0])]
+    err = tempfile.NamedTemporaryFile("w+", prefix="serve_stderr_", suffix=".txt", delete=False)
+    proc = subprocess.Popen(cmd + list(extra), stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
+    proc.stderr_path = err.name  # the batching statistics line, printed at exit
     return proc, json.loads(proc.stdout.readline())
+
+
+def batching_stats(proc: subprocess.Popen) -> dict | None:
+    """The ``{"batching": ...}`` line ``vaestream serve`` printed to stderr at exit (requests, batches, rows)."""
+    path = getattr(proc, "stderr_path", None)
+    for line in reversed(Path(path).read_text().splitlines() if path else []):
+        if line.startswith('{"batching"'):
+            return json.loads(line)["batching"]
+    return None
 
 
 def closed_loop(transport: str, info: dict, pid: int, x: np.ndarray, clients: int, seconds: float) -> dict:
@@ -354,16 +371,17 @@ def _raw_closed_loop(transport: str, port: int, bodies: list[bytes], clients: in
     time.sleep(0.5)  # warm: connections made, batches flowing
     for xs in lat:
         xs.clear()
-    t0 = time.perf_counter()
+    c0, t0 = cpu_s(pid), time.perf_counter()
     time.sleep(seconds)
     n = sum(len(xs) for xs in lat)
-    wall = time.perf_counter() - t0
+    wall, c1 = time.perf_counter() - t0, cpu_s(pid)
     stop[0] = 0.0
     for t in threads:
         t.join(60)
     a = np.asarray([v for xs in lat for v in xs[:]]) * 1e3
     return {"requests_per_s": round(n / wall, 1), "p50_ms": round(pct(a, 50), 2), "p99_ms": round(pct(a, 99), 2),
-            "errors": int(sum(errors)), "rss_mib": round(rss_kib(pid) / 1024, 1)}
+            "errors": int(sum(errors)), "server_cpu_us_per_request": round((c1 - c0) / max(n, 1) * 1e6, 1),
+            "server_cpu_cores": round((c1 - c0) / wall, 2), "rss_mib": round(rss_kib(pid) / 1024, 1)}
 
 
 def _popen_json(cmd: list[str]) -> tuple[subprocess.Popen, dict]:
@@ -424,10 +442,12 @@ def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int
         rss1 = {k: round(rss_kib(p.pid) / 1024, 1) for k, (p, _) in procs.items()}
     finally:
         codes = {k: _stop(p) for k, (p, _) in procs.items()}
+        stats = {k: batching_stats(p) for k, (p, _) in procs.items() if k.startswith("serve")}
     out: dict = {"clients": clients, "seconds": seconds, "rounds": rounds, "cells": []}
     med = {}
     for (transport, peer), rs in runs.items():
-        m = {k: round(statistics.median(r[k] for r in rs), 2) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+        m = {k: round(statistics.median(r[k] for r in rs), 2)
+             for k in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_request", "server_cpu_cores")}
         m["errors"] = sum(r["errors"] for r in rs)
         m["rounds_req_per_s"] = [r["requests_per_s"] for r in rs]
         med[(transport, peer)] = m
@@ -441,6 +461,7 @@ def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int
     out["ratio_rest_serve_over_echo_asgi"] = round(
         med[("rest", first)]["requests_per_s"] / med[("rest", "echo_asgi")]["requests_per_s"], 3)
     out["rss_start_mib"], out["rss_end_mib"], out["exit_codes"] = rss0, rss1, codes
+    out["serve_batching"] = stats
     out["load_average"] = os.getloadavg()
     return out
 
@@ -474,7 +495,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="--vs-echo: alternated rounds (median)")
     ap.add_argument("--grpc-servers", default="asyncio,threads",
                     help="--vs-echo: vaestream serve --grpc_server kinds, comma-separated ('': the default server)")
+    ap.add_argument("--batching-file", type=Path, default=BATCHING_FILE[0],
+                    help="the batching parameters of vaestream serve (default deploy/batching_parameters.txt)")
     a = ap.parse_args()
+    BATCHING_FILE[0] = a.batching_file
 
     import tensorflow as tf
 

@@ -820,6 +820,181 @@ def test_readme_server_and_client_with_the_shipped_batching_file(export_base, lo
         stop_serve(proc)
 
 
+def _batching_file(tmp_path: Path, timeout_micros: int, threads: int = 2, extra: str = "") -> Path:
+    f = tmp_path / f"batching_{timeout_micros}.txt"
+    f.write_text(f"max_batch_size {{ value: 64 }}\nbatch_timeout_micros {{ value: {timeout_micros} }}\n"
+                 f"max_enqueued_batches {{ value: 64 }}\nnum_batch_threads {{ value: {threads} }}\n{extra}")
+    return f
+
+
+def _batching_stats(stderr: str) -> dict:
+    """The statistics line ``vaestream serve`` prints to stderr at exit."""
+    return next(json.loads(line)["batching"] for line in stderr.splitlines() if line.startswith('{"batching"'))
+
+
+@pytest.mark.parametrize("grpc_server", ["asyncio", "threads"])
+def test_32_concurrent_clients_get_the_in_process_signatures_answers(export_base, local, mnist_test, tmp_path,
+                                                                     grpc_server):
+    """32 concurrent batch-1 clients (16 gRPC, 16 REST), each sending 8 encode / quantize requests back to back
+    to a fresh ``vaestream serve`` process with batching: every answer equals the SavedModel's signature
+    called in this process on that record alone, bit for bit, and the requests were merged into batches."""
+    import tensorflow as tf
+
+    x = mnist_test[:256].reshape(256, -1).astype(np.float32) / np.float32(255)
+    want = {"encode": local.run("encode", x=x), "quantize": local.run("quantize", x=x)}
+    proc, info = start_serve(export_base, "--enable_batching", "--batching_parameters_file",
+                             str(_batching_file(tmp_path, 5000)), "--file_system_poll_wait_seconds", "0",
+                             "--grpc_server", grpc_server)
+    errors: list[str] = []
+    checked = [0] * 32
+    barrier = threading.Barrier(32)
+
+    def worker(i: int) -> None:
+        try:
+            if i % 2:
+                stub = _stub(f"127.0.0.1:{info['port']}")
+            else:
+                conn = http.client.HTTPConnection("127.0.0.1", info["rest_api_port"], timeout=60)
+            barrier.wait(60)
+            for j in range(8):
+                r, sig = i * 8 + j, ("encode", "quantize")[j % 2]
+                if i % 2:
+                    resp = stub.Predict(_predict_request(sig, x=x[r:r + 1]), timeout=60)
+                    got = {k: tf.make_ndarray(v) for k, v in resp.outputs.items()}
+                    assert resp.model_spec.version.value == 1 and resp.model_spec.signature_name == sig
+                else:
+                    conn.request("POST", "/v1/models/vae:predict", json.dumps(
+                        {"signature_name": sig, "inputs": x[r:r + 1].tolist()}), {"Content-Type": "application/json"})
+                    h = conn.getresponse()
+                    body = json.loads(h.read())
+                    assert h.status == 200, body
+                    out = body["outputs"]  # one output: the tensor itself, as TF Serving
+                    got = {k: np.asarray(v) for k, v in (out.items() if isinstance(out, dict) else
+                                                         [(next(iter(want[sig])), out)])}
+                assert sorted(got) == sorted(want[sig])
+                for k, v in got.items():
+                    np.testing.assert_array_equal(v.astype(want[sig][k].dtype), want[sig][k][r:r + 1])
+                checked[i] += 1
+        except Exception as e:  # collected and asserted below
+            errors.append(f"client {i}: {e!r}")
+
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert not errors, errors[:3]
+    assert sum(checked) == 32 * 8 and proc.returncode == 0
+    stats = _batching_stats(err)
+    assert stats["requests"] == 256 and stats["batches"] < 256  # merged
+
+
+def test_batches_are_padded_to_allowed_batch_sizes(export_base, local, records):
+    """allowed_batch_sizes 4, 8, 16: every signature call gets one of those sizes (padded with copies of the
+    batch's first row), and each request's answer is bit-identical to the SavedModel on it alone."""
+    import tensorflow as tf
+
+    from vaestream.serving.batching import BatchingParameters, pad_rows
+
+    a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(pad_rows({"x": a}, 5)["x"], np.concatenate([a, a[:1], a[:1]]))
+    assert pad_rows({"x": a}, 3)["x"] is a
+    srv = _InProcess(export_base, BatchingParameters(max_batch_size=16, batch_timeout_micros=20_000,
+                                                     num_batch_threads=1, max_enqueued_batches=100,
+                                                     allowed_batch_sizes=(4, 8, 16)))
+    sizes: list[int] = []
+    call = srv.ms.batcher._call
+    srv.ms.batcher._call = lambda s, sig, feeds: (sizes.append(len(feeds["x"])), call(s, sig, feeds))[1]
+    try:
+        jobs = [(i, records[i:i + 1 + i % 3]) for i in range(20)]
+        got: dict[int, np.ndarray] = {}
+        errors: list[str] = []
+        barrier = threading.Barrier(len(jobs))
+
+        def worker(i: int, xi: np.ndarray) -> None:
+            try:
+                barrier.wait(30)
+                r = _stub(srv.target).Predict(_predict_request("encode", x=xi), timeout=30)
+                got[i] = tf.make_ndarray(r.outputs["mean"])
+            except Exception as e:  # collected and asserted below
+                errors.append(f"{i}: {e!r}")
+
+        threads = [threading.Thread(target=worker, args=j) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        for i, xi in jobs:
+            np.testing.assert_array_equal(got[i], local.run("encode", x=xi)["mean"])
+        assert sizes and set(sizes) <= {4, 8, 16} and set(srv.ms.batcher.sizes_run) == set(sizes)
+        assert sum(len(xi) for _, xi in jobs) <= sum(sizes)
+    finally:
+        srv.close()
+
+
+def test_rest_timeout_is_answered_504_deadline_exceeded(export_base, tmp_path):
+    """A REST request still waiting for its batch after --rest_api_timeout_in_ms is answered as TF Serving
+    answers a run past its deadline: 504 (DEADLINE_EXCEEDED) with ``{"error": ...}``; the server serves on."""
+    proc, info = start_serve(export_base, "--enable_batching", "--batching_parameters_file",
+                             str(_batching_file(tmp_path, 20_000_000)), "--rest_api_timeout_in_ms", "300",
+                             "--file_system_poll_wait_seconds", "0")
+    try:
+        url = f"http://127.0.0.1:{info['rest_api_port']}"
+        status, body = post(url, {"signature_name": "encode", "inputs": [[0.5] * 784]})
+        assert status == 504 and "Deadline Exceeded" in body["error"] and "rest_api_timeout_in_ms" in body["error"]
+        status, body = raw(url, "GET", "/v1/models/vae")
+        assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("grpc_server", ["asyncio", "threads"])
+def test_sigterm_drains_in_flight_grpc_and_rest_requests(export_base, local, records, tmp_path, grpc_server):
+    """SIGTERM while a gRPC and a REST request wait for their batch (batch_timeout_micros 4 s): new RPCs and
+    new connections are refused at once, both requests in flight are answered in full and right, and the
+    process exits 0."""
+    import grpc
+    import tensorflow as tf
+
+    proc, info = start_serve(export_base, "--enable_batching", "--batching_parameters_file",
+                             str(_batching_file(tmp_path, 4_000_000, threads=1)), "--file_system_poll_wait_seconds",
+                             "0", "--grpc_server", grpc_server)
+    try:
+        stub = _stub(f"127.0.0.1:{info['port']}")
+        stub.Predict(_predict_request("quantize", x=records[:1]), timeout=30)  # connected, warm
+        in_flight = stub.Predict.future(_predict_request("quantize", x=records[1:3]), timeout=60)
+        rest: dict = {}
+        t = threading.Thread(target=lambda: rest.update(zip(("status", "body"), post(
+            f"http://127.0.0.1:{info['rest_api_port']}", {"signature_name": "quantize",
+                                                          "inputs": records[3:5].tolist()}))))
+        t.start()
+        time.sleep(1.0)  # both requests are in the server, waiting for the 4 s batch timeout
+        assert not in_flight.done()
+        proc.send_signal(__import__("signal").SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # draining
+        with pytest.raises(grpc.RpcError) as e:  # new RPCs are refused
+            _stub(f"127.0.0.1:{info['port']}").Predict(_predict_request("quantize", x=records[:1]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        import socket as so
+        with pytest.raises(OSError):  # no new REST connections
+            so.create_connection(("127.0.0.1", info["rest_api_port"]), timeout=5).close()
+        np.testing.assert_array_equal(tf.make_ndarray(in_flight.result(timeout=60).outputs["symbols"]),
+                                      local.quantize(records[1:3]))
+        t.join(60)
+        assert rest["status"] == 200 and rest["body"]["outputs"] == local.quantize(records[3:5]).tolist()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- versions --------------------------------------------------------------------------------------------------
 def test_new_version_is_hot_loaded(server, export_base, records):
     """A new version exported under the base path is picked up by polling and becomes the default; under the

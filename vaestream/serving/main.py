@@ -84,6 +84,12 @@ def serve(base_path: str | Path, model_name: str, port: int = 8500, rest_api_por
     finally:
         stop.set()
         ms.close()
+        b = ms.batcher
+        if b is not None and b.batches_run:
+            print(json.dumps({"batching": {"requests": b.tasks_run, "batches": b.batches_run,
+                                           "mean_rows": round(sum(k * v for k, v in b.sizes_run.items())
+                                                              / b.batches_run, 2),
+                                           "sizes": dict(sorted(b.sizes_run.items()))}}), file=sys.stderr)
 
 
 async def _serve_async(ms: ModelServer, host: str, port: int, rest_api_port: int, rest_kw: dict,
