@@ -152,21 +152,24 @@ class LearnedCodec:
     def symbols(self, images: np.ndarray, level: int) -> tuple[np.ndarray | None, np.ndarray]:
         """Pictures ``[B, H, W, c]`` -> (hyper-latent symbols ``[B, h'', w'', C]`` int64 or None, latent symbols
         ``[B, h, w, C]`` int64) at rate level ``level``."""
+        z, q, _ = self._symbols(images, level)
+        return z, q
+
+    def _symbols(self, images: np.ndarray, level: int):
+        """(z or None, q, each latent symbol's table index) of pictures at ``level``."""
         import tensorflow as tf
 
-        zs, qs = [], []
+        zs, qs, ts = [], [], []
         g = tf.constant(self._gain[level])
         for s in range(0, len(images), _BATCH):
             y = self._analysis(tf.constant(images[s:s + _BATCH])) * g
-            if self._hs is None:
-                zs.append(None)
-                qs.append(np.rint(y.numpy().astype(np.float64)).astype(np.int64))
-                continue
-            z = np.rint(self._ha(y).numpy().astype(np.float64)).astype(np.int64)
-            mu, _ = self._hs(z, tuple(y.shape[1:3]))
+            y64 = y.numpy().astype(np.float64)
+            z = None if self._hs is None else np.rint(self._ha(y).numpy().astype(np.float64)).astype(np.int64)
+            mu, t = self._tables_of(z, tuple(y.shape[1:3]), len(y64))
             zs.append(z)
-            qs.append(np.rint(y.numpy().astype(np.float64) - mu).astype(np.int64))
-        return (None if zs[0] is None else np.concatenate(zs)), np.concatenate(qs)
+            qs.append(np.rint(y64 - mu).astype(np.int64))
+            ts.append(t)
+        return (None if zs[0] is None else np.concatenate(zs)), np.concatenate(qs), np.concatenate(ts)
 
     def _tables_of(self, z: np.ndarray | None, grid: tuple[int, int], n: int) -> tuple[np.ndarray, np.ndarray]:
         """(the latent's mean float64 ``[n, h, w, C]``, each latent symbol's table index)."""
@@ -179,16 +182,15 @@ class LearnedCodec:
     def reconstruct(self, z: np.ndarray | None, q: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
         """Symbols -> reconstructions float32 ``[B, H * W * c]`` of pictures of ``shape`` (H, W), exactly (module
         docstring): y_hat = q + mu, the exact synthesis of y_hat g'_k, clipped to [0, 1]."""
-        out = []
-        for s in range(0, len(q), _BATCH):
-            qb = q[s:s + _BATCH]
-            mu, _ = self._tables_of(None if z is None else z[s:s + _BATCH], qb.shape[1:3], len(qb))
-            x = self._synthesis(qb + mu, level, shape)
-            out.append(np.clip(x, 0.0, 1.0).astype(np.float32).reshape(len(qb), -1))
+        mu, _ = self._tables_of(z, q.shape[1:3], len(q))
+        return self._reconstruct(q + mu, level, shape)
+
+    def _reconstruct(self, y_hat: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
+        out = [np.clip(self._synthesis(y_hat[s:s + _BATCH], level, shape), 0.0, 1.0).astype(np.float32)
+               .reshape(len(y_hat[s:s + _BATCH]), -1) for s in range(0, len(y_hat), _BATCH)]
         return np.concatenate(out) if out else np.zeros((0, int(np.prod(shape)) * self.picture_channels), np.float32)
 
-    def _symbol_bits(self, z, q) -> tuple[np.ndarray, np.ndarray]:
-        _, tq = self._tables_of(z, q.shape[1:3], len(q))
+    def _symbol_bits(self, z, q, tq) -> tuple[np.ndarray, np.ndarray]:
         main = self._coder.bits(q, tq).reshape(len(q), -1).sum(axis=1)
         side = np.zeros(len(q), np.float64)
         if z is not None:
@@ -200,19 +202,18 @@ class LearnedCodec:
         """Each record's ideal code length in bits, float64 ``[B]``: -log2 of its symbols' table probabilities,
         side stream included, container not. ``side``: (that, the side stream's part of it)."""
         images, _ = self.model_inputs(x)
-        z, q = self.symbols(images, self.level(quality))
-        main, side_bits = self._symbol_bits(z, q)
+        main, side_bits = self._symbol_bits(*self._symbols(images, self.level(quality)))
         return (main + side_bits, side_bits) if side else main + side_bits
 
     # -- frames --------------------------------------------------------------------------------------------------
-    def _payload(self, z: np.ndarray | None, q: np.ndarray) -> bytes:
+    def _payload(self, z: np.ndarray | None, q: np.ndarray, tq: np.ndarray) -> bytes:
         side = b""
         if z is not None:
             side = self._coder.encode(z, np.broadcast_to(np.arange(self.channels), z.shape))
-        _, tq = self._tables_of(z, q.shape[1:3], len(q))
         return container.varint(len(side)) + side + self._coder.encode(q, tq)
 
-    def _decode_payload(self, payload: bytes, n: int, shape: tuple[int, ...], name: str):
+    def _decode_payload(self, payload: bytes, n: int, shape: tuple[int, ...], name: str) -> np.ndarray:
+        """A frame payload of n records of ``shape`` -> y_hat = q + mu, float64 ``[n, h, w, C]``."""
         from vaestream.config import latent_grid
         from vaestream.entropy_models.hyperprior import hyper_grid
 
@@ -230,9 +231,9 @@ class LearnedCodec:
             z = self._coder.decode(payload[start:start + side_len], tz).reshape(zshape)
         elif side_len:
             raise BitstreamError(f"{name}: corrupt frame (a side stream in a factorized model's frame)")
-        _, tq = self._tables_of(z, grid, n)
+        mu, tq = self._tables_of(z, grid, n)
         q = self._coder.decode(payload[start + side_len:], tq).reshape(tq.shape)
-        return z, q
+        return q + mu
 
     def _header(self, level: int, shape: tuple[int, ...], single: bool) -> container.Header:
         from vaestream.config import latent_grid
@@ -245,9 +246,9 @@ class LearnedCodec:
                                 level=level, latent_dim=h * w * self.channels, input_shape=stored, single=single)
 
     def _frames(self, images: np.ndarray, level: int) -> list[tuple[int, bytes]]:
-        z, q = self.symbols(images, level)
+        z, q, tq = self._symbols(images, level)
         n = self.frame_records
-        return [(len(q[s:s + n]), self._payload(None if z is None else z[s:s + n], q[s:s + n]))
+        return [(len(q[s:s + n]), self._payload(None if z is None else z[s:s + n], q[s:s + n], tq[s:s + n]))
                 for s in range(0, len(q), n)]
 
     def compress(self, x, quality: float | None = None, target_bits: float | None = None,
@@ -300,10 +301,10 @@ class LearnedCodec:
         out = []
         for i, (n, payload) in enumerate(frames):
             try:
-                z, q = self._decode_payload(payload, n, shape, name)
+                y_hat = self._decode_payload(payload, n, shape, name)
             except BitstreamError as e:
                 raise BitstreamError(f"{name}: frame {i}: {e}") from None
-            out.append(self.reconstruct(z, q, level, shape))
+            out.append(self._reconstruct(y_hat, level, shape))
         return np.concatenate(out) if out else np.zeros((0, int(np.prod(shape)) * self.picture_channels), np.float32)
 
     def decompress(self, blob: bytes, name: str = "stream") -> np.ndarray:
