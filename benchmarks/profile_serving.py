@@ -40,7 +40,16 @@ STEPS = [
 ]
 
 
+IDLE = ("Condition.wait (threading.py", "EpollSelector.select (selectors.py", "Event.wait (threading.py",
+        "_worker (concurrent/futures/thread.py")
+
+
 def classify(stack: str) -> str:
+    leaf = stack.rsplit(";", 1)[-1]
+    if leaf.startswith(IDLE):  # py-spy's idle detection missed a blocked thread: not CPU
+        return "waiting (blocked, not CPU)"
+    if leaf.startswith("Handle._run (asyncio/events.py"):  # grpc.aio's Cython callbacks run by the loop
+        return "gRPC: grpc.aio (Cython callbacks on the loop)"
     for step, frags in STEPS:
         if any(f in stack for f in frags):
             return step
@@ -106,8 +115,9 @@ def main() -> None:
     # samples -> µs per request: samples / rate = CPU seconds over the load's seconds, requests in those seconds
     reqs = load["requests_per_s"] * a.seconds
     us = lambda n: round(n / a.rate / reqs * 1e6, 1)  # noqa: E731
+    idle = per_step.get("waiting (blocked, not CPU)", 0)
     out = {"transport": a.transport, "grpc_server": a.grpc_server, "load": load, "samples": total,
-           "sampled_cpu_us_per_request": us(total),
+           "sampled_cpu_us_per_request": us(total - idle),
            "steps_us_per_request": {k: us(v) for k, v in per_step.most_common()},
            "top_own_us_per_request": {k: us(v) for k, v in own.most_common(25)}}
     print(json.dumps(out, indent=1))

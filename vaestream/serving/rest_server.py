@@ -16,6 +16,7 @@ shared with nothing else, so the surface is exactly the one of ``vaestream serve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -77,7 +78,7 @@ def make_app(ms: ModelServer, max_request_bytes: int = 64 << 20, timeout_s: floa
             state["limiter"] = anyio.CapacityLimiter(num_threads)
         body = b"".join(chunks)
         try:
-            with anyio.fail_after(timeout_s):
+            async with asyncio.timeout(timeout_s):  # cheaper than anyio's cancel scope, per request
                 if ms.batcher is not None and request.method == "POST" and size <= inline_bytes:
                     status, payload = await ms.handle_async(request.method, path, body)
                     data = dumps(payload).encode()
