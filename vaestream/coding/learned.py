@@ -83,9 +83,9 @@ class LearnedCodec:
         self._coder = IndexedCoder(tables)
         em = model.entropy
         self.kind, self.channels = em.kind, em.channels
-        self._gain = np.abs(em.gain.numpy())
+        self._gain = tables.gain  # [L, C] float64, stored with the tables
         self._hs = ExactHyperSynthesis(em) if self.kind == "hyperprior" else None
-        self._synthesis = ExactSynthesis(model)
+        self._synthesis = ExactSynthesis(model, tables.inverse_gain)
         self.picture_channels = 1 if len(self.config.input_shape) == 2 else self.config.input_shape[2]
         spec = tf.TensorSpec([None, None, None, self.picture_channels], tf.float32)
         self._analysis = tf.function(lambda t: analysis(model, t), input_signature=[spec])
@@ -160,12 +160,11 @@ class LearnedCodec:
         import tensorflow as tf
 
         zs, qs, ts = [], [], []
-        g = tf.constant(self._gain[level])
         for s in range(0, len(images), _BATCH):
-            y = self._analysis(tf.constant(images[s:s + _BATCH])) * g
-            y64 = y.numpy().astype(np.float64)
-            z = None if self._hs is None else np.rint(self._ha(y).numpy().astype(np.float64)).astype(np.int64)
-            mu, t = self._tables_of(z, tuple(y.shape[1:3]), len(y64))
+            y64 = self._analysis(tf.constant(images[s:s + _BATCH])).numpy().astype(np.float64) * self._gain[level]
+            z = None if self._hs is None else np.rint(self._ha(tf.constant(y64, tf.float32)).numpy()
+                                                      .astype(np.float64)).astype(np.int64)
+            mu, t = self._tables_of(z, y64.shape[1:3], len(y64))
             zs.append(z)
             qs.append(np.rint(y64 - mu).astype(np.int64))
             ts.append(t)

@@ -39,6 +39,7 @@ from vaestream.coding.tables import ESCAPE_BITS, PRECISION, _integer_frequencies
 from vaestream.errors import BitstreamError, DataError, ModelError
 
 LEARNED_TABLES_FORMAT = 1
+"""(The gains joined the tables before any stream was kept: format 1 has them.)"""
 ENTROPY_TABLES_FILE = "entropy_tables.npz"
 
 
@@ -53,6 +54,9 @@ class LearnedTables:
       freqs: ``[T]`` uint32 arrays of frequencies (each summing to 2^24).
       channels: how many of the tables (the first) are the factorised density's, one per channel; the rest are
         the Gaussian scale tables (``hyperprior``).
+      gain, inverse_gain: float64 ``[L, C]``, each rate level's gains g_k and g'_k
+        (:meth:`vaestream.entropy_models.hyperprior.EntropyModel.gain_values`), stored so that every process uses
+        the same numbers.
     """
 
     fingerprint: str
@@ -60,12 +64,16 @@ class LearnedTables:
     lo: np.ndarray
     freqs: tuple
     channels: int
+    gain: np.ndarray
+    inverse_gain: np.ndarray
 
     def digest(self) -> bytes:
         """SHA-256 of the format, the model fingerprint and every table's integers."""
         h = hashlib.sha256(f"vaestream learned tables {LEARNED_TABLES_FORMAT} {self.kind} {self.channels}".encode())
         h.update(bytes.fromhex(self.fingerprint))
         h.update(np.ascontiguousarray(self.lo, "<i8").tobytes())
+        h.update(np.ascontiguousarray(self.gain, "<f8").tobytes())
+        h.update(np.ascontiguousarray(self.inverse_gain, "<f8").tobytes())
         for f in self.freqs:
             h.update(np.int64(len(f)).tobytes())
             h.update(np.ascontiguousarray(f, "<u4").tobytes())
@@ -76,7 +84,8 @@ class LearnedTables:
         buf = io.BytesIO()
         np.savez(buf, format=np.int64(LEARNED_TABLES_FORMAT), fingerprint=np.array(self.fingerprint),
                  kind=np.array(self.kind), channels=np.int64(self.channels), lo=self.lo.astype(np.int64),
-                 lengths=lengths, freqs=np.concatenate(self.freqs).astype(np.uint32))
+                 lengths=lengths, freqs=np.concatenate(self.freqs).astype(np.uint32),
+                 gain=self.gain.astype(np.float64), inverse_gain=self.inverse_gain.astype(np.float64))
         atomic_write(path, buf.getvalue())
 
     @classmethod
@@ -90,11 +99,12 @@ class LearnedTables:
                 lengths, flat = z["lengths"], z["freqs"]
                 ends = np.cumsum(lengths)
                 freqs = tuple(flat[e - n:e] for n, e in zip(lengths, ends))
-                t = cls(str(z["fingerprint"]), str(z["kind"]), z["lo"].astype(np.int64), freqs, int(z["channels"]))
+                t = cls(str(z["fingerprint"]), str(z["kind"]), z["lo"].astype(np.int64), freqs, int(z["channels"]),
+                        z["gain"].astype(np.float64), z["inverse_gain"].astype(np.float64))
         except (OSError, KeyError, ValueError) as e:
             raise ModelError(f"{path}: not readable entropy tables ({e})") from e
         if any(len(f) < 2 or int(f.sum(dtype=np.int64)) != 1 << PRECISION or f.min() < 1 for f in t.freqs) or \
-                len(t.lo) != len(t.freqs):
+                len(t.lo) != len(t.freqs) or t.gain.shape != t.inverse_gain.shape or not np.all(t.inverse_gain > 0):
             raise ModelError(f"{path}: malformed entropy tables (frequencies must be >= 1 and sum to 2^{PRECISION})")
         return t
 
@@ -111,7 +121,9 @@ def build_learned_tables(model) -> LearnedTables:
             k = (len(p) - 2) // 2
             los.append(-k)
             freqs.append(_integer_frequencies(p))
-    return LearnedTables(model.fingerprint(), em.kind, np.array(los, np.int64), tuple(freqs), len(lo))
+    gain, inverse_gain = em.gain_values()
+    return LearnedTables(model.fingerprint(), em.kind, np.array(los, np.int64), tuple(freqs), len(lo), gain,
+                         inverse_gain)
 
 
 class IndexedCoder:

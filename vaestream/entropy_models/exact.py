@@ -8,8 +8,8 @@ to ``rint(W 2^s)`` of b bits, each patch row to ``rint(h 2^r)`` (r from the row'
 so that K 2^(2b) < 2^53 for the K = k k C_in inputs of a row; every partial sum of the product is then an integer
 float64 holds exactly, so BLAS's summation order, blocking and threads do not matter, and ``ldexp(., -(r + s))``
 (exact) + bias (one correctly rounded addition) gives the same float64 everywhere. The only other operations are
-ReLU (a comparison), ``depth_to_space`` and crops (copies), |gain| products and ``rint`` (correctly rounded): no
-transcendental function, whose SIMD implementations differ across CPUs. That is why these models use ReLU and a
+ReLU (a comparison), ``depth_to_space`` and crops (copies), products by the stored gains and ``rint`` (correctly
+rounded): no transcendental function, whose SIMD implementations differ across CPUs. That is why these models use ReLU and a
 linear decoder mean (``ModelConfig`` checks it). A row's result depends only on its own patch, so a record's
 output never depends on its batch.
 """
@@ -94,16 +94,16 @@ class ExactHyperSynthesis:
 
 
 class ExactSynthesis:
-    """Latent maps y_hat ``[N, h, w, C]`` (float64, before the inverse gain) -> the decoder mean ``[N, H, W, c]``
-    (float64) of the model's conv decoder (ReLU, linear mean) for pictures of ``shape`` (H, W) (each sub-pixel step
-    doubles and crops to the encoder's size at that step)."""
+    """Latent maps y_hat ``[N, h, w, C]`` (float64, before the inverse gains ``inverse_gain`` [L, C]) -> the
+    decoder mean ``[N, H, W, c]`` (float64) of the model's conv decoder (ReLU, linear mean) for pictures of ``shape``
+    (H, W) (each sub-pixel step doubles and crops to the encoder's size at that step)."""
 
-    def __init__(self, model):
+    def __init__(self, model, inverse_gain: np.ndarray):
         dec = model.decoder
         self.head = ExactConv(dec.head)
         self.convs = [ExactConv(c) for c in dec.convs]
         self.maps, self.picture_channels = dec.maps, dec.picture_channels
-        self.inverse_gain = np.abs(model.entropy.inverse_gain.numpy().astype(np.float64))  # [L, C]
+        self.inverse_gain = np.asarray(inverse_gain, np.float64)  # [L, C], the stored g'_k
 
     def __call__(self, y_hat: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
         sizes = [tuple(shape)]

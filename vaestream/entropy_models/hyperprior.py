@@ -6,9 +6,12 @@ With ``ModelConfig(entropy_model=...)`` the :class:`vaestream.model.VAE` carries
 encoder's mean maps are the latent y ``[B, h, w, C]`` (its log-scale maps go unused).
 
 **Variable rate: gain vectors** (Cui et al. 2021). Level k of the L = ``len(config.rd_lambdas)`` levels has a gain
-g_k and an inverse gain g'_k in R^C (per latent map, |.| of the variables): the coded latent is y g_k and the
-synthesis sees y_hat g'_k. Training draws a level per record and minimises R + lambda_k D for it, so one model
-covers every lambda of ``rd_lambdas``.
+g_k and an inverse gain g'_k in R^C (per latent map): the coded latent is y g_k and the synthesis sees y_hat g'_k.
+Training draws a level per record and minimises R + lambda_k D for it, so one model covers every lambda of
+``rd_lambdas``. The gains are learned as logarithms (an Adam step then changes a gain by a *factor*: the levels'
+gains end up an order of magnitude apart, which additive steps of 1e-3 took thousands of steps to reach), started
+at g_k = (lambda_k / lambda_mid)^(1/2), g'_k = 1 / g_k (lambda_mid their geometric mean: a uniform quantiser's
+best step shrinks as lambda^(-1/2) at high rate). The coder uses their float64 values stored with its tables.
 
 **Entropy models.**
 
@@ -58,8 +61,10 @@ class EntropyModel(tf.Module):
         c, levels = config.latent_channels, len(config.rd_lambdas)
         self.kind, self.channels = config.entropy_model, c
         self.lambdas = tf.constant(config.rd_lambdas, tf.float32)
-        self.gain = tf.Variable(np.ones((levels, c), np.float32), name="gain")
-        self.inverse_gain = tf.Variable(np.ones((levels, c), np.float32), name="inverse_gain")
+        lams = np.asarray(config.rd_lambdas, np.float64)
+        init = np.tile((0.5 * (np.log(lams) - np.log(lams).mean()))[:, None], (1, c)).astype(np.float32)
+        self.log_gain = tf.Variable(init, name="log_gain")
+        self.log_inverse_gain = tf.Variable(-init, name="log_inverse_gain")
         n = HYPER_FILTERS
         if self.kind == "hyperprior":
             self.ha = [Conv(3, c, n, 1, rng, "ha0"), Conv(5, n, n, STRIDE, rng, "ha1"),
@@ -88,12 +93,17 @@ class EntropyModel(tf.Module):
 
     def gains(self, levels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(g, g') ``[B, 1, 1, C]`` of each record's level ``levels`` ``[B]`` (int)."""
-        g = tf.gather(tf.abs(self.gain), levels)[:, None, None, :]
-        return g, tf.gather(tf.abs(self.inverse_gain), levels)[:, None, None, :]
+        g = tf.exp(tf.gather(self.log_gain, levels))[:, None, None, :]
+        return g, tf.exp(tf.gather(self.log_inverse_gain, levels))[:, None, None, :]
+
+    def gain_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(g, g') float64 ``[L, C]``: the gains the coder stores once with its tables (so that every process
+        uses the same numbers, whatever its exp)."""
+        return tuple(np.exp(v.numpy().astype(np.float64)) for v in (self.log_gain, self.log_inverse_gain))
 
     def weights(self) -> list[tf.Variable]:
         """Every variable in a fixed order (the model fingerprint hashes them after the transform's)."""
-        out = [self.gain, self.inverse_gain]
+        out = [self.log_gain, self.log_inverse_gain]
         for conv in self.ha + self.hs:
             out += [conv.w, conv.b]
         return out + self.density.weights()
@@ -127,7 +137,7 @@ def rd_loss(model, x: tf.Tensor, seed: tf.Tensor, levels: tf.Tensor | None = Non
     b = tf.shape(x)[0]
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
     if levels is None:
-        levels = tf.random.stateless_uniform([b], seeds[0], 0, int(em.gain.shape[0]), dtype=tf.int32)
+        levels = tf.random.stateless_uniform([b], seeds[0], 0, int(em.log_gain.shape[0]), dtype=tf.int32)
     g, ig = em.gains(levels)
     y = analysis(model, tf.reshape(x, shape)) * g
     y_noisy = y + tf.random.stateless_uniform(tf.shape(y), seeds[1], -0.5, 0.5)
