@@ -820,6 +820,39 @@ def test_readme_server_and_client_with_the_shipped_batching_file(export_base, lo
         stop_serve(proc)
 
 
+def test_predict_response_wire_bytes_equal_tf_make_tensor_proto():
+    """The response written directly in the protobuf wire format parses to the PredictResponse built with
+    ``tf.make_tensor_proto``: field for field for tensors of several values (tensor_content), the same tensor
+    for single values (tensor_content where make_tensor_proto uses the typed field), every dtype and rank the
+    signatures return; request tensors are read back from tensor_content as the same arrays."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from vaestream.serving.grpc_server import _spec_bytes, predict_response_bytes, tensor_array
+
+    rng = np.random.default_rng(0)
+    outs = {"mean": rng.random((3, 20), dtype=np.float32), "symbols": rng.integers(-9, 300, (3, 20), dtype=np.int32),
+            "elbo": rng.random(3), "empty": np.zeros((0, 4), np.float32), "scalar": np.float32(2.5) * np.ones(()),
+            "codes": rng.integers(0, 2**40, (2, 2, 2), dtype=np.int64), "one": np.float32([[0.25]])}
+    got = predict_pb2.PredictResponse.FromString(predict_response_bytes(_spec_bytes("vae", 7, "encode"), outs,
+                                                                        list(outs)))
+    want = predict_pb2.PredictResponse()
+    want.model_spec.name, want.model_spec.signature_name = "vae", "encode"
+    want.model_spec.version.value = 7
+    for k, v in outs.items():
+        want.outputs[k].CopyFrom(tf.make_tensor_proto(v))
+    assert got.model_spec == want.model_spec and sorted(got.outputs) == sorted(want.outputs)
+    for k, v in outs.items():
+        if v.size > 1:
+            assert got.outputs[k] == want.outputs[k], k
+        w = tf.make_ndarray(got.outputs[k])
+        assert w.dtype == v.dtype and w.shape == v.shape
+        np.testing.assert_array_equal(w, v)
+        a = tensor_array(got.outputs[k], k)
+        assert a.dtype == v.dtype and a.shape == v.shape
+        np.testing.assert_array_equal(a, v)
+
+
 def _batching_file(tmp_path: Path, timeout_micros: int, threads: int = 2, extra: str = "") -> Path:
     f = tmp_path / f"batching_{timeout_micros}.txt"
     f.write_text(f"max_batch_size {{ value: 64 }}\nbatch_timeout_micros {{ value: {timeout_micros} }}\n"
