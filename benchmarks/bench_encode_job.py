@@ -16,7 +16,9 @@ run and on the same 784-500-20 model (the paper's MNIST architecture):
 * ``unbatched``— the same with ``max_batch_size=1`` (one model call per record), on the first 2000 records at
   the smallest N only (it is slow; its per-record rate does not depend on N);
 * ``prepare``  — ``pipelines/prepare.py`` (read, validate, shuffle, 8 shards, manifest);
-* ``decode``   — ``pipelines/decode.py`` on the encode job's codes;
+* ``decode``   — ``pipelines/decode.py`` on the encode job's codes (``--output_dtype uint8``; its default output,
+  record blocks); ``decode_record``: with ``--recon_layout record`` (one Example per record, the layout before
+  the block layout); ``decode_overlap``: with ``--inference overlap``;
 * ``beam_floor`` — Beam's own floor for a job of this shape: ``vaestream.beam.ReadRecords`` (no validation)
   of the same .npy in 4096-record chunks -> ``beam.Map`` to each chunk's raw bytes -> ``beam.io.Write`` of
   a TFRecord file sink (Beam's ``FileBasedSink`` machinery: temp files, rename at finalisation; TensorFlow's
@@ -171,7 +173,7 @@ def one_job(work: Path, n: int, job: str) -> dict:
 
     src, model = make_inputs(work, n), make_model(work)
     out = work / f"{job}-{n}"
-    if job == "decode":  # the codes to decode are made first, outside the timing
+    if job.startswith("decode"):  # the codes to decode are made first, outside the timing
         codes = work / f"encode-{n}"
         if not codes.exists():
             encode.run(["--input", str(src), "--model", str(model), "--output", str(codes)])
@@ -188,8 +190,11 @@ def one_job(work: Path, n: int, job: str) -> dict:
                         "parquet"])
     elif job == "prepare":
         s = prepare.run(["--input", str(src), "--output", str(out), "--num_shards", "8"])
-    elif job == "decode":
-        s = decode.run(["--input", str(codes), "--model", str(model), "--output", str(out), "--output_dtype", "uint8"])
+    elif job in ("decode", "decode_record", "decode_overlap"):
+        extra = {"decode": [], "decode_record": ["--recon_layout", "record"],
+                 "decode_overlap": ["--inference", "overlap"]}[job]
+        s = decode.run(["--input", str(codes), "--model", str(model), "--output", str(out), "--output_dtype", "uint8",
+                        *extra])
     else:
         raise SystemExit(f"unknown job {job}")
     wall = time.perf_counter() - t_start
@@ -372,9 +377,11 @@ def main() -> None:
                     ratios[f"encode_over_{base}"] = enc["records_per_second"] / row[base]["records_per_second"]
         if "records_per_second" in row.get("beam_floor", {}) and "records_per_second" in enc:
             ratios["encode_over_beam_floor"] = enc["records_per_second"] / row["beam_floor"]["records_per_second"]
-        dec, bare_dec = row.get("decode", {}), row.get("bare_decode", {})
-        if "records_per_second" in dec and "records_per_second" in bare_dec:
-            ratios["decode_over_bare_decode"] = dec["records_per_second"] / bare_dec["records_per_second"]
+        bare_dec = row.get("bare_decode", {})
+        for job in ("decode", "decode_record", "decode_overlap"):
+            dec = row.get(job, {})
+            if "records_per_second" in dec and "records_per_second" in bare_dec:
+                ratios[f"{job}_over_bare_decode"] = dec["records_per_second"] / bare_dec["records_per_second"]
         row["ratios"] = ratios
         results["sizes"][str(n)] = row
     fx = results["fixed"]
