@@ -15,7 +15,9 @@ a registry when the held-out bound improves.
   many steps as the online run took (end to end, one XLA compile, like the online run), and again for
   ``max(3x, that + --batch-extra-steps)`` steps (``batch_long``): the difference of the two runs is the steady
   rate without compilation (at least ``--batch-extra-steps`` x M examples, so that it is not the difference of
-  two sub-second runs on a shared machine).
+  two sub-second runs on a shared machine). The same pair also runs before the online run
+  (``batch_before_online``, unless ``--no-batch-before``); ``batch.steady_examples_per_s`` is the mean of the
+  two steady rates (other jobs on the machine come and go between them).
 * the ratios online / batch, end to end and steady (online steady: files 1-39, from the end of file 0, so
   without the first compile, with checkpoints and publications).
 * bits/record (prequential -ELBO / ln 2 of each file before it is trained on) online and for the frozen
@@ -72,7 +74,8 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
                                                        holdout_fraction=0.05, holdout_size=500,
                                                        checkpoint_every_files=args.checkpoint_every,
                                                        background_publish=background, seed=1,
-                                                       publish_share=args.publish_share))
+                                                       publish_share=args.publish_share,
+                                                       publish_interval=args.publish_interval))
     rows = []
     t0, t0_wall = time.perf_counter(), time.time()
     warm = learner.warm_up(np.load(paths[0])[:args.buffer]) if args.warm else 0.0
@@ -106,7 +109,7 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
         "steady": {"files": len(rows) - 1, "seconds": round(t1 - t_first, 3),
                    "examples_per_s": round((steps - rows[0]["steps"]) * m / (t1 - t_first), 1),
                    "new_records_per_s": round((records - rows[0]["records"]) / (t1 - t_first), 1)},
-        "publish_share": args.publish_share,
+        "publish_share": args.publish_share, "publish_interval": args.publish_interval,
         "breakdown_s": {"first_file (compiles the training chunk and the scoring; with --warm the publisher's "
                         "tracing)": round(t_first - t0, 3), "of which publisher warm-up": round(warm, 3),
                         "reading_validation_holdout": round(prep, 3),
@@ -152,6 +155,16 @@ def run_batch(model: Path, records: np.ndarray, out: Path, steps: int, args) -> 
             "examples_per_s": round(res.examples_per_second, 1)}
 
 
+def run_batch_pair(model: Path, records: np.ndarray, out: Path, steps: int, args) -> tuple[dict, dict]:
+    """Batch training for ``steps`` and for ``max(3 steps, steps + --batch-extra-steps)``; the first dict gets
+    ``steady_examples_per_s``: the difference of the two runs (the compile-free rate)."""
+    short = run_batch(model, records, out / "short", steps, args)
+    long = run_batch(model, records, out / "long", max(3 * steps, steps + args.batch_extra_steps), args)
+    short["steady_examples_per_s"] = round((long["examples"] - short["examples"]) /
+                                           max(long["seconds"] - short["seconds"], 1e-9), 1)
+    return short, long
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=40, help="files (half Fashion-MNIST, half MNIST)")
@@ -167,6 +180,12 @@ def main(argv=None) -> dict:
                          "timed with the first file's compile")
     ap.add_argument("--batch-extra-steps", type=int, default=2000,
                     help="the long batch run takes at least this many steps more than the short one")
+    ap.add_argument("--no-batch-before", action="store_true",
+                    help="measure the batch peer only after the online run (default: before and after, the "
+                         "ratios against the mean of the two steady rates)")
+    ap.add_argument("--publish-interval", type=float, default=1.0,
+                    help="OnlineConfig.publish_interval: the least seconds between two evaluations of the "
+                         "background publisher (0: every checkpoint)")
     ap.add_argument("--publish-share", type=float, default=1.0,
                     help="OnlineConfig.publish_share: the most of the wall time the background publisher is busy")
     args = ap.parse_args(argv)
@@ -193,13 +212,18 @@ def main(argv=None) -> dict:
            "load_average_start": os.getloadavg(),
            "model": "784-200-10 Bernoulli, pretrained on Fashion-MNIST", "files": args.files, "records_per_file": r}
     stream = np.concatenate(chunks)
+    before = None
+    if not args.no_batch_before:  # the same pair before the online run (about the steps it will take)
+        before = run_batch_pair(model, stream, work / "before", 10 * args.files, args)
     online = run_online(model, paths, work / "online", args, background=True)
-    batch = run_batch(model, stream, work / "batch", online["steps"], args)
-    long_steps = max(3 * online["steps"], online["steps"] + args.batch_extra_steps)
-    batch3 = run_batch(model, stream, work / "batch_long", long_steps, args)
+    batch, batch3 = run_batch_pair(model, stream, work / "after", online["steps"], args)
     inline = None if args.no_inline else run_online(model, paths, work / "online_inline", args, background=False)
-    batch["steady_examples_per_s"] = round((batch3["examples"] - batch["examples"]) /
-                                           max(batch3["seconds"] - batch["seconds"], 1e-9), 1)
+    peers = ([] if before is None else [before[0]["steady_examples_per_s"]]) + [batch["steady_examples_per_s"]]
+    batch["steady_examples_per_s_after_online"] = batch["steady_examples_per_s"]
+    batch["steady_examples_per_s"] = round(statistics.mean(peers), 1)
+    if before is not None:
+        res["batch_before_online"] = {"short": before[0], "long": before[1]}
+        batch["steady_examples_per_s_before_online"] = before[0]["steady_examples_per_s"]
     frozen = store.load_model(model)
     frozen_bits = [-dataset_elbo(frozen, x.reshape(len(x), -1).astype(np.float32) / 255.0)["elbo"] / np.log(2)
                    for x in chunks]
@@ -212,6 +236,7 @@ def main(argv=None) -> dict:
         "ratio_online_to_batch_steady": round(online["steady"]["examples_per_s"] / batch["steady_examples_per_s"], 3),
         "ratio_online_learning_to_batch_steady": round(online["learning"]["examples_per_s"] /
                                                        batch["steady_examples_per_s"], 3),
+        "ratio_online_to_each_batch_peer (before, after)": [round(online["steady"]["examples_per_s"] / b, 3) for b in peers],
         "bits_per_record": {
             "last3_before_switch": {"online": round(statistics.mean(bits[half - 3:half]), 2),
                                     "frozen": round(statistics.mean(frozen_bits[half - 3:half]), 2)},

@@ -309,3 +309,39 @@ def test_warm_up_and_publish_share(mnist_train, tmp_path):
 
     with pytest.raises(ConfigError, match="publish_share"):
         dataclasses.replace(oc, publish_share=0.0)
+
+
+def test_publish_interval_judges_the_newest_checkpoint_after_the_pause(mnist_train, tmp_path):
+    """With a publish interval, checkpoints during the pause after an evaluation are not judged one by one: the
+    newest replaces the waiting one, and ``close`` judges it at once."""
+    import dataclasses
+    import time
+
+    from vaestream.errors import ConfigError
+    from vaestream.online import OnlineLearner
+
+    mc, tc, oc = _config()
+    oc = dataclasses.replace(oc, holdout_fraction=0.1, holdout_size=200, publish_interval=1e6)
+    learner = OnlineLearner(tmp_path / "work", registry=tmp_path / "reg", model_config=mc, train_config=tc,
+                            online_config=oc)
+
+    def evaluations() -> list[dict]:
+        log = [json.loads(s) for s in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+        return [e for e in log if e["event"] == "evaluate"]
+
+    for i in range(2):  # the first checkpoint (every 2 files) is judged at once
+        learner.process_records(mnist_train[300 * i:300 * (i + 1)], source=f"part-{i}")
+    deadline = time.monotonic() + 120
+    while not evaluations() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = evaluations()
+    assert len(first) == 1
+    for i in range(2, 6):  # two more checkpoints inside the interval: none is judged yet
+        learner.process_records(mnist_train[300 * i:300 * (i + 1)], source=f"part-{i}")
+    assert len(evaluations()) == 1
+    learner.close()
+    evals = evaluations()
+    assert len(evals) == 2 and evals[-1]["step"] == int(learner.trainer.step.numpy()) > first[0]["step"]
+    with pytest.raises(ConfigError, match="publish_interval"):
+        dataclasses.replace(oc, publish_interval=-1.0)
+

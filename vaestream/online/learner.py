@@ -15,7 +15,8 @@ then enter the buffer. Memory is bounded by the buffer (uint8 for 8-bit data) an
 
 **Held-out bound and versions.** A deterministic fraction of every file (``holdout_fraction``, chosen by a
 hash of the file and record index) is never trained on; the most recent ``holdout_size`` of those form the
-held-out set (or the caller gives a fixed one). At each checkpoint the learner computes the held-out mean
+held-out set (or the caller gives a fixed one). At each checkpoint (at most one a ``publish_interval``, 1 s, the
+period at which model servers poll for versions) the learner computes the held-out mean
 ELBO of the current model and of the last published one *on the same set*; when the current one is higher
 by more than ``publish_min_improvement`` nats/record, it builds coder tables from the replay buffer and
 publishes the model as the next version of the registry (:class:`vaestream.online.registry.Registry`, an export
@@ -110,6 +111,10 @@ class OnlineConfig:
         checkpoint.
       publish_share: the most of the wall time the background publisher is busy (it pauses between
         evaluations so that its work stays under this share of one core; 1: no pause).
+      publish_interval: the least seconds between the starts of two evaluations by the background publisher
+        (a model server polls for new versions every second, TF Serving's and ``vaestream serve``'s default, so
+        versions closer than that would mostly never be served); checkpoints in between replace the waiting
+        one, and :meth:`OnlineLearner.wait` / ``close`` judge the last one at once. 0: every checkpoint.
       seed: seeds minibatch sampling and hold-out selection.
     """
 
@@ -127,6 +132,7 @@ class OnlineConfig:
     calibration_records: int = 5000
     background_publish: bool = True
     publish_share: float = 1.0
+    publish_interval: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -134,8 +140,8 @@ class OnlineConfig:
             raise ConfigError("need batch_size >= 1, buffer_size >= batch_size, steps_per_call >= 1")
         if not 0 < self.new_fraction <= 1 or not self.passes > 0 or not 0 <= self.holdout_fraction < 1:
             raise ConfigError("need 0 < new_fraction <= 1, passes > 0, 0 <= holdout_fraction < 1")
-        if not 0 < self.publish_share <= 1:
-            raise ConfigError("publish_share must be in (0, 1]")
+        if not 0 < self.publish_share <= 1 or not self.publish_interval >= 0:
+            raise ConfigError("publish_share must be in (0, 1] and publish_interval >= 0")
         if self.checkpoint_every_files < 1:
             raise ConfigError("checkpoint_every_files must be positive")
 
@@ -211,7 +217,7 @@ class OnlineLearner(Following):
         self.publisher = None if self.registry is None else Publisher(
             self.work, self.model_dir, self.registry, self.cfg.seed, self.cfg.publish_min_improvement,
             self.cfg.background_publish, self._write_log, self._record_publication, self._published, self._lock,
-            share=self.cfg.publish_share)
+            share=self.cfg.publish_share, interval=self.cfg.publish_interval)
 
     # -- state ------------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -496,9 +502,10 @@ class OnlineLearner(Following):
 
         With ``background_publish`` the weights just saved are copied and handed to a background thread that
         evaluates and exports them while learning goes on; the checkpoint never waits for it. If the thread is
-        still busy with an earlier checkpoint, this one waits in its place (a newer checkpoint replaces a
-        waiting, not yet started one: under a backlog, the newest weights are the ones judged).
-        :meth:`wait`, :meth:`close` and the end of :meth:`follow` wait until the queue is empty."""
+        still busy with an earlier checkpoint, or less than ``publish_interval`` s have passed since it started
+        one, this one waits in its place (a newer checkpoint replaces a waiting, not yet started one: the newest
+        weights are the ones judged). :meth:`wait`, :meth:`close` and the end of :meth:`follow` end the pause
+        and wait until the queue is empty."""
         if self.model is None:
             return self.ledger
         t0 = time.perf_counter()

@@ -46,12 +46,14 @@ class Publisher:
       share: the most of the wall time the background thread is busy: after a job of t seconds it starts the
         next no sooner than ``t * (1 / share - 1)`` s later (a newer checkpoint replaces the waiting one
         meanwhile; :meth:`wait` starts it at once). 1: no pause.
+      interval: the least seconds between the starts of two jobs of the background thread (the same
+        replacing and flushing). 0: none.
     """
 
     def __init__(self, work: Path, model_dir: Path, registry, seed: int, min_improvement: float, background: bool,
                  log: Callable[[dict], None], on_publish: Callable[[dict], None],
                  published: tuple[int, object] | None = None, lock: threading.RLock | None = None,
-                 share: float = 1.0):
+                 share: float = 1.0, interval: float = 0.0):
         self.work, self.model_dir, self.registry = Path(work), Path(model_dir), registry
         self.seed, self.min_improvement, self.background = seed, min_improvement, background
         self._log, self._on_publish = log, on_publish
@@ -70,7 +72,7 @@ class Publisher:
             from vaestream.errors import ConfigError
 
             raise ConfigError(f"publish share must be in (0, 1], got {share}")
-        self.share = float(share)
+        self.share, self.interval = float(share), max(0.0, float(interval))
         self._flush = threading.Event()  # set by wait(): end the pause between jobs now
 
     def _with(self, config, weights):
@@ -173,8 +175,10 @@ class Publisher:
                 with self._lock:
                     self._job = None
                 raise
-            if self.share < 1:
-                self._flush.wait((time.perf_counter() - t0) * (1.0 / self.share - 1.0))
+            busy = time.perf_counter() - t0
+            pause = max(busy * (1.0 / self.share - 1.0), self.interval - busy)
+            if pause > 0:
+                self._flush.wait(pause)
 
     def warm(self, config, weights: list[np.ndarray], calibration: np.ndarray) -> float:
         """Trace the evaluation, coder-table and export programs once, on this thread, with ``weights`` and the
