@@ -68,14 +68,16 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
     from vaestream.online import OnlineConfig, OnlineLearner
     from vaestream.training import TrainConfig
 
+    # (publish_interval is passed only to code that has it, so that this harness also measures earlier code)
+    interval = {"publish_interval": args.publish_interval} \
+        if "publish_interval" in OnlineConfig.__dataclass_fields__ else {}
     learner = OnlineLearner(work / "work", registry=work / "registry", initial_model=model,
                             train_config=TrainConfig(seed=1),
                             online_config=OnlineConfig(batch_size=args.batch, buffer_size=args.buffer,
                                                        holdout_fraction=0.05, holdout_size=500,
                                                        checkpoint_every_files=args.checkpoint_every,
                                                        background_publish=background, seed=1,
-                                                       publish_share=args.publish_share,
-                                                       publish_interval=args.publish_interval))
+                                                       publish_share=args.publish_share, **interval))
     rows = []
     t0, t0_wall = time.perf_counter(), time.time()
     warm = learner.warm_up(np.load(paths[0])[:args.buffer]) if args.warm else 0.0
@@ -109,7 +111,7 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
         "steady": {"files": len(rows) - 1, "seconds": round(t1 - t_first, 3),
                    "examples_per_s": round((steps - rows[0]["steps"]) * m / (t1 - t_first), 1),
                    "new_records_per_s": round((records - rows[0]["records"]) / (t1 - t_first), 1)},
-        "publish_share": args.publish_share, "publish_interval": args.publish_interval,
+        "publish_share": args.publish_share, "publish_interval": interval.get("publish_interval"),
         "breakdown_s": {"first_file (compiles the training chunk and the scoring; with --warm the publisher's "
                         "tracing)": round(t_first - t0, 3), "of which publisher warm-up": round(warm, 3),
                         "reading_validation_holdout": round(prep, 3),
