@@ -371,17 +371,19 @@ def _raw_closed_loop(transport: str, port: int, bodies: list[bytes], clients: in
     time.sleep(0.5)  # warm: connections made, batches flowing
     for xs in lat:
         xs.clear()
-    c0, t0 = cpu_s(pid), time.perf_counter()
+    c0, t0, l0 = cpu_s(pid), time.perf_counter(), time.process_time()
     time.sleep(seconds)
     n = sum(len(xs) for xs in lat)
-    wall, c1 = time.perf_counter() - t0, cpu_s(pid)
+    wall, c1, l1 = time.perf_counter() - t0, cpu_s(pid), time.process_time()
     stop[0] = 0.0
     for t in threads:
         t.join(60)
     a = np.asarray([v for xs in lat for v in xs[:]]) * 1e3
     return {"requests_per_s": round(n / wall, 1), "p50_ms": round(pct(a, 50), 2), "p99_ms": round(pct(a, 99), 2),
             "errors": int(sum(errors)), "server_cpu_us_per_request": round((c1 - c0) / max(n, 1) * 1e6, 1),
-            "server_cpu_cores": round((c1 - c0) / wall, 2), "rss_mib": round(rss_kib(pid) / 1024, 1)}
+            "server_cpu_cores": round((c1 - c0) / wall, 2),
+            "client_cpu_us_per_request": round((l1 - l0) / max(n, 1) * 1e6, 1),
+            "load_cores": round(os.getloadavg()[0], 2), "rss_mib": round(rss_kib(pid) / 1024, 1)}
 
 
 def _popen_json(cmd: list[str]) -> tuple[subprocess.Popen, dict]:
@@ -447,7 +449,8 @@ def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int
     med = {}
     for (transport, peer), rs in runs.items():
         m = {k: round(statistics.median(r[k] for r in rs), 2)
-             for k in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_request", "server_cpu_cores")}
+             for k in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_request", "server_cpu_cores",
+                       "client_cpu_us_per_request")}
         m["errors"] = sum(r["errors"] for r in rs)
         m["rounds_req_per_s"] = [r["requests_per_s"] for r in rs]
         med[(transport, peer)] = m
@@ -458,6 +461,11 @@ def vs_echo(base: Path, x: np.ndarray, seconds: float, clients: int, rounds: int
             out[f"ratio_grpc_{peer}_over_best_echo"] = round(m["requests_per_s"] / g_echo, 3)
             out[f"ratio_grpc_{peer}_over_echo_threads"] = round(
                 m["requests_per_s"] / med[("grpc", "echo_threads")]["requests_per_s"], 3)
+    # if the two cores were the only limit: requests/s ~ cores / (client + server CPU per request), so the
+    # ratio the CPU alone allows is (echo's client + server CPU) / (serve's client + server CPU)
+    cpu = {k: m["server_cpu_us_per_request"] + m["client_cpu_us_per_request"] for k, m in med.items()}
+    out["cpu_bound_ratio"] = {f"{t}_{p}": round(cpu[(t, "echo_threads" if t == "grpc" else "echo_asgi")] / c, 3)
+                              for (t, p), c in cpu.items() if p.startswith("serve")}
     out["ratio_rest_serve_over_echo_asgi"] = round(
         med[("rest", first)]["requests_per_s"] / med[("rest", "echo_asgi")]["requests_per_s"], 3)
     out["rss_start_mib"], out["rss_end_mib"], out["exit_codes"] = rss0, rss1, codes
