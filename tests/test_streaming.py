@@ -219,8 +219,9 @@ def test_watch_files_encodes_each_new_file_once(coded_model, mnist_test, tmp_pat
     sources = [os.path.basename(s) for w in wins for s in w["sources"]]
     assert sorted(sources) == ["early.npy", "late-arrival-0.npy", "late-arrival-1.npy", "late-arrival-2.npy"]
     assert summary["records"] == 64 + 150 and summary["files_found"] == 5
-    # --max-latency 2: the window (1 s) is within 2/2, the poll capped at 2/10 s
-    assert summary["max_latency_s"] == 2.0 and summary["window_s"] == 1.0 and summary["poll_s"] == pytest.approx(0.2)
+    # --max-latency 2: the window (1 s) capped at 2/3 s, the poll at 2/10 s
+    assert summary["max_latency_s"] == 2.0 and summary["window_s"] == pytest.approx(2 / 3)
+    assert summary["poll_s"] == pytest.approx(0.2)
     assert 1 <= summary["polls_with_files"] <= 5
     assert [os.path.basename(d["source"]) for d in bs.read_dead_letters(str(out))] == ["broken.npy"]
     assert json.loads((out / "summary.json").read_text())["records"] == 214
@@ -329,8 +330,8 @@ def test_max_latency_sizes_window_and_poll():
     from vaestream.beam.jobs import stream_encode
     from vaestream.errors import ConfigError
 
-    cfg = bs.StreamConfig(max_latency=3.0)                 # window <= L/2, poll <= L/10
-    assert cfg.window == 1.5 and cfg.poll_interval(1.0) == pytest.approx(0.3) and cfg.poll_interval(0.1) == 0.1
+    cfg = bs.StreamConfig(max_latency=3.0)                 # window <= L/3, poll <= L/10
+    assert cfg.window == 1.0 and cfg.poll_interval(1.0) == pytest.approx(0.3) and cfg.poll_interval(0.1) == 0.1
     assert bs.StreamConfig.for_max_latency(3.0, window=1.0).window == 1.0
     assert bs.StreamConfig(window=10).poll_interval(1.0) == 1.0
     with pytest.raises(ConfigError, match="max_latency"):

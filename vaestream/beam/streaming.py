@@ -236,7 +236,7 @@ class StreamConfig:
     the windowing.
 
     ``max_latency`` (see :meth:`for_max_latency`): the bound, in seconds, from a file's arrival to its codes
-    on disk that the window (at most ``max_latency / 2``) and, in :func:`run_stream`, the poll interval (at
+    on disk that the window (at most ``max_latency / 3``) and, in :func:`run_stream`, the poll interval (at
     most ``max_latency / 10``) are sized for.
 
     ``score_every``: the drift signal's sample, one record in ``score_every`` by key hash
@@ -270,7 +270,7 @@ class StreamConfig:
         if self.max_latency is not None:
             if not self.max_latency > 0:
                 raise ConfigError(f"max_latency must be positive, got {self.max_latency}")
-            self.window = min(self.window, self.max_latency / 2.0)   # the rule of for_max_latency
+            self.window = min(self.window, self.max_latency / 3.0)   # the rule of for_max_latency
 
     @classmethod
     def for_max_latency(cls, max_latency: float, window: float | None = None, **kw) -> "StreamConfig":
@@ -280,12 +280,15 @@ class StreamConfig:
         the window's end, then for its round (read, encode, write) and the round queued ahead of it:
 
             latency <= poll + W + poll + 2 R,   with  poll = max_latency / 10  (:meth:`poll_interval`),
-            W = max_latency / 2,
+            W = max_latency / 3,
 
-        leaving 0.3 max_latency for the two rounds (R <= 0.15 max_latency: at a sustained rate r records/s
+        leaving ~0.47 max_latency for the two rounds (R <= 0.23 max_latency: at a sustained rate r records/s
         and a runner speed v records/s a round of the backpressured watcher takes about c / (1 - r/v), c its
-        fixed cost). A given ``window`` is kept when it is shorter. The gate steps once per window."""
-        return cls(window=max_latency / 2.0 if window is None else window, max_latency=max_latency, **kw)
+        fixed cost). (With W = max_latency / 2 the rounds had 0.3 max_latency: at 3 s, a broker stream near
+        the job's speed on two shared cores missed it, p99 2.6-3.1 s; with 1-s windows p99 was 1.9 s:
+        ``benchmarks/RESULTS_streaming.md``.) A given ``window`` is kept when it is shorter. The gate steps once
+        per window."""
+        return cls(window=max_latency / 3.0 if window is None else window, max_latency=max_latency, **kw)
 
     def poll_interval(self, requested: float) -> float:
         """The watcher's poll interval: ``requested``, at most ``max_latency / 10`` when that is set."""

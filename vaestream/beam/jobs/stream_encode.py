@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between looks for new files (default 1)")
     parser.add_argument("--max_latency", "--max-latency", type=float, default=None, metavar="SECONDS",
                         help="size windows and polls so that a file's codes are on disk within SECONDS of its "
-                             "arrival: window = min(--window, SECONDS/2), poll = min(--poll_interval, SECONDS/10)")
+                             "arrival: window = min(--window, SECONDS/3), poll = min(--poll_interval, SECONDS/10)")
     parser.add_argument("--stop_after", "--stop-after", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--idle_timeout", "--idle-timeout", type=float, default=None,
                         help="stop when no new file (message, with --source) appeared for S seconds")
