@@ -2,7 +2,7 @@
 same closed-loop load shape as bench_serving.py's matrix (N client threads, one channel each, back-to-back
 unary calls with a 3,136-byte body: one 784-float32 record), against grpcio's thread-pool server and its
 asyncio server. Whatever `vaestream serve` does per request, it cannot beat this on the same cores, so it
-bounds what issue 15's target (>= 50 % of the in-process batched throughput) can reach here.
+bounds what any throughput target for the server (e.g. a share of in-process batching) can reach here.
 
     python benchmarks/bench_grpc_ceiling.py [--clients 1 8 32] [--seconds 3]
     python benchmarks/bench_grpc_ceiling.py --serve-echo {grpc-threads,grpc-aio,asgi}
