@@ -4,6 +4,8 @@
 * :mod:`~vaestream.coding.range_coder` -- the range coder of the lossy path (symbols <-> payload bytes);
 * :mod:`~vaestream.coding.container` -- the self-describing container (header, index, blocks);
 * :mod:`~vaestream.coding.codec` -- the lossy codec: model + tables + container (``vaestream.load``);
+* :mod:`~vaestream.coding.learned` -- the coder of a model with a learned entropy model (``vaestream.load`` returns
+  it for one): side stream, integer tables indexed by quantised scale (:mod:`~vaestream.coding.learned_tables`);
 * :mod:`~vaestream.coding.rdo` -- rate-distortion optimised quantisation (an encoder-side search; same streams);
 * :mod:`~vaestream.coding.family` -- operating points over a family of models (``OperatingPoint``, ``choose``);
 * :mod:`~vaestream.coding.per_record` -- each record at its own operating point of a family, one stream;
