@@ -29,7 +29,8 @@ import bench_serving as bs  # noqa: E402
 STEPS = [
     ("signature call (TF)", ("_call (vaestream/serving/server.py",)),
     ("batcher: merge, pad, split, wake", ("_execute (vaestream/serving/batching.py",
-                                          "_run (vaestream/serving/batching.py", "_settle (vaestream/serving/batching.py",
+                                          "_run (vaestream/serving/batching.py",
+                                          "_settle (vaestream/serving/batching.py",
                                           "_enqueue (vaestream/serving/batching.py",
                                           "_worker (vaestream/serving/batching.py")),
     ("request -> arrays (proto / JSON parse, checks)", ("parse_predict (", "_parse_predict (", "_check (")),

@@ -23,9 +23,10 @@ becomes a NumPy view (``np.frombuffer``, no ``tf.make_ndarray``; inputs sent in 
 through ``tf.make_ndarray``), and the response is written directly in the protobuf wire format (the outputs'
 bytes as ``tensor_content``, the ``ModelSpec`` serialised once per version and signature): the tensors
 ``tf.make_tensor_proto`` builds, field for field when a tensor holds several values (a single value goes in
-``tensor_content`` too, where ``make_tensor_proto`` uses the typed field; ``tf.make_ndarray`` reads both). Two servers: :func:`make_grpc_server` (grpcio's thread pool;
-a request waits for its batch on its thread) and :func:`make_grpc_aio_server` (``grpc.aio``: the requests are
-coroutines on one event loop and wait for their batch on futures, with no thread per request).
+``tensor_content`` too, where ``make_tensor_proto`` uses the typed field; ``tf.make_ndarray`` reads both).
+Two servers: :func:`make_grpc_server` (grpcio's thread pool; a request waits for its batch on its thread) and
+:func:`make_grpc_aio_server` (``grpc.aio``: the requests are coroutines on one event loop and wait for their
+batch on futures, with no thread per request).
 """
 
 from __future__ import annotations
