@@ -9,9 +9,9 @@ so that K 2^(2b) < 2^53 for the K = k k C_in inputs of a row; every partial sum 
 float64 holds exactly, so BLAS's summation order, blocking and threads do not matter, and ``ldexp(., -(r + s))``
 (exact) + bias (one correctly rounded addition) gives the same float64 everywhere. The only other operations are
 ReLU (a comparison), ``depth_to_space`` and crops (copies), products by the stored gains and ``rint`` (correctly
-rounded): no transcendental function, whose SIMD implementations differ across CPUs. That is why these models use ReLU and a
-linear decoder mean (``ModelConfig`` checks it). A row's result depends only on its own patch, so a record's
-output never depends on its batch.
+rounded): no transcendental function, whose SIMD implementations differ across CPUs. That is why these models use
+ReLU and a linear decoder mean (``ModelConfig`` checks it). A row's result depends only on its own patch, so a
+record's output never depends on its batch.
 """
 
 from __future__ import annotations
