@@ -1002,11 +1002,11 @@ def test_sigterm_drains_in_flight_grpc_and_rest_requests(export_base, local, rec
         stub = _stub(f"127.0.0.1:{info['port']}")
         stub.Predict(_predict_request("quantize", x=records[:1]), timeout=30)  # connected, warm
         in_flight = stub.Predict.future(_predict_request("quantize", x=records[1:3]), timeout=60)
-        rest: dict = {}
-        t = threading.Thread(target=lambda: rest.update(zip(("status", "body"), post(
-            f"http://127.0.0.1:{info['rest_api_port']}", {"signature_name": "quantize",
-                                                          "inputs": records[3:5].tolist()}))))
-        t.start()
+        import socket as so
+        body = json.dumps({"signature_name": "quantize", "inputs": records[3:5].tolist()}).encode()
+        s = so.create_connection(("127.0.0.1", info["rest_api_port"]), timeout=60)
+        s.sendall(b"POST /v1/models/vae:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         time.sleep(1.0)  # both requests are in the server, waiting for the 4 s batch timeout
         assert not in_flight.done()
         proc.send_signal(__import__("signal").SIGTERM)
@@ -1015,13 +1015,17 @@ def test_sigterm_drains_in_flight_grpc_and_rest_requests(export_base, local, rec
         with pytest.raises(grpc.RpcError) as e:  # new RPCs are refused
             _stub(f"127.0.0.1:{info['port']}").Predict(_predict_request("quantize", x=records[:1]), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        import socket as so
         with pytest.raises(OSError):  # no new REST connections
             so.create_connection(("127.0.0.1", info["rest_api_port"]), timeout=5).close()
         np.testing.assert_array_equal(tf.make_ndarray(in_flight.result(timeout=60).outputs["symbols"]),
                                       local.quantize(records[1:3]))
-        t.join(60)
-        assert rest["status"] == 200 and rest["body"]["outputs"] == local.quantize(records[3:5]).tolist()
+        data = b""
+        while chunk := s.recv(65536):  # shutting down: the server closes the connection after the answer
+            data += chunk
+        s.close()
+        head, payload = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert json.loads(payload)["outputs"] == local.quantize(records[3:5]).tolist()
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
