@@ -92,12 +92,16 @@ def test_bits_fall_as_lambda_falls(trained, codec):
     assert z.shape == (len(x), 2, 2, 8)
 
 
-def _fresh_decode(model_dir: Path, stream: Path, out: Path, env: dict, records: str = "") -> dict:
-    """Decode ``stream`` (``records``: comma-separated indices, or all) in a fresh process with ``env``; returns
-    the NumPy CPU features that process had."""
-    code = ("import sys, json, numpy as np, vaestream; c = vaestream.load(sys.argv[1]); "
-            "r = sys.argv[4]; idx = None if not r else [int(v) for v in r.split(',')]; "
-            "np.save(sys.argv[3], c.read(sys.argv[2], idx)); "
+def _fresh_run(model_dir: Path, stream: Path, out: Path, env: dict, records: str = "") -> dict:
+    """In a fresh process with ``env``: decode ``stream`` (``records``: comma-separated indices, or all) into
+    ``out`` (.npy), and compress ``out.with_suffix('.x.npy')``'s records at the stream's quality into
+    ``out.with_suffix('.vz')``; returns the NumPy CPU features that process had."""
+    code = ("import sys, io, json, numpy as np, vaestream; from pathlib import Path; "
+            "from vaestream.coding.container import read_header; "
+            "c = vaestream.load(sys.argv[1], frame_records=64); "
+            "r = sys.argv[4]; idx = None if not r else [int(v) for v in r.split(',')]; out = Path(sys.argv[3]); "
+            "np.save(out, c.read(sys.argv[2], idx)); q = read_header(open(sys.argv[2], 'rb')).quality; "
+            "out.with_suffix('.vz').write_bytes(c.compress(np.load(out.with_suffix('.x.npy')), quality=q)); "
             "from numpy._core._multiarray_umath import __cpu_features__ as f; print(json.dumps(f))")
     r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(stream), str(out), records],
                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env}, capture_output=True, text=True)
@@ -105,16 +109,19 @@ def _fresh_decode(model_dir: Path, stream: Path, out: Path, env: dict, records: 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_decode_bit_identical_in_fresh_processes(trained, codec, tmp_path):
-    """A file of 300 records (5 frames) decodes to the same float32 bits as in this process: in fresh processes with
-    oneDNN limited to AVX2 / SSE4.1, NumPy's AVX-512 dispatch off, one or four BLAS threads, and records read in
-    another batching (random access to a scattered subset)."""
+def test_bit_identical_in_fresh_processes(trained, codec, tmp_path):
+    """A file of 300 records (5 frames) decodes to the same float32 bits as in this process, and the records
+    compress to the same bytes: in fresh processes with oneDNN limited to AVX2 / SSE4.1, NumPy's AVX-512 dispatch
+    off, one, two or four BLAS threads, and records read in another batching (random access to a scattered subset);
+    a record's symbols do not depend on its batch."""
     from numpy._core._multiarray_umath import __cpu_dispatch__
 
     model_dir, x = trained
     stream = tmp_path / "x.vz"
-    codec.write(stream, x, quality=codec.qualities[1])
+    q = codec.qualities[1]
+    codec.write(stream, x, quality=q)
     want = codec.read(stream)
+    blob = codec.compress(x, quality=q)
     assert want.dtype == np.float32 and want.shape == (300, 784)
     off = " ".join(f for f in ("X86_V4", "AVX512_ICL", "AVX512_SPR", "AVX512_SKX", "AVX512F") if f in __cpu_dispatch__)
     runs = {"avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_DISABLE_CPU_FEATURES": off, "OPENBLAS_NUM_THREADS": "1"},
@@ -125,13 +132,18 @@ def test_decode_bit_identical_in_fresh_processes(trained, codec, tmp_path):
     runs["subset"] = ({"OPENBLAS_NUM_THREADS": "2"}, ",".join(map(str, subset)))
     for name, (env, records) in runs.items():
         out = tmp_path / f"{name}.npy"
-        cpu = _fresh_decode(model_dir, stream, out, env, records)
+        np.save(out.with_suffix(".x.npy"), x)
+        cpu = _fresh_run(model_dir, stream, out, env, records)
         assert not any(cpu.get(f) for f in env.get("NPY_DISABLE_CPU_FEATURES", "").split()), (name, cpu)
         got = np.load(out)
         expect = want[subset] if records else want
         assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expect.view(np.uint32)), name
-    assert np.array_equal(codec.decompress(codec.compress(x[:7], quality=codec.qualities[1])),
-                          codec.read(stream, list(range(7))))
+        assert out.with_suffix(".vz").read_bytes() == blob, name
+    images, _ = codec.model_inputs(x)
+    z7, q7 = codec.symbols(images[:7], 1)
+    z, q_all = codec.symbols(images, 1)
+    assert np.array_equal(z7, z[:7]) and np.array_equal(q7, q_all[:7])
+    assert np.array_equal(codec.decompress(codec.compress(x[:7], quality=q)), codec.read(stream, list(range(7))))
 
 
 def test_flipped_bit_in_side_stream_refused(trained, codec):

@@ -10,15 +10,14 @@
 one-byte ladder codes 127 + k): a larger quality is a coarser level, as on the codec's ladder. ``target_bits``
 picks the finest level whose stream fits.
 
-**Encoding** a frame of records at level k (:mod:`vaestream.entropy_models.hyperprior`): y = analysis(x) g_k
-(TensorFlow, float32); ``hyperprior``: z = rint(h_a(y)), (mu, j) = the exact hyper-synthesis of z
-(:mod:`vaestream.entropy_models.exact`), symbols q = rint(y - mu) under Gaussian table j; ``factorized``: q =
-rint(y) under its channel's table. **Decoding** needs only the stream, the stored integer tables and the exact
-float64 networks: z, then (mu, j), then q, y_hat = q + mu, the synthesis of y_hat g'_k, clipped to [0, 1] and
-rounded once to float32. Every step is exact or correctly rounded, so the decoded records are bit-identical in
-every process, batch, thread count and CPU instruction set. (The encoder's y and z are TensorFlow float32: a
-record coded in another batch or on another CPU may get other symbols, and then decodes, exactly, to what those
-symbols say.)
+**Encoding** a frame of records at level k (:mod:`vaestream.entropy_models.hyperprior`): y = analysis(x) g_k;
+``hyperprior``: z = rint(h_a(y)), (mu, j) = the hyper-synthesis of z, symbols q = rint(y - mu) under Gaussian
+table j; ``factorized``: q = rint(y) under its channel's table. **Decoding** needs only the stream, the stored
+integer tables and the networks: z, then (mu, j), then q, y_hat = q + mu, the synthesis of y_hat g'_k, clipped to
+[0, 1] and rounded once to float32. Every network runs in exact float64 NumPy
+(:mod:`vaestream.entropy_models.exact`; TensorFlow only trains), every other step is exact or correctly rounded,
+so a record's symbols, its stream bytes and its decoded floats are bit-identical in every process, batch, thread
+count and CPU instruction set.
 
 **Other sizes.** The transforms are fully convolutional: records of any H' x W' (same channels) are coded, the
 stride-2 SAME convolutions padding them to the stride, and decoded to the header's shape (the sub-pixel steps
@@ -66,10 +65,7 @@ class LearnedCodec:
 
     def __init__(self, model, tables: LearnedTables, quality: float | None = None,
                  frame_records: int = DEFAULT_FRAME_RECORDS, name: str = "model"):
-        import tensorflow as tf
-
-        from vaestream.entropy_models.exact import ExactHyperSynthesis, ExactSynthesis
-        from vaestream.entropy_models.hyperprior import analysis
+        from vaestream.entropy_models.exact import ExactAnalysis, ExactHyperSynthesis, ExactSynthesis
 
         self.model, self.config, self.name = model, model.config, name
         self.fingerprint: str = model.fingerprint()
@@ -87,10 +83,7 @@ class LearnedCodec:
         self._hs = ExactHyperSynthesis(em) if self.kind == "hyperprior" else None
         self._synthesis = ExactSynthesis(model, tables.inverse_gain)
         self.picture_channels = 1 if len(self.config.input_shape) == 2 else self.config.input_shape[2]
-        spec = tf.TensorSpec([None, None, None, self.picture_channels], tf.float32)
-        self._analysis = tf.function(lambda t: analysis(model, t), input_signature=[spec])
-        zspec = tf.TensorSpec([None, None, None, self.channels], tf.float32)
-        self._ha = tf.function(em.hyper_analysis, input_signature=[zspec]) if self._hs else None
+        self._analysis = ExactAnalysis(model)
         self.quality = quality
 
     # -- rate levels ---------------------------------------------------------------------------------------------
@@ -157,13 +150,10 @@ class LearnedCodec:
 
     def _symbols(self, images: np.ndarray, level: int):
         """(z or None, q, each latent symbol's table index) of pictures at ``level``."""
-        import tensorflow as tf
-
         zs, qs, ts = [], [], []
         for s in range(0, len(images), _BATCH):
-            y64 = self._analysis(tf.constant(images[s:s + _BATCH])).numpy().astype(np.float64) * self._gain[level]
-            z = None if self._hs is None else np.rint(self._ha(tf.constant(y64, tf.float32)).numpy()
-                                                      .astype(np.float64)).astype(np.int64)
+            y64 = self._analysis.latent(images[s:s + _BATCH]) * self._gain[level]
+            z = None if self._hs is None else self._analysis.hyper_latent(y64)
             mu, t = self._tables_of(z, y64.shape[1:3], len(y64))
             zs.append(z)
             qs.append(np.rint(y64 - mu).astype(np.int64))

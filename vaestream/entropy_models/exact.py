@@ -28,40 +28,50 @@ CHUNK_ROWS = 8192
 """Patch rows per chunk of a convolution (a speed setting only: each row's result is its own)."""
 
 
+def _same(size: int, k: int, stride: int) -> tuple[int, int, int]:
+    """TF's SAME padding: (output size ceil(size / stride), padding before, padding after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return out, total // 2, total - total // 2
+
+
 class ExactConv:
-    """A k x k convolution of stride 1, SAME padding, on float64 ``[N, H, W, C_in]`` with exact products."""
+    """A k x k convolution of stride 1 or 2, TF's SAME padding, on float64 ``[N, H, W, C_in]`` with exact
+    products."""
 
     def __init__(self, conv):
         w = conv.w.numpy().astype(np.float64)
         self.k, c_in, self.c_out = int(w.shape[0]), int(w.shape[2]), int(w.shape[3])
-        if int(conv.stride) != 1:
-            raise ValueError("ExactConv computes stride-1 convolutions (the decoder's)")
+        self.stride = int(conv.stride)
         self.wq, self.s, self.bits = quantize_weights(w.reshape(self.k * self.k * c_in, self.c_out))
         self.b = conv.b.numpy().astype(np.float64)
 
     def __call__(self, t: np.ndarray) -> np.ndarray:
         n, h, w, _ = t.shape
-        step = max(1, CHUNK_ROWS // (h * w))  # records per chunk: the patch rows stay cache-sized
-        out = np.empty((n, h, w, self.c_out), np.float64)
+        ho, wo = _same(h, self.k, self.stride)[0], _same(w, self.k, self.stride)[0]
+        step = max(1, CHUNK_ROWS // (ho * wo))  # records per chunk: the patch rows stay cache-sized
+        out = np.empty((n, ho, wo, self.c_out), np.float64)
         for s in range(0, n, step):
             out[s:s + step] = self._rows(t[s:s + step])
         return out
 
     def _rows(self, t: np.ndarray) -> np.ndarray:
         n, h, w, c = t.shape
-        p = self.k // 2
-        pad = np.zeros((n, h + 2 * p, w + 2 * p, c), np.float64)
-        pad[:, p:p + h, p:p + w] = t
+        k, st = self.k, self.stride
+        (ho, top, bottom), (wo, left, right) = _same(h, k, st), _same(w, k, st)
+        pad = np.zeros((n, h + top + bottom, w + left + right, c), np.float64)
+        pad[:, top:top + h, left:left + w] = t
         # patches in (ky, kx, c) order, the order of the filter [k, k, C_in, C_out] flattened
-        rows = np.concatenate([pad[:, i:i + h, j:j + w] for i in range(self.k) for j in range(self.k)], axis=-1)
-        rows = rows.reshape(-1, self.k * self.k * c)
+        rows = np.concatenate([pad[:, i:i + st * (ho - 1) + 1:st, j:j + st * (wo - 1) + 1:st]
+                               for i in range(k) for j in range(k)], axis=-1)
+        rows = rows.reshape(-1, k * k * c)
         _, e = np.frexp(np.max(np.abs(rows), axis=1, keepdims=True))
         r = np.minimum(self.bits - e, 960)  # (bounded: 2^r stays finite for subnormal rows)
         rows *= np.ldexp(1.0, r)  # times a power of two: exact
         np.rint(rows, out=rows)
         y = (rows @ self.wq) * np.ldexp(1.0, -(r + self.s))
         y += self.b
-        return y.reshape(n, h, w, self.c_out)
+        return y.reshape(n, ho, wo, self.c_out)
 
 
 def relu(t: np.ndarray) -> np.ndarray:
@@ -91,6 +101,32 @@ class ExactHyperSynthesis:
         c = out.shape[-1] // 2
         idx = np.clip(np.rint(out[..., c:]), 0, SCALE_LEVELS - 1).astype(np.int64)
         return out[..., :c], idx
+
+
+class ExactAnalysis:
+    """Pictures ``[N, H, W, c]`` (float64) -> (the latent y ``[N, h, w, C]``, and with ``entropy`` the hyper-latent
+    symbols ``rint(h_a(y g))``) in exact float64: the encoder's stride-2 convolutions, ReLU, its head's mean maps
+    (:func:`vaestream.entropy_models.hyperprior.analysis`) and the hyper-analysis. Encoding with it makes a
+    record's symbols as machine-independent as its decoding."""
+
+    def __init__(self, model):
+        enc = model.encoder
+        self.convs = [ExactConv(c) for c in enc.convs]
+        self.head = ExactConv(enc.head)
+        self.ha = [ExactConv(c) for c in model.entropy.ha]
+
+    def latent(self, images: np.ndarray) -> np.ndarray:
+        t = np.asarray(images, np.float64)
+        for conv in self.convs:
+            t = relu(conv(t))
+        out = self.head(t)
+        return out[..., :out.shape[-1] // 2]
+
+    def hyper_latent(self, y: np.ndarray) -> np.ndarray:
+        """rint(h_a(y)) int64 ``[N, h'', w'', C]`` of the gained latent ``y``."""
+        t = relu(self.ha[0](y))
+        t = relu(self.ha[1](t))
+        return np.rint(self.ha[2](t)).astype(np.int64)
 
 
 class ExactSynthesis:
