@@ -12,7 +12,9 @@ A shard set is a directory of TFRecord files of ``tf.train.Example`` records plu
 
 Model inputs are ``x = data * scale`` (``scale`` = 1/255 for uint8 images), flattened to ``D`` values.
 
-The same Example layout carries decoded reconstructions (``pipelines/decode.py``); latent codes use
+The same Example layout carries decoded reconstructions with ``--recon_layout record``; by default the decode
+job writes record blocks instead, one Example per batch of records (:func:`record_block`, read back by
+:func:`parse_record_block`; FORMAT.md §8.1). Latent codes use
 ``key``, ``mean``, ``log_scale`` (float lists of Nz) and ``fingerprint`` (see :mod:`vaestream.beam`).
 :func:`serialize_examples` builds many Examples at once (the constant parts of the wire format are laid out
 once per batch with NumPy); it produces bytes identical in meaning to ``tf.train.Example.SerializeToString``
