@@ -219,3 +219,68 @@ def test_cli_train_compress_decompress(tmp_path, capsys):
     assert [r["lmbda"] for r in rows] == [3000.0, 300.0]
     assert all(r["bits_per_record"] >= r["ideal_bits_per_record"] > 0 and r["side_bits_per_record"] == 0
                for r in rows)
+
+
+# -- the SavedModel export and vaestream serve -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hyper_export(trained, tmp_path_factory):
+    """An export of the trained model at its middle rate level (the export's base directory)."""
+    from vaestream.coding.learned import level_quality
+    from vaestream.serving.export import export
+
+    base = tmp_path_factory.mktemp("hyper_export")
+    export(trained[0], base, quality=level_quality(1))
+    return base
+
+
+def test_export_equals_codec_in_fresh_process(trained, codec, hyper_export, tmp_path):
+    """Loaded in a fresh process (oneDNN limited to AVX2), the export's ``reconstruct`` gives the float32 bits of
+    the codec's decompress at the exported level, ``quantize`` its symbols, side symbols and table indices, and
+    ``decode`` of those symbols the same pictures; export.json records the level."""
+    from vaestream.coding.learned import level_quality
+
+    x = trained[1][:40]
+    xf = x.reshape(len(x), -1).astype(np.float32) * np.float32(1 / 255)
+    np.save(tmp_path / "x.npy", xf)
+    code = ("import sys, numpy as np; from vaestream.serving.export import ExportedModel; "
+            "m = ExportedModel(sys.argv[1]); x = np.load(sys.argv[2]); q = m.run('quantize', x=x); "
+            "d = m.run('decode', symbols=q['symbols'], side_symbols=q['side_symbols'])['x_hat']; "
+            "np.savez(sys.argv[3], x_hat=m.reconstruct(x), decoded=d, **q)")
+    r = subprocess.run([sys.executable, "-c", code, str(hyper_export), str(tmp_path / "x.npy"),
+                        str(tmp_path / "out.npz")], capture_output=True, text=True,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    want = codec.decompress(codec.compress(x, quality=level_quality(1)))
+    assert got["x_hat"].dtype == np.float32 and np.array_equal(got["x_hat"].view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(got["decoded"].view(np.uint32), want.view(np.uint32))
+    z, q, tq = codec._symbols(codec.model_inputs(x)[0], 1)
+    assert np.array_equal(got["symbols"], q.reshape(len(x), -1))
+    assert np.array_equal(got["side_symbols"], z.reshape(len(x), -1))
+    assert np.array_equal(got["table_index"], tq.reshape(len(x), -1))
+    assert len(np.unique(tq)) > 3 and np.abs(q).max() > 0
+    info = json.loads((hyper_export / "1" / "assets" / "export.json").read_text())
+    assert info["level"] == 1 and info["entropy_model"] == "hyperprior" and info["quality"] == level_quality(1)
+
+
+def test_serve_answers_learned_export(trained, codec, hyper_export):
+    """``vaestream serve`` on the export answers a REST predict of ``reconstruct`` with the codec's pictures and
+    of ``quantize`` with its symbols."""
+    from tests.test_serve import post, start_serve, stop_serve
+    from vaestream.coding.learned import level_quality
+
+    x = trained[1][:5]
+    xf = x.reshape(len(x), -1).astype(np.float32) * np.float32(1 / 255)
+    want = codec.decompress(codec.compress(x, quality=level_quality(1)))
+    proc, info = start_serve(hyper_export)
+    try:
+        url = f"http://127.0.0.1:{info['rest_api_port']}"
+        status, body = post(url, {"signature_name": "reconstruct", "instances": xf.tolist()})
+        assert status == 200, body
+        assert np.array_equal(np.asarray(body["predictions"], np.float32), want)
+        status, body = post(url, {"signature_name": "quantize", "inputs": {"x": xf.tolist()}})
+        assert status == 200, body
+        _, q = codec.symbols(codec.model_inputs(x)[0], 1)
+        assert np.array_equal(np.asarray(body["outputs"]["symbols"]), q.reshape(len(x), -1))
+    finally:
+        stop_serve(proc)

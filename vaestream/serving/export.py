@@ -27,8 +27,9 @@ Signatures (every input float32 with a free leading batch dimension B; D = input
 * ``reconstruct(x[B, D]) -> {x_hat[B, D]}`` — the decoder mean at the dequantised symbols (with tables), or at
   the posterior mean (without).
 
-The export is written under a hidden temporary name in ``EXPORT_BASE`` and renamed into place, so a server
-polling ``EXPORT_BASE`` (TF Serving does) never sees a half-written version.
+A learned entropy model's export has ``quantize``, ``decode``, ``reconstruct`` (exact float64) at one rate level:
+:mod:`vaestream.serving.learned_export`. The export is staged under a hidden name in ``EXPORT_BASE`` and renamed
+into place, so a server polling ``EXPORT_BASE`` (TF Serving does) never sees a half-written version.
 """
 
 from __future__ import annotations
@@ -165,8 +166,7 @@ class ServingModule(tf.Module):
             self._quant = {k: tf.Variable(v, trainable=False, name=f"quant_{k}") for k, v in q.items()}
             self._delta = tf.Variable(np.float32(tables.delta[tables.level(quality)]), trainable=False,
                                       name="quant_delta")
-        self._elbo_samples = int(elbo_samples)
-        self._elbo_seed = int(elbo_seed)
+        self._elbo_samples, self._elbo_seed = int(elbo_samples), int(elbo_seed)
         x_spec = tf.TensorSpec([None, cfg.input_dim], tf.float32, name="x")
         z_spec = tf.TensorSpec([None, cfg.latent_dim], tf.float32, name="z")
         self.encode = tf.function(self._encode, input_signature=[x_spec])
@@ -400,8 +400,11 @@ def export_model(model: VAE, export_base: str | Path, tables: Any | None = None,
       ConfigError: a two-layer model.  ModelError: tables of another model, the version exists, or
       verification failed.
     """
-    base = Path(export_base)
-    name = source or "model"
+    base, name = Path(export_base), source or "model"
+    if model.config.entropy_model:  # its own signatures: vaestream.serving.learned_export
+        from vaestream.serving.learned_export import export_learned
+        return export_learned(model, base, version, quality=quality, verify=verify, source=source,
+                              skip_unchanged=skip_unchanged)
     if model.config.hierarchical:
         raise ConfigError(f"{name}: a two-layer model (top_latent_dim {model.config.top_latent_dim}) is for "
                           "lossless bits-back coding (vaestream compress --lossless, which needs the model "
@@ -412,9 +415,8 @@ def export_model(model: VAE, export_base: str | Path, tables: Any | None = None,
         raise ModelError(f"{where}: coder tables built for model {tables.fingerprint[:16]}..., not this model "
                          f"({fingerprint[:16]}...); rebuild the coder tables")
     info: dict[str, Any] = {"format": 1, "fingerprint": fingerprint, "elbo_estimator": "B, fixed noise",
-                            "elbo_samples": int(elbo_samples), "elbo_seed": int(elbo_seed), "quality": None}
-    if tables is not None:
-        info["quality"] = float(tables.qualities[tables.level(quality)])
+                            "elbo_samples": int(elbo_samples), "elbo_seed": int(elbo_seed),
+                            "quality": None if tables is None else float(tables.qualities[tables.level(quality)])}
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
         existing = list_versions(base)
@@ -488,8 +490,7 @@ def same_export(path: str | Path, info: dict[str, Any], tables: Any | None) -> b
 
 
 def _probe(config: ModelConfig, n: int = 4) -> np.ndarray:
-    rng = np.random.default_rng(12345)
-    return rng.uniform(0.0, 1.0, size=(n, config.input_dim)).astype(np.float32)
+    return np.random.default_rng(12345).uniform(0.0, 1.0, size=(n, config.input_dim)).astype(np.float32)
 
 
 def _verify(path: Path, model: VAE) -> None:
@@ -596,5 +597,4 @@ def describe(path: str | Path) -> dict[str, Any]:
         sigs[name] = {"inputs": ins, "outputs": outs}
     return {"path": str(m.path), "version": m.version, "fingerprint": m.fingerprint,
             "config": json.loads(m.config.to_json()), "has_coder_tables": m.tables_path is not None,
-            "info": m.info,
-            "signatures": sigs}
+            "info": m.info, "signatures": sigs}
