@@ -284,3 +284,31 @@ def test_serve_answers_learned_export(trained, codec, hyper_export):
         assert np.array_equal(np.asarray(body["outputs"]["symbols"]), q.reshape(len(x), -1))
     finally:
         stop_serve(proc)
+
+
+def test_factorized_export(trained, tmp_path):
+    """A ``factorized`` model (trained a few steps) exports too: ``quantize`` gives its codec's symbols and each
+    channel's table, no side symbols; ``reconstruct`` and ``decode`` its decompressed pictures, bit for bit; an
+    export with the same model, level and settings is not written twice (``skip_unchanged``)."""
+    import vaestream
+    from vaestream.data import make_dataset
+    from vaestream.serving.export import ExportedModel, export
+    from vaestream.training import TrainConfig, train
+
+    d = tmp_path / "fact"
+    x = trained[1][:30]
+    train(make_dataset(trained[1], "gaussian", "mnist test[:300]"), d, _config("factorized"),
+          TrainConfig(objective="rd", steps=20, eval_records=100, seed=2), progress=False)
+    c = vaestream.load(d)
+    path = export(d, tmp_path / "exports", quality=c.qualities[2])
+    assert export(d, tmp_path / "exports", quality=c.qualities[2], skip_unchanged=True) == path
+    m = ExportedModel(path)
+    xf = x.reshape(len(x), -1).astype(np.float32) * np.float32(1 / 255)
+    q = m.run("quantize", x=xf)
+    _, want_q, tq = c._symbols(c.model_inputs(x)[0], 2)
+    assert q["side_symbols"].shape == (len(x), 0) and np.array_equal(q["symbols"], want_q.reshape(len(x), -1))
+    assert np.array_equal(q["table_index"], tq.reshape(len(x), -1))
+    want = c.decompress(c.compress(x, quality=c.qualities[2]))
+    assert np.array_equal(m.reconstruct(xf).view(np.uint32), want.view(np.uint32))
+    got = m.run("decode", symbols=q["symbols"], side_symbols=q["side_symbols"])["x_hat"]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

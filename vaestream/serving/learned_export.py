@@ -42,6 +42,13 @@ import tensorflow as tf
 from vaestream.errors import ModelError
 
 TABLES_ASSET = "entropy_tables.npz"
+CONFIG_ASSET, FINGERPRINT_ASSET, INFO_ASSET = "config.json", "fingerprint.txt", "export.json"
+"""(The asset names :class:`vaestream.serving.export.ExportedModel` reads; that module imports this one.)"""
+
+
+def _versions(base: Path) -> list[int]:
+    """The numeric entries of ``base`` (complete versions or not: a new version number is above all of them)."""
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and p.name.isascii())
 
 
 def _pow2(e: tf.Tensor) -> tf.Tensor:
@@ -207,7 +214,6 @@ def export_learned(model, export_base: str | Path, version: int | None = None, *
       ModelError: the version exists, or verification failed.  ConfigError: ``quality`` is not a rate level.
     """
     from vaestream.coding.learned import LearnedCodec
-    from vaestream.serving import export as ex
 
     codec = LearnedCodec(model, _tables(model, source), name=source or "model")
     level = codec.level(quality)
@@ -216,23 +222,23 @@ def export_learned(model, export_base: str | Path, version: int | None = None, *
             "quality": float(codec.qualities[level])}
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
-        existing = ex.list_versions(base)
-        if skip_unchanged and existing and _same(base / str(existing[-1]), info):
+        existing = [v for v in _versions(base) if (base / str(v) / "saved_model.pb").is_file()]
+        if skip_unchanged and existing and _same_info(base / str(existing[-1]), info):
             return base / str(existing[-1])
-        version = ex._next_version(base)
+        version = max(_versions(base), default=0) + 1
     final = base / str(int(version))
     if int(version) < 0:
         raise ModelError(f"{base}: version must be a non-negative integer, got {version}")
     if final.exists():
-        if skip_unchanged and _same(final, info):
+        if skip_unchanged and _same_info(final, info):
             return final
         raise ModelError(f"{final}: version {version} already exists (versions are immutable; pick another)")
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=base) as staging:
         src = Path(staging) / "assets_src"
         src.mkdir()
-        (src / ex.CONFIG_ASSET).write_text(model.config.to_json() + "\n")
-        (src / ex.FINGERPRINT_ASSET).write_text(codec.fingerprint + "\n")
-        (src / ex.INFO_ASSET).write_text(json.dumps(info, sort_keys=True) + "\n")
+        (src / CONFIG_ASSET).write_text(model.config.to_json() + "\n")
+        (src / FINGERPRINT_ASSET).write_text(codec.fingerprint + "\n")
+        (src / INFO_ASSET).write_text(json.dumps(info, sort_keys=True) + "\n")
         codec.tables.save(src / TABLES_ASSET)
         module = LearnedServingModule(codec, level, {p.name: p for p in src.iterdir()})
         out = Path(staging) / str(int(version))
@@ -243,7 +249,7 @@ def export_learned(model, export_base: str | Path, version: int | None = None, *
     return final
 
 
-def _same(path: Path, info: dict[str, Any]) -> bool:
+def _same_info(path: Path, info: dict[str, Any]) -> bool:
     try:
         return json.loads((path / "assets" / "export.json").read_text()) == json.loads(json.dumps(info))
     except (OSError, ValueError):
@@ -251,9 +257,7 @@ def _same(path: Path, info: dict[str, Any]) -> bool:
 
 
 def _verify(path: Path, codec, level: int) -> None:
-    from vaestream.serving.export import _probe
-
-    x = _probe(codec.config)
+    x = np.random.default_rng(12345).uniform(0.0, 1.0, size=(4, codec.config.input_dim)).astype(np.float32)
     got = tf.saved_model.load(str(path)).signatures["reconstruct"](x=tf.constant(x))["x_hat"].numpy()
     z, q = codec.symbols(codec.model_inputs(x)[0], level)
     want = codec.reconstruct(z, q, level, tuple(codec.config.input_shape[:2]))
