@@ -24,8 +24,57 @@ from vaestream.entropy_models.densities import SCALE_LEVELS
 from vaestream.entropy_models.hyperprior import hyper_grid
 
 
-CHUNK_ROWS = 8192
-"""Patch rows per chunk of a convolution (a speed setting only: each row's result is its own)."""
+CHUNK_BYTES = 4 << 20
+"""Bytes of patch rows (float64 ``[rows, k k C_in]``) per chunk of a convolution, so that they stay in cache
+between the scaling, ``rint`` and the product (a speed setting only: each row's result is its own)."""
+
+BLAS_THREADS = 1
+"""OpenBLAS threads while an exact convolution runs (restored after; ``None`` leaves BLAS alone). A speed setting
+only, since the products are exact in any summation order: on a small shared machine one thread is faster (the
+chunks are small and a busy second core makes OpenBLAS's threads wait for each other)."""
+
+
+def _openblas():
+    """(get, set) of the OpenBLAS that NumPy loaded (its thread count), or None where it cannot be found."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ()
+        try:
+            import ctypes
+            with open("/proc/self/maps") as f:
+                paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line})
+            for path in paths:
+                lib = ctypes.CDLL(path)
+                for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                    if get is not None and put is not None:
+                        _BLAS = (get, put)
+                        return _BLAS
+        except (OSError, IndexError):
+            pass
+    return _BLAS or None
+
+
+_BLAS = None
+
+
+class _BlasThreads:
+    """``with _BlasThreads(n):`` OpenBLAS runs ``n`` threads inside (nothing where ``n`` is None or no OpenBLAS)."""
+
+    def __init__(self, n: int | None):
+        self.n, self.before, self.blas = n, None, _openblas() if n else None
+
+    def __enter__(self):
+        if self.blas:
+            self.before = int(self.blas[0]())
+            if self.before != self.n:
+                self.blas[1](int(self.n))
+        return self
+
+    def __exit__(self, *exc):
+        if self.blas and self.before is not None and self.before != self.n:
+            self.blas[1](self.before)
 
 
 def _same(size: int, k: int, stride: int) -> tuple[int, int, int]:
@@ -49,33 +98,78 @@ class ExactConv:
     def __call__(self, t: np.ndarray) -> np.ndarray:
         n, h, w, _ = t.shape
         ho, wo = _same(h, self.k, self.stride)[0], _same(w, self.k, self.stride)[0]
-        step = max(1, CHUNK_ROWS // (ho * wo))  # records per chunk: the patch rows stay cache-sized
+        step = max(1, CHUNK_BYTES // (8 * ho * wo * self.wq.shape[0]))  # records per chunk
         out = np.empty((n, ho, wo, self.c_out), np.float64)
-        for s in range(0, n, step):
-            out[s:s + step] = self._rows(t[s:s + step])
+        with _BlasThreads(BLAS_THREADS):
+            for s in range(0, n, step):
+                out[s:s + step] = self._rows(t[s:s + step])
         return out
 
     def _rows(self, t: np.ndarray) -> np.ndarray:
+        """One chunk: ``[n, H, W, C_in]`` -> ``[n, ho, wo, C_out]``.
+
+        Each patch row is built already scaled: its exponent ``r`` comes from the patch's largest |value|, which is
+        the max over the k x k taps of each padded pixel's max |value| over channels (max is exact in any order,
+        so this is the same number as the max over the row), and each tap's pixels are written into the row as
+        ``pixel * 2^r`` (the same correctly rounded product as scaling the copied row), then one in-place ``rint``.
+        The rows hold exactly the integers ``rint(h 2^r)`` of the plain im2col, so the product, ``ldexp`` and bias
+        give the same bits; only the number of passes over the rows differs (one write, one ``rint``, one read)."""
         n, h, w, c = t.shape
         k, st = self.k, self.stride
         (ho, top, bottom), (wo, left, right) = _same(h, k, st), _same(w, k, st)
         pad = np.zeros((n, h + top + bottom, w + left + right, c), np.float64)
         pad[:, top:top + h, left:left + w] = t
-        # patches in (ky, kx, c) order, the order of the filter [k, k, C_in, C_out] flattened
-        rows = np.concatenate([pad[:, i:i + st * (ho - 1) + 1:st, j:j + st * (wo - 1) + 1:st]
-                               for i in range(k) for j in range(k)], axis=-1)
-        rows = rows.reshape(-1, k * k * c)
-        _, e = np.frexp(np.max(np.abs(rows), axis=1, keepdims=True))
+        taps = [(i, j) for i in range(k) for j in range(k)]  # (ky, kx): the filter [k, k, C_in, C_out]'s order
+
+        def tap(a: np.ndarray, i: int, j: int) -> np.ndarray:
+            return a[:, i:i + st * (ho - 1) + 1:st, j:j + st * (wo - 1) + 1:st]
+
+        pixel_max = np.abs(pad[..., 0]) if c == 1 else np.max(np.abs(pad), axis=-1)
+        row_max = tap(pixel_max, *taps[0]).copy()
+        for i, j in taps[1:]:
+            np.maximum(row_max, tap(pixel_max, i, j), out=row_max)
+        _, e = np.frexp(row_max)
         r = np.minimum(self.bits - e, 960)  # (bounded: 2^r stays finite for subnormal rows)
-        rows *= np.ldexp(1.0, r)  # times a power of two: exact
+        scale = np.ldexp(1.0, r)[..., None]  # [n, ho, wo, 1], a power of two: the products are exact
+        if c == 1:  # one channel: the taps write single elements, so scale them on the way
+            rows = np.empty((n, ho, wo, k * k), np.float64)
+            for m, (i, j) in enumerate(taps):
+                np.multiply(tap(pad[..., 0], i, j), scale[..., 0], out=rows[..., m])
+        else:  # contiguous copies of C_in values, then one scaling pass
+            rows = np.concatenate([tap(pad, i, j) for i, j in taps], axis=-1)
+            rows *= scale
+        rows = rows.reshape(-1, k * k * c)
         np.rint(rows, out=rows)
-        y = (rows @ self.wq) * np.ldexp(1.0, -(r + self.s))
+        y = rows @ self.wq
+        y *= np.ldexp(1.0, -(r + self.s)).reshape(-1, 1)
         y += self.b
         return y.reshape(n, ho, wo, self.c_out)
 
 
 def relu(t: np.ndarray) -> np.ndarray:
     return np.maximum(t, 0.0)
+
+
+def _relu_(t: np.ndarray) -> np.ndarray:
+    """ReLU in place (``t`` is an intermediate the caller owns): the same comparison, one pass less."""
+    return np.maximum(t, 0.0, out=t)
+
+
+RECORDS_PER_PASS = 256
+"""Records that go through a whole network together (a speed setting only: every record's result is its own, see
+the module docstring), so that each layer's output is still in cache when the next layer reads it."""
+
+
+def _by_records(fn, n: int, *arrays: np.ndarray):
+    """``fn(*arrays)`` evaluated RECORDS_PER_PASS records at a time along axis 0 and joined (a tuple result joins
+    element by element); one BLAS thread setting for all of it."""
+    with _BlasThreads(BLAS_THREADS):
+        if n <= RECORDS_PER_PASS:
+            return fn(*arrays)
+        parts = [fn(*(a[s:s + RECORDS_PER_PASS] for a in arrays)) for s in range(0, n, RECORDS_PER_PASS)]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(p) for p in zip(*parts))
+    return np.concatenate(parts)
 
 
 def depth_to_space(t: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
@@ -94,9 +188,13 @@ class ExactHyperSynthesis:
         self.convs = [ExactConv(c) for c in entropy.hs]
 
     def __call__(self, z_hat: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        z_hat = np.asarray(z_hat)
+        return _by_records(lambda z: self._pass(z, grid), len(z_hat), z_hat)
+
+    def _pass(self, z_hat: np.ndarray, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         (h1, w1), _ = hyper_grid(*grid)
-        t = relu(depth_to_space(self.convs[0](np.asarray(z_hat, np.float64)), (h1, w1)))
-        t = relu(depth_to_space(self.convs[1](t), grid))
+        t = _relu_(depth_to_space(self.convs[0](np.asarray(z_hat, np.float64)), (h1, w1)))
+        t = _relu_(depth_to_space(self.convs[1](t), grid))
         out = self.convs[2](t)
         c = out.shape[-1] // 2
         idx = np.clip(np.rint(out[..., c:]), 0, SCALE_LEVELS - 1).astype(np.int64)
@@ -116,16 +214,25 @@ class ExactAnalysis:
         self.ha = [ExactConv(c) for c in model.entropy.ha]
 
     def latent(self, images: np.ndarray) -> np.ndarray:
+        """The latent y ``[N, h, w, C]`` float64 of ``images`` ``[N, H, W, c]``."""
+        images = np.asarray(images)
+        return _by_records(self._latent, len(images), images)
+
+    def _latent(self, images: np.ndarray) -> np.ndarray:
         t = np.asarray(images, np.float64)
         for conv in self.convs:
-            t = relu(conv(t))
+            t = _relu_(conv(t))
         out = self.head(t)
         return out[..., :out.shape[-1] // 2]
 
     def hyper_latent(self, y: np.ndarray) -> np.ndarray:
         """rint(h_a(y)) int64 ``[N, h'', w'', C]`` of the gained latent ``y``."""
-        t = relu(self.ha[0](y))
-        t = relu(self.ha[1](t))
+        y = np.asarray(y)
+        return _by_records(self._hyper_latent, len(y), y)
+
+    def _hyper_latent(self, y: np.ndarray) -> np.ndarray:
+        t = _relu_(self.ha[0](y))
+        t = _relu_(self.ha[1](t))
         return np.rint(self.ha[2](t)).astype(np.int64)
 
 
@@ -142,13 +249,17 @@ class ExactSynthesis:
         self.inverse_gain = np.asarray(inverse_gain, np.float64)  # [L, C], the stored g'_k
 
     def __call__(self, y_hat: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
+        y_hat = np.asarray(y_hat)
+        return _by_records(lambda y: self._pass(y, level, shape), len(y_hat), y_hat)
+
+    def _pass(self, y_hat: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
         sizes = [tuple(shape)]
         for _ in self.convs[:-1]:
             sizes.append((-(-sizes[-1][0] // STRIDE), -(-sizes[-1][1] // STRIDE)))
-        t = relu(self.head(y_hat * self.inverse_gain[level]))
+        t = _relu_(self.head(y_hat * self.inverse_gain[level]))
         for i, (conv, hw) in enumerate(zip(self.convs, sizes[::-1])):
             t = depth_to_space(conv(t), hw)
             if i < len(self.convs) - 1:
-                t = relu(t)
+                t = _relu_(t)
         n, h, w, _ = t.shape
         return t.reshape(n, h, w, self.maps, self.picture_channels)[..., 0, :]
