@@ -312,3 +312,45 @@ def test_factorized_export(trained, tmp_path):
     assert np.array_equal(m.reconstruct(xf).view(np.uint32), want.view(np.uint32))
     got = m.run("decode", symbols=q["symbols"], side_symbols=q["side_symbols"])["x_hat"]
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_beam_encode_decode_with_coder(trained, codec, hyper_export, tmp_path):
+    """The Beam encode job with ``--coder`` on the model writes containers the codec decodes to its own
+    reconstructions (the bytes ``compress`` gives for those records), and the decode job's pictures are the same
+    float32 bits; ``--rdo-lmbda`` and ``--coder lossless`` are refused."""
+    import pyarrow.parquet as pq
+
+    from vaestream import beam as vb
+    from vaestream.beam.jobs import decode, encode
+    from vaestream.errors import ConfigError
+
+    model_dir, x = trained[0], trained[1][:70]
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "codes"
+    s = encode.run(["--input", str(tmp_path / "x.npy"), "--model", str(model_dir), "--output", str(out),
+                    "--coder", "--chunk_size", "32"])
+    assert s["records"] == 70 and s["dead_lettered"] == 0 and s["coder"] == "lossy"
+    coded = [item for f in sorted(out.glob("codes-*.tfrecord")) for item in vb.read_codes(str(f))]
+    assert sum(len(item) for item in coded) == 70
+    for item in coded:
+        idx = [int(k.rsplit(":", 1)[1]) for k in item.keys]
+        assert item.container == codec.compress(x[idx], quality=codec.qualities[0])
+    d = decode.run(["--input", str(out), "--model", str(model_dir), "--output", str(tmp_path / "rec"),
+                    "--output_format", "parquet"])
+    assert d["records"] == 70 and d["dead_lettered"] == 0
+    back = {}
+    for f in (tmp_path / "rec").glob("recon-*.parquet"):
+        t = pq.read_table(f).to_pydict()
+        back.update(zip(t["key"], t["data"]))
+    want = codec.decompress(codec.compress(x, quality=codec.qualities[0]))
+    got = np.stack([np.asarray(back[f"x.npy:{i:09d}"], np.float32).reshape(-1) for i in range(70)])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ConfigError):
+        encode.run(["--input", str(tmp_path / "x.npy"), "--model", str(model_dir), "--output", str(out),
+                    "--coder", "--rdo-lmbda", "0.1"])
+    with pytest.raises(ConfigError, match="learned entropy model"):
+        encode.run(["--input", str(tmp_path / "x.npy"), "--model", str(model_dir), "--output", str(out),
+                    "--coder", "lossless"])
+    with pytest.raises(ConfigError, match="needs --model"):
+        encode.run(["--input", str(tmp_path / "x.npy"), "--saved_model", str(hyper_export), "--output", str(out),
+                    "--coder"])

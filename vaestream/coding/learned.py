@@ -19,6 +19,10 @@ integer tables and the networks: z, then (mu, j), then q, y_hat = q + mu, the sy
 so a record's symbols, its stream bytes and its decoded floats are bit-identical in every process, batch, thread
 count and CPU instruction set.
 
+**Beam.** :meth:`LearnedCodec.encode` (each record's side then latent symbols, one row) and
+:meth:`LearnedCodec.compress_codes` (those rows -> the container :meth:`compress` writes) are what the Beam encode
+job's ``--coder`` calls, as on the codec.
+
 **Other sizes.** The transforms are fully convolutional: records of any H' x W' (same channels) are coded, the
 stride-2 SAME convolutions padding them to the stride, and decoded to the header's shape (the sub-pixel steps
 crop to it). The header's latent dim is that grid's h w C.
@@ -239,6 +243,41 @@ class LearnedCodec:
         n = self.frame_records
         return [(len(q[s:s + n]), self._payload(None if z is None else z[s:s + n], q[s:s + n], tq[s:s + n]))
                 for s in range(0, len(q), n)]
+
+    def encode(self, x, quality: float | None = None, rdo_lmbda: float | None = None) -> np.ndarray:
+        """Records of the model's shape -> each record's symbols int64 ``[B, h'' w'' C + h w C]``: its hyper-latent
+        symbols (none for ``factorized``) then its latent symbols, each flattened in (h, w, C) order, at
+        ``quality``'s level (the codec's :meth:`vaestream.coding.codec.Codec.encode` counterpart: the Beam encode
+        job codes these with :meth:`compress_codes`)."""
+        if rdo_lmbda is not None:
+            raise ConfigError(f"{self.name}: no rate-distortion optimised quantisation for a learned entropy model")
+        images, _ = self.model_inputs(x)
+        if images.shape[1:3] != tuple(self.config.input_shape[:2]):
+            raise DataError(f"{self.name}: encode takes records of the model's shape {self.config.input_shape}")
+        z, q = self.symbols(images, self.level(quality))
+        parts = ([] if z is None else [z.reshape(len(q), -1)]) + [q.reshape(len(q), -1)]
+        return np.concatenate(parts, axis=1)
+
+    def compress_codes(self, symbols: np.ndarray, quality: float | None = None) -> bytes:
+        """:meth:`encode`'s symbols ``[B, h'' w'' C + h w C]`` (at ``quality``'s level) -> a container, the bytes
+        :meth:`compress` of those records gives."""
+        from vaestream.config import latent_grid
+        from vaestream.entropy_models.hyperprior import hyper_grid
+
+        level, shape = self.level(quality), tuple(self.config.input_shape[:2])
+        grid = latent_grid(shape, self.config.channels)
+        s = np.asarray(symbols, np.int64)
+        nz = int(np.prod(hyper_grid(*grid)[1])) * self.channels if self._hs is not None else 0
+        width = nz + grid[0] * grid[1] * self.channels
+        if s.ndim != 2 or s.shape[1] != width or len(s) == 0:
+            raise DataError(f"{self.name}: symbols of shape {s.shape}, expected [B, {width}] (encode's)")
+        z = s[:, :nz].reshape((len(s),) + hyper_grid(*grid)[1] + (self.channels,)) if nz else None
+        q = s[:, nz:].reshape((len(s),) + tuple(grid) + (self.channels,))
+        _, tq = self._tables_of(z, tuple(grid), len(s))
+        n = self.frame_records
+        frames = [(len(q[i:i + n]), self._payload(None if z is None else z[i:i + n], q[i:i + n], tq[i:i + n]))
+                  for i in range(0, len(q), n)]
+        return container.pack(self._header(level, shape, False), frames)
 
     def compress(self, x, quality: float | None = None, target_bits: float | None = None,
                  rdo_lmbda: float | None = None, rdo_steps: int | None = None) -> bytes:

@@ -74,6 +74,11 @@ def coder_options(args: argparse.Namespace) -> dict:
 
 def check_coder(args: argparse.Namespace) -> None:
     """Refuse flag combinations the coder cannot serve, before anything is read."""
+    if args.coder and (args.model or args.saved_model) and \
+            vb.read_model_config(args.model, args.saved_model).entropy_model:
+        if args.model is None or args.coder == "lossless":
+            raise ConfigError("--coder on a model with a learned entropy model: its coder (--coder lossy) needs "
+                              "--model (a model directory: the exact float64 networks and entropy tables)")
     if args.coder == "lossless" and args.model is None:
         raise ConfigError("--coder lossless needs --model (a model directory: the exact float64 networks), not "
                           "--saved_model")
