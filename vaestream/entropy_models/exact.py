@@ -105,6 +105,22 @@ class ExactConv:
                 out[s:s + step] = self._rows(t[s:s + step])
         return out
 
+    def _patch_max(self, pad: np.ndarray, ho: int, wo: int) -> np.ndarray:
+        """``[n, ho, wo]``: each patch's largest |value| (the max over its k x k padded pixels of their max over
+        channels). Max is exact in any order, so it is computed separably: channels, then kx, then ky."""
+        k, st = self.k, self.stride
+        a = np.abs(pad)
+        pixel = a[..., 0].copy()
+        for ch in range(1, a.shape[-1]):
+            np.maximum(pixel, a[..., ch], out=pixel)
+        across = pixel[:, :, 0:st * (wo - 1) + 1:st].copy()  # [n, Hp, wo]: max over kx
+        for j in range(1, k):
+            np.maximum(across, pixel[:, :, j:j + st * (wo - 1) + 1:st], out=across)
+        out = across[:, 0:st * (ho - 1) + 1:st].copy()  # [n, ho, wo]: then over ky
+        for i in range(1, k):
+            np.maximum(out, across[:, i:i + st * (ho - 1) + 1:st], out=out)
+        return out
+
     def _rows(self, t: np.ndarray) -> np.ndarray:
         """One chunk: ``[n, H, W, C_in]`` -> ``[n, ho, wo, C_out]``.
 
@@ -124,11 +140,7 @@ class ExactConv:
         def tap(a: np.ndarray, i: int, j: int) -> np.ndarray:
             return a[:, i:i + st * (ho - 1) + 1:st, j:j + st * (wo - 1) + 1:st]
 
-        pixel_max = np.abs(pad[..., 0]) if c == 1 else np.max(np.abs(pad), axis=-1)
-        row_max = tap(pixel_max, *taps[0]).copy()
-        for i, j in taps[1:]:
-            np.maximum(row_max, tap(pixel_max, i, j), out=row_max)
-        _, e = np.frexp(row_max)
+        _, e = np.frexp(self._patch_max(pad, ho, wo))
         r = np.minimum(self.bits - e, 960)  # (bounded: 2^r stays finite for subnormal rows)
         scale = np.ldexp(1.0, r)[..., None]  # [n, ho, wo, 1], a power of two: the products are exact
         if c == 1:  # one channel: the taps write single elements, so scale them on the way
