@@ -40,8 +40,8 @@ def _inputs(rng: np.random.Generator, n: int, h: int, w: int, c: int) -> np.ndar
     return t
 
 
-@pytest.mark.parametrize("k,c_in,c_out,stride,h,w", [(5, 1, 16, 2, 28, 28), (5, 16, 32, 2, 14, 13), (3, 32, 64, 1, 7, 7),
-                                                     (3, 8, 32, 1, 2, 3), (5, 3, 8, 2, 5, 9)])
+@pytest.mark.parametrize("k,c_in,c_out,stride,h,w", [(5, 1, 16, 2, 28, 28), (5, 16, 32, 2, 14, 13),
+                                                     (3, 32, 64, 1, 7, 7), (3, 8, 32, 1, 2, 3), (5, 3, 8, 2, 5, 9)])
 def test_exact_conv_matches_plain_im2col_for_any_chunking(k, c_in, c_out, stride, h, w, monkeypatch):
     rng = np.random.default_rng(k * 100 + c_in)
     layer = Conv(k, c_in, c_out, stride, rng, "conv")

@@ -12,6 +12,13 @@ ReLU (a comparison), ``depth_to_space`` and crops (copies), products by the stor
 rounded): no transcendental function, whose SIMD implementations differ across CPUs. That is why these models use
 ReLU and a linear decoder mean (``ModelConfig`` checks it). A row's result depends only on its own patch, so a
 record's output never depends on its batch.
+
+Speed without changing a bit: a row's max |value| is taken separably over the padded picture (channels, then kx,
+then ky; max is exact in any order), the rows are copied and scaled by their power of two (the same correctly
+rounded product per element as before), then one in-place ``rint``; chunks are sized in bytes (``CHUNK_BYTES``)
+and whole networks run ``RECORDS_PER_PASS`` records at a time (rows are independent); OpenBLAS runs
+``BLAS_THREADS`` threads (the integer products are exact in any summation order or blocking); ReLU works in place
+on intermediates.
 """
 
 from __future__ import annotations
