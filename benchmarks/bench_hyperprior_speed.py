@@ -60,7 +60,7 @@ def level_speed(c, x: np.ndarray, level: int, reps: int) -> dict:
 def main(argv=None) -> int:
     import vaestream
     from vaestream.data import load_records
-    from vaestream.entropy_models import exact
+    from vaestream.coding import exact_conv as exact
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_rd import webp_rates

@@ -123,7 +123,7 @@ def test_constriction_codes_with_exactly_the_stored_integers(tables):
 def test_integer_frequencies_are_positive_and_sum_exactly(p):
     if sum(p) <= 0:
         p[0] = 1.0
-    f = tables_mod._integer_frequencies(np.array(p))
+    f = tables_mod.integer_frequencies(np.array(p))
     assert f.min() >= 1 and int(f.sum(dtype=np.int64)) == TOTAL
     # no symbol is ever given less than its share (minus one unit) of the free mass
     free = TOTAL - len(p)

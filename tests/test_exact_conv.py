@@ -12,14 +12,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from vaestream.conv import Conv  # noqa: E402
-from vaestream.entropy_models import exact  # noqa: E402
+from vaestream.coding import exact_conv as exact  # noqa: E402
 
 
 def _plain(conv: exact.ExactConv, t: np.ndarray) -> np.ndarray:
     """The definition: concatenated im2col rows, each row scaled by 2^r from its own max |value|, rint, product."""
     n, h, w, c = t.shape
     k, st = conv.k, conv.stride
-    (ho, top, bottom), (wo, left, right) = exact._same(h, k, st), exact._same(w, k, st)
+    (ho, top, bottom), (wo, left, right) = exact.same_padding(h, k, st), exact.same_padding(w, k, st)
     pad = np.zeros((n, h + top + bottom, w + left + right, c), np.float64)
     pad[:, top:top + h, left:left + w] = t
     rows = np.concatenate([pad[:, i:i + st * (ho - 1) + 1:st, j:j + st * (wo - 1) + 1:st]

@@ -216,8 +216,13 @@ LAYERS = {"core": set(), "coding": {"core"}, "broker": {"core"}, "serving": {"co
           "cli": {"core", "coding", "serving", "online", "beam", "broker", "evaluation", "coder_training"}}
 
 
+CORE_PACKAGES = {"entropy_models"}  # parts of the model (vaestream.model builds them), as vaestream.conv is
+
+
 def _layer(name: str) -> str:
     parts = name.split(".")
+    if len(parts) > 1 and parts[1] in CORE_PACKAGES:
+        return "core"
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS and _is_package(name)) else "core"
 
 

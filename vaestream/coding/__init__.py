@@ -5,7 +5,8 @@
 * :mod:`~vaestream.coding.container` -- the self-describing container (header, index, blocks);
 * :mod:`~vaestream.coding.codec` -- the lossy codec: model + tables + container (``vaestream.load``);
 * :mod:`~vaestream.coding.learned` -- the coder of a model with a learned entropy model (``vaestream.load`` returns
-  it for one): side stream, integer tables indexed by quantised scale (:mod:`~vaestream.coding.learned_tables`);
+  it for one): side stream, integer tables indexed by quantised scale (:mod:`~vaestream.coding.learned_tables`),
+  its networks in exact float64 (:mod:`~vaestream.coding.exact_conv`);
 * :mod:`~vaestream.coding.rdo` -- rate-distortion optimised quantisation (an encoder-side search; same streams);
 * :mod:`~vaestream.coding.family` -- operating points over a family of models (``OperatingPoint``, ``choose``);
 * :mod:`~vaestream.coding.per_record` -- each record at its own operating point of a family, one stream;

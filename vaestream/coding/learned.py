@@ -15,7 +15,7 @@ picks the finest level whose stream fits.
 table j; ``factorized``: q = rint(y) under its channel's table. **Decoding** needs only the stream, the stored
 integer tables and the networks: z, then (mu, j), then q, y_hat = q + mu, the synthesis of y_hat g'_k, clipped to
 [0, 1] and rounded once to float32. Every network runs in exact float64 NumPy
-(:mod:`vaestream.entropy_models.exact`; TensorFlow only trains), every other step is exact or correctly rounded,
+(:mod:`vaestream.coding.exact_conv`; TensorFlow only trains), every other step is exact or correctly rounded,
 so a record's symbols, its stream bytes and its decoded floats are bit-identical in every process, batch, thread
 count and CPU instruction set.
 
@@ -69,7 +69,7 @@ class LearnedCodec:
 
     def __init__(self, model, tables: LearnedTables, quality: float | None = None,
                  frame_records: int = DEFAULT_FRAME_RECORDS, name: str = "model"):
-        from vaestream.entropy_models.exact import ExactAnalysis, ExactHyperSynthesis, ExactSynthesis
+        from vaestream.coding.exact_conv import ExactAnalysis, ExactHyperSynthesis, ExactSynthesis
 
         self.model, self.config, self.name = model, model.config, name
         self.fingerprint: str = model.fingerprint()

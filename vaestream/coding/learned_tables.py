@@ -12,7 +12,7 @@ and quantiser), each over a contiguous range of integers plus one *escape* entry
   of N(0, s_j^2) integrated over the unit bins.
 
 The tables are computed once in float64 and stored as integers: a decoder uses only the stored integers (and the
-exact hyper-synthesis that picks them, :mod:`vaestream.entropy_models.exact`), so it needs no float agreement with
+exact hyper-synthesis that picks them, :mod:`vaestream.coding.exact_conv`), so it needs no float agreement with
 the encoder. Their :meth:`LearnedTables.digest` hashes the integers and the model fingerprint; its first 4 bytes
 are the container header's table id, as for the codec's tables.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from vaestream.binio import atomic_write
-from vaestream.coding.range_coder import _stream, categorical
-from vaestream.coding.tables import ESCAPE_BITS, PRECISION, _integer_frequencies
+from vaestream.coding.range_coder import categorical, stream_module
+from vaestream.coding.tables import ESCAPE_BITS, PRECISION, integer_frequencies
 from vaestream.errors import BitstreamError, DataError, ModelError
 
 LEARNED_TABLES_FORMAT = 1
@@ -115,12 +115,12 @@ def build_learned_tables(model) -> LearnedTables:
 
     em = model.entropy
     lo, pmfs = em.density.pmf()
-    los, freqs = list(lo), [_integer_frequencies(p) for p in pmfs]
+    los, freqs = list(lo), [integer_frequencies(p) for p in pmfs]
     if em.kind == "hyperprior":
         for p in gaussian_pmfs():
             k = (len(p) - 2) // 2
             los.append(-k)
-            freqs.append(_integer_frequencies(p))
+            freqs.append(integer_frequencies(p))
     gain, inverse_gain = em.gain_values()
     return LearnedTables(model.fingerprint(), em.kind, np.array(los, np.int64), tuple(freqs), len(lo), gain,
                          inverse_gain)
@@ -134,7 +134,7 @@ class IndexedCoder:
         self.n = np.array([len(f) for f in tables.freqs], np.int64)
         self.models = [categorical(f.astype(np.float64) - 1.0) for f in tables.freqs]
         self.cost = [PRECISION - np.log2(f.astype(np.float64)) for f in tables.freqs]
-        self._uniform = _stream().model.Uniform(1 << 16)
+        self._uniform = stream_module().model.Uniform(1 << 16)
 
     def _plan(self, table: np.ndarray):
         order = np.argsort(table, kind="stable")
@@ -154,7 +154,7 @@ class IndexedCoder:
             raise DataError("a latent symbol is beyond the 32-bit range the coder escapes")
         order, ts, starts = self._plan(table)
         idx, esc = self._index(values[order], table[order])
-        enc = _stream().queue.RangeEncoder()
+        enc = stream_module().queue.RangeEncoder()
         for i, t in enumerate(ts):
             enc.encode(idx[starts[i]:starts[i + 1]].astype(np.int32), self.models[int(t)])
         raw = values[order][esc]
@@ -177,7 +177,7 @@ class IndexedCoder:
             return out
         order, ts, starts = self._plan(table)
         try:
-            dec = _stream().queue.RangeDecoder(words)
+            dec = stream_module().queue.RangeDecoder(words)
             idx = np.zeros(len(order), np.int64)
             for i, t in enumerate(ts):
                 idx[starts[i]:starts[i + 1]] = dec.decode(self.models[int(t)], int(starts[i + 1] - starts[i]))

@@ -13,7 +13,7 @@ from vaestream.coding.tables import ESCAPE_BITS, PRECISION, CoderTables
 from vaestream.errors import BitstreamError, DataError, ModelError
 
 
-def _stream():
+def stream_module():
     """constriction's ``stream`` module, imported when first needed."""
     import constriction
 
@@ -23,25 +23,25 @@ def _stream():
 def ans_stack(words: np.ndarray | None = None):
     """An ANS stack (constriction's ``AnsCoder``: last in, first out; 32-bit words, 64-bit state) holding
     ``words`` (uint32, the last word on top), or an empty one."""
-    ans = _stream().stack.AnsCoder
+    ans = stream_module().stack.AnsCoder
     return ans() if words is None else ans(np.array(words, np.uint32))
 
 
 def categorical(row: np.ndarray | None = None):
     """A categorical model with 24-bit integer frequencies (``perfect=False``: each entry at least 1): of the fixed
     probability ``row`` ``[K]``, or (None) one that takes per-symbol rows ``[N, K]`` at each call."""
-    m = _stream().model
+    m = stream_module().model
     return m.Categorical(perfect=False) if row is None else m.Categorical(row, perfect=False)
 
 
 def bernoulli():
     """A binary model that takes per-symbol P(1) ``[N]`` at each call."""
-    return _stream().model.Bernoulli(perfect=False)
+    return stream_module().model.Bernoulli(perfect=False)
 
 
 def quantized_gaussian(lo: int, hi: int):
     """A Gaussian quantised to the integers of [lo, hi] that takes per-symbol means and stds ``[N]`` at each call."""
-    return _stream().model.QuantizedGaussian(int(lo), int(hi))
+    return stream_module().model.QuantizedGaussian(int(lo), int(hi))
 
 
 class EntropyCoder:
@@ -62,7 +62,7 @@ class EntropyCoder:
         for d in self.dims:
             f = tables.table(self.level, d).astype(np.float64)
             self.models[int(d)] = categorical(f - 1.0)
-        self._uniform = _stream().model.Uniform(1 << 16)
+        self._uniform = stream_module().model.Uniform(1 << 16)
 
     def _column(self, symbols: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Dimension ``d``'s symbols -> (their table indices, the escape symbol 2k+1 where out of range; where they
@@ -89,7 +89,7 @@ class EntropyCoder:
         if symbols.ndim != 2 or symbols.shape[1] != self.tables.latent_dim:
             raise DataError(f"codes have shape {symbols.shape}, expected [B, {self.tables.latent_dim}]")
         cols, raw = self._indices(symbols)
-        enc = _stream().queue.RangeEncoder()
+        enc = stream_module().queue.RangeEncoder()
         for d in self.dims:
             if len(cols[int(d)]):
                 enc.encode(cols[int(d)], self.models[int(d)])
@@ -109,7 +109,7 @@ class EntropyCoder:
                 raise BitstreamError("payload has data where none was expected")
             return out
         try:
-            dec = _stream().queue.RangeDecoder(words)
+            dec = stream_module().queue.RangeDecoder(words)
             n_esc = 0
             esc_at = []
             for d in self.dims:

@@ -301,7 +301,7 @@ def dequantize(symbols: np.ndarray, tables: CoderTables, quality: float | None =
 # ---------------------------------------------------------------------------------------------------------
 # building the tables
 # ---------------------------------------------------------------------------------------------------------
-def _integer_frequencies(p: np.ndarray) -> np.ndarray:
+def integer_frequencies(p: np.ndarray) -> np.ndarray:
     """Probabilities (>= 0, any sum) -> uint32 frequencies >= 1 summing to exactly 2^24.
 
     Each symbol gets 1 plus floor(p * free) of the free mass (free = 2^24 - n); the remainder goes to the
@@ -435,7 +435,7 @@ def build_tables_from_stats(fingerprint: str, means: np.ndarray, log_scales: np.
             offsets[lv, d] = pos
             if active[d]:
                 k, p = _bin_table(densities[d], float(delta[lv, d]))
-                f = _integer_frequencies(p)
+                f = integer_frequencies(p)
                 half[lv, d] = k
                 tables.append(f)
                 pos += len(f)

@@ -19,7 +19,7 @@ float32(1/255); the model's own record shape; (h, w) the latent grid, (h'', w'')
 * ``reconstruct(x) -> {x_hat[B, D]}`` = ``decode(quantize(x))``: bit-identical to ``vaestream decompress`` of
   ``vaestream compress`` at the export's level. ``serving_default`` is the same function.
 
-**Exact in the graph.** Every network runs as :mod:`vaestream.entropy_models.exact` runs it in NumPy, with stock
+**Exact in the graph.** Every network runs as :mod:`vaestream.coding.exact_conv` runs it in NumPy, with stock
 float64 ops only (no custom op): each convolution is a patch copy (pad + strided slices + concat), each patch row
 is rounded to ``rint(h 2^r)`` (r from the row's largest magnitude, read from its float64 exponent bits), one
 float64 ``MatMul`` by the constant ``rint(W 2^s)``, times the power of two ``2^-(r + s)`` (built from its exponent
@@ -64,18 +64,18 @@ def _exponent(m: tf.Tensor) -> tf.Tensor:
 
 
 class TFExactConv:
-    """:class:`vaestream.entropy_models.exact.ExactConv` in float64 TF ops (static spatial sizes)."""
+    """:class:`vaestream.coding.exact_conv.ExactConv` in float64 TF ops (static spatial sizes)."""
 
     def __init__(self, conv):
         self.k, self.stride, self.bits, self.s = conv.k, conv.stride, int(conv.bits), int(conv.s)
         self.wq, self.b = conv.wq, conv.b
 
     def __call__(self, t: tf.Tensor) -> tf.Tensor:
-        from vaestream.entropy_models.exact import _same
+        from vaestream.coding.exact_conv import same_padding
 
         h, w, c = (int(v) for v in t.shape[1:])
         k, st = self.k, self.stride
-        (ho, top, bottom), (wo, left, right) = _same(h, k, st), _same(w, k, st)
+        (ho, top, bottom), (wo, left, right) = same_padding(h, k, st), same_padding(w, k, st)
         pad = tf.pad(t, [[0, 0], [top, bottom], [left, right], [0, 0]])
         rows = tf.concat([pad[:, i:i + st * (ho - 1) + 1:st, j:j + st * (wo - 1) + 1:st]
                           for i in range(k) for j in range(k)], axis=-1)

@@ -1,6 +1,6 @@
-"""The decoding side of a learned entropy model in exact float64 NumPy: the hyper-synthesis (which picks each
-position's Gaussian table and gives its mean) and the synthesis, bit-identical in every process, batch, thread
-count and CPU instruction set.
+"""Both coding sides of a learned entropy model in exact float64 NumPy: the analysis and hyper-analysis (the
+symbols), the hyper-synthesis (which picks each position's Gaussian table and gives its mean) and the synthesis,
+bit-identical in every process, batch, thread count and CPU instruction set.
 
 Every convolution is a patch copy (im2col, exact) and one matrix product whose operands are rounded to integers
 first, as :class:`vaestream.coding.bitsback.exact_mlp.ExactMLP` does for dense layers: the weights once per layer
@@ -84,7 +84,7 @@ class _BlasThreads:
             self.blas[1](self.before)
 
 
-def _same(size: int, k: int, stride: int) -> tuple[int, int, int]:
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int, int]:
     """TF's SAME padding: (output size ceil(size / stride), padding before, padding after)."""
     out = -(-size // stride)
     total = max((out - 1) * stride + k - size, 0)
@@ -104,7 +104,7 @@ class ExactConv:
 
     def __call__(self, t: np.ndarray) -> np.ndarray:
         n, h, w, _ = t.shape
-        ho, wo = _same(h, self.k, self.stride)[0], _same(w, self.k, self.stride)[0]
+        ho, wo = same_padding(h, self.k, self.stride)[0], same_padding(w, self.k, self.stride)[0]
         step = max(1, CHUNK_BYTES // (8 * ho * wo * self.wq.shape[0]))  # records per chunk
         out = np.empty((n, ho, wo, self.c_out), np.float64)
         with _BlasThreads(BLAS_THREADS):
@@ -139,7 +139,7 @@ class ExactConv:
         give the same bits; only the number of passes over the rows differs (one write, one ``rint``, one read)."""
         n, h, w, c = t.shape
         k, st = self.k, self.stride
-        (ho, top, bottom), (wo, left, right) = _same(h, k, st), _same(w, k, st)
+        (ho, top, bottom), (wo, left, right) = same_padding(h, k, st), same_padding(w, k, st)
         pad = np.zeros((n, h + top + bottom, w + left + right, c), np.float64)
         pad[:, top:top + h, left:left + w] = t
         taps = [(i, j) for i in range(k) for j in range(k)]  # (ky, kx): the filter [k, k, C_in, C_out]'s order
