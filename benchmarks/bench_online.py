@@ -238,7 +238,8 @@ def main(argv=None) -> dict:
         "ratio_online_to_batch_steady": round(online["steady"]["examples_per_s"] / batch["steady_examples_per_s"], 3),
         "ratio_online_learning_to_batch_steady": round(online["learning"]["examples_per_s"] /
                                                        batch["steady_examples_per_s"], 3),
-        "ratio_online_to_each_batch_peer (before, after)": [round(online["steady"]["examples_per_s"] / b, 3) for b in peers],
+        "ratio_online_to_each_batch_peer (before, after)": [round(online["steady"]["examples_per_s"] / b, 3)
+                                                            for b in peers],
         "bits_per_record": {
             "last3_before_switch": {"online": round(statistics.mean(bits[half - 3:half]), 2),
                                     "frozen": round(statistics.mean(frozen_bits[half - 3:half]), 2)},
