@@ -73,12 +73,8 @@ def coder_options(args: argparse.Namespace) -> dict:
 
 
 def check_coder(args: argparse.Namespace) -> None:
-    """Refuse flag combinations the coder cannot serve, before anything is read."""
-    if args.coder and (args.model or args.saved_model) and \
-            vb.read_model_config(args.model, args.saved_model).entropy_model:
-        if args.model is None or args.coder == "lossless":
-            raise ConfigError("--coder on a model with a learned entropy model: its coder (--coder lossy) needs "
-                              "--model (a model directory: the exact float64 networks and entropy tables)")
+    """Refuse flag combinations the coder cannot serve: the flags alone first, then (only the model's config read)
+    a learned entropy model's."""
     if args.coder == "lossless" and args.model is None:
         raise ConfigError("--coder lossless needs --model (a model directory: the exact float64 networks), not "
                           "--saved_model")
@@ -86,6 +82,11 @@ def check_coder(args: argparse.Namespace) -> None:
         raise ConfigError("--levels / --reconstruction (near-lossless) need --coder lossless")
     if args.rdo_lmbda is not None and (args.coder != "lossy" or args.model is None):
         raise ConfigError("--rdo-lmbda (rate-distortion optimised codes) needs --coder (lossy) and --model")
+    if args.coder and (args.model or args.saved_model) and \
+            vb.read_model_config(args.model, args.saved_model).entropy_model:
+        if args.model is None or args.coder == "lossless":
+            raise ConfigError("--coder on a model with a learned entropy model: its coder (--coder lossy) needs "
+                              "--model (a model directory: the exact float64 networks and entropy tables)")
 
 
 def check_coder_model(args: argparse.Namespace):
