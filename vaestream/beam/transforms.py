@@ -17,6 +17,7 @@ from vaestream.beam.formats import file_size, open_raw, split_specs
 from vaestream.beam.model_handler import VAEModelHandler
 from vaestream.beam.readers import tfrecord_chunks
 from vaestream.errors import DataError
+from vaestream.example_wire import leading_records
 
 
 class _InferAheadFn(beam.DoFn):
@@ -278,42 +279,6 @@ def _code_batches(path: str, raw, spec: dict | None, index: int = 0) -> Iterator
         yield CodeBatch(path, [keys[i] for i in sel], mean[sel], ls[sel], fp)
 
 
-def _varint_at(buf: bytes, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("varint runs past the buffer")
-        b = buf[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
-def _leading_records(data: bytes) -> int | None:
-    """n of a block Example whose first feature is ``records`` (as :func:`vaestream.beam.sinks.block_example`
-    writes it), from its first bytes; None for any other start."""
-    try:
-        i = 0
-        for _ in range(3):  # Example.features, Features.feature (the map entry), its key (7 bytes)
-            if data[i] != 0x0A:
-                return None
-            _, i = _varint_at(data, i + 1)
-        if data[i - 1] != 7 or data[i:i + 7] != b"records" or data[i + 7] != 0x12:
-            return None
-        _, i = _varint_at(data, i + 8)  # the Feature
-        if data[i] != 0x1A:  # int64_list
-            return None
-        _, i = _varint_at(data, i + 1)
-        if data[i] != 0x0A:  # Int64List.value, packed
-            return None
-        _, i = _varint_at(data, i + 1)
-        return _varint_at(data, i)[0]
-    except (IndexError, ValueError):
-        return None
-
-
 def _block_record_counts(path: str) -> int | None:
     """Records in a file of block Examples from the first bytes of each (the TFRecord framing's lengths lead
     from one to the next: the floats are not read); None when a record does not start with its ``records``
@@ -331,7 +296,7 @@ def _block_record_counts(path: str) -> int | None:
             if len(head) < 12:
                 return None
             (length,) = struct.unpack_from("<Q", head)
-            n = _leading_records(head[12:12 + min(length, 64)])
+            n = leading_records(head[12:12 + min(length, 64)])
             if n is None:
                 return None
             total += n
