@@ -260,6 +260,9 @@ def _vaestream_export(path: str):
         return None
     if not (version_dir / "assets" / "fingerprint.txt").is_file():
         return None
+    from vaestream.serving.learned_export import refuse_learned_export
+
+    refuse_learned_export(version_dir, "a Beam model handler (--saved_model)")  # one rate level, not the coder
     return ExportedModel(version_dir)
 
 

@@ -524,6 +524,9 @@ def load(path: str | os.PathLike, calibration=None, quality: float | None = None
     """
     p = Path(path)
     if (p / "saved_model.pb").is_file():
+        from vaestream.serving.learned_export import refuse_learned_export
+
+        refuse_learned_export(p, "vaestream.load")  # a learned entropy model's export: refused, naming what to use
         backend = _SavedModelBackend(p)
         tables = CoderTables.load(p / "assets" / TABLES_FILE)
         return Codec(backend, tables, quality, frame_records, name=str(p))

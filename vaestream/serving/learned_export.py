@@ -46,6 +46,43 @@ CONFIG_ASSET, FINGERPRINT_ASSET, INFO_ASSET = "config.json", "fingerprint.txt", 
 """(The asset names :class:`vaestream.serving.export.ExportedModel` reads; that module imports this one.)"""
 
 
+def learned_export_info(path: str | Path) -> dict[str, Any] | None:
+    """``assets/export.json`` of the version directory ``path`` when it is a learned entropy model's export (its
+    ``"entropy_model"``, ``"level"``, ``"quality"``), else None (another export, or no such file)."""
+    try:
+        info = json.loads((Path(path) / "assets" / INFO_ASSET).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("entropy_model") else None
+
+
+def refuse_learned_export(path: str | Path, user: str) -> None:
+    """Raise :class:`ModelError` naming ``path`` when it is a learned entropy model's export (one rate level; its
+    coder needs the model directory): ``user`` names what was asked to open it (``vaestream.load``)."""
+    info = learned_export_info(path)
+    if info is None:
+        return
+    raise ModelError(f"{path}: the SavedModel export of a model with a learned entropy model ({info['entropy_model']}"
+                     f", rate level {info.get('level')}, quality {info.get('quality')}): {user} cannot code with it. "
+                     "Open the model directory it was exported from (config.json + ckpt/; vaestream.load(MODEL_DIR), "
+                     "--model MODEL_DIR): its coder runs the exact networks with the entropy tables at every rate "
+                     "level. The export serves the quantize / decode / reconstruct signatures (vaestream serve, "
+                     "vaestream.serving.export.ExportedModel).")
+
+
+def refuse_learned_saved_model(config, saved_model: str | None, job: str) -> None:
+    """Raise :class:`ConfigError` when a Beam ``job`` (``encode`` / ``decode``) is given ``--saved_model`` of a
+    model with a learned entropy model (``config``, read from it): its export holds one rate level's signatures,
+    not the coder the job runs; the job takes the model directory (``--model``)."""
+    from vaestream.errors import ConfigError
+
+    if saved_model is None or not config.entropy_model:
+        return
+    raise ConfigError(f"--saved_model {saved_model}: the export of a model with a learned entropy model "
+                      f"({config.entropy_model}); the {job} job codes such a model from its model directory: it "
+                      "needs --model MODEL_DIR (the exact networks and entropy tables at every rate level)")
+
+
 def _versions(base: Path) -> list[int]:
     """The numeric entries of ``base`` (complete versions or not: a new version number is above all of them)."""
     return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and p.name.isascii())
