@@ -100,6 +100,10 @@ def run_job(args: argparse.Namespace, pipeline_args: list[str]) -> dict:
     runner, :func:`run_on_dask`. Returns (and writes to ``OUTPUT/summary.json``) its summary. Raises
     :class:`vaestream.errors.JobFailedError` (after writing it) when no record was written or more than
     ``--max_dead_letter_fraction`` of the codes read were dead-lettered."""
+    if args.saved_model is not None:  # a learned entropy model's export: refused before any code is read
+        from vaestream.serving.learned_export import refuse_learned_saved_model
+
+        refuse_learned_saved_model(vb.read_model_config(None, args.saved_model), args.saved_model, "decode")
     run = run_on_dask if beam_dask.wants_dask(pipeline_args) else run_on_beam
     return vb.run_batch_job(run, args, pipeline_args)
 

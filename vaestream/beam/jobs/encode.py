@@ -82,9 +82,12 @@ def check_coder(args: argparse.Namespace) -> None:
         raise ConfigError("--levels / --reconstruction (near-lossless) need --coder lossless")
     if args.rdo_lmbda is not None and (args.coder != "lossy" or args.model is None):
         raise ConfigError("--rdo-lmbda (rate-distortion optimised codes) needs --coder (lossy) and --model")
-    if args.coder and (args.model or args.saved_model) and \
-            vb.read_model_config(args.model, args.saved_model).entropy_model:
-        if args.model is None or args.coder == "lossless":
+    config = vb.read_model_config(args.model, args.saved_model) if args.model or args.saved_model else None
+    if config is not None and config.entropy_model:
+        from vaestream.serving.learned_export import refuse_learned_saved_model
+
+        refuse_learned_saved_model(config, args.saved_model, "encode")
+        if args.coder == "lossless":
             raise ConfigError("--coder on a model with a learned entropy model: its coder (--coder lossy) needs "
                               "--model (a model directory: the exact float64 networks and entropy tables)")
 
