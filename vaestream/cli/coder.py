@@ -103,8 +103,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
         if a.psnr is None and a.bpp is None:
             raise ConfigError("--family needs a target: --psnr DB or --bpp BITS")
         return _compress_from_family(a, records)
+    from vaestream.cli import learned
+
+    if (a.psnr is not None or a.bpp is not None) and learned.is_learned_model(a.model):
+        return learned.compress_to_target(a, records)  # the rate level meeting the target
     if a.psnr is not None or a.bpp is not None or a.select_on or a.rdo or a.per_record:
-        raise ConfigError("--psnr, --bpp, --select-on, --rdo and --per-record choose among the models of a --family")
+        raise ConfigError("--psnr, --bpp, --select-on, --rdo and --per-record choose among the models of a --family"
+                          " (or, --psnr / --bpp / --select-on, among the rate levels of a learned entropy model)")
     if a.lossless or a.levels:
         if a.append or a.quality is not None or a.target_bits is not None or (a.lossless and a.levels) or (
                 a.rdo_lmbda is not None):
@@ -445,11 +450,12 @@ def _add_compress(sub) -> None:
                    help="bin width in posterior stds (default 1.0); a model with a learned entropy model: the quality "
                         "2^(k/2) of its rate level k (lambdas largest first; default level 0)")
     g.add_argument("--target-bits", type=float, default=None, help="bits per record to fit in")
-    g.add_argument("--psnr", type=float, default=None, help="with --family: the fewest bits with at least this PSNR")
+    g.add_argument("--psnr", type=float, default=None, help="with --family (or a model with a learned entropy "
+                   "model: its rate levels): the fewest bits with at least this PSNR")
     g.add_argument("--bpp", type=float, default=None,
-                   help="with --family: the best PSNR within this many bits per value (pixel)")
+                   help="with --family (or a learned entropy model): the best PSNR within this many bits per value")
     p.add_argument("--select-on", default=None,
-                   help="with --family: measure the operating points on these held-back records, not on the input")
+                   help="with --psnr / --bpp: measure the operating points on these held-back records, not the input")
     p.add_argument("--rdo-lmbda", type=float, default=None,
                    help="rate-distortion optimised quantisation: each record's codes chosen for bits + L * MSE "
                         "(L in the training lambda's units; e.g. the model's lmbda) by a search through the decoder; "
