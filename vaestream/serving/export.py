@@ -401,7 +401,7 @@ def export_model(model: VAE, export_base: str | Path, tables: Any | None = None,
       verification failed.
     """
     base, name = Path(export_base), source or "model"
-    if model.config.entropy_model:  # its own signatures: vaestream.serving.learned_export
+    if model.config.entropy_model:  # its own signatures (vaestream.serving.learned_export); a full save, cache or not
         from vaestream.serving.learned_export import export_learned
         return export_learned(model, base, version, quality=quality, verify=verify, source=source,
                               skip_unchanged=skip_unchanged)
