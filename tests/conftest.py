@@ -201,3 +201,25 @@ def recon_member(ctx_member, mnist_train, mnist_test, tmp_path_factory):
                                                epochs=2, held_out=mnist_test[:300], seed=2)
     rc.save(d)
     return model, d, rc
+
+
+HYPERPRIOR_LAMBDAS = (3e4, 3e3, 3e2)
+"""The rate levels of :func:`hyperprior_trained`'s model (tests/test_hyperprior.py's ``LAMBDAS``)."""
+
+
+@pytest.fixture(scope="session")
+def hyperprior_trained(mnist_dir, tmp_path_factory):
+    """(model dir, 300 MNIST test records): a tiny variable-rate mean-scale hyperprior model (conv 16-32, 8 latent
+    channels, lambdas :data:`HYPERPRIOR_LAMBDAS`) trained 300 steps on 6,000 real MNIST training records, shared
+    by the learned entropy model's test modules (test_hyperprior, test_learned_integration)."""
+    from vaestream import ModelConfig
+    from vaestream.data import load_records, make_dataset
+    from vaestream.training import TrainConfig, train
+
+    config = ModelConfig(input_dim=784, input_shape=(28, 28), latent_dim=7 * 7 * 8, hidden=(), activation="relu",
+                         likelihood="gaussian", arch="conv", channels=(16, 32), latent_channels=8,
+                         entropy_model="hyperprior", rd_lambdas=HYPERPRIOR_LAMBDAS)
+    d = tmp_path_factory.mktemp("hyper") / "model"
+    ds = make_dataset(load_records(str(mnist_dir), "train")[:6000], "gaussian", "mnist[:6000]")
+    train(ds, d, config, TrainConfig(objective="rd", steps=300, eval_records=500, seed=1), progress=False)
+    return d, load_records(str(mnist_dir), "test")[:300]

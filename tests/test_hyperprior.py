@@ -31,15 +31,10 @@ def _config(kind: str = "hyperprior", **kw):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(model dir, 300 MNIST test records): a hyperprior model trained 300 steps on 6,000 MNIST training records."""
-    from vaestream.data import load_records, make_dataset
-    from vaestream.training import TrainConfig, train
-
-    d = tmp_path_factory.mktemp("hyper") / "model"
-    ds = make_dataset(load_records(str(MNIST), "train")[:6000], "gaussian", "mnist[:6000]")
-    train(ds, d, _config(), TrainConfig(objective="rd", steps=300, eval_records=500, seed=1), progress=False)
-    return d, load_records(str(MNIST), "test")[:300]
+def trained(hyperprior_trained):
+    """(model dir, 300 MNIST test records): a hyperprior model of :func:`_config` trained 300 steps on 6,000 MNIST
+    training records (conftest's session fixture, shared with test_learned_integration)."""
+    return hyperprior_trained
 
 
 @pytest.fixture(scope="module")
