@@ -98,9 +98,10 @@ def test_load_refuses_learned_export(hyperprior_trained, codec, published, tmp_p
 def test_beam_jobs_refuse_learned_saved_model(hyperprior_trained, published, tmp_path):
     """The encode job (with or without ``--coder``) and the decode job given ``--saved_model`` of the export are
     refused with a ConfigError asking for ``--model``, before any record or code is read (the decode job's input
-    does not even exist) and with no output written."""
+    does not even exist) and with no output written; a pipeline's own model handler refuses it too."""
+    from vaestream import beam as vb
     from vaestream.beam.jobs import decode, encode
-    from vaestream.errors import ConfigError
+    from vaestream.errors import ConfigError, ModelError
 
     base = published[0]
     np.save(tmp_path / "x.npy", hyperprior_trained[1][:8])
@@ -112,6 +113,8 @@ def test_beam_jobs_refuse_learned_saved_model(hyperprior_trained, published, tmp
         decode.run(["--input", str(tmp_path / "no-codes"), "--saved_model", str(base), "--output",
                     str(tmp_path / "recon")])
     assert not (tmp_path / "codes").exists() and not (tmp_path / "recon").exists()
+    with pytest.raises(ModelError, match="learned entropy model.*--model MODEL_DIR"):  # a pipeline's own handler
+        vb.LoadedVAE.load(None, str(base))
 
 
 # -- compress --psnr / --bpp --------------------------------------------------------------------------------------
