@@ -3,6 +3,7 @@ then measure the family's curve on the test set against JPEG, WebP, AVIF and JPE
 with BD-rates, SSIM, and encode / decode records/s per model beside Pillow's WebP in the same run.
 
     python benchmarks/bench_rd.py --out runs/bench_rd [--lambdas 1e3 1e4 1e5 1e6] [--epochs 2] [--n 10000]
+    python benchmarks/bench_rd.py --out runs/bench_rd --data mnist --learned MODEL_DIR   # a learned entropy model
 
 Training is skipped for a model directory that already holds a checkpoint (its recorded time is kept).
 Prints one JSON document (also written to OUT/bench_rd.json) and writes OUT/rd_DATA.png.
@@ -113,6 +114,71 @@ def train_bits_back(root: Path, fam: Path, args) -> dict:
     return json.loads(log.read_text())
 
 
+RUN9 = {"mnist": ("rd_run9_mixed_mnist.json", "rd_run7_learned.json"),
+        "fashion-mnist": ("rd_run9_mixed_fashion-mnist.json", "rd_run8_joint.json")}
+"""Run 9's per-record curve and the single points' run (run 7 MNIST, run 8 Fashion-MNIST), in benchmarks/results."""
+TARGETS_DB = (20.0, 24.0, 28.0, 32.0)
+
+
+def learned_points(model_dir: Path, imgs: np.ndarray) -> list[dict]:
+    """One point per rate level of a learned-entropy-model codec (``vaestream.load``): ``compress`` every record of
+    ``imgs`` (uint8 ``[N, H, W]``), ``decompress`` the blob, bits from its real bytes (header, frames, side streams,
+    CRCs), PSNR and SSIM of the decoded pictures rounded to 8 bits (as the peers' and the family's), the ideal and
+    side-stream bits, and encode / decode records/s of those calls (one process)."""
+    import vaestream
+    from vaestream.metrics import psnr_db, ssim
+
+    codec = vaestream.load(model_dir)
+    ref = imgs.astype(np.float64) / 255.0
+    rows = []
+    for q in codec.qualities:
+        t0 = time.perf_counter()
+        blob = codec.compress(imgs, quality=q)
+        t1 = time.perf_counter()
+        x_hat = codec.decompress(blob)
+        t2 = time.perf_counter()
+        dec = np.rint(np.clip(x_hat, 0.0, 1.0) * 255.0).reshape(imgs.shape) / 255.0
+        ideal, side = codec.bits(imgs, quality=q, side=True)
+        mse = float(np.mean((dec - ref) ** 2))
+        bits = 8.0 * len(blob) / len(imgs)
+        rows.append({"model": Path(model_dir).name, "level": codec.level(q), "quality": q,
+                     "lmbda": codec.config.rd_lambdas[codec.level(q)], "bits_per_record": bits,
+                     "bits_per_image": bits, "ideal_bits": float(ideal.mean()), "side_bits": float(side.mean()),
+                     "side_share": float(side.mean()) / bits, "mse": mse, "psnr_db": psnr_db(mse),
+                     "ssim": ssim(dec, ref), "encode_rps": len(imgs) / (t1 - t0), "decode_rps": len(imgs) / (t2 - t1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def learned_compare(model_dir: Path, imgs: np.ndarray, name: str, tiled_n: int) -> dict:
+    """A learned-entropy-model codec against tiled WebP and AVIF measured in the same run (``tiled_n`` records):
+    its points, BD-rates (PCHIP) over 18-32 dB and over each overlap, bits at :data:`TARGETS_DB` beside run 9's
+    per-record path and single points (their stored results), and WebP's records/s on 1,000 of the records."""
+    from vaestream.evaluation import peers, rdcurve
+    from vaestream.metrics import bd_rate, bits_at_psnr
+
+    points = learned_points(model_dir, imgs)
+    curves = {f"{f.lower()}_tiled": peers.lossy_curve(imgs[:tiled_n], f, tiled=True)
+              for f in ("WEBP", "AVIF") if peers.available().get(f)}
+    out = rdcurve.summarise(points, curves, len(imgs))
+    here = Path(__file__).resolve().parent / "results"
+    run9_file, single_file = RUN9[name]
+    run9 = json.loads((here / run9_file).read_text())
+    single = next(r for r in json.loads((here / single_file).read_text())["results"] if r["data"] == name)
+    per_record = [p for p in run9["points"] if p.get("model") == "per-record"]
+    out["bits_at_psnr"] = {f"{t:g}": {"learned": bits_at_psnr(points, t)["bits_per_image"],
+                                      "run9_per_record": bits_at_psnr(per_record, t)["bits_per_image"],
+                                      "single_points": bits_at_psnr(single["points"], t)["bits_per_image"],
+                                      **{k: bits_at_psnr(c, t)["bits_per_image"] for k, c in curves.items()}}
+                           for t in TARGETS_DB}
+    out["bd_rate_pct_vs_run9"] = {"per_record": bd_rate(points, per_record, rdcurve.PSNR_RANGE),
+                                  "single_points": bd_rate(points, single["points"], rdcurve.PSNR_RANGE)}
+    out["run9_bd_rate_pct_webp_tiled"] = {"per_record": run9["bd_rate_pct"]["webp_tiled"]["range"],
+                                          "single_points": run9["bd_rate_pct_single_points"]["webp_tiled"]["range"]}
+    out["throughput_records_per_s"] = webp_rates(imgs[:1000])
+    return out
+
+
 def _rates(compress, decompress, batch, reps: int) -> dict:
     """Records/s of ``compress(batch)`` and ``decompress(blob)``, after one untimed round (tracing, tables)."""
     decompress(compress(batch))
@@ -212,7 +278,8 @@ def _reuse_compare(fam: Path, imgs: np.ndarray, name: str, args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench_rd")
     p.add_argument("--data", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -249,12 +316,22 @@ def main(argv=None) -> int:
                         "are measured again")
     p.add_argument("--measure", nargs="+", default=["bitsback"],
                    help="with --reuse: the members to measure again, and to time (default: bitsback)")
-    args = p.parse_args(argv)
+    p.add_argument("--learned", default=None,
+                   help="a model directory with a learned entropy model (one --data): code the test records through "
+                        "vaestream.coding.learned at each rate level (real stream bytes) beside tiled WebP and AVIF "
+                        "measured in the same run; trains nothing; writes OUT/bench_rd_learned_DATA.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from vaestream.evaluation import rdcurve
     from vaestream.data import load_records
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.learned:
+        return main_learned(args, out)
     report = {"benchmark": "bench_rd", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "args": vars(args), "results": []}
     for name in args.data:
@@ -287,6 +364,28 @@ def main(argv=None) -> int:
         report["results"].append(res)
     text = json.dumps(report, indent=1, default=str)
     (out / "bench_rd.json").write_text(text)
+    print(text)
+    return 0
+
+
+def main_learned(args, out: Path) -> int:
+    """``--learned``: :func:`learned_compare` on one data set's test records; prints and writes the JSON."""
+    from vaestream.data import load_records
+
+    if len(args.data) != 1:
+        raise SystemExit("--learned: name one --data")
+    name = args.data[0]
+    imgs = load_records(str(DATASETS[name]), "test")[: args.n]
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    res = learned_compare(Path(args.learned), imgs, name, args.tiled_n)
+    train_log = Path(args.learned) / "bench_training.json"
+    report = {"benchmark": "bench_rd --learned", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_before": load_before,
+              "args": vars(args), "data": name, "model": str(args.learned),
+              "training": json.loads(train_log.read_text()) if train_log.is_file() else None,
+              "compare_seconds": round(time.perf_counter() - t0, 1), "load_after": os.getloadavg(), **res}
+    text = json.dumps(report, indent=1, default=str)
+    (out / f"bench_rd_learned_{name}.json").write_text(text)
     print(text)
     return 0
 
