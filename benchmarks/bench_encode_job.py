@@ -4,8 +4,10 @@ For each size N (MNIST training images tiled to N records, 784 uint8 values each
 run and on the same 784-500-20 model (the paper's MNIST architecture):
 
 * ``bare``     — the compiled encoder on in-memory arrays, 4096 records a call (the limit);
-* ``bare_decode`` — the compiled decoder on in-memory latent means, 4096 a call, rounded to uint8 (the decode
-  job's peer);
+* ``bare_decode`` — the compiled decoder on in-memory latent means, 4096 a call, rounded to uint8 in NumPy (the
+  decode job's peer);
+* ``bare_decode_u8`` — the same with the rounding inside the compiled decoder (``LoadedVAE.decode_uint8``, as
+  the decode job rounds since it does so; the same bits): the stricter peer;
 * ``encode``   — ``pipelines/encode.py`` end to end: read the .npy -> validate -> RunInference -> TFRecord;
 * ``encode_record`` — the same job with ``--code_layout record`` (one Example per record, as before the block
   layout; ``encode`` writes the default block layout);
@@ -139,6 +141,24 @@ def one_bare_decode(work: Path, n: int) -> dict:
     return {"records": total, "seconds": secs}
 
 
+def one_bare_decode_u8(work: Path, n: int) -> dict:
+    """The compiled decoder with the rounding to uint8 in its graph (``LoadedVAE.decode_uint8``), 4096 a call."""
+    import numpy as np
+
+    from vaestream.beam import CHUNK, LoadedVAE
+
+    records = np.load(make_inputs(work, n))
+    model = LoadedVAE.from_model_dir(str(make_model(work)))
+    z = np.concatenate([model.encode(records[s:s + CHUNK], 1 / 255)[0] for s in range(0, n, CHUNK)])
+    model.decode_uint8(z[:CHUNK])  # compile
+    t0 = time.perf_counter()
+    total = 0
+    for s in range(0, n, CHUNK):
+        total += len(model.decode_uint8(z[s:s + CHUNK]))
+    secs = time.perf_counter() - t0
+    return {"records": total, "seconds": secs}
+
+
 def one_floor(work: Path, n: int, dead_letters: bool = False) -> dict:
     """Beam's floor: read the .npy in chunks -> raw bytes of each chunk -> a TFRecord file sink; with
     ``dead_letters`` also the reader's dead-letter output through a second file sink (``WriteDeadLetters``:
@@ -260,6 +280,8 @@ def run_one(args) -> None:
         r = one_bare(work, args.n)
     elif args.one == "bare_decode":
         r = one_bare_decode(work, args.n)
+    elif args.one == "bare_decode_u8":
+        r = one_bare_decode_u8(work, args.n)
     elif args.one == "stock":
         r = one_stock(work, args.n, None)
     elif args.one == "unbatched":
@@ -377,11 +399,12 @@ def main() -> None:
                     ratios[f"encode_over_{base}"] = enc["records_per_second"] / row[base]["records_per_second"]
         if "records_per_second" in row.get("beam_floor", {}) and "records_per_second" in enc:
             ratios["encode_over_beam_floor"] = enc["records_per_second"] / row["beam_floor"]["records_per_second"]
-        bare_dec = row.get("bare_decode", {})
-        for job in ("decode", "decode_record", "decode_overlap"):
-            dec = row.get(job, {})
-            if "records_per_second" in dec and "records_per_second" in bare_dec:
-                ratios[f"{job}_over_bare_decode"] = dec["records_per_second"] / bare_dec["records_per_second"]
+        for peer in ("bare_decode", "bare_decode_u8"):
+            bare_dec = row.get(peer, {})
+            for job in ("decode", "decode_record", "decode_overlap"):
+                dec = row.get(job, {})
+                if "records_per_second" in dec and "records_per_second" in bare_dec:
+                    ratios[f"{job}_over_{peer}"] = dec["records_per_second"] / bare_dec["records_per_second"]
         row["ratios"] = ratios
         results["sizes"][str(n)] = row
     fx = results["fixed"]

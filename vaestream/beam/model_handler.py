@@ -56,6 +56,18 @@ class LoadedVAE:
 
         return np.asarray(self._decode(tf.constant(np.asarray(z, np.float32))), np.float32)
 
+    def decode_uint8(self, z: np.ndarray) -> np.ndarray:
+        """``z [n, Nz] -> uint8 [n, D]``: :meth:`decode`'s x_mean stored as round(255 x), clipped to 0..255
+        (rounding half to even), bit for bit :func:`round_uint8` of :meth:`decode`. A model directory rounds
+        inside its compiled decoder (one TensorFlow call, no float32 copy of the batch in NumPy); other
+        models round the decoded floats in NumPy."""
+        import tensorflow as tf
+
+        fused = getattr(self, "_decode_uint8", None)
+        if fused is None:
+            return round_uint8(self.decode(z))
+        return np.asarray(fused(tf.constant(np.asarray(z, np.float32))))
+
     @classmethod
     def load(cls, model_dir: str | None = None, saved_model: str | None = None, reuse: bool = False
              ) -> "LoadedVAE":
@@ -132,6 +144,13 @@ class LoadedVAE:
 
         out = cls(model.config, model.fingerprint(), encode_fn, decode_fn, str(model_dir))
         out._model = model
+        if not jit:  # (XLA's kernels give other bits: the jit decoder rounds in NumPy)
+            @tf.function(reduce_retracing=True, autograph=False)
+            def dec_u8(z):
+                return round_uint8_tf(model.decoder_params_exact(z)["x_mean"])
+
+            dec_u8 = _batch_polymorphic(dec_u8)
+            out._decode_uint8 = lambda z: dec_u8(z).numpy()
         return out
 
     @classmethod
@@ -207,6 +226,20 @@ class LoadedVAE:
         out = cls(config, fp, encode_fn, decode_fn, str(path))
         out._saved = obj  # the restored functions hold their variables weakly: keep the object alive
         return out
+
+
+def round_uint8(x: np.ndarray) -> np.ndarray:
+    """Float reconstructions x in [0, 1] -> uint8 round(255 x) (half to even), clipped to 0..255: the decode
+    job's ``--output_dtype uint8``."""
+    return np.clip(np.round(np.asarray(x, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def round_uint8_tf(x):
+    """:func:`round_uint8` as TensorFlow ops (the same float32 product, rounding half to even, clip and cast:
+    the same bits), for use inside a compiled function."""
+    import tensorflow as tf
+
+    return tf.cast(tf.clip_by_value(tf.round(x * tf.constant(255.0, tf.float32)), 0.0, 255.0), tf.uint8)
 
 
 def _batch_polymorphic(fn, *rest_specs):
@@ -343,11 +376,14 @@ class VAEModelHandler(ModelHandler):
         exact. Decode mode reads them from the stream.
       rdo_lmbda: with ``coder="lossy"`` (a model directory): rate-distortion optimised codes
         (:mod:`vaestream.coding.rdo`, ``codec.encode(..., rdo_lmbda=)``): ordinary streams, slower encoding.
+      output_dtype: decode mode: ``"uint8"`` decodes float codes straight to uint8 round(255 x)
+        (:meth:`LoadedVAE.decode_uint8`: the rounding inside the compiled decoder; records scaled 1/255, as
+        :func:`vaestream.beam.transforms.quantize_batch` makes them); ``"float32"``: x_mean as float32.
     """
 
     def __init__(self, model_dir: str | None = None, saved_model: str | None = None, mode: str = "encode",
                  max_records: int = CHUNK, coder: bool = False, levels: int | None = None,
-                 reconstruction: str = "level", rdo_lmbda: float | None = None):
+                 reconstruction: str = "level", rdo_lmbda: float | None = None, output_dtype: str = "float32"):
         # BatchElements sizes batches by the sum of element_size_fn: records, not elements.
         super().__init__(min_batch_size=1, max_batch_size=max(1, max_records), element_size_fn=len)
         if mode not in ("encode", "decode"):
@@ -369,6 +405,9 @@ class VAEModelHandler(ModelHandler):
                                  "directory")
         self.model_dir, self.saved_model, self.mode, self.coder = model_dir, saved_model, mode, coder
         self.levels, self.reconstruction, self.rdo_lmbda = levels, reconstruction, rdo_lmbda
+        if output_dtype not in ("float32", "uint8"):
+            raise DataError(f"output dtype {output_dtype!r} is not one of float32, uint8")
+        self.output_dtype = output_dtype
 
     def key(self) -> tuple:
         """What identifies the model this handler loads (the ``shared.Shared`` tag)."""
@@ -444,7 +483,9 @@ class VAEModelHandler(ModelHandler):
         shape = tuple(model.config.input_shape)
         floats = [b for b in batch if not b.coded]
         z = (floats[0].mean if len(floats) == 1 else np.concatenate([b.mean for b in floats])) if floats else None
-        x = model.decode(z) if floats else None
+        as_uint8 = getattr(self, "output_dtype", "float32") == "uint8"
+        x = (model.decode_uint8(z) if as_uint8 else model.decode(z)) if floats else None
+        x_scale = 1.0 / 255.0 if as_uint8 else 1.0
         out, s = [], 0
         for b in batch:
             n = len(b)
@@ -463,7 +504,7 @@ class VAEModelHandler(ModelHandler):
                                     f"{len(rec)} records")
                 out.append(RecordBatch(b.source, b.keys, rec.reshape((n,) + shape), scale))
                 continue
-            out.append(RecordBatch(b.source, b.keys, x[s:s + n].reshape((n,) + shape), 1.0))
+            out.append(RecordBatch(b.source, b.keys, x[s:s + n].reshape((n,) + shape), x_scale))
             s += n
         return out
 

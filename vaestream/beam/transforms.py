@@ -14,7 +14,7 @@ from apache_beam.ml.inference.base import RunInference
 from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, DeadLetter, RecordBatch,
                                      job_counter, record_key)
 from vaestream.beam.formats import file_size, open_raw, split_specs
-from vaestream.beam.model_handler import VAEModelHandler
+from vaestream.beam.model_handler import VAEModelHandler, round_uint8
 from vaestream.beam.readers import tfrecord_chunks
 from vaestream.errors import DataError
 from vaestream.example_wire import leading_records
@@ -97,12 +97,11 @@ def quantize_batch(batch: RecordBatch, dtype: str) -> RecordBatch:
     stores round(255 x), float32 keeps x. Integer batches (a lossless stream's exact counts, model input =
     counts * scale): uint8 keeps the counts, float32 stores the model inputs counts * scale."""
     if np.issubdtype(batch.records.dtype, np.integer):
-        if dtype == "uint8":
-            return RecordBatch(batch.source, batch.keys, batch.records.astype(np.uint8), batch.scale)
+        if dtype == "uint8":  # (uint8 already, e.g. decoded with the rounding in the model: no copy)
+            return RecordBatch(batch.source, batch.keys, batch.records.astype(np.uint8, copy=False), batch.scale)
         return RecordBatch(batch.source, batch.keys, batch.inputs().reshape(batch.records.shape), 1.0)
     if dtype == "uint8":
-        q = np.clip(np.round(batch.records * 255.0), 0, 255).astype(np.uint8)
-        return RecordBatch(batch.source, batch.keys, q, 1.0 / 255.0)
+        return RecordBatch(batch.source, batch.keys, round_uint8(batch.records), 1.0 / 255.0)
     return batch
 
 
@@ -119,7 +118,8 @@ class Decode(beam.PTransform):
         super().__init__()
         if output_dtype not in ("float32", "uint8"):
             raise DataError(f"output dtype {output_dtype!r} is not one of float32, uint8")
-        self.handler = VAEModelHandler(model_dir, saved_model, "decode", max_records)
+        # (uint8: float codes are rounded inside the model's decoder, LoadedVAE.decode_uint8)
+        self.handler = VAEModelHandler(model_dir, saved_model, "decode", max_records, output_dtype=output_dtype)
         self.output_dtype = output_dtype
         self.overlap = overlap
 
