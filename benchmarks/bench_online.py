@@ -6,8 +6,9 @@ of MNIST (training sets), a 784-200-10 Bernoulli VAE pretrained for 600 steps on
 + 50 replayed), replay buffer 2000, 5 % held out (500 kept), a checkpoint every 10 files, versions published to
 a registry when the held-out bound improves.
 
-* ``online``: the learner over the 40 files (``process_file`` each, then the final checkpoint and the wait for
-  its publication): wall seconds, training examples/s (steps x M) and new records/s, and where the time went
+* ``online``: the learner over the 40 files (``process_file`` for the first, ``process_files`` for the rest
+  where the learner has it, else ``process_file`` each; then the final checkpoint and the wait for its
+  publication): wall seconds, training examples/s (steps x M) and new records/s, and where the time went
   (prequential scoring, training, checkpoints, the wait for background publishing) from the learner's log.
   ``online_inline`` is the same stream with ``background_publish=False`` (evaluation and export inside the
   checkpoint, as before).
@@ -81,11 +82,13 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
     rows = []
     t0, t0_wall = time.perf_counter(), time.time()
     warm = learner.warm_up(np.load(paths[0])[:args.buffer]) if args.warm else 0.0
-    t_first = None
-    for p in paths:
-        rows.append(learner.process_file(p))
-        if t_first is None:
-            t_first = time.perf_counter()
+    rows.append(learner.process_file(paths[0]))
+    t_first = time.perf_counter()
+    if hasattr(learner, "process_files") and not args.one_by_one:
+        # the files after the first as a stream that has several waiting (what ``follow`` does with them)
+        rows += learner.process_files(paths[1:])
+    else:
+        rows += [learner.process_file(p) for p in paths[1:]]
     if learner.pending:
         learner.checkpoint()
     t_wait = time.perf_counter()
@@ -111,6 +114,7 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
         "steady": {"files": len(rows) - 1, "seconds": round(t1 - t_first, 3),
                    "examples_per_s": round((steps - rows[0]["steps"]) * m / (t1 - t_first), 1),
                    "new_records_per_s": round((records - rows[0]["records"]) / (t1 - t_first), 1)},
+        "process_files": hasattr(learner, "process_files") and not args.one_by_one,
         "publish_share": args.publish_share, "publish_interval": interval.get("publish_interval"),
         "breakdown_s": {"first_file (compiles the training chunk and the scoring; with --warm the publisher's "
                         "tracing)": round(t_first - t0, 3), "of which publisher warm-up": round(warm, 3),
@@ -188,6 +192,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--publish-interval", type=float, default=1.0,
                     help="OnlineConfig.publish_interval: the least seconds between two evaluations of the "
                          "background publisher (0: every checkpoint)")
+    ap.add_argument("--one-by-one", action="store_true",
+                    help="process_file for each file, also where the learner has process_files (which overlaps a "
+                         "file's host work with the compiled calls of the one before)")
     ap.add_argument("--publish-share", type=float, default=1.0,
                     help="OnlineConfig.publish_share: the most of the wall time the background publisher is busy")
     args = ap.parse_args(argv)

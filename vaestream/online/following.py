@@ -23,7 +23,7 @@ from vaestream.errors import DataError
 class Following:
     """The ways of following a source, mixed into :class:`vaestream.online.learner.OnlineLearner`: they use
     the learner's ledger (``ledger``, ``pending``, ``processed``), its entries (``process_file``,
-    ``_learn_entry``, ``_reject``), ``checkpoint`` and ``wait``."""
+    ``_learn_entry``, ``_reject``, ``process_files``), ``checkpoint`` and ``wait``."""
 
     # -- following a broker stream -----------------------------------------------------------------------------
     def committed_ids(self) -> set[str]:
@@ -137,15 +137,9 @@ class Following:
                 files = self.new_files(pattern)
                 if files:
                     last_new = time.monotonic()
-                for f in files:
-                    rec = self.process_file(f)
-                    if rec is not None:
-                        done += 1
-                        if on_file:
-                            on_file(rec)
-                    if (max_files is not None and done >= max_files) or sig.set or \
-                            (stop is not None and stop.is_set()):
-                        break
+                # the files found, the next one's host work overlapping the compiled calls of the one before
+                done += len(self.process_files(files, on_file, None if max_files is None else max_files - done,
+                                               lambda: sig.set or (stop is not None and stop.is_set())))
                 if max_files is not None and done >= max_files:
                     break
                 if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:

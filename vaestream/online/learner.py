@@ -30,7 +30,11 @@ and then takes the first K steps: one host call and one result copy per file for
 padded file size for the whole stream. The evaluation and export of a checkpoint run on a copy of its weights
 on a background thread (:class:`vaestream.online.publisher.Publisher`: ~0.1 s per version, each after the first
 reusing its saved graph; ``publish_share`` bounds its busy time, :meth:`OnlineLearner.warm_up` traces its programs
-ahead); a checkpoint itself (model, optimizer, buffer, ledger) is a few tens of ms. The rate of new records is
+ahead); a checkpoint itself (model, optimizer, buffer, ledger) is a few tens of ms, its TF checkpoint after the
+first one written by a cached ``SaveV2`` (:mod:`vaestream.online.checkpoints`). :meth:`OnlineLearner.process_files`
+(what :meth:`OnlineLearner.follow` uses for the files it finds) overlaps the host's work on a file (reading,
+validation, the minibatch draw; the previous file's logs and checkpoint files) with the compiled calls of the file
+before (:mod:`vaestream.online.pipeline`): the same calls in the same order. The rate of new records is
 bounded by the mix: each new record costs ``passes / new_fraction`` training examples (2 with the defaults) and one
 forward pass for its prequential score.
 
@@ -61,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -76,7 +79,9 @@ from vaestream import store
 from vaestream.binio import atomic_write
 from vaestream.config import ModelConfig
 from vaestream.data import read_array, validate
+from vaestream.online.checkpoints import CachedCheckpoints
 from vaestream.online.following import Following
+from vaestream.online.pipeline import Pipelined, file_id
 from vaestream.online.publisher import Publisher, load_published
 from vaestream.online.replay import ReplayBuffer
 from vaestream.online.drift import DriftConfig, DriftMonitor
@@ -146,11 +151,6 @@ class OnlineConfig:
             raise ConfigError("checkpoint_every_files must be positive")
 
 
-def _file_id(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
-
-
 def _holdout_mask(name: str, n: int, fraction: float, seed: int) -> np.ndarray:
     """A deterministic choice of round(fraction * n) records of file ``name`` (same on every run)."""
     k = int(round(fraction * n))
@@ -161,7 +161,7 @@ def _holdout_mask(name: str, n: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-class OnlineLearner(Following):
+class OnlineLearner(Following, Pipelined):
     """Trains one VAE on a stream of records (see the module docstring).
 
     Args:
@@ -211,6 +211,7 @@ class OnlineLearner(Following):
         self._published = None               # (version, VAE) of the published version, when resuming
         self._lock = threading.RLock()       # ledger and log writes (the publishing thread makes both)
         self._last_ckpt_time = time.monotonic()
+        self._step = 0
         self._log = None
         self.drift = DriftMonitor(drift, self.work / DRIFT_LOG)
         self._resume()
@@ -240,7 +241,8 @@ class OnlineLearner(Following):
         if ck:
             self.trainer.checkpoint().restore(str(self.model_dir / store.CKPT / ck)).assert_existing_objects_matched()
             # make the ledger's checkpoint the latest again (a newer, unledgered one may exist after a kill)
-            self._manager.save(checkpoint_number=int(self.trainer.step.numpy()))
+            self._ckpt.write(int(self.trainer.step.numpy()), None)
+            self._step = int(self.trainer.step.numpy())
         st = self.ledger.get("state")
         if st:
             with np.load(self.work / st) as z:
@@ -277,8 +279,8 @@ class OnlineLearner(Following):
         self.trainer = Trainer(self.model, self.train_config, self.cfg.buffer_size)
         jit = self.train_config.jit and config.arch != "conv"
         self._fused = tf.function(self._score_and_train, jit_compile=jit, reduce_retracing=True)
-        self._manager = tf.train.CheckpointManager(self.trainer.checkpoint(), str(self.model_dir / store.CKPT),
-                                                   max_to_keep=3)
+        self._ckpt = CachedCheckpoints(self.trainer.checkpoint(), self.model_dir / store.CKPT, max_to_keep=3)
+        self._step = int(self.trainer.step.numpy())   # the host's count (the variable moves on in the calls)
 
     def _ensure_model(self, records: np.ndarray, scale: float) -> None:
         if self.model is None:
@@ -339,37 +341,32 @@ class OnlineLearner(Following):
         Returns the file record logged: ``{"source", "records", "trained", "held_out", "steps",
         "prequential_elbo", "bits_per_record", "train_elbo", "seconds", "drift_flagged"}``.
         """
-        t0 = time.perf_counter()
-        records = np.asarray(records)
-        if records.ndim < 2:
-            raise DataError(f"{source}: expected records [n, ...], got shape {records.shape}")
-        scale = validate(records, self._likelihood(), source, scale)
-        self._ensure_model(records, scale)
-        stored = self._stored(records, scale)
-        n = len(stored)
-        files_done = len(self.ledger["files"]) + len(self.pending)
-        if self._fixed_holdout is None and self.cfg.holdout_fraction > 0 and n >= 2:
-            hmask = _holdout_mask(source, n, self.cfg.holdout_fraction, self.cfg.seed)
-        else:
-            hmask = np.zeros(n, bool)
-        train = stored[~hmask]
-        # test, then train (one compiled call): the current model's bound on the new data is the drift signal
-        t1 = time.perf_counter()
-        pre_sum, steps, train_elbo = self._score_and_train_on(stored, train, files_done)
+        plan = self.plan(records, source, scale)
+        out = self.compute(plan)      # test, then train (one compiled call): the score is the drift signal
+        self.start(plan)
+        return self.finish(plan, out)
+
+    def finish(self, plan, out: tuple[float, float | None, float]) -> dict:
+        """The file record of a computed plan (``out``: :meth:`compute`'s result): the drift monitor's window and
+        the log line."""
+        pre_sum, train_elbo, seconds = out
+        n = len(plan.stored)
         pre = {"elbo": pre_sum / n}
-        t2 = time.perf_counter()
-        self.buffer.add(train)
-        if hmask.any():
-            self.holdout.add(stored[hmask])
-        d = self.drift.observe(os.path.basename(source), elbo_sum=pre["elbo"] * n, records=n,
-                               step=int(self.trainer.step.numpy()))
-        rec = {"source": source, "records": n, "trained": int(len(train)), "held_out": int(hmask.sum()),
-               "steps": steps, "prequential_elbo": pre["elbo"], "bits_per_record": -pre["elbo"] / math.log(2),
-               "train_elbo": train_elbo, "seconds": round(time.perf_counter() - t0, 4),
-               "seconds_prepare": round(t1 - t0, 4), "seconds_score_train": round(t2 - t1, 4),
-               "drift_flagged": d["flagged"], "step": int(self.trainer.step.numpy())}
+        d = self.drift.observe(os.path.basename(plan.source), elbo_sum=pre["elbo"] * n, records=n,
+                               step=plan.step_end)
+        held = int(plan.holdout.sum())
+        rec = {"source": plan.source, "records": n, "trained": n - held, "held_out": held,
+               "steps": plan.steps, "prequential_elbo": pre["elbo"], "bits_per_record": -pre["elbo"] / math.log(2),
+               "train_elbo": train_elbo, "seconds": round(plan.seconds + seconds, 4),
+               "seconds_prepare": round(plan.seconds, 4), "seconds_score_train": round(seconds, 4),
+               "drift_flagged": d["flagged"], "step": plan.step_end}
         self._write_log({"event": "file", **rec})
         return rec
+
+    def _holdout_of(self, source: str, n: int) -> np.ndarray:
+        if self._fixed_holdout is None and self.cfg.holdout_fraction > 0 and n >= 2:
+            return _holdout_mask(source, n, self.cfg.holdout_fraction, self.cfg.seed)
+        return np.zeros(n, bool)
 
     def minibatches(self, train: np.ndarray, files_done: int) -> np.ndarray:
         """The minibatches the learner takes on a file's training records ``train`` ``[n, D]`` (stored dtype),
@@ -409,46 +406,13 @@ class OnlineLearner(Following):
                           lambda: tf.constant(0.0))
         return score, obj
 
-    def _score_and_train_on(self, stored: np.ndarray, train: np.ndarray,
-                            files_done: int) -> tuple[float, int, float | None]:
-        """Score the file ``stored`` (test) and train on :meth:`minibatches` of ``train`` (then), through one
-        compiled call for the score and the first K = ``steps_per_call`` steps, then the
-        :class:`~vaestream.training.Trainer`'s compiled chunk for the rest. The file is padded to a multiple of
-        256 records and the last chunk to K, so XLA compiles one program per padded size for the whole stream.
-        Returns (the file's ELBO sum, steps, mean training ELBO or None)."""
-        import tensorflow as tf
-
-        n, k = len(stored), self.cfg.steps_per_call
-        if len(train):
-            batch = self.minibatches(train, files_done)
-        else:
-            batch = np.zeros((0, self.cfg.batch_size, stored.shape[1]), stored.dtype)
-        steps = len(batch)
-        padded = np.zeros((-(-n // 256) * 256, stored.shape[1]), stored.dtype)
-        padded[:n] = stored
-        scale = tf.constant(self._scale, tf.float32)
-        total = 0.0
-        for s in range(0, max(steps, 1), k):
-            chunk = batch[s:s + k]
-            if len(chunk) < k:
-                chunk = np.concatenate([chunk, np.zeros((k - len(chunk),) + batch.shape[1:], batch.dtype)])
-            done = max(0, min(k, steps - s))
-            if s == 0:
-                score, obj = self._fused(tf.constant(padded), tf.constant(n, tf.int32), tf.constant(chunk), scale,
-                                         tf.constant(done, tf.int32))
-                pre_sum, obj = float(score), float(obj)
-            else:
-                obj = self.trainer.run_steps(chunk, self._scale, steps=done)
-            total += obj * done
-        return pre_sum, steps, (total / steps if steps else None)
-
     def process_file(self, path: str | os.PathLike) -> dict | None:
         """Learn from one file (any format :func:`vaestream.data.read_array` reads); it goes to the ledger.
 
         A file already in the ledger is skipped (returns None). A malformed file is rejected: recorded in the
         ledger and in ``dead_letter.jsonl`` with the reason (returns the rejection record).
         """
-        fid = _file_id(str(path))
+        fid = file_id(str(path))
         if fid["path"] in self.processed:
             return None
         try:
@@ -477,9 +441,12 @@ class OnlineLearner(Following):
 
     def _commit_entry(self, fid: dict, rec: dict) -> None:
         self.pending.append(dict(fid, records=rec["records"], trained=rec["trained"], held_out=rec["held_out"]))
-        if len(self.pending) >= self.cfg.checkpoint_every_files or \
-                time.monotonic() - self._last_ckpt_time >= self.cfg.checkpoint_seconds:
+        if self._checkpoint_due():
             self.checkpoint()
+
+    def _checkpoint_due(self) -> bool:
+        return len(self.pending) >= self.cfg.checkpoint_every_files or \
+            time.monotonic() - self._last_ckpt_time >= self.cfg.checkpoint_seconds
 
     def _reject(self, fid: dict, e: Exception) -> dict:
         rej = dict(fid, reason=str(e), time=time.time())
@@ -508,33 +475,22 @@ class OnlineLearner(Following):
         and wait until the queue is empty."""
         if self.model is None:
             return self.ledger
-        t0 = time.perf_counter()
-        step = int(self.trainer.step.numpy())
-        ck = self._manager.save(checkpoint_number=step)
-        state = f"state-{step}.npz"
-        buf = io.BytesIO()
-        # the rings as they lie (slots and write position), so sampling after a resume is the same
-        np.savez(buf, buffer=self.buffer.data[:self.buffer.size], buffer_next=self.buffer.next,
-                 buffer_capacity=self.buffer.capacity, holdout=self.holdout.data[:self.holdout.size],
-                 holdout_next=self.holdout.next, holdout_capacity=self.holdout.capacity, scale=self._scale)
-        atomic_write(self.work / state, buf.getvalue())
+        return self.commit_checkpoint(self.capture_checkpoint())
+
+    def _commit_ledger(self, files: list[dict], step: int, ck: str, state: str, drift: dict) -> str | None:
+        """Put ``files`` (the first of the pending ones) in the ledger with the checkpoint ``ck`` and state file
+        ``state`` (atomically); returns the state file the ledger named before."""
         with self._lock:
             led = dict(self.ledger)
-            led["files"] = self.ledger["files"] + self.pending
-            led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in self.pending)
-            led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in self.pending)
-            led["step"], led["checkpoint"], led["state"] = step, os.path.basename(ck), state
-            led["drift"] = self.drift.state()
+            led["files"] = self.ledger["files"] + files
+            led["records_trained"] = self.ledger["records_trained"] + sum(f["trained"] for f in files)
+            led["records_held_out"] = self.ledger["records_held_out"] + sum(f["held_out"] for f in files)
+            led["step"], led["checkpoint"], led["state"] = step, ck, state
+            led["drift"] = drift
             old_state = self.ledger.get("state")
             atomic_write(self.work / LEDGER, json.dumps(led, indent=1, sort_keys=True) + "\n")
-            self.ledger, self.pending = led, []
-        if old_state and old_state != state and (self.work / old_state).exists():
-            (self.work / old_state).unlink()
-        self._last_ckpt_time = time.monotonic()
-        self._write_log({"event": "checkpoint", "step": step, "seconds": round(time.perf_counter() - t0, 4)})
-        if self.publisher is not None and self.cfg.publish:
-            self.publisher.submit(self._snapshot())
-        return self.ledger
+            self.ledger, self.pending = led, self.pending[len(files):]
+        return old_state
 
     def warm_up(self, records: np.ndarray) -> float:
         """Trace the publisher's evaluation, coder tables and export on ``records`` (a sample of the stream, e.g.

@@ -121,10 +121,13 @@ class Publisher:
         return out
 
     def snapshot(self, model, holdout: np.ndarray | None, calibration: np.ndarray, step: int, files: int,
-                 records_trained: int) -> dict:
-        """Fix what a publication needs now: a copy of ``model``'s weights, the held-out inputs [N, D] (None:
-        no hold-out set yet), the calibration inputs [C, D] and the ledger's counts."""
-        return {"model": {"config": model.config, "weights": [w.numpy() for w in model.weights()]},
+                 records_trained: int, weights: list[np.ndarray] | None = None) -> dict:
+        """Fix what a publication needs now: a copy of ``model``'s weights (or ``weights``, copies taken
+        earlier), the held-out inputs [N, D] (None: no hold-out set yet), the calibration inputs [C, D] and the
+        ledger's counts."""
+        if weights is None:
+            weights = [w.numpy() for w in model.weights()]
+        return {"model": {"config": model.config, "weights": weights},
                 "holdout": holdout, "calibration": calibration, "step": step, "files": files,
                 "records_trained": records_trained}
 
