@@ -254,6 +254,40 @@ def test_bad_gets_oversized_bodies_and_the_server_survives(server):
     assert raw(server, "GET", "/v1/models/vae")[0] == 200  # still serving
 
 
+def test_predict_bodies_parse_as_json_loads_parses_them(export_base, records, monkeypatch):
+    """With the fast JSON parser (orjson) the answers and error messages are json.loads' own, also where orjson
+    alone would read the body otherwise (integers beyond 64 bits) or refuse it (NaN, a BOM, UTF-16)."""
+    from vaestream.serving import server as server_module
+    from vaestream.serving.protocol import dumps
+
+    if server_module.orjson is None:
+        pytest.skip("orjson is not installed: json.loads parses every body")
+    ms = server_module.ModelServer(export_base, "vae")
+    ms.reload()
+    row = [float(v) for v in records[0]]
+    bodies = [
+        json.dumps({"signature_name": "encode", "instances": [row, row[::-1]]}).encode(),
+        json.dumps({"inputs": {"x": [row]}, "signature_name": "quantize"}).encode(),
+        json.dumps({"instances": [[18446744073709551616] + row[1:]]}).encode(),  # orjson: a float
+        json.dumps({"instances": [[2 ** 60] + [0] * 783]}).encode(),
+        json.dumps({"instances": [[2.0 ** 70] + row[1:]]}).encode(),
+        json.dumps({"instances": [[float("nan")] + row[1:]]}).encode(),  # NaN: json only
+        b"\xef\xbb\xbf" + json.dumps({"instances": [row]}).encode(),
+        json.dumps({"instances": [row]}).encode("utf-16"),
+        json.dumps({"signature_name": "decode", "instances": [[1] * 9 + [-9223372036854775809]]}).encode(),
+        b'{"instances": [[0.5, 1e999]]}', b'{"instances": [[0.5] * 784]}', b'{"a": 1, "a": 2}',
+    ]
+    path = "/v1/models/vae:predict"
+    fast = [ms.handle("POST", path, b) for b in bodies]
+    monkeypatch.setattr(server_module, "orjson", None)
+    slow = [ms.handle("POST", path, b) for b in bodies]
+    assert [f[0] for f in fast] == [s[0] for s in slow] == [200, 200, 400, 400, 200, 200, 200, 200, 400, 400, 400, 400]
+    for (_, fb), (_, sb) in zip(fast, slow):
+        assert dumps(fb) == dumps(sb)
+    assert "objects" in fast[2][1]["error"] and "integer too large" in fast[3][1]["error"]
+    assert np.isnan(fast[5][1]["predictions"][0]["mean"]).all()
+
+
 def test_keep_alive_without_delayed_ack_stalls(server):
     """One kept-alive connection carries many requests, each answered in milliseconds: the REST sockets have
     TCP_NODELAY (without it, each response waited ~40 ms for the client's delayed ACK)."""

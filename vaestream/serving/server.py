@@ -48,7 +48,13 @@ import numpy as np
 from vaestream.errors import ModelError, VaestreamError
 from vaestream.serving.protocol import RequestError
 
+try:  # a faster JSON parser for :predict bodies, used where its result is json.loads' own (_parse_predict)
+    import orjson
+except ImportError:  # json alone (None also turns it off)
+    orjson = None
+
 DEFAULT_SIGNATURE = "serving_default"
+_EXACT_BOUND = 2.0 ** 63  # orjson and json read every number below this magnitude alike (larger ints: a float)
 _PREDICT_RE = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)$",
                          re.IGNORECASE)
 _STATUS_RE = re.compile(r"^/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?$",
@@ -300,12 +306,30 @@ class ModelServer:
 
     def _parse_predict(self, name: str, version: int | None, label: str | None,
                        body: bytes) -> tuple[_Servable, str, dict[str, np.ndarray], bool]:
-        """A ``:predict`` body -> (servable, signature, input arrays, row format?)."""
+        """A ``:predict`` body -> (servable, signature, input arrays, row format?).
+
+        The body is parsed by ``orjson`` when it is installed (~8x faster than ``json`` on a request of floats)
+        and the result taken only where it is ``json.loads``' own: orjson refuses what ``json`` alone accepts
+        (``NaN``, ``Infinity``, lone surrogates, a BOM, UTF-16/32) and turns integers beyond 64 bits into floats,
+        so on any orjson error, any request error, or a value of magnitude >= 2^63 (or not finite) in the arrays,
+        the body is parsed again by ``json``: answers and error messages are exactly ``json``'s."""
         s = self._get(name, version, label)
+        if orjson is not None:
+            try:
+                parsed = self._predict_request(s, orjson.loads(body))
+            except (orjson.JSONDecodeError, RequestError):
+                parsed = None
+            if parsed is not None and all(a.dtype.kind not in "fc" or bool((np.abs(a) < _EXACT_BOUND).all())
+                                          for a in parsed[1].values()):
+                return (s, *parsed)
         try:
             req = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _invalid(f"JSON Parse error: {e}") from None
+        return (s, *self._predict_request(s, req))
+
+    def _predict_request(self, s: _Servable, req: Any) -> tuple[str, dict[str, np.ndarray], bool]:
+        """A parsed ``:predict`` body -> (signature, input arrays, row format?)."""
         if not isinstance(req, dict):
             raise _invalid("JSON Value: request body is not an object")
         sig = req.get("signature_name", DEFAULT_SIGNATURE)
@@ -323,7 +347,7 @@ class ModelServer:
         if unknown:
             raise _invalid(f"Unexpected keys in request: {sorted(unknown)}")
         arrays = self._rows(req["instances"], specs) if has_rows else self._columns(req["inputs"], specs)
-        return s, sig, arrays, has_rows
+        return sig, arrays, has_rows
 
     def run(self, s: _Servable, sig: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check ``arrays`` (input name -> ``[B, ...]`` of the signature's dtype) against signature ``sig`` of
@@ -396,8 +420,8 @@ class ModelServer:
 
     def _check(self, name: str, a: np.ndarray, spec: tuple, sig: str) -> np.ndarray:
         _, shape = spec
-        want = "[" + ",".join("-1" if d is None else str(d) for d in shape) + "]"
         if a.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, a.shape)):
+            want = "[" + ",".join("-1" if d is None else str(d) for d in shape) + "]"
             raise _invalid(f"input '{name}' of signature '{sig}' has shape {list(a.shape)}, expected {want}")
         if a.ndim and a.shape[0] > self.max_batch_size:
             raise _invalid(f"Task size {a.shape[0]} is larger than maximum input batch size {self.max_batch_size}")
