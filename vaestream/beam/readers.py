@@ -284,6 +284,37 @@ def _read_record_blocks(path: str, name: str, ds, chunk: int, limit: int | None
             return
 
 
+def tfrecord_file_chunks(path: str, chunk: int):
+    """As :func:`tfrecord_chunks` for one uncompressed TFRecord file, read in the calling thread by TensorFlow's
+    record iterator (``tf.compat.v1.io.tf_record_iterator``: the framing and its CRC32C checks in C++), not
+    through ``tf.data``: each ``tf.data`` step hands the read to TensorFlow's runtime threads and waits, and on
+    cores shared with other work those hand-offs were seen to cost the decode job ~30 s of 85 at 1M records
+    (``benchmarks/RESULTS_beam.md``). Yields (a list of <= ``chunk`` records, None), then on corruption the
+    records before the bad one and the error text."""
+    import tensorflow as tf
+
+    try:
+        it = iter(tf.compat.v1.io.tf_record_iterator(path))
+    except tf.errors.OpError as e:
+        raise DataError(f"unreadable TFRecord file ({e.message.splitlines()[0]})") from None
+    buf: list[bytes] = []
+    while True:
+        try:
+            buf.append(next(it))
+        except StopIteration:
+            break
+        except tf.errors.DataLossError as e:
+            yield buf, e.message.splitlines()[0]
+            return
+        except tf.errors.OpError as e:
+            raise DataError(f"unreadable TFRecord file ({e.message.splitlines()[0]})") from None
+        if len(buf) == chunk:
+            yield buf, None
+            buf = []
+    if buf:
+        yield buf, None
+
+
 def tfrecord_chunks(ds, chunk: int):
     """(records [<= chunk] bytes array, None) from a TFRecordDataset, then on corruption the records before the
     bad one and the error text (re-read one record at a time from the failed chunk's start)."""

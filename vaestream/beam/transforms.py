@@ -15,7 +15,7 @@ from vaestream.beam.elements import (CHUNK, DEAD_LETTER, RECORDS, CodeBatch, Dea
                                      job_counter, record_key)
 from vaestream.beam.formats import file_size, open_raw, split_specs
 from vaestream.beam.model_handler import VAEModelHandler, round_uint8
-from vaestream.beam.readers import tfrecord_chunks
+from vaestream.beam.readers import tfrecord_chunks, tfrecord_file_chunks
 from vaestream.errors import DataError
 from vaestream.example_wire import leading_records
 
@@ -187,26 +187,22 @@ def _read_codes_parquet(path: str, chunk_size: int):
 
 def _first_record(path: str) -> bytes | None:
     """The first record of a TFRecord file, or None (empty or unreadable: the full read reports why)."""
-    import tensorflow as tf
-
     try:
-        for r in tf.data.TFRecordDataset(path).take(1):
-            return r.numpy()
-    except tf.errors.OpError:
+        for raw, error in tfrecord_file_chunks(path, 1):
+            return raw[0] if raw else None
+    except DataError:
         return None
     return None
 
 
 def _read_codes_tfrecord(path: str, chunk_size: int):
-    import tensorflow as tf
-
     name = path.rsplit("/", 1)[-1]
     first = _first_record(path)
     spec = _code_spec(path, first) if first is not None else None
     # a block Example holds a whole batch of records: read one at a time, not chunk_size of them
     per_read = 1 if spec is not None and _is_block(spec) else chunk_size
     index = 0  # records (not Examples) read so far
-    for raw, error in tfrecord_chunks(tf.data.TFRecordDataset(path, buffer_size=1 << 20), per_read):
+    for raw, error in tfrecord_file_chunks(path, per_read):  # (read in this thread, not by tf.data's)
         if error is not None:
             if len(raw):
                 for b in _code_batches(path, raw, spec, index):
