@@ -85,7 +85,7 @@ def run_online(model: Path, paths: list[Path], work: Path, args, background: boo
     rows.append(learner.process_file(paths[0]))
     t_first = time.perf_counter()
     if hasattr(learner, "process_files") and not args.one_by_one:
-        # the files after the first as a stream that has several waiting (what ``follow`` does with them)
+        # the files after the first as ``follow`` takes the files it finds
         rows += learner.process_files(paths[1:])
     else:
         rows += [learner.process_file(p) for p in paths[1:]]
@@ -193,8 +193,7 @@ def main(argv=None) -> dict:
                     help="OnlineConfig.publish_interval: the least seconds between two evaluations of the "
                          "background publisher (0: every checkpoint)")
     ap.add_argument("--one-by-one", action="store_true",
-                    help="process_file for each file, also where the learner has process_files (which overlaps a "
-                         "file's host work with the compiled calls of the one before)")
+                    help="process_file for each file, also where the learner has process_files")
     ap.add_argument("--publish-share", type=float, default=1.0,
                     help="OnlineConfig.publish_share: the most of the wall time the background publisher is busy")
     args = ap.parse_args(argv)

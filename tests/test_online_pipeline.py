@@ -1,5 +1,6 @@
-"""The online learner's overlapped path (``process_files``) and its cached checkpoints: the same learning as one file
-after the other, and checkpoints that restore bit for bit."""
+"""The online learner's ``process_files`` (a file in parts, a checkpoint captured then committed) and its cached
+checkpoints: the same learning as ``process_file`` one file after the other, and checkpoints that restore bit for
+bit."""
 
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ def _file_lines(work: Path) -> list[dict]:
 
 
 def test_process_files_learns_as_process_file_one_by_one_and_resumes_from_a_cached_checkpoint(mnist_train, tmp_path):
-    """``process_files`` (a file's host work overlapping the calls of the one before, checkpoint files written
-    while the next file trains) gives the model, scores, ledger and replay state of ``process_file`` one file after
+    """``process_files`` gives the model, scores, ledger and replay state of ``process_file`` one file after
     the other, bit for bit; its later checkpoints (one ``SaveV2`` with the first one's keys and object graph)
     restore the same model in a new learner, which then goes on as an uninterrupted one."""
     sizes = [230, 170, 300, 120, 260, 200, 180]   # 7 files: checkpoints after files 2, 4, 6 (and the last by hand)

@@ -3,8 +3,8 @@
 * :mod:`~vaestream.online.learner` -- ``OnlineLearner`` and ``OnlineConfig``;
 * :mod:`~vaestream.online.following` -- following a file pattern or a broker stream (``OnlineLearner.follow``,
   ``follow_source``);
-* :mod:`~vaestream.online.pipeline` -- a file planned, computed and landed; several files overlapped
-  (``OnlineLearner.process_files``);
+* :mod:`~vaestream.online.pipeline` -- a file planned, computed, started and finished; a checkpoint captured and
+  committed; ``OnlineLearner.process_files``;
 * :mod:`~vaestream.online.checkpoints` -- ``CachedCheckpoints``: training checkpoints by a cached ``SaveV2``;
 * :mod:`~vaestream.online.replay` -- ``ReplayBuffer``;
 * :mod:`~vaestream.online.registry` -- ``Registry``: model versions for streaming jobs;

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from vaestream.binio import atomic_write
-
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
@@ -104,10 +102,14 @@ class CachedCheckpoints:
                           tensors=[tf.constant(v) for v in values] + [tf.constant(t["graph"], tf.string)])
         self._kept = [p for p in self._kept if p != path] + [path]
         old, self._kept = self._kept[:-self.max_to_keep], self._kept[-self.max_to_keep:]
-        # the state file as the manager writes it (names relative to the directory)
+        # the state file as the manager writes it (names relative to the directory; replaced atomically, not
+        # synced, as the manager does: it only points ``tf.train.latest_checkpoint`` there, the ledger names its
+        # checkpoint itself)
         names = [os.path.basename(p) for p in self._kept]
-        atomic_write(self.directory / "checkpoint", f"model_checkpoint_path: {json.dumps(names[-1])}\n" +
-                     "".join(f"all_model_checkpoint_paths: {json.dumps(n)}\n" for n in names))
+        tmp = self.directory / "checkpoint.tmp"
+        tmp.write_text(f"model_checkpoint_path: {json.dumps(names[-1])}\n" +
+                       "".join(f"all_model_checkpoint_paths: {json.dumps(n)}\n" for n in names))
+        os.replace(tmp, self.directory / "checkpoint")
         for p in old:
             for f in glob.glob(glob.escape(p) + ".*"):
                 os.unlink(f)

@@ -137,7 +137,6 @@ class Following:
                 files = self.new_files(pattern)
                 if files:
                     last_new = time.monotonic()
-                # the files found, the next one's host work overlapping the compiled calls of the one before
                 done += len(self.process_files(files, on_file, None if max_files is None else max_files - done,
                                                lambda: sig.set or (stop is not None and stop.is_set())))
                 if max_files is not None and done >= max_files:

@@ -31,12 +31,10 @@ padded file size for the whole stream. The evaluation and export of a checkpoint
 on a background thread (:class:`vaestream.online.publisher.Publisher`: ~0.1 s per version, each after the first
 reusing its saved graph; ``publish_share`` bounds its busy time, :meth:`OnlineLearner.warm_up` traces its programs
 ahead); a checkpoint itself (model, optimizer, buffer, ledger) is a few tens of ms, its TF checkpoint after the
-first one written by a cached ``SaveV2`` (:mod:`vaestream.online.checkpoints`). :meth:`OnlineLearner.process_files`
-(what :meth:`OnlineLearner.follow` uses for the files it finds) overlaps the host's work on a file (reading,
-validation, the minibatch draw; the previous file's logs and checkpoint files) with the compiled calls of the file
-before (:mod:`vaestream.online.pipeline`): the same calls in the same order. The rate of new records is
-bounded by the mix: each new record costs ``passes / new_fraction`` training examples (2 with the defaults) and one
-forward pass for its prequential score.
+first one written by a cached ``SaveV2`` (:mod:`vaestream.online.checkpoints`; a file's parts and a checkpoint's
+capture and commit: :mod:`vaestream.online.pipeline`). The rate of new records is bounded by the mix: each new
+record costs ``passes / new_fraction`` training examples (2 with the defaults) and one forward pass for its
+prequential score.
 
 **Exactly-once input.** ``WORK/ledger.json`` lists the files whose effect is in the checkpoint it names,
 and the replay buffer and hold-out set of that moment (``WORK/state-STEP.npz``). It is replaced atomically

@@ -1,19 +1,17 @@
-"""How the online learner learns from one file, in three parts, and from several files with the parts overlapped.
+"""How the online learner learns from one file, in parts, and from several files.
 
 A file is *planned* on the host (read, validated, its hold-out records chosen, its minibatches drawn from the replay
 buffer as it is: :meth:`Pipelined.plan`), *computed* by the compiled calls (the prequential score of the file fused
-with the first K steps, then the rest: :meth:`Pipelined.compute`), then *landed* (drift, log, the ledger's pending
-files, a checkpoint when due). The plan depends on the data only, never on the model, so while a file is computed the
-host can already plan the next one; and a checkpoint's values are taken between two files' calls while its files
-(the TF checkpoint, the buffer's state, the ledger) are written while the next file is computed.
-:meth:`Pipelined.process_files` does that, with the compiled calls on one worker thread (TensorFlow releases the
-interpreter while a call runs): the same calls on the same arrays in the same order as :meth:`process_file` one file
-after the other, so the same model, scores, ledger and checkpoints.
+with the first K steps, then the rest: :meth:`Pipelined.compute`), *started* (its records enter the buffers:
+:meth:`Pipelined.start`), then *finished* (drift, log: :meth:`Pipelined.finish`). A checkpoint is *captured* (the
+variables' values, copies of the rings, the pending files) and *committed* (the TF checkpoint, the state file, the
+ledger, each atomically, in that order; then the publisher's snapshot). The plan depends on the data only, never on
+the model, and a capture's values can be written later, so the parts can be moved apart; :meth:`Pipelined.process_files`
+runs them one file after the other (the same calls in the same order as :meth:`process_file` each).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import os
@@ -23,7 +21,6 @@ from typing import Callable, Iterable
 import numpy as np
 
 from vaestream.binio import atomic_write
-from vaestream.data import read_array
 from vaestream.errors import DataError
 from vaestream.online.replay import ReplayBuffer
 
@@ -170,60 +167,18 @@ class Pipelined:
     # -- several files --------------------------------------------------------------------------------------------
     def process_files(self, paths: Iterable[str | os.PathLike], on_file: Callable[[dict], None] | None = None,
                       max_files: int | None = None, stop: Callable[[], bool] | None = None) -> list[dict]:
-        """Learn from ``paths`` in order, each as :meth:`process_file` would (files in the ledger skipped, bad ones
-        rejected), with the host's work on a file (reading, validation, the minibatch draw; the previous file's
-        drift, logs and checkpoint files) done while the compiled calls of the one before run on a worker thread.
-        Stops starting files after ``max_files`` records (learnt or rejected) or when ``stop()`` is true.
-        ``on_file`` gets each record when the learner's state is that after the file, before the next file's
-        calls start (a checkpoint due after the file is committed to the ledger right after, while the next file
-        is computed). Returns the records."""
+        """Learn from ``paths`` in order, as :meth:`process_file` each (files in the ledger skipped, bad ones
+        rejected); stops starting files after ``max_files`` records (learnt or rejected) or when ``stop()`` is
+        true. ``on_file`` gets each record. Returns the records."""
         out: list[dict] = []
-        running = None          # (plan, fid, future) of the file being computed
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vaestream-learn")
-
-        def land() -> dict | None:  # wait for the running file: drift, log, pending, on_file; a checkpoint's capture
-            nonlocal running
-            plan, fid, fut = running
-            running = None
-            rec = self.finish(plan, fut.result())
-            out.append(rec)
-            self.pending.append(dict(fid, records=rec["records"], trained=rec["trained"], held_out=rec["held_out"]))
-            cap = self.capture_checkpoint() if self._checkpoint_due() else None
-            if on_file:
-                on_file(rec)
-            return cap
-        try:
-            for path in paths:
-                fid = file_id(str(path))
-                if fid["path"] in self.processed or (running is not None and fid["path"] == running[1]["path"]):
-                    continue
-                plan = err = None
-                try:
-                    plan = self.plan(read_array(path), fid["path"], files_done=len(self.ledger["files"]) +
-                                     len(self.pending) + (running is not None))
-                except DataError as e:
-                    err = e
-                cap = land() if running is not None else None
-                halt = (max_files is not None and len(out) >= max_files) or (stop is not None and stop())
-                if plan is not None and not halt:
-                    running = (plan, fid, pool.submit(self.compute, plan))
-                    self.start(plan)
-                if cap is not None:   # written while the next file is computed
-                    self.commit_checkpoint(cap)
-                if halt:
-                    break
-                if err is not None:
-                    out.append(self._reject(fid, err))
-                    if on_file:
-                        on_file(out[-1])
-            if running is not None:
-                cap = land()
-                if cap is not None:
-                    self.commit_checkpoint(cap)
-        finally:
-            if running is not None:
-                concurrent.futures.wait([running[2]])
-            pool.shutdown(wait=True)
+        for path in paths:
+            if (max_files is not None and len(out) >= max_files) or (stop is not None and stop()):
+                break
+            rec = self.process_file(path)
+            if rec is not None:
+                out.append(rec)
+                if on_file:
+                    on_file(rec)
         return out
 
 
