@@ -288,16 +288,6 @@ def test_predict_bodies_parse_as_json_loads_parses_them(export_base, records, mo
     assert np.isnan(fast[5][1]["predictions"][0]["mean"]).all()
 
 
-def test_thread_spinning_is_turned_off_before_tensorflow_starts():
-    """vaestream serve turns TF's spin-waiting off before the context starts (the eager context's config then
-    says so); once started, the call changes nothing and says False."""
-    code = ("from vaestream.serving.server import disable_thread_spinning as d; a = d(); import tensorflow as tf; "
-            "tf.constant(1.0) + 1; from tensorflow.python.eager import context; "
-            "print(a, context.context().config.experimental.disable_thread_spinning, d())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
-    assert out.stdout.split() == ["True", "True", "False"], out.stderr[-2000:]
-
-
 def test_keep_alive_without_delayed_ack_stalls(server):
     """One kept-alive connection carries many requests, each answered in milliseconds: the REST sockets have
     TCP_NODELAY (without it, each response waited ~40 ms for the client's delayed ACK)."""

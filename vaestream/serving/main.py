@@ -17,7 +17,7 @@ from typing import Any
 from vaestream.errors import ModelError
 from vaestream.serving.grpc_server import make_grpc_aio_server, make_grpc_server
 from vaestream.serving.rest_server import RestServer
-from vaestream.serving.server import ModelServer, disable_thread_spinning
+from vaestream.serving.server import ModelServer
 
 
 def serve(base_path: str | Path, model_name: str, port: int = 8500, rest_api_port: int = 8501,
@@ -40,7 +40,6 @@ def serve(base_path: str | Path, model_name: str, port: int = 8500, rest_api_por
     """
     if grpc_server not in ("asyncio", "threads"):
         raise ModelError(f"grpc_server {grpc_server!r} is not asyncio or threads")
-    disable_thread_spinning()  # before the model loads: TF's pools then block instead of spinning
     ms = ModelServer(base_path, model_name, version_policy, max_batch_size, max_concurrent, batching)
     if not ms.reload():
         raise ModelError(f"{base_path}: no loadable version for policy {version_policy!r}")

@@ -98,35 +98,6 @@ def _signature_defs(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                     for name, sig in protos.items()}
 
 
-def disable_thread_spinning() -> bool:
-    """Make TensorFlow's intra- and inter-op thread pools block instead of spin-waiting for work
-    (``ConfigProto.experimental.disable_thread_spinning``), for this process; returns whether it took effect.
-
-    Why: a signature call splits its matrix products over the intra-op threads, whose workers spin while
-    waiting for the next piece. On a server whose cores are shared (by the transports, the clients, other
-    processes) the spinning burns the CPU the requests need: measured on 2 shared cores, 2 threads calling
-    ``encode`` on 20 rows, 1.7-2.2 ms of CPU per call without spinning vs 2.2-3.2 ms with it. The thread
-    counts and so the partition of every product stay the same: the outputs are bit-identical (tested with
-    the in-process signatures). TensorFlow has no public setter for this field of the eager context's config,
-    so it is set on the context before it is initialized (the first op or device query initializes it);
-    afterwards, or where this TensorFlow lacks those attributes, nothing changes and False is returned."""
-    try:
-        from tensorflow.core.protobuf import config_pb2
-        from tensorflow.python.eager import context
-
-        ctx = context.context()
-        if getattr(ctx, "_context_handle", True) is not None or not hasattr(ctx, "_config"):
-            return False
-        config = config_pb2.ConfigProto()
-        if ctx._config is not None:
-            config.CopyFrom(ctx._config)
-        config.experimental.disable_thread_spinning = True
-        ctx._config = config
-        return bool(ctx.config.experimental.disable_thread_spinning)
-    except (ImportError, AttributeError, ValueError):
-        return False
-
-
 def parse_version_policy(policy: str) -> tuple[str, Any]:
     """``latest`` / ``latest:K`` / ``all`` / ``specific:1,3`` -> (kind, argument), as TF Serving's
     ``model_version_policy``.
