@@ -137,38 +137,30 @@ def latent_means(work: Path, n: int, model):
     return z
 
 
-def one_bare_decode(work: Path, n: int) -> dict:
-    """The compiled decoder on in-memory latent means (the encoder's, of the same records), 4096 a call."""
-    import numpy as np
-
+def timed_decoder(work: Path, n: int, call) -> dict:
+    """``call(model, z_chunk)`` over the encoder's latent means of ``n`` records, 4096 a call, after one compile."""
     from vaestream.beam import CHUNK, LoadedVAE
 
     model = LoadedVAE.from_model_dir(str(make_model(work)))
     z = latent_means(work, n, model)
-    model.decode(z[:CHUNK])  # compile
+    call(model, z[:CHUNK])  # compile
     t0 = time.perf_counter()
     total = 0
     for s in range(0, n, CHUNK):
-        x = model.decode(z[s:s + CHUNK])
-        np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)  # as the job's --output_dtype uint8
-        total += len(x)
-    secs = time.perf_counter() - t0
-    return {"records": total, "seconds": secs}
+        total += len(call(model, z[s:s + CHUNK]))
+    return {"records": total, "seconds": time.perf_counter() - t0}
+
+
+def one_bare_decode(work: Path, n: int) -> dict:
+    """The compiled decoder on in-memory latent means, rounded to uint8 by NumPy as the job's --output_dtype uint8."""
+    import numpy as np
+
+    return timed_decoder(work, n, lambda m, z: np.clip(np.rint(m.decode(z) * 255), 0, 255).astype(np.uint8))
 
 
 def one_bare_decode_u8(work: Path, n: int) -> dict:
     """The compiled decoder with the rounding to uint8 in its graph (``LoadedVAE.decode_uint8``), 4096 a call."""
-    from vaestream.beam import CHUNK, LoadedVAE
-
-    model = LoadedVAE.from_model_dir(str(make_model(work)))
-    z = latent_means(work, n, model)
-    model.decode_uint8(z[:CHUNK])  # compile
-    t0 = time.perf_counter()
-    total = 0
-    for s in range(0, n, CHUNK):
-        total += len(model.decode_uint8(z[s:s + CHUNK]))
-    secs = time.perf_counter() - t0
-    return {"records": total, "seconds": secs}
+    return timed_decoder(work, n, lambda m, z: m.decode_uint8(z))
 
 
 def one_floor(work: Path, n: int, dead_letters: bool = False) -> dict:
